@@ -1,0 +1,100 @@
+"""Input checks that turn a bad shape or label into a clear error at trace time.
+
+Every public function calls these before any math, so a wrong shape names the
+argument and the expected shape instead of failing deep inside a jnp.dot.
+Label VALUES can only be read when they are concrete: `check_labels` checks their
+range outside jit; under jit the data loader (mlp_jax.data) has checked them.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _shape(a):
+  return tuple(np.shape(a))
+
+
+def check_params(params):
+  """Checks w1 (H, D), b1 (H,), w2 (K, H), b2 (K,) agree; returns (D, H, K)."""
+  if not (isinstance(params, tuple) and len(params) == 4):
+    raise TypeError(
+        "params must be mlp_jax.Params(w1, b1, w2, b2) (see mj.init_params), got "
+        f"{type(params).__name__}.")
+  w1, b1, w2, b2 = params
+  if len(_shape(w1)) != 2 or len(_shape(w2)) != 2:
+    raise ValueError(f"params.w1 must be (H, D) and params.w2 (K, H); got w1 "
+                     f"{_shape(w1)} and w2 {_shape(w2)}.")
+  (h, d), (k, h2) = _shape(w1), _shape(w2)
+  if h2 != h:
+    raise ValueError(f"params.w2 must be (K, H) with H = {h} (the rows of w1 (H, D)); "
+                     f"got w2 {_shape(w2)}.")
+  if _shape(b1) != (h,) or _shape(b2) != (k,):
+    raise ValueError(f"params.b1 must be ({h},) and params.b2 ({k},) to match w1 "
+                     f"{(h, d)} and w2 {(k, h)}; got b1 {_shape(b1)}, b2 {_shape(b2)}.")
+  for name, leaf in zip(("w1", "b1", "w2", "b2"), params):
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise TypeError(f"params.{name} must be floating point, got {jnp.result_type(leaf)}; "
+                      "create params with mj.init_params.")
+  return d, h, k
+
+
+def check_example(params, x):
+  """Checks one example x is (D,) for w1 (H, D)."""
+  d = _shape(params[0])[1]
+  if _shape(x) != (d,):
+    raise ValueError(f"forward takes ONE example x of shape ({d},) for w1 "
+                     f"{_shape(params[0])}; got {_shape(x)}. For a batch (B, {d}) use "
+                     "mj.logits.")
+
+
+def check_batch(params, X):
+  """Checks X is a batch (B, D) for w1 (H, D); returns B."""
+  d = _shape(params[0])[1]
+  if len(_shape(X)) != 2 or _shape(X)[1] != d:
+    raise ValueError(f"X must be a batch of shape (B, {d}) for w1 {_shape(params[0])}; "
+                     f"got {_shape(X)}. Flatten images to (B, D); for one example use "
+                     "X[None].")
+  if not jnp.issubdtype(jnp.result_type(X), jnp.floating):
+    raise TypeError(f"X must be floating point, got {jnp.result_type(X)}; "
+                    "convert it with X.astype(jnp.float32).")
+  return _shape(X)[0]
+
+
+def check_labels(y, batch_size, num_classes):
+  """Checks y is int labels (B,) in [0, K) or float targets (B, K)."""
+  shape = _shape(y)
+  dtype = jnp.result_type(y)
+  if shape == (batch_size,):
+    if not jnp.issubdtype(dtype, jnp.integer):
+      raise TypeError(f"labels y of shape ({batch_size},) must be integers in [0, "
+                      f"{num_classes}), got dtype {dtype}; cast with y.astype(jnp.int32), "
+                      f"or pass targets of shape ({batch_size}, {num_classes}).")
+    if not isinstance(y, jax.core.Tracer):
+      y = np.asarray(y)
+      if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels y must lie in [0, {num_classes}) for K = {num_classes} "
+                         f"classes; got min {y.min()}, max {y.max()}.")
+  elif shape == (batch_size, num_classes):
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"targets y of shape {shape} must be floating point, got {dtype}.")
+  else:
+    raise ValueError(f"y must be int labels ({batch_size},) or targets ({batch_size}, "
+                     f"{num_classes}) for X with B = {batch_size} rows and K = "
+                     f"{num_classes} classes; got shape {shape}.")
+
+
+def check_weights(weights, batch_size):
+  """Checks optional per-example weights are (B,)."""
+  if weights is not None and _shape(weights) != (batch_size,):
+    raise ValueError(f"weights must have shape ({batch_size},), one per row of X; "
+                     f"got {_shape(weights)}.")
+
+
+def check_all(params, X, y, weights=None):
+  """Checks params, X (B, D), y and weights together; returns (B, D, H, K)."""
+  d, h, k = check_params(params)
+  b = check_batch(params, X)
+  check_labels(y, b, k)
+  check_weights(weights, b)
+  return b, d, h, k

@@ -1,0 +1,117 @@
+"""Gradient check: manual vs jax.grad vs float64 central finite differences.
+
+    python -m mlp_jax.gradcheck [--in_dim=6 --hidden_dim=10 --num_classes=4
+                                 --batch_size=8 --seed=0 --dtype=float64]
+
+Prints, per parameter, the max relative error of each pair and exits non-zero when
+any exceeds its tolerance. The helpers are also what tests/test_grads.py uses.
+"""
+
+import math
+import sys
+
+from absl import app
+from absl import flags
+import jax
+from jax.flatten_util import ravel_pytree
+import jax.numpy as jnp
+import numpy as np
+
+from mlp_jax.grads import autodiff_grads
+from mlp_jax.grads import grads
+from mlp_jax import losses
+from mlp_jax.model import Params
+
+# Manual vs autodiff, per dtype; and either vs float64 finite differences.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
+FD_TOLERANCE = {"float64": 1e-6, "float32": 1e-5}
+FD_STEP = 1e-6
+
+flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
+flags.DEFINE_integer("hidden_dim", 10, "H, the hidden size.", lower_bound=1)
+flags.DEFINE_integer("num_classes", 4, "K, the number of classes.", lower_bound=2)
+flags.DEFINE_integer("batch_size", 8, "B, the rows of X.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Seed of the random problem.")
+flags.DEFINE_enum("dtype", "float64", ["float32", "float64"],
+                  "dtype of params and X for the manual and autodiff gradients.")
+
+
+def relative_error(a, b):
+  """max|a − b| / max(max|a|, max|b|): one number per array, 0 when both are 0."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  scale = max(np.max(np.abs(a)), np.max(np.abs(b)))
+  return float(np.max(np.abs(a - b)) / scale) if scale > 0 else 0.0
+
+
+def random_problem(seed, batch_size, in_dim, hidden_dim, num_classes, dtype=np.float64,
+                   margin=1e-3):
+  """Random non-zero params (biases too), X (B, D) and int labels y (B,), from numpy.
+
+  Redraws until every |z1| > margin, so finite differences never straddle the ReLU
+  kink at 0.
+  """
+  rng = np.random.default_rng(seed)
+  for _ in range(100):
+    params = Params(
+        w1=rng.standard_normal((hidden_dim, in_dim)) / math.sqrt(in_dim),
+        b1=rng.standard_normal(hidden_dim),
+        w2=rng.standard_normal((num_classes, hidden_dim)) / math.sqrt(hidden_dim),
+        b2=rng.standard_normal(num_classes))
+    X = rng.standard_normal((batch_size, in_dim))
+    y = rng.integers(0, num_classes, batch_size)
+    if np.min(np.abs(X @ params.w1.T + params.b1)) > margin:
+      return (Params(*(jnp.asarray(a, dtype) for a in params)), jnp.asarray(X, dtype),
+              jnp.asarray(y, jnp.int32))
+  raise RuntimeError("random_problem: could not draw z1 away from the ReLU kink; "
+                     "use a smaller batch or hidden size.")
+
+
+def finite_difference_grads(loss_fn, params, step=FD_STEP):
+  """Central differences (f(θ + h e_j) − f(θ − h e_j)) / 2h of loss_fn, in float64."""
+  flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float64), params))
+  shifts = step * jnp.eye(flat.size, dtype=jnp.float64)
+  f = jax.jit(jax.vmap(lambda theta: loss_fn(unravel(theta))))
+  return unravel((f(flat[None, :] + shifts) - f(flat[None, :] - shifts)) / (2 * step))
+
+
+def check(params, X, y, dtype, manual_grads=grads):
+  """Rows (name, manual~autodiff, manual~fd, autodiff~fd) of relative errors.
+
+  params, X are float64; the manual and autodiff gradients are taken in `dtype`,
+  the finite differences always in float64. `manual_grads` is the function checked.
+  """
+  cast = lambda a: a.astype(dtype)
+  p, x = jax.tree.map(cast, params), cast(X)
+  manual = jax.jit(manual_grads)(p, x, y)
+  autodiff = jax.jit(autodiff_grads)(p, x, y)
+  fd = finite_difference_grads(lambda q: losses.loss(q, X, y), params)
+  return [(name, relative_error(m, a), relative_error(m, f), relative_error(a, f))
+          for name, m, a, f in zip(Params._fields, manual, autodiff, fd)]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  jax.config.update("jax_enable_x64", True)
+  FLAGS = flags.FLAGS
+  params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,
+                                FLAGS.in_dim, FLAGS.hidden_dim, FLAGS.num_classes)
+  tol, fd_tol = TOLERANCE[FLAGS.dtype], FD_TOLERANCE[FLAGS.dtype]
+  print(f"gradcheck D={FLAGS.in_dim} H={FLAGS.hidden_dim} K={FLAGS.num_classes} "
+        f"B={FLAGS.batch_size} seed={FLAGS.seed} dtype={FLAGS.dtype}")
+  print(f"max relative error; tolerance manual~autodiff {tol:g}, vs float64 finite "
+        f"differences (h={FD_STEP:g}) {fd_tol:g}")
+  print(f"{'param':6} {'manual~autodiff':>16} {'manual~fd':>12} {'autodiff~fd':>12}")
+  failed = []
+  for name, m_a, m_f, a_f in check(params, X, y, jnp.dtype(FLAGS.dtype)):
+    print(f"{name:6} {m_a:16.3e} {m_f:12.3e} {a_f:12.3e}")
+    if m_a > tol or m_f > fd_tol or a_f > fd_tol:
+      failed.append(name)
+  if failed:
+    print(f"FAILED: {', '.join(failed)} exceed the tolerance")
+    sys.exit(1)
+  print("OK: manual == autodiff == finite differences")
+
+
+if __name__ == "__main__":
+  app.run(main)

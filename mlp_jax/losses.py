@@ -1,0 +1,58 @@
+"""Cross-entropy and accuracy over a batch, as weighted means of per-example values.
+
+    L = -sum_k y_k log p_k = (sum_k y_k) logsumexp(z2) - y . z2
+
+computed in that stable form (never log(softmax)); for one-hot y it is
+logsumexp(z2) - z2[label].
+"""
+
+import jax
+import jax.numpy as jnp
+
+from mlp_jax import checks
+from mlp_jax import model
+
+
+def targets(y, num_classes, dtype):
+  """Int labels (B,) -> one-hot targets Y (B, K); float targets (B, K) pass through."""
+  if y.ndim == 1:
+    return jax.nn.one_hot(y, num_classes, dtype=dtype)
+  return y.astype(dtype)
+
+
+def mean_weights(weights, batch_size, dtype):
+  """The weights of the batch mean, (B,): 1/B each, or w / sum(w) (0 if sum(w) = 0)."""
+  if weights is None:
+    return jnp.full((batch_size,), 1.0 / batch_size, dtype)
+  weights = weights.astype(dtype)
+  total = jnp.sum(weights)
+  return weights / jnp.where(total > 0, total, jnp.ones_like(total))
+
+
+def cross_entropy(z2, Y):
+  """Per-example cross-entropy (B,) of logits Z2 (B, K) against targets Y (B, K)."""
+  return jnp.sum(Y, axis=-1) * jax.nn.logsumexp(z2, axis=-1) - jnp.sum(Y * z2, axis=-1)
+
+
+def loss(params, X, y, weights=None):
+  """Mean cross-entropy of the batch: sum_i w_i L_i / sum_i w_i (w_i = 1 by default).
+
+  X (B, D); y int labels (B,) in [0, K) or targets (B, K) such as one-hot or smoothed
+  labels; weights (B,) optional, e.g. 0 for padding rows. Returns a scalar.
+  """
+  checks.check_all(params, X, y, weights)
+  dtype = params.w1.dtype
+  z2 = model.logits(params, X.astype(dtype))
+  Y = targets(jnp.asarray(y), z2.shape[-1], dtype)
+  return jnp.sum(mean_weights(weights, X.shape[0], dtype) * cross_entropy(z2, Y))
+
+
+def accuracy(params, X, y, weights=None):
+  """Weighted fraction of rows whose argmax logit is the label (argmax of targets)."""
+  checks.check_all(params, X, y, weights)
+  dtype = params.w1.dtype
+  predicted = jnp.argmax(model.logits(params, X.astype(dtype)), axis=-1)
+  y = jnp.asarray(y)
+  labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
+  correct = (predicted == labels).astype(dtype)
+  return jnp.sum(mean_weights(weights, X.shape[0], dtype) * correct)

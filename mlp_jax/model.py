@@ -1,0 +1,74 @@
+"""The network, in the seed's notation, for ONE example; batches come from jax.vmap.
+
+    z1 = W1 x + b1      a1 = ReLU(z1)      z2 = W2 a1 + b2      p = softmax(z2)
+
+Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,).
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mlp_jax import checks
+
+
+class Params(NamedTuple):
+  """The four parameter arrays, a pytree: w1 (H, D), b1 (H,), w2 (K, H), b2 (K,)."""
+
+  w1: jax.Array
+  b1: jax.Array
+  w2: jax.Array
+  b2: jax.Array
+
+
+def init_params(key, in_dim, hidden_dim, num_classes, *, dtype=jnp.float32):
+  """He-normal W1 (H, D), LeCun-normal W2 (K, H), zero biases.
+
+  W1 ~ N(0, 2/D) suits the ReLU that follows it; W2 ~ N(0, 1/H) keeps the logits z2
+  of unit scale.
+  """
+  for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim),
+                      ("num_classes", num_classes)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"init_params: {name} must be a positive int, got {value!r}.")
+  if num_classes < 2:
+    raise ValueError(f"init_params: num_classes must be >= 2, got {num_classes}.")
+  k1, k2 = jax.random.split(key)
+  w1 = jax.random.normal(k1, (hidden_dim, in_dim), dtype) * jnp.sqrt(2.0 / in_dim).astype(dtype)
+  w2 = jax.random.normal(k2, (num_classes, hidden_dim), dtype) * jnp.sqrt(
+      1.0 / hidden_dim).astype(dtype)
+  return Params(w1=w1, b1=jnp.zeros((hidden_dim,), dtype),
+                w2=w2, b2=jnp.zeros((num_classes,), dtype))
+
+
+def relu(z):
+  """ReLU(z) = z if z >= 0 else 0, written so that autodiff takes ReLU'(0) = 1.
+
+  The seed's convention (errata 7 in docs/derivation.md): jax.nn.relu would give
+  ReLU'(0) = 0 and jnp.maximum(z, 0) gives 1/2, so the manual and autodiff
+  gradients would differ at exact ties.
+  """
+  return jnp.where(z >= 0, z, jnp.zeros_like(z))
+
+
+def forward_pass(params, x):
+  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): every activation backprop needs."""
+  z1 = params.w1 @ x + params.b1
+  a1 = relu(z1)
+  z2 = params.w2 @ a1 + params.b2
+  return z1, a1, z2
+
+
+def forward(params, x):
+  """One example x (D,) -> logits z2 = W2 ReLU(W1 x + b1) + b2, shape (K,)."""
+  checks.check_params(params)
+  checks.check_example(params, x)
+  return forward_pass(params, x)[2]
+
+
+def logits(params, X):
+  """A batch X (B, D) -> logits Z2 (B, K): jax.vmap of `forward` over the rows of X."""
+  checks.check_params(params)
+  checks.check_batch(params, X)
+  return jax.vmap(forward_pass, in_axes=(None, 0))(params, X)[2]

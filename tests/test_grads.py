@@ -1,0 +1,239 @@
+"""The manual gradients of mlp_jax/grads.py equal jax.grad and finite differences."""
+
+import subprocess
+import sys
+
+import chex
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlp_jax as mj
+from mlp_jax.gradcheck import check
+from mlp_jax.gradcheck import finite_difference_grads
+from mlp_jax.gradcheck import random_problem
+from mlp_jax.gradcheck import relative_error
+
+SHAPES = st.tuples(st.integers(1, 6), st.integers(1, 5), st.integers(1, 6),
+                   st.integers(2, 4), st.integers(0, 2**16))
+
+
+def assert_close(tree_a, tree_b, tol):
+  for name, a, b in zip(mj.Params._fields, tree_a, tree_b):
+    assert relative_error(a, b) <= tol, f"{name}: {relative_error(a, b):.3e} > {tol:g}"
+
+
+def problem(batch=5, in_dim=4, hidden=6, classes=3, seed=0, dtype=jnp.float64):
+  return random_problem(seed, batch, in_dim, hidden, classes, dtype)
+
+
+@settings(max_examples=12, deadline=None)
+@given(SHAPES)
+def test_manual_equals_autodiff_and_finite_differences_float64(shape):
+  B, D, H, K, seed = shape
+  params, X, y = random_problem(seed, B, D, H, K)
+  manual = jax.jit(mj.grads)(params, X, y)
+  assert_close(manual, jax.jit(mj.autodiff_grads)(params, X, y), 1e-12)
+  fd = finite_difference_grads(lambda p: mj.loss(p, X, y), params)
+  assert_close(manual, fd, 1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(SHAPES)
+def test_manual_equals_autodiff_float32(shape):
+  B, D, H, K, seed = shape
+  params, X, y = random_problem(seed, B, D, H, K, jnp.float32)
+  manual = jax.jit(mj.grads)(params, X, y)
+  assert manual.w1.dtype == jnp.float32
+  assert_close(manual, jax.jit(mj.autodiff_grads)(params, X, y), 1e-5)
+
+
+def test_value_and_grads_loss_equals_loss():
+  params, X, y = problem()
+  value, g = mj.value_and_grads(params, X, y)
+  auto_value, auto_g = mj.autodiff_value_and_grads(params, X, y)
+  np.testing.assert_allclose(value, mj.loss(params, X, y), rtol=1e-14)
+  np.testing.assert_allclose(value, auto_value, rtol=1e-14)
+  assert_close(g, auto_g, 1e-12)
+
+
+def test_relu_derivative_at_exact_zero_is_one_in_both_paths():
+  # z1 = W1 x + b1 is exactly [0, 0, 1.5, -1] for these dyadic numbers.
+  x = jnp.array([[1.0, 2.0]])
+  params = mj.Params(w1=jnp.array([[1.0, -0.5], [0.0, 0.0], [0.5, 0.5], [-1.0, 0.0]]),
+                     b1=jnp.array([0.0, 0.0, 0.0, 0.0]),
+                     w2=jnp.array([[1.0, -2.0, 0.5, 1.0], [-1.0, 1.0, 0.25, 2.0]]),
+                     b2=jnp.array([0.1, -0.2]))
+  y = jnp.array([1])
+  z1 = x @ params.w1.T + params.b1[None, :]
+  np.testing.assert_array_equal(z1, [[0.0, 0.0, 1.5, -1.0]])
+  manual, autodiff = mj.grads(params, x, y), mj.autodiff_grads(params, x, y)
+  for m, a in zip(manual, autodiff):
+    np.testing.assert_array_equal(m, a)
+  # ReLU'(0) = 1: the tied units pass gradient, the negative one does not.
+  assert manual.b1[0] != 0 and manual.b1[1] != 0 and manual.b1[3] == 0
+  # jax.nn.relu takes ReLU'(0) = 0: it would disagree, so this test can fail.
+  def loss_with_jax_relu(p):
+    z2 = jax.nn.relu(x @ p.w1.T + p.b1[None]) @ p.w2.T + p.b2[None]
+    return jnp.mean(jax.nn.logsumexp(z2, axis=1) - z2[0, 1])
+  assert jax.grad(loss_with_jax_relu)(params).b1[0] == 0
+
+
+def test_golden_values_by_hand():
+  # x = (1, 2), W1 = [[1, 0], [0, -1]]: z1 = (1, -2), a1 = (1, 0).
+  # W2 = I: z2 = (1, 0), p = (σ(1), σ(−1)); label 0: L = log(1 + e⁻¹).
+  s = 1.0 / (1.0 + np.e)                                # σ(−1) = 0.2689414213699951
+  params = mj.Params(w1=jnp.array([[1.0, 0.0], [0.0, -1.0]]), b1=jnp.zeros(2),
+                     w2=jnp.eye(2), b2=jnp.zeros(2))
+  X, y = jnp.array([[1.0, 2.0]]), jnp.array([0])
+  loss, g = mj.value_and_grads(params, X, y)
+  np.testing.assert_allclose(loss, 0.31326168751822286, rtol=1e-15)
+  # δ2 = p − y = (−s, s); δ1 = (W2ᵀδ2) ⊙ 1[z1 ≥ 0] = (−s, 0).
+  expected = mj.Params(w1=np.array([[-s, -2 * s], [0.0, 0.0]]), b1=np.array([-s, 0.0]),
+                       w2=np.array([[-s, 0.0], [s, 0.0]]), b2=np.array([-s, s]))
+  for got, want in zip(g, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-17)
+  for got, want in zip(mj.autodiff_grads(params, X, y), expected):
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-17)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_finite_for_logits_of_magnitude_1e4(dtype):
+  params, X, y = problem(dtype=dtype)
+  params = params._replace(b2=jnp.array([1e4, -1e4, 0.0], dtype))
+  loss, g = mj.value_and_grads(params, X, y)
+  assert jnp.isfinite(loss) and loss > 1e3  # the true loss is ~1e4 for labels != 0
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in g)
+  assert_close(g, mj.autodiff_grads(params, X, y), 1e-5 if dtype == jnp.float32 else 1e-12)
+
+
+def test_soft_targets_and_weights():
+  params, X, y = problem(batch=6)
+  Y = 0.8 * jax.nn.one_hot(y, 3, dtype=jnp.float64) + 0.2 / 3   # label smoothing
+  w = jnp.array([1.0, 0.5, 2.0, 0.0, 3.0, 1.0])
+  assert_close(mj.grads(params, X, Y, w), mj.autodiff_grads(params, X, Y, w), 1e-12)
+  fd = finite_difference_grads(lambda p: mj.loss(p, X, Y, w), params)
+  assert_close(mj.grads(params, X, Y, w), fd, 1e-6)
+  # Targets that do not sum to 1: δ2 = p Σy − y.
+  Y2 = 2.5 * Y
+  assert_close(mj.grads(params, X, Y2), mj.autodiff_grads(params, X, Y2), 1e-12)
+  np.testing.assert_allclose(mj.loss(params, X, Y2), 2.5 * mj.loss(params, X, Y))
+
+
+def test_zero_weights_drop_examples():
+  params, X, y = problem(batch=6)
+  w = jnp.array([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+  keep = np.flatnonzero(w)
+  np.testing.assert_allclose(mj.loss(params, X, y, w), mj.loss(params, X[keep], y[keep]),
+                             rtol=1e-14)
+  assert_close(mj.grads(params, X, y, w), mj.grads(params, X[keep], y[keep]), 1e-14)
+  # All-zero weights (a batch that is all padding): loss and gradients are 0, not NaN.
+  loss, g = mj.value_and_grads(params, X, y, jnp.zeros(6))
+  assert loss == 0 and all(bool(jnp.all(leaf == 0)) for leaf in g)
+
+
+def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
+  params, X, y = problem(batch=7)
+  manual = mj.per_example_grads(params, X, y, method="manual")
+  autodiff = mj.per_example_grads(params, X, y, method="autodiff")
+  assert manual.w1.shape == (7, 6, 4)
+  assert_close(manual, autodiff, 1e-12)
+  assert_close(jax.tree.map(lambda a: a.mean(axis=0), manual), mj.grads(params, X, y), 1e-12)
+  w = jnp.arange(1.0, 8.0)
+  weighted_mean = jax.tree.map(lambda a: jnp.tensordot(w / w.sum(), a, axes=1), manual)
+  assert_close(weighted_mean, mj.grads(params, X, y, w), 1e-12)
+
+
+def test_per_example_grad_norms_equal_norms_of_per_example_grads():
+  params, X, y = problem(batch=9, in_dim=5, hidden=8, classes=4, dtype=jnp.float32)
+  per_example = mj.per_example_grads(params, X, y)
+  norms = jnp.sqrt(sum(jnp.sum(leaf.reshape(9, -1) ** 2, axis=1) for leaf in per_example))
+  got = mj.per_example_grad_norms(params, X, y)
+  assert got.shape == (9,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, norms, rtol=1e-5)
+
+
+def test_per_example_grad_norms_materialise_nothing_of_size_bhd():
+  B, D, H, K = 16, 32, 64, 3
+  params, X, y = problem(B, D, H, K, dtype=jnp.float32)
+  jaxpr = jax.make_jaxpr(mj.per_example_grad_norms)(params, X, y)
+  sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
+  assert max(sizes) < B * H * D / 4
+
+
+def test_loss_manual_vjp_gradients_equal_grads():
+  params, X, y = problem(batch=6)
+  value, g = jax.value_and_grad(mj.loss_manual_vjp)(params, X, y)
+  np.testing.assert_allclose(value, mj.loss(params, X, y), rtol=1e-14)
+  assert_close(g, mj.grads(params, X, y), 1e-14)
+  # Its cotangents for X, soft targets and weights are closed forms too.
+  Y = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, 3), jnp.float64))
+  w = jnp.array([1.0, 2.0, 0.0, 0.5, 1.0, 3.0])
+  argnums = (0, 1, 2, 3)
+  manual = jax.grad(mj.loss_manual_vjp, argnums)(params, X, Y, w)
+  autodiff = jax.grad(mj.loss, argnums)(params, X, Y, w)
+  assert_close(manual[0], autodiff[0], 1e-12)
+  for m, a in zip(manual[1:], autodiff[1:]):
+    assert relative_error(m, a) <= 1e-12
+
+
+def test_loss_manual_vjp_under_vmap_and_jit():
+  params, X, y = problem(batch=4)
+  Xs, ys = jnp.stack([X, 2 * X]), jnp.stack([y, y[::-1]])
+  batched = jax.jit(jax.vmap(jax.grad(mj.loss_manual_vjp), in_axes=(None, 0, 0)))
+  got = batched(params, Xs, ys)
+  for i in range(2):
+    assert_close(jax.tree.map(lambda a: a[i], got), mj.grads(params, Xs[i], ys[i]), 1e-12)
+
+
+def test_everything_works_under_jit_and_vmap():
+  params, X, y = problem(batch=4)
+  assert_close(jax.jit(mj.grads)(params, X, y), mj.grads(params, X, y), 1e-14)
+  Xs, ys = jnp.stack([X, -X, 0.5 * X]), jnp.stack([y, y, y[::-1]])
+  for fn in (mj.grads, mj.autodiff_grads):
+    got = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)))(params, Xs, ys)
+    for i in range(3):
+      assert_close(jax.tree.map(lambda a: a[i], got), mj.grads(params, Xs[i], ys[i]), 1e-12)
+  for fn in (mj.loss, mj.accuracy, mj.per_example_grad_norms):
+    np.testing.assert_allclose(jax.jit(fn)(params, X, y), fn(params, X, y), rtol=1e-14)
+
+
+def test_jitted_grads_traces_once_for_repeated_shapes():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(params, X, y):
+    return mj.grads(params, X, y)
+
+  for seed in range(3):
+    params, X, y = problem(seed=seed)
+    step(params, X, y)
+
+
+def test_gradcheck_module_passes():
+  for dtype in ("float64", "float32"):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlp_jax.gradcheck", f"--dtype={dtype}", "--batch_size=16"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK: manual == autodiff == finite differences" in result.stdout
+    assert len([line for line in result.stdout.splitlines()
+                if line.split()[:1] in (["w1"], ["b1"], ["w2"], ["b2"])]) == 4
+
+
+def test_gradcheck_catches_the_seeds_first_layer_formula():
+  """Errata 2: the seed's ∂L/∂W1 has no ReLU mask; the check must flag it."""
+  def seed_grads(params, X, y):
+    g = mj.grads(params, X, y)
+    Z2 = mj.logits(params, X)
+    delta2 = (jax.nn.softmax(Z2) - jax.nn.one_hot(y, Z2.shape[1], dtype=X.dtype)) / len(y)
+    unmasked = delta2 @ params.w2                      # no 1[z1 >= 0]
+    return g._replace(w1=unmasked.T @ X, b1=unmasked.sum(axis=0))
+
+  params, X, y = problem(batch=8)
+  rows = {name: errors for name, *errors in check(params, X, y, jnp.float64, seed_grads)}
+  assert rows["w1"][0] > 1e-3 and rows["b1"][0] > 1e-3   # manual~autodiff fails
+  assert rows["w2"][0] <= 1e-12 and rows["b2"][0] <= 1e-12

@@ -1,0 +1,52 @@
+"""Params, init_params, forward (one example) and logits (its vmap)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlp_jax as mj
+from mlp_jax.model import relu
+
+
+def test_init_params_shapes_dtypes_and_scales():
+  params = mj.init_params(jax.random.key(0), 400, 300, 10)
+  assert isinstance(params, mj.Params)
+  assert [leaf.shape for leaf in params] == [(300, 400), (300,), (10, 300), (10,)]
+  assert all(leaf.dtype == jnp.float32 for leaf in params)
+  np.testing.assert_allclose(jnp.std(params.w1), np.sqrt(2 / 400), rtol=0.02)  # He
+  np.testing.assert_allclose(jnp.std(params.w2), np.sqrt(1 / 300), rtol=0.05)  # LeCun
+  assert not jnp.any(params.b1) and not jnp.any(params.b2)
+  assert mj.init_params(jax.random.key(0), 3, 4, 2, dtype=jnp.float64).w1.dtype == jnp.float64
+
+
+def test_init_params_is_a_pure_function_of_the_key():
+  a = mj.init_params(jax.random.key(1), 5, 6, 3)
+  b = mj.init_params(jax.random.key(1), 5, 6, 3)
+  c = mj.init_params(jax.random.key(2), 5, 6, 3)
+  np.testing.assert_array_equal(a.w1, b.w1)
+  assert not np.array_equal(a.w1, c.w1)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_init_params_rejects_bad_sizes(bad):
+  with pytest.raises(ValueError, match="hidden_dim must be a positive int"):
+    mj.init_params(jax.random.key(0), 4, bad, 3)
+
+
+def test_forward_is_the_seeds_formula_and_logits_is_its_vmap():
+  params = mj.init_params(jax.random.key(0), 4, 5, 3, dtype=jnp.float64)
+  params = params._replace(b1=jnp.linspace(-1, 1, 5), b2=jnp.array([0.5, -0.5, 0.1]))
+  X = jax.random.normal(jax.random.key(1), (6, 4), jnp.float64)
+  for i in range(6):
+    z1 = params.w1 @ X[i] + params.b1
+    z2 = params.w2 @ np.maximum(z1, 0) + params.b2
+    np.testing.assert_allclose(mj.forward(params, X[i]), z2, rtol=1e-14)
+  expected = np.stack([mj.forward(params, x) for x in X])
+  np.testing.assert_allclose(mj.logits(params, X), expected, rtol=1e-14)
+
+
+def test_relu_is_zero_below_identity_above_and_has_slope_one_at_zero():
+  z = jnp.array([-2.0, -0.0, 0.0, 3.0])
+  np.testing.assert_array_equal(relu(z), [0.0, 0.0, 0.0, 3.0])
+  np.testing.assert_array_equal(jax.vmap(jax.grad(relu))(z), [0.0, 1.0, 1.0, 1.0])
