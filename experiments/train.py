@@ -1,0 +1,67 @@
+"""Train the two-layer MLP: parses flags, calls mlp_jax.experiment.run.
+
+    python experiments/train.py                                   # digits, ~98% test
+    python experiments/train.py --flagfile=experiments/configs/fashion_mnist.flags
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from mlp_jax import data
+from mlp_jax import experiment
+from mlp_jax import train
+
+D = experiment.RunConfig()  # the defaults
+flags.DEFINE_string("dataset", D.dataset, "digits | fashion_mnist | mnist | npz:PATH.")
+flags.DEFINE_string("data_dir", D.data_dir, "Directory of the IDX files (mnist; "
+                    f"fashion_mnist defaults to {data.FASHION_MNIST_DIR}).")
+flags.DEFINE_integer("hidden_dim", D.hidden_dim, "H, hidden units.", lower_bound=1)
+flags.DEFINE_integer("batch_size", D.batch_size, "Examples per step.", lower_bound=1)
+flags.DEFINE_integer("epochs", D.epochs, "Passes over the training set.", lower_bound=1)
+flags.DEFINE_enum("optimizer", D.optimizer, list(train.OPTIMIZERS), "optax optimizer.")
+flags.DEFINE_float("learning_rate", D.learning_rate, "Peak learning rate.", lower_bound=0)
+flags.DEFINE_enum("schedule", D.schedule, list(train.SCHEDULES), "Learning-rate schedule.")
+flags.DEFINE_float("warmup_epochs", D.warmup_epochs, "Linear warmup (warmup_cosine).",
+                   lower_bound=0)
+flags.DEFINE_float("weight_decay", D.weight_decay, "Weight decay of W1, W2.", lower_bound=0)
+flags.DEFINE_float("clip_norm", D.clip_norm, "Clip gradients to this global norm; 0: off.",
+                   lower_bound=0)
+flags.DEFINE_float("label_smoothing", D.label_smoothing, "ε of (1−ε) one-hot + ε/K.",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_enum("grads", D.grads, list(train.GRADIENTS),
+                  "Gradient: the manual formula, jax.grad, or the manual custom_vjp.")
+flags.DEFINE_integer("seed", D.seed, "Seed of init and shuffling.")
+flags.DEFINE_string("workdir", D.workdir, "Output directory; rerun with it to resume. "
+                    "Default: a fresh temporary directory.")
+flags.DEFINE_float("validation_fraction", D.validation_fraction,
+                   "Fraction of train held out for validation.", lower_bound=0)
+flags.DEFINE_bool("progress", D.progress, "Show a progress bar.")
+
+flags.register_validator("learning_rate", lambda v: v > 0,
+                         "--learning_rate must be > 0.")
+flags.register_validator("validation_fraction", lambda v: v < 1,
+                         "--validation_fraction must be below 1.")
+flags.register_validator(
+    "dataset", lambda v: v in ("digits", "fashion_mnist", "mnist") or
+    (v.startswith("npz:") and len(v) > 4),
+    f"--dataset must be one of {', '.join(data.DATASETS)}.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  config = experiment.RunConfig(**{f: flags.FLAGS[f].value
+                                   for f in experiment.RunConfig._fields})
+  try:
+    experiment.run(config)
+  except (data.DataError, experiment.RunError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,209 @@
+"""Datasets on the host: loading, checking and standardising, before they go to the device.
+
+    digits          scikit-learn's bundled 8×8 digits, stratified 80/20 split (default)
+    fashion_mnist   IDX files of Debian's dataset-fashion-mnist, or --data_dir
+    mnist           IDX files in --data_dir (.gz or not)
+    npz:PATH        x_train, y_train, x_test, y_test (allow_pickle=False)
+
+Every problem raises DataError with one line naming it and the fix.
+"""
+
+import gzip
+import os
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+# IDX type code -> big-endian numpy dtype.
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MAX_IDX_BYTES = 1 << 32  # 4 GiB: a header claiming more is lying or not a dataset.
+DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
+
+
+class DataError(ValueError):
+  """A dataset that cannot be used; the message says what is wrong and how to fix it."""
+
+
+class Dataset(NamedTuple):
+  """Standardised float32 inputs (N, D) and int32 labels (N,) in [0, num_classes)."""
+
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  x_val: Optional[np.ndarray]
+  y_val: Optional[np.ndarray]
+  num_classes: int
+
+
+def _read_exactly(f, size, path):
+  """Reads `size` bytes in chunks (no huge up-front allocation); errors if short or long."""
+  chunks, remaining = [], size + 1
+  while remaining > 0:
+    chunk = f.read(min(remaining, 1 << 24))
+    if not chunk:
+      break
+    chunks.append(chunk)
+    remaining -= len(chunk)
+  data = b"".join(chunks)
+  if len(data) != size:
+    raise DataError(f"{path}: the IDX header promises {size} bytes of data but the file "
+                    f"holds {'more' if len(data) > size else len(data)}; the file is "
+                    "truncated or not the one the header describes: download it again.")
+  return data
+
+
+def read_idx(path):
+  """Reads an IDX file (optionally .gz) into a numpy array, checking its header.
+
+  Header: two zero bytes, a type code, the rank, then one big-endian uint32 per dim.
+  """
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      header = f.read(4)
+      if len(header) < 4 or header[:2] != b"\x00\x00":
+        raise DataError(f"{path}: not an IDX file (wrong magic number "
+                        f"{header[:4].hex() or 'empty'}); expected 0000 then a type code.")
+      type_code, rank = header[2], header[3]
+      if type_code not in IDX_TYPES:
+        raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}; expected one of "
+                        f"{', '.join(f'0x{c:02x}' for c in IDX_TYPES)}.")
+      if not 1 <= rank <= 4:
+        raise DataError(f"{path}: IDX rank {rank} is not 1 to 4.")
+      dims_bytes = f.read(4 * rank)
+      if len(dims_bytes) != 4 * rank:
+        raise DataError(f"{path}: truncated IDX header.")
+      dims = tuple(int(d) for d in np.frombuffer(dims_bytes, ">u4"))
+      dtype = np.dtype(IDX_TYPES[type_code])
+      size = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
+      if size > MAX_IDX_BYTES:
+        raise DataError(f"{path}: the IDX header claims dims {dims} ({size} bytes), more "
+                        "than any dataset this reader accepts; the file is corrupt.")
+      data = _read_exactly(f, size, path)
+  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    raise DataError(f"{path}: cannot read it ({e}).") from None
+  return np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _find_idx(data_dir, stem):
+  for name in (stem, stem + ".gz"):
+    if os.path.exists(os.path.join(data_dir, name)):
+      return os.path.join(data_dir, name)
+  raise DataError(f"missing {stem}[.gz] in {data_dir}; for fashion_mnist run "
+                  "`apt-get install dataset-fashion-mnist`, for mnist put the four IDX "
+                  "files there and pass --data_dir.")
+
+
+def load_idx_dir(data_dir):
+  """The four MNIST-layout IDX files of data_dir -> (x_train, y_train, x_test, y_test)."""
+  if not data_dir or not os.path.isdir(data_dir):
+    raise DataError(f"data directory {data_dir!r} does not exist; pass --data_dir=DIR "
+                    "holding train-images-idx3-ubyte[.gz] and the other three IDX files.")
+  return tuple(read_idx(_find_idx(data_dir, IDX_FILES[k])) for k in IDX_FILES)
+
+
+def load_npz(path):
+  """x_train, y_train, x_test, y_test from an .npz file; pickled objects are refused."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = [k for k in IDX_FILES if k not in f.files]
+      if missing:
+        raise DataError(f"{path}: missing arrays {', '.join(missing)}; the .npz must hold "
+                        "x_train, y_train, x_test, y_test.")
+      return tuple(f[k] for k in IDX_FILES)
+  except (OSError, ValueError, EOFError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"{path}: not a readable .npz of plain arrays ({e}).") from None
+
+
+def load_digits():
+  """scikit-learn's 1797 8×8 digits, split 80/20 stratified by class (split seed 0)."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  x_train, x_test, y_train, y_test = model_selection.train_test_split(
+      digits.data, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+  return x_train, y_train, x_test, y_test
+
+
+def _flat_inputs(x, name):
+  x = np.asarray(x)
+  if x.ndim < 2 or x.shape[0] == 0:
+    raise DataError(f"{name} must be (N, ...) with N >= 1 examples, got shape {x.shape}.")
+  if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+    raise DataError(f"{name} must be a real numeric array, got dtype {x.dtype}.")
+  x = x.reshape(len(x), -1).astype(np.float32)
+  if not np.all(np.isfinite(x)):
+    raise DataError(f"{name} contains NaN or inf at {int(np.sum(~np.isfinite(x)))} "
+                    "places; clean the data first.")
+  return x
+
+
+def _int_labels(y, n, name, num_classes):
+  y = np.asarray(y)
+  if y.shape != (n,):
+    raise DataError(f"{name} must have shape ({n},), one label per example, got {y.shape}.")
+  if not np.issubdtype(y.dtype, np.integer):
+    if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))):
+      raise DataError(f"{name} must hold integer class labels, got dtype {y.dtype}.")
+  if n and (y.min() < 0 or y.max() >= num_classes):
+    raise DataError(f"{name} must lie in [0, {num_classes}), got min {y.min()}, "
+                    f"max {y.max()}.")
+  return y.astype(np.int32)
+
+
+def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0):
+  """Flattens, checks, splits off validation, and standardises with TRAIN statistics.
+
+  x' = (x − μ) / σ per feature, μ and σ from the (remaining) training rows only;
+  features constant in train get σ = 1.
+  """
+  x_train, x_test = _flat_inputs(x_train, "x_train"), _flat_inputs(x_test, "x_test")
+  if x_train.shape[1] != x_test.shape[1]:
+    raise DataError(f"x_train has {x_train.shape[1]} features per example but x_test "
+                    f"{x_test.shape[1]}.")
+  y_max = max(np.max(y_train, initial=0), np.max(y_test, initial=0))
+  num_classes = max(int(y_max) + 1, 2) if np.isfinite(y_max) else 2
+  y_train = _int_labels(y_train, len(x_train), "y_train", num_classes)
+  y_test = _int_labels(y_test, len(x_test), "y_test", num_classes)
+  x_val = y_val = None
+  if validation_fraction:
+    if not 0 < validation_fraction < 1:
+      raise DataError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+    order = np.random.default_rng(seed).permutation(len(x_train))
+    n_val = int(round(validation_fraction * len(x_train)))
+    if not 0 < n_val < len(x_train):
+      raise DataError(f"validation_fraction {validation_fraction} of {len(x_train)} "
+                      "training examples leaves no validation or no training data.")
+    val, train = order[:n_val], np.sort(order[n_val:])
+    x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[train], y_train[train]
+  mean = x_train.mean(axis=0)
+  std = x_train.std(axis=0)
+  std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
+  scale = lambda x: None if x is None else (x - mean) / std
+  return Dataset(scale(x_train), y_train, scale(x_test), y_test, scale(x_val), y_val,
+                 num_classes)
+
+
+def load(name, data_dir=None, *, validation_fraction=0.0, seed=0):
+  """Loads dataset `name` (one of DATASETS) and prepares it; see `prepare`."""
+  if name == "digits":
+    arrays = load_digits()
+  elif name == "fashion_mnist":
+    arrays = load_idx_dir(data_dir or FASHION_MNIST_DIR)
+  elif name == "mnist":
+    if not data_dir:
+      raise DataError("dataset mnist needs --data_dir=DIR holding the four MNIST IDX "
+                      "files (train-images-idx3-ubyte[.gz] ...).")
+    arrays = load_idx_dir(data_dir)
+  elif name.startswith("npz:") and len(name) > 4:
+    arrays = load_npz(name[4:])
+  else:
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+  return prepare(*arrays, validation_fraction=validation_fraction, seed=seed)

@@ -1,0 +1,201 @@
+"""One training run from a config to a workdir: what `experiments/train.py` calls.
+
+WORKDIR/ after a run:
+    config.json      every setting, package versions, the device
+    metrics.jsonl    one JSON line per epoch
+    checkpoints/     orbax checkpoints of the TrainState (resume from the newest)
+    params.npz       final w1, b1, w2, b2, loadable with numpy alone
+    curves.png       loss and accuracy per epoch
+    confusion.png    the test confusion matrix
+"""
+
+import json
+import os
+import platform
+import tempfile
+import time
+from typing import NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from mlp_jax import checkpoint
+from mlp_jax import data
+from mlp_jax import plots
+from mlp_jax import train
+
+
+class RunError(Exception):
+  """A run that cannot go on; the message is one line for the user."""
+
+
+class RunConfig(NamedTuple):
+  """Every setting of a run; the runner's flags have the same names and defaults."""
+
+  dataset: str = "digits"
+  data_dir: Optional[str] = None
+  hidden_dim: int = 512
+  batch_size: int = 32
+  epochs: int = 40
+  optimizer: str = "adamw"
+  learning_rate: float = 2e-3
+  schedule: str = "warmup_cosine"
+  warmup_epochs: float = 1.0
+  weight_decay: float = 1e-2
+  clip_norm: float = 0.0
+  label_smoothing: float = 0.1
+  grads: str = "manual"
+  seed: int = 0
+  workdir: Optional[str] = None
+  validation_fraction: float = 0.0
+  progress: bool = True
+
+
+# What must match for a workdir's checkpoint to be resumed by this config.
+SHAPE_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction")
+
+
+def _versions():
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+          "optax": optax.__version__, "numpy": np.__version__,
+          "orbax_checkpoint": getattr(orbax.checkpoint, "__version__", None)}
+
+
+def prepare_workdir(config):
+  """Creates the workdir (a fresh temporary one if None); refuses one of another run."""
+  workdir = config.workdir or tempfile.mkdtemp(prefix="mlp_jax_")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunError(f"--workdir {workdir} is a file, not a directory; choose another path.")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
+                   "path.") from None
+  old_config = os.path.join(workdir, "config.json")
+  if os.path.exists(old_config):
+    with open(old_config) as f:
+      old = json.load(f).get("config", {})
+    for field in SHAPE_FIELDS:
+      if field in old and old[field] != getattr(config, field):
+        raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
+                       f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
+  return workdir
+
+
+def _hyperparams(config, steps_per_epoch):
+  return train.Hyperparams(
+      optimizer=config.optimizer, learning_rate=config.learning_rate,
+      schedule=config.schedule, warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+      total_steps=config.epochs * steps_per_epoch, weight_decay=config.weight_decay,
+      clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, grads=config.grads)
+
+
+def _read_history(path, epochs_done):
+  """The metrics lines of epochs 1..epochs_done (a resumed run drops later ones)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [row for row in rows if row["epoch"] <= epochs_done]
+
+
+def _write_lines(path, rows):
+  with open(path, "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _summary(history, total_seconds):
+  last = history[-1]
+  splits = [s for s in ("train", "validation", "test") if f"{s}_accuracy" in last]
+  lines = [f"{'':10}" + "".join(f"{s:>12}" for s in splits),
+           f"{'loss':10}" + "".join(f"{last[f'{s}_loss']:12.4f}" for s in splits),
+           f"{'accuracy':10}" + "".join(f"{100 * last[f'{s}_accuracy']:11.2f}%" for s in splits)]
+  train_seconds = sum(row["seconds"] for row in history)
+  lines.append(f"epochs {last['epoch']}, {total_seconds:.1f} s in all, "
+               f"{train_seconds / len(history):.2f} s per epoch, "
+               f"{last['examples_per_second']:,.0f} examples/s")
+  return "\n".join(lines)
+
+
+def run(config, log=print):
+  """Trains per `config`, writes the workdir, returns the metrics of the last epoch."""
+  start = time.time()
+  workdir = prepare_workdir(config)
+  log(f"workdir: {workdir}")
+  ds = data.load(config.dataset, config.data_dir,
+                 validation_fraction=config.validation_fraction, seed=config.seed)
+  n, in_dim = ds.x_train.shape
+  if config.batch_size > n:
+    raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "
+                   f"use at most {n}.")
+  steps_per_epoch = -(-n // config.batch_size)
+  hp = _hyperparams(config, steps_per_epoch)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes, optimizer)
+
+  mngr = checkpoint.manager(workdir)
+  epochs_done = 0
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    epochs_done, state = restored
+    log(f"resuming from the checkpoint after epoch {epochs_done}")
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  history = _read_history(metrics_path, epochs_done)
+  _write_lines(metrics_path, history)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"config": config._asdict(), "num_classes": ds.num_classes,
+               "in_dim": in_dim, "train_examples": n, "versions": _versions(),
+               "device": str(jax.devices()[0]), "platform": jax.default_backend()},
+              f, indent=2)
+
+  put = jax.device_put
+  X, y, X_test, y_test = put(ds.x_train), put(ds.y_train), put(ds.x_test), put(ds.y_test)
+  splits = {"test": (X_test, y_test)}
+  if ds.x_val is not None:
+    splits["validation"] = (put(ds.x_val), put(ds.y_val))
+  train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size)
+
+  bar = range(epochs_done, config.epochs)
+  if config.progress:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(bar, initial=epochs_done, total=config.epochs, unit="epoch",
+                    dynamic_ncols=True)
+  for epoch in bar:
+    epoch_start = time.time()
+    state, train_metrics = train_epoch(state, X, y, epoch)
+    evals = {name: train.evaluate(state.params, *xy) for name, xy in splits.items()}
+    device_metrics = dict(train_metrics)
+    for name, ev in evals.items():
+      device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
+          ev["loss"], ev["accuracy"])
+    row = {"epoch": epoch + 1, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
+    row["seconds"] = time.time() - epoch_start
+    row["examples_per_second"] = n / row["seconds"]
+    history.append(row)
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    checkpoint.save(mngr, epoch + 1, state)
+    if config.progress:
+      bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}",
+                      test_acc=f"{row['test_accuracy']:.4f}")
+  mngr.wait_until_finished()
+  mngr.close()
+  if not history:
+    raise RunError(f"--workdir {workdir} already holds all {config.epochs} epochs; raise "
+                   "--epochs to train on, or use a fresh --workdir.")
+
+  np.savez(os.path.join(workdir, "params.npz"),
+           **{k: np.asarray(v) for k, v in state.params._asdict().items()})
+  plots.plot_curves(history, os.path.join(workdir, "curves.png"))
+  predictions = np.asarray(train.evaluate(state.params, X_test, y_test)["predictions"])
+  plots.plot_confusion(plots.confusion_matrix(ds.y_test, predictions, ds.num_classes),
+                       os.path.join(workdir, "confusion.png"))
+  log(_summary(history, time.time() - start))
+  return history[-1]

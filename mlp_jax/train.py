@@ -1,0 +1,181 @@
+"""Training: TrainState, the optax optimizer, the train step, a scanned epoch, evaluation.
+
+The dataset lives on the device. An epoch is ONE jitted lax.scan over index batches of a
+permutation drawn from fold_in(key, epoch): every example is used once, the ragged last
+batch is padded with index 0 and masked with weight 0, so every step has one static
+shape and nothing recompiles after the first epoch.
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlp_jax import losses
+from mlp_jax import model
+from mlp_jax.grads import autodiff_value_and_grads
+from mlp_jax.grads import loss_manual_vjp
+from mlp_jax.grads import value_and_grads
+from mlp_jax.model import Params
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "warmup_cosine")
+GRADIENTS = {
+    "manual": value_and_grads,
+    "autodiff": autodiff_value_and_grads,
+    "manual_vjp": jax.value_and_grad(loss_manual_vjp),
+}
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes: params, optimizer state, step count, base PRNG key."""
+
+  params: Params
+  opt_state: Any
+  step: jax.Array    # int32 scalar: optimizer steps taken
+  key: jax.Array     # uint32 (2,): the run's key; epoch e shuffles with fold_in(key, e)
+
+
+class Hyperparams(NamedTuple):
+  """What the optimizer and the loss need to know."""
+
+  optimizer: str = "adamw"
+  learning_rate: float = 1e-3
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  total_steps: int = 1
+  weight_decay: float = 0.0
+  clip_norm: float = 0.0          # 0: no clipping
+  label_smoothing: float = 0.0
+  grads: str = "manual"           # manual | autodiff | manual_vjp
+
+
+def make_schedule(hp):
+  """Learning rate per step: constant, cosine to 0, or linear warmup then cosine."""
+  if hp.schedule == "constant":
+    return optax.constant_schedule(hp.learning_rate)
+  if hp.schedule == "cosine":
+    return optax.cosine_decay_schedule(hp.learning_rate, max(hp.total_steps, 1))
+  if hp.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, hp.learning_rate, hp.warmup_steps, max(hp.total_steps, hp.warmup_steps + 1))
+  raise ValueError(f"unknown schedule {hp.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+
+
+def make_optimizer(hp):
+  """optax chain: [clip by global norm] -> [weight decay on W1, W2] -> the optimizer.
+
+  adamw decays weights decoupled from the gradient; the others add wd·W to it (L2).
+  Biases are never decayed.
+  """
+  lr = make_schedule(hp)
+  weights_only = Params(w1=True, b1=False, w2=True, b2=False)
+  parts = []
+  if hp.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(hp.clip_norm))
+  if hp.optimizer == "adamw":
+    parts.append(optax.adamw(lr, weight_decay=hp.weight_decay, mask=weights_only))
+  else:
+    if hp.weight_decay > 0:
+      parts.append(optax.add_decayed_weights(hp.weight_decay, mask=weights_only))
+    if hp.optimizer == "sgd":
+      parts.append(optax.sgd(lr))
+    elif hp.optimizer == "momentum":
+      parts.append(optax.sgd(lr, momentum=0.9, nesterov=True))
+    elif hp.optimizer == "adam":
+      parts.append(optax.adam(lr))
+    else:
+      raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose one of "
+                       f"{', '.join(OPTIMIZERS)}.")
+  return optax.chain(*parts)
+
+
+def init_state(seed, in_dim, hidden_dim, num_classes, optimizer):
+  """A fresh TrainState: init_params from PRNGKey(seed); shuffling uses its fold 1."""
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  params = model.init_params(init_key, in_dim, hidden_dim, num_classes)
+  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key)
+
+
+def smooth_targets(y, num_classes, label_smoothing):
+  """Int labels (B,) -> (1 − ε) one-hot + ε/K targets (B, K); labels as they are if ε = 0."""
+  if label_smoothing == 0:
+    return y
+  return optax.smooth_labels(jax.nn.one_hot(y, num_classes, dtype=jnp.float32),
+                             label_smoothing)
+
+
+def make_train_step(hp, optimizer):
+  """train_step(state, (x (B, D), y (B,), w (B,))) -> (state, (Σ w·L, Σ w·correct))."""
+  loss_and_grads = GRADIENTS[hp.grads]
+
+  def train_step(state, batch):
+    x, y, w = batch
+    num_classes = state.params.b2.shape[0]
+    targets = smooth_targets(y, num_classes, hp.label_smoothing)
+    loss, g = loss_and_grads(state.params, x, targets, w)
+    updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Same forward pass as inside loss_and_grads: XLA computes it once (CSE).
+    hits = jnp.argmax(model.logits(state.params, x), axis=-1) == y
+    metrics = (loss * jnp.sum(w), jnp.sum(w * hits))
+    return TrainState(params, opt_state, state.step + 1, state.key), metrics
+
+  return train_step
+
+
+def batch_indices(order, batch_size):
+  """order (N,) -> indices (S, B) padded with 0 to S = ceil(N / B) batches, weights (S, B)."""
+  n = order.shape[0]
+  steps = -(-n // batch_size)
+  pad = steps * batch_size - n
+  idx = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(steps, batch_size)
+  w = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, batch_size)
+  return idx, w
+
+
+def epoch_order(key, epoch, n):
+  """The permutation of the N training examples for `epoch`: fold_in(key, epoch)."""
+  return jax.random.permutation(jax.random.fold_in(key, epoch), n)
+
+
+def train_epoch(train_step, state, X, y, epoch, batch_size):
+  """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device."""
+  idx, w = batch_indices(epoch_order(state.key, epoch, X.shape[0]), batch_size)
+
+  def body(state, batch):
+    i, wb = batch
+    return train_step(state, (X[i], y[i], wb))
+
+  state, (loss_sums, hits) = jax.lax.scan(body, state, (idx, w))
+  n = X.shape[0]
+  return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
+
+
+def make_train_epoch(hp, optimizer, batch_size):
+  """jit(train_epoch)(state, X, y, epoch) with the state donated (positional call)."""
+  step = make_train_step(hp, optimizer)
+  return jax.jit(functools.partial(train_epoch, step, batch_size=batch_size),
+                 donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def evaluate(params, X, y, batch_size=1024):
+  """Loss, accuracy and predictions (N,) over X (N, D), every example counted once."""
+  n = X.shape[0]
+  batch_size = min(batch_size, n)
+  idx, w = batch_indices(jnp.arange(n), batch_size)
+
+  def body(_, batch):
+    i, wb = batch
+    z2 = model.logits(params, X[i])
+    Y = jax.nn.one_hot(y[i], z2.shape[-1], dtype=z2.dtype)
+    return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.argmax(z2, axis=-1))
+
+  _, (loss_sums, predicted) = jax.lax.scan(body, None, (idx, w))
+  predicted = predicted.reshape(-1)[:n]
+  return {"loss": jnp.sum(loss_sums) / n,
+          "accuracy": jnp.mean((predicted == y).astype(jnp.float32)),
+          "predictions": predicted}

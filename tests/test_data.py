@@ -1,0 +1,126 @@
+"""The IDX reader, the npz loader, checks and standardisation, and the real Fashion-MNIST."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+from mlp_jax import data
+
+
+def write_idx(path, array, type_code=0x08, dims=None, magic=b"\x00\x00"):
+  dims = array.shape if dims is None else dims
+  header = magic + bytes([type_code, len(dims)]) + np.asarray(dims, ">u4").tobytes()
+  payload = header + array.astype(data.IDX_TYPES[type_code]).tobytes()
+  opener = gzip.open if str(path).endswith(".gz") else open
+  with opener(path, "wb") as f:
+    f.write(payload)
+  return str(path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("type_code", [0x08, 0x0B, 0x0D])
+def test_read_idx_round_trips(tmp_path, suffix, type_code):
+  array = (np.arange(2 * 3 * 4) % 200).reshape(2, 3, 4)
+  got = data.read_idx(write_idx(tmp_path / f"x{suffix}", array, type_code))
+  np.testing.assert_array_equal(got, array)
+  assert got.dtype.isnative
+
+
+def test_read_idx_rejects_truncated_lying_and_foreign_files(tmp_path):
+  array = np.arange(24, dtype=np.uint8).reshape(2, 12)
+  good = write_idx(tmp_path / "good", array)
+  raw = (tmp_path / "good").read_bytes()
+  cases = {
+      "truncated": (raw[:-5], "truncated"),
+      "magic": (b"\x01\x02" + raw[2:], "wrong magic"),
+      "type": (raw[:2] + b"\x07" + raw[3:], "unknown IDX type code 0x07"),
+      "lying": (raw[:4] + np.asarray([3, 12], ">u4").tobytes() + raw[12:], "truncated"),
+      "longer": (raw + b"\x00", "holds more"),
+      "huge": (raw[:4] + np.asarray([2**31, 2**31], ">u4").tobytes() + raw[12:],
+               "claims dims"),
+      "empty": (b"", "wrong magic"),
+  }
+  for name, (content, message) in cases.items():
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(data.DataError, match=message):
+      data.read_idx(str(path))
+
+
+def test_mnist_from_a_directory_and_missing_files(tmp_path):
+  rng = np.random.default_rng(0)
+  write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 4, 4)))
+  write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
+  write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 255, (10, 4, 4)))
+  with pytest.raises(data.DataError, match="missing t10k-labels-idx1-ubyte"):
+    data.load("mnist", str(tmp_path))
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10))
+  ds = data.load("mnist", str(tmp_path))
+  assert ds.x_train.shape == (20, 16) and ds.x_test.shape == (10, 16)
+  assert ds.num_classes == 10 and ds.y_train.dtype == np.int32
+  with pytest.raises(data.DataError, match="does not exist"):
+    data.load("mnist", str(tmp_path / "nowhere"))
+  with pytest.raises(data.DataError, match="needs --data_dir"):
+    data.load("mnist")
+
+
+def test_npz_loader_and_its_errors(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = dict(x_train=rng.normal(size=(12, 3)), y_train=np.arange(12) % 3,
+                x_test=rng.normal(size=(6, 3)), y_test=np.arange(6) % 3)
+  np.savez(tmp_path / "ok.npz", **arrays)
+  ds = data.load(f"npz:{tmp_path / 'ok.npz'}")
+  assert ds.num_classes == 3 and ds.x_train.dtype == np.float32
+  np.savez(tmp_path / "pickled.npz", **{**arrays, "y_test": np.array([object()] * 6)})
+  with pytest.raises(data.DataError, match="not a readable .npz"):
+    data.load(f"npz:{tmp_path / 'pickled.npz'}")
+  np.savez(tmp_path / "partial.npz", x_train=arrays["x_train"])
+  with pytest.raises(data.DataError, match="missing arrays y_train, x_test, y_test"):
+    data.load(f"npz:{tmp_path / 'partial.npz'}")
+  bad = {**arrays, "x_train": np.where(np.eye(12, 3) > 0, np.nan, arrays["x_train"])}
+  np.savez(tmp_path / "nan.npz", **bad)
+  with pytest.raises(data.DataError, match="x_train contains NaN or inf"):
+    data.load(f"npz:{tmp_path / 'nan.npz'}")
+  np.savez(tmp_path / "short.npz", **{**arrays, "y_train": np.arange(11) % 3})
+  with pytest.raises(data.DataError, match=r"y_train must have shape \(12,\)"):
+    data.load(f"npz:{tmp_path / 'short.npz'}")
+  np.savez(tmp_path / "neg.npz", **{**arrays, "y_test": -np.ones(6, int)})
+  with pytest.raises(data.DataError, match=r"y_test must lie in \[0, 3\)"):
+    data.load(f"npz:{tmp_path / 'neg.npz'}")
+  with pytest.raises(data.DataError, match="unknown dataset 'cifar'"):
+    data.load("cifar")
+
+
+def test_standardised_with_train_statistics_only():
+  x_train = np.array([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
+  x_test = np.array([[100.0, 7.0]])
+  ds = data.prepare(x_train, np.array([0, 1, 0]), x_test, np.array([1]))
+  np.testing.assert_allclose(ds.x_train.mean(axis=0), [0, 0], atol=1e-6)
+  np.testing.assert_allclose(ds.x_train[:, 0].std(), 1, rtol=1e-6)
+  # Test rows use TRAIN μ = (2, 5), σ = (1.633, 1): a constant feature keeps σ = 1.
+  np.testing.assert_allclose(ds.x_test, [[98 / np.sqrt(8 / 3), 2.0]], rtol=1e-6)
+
+
+def test_validation_split_is_held_out_of_train():
+  x = np.arange(40, dtype=float).reshape(20, 2)
+  ds = data.prepare(x, np.arange(20) % 2, x[:4], np.arange(4) % 2, validation_fraction=0.25)
+  assert len(ds.x_val) == 5 and len(ds.x_train) == 15
+
+
+def test_digits_split():
+  ds = data.load("digits")
+  assert ds.x_train.shape == (1437, 64) and ds.x_test.shape == (360, 64)
+  assert ds.num_classes == 10
+  np.testing.assert_array_equal(np.bincount(ds.y_test, minlength=10) >= 35, True)
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+                    reason="apt-get install dataset-fashion-mnist (.ci/run does)")
+def test_fashion_mnist_real_files():
+  ds = data.load("fashion_mnist")
+  assert ds.x_train.shape == (60000, 784) and ds.x_test.shape == (10000, 784)
+  np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
+  np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
+  assert np.all(np.isfinite(ds.x_train))
