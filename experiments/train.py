@@ -50,6 +50,15 @@ flags.register_validator(
     f"--dataset must be one of {', '.join(data.DATASETS)}.")
 
 
+def parse_flags(argv):
+  """absl's parser, but a bad flag is one line on stderr and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -64,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -34,16 +34,16 @@ class RunConfig(NamedTuple):
 
   dataset: str = "digits"
   data_dir: Optional[str] = None
-  hidden_dim: int = 512
-  batch_size: int = 32
-  epochs: int = 40
+  hidden_dim: int = 256
+  batch_size: int = 16
+  epochs: int = 20
   optimizer: str = "adamw"
   learning_rate: float = 2e-3
   schedule: str = "warmup_cosine"
   warmup_epochs: float = 1.0
-  weight_decay: float = 1e-2
+  weight_decay: float = 0.1
   clip_norm: float = 0.0
-  label_smoothing: float = 0.1
+  label_smoothing: float = 0.2
   grads: str = "manual"
   seed: int = 0
   workdir: Optional[str] = None

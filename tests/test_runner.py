@@ -1,0 +1,105 @@
+"""End to end: the real entry point, experiments/train.py, run the way a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "experiments", "train.py")
+
+
+def run(*flags, timeout=180):
+  return subprocess.run([sys.executable, RUNNER, "--noprogress", *flags],
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(3, 6)) * 3
+  y_train, y_test = np.arange(45) % 3, np.arange(15) % 3
+  path = tmp_path_factory.mktemp("data") / "tiny.npz"
+  np.savez(path, x_train=centers[y_train] + rng.normal(size=(45, 6)), y_train=y_train,
+           x_test=centers[y_test] + rng.normal(size=(15, 6)), y_test=y_test)
+  return f"npz:{path}"
+
+
+def tiny(dataset, workdir, *extra):
+  return run(f"--dataset={dataset}", f"--workdir={workdir}", "--hidden_dim=8",
+             "--batch_size=8", "--schedule=constant", "--learning_rate=0.01", *extra)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_workdir_contents_are_valid_and_loadable(tiny_npz, tmp_path):
+  result = tiny(tiny_npz, tmp_path, "--epochs=3", "--validation_fraction=0.2")
+  assert result.returncode == 0, result.stderr
+  assert "accuracy" in result.stdout and f"workdir: {tmp_path}" in result.stdout
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["config"]["hidden_dim"] == 8 and config["versions"]["jax"]
+  assert config["device"] and config["num_classes"] == 3
+  rows = read_metrics(tmp_path)
+  assert [row["epoch"] for row in rows] == [1, 2, 3]
+  for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy",
+              "validation_loss", "validation_accuracy", "seconds", "examples_per_second"):
+    assert all(np.isfinite(row[key]) for row in rows), key
+  with np.load(tmp_path / "params.npz", allow_pickle=False) as params:
+    assert {k: params[k].shape for k in params.files} == {
+        "w1": (8, 6), "b1": (8,), "w2": (3, 8), "b2": (3,)}
+  for picture in ("curves.png", "confusion.png"):
+    assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
+  assert os.listdir(tmp_path / "checkpoints")
+
+
+def test_rerun_with_the_same_workdir_resumes(tiny_npz, tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  assert tiny(tiny_npz, straight, "--epochs=4").returncode == 0
+  assert tiny(tiny_npz, resumed, "--epochs=2").returncode == 0
+  result = tiny(tiny_npz, resumed, "--epochs=4")
+  assert result.returncode == 0, result.stderr
+  assert "resuming from the checkpoint after epoch 2" in result.stdout
+  assert [row["epoch"] for row in read_metrics(resumed)] == [1, 2, 3, 4]
+  with np.load(straight / "params.npz") as a, np.load(resumed / "params.npz") as b:
+    for k in a.files:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+  for row_a, row_b in zip(read_metrics(straight), read_metrics(resumed)):
+    assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size=0"], "--batch_size"),
+    (["--learning_rate=-1"], "--learning_rate"),
+    (["--dataset=cifar"], "--dataset must be one of"),
+    (["--optimizer=rmsprop"], "--optimizer"),
+    (["--dataset=mnist", "--data_dir=/nonexistent"], "does not exist"),
+    (["--dataset=npz:/nonexistent.npz"], "not a readable .npz"),
+    (["--batch_size=5000"], "exceeds the 1437 training examples"),
+    (["--workdir=/dev/null"], "is a file, not a directory"),
+])
+def test_bad_flags_exit_non_zero_with_one_line(flags, message):
+  result = run("--epochs=1", *flags)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines()
+           if line.strip() and "libtpu" not in line]
+  assert len(lines) == 1 and message in lines[0], result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_workdir_of_another_network_is_refused(tiny_npz, tmp_path):
+  assert tiny(tiny_npz, tmp_path, "--epochs=1").returncode == 0
+  result = tiny(tiny_npz, tmp_path, "--epochs=2", "--hidden_dim=16")
+  assert result.returncode != 0
+  assert "holds a run with hidden_dim=8, not 16" in result.stderr
+
+
+def test_default_command_reaches_98_percent_on_digits(tmp_path):
+  result = run(f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert read_metrics(tmp_path)[-1]["test_accuracy"] >= 0.98

@@ -1,0 +1,139 @@
+"""The train step, the scanned epoch, evaluation and the optimizer of mlp_jax/train.py."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlp_jax as mj
+from mlp_jax import train
+
+
+def tiny_data(n=10, d=5, k=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.standard_normal((n, d)), jnp.float32),
+          jnp.asarray(rng.integers(0, k, n), jnp.int32))
+
+
+def test_batch_indices_use_every_example_once_and_mask_the_padding():
+  order = jax.random.permutation(jax.random.key(0), 10)
+  idx, w = train.batch_indices(order, 4)
+  assert idx.shape == w.shape == (3, 4)
+  np.testing.assert_array_equal(np.sort(idx[w > 0]), np.arange(10))
+  np.testing.assert_array_equal(w.reshape(-1), [1] * 10 + [0] * 2)
+
+
+def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
+  X, y = tiny_data(n=10)
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.1, schedule="constant")
+  optimizer = train.make_optimizer(hp)
+  state = train.init_state(0, 5, 7, 3, optimizer)
+  expected = state.params
+  order = np.asarray(train.epoch_order(state.key, 0, 10))
+  for batch in (order[0:4], order[4:8], order[8:10]):   # the ragged last batch has 2
+    g = mj.grads(expected, X[batch], y[batch])
+    expected = jax.tree.map(lambda p, gi: p - 0.1 * gi, expected, g)
+  epoch = train.make_train_epoch(hp, optimizer, batch_size=4)
+  state, metrics = epoch(state, X, y, 0)
+  for got, want in zip(state.params, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert int(state.step) == 3
+  assert 0 <= float(metrics["train_accuracy"]) <= 1 and float(metrics["train_loss"]) > 0
+
+
+def test_nothing_recompiles_after_the_first_epoch():
+  X, y = tiny_data(n=10)
+  hp = train.Hyperparams(optimizer="adam", schedule="cosine", total_steps=12)
+  optimizer = train.make_optimizer(hp)
+  step = chex.assert_max_traces(train.make_train_step(hp, optimizer), n=1)
+  epoch = jax.jit(functools.partial(train.train_epoch, step, batch_size=4),
+                  donate_argnums=(0,))
+  state = train.init_state(0, 5, 7, 3, optimizer)
+  for e in range(4):
+    state, _ = epoch(state, X, y, e)
+    train.evaluate(state.params, X, y, batch_size=4)
+  runner_epoch = train.make_train_epoch(hp, optimizer, batch_size=4)
+  for e in range(3):
+    state, _ = runner_epoch(state, X, y, e)
+  assert runner_epoch._cache_size() == 1  # pylint: disable=protected-access
+  assert train.evaluate._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_epochs_shuffle_differently_and_reproducibly():
+  key = jax.random.PRNGKey(3)
+  assert not np.array_equal(train.epoch_order(key, 0, 50), train.epoch_order(key, 1, 50))
+  np.testing.assert_array_equal(train.epoch_order(key, 2, 50), train.epoch_order(key, 2, 50))
+
+
+def test_manual_autodiff_and_manual_vjp_train_the_same():
+  X, y = tiny_data(n=30, d=6, k=4)
+  finals = []
+  for grads in ("manual", "autodiff", "manual_vjp"):
+    hp = train.Hyperparams(optimizer="adamw", learning_rate=1e-2, schedule="warmup_cosine",
+                           warmup_steps=2, total_steps=12, weight_decay=0.1,
+                           label_smoothing=0.1, clip_norm=1.0, grads=grads)
+    optimizer = train.make_optimizer(hp)
+    state = train.init_state(0, 6, 8, 4, optimizer)
+    epoch = train.make_train_epoch(hp, optimizer, batch_size=8)
+    for e in range(3):
+      state, metrics = epoch(state, X, y, e)
+    finals.append((state.params, float(metrics["train_loss"])))
+  for params, loss in finals[1:]:
+    np.testing.assert_allclose(loss, finals[0][1], rtol=1e-5)
+    for a, b in zip(params, finals[0][0]):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_evaluate_counts_every_example_once():
+  X, y = tiny_data(n=11)
+  params = mj.init_params(jax.random.key(1), 5, 7, 3)
+  ev = train.evaluate(params, X, y, batch_size=4)
+  np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X, y), rtol=1e-6)
+  np.testing.assert_allclose(ev["loss"], mj.loss(params, X, y), rtol=1e-5)
+  np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X), -1))
+
+
+@pytest.mark.parametrize("name", train.OPTIMIZERS)
+def test_every_optimizer_lowers_the_loss(name):
+  X, y = tiny_data(n=32)
+  hp = train.Hyperparams(optimizer=name, learning_rate=0.05, schedule="constant",
+                         weight_decay=1e-3)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_state(0, 5, 16, 3, optimizer)
+  before = float(mj.loss(state.params, X, y))
+  epoch = train.make_train_epoch(hp, optimizer, batch_size=8)
+  for e in range(5):
+    state, _ = epoch(state, X, y, e)
+  assert float(mj.loss(state.params, X, y)) < before
+
+
+def test_schedules():
+  hp = train.Hyperparams(learning_rate=1.0, schedule="warmup_cosine", warmup_steps=10,
+                         total_steps=100)
+  lr = train.make_schedule(hp)
+  assert float(lr(0)) == 0 and float(lr(10)) == pytest.approx(1.0)
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-6)
+  cosine = train.make_schedule(hp._replace(schedule="cosine"))
+  assert float(cosine(0)) == 1 and float(cosine(50)) == pytest.approx(0.5)
+  assert float(train.make_schedule(hp._replace(schedule="constant"))(77)) == 1
+
+
+def test_weight_decay_leaves_biases_alone():
+  params = mj.init_params(jax.random.key(0), 3, 4, 2)
+  params = params._replace(b1=jnp.ones(4), b2=jnp.ones(2))
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for name in ("sgd", "adamw"):
+    optimizer = train.make_optimizer(train.Hyperparams(
+        optimizer=name, learning_rate=0.1, schedule="constant", weight_decay=0.5))
+    updates, _ = optimizer.update(zero, optimizer.init(params), params)
+    assert not jnp.any(updates.b1) and not jnp.any(updates.b2)
+    assert jnp.all(updates.w1 * params.w1 <= 0) and jnp.any(updates.w1)
+
+
+def test_label_smoothing_targets():
+  Y = train.smooth_targets(jnp.array([0, 2]), 3, 0.3)
+  np.testing.assert_allclose(Y, [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]], rtol=1e-6)
+  np.testing.assert_array_equal(train.smooth_targets(jnp.array([1]), 3, 0.0), [1])
