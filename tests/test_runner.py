@@ -103,3 +103,13 @@ def test_default_command_reaches_98_percent_on_digits(tmp_path):
   result = run(f"--workdir={tmp_path}")
   assert result.returncode == 0, result.stderr
   assert read_metrics(tmp_path)[-1]["test_accuracy"] >= 0.98
+
+
+@pytest.mark.parametrize("preset", ["digits", "fashion_mnist"])
+def test_every_preset_runs(preset, tmp_path):
+  if preset == "fashion_mnist" and not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+    pytest.skip("apt-get install dataset-fashion-mnist (.ci/run does)")
+  flagfile = os.path.join(ROOT, "experiments", "configs", f"{preset}.flags")
+  result = run(f"--flagfile={flagfile}", "--epochs=1", f"--workdir={tmp_path}")
+  assert result.returncode == 0, result.stderr
+  assert read_metrics(tmp_path)[-1]["test_accuracy"] > 0.5
