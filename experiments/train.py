@@ -33,6 +33,8 @@ flags.DEFINE_float("label_smoothing", D.label_smoothing, "ε of (1−ε) one-hot
                    lower_bound=0, upper_bound=1)
 flags.DEFINE_enum("grads", D.grads, list(train.GRADIENTS),
                   "Gradient: the manual formula, jax.grad, or the manual custom_vjp.")
+flags.DEFINE_enum("compute_dtype", D.compute_dtype, list(train.COMPUTE_DTYPES),
+                  "Matmul dtype; bfloat16 keeps float32 params, softmax and loss.")
 flags.DEFINE_integer("seed", D.seed, "Seed of init and shuffling.")
 flags.DEFINE_string("workdir", D.workdir, "Output directory; rerun with it to resume. "
                     "Default: a fresh temporary directory.")

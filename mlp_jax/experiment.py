@@ -45,6 +45,7 @@ class RunConfig(NamedTuple):
   clip_norm: float = 0.0
   label_smoothing: float = 0.2
   grads: str = "manual"
+  compute_dtype: str = "float32"
   seed: int = 0
   workdir: Optional[str] = None
   validation_fraction: float = 0.0
@@ -94,7 +95,8 @@ def _hyperparams(config, steps_per_epoch):
       optimizer=config.optimizer, learning_rate=config.learning_rate,
       schedule=config.schedule, warmup_steps=int(config.warmup_epochs * steps_per_epoch),
       total_steps=config.epochs * steps_per_epoch, weight_decay=config.weight_decay,
-      clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, grads=config.grads)
+      clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, grads=config.grads,
+      compute_dtype=config.compute_dtype)
 
 
 def _read_history(path, epochs_done):

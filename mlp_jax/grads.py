@@ -14,6 +14,8 @@ A batch X (B, D) with mean weights ŵ (B,) (ŵ_i = 1/B unweighted):
     Δ1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H)    dW1 = Δ1ᵀ X    db1 = Σ_rows Δ1
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +23,7 @@ from mlp_jax import checks
 from mlp_jax import losses
 from mlp_jax import model
 from mlp_jax.model import Params
+from mlp_jax.model import matmul
 
 
 def output_delta(z2, Y):
@@ -28,14 +31,20 @@ def output_delta(z2, Y):
   return jax.nn.softmax(z2, axis=-1) * jnp.sum(Y, axis=-1, keepdims=True) - Y
 
 
-def hidden_delta(params, delta2, z1):
+def hidden_delta(params, delta2, z1, compute_dtype=None):
   """δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0], for δ2 (K,) or (B, K) and z1 (H,) or (B, H)."""
-  return (delta2 @ params.w2) * (z1 >= 0).astype(delta2.dtype)
+  return matmul(delta2, params.w2, compute_dtype) * (z1 >= 0).astype(delta2.dtype)
 
 
-def _batch_activations(params, X):
+def _batch_activations(params, X, compute_dtype=None):
   """Z1 (B, H), A1 (B, H), Z2 (B, K): model.forward_pass vmapped over the rows of X."""
-  return jax.vmap(model.forward_pass, in_axes=(None, 0))(params, X)
+  return jax.vmap(model.forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)
+
+
+def _param_grads(delta1, delta2, X, A1, compute_dtype=None):
+  """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): the batched outer products."""
+  return Params(w1=matmul(delta1.T, X, compute_dtype), b1=jnp.sum(delta1, axis=0),
+                w2=matmul(delta2.T, A1, compute_dtype), b2=jnp.sum(delta2, axis=0))
 
 
 def _prepare(params, X, y, weights):
@@ -46,33 +55,38 @@ def _prepare(params, X, y, weights):
   return X.astype(dtype), Y, losses.mean_weights(weights, X.shape[0], dtype)
 
 
-def value_and_grads(params, X, y, weights=None):
+def value_and_grads(params, X, y, weights=None, *, compute_dtype=None):
   """MANUAL (loss, Params of gradients) of mj.loss, by the batched closed form above.
 
-  X (B, D); y int labels (B,) or targets (B, K); weights (B,) optional.
+  X (B, D); y int labels (B,) or targets (B, K); weights (B,) optional; compute_dtype
+  (bfloat16) is what the five matmuls read, everything else stays in the params' dtype.
   """
+  (loss, _), g = _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype)
+  return loss, g
+
+
+def _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype):
   X, Y, w = _prepare(params, X, y, weights)
-  Z1, A1, Z2 = _batch_activations(params, X)
+  Z1, A1, Z2 = _batch_activations(params, X, compute_dtype)
   loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
-  delta2 = w[:, None] * output_delta(Z2, Y)            # Δ2 (B, K)
-  delta1 = hidden_delta(params, delta2, Z1)            # Δ1 (B, H)
-  return loss, Params(w1=delta1.T @ X, b1=jnp.sum(delta1, axis=0),
-                      w2=delta2.T @ A1, b2=jnp.sum(delta2, axis=0))
+  delta2 = w[:, None] * output_delta(Z2, Y)                   # Δ2 (B, K)
+  delta1 = hidden_delta(params, delta2, Z1, compute_dtype)    # Δ1 (B, H)
+  return (loss, Z2), _param_grads(delta1, delta2, X, A1, compute_dtype)
 
 
-def grads(params, X, y, weights=None):
+def grads(params, X, y, weights=None, *, compute_dtype=None):
   """MANUAL gradients of mj.loss (Params, same shapes as params); see value_and_grads."""
-  return value_and_grads(params, X, y, weights)[1]
+  return value_and_grads(params, X, y, weights, compute_dtype=compute_dtype)[1]
 
 
-def autodiff_value_and_grads(params, X, y, weights=None):
+def autodiff_value_and_grads(params, X, y, weights=None, *, compute_dtype=None):
   """jax.value_and_grad(mj.loss): the reference the manual gradients are tested against."""
-  return jax.value_and_grad(losses.loss)(params, X, y, weights)
+  return jax.value_and_grad(losses.loss)(params, X, y, weights, compute_dtype=compute_dtype)
 
 
-def autodiff_grads(params, X, y, weights=None):
+def autodiff_grads(params, X, y, weights=None, *, compute_dtype=None):
   """jax.grad(mj.loss) -> Params."""
-  return jax.grad(losses.loss)(params, X, y, weights)
+  return jax.grad(losses.loss)(params, X, y, weights, compute_dtype=compute_dtype)
 
 
 def example_grads(params, x, y):
@@ -120,27 +134,28 @@ def per_example_grad_norms(params, X, y):
   return jnp.sqrt(sq(delta2) * (sq(A1) + 1) + sq(delta1) * (sq(X) + 1))
 
 
-@jax.custom_vjp
-def _manual_vjp_loss(params, X, Y, weights):
-  return _manual_vjp_forward(params, X, Y, weights)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _manual_vjp_loss(params, X, Y, weights, compute_dtype):
+  """(loss, logits Z2): the logits are an output too, so a train step can count hits."""
+  return _manual_vjp_forward(params, X, Y, weights, compute_dtype)[0]
 
 
-def _manual_vjp_forward(params, X, Y, weights):
+def _manual_vjp_forward(params, X, Y, weights, compute_dtype):
   w = losses.mean_weights(weights, X.shape[0], params.w1.dtype)
-  Z1, A1, Z2 = _batch_activations(params, X)
+  Z1, A1, Z2 = _batch_activations(params, X, compute_dtype)
   per_example = losses.cross_entropy(Z2, Y)
   loss = jnp.sum(w * per_example)
-  return loss, (params, X, Y, weights, w, Z1, A1, Z2, per_example, loss)
+  return (loss, Z2), (params, X, Y, weights, w, Z1, A1, Z2, per_example, loss)
 
 
-def _manual_vjp_backward(residuals, g):
+def _manual_vjp_backward(compute_dtype, residuals, cotangents):
   """Cotangents of (params, X, Y, weights), every one by its closed form."""
   params, X, Y, weights, w, Z1, A1, Z2, per_example, loss = residuals
-  delta2 = (g * w)[:, None] * output_delta(Z2, Y)
-  delta1 = hidden_delta(params, delta2, Z1)
-  d_params = Params(w1=delta1.T @ X, b1=jnp.sum(delta1, axis=0),
-                    w2=delta2.T @ A1, b2=jnp.sum(delta2, axis=0))
-  d_X = delta1 @ params.w1                             # ∂L/∂x = W1ᵀ δ1
+  g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
+  delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
+  delta1 = hidden_delta(params, delta2, Z1, compute_dtype)
+  d_params = _param_grads(delta1, delta2, X, A1, compute_dtype)
+  d_X = matmul(delta1, params.w1, compute_dtype)      # ∂L/∂x = W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.
   d_Y = (g * w)[:, None] * (jax.nn.logsumexp(Z2, axis=-1, keepdims=True) - Z2)
   d_weights = None
@@ -154,16 +169,38 @@ def _manual_vjp_backward(residuals, g):
 _manual_vjp_loss.defvjp(_manual_vjp_forward, _manual_vjp_backward)
 
 
-def loss_manual_vjp(params, X, y, weights=None):
+def loss_manual_vjp(params, X, y, weights=None, *, compute_dtype=None):
   """mj.loss as a jax.custom_vjp whose backward pass IS the manual formula.
 
   jax.grad, jax.vmap and optax then run on the hand-derived gradient. Gradients with
   respect to X, float targets y and weights are closed forms too.
   """
+  return _loss_and_logits_manual_vjp(params, X, y, weights, compute_dtype=compute_dtype)[0]
+
+
+def _loss_and_logits_manual_vjp(params, X, y, weights=None, *, compute_dtype=None):
   _, _, _, k = checks.check_all(params, X, y, weights)
   y = jnp.asarray(y)
   if y.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
     y = jax.lax.stop_gradient(losses.targets(y, k, params.w1.dtype))
   if weights is not None:
     weights = jnp.asarray(weights, params.w1.dtype)
-  return _manual_vjp_loss(params, X.astype(params.w1.dtype), y, weights)
+  return _manual_vjp_loss(params, X.astype(params.w1.dtype), y, weights, compute_dtype)
+
+
+def value_and_grads_with_logits(params, X, y, weights=None, *, method="manual",
+                                compute_dtype=None):
+  """((loss, logits Z2 (B, K)), Params of gradients), by `method`:
+
+  "manual" (the closed form), "autodiff" (jax.value_and_grad of mj.loss) or
+  "manual_vjp" (jax.value_and_grad of loss_manual_vjp). A train step takes its
+  accuracy from these logits instead of running the forward pass twice.
+  """
+  if method == "manual":
+    return _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype)
+  loss_fn = {"autodiff": losses.loss_and_logits,
+             "manual_vjp": _loss_and_logits_manual_vjp}.get(method)
+  if loss_fn is None:
+    raise ValueError(f"method must be 'manual', 'autodiff' or 'manual_vjp', got {method!r}.")
+  return jax.value_and_grad(loss_fn, has_aux=True)(params, X, y, weights,
+                                                   compute_dtype=compute_dtype)

@@ -34,17 +34,23 @@ def cross_entropy(z2, Y):
   return jnp.sum(Y, axis=-1) * jax.nn.logsumexp(z2, axis=-1) - jnp.sum(Y * z2, axis=-1)
 
 
-def loss(params, X, y, weights=None):
+def loss(params, X, y, weights=None, *, compute_dtype=None):
   """Mean cross-entropy of the batch: sum_i w_i L_i / sum_i w_i (w_i = 1 by default).
 
   X (B, D); y int labels (B,) in [0, K) or targets (B, K) such as one-hot or smoothed
-  labels; weights (B,) optional, e.g. 0 for padding rows. Returns a scalar.
+  labels; weights (B,) optional, e.g. 0 for padding rows; compute_dtype (bfloat16) for
+  the matmuls, softmax and loss stay in the params' dtype. Returns a scalar.
   """
+  return loss_and_logits(params, X, y, weights, compute_dtype=compute_dtype)[0]
+
+
+def loss_and_logits(params, X, y, weights=None, *, compute_dtype=None):
+  """(`loss`, logits Z2 (B, K)): the loss and the forward pass it came from."""
   checks.check_all(params, X, y, weights)
   dtype = params.w1.dtype
-  z2 = model.logits(params, X.astype(dtype))
+  z2 = model.logits(params, X.astype(dtype), compute_dtype=compute_dtype)
   Y = targets(jnp.asarray(y), z2.shape[-1], dtype)
-  return jnp.sum(mean_weights(weights, X.shape[0], dtype) * cross_entropy(z2, Y))
+  return jnp.sum(mean_weights(weights, X.shape[0], dtype) * cross_entropy(z2, Y)), z2
 
 
 def accuracy(params, X, y, weights=None):

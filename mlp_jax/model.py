@@ -52,23 +52,36 @@ def relu(z):
   return jnp.where(z >= 0, z, jnp.zeros_like(z))
 
 
-def forward_pass(params, x):
-  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): every activation backprop needs."""
-  z1 = params.w1 @ x + params.b1
+def matmul(a, b, compute_dtype=None):
+  """a @ b; with a compute_dtype (bfloat16), a and b are cast to it and the products
+  accumulate in float32 (the dtype the result keeps)."""
+  if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
+    return a @ b
+  return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype),
+                    preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+
+
+def forward_pass(params, x, compute_dtype=None):
+  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): every activation backprop needs.
+
+  compute_dtype (e.g. bfloat16) is the dtype the two matmuls read; biases, z1, a1 and
+  z2 stay in the params' dtype (mixed precision).
+  """
+  z1 = matmul(params.w1, x, compute_dtype) + params.b1
   a1 = relu(z1)
-  z2 = params.w2 @ a1 + params.b2
+  z2 = matmul(params.w2, a1, compute_dtype) + params.b2
   return z1, a1, z2
 
 
-def forward(params, x):
+def forward(params, x, *, compute_dtype=None):
   """One example x (D,) -> logits z2 = W2 ReLU(W1 x + b1) + b2, shape (K,)."""
   checks.check_params(params)
   checks.check_example(params, x)
-  return forward_pass(params, x)[2]
+  return forward_pass(params, x, compute_dtype)[2]
 
 
-def logits(params, X):
+def logits(params, X, *, compute_dtype=None):
   """A batch X (B, D) -> logits Z2 (B, K): jax.vmap of `forward` over the rows of X."""
   checks.check_params(params)
   checks.check_batch(params, X)
-  return jax.vmap(forward_pass, in_axes=(None, 0))(params, X)[2]
+  return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)[2]

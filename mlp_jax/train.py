@@ -15,18 +15,13 @@ import optax
 
 from mlp_jax import losses
 from mlp_jax import model
-from mlp_jax.grads import autodiff_value_and_grads
-from mlp_jax.grads import loss_manual_vjp
-from mlp_jax.grads import value_and_grads
+from mlp_jax.grads import value_and_grads_with_logits
 from mlp_jax.model import Params
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
-GRADIENTS = {
-    "manual": value_and_grads,
-    "autodiff": autodiff_value_and_grads,
-    "manual_vjp": jax.value_and_grad(loss_manual_vjp),
-}
+COMPUTE_DTYPES = ("float32", "bfloat16")
+GRADIENTS = ("manual", "autodiff", "manual_vjp")
 
 
 class TrainState(NamedTuple):
@@ -50,6 +45,7 @@ class Hyperparams(NamedTuple):
   clip_norm: float = 0.0          # 0: no clipping
   label_smoothing: float = 0.0
   grads: str = "manual"           # manual | autodiff | manual_vjp
+  compute_dtype: str = "float32"  # float32 | bfloat16 (matmuls; params stay float32)
 
 
 def make_schedule(hp):
@@ -109,17 +105,17 @@ def smooth_targets(y, num_classes, label_smoothing):
 
 def make_train_step(hp, optimizer):
   """train_step(state, (x (B, D), y (B,), w (B,))) -> (state, (Σ w·L, Σ w·correct))."""
-  loss_and_grads = GRADIENTS[hp.grads]
+  compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
 
   def train_step(state, batch):
     x, y, w = batch
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
-    loss, g = loss_and_grads(state.params, x, targets, w)
+    (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w, method=hp.grads,
+                                                compute_dtype=compute_dtype)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # Same forward pass as inside loss_and_grads: XLA computes it once (CSE).
-    hits = jnp.argmax(model.logits(state.params, x), axis=-1) == y
+    hits = jnp.argmax(z2, axis=-1) == y
     metrics = (loss * jnp.sum(w), jnp.sum(w * hits))
     return TrainState(params, opt_state, state.step + 1, state.key), metrics
 

@@ -1,0 +1,257 @@
+"""Benchmark the training step (loss, gradients, optax Adam update) of a D-H-K MLP.
+
+    python experiments/benchmark.py                      # 784-1024-10, every variant
+    python experiments/benchmark.py --batch_sizes=256 --modes=scan --peers=torch
+
+Rows: gradient (manual | autodiff | manual_vjp) × mode (step: a Python loop of the
+jitted step; scan: `steps` steps in one jitted lax.scan, the runner's epoch) × compute
+dtype (float32 | bfloat16 matmuls with float32 params, softmax and loss) × batch size ×
+hidden size. Each: median and min µs per step over --repeats, examples/s, GFLOP/s and
+its fraction of the GEMM ceiling measured in this run (same device, same dtype), compile
+seconds, peak device memory where the platform reports it.
+"""
+
+import importlib.util
+import json
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlp_jax import train
+
+flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time.")
+flags.DEFINE_list("modes", ["step", "scan"], "step: Python loop; scan: one lax.scan.")
+flags.DEFINE_list("compute_dtypes", ["float32", "bfloat16"], "Matmul dtypes.")
+flags.DEFINE_list("batch_sizes", ["64", "256", "1024"], "Batch sizes B.")
+flags.DEFINE_list("hidden_dims", ["1024"], "Hidden sizes H.")
+flags.DEFINE_integer("in_dim", 784, "D.", lower_bound=1)
+flags.DEFINE_integer("num_classes", 10, "K.", lower_bound=2)
+flags.DEFINE_integer("steps", 100, "Steps per timed repeat.", lower_bound=1)
+flags.DEFINE_integer("repeats", 7, "Timed repeats; the median and min are reported.",
+                     lower_bound=1)
+flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the ceiling.",
+                     lower_bound=8)
+flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
+flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager, CPU).")
+
+
+def step_flops(b, d, h, k):
+  """FLOPs of one step: forward 2BDH + 2BHK, backward 2BHK + 2BHK + 2BDH."""
+  return 4 * b * d * h + 6 * b * h * k
+
+
+def time_round_robin(runs, repeats):
+  """Seconds per call of each fn in `runs`, calling them in turn `repeats` times.
+
+  Interleaving spreads a shared machine's noise over every variant alike, so their
+  ratios hold even when the absolute numbers drift.
+  """
+  seconds = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, fn in runs.items():
+      start = time.perf_counter()
+      fn()
+      seconds[name].append(time.perf_counter() - start)
+  return seconds
+
+
+def peak_memory_mb():
+  stats = jax.devices()[0].memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return stats["peak_bytes_in_use"] / 2**20
+
+
+def gemm_run(dtype, n):
+  """(run, flops): a jitted N×N @ N×N matmul in `dtype` (bfloat16 accumulates in float32)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+  matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  matmul(a, b).block_until_ready()
+  calls = max(1, int(1e10 // (2 * n**3)))  # ~10 GFLOP per timed call
+  def run():
+    for _ in range(calls):
+      out = matmul(a, b)
+    out.block_until_ready()
+  return run, 2 * n**3 * calls
+
+
+def synthetic_data(n, d, k):
+  x = jax.random.normal(jax.random.key(2), (n, d), jnp.float32)
+  y = jax.random.randint(jax.random.key(3), (n,), 0, k)
+  return x, y
+
+
+def jax_run(grads, mode, compute_dtype, b, h, cfg):
+  """(run, compile seconds): run() does `cfg.steps` Adam steps of the runner's train step."""
+  d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
+  hp = train.Hyperparams(optimizer="adam", learning_rate=1e-3, schedule="constant",
+                         grads=grads, compute_dtype=compute_dtype)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_state(0, d, h, k, optimizer)
+  if mode == "step":
+    x, y = synthetic_data(b, d, k)
+    batch = (x, y, jnp.ones((b,), jnp.float32))
+    fn = jax.jit(train.make_train_step(hp, optimizer), donate_argnums=(0,))
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - start
+    def run():
+      nonlocal state
+      for _ in range(steps):
+        state, _ = compiled(state, batch)
+      jax.block_until_ready(state)
+  else:
+    x, y = synthetic_data(b * steps, d, k)
+    fn = train.make_train_epoch(hp, optimizer, b)
+    start = time.perf_counter()
+    compiled = fn.lower(state, x, y, 0).compile()
+    compile_seconds = time.perf_counter() - start
+    epoch = 0
+    def run():
+      nonlocal state, epoch
+      state, _ = compiled(state, x, y, epoch)
+      epoch += 1
+      jax.block_until_ready(state)
+  run()  # warm up
+  return run, compile_seconds
+
+
+def torch_run(b, h, cfg):
+  """run() does `cfg.steps` PyTorch eager steps of the same network, loss and Adam."""
+  import torch  # pylint: disable=g-import-not-at-top
+  d, k = cfg.in_dim, cfg.num_classes
+  torch.manual_seed(0)
+  w1 = (torch.randn(h, d) * (2 / d) ** 0.5).requires_grad_()
+  b1 = torch.zeros(h, requires_grad=True)
+  w2 = (torch.randn(k, h) * (1 / h) ** 0.5).requires_grad_()
+  b2 = torch.zeros(k, requires_grad=True)
+  optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=1e-3)
+  x, y = torch.randn(b, d), torch.randint(0, k, (b,))
+
+  def run():
+    for _ in range(cfg.steps):
+      optimizer.zero_grad(set_to_none=True)
+      z2 = torch.relu(x @ w1.T + b1) @ w2.T + b2
+      torch.nn.functional.cross_entropy(z2, y).backward()
+      optimizer.step()
+
+  run()
+  return run
+
+
+def make_row(grads, mode, compute_dtype, b, h, seconds, compile_seconds, ceiling, cfg):
+  median = statistics.median(seconds)
+  gflops = step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
+  return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
+          "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
+          "us_per_step": median * 1e6, "us_per_step_min": min(seconds) * 1e6,
+          "examples_per_second": b / median, "gflops": gflops,
+          "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
+          "compile_seconds": compile_seconds, "peak_memory_mb": peak_memory_mb(),
+          "device": str(jax.devices()[0]), "platform": jax.default_backend()}
+
+
+def format_table(rows):
+  header = (f"{'grads':10} {'mode':5} {'dtype':8} {'B':>5} {'H':>5} {'us/step':>9} "
+            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'compile s':>9}")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    lines.append(f"{r['grads']:10} {r['mode']:5} {r['compute_dtype']:8} {r['batch_size']:5d} "
+                 f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
+                 f"{r['examples_per_second']:11,.0f} {r['gflops']:8.1f} "
+                 f"{r['ceiling_fraction']:7.2f} {r['compile_seconds']:9.2f}")
+  return "\n".join(lines)
+
+
+def format_ratios(rows):
+  """manual / autodiff time, bfloat16 speed-up, and JAX vs PyTorch, from the same run."""
+  by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["batch_size"], r["hidden_dim"]): r
+            for r in rows}
+  lines = []
+  for (g, mode, dt, b, h), r in by_key.items():
+    if g == "manual" and ("autodiff", mode, dt, b, h) in by_key:
+      auto = by_key[("autodiff", mode, dt, b, h)]
+      lines.append(f"manual / autodiff time   {mode:5} {dt:8} B={b:<5} H={h}: "
+                   f"{r['us_per_step'] / auto['us_per_step']:.3f}")
+    if dt == "bfloat16" and (g, mode, "float32", b, h) in by_key:
+      f32 = by_key[(g, mode, "float32", b, h)]
+      lines.append(f"bfloat16 / float32 ex/s  {g:10} {mode:5} B={b:<5} H={h}: "
+                   f"{r['examples_per_second'] / f32['examples_per_second']:.3f}")
+    if g == "torch":
+      best = max((q for q in rows if q["grads"] != "torch" and q["batch_size"] == b
+                  and q["hidden_dim"] == h and q["compute_dtype"] == "float32"),
+                 key=lambda q: q["examples_per_second"], default=None)
+      if best:
+        lines.append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
+                     f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
+                     f"({best['grads']}, {best['mode']})")
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg = flags.FLAGS
+  unknown = ([g for g in cfg.grads if g not in train.GRADIENTS]
+             + [m for m in cfg.modes if m not in ("step", "scan")]
+             + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
+             + [p for p in cfg.peers if p != "torch"])
+  try:
+    batch_sizes, hidden_dims = ([int(v) for v in cfg.batch_sizes],
+                                [int(v) for v in cfg.hidden_dims])
+  except ValueError:
+    unknown.append("--batch_sizes/--hidden_dims must be comma lists of integers")
+    batch_sizes, hidden_dims = [], []
+  if unknown or min(batch_sizes + hidden_dims, default=1) < 1:
+    print(f"error: unknown or invalid values: {', '.join(unknown) or 'sizes must be >= 1'}",
+          file=sys.stderr)
+    sys.exit(2)
+
+  print(f"device: {jax.devices()[0]} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats}")
+  torch_ok = "torch" in cfg.peers and importlib.util.find_spec("torch") is not None
+  if "torch" in cfg.peers and not torch_ok:
+    print("peer torch: PyTorch is not installed (pip install torch); its rows are skipped")
+  rows = []
+  for h in hidden_dims:
+    for b in batch_sizes:
+      # Every variant of one (B, H), and the GEMM ceilings, timed in turn (round robin).
+      runs, compile_seconds, gemm_flops = {}, {}, {}
+      for dt in cfg.compute_dtypes:
+        runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
+        for mode in cfg.modes:
+          for grads in cfg.grads:
+            key = (grads, mode, dt)
+            runs[key], compile_seconds[key] = jax_run(grads, mode, dt, b, h, cfg)
+      if torch_ok:
+        runs[("torch", "eager", "float32")] = torch_run(b, h, cfg)
+        compile_seconds[("torch", "eager", "float32")] = 0.0
+        if ("gemm", "float32") not in runs:
+          runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
+                                                                      cfg.ceiling_size)
+      seconds = time_round_robin(runs, cfg.repeats)
+      ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
+                  for dt, flops in gemm_flops.items()}
+      print(f"B={b} H={h}: GEMM ceiling " + ", ".join(
+          f"{dt} {gf:.1f} GFLOP/s" for dt, gf in ceilings.items()) +
+            f" (median of a {cfg.ceiling_size}^3 jitted matmul)")
+      for key, s in seconds.items():
+        if key[0] != "gemm":
+          rows.append(make_row(*key, b, h, [t / cfg.steps for t in s],
+                               compile_seconds[key], ceilings[key[2]], cfg))
+  print(format_table(rows))
+  print(format_ratios(rows))
+  if cfg.json_out:
+    with open(cfg.json_out, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+if __name__ == "__main__":
+  app.run(main)
