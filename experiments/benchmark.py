@@ -39,6 +39,8 @@ flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the 
                      lower_bound=8)
 flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
 flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager, CPU).")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
+                  "The update in the step: optax Adam, or plain SGD to see the optimizer's share.")
 
 
 def step_flops(b, d, h, k):
@@ -91,7 +93,7 @@ def synthetic_data(n, d, k):
 def jax_run(grads, mode, compute_dtype, b, h, cfg):
   """(run, compile seconds): run() does `cfg.steps` Adam steps of the runner's train step."""
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
-  hp = train.Hyperparams(optimizer="adam", learning_rate=1e-3, schedule="constant",
+  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
                          grads=grads, compute_dtype=compute_dtype)
   optimizer = train.make_optimizer(hp)
   state = train.init_state(0, d, h, k, optimizer)
@@ -132,7 +134,8 @@ def torch_run(b, h, cfg):
   b1 = torch.zeros(h, requires_grad=True)
   w2 = (torch.randn(k, h) * (1 / h) ** 0.5).requires_grad_()
   b2 = torch.zeros(k, requires_grad=True)
-  optimizer = torch.optim.Adam([w1, b1, w2, b2], lr=1e-3)
+  optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(
+      [w1, b1, w2, b2], lr=1e-3)
   x, y = torch.randn(b, d), torch.randint(0, k, (b,))
 
   def run():
@@ -150,6 +153,7 @@ def make_row(grads, mode, compute_dtype, b, h, seconds, compile_seconds, ceiling
   median = statistics.median(seconds)
   gflops = step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
   return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
+          "optimizer": cfg.optimizer,
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
           "us_per_step": median * 1e6, "us_per_step_min": min(seconds) * 1e6,
           "examples_per_second": b / median, "gflops": gflops,
@@ -215,7 +219,8 @@ def main(argv):
     sys.exit(2)
 
   print(f"device: {jax.devices()[0]} ({jax.default_backend()}), jax {jax.__version__}, "
-        f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats}")
+        f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
+        f"optimizer={cfg.optimizer}")
   torch_ok = "torch" in cfg.peers and importlib.util.find_spec("torch") is not None
   if "torch" in cfg.peers and not torch_ok:
     print("peer torch: PyTorch is not installed (pip install torch); its rows are skipped")

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 import mlp_jax as mj
+from mlp_jax import losses as mj_losses
+from mlp_jax.grads import _loss_and_logits_manual_vjp
+from mlp_jax.grads import value_and_grads_with_logits
 from mlp_jax.gradcheck import check
 from mlp_jax.gradcheck import finite_difference_grads
 from mlp_jax.gradcheck import random_problem
@@ -237,3 +240,43 @@ def test_gradcheck_catches_the_seeds_first_layer_formula():
   rows = {name: errors for name, *errors in check(params, X, y, jnp.float64, seed_grads)}
   assert rows["w1"][0] > 1e-3 and rows["b1"][0] > 1e-3   # manual~autodiff fails
   assert rows["w2"][0] <= 1e-12 and rows["b2"][0] <= 1e-12
+
+
+@pytest.mark.parametrize("method", ["manual", "autodiff", "manual_vjp"])
+def test_value_and_grads_with_logits_agree(method):
+  params, X, y = problem(batch=6)
+  (loss, z2), g = value_and_grads_with_logits(params, X, y, method=method)
+  np.testing.assert_allclose(loss, mj.loss(params, X, y), rtol=1e-14)
+  np.testing.assert_allclose(z2, mj.logits(params, X), rtol=1e-14)
+  assert_close(g, mj.grads(params, X, y), 1e-12)
+
+
+def test_manual_vjp_logits_output_carries_its_own_gradient():
+  params, X, y = problem(batch=6)
+  c = jax.random.normal(jax.random.key(5), (6, 3), jnp.float64)
+
+  def objective(fn):
+    def f(p):
+      loss, z2 = fn(p, X, y)
+      return loss + jnp.sum(c * z2)
+    return f
+
+  manual = jax.grad(objective(_loss_and_logits_manual_vjp))(params)
+  autodiff = jax.grad(objective(mj_losses.loss_and_logits))(params)
+  assert_close(manual, autodiff, 1e-12)
+
+
+@pytest.mark.parametrize("method", ["manual", "autodiff", "manual_vjp"])
+def test_bfloat16_compute_keeps_float32_params_and_loss(method):
+  params, X, y = problem(batch=16, in_dim=12, hidden=32, classes=4, dtype=jnp.float32)
+  (loss, z2), g = value_and_grads_with_logits(params, X, y, method=method,
+                                              compute_dtype=jnp.bfloat16)
+  assert loss.dtype == z2.dtype == jnp.float32
+  assert all(leaf.dtype == jnp.float32 for leaf in g)
+  # bfloat16 keeps 8 bits of mantissa: within ~1% of the float32 gradient.
+  assert_close(g, mj.grads(params, X, y), 3e-2)
+  np.testing.assert_allclose(loss, mj.loss(params, X, y), rtol=1e-2)
+  # The matmuls really read bfloat16 (with float32 accumulation).
+  jaxpr = str(jax.make_jaxpr(lambda p: value_and_grads_with_logits(
+      p, X, y, method=method, compute_dtype=jnp.bfloat16))(params))
+  assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr

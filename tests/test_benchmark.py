@@ -1,0 +1,45 @@
+"""experiments/benchmark.py runs end to end on tiny sizes and writes the JSON it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARK = os.path.join(ROOT, "experiments", "benchmark.py")
+
+
+def step_flops(b, d, h, k):
+  """Forward 2BDH + 2BHK, backward 2BHK (dW2) + 2BHK (dA1) + 2BDH (dW1): no dX."""
+  return (2 * b * d * h + 2 * b * h * k) + (2 * b * h * k + 2 * b * h * k + 2 * b * d * h)
+
+
+def run(*flags):
+  return subprocess.run([sys.executable, BENCHMARK, *flags], capture_output=True,
+                        text=True, timeout=300, cwd=ROOT)
+
+
+def test_benchmark_writes_a_row_per_variant(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  result = run("--batch_sizes=8,16", "--hidden_dims=16", "--in_dim=12", "--num_classes=3",
+               "--steps=3", "--repeats=2", "--ceiling_size=32", f"--json_out={out}")
+  assert result.returncode == 0, result.stderr
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 3 * 2 * 2 * 2     # grads × modes × dtypes × batch sizes
+  assert {(r["grads"], r["mode"], r["compute_dtype"]) for r in rows} == {
+      (g, m, c) for g in ("manual", "autodiff", "manual_vjp") for m in ("step", "scan")
+      for c in ("float32", "bfloat16")}
+  for r in rows:
+    assert r["us_per_step"] >= r["us_per_step_min"] > 0
+    assert r["examples_per_second"] == r["batch_size"] / (r["us_per_step"] * 1e-6)
+    assert abs(r["gflops"] - step_flops(r["batch_size"], 12, 16, 3)
+               / r["us_per_step"] / 1e3) < 1e-9 * r["gflops"]
+    assert r["ceiling_fraction"] == r["gflops"] / r["gemm_ceiling_gflops"] > 0
+    assert r["compile_seconds"] > 0 and r["hidden_dim"] == 16
+  assert "manual / autodiff time" in result.stdout and "examples/s" in result.stdout
+
+
+def test_benchmark_rejects_unknown_values():
+  result = run("--grads=numeric", "--steps=1")
+  assert result.returncode != 0
+  assert "unknown or invalid values: numeric" in result.stderr.strip().splitlines()[-1]
