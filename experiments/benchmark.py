@@ -21,7 +21,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mlp_jax import train
 

@@ -1,16 +1,14 @@
 """The pictures a run leaves: learning curves and the test confusion matrix."""
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-top
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure
+import numpy as np
 
 
 def plot_curves(history, path):
   """Loss and accuracy per epoch, train vs test (and validation when present)."""
   epochs = [row["epoch"] for row in history]
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig = Figure(figsize=(10, 4))  # no pyplot: no global state, no GUI backend
+  axes = fig.subplots(1, 2)
   for ax, metric in zip(axes, ("loss", "accuracy")):
     for split in ("train", "validation", "test"):
       key = f"{split}_{metric}"
@@ -22,7 +20,6 @@ def plot_curves(history, path):
     ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -35,7 +32,8 @@ def confusion_matrix(labels, predictions, num_classes):
 def plot_confusion(counts, path):
   """The confusion matrix as a heat map with its counts written in."""
   k = counts.shape[0]
-  fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+  fig = Figure(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+  ax = fig.subplots()
   ax.imshow(counts, cmap="Blues")
   for i in range(k):
     for j in range(k):
@@ -48,4 +46,3 @@ def plot_confusion(counts, path):
   ax.set_title(f"test confusion ({counts.trace()} / {counts.sum()} right)")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)

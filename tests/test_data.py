@@ -30,7 +30,7 @@ def test_read_idx_round_trips(tmp_path, suffix, type_code):
 
 def test_read_idx_rejects_truncated_lying_and_foreign_files(tmp_path):
   array = np.arange(24, dtype=np.uint8).reshape(2, 12)
-  good = write_idx(tmp_path / "good", array)
+  write_idx(tmp_path / "good", array)
   raw = (tmp_path / "good").read_bytes()
   cases = {
       "truncated": (raw[:-5], "truncated"),
