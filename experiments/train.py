@@ -69,6 +69,9 @@ def main(argv):
                                    for f in experiment.RunConfig._fields})
   try:
     experiment.run(config)
+  except experiment.Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(130)
   except (data.DataError, experiment.RunError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

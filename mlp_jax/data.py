@@ -10,6 +10,8 @@ Every problem raises DataError with one line naming it and the fix.
 
 import gzip
 import os
+import zipfile
+import zlib
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -20,6 +22,8 @@ IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1
 # IDX type code -> big-endian numpy dtype.
 IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MAX_IDX_BYTES = 1 << 32  # 4 GiB: a header claiming more is lying or not a dataset.
+MAX_NPZ_ARRAY_BYTES = 1 << 32
+MAX_CLASSES = 1000
 DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
 
 
@@ -84,7 +88,7 @@ def read_idx(path):
         raise DataError(f"{path}: the IDX header claims dims {dims} ({size} bytes), more "
                         "than any dataset this reader accepts; the file is corrupt.")
       data = _read_exactly(f, size, path)
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
     raise DataError(f"{path}: cannot read it ({e}).") from None
   return np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
@@ -106,19 +110,44 @@ def load_idx_dir(data_dir):
   return tuple(read_idx(_find_idx(data_dir, IDX_FILES[k])) for k in IDX_FILES)
 
 
+def _check_npz_member(archive, name, path):
+  """Reads one .npy header inside the archive: no pickles, no multi-GB arrays."""
+  with archive.open(name + ".npy") as f:
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read_header(f)
+  if dtype.hasobject:
+    raise DataError(f"{path}: {name} holds Python objects; only plain numeric arrays are "
+                    "loaded (pickles are never unpickled).")
+  size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+  if size > MAX_NPZ_ARRAY_BYTES:
+    raise DataError(f"{path}: {name} claims shape {shape} ({size} bytes), more than this "
+                    "loader accepts; the file is corrupt or not a dataset.")
+
+
 def load_npz(path):
-  """x_train, y_train, x_test, y_test from an .npz file; pickled objects are refused."""
+  """x_train, y_train, x_test, y_test from an .npz file; pickled objects are refused.
+
+  Every array header is checked before any array is read.
+  """
   try:
-    with np.load(path, allow_pickle=False) as f:
-      missing = [k for k in IDX_FILES if k not in f.files]
+    with zipfile.ZipFile(path) as archive:
+      present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
+      missing = [k for k in IDX_FILES if k not in present]
       if missing:
         raise DataError(f"{path}: missing arrays {', '.join(missing)}; the .npz must hold "
                         "x_train, y_train, x_test, y_test.")
+      for name in IDX_FILES:
+        _check_npz_member(archive, name, path)
+    with np.load(path, allow_pickle=False) as f:
       return tuple(f[k] for k in IDX_FILES)
-  except (OSError, ValueError, EOFError) as e:
-    if isinstance(e, DataError):
-      raise
-    raise DataError(f"{path}: not a readable .npz of plain arrays ({e}).") from None
+  except DataError:
+    raise
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+          NotImplementedError, RuntimeError) as e:
+    raise DataError(f"{path}: not a readable .npz of plain arrays "
+                    f"({type(e).__name__}: {str(e)[:120]}).") from None
 
 
 def load_digits():
@@ -137,14 +166,16 @@ def _flat_inputs(x, name):
     raise DataError(f"{name} must be (N, ...) with N >= 1 examples, got shape {x.shape}.")
   if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
     raise DataError(f"{name} must be a real numeric array, got dtype {x.dtype}.")
-  x = x.reshape(len(x), -1).astype(np.float32)
+  with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf: refused below
+    x = x.reshape(len(x), -1).astype(np.float32)
   if not np.all(np.isfinite(x)):
     raise DataError(f"{name} contains NaN or inf at {int(np.sum(~np.isfinite(x)))} "
                     "places; clean the data first.")
   return x
 
 
-def _int_labels(y, n, name, num_classes):
+def _labels(y, n, name):
+  """Integer class labels (N,) as int64; integral floats are accepted."""
   y = np.asarray(y)
   if y.shape != (n,):
     raise DataError(f"{name} must have shape ({n},), one label per example, got {y.shape}.")
@@ -152,10 +183,10 @@ def _int_labels(y, n, name, num_classes):
     if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
             and np.all(y == np.round(y))):
       raise DataError(f"{name} must hold integer class labels, got dtype {y.dtype}.")
-  if n and (y.min() < 0 or y.max() >= num_classes):
-    raise DataError(f"{name} must lie in [0, {num_classes}), got min {y.min()}, "
-                    f"max {y.max()}.")
-  return y.astype(np.int32)
+  if n and (y.min() < 0 or y.max() >= MAX_CLASSES):
+    raise DataError(f"{name} must lie in [0, K) with K <= {MAX_CLASSES}, got min "
+                    f"{y.min():g}, max {y.max():g}.")
+  return y.astype(np.int64)
 
 
 def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0):
@@ -168,10 +199,12 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
   if x_train.shape[1] != x_test.shape[1]:
     raise DataError(f"x_train has {x_train.shape[1]} features per example but x_test "
                     f"{x_test.shape[1]}.")
-  y_max = max(np.max(y_train, initial=0), np.max(y_test, initial=0))
-  num_classes = max(int(y_max) + 1, 2) if np.isfinite(y_max) else 2
-  y_train = _int_labels(y_train, len(x_train), "y_train", num_classes)
-  y_test = _int_labels(y_test, len(x_test), "y_test", num_classes)
+  y_train = _labels(y_train, len(x_train), "y_train")
+  y_test = _labels(y_test, len(x_test), "y_test")
+  num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1
+  if num_classes < 2:
+    raise DataError("the labels name a single class; a classifier needs at least 2.")
+  y_train, y_test = y_train.astype(np.int32), y_test.astype(np.int32)
   x_val = y_val = None
   if validation_fraction:
     if not 0 < validation_fraction < 1:
@@ -183,12 +216,16 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
                       "training examples leaves no validation or no training data.")
     val, train = order[:n_val], np.sort(order[n_val:])
     x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[train], y_train[train]
-  mean = x_train.mean(axis=0)
-  std = x_train.std(axis=0)
-  std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
-  scale = lambda x: None if x is None else (x - mean) / std
-  return Dataset(scale(x_train), y_train, scale(x_test), y_test, scale(x_val), y_val,
-                 num_classes)
+  with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
+    scaled = [None if x is None else (x - mean) / std for x in (x_train, x_test, x_val)]
+  if not all(x is None or np.all(np.isfinite(x)) for x in scaled):
+    raise DataError("the inputs overflow float32 when standardised (values near 1e38?); "
+                    "rescale the data first.")
+  x_train, x_test, x_val = scaled
+  return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes)
 
 
 def load(name, data_dir=None, *, validation_fraction=0.0, seed=0):

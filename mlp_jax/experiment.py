@@ -12,7 +12,10 @@ WORKDIR/ after a run:
 import json
 import os
 import platform
+import signal
+import sys
 import tempfile
+import threading
 import time
 from typing import NamedTuple, Optional
 
@@ -27,6 +30,10 @@ from mlp_jax import train
 
 class RunError(Exception):
   """A run that cannot go on; the message is one line for the user."""
+
+
+class Interrupted(RunError):
+  """Ctrl-C: the last finished epoch's checkpoint is on disk; rerun to resume."""
 
 
 class RunConfig(NamedTuple):
@@ -90,6 +97,34 @@ def prepare_workdir(config):
   return workdir
 
 
+class _CtrlC:
+  """Turns the first Ctrl-C into a request to stop after the current epoch's checkpoint.
+
+  A second Ctrl-C interrupts at once. Only the main thread can own signal handlers;
+  elsewhere Ctrl-C keeps its default behaviour.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\nCtrl-C: stopping after this epoch's checkpoint (press again to abort)",
+          file=sys.stderr, flush=True)
+
+  def install(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def uninstall(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+
 def _hyperparams(config, steps_per_epoch):
   return train.Hyperparams(
       optimizer=config.optimizer, learning_rate=config.learning_rate,
@@ -144,7 +179,7 @@ def run(config, log=print):
 
   mngr = checkpoint.manager(workdir)
   epochs_done = 0
-  restored = checkpoint.restore_latest(mngr, state)
+  restored = checkpoint.restore_latest(mngr, state, log)
   if restored is not None:
     epochs_done, state = restored
     log(f"resuming from the checkpoint after epoch {epochs_done}")
@@ -169,29 +204,47 @@ def run(config, log=print):
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(bar, initial=epochs_done, total=config.epochs, unit="epoch",
                     dynamic_ncols=True)
-  for epoch in bar:
-    epoch_start = time.time()
-    state, train_metrics = train_epoch(state, X, y, epoch)
-    evals = {name: train.evaluate(state.params, *xy) for name, xy in splits.items()}
-    device_metrics = dict(train_metrics)
-    for name, ev in evals.items():
-      device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
-          ev["loss"], ev["accuracy"])
-    row = {"epoch": epoch + 1, **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
-    row["seconds"] = time.time() - epoch_start
-    row["examples_per_second"] = n / row["seconds"]
-    history.append(row)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    checkpoint.save(mngr, epoch + 1, state)
-    if config.progress:
-      bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}",
-                      test_acc=f"{row['test_accuracy']:.4f}")
-  mngr.wait_until_finished()
-  mngr.close()
+  done = epochs_done
+  stop = _CtrlC()
+  try:
+    stop.install()
+    for epoch in bar:
+      epoch_start = time.time()
+      state, train_metrics = train_epoch(state, X, y, epoch)
+      device_metrics = dict(train_metrics)
+      for name, xy in splits.items():
+        ev = train.evaluate(state.params, *xy)
+        device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
+            ev["loss"], ev["accuracy"])
+      row = {"epoch": epoch + 1,
+             **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
+      if not all(np.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
+        raise RunError(
+            f"training diverged in epoch {epoch + 1}: train loss {row['train_loss']}, "
+            f"test loss {row['test_loss']}; the learning rate {config.learning_rate:g} is "
+            "likely too high (try 10x lower, or --clip_norm=1). The checkpoint after epoch "
+            f"{done} is kept.")
+      row["seconds"] = time.time() - epoch_start
+      row["examples_per_second"] = n / row["seconds"]
+      history.append(row)
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      checkpoint.save(mngr, epoch + 1, state)
+      done = epoch + 1
+      if config.progress:
+        bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}",
+                        test_acc=f"{row['test_accuracy']:.4f}")
+      if stop.requested:
+        mngr.wait_until_finished()
+        raise Interrupted(f"stopped by Ctrl-C after epoch {done}; the checkpoint after "
+                          f"epoch {done} is saved: rerun the same command to resume.")
+  finally:
+    stop.uninstall()
+    mngr.wait_until_finished()
+    mngr.close()
   if not history:
-    raise RunError(f"--workdir {workdir} already holds all {config.epochs} epochs; raise "
-                   "--epochs to train on, or use a fresh --workdir.")
+    raise RunError(f"--workdir {workdir} holds a finished run without its metrics.jsonl; "
+                   "use a fresh --workdir.")
 
   np.savez(os.path.join(workdir, "params.npz"),
            **{k: np.asarray(v) for k, v in state.params._asdict().items()})
