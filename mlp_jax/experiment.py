@@ -59,8 +59,10 @@ class RunConfig(NamedTuple):
   progress: bool = True
 
 
-# What must match for a workdir's checkpoint to be resumed by this config.
-SHAPE_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction")
+# What must match for a workdir's checkpoint to be resumed by this config: the data,
+# the network's shape, the optimizer state's structure, and the RNG and batch order.
+RESUME_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction", "optimizer",
+                 "weight_decay", "clip_norm", "seed", "batch_size")
 
 
 def _versions():
@@ -90,7 +92,7 @@ def prepare_workdir(config):
   if os.path.exists(old_config):
     with open(old_config) as f:
       old = json.load(f).get("config", {})
-    for field in SHAPE_FIELDS:
+    for field in RESUME_FIELDS:
       if field in old and old[field] != getattr(config, field):
         raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
                        f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")

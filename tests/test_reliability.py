@@ -266,3 +266,14 @@ def test_npz_loader_on_hostile_contents(tmp_path_factory, n_train, n_test, n_lab
   assert len(ds.x_train) == len(ds.y_train) and len(ds.x_test) == len(ds.y_test)
   assert 2 <= ds.num_classes <= data.MAX_CLASSES
   assert ds.y_train.min() >= 0 and ds.y_train.max() < ds.num_classes
+
+
+@pytest.mark.parametrize("flag, old", [("--optimizer=sgd", "'adamw'"), ("--seed=7", "0"),
+                                       ("--batch_size=4", "8")])
+def test_resuming_with_another_optimizer_seed_or_batch_is_refused(tiny_npz, tmp_path, flag,
+                                                                   old):
+  assert run(tiny_npz, tmp_path, "--epochs=1").returncode == 0
+  result = run(tiny_npz, tmp_path, "--epochs=2", flag)
+  assert result.returncode == 1
+  assert f"holds a run with {flag[2:].split('=')[0]}={old}" in result.stderr
+  assert [row["epoch"] for row in metrics(tmp_path)] == [1]
