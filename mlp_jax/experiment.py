@@ -163,6 +163,21 @@ def _summary(history, total_seconds):
   return "\n".join(lines)
 
 
+def _train_one_epoch(train_epoch, state, X, y, splits, epoch):
+  """(state, metrics row) of one epoch: train, evaluate, ONE transfer to the host."""
+  start = time.time()
+  state, device_metrics = train_epoch(state, X, y, epoch)
+  for name, xy in splits.items():
+    ev = train.evaluate(state.params, *xy)
+    device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
+        ev["loss"], ev["accuracy"])
+  row = {"epoch": epoch + 1,
+         **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
+  row["seconds"] = time.time() - start
+  row["examples_per_second"] = X.shape[0] / row["seconds"]
+  return state, row
+
+
 def run(config, log=print):
   """Trains per `config`, writes the workdir, returns the metrics of the last epoch."""
   start = time.time()
@@ -211,23 +226,13 @@ def run(config, log=print):
   try:
     stop.install()
     for epoch in bar:
-      epoch_start = time.time()
-      state, train_metrics = train_epoch(state, X, y, epoch)
-      device_metrics = dict(train_metrics)
-      for name, xy in splits.items():
-        ev = train.evaluate(state.params, *xy)
-        device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
-            ev["loss"], ev["accuracy"])
-      row = {"epoch": epoch + 1,
-             **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
+      state, row = _train_one_epoch(train_epoch, state, X, y, splits, epoch)
       if not all(np.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
         raise RunError(
             f"training diverged in epoch {epoch + 1}: train loss {row['train_loss']}, "
             f"test loss {row['test_loss']}; the learning rate {config.learning_rate:g} is "
             "likely too high (try 10x lower, or --clip_norm=1). The checkpoint after epoch "
             f"{done} is kept.")
-      row["seconds"] = time.time() - epoch_start
-      row["examples_per_second"] = n / row["seconds"]
       history.append(row)
       with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
