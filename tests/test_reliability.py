@@ -27,17 +27,6 @@ RUNNER = os.path.join(ROOT, "experiments", "train.py")
 TIME_FIELDS = ("seconds", "examples_per_second")
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  centers = rng.normal(size=(3, 6)) * 2
-  y_train, y_test = np.arange(60) % 3, np.arange(15) % 3
-  path = tmp_path_factory.mktemp("data") / "tiny.npz"
-  np.savez(path, x_train=centers[y_train] + rng.normal(size=(60, 6)), y_train=y_train,
-           x_test=centers[y_test] + rng.normal(size=(15, 6)), y_test=y_test)
-  return f"npz:{path}"
-
-
 def command(dataset, workdir, *extra):
   return [sys.executable, RUNNER, "--noprogress", f"--dataset={dataset}",
           f"--workdir={workdir}", "--hidden_dim=16", "--batch_size=8", *extra]

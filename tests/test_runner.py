@@ -17,17 +17,6 @@ def run(*flags, timeout=180):
                         capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-  rng = np.random.default_rng(0)
-  centers = rng.normal(size=(3, 6)) * 3
-  y_train, y_test = np.arange(45) % 3, np.arange(15) % 3
-  path = tmp_path_factory.mktemp("data") / "tiny.npz"
-  np.savez(path, x_train=centers[y_train] + rng.normal(size=(45, 6)), y_train=y_train,
-           x_test=centers[y_test] + rng.normal(size=(15, 6)), y_test=y_test)
-  return f"npz:{path}"
-
-
 def tiny(dataset, workdir, *extra):
   return run(f"--dataset={dataset}", f"--workdir={workdir}", "--hidden_dim=8",
              "--batch_size=8", "--schedule=constant", "--learning_rate=0.01", *extra)
