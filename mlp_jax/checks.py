@@ -70,11 +70,13 @@ def check_labels(y, batch_size, num_classes):
       raise TypeError(f"labels y of shape ({batch_size},) must be integers in [0, "
                       f"{num_classes}), got dtype {dtype}; cast with y.astype(jnp.int32), "
                       f"or pass targets of shape ({batch_size}, {num_classes}).")
-    if not isinstance(y, jax.core.Tracer):
+    try:
       y = np.asarray(y)
-      if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels y must lie in [0, {num_classes}) for K = {num_classes} "
-                         f"classes; got min {y.min()}, max {y.max()}.")
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+      return  # traced (jit, vmap): the values are unknown here
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"labels y must lie in [0, {num_classes}) for K = {num_classes} "
+                       f"classes; got min {y.min()}, max {y.max()}.")
   elif shape == (batch_size, num_classes):
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"targets y of shape {shape} must be floating point, got {dtype}.")
