@@ -179,6 +179,7 @@ def loss_manual_vjp(params, X, y, weights=None, *, compute_dtype=None):
 
 
 def _loss_and_logits_manual_vjp(params, X, y, weights=None, *, compute_dtype=None):
+  """(loss_manual_vjp, logits Z2 (B, K)), both through the custom_vjp."""
   _, _, _, k = checks.check_all(params, X, y, weights)
   y = jnp.asarray(y)
   if y.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
