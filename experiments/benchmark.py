@@ -63,6 +63,7 @@ def time_round_robin(runs, repeats):
 
 
 def peak_memory_mb():
+  """Peak device memory in MiB where the platform reports it (GPU, TPU); None on CPU."""
   stats = jax.devices()[0].memory_stats()
   if not stats or "peak_bytes_in_use" not in stats:
     return None
@@ -84,6 +85,7 @@ def gemm_run(dtype, n):
 
 
 def synthetic_data(n, d, k):
+  """Random inputs X (N, D) and labels y (N,) in [0, K), already on the device."""
   x = jax.random.normal(jax.random.key(2), (n, d), jnp.float32)
   y = jax.random.randint(jax.random.key(3), (n,), 0, k)
   return x, y
@@ -149,6 +151,7 @@ def torch_run(b, h, cfg):
 
 
 def make_row(grads, mode, compute_dtype, b, h, seconds, compile_seconds, ceiling, cfg):
+  """One result row (the --json_out object) from the seconds per step of each repeat."""
   median = statistics.median(seconds)
   gflops = step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
   return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
@@ -162,6 +165,7 @@ def make_row(grads, mode, compute_dtype, b, h, seconds, compile_seconds, ceiling
 
 
 def format_table(rows):
+  """The rows as the fixed-width table printed on stdout."""
   header = (f"{'grads':10} {'mode':5} {'dtype':8} {'B':>5} {'H':>5} {'us/step':>9} "
             f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'compile s':>9}")
   lines = [header, "-" * len(header)]
