@@ -241,8 +241,7 @@ def run(config, log=print):
       if config.progress:
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}",
                         test_acc=f"{row['test_accuracy']:.4f}")
-      if stop.requested:
-        mngr.wait_until_finished()
+      if stop.requested:  # `finally` below waits for this checkpoint to be written
         raise Interrupted(f"stopped by Ctrl-C after epoch {done}; the checkpoint after "
                           f"epoch {done} is saved: rerun the same command to resume.")
   finally:
