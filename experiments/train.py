@@ -2,6 +2,9 @@
 
     python experiments/train.py                                   # digits, ~98% test
     python experiments/train.py --flagfile=experiments/configs/fashion_mnist.flags
+    python experiments/train.py --num_devices=4                   # data parallel
+    python experiments/train.py --coordinator_address=HOST:PORT --num_processes=2 \
+        --process_id=0 --workdir=/shared/run                      # one line per process
 """
 
 import sys
@@ -41,6 +44,14 @@ flags.DEFINE_string("workdir", D.workdir, "Output directory; rerun with it to re
 flags.DEFINE_float("validation_fraction", D.validation_fraction,
                    "Fraction of train held out for validation.", lower_bound=0)
 flags.DEFINE_bool("progress", D.progress, "Show a progress bar.")
+flags.DEFINE_integer("num_devices", D.num_devices, "Devices per process to train on, "
+                     "data parallel. Default: every local device.", lower_bound=1)
+flags.DEFINE_string("coordinator_address", D.coordinator_address,
+                    "host:port of process 0, for a multi-process run (jax.distributed).")
+flags.DEFINE_integer("num_processes", D.num_processes, "Processes in a multi-process run.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", D.process_id, "This process's index, 0 to "
+                     "num_processes - 1.", lower_bound=0)
 
 flags.register_validator("learning_rate", lambda v: v > 0,
                          "--learning_rate must be > 0.")
@@ -50,6 +61,15 @@ flags.register_validator(
     "dataset", lambda v: v in ("digits", "fashion_mnist", "mnist") or
     (v.startswith("npz:") and len(v) > 4),
     f"--dataset must be one of {', '.join(data.DATASETS)}.")
+flags.register_multi_flags_validator(
+    ["num_processes", "process_id"],
+    lambda f: f["process_id"] is None or f["num_processes"] is None
+    or f["process_id"] < f["num_processes"],
+    "--process_id must be below --num_processes (processes count from 0).")
+flags.register_validator(
+    "coordinator_address",
+    lambda v: v is None or (":" in v and v.rsplit(":", 1)[1].isdigit()),
+    "--coordinator_address must be host:port, e.g. 10.0.0.1:1234.")
 
 
 def parse_flags(argv):

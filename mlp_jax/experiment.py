@@ -7,6 +7,11 @@ WORKDIR/ after a run:
     params.npz       final w1, b1, w2, b2, loadable with numpy alone
     curves.png       loss and accuracy per epoch
     confusion.png    the test confusion matrix
+
+Data parallel on every local device by default (mlp_jax/parallel.py); with
+coordinator_address / num_processes / process_id set, many processes train together
+through jax.distributed, and process 0 alone writes the files above (all of them save
+the checkpoints together, through orbax).
 """
 
 import json
@@ -20,10 +25,12 @@ import time
 from typing import NamedTuple, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from mlp_jax import checkpoint
 from mlp_jax import data
+from mlp_jax import parallel
 from mlp_jax import plots
 from mlp_jax import train
 
@@ -57,6 +64,10 @@ class RunConfig(NamedTuple):
   workdir: Optional[str] = None
   validation_fraction: float = 0.0
   progress: bool = True
+  num_devices: Optional[int] = None          # per process; None: every local device
+  coordinator_address: Optional[str] = None  # host:port of process 0 (jax.distributed)
+  num_processes: Optional[int] = None
+  process_id: Optional[int] = None
 
 
 # What must match for a workdir's checkpoint to be resumed by this config: the data,
@@ -81,7 +92,7 @@ def prepare_workdir(config):
     raise RunError(f"--workdir {workdir} is a file, not a directory; choose another path.")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
@@ -163,24 +174,71 @@ def _summary(history, total_seconds):
   return "\n".join(lines)
 
 
-def _train_one_epoch(train_epoch, state, X, y, splits, epoch):
+def _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh):
   """(state, metrics row) of one epoch: train, evaluate, ONE transfer to the host."""
   start = time.time()
+  X, y, n = train_xyn
   state, device_metrics = train_epoch(state, X, y, epoch)
-  for name, xy in splits.items():
-    ev = train.evaluate(state.params, *xy)
+  for name, (X_eval, y_eval, n_eval) in splits.items():
+    ev = train.evaluate(state.params, X_eval, y_eval, num_examples=n_eval, mesh=mesh)
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
   row = {"epoch": epoch + 1,
          **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
   row["seconds"] = time.time() - start
-  row["examples_per_second"] = X.shape[0] / row["seconds"]
+  row["examples_per_second"] = n / row["seconds"]
   return state, row
+
+
+def _join_processes(config):
+  """jax.distributed.initialize when a multi-process setting is given; before any JAX use."""
+  if (config.coordinator_address, config.num_processes, config.process_id) == (None,) * 3:
+    return
+  if not config.workdir:
+    raise RunError("a multi-process run needs --workdir, a directory every process can "
+                   "reach (a shared filesystem).")
+  try:
+    parallel.initialize(config.coordinator_address, config.num_processes,
+                        config.process_id)
+  except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds)
+    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise RunError(f"jax.distributed could not start ({reason}); check "
+                   "--coordinator_address (host:port of process 0, reachable by every "
+                   "process), --num_processes and --process_id.") from None
+
+
+def _make_mesh(config):
+  try:
+    mesh = parallel.data_mesh(config.num_devices)
+  except ValueError as e:
+    raise RunError(f"--num_devices: {e}") from None
+  try:
+    parallel.check_batch_size(config.batch_size, mesh)
+  except ValueError as e:
+    raise RunError(f"--batch_size: {e}") from None
+  return mesh
+
+
+def _any_process(flag):
+  """True on every process if `flag` is true on any (one collective; no-op alone)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def run(config, log=print):
   """Trains per `config`, writes the workdir, returns the metrics of the last epoch."""
   start = time.time()
+  _join_processes(config)
+  writer = jax.process_index() == 0  # the one process that writes files and logs
+  if not writer:
+    log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
+  mesh = _make_mesh(config)
   workdir = prepare_workdir(config)
   log(f"workdir: {workdir}")
   ds = data.load(config.dataset, config.data_dir,
@@ -192,7 +250,9 @@ def run(config, log=print):
   steps_per_epoch = -(-n // config.batch_size)
   hp = _hyperparams(config, steps_per_epoch)
   optimizer = train.make_optimizer(hp)
-  state = train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes, optimizer)
+  state = parallel.replicate(
+      train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes, optimizer),
+      mesh)
 
   mngr = checkpoint.manager(workdir)
   epochs_done = 0
@@ -202,22 +262,32 @@ def run(config, log=print):
     log(f"resuming from the checkpoint after epoch {epochs_done}")
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   history = _read_history(metrics_path, epochs_done)
-  _write_lines(metrics_path, history)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"config": config._asdict(), "num_classes": ds.num_classes,
-               "in_dim": in_dim, "train_examples": n, "versions": _versions(),
-               "device": str(jax.devices()[0]), "platform": jax.default_backend()},
-              f, indent=2)
+  _barrier("mlp_jax: workdir read")  # every process has read it before process 0 writes
+  if writer:
+    _write_lines(metrics_path, history)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump({"config": config._asdict(), "num_classes": ds.num_classes,
+                 "in_dim": in_dim, "train_examples": n, "versions": _versions(),
+                 "device": str(mesh.devices.flat[0]), "num_devices": mesh.size,
+                 "num_processes": jax.process_count(), "platform": jax.default_backend()},
+                f, indent=2)
 
-  put = jax.device_put
-  X, y, X_test, y_test = put(ds.x_train), put(ds.y_train), put(ds.x_test), put(ds.y_test)
-  splits = {"test": (X_test, y_test)}
+  # Each process places only its own devices' rows (parallel.shard_rows).
+  def place(x, y):
+    return parallel.shard_rows(x, mesh), parallel.shard_rows(y, mesh), len(y)
+
+  train_xyn = place(ds.x_train, ds.y_train)
+  splits = {"test": place(ds.x_test, ds.y_test)}
   if ds.x_val is not None:
-    splits["validation"] = (put(ds.x_val), put(ds.y_val))
-  train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size)
+    splits["validation"] = place(ds.x_val, ds.y_val)
+  y_test, num_classes = ds.y_test, ds.num_classes
+  del ds
+  train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size, num_examples=n,
+                                       mesh=mesh)
 
   bar = range(epochs_done, config.epochs)
-  if config.progress:
+  show_bar = config.progress and writer
+  if show_bar:
     import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm.tqdm(bar, initial=epochs_done, total=config.epochs, unit="epoch",
                     dynamic_ncols=True)
@@ -226,7 +296,7 @@ def run(config, log=print):
   try:
     stop.install()
     for epoch in bar:
-      state, row = _train_one_epoch(train_epoch, state, X, y, splits, epoch)
+      state, row = _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh)
       if not all(np.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
         raise RunError(
             f"training diverged in epoch {epoch + 1}: train loss {row['train_loss']}, "
@@ -234,14 +304,15 @@ def run(config, log=print):
             "likely too high (try 10x lower, or --clip_norm=1). The checkpoint after epoch "
             f"{done} is kept.")
       history.append(row)
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      if writer:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
       checkpoint.save(mngr, epoch + 1, state)
       done = epoch + 1
-      if config.progress:
+      if show_bar:
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}",
                         test_acc=f"{row['test_accuracy']:.4f}")
-      if stop.requested:  # `finally` below waits for this checkpoint to be written
+      if _any_process(stop.requested):  # `finally` below waits for this checkpoint
         raise Interrupted(f"stopped by Ctrl-C after epoch {done}; the checkpoint after "
                           f"epoch {done} is saved: rerun the same command to resume.")
   finally:
@@ -252,11 +323,15 @@ def run(config, log=print):
     raise RunError(f"--workdir {workdir} holds a finished run without its metrics.jsonl; "
                    "use a fresh --workdir.")
 
-  np.savez(os.path.join(workdir, "params.npz"),
-           **{k: np.asarray(v) for k, v in state.params._asdict().items()})
-  plots.plot_curves(history, os.path.join(workdir, "curves.png"))
-  predictions = np.asarray(train.evaluate(state.params, X_test, y_test)["predictions"])
-  plots.plot_confusion(plots.confusion_matrix(ds.y_test, predictions, ds.num_classes),
-                       os.path.join(workdir, "confusion.png"))
+  if writer:
+    np.savez(os.path.join(workdir, "params.npz"),
+             **{k: np.asarray(v) for k, v in state.params._asdict().items()})
+    plots.plot_curves(history, os.path.join(workdir, "curves.png"))
+  X_test, y_test_device, n_test = splits["test"]
+  predictions = np.asarray(train.evaluate(state.params, X_test, y_test_device,
+                                          num_examples=n_test, mesh=mesh)["predictions"])
+  if writer:
+    plots.plot_confusion(plots.confusion_matrix(y_test, predictions, num_classes),
+                         os.path.join(workdir, "confusion.png"))
   log(_summary(history, time.time() - start))
   return history[-1]

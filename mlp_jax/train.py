@@ -4,6 +4,9 @@ The dataset lives on the device. An epoch is ONE jitted lax.scan over index batc
 permutation drawn from fold_in(key, epoch): every example is used once, the ragged last
 batch is padded with index 0 and masked with weight 0, so every step has one static
 shape and nothing recompiles after the first epoch.
+
+Given a `mesh` (mlp_jax/parallel.py), the same epoch runs data-parallel: each gathered
+batch is split over the mesh's devices and the state comes back replicated.
 """
 
 import functools
@@ -15,6 +18,7 @@ import optax
 
 from mlp_jax import losses
 from mlp_jax import model
+from mlp_jax import parallel
 from mlp_jax.grads import value_and_grads_with_logits
 from mlp_jax.model import Params
 
@@ -137,41 +141,70 @@ def epoch_order(key, epoch, n):
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
-def train_epoch(train_step, state, X, y, epoch, batch_size):
-  """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device."""
-  idx, w = batch_indices(epoch_order(state.key, epoch, X.shape[0]), batch_size)
+def gather_batch(X, i, mesh=None):
+  """X[i]: the rows of index batch i (B,); split over the mesh's devices if one is given."""
+  batch = X[i]
+  if mesh is None:
+    return batch
+  return jax.lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
+
+
+def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, mesh=None):
+  """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device.
+
+  The epoch visits the first `num_examples` rows of X (default all; rows past it are
+  padding, see parallel.shard_rows) in the order epoch_order(state.key, epoch, N).
+  """
+  n = X.shape[0] if num_examples is None else num_examples
+  idx, w = batch_indices(epoch_order(state.key, epoch, n), batch_size)
 
   def body(state, batch):
     i, wb = batch
-    return train_step(state, (X[i], y[i], wb))
+    return train_step(state, (gather_batch(X, i, mesh), gather_batch(y, i, mesh), wb))
 
   state, (loss_sums, hits) = jax.lax.scan(body, state, (idx, w))
-  n = X.shape[0]
   return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
 
 
-def make_train_epoch(hp, optimizer, batch_size):
-  """jit(train_epoch)(state, X, y, epoch) with the state donated (positional call)."""
+def make_train_epoch(hp, optimizer, batch_size, num_examples=None, mesh=None):
+  """jit(train_epoch)(state, X, y, epoch) with the state donated (positional call).
+
+  With a mesh, X and y are row-sharded (parallel.shard_rows), the state replicated
+  (parallel.replicate), and the returned state and metrics are replicated.
+  """
   step = make_train_step(hp, optimizer)
-  return jax.jit(functools.partial(train_epoch, step, batch_size=batch_size),
-                 donate_argnums=(0,))
+  epoch = functools.partial(train_epoch, step, batch_size=batch_size,
+                            num_examples=num_examples, mesh=mesh)
+  if mesh is None:
+    return jax.jit(epoch, donate_argnums=(0,))
+  parallel.check_batch_size(batch_size, mesh)
+  return jax.jit(epoch, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
 
 
-@functools.partial(jax.jit, static_argnames="batch_size")
-def evaluate(params, X, y, batch_size=1024):
-  """Loss, accuracy and predictions (N,) over X (N, D), every example counted once."""
-  n = X.shape[0]
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh"))
+def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None):
+  """Loss, accuracy and predictions (N,) over the first N = num_examples rows of X.
+
+  Every example is counted once. With a mesh, X and y are row-sharded, each batch is
+  split over the devices and the results are replicated.
+  """
+  n = X.shape[0] if num_examples is None else num_examples
   batch_size = min(batch_size, n)
+  if mesh is not None:
+    batch_size = -(-batch_size // mesh.size) * mesh.size
   idx, w = batch_indices(jnp.arange(n), batch_size)
 
   def body(_, batch):
     i, wb = batch
-    z2 = model.logits(params, X[i])
-    Y = jax.nn.one_hot(y[i], z2.shape[-1], dtype=z2.dtype)
+    z2 = model.logits(params, gather_batch(X, i, mesh))
+    Y = jax.nn.one_hot(gather_batch(y, i, mesh), z2.shape[-1], dtype=z2.dtype)
     return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.argmax(z2, axis=-1))
 
   _, (loss_sums, predicted) = jax.lax.scan(body, None, (idx, w))
   predicted = predicted.reshape(-1)[:n]
-  return {"loss": jnp.sum(loss_sums) / n,
-          "accuracy": jnp.mean((predicted == y).astype(jnp.float32)),
-          "predictions": predicted}
+  results = {"loss": jnp.sum(loss_sums) / n,
+             "accuracy": jnp.mean((predicted == y[:n]).astype(jnp.float32)),
+             "predictions": predicted}
+  if mesh is None:
+    return results
+  return jax.lax.with_sharding_constraint(results, parallel.replicated(mesh))

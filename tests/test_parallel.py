@@ -1,0 +1,172 @@
+"""Data parallel on 1, 2 and 4 devices, and on two processes, equals one device.
+
+JAX fixes its device count when it starts, so the multi-device checks run in fresh
+processes: this file's `__main__` part (below) under
+XLA_FLAGS=--xla_force_host_platform_device_count=4, and the runner itself.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from mlp_jax import parallel
+from mlp_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "experiments", "train.py")
+RTOL = 1e-5  # float32 reduction-order noise: the sum over the batch is split in parts
+
+
+def four_devices(devices=4):
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def runner(dataset, workdir, *extra, env=None):
+  return subprocess.Popen(
+      [sys.executable, RUNNER, "--noprogress", f"--dataset={dataset}",
+       f"--workdir={workdir}", "--hidden_dim=16", "--batch_size=8", "--epochs=3",
+       "--schedule=constant", "--learning_rate=0.01", *extra],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ)
+
+
+def finish(process, timeout=240):
+  stdout, stderr = process.communicate(timeout=timeout)
+  assert process.returncode == 0, stderr
+  return stdout
+
+
+def metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def assert_same_run(dir_a, dir_b):
+  """Same loss and accuracy curves and final params, to float32 reduction noise."""
+  rows_a, rows_b = metrics(dir_a), metrics(dir_b)
+  assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+  for row_a, row_b in zip(rows_a, rows_b):
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+      np.testing.assert_allclose(row_a[key], row_b[key], rtol=RTOL, err_msg=key)
+  with np.load(os.path.join(dir_a, "params.npz")) as a, \
+       np.load(os.path.join(dir_b, "params.npz")) as b:
+    for k in ("w1", "b1", "w2", "b2"):
+      assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(a[k])), k
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_one_device_mesh_changes_nothing():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((10, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 10).astype(np.int32)
+  hp = train.Hyperparams(optimizer="adam", schedule="constant")
+  optimizer = train.make_optimizer(hp)
+  state = train.init_state(0, 5, 7, 3, optimizer)
+  mesh = parallel.data_mesh(1)
+  sharded, m_sharded = train.make_train_epoch(hp, optimizer, 4, num_examples=10, mesh=mesh)(
+      parallel.replicate(state, mesh), parallel.shard_rows(x, mesh),
+      parallel.shard_rows(y, mesh), 0)
+  plain, m_plain = train.make_train_epoch(hp, optimizer, 4)(state, x, y, 0)
+  for a, b in zip(jax.tree.leaves((plain, m_plain)), jax.tree.leaves((sharded, m_sharded))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_library_on_1_2_4_devices():
+  result = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
+                          env=four_devices(), timeout=240)
+  assert result.returncode == 0, result.stderr
+  assert "OK 4 devices" in result.stdout
+
+
+def test_runner_on_4_devices_matches_1(tiny_npz, tmp_path):
+  one = runner(tiny_npz, tmp_path / "one", "--num_devices=1", env=four_devices())
+  four = runner(tiny_npz, tmp_path / "four", "--num_devices=4", env=four_devices())
+  finish(one), finish(four)
+  assert_same_run(tmp_path / "one", tmp_path / "four")
+  config = json.loads((tmp_path / "four" / "config.json").read_text())
+  assert config["num_devices"] == 4 and config["num_processes"] == 1
+
+
+def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
+  """2 processes × 2 devices, 2 epochs, then resumed to 3: equals 1 device, 3 epochs."""
+  single = runner(tiny_npz, tmp_path / "single")
+  shared = tmp_path / "shared"
+  for epochs in (2, 3):
+    port = free_port()
+    processes = [runner(tiny_npz, shared, f"--epochs={epochs}",
+                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                        f"--process_id={i}", env=four_devices(2)) for i in range(2)]
+    outputs = [finish(p) for p in processes]
+    assert "accuracy" in outputs[0] and "accuracy" not in outputs[1]  # process 0 reports
+    assert "workdir" not in outputs[1]
+  assert "resuming from the checkpoint after epoch 2" in outputs[0]
+  finish(single)
+  assert_same_run(tmp_path / "single", shared)
+  config = json.loads((shared / "config.json").read_text())
+  assert config["num_devices"] == 4 and config["num_processes"] == 2
+
+
+def test_batch_not_divisible_by_the_devices_is_one_line(tiny_npz, tmp_path):
+  process = runner(tiny_npz, tmp_path, "--batch_size=6", env=four_devices())
+  _, stderr = process.communicate(timeout=120)
+  lines = [line for line in stderr.splitlines() if line.strip() and "libtpu" not in line]
+  assert process.returncode == 1 and len(lines) == 1, stderr
+  assert "batch size 6 does not divide over 4 devices; use a multiple of 4" in lines[0]
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def _check_1_2_4_devices():
+  """The same global batches, losses and params on meshes of 1, 2 and 4 devices."""
+  assert jax.device_count() == 4, "run with --xla_force_host_platform_device_count=4"
+  rng = np.random.default_rng(0)
+  n, d, h, k, b = 30, 6, 16, 3, 8   # 30 rows: 2 padding rows on 4 devices
+  x = rng.standard_normal((n, d)).astype(np.float32)
+  y = rng.integers(0, k, n).astype(np.int32)
+  hp = train.Hyperparams(optimizer="adamw", learning_rate=0.01, schedule="constant",
+                         weight_decay=0.1, label_smoothing=0.1)
+  optimizer = train.make_optimizer(hp)
+
+  results = {}
+  for devices in (1, 2, 4):
+    mesh = parallel.data_mesh(devices)
+    X, Y = parallel.shard_rows(x, mesh), parallel.shard_rows(y, mesh)
+    assert [s.data.shape[0] for s in X.addressable_shards] == [-(-n // devices)] * devices
+    state = parallel.replicate(train.init_state(0, d, h, k, optimizer), mesh)
+    # The epoch's global batches, gathered as train_epoch gathers them.
+    idx, _ = train.batch_indices(train.epoch_order(state.key, 0, n), b)
+    batches = jax.jit(lambda X, Y, idx, m=mesh: jax.lax.map(
+        lambda i: (train.gather_batch(X, i, m), train.gather_batch(Y, i, m)), idx))(X, Y, idx)
+    epoch = train.make_train_epoch(hp, optimizer, b, num_examples=n, mesh=mesh)
+    curve = []
+    for e in range(3):
+      state, m = epoch(state, X, Y, e)
+      curve.append([float(m["train_loss"]), float(m["train_accuracy"])])
+    assert state.params.w1.sharding.is_fully_replicated
+    ev = train.evaluate(state.params, X, Y, batch_size=8, num_examples=n, mesh=mesh)
+    results[devices] = (jax.device_get(batches), curve, jax.device_get(state.params),
+                        float(ev["loss"]), np.asarray(ev["predictions"]))
+
+  ref_batches, ref_curve, ref_params, ref_loss, ref_pred = results[1]
+  for devices in (2, 4):
+    batches, curve, params, loss, pred = results[devices]
+    for got, want in zip(batches, ref_batches):
+      np.testing.assert_array_equal(got, want)  # the same global batches, bit for bit
+    np.testing.assert_allclose(curve, ref_curve, rtol=RTOL)
+    for got, want in zip(params, ref_params):
+      assert np.max(np.abs(got - want)) <= RTOL * np.max(np.abs(want))
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+    np.testing.assert_array_equal(pred, ref_pred)
+  print("OK 4 devices")
+
+
+if __name__ == "__main__":
+  _check_1_2_4_devices()
