@@ -6,7 +6,10 @@
 Rows: gradient (manual | autodiff | manual_vjp) × mode (step: a Python loop of the
 jitted step; scan: `steps` steps in one jitted lax.scan, the runner's epoch) × compute
 dtype (float32 | bfloat16 matmuls with float32 params, softmax and loss) × batch size ×
-hidden size. Each: median and min µs per step over --repeats, examples/s, GFLOP/s and
+hidden size × device count (--num_devices: data parallel over a mesh of that many
+devices, mlp_jax/parallel.py; on a CPU, start with
+XLA_FLAGS=--xla_force_host_platform_device_count=4 to split it into 4 host devices).
+Each: median and min µs per step over --repeats, examples/s, GFLOP/s and
 its fraction of the GEMM ceiling measured in this run (same device, same dtype), compile
 seconds, peak device memory where the platform reports it.
 """
@@ -23,6 +26,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from mlp_jax import parallel
 from mlp_jax import train
 
 flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time.")
@@ -30,6 +34,7 @@ flags.DEFINE_list("modes", ["step", "scan"], "step: Python loop; scan: one lax.s
 flags.DEFINE_list("compute_dtypes", ["float32", "bfloat16"], "Matmul dtypes.")
 flags.DEFINE_list("batch_sizes", ["64", "256", "1024"], "Batch sizes B.")
 flags.DEFINE_list("hidden_dims", ["1024"], "Hidden sizes H.")
+flags.DEFINE_list("num_devices", ["1"], "Device counts: data parallel over a mesh of each.")
 flags.DEFINE_integer("in_dim", 784, "D.", lower_bound=1)
 flags.DEFINE_integer("num_classes", 10, "K.", lower_bound=2)
 flags.DEFINE_integer("steps", 100, "Steps per timed repeat.", lower_bound=1)
@@ -93,17 +98,22 @@ def synthetic_data(n, d, k):
   return x, y
 
 
-def jax_run(grads, mode, compute_dtype, b, h, cfg):
-  """(run, compile seconds): run() does `cfg.steps` Adam steps of the runner's train step."""
+def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
+  """(run, compile seconds): run() does `cfg.steps` Adam steps of the runner's train step.
+
+  The batch is split over a mesh of `devices` devices, the state replicated.
+  """
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
                          grads=grads, compute_dtype=compute_dtype)
   optimizer = train.make_optimizer(hp)
-  state = train.init_state(0, d, h, k, optimizer)
+  mesh = parallel.data_mesh(devices)
+  state = parallel.replicate(train.init_state(0, d, h, k, optimizer), mesh)
   if mode == "step":
-    x, y = synthetic_data(b, d, k)
-    batch = (x, y, jnp.ones((b,), jnp.float32))
-    fn = jax.jit(train.make_train_step(hp, optimizer), donate_argnums=(0,))
+    batch = tuple(parallel.shard_rows(a, mesh)
+                  for a in (*synthetic_data(b, d, k), jnp.ones((b,), jnp.float32)))
+    fn = jax.jit(train.make_train_step(hp, optimizer), donate_argnums=(0,),
+                 out_shardings=parallel.replicated(mesh))
     start = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_seconds = time.perf_counter() - start
@@ -113,8 +123,8 @@ def jax_run(grads, mode, compute_dtype, b, h, cfg):
         state, _ = compiled(state, batch)
       jax.block_until_ready(state)
   else:
-    x, y = synthetic_data(b * steps, d, k)
-    fn = train.make_train_epoch(hp, optimizer, b)
+    x, y = (parallel.shard_rows(a, mesh) for a in synthetic_data(b * steps, d, k))
+    fn = train.make_train_epoch(hp, optimizer, b, mesh=mesh)
     start = time.perf_counter()
     compiled = fn.lower(state, x, y, 0).compile()
     compile_seconds = time.perf_counter() - start
@@ -152,12 +162,13 @@ def torch_run(b, h, cfg):
   return run
 
 
-def make_row(grads, mode, compute_dtype, b, h, seconds, compile_seconds, ceiling, cfg):
+def make_row(grads, mode, compute_dtype, devices, b, h, seconds, compile_seconds, ceiling,
+             cfg):
   """One result row (the --json_out object) from the seconds per step of each repeat."""
   median = statistics.median(seconds)
   gflops = step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
   return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
-          "optimizer": cfg.optimizer,
+          "num_devices": devices, "optimizer": cfg.optimizer,
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
           "us_per_step": median * 1e6, "us_per_step_min": min(seconds) * 1e6,
           "examples_per_second": b / median, "gflops": gflops,
@@ -168,11 +179,12 @@ def make_row(grads, mode, compute_dtype, b, h, seconds, compile_seconds, ceiling
 
 def format_table(rows):
   """The rows as the fixed-width table printed on stdout."""
-  header = (f"{'grads':10} {'mode':5} {'dtype':8} {'B':>5} {'H':>5} {'us/step':>9} "
+  header = (f"{'grads':10} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
             f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'compile s':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
-    lines.append(f"{r['grads']:10} {r['mode']:5} {r['compute_dtype']:8} {r['batch_size']:5d} "
+    lines.append(f"{r['grads']:10} {r['mode']:5} {r['compute_dtype']:8} "
+                 f"{r['num_devices']:3d} {r['batch_size']:5d} "
                  f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
                  f"{r['examples_per_second']:11,.0f} {r['gflops']:8.1f} "
                  f"{r['ceiling_fraction']:7.2f} {r['compile_seconds']:9.2f}")
@@ -180,22 +192,28 @@ def format_table(rows):
 
 
 def format_ratios(rows):
-  """manual / autodiff time, bfloat16 speed-up, and JAX vs PyTorch, from the same run."""
-  by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["batch_size"], r["hidden_dim"]): r
-            for r in rows}
+  """manual / autodiff time, bfloat16 and N-device speed-ups, JAX vs PyTorch, one run."""
+  by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["num_devices"], r["batch_size"],
+             r["hidden_dim"]): r for r in rows}
   lines = []
-  for (g, mode, dt, b, h), r in by_key.items():
-    if g == "manual" and ("autodiff", mode, dt, b, h) in by_key:
-      auto = by_key[("autodiff", mode, dt, b, h)]
-      lines.append(f"manual / autodiff time   {mode:5} {dt:8} B={b:<5} H={h}: "
+  for (g, mode, dt, n, b, h), r in by_key.items():
+    where = f"B={b:<5} H={h}" + (f" devices={n}" if n > 1 else "")
+    if g == "manual" and ("autodiff", mode, dt, n, b, h) in by_key:
+      auto = by_key[("autodiff", mode, dt, n, b, h)]
+      lines.append(f"manual / autodiff time   {mode:5} {dt:8} {where}: "
                    f"{r['us_per_step'] / auto['us_per_step']:.3f}")
-    if dt == "bfloat16" and (g, mode, "float32", b, h) in by_key:
-      f32 = by_key[(g, mode, "float32", b, h)]
-      lines.append(f"bfloat16 / float32 ex/s  {g:10} {mode:5} B={b:<5} H={h}: "
+    if dt == "bfloat16" and (g, mode, "float32", n, b, h) in by_key:
+      f32 = by_key[(g, mode, "float32", n, b, h)]
+      lines.append(f"bfloat16 / float32 ex/s  {g:10} {mode:5} {where}: "
                    f"{r['examples_per_second'] / f32['examples_per_second']:.3f}")
+    if n > 1 and (g, mode, dt, 1, b, h) in by_key:
+      one = by_key[(g, mode, dt, 1, b, h)]
+      lines.append(f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
+                   f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
     if g == "torch":
       best = max((q for q in rows if q["grads"] != "torch" and q["batch_size"] == b
-                  and q["hidden_dim"] == h and q["compute_dtype"] == "float32"),
+                  and q["hidden_dim"] == h and q["compute_dtype"] == "float32"
+                  and q["num_devices"] == 1),
                  key=lambda q: q["examples_per_second"], default=None)
       if best:
         lines.append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
@@ -213,17 +231,31 @@ def main(argv):
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
              + [p for p in cfg.peers if p != "torch"])
   try:
-    batch_sizes, hidden_dims = ([int(v) for v in cfg.batch_sizes],
-                                [int(v) for v in cfg.hidden_dims])
+    batch_sizes, hidden_dims, device_counts = ([int(v) for v in cfg.batch_sizes],
+                                               [int(v) for v in cfg.hidden_dims],
+                                               [int(v) for v in cfg.num_devices])
   except ValueError:
-    unknown.append("--batch_sizes/--hidden_dims must be comma lists of integers")
-    batch_sizes, hidden_dims = [], []
-  if unknown or min(batch_sizes + hidden_dims, default=1) < 1:
+    unknown.append("--batch_sizes/--hidden_dims/--num_devices must be comma lists of "
+                   "integers")
+    batch_sizes, hidden_dims, device_counts = [], [], []
+  if unknown or min(batch_sizes + hidden_dims + device_counts, default=1) < 1:
     print(f"error: unknown or invalid values: {', '.join(unknown) or 'sizes must be >= 1'}",
           file=sys.stderr)
     sys.exit(2)
+  local = jax.local_device_count()
+  if max(device_counts) > local:
+    print(f"error: --num_devices asks for {max(device_counts)} devices but there are "
+          f"{local}; on a CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
+          f"{max(device_counts)}.", file=sys.stderr)
+    sys.exit(2)
+  uneven = [(b, n) for b in batch_sizes for n in device_counts if b % n]
+  if uneven:
+    print(f"error: batch size {uneven[0][0]} does not divide over {uneven[0][1]} devices; "
+          "use batch sizes that are multiples of every --num_devices.", file=sys.stderr)
+    sys.exit(2)
 
-  print(f"device: {jax.devices()[0]} ({jax.default_backend()}), jax {jax.__version__}, "
+  print(f"device: {jax.devices()[0]} ({jax.default_backend()}, {local} local), "
+        f"jax {jax.__version__}, "
         f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
         f"optimizer={cfg.optimizer}")
   torch_ok = "torch" in cfg.peers and importlib.util.find_spec("torch") is not None
@@ -238,11 +270,12 @@ def main(argv):
         runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
         for mode in cfg.modes:
           for grads in cfg.grads:
-            key = (grads, mode, dt)
-            runs[key], compile_seconds[key] = jax_run(grads, mode, dt, b, h, cfg)
+            for n in device_counts:
+              key = (grads, mode, dt, n)
+              runs[key], compile_seconds[key] = jax_run(grads, mode, dt, b, h, n, cfg)
       if torch_ok:
-        runs[("torch", "eager", "float32")] = torch_run(b, h, cfg)
-        compile_seconds[("torch", "eager", "float32")] = 0.0
+        runs[("torch", "eager", "float32", 1)] = torch_run(b, h, cfg)
+        compile_seconds[("torch", "eager", "float32", 1)] = 0.0
         if ("gemm", "float32") not in runs:
           runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
                                                                       cfg.ceiling_size)

@@ -46,6 +46,8 @@ flags.DEFINE_float("validation_fraction", D.validation_fraction,
 flags.DEFINE_bool("progress", D.progress, "Show a progress bar.")
 flags.DEFINE_integer("num_devices", D.num_devices, "Devices per process to train on, "
                      "data parallel. Default: every local device.", lower_bound=1)
+flags.DEFINE_bool("distributed", D.distributed, "Start jax.distributed; without the three "
+                  "flags below JAX detects them (SLURM, TPU pod, Open MPI).")
 flags.DEFINE_string("coordinator_address", D.coordinator_address,
                     "host:port of process 0, for a multi-process run (jax.distributed).")
 flags.DEFINE_integer("num_processes", D.num_processes, "Processes in a multi-process run.",

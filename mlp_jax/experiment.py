@@ -65,6 +65,7 @@ class RunConfig(NamedTuple):
   validation_fraction: float = 0.0
   progress: bool = True
   num_devices: Optional[int] = None          # per process; None: every local device
+  distributed: bool = False                  # jax.distributed, settings from the cluster
   coordinator_address: Optional[str] = None  # host:port of process 0 (jax.distributed)
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
@@ -191,8 +192,12 @@ def _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh):
 
 
 def _join_processes(config):
-  """jax.distributed.initialize when a multi-process setting is given; before any JAX use."""
-  if (config.coordinator_address, config.num_processes, config.process_id) == (None,) * 3:
+  """jax.distributed.initialize when asked or a multi-process setting is given.
+
+  Settings left None are detected by JAX from SLURM, a TPU pod or Open MPI.
+  """
+  explicit = (config.coordinator_address, config.num_processes, config.process_id)
+  if not config.distributed and explicit == (None,) * 3:
     return
   if not config.workdir:
     raise RunError("a multi-process run needs --workdir, a directory every process can "

@@ -15,6 +15,9 @@ Many hosts: call `initialize` (jax.distributed) first; the mesh then spans the c
 devices of every process, and each process places only its own rows of the dataset.
 """
 
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.sharding import Mesh
@@ -24,13 +27,57 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None):
+def initialize(coordinator_address=None, num_processes=None, process_id=None,
+               timeout_seconds=300):
   """jax.distributed.initialize: joins this process to the others before JAX starts.
 
-  None lets JAX detect the value from the cluster (SLURM, TPU pods, Open MPI).
+  None lets JAX detect the value from the cluster (SLURM, TPU pods, Open MPI). With an
+  explicit address, process 0 first checks that the port is free and the others wait up
+  to `timeout_seconds` for it to open, so a wrong address is a ConnectionError naming
+  it rather than an abort from inside the coordination service.
   """
+  if coordinator_address is not None and process_id is not None:
+    if process_id == 0:
+      check_port_free(coordinator_address)
+    else:
+      wait_for_coordinator(coordinator_address, timeout_seconds)
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             initialization_timeout=timeout_seconds)
+
+
+def _host_port(address):
+  host, _, port = address.rpartition(":")
+  return host.strip("[]"), int(port)
+
+
+def check_port_free(address):
+  """Raises ConnectionError if process 0 cannot listen on the port of `address`."""
+  _, port = _host_port(address)
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(("", port))
+    except OSError as e:
+      raise ConnectionError(f"process 0 cannot listen on port {port} ({e.strerror}); "
+                            "pick a free port for the coordinator address.") from None
+
+
+def wait_for_coordinator(address, timeout_seconds):
+  """Waits until process 0 listens at host:port; ConnectionError after timeout_seconds."""
+  host, port = _host_port(address)
+  deadline = time.monotonic() + timeout_seconds
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ConnectionError(
+            f"nothing listens at the coordinator address {address} after "
+            f"{timeout_seconds:g} s ({e.strerror or e}); start process 0 there, or fix "
+            "the address.") from None
+      time.sleep(0.5)
 
 
 def data_mesh(num_devices=None):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARK = os.path.join(ROOT, "experiments", "benchmark.py")
 
@@ -14,9 +16,10 @@ def step_flops(b, d, h, k):
   return (2 * b * d * h + 2 * b * h * k) + (2 * b * h * k + 2 * b * h * k + 2 * b * d * h)
 
 
-def run(*flags):
+def run(*flags, host_devices=1):
+  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={host_devices}"}
   return subprocess.run([sys.executable, BENCHMARK, *flags], capture_output=True,
-                        text=True, timeout=300, cwd=ROOT)
+                        text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def test_benchmark_writes_a_row_per_variant(tmp_path):
@@ -43,3 +46,26 @@ def test_benchmark_rejects_unknown_values():
   result = run("--grads=numeric", "--steps=1")
   assert result.returncode != 0
   assert "unknown or invalid values: numeric" in result.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_times_n_devices_side_by_side(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  result = run("--num_devices=1,2", "--grads=manual", "--compute_dtypes=float32",
+               "--batch_sizes=8", "--hidden_dims=16", "--in_dim=12", "--num_classes=3",
+               "--steps=3", "--repeats=2", "--ceiling_size=32", f"--json_out={out}",
+               host_devices=2)
+  assert result.returncode == 0, result.stderr
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert sorted((r["mode"], r["num_devices"]) for r in rows) == [
+      ("scan", 1), ("scan", 2), ("step", 1), ("step", 2)]
+  assert "2 devices / 1 ex/s      manual     scan" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_devices=4"], "--num_devices asks for 4 devices but there are 2"),
+    (["--num_devices=2", "--batch_sizes=9"], "batch size 9 does not divide over 2 devices"),
+])
+def test_benchmark_rejects_impossible_device_counts(flags, message):
+  result = run(*flags, "--steps=1", host_devices=2)
+  assert result.returncode == 2
+  assert message in result.stderr.strip().splitlines()[-1]

@@ -13,6 +13,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from mlp_jax import parallel
 from mlp_jax import train
@@ -62,6 +63,19 @@ def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def test_a_wrong_coordinator_address_is_named_not_waited_on_forever():
+  port = free_port()  # closed again: nothing listens there
+  with pytest.raises(ConnectionError, match=f"nothing listens at .*127.0.0.1:{port} after 1 s"):
+    parallel.wait_for_coordinator(f"127.0.0.1:{port}", timeout_seconds=1)
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    address = f"127.0.0.1:{taken.getsockname()[1]}"
+    parallel.wait_for_coordinator(address, timeout_seconds=1)  # it listens: returns
+    with pytest.raises(ConnectionError, match="cannot listen on port .*pick a free port"):
+      parallel.check_port_free(address)
 
 
 def test_one_device_mesh_changes_nothing():

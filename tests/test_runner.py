@@ -71,6 +71,12 @@ def test_rerun_with_the_same_workdir_resumes(tiny_npz, tmp_path):
     (["--dataset=npz:/nonexistent.npz"], "not a readable .npz"),
     (["--batch_size=5000"], "exceeds the 1437 training examples"),
     (["--workdir=/dev/null"], "is a file, not a directory"),
+    (["--num_devices=2"], "--num_devices: asked for 2 devices per process but this process "
+                          "has 1"),
+    (["--num_processes=2"], "a multi-process run needs --workdir"),
+    (["--distributed", "--workdir=/nonexistent/run"], "jax.distributed could not start"),
+    (["--num_processes=2", "--process_id=2"], "--process_id must be below --num_processes"),
+    (["--coordinator_address=localhost"], "--coordinator_address must be host:port"),
 ])
 def test_bad_flags_exit_non_zero_with_one_line(flags, message):
   result = run("--epochs=1", *flags)
