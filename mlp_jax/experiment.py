@@ -8,10 +8,10 @@ WORKDIR/ after a run:
     curves.png       loss and accuracy per epoch
     confusion.png    the test confusion matrix
 
-Data parallel on every local device by default (mlp_jax/parallel.py); with
-coordinator_address / num_processes / process_id set, many processes train together
-through jax.distributed, and process 0 alone writes the files above (all of them save
-the checkpoints together, through orbax).
+Data parallel on every local device by default (mlp_jax/parallel.py). With
+`distributed` or coordinator_address / num_processes / process_id set, many processes
+train together through jax.distributed; process 0 alone writes the files above, and all
+of them save the checkpoints together, through orbax.
 """
 
 import json

@@ -7,9 +7,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4, and the runner itself.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -127,6 +129,26 @@ def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
   assert_same_run(tmp_path / "single", shared)
   config = json.loads((shared / "config.json").read_text())
   assert config["num_devices"] == 4 and config["num_processes"] == 2
+
+
+def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_path):
+  port = free_port()
+  processes = [runner(tiny_npz, tmp_path, "--epochs=200",
+                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}") for i in range(2)]
+  deadline = time.time() + 120
+  while not (tmp_path / "metrics.jsonl").exists() or not metrics(tmp_path):
+    assert time.time() < deadline and processes[0].poll() is None, "no epoch finished"
+    time.sleep(0.05)
+  processes[1].send_signal(signal.SIGINT)
+  lasts = []
+  for p in processes:
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    lasts.append(stderr.strip().splitlines()[-1])
+  assert lasts[0] == lasts[1] and "stopped by Ctrl-C after epoch" in lasts[0]
+  done = int(lasts[0].split("checkpoint after epoch ")[1].split()[0])
+  assert done < 200 and len(metrics(tmp_path)) == done
 
 
 def test_batch_not_divisible_by_the_devices_is_one_line(tiny_npz, tmp_path):
