@@ -7,6 +7,7 @@
         --process_id=0 --workdir=/shared/run                      # one line per process
 """
 
+import os
 import sys
 
 from absl import app
@@ -91,6 +92,9 @@ def main(argv):
                                    for f in experiment.RunConfig._fields})
   try:
     experiment.run(config)
+  except experiment.PeerLost as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    os._exit(1)  # a normal exit waits ~100 s in JAX's shutdown for the lost process
   except experiment.Interrupted as e:
     print(f"stopped: {e}", file=sys.stderr)
     sys.exit(130)

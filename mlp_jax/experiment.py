@@ -43,6 +43,19 @@ class Interrupted(RunError):
   """Ctrl-C: the last finished epoch's checkpoint is on disk; rerun to resume."""
 
 
+class PeerLost(RunError):
+  """A collective failed in a multi-process run: another process died; restart them all."""
+
+
+# What a failed collective raises (XlaRuntimeError, a RuntimeError, before jax 0.4.36).
+_RUNTIME_ERROR = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
+
+
+def _first_line(e):
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 class RunConfig(NamedTuple):
   """Every setting of a run; the runner's flags have the same names and defaults."""
 
@@ -206,8 +219,7 @@ def _join_processes(config):
     parallel.initialize(config.coordinator_address, config.num_processes,
                         config.process_id)
   except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds)
-    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    raise RunError(f"jax.distributed could not start ({reason}); check "
+    raise RunError(f"jax.distributed could not start ({_first_line(e)}); check "
                    "--coordinator_address (host:port of process 0, reachable by every "
                    "process), --num_processes and --process_id.") from None
 
@@ -320,6 +332,12 @@ def run(config, log=print):
       if _any_process(stop.requested):  # `finally` below waits for this checkpoint
         raise Interrupted(f"stopped by Ctrl-C after epoch {done}; the checkpoint after "
                           f"epoch {done} is saved: rerun the same command to resume.")
+  except _RUNTIME_ERROR as e:
+    if jax.process_count() == 1:
+      raise
+    raise PeerLost(f"another process failed in epoch {done + 1} ({_first_line(e)}); the "
+                   f"checkpoint after epoch {done} is kept: restart every process with the "
+                   "same command to resume.") from None
   finally:
     stop.uninstall()
     mngr.wait_until_finished()

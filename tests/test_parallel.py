@@ -61,6 +61,13 @@ def assert_same_run(dir_a, dir_b):
       assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(a[k])), k
 
 
+def wait_for_first_epoch(workdir, process, timeout=120):
+  deadline = time.time() + timeout
+  while not (workdir / "metrics.jsonl").exists() or not metrics(workdir):
+    assert time.time() < deadline and process.poll() is None, "no epoch finished"
+    time.sleep(0.05)
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -136,10 +143,7 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_pat
   processes = [runner(tiny_npz, tmp_path, "--epochs=200",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
-  deadline = time.time() + 120
-  while not (tmp_path / "metrics.jsonl").exists() or not metrics(tmp_path):
-    assert time.time() < deadline and processes[0].poll() is None, "no epoch finished"
-    time.sleep(0.05)
+  wait_for_first_epoch(tmp_path, processes[0])
   processes[1].send_signal(signal.SIGINT)
   lasts = []
   for p in processes:
@@ -149,6 +153,25 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_pat
   assert lasts[0] == lasts[1] and "stopped by Ctrl-C after epoch" in lasts[0]
   done = int(lasts[0].split("checkpoint after epoch ")[1].split()[0])
   assert done < 200 and len(metrics(tmp_path)) == done
+
+
+def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):
+  port = free_port()
+  # Digits in batches of 2: ~8 s epochs, so 1 s after epoch 1 the kill lands mid-epoch.
+  # (Killed while a checkpoint is being written, orbax's barrier waits for JAX's
+  # 100 s heartbeat timeout instead, and JAX aborts the survivor with its own log.)
+  processes = [runner("digits", tmp_path, "--epochs=50", "--batch_size=2",
+                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}") for i in range(2)]
+  wait_for_first_epoch(tmp_path, processes[0])
+  time.sleep(1)
+  processes[1].kill()
+  _, stderr = processes[0].communicate(timeout=60)   # JAX alone would abort after ~100 s
+  assert processes[0].returncode == 1, stderr
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: another process failed in epoch ")
+  assert "restart every process with the same command to resume" in last
+  processes[1].communicate()
 
 
 def test_batch_not_divisible_by_the_devices_is_one_line(tiny_npz, tmp_path):
