@@ -25,8 +25,8 @@ RUNNER = os.path.join(ROOT, "experiments", "train.py")
 RTOL = 1e-5  # float32 reduction-order noise: the sum over the batch is split in parts
 
 
-def four_devices(devices=4):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+def host_devices(count):
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
 
 
 def runner(dataset, workdir, *extra, env=None):
@@ -105,14 +105,14 @@ def test_one_device_mesh_changes_nothing():
 
 def test_library_on_1_2_4_devices():
   result = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                          env=four_devices(), timeout=240)
+                          env=host_devices(4), timeout=240)
   assert result.returncode == 0, result.stderr
   assert "OK 4 devices" in result.stdout
 
 
 def test_runner_on_4_devices_matches_1(tiny_npz, tmp_path):
-  one = runner(tiny_npz, tmp_path / "one", "--num_devices=1", env=four_devices())
-  four = runner(tiny_npz, tmp_path / "four", "--num_devices=4", env=four_devices())
+  one = runner(tiny_npz, tmp_path / "one", "--num_devices=1", env=host_devices(4))
+  four = runner(tiny_npz, tmp_path / "four", "--num_devices=4", env=host_devices(4))
   finish(one), finish(four)
   assert_same_run(tmp_path / "one", tmp_path / "four")
   config = json.loads((tmp_path / "four" / "config.json").read_text())
@@ -127,7 +127,7 @@ def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
     port = free_port()
     processes = [runner(tiny_npz, shared, f"--epochs={epochs}",
                         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                        f"--process_id={i}", env=four_devices(2)) for i in range(2)]
+                        f"--process_id={i}", env=host_devices(2)) for i in range(2)]
     outputs = [finish(p) for p in processes]
     assert "accuracy" in outputs[0] and "accuracy" not in outputs[1]  # process 0 reports
     assert "workdir" not in outputs[1]
@@ -175,7 +175,7 @@ def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):
 
 
 def test_batch_not_divisible_by_the_devices_is_one_line(tiny_npz, tmp_path):
-  process = runner(tiny_npz, tmp_path, "--batch_size=6", env=four_devices())
+  process = runner(tiny_npz, tmp_path, "--batch_size=6", env=host_devices(4))
   _, stderr = process.communicate(timeout=120)
   lines = [line for line in stderr.splitlines() if line.strip() and "libtpu" not in line]
   assert process.returncode == 1 and len(lines) == 1, stderr
