@@ -19,6 +19,8 @@ import pytest
 
 from mlp_jax import parallel
 from mlp_jax import train
+from test_reliability import metrics
+from test_reliability import wait_for_epochs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "experiments", "train.py")
@@ -43,11 +45,6 @@ def finish(process, timeout=240):
   return stdout
 
 
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def assert_same_run(dir_a, dir_b):
   """Same loss and accuracy curves and final params, to float32 reduction noise."""
   rows_a, rows_b = metrics(dir_a), metrics(dir_b)
@@ -59,13 +56,6 @@ def assert_same_run(dir_a, dir_b):
        np.load(os.path.join(dir_b, "params.npz")) as b:
     for k in ("w1", "b1", "w2", "b2"):
       assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(a[k])), k
-
-
-def wait_for_first_epoch(workdir, process, timeout=120):
-  deadline = time.time() + timeout
-  while not (workdir / "metrics.jsonl").exists() or not metrics(workdir):
-    assert time.time() < deadline and process.poll() is None, "no epoch finished"
-    time.sleep(0.05)
 
 
 def free_port():
@@ -143,7 +133,7 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_pat
   processes = [runner(tiny_npz, tmp_path, "--epochs=200",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
-  wait_for_first_epoch(tmp_path, processes[0])
+  wait_for_epochs(tmp_path, processes[0], 1)
   processes[1].send_signal(signal.SIGINT)
   lasts = []
   for p in processes:
@@ -163,7 +153,7 @@ def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):
   processes = [runner("digits", tmp_path, "--epochs=50", "--batch_size=2",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
-  wait_for_first_epoch(tmp_path, processes[0])
+  wait_for_epochs(tmp_path, processes[0], 1)
   time.sleep(1)
   processes[1].kill()
   _, stderr = processes[0].communicate(timeout=60)   # JAX alone would abort after ~100 s
