@@ -193,34 +193,40 @@ def format_table(rows):
 
 
 def format_ratios(rows):
-  """manual / autodiff time, bfloat16 and N-device speed-ups, JAX vs PyTorch, one run."""
+  """manual / autodiff time, bfloat16 and N-device speed-ups, JAX vs PyTorch, one run;
+  the lines of each kind together."""
   by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["num_devices"], r["batch_size"],
              r["hidden_dim"]): r for r in rows}
-  lines = []
-  for (g, mode, dt, n, b, h), r in by_key.items():
+  kinds = {"manual": [], "bfloat16": [], "devices": [], "torch": []}
+  # Mode, dtype, grads, devices, H, B: each kind's lines read down one variable at a time.
+  order = sorted(by_key, key=lambda key: (key[1], key[2], key[0], key[3], key[5], key[4]))
+  for (g, mode, dt, n, b, h) in order:
+    r = by_key[(g, mode, dt, n, b, h)]
     where = f"B={b:<5} H={h}" + (f" devices={n}" if n > 1 else "")
     if g == "manual" and ("autodiff", mode, dt, n, b, h) in by_key:
       auto = by_key[("autodiff", mode, dt, n, b, h)]
-      lines.append(f"manual / autodiff time   {mode:5} {dt:8} {where}: "
-                   f"{r['us_per_step'] / auto['us_per_step']:.3f}")
+      kinds["manual"].append(f"manual / autodiff time   {mode:5} {dt:8} {where}: "
+                             f"{r['us_per_step'] / auto['us_per_step']:.3f}")
     if dt == "bfloat16" and (g, mode, "float32", n, b, h) in by_key:
       f32 = by_key[(g, mode, "float32", n, b, h)]
-      lines.append(f"bfloat16 / float32 ex/s  {g:10} {mode:5} {where}: "
-                   f"{r['examples_per_second'] / f32['examples_per_second']:.3f}")
+      kinds["bfloat16"].append(
+          f"bfloat16 / float32 ex/s  {g:10} {mode:5} {where}: "
+          f"{r['examples_per_second'] / f32['examples_per_second']:.3f}")
     if n > 1 and (g, mode, dt, 1, b, h) in by_key:
       one = by_key[(g, mode, dt, 1, b, h)]
-      lines.append(f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
-                   f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+      kinds["devices"].append(
+          f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
+          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
     if g == "torch":
       best = max((q for q in rows if q["grads"] != "torch" and q["batch_size"] == b
                   and q["hidden_dim"] == h and q["compute_dtype"] == "float32"
                   and q["num_devices"] == 1),
                  key=lambda q: q["examples_per_second"], default=None)
       if best:
-        lines.append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
-                     f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
-                     f"({best['grads']}, {best['mode']})")
-  return "\n".join(lines)
+        kinds["torch"].append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
+                              f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
+                              f"({best['grads']}, {best['mode']})")
+  return "\n".join(line for lines in kinds.values() for line in lines)
 
 
 def main(argv):

@@ -2,8 +2,9 @@
 
 Every public function calls these before any math, so a wrong shape names the
 argument and the expected shape instead of failing deep inside a jnp.dot.
-Label VALUES can only be read when they are concrete: `check_labels` checks their
-range outside jit; under jit the data loader (mlp_jax.data) has checked them.
+Label VALUES can only be read when they are concrete: `check_labels` checks them
+outside jit; under jit a bad label turns the loss and gradients into NaN
+(losses.targets), so it is never a plausible number.
 """
 
 import jax
@@ -15,8 +16,26 @@ def _shape(a):
   return tuple(np.shape(a))
 
 
+def _dtype(a):
+  """The dtype of `a` as given: numpy float64 stays float64 even with x64 off."""
+  return a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
+
+
+def check_key(key):
+  """Checks `key` is a JAX PRNG key (jax.random.key(s) or jax.random.PRNGKey(s))."""
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return
+  if _shape(key) == (2,) and _dtype(key) == np.uint32:
+    return
+  raise TypeError(f"key must be a JAX PRNG key, got {type(key).__name__} {key!r:.40}; "
+                  "pass jax.random.key(seed), e.g. mj.init_params(jax.random.key(0), ...).")
+
+
 def check_params(params):
   """Checks w1 (H, D), b1 (H,), w2 (K, H), b2 (K,) agree; returns (D, H, K)."""
+  if isinstance(params, tuple) and len(params) == 4 and not hasattr(params, "w1"):
+    raise TypeError("params must be mlp_jax.Params(w1, b1, w2, b2), got a plain "
+                    f"{type(params).__name__}; wrap it: mj.Params(*params).")
   if not (isinstance(params, tuple) and len(params) == 4):
     raise TypeError(
         "params must be mlp_jax.Params(w1, b1, w2, b2) (see mj.init_params), got "
@@ -55,28 +74,36 @@ def check_batch(params, X):
     raise ValueError(f"X must be a batch of shape (B, {d}) for w1 {_shape(params[0])}; "
                      f"got {_shape(X)}. Flatten images to (B, D); for one example use "
                      "X[None].")
-  if not jnp.issubdtype(jnp.result_type(X), jnp.floating):
-    raise TypeError(f"X must be floating point, got {jnp.result_type(X)}; "
+  if not jnp.issubdtype(_dtype(X), jnp.floating):
+    raise TypeError(f"X must be floating point, got {_dtype(X)}; "
                     "convert it with X.astype(jnp.float32).")
+  if _shape(X)[0] == 0:
+    raise ValueError(f"X {_shape(X)} has no rows; a batch needs at least one example.")
   return _shape(X)[0]
 
 
 def check_labels(y, batch_size, num_classes):
-  """Checks y is int labels (B,) in [0, K) or float targets (B, K)."""
+  """Checks y is labels (B,) in [0, K) (ints, or floats holding whole numbers) or float
+  targets (B, K). Label values are checked when concrete (not under jit)."""
   shape = _shape(y)
-  dtype = jnp.result_type(y)
+  dtype = _dtype(y)
   if shape == (batch_size,):
-    if not jnp.issubdtype(dtype, jnp.integer):
-      raise TypeError(f"labels y of shape ({batch_size},) must be integers in [0, "
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+      raise TypeError(f"labels y of shape ({batch_size},) must be class indices in [0, "
                       f"{num_classes}), got dtype {dtype}; cast with y.astype(jnp.int32), "
                       f"or pass targets of shape ({batch_size}, {num_classes}).")
     try:
       y = np.asarray(y)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-      return  # traced (jit, vmap): the values are unknown here
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      return  # traced (jit, vmap): losses.targets makes a bad label's loss NaN
+    if not np.all(np.isfinite(y)) or np.any(y != np.floor(y)):
+      bad = y[~np.isfinite(y) | (y != np.floor(y))][0]
+      raise ValueError(f"labels y must be whole numbers (class indices), got {bad:g}; "
+                       f"pass int labels in [0, {num_classes}) or targets ({batch_size}, "
+                       f"{num_classes}).")
+    if y.min() < 0 or y.max() >= num_classes:
       raise ValueError(f"labels y must lie in [0, {num_classes}) for K = {num_classes} "
-                       f"classes; got min {y.min()}, max {y.max()}.")
+                       f"classes; got min {y.min():g}, max {y.max():g}.")
   elif shape == (batch_size, num_classes):
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(f"targets y of shape {shape} must be floating point, got {dtype}.")

@@ -189,6 +189,21 @@ def _labels(y, n, name):
   return y.astype(np.int64)
 
 
+def check_every_class_in_train(y_train, num_classes):
+  """Refuses labels 0..K-1 where a class never occurs in train: 1-based labels (1..K
+  would make a phantom class 0), or a class the network could never learn."""
+  missing = np.setdiff1d(np.arange(num_classes), y_train)
+  if not missing.size:
+    return
+  if missing.tolist() == [0] and y_train.min() == 1:
+    raise DataError(f"the training labels run from 1 to {num_classes - 1}, not from 0: "
+                    "class 0 would be a phantom class; subtract 1 from y_train and y_test.")
+  names = ", ".join(str(c) for c in missing[:10]) + (" ..." if missing.size > 10 else "")
+  raise DataError(f"class {names} of 0..{num_classes - 1} never occurs in the training "
+                  f"labels ({missing.size} of {num_classes} classes absent); renumber the "
+                  "classes to 0..K-1 without gaps, or add training examples of each.")
+
+
 def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0):
   """Flattens, checks, splits off validation, and standardises with TRAIN statistics.
 
@@ -216,6 +231,7 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
                       "training examples leaves no validation or no training data.")
     val, train = order[:n_val], np.sort(order[n_val:])
     x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[train], y_train[train]
+  check_every_class_in_train(y_train, num_classes)
   with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)

@@ -86,8 +86,10 @@ class RunConfig(NamedTuple):
 
 # What must match for a workdir's checkpoint to be resumed by this config: the data,
 # the network's shape, the optimizer state's structure, and the RNG and batch order.
+# The learning-rate schedule is fixed by the first run too (see `schedule_epochs`).
 RESUME_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction", "optimizer",
-                 "weight_decay", "clip_norm", "seed", "batch_size")
+                 "weight_decay", "clip_norm", "seed", "batch_size", "learning_rate",
+                 "schedule", "warmup_epochs")
 
 
 def _versions():
@@ -100,7 +102,10 @@ def _versions():
 
 
 def prepare_workdir(config):
-  """Creates the workdir (a fresh temporary one if None); refuses one of another run."""
+  """Creates the workdir (a fresh temporary one if None); refuses one of another run.
+
+  Returns (workdir, the config.json of the run it holds, or {}).
+  """
   workdir = config.workdir or tempfile.mkdtemp(prefix="mlp_jax_")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise RunError(f"--workdir {workdir} is a file, not a directory; choose another path.")
@@ -114,14 +119,38 @@ def prepare_workdir(config):
     raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
                    "path.") from None
   old_config = os.path.join(workdir, "config.json")
-  if os.path.exists(old_config):
-    with open(old_config) as f:
-      old = json.load(f).get("config", {})
-    for field in RESUME_FIELDS:
-      if field in old and old[field] != getattr(config, field):
-        raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
-                       f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
-  return workdir
+  if not os.path.exists(old_config):
+    return workdir, {}
+  with open(old_config) as f:
+    old_run = json.load(f)
+  old = old_run.get("config", {})
+  for field in RESUME_FIELDS:
+    if field in old and old[field] != getattr(config, field):
+      raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
+                     f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
+  return workdir, old_run
+
+
+def schedule_epochs(config, old_run, epochs_done, log):
+  """The epochs where each learning-rate cycle ends, e.g. [10] or, resumed, [10, 15].
+
+  A run's schedule is planned for its --epochs. Resuming with more epochs than planned
+  keeps the planned cycle and starts a new one (warmup, then cosine to 0) for the extra
+  epochs; with fewer, training stops early on the planned schedule. Either is logged.
+  """
+  if not epochs_done:
+    return [config.epochs]
+  planned = old_run.get("config", {}).get("epochs", config.epochs)
+  ends = list(old_run.get("schedule_epochs") or [planned])
+  if config.epochs > ends[-1]:
+    log(f"--epochs {config.epochs} extends a run planned for {ends[-1]}: epochs "
+        f"{ends[-1] + 1}-{config.epochs} follow a new {config.schedule} cycle at peak "
+        f"learning rate {config.learning_rate:g} (schedule_epochs in config.json)")
+    ends.append(config.epochs)
+  elif config.epochs < ends[-1]:
+    log(f"--epochs {config.epochs} stops early on a schedule planned for {ends[-1]} "
+        "epochs; the learning rate has not decayed to its end")
+  return ends
 
 
 class _CtrlC:
@@ -152,11 +181,15 @@ class _CtrlC:
       self._previous = None
 
 
-def _hyperparams(config, steps_per_epoch):
+def _hyperparams(config, steps_per_epoch, cycle_ends):
+  """train.Hyperparams of `config`, with a learning-rate cycle ending at each epoch of
+  `cycle_ends` (see schedule_epochs)."""
   return train.Hyperparams(
       optimizer=config.optimizer, learning_rate=config.learning_rate,
       schedule=config.schedule, warmup_steps=int(config.warmup_epochs * steps_per_epoch),
-      total_steps=config.epochs * steps_per_epoch, weight_decay=config.weight_decay,
+      total_steps=cycle_ends[-1] * steps_per_epoch,
+      restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]),
+      weight_decay=config.weight_decay,
       clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, grads=config.grads,
       compute_dtype=config.compute_dtype)
 
@@ -248,6 +281,24 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
+def _write_results(workdir, state, history, splits, y_test, num_classes, mesh, writer):
+  """params.npz, curves.png and confusion.png of `state`, the last finished epoch.
+
+  The test predictions are one evaluation pass on every process (a collective with a
+  mesh of many processes); process 0 alone writes.
+  """
+  X_test, y_test_device, n_test = splits["test"]
+  predictions = np.asarray(train.evaluate(state.params, X_test, y_test_device,
+                                          num_examples=n_test, mesh=mesh)["predictions"])
+  if not writer:
+    return
+  np.savez(os.path.join(workdir, "params.npz"),
+           **{k: np.asarray(v) for k, v in state.params._asdict().items()})
+  plots.plot_curves(history, os.path.join(workdir, "curves.png"))
+  plots.plot_confusion(plots.confusion_matrix(y_test, predictions, num_classes),
+                       os.path.join(workdir, "confusion.png"))
+
+
 def run(config, log=print):
   """Trains per `config`, writes the workdir, returns the metrics of the last epoch."""
   start = time.time()
@@ -256,34 +307,40 @@ def run(config, log=print):
   if not writer:
     log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
   mesh = _make_mesh(config)
-  workdir = prepare_workdir(config)
-  log(f"workdir: {workdir}")
+  # The data is checked before a workdir exists: bad data leaves nothing behind.
   ds = data.load(config.dataset, config.data_dir,
                  validation_fraction=config.validation_fraction, seed=config.seed)
   n, in_dim = ds.x_train.shape
   if config.batch_size > n:
     raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "
                    f"use at most {n}.")
+  workdir, old_run = prepare_workdir(config)
+  log(f"workdir: {workdir}")
   steps_per_epoch = -(-n // config.batch_size)
-  hp = _hyperparams(config, steps_per_epoch)
-  optimizer = train.make_optimizer(hp)
+  # The optimizer state's structure does not depend on the schedule: restore first.
   state = parallel.replicate(
-      train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes, optimizer),
+      train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes,
+                       train.make_optimizer(_hyperparams(config, steps_per_epoch,
+                                                         [config.epochs]))),
       mesh)
-
   mngr = checkpoint.manager(workdir)
   epochs_done = 0
   restored = checkpoint.restore_latest(mngr, state, log)
   if restored is not None:
     epochs_done, state = restored
     log(f"resuming from the checkpoint after epoch {epochs_done}")
+  cycle_ends = schedule_epochs(config, old_run, epochs_done, log)
+  hp = _hyperparams(config, steps_per_epoch, cycle_ends)
+  optimizer = train.make_optimizer(hp)
+  learning_rate = train.make_schedule(hp)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   history = _read_history(metrics_path, epochs_done)
   _barrier("mlp_jax: workdir read")  # every process has read it before process 0 writes
   if writer:
     _write_lines(metrics_path, history)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump({"config": config._asdict(), "num_classes": ds.num_classes,
+      json.dump({"config": config._asdict(), "schedule_epochs": cycle_ends,
+                 "num_classes": ds.num_classes,
                  "in_dim": in_dim, "train_examples": n, "versions": _versions(),
                  "device": str(mesh.devices.flat[0]), "num_devices": mesh.size,
                  "num_processes": jax.process_count(), "platform": jax.default_backend()},
@@ -309,6 +366,7 @@ def run(config, log=print):
     bar = tqdm.tqdm(bar, initial=epochs_done, total=config.epochs, unit="epoch",
                     dynamic_ncols=True)
   done = epochs_done
+  interrupted = None
   stop = _CtrlC()
   try:
     stop.install()
@@ -320,6 +378,8 @@ def run(config, log=print):
             f"test loss {row['test_loss']}; the learning rate {config.learning_rate:g} is "
             "likely too high (try 10x lower, or --clip_norm=1). The checkpoint after epoch "
             f"{done} is kept.")
+      # The rate of the epoch's last step.
+      row["learning_rate"] = float(learning_rate((epoch + 1) * steps_per_epoch - 1))
       history.append(row)
       if writer:
         with open(metrics_path, "a") as f:
@@ -330,8 +390,10 @@ def run(config, log=print):
         bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.4f}",
                         test_acc=f"{row['test_accuracy']:.4f}")
       if _any_process(stop.requested):  # `finally` below waits for this checkpoint
-        raise Interrupted(f"stopped by Ctrl-C after epoch {done}; the checkpoint after "
-                          f"epoch {done} is saved: rerun the same command to resume.")
+        interrupted = Interrupted(
+            f"Ctrl-C after epoch {done}; its checkpoint, params.npz and plots are saved: "
+            "rerun the same command to resume.")
+        break
   except _RUNTIME_ERROR as e:
     if jax.process_count() == 1:
       raise
@@ -345,16 +407,8 @@ def run(config, log=print):
   if not history:
     raise RunError(f"--workdir {workdir} holds a finished run without its metrics.jsonl; "
                    "use a fresh --workdir.")
-
-  if writer:
-    np.savez(os.path.join(workdir, "params.npz"),
-             **{k: np.asarray(v) for k, v in state.params._asdict().items()})
-    plots.plot_curves(history, os.path.join(workdir, "curves.png"))
-  X_test, y_test_device, n_test = splits["test"]
-  predictions = np.asarray(train.evaluate(state.params, X_test, y_test_device,
-                                          num_examples=n_test, mesh=mesh)["predictions"])
-  if writer:
-    plots.plot_confusion(plots.confusion_matrix(y_test, predictions, num_classes),
-                         os.path.join(workdir, "confusion.png"))
+  _write_results(workdir, state, history, splits, y_test, num_classes, mesh, writer)
+  if interrupted is not None:
+    raise interrupted
   log(_summary(history, time.time() - start))
   return history[-1]

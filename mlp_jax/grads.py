@@ -31,9 +31,15 @@ def output_delta(z2, Y):
   return jax.nn.softmax(z2, axis=-1) * jnp.sum(Y, axis=-1, keepdims=True) - Y
 
 
+def relu_derivative(z1, dtype):
+  """ReLU'(z1) = 1[z1 ≥ 0], written as 1 − 1[z1 < 0] to match model.relu: a NaN z1
+  passes (as autodiff of model.relu passes it), so NaN stays NaN in δ1 too."""
+  return (~(z1 < 0)).astype(dtype)
+
+
 def hidden_delta(params, delta2, z1, compute_dtype=None):
   """δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0], for δ2 (K,) or (B, K) and z1 (H,) or (B, H)."""
-  return matmul(delta2, params.w2, compute_dtype) * (z1 >= 0).astype(delta2.dtype)
+  return matmul(delta2, params.w2, compute_dtype) * relu_derivative(z1, delta2.dtype)
 
 
 def _batch_activations(params, X, compute_dtype=None):
@@ -173,7 +179,10 @@ def loss_manual_vjp(params, X, y, weights=None, *, compute_dtype=None):
   """mj.loss as a jax.custom_vjp whose backward pass IS the manual formula.
 
   jax.grad, jax.vmap and optax then run on the hand-derived gradient. Gradients with
-  respect to X, float targets y and weights are closed forms too.
+  respect to X, float targets y and weights are closed forms too. Reverse mode only, by
+  construction: a custom_vjp defines no forward-mode rule, so jax.jvp, jax.jacfwd and
+  jax.hessian of it raise JAX's "can't apply forward-mode autodiff (jvp) to a
+  custom_vjp function"; use mj.loss for those.
   """
   return _loss_and_logits_manual_vjp(params, X, y, weights, compute_dtype=compute_dtype)[0]
 

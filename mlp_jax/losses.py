@@ -13,11 +13,28 @@ from mlp_jax import checks
 from mlp_jax import model
 
 
+def valid_labels(y, num_classes):
+  """True (B,) where label y_i is a whole number in [0, K) (ints, or floats 0.0, 1.0...)."""
+  valid = (y >= 0) & (y < num_classes)
+  if jnp.issubdtype(y.dtype, jnp.floating):
+    valid &= y == jnp.floor(y)
+  return valid
+
+
 def targets(y, num_classes, dtype):
-  """Int labels (B,) -> one-hot targets Y (B, K); float targets (B, K) pass through."""
-  if y.ndim == 1:
-    return jax.nn.one_hot(y, num_classes, dtype=dtype)
-  return y.astype(dtype)
+  """Labels (B,) -> one-hot targets Y (B, K); float targets (B, K) pass through.
+
+  A label outside [0, K) or not a whole number gets a row of NaN. Outside jit
+  `checks.check_labels` refuses it; under jit its value cannot be read, so the loss
+  and every gradient become NaN instead of a plausible number (jax.nn.one_hot alone
+  gives a zero row: a zero loss and a zero gradient).
+  """
+  if y.ndim != 1:
+    return y.astype(dtype)
+  valid = valid_labels(y, num_classes)
+  one_hot = jax.nn.one_hot(jnp.where(valid, y, 0).astype(jnp.int32), num_classes,
+                           dtype=dtype)
+  return jnp.where(valid[:, None], one_hot, jnp.nan)
 
 
 def mean_weights(weights, batch_size, dtype):
@@ -54,11 +71,17 @@ def loss_and_logits(params, X, y, weights=None, *, compute_dtype=None):
 
 
 def accuracy(params, X, y, weights=None):
-  """Weighted fraction of rows whose argmax logit is the label (argmax of targets)."""
-  checks.check_all(params, X, y, weights)
+  """Weighted fraction of rows whose argmax logit is the label (argmax of targets).
+
+  NaN if a label is out of range or not a whole number (seen only under jit; outside
+  it such labels raise), like `loss`.
+  """
+  _, _, _, k = checks.check_all(params, X, y, weights)
   dtype = params.w1.dtype
   predicted = jnp.argmax(model.logits(params, X.astype(dtype)), axis=-1)
   y = jnp.asarray(y)
-  labels = y if y.ndim == 1 else jnp.argmax(y, axis=-1)
-  correct = (predicted == labels).astype(dtype)
+  if y.ndim == 1:
+    correct = jnp.where(valid_labels(y, k), (predicted == y).astype(dtype), jnp.nan)
+  else:
+    correct = (predicted == jnp.argmax(y, axis=-1)).astype(dtype)
   return jnp.sum(mean_weights(weights, X.shape[0], dtype) * correct)

@@ -28,6 +28,7 @@ def init_params(key, in_dim, hidden_dim, num_classes, *, dtype=jnp.float32):
   W1 ~ N(0, 2/D) suits the ReLU that follows it; W2 ~ N(0, 1/H) keeps the logits z2
   of unit scale.
   """
+  checks.check_key(key)
   for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim),
                       ("num_classes", num_classes)):
     if not isinstance(value, int) or value < 1:
@@ -43,13 +44,14 @@ def init_params(key, in_dim, hidden_dim, num_classes, *, dtype=jnp.float32):
 
 
 def relu(z):
-  """ReLU(z) = z if z >= 0 else 0, written so that autodiff takes ReLU'(0) = 1.
+  """ReLU(z) = 0 if z < 0 else z, written so that autodiff takes ReLU'(0) = 1.
 
   The seed's convention (errata 7 in docs/derivation.md): jax.nn.relu would give
   ReLU'(0) = 0 and jnp.maximum(z, 0) gives 1/2, so the manual and autodiff
-  gradients would differ at exact ties.
+  gradients would differ at exact ties. Testing z < 0 (not z >= 0) lets a NaN
+  through: NaN < 0 is false, so a NaN input gives NaN logits, never a finite guess.
   """
-  return jnp.where(z >= 0, z, jnp.zeros_like(z))
+  return jnp.where(z < 0, jnp.zeros_like(z), z)
 
 
 def matmul(a, b, compute_dtype=None):

@@ -30,9 +30,15 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def plot_confusion(counts, path):
-  """The confusion matrix as a heat map with its counts written in."""
+  """The confusion matrix as a heat map with its counts written in, saved at `path`."""
+  confusion_figure(counts).savefig(path, dpi=100)
+
+
+def confusion_figure(counts):
+  """The Figure of plot_confusion; at least 4 inches wide, so its title always fits."""
   k = counts.shape[0]
-  fig = Figure(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+  size = max(4.0, 1 + 0.6 * k)  # wide enough for the title at any K
+  fig = Figure(figsize=(size, size))
   ax = fig.subplots()
   ax.imshow(counts, cmap="Blues")
   for i in range(k):
@@ -43,6 +49,6 @@ def plot_confusion(counts, path):
   ax.set_ylabel("true")
   ax.set_xticks(range(k))
   ax.set_yticks(range(k))
-  ax.set_title(f"test confusion ({counts.trace()} / {counts.sum()} right)")
+  ax.set_title(f"test confusion\n{counts.trace()} / {counts.sum()} right")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  return fig

@@ -45,6 +45,7 @@ class Hyperparams(NamedTuple):
   schedule: str = "cosine"
   warmup_steps: int = 0
   total_steps: int = 1
+  restart_steps: tuple = ()       # steps where a new warmup/cosine cycle starts (resume)
   weight_decay: float = 0.0
   clip_norm: float = 0.0          # 0: no clipping
   label_smoothing: float = 0.0
@@ -52,16 +53,26 @@ class Hyperparams(NamedTuple):
   compute_dtype: str = "float32"  # float32 | bfloat16 (matmuls; params stay float32)
 
 
-def make_schedule(hp):
-  """Learning rate per step: constant, cosine to 0, or linear warmup then cosine."""
+def make_cycle(hp, steps):
+  """One cycle of `steps` steps: constant, cosine to 0, or linear warmup then cosine."""
   if hp.schedule == "constant":
     return optax.constant_schedule(hp.learning_rate)
   if hp.schedule == "cosine":
-    return optax.cosine_decay_schedule(hp.learning_rate, max(hp.total_steps, 1))
+    return optax.cosine_decay_schedule(hp.learning_rate, max(steps, 1))
   if hp.schedule == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, hp.learning_rate, hp.warmup_steps, max(hp.total_steps, hp.warmup_steps + 1))
+        0.0, hp.learning_rate, hp.warmup_steps, max(steps, hp.warmup_steps + 1))
   raise ValueError(f"unknown schedule {hp.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+
+
+def make_schedule(hp):
+  """Learning rate per step: one cycle over total_steps, or, with restart_steps, a new
+  cycle (warmup, then cosine to 0 at the next restart or total_steps) at each restart."""
+  bounds = (0, *hp.restart_steps, hp.total_steps)
+  cycles = [make_cycle(hp, end - start) for start, end in zip(bounds, bounds[1:])]
+  if len(cycles) == 1:
+    return cycles[0]
+  return optax.join_schedules(cycles, list(hp.restart_steps))
 
 
 def make_optimizer(hp):
@@ -103,8 +114,7 @@ def smooth_targets(y, num_classes, label_smoothing):
   """Int labels (B,) -> (1 − ε) one-hot + ε/K targets (B, K); labels as they are if ε = 0."""
   if label_smoothing == 0:
     return y
-  return optax.smooth_labels(jax.nn.one_hot(y, num_classes, dtype=jnp.float32),
-                             label_smoothing)
+  return optax.smooth_labels(losses.targets(y, num_classes, jnp.float32), label_smoothing)
 
 
 def make_train_step(hp, optimizer):
@@ -197,7 +207,7 @@ def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None):
   def body(_, batch):
     i, wb = batch
     z2 = model.logits(params, gather_batch(X, i, mesh))
-    Y = jax.nn.one_hot(gather_batch(y, i, mesh), z2.shape[-1], dtype=z2.dtype)
+    Y = losses.targets(gather_batch(y, i, mesh), z2.shape[-1], z2.dtype)
     return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.argmax(z2, axis=-1))
 
   _, (loss_sums, predicted) = jax.lax.scan(body, None, (idx, w))

@@ -40,6 +40,11 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
     assert r["ceiling_fraction"] == r["gflops"] / r["gemm_ceiling_gflops"] > 0
     assert r["compile_seconds"] > 0 and r["hidden_dim"] == 16
   assert "manual / autodiff time" in result.stdout and "examples/s" in result.stdout
+  # The ratio lines of each kind come together, not interleaved across modes.
+  kinds = [line.split(" / ")[0] for line in result.stdout.splitlines()
+           if line.startswith(("manual / autodiff", "bfloat16 / float32"))]
+  runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+  assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 * 2 + 3 * 2 * 2
 
 
 def test_benchmark_rejects_unknown_values():

@@ -124,3 +124,11 @@ def test_fashion_mnist_real_files():
   np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
   assert np.all(np.isfinite(ds.x_train))
+
+
+def test_one_based_or_gapped_labels_are_refused_with_the_fix():
+  x = np.random.default_rng(0).normal(size=(6, 2))
+  with pytest.raises(data.DataError, match="run from 1 to 3, not from 0.*subtract 1"):
+    data.prepare(x, np.array([1, 2, 3, 1, 2, 3]), x, np.array([1, 2, 3, 1, 2, 3]))
+  with pytest.raises(data.DataError, match="class 1 of 0..2 never occurs in the training"):
+    data.prepare(x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2]))

@@ -1,5 +1,6 @@
 """The manual gradients of mlp_jax/grads.py equal jax.grad and finite differences."""
 
+import functools
 import subprocess
 import sys
 
@@ -84,6 +85,18 @@ def test_relu_derivative_at_exact_zero_is_one_in_both_paths():
     z2 = jax.nn.relu(x @ p.w1.T + p.b1[None]) @ p.w2.T + p.b2[None]
     return jnp.mean(jax.nn.logsumexp(z2, axis=1) - z2[0, 1])
   assert jax.grad(loss_with_jax_relu)(params).b1[0] == 0
+
+
+@pytest.mark.parametrize("method", ["manual", "autodiff", "manual_vjp"])
+def test_nan_in_x_gives_nan_not_a_finite_guess(method):
+  params, X, y = problem(batch=4)
+  X = X.at[0, 0].set(jnp.nan)
+  assert bool(jnp.all(jnp.isnan(mj.logits(params, X)[0])))
+  assert bool(jnp.all(jnp.isfinite(mj.logits(params, X)[1:])))
+  (loss, _), g = jax.jit(functools.partial(value_and_grads_with_logits, method=method))(
+      params, X, y)
+  assert jnp.isnan(loss) and jnp.isnan(mj.loss(params, X, y))
+  assert all(bool(jnp.any(jnp.isnan(leaf))) for leaf in g)
 
 
 def test_golden_values_by_hand():

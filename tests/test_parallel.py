@@ -140,9 +140,10 @@ def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_pat
     _, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr
     lasts.append(stderr.strip().splitlines()[-1])
-  assert lasts[0] == lasts[1] and "stopped by Ctrl-C after epoch" in lasts[0]
-  done = int(lasts[0].split("checkpoint after epoch ")[1].split()[0])
+  assert lasts[0] == lasts[1] and lasts[0].startswith("stopped: Ctrl-C after epoch ")
+  done = int(lasts[0].split("after epoch ")[1].split(";")[0])
   assert done < 200 and len(metrics(tmp_path)) == done
+  assert (tmp_path / "params.npz").exists()
 
 
 def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):

@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mlp_jax import checkpoint
 from mlp_jax import data
+from mlp_jax import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "experiments", "train.py")
@@ -46,10 +48,14 @@ def without_times(rows):
 
 
 def assert_same_params(dir_a, dir_b):
-  with np.load(os.path.join(dir_a, "params.npz")) as a, \
-       np.load(os.path.join(dir_b, "params.npz")) as b:
+  with np.load(os.path.join(dir_b, "params.npz")) as b:
+    assert_same_params_as(dir_a, b)
+
+
+def assert_same_params_as(workdir, params):
+  with np.load(os.path.join(workdir, "params.npz")) as a:
     for k in ("w1", "b1", "w2", "b2"):
-      np.testing.assert_array_equal(a[k], b[k])
+      np.testing.assert_array_equal(a[k], params[k])
 
 
 def wait_for_epochs(workdir, process, count, timeout=120):
@@ -90,9 +96,21 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tiny_npz, tmp_path):
   _, stderr = process.communicate(timeout=60)
   assert process.returncode == 130, stderr
   last = stderr.strip().splitlines()[-1]
-  assert "stopped by Ctrl-C after epoch" in last and "rerun the same command to resume" in last
-  done = int(last.split("checkpoint after epoch ")[1].split()[0])
+  assert last.startswith("stopped: Ctrl-C after epoch ") and last.count("stopped") == 1
+  assert "params.npz and plots are saved" in last and "rerun the same command" in last
+  done = int(last.split("after epoch ")[1].split(";")[0])
   assert done >= 3 and len(metrics(tmp_path)) == done
+  # The results of the last finished epoch are there: the params of its checkpoint.
+  for picture in ("curves.png", "confusion.png"):
+    assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
+  with np.load(tmp_path / "params.npz") as interrupted:
+    interrupted = dict(interrupted)
+  lines = []
+  experiment.run(experiment.RunConfig(dataset=tiny_npz, workdir=str(tmp_path),
+                                      hidden_dim=16, batch_size=8, epochs=done,
+                                      progress=False), log=lines.append)
+  assert f"resuming from the checkpoint after epoch {done}" in lines
+  assert_same_params_as(tmp_path, interrupted)
   result = run(tiny_npz, tmp_path, f"--epochs={done + 2}")
   assert result.returncode == 0, result.stderr
   assert f"resuming from the checkpoint after epoch {done}" in result.stdout
@@ -258,7 +276,7 @@ def test_npz_loader_on_hostile_contents(tmp_path_factory, n_train, n_test, n_lab
 
 
 @pytest.mark.parametrize("flag, old", [("--optimizer=sgd", "'adamw'"), ("--seed=7", "0"),
-                                       ("--batch_size=4", "8")])
+                                       ("--batch_size=4", "8"), ("--learning_rate=0.1", "0.002")])
 def test_resuming_with_another_optimizer_seed_or_batch_is_refused(tiny_npz, tmp_path, flag,
                                                                    old):
   assert run(tiny_npz, tmp_path, "--epochs=1").returncode == 0
@@ -266,3 +284,24 @@ def test_resuming_with_another_optimizer_seed_or_batch_is_refused(tiny_npz, tmp_
   assert result.returncode == 1
   assert f"holds a run with {flag[2:].split('=')[0]}={old}" in result.stderr
   assert [row["epoch"] for row in metrics(tmp_path)] == [1]
+
+
+def test_resuming_with_more_epochs_starts_a_new_cycle_and_records_it(tiny_npz, tmp_path):
+  config = experiment.RunConfig(dataset=tiny_npz, workdir=str(tmp_path), hidden_dim=16,
+                                batch_size=8, epochs=3, progress=False)
+  experiment.run(config, log=lambda *_: None)
+  lines = []
+  experiment.run(config._replace(epochs=5), log=lines.append)
+  assert ("--epochs 5 extends a run planned for 3: epochs 4-5 follow a new warmup_cosine "
+          "cycle at peak learning rate 0.002 (schedule_epochs in config.json)") in lines
+  assert json.loads((tmp_path / "config.json").read_text())["schedule_epochs"] == [3, 5]
+  # The documented schedule: warmup (1 epoch) then cosine over epochs 1-3, again over 4-5.
+  steps = 8                                                      # ceil(60 / 8)
+  first = optax.warmup_cosine_decay_schedule(0.0, 2e-3, steps, 3 * steps)
+  second = optax.warmup_cosine_decay_schedule(0.0, 2e-3, steps, 2 * steps)
+  expected = [first(e * steps - 1) for e in (1, 2, 3)] + [second(e * steps - 1) for e in (1, 2)]
+  np.testing.assert_allclose([row["learning_rate"] for row in metrics(tmp_path)], expected,
+                             rtol=1e-6)
+  # Resumed again with the same --epochs, the recorded cycles are kept.
+  experiment.run(config._replace(epochs=5), log=lines.append)
+  assert json.loads((tmp_path / "config.json").read_text())["schedule_epochs"] == [3, 5]

@@ -87,6 +87,23 @@ def test_bad_flags_exit_non_zero_with_one_line(flags, message):
   assert "Traceback" not in result.stderr
 
 
+def test_one_based_labels_give_one_line_and_leave_no_workdir(tmp_path):
+  x = np.random.default_rng(0).normal(size=(12, 3))
+  y = np.arange(12) % 3 + 1                                      # 1..3: class 0 is absent
+  np.savez(tmp_path / "one_based.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+  temp = tmp_path / "tmp"
+  temp.mkdir()
+  result = subprocess.run([sys.executable, RUNNER, "--noprogress",
+                           f"--dataset=npz:{tmp_path / 'one_based.npz'}"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, "TMPDIR": str(temp)})
+  assert result.returncode == 1
+  lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
+  assert lines == ["error: the training labels run from 1 to 3, not from 0: class 0 would "
+                   "be a phantom class; subtract 1 from y_train and y_test."]
+  assert not os.listdir(temp)                    # no empty temporary workdir left behind
+
+
 def test_workdir_of_another_network_is_refused(tiny_npz, tmp_path):
   assert tiny(tiny_npz, tmp_path, "--epochs=1").returncode == 0
   result = tiny(tiny_npz, tmp_path, "--epochs=2", "--hidden_dim=16")

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import mlp_jax as mj
@@ -137,3 +138,19 @@ def test_label_smoothing_targets():
   Y = train.smooth_targets(jnp.array([0, 2]), 3, 0.3)
   np.testing.assert_allclose(Y, [[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]], rtol=1e-6)
   np.testing.assert_array_equal(train.smooth_targets(jnp.array([1]), 3, 0.0), [1])
+
+
+def test_schedule_restarts_a_cycle_at_each_restart_step():
+  hp = train.Hyperparams(learning_rate=1.0, schedule="warmup_cosine", warmup_steps=2,
+                         total_steps=15, restart_steps=(10,))
+  lr = train.make_schedule(hp)
+  first = optax.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10)
+  second = optax.warmup_cosine_decay_schedule(0.0, 1.0, 2, 5)
+  np.testing.assert_allclose([lr(s) for s in range(15)],
+                             [first(s) for s in range(10)] + [second(s) for s in range(5)],
+                             atol=1e-7)
+
+
+def test_smoothed_targets_of_a_bad_label_are_nan_under_jit():
+  Y = jax.jit(train.smooth_targets, static_argnums=(1, 2))(jnp.array([0, 5]), 3, 0.3)
+  assert bool(jnp.all(jnp.isfinite(Y[0]))) and bool(jnp.all(jnp.isnan(Y[1])))
