@@ -25,8 +25,11 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import optax
 
+import mlp_jax as mj
 from mlp_jax import parallel
+from mlp_jax import privacy
 from mlp_jax import train
 
 flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time.")
@@ -44,7 +47,11 @@ flags.DEFINE_integer("repeats", 7, "Timed repeats; the median and min are report
 flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the ceiling.",
                      lower_bound=8)
 flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
-flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager, CPU).")
+flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager, CPU); "
+                  "opacus (with --dp: Opacus' per-sample hooks and ghost clipping).")
+flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the closed-form clipped step "
+                  "(dp_closed_form), the plain step (plain) and vmap(grad) -> clip -> sum "
+                  "(dp_vmap_grad, what jax_privacy and optax do), each with its memory.")
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
                   "The update in the step: optax Adam, or plain SGD to see the optimizer's share.")
 
@@ -139,6 +146,106 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
   return run, compile_seconds
 
 
+def vmap_grad_clipped_sum(params, x, Y, clip_norm):
+  """Σ_i min(1, C/‖g_i‖) g_i the way jax_privacy's clipped_grad and optax's
+  contrib.dpsgd do it: per-example gradients by jax.vmap(jax.grad) (B·H·D numbers held),
+  their norms, clip, sum."""
+  def example_loss(p, xi, yi):
+    return mj.loss(p, xi[None], yi[None])
+  g = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, Y)
+  norms = jnp.sqrt(sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1) for leaf in g))
+  c = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+  return jax.tree.map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g)
+
+
+def dp_run(kind, b, h, cfg):
+  """(run, compile seconds, temporary MiB): `cfg.steps` Adam steps of `kind`:
+
+  plain: the runner's step (manual gradient); dp_closed_form: privacy's clipped sum,
+  noise σ = 1, C = 1, over B; dp_vmap_grad: vmap(grad) -> clip -> sum, the same noise.
+  All on one fixed batch of B (Poisson sampling, the same for both DP kinds, is left out).
+  """
+  d, k = cfg.in_dim, cfg.num_classes
+  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant")
+  optimizer = train.make_optimizer(hp)
+  state = train.init_state(0, d, h, k, optimizer)
+  x, y = synthetic_data(b, d, k)
+  batch = (x, y, jnp.ones((b,), jnp.float32))
+  if kind == "plain":
+    step = train.make_train_step(hp, optimizer)
+  else:
+    def step(state, batch):
+      x, y, w = batch
+      Y = jax.nn.one_hot(y, k, dtype=jnp.float32)
+      if kind == "dp_closed_form":
+        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, 1.0, "flat")
+      else:
+        grad_sum = vmap_grad_clipped_sum(state.params, x, Y, 1.0)
+      g = privacy.add_noise(grad_sum, jax.random.fold_in(state.key, state.step), 1.0, 1.0,
+                            "flat", b)
+      updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      return train.TrainState(params, opt_state, state.step + 1, state.key), None
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  def run():
+    nonlocal state
+    for _ in range(cfg.steps):
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+  run()
+  return run, compile_seconds, temp_memory_mb(compiled)
+
+
+def temp_memory_mb(compiled):
+  """XLA's compiled memory analysis: the temporaries one call allocates, MiB."""
+  analysis = compiled.memory_analysis()
+  return None if analysis is None else analysis.temp_size_in_bytes / 2**20
+
+
+def opacus_run(kind, b, h, cfg):
+  """run() does `cfg.steps` Opacus DP-SGD steps (σ = 1, C = 1, Adam) of the same network:
+  kind "opacus_hooks" (GradSampleModule, per-sample gradients from hooks) or
+  "opacus_ghost" (ghost clipping, grad_sample_mode="ghost"); torch_run is the plain step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  d, k = cfg.in_dim, cfg.num_classes
+  model = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, k))
+  x, y = torch.randn(b, d), torch.randint(0, k, (b,))
+  adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+  if kind == "opacus_hooks":
+    from opacus import GradSampleModule  # pylint: disable=g-import-not-at-top
+    from opacus.optimizers import DPOptimizer  # pylint: disable=g-import-not-at-top
+    module = GradSampleModule(model)
+    optimizer = DPOptimizer(adam, noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=b)
+    def one_step():
+      optimizer.zero_grad(set_to_none=True)
+      nn.functional.cross_entropy(module(x), y).backward()
+      optimizer.step()
+  else:
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping  # pylint: disable=g-import-not-at-top
+    from opacus.optimizers import DPOptimizerFastGradientClipping  # pylint: disable=g-import-not-at-top
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # pylint: disable=g-import-not-at-top
+    module = GradSampleModuleFastGradientClipping(model, max_grad_norm=1.0,
+                                                  use_ghost_clipping=True)
+    optimizer = DPOptimizerFastGradientClipping(adam, noise_multiplier=1.0, max_grad_norm=1.0,
+                                                expected_batch_size=b)
+    criterion = DPLossFastGradientClipping(module, optimizer, nn.CrossEntropyLoss())
+    def one_step():
+      optimizer.zero_grad(set_to_none=True)
+      criterion(module(x), y).backward()
+      optimizer.step()
+
+  def run():
+    for _ in range(cfg.steps):
+      one_step()
+  run()
+  return run
+
+
 def torch_run(b, h, cfg):
   """run() does `cfg.steps` PyTorch eager steps of the same network, loss and Adam."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -164,7 +271,7 @@ def torch_run(b, h, cfg):
 
 
 def make_row(grads, mode, compute_dtype, devices, b, h, seconds, compile_seconds, ceiling,
-             cfg):
+             cfg, temp_mb=None):
   """One result row (the --json_out object) from the seconds per step of each repeat."""
   median = statistics.median(seconds)
   gflops = step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
@@ -175,20 +282,23 @@ def make_row(grads, mode, compute_dtype, devices, b, h, seconds, compile_seconds
           "examples_per_second": b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
           "compile_seconds": compile_seconds, "peak_memory_mb": peak_memory_mb(),
+          "temp_memory_mb": temp_mb,
           "device": str(jax.devices()[0]), "platform": jax.default_backend()}
 
 
 def format_table(rows):
   """The rows as the fixed-width table printed on stdout."""
-  header = (f"{'grads':10} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
-            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'compile s':>9}")
+  header = (f"{'grads':14} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
+            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'compile s':>9} "
+            f"{'temp MiB':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
-    lines.append(f"{r['grads']:10} {r['mode']:5} {r['compute_dtype']:8} "
+    temp = "" if r["temp_memory_mb"] is None else f"{r['temp_memory_mb']:9.1f}"
+    lines.append(f"{r['grads']:14} {r['mode']:5} {r['compute_dtype']:8} "
                  f"{r['num_devices']:3d} {r['batch_size']:5d} "
                  f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
                  f"{r['examples_per_second']:11,.0f} {r['gflops']:8.1f} "
-                 f"{r['ceiling_fraction']:7.2f} {r['compile_seconds']:9.2f}")
+                 f"{r['ceiling_fraction']:7.2f} {r['compile_seconds']:9.2f} {temp}")
   return "\n".join(lines)
 
 
@@ -197,7 +307,7 @@ def format_ratios(rows):
   the lines of each kind together."""
   by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["num_devices"], r["batch_size"],
              r["hidden_dim"]): r for r in rows}
-  kinds = {"manual": [], "bfloat16": [], "devices": [], "torch": []}
+  kinds = {"manual": [], "bfloat16": [], "devices": [], "torch": [], "dp": []}
   # Mode, dtype, grads, devices, H, B: each kind's lines read down one variable at a time.
   order = sorted(by_key, key=lambda key: (key[1], key[2], key[0], key[3], key[5], key[4]))
   for (g, mode, dt, n, b, h) in order:
@@ -218,7 +328,8 @@ def format_ratios(rows):
           f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
           f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
     if g == "torch":
-      best = max((q for q in rows if q["grads"] != "torch" and q["batch_size"] == b
+      best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
+                  and q["batch_size"] == b
                   and q["hidden_dim"] == h and q["compute_dtype"] == "float32"
                   and q["num_devices"] == 1),
                  key=lambda q: q["examples_per_second"], default=None)
@@ -226,6 +337,16 @@ def format_ratios(rows):
         kinds["torch"].append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
                               f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
                               f"({best['grads']}, {best['mode']})")
+    for num, den, what in (("dp_closed_form", "plain", "time"),
+                           ("dp_vmap_grad", "dp_closed_form", "time"),
+                           ("opacus_hooks", "torch", "time"), ("opacus_ghost", "torch", "time"),
+                           ("dp_closed_form", "opacus_ghost", "ex/s")):
+      other = next((q for (qg, _, _, _, qb, qh), q in by_key.items()
+                    if qg == den and qb == b and qh == h), None)
+      if g == num and other is not None:
+        value = (r["us_per_step"] / other["us_per_step"] if what == "time"
+                 else r["examples_per_second"] / other["examples_per_second"])
+        kinds["dp"].append(f"{num} / {den} {what}".ljust(40) + f"B={b:<5} H={h}: {value:.3f}")
   return "\n".join(line for lines in kinds.values() for line in lines)
 
 
@@ -236,7 +357,7 @@ def main(argv):
   unknown = ([g for g in cfg.grads if g not in train.GRADIENTS]
              + [m for m in cfg.modes if m not in ("step", "scan")]
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
-             + [p for p in cfg.peers if p != "torch"])
+             + [p for p in cfg.peers if p not in ("torch", "opacus")])
   try:
     batch_sizes, hidden_dims, device_counts = ([int(v) for v in cfg.batch_sizes],
                                                [int(v) for v in cfg.hidden_dims],
@@ -268,6 +389,12 @@ def main(argv):
   torch_ok = "torch" in cfg.peers and importlib.util.find_spec("torch") is not None
   if "torch" in cfg.peers and not torch_ok:
     print("peer torch: PyTorch is not installed (pip install torch); its rows are skipped")
+  opacus_ok = (cfg.dp and "opacus" in cfg.peers
+               and importlib.util.find_spec("opacus") is not None)
+  if "opacus" in cfg.peers and not opacus_ok:
+    print("peer opacus: needs --dp, torch and opacus (pip install torch opacus); its rows "
+          "are skipped")
+  temp_mb = {}
   rows = []
   for h in hidden_dims:
     for b in batch_sizes:
@@ -282,12 +409,20 @@ def main(argv):
             for n in [n for n in device_counts if mode == "scan" or n == 1]:
               key = (grads, mode, dt, n)
               runs[key], compile_seconds[key] = jax_run(grads, mode, dt, b, h, n, cfg)
-      if torch_ok:
+      if cfg.dp:
+        for kind in ("plain", "dp_closed_form", "dp_vmap_grad"):
+          key = (kind, "step", "float32", 1)
+          runs[key], compile_seconds[key], temp_mb[key] = dp_run(kind, b, h, cfg)
+      if opacus_ok:
+        for kind in ("opacus_hooks", "opacus_ghost"):
+          runs[(kind, "eager", "float32", 1)] = opacus_run(kind, b, h, cfg)
+          compile_seconds[(kind, "eager", "float32", 1)] = 0.0
+      if torch_ok or opacus_ok:
         runs[("torch", "eager", "float32", 1)] = torch_run(b, h, cfg)
         compile_seconds[("torch", "eager", "float32", 1)] = 0.0
-        if ("gemm", "float32") not in runs:
-          runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
-                                                                      cfg.ceiling_size)
+      if (cfg.dp or torch_ok or opacus_ok) and ("gemm", "float32") not in runs:
+        runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
+                                                                    cfg.ceiling_size)
       seconds = time_round_robin(runs, cfg.repeats)
       ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
                   for dt, flops in gemm_flops.items()}
@@ -297,7 +432,8 @@ def main(argv):
       for key, s in seconds.items():
         if key[0] != "gemm":
           rows.append(make_row(*key, b, h, [t / cfg.steps for t in s],
-                               compile_seconds[key], ceilings[key[2]], cfg))
+                               compile_seconds[key], ceilings[key[2]], cfg,
+                               temp_mb.get(key)))
   print(format_table(rows))
   print(format_ratios(rows))
   if cfg.json_out:

@@ -1,8 +1,9 @@
 """Train the two-layer MLP: parses flags, calls mlp_jax.experiment.run.
 
-    python experiments/train.py                                   # digits, ~98% test
+    python experiments/train.py                                   # digits
     python experiments/train.py --flagfile=experiments/configs/fashion_mnist.flags
     python experiments/train.py --num_devices=4                   # data parallel
+    python experiments/train.py --dp_target_epsilon=3             # DP-SGD, (3, 1e-5)-DP
     python experiments/train.py --coordinator_address=HOST:PORT --num_processes=2 \
         --process_id=0 --workdir=/shared/run                      # one line per process
 """
@@ -55,6 +56,16 @@ flags.DEFINE_integer("num_processes", D.num_processes, "Processes in a multi-pro
                      lower_bound=1)
 flags.DEFINE_integer("process_id", D.process_id, "This process's index, 0 to "
                      "num_processes - 1.", lower_bound=0)
+
+flags.DEFINE_float("dp_noise_multiplier", D.dp_noise_multiplier, "DP-SGD with noise "
+                   "multiplier σ (Gaussian noise of std σ·C per coordinate).")
+flags.DEFINE_float("dp_target_epsilon", D.dp_target_epsilon, "DP-SGD with σ calibrated so "
+                   "that the planned steps spend this ε (PLD accountant) at --dp_delta.")
+flags.DEFINE_float("dp_clip_norm", D.dp_clip_norm, "DP-SGD: C, the bound on each "
+                   "example's gradient norm.")
+flags.DEFINE_enum("dp_clipping", D.dp_clipping, ["flat", "per_layer"], "DP-SGD: one norm "
+                  "over all parameters, or each layer to C/√2.")
+flags.DEFINE_float("dp_delta", D.dp_delta, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.")
 
 flags.register_validator("learning_rate", lambda v: v > 0,
                          "--learning_rate must be > 0.")

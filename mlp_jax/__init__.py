@@ -3,7 +3,8 @@
     z1 = W1 x + b1,  a1 = ReLU(z1),  z2 = W2 a1 + b2,  p = softmax(z2),  L = CE(p, y)
 
 The manual gradient is in mlp_jax/grads.py; tests/test_grads.py proves it equals
-jax.grad. Every function is pure and jit-able.
+jax.grad. Every function is pure and jit-able. mj.privacy: DP-SGD from the closed-form
+per-example gradients.
 """
 
 from mlp_jax.grads import autodiff_grads
@@ -19,11 +20,14 @@ from mlp_jax.model import Params
 from mlp_jax.model import forward
 from mlp_jax.model import init_params
 from mlp_jax.model import logits
+from mlp_jax import privacy
+from mlp_jax.privacy import clipped_grad_sum
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Params", "init_params", "forward", "logits", "loss", "accuracy", "grads",
     "value_and_grads", "autodiff_grads", "autodiff_value_and_grads",
-    "per_example_grads", "per_example_grad_norms", "loss_manual_vjp",
+    "per_example_grads", "per_example_grad_norms", "loss_manual_vjp", "privacy",
+    "clipped_grad_sum",
 ]

@@ -204,11 +204,14 @@ def check_every_class_in_train(y_train, num_classes):
                   "classes to 0..K-1 without gaps, or add training examples of each.")
 
 
-def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0):
+def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0,
+            fixed_scaling=None):
   """Flattens, checks, splits off validation, and standardises with TRAIN statistics.
 
   x' = (x − μ) / σ per feature, μ and σ from the (remaining) training rows only;
-  features constant in train get σ = 1.
+  features constant in train get σ = 1. With fixed_scaling = (s, μ, σ), constants that
+  do not depend on the data, x' = (x / s − μ) / σ instead: what a differentially private
+  run needs (a statistic of the private training set would leak it).
   """
   x_train, x_test = _flat_inputs(x_train, "x_train"), _flat_inputs(x_test, "x_test")
   if x_train.shape[1] != x_test.shape[1]:
@@ -233,9 +236,13 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
     x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[train], y_train[train]
   check_every_class_in_train(y_train, num_classes)
   with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
+    if fixed_scaling is None:
+      mean = x_train.mean(axis=0)
+      std = x_train.std(axis=0)
+      std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
+    else:
+      scale, mu, sigma = fixed_scaling
+      mean, std = np.float32(mu * scale), np.float32(sigma * scale)
     scaled = [None if x is None else (x - mean) / std for x in (x_train, x_test, x_val)]
   if not all(x is None or np.all(np.isfinite(x)) for x in scaled):
     raise DataError("the inputs overflow float32 when standardised (values near 1e38?); "
@@ -244,8 +251,18 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
   return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes)
 
 
-def load(name, data_dir=None, *, validation_fraction=0.0, seed=0):
-  """Loads dataset `name` (one of DATASETS) and prepares it; see `prepare`."""
+def fixed_scaling(name):
+  """(s, μ, σ) of x' = (x / s − μ) / σ, fixed in advance for a private run: pixel range
+  s, and the published normalisation constants of Fashion-MNIST and MNIST; digits'
+  pixels 0..16 map to [−1, 1]; an npz is used as it is (scale it yourself, with
+  constants that do not come from the private data)."""
+  return {"digits": (16.0, 0.5, 0.5), "fashion_mnist": (255.0, 0.2860, 0.3530),
+          "mnist": (255.0, 0.1307, 0.3081)}.get(name, (1.0, 0.0, 1.0))
+
+
+def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, private=False):
+  """Loads dataset `name` (one of DATASETS) and prepares it; see `prepare`. private:
+  scale with `fixed_scaling(name)`, never with statistics of the training data."""
   if name == "digits":
     arrays = load_digits()
   elif name == "fashion_mnist":
@@ -259,4 +276,5 @@ def load(name, data_dir=None, *, validation_fraction=0.0, seed=0):
     arrays = load_npz(name[4:])
   else:
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-  return prepare(*arrays, validation_fraction=validation_fraction, seed=seed)
+  return prepare(*arrays, validation_fraction=validation_fraction, seed=seed,
+                 fixed_scaling=fixed_scaling(name) if private else None)

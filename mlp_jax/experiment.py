@@ -32,6 +32,7 @@ from mlp_jax import checkpoint
 from mlp_jax import data
 from mlp_jax import parallel
 from mlp_jax import plots
+from mlp_jax import privacy
 from mlp_jax import train
 
 
@@ -82,6 +83,11 @@ class RunConfig(NamedTuple):
   coordinator_address: Optional[str] = None  # host:port of process 0 (jax.distributed)
   num_processes: Optional[int] = None
   process_id: Optional[int] = None
+  dp_noise_multiplier: Optional[float] = None  # σ: DP-SGD (mlp_jax/privacy.py) when set
+  dp_target_epsilon: Optional[float] = None    # or ε: σ calibrated for the planned steps
+  dp_clip_norm: float = 1.0                    # C
+  dp_clipping: str = "flat"                    # flat | per_layer
+  dp_delta: float = 1e-5
 
 
 # What must match for a workdir's checkpoint to be resumed by this config: the data,
@@ -89,7 +95,8 @@ class RunConfig(NamedTuple):
 # The learning-rate schedule is fixed by the first run too (see `schedule_epochs`).
 RESUME_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction", "optimizer",
                  "weight_decay", "clip_norm", "seed", "batch_size", "learning_rate",
-                 "schedule", "warmup_epochs")
+                 "schedule", "warmup_epochs", "dp_noise_multiplier", "dp_target_epsilon",
+                 "dp_clip_norm", "dp_clipping", "dp_delta")
 
 
 def _versions():
@@ -181,6 +188,68 @@ class _CtrlC:
       self._previous = None
 
 
+def is_private(config):
+  """True for a differentially private (DP-SGD) run."""
+  return config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
+
+
+def check_dp_config(config):
+  """Refuses, in one line, DP settings that cannot work, before any data is read."""
+  if not is_private(config):
+    return
+  if not privacy.dp_available():
+    raise RunError(f"the --dp_* flags need the dp extra: {privacy.DP_EXTRA}.")
+  if config.dp_noise_multiplier is not None and config.dp_target_epsilon is not None:
+    raise RunError("give --dp_noise_multiplier or --dp_target_epsilon, not both.")
+  for flag in ("dp_noise_multiplier", "dp_target_epsilon", "dp_clip_norm", "dp_delta"):
+    value = getattr(config, flag)
+    if value is not None and not (np.isfinite(value) and value > 0):
+      raise RunError(f"--{flag} must be a number > 0, got {value:g}.")
+  if config.dp_clipping not in privacy.CLIPPINGS:
+    raise RunError(f"--dp_clipping must be one of {', '.join(privacy.CLIPPINGS)}.")
+  if config.grads != "manual":
+    raise RunError("a DP run always uses the closed-form clipped gradient; drop "
+                   f"--grads={config.grads}.")
+
+
+def dp_plan(config, num_examples, steps_per_epoch, multiple, log):
+  """The privacy.DPSGD of a private run and what config.json records of it.
+
+  q = batch_size / N; σ given, or calibrated so that the PLD ε of the planned
+  epochs × steps_per_epoch steps is the target; the padded batch M is the one a
+  Poisson batch overflows with probability ≤ 1e-9 over the run.
+  """
+  if config.dp_delta >= 1 / num_examples:
+    raise RunError(f"--dp_delta {config.dp_delta:g} is not below 1/N = "
+                   f"{1 / num_examples:.3g} for N = {num_examples} training examples; a δ "
+                   "that large allows leaking a whole example. Use e.g. 1e-5 or less.")
+  q = config.batch_size / num_examples
+  steps = config.epochs * steps_per_epoch
+  sigma = config.dp_noise_multiplier
+  if sigma is None:
+    try:
+      sigma = privacy.calibrate_noise_multiplier(config.dp_target_epsilon, q, steps,
+                                                 config.dp_delta)
+    except ValueError as e:
+      raise RunError(f"--dp_target_epsilon: {e}") from None
+    log(f"DP: σ = {sigma:.4f} reaches ε = {config.dp_target_epsilon:g} (PLD) at δ = "
+        f"{config.dp_delta:g} in {steps} steps of q = {q:.4g}")
+  padded, p_overflow = privacy.padded_batch_size(num_examples, q, steps, multiple=multiple)
+  dp = privacy.DPSGD(noise_multiplier=sigma, clip_norm=config.dp_clip_norm,
+                     clipping=config.dp_clipping, sampling_rate=q,
+                     num_examples=num_examples, padded_batch_size=padded)
+  record = {"noise_multiplier": sigma, "clip_norm": config.dp_clip_norm,
+            "clipping": config.dp_clipping,
+            "sensitivity": privacy.sensitivity(config.dp_clip_norm, config.dp_clipping),
+            "delta": config.dp_delta, "sampling_rate": q, "expected_batch_size":
+            config.batch_size, "padded_batch_size": padded, "overflow_probability":
+            p_overflow, "planned_steps": steps,
+            "planned_epsilon": privacy.epsilon(sigma, q, steps, config.dp_delta),
+            "planned_epsilon_rdp": privacy.epsilon(sigma, q, steps, config.dp_delta, "rdp"),
+            "input_scaling": data.fixed_scaling(config.dataset)}
+  return dp, record
+
+
 def _hyperparams(config, steps_per_epoch, cycle_ends):
   """train.Hyperparams of `config`, with a learning-rate cycle ending at each epoch of
   `cycle_ends` (see schedule_epochs)."""
@@ -208,7 +277,7 @@ def _write_lines(path, rows):
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def _summary(history, total_seconds):
+def _summary(history, total_seconds, dp_record=None):
   last = history[-1]
   splits = [s for s in ("train", "validation", "test") if f"{s}_accuracy" in last]
   lines = [f"{'':10}" + "".join(f"{s:>12}" for s in splits),
@@ -218,7 +287,27 @@ def _summary(history, total_seconds):
   lines.append(f"epochs {last['epoch']}, {total_seconds:.1f} s in all, "
                f"{train_seconds / len(history):.2f} s per epoch, "
                f"{last['examples_per_second']:,.0f} examples/s")
+  if dp_record is not None:
+    lines.append(f"DP-SGD: ε = {last['epsilon']:.3f} (PLD; RDP {last['epsilon_rdp']:.3f}) "
+                 f"at δ = {dp_record['delta']:g}, σ = {dp_record['noise_multiplier']:.4g}, "
+                 f"q = {dp_record['sampling_rate']:.4g}, {last['steps']} steps, C = "
+                 f"{dp_record['clip_norm']:g} ({dp_record['clipping']})")
   return "\n".join(lines)
+
+
+def _account(row, dp, dp_record, steps, done):
+  """Adds the ε spent after `steps` DP-SGD steps to the metrics row; stops the run if a
+  Poisson batch overflowed its padding (an example would have been dropped)."""
+  overflows = int(row.pop("overflows"))
+  if overflows:
+    raise RunError(f"{overflows} Poisson batch(es) in epoch {done + 1} exceeded the padded "
+                   f"batch of {dp.padded_batch_size} (probability "
+                   f"{dp_record['overflow_probability']:.1e}); the epoch is not recorded and "
+                   f"the checkpoint after epoch {done} is kept: rerun to resume.")
+  row["steps"] = steps
+  for key, kind in (("epsilon", "pld"), ("epsilon_rdp", "rdp")):
+    row[key] = privacy.epsilon(dp.noise_multiplier, dp.sampling_rate, steps,
+                               dp_record["delta"], kind)
 
 
 def _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh):
@@ -307,16 +396,21 @@ def run(config, log=print):
   if not writer:
     log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
   mesh = _make_mesh(config)
+  check_dp_config(config)
   # The data is checked before a workdir exists: bad data leaves nothing behind.
   ds = data.load(config.dataset, config.data_dir,
-                 validation_fraction=config.validation_fraction, seed=config.seed)
+                 validation_fraction=config.validation_fraction, seed=config.seed,
+                 private=is_private(config))
   n, in_dim = ds.x_train.shape
   if config.batch_size > n:
     raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "
                    f"use at most {n}.")
+  steps_per_epoch = -(-n // config.batch_size)
+  dp = dp_record = None
+  if is_private(config):
+    dp, dp_record = dp_plan(config, n, steps_per_epoch, mesh.size, log)
   workdir, old_run = prepare_workdir(config)
   log(f"workdir: {workdir}")
-  steps_per_epoch = -(-n // config.batch_size)
   # The optimizer state's structure does not depend on the schedule: restore first.
   state = parallel.replicate(
       train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes,
@@ -330,6 +424,10 @@ def run(config, log=print):
     epochs_done, state = restored
     log(f"resuming from the checkpoint after epoch {epochs_done}")
   cycle_ends = schedule_epochs(config, old_run, epochs_done, log)
+  if dp is not None and config.dp_target_epsilon is not None and len(cycle_ends) > 1:
+    raise RunError(f"this run's σ was calibrated for ε = {config.dp_target_epsilon:g} over "
+                   f"{cycle_ends[0]} epochs; training to {config.epochs} would spend more. "
+                   "Use a fresh --workdir for a longer private run.")
   hp = _hyperparams(config, steps_per_epoch, cycle_ends)
   optimizer = train.make_optimizer(hp)
   learning_rate = train.make_schedule(hp)
@@ -339,7 +437,7 @@ def run(config, log=print):
   if writer:
     _write_lines(metrics_path, history)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump({"config": config._asdict(), "schedule_epochs": cycle_ends,
+      json.dump({"config": config._asdict(), "schedule_epochs": cycle_ends, "dp": dp_record,
                  "num_classes": ds.num_classes,
                  "in_dim": in_dim, "train_examples": n, "versions": _versions(),
                  "device": str(mesh.devices.flat[0]), "num_devices": mesh.size,
@@ -357,7 +455,7 @@ def run(config, log=print):
   y_test, num_classes = ds.y_test, ds.num_classes
   del ds
   train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size, num_examples=n,
-                                       mesh=mesh)
+                                       mesh=mesh, dp=dp)
 
   bar = range(epochs_done, config.epochs)
   show_bar = config.progress and writer
@@ -380,6 +478,8 @@ def run(config, log=print):
             f"{done} is kept.")
       # The rate of the epoch's last step.
       row["learning_rate"] = float(learning_rate((epoch + 1) * steps_per_epoch - 1))
+      if dp is not None:
+        _account(row, dp, dp_record, (epoch + 1) * steps_per_epoch, done)
       history.append(row)
       if writer:
         with open(metrics_path, "a") as f:
@@ -410,5 +510,5 @@ def run(config, log=print):
   _write_results(workdir, state, history, splits, y_test, num_classes, mesh, writer)
   if interrupted is not None:
     raise interrupted
-  log(_summary(history, time.time() - start))
+  log(_summary(history, time.time() - start, dp_record))
   return history[-1]

@@ -42,12 +42,12 @@ def hidden_delta(params, delta2, z1, compute_dtype=None):
   return matmul(delta2, params.w2, compute_dtype) * relu_derivative(z1, delta2.dtype)
 
 
-def _batch_activations(params, X, compute_dtype=None):
+def batch_activations(params, X, compute_dtype=None):
   """Z1 (B, H), A1 (B, H), Z2 (B, K): model.forward_pass vmapped over the rows of X."""
   return jax.vmap(model.forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)
 
 
-def _param_grads(delta1, delta2, X, A1, compute_dtype=None):
+def param_grads(delta1, delta2, X, A1, compute_dtype=None):
   """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): the batched outer products."""
   return Params(w1=matmul(delta1.T, X, compute_dtype), b1=jnp.sum(delta1, axis=0),
                 w2=matmul(delta2.T, A1, compute_dtype), b2=jnp.sum(delta2, axis=0))
@@ -73,11 +73,11 @@ def value_and_grads(params, X, y, weights=None, *, compute_dtype=None):
 
 def _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype):
   X, Y, w = _prepare(params, X, y, weights)
-  Z1, A1, Z2 = _batch_activations(params, X, compute_dtype)
+  Z1, A1, Z2 = batch_activations(params, X, compute_dtype)
   loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
   delta2 = w[:, None] * output_delta(Z2, Y)                   # Δ2 (B, K)
   delta1 = hidden_delta(params, delta2, Z1, compute_dtype)    # Δ1 (B, H)
-  return (loss, Z2), _param_grads(delta1, delta2, X, A1, compute_dtype)
+  return (loss, Z2), param_grads(delta1, delta2, X, A1, compute_dtype)
 
 
 def grads(params, X, y, weights=None, *, compute_dtype=None):
@@ -130,7 +130,7 @@ def per_example_grad_norms(params, X, y):
       ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1).
   """
   X, Y, _ = _prepare(params, X, y, None)
-  Z1, A1, Z2 = _batch_activations(params, X)
+  Z1, A1, Z2 = batch_activations(params, X)
   delta2 = output_delta(Z2, Y)
   delta1 = hidden_delta(params, delta2, Z1)
 
@@ -148,7 +148,7 @@ def _manual_vjp_loss(params, X, Y, weights, compute_dtype):
 
 def _manual_vjp_forward(params, X, Y, weights, compute_dtype):
   w = losses.mean_weights(weights, X.shape[0], params.w1.dtype)
-  Z1, A1, Z2 = _batch_activations(params, X, compute_dtype)
+  Z1, A1, Z2 = batch_activations(params, X, compute_dtype)
   per_example = losses.cross_entropy(Z2, Y)
   loss = jnp.sum(w * per_example)
   return (loss, Z2), (params, X, Y, weights, w, Z1, A1, Z2, per_example, loss)
@@ -160,7 +160,7 @@ def _manual_vjp_backward(compute_dtype, residuals, cotangents):
   g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
   delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
   delta1 = hidden_delta(params, delta2, Z1, compute_dtype)
-  d_params = _param_grads(delta1, delta2, X, A1, compute_dtype)
+  d_params = param_grads(delta1, delta2, X, A1, compute_dtype)
   d_X = matmul(delta1, params.w1, compute_dtype)      # ∂L/∂x = W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.
   d_Y = (g * w)[:, None] * (jax.nn.logsumexp(Z2, axis=-1, keepdims=True) - Z2)

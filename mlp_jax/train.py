@@ -19,6 +19,7 @@ import optax
 from mlp_jax import losses
 from mlp_jax import model
 from mlp_jax import parallel
+from mlp_jax import privacy
 from mlp_jax.grads import value_and_grads_with_logits
 from mlp_jax.model import Params
 
@@ -136,6 +137,52 @@ def make_train_step(hp, optimizer):
   return train_step
 
 
+def make_dp_train_step(hp, optimizer, dp, mesh=None):
+  """DP-SGD train_step(state, (X (N, D), y (N,))) -> (state, (Σ m·L, Σ m·correct, Σ m,
+  overflowed)), for a privacy.DPSGD `dp`.
+
+  The batch is Poisson-sampled from the whole resident training set, padded to
+  dp.padded_batch_size and masked; the gradient is the closed-form clipped sum plus
+  Gaussian noise over the expected batch size q·N. Batch and noise keys come from
+  (state.key, state.step), so a resumed run repeats them exactly.
+  """
+  compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
+  expected_batch_size = dp.sampling_rate * dp.num_examples
+
+  def train_step(state, data):
+    X, y = data
+    sample_key, noise_key = privacy.step_keys(state.key, state.step)
+    i, mask, overflowed = privacy.poisson_batch(sample_key, dp.num_examples,
+                                                dp.sampling_rate, dp.padded_batch_size)
+    x, labels = gather_batch(X, i, mesh), gather_batch(y, i, mesh)
+    num_classes = state.params.b2.shape[0]
+    Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
+                       state.params.w1.dtype)
+    (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
+        state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype)
+    g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
+                          dp.clipping, expected_batch_size)
+    updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    hits = jnp.sum(mask * (jnp.argmax(z2, axis=-1) == labels))
+    metrics = (loss_sum, hits, jnp.sum(mask), overflowed)
+    return TrainState(params, opt_state, state.step + 1, state.key), metrics
+
+  return train_step
+
+
+def dp_train_epoch(train_step, state, X, y, epoch, steps):
+  """`steps` DP-SGD steps in one lax.scan -> (state, {"train_loss", "train_accuracy",
+  "overflows"}); `epoch` is unused (batches are keyed by the step count)."""
+  del epoch
+  state, (loss_sums, hits, counts, overflows) = jax.lax.scan(
+      lambda s, _: train_step(s, (X, y)), state, None, length=steps)
+  count = jnp.maximum(jnp.sum(counts), 1)
+  return state, {"train_loss": jnp.sum(loss_sums) / count,
+                 "train_accuracy": jnp.sum(hits) / count,
+                 "overflows": jnp.sum(overflows)}
+
+
 def batch_indices(order, batch_size):
   """order (N,) -> indices (S, B) padded with 0 to S = ceil(N / B) batches, weights (S, B)."""
   n = order.shape[0]
@@ -176,15 +223,19 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
   return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
 
 
-def make_train_epoch(hp, optimizer, batch_size, num_examples=None, mesh=None):
+def make_train_epoch(hp, optimizer, batch_size, num_examples=None, mesh=None, dp=None):
   """jit(train_epoch)(state, X, y, epoch) with the state donated (positional call).
 
   With a mesh, X and y are row-sharded (parallel.shard_rows), the state replicated
-  (parallel.replicate), and the returned state and metrics are replicated.
+  (parallel.replicate), and the returned state and metrics are replicated. With a
+  privacy.DPSGD `dp`, an epoch is ceil(N / batch_size) DP-SGD steps (dp_train_epoch).
   """
-  step = make_train_step(hp, optimizer)
-  epoch = functools.partial(train_epoch, step, batch_size=batch_size,
-                            num_examples=num_examples, mesh=mesh)
+  if dp is None:
+    epoch = functools.partial(train_epoch, make_train_step(hp, optimizer),
+                              batch_size=batch_size, num_examples=num_examples, mesh=mesh)
+  else:
+    epoch = functools.partial(dp_train_epoch, make_dp_train_step(hp, optimizer, dp, mesh),
+                              steps=-(-dp.num_examples // batch_size))
   if mesh is None:
     return jax.jit(epoch, donate_argnums=(0,))
   parallel.check_batch_size(batch_size, mesh)

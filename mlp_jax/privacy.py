@@ -1,0 +1,262 @@
+"""Differentially private training (DP-SGD) at the cost of one ordinary step.
+
+Each example's gradient of W1 and W2 is an outer product (δ1 xᵀ, δ2 a1ᵀ), so its norm is
+a closed form and the SUM of clipped per-example gradients is the ordinary batched
+backward pass with row i of Δ1, Δ2 scaled by its clip factor c_i = min(1, C / ‖g_i‖):
+
+    ‖∇_{W1,b1} L_i‖² = ‖δ1_i‖² (‖x_i‖² + 1)       ‖∇_{W2,b2} L_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1)
+    Σ_i c_i ∇_{W1} L_i = (c ⊙ Δ1)ᵀ X               Σ_i c_i ∇_{W2} L_i = (c ⊙ Δ2)ᵀ A1
+
+with δ1 from the UNclipped δ2. Nothing of size B·H·D (or B·K·H) is formed.
+docs/derivation.md derives it; tests/test_privacy.py proves it equals
+jax.vmap(jax.grad) -> clip -> sum.
+
+DP-SGD (Abadi et al. 2016): Poisson-sample each example with rate q, sum the clipped
+gradients, add N(0, σ² S²) per coordinate (S: the sensitivity, C for flat clipping),
+divide by the EXPECTED batch size q·N, and account for the Poisson-subsampled Gaussian
+with Google's dp-accounting (PLD, RDP beside it), add-or-remove-one neighbours.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlp_jax import checks
+from mlp_jax import losses
+from mlp_jax.grads import batch_activations
+from mlp_jax.grads import hidden_delta
+from mlp_jax.grads import output_delta
+from mlp_jax.grads import param_grads
+from mlp_jax.model import Params
+
+CLIPPINGS = ("flat", "per_layer")
+# The PLD accountant's grid; its estimate is an upper bound (pessimistic) at any grid.
+PLD_DISCRETIZATION = 1e-3
+DP_EXTRA = 'pip install -e ".[dp]" (or pip install dp-accounting)'
+
+
+def layer_clip_norms(clip_norm, clipping):
+  """(C1, C2): the bounds on layer 1's and layer 2's per-example gradient norms.
+
+  flat: one bound C on the whole gradient (C1 = C2 = C, applied jointly). per_layer: a
+  float C is split as C1 = C2 = C/√2, so the sensitivity √(C1² + C2²) is C; a pair
+  (C1, C2) sets each layer's bound.
+  """
+  if clipping not in CLIPPINGS:
+    raise ValueError(f"clipping must be one of {', '.join(CLIPPINGS)}, got {clipping!r}.")
+  if clipping == "per_layer" and isinstance(clip_norm, (tuple, list)):
+    c1, c2 = clip_norm
+  elif clipping == "per_layer":
+    c1 = c2 = clip_norm / math.sqrt(2.0)
+  else:
+    c1 = c2 = clip_norm
+  concrete = all(isinstance(c, (int, float, np.number)) for c in (c1, c2))
+  if concrete and not (c1 > 0 and c2 > 0):  # a traced C (jit, vmap) is the caller's
+    raise ValueError(f"the clip norm must be > 0, got {clip_norm!r}.")
+  return c1, c2
+
+
+def sensitivity(clip_norm, clipping):
+  """The L2 sensitivity S of the clipped sum to one example: C (flat), √(C1² + C2²)
+  (per_layer: an example moves each layer's sum by at most its own bound)."""
+  c1, c2 = layer_clip_norms(clip_norm, clipping)
+  return c1 if clipping == "flat" else math.hypot(c1, c2)
+
+
+def clip_factor(norm, bound):
+  """c = min(1, C / ‖g‖), (B,): 1 for a zero gradient (no division by 0), 0 where the
+  norm is not finite (that row must contribute nothing)."""
+  factor = jnp.where(norm > bound, bound / jnp.where(norm > bound, norm, 1), 1)
+  return jnp.where(jnp.isfinite(norm), factor, 0).astype(norm.dtype)
+
+
+def _sq(a):
+  return jnp.sum(a * a, axis=-1)
+
+
+def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dtype=None):
+  """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
+  Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum."""
+  c1_bound, c2_bound = layer_clip_norms(clip_norm, clipping)
+  Z1, A1, Z2 = batch_activations(params, X, compute_dtype)
+  delta2 = output_delta(Z2, Y)                                # δ2_i (B, K)
+  delta1 = hidden_delta(params, delta2, Z1, compute_dtype)    # δ1_i (B, H)
+  sq1 = _sq(delta1) * (_sq(X) + 1)                                      # ‖∇_{W1,b1} L_i‖²
+  sq2 = _sq(delta2) * (_sq(A1) + 1)                                     # ‖∇_{W2,b2} L_i‖²
+  if clipping == "flat":
+    norms = jnp.sqrt(sq1 + sq2)
+    c1 = c2 = clip_factor(norms, c1_bound)
+  else:
+    norms = jnp.stack([jnp.sqrt(sq1), jnp.sqrt(sq2)], axis=-1)
+    c1, c2 = clip_factor(norms[:, 0], c1_bound), clip_factor(norms[:, 1], c2_bound)
+  # A padding row, or one whose gradient is not finite, contributes exactly 0: `where`,
+  # not a product, so that a NaN or inf in it cannot leak through 0 · NaN.
+  keep = ((mask > 0) & jnp.isfinite(sq1 + sq2))[:, None]
+  m = mask.astype(X.dtype)
+  delta1 = jnp.where(keep, (m * c1)[:, None] * delta1, 0)
+  delta2 = jnp.where(keep, (m * c2)[:, None] * delta2, 0)
+  X, A1 = jnp.where(keep, X, 0), jnp.where(keep, A1, 0)
+  grad_sum = param_grads(delta1, delta2, X, A1, compute_dtype)
+  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(Z2, Y), 0))
+  return (loss_sum, Z2), grad_sum, norms
+
+
+def clipped_grad_sum(params, X, y, clip_norm, mask=None, *, clipping="flat"):
+  """Σ_i m_i c_i ∇L_i, the sum of per-example gradients clipped to norm C, and the norms.
+
+  One forward and one backward pass (the closed form in this module's docstring); no
+  per-example gradient is formed. X (B, D); y labels (B,) or targets (B, K); mask (B,)
+  of 0/1 (padding rows 0; default all 1); clip_norm C (flat), or for per_layer C (each
+  layer clipped to C/√2) or a pair (C1, C2). A row whose gradient is not finite
+  contributes 0. Returns (Params, norms): norms are the UNclipped ‖g_i‖ (B,) (flat) or
+  [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖] (B, 2) (per_layer).
+  """
+  b, _, _, k = checks.check_all(params, X, y, mask)
+  dtype = params.w1.dtype
+  Y = losses.targets(jnp.asarray(y), k, dtype)
+  mask = jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask)
+  _, grad_sum, norms = clipped_sum_with_logits(params, X.astype(dtype), Y, mask,
+                                                clip_norm, clipping)
+  return grad_sum, norms
+
+
+def add_noise(grad_sum, key, noise_multiplier, clip_norm, clipping, expected_batch_size):
+  """(Σ clipped + N(0, σ² S² I)) / (q·N): the private gradient estimate, Params.
+
+  S = sensitivity(clip_norm, clipping); the divisor is the EXPECTED batch size q·N, not
+  the realised one (which is itself private). One normal draw per coordinate, from `key`.
+  """
+  std = noise_multiplier * sensitivity(clip_norm, clipping)
+  keys = jax.random.split(key, len(grad_sum))
+  noisy = [g + std * jax.random.normal(k, g.shape, g.dtype) for g, k in zip(grad_sum, keys)]
+  return Params(*[g / expected_batch_size for g in noisy])
+
+
+# Poisson sampling: every example joins each step's batch independently with rate q.
+
+def padded_batch_size(num_examples, sampling_rate, steps, overflow_probability=1e-9,
+                      multiple=1):
+  """(M, p): the fixed batch M that a Poisson batch ~ Binomial(N, q) exceeds at some
+  step of `steps` with probability p ≤ overflow_probability (union bound over steps;
+  scipy's exact binomial tail). M is rounded up to a multiple of `multiple` (devices)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (dp extra)
+  per_step = overflow_probability / max(steps, 1)
+  m = int(stats.binom.isf(per_step, num_examples, sampling_rate)) + 1
+  m = min(-(-m // multiple) * multiple, -(-num_examples // multiple) * multiple)
+  p = min(1.0, steps * float(stats.binom.sf(m, num_examples, sampling_rate)))
+  return m, p
+
+
+def poisson_batch(key, num_examples, sampling_rate, padded_size):
+  """Indices (M,), mask (M,) and overflow (bool) of one Poisson-sampled batch.
+
+  Example j is in the batch when u_j < q for u ~ U[0, 1)^N from `key`. Its indices fill
+  the first slots of M; the rest are index 0 with mask 0. overflow is True when more
+  than M were sampled (those beyond M would be lost: the caller must stop).
+  """
+  chosen = jax.random.uniform(key, (num_examples,)) < sampling_rate
+  count = jnp.sum(chosen)
+  (idx,) = jnp.nonzero(chosen, size=padded_size, fill_value=0)
+  mask = (jnp.arange(padded_size) < count).astype(jnp.float32)
+  return idx, mask, count > padded_size
+
+
+class DPSGD(NamedTuple):
+  """What a DP-SGD step needs: σ, C, clipping, q, N, the padded batch M."""
+
+  noise_multiplier: float
+  clip_norm: float
+  clipping: str
+  sampling_rate: float
+  num_examples: int
+  padded_batch_size: int
+
+
+def step_keys(key, step):
+  """(sampling key, noise key) of optimizer step `step`, from the run's key alone: a
+  resumed run draws the same batches and the same noise."""
+  sample_root, noise_root = jax.random.split(jax.random.fold_in(key, 0x5EED_D9))
+  return jax.random.fold_in(sample_root, step), jax.random.fold_in(noise_root, step)
+
+
+# Accounting: dp-accounting's PLD accountant (RDP beside it), Poisson-sampled Gaussian.
+
+def _dp_accounting():
+  try:
+    import dp_accounting  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(f"differential privacy needs the dp extra: {DP_EXTRA}") from None
+  return dp_accounting
+
+
+def _dp_sgd_event(noise_multiplier, sampling_rate, steps):
+  dpa = _dp_accounting()
+  return dpa.SelfComposedDpEvent(
+      dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier)),
+      int(steps))
+
+
+def _accountant(kind):
+  dpa = _dp_accounting()
+  if kind == "pld":
+    return dpa.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+  if kind == "rdp":
+    return dpa.rdp.RdpAccountant()
+  raise ValueError(f"accountant must be 'pld' or 'rdp', got {kind!r}.")
+
+
+@functools.lru_cache(maxsize=256)
+def epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="pld"):
+  """ε of `steps` DP-SGD steps (Poisson rate q, noise σ) at δ, add-or-remove-one.
+
+  "pld": privacy loss distributions (tight, an upper bound on its grid); "rdp": Rényi DP
+  (looser, the classic TF Privacy number). 0 steps spend ε = 0.
+  """
+  if steps == 0:
+    return 0.0
+  acc = _accountant(accountant)
+  acc.compose(_dp_sgd_event(noise_multiplier, sampling_rate, steps))
+  return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(target_epsilon, sampling_rate, steps, delta,
+                               max_noise_multiplier=100.0):
+  """The smallest σ (to 1e-3) whose PLD ε after `steps` steps at rate q is ≤ target ε.
+
+  Raises ValueError when no σ ≤ max_noise_multiplier reaches it.
+  """
+  dpa = _dp_accounting()
+  if epsilon(max_noise_multiplier, sampling_rate, steps, delta) > target_epsilon:
+    raise ValueError(f"no noise multiplier up to {max_noise_multiplier:g} reaches ε = "
+                     f"{target_epsilon:g} at δ = {delta:g} in {steps} steps of sampling "
+                     f"rate {sampling_rate:.4g}; allow a larger ε, fewer epochs or a "
+                     "smaller batch.")
+  sigma = dpa.calibrate_dp_mechanism(
+      lambda: _accountant("pld"), lambda s: _dp_sgd_event(s, sampling_rate, steps),
+      target_epsilon, delta, dpa.ExplicitBracketInterval(0.1, max_noise_multiplier),
+      tol=1e-3)
+  # Brent's answer is within tol of the boundary: step up until it is on the safe side.
+  while epsilon(sigma, sampling_rate, steps, delta) > target_epsilon:
+    sigma += 1e-3
+  return float(sigma)
+
+
+def dp_available():
+  """True when dp-accounting (the dp extra) is installed."""
+  try:
+    _dp_accounting()
+  except ImportError:
+    return False
+  return True
+
+
+def checked(value, name):
+  """Refuses a non-positive or non-finite σ, C, ε or δ in one line."""
+  if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)
+          and value > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+  return value

@@ -1,0 +1,258 @@
+"""DP-SGD: the closed-form clipped sum equals vmap(grad) -> clip -> sum; noise, sampling
+and the accountant are what they claim."""
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlp_jax as mj
+from mlp_jax import data
+from mlp_jax import experiment
+from mlp_jax import privacy
+from mlp_jax.gradcheck import random_problem
+from mlp_jax.gradcheck import relative_error
+
+
+def example_loss(params, x, y):
+  return mj.loss(params, x[None], y[None])
+
+
+def reference_clipped_sum(params, X, Y, mask, clip_norm, clipping):
+  """What jax_privacy and optax do: per-example grads by vmap(grad), clip, sum."""
+  g = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, X, Y)
+  b = X.shape[0]
+  sq = [jnp.sum(leaf.reshape(b, -1) ** 2, axis=1) for leaf in g]
+  if clipping == "flat":
+    norm = jnp.sqrt(sum(sq))
+    c = jnp.minimum(1.0, clip_norm / norm)
+    factors = [c, c, c, c]
+  else:
+    c1 = jnp.minimum(1.0, clip_norm / np.sqrt(2) / jnp.sqrt(sq[0] + sq[1]))
+    c2 = jnp.minimum(1.0, clip_norm / np.sqrt(2) / jnp.sqrt(sq[2] + sq[3]))
+    factors = [c1, c1, c2, c2]
+  keep = (mask > 0) & jnp.isfinite(sum(sq))
+  return mj.Params(*[jnp.sum(jnp.where(keep.reshape((b,) + (1,) * (leaf.ndim - 1)),
+                                       (f * mask).reshape((b,) + (1,) * (leaf.ndim - 1))
+                                       * leaf, 0), axis=0)
+                     for leaf, f in zip(g, factors)])
+
+
+def hostile_problem(dtype):
+  """9 rows: ordinary ones, a padding row, a zero-gradient row, a huge-norm row, a
+  non-finite row."""
+  params, X, y = random_problem(3, 9, 5, 7, 4, dtype)
+  Y = jax.nn.one_hot(y, 4, dtype=dtype)
+  Y = Y.at[2].set(0.0)                 # Σy = 0: δ2 = p·0 − 0 = 0, a zero gradient
+  X = X.at[3].multiply(1e3)            # a huge norm: clipped hard
+  X = X.at[5].set(jnp.inf)             # a non-finite gradient: contributes nothing
+  mask = jnp.array([1, 1, 1, 1, 0, 1, 1, 1, 1], dtype)   # row 4 is padding
+  return params, X, Y, mask
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
+def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol):
+  params, X, Y, mask = hostile_problem(dtype)
+  for clip_norm in (0.05, 1.0, 1e6):   # most rows clipped, some, none
+    got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames=("clipping",))(
+        params, X, Y, clip_norm, mask, clipping=clipping)
+    want = reference_clipped_sum(params, X, Y, mask, clip_norm, clipping)
+    for name, a, b in zip(mj.Params._fields, got, want):
+      assert bool(jnp.all(jnp.isfinite(a))), name
+      assert relative_error(a, b) <= tol, (name, clip_norm, relative_error(a, b))
+  assert norms.shape == ((9,) if clipping == "flat" else (9, 2))
+  assert bool(jnp.all(norms[2] == 0)) and not bool(jnp.all(jnp.isfinite(norms[5])))
+
+
+def test_norms_are_the_per_example_gradient_norms():
+  params, X, y = random_problem(0, 6, 5, 7, 3, jnp.float64)
+  _, flat = privacy.clipped_grad_sum(params, X, y, 1.0)
+  np.testing.assert_allclose(flat, mj.per_example_grad_norms(params, X, y), rtol=1e-12)
+  _, layers = privacy.clipped_grad_sum(params, X, y, 1.0, clipping="per_layer")
+  np.testing.assert_allclose(jnp.sqrt(jnp.sum(layers ** 2, axis=1)), flat, rtol=1e-12)
+
+
+def test_clipped_sum_forms_nothing_of_size_bhd():
+  B, D, H, K = 16, 32, 64, 10
+  params, X, y = random_problem(0, B, D, H, K, jnp.float32)
+  for clipping in privacy.CLIPPINGS:
+    jaxpr = jax.make_jaxpr(lambda p, x, t: privacy.clipped_grad_sum(  # pylint: disable=cell-var-from-loop
+        p, x, t, 1.0, clipping=clipping))(params, X, y)
+    sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
+    assert max(sizes) < min(B * H * D, B * K * H) / 2
+
+
+def test_sensitivity_and_bad_clip_norms():
+  assert privacy.sensitivity(2.0, "flat") == 2.0
+  assert privacy.sensitivity(2.0, "per_layer") == pytest.approx(2.0)   # C/√2 per layer
+  assert privacy.sensitivity((3.0, 4.0), "per_layer") == pytest.approx(5.0)
+  for bad in (0.0, -1.0):
+    with pytest.raises(ValueError, match="clip norm must be > 0"):
+      privacy.sensitivity(bad, "flat")
+  with pytest.raises(ValueError, match="clipping must be one of flat, per_layer"):
+    privacy.sensitivity(1.0, "global")
+
+
+def test_noise_has_std_sigma_c_over_qn():
+  zeros = mj.Params(jnp.zeros((200, 100)), jnp.zeros(200), jnp.zeros((10, 200)),
+                    jnp.zeros(10))
+  sigma, clip, qn = 1.5, 0.5, 64.0
+  noisy = jax.jit(privacy.add_noise, static_argnums=(2, 3, 4, 5))(
+      zeros, jax.random.key(0), sigma, clip, "flat", qn)
+  values = np.concatenate([np.ravel(leaf) for leaf in noisy])      # 22,210 draws
+  # The sample std of n normals is within 3·std/√(2n) of the truth (99.7%).
+  expected = sigma * clip / qn
+  assert abs(values.std() - expected) < 3 * expected / np.sqrt(2 * values.size)
+  assert abs(values.mean()) < 4 * expected / np.sqrt(values.size)
+  other = privacy.add_noise(zeros, jax.random.key(1), sigma, clip, "flat", qn)
+  assert not np.array_equal(noisy.w1, other.w1)
+
+
+def test_poisson_batches_have_binomial_sizes_and_reach_every_example():
+  n, q, steps = 50, 0.2, 2000
+  padded, p_overflow = privacy.padded_batch_size(n, q, steps)
+  assert p_overflow <= 1e-9 and n * q < padded <= n
+
+  @jax.jit
+  def draw(step):
+    sample_key, _ = privacy.step_keys(jax.random.key(0), step)
+    return privacy.poisson_batch(sample_key, n, q, padded)
+
+  idx, mask, overflow = jax.vmap(draw)(jnp.arange(steps))
+  sizes = np.asarray(mask.sum(axis=1))
+  assert not np.any(overflow)
+  # Binomial(50, 0.2): mean qN = 10, variance qN(1 − q) = 8; bounds of ~4 std errors.
+  assert abs(sizes.mean() - 10) < 4 * np.sqrt(8 / steps)
+  assert abs(sizes.var() - 8) < 4 * 8 * np.sqrt(2 / steps)
+  drawn = np.zeros(n, int)
+  np.add.at(drawn, np.asarray(idx)[np.asarray(mask) > 0], 1)
+  assert drawn.min() > 0                                   # every example, at some step
+  # Each example joins a step independently with probability q.
+  assert abs(drawn.mean() / steps - q) < 0.01
+  # The sampled indices are distinct within a batch.
+  for i in range(5):
+    chosen = np.asarray(idx[i])[np.asarray(mask[i]) > 0]
+    assert len(set(chosen.tolist())) == len(chosen)
+
+
+def test_overflow_is_reported_not_dropped():
+  idx, mask, overflow = privacy.poisson_batch(jax.random.key(0), 100, 0.5, 10)
+  assert bool(overflow) and mask.sum() == 10
+
+
+def test_accountant_matches_published_values():
+  # TensorFlow Privacy's compute_dp_sgd_privacy test: N = 60000, batch 150, σ = 1.3,
+  # 15 epochs, δ = 1e-5 -> RDP ε = 0.7242234026.
+  q, steps = 150 / 60000, 15 * 60000 // 150
+  assert privacy.epsilon(1.3, q, steps, 1e-5, "rdp") == pytest.approx(0.7242234026,
+                                                                      rel=1e-8)
+  # jax_privacy's doctest: σ = 3, 512 steps, q = 0.1, δ = 1e-6 -> PLD ε ≈ 3.77.
+  assert privacy.epsilon(3.0, 0.1, 512, 1e-6, "pld") == pytest.approx(3.77, abs=0.01)
+  # PLD is tighter than RDP.
+  assert privacy.epsilon(1.3, q, steps, 1e-5, "pld") < 0.7242234026
+  assert privacy.epsilon(1.3, q, 0, 1e-5) == 0.0
+
+
+def test_calibration_inverts_the_accountant():
+  q, steps, delta = 0.01, 300, 1e-5
+  sigma = privacy.calibrate_noise_multiplier(2.0, q, steps, delta)
+  assert privacy.epsilon(sigma, q, steps, delta) <= 2.0
+  assert privacy.epsilon(sigma - 0.01, q, steps, delta) > 2.0
+  with pytest.raises(ValueError, match="no noise multiplier up to 100 reaches"):
+    privacy.calibrate_noise_multiplier(1e-4, 0.5, 10_000, delta)
+
+
+# The runner: --dp_* flags.
+
+def dp_config(dataset, workdir, **overrides):
+  return experiment.RunConfig(**{
+      "dataset": dataset, "workdir": str(workdir), "hidden_dim": 16, "batch_size": 8,
+      "epochs": 4, "learning_rate": 0.05, "schedule": "constant", "label_smoothing": 0.0,
+      "progress": False, "dp_noise_multiplier": 0.8, "dp_delta": 1e-3, **overrides})
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_dp_run_killed_and_resumed_equals_an_uninterrupted_one_epsilon_included(
+    tiny_npz, tmp_path):
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  lines = []
+  experiment.run(dp_config(tiny_npz, straight, dp_clipping="per_layer"), log=lines.append)
+  assert any("\nDP-SGD: ε = " in line for line in lines)
+  experiment.run(dp_config(tiny_npz, killed, dp_clipping="per_layer"), log=lambda *_: None)
+  # As if killed after epoch 2: the later checkpoints and metrics lines never written.
+  for epoch in (3, 4):
+    shutil.rmtree(killed / "checkpoints" / str(epoch))
+  rows = read_metrics(killed)[:2]
+  (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  lines = []
+  experiment.run(dp_config(tiny_npz, killed, dp_clipping="per_layer"), log=lines.append)
+  assert "resuming from the checkpoint after epoch 2" in lines
+  timeless = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds",  # pylint: disable=g-long-lambda
+                                                                  "examples_per_second")}
+                           for r in rows]
+  assert timeless(read_metrics(killed)) == timeless(read_metrics(straight))
+  with np.load(straight / "params.npz") as a, np.load(killed / "params.npz") as b:
+    for k in a.files:
+      np.testing.assert_array_equal(a[k], b[k])
+  last = read_metrics(straight)[-1]
+  q = 8 / 60
+  assert last["steps"] == 4 * 8
+  assert last["epsilon"] == privacy.epsilon(0.8, q, 32, 1e-3)
+  assert last["epsilon_rdp"] == privacy.epsilon(0.8, q, 32, 1e-3, "rdp")
+  assert 0 < read_metrics(straight)[0]["epsilon"] < last["epsilon"] < last["epsilon_rdp"]
+  record = json.loads((straight / "config.json").read_text())["dp"]
+  assert record["noise_multiplier"] == 0.8 and record["sampling_rate"] == q
+  assert record["planned_steps"] == 32 and record["overflow_probability"] <= 1e-9
+  assert record["sensitivity"] == pytest.approx(1.0)
+
+
+def test_dp_run_scales_inputs_with_constants_not_train_statistics():
+  raw = data.load_digits()
+  private = data.load("digits", private=True)
+  np.testing.assert_allclose(private.x_train, (raw[0] / 16 - 0.5) / 0.5, rtol=1e-6)
+  np.testing.assert_allclose(private.x_test, (raw[2] / 16 - 0.5) / 0.5, rtol=1e-6)
+
+
+def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_path):
+  lines = []
+  experiment.run(dp_config(tiny_npz, tmp_path, dp_noise_multiplier=None,
+                           dp_target_epsilon=4.0, epochs=2), log=lines.append)
+  last = read_metrics(tmp_path)[-1]
+  assert 3.99 <= last["epsilon"] <= 4.0
+  assert any(line.startswith("DP: σ = ") and "reaches ε = 4 (PLD)" in line for line in lines)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dp_noise_multiplier": 0.0}, "--dp_noise_multiplier must be a number > 0"),
+    ({"dp_noise_multiplier": -1.0}, "--dp_noise_multiplier must be a number > 0"),
+    ({"dp_clip_norm": 0.0}, "--dp_clip_norm must be a number > 0"),
+    ({"dp_noise_multiplier": None, "dp_target_epsilon": -3.0},
+     "--dp_target_epsilon must be a number > 0"),
+    ({"dp_delta": 0.02}, r"--dp_delta 0.02 is not below 1/N = 0.0167"),
+    ({"dp_noise_multiplier": None, "dp_target_epsilon": 1e-4},
+     "--dp_target_epsilon: no noise multiplier up to 100 reaches"),
+    ({"dp_target_epsilon": 3.0}, "not both"),
+    ({"grads": "autodiff"}, "always uses the closed-form clipped gradient"),
+])
+def test_bad_dp_settings_are_one_line_and_write_nothing(tiny_npz, tmp_path, overrides,
+                                                        message):
+  with pytest.raises(experiment.RunError, match=message) as error:
+    experiment.run(dp_config(tiny_npz, tmp_path / "w", **overrides), log=lambda *_: None)
+  assert "\n" not in str(error.value)
+  assert not (tmp_path / "w").exists()
+
+
+def test_dp_flags_without_the_dp_extra_name_the_install(tiny_npz, tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "dp_accounting", None)    # import fails, as uninstalled
+  with pytest.raises(experiment.RunError, match=r'need the dp extra: pip install -e "\.\[dp\]"'):
+    experiment.run(dp_config(tiny_npz, tmp_path), log=lambda *_: None)
