@@ -49,9 +49,10 @@ flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the 
 flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
 flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager, CPU); "
                   "opacus (with --dp: Opacus' per-sample hooks and ghost clipping).")
-flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the closed-form clipped step "
-                  "(dp_closed_form), the plain step (plain) and vmap(grad) -> clip -> sum "
-                  "(dp_vmap_grad, what jax_privacy and optax do), each with its memory.")
+flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the plain step (plain), the closed-form "
+                  "clipped sum without (dp_clipped_sum) and with noise (dp_closed_form), and "
+                  "vmap(grad) -> clip -> sum with noise (dp_vmap_grad, what jax_privacy "
+                  "and optax do), each with its memory.")
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
                   "The update in the step: optax Adam, or plain SGD to see the optimizer's share.")
 
@@ -161,9 +162,10 @@ def vmap_grad_clipped_sum(params, x, Y, clip_norm):
 def dp_run(kind, b, h, cfg):
   """(run, compile seconds, temporary MiB): `cfg.steps` Adam steps of `kind`:
 
-  plain: the runner's step (manual gradient); dp_closed_form: privacy's clipped sum,
-  noise σ = 1, C = 1, over B; dp_vmap_grad: vmap(grad) -> clip -> sum, the same noise.
-  All on one fixed batch of B (Poisson sampling, the same for both DP kinds, is left out).
+  plain: the runner's step (manual gradient); dp_clipped_sum: privacy's closed-form
+  clipped sum over B, no noise (the gradient's own cost); dp_closed_form: the same plus
+  noise σ = 1, C = 1; dp_vmap_grad: vmap(grad) -> clip -> sum, the same noise. All on one
+  fixed batch of B (Poisson sampling, the same for every DP kind, is left out).
   """
   d, k = cfg.in_dim, cfg.num_classes
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant")
@@ -177,12 +179,15 @@ def dp_run(kind, b, h, cfg):
     def step(state, batch):
       x, y, w = batch
       Y = jax.nn.one_hot(y, k, dtype=jnp.float32)
-      if kind == "dp_closed_form":
-        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, 1.0, "flat")
-      else:
+      if kind == "dp_vmap_grad":
         grad_sum = vmap_grad_clipped_sum(state.params, x, Y, 1.0)
-      g = privacy.add_noise(grad_sum, jax.random.fold_in(state.key, state.step), 1.0, 1.0,
-                            "flat", b)
+      else:
+        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, 1.0, "flat")
+      if kind == "dp_clipped_sum":
+        g = jax.tree.map(lambda leaf: leaf / b, grad_sum)
+      else:
+        g = privacy.add_noise(grad_sum, jax.random.fold_in(state.key, state.step), 1.0, 1.0,
+                              "flat", b)
       updates, opt_state = optimizer.update(g, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       return train.TrainState(params, opt_state, state.step + 1, state.key), None
@@ -337,7 +342,8 @@ def format_ratios(rows):
         kinds["torch"].append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
                               f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
                               f"({best['grads']}, {best['mode']})")
-    for num, den, what in (("dp_closed_form", "plain", "time"),
+    for num, den, what in (("dp_clipped_sum", "plain", "time"),
+                           ("dp_closed_form", "plain", "time"),
                            ("dp_vmap_grad", "dp_closed_form", "time"),
                            ("opacus_hooks", "torch", "time"), ("opacus_ghost", "torch", "time"),
                            ("dp_closed_form", "opacus_ghost", "ex/s")):
@@ -410,7 +416,7 @@ def main(argv):
               key = (grads, mode, dt, n)
               runs[key], compile_seconds[key] = jax_run(grads, mode, dt, b, h, n, cfg)
       if cfg.dp:
-        for kind in ("plain", "dp_closed_form", "dp_vmap_grad"):
+        for kind in ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"):
           key = (kind, "step", "float32", 1)
           runs[key], compile_seconds[key], temp_mb[key] = dp_run(kind, b, h, cfg)
       if opacus_ok:

@@ -74,3 +74,16 @@ def test_benchmark_rejects_impossible_device_counts(flags, message):
   result = run(*flags, "--steps=1", host_devices=2)
   assert result.returncode == 2
   assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_benchmark_dp_rows_time_and_size_each_way(tmp_path):
+  out = tmp_path / "rows.jsonl"
+  result = run("--dp", "--grads=", "--batch_sizes=8", "--hidden_dims=16", "--in_dim=12",
+               "--num_classes=3", "--steps=2", "--repeats=1", "--ceiling_size=32",
+               f"--json_out={out}")
+  assert result.returncode == 0, result.stderr
+  rows = {r["grads"]: r for r in map(json.loads, out.read_text().splitlines())}
+  assert set(rows) == {"plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"}
+  # vmap(grad) holds the B per-example gradients (8 · (16·12 + 16 + 3·16 + 3) floats).
+  assert rows["dp_vmap_grad"]["temp_memory_mb"] * 2**20 >= 8 * 259 * 4
+  assert "dp_vmap_grad / dp_closed_form time" in result.stdout
