@@ -424,10 +424,11 @@ def run(config, log=print):
     epochs_done, state = restored
     log(f"resuming from the checkpoint after epoch {epochs_done}")
   cycle_ends = schedule_epochs(config, old_run, epochs_done, log)
-  if dp is not None and config.dp_target_epsilon is not None and len(cycle_ends) > 1:
+  if dp is not None and config.dp_target_epsilon is not None and cycle_ends != [
+      config.epochs]:  # σ depends on --epochs: it must not change within a run
     raise RunError(f"this run's σ was calibrated for ε = {config.dp_target_epsilon:g} over "
-                   f"{cycle_ends[0]} epochs; training to {config.epochs} would spend more. "
-                   "Use a fresh --workdir for a longer private run.")
+                   f"{cycle_ends[0]} epochs; resume it with --epochs={cycle_ends[0]}, or use "
+                   "a fresh --workdir for another length.")
   hp = _hyperparams(config, steps_per_epoch, cycle_ends)
   optimizer = train.make_optimizer(hp)
   learning_rate = train.make_schedule(hp)

@@ -230,6 +230,12 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_pat
   last = read_metrics(tmp_path)[-1]
   assert 3.99 <= last["epsilon"] <= 4.0
   assert any(line.startswith("DP: σ = ") and "reaches ε = 4 (PLD)" in line for line in lines)
+  # σ was calibrated for 2 epochs: another length would change σ within the run.
+  for epochs in (1, 3):
+    with pytest.raises(experiment.RunError, match="resume it with --epochs=2"):
+      experiment.run(dp_config(tiny_npz, tmp_path, dp_noise_multiplier=None,
+                               dp_target_epsilon=4.0, epochs=epochs), log=lambda *_: None)
+  assert len(read_metrics(tmp_path)) == 2
 
 
 @pytest.mark.parametrize("overrides, message", [
