@@ -253,10 +253,3 @@ def dp_available():
     return False
   return True
 
-
-def checked(value, name):
-  """Refuses a non-positive or non-finite σ, C, ε or δ in one line."""
-  if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value)
-          and value > 0):
-    raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-  return value
