@@ -123,21 +123,29 @@ def per_example_grads(params, X, y, method="manual"):
   return jax.vmap(one_example, in_axes=(None, 0, 0))(params, X, Y)
 
 
-def per_example_grad_norms(params, X, y):
-  """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i.
+def layer_grad_sq_norms(delta1, delta2, X, A1):
+  """(‖∇_{W1,b1} L_i‖², ‖∇_{W2,b2} L_i‖²), each (B,), from Δ1 (B, H), Δ2 (B, K) of each
+  example's own loss, X (B, D) and A1 (B, H), without forming ∇L_i.
 
-  ∇W2 = δ2 a1ᵀ and ∇W1 = δ1 xᵀ are outer products, and ‖u vᵀ‖² = ‖u‖²‖v‖², so
-      ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1).
+  ∇W1 = δ1 xᵀ and ∇W2 = δ2 a1ᵀ are outer products, and ‖u vᵀ‖² = ‖u‖²‖v‖², so
+      ‖∇_{W1,b1} L_i‖² = ‖δ1_i‖² (‖x_i‖² + 1),  ‖∇_{W2,b2} L_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1).
+  """
+  def sq(a):
+    return jnp.sum(a * a, axis=-1)
+
+  return sq(delta1) * (sq(X) + 1), sq(delta2) * (sq(A1) + 1)
+
+
+def per_example_grad_norms(params, X, y):
+  """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:
+  ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms).
   """
   X, Y, _ = _prepare(params, X, y, None)
   Z1, A1, Z2 = batch_activations(params, X)
   delta2 = output_delta(Z2, Y)
   delta1 = hidden_delta(params, delta2, Z1)
-
-  def sq(a):
-    return jnp.sum(a * a, axis=-1)
-
-  return jnp.sqrt(sq(delta2) * (sq(A1) + 1) + sq(delta1) * (sq(X) + 1))
+  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)
+  return jnp.sqrt(sq1 + sq2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -29,6 +29,7 @@ from mlp_jax import checks
 from mlp_jax import losses
 from mlp_jax.grads import batch_activations
 from mlp_jax.grads import hidden_delta
+from mlp_jax.grads import layer_grad_sq_norms
 from mlp_jax.grads import output_delta
 from mlp_jax.grads import param_grads
 from mlp_jax.model import Params
@@ -74,10 +75,6 @@ def clip_factor(norm, bound):
   return jnp.where(jnp.isfinite(norm), factor, 0).astype(norm.dtype)
 
 
-def _sq(a):
-  return jnp.sum(a * a, axis=-1)
-
-
 def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dtype=None):
   """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
   Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum."""
@@ -85,8 +82,7 @@ def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dty
   Z1, A1, Z2 = batch_activations(params, X, compute_dtype)
   delta2 = output_delta(Z2, Y)                                # δ2_i (B, K)
   delta1 = hidden_delta(params, delta2, Z1, compute_dtype)    # δ1_i (B, H)
-  sq1 = _sq(delta1) * (_sq(X) + 1)                                      # ‖∇_{W1,b1} L_i‖²
-  sq2 = _sq(delta2) * (_sq(A1) + 1)                                     # ‖∇_{W2,b2} L_i‖²
+  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)                 # per layer, (B,)
   if clipping == "flat":
     norms = jnp.sqrt(sq1 + sq2)
     c1 = c2 = clip_factor(norms, c1_bound)
