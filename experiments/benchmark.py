@@ -114,7 +114,8 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
   """
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         grads=grads, compute_dtype=compute_dtype)
+                         weight_decay=0.0, label_smoothing=0.0, grads=grads,
+                         compute_dtype=compute_dtype)
   optimizer = train.make_optimizer(hp)
   mesh = parallel.data_mesh(devices)
   state = parallel.replicate(train.init_state(0, d, h, k, optimizer), mesh)
@@ -168,7 +169,8 @@ def dp_run(kind, b, h, cfg):
   fixed batch of B (Poisson sampling, the same for every DP kind, is left out).
   """
   d, k = cfg.in_dim, cfg.num_classes
-  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant")
+  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
+                         weight_decay=0.0, label_smoothing=0.0)
   optimizer = train.make_optimizer(hp)
   state = train.init_state(0, d, h, k, optimizer)
   x, y = synthetic_data(b, d, k)

@@ -1,24 +1,48 @@
 """Checkpoints of the TrainState through orbax-checkpoint, one per finished epoch.
 
-Each checkpoint holds the state and the SHA-256 of its bytes, so a truncated or
-corrupted checkpoint is detected on load and the next older one is used instead.
+Each checkpoint holds the state, the SHA-256 of its bytes and the signature of its
+structure (tree, shapes, dtypes). On restore:
+
+    corrupt (unreadable, or its checksum fails)  -> moved to checkpoints/corrupt/, the
+                                                    next older one is tried
+    another structure, permissions, I/O errors   -> CheckpointError: one line, no fallback
+
 Orbax writes each step into a temporary directory and renames it when complete, so a
 run killed mid-save leaves no half-written step behind.
 """
 
 import hashlib
 import os
+import shutil
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+CORRUPT_DIR = "corrupt"
+
+
+class CheckpointError(Exception):
+  """A checkpoint problem that is not corruption; the message is one line for the user."""
+
+
+class _Corrupt(Exception):
+  """A checkpoint that cannot be read or fails its checksum."""
 
 
 def manager(workdir, max_to_keep=3):
   """A CheckpointManager on WORKDIR/checkpoints; its step numbers are finished epochs."""
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if os.path.exists(path) and not (os.path.isdir(path) and
+                                   os.access(path, os.R_OK | os.W_OK | os.X_OK)):
+    raise CheckpointError(f"{path} is not a readable and writable directory; fix its "
+                          "permissions, or use a fresh --workdir.")
+  try:
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True))
+  except OSError as e:
+    raise CheckpointError(f"cannot open the checkpoints in {path} ({e}).") from None
 
 
 def state_digest(state):
@@ -31,30 +55,92 @@ def state_digest(state):
   return digest.hexdigest()
 
 
+def state_signature(state):
+  """SHA-256 of the tree structure and each leaf's shape and dtype (no values)."""
+  leaves = [(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(state)]
+  return hashlib.sha256(f"{jax.tree.structure(state)}{leaves}".encode()).hexdigest()
+
+
 def save(mngr, epoch, state):
-  """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously)."""
-  mngr.save(epoch, args=ocp.args.Composite(
+  """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously).
+
+  Raises CheckpointError when orbax declines to save (it skips a step that is not newer
+  than its latest), rather than leaving the epoch silently without a checkpoint.
+  """
+  saved = mngr.save(epoch, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      checksum=ocp.args.JsonSave({"sha256": state_digest(state)})))
+      checksum=ocp.args.JsonSave({"sha256": state_digest(state),
+                                  "signature": state_signature(state)})))
+  if not saved:
+    raise CheckpointError(f"orbax did not save the checkpoint after epoch {epoch} (the "
+                          f"newest in {mngr.directory} is epoch {mngr.latest_step()}); "
+                          "use a fresh --workdir.")
+
+
+def _restore(mngr, epoch, template):
+  """The state of checkpoint `epoch`: raises _Corrupt or CheckpointError."""
+  try:
+    record = mngr.restore(epoch, args=ocp.args.Composite(
+        checksum=ocp.args.JsonRestore()))["checksum"]
+  except OSError as e:
+    raise CheckpointError(f"cannot read the checkpoint after epoch {epoch} ({e}).") from None
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise _Corrupt(_first_line(e)) from None
+  if record.get("signature", state_signature(template)) != state_signature(template):
+    raise CheckpointError(
+        f"the checkpoint after epoch {epoch} in {mngr.directory} holds a state of another "
+        "structure (written by another version of mlp_jax?); use a fresh --workdir.")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  try:
+    restored = mngr.restore(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+  except OSError as e:
+    raise CheckpointError(f"cannot read the checkpoint after epoch {epoch} ({e}).") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise _Corrupt(_first_line(e)) from None
+  state = type(template)(*restored) if isinstance(template, tuple) else restored
+  if state_digest(state) != record.get("sha256"):
+    raise _Corrupt("its checksum does not match its contents")
+  return state
+
+
+def _first_line(e):
+  return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+
+
+def _sync(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def move_aside(mngr, epoch):
+  """Moves checkpoint `epoch` to checkpoints/corrupt/EPOCH (kept for inspection, out of
+  orbax's way so the epochs after it are saved again); returns the new path."""
+  target = os.path.join(str(mngr.directory), CORRUPT_DIR, str(epoch))
+  _sync(f"mlp_jax: every process has read checkpoint {epoch}")
+  if jax.process_index() == 0:
+    suffix = 0
+    while os.path.exists(target if not suffix else f"{target}.{suffix}"):
+      suffix += 1
+    target = target if not suffix else f"{target}.{suffix}"
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(str(mngr.directory), str(epoch)), target)
+  _sync(f"mlp_jax: checkpoint {epoch} moved aside")
+  mngr.reload()
+  return target
 
 
 def restore_latest(mngr, template, log=print):
   """(epochs done, state) of the newest checkpoint that loads and matches its checksum.
 
-  A bad one is reported in one line and skipped; None when there is no good one.
+  A corrupt one is reported in one line and moved aside (move_aside); None when no good
+  one is left. Any other failure raises CheckpointError.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   for epoch in sorted(mngr.all_steps(), reverse=True):
     try:
-      restored = mngr.restore(epoch, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), checksum=ocp.args.JsonRestore()))
-      state = type(template)(*restored["state"]) if isinstance(template, tuple) else (
-          restored["state"])
-      if state_digest(state) != restored["checksum"]["sha256"]:
-        raise ValueError("its checksum does not match its contents")
-      return epoch, state
-    except Exception as e:  # pylint: disable=broad-except  (any failure means: skip it)
-      reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-      log(f"checkpoint after epoch {epoch} is corrupt or unreadable ({reason}); "
-          "falling back to the one before it")
+      return epoch, _restore(mngr, epoch, template)
+    except _Corrupt as e:
+      moved = move_aside(mngr, epoch)
+      log(f"checkpoint after epoch {epoch} is corrupt ({e}); moved to {moved}, falling "
+          "back to the one before it")
   return None

@@ -25,6 +25,10 @@ MAX_IDX_BYTES = 1 << 32  # 4 GiB: a header claiming more is lying or not a datas
 MAX_NPZ_ARRAY_BYTES = 1 << 32
 MAX_CLASSES = 1000
 DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
+# The largest raw pixel value of the image datasets (an 8-bit image maps 255 to it).
+PIXEL_MAX = {"digits": 16.0, "fashion_mnist": 255.0, "mnist": 255.0}
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
 class DataError(ValueError):
@@ -32,7 +36,11 @@ class DataError(ValueError):
 
 
 class Dataset(NamedTuple):
-  """Standardised float32 inputs (N, D) and int32 labels (N,) in [0, num_classes)."""
+  """Standardised float32 inputs (N, D) and int32 labels (N,) in [0, num_classes).
+
+  x = (x_raw.reshape(N, D) − mean) / std maps a raw example of shape `input_shape` to
+  the network's input; mean and std are (D,) float32.
+  """
 
   x_train: np.ndarray
   y_train: np.ndarray
@@ -41,6 +49,17 @@ class Dataset(NamedTuple):
   x_val: Optional[np.ndarray]
   y_val: Optional[np.ndarray]
   num_classes: int
+  mean: np.ndarray
+  std: np.ndarray
+  input_shape: tuple
+  class_names: tuple
+
+
+def class_names(name, num_classes):
+  """The classes' names: Fashion-MNIST's (T-shirt/top, ...), else "0", "1", ..."""
+  if name == "fashion_mnist" and num_classes == len(FASHION_MNIST_CLASSES):
+    return FASHION_MNIST_CLASSES
+  return tuple(str(k) for k in range(num_classes))
 
 
 def _read_exactly(f, size, path):
@@ -213,6 +232,7 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
   do not depend on the data, x' = (x / s − μ) / σ instead: what a differentially private
   run needs (a statistic of the private training set would leak it).
   """
+  input_shape = tuple(np.shape(x_train)[1:])
   x_train, x_test = _flat_inputs(x_train, "x_train"), _flat_inputs(x_test, "x_test")
   if x_train.shape[1] != x_test.shape[1]:
     raise DataError(f"x_train has {x_train.shape[1]} features per example but x_test "
@@ -242,13 +262,15 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
       std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
     else:
       scale, mu, sigma = fixed_scaling
-      mean, std = np.float32(mu * scale), np.float32(sigma * scale)
+      mean = np.full(x_train.shape[1], mu * scale, np.float32)
+      std = np.full(x_train.shape[1], sigma * scale, np.float32)
     scaled = [None if x is None else (x - mean) / std for x in (x_train, x_test, x_val)]
   if not all(x is None or np.all(np.isfinite(x)) for x in scaled):
     raise DataError("the inputs overflow float32 when standardised (values near 1e38?); "
                     "rescale the data first.")
   x_train, x_test, x_val = scaled
-  return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes)
+  return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes, mean, std,
+                 input_shape, class_names(None, num_classes))
 
 
 def fixed_scaling(name):
@@ -256,8 +278,9 @@ def fixed_scaling(name):
   s, and the published normalisation constants of Fashion-MNIST and MNIST; digits'
   pixels 0..16 map to [−1, 1]; an npz is used as it is (scale it yourself, with
   constants that do not come from the private data)."""
-  return {"digits": (16.0, 0.5, 0.5), "fashion_mnist": (255.0, 0.2860, 0.3530),
-          "mnist": (255.0, 0.1307, 0.3081)}.get(name, (1.0, 0.0, 1.0))
+  mu_sigma = {"digits": (0.5, 0.5), "fashion_mnist": (0.2860, 0.3530),
+              "mnist": (0.1307, 0.3081)}
+  return (PIXEL_MAX[name], *mu_sigma[name]) if name in PIXEL_MAX else (1.0, 0.0, 1.0)
 
 
 def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, private=False):
@@ -276,5 +299,8 @@ def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, private=False)
     arrays = load_npz(name[4:])
   else:
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-  return prepare(*arrays, validation_fraction=validation_fraction, seed=seed,
-                 fixed_scaling=fixed_scaling(name) if private else None)
+  ds = prepare(*arrays, validation_fraction=validation_fraction, seed=seed,
+               fixed_scaling=fixed_scaling(name) if private else None)
+  if name == "digits":  # scikit-learn gives them flat: 64 = 8×8 pixels
+    ds = ds._replace(input_shape=(8, 8))
+  return ds._replace(class_names=class_names(name, ds.num_classes))

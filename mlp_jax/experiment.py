@@ -1,12 +1,18 @@
 """One training run from a config to a workdir: what `experiments/train.py` calls.
 
 WORKDIR/ after a run:
-    config.json      every setting, package versions, the device
-    metrics.jsonl    one JSON line per epoch
-    checkpoints/     orbax checkpoints of the TrainState (resume from the newest)
-    params.npz       final w1, b1, w2, b2, loadable with numpy alone
+    config.json      every setting, package versions, the device; `runs` lists the first
+                     run and each resume
+    metrics.jsonl    one JSON line per epoch (lines a restart replaces are kept aside in
+                     metrics.replaced-N.jsonl)
+    checkpoints/     orbax checkpoints of the TrainState (resume from the newest; corrupt
+                     ones are moved to checkpoints/corrupt/)
+    params.npz       final w1, b1, w2, b2 and the input preprocessing: mj.load(WORKDIR)
     curves.png       loss and accuracy per epoch
     confusion.png    the test confusion matrix
+    filters.png      the rows of W1 as images (image datasets)
+
+A workdir is locked while a run uses it: a second run on it is refused at once.
 
 Data parallel on every local device by default (mlp_jax/parallel.py). With
 `distributed` or coordinator_address / num_processes / process_id set, many processes
@@ -14,6 +20,8 @@ train together through jax.distributed; process 0 alone writes the files above, 
 of them save the checkpoints together, through orbax.
 """
 
+import datetime
+import fcntl
 import json
 import os
 import platform
@@ -34,6 +42,7 @@ from mlp_jax import parallel
 from mlp_jax import plots
 from mlp_jax import privacy
 from mlp_jax import train
+from mlp_jax import trained
 
 
 class RunError(Exception):
@@ -45,7 +54,8 @@ class Interrupted(RunError):
 
 
 class PeerLost(RunError):
-  """A collective failed in a multi-process run: another process died; restart them all."""
+  """A collective failed in a multi-process run (this process or another one failed);
+  restart them all."""
 
 
 # What a failed collective raises (XlaRuntimeError, a RuntimeError, before jax 0.4.36).
@@ -57,23 +67,27 @@ def _first_line(e):
   return text.splitlines()[0][:200] if text else type(e).__name__
 
 
+_HP = train.Hyperparams()  # the defaults shared with the library
+
+
 class RunConfig(NamedTuple):
-  """Every setting of a run; the runner's flags have the same names and defaults."""
+  """Every setting of a run: the one source of the runner's flags (their names and
+  defaults) and of train.Hyperparams (see `hyperparams`)."""
 
   dataset: str = "digits"
   data_dir: Optional[str] = None
   hidden_dim: int = 256
   batch_size: int = 16
   epochs: int = 20
-  optimizer: str = "adamw"
-  learning_rate: float = 2e-3
-  schedule: str = "warmup_cosine"
+  optimizer: str = _HP.optimizer
+  learning_rate: float = _HP.learning_rate
+  schedule: str = _HP.schedule
   warmup_epochs: float = 1.0
-  weight_decay: float = 0.1
-  clip_norm: float = 0.0
-  label_smoothing: float = 0.2
-  grads: str = "manual"
-  compute_dtype: str = "float32"
+  weight_decay: float = _HP.weight_decay
+  clip_norm: float = _HP.clip_norm
+  label_smoothing: float = _HP.label_smoothing
+  grads: str = _HP.grads
+  compute_dtype: str = _HP.compute_dtype
   seed: int = 0
   workdir: Optional[str] = None
   validation_fraction: float = 0.0
@@ -108,26 +122,69 @@ def _versions():
           "orbax_checkpoint": getattr(orbax.checkpoint, "__version__", None)}
 
 
-def prepare_workdir(config):
-  """Creates the workdir (a fresh temporary one if None); refuses one of another run.
+class WorkdirLock:
+  """An exclusive flock on WORKDIR/.lock for the life of a run. The kernel drops it when
+  the process ends, however it ends, so a killed run never leaves it stuck."""
 
-  Returns (workdir, the config.json of the run it holds, or {}).
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, ".lock")
+    self._fd = None
+
+  def acquire(self):
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+      os.close(fd)
+      raise RunError(f"--workdir {os.path.dirname(self.path)} is in use by another run "
+                     f"(process {holder}); wait for it to finish, or use another "
+                     "--workdir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    self._fd = fd
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
+
+
+def prepare_workdir(config):
+  """Creates and locks the workdir (a fresh temporary one if None); refuses one in use
+  or holding a run of other settings (RESUME_FIELDS).
+
+  Returns (workdir, the config.json of the run it holds or {}, the WorkdirLock to release;
+  only process 0 locks).
   """
   workdir = config.workdir or tempfile.mkdtemp(prefix="mlp_jax_")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise RunError(f"--workdir {workdir} is a file, not a directory; choose another path.")
+  lock = WorkdirLock(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      lock.acquire()
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
+    lock.release()
     raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
                    "path.") from None
+  try:
+    return (workdir, _check_old_run(workdir, config), lock)
+  except RunError:
+    lock.release()
+    raise
+
+
+def _check_old_run(workdir, config):
+  """The workdir's config.json ({} if none); RunError if its RESUME_FIELDS differ."""
   old_config = os.path.join(workdir, "config.json")
   if not os.path.exists(old_config):
-    return workdir, {}
+    return {}
   with open(old_config) as f:
     old_run = json.load(f)
   old = old_run.get("config", {})
@@ -135,7 +192,7 @@ def prepare_workdir(config):
     if field in old and old[field] != getattr(config, field):
       raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
                      f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
-  return workdir, old_run
+  return old_run
 
 
 def schedule_epochs(config, old_run, epochs_done, log):
@@ -191,6 +248,66 @@ class _CtrlC:
 def is_private(config):
   """True for a differentially private (DP-SGD) run."""
   return config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
+
+
+def check_schedule(config):
+  """Refuses a warmup longer than the run: the learning rate would never reach its peak."""
+  if config.schedule == "warmup_cosine" and config.warmup_epochs > config.epochs:
+    raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
+                   f"{config.epochs}: the learning rate would never reach its peak; use "
+                   f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
+
+
+# Optimizer slots per parameter (momentum, Adam's μ and ν).
+_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
+
+
+def memory_needed(config, in_dim, num_classes, num_rows):
+  """Bytes one device needs, about: the float32 params with their optimizer slots, the
+  gradient and the update; the resident data (N, D); the hidden activations of a batch
+  (evaluation takes 1024 rows)."""
+  h = config.hidden_dim
+  num_params = h * (in_dim + 1) + num_classes * (h + 1)
+  state = 4 * num_params * (1 + _OPTIMIZER_SLOTS.get(config.optimizer, 2) + 2)
+  activations = 4 * 3 * h * max(config.batch_size, 1024)
+  return state + 4 * num_rows * in_dim + activations
+
+
+def memory_available(device):
+  """(bytes free on `device`, what it is): the accelerator's free memory, or the host's
+  available RAM for a CPU device; (None, ...) where neither can be read."""
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} device"
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host"
+  except (ValueError, OSError):
+    return None, "host"
+
+
+def _gib(num_bytes):
+  return f"{num_bytes / 2**30:,.1f} GiB"
+
+
+def check_memory(config, in_dim, num_classes, num_rows, mesh):
+  """Refuses, before anything is allocated, a network the memory cannot hold (XLA would
+  abort the process). CPU devices of one host share its RAM."""
+  device = mesh.devices.flat[0]
+  free, where = memory_available(device)
+  need = memory_needed(config, in_dim, num_classes, num_rows)
+  if device.platform == "cpu":
+    need *= mesh.size
+  if free is not None and need > free:
+    raise RunError(f"--hidden_dim {config.hidden_dim} needs about {_gib(need)} (W1 alone "
+                   f"is {_gib(4 * config.hidden_dim * in_dim)}, plus its {config.optimizer} "
+                   f"state, gradients and the data) but the {where} has {_gib(free)} free; "
+                   "use a smaller --hidden_dim.")
+
+
+def _out_of_memory(e):
+  """True if an XLA error is an allocation failure."""
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
 def check_dp_config(config):
@@ -250,26 +367,32 @@ def dp_plan(config, num_examples, steps_per_epoch, multiple, log):
   return dp, record
 
 
-def _hyperparams(config, steps_per_epoch, cycle_ends):
-  """train.Hyperparams of `config`, with a learning-rate cycle ending at each epoch of
-  `cycle_ends` (see schedule_epochs)."""
+def hyperparams(config, steps_per_epoch, cycle_ends):
+  """The train.Hyperparams of `config`: its fields of the same names, and a
+  learning-rate cycle ending at each epoch of `cycle_ends` (see schedule_epochs)."""
+  shared = {f: getattr(config, f) for f in train.Hyperparams._fields if f in RunConfig._fields}
   return train.Hyperparams(
-      optimizer=config.optimizer, learning_rate=config.learning_rate,
-      schedule=config.schedule, warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+      warmup_steps=int(config.warmup_epochs * steps_per_epoch),
       total_steps=cycle_ends[-1] * steps_per_epoch,
-      restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]),
-      weight_decay=config.weight_decay,
-      clip_norm=config.clip_norm, label_smoothing=config.label_smoothing, grads=config.grads,
-      compute_dtype=config.compute_dtype)
+      restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]), **shared)
 
 
-def _read_history(path, epochs_done):
-  """The metrics lines of epochs 1..epochs_done (a resumed run drops later ones)."""
+def _read_history(path, epochs_done, writer, log):
+  """The metrics lines of epochs 1..epochs_done. Lines of later epochs (a run that fell
+  back to an older checkpoint, or restarts from scratch) are not lost: the old file is
+  kept as metrics.replaced-N.jsonl."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  return [row for row in rows if row["epoch"] <= epochs_done]
+  kept = [row for row in rows if row["epoch"] <= epochs_done]
+  if len(kept) < len(rows) and writer:
+    n = 1
+    while os.path.exists(aside := path.replace(".jsonl", f".replaced-{n}.jsonl")):
+      n += 1
+    os.replace(path, aside)
+    log(f"metrics.jsonl held epochs this run retrains; the old file is kept as {aside}")
+  return kept
 
 
 def _write_lines(path, rows):
@@ -277,16 +400,27 @@ def _write_lines(path, rows):
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def _summary(history, total_seconds, dp_record=None):
+def _speed(new_rows, num_examples):
+  """One line on this invocation's speed: the first epoch (which compiles) apart, then
+  s per epoch and examples/s both from the mean of the later epochs."""
+  first = new_rows[0]
+  text = f"epoch {first['epoch']} {first['seconds']:.2f} s (with compiling)"
+  rest = new_rows[1:]
+  if rest:
+    mean = sum(row["seconds"] for row in rest) / len(rest)
+    text += (f"; epochs {rest[0]['epoch']}-{rest[-1]['epoch']} {mean:.3f} s per epoch, "
+             f"{num_examples / mean:,.0f} examples/s")
+  return text
+
+
+def _summary(history, new_rows, num_examples, total_seconds, dp_record=None):
   last = history[-1]
   splits = [s for s in ("train", "validation", "test") if f"{s}_accuracy" in last]
   lines = [f"{'':10}" + "".join(f"{s:>12}" for s in splits),
            f"{'loss':10}" + "".join(f"{last[f'{s}_loss']:12.4f}" for s in splits),
            f"{'accuracy':10}" + "".join(f"{100 * last[f'{s}_accuracy']:11.2f}%" for s in splits)]
-  train_seconds = sum(row["seconds"] for row in history)
-  lines.append(f"epochs {last['epoch']}, {total_seconds:.1f} s in all, "
-               f"{train_seconds / len(history):.2f} s per epoch, "
-               f"{last['examples_per_second']:,.0f} examples/s")
+  lines.append(f"epochs {last['epoch']}, {total_seconds:.1f} s in all"
+               + (f"; {_speed(new_rows, num_examples)}" if new_rows else ""))
   if dp_record is not None:
     lines.append(f"DP-SGD: ε = {last['epsilon']:.3f} (PLD; RDP {last['epsilon_rdp']:.3f}) "
                  f"at δ = {dp_record['delta']:g}, σ = {dp_record['noise_multiplier']:.4g}, "
@@ -370,8 +504,9 @@ def _barrier(name):
     multihost_utils.sync_global_devices(name)
 
 
-def _write_results(workdir, state, history, splits, y_test, num_classes, mesh, writer):
-  """params.npz, curves.png and confusion.png of `state`, the last finished epoch.
+def _write_results(workdir, state, history, splits, inputs, config, mesh, writer):
+  """params.npz (with the preprocessing of `inputs`, a data.Dataset without its arrays),
+  curves.png, confusion.png and filters.png of `state`, the last finished epoch.
 
   The test predictions are one evaluation pass on every process (a collective with a
   mesh of many processes); process 0 alone writes.
@@ -381,11 +516,28 @@ def _write_results(workdir, state, history, splits, y_test, num_classes, mesh, w
                                           num_examples=n_test, mesh=mesh)["predictions"])
   if not writer:
     return
-  np.savez(os.path.join(workdir, "params.npz"),
-           **{k: np.asarray(v) for k, v in state.params._asdict().items()})
-  plots.plot_curves(history, os.path.join(workdir, "curves.png"))
-  plots.plot_confusion(plots.confusion_matrix(y_test, predictions, num_classes),
-                       os.path.join(workdir, "confusion.png"))
+  params = jax.device_get(state.params)
+  trained.save(os.path.join(workdir, "params.npz"), params, inputs.mean, inputs.std,
+               inputs.input_shape, inputs.class_names, config.dataset,
+               data.PIXEL_MAX.get(config.dataset, 0.0))
+  plots.plot_curves(history, os.path.join(workdir, "curves.png"), config.label_smoothing)
+  plots.plot_confusion(plots.confusion_matrix(inputs.y_test, predictions,
+                                              inputs.num_classes),
+                       os.path.join(workdir, "confusion.png"), inputs.class_names)
+  plots.plot_filters(params.w1, inputs.input_shape, os.path.join(workdir, "filters.png"))
+
+
+def _config_record(config, old_run, cycle_ends, dp_record, ds, mesh, epochs_done):
+  """config.json: this run's settings on top, and `runs`, one entry per invocation
+  (the first run and each resume), each with its settings, start time and device."""
+  this_run = {"config": config._asdict(), "started": datetime.datetime.now(
+      datetime.timezone.utc).isoformat(timespec="seconds"), "resumed_from_epoch": epochs_done,
+              "versions": _versions(), "device": str(mesh.devices.flat[0]),
+              "num_devices": mesh.size, "num_processes": jax.process_count(),
+              "platform": jax.default_backend()}
+  return {"config": config._asdict(), "schedule_epochs": cycle_ends, "dp": dp_record,
+          "num_classes": ds.num_classes, "in_dim": ds.x_train.shape[1],
+          "train_examples": len(ds.y_train), "runs": [*old_run.get("runs", []), this_run]}
 
 
 def run(config, log=print):
@@ -395,6 +547,7 @@ def run(config, log=print):
   writer = jax.process_index() == 0  # the one process that writes files and logs
   if not writer:
     log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
+  check_schedule(config)
   mesh = _make_mesh(config)
   check_dp_config(config)
   # The data is checked before a workdir exists: bad data leaves nothing behind.
@@ -405,17 +558,36 @@ def run(config, log=print):
   if config.batch_size > n:
     raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "
                    f"use at most {n}.")
+  check_memory(config, in_dim, ds.num_classes, n, mesh)
   steps_per_epoch = -(-n // config.batch_size)
   dp = dp_record = None
   if is_private(config):
     dp, dp_record = dp_plan(config, n, steps_per_epoch, mesh.size, log)
-  workdir, old_run = prepare_workdir(config)
+  workdir, old_run, lock = prepare_workdir(config)
+  try:
+    return _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch,
+                  writer, log, start)
+  except checkpoint.CheckpointError as e:
+    raise RunError(str(e)) from None
+  except _RUNTIME_ERROR as e:
+    if _out_of_memory(e):
+      raise RunError(f"out of memory ({_first_line(e)}); use a smaller --hidden_dim or "
+                     "--batch_size.") from None
+    raise
+  finally:
+    lock.release()
+
+
+def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, writer, log,
+           start):
+  """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
+  n, in_dim = ds.x_train.shape
   log(f"workdir: {workdir}")
   # The optimizer state's structure does not depend on the schedule: restore first.
   state = parallel.replicate(
       train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes,
-                       train.make_optimizer(_hyperparams(config, steps_per_epoch,
-                                                         [config.epochs]))),
+                       train.make_optimizer(hyperparams(config, steps_per_epoch,
+                                                        [config.epochs]))),
       mesh)
   mngr = checkpoint.manager(workdir)
   epochs_done = 0
@@ -429,20 +601,16 @@ def run(config, log=print):
     raise RunError(f"this run's σ was calibrated for ε = {config.dp_target_epsilon:g} over "
                    f"{cycle_ends[0]} epochs; resume it with --epochs={cycle_ends[0]}, or use "
                    "a fresh --workdir for another length.")
-  hp = _hyperparams(config, steps_per_epoch, cycle_ends)
+  hp = hyperparams(config, steps_per_epoch, cycle_ends)
   optimizer = train.make_optimizer(hp)
   learning_rate = train.make_schedule(hp)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  history = _read_history(metrics_path, epochs_done)
+  history = _read_history(metrics_path, epochs_done, writer, log)
   _barrier("mlp_jax: workdir read")  # every process has read it before process 0 writes
   if writer:
     _write_lines(metrics_path, history)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump({"config": config._asdict(), "schedule_epochs": cycle_ends, "dp": dp_record,
-                 "num_classes": ds.num_classes,
-                 "in_dim": in_dim, "train_examples": n, "versions": _versions(),
-                 "device": str(mesh.devices.flat[0]), "num_devices": mesh.size,
-                 "num_processes": jax.process_count(), "platform": jax.default_backend()},
+      json.dump(_config_record(config, old_run, cycle_ends, dp_record, ds, mesh, epochs_done),
                 f, indent=2)
 
   # Each process places only its own devices' rows (parallel.shard_rows).
@@ -453,7 +621,7 @@ def run(config, log=print):
   splits = {"test": place(ds.x_test, ds.y_test)}
   if ds.x_val is not None:
     splits["validation"] = place(ds.x_val, ds.y_val)
-  y_test, num_classes = ds.y_test, ds.num_classes
+  inputs = ds._replace(x_train=None, x_test=None, x_val=None)  # the rest is small
   del ds
   train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size, num_examples=n,
                                        mesh=mesh, dp=dp)
@@ -498,7 +666,8 @@ def run(config, log=print):
   except _RUNTIME_ERROR as e:
     if jax.process_count() == 1:
       raise
-    raise PeerLost(f"another process failed in epoch {done + 1} ({_first_line(e)}); the "
+    raise PeerLost(f"epoch {done + 1} failed in a collective ({_first_line(e)}): this "
+                   "process or another one failed (out of memory, killed, network); the "
                    f"checkpoint after epoch {done} is kept: restart every process with the "
                    "same command to resume.") from None
   finally:
@@ -508,8 +677,8 @@ def run(config, log=print):
   if not history:
     raise RunError(f"--workdir {workdir} holds a finished run without its metrics.jsonl; "
                    "use a fresh --workdir.")
-  _write_results(workdir, state, history, splits, y_test, num_classes, mesh, writer)
+  _write_results(workdir, state, history, splits, inputs, config, mesh, writer)
   if interrupted is not None:
     raise interrupted
-  log(_summary(history, time.time() - start, dp_record))
+  log(_summary(history, history[epochs_done:], n, time.time() - start, dp_record))
   return history[-1]

@@ -4,7 +4,7 @@
                                  --batch_size=8 --seed=0 --dtype=float64]
 
 Prints, per parameter, the max relative error of each pair and exits non-zero when
-any exceeds its tolerance. The helpers are also what tests/test_grads.py uses.
+any exceeds its tolerance. The helpers are also what tests/test_gradients.py uses.
 """
 
 import math
@@ -17,8 +17,8 @@ from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 
-from mlp_jax.grads import autodiff_grads
-from mlp_jax.grads import grads
+from mlp_jax.gradients import autodiff_grads
+from mlp_jax.gradients import grads
 from mlp_jax import losses
 from mlp_jax.model import Params
 
@@ -26,14 +26,6 @@ from mlp_jax.model import Params
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
 FD_TOLERANCE = {"float64": 1e-6, "float32": 1e-5}
 FD_STEP = 1e-6
-
-flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
-flags.DEFINE_integer("hidden_dim", 10, "H, the hidden size.", lower_bound=1)
-flags.DEFINE_integer("num_classes", 4, "K, the number of classes.", lower_bound=2)
-flags.DEFINE_integer("batch_size", 8, "B, the rows of X.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of the random problem.")
-flags.DEFINE_enum("dtype", "float64", ["float32", "float64"],
-                  "dtype of params and X for the manual and autodiff gradients.")
 
 
 def relative_error(a, b):
@@ -79,7 +71,11 @@ def check(params, X, y, dtype, manual_grads=grads):
 
   params, X are float64; the manual and autodiff gradients are taken in `dtype`,
   the finite differences always in float64. `manual_grads` is the function checked.
+  Needs float64: jax.config.update("jax_enable_x64", True) first (the script does).
   """
+  if not jax.config.jax_enable_x64:
+    raise ValueError("gradcheck.check needs float64 for its finite differences: call "
+                     'jax.config.update("jax_enable_x64", True) first.')
   cast = lambda a: a.astype(dtype)
   p, x = jax.tree.map(cast, params), cast(X)
   manual = jax.jit(manual_grads)(p, x, y)
@@ -87,6 +83,17 @@ def check(params, X, y, dtype, manual_grads=grads):
   fd = finite_difference_grads(lambda q: losses.loss(q, X, y), params)
   return [(name, relative_error(m, a), relative_error(m, f), relative_error(a, f))
           for name, m, a, f in zip(Params._fields, manual, autodiff, fd)]
+
+
+def define_flags():
+  """The command line's flags; defined when run as a script, never at import."""
+  flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
+  flags.DEFINE_integer("hidden_dim", 10, "H, the hidden size.", lower_bound=1)
+  flags.DEFINE_integer("num_classes", 4, "K, the number of classes.", lower_bound=2)
+  flags.DEFINE_integer("batch_size", 8, "B, the rows of X.", lower_bound=1)
+  flags.DEFINE_integer("seed", 0, "Seed of the random problem.")
+  flags.DEFINE_enum("dtype", "float64", ["float32", "float64"],
+                    "dtype of params and X for the manual and autodiff gradients.")
 
 
 def main(argv):
@@ -114,4 +121,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

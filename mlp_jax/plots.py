@@ -1,11 +1,17 @@
-"""The pictures a run leaves: learning curves and the test confusion matrix."""
+"""The pictures a run leaves: learning curves, the test confusion matrix, and the
+first layer's weights drawn as images."""
 
 from matplotlib.figure import Figure
 import numpy as np
 
 
-def plot_curves(history, path):
-  """Loss and accuracy per epoch, train vs test (and validation when present)."""
+def plot_curves(history, path, label_smoothing=0.0):
+  """Loss and accuracy per epoch, train vs test (and validation when present).
+
+  The train loss is the training objective: with label smoothing ε > 0 it is taken
+  against smoothed targets and sits above the plain loss of the other splits, so its
+  label says so.
+  """
   epochs = [row["epoch"] for row in history]
   fig = Figure(figsize=(10, 4))  # no pyplot: no global state, no GUI backend
   axes = fig.subplots(1, 2)
@@ -13,7 +19,10 @@ def plot_curves(history, path):
     for split in ("train", "validation", "test"):
       key = f"{split}_{metric}"
       if history and key in history[0]:
-        ax.plot(epochs, [row[key] for row in history], marker=".", label=split)
+        label = split
+        if split == "train" and metric == "loss" and label_smoothing:
+          label = f"train (label smoothing {label_smoothing:g})"
+        ax.plot(epochs, [row[key] for row in history], marker=".", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -29,15 +38,18 @@ def confusion_matrix(labels, predictions, num_classes):
   return counts
 
 
-def plot_confusion(counts, path):
+def plot_confusion(counts, path, class_names=None):
   """The confusion matrix as a heat map with its counts written in, saved at `path`."""
-  confusion_figure(counts).savefig(path, dpi=100)
+  confusion_figure(counts, class_names).savefig(path, dpi=100)
 
 
-def confusion_figure(counts):
-  """The Figure of plot_confusion; at least 4 inches wide, so its title always fits."""
+def confusion_figure(counts, class_names=None):
+  """The Figure of plot_confusion; at least 4 inches wide, so its title always fits.
+  Ticks carry the class names when given (Fashion-MNIST's T-shirt/top, ...)."""
   k = counts.shape[0]
-  size = max(4.0, 1 + 0.6 * k)  # wide enough for the title at any K
+  names = [str(c) for c in (class_names or range(k))]
+  longest = max(len(n) for n in names)
+  size = max(4.0, 1 + 0.6 * k + 0.07 * longest)  # room for the title and the names
   fig = Figure(figsize=(size, size))
   ax = fig.subplots()
   ax.imshow(counts, cmap="Blues")
@@ -47,8 +59,36 @@ def confusion_figure(counts):
               color="white" if counts[i, j] > counts.max() / 2 else "black")
   ax.set_xlabel("predicted")
   ax.set_ylabel("true")
-  ax.set_xticks(range(k))
-  ax.set_yticks(range(k))
+  ax.set_xticks(range(k), names, rotation=90 if longest > 2 else 0)
+  ax.set_yticks(range(k), names)
   ax.set_title(f"test confusion\n{counts.trace()} / {counts.sum()} right")
   fig.tight_layout()
   return fig
+
+
+def filters_figure(w1, input_shape, max_units=64):
+  """The first `max_units` rows of W1 (H, D) drawn as images of `input_shape` (h, w):
+  what each hidden unit responds to. Red is positive, blue negative, per unit scaled."""
+  h, w = input_shape
+  units = min(w1.shape[0], max_units)
+  cols = int(np.ceil(np.sqrt(units)))
+  rows = int(np.ceil(units / cols))
+  fig = Figure(figsize=(cols * 0.9, rows * 0.9 + 0.4))
+  axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+  for i, ax in enumerate(axes):
+    ax.axis("off")
+    if i < units:
+      image = np.asarray(w1[i], np.float64).reshape(h, w)
+      limit = max(float(np.abs(image).max()), 1e-12)
+      ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
+  fig.suptitle(f"W1: the first {units} of {w1.shape[0]} hidden units")
+  return fig
+
+
+def plot_filters(w1, input_shape, path):
+  """filters_figure saved at `path`; returns False (and writes nothing) unless the input
+  is an image, input_shape (h, w) with h·w = D."""
+  if len(input_shape) != 2 or input_shape[0] * input_shape[1] != w1.shape[1]:
+    return False
+  filters_figure(w1, input_shape).savefig(path, dpi=100)
+  return True

@@ -27,11 +27,11 @@ import numpy as np
 
 from mlp_jax import checks
 from mlp_jax import losses
-from mlp_jax.grads import batch_activations
-from mlp_jax.grads import hidden_delta
-from mlp_jax.grads import layer_grad_sq_norms
-from mlp_jax.grads import output_delta
-from mlp_jax.grads import param_grads
+from mlp_jax.gradients import batch_activations
+from mlp_jax.gradients import hidden_delta
+from mlp_jax.gradients import layer_grad_sq_norms
+from mlp_jax.gradients import output_delta
+from mlp_jax.gradients import param_grads
 from mlp_jax.model import Params
 
 CLIPPINGS = ("flat", "per_layer")

@@ -20,7 +20,7 @@ from mlp_jax import losses
 from mlp_jax import model
 from mlp_jax import parallel
 from mlp_jax import privacy
-from mlp_jax.grads import value_and_grads_with_logits
+from mlp_jax.gradients import value_and_grads_with_logits
 from mlp_jax.model import Params
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -39,17 +39,18 @@ class TrainState(NamedTuple):
 
 
 class Hyperparams(NamedTuple):
-  """What the optimizer and the loss need to know."""
+  """What the optimizer and the loss need to know. The defaults are the runner's:
+  experiment.RunConfig and the flags of experiments/train.py take theirs from here."""
 
   optimizer: str = "adamw"
-  learning_rate: float = 1e-3
-  schedule: str = "cosine"
+  learning_rate: float = 2e-3     # peak
+  schedule: str = "warmup_cosine"
   warmup_steps: int = 0
   total_steps: int = 1
   restart_steps: tuple = ()       # steps where a new warmup/cosine cycle starts (resume)
-  weight_decay: float = 0.0
+  weight_decay: float = 0.1       # of W1 and W2, never of the biases
   clip_norm: float = 0.0          # 0: no clipping
-  label_smoothing: float = 0.0
+  label_smoothing: float = 0.2
   grads: str = "manual"           # manual | autodiff | manual_vjp
   compute_dtype: str = "float32"  # float32 | bfloat16 (matmuls; params stay float32)
 

@@ -1,4 +1,4 @@
-"""The manual gradients of mlp_jax/grads.py equal jax.grad and finite differences."""
+"""The manual gradients of mlp_jax/gradients.py equal jax.grad and finite differences."""
 
 import functools
 import subprocess
@@ -15,8 +15,8 @@ import pytest
 
 import mlp_jax as mj
 from mlp_jax import losses as mj_losses
-from mlp_jax.grads import _loss_and_logits_manual_vjp
-from mlp_jax.grads import value_and_grads_with_logits
+from mlp_jax.gradients import _loss_and_logits_manual_vjp
+from mlp_jax.gradients import value_and_grads_with_logits
 from mlp_jax.gradcheck import check
 from mlp_jax.gradcheck import finite_difference_grads
 from mlp_jax.gradcheck import random_problem

@@ -1,6 +1,6 @@
 """The gradients of mj.loss: hand-derived (manual) next to jax.grad (autodiff).
 
-One example (docs/derivation.md derives each line; tests/test_grads.py proves them
+One example (docs/derivation.md derives each line; tests/test_gradients.py proves them
 equal to jax.grad and to finite differences):
 
     δ2 = ∂L/∂z2 = p Σy − y               (= p − y for one-hot y)           (K,)
