@@ -67,21 +67,25 @@ def confusion_figure(counts, class_names=None):
 
 
 def filters_figure(w1, input_shape, max_units=64):
-  """The first `max_units` rows of W1 (H, D) drawn as images of `input_shape` (h, w):
-  what each hidden unit responds to. Red is positive, blue negative, per unit scaled."""
+  """The first `max_units` rows of W1 (H, D) drawn as images of `input_shape` (h, w),
+  tiled in one picture: what each hidden unit responds to. Red is positive, blue
+  negative, each unit scaled to its own largest |weight|."""
   h, w = input_shape
   units = min(w1.shape[0], max_units)
   cols = int(np.ceil(np.sqrt(units)))
   rows = int(np.ceil(units / cols))
-  fig = Figure(figsize=(cols * 0.9, rows * 0.9 + 0.4))
-  axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
-  for i, ax in enumerate(axes):
-    ax.axis("off")
-    if i < units:
-      image = np.asarray(w1[i], np.float64).reshape(h, w)
-      limit = max(float(np.abs(image).max()), 1e-12)
-      ax.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)
-  fig.suptitle(f"W1: the first {units} of {w1.shape[0]} hidden units")
+  tiles = np.asarray(w1[:units], np.float64).reshape(units, h, w)
+  tiles = tiles / np.maximum(np.abs(tiles).max(axis=(1, 2), keepdims=True), 1e-12)
+  mosaic = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)  # NaN: the gaps
+  for i, tile in enumerate(tiles):
+    r, c = divmod(i, cols)
+    mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = tile
+  fig = Figure(figsize=(max(4.0, cols * 0.9), max(4.0, rows * 0.9) + 0.4))
+  ax = fig.subplots()
+  ax.imshow(mosaic, cmap="RdBu_r", vmin=-1, vmax=1)
+  ax.axis("off")
+  ax.set_title(f"W1: the first {units} of {w1.shape[0]} hidden units")
+  fig.tight_layout()
   return fig
 
 

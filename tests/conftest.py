@@ -1,12 +1,49 @@
-"""Strict JAX for every test: float64 available, no silent rank promotion."""
+"""Strict JAX for every test (no silent rank promotion), float32 as users run it, and the
+helpers the test files share.
+
+float64 only where a test needs it: the `x64` fixture. Every compiled program is kept in
+a persistent compilation cache for the session, so the runner's programs compile once
+for all the tests (and subprocesses) that train the same network.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
-# float64 for the 1e-12 checks; every float32 test asks for float32 explicitly.
-jax.config.update("jax_enable_x64", True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "experiments", "train.py")
+TIME_FIELDS = ("seconds", "examples_per_second")
+
+_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="mlp_jax_test_cache_"),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+os.environ.update(_CACHE)  # for the subprocesses
+jax.config.update("jax_compilation_cache_dir", _CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: end-to-end runs in fresh processes (deselect "
+                          "with -m 'not slow' for the fast part)")
+
+
+@pytest.fixture
+def x64():
+  """float64 for this test (the 1e-12 checks); float32 again after it."""
+  jax.config.update("jax_enable_x64", True)
+  yield
+  jax.config.update("jax_enable_x64", False)
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +56,75 @@ def tiny_npz(tmp_path_factory):
   np.savez(path, x_train=centers[y_train] + rng.normal(size=(60, 6)), y_train=y_train,
            x_test=centers[y_test] + rng.normal(size=(15, 6)), y_test=y_test)
   return f"npz:{path}"
+
+
+# The runner, three ways: its command line in a fresh process (true end to end), its
+# command line in this process, and experiment.run.
+
+TINY_FLAGS = ("--noprogress", "--hidden_dim=16", "--batch_size=8")
+
+
+def runner_command(dataset, workdir, *extra):
+  """The command line of a small run of experiments/train.py."""
+  return [sys.executable, RUNNER, *TINY_FLAGS, f"--dataset={dataset}",
+          f"--workdir={workdir}", *extra]
+
+
+def run_runner(dataset, workdir, *extra, timeout=300):
+  """A small run of experiments/train.py in a fresh process (CompletedProcess)."""
+  return subprocess.run(runner_command(dataset, workdir, *extra), capture_output=True,
+                        text=True, timeout=timeout, cwd=ROOT)
+
+
+def _runner_module():
+  if "mlp_jax_runner" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("mlp_jax_runner", RUNNER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mlp_jax_runner"] = module
+    spec.loader.exec_module(module)  # defines the runner's flags, once per process
+  return sys.modules["mlp_jax_runner"]
+
+
+def run_cli(*argv):
+  """experiments/train.py's flag parsing and main() in this process: (exit code, stderr).
+
+  The flags are parsed afresh each call, exactly as the command line would parse them.
+  """
+  runner = _runner_module()
+  runner.flags.FLAGS.unparse_flags()
+  stderr = io.StringIO()
+  code = 0
+  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+    try:
+      runner.main(runner.parse_flags(["train.py", *argv]))
+    except SystemExit as e:
+      code = e.code
+  return code, stderr.getvalue()
+
+
+def tiny_config(dataset, workdir, **overrides):
+  """experiment.RunConfig of a small run (the in-process twin of runner_command)."""
+  from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
+  return experiment.RunConfig(**{"dataset": dataset, "workdir": str(workdir),
+                                 "hidden_dim": 16, "batch_size": 8, "progress": False,
+                                 **overrides})
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def without_times(rows):
+  return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
+
+
+def assert_same_params(dir_a, dir_b):
+  with np.load(os.path.join(dir_b, "params.npz")) as b:
+    assert_same_params_as(dir_a, b)
+
+
+def assert_same_params_as(workdir, params):
+  with np.load(os.path.join(workdir, "params.npz")) as a:
+    for k in ("w1", "b1", "w2", "b2"):
+      np.testing.assert_array_equal(a[k], params[k])
