@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 
@@ -18,44 +17,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
+from conftest import assert_same_params
+from conftest import assert_same_params_as
+from conftest import read_metrics
+from conftest import run_runner
+from conftest import runner_command
+from conftest import tiny_config
+from conftest import without_times
 from mlp_jax import checkpoint
 from mlp_jax import data
 from mlp_jax import experiment
+from mlp_jax import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(ROOT, "experiments", "train.py")
-TIME_FIELDS = ("seconds", "examples_per_second")
-
-
-def command(dataset, workdir, *extra):
-  return [sys.executable, RUNNER, "--noprogress", f"--dataset={dataset}",
-          f"--workdir={workdir}", "--hidden_dim=16", "--batch_size=8", *extra]
+metrics = read_metrics
 
 
-def run(*args):
-  return subprocess.run(command(*args), capture_output=True, text=True, timeout=300)
-
-
-def metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def without_times(rows):
-  return [{k: v for k, v in row.items() if k not in TIME_FIELDS} for row in rows]
-
-
-def assert_same_params(dir_a, dir_b):
-  with np.load(os.path.join(dir_b, "params.npz")) as b:
-    assert_same_params_as(dir_a, b)
-
-
-def assert_same_params_as(workdir, params):
-  with np.load(os.path.join(workdir, "params.npz")) as a:
-    for k in ("w1", "b1", "w2", "b2"):
-      np.testing.assert_array_equal(a[k], params[k])
+def quiet(config):
+  """experiment.run without its log; returns the lines it would have printed."""
+  lines = []
+  experiment.run(config, log=lines.append)
+  return lines
 
 
 def wait_for_epochs(workdir, process, count, timeout=120):
@@ -70,26 +54,37 @@ def wait_for_epochs(workdir, process, count, timeout=120):
   raise AssertionError(f"the run did not reach epoch {count}")
 
 
+def corrupt(workdir, epoch):
+  """Truncates every file of checkpoint `epoch` to half its size."""
+  for d, _, files in os.walk(workdir / "checkpoints" / str(epoch)):
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.slow
 def test_sigkill_then_rerun_ends_bit_identical(tiny_npz, tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  flags = ("--epochs=25", "--schedule=cosine")
-  assert run(tiny_npz, straight, *flags).returncode == 0
-  process = subprocess.Popen(command(tiny_npz, killed, *flags), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  wait_for_epochs(killed, process, random.Random(0).randint(3, 12))
+  flags = ("--epochs=12", "--schedule=cosine")
+  quiet(tiny_config(tiny_npz, straight, epochs=12, schedule="cosine"))
+  process = subprocess.Popen(runner_command(tiny_npz, killed, *flags),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for_epochs(killed, process, random.Random(0).randint(3, 8))
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert len(metrics(killed)) < 25
-  result = run(tiny_npz, killed, *flags)
+  assert len(metrics(killed)) < 12
+  result = run_runner(tiny_npz, killed, *flags)
   assert result.returncode == 0, result.stderr
   assert "resuming from the checkpoint after epoch" in result.stdout
   assert_same_params(straight, killed)
-  assert [row["epoch"] for row in metrics(killed)] == list(range(1, 26))
+  assert [row["epoch"] for row in metrics(killed)] == list(range(1, 13))
   assert without_times(metrics(killed)) == without_times(metrics(straight))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tiny_npz, tmp_path):
-  process = subprocess.Popen(command(tiny_npz, tmp_path, "--epochs=2000"),
+  process = subprocess.Popen(runner_command(tiny_npz, tmp_path, "--epochs=2000"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_epochs(tmp_path, process, 3)
   process.send_signal(signal.SIGINT)
@@ -105,34 +100,93 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tiny_npz, tmp_path):
     assert (tmp_path / picture).read_bytes()[:4] == b"\x89PNG"
   with np.load(tmp_path / "params.npz") as interrupted:
     interrupted = dict(interrupted)
-  lines = []
-  experiment.run(experiment.RunConfig(dataset=tiny_npz, workdir=str(tmp_path),
-                                      hidden_dim=16, batch_size=8, epochs=done,
-                                      progress=False), log=lines.append)
+  lines = quiet(tiny_config(tiny_npz, tmp_path, epochs=done))
   assert f"resuming from the checkpoint after epoch {done}" in lines
   assert_same_params_as(tmp_path, interrupted)
-  result = run(tiny_npz, tmp_path, f"--epochs={done + 2}")
-  assert result.returncode == 0, result.stderr
-  assert f"resuming from the checkpoint after epoch {done}" in result.stdout
+  lines = quiet(tiny_config(tiny_npz, tmp_path, epochs=done + 2))
+  assert f"resuming from the checkpoint after epoch {done}" in lines
   assert [row["epoch"] for row in metrics(tmp_path)] == list(range(1, done + 3))
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous(tiny_npz, tmp_path):
+# Checkpoint recovery. A constant schedule: a run of 3 epochs then 4 follows the 4-epoch
+# run's path, so every recovered run must end equal to the straight one.
+
+def constant(tiny_npz, workdir, epochs):
+  return tiny_config(tiny_npz, workdir, epochs=epochs, schedule="constant")
+
+
+def test_corrupt_checkpoint_is_moved_aside_retrained_and_saved_again(tiny_npz, tmp_path):
   straight, damaged = tmp_path / "straight", tmp_path / "damaged"
-  # A constant schedule: a run of 3 epochs then 4 follows the 4-epoch run's path.
-  assert run(tiny_npz, straight, "--epochs=4", "--schedule=constant").returncode == 0
-  assert run(tiny_npz, damaged, "--epochs=3", "--schedule=constant").returncode == 0
-  files = [os.path.join(d, f) for d, _, fs in os.walk(damaged / "checkpoints" / "3")
-           for f in fs]
-  for path in files:
-    with open(path, "r+b") as f:
-      f.truncate(os.path.getsize(path) // 2)
-  result = run(tiny_npz, damaged, "--epochs=4", "--schedule=constant")
-  assert result.returncode == 0, result.stderr
-  assert "checkpoint after epoch 3 is corrupt or unreadable" in result.stdout
-  assert "resuming from the checkpoint after epoch 2" in result.stdout
+  quiet(constant(tiny_npz, straight, 4))
+  quiet(constant(tiny_npz, damaged, 3))
+  corrupt(damaged, 3)
+  lines = quiet(constant(tiny_npz, damaged, 3))        # falls back to 2, retrains 3
+  assert any(line.startswith("checkpoint after epoch 3 is corrupt (") and
+             "moved to " in line for line in lines), lines
+  assert "resuming from the checkpoint after epoch 2" in lines
+  assert os.listdir(damaged / "checkpoints" / "corrupt") == ["3"]
+  # Killed after that run: the next one finds the retrained epoch 3, not the corrupt one.
+  lines = quiet(constant(tiny_npz, damaged, 4))
+  assert "resuming from the checkpoint after epoch 3" in lines
+  assert not any("is corrupt" in line for line in lines)
   assert [row["epoch"] for row in metrics(damaged)] == [1, 2, 3, 4]
   assert_same_params(straight, damaged)
+
+
+def test_all_checkpoints_corrupt_restarts_and_keeps_the_old_metrics(tiny_npz, tmp_path):
+  straight, damaged = tmp_path / "straight", tmp_path / "damaged"
+  quiet(constant(tiny_npz, straight, 3))
+  quiet(constant(tiny_npz, damaged, 3))
+  old_rows = metrics(damaged)
+  for epoch in (1, 2, 3):
+    corrupt(damaged, epoch)
+  lines = quiet(constant(tiny_npz, damaged, 3))
+  assert sum("is corrupt" in line for line in lines) == 3
+  assert not any("resuming" in line for line in lines)
+  assert sorted(os.listdir(damaged / "checkpoints" / "corrupt")) == ["1", "2", "3"]
+  kept = (damaged / "metrics.replaced-1.jsonl").read_text().splitlines()
+  assert [json.loads(line) for line in kept] == old_rows
+  assert [row["epoch"] for row in metrics(damaged)] == [1, 2, 3]
+  assert_same_params(straight, damaged)
+  assert sorted(int(s) for s in os.listdir(damaged / "checkpoints") if s.isdigit()) == [
+      1, 2, 3]
+
+
+def test_a_checkpoints_directory_it_cannot_read_is_one_line_not_a_restart(tiny_npz,
+                                                                           tmp_path):
+  quiet(constant(tiny_npz, tmp_path, 2))
+  os.rename(tmp_path / "checkpoints", tmp_path / "saved")
+  (tmp_path / "checkpoints").write_text("not a directory")
+  with pytest.raises(experiment.RunError, match="checkpoints is not a readable and "
+                     "writable directory; fix its permissions"):
+    quiet(constant(tiny_npz, tmp_path, 3))
+  assert [row["epoch"] for row in metrics(tmp_path)] == [1, 2]
+
+
+def test_an_error_that_is_not_corruption_is_one_line_and_moves_nothing(tiny_npz, tmp_path,
+                                                                        monkeypatch):
+  quiet(constant(tiny_npz, tmp_path, 2))
+
+  def denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", denied)
+  with pytest.raises(experiment.RunError, match="cannot read the checkpoint after epoch 2 "
+                     ".*Permission denied"):
+    quiet(constant(tiny_npz, tmp_path, 3))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  assert [row["epoch"] for row in metrics(tmp_path)] == [1, 2]
+
+
+def test_a_checkpoint_of_another_structure_is_refused_not_skipped(tmp_path):
+  state = {"w": jnp.arange(6.0).reshape(2, 3)}
+  mngr = checkpoint.manager(tmp_path)
+  checkpoint.save(mngr, 1, state)
+  mngr.wait_until_finished()
+  with pytest.raises(checkpoint.CheckpointError, match="holds a state of another structure"):
+    checkpoint.restore_latest(mngr, {"w": jnp.zeros((3, 3))})
+  assert mngr.all_steps() == [1]
+  mngr.close()
 
 
 def test_checksum_catches_silent_corruption(tmp_path):
@@ -143,39 +197,91 @@ def test_checksum_catches_silent_corruption(tmp_path):
   mngr.wait_until_finished()
   (checksum_file,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "checkpoints" / "2")
                       for f in fs if os.path.basename(d) == "checksum" and f == "metadata"]
+  with open(checksum_file) as f:
+    record = json.load(f)
   with open(checksum_file, "w") as f:
-    json.dump({"sha256": "0" * 64}, f)
+    json.dump({**record, "sha256": "0" * 64}, f)
   lines = []
   epoch, restored = checkpoint.restore_latest(mngr, state, lines.append)
   assert epoch == 1 and "checksum does not match" in lines[0]
   np.testing.assert_array_equal(restored["w"], state["w"])
+  with pytest.raises(checkpoint.CheckpointError, match="did not save"):
+    checkpoint.save(mngr, 1, state)                 # not newer than the latest: refused
   mngr.close()
 
 
+# One workdir, one run at a time.
+
+def test_a_workdir_in_use_is_refused_at_once_and_left_untouched(tiny_npz, tmp_path):
+  quiet(constant(tiny_npz, tmp_path, 1))
+  before = {p: (tmp_path / p).read_bytes() for p in ("metrics.jsonl", "config.json")}
+  lock = experiment.WorkdirLock(str(tmp_path))
+  lock.acquire()                                    # as if another run held it
+  try:
+    with pytest.raises(experiment.RunError, match=f"--workdir {tmp_path} is in use by "
+                       f"another run \\(process {os.getpid()}\\); wait for it"):
+      quiet(constant(tiny_npz, tmp_path, 2))
+  finally:
+    lock.release()
+  assert {p: (tmp_path / p).read_bytes() for p in before} == before
+  quiet(constant(tiny_npz, tmp_path, 2))            # released: the run goes on
+  assert [row["epoch"] for row in metrics(tmp_path)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_workdir_and_a_killed_run_leaves_no_stale_lock(tiny_npz, tmp_path):
+  process = subprocess.Popen(runner_command(tiny_npz, tmp_path, "--epochs=2000"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    wait_for_epochs(tmp_path, process, 1)
+    start = time.time()
+    with pytest.raises(experiment.RunError, match=f"in use by another run \\(process "
+                       f"{process.pid}\\)"):
+      quiet(tiny_config(tiny_npz, tmp_path, epochs=2000))
+    assert time.time() - start < 30 and process.poll() is None
+  finally:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  # The kernel dropped the killed run's lock: the workdir is usable at once.
+  done = len(metrics(tmp_path))
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=done + 1))
+  assert metrics(tmp_path)[-1]["epoch"] == done + 1
+
+
 def test_divergence_stops_with_a_clear_message(tiny_npz, tmp_path):
-  result = run(tiny_npz, tmp_path, "--epochs=30", "--optimizer=sgd", "--learning_rate=1e6",
-               "--schedule=constant", "--weight_decay=0")
-  assert result.returncode == 1
-  last = result.stderr.strip().splitlines()[-1]
-  assert "training diverged in epoch" in last and "learning rate 1e+06" in last
-  kept = int(last.split("The checkpoint after epoch ")[1].split()[0])
+  with pytest.raises(experiment.RunError) as error:
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=30, optimizer="sgd", learning_rate=1e6,
+                      schedule="constant", weight_decay=0))
+  message = str(error.value)
+  assert "training diverged in epoch" in message and "learning rate 1e+06" in message
+  kept = int(message.split("The checkpoint after epoch ")[1].split()[0])
   assert kept == len(metrics(tmp_path)) and kept < 30
   assert all(np.isfinite(row["train_loss"]) for row in metrics(tmp_path))
+
+
+def test_out_of_memory_in_xla_is_one_line(tiny_npz, tmp_path, monkeypatch):
+  def exhausted(*args, **kwargs):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
+                                      "313 GiB")
+
+  monkeypatch.setattr(train, "init_state", exhausted)
+  with pytest.raises(experiment.RunError, match="^out of memory .*use a smaller "
+                     "--hidden_dim or --batch_size"):
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
 
 
 def test_same_seed_same_metrics_other_seed_other_metrics(tiny_npz, tmp_path):
   runs = {name: tmp_path / name for name in ("a", "b", "c")}
   for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-    assert run(tiny_npz, runs[name], "--epochs=3", f"--seed={seed}").returncode == 0
+    quiet(tiny_config(tiny_npz, runs[name], epochs=3, seed=seed))
   assert without_times(metrics(runs["a"])) == without_times(metrics(runs["b"]))
   assert_same_params(runs["a"], runs["b"])
   assert metrics(runs["a"])[0]["train_loss"] != metrics(runs["c"])[0]["train_loss"]
 
 
 def test_unwritable_workdir_is_refused(tiny_npz):
-  result = run(tiny_npz, "/proc/mlp_jax_workdir", "--epochs=1")
-  assert result.returncode == 1
-  assert "is not writable" in result.stderr.strip().splitlines()[-1]
+  with pytest.raises(experiment.RunError, match="is not writable"):
+    quiet(tiny_config(tiny_npz, "/proc/mlp_jax_workdir", epochs=1))
 
 
 # Hostile files: whatever the bytes, a DataError or a valid array, nothing else.
@@ -275,20 +381,17 @@ def test_npz_loader_on_hostile_contents(tmp_path_factory, n_train, n_test, n_lab
   assert ds.y_train.min() >= 0 and ds.y_train.max() < ds.num_classes
 
 
-@pytest.mark.parametrize("flag, old", [("--optimizer=sgd", "'adamw'"), ("--seed=7", "0"),
-                                       ("--batch_size=4", "8"), ("--learning_rate=0.1", "0.002")])
-def test_resuming_with_another_optimizer_seed_or_batch_is_refused(tiny_npz, tmp_path, flag,
-                                                                   old):
-  assert run(tiny_npz, tmp_path, "--epochs=1").returncode == 0
-  result = run(tiny_npz, tmp_path, "--epochs=2", flag)
-  assert result.returncode == 1
-  assert f"holds a run with {flag[2:].split('=')[0]}={old}" in result.stderr
+def test_resuming_with_another_optimizer_seed_batch_or_rate_is_refused(tiny_npz, tmp_path):
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
+  for field, value, old in (("optimizer", "sgd", "'adamw'"), ("seed", 7, "0"),
+                            ("batch_size", 4, "8"), ("learning_rate", 0.1, "0.002")):
+    with pytest.raises(experiment.RunError, match=f"holds a run with {field}={old}"):
+      quiet(tiny_config(tiny_npz, tmp_path, epochs=2, **{field: value}))
   assert [row["epoch"] for row in metrics(tmp_path)] == [1]
 
 
 def test_resuming_with_more_epochs_starts_a_new_cycle_and_records_it(tiny_npz, tmp_path):
-  config = experiment.RunConfig(dataset=tiny_npz, workdir=str(tmp_path), hidden_dim=16,
-                                batch_size=8, epochs=3, progress=False)
+  config = tiny_config(tiny_npz, tmp_path, epochs=3)
   experiment.run(config, log=lambda *_: None)
   lines = []
   experiment.run(config._replace(epochs=5), log=lines.append)
