@@ -291,12 +291,12 @@ def _gib(num_bytes):
 
 def check_memory(config, in_dim, num_classes, num_rows, mesh):
   """Refuses, before anything is allocated, a network the memory cannot hold (XLA would
-  abort the process). CPU devices of one host share its RAM."""
-  device = mesh.devices.flat[0]
-  free, where = memory_available(device)
+  abort the process). This process's CPU devices share its host's RAM."""
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  free, where = memory_available(local[0])
   need = memory_needed(config, in_dim, num_classes, num_rows)
-  if device.platform == "cpu":
-    need *= mesh.size
+  if local[0].platform == "cpu":
+    need *= len(local)
   if free is not None and need > free:
     raise RunError(f"--hidden_dim {config.hidden_dim} needs about {_gib(need)} (W1 alone "
                    f"is {_gib(4 * config.hidden_dim * in_dim)}, plus its {config.optimizer} "

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -38,12 +39,27 @@ def pytest_configure(config):
                           "with -m 'not slow' for the fast part)")
 
 
+@contextlib.contextmanager
+def _float64():
+  jax.config.update("jax_enable_x64", True)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
 @pytest.fixture
 def x64():
   """float64 for this test (the 1e-12 checks); float32 again after it."""
-  jax.config.update("jax_enable_x64", True)
-  yield
-  jax.config.update("jax_enable_x64", False)
+  with _float64():
+    yield
+
+
+@pytest.fixture(scope="module")
+def x64_module():
+  """float64 for a whole test module: `pytestmark = pytest.mark.usefixtures("x64_module")`."""
+  with _float64():
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -128,3 +144,15 @@ def assert_same_params_as(workdir, params):
   with np.load(os.path.join(workdir, "params.npz")) as a:
     for k in ("w1", "b1", "w2", "b2"):
       np.testing.assert_array_equal(a[k], params[k])
+
+
+def wait_for_epochs(workdir, process, count, timeout=120):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(path):
+      with open(path) as f:
+        if sum(1 for _ in f) >= count:
+          return
+    time.sleep(0.02)
+  raise AssertionError(f"the run did not reach epoch {count}")

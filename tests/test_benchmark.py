@@ -5,15 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+import mlp_jax as mj
+
 BENCHMARK = os.path.join(ROOT, "experiments", "benchmark.py")
-
-
-def step_flops(b, d, h, k):
-  """Forward 2BDH + 2BHK, backward 2BHK (dW2) + 2BHK (dA1) + 2BDH (dW1): no dX."""
-  return (2 * b * d * h + 2 * b * h * k) + (2 * b * h * k + 2 * b * h * k + 2 * b * d * h)
 
 
 def run(*flags, host_devices=1):
@@ -22,29 +20,41 @@ def run(*flags, host_devices=1):
                         text=True, timeout=300, cwd=ROOT, env=env)
 
 
+def xla_flops_of_manual_grads(b, d, h, k):
+  """What XLA counts for one mj.grads call: an independent check of the FLOP column."""
+  params = mj.init_params(jax.random.key(0), d, h, k)
+  X, y = jax.numpy.ones((b, d)), jax.numpy.zeros((b,), jax.numpy.int32)
+  cost = jax.jit(mj.grads).lower(params, X, y).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+@pytest.mark.slow
 def test_benchmark_writes_a_row_per_variant(tmp_path):
   out = tmp_path / "rows.jsonl"
-  result = run("--batch_sizes=8,16", "--hidden_dims=16", "--in_dim=12", "--num_classes=3",
-               "--steps=3", "--repeats=2", "--ceiling_size=32", f"--json_out={out}")
+  # Matmuls dominate at D = 256, H = 64, so XLA's count is close to the formula's.
+  result = run("--grads=manual,autodiff", "--batch_sizes=32", "--hidden_dims=64",
+               "--in_dim=256", "--num_classes=3", "--steps=3", "--repeats=2",
+               "--ceiling_size=32", f"--json_out={out}")
   assert result.returncode == 0, result.stderr
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert len(rows) == 3 * 2 * 2 * 2     # grads × modes × dtypes × batch sizes
+  assert len(rows) == 2 * 2 * 2     # grads × modes × dtypes
   assert {(r["grads"], r["mode"], r["compute_dtype"]) for r in rows} == {
-      (g, m, c) for g in ("manual", "autodiff", "manual_vjp") for m in ("step", "scan")
+      (g, m, c) for g in ("manual", "autodiff") for m in ("step", "scan")
       for c in ("float32", "bfloat16")}
+  flops = xla_flops_of_manual_grads(32, 256, 64, 3)
   for r in rows:
     assert r["us_per_step"] >= r["us_per_step_min"] > 0
-    assert r["examples_per_second"] == r["batch_size"] / (r["us_per_step"] * 1e-6)
-    assert abs(r["gflops"] - step_flops(r["batch_size"], 12, 16, 3)
-               / r["us_per_step"] / 1e3) < 1e-9 * r["gflops"]
-    assert r["ceiling_fraction"] == r["gflops"] / r["gemm_ceiling_gflops"] > 0
-    assert r["compile_seconds"] > 0 and r["hidden_dim"] == 16
+    seconds = r["us_per_step"] * 1e-6
+    assert r["examples_per_second"] * seconds == pytest.approx(32)
+    assert r["gflops"] * 1e9 * seconds == pytest.approx(flops, rel=0.05)
+    assert r["ceiling_fraction"] * r["gemm_ceiling_gflops"] == pytest.approx(r["gflops"])
+    assert r["compile_seconds"] > 0 and r["hidden_dim"] == 64
   assert "manual / autodiff time" in result.stdout and "examples/s" in result.stdout
   # The ratio lines of each kind come together, not interleaved across modes.
   kinds = [line.split(" / ")[0] for line in result.stdout.splitlines()
            if line.startswith(("manual / autodiff", "bfloat16 / float32"))]
   runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
-  assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 * 2 + 3 * 2 * 2
+  assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 + 2 * 2
 
 
 def test_benchmark_rejects_unknown_values():
@@ -53,6 +63,7 @@ def test_benchmark_rejects_unknown_values():
   assert "unknown or invalid values: numeric" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_benchmark_times_n_devices_side_by_side(tmp_path):
   out = tmp_path / "rows.jsonl"
   result = run("--num_devices=1,2", "--grads=manual", "--compute_dtypes=float32",
@@ -76,6 +87,7 @@ def test_benchmark_rejects_impossible_device_counts(flags, message):
   assert message in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_benchmark_dp_rows_time_and_size_each_way(tmp_path):
   out = tmp_path / "rows.jsonl"
   result = run("--dp", "--grads=", "--batch_sizes=8", "--hidden_dims=16", "--in_dim=12",

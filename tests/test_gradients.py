@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import mlp_jax as mj
 from mlp_jax import losses as mj_losses
 from mlp_jax.gradients import _loss_and_logits_manual_vjp
@@ -21,6 +22,8 @@ from mlp_jax.gradcheck import check
 from mlp_jax.gradcheck import finite_difference_grads
 from mlp_jax.gradcheck import random_problem
 from mlp_jax.gradcheck import relative_error
+
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 
 SHAPES = st.tuples(st.integers(1, 6), st.integers(1, 5), st.integers(1, 6),
                    st.integers(2, 4), st.integers(0, 2**16))
@@ -35,7 +38,7 @@ def problem(batch=5, in_dim=4, hidden=6, classes=3, seed=0, dtype=jnp.float64):
   return random_problem(seed, batch, in_dim, hidden, classes, dtype)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(SHAPES)
 def test_manual_equals_autodiff_and_finite_differences_float64(shape):
   B, D, H, K, seed = shape
@@ -46,7 +49,7 @@ def test_manual_equals_autodiff_and_finite_differences_float64(shape):
   assert_close(manual, fd, 1e-6)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(SHAPES)
 def test_manual_equals_autodiff_float32(shape):
   B, D, H, K, seed = shape
@@ -230,14 +233,25 @@ def test_jitted_grads_traces_once_for_repeated_shapes():
 
 
 def test_gradcheck_module_passes():
-  for dtype in ("float64", "float32"):
-    result = subprocess.run(
-        [sys.executable, "-m", "mlp_jax.gradcheck", f"--dtype={dtype}", "--batch_size=16"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "OK: manual == autodiff == finite differences" in result.stdout
-    assert len([line for line in result.stdout.splitlines()
-                if line.split()[:1] in (["w1"], ["b1"], ["w2"], ["b2"])]) == 4
+  result = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", "--batch_size=16"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "OK: manual == autodiff == finite differences" in result.stdout
+  assert len([line for line in result.stdout.splitlines()
+              if line.split()[:1] in (["w1"], ["b1"], ["w2"], ["b2"])]) == 4
+
+
+def test_gradcheck_in_float32_and_next_to_the_runner():
+  params, X, y = random_problem(0, 16, 6, 10, 4)
+  for name, m_a, m_f, a_f in check(params, X, y, jnp.float32):
+    assert m_a <= 1e-5 and m_f <= 1e-5 and a_f <= 1e-5, name
+  conftest.run_cli("--helpshort")  # the runner's flags and gradcheck's in one process
+  jax.config.update("jax_enable_x64", False)
+  try:
+    with pytest.raises(ValueError, match="needs float64 .*jax_enable_x64"):
+      check(params, X, y, jnp.float32)
+  finally:
+    jax.config.update("jax_enable_x64", True)
 
 
 def test_gradcheck_catches_the_seeds_first_layer_formula():

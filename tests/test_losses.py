@@ -2,9 +2,12 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mlp_jax as mj
 from mlp_jax.losses import cross_entropy
+
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 
 
 def identity_params(k):

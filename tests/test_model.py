@@ -8,6 +8,8 @@ import pytest
 import mlp_jax as mj
 from mlp_jax.model import relu
 
+pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
+
 
 def test_init_params_shapes_dtypes_and_scales():
   params = mj.init_params(jax.random.key(0), 400, 300, 10)

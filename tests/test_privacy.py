@@ -59,7 +59,7 @@ def hostile_problem(dtype):
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
-def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol):
+def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, x64):
   params, X, Y, mask = hostile_problem(dtype)
   for clip_norm in (0.05, 1.0, 1e6):   # most rows clipped, some, none
     got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames=("clipping",))(
@@ -72,7 +72,7 @@ def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol):
   assert bool(jnp.all(norms[2] == 0)) and not bool(jnp.all(jnp.isfinite(norms[5])))
 
 
-def test_norms_are_the_per_example_gradient_norms():
+def test_norms_are_the_per_example_gradient_norms(x64):
   params, X, y = random_problem(0, 6, 5, 7, 3, jnp.float64)
   _, flat = privacy.clipped_grad_sum(params, X, y, 1.0)
   np.testing.assert_allclose(flat, mj.per_example_grad_norms(params, X, y), rtol=1e-12)

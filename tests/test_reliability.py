@@ -26,6 +26,7 @@ from conftest import read_metrics
 from conftest import run_runner
 from conftest import runner_command
 from conftest import tiny_config
+from conftest import wait_for_epochs
 from conftest import without_times
 from mlp_jax import checkpoint
 from mlp_jax import data
@@ -40,18 +41,6 @@ def quiet(config):
   lines = []
   experiment.run(config, log=lines.append)
   return lines
-
-
-def wait_for_epochs(workdir, process, count, timeout=120):
-  path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + timeout
-  while time.time() < deadline and process.poll() is None:
-    if os.path.exists(path):
-      with open(path) as f:
-        if sum(1 for _ in f) >= count:
-          return
-    time.sleep(0.02)
-  raise AssertionError(f"the run did not reach epoch {count}")
 
 
 def corrupt(workdir, epoch):
