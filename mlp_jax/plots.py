@@ -6,6 +6,11 @@ import numpy as np
 
 
 def plot_curves(history, path, label_smoothing=0.0):
+  """curves_figure saved at `path`."""
+  curves_figure(history, label_smoothing).savefig(path, dpi=100)
+
+
+def curves_figure(history, label_smoothing=0.0):
   """Loss and accuracy per epoch, train vs test (and validation when present).
 
   The train loss is the training objective: with label smoothing ε > 0 it is taken
@@ -28,7 +33,7 @@ def plot_curves(history, path, label_smoothing=0.0):
     ax.grid(alpha=0.3)
     ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  return fig
 
 
 def confusion_matrix(labels, predictions, num_classes):

@@ -48,7 +48,7 @@ class TrainedModel(NamedTuple):
                        f"(N, {', '.join(map(str, self.input_shape))}) or (N, {d}), raw "
                        f"values as in the {self.dataset} training data.")
     x = x_raw.reshape(x_raw.shape[0], d).astype(jnp.float32)
-    return (x - self.mean) / self.std
+    return (x - self.mean[None, :]) / self.std[None, :]
 
   def predict_proba(self, x_raw):
     """p = softmax(z2) (N, K) of raw examples (N, *input_shape) or (N, D); jit-able."""

@@ -104,9 +104,28 @@ def test_standardised_with_train_statistics_only():
 
 
 def test_validation_split_is_held_out_of_train():
-  x = np.arange(40, dtype=float).reshape(20, 2)
-  ds = data.prepare(x, np.arange(20) % 2, x[:4], np.arange(4) % 2, validation_fraction=0.25)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(20, 3)) * 5 + np.arange(20)[:, None]   # every row distinct
+  y = np.arange(20) % 2
+  ds = data.prepare(x, y, x[:4], y[:4], validation_fraction=0.25, seed=3)
   assert len(ds.x_val) == 5 and len(ds.x_train) == 15
+  # Undo the standardisation: each split's rows are rows of x, disjoint, together all.
+  train_rows = ds.x_train * ds.std + ds.mean
+  val_rows = ds.x_val * ds.std + ds.mean
+
+  def index_in_x(rows):
+    distances = np.abs(rows[:, None, :] - x[None, :, :]).max(axis=2)
+    assert np.all(distances.min(axis=1) < 1e-4)
+    return distances.argmin(axis=1)
+
+  train_index, val_index = index_in_x(train_rows), index_in_x(val_rows)
+  assert sorted([*train_index, *val_index]) == list(range(20))
+  np.testing.assert_array_equal(ds.y_train, y[train_index])   # labels travel with rows
+  np.testing.assert_array_equal(ds.y_val, y[val_index])
+  # μ and σ are those of the 15 remaining train rows, not of all 20 nor of validation.
+  np.testing.assert_allclose(ds.mean, x[train_index].mean(axis=0), rtol=1e-5)
+  np.testing.assert_allclose(ds.std, x[train_index].std(axis=0), rtol=1e-5)
+  assert not np.allclose(ds.mean, x.mean(axis=0), rtol=1e-3)
 
 
 def test_digits_split():

@@ -1,4 +1,4 @@
-"""The pictures a run leaves: nothing cut off."""
+"""The pictures a run leaves: nothing cut off, each labelled so it reads right."""
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
@@ -16,3 +16,33 @@ def test_confusion_title_fits_inside_the_figure(k):
   assert f"{counts.trace()} / {counts.sum()} right" in title.get_text()
   box, frame = title.get_window_extent(renderer), fig.bbox
   assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1
+
+
+def test_confusion_names_the_classes():
+  names = ("T-shirt/top", "Trouser", "Pullover")
+  fig = plots.confusion_figure(np.eye(3, dtype=int), names)
+  ax = fig.axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == list(names)
+  assert [t.get_text() for t in ax.get_yticklabels()] == list(names)
+
+
+def test_smoothed_train_loss_is_labelled_as_such(tmp_path):
+  history = [{"epoch": e, "train_loss": 1.0, "test_loss": 0.5, "train_accuracy": 0.9,
+              "test_accuracy": 0.9} for e in (1, 2)]
+  fig = plots.curves_figure(history, label_smoothing=0.2)
+  loss_axes = fig.axes[0]
+  assert [t.get_text() for t in loss_axes.get_legend().get_texts()] == [
+      "train (label smoothing 0.2)", "test"]
+  plain = plots.curves_figure(history)
+  assert [t.get_text() for t in plain.axes[0].get_legend().get_texts()] == ["train", "test"]
+
+
+def test_filters_are_drawn_for_square_images_only(tmp_path):
+  w1 = np.arange(5 * 64, dtype=float).reshape(5, 64)
+  assert plots.plot_filters(w1, (8, 8), tmp_path / "f.png")
+  assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+  image = plots.filters_figure(w1, (8, 8)).axes[0].get_images()[0].get_array()
+  assert image.shape == (2 * 9 - 1, 3 * 9 - 1)          # 5 units: 2 rows of 3, 1-pixel gaps
+  np.testing.assert_allclose(image[:8, :8], w1[0].reshape(8, 8) / w1[0].max())
+  assert not plots.plot_filters(w1[:, :6], (6,), tmp_path / "g.png")
+  assert not (tmp_path / "g.png").exists()

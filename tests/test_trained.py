@@ -1,0 +1,117 @@
+"""A finished run used on new data: mj.load, predict on raw inputs, experiments/predict.py."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from conftest import ROOT
+from conftest import read_metrics
+from conftest import tiny_config
+import mlp_jax as mj
+from mlp_jax import data
+from mlp_jax import experiment
+from mlp_jax import trained
+from test_data import write_idx
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  """A finished 2-epoch digits run: its workdir and the raw test split."""
+  workdir = tmp_path_factory.mktemp("digits_run")
+  experiment.run(tiny_config("digits", workdir, epochs=2), log=lambda *_: None)
+  _, _, x_test, y_test = data.load_digits()
+  return workdir, x_test, y_test
+
+
+def test_loaded_model_predicts_raw_inputs_as_the_run_evaluated_them(digits_run):
+  workdir, x_test, y_test = digits_run
+  model = mj.load(str(workdir))
+  assert model.input_shape == (8, 8) and model.dataset == "digits"
+  assert model.class_names == tuple("0123456789") and model.pixel_max == 16
+  predicted = np.asarray(model.predict(x_test))                   # raw pixels 0..16
+  accuracy = np.mean(predicted == y_test)
+  assert accuracy == pytest.approx(read_metrics(workdir)[-1]["test_accuracy"], abs=1e-6)
+  images = x_test.reshape(-1, 8, 8)
+  np.testing.assert_array_equal(jax.jit(model.predict)(images), predicted)
+  p = np.asarray(jax.jit(model.predict_proba)(images))
+  assert p.shape == (360, 10) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
+  np.testing.assert_array_equal(p.argmax(axis=1), predicted)
+  assert mj.load(str(workdir / "params.npz")).input_shape == (8, 8)
+
+
+def test_bad_inputs_and_files_are_one_clear_error(digits_run, tmp_path):
+  workdir, x_test, _ = digits_run
+  model = mj.load(str(workdir))
+  with pytest.raises(ValueError, match=r"shape \(3, 7\) do not fit this model: give "
+                     r"\(N, 8, 8\) or \(N, 64\)"):
+    model.predict(np.ones((3, 7)))
+  with pytest.raises(ValueError, match="no params.npz at .*give the --workdir of a finished"):
+    mj.load(str(tmp_path))
+  np.savez(tmp_path / "params.npz", **{k: np.zeros(2) for k in ("w1", "b1", "w2", "b2")})
+  with pytest.raises(ValueError, match="lacks input_mean, .*train the run again"):
+    mj.load(str(tmp_path))
+
+
+def test_inputs_from_npz_idx_and_png(digits_run, tmp_path):
+  workdir, x_test, y_test = digits_run
+  model = mj.load(str(workdir))
+  np.savez(tmp_path / "new.npz", x=x_test[:5], y=y_test[:5])
+  names, x, labels = trained.read_inputs(str(tmp_path / "new.npz"), model)
+  assert names == ["0", "1", "2", "3", "4"] and x.shape == (5, 64)
+  np.testing.assert_array_equal(labels, y_test[:5])
+  images = write_idx(tmp_path / "images-idx3-ubyte.gz", x_test[:4].reshape(4, 8, 8))
+  labels_file = write_idx(tmp_path / "labels-idx1-ubyte", y_test[:4])
+  _, x, labels = trained.read_inputs(images, model, labels_file)
+  np.testing.assert_array_equal(x.reshape(4, 64), x_test[:4])
+  np.testing.assert_array_equal(labels, y_test[:4])
+  # An 8-bit PNG maps 0..255 to the raw 0..16 of digits.
+  pixels = np.array(x_test[:2].reshape(2, 8, 8) * 255 / 16, np.uint8)
+  paths = []
+  for i, image in enumerate(pixels):
+    Image.fromarray(image, mode="L").save(tmp_path / f"d{i}.png")
+    paths.append(str(tmp_path / f"d{i}.png"))
+  names, x, labels = trained.read_inputs(",".join(paths), model)
+  assert names == ["d0.png", "d1.png"] and labels is None
+  np.testing.assert_allclose(x, pixels * np.float32(16 / 255))
+  assert trained.read_inputs(str(tmp_path), model)[0] == ["d0.png", "d1.png"]  # a directory
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8), mode="RGB").save(tmp_path / "rgb.png")
+  with pytest.raises(ValueError, match="mode RGB; this model takes 8-bit grayscale"):
+    trained.read_inputs(str(tmp_path / "rgb.png"), model)
+  Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(tmp_path / "big.png")
+  with pytest.raises(ValueError, match="a 28×28 image .* images of 8×8 pixels"):
+    trained.read_inputs(str(tmp_path / "big.png"), model)
+
+
+def test_png_for_a_model_of_non_image_data_is_refused(tiny_npz, tmp_path):
+  experiment.run(tiny_config(tiny_npz, tmp_path, epochs=1), log=lambda *_: None)
+  Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "a.png")
+  with pytest.raises(ValueError, match="trained on npz:.*not on images; give an .npz"):
+    trained.read_inputs(str(tmp_path / "a.png"), mj.load(str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_predict_script_end_to_end(digits_run, tmp_path):
+  workdir, x_test, y_test = digits_run
+  images = write_idx(tmp_path / "images-idx3-ubyte", x_test.reshape(-1, 8, 8))
+  labels = write_idx(tmp_path / "labels-idx1-ubyte", y_test)
+  script = os.path.join(ROOT, "experiments", "predict.py")
+  out = tmp_path / "predictions.csv"
+  result = subprocess.run([sys.executable, script, f"--workdir={workdir}",
+                           f"--input={images}", f"--labels={labels}", f"--output={out}"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  accuracy = 100 * read_metrics(workdir)[-1]["test_accuracy"]
+  assert f"accuracy {accuracy:.2f}% on 360 examples" in result.stdout
+  rows = out.read_text().splitlines()
+  assert rows[0].startswith("name,class,class_name,p_0,p_1") and len(rows) == 361
+  result = subprocess.run([sys.executable, script, f"--workdir={workdir}",
+                           f"--input={tmp_path / 'missing.npz'}"],
+                          capture_output=True, text=True, timeout=120)
+  lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
+  assert result.returncode == 1 and lines == [f"error: no such file: "
+                                              f"{str(tmp_path / 'missing.npz')!r}."]
