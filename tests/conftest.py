@@ -16,9 +16,15 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-import pytest
+# Tests compile hundreds of tiny programs and run each a few times: XLA's backend
+# optimisations cost more than they save here (set before JAX starts; subprocesses
+# inherit it, appended to any XLA_FLAGS a test gives them).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_backend_optimization_level=0").strip()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "experiments", "train.py")
@@ -32,11 +38,6 @@ jax.config.update("jax_compilation_cache_dir", _CACHE["JAX_COMPILATION_CACHE_DIR
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: end-to-end runs in fresh processes (deselect "
-                          "with -m 'not slow' for the fast part)")
 
 
 @contextlib.contextmanager

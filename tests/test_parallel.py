@@ -26,7 +26,8 @@ RTOL = 1e-5  # float32 reduction-order noise: the sum over the batch is split in
 
 
 def host_devices(count):
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+  return {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                                     f"--xla_force_host_platform_device_count={count}"}
 
 
 def runner(dataset, workdir, *extra, env=None):
