@@ -3,7 +3,6 @@ and the accountant are what they claim."""
 
 import functools
 import json
-import os
 import shutil
 import sys
 
@@ -12,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import read_metrics
+from conftest import tiny_config
 import mlp_jax as mj
 from mlp_jax import data
 from mlp_jax import experiment
@@ -173,15 +174,9 @@ def test_calibration_inverts_the_accountant():
 # The runner: --dp_* flags.
 
 def dp_config(dataset, workdir, **overrides):
-  return experiment.RunConfig(**{
-      "dataset": dataset, "workdir": str(workdir), "hidden_dim": 16, "batch_size": 8,
+  return tiny_config(dataset, workdir, **{
       "epochs": 4, "learning_rate": 0.05, "schedule": "constant", "label_smoothing": 0.0,
-      "progress": False, "dp_noise_multiplier": 0.8, "dp_delta": 1e-3, **overrides})
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+      "dp_noise_multiplier": 0.8, "dp_delta": 1e-3, **overrides})
 
 
 def test_dp_run_killed_and_resumed_equals_an_uninterrupted_one_epsilon_included(

@@ -12,7 +12,9 @@ from conftest import ROOT
 from conftest import read_metrics
 from conftest import run_cli
 from conftest import run_runner
+from conftest import tiny_config
 import mlp_jax as mj
+from mlp_jax import experiment
 
 
 @pytest.mark.slow
@@ -87,6 +89,19 @@ def test_a_distributed_start_that_fails_is_one_line(tmp_path):
   assert result.returncode == 1
   lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
   assert len(lines) == 1 and "jax.distributed could not start" in lines[0], result.stderr
+
+
+def test_summary_gives_compiling_apart_and_speed_of_the_same_epochs(tiny_npz, tmp_path):
+  lines = []
+  experiment.run(tiny_config(tiny_npz, tmp_path, epochs=3), log=lines.append)
+  speed = lines[-1].splitlines()[-1]
+  first, rest = speed.split("; epoch 1 ")[1].split(" (with compiling); epochs 2-3 ")
+  seconds, examples = rest.split(" s per epoch, ")
+  rows = read_metrics(tmp_path)
+  assert float(first.split()[0]) == pytest.approx(rows[0]["seconds"], abs=0.01)
+  mean = (rows[1]["seconds"] + rows[2]["seconds"]) / 2
+  assert float(seconds) == pytest.approx(mean, abs=1e-3)
+  assert float(examples.split()[0].replace(",", "")) == pytest.approx(60 / mean, rel=1e-2)
 
 
 def test_one_based_labels_give_one_line_and_leave_no_workdir(tmp_path, monkeypatch):
