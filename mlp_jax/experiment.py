@@ -22,6 +22,7 @@ of them save the checkpoints together, through orbax.
 
 import datetime
 import fcntl
+import itertools
 import json
 import os
 import platform
@@ -90,7 +91,7 @@ class RunConfig(NamedTuple):
   compute_dtype: str = _HP.compute_dtype
   seed: int = 0
   workdir: Optional[str] = None
-  validation_fraction: float = 0.0
+  validation_fraction: Optional[float] = None  # None: 0, or 0.1 for a sweep
   progress: bool = True
   num_devices: Optional[int] = None          # per process; None: every local device
   distributed: bool = False                  # jax.distributed, settings from the cluster
@@ -102,6 +103,8 @@ class RunConfig(NamedTuple):
   dp_clip_norm: float = 1.0                    # C
   dp_clipping: str = "flat"                    # flat | per_layer
   dp_delta: float = 1e-5
+  num_seeds: int = 1                           # models seed, seed + 1, ... trained together
+  sweep: tuple = ()                            # ("learning_rate=1e-3,2e-3", ...): a grid
 
 
 # What must match for a workdir's checkpoint to be resumed by this config: the data,
@@ -110,7 +113,7 @@ class RunConfig(NamedTuple):
 RESUME_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction", "optimizer",
                  "weight_decay", "clip_norm", "seed", "batch_size", "learning_rate",
                  "schedule", "warmup_epochs", "dp_noise_multiplier", "dp_target_epsilon",
-                 "dp_clip_norm", "dp_clipping", "dp_delta")
+                 "dp_clip_norm", "dp_clipping", "dp_delta", "num_seeds", "sweep")
 
 
 def _versions():
@@ -189,7 +192,7 @@ def _check_old_run(workdir, config):
     old_run = json.load(f)
   old = old_run.get("config", {})
   for field in RESUME_FIELDS:
-    if field in old and old[field] != getattr(config, field):
+    if field in old and old[field] != json.loads(json.dumps(getattr(config, field))):
       raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
                      f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
   return old_run
@@ -248,6 +251,83 @@ class _CtrlC:
 def is_private(config):
   """True for a differentially private (DP-SGD) run."""
   return config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
+
+
+class Stack(NamedTuple):
+  """The models of a multi-model run: model m = configuration m // S, seed m % S."""
+
+  configurations: list   # C dicts {name: value}, in grid order ([{}] for seeds alone)
+  seeds: list            # the S seeds: seed, seed + 1, ...
+  values: dict           # {name: (M,) float32}, M = C·S, the per-model swept values
+
+
+def parse_sweep(specs):
+  """("name=v1,v2", ...) -> {name: (v1, v2)}; RunError naming what is wrong."""
+  grid = {}
+  for spec in specs:
+    name, _, text = spec.partition("=")
+    name = name.strip()
+    if name in RunConfig._fields and name not in train.SWEEPABLE:
+      raise RunError(f"--sweep {name} cannot be vmapped: it changes the shapes or the "
+                     "program; loop over it instead, one run per value (e.g. for v in A B; "
+                     f"do python experiments/train.py --{name}=$v --workdir=runs/$v; done).")
+    if name not in train.SWEEPABLE:
+      raise RunError(f"--sweep {spec!r}: unknown name {name!r}; sweepable are "
+                     f"{', '.join(train.SWEEPABLE)}.")
+    if name in grid:
+      raise RunError(f"--sweep {name} is given twice; list all its values in one flag.")
+    try:
+      values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+      values = ()
+    if not text.strip() or not values or not all(np.isfinite(v) and v >= 0 for v in values):
+      raise RunError(f"--sweep {spec!r} needs numbers >= 0 after '=', e.g. "
+                     f"--sweep={name}=1e-3,2e-3.")
+    if name == "learning_rate" and min(values) <= 0:
+      raise RunError("--sweep learning_rate values must be > 0.")
+    if name == "label_smoothing" and max(values) > 1:
+      raise RunError("--sweep label_smoothing values must lie in [0, 1].")
+    grid[name] = values
+  return grid
+
+
+def is_stacked(config):
+  """True when the run trains several models together (--num_seeds > 1 or --sweep)."""
+  return config.num_seeds > 1 or bool(config.sweep)
+
+
+def make_stack(config):
+  """The Stack of a multi-model run: the grid of --sweep values, times the seeds."""
+  grid = parse_sweep(config.sweep)
+  configurations = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+  seeds = [config.seed + s for s in range(config.num_seeds)]
+  values = {name: np.array([c[name] for c in configurations for _ in seeds], np.float32)
+            for name in grid}
+  return Stack(configurations, seeds, values)
+
+
+def resolve(config):
+  """`config` with its defaults made explicit; RunError for settings that cannot work
+  together. A sweep holds out 10% of train for validation unless told otherwise."""
+  if config.num_seeds < 1:
+    raise RunError(f"--num_seeds must be at least 1, got {config.num_seeds}.")
+  fraction = config.validation_fraction
+  if config.sweep:
+    parse_sweep(config.sweep)
+    if fraction is not None and fraction <= 0:
+      raise RunError("a --sweep chooses its configuration on validation data: give "
+                     "--validation_fraction > 0 (default 0.1), never the test set.")
+  if is_stacked(config):
+    if is_private(config):
+      raise RunError("--num_seeds and --sweep do not combine with DP-SGD yet: run one "
+                     "private model per command.")
+    if config.num_devices not in (None, 1) or config.distributed or config.num_processes:
+      raise RunError("--num_seeds and --sweep train the models on one device: add "
+                     "--num_devices=1 (and no multi-process flags).")
+  if fraction is None:
+    fraction = 0.1 if config.sweep else 0.0
+  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep),
+                         num_devices=1 if is_stacked(config) else config.num_devices)
 
 
 def check_schedule(config):
@@ -444,20 +524,85 @@ def _account(row, dp, dp_record, steps, done):
                                dp_record["delta"], kind)
 
 
-def _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh):
-  """(state, metrics row) of one epoch: train, evaluate, ONE transfer to the host."""
+def _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh, stack=None):
+  """(state, metrics row) of one epoch: train, evaluate, ONE transfer to the host.
+
+  For a Stack of M models the row holds, for each metric, the mean and `_std` over the
+  models and every model's value under "per_model"; examples_per_second sums them.
+  """
   start = time.time()
   X, y, n = train_xyn
-  state, device_metrics = train_epoch(state, X, y, epoch)
+  if stack is None:
+    state, device_metrics = train_epoch(state, X, y, epoch)
+  else:
+    state, device_metrics = train_epoch(state, X, y, epoch, stack.values)
   for name, (X_eval, y_eval, n_eval) in splits.items():
-    ev = train.evaluate(state.params, X_eval, y_eval, num_examples=n_eval, mesh=mesh)
+    if stack is None:
+      ev = train.evaluate(state.params, X_eval, y_eval, num_examples=n_eval, mesh=mesh)
+    else:
+      ev = train.evaluate_stacked(state.params, X_eval, y_eval, num_examples=n_eval)
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
-  row = {"epoch": epoch + 1,
-         **{k: float(v) for k, v in jax.device_get(device_metrics).items()}}
+  metrics = jax.device_get(device_metrics)
+  if stack is None:
+    row = {"epoch": epoch + 1, **{k: float(v) for k, v in metrics.items()}}
+  else:
+    per_model = {k: np.asarray(v, np.float64) for k, v in metrics.items()}
+    row = {"epoch": epoch + 1, **_mean_std(per_model),
+           "per_model": {k: v.tolist() for k, v in per_model.items()}}
   row["seconds"] = time.time() - start
-  row["examples_per_second"] = n / row["seconds"]
+  row["examples_per_second"] = n * _num_models(stack) / row["seconds"]
   return state, row
+
+
+def _diverged(row, stack):
+  """One model: any loss is not finite. A stack: every model's train loss is not finite
+  (a sweep's diverged models rank last instead, see `choose`)."""
+  if stack is None:
+    return not all(np.isfinite(v) for k, v in row.items() if k.endswith("_loss"))
+  return not np.any(np.isfinite(row["per_model"]["train_loss"]))
+
+
+def _num_models(stack):
+  return 1 if stack is None else len(stack.configurations) * len(stack.seeds)
+
+
+def _mean_std(per_model, models=None):
+  """{metric: mean, metric_std: std} over the models `models` (default all)."""
+  row = {}
+  for key, values in per_model.items():
+    values = np.asarray(values, np.float64)[models if models is not None else slice(None)]
+    row[key], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+  return row
+
+
+def _chosen_history(history, models):
+  """The history of the models `models` alone (mean and std over them)."""
+  return [{"epoch": row["epoch"], **_mean_std(row["per_model"], models)} for row in history]
+
+
+def choose(history, stack):
+  """(index of the chosen configuration, ranking): configurations ranked by their mean
+  validation accuracy over seeds at the last epoch (one whose models diverged ranks
+  last); without a validation split, the only configuration."""
+  last = history[-1]["per_model"]
+  seeds = len(stack.seeds)
+  ranking = []
+  for c, values in enumerate(stack.configurations):
+    models = list(range(c * seeds, (c + 1) * seeds))
+    entry = {"configuration": values, "models": models,
+             "diverged": not all(np.isfinite(last["train_loss"][m]) for m in models)}
+    for key in ("validation_accuracy", "validation_loss"):
+      if key in last:
+        entry.update({f"{key}_{stat}": v for stat, v in zip(
+            ("mean", "std"), _mean_std({key: last[key]}, models).values())})
+    ranking.append(entry)
+  if "validation_accuracy" in last:
+    ranking.sort(key=lambda e: (not e["diverged"], e["validation_accuracy_mean"]),
+                 reverse=True)
+  elif len(ranking) > 1:
+    raise RunError("several configurations but no validation split to choose among them.")
+  return stack.configurations.index(ranking[0]["configuration"]), ranking
 
 
 def _join_processes(config):
@@ -527,6 +672,74 @@ def _write_results(workdir, state, history, splits, inputs, config, mesh, writer
   plots.plot_filters(params.w1, inputs.input_shape, os.path.join(workdir, "filters.png"))
 
 
+def _finish_stack(workdir, state, history, epochs_done, splits, inputs, config, stack,
+                  num_examples, start, interrupted, writer, log):
+  """The end of a multi-model run: choose on validation, write the chosen model's
+  params.npz and plots, all models' params_all.npz and sweep.json, log the summary."""
+  chosen, ranking = choose(history, stack)
+  models = ranking[0]["models"]
+  X_test, y_test, n_test = splits["test"]
+  test = jax.device_get(train.evaluate_stacked(state.params, X_test, y_test,
+                                               num_examples=n_test))
+  params = jax.device_get(state.params)
+  if writer:
+    best = models[0]
+    trained.save(os.path.join(workdir, "params.npz"),
+                 jax.tree.map(lambda a: a[best], params), inputs.mean, inputs.std,
+                 inputs.input_shape, inputs.class_names, config.dataset,
+                 data.PIXEL_MAX.get(config.dataset, 0.0))
+    np.savez(os.path.join(workdir, "params_all.npz"), **params._asdict(),
+             seed=np.array([s for _ in stack.configurations for s in stack.seeds]),
+             **{name: v for name, v in stack.values.items()})
+    chosen_test = _mean_std({"test_accuracy": test["accuracy"],
+                             "test_loss": test["loss"]}, models)
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+      json.dump({"chosen": stack.configurations[chosen], "chosen_models": models,
+                 "seeds": stack.seeds, "chosen_test": chosen_test,
+                 "ranking": ranking}, f, indent=2)
+    plots.plot_curves(_chosen_history(history, models), os.path.join(workdir, "curves.png"),
+                      config.label_smoothing)
+    plots.plot_confusion(plots.confusion_matrix(inputs.y_test, test["predictions"][best],
+                                                inputs.num_classes),
+                         os.path.join(workdir, "confusion.png"), inputs.class_names)
+    plots.plot_filters(params.w1[best], inputs.input_shape,
+                       os.path.join(workdir, "filters.png"))
+  if interrupted is not None:
+    raise interrupted
+  log(_stack_summary(history, epochs_done, stack, ranking, test, num_examples,
+                     time.time() - start))
+  return {**history[-1], "chosen": {"configuration": stack.configurations[chosen],
+                                    "models": models}}
+
+
+def _stack_summary(history, epochs_done, stack, ranking, test, num_examples, seconds):
+  """Mean ± std over the chosen configuration's seeds, then how it was chosen."""
+  models = ranking[0]["models"]
+  last = _chosen_history(history[-1:], models)[0]
+  splits = [s for s in ("train", "validation") if f"{s}_accuracy" in last]
+  accuracy = 100 * np.asarray(test["accuracy"])[models]
+  seeds = f"seed {stack.seeds[0]}" if len(models) == 1 else (
+      f"{len(models)} seeds {stack.seeds[0]}-{stack.seeds[-1]}")
+  lines = [f"{'':10}" + "".join(f"{s:>18}" for s in splits),
+           f"{'loss':10}" + "".join(f"{last[f'{s}_loss']:10.4f} ± {last[f'{s}_loss_std']:.4f}"
+                                    for s in splits),
+           f"{'accuracy':10}" + "".join(
+               f"{100 * last[f'{s}_accuracy']:9.2f}% ± {100 * last[f'{s}_accuracy_std']:.2f}"
+               for s in splits),
+           f"test accuracy {accuracy.mean():.2f} ± {accuracy.std():.2f}% (min {accuracy.min():.2f}, "
+           f"max {accuracy.max():.2f}) over {seeds}"]
+  if len(ranking) > 1:
+    chosen = ", ".join(f"{k}={v:g}" for k, v in ranking[0]["configuration"].items())
+    lines.append(f"chosen: {chosen}, by validation accuracy "
+                 f"{100 * ranking[0]['validation_accuracy_mean']:.2f} ± "
+                 f"{100 * ranking[0]['validation_accuracy_std']:.2f}% among {len(ranking)} "
+                 "configurations (ranked in sweep.json; test read for the chosen one only)")
+  lines.append(f"epochs {history[-1]['epoch']}, {seconds:.1f} s in all" + (
+      f"; {_speed(history[epochs_done:], num_examples * _num_models(stack))}"
+      if history[epochs_done:] else ""))
+  return "\n".join(lines)
+
+
 def _config_record(config, old_run, cycle_ends, dp_record, ds, mesh, epochs_done):
   """config.json: this run's settings on top, and `runs`, one entry per invocation
   (the first run and each resume), each with its settings, start time and device."""
@@ -541,8 +754,11 @@ def _config_record(config, old_run, cycle_ends, dp_record, ds, mesh, epochs_done
 
 
 def run(config, log=print):
-  """Trains per `config`, writes the workdir, returns the metrics of the last epoch."""
+  """Trains per `config`, writes the workdir, returns the metrics of the last epoch (for
+  several models, with "chosen": the chosen configuration and its models)."""
   start = time.time()
+  config = resolve(config)
+  stack = make_stack(config) if is_stacked(config) else None
   _join_processes(config)
   writer = jax.process_index() == 0  # the one process that writes files and logs
   if not writer:
@@ -566,7 +782,7 @@ def run(config, log=print):
   workdir, old_run, lock = prepare_workdir(config)
   try:
     return _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch,
-                  writer, log, start)
+                  writer, log, start, stack)
   except checkpoint.CheckpointError as e:
     raise RunError(str(e)) from None
   except _RUNTIME_ERROR as e:
@@ -578,17 +794,27 @@ def run(config, log=print):
     lock.release()
 
 
+def _init_state(config, stack, in_dim, num_classes, hp, mesh):
+  """The fresh TrainState of a run, or the stacked one of a Stack's M models."""
+  if stack is None:
+    return parallel.replicate(train.init_state(config.seed, in_dim, config.hidden_dim,
+                                               num_classes, train.make_optimizer(hp)), mesh)
+  seeds = [seed for _ in stack.configurations for seed in stack.seeds]
+  return parallel.replicate(train.init_stacked_state(seeds, in_dim, config.hidden_dim,
+                                                     num_classes, hp, stack.values), mesh)
+
+
 def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, writer, log,
-           start):
+           start, stack=None):
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
   n, in_dim = ds.x_train.shape
   log(f"workdir: {workdir}")
+  if stack is not None:
+    log(f"{_num_models(stack)} models trained together: {len(stack.configurations)} "
+        f"configuration(s) × seeds {stack.seeds[0]}-{stack.seeds[-1]}")
   # The optimizer state's structure does not depend on the schedule: restore first.
-  state = parallel.replicate(
-      train.init_state(config.seed, in_dim, config.hidden_dim, ds.num_classes,
-                       train.make_optimizer(hyperparams(config, steps_per_epoch,
-                                                        [config.epochs]))),
-      mesh)
+  state = _init_state(config, stack, in_dim, ds.num_classes,
+                      hyperparams(config, steps_per_epoch, [config.epochs]), mesh)
   mngr = checkpoint.manager(workdir)
   epochs_done = 0
   restored = checkpoint.restore_latest(mngr, state, log)
@@ -623,8 +849,11 @@ def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, w
     splits["validation"] = place(ds.x_val, ds.y_val)
   inputs = ds._replace(x_train=None, x_test=None, x_val=None)  # the rest is small
   del ds
-  train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size, num_examples=n,
-                                       mesh=mesh, dp=dp)
+  if stack is None:
+    train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size, num_examples=n,
+                                         mesh=mesh, dp=dp)
+  else:
+    train_epoch = train.make_stacked_train_epoch(hp, config.batch_size, num_examples=n)
 
   bar = range(epochs_done, config.epochs)
   show_bar = config.progress and writer
@@ -638,8 +867,8 @@ def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, w
   try:
     stop.install()
     for epoch in bar:
-      state, row = _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh)
-      if not all(np.isfinite(v) for k, v in row.items() if k.endswith("_loss")):
+      state, row = _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh, stack)
+      if _diverged(row, stack):
         raise RunError(
             f"training diverged in epoch {epoch + 1}: train loss {row['train_loss']}, "
             f"test loss {row['test_loss']}; the learning rate {config.learning_rate:g} is "
@@ -647,6 +876,10 @@ def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, w
             f"{done} is kept.")
       # The rate of the epoch's last step.
       row["learning_rate"] = float(learning_rate((epoch + 1) * steps_per_epoch - 1))
+      if stack is not None and "learning_rate" in stack.values:  # rates scale with peak
+        row["per_model"]["learning_rate"] = (
+            row["learning_rate"] * stack.values["learning_rate"] / config.learning_rate
+        ).tolist()
       if dp is not None:
         _account(row, dp, dp_record, (epoch + 1) * steps_per_epoch, done)
       history.append(row)
@@ -677,6 +910,9 @@ def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, w
   if not history:
     raise RunError(f"--workdir {workdir} holds a finished run without its metrics.jsonl; "
                    "use a fresh --workdir.")
+  if stack is not None:
+    return _finish_stack(workdir, state, history, epochs_done, splits, inputs, config, stack,
+                         n, start, interrupted, writer, log)
   _write_results(workdir, state, history, splits, inputs, config, mesh, writer)
   if interrupted is not None:
     raise interrupted

@@ -70,11 +70,24 @@ def make_cycle(hp, steps):
 def make_schedule(hp):
   """Learning rate per step: one cycle over total_steps, or, with restart_steps, a new
   cycle (warmup, then cosine to 0 at the next restart or total_steps) at each restart."""
+  if _is_array(hp.learning_rate):  # one peak per model (a sweep): scale a unit schedule
+    unit = make_schedule(hp._replace(learning_rate=1.0))
+    return lambda step: hp.learning_rate * unit(step)
   bounds = (0, *hp.restart_steps, hp.total_steps)
   cycles = [make_cycle(hp, end - start) for start, end in zip(bounds, bounds[1:])]
   if len(cycles) == 1:
     return cycles[0]
   return optax.join_schedules(cycles, list(hp.restart_steps))
+
+
+def _is_array(value):
+  return not isinstance(value, (int, float))
+
+
+def _maybe_nonzero(value):
+  """False only for a Python 0: a hyperparameter given as an array (one value per model
+  of a stack, see make_stacked_train_epoch) keeps its transformation in every model."""
+  return _is_array(value) or value > 0
 
 
 def make_optimizer(hp):
@@ -86,12 +99,13 @@ def make_optimizer(hp):
   lr = make_schedule(hp)
   weights_only = Params(w1=True, b1=False, w2=True, b2=False)
   parts = []
-  if hp.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(hp.clip_norm))
+  if _maybe_nonzero(hp.clip_norm):  # an array (a sweep) may be 0 for some models: no clip
+    parts.append(optax.clip_by_global_norm(jnp.where(hp.clip_norm > 0, hp.clip_norm, jnp.inf)
+                                           if _is_array(hp.clip_norm) else hp.clip_norm))
   if hp.optimizer == "adamw":
     parts.append(optax.adamw(lr, weight_decay=hp.weight_decay, mask=weights_only))
   else:
-    if hp.weight_decay > 0:
+    if _maybe_nonzero(hp.weight_decay):
       parts.append(optax.add_decayed_weights(hp.weight_decay, mask=weights_only))
     if hp.optimizer == "sgd":
       parts.append(optax.sgd(lr))
@@ -114,7 +128,7 @@ def init_state(seed, in_dim, hidden_dim, num_classes, optimizer):
 
 def smooth_targets(y, num_classes, label_smoothing):
   """Int labels (B,) -> (1 − ε) one-hot + ε/K targets (B, K); labels as they are if ε = 0."""
-  if label_smoothing == 0:
+  if not _maybe_nonzero(label_smoothing):
     return y
   return optax.smooth_labels(losses.targets(y, num_classes, jnp.float32), label_smoothing)
 
@@ -241,6 +255,49 @@ def make_train_epoch(hp, optimizer, batch_size, num_examples=None, mesh=None, dp
     return jax.jit(epoch, donate_argnums=(0,))
   parallel.check_batch_size(batch_size, mesh)
   return jax.jit(epoch, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
+
+
+# Many models in one program: a stack of TrainStates with a leading model axis M, trained
+# by jax.vmap of the one-model epoch. The dataset is shared; each model has its own seed
+# (init and batch order) and its own values of the SWEEPABLE hyperparameters.
+
+SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm")
+
+
+def _with_values(hp, values):
+  """hp with the swept fields replaced by one model's values (scalars, traced)."""
+  return hp._replace(**values)
+
+
+def init_stacked_state(seeds, in_dim, hidden_dim, num_classes, hp, values):
+  """M TrainStates stacked on a leading axis: model m is init_state(seeds[m], ...) with the
+  optimizer of hp and values {name: (M,)} (SWEEPABLE names; {} for seeds alone)."""
+  def one(seed, model_values):
+    return init_state(seed, in_dim, hidden_dim, num_classes,
+                      make_optimizer(_with_values(hp, model_values)))
+  return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), values)
+
+
+def make_stacked_train_epoch(hp, batch_size, num_examples=None):
+  """jit(vmap(train_epoch)): (states (M, ...), X (N, D), y (N,), epoch, values {name: (M,)})
+  -> (states, {"train_loss": (M,), "train_accuracy": (M,)}), the states donated.
+
+  Model m trains exactly as make_train_epoch(hp with values[m]) would train it alone:
+  its own batch order from its own key, its own hyperparameters, one shared dataset.
+  """
+  def one(state, X, y, epoch, model_values):
+    model_hp = _with_values(hp, model_values)
+    step = make_train_step(model_hp, make_optimizer(model_hp))
+    return train_epoch(step, state, X, y, epoch, batch_size, num_examples)
+
+  return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, 0)), donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples"))
+def evaluate_stacked(params, X, y, batch_size=1024, num_examples=None):
+  """evaluate() of each model of stacked Params (leading axis M): loss (M,), accuracy
+  (M,), predictions (M, N)."""
+  return jax.vmap(lambda p: evaluate.__wrapped__(p, X, y, batch_size, num_examples))(params)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh"))
