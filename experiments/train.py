@@ -4,6 +4,8 @@
     python experiments/train.py --flagfile=experiments/configs/fashion_mnist.flags
     python experiments/train.py --num_devices=4                   # data parallel
     python experiments/train.py --dp_target_epsilon=3             # DP-SGD, (3, 1e-5)-DP
+    python experiments/train.py --num_seeds=5 --sweep=learning_rate=1e-3,2e-3
+                                           # 10 models in one program, chosen on validation
     python experiments/train.py --coordinator_address=HOST:PORT --num_processes=2 \
         --process_id=0 --workdir=/shared/run                      # one line per process
 """
@@ -44,7 +46,8 @@ flags.DEFINE_integer("seed", D.seed, "Seed of init and shuffling.")
 flags.DEFINE_string("workdir", D.workdir, "Output directory; rerun with it to resume. "
                     "Default: a fresh temporary directory.")
 flags.DEFINE_float("validation_fraction", D.validation_fraction,
-                   "Fraction of train held out for validation.", lower_bound=0)
+                   "Fraction of train held out for validation. Default 0, or 0.1 with "
+                   "--sweep.", lower_bound=0)
 flags.DEFINE_bool("progress", D.progress, "Show a progress bar.")
 flags.DEFINE_integer("num_devices", D.num_devices, "Devices per process to train on, "
                      "data parallel. Default: every local device.", lower_bound=1)
@@ -69,7 +72,14 @@ flags.DEFINE_float("dp_delta", D.dp_delta, "DP-SGD: δ of (ε, δ)-DP; must be b
 
 flags.register_validator("learning_rate", lambda v: v > 0,
                          "--learning_rate must be > 0.")
-flags.register_validator("validation_fraction", lambda v: v < 1,
+flags.DEFINE_integer("num_seeds", D.num_seeds, "Train this many models together (seeds "
+                     "seed, seed + 1, ...) in one program; report mean ± std.",
+                     lower_bound=1)
+flags.DEFINE_multi_string("sweep", list(D.sweep), "NAME=v1,v2,...: train every "
+                          "combination (times the seeds) together and choose on "
+                          "validation; NAME one of " + ", ".join(train.SWEEPABLE) + ".")
+
+flags.register_validator("validation_fraction", lambda v: v is None or v < 1,
                          "--validation_fraction must be below 1.")
 flags.register_validator(
     "dataset", lambda v: v in ("digits", "fashion_mnist", "mnist") or
@@ -101,6 +111,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = experiment.RunConfig(**{f: flags.FLAGS[f].value
                                    for f in experiment.RunConfig._fields})
+  config = config._replace(sweep=tuple(config.sweep))
   try:
     experiment.run(config)
   except experiment.PeerLost as e:

@@ -874,8 +874,9 @@ def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, w
             f"test loss {row['test_loss']}; the learning rate {config.learning_rate:g} is "
             "likely too high (try 10x lower, or --clip_norm=1). The checkpoint after epoch "
             f"{done} is kept.")
-      # The rate of the epoch's last step.
-      row["learning_rate"] = float(learning_rate((epoch + 1) * steps_per_epoch - 1))
+      # The rate of the epoch's last step, to float32's 7 digits (whichever schedule).
+      rate = float(learning_rate((epoch + 1) * steps_per_epoch - 1))
+      row["learning_rate"] = float(f"{rate:.7g}")
       if stack is not None and "learning_rate" in stack.values:  # rates scale with peak
         row["per_model"]["learning_rate"] = (
             row["learning_rate"] * stack.values["learning_rate"] / config.learning_rate

@@ -11,7 +11,8 @@ def plot_curves(history, path, label_smoothing=0.0):
 
 
 def curves_figure(history, label_smoothing=0.0):
-  """Loss and accuracy per epoch, train vs test (and validation when present).
+  """Loss and accuracy per epoch, train vs test (and validation when present); rows
+  with `_std` keys (several seeds) are drawn as the mean with a ± std band.
 
   The train loss is the training objective: with label smoothing ε > 0 it is taken
   against smoothed targets and sits above the plain loss of the other splits, so its
@@ -27,7 +28,11 @@ def curves_figure(history, label_smoothing=0.0):
         label = split
         if split == "train" and metric == "loss" and label_smoothing:
           label = f"train (label smoothing {label_smoothing:g})"
-        ax.plot(epochs, [row[key] for row in history], marker=".", label=label)
+        mean = np.array([row[key] for row in history])
+        line, = ax.plot(epochs, mean, marker=".", label=label)
+        if f"{key}_std" in history[0]:  # several seeds: the mean with a ± std band
+          std = np.array([row[f"{key}_std"] for row in history])
+          ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

@@ -46,3 +46,12 @@ def test_filters_are_drawn_for_square_images_only(tmp_path):
   np.testing.assert_allclose(image[:8, :8], w1[0].reshape(8, 8) / w1[0].max())
   assert not plots.plot_filters(w1[:, :6], (6,), tmp_path / "g.png")
   assert not (tmp_path / "g.png").exists()
+
+
+def test_several_seeds_are_drawn_as_a_mean_with_a_band():
+  history = [{"epoch": e, "test_accuracy": 0.9, "test_accuracy_std": 0.05, "test_loss": 0.3,
+              "test_loss_std": 0.01} for e in (1, 2, 3)]
+  ax = plots.curves_figure(history).axes[1]
+  (band,) = ax.collections
+  ys = band.get_paths()[0].vertices[:, 1]
+  assert np.isclose(ys.min(), 0.85) and np.isclose(ys.max(), 0.95)

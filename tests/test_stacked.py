@@ -1,0 +1,143 @@
+"""Many models in one program: --num_seeds and --sweep (train.make_stacked_train_epoch,
+experiment.Stack) equal the separate runs, and the choice is made on validation only."""
+
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import read_metrics
+from conftest import run_cli
+from conftest import tiny_config
+from conftest import without_times
+import mlp_jax as mj
+from mlp_jax import experiment
+from mlp_jax import train
+
+RTOL = 1e-5  # vmap batches the matmuls: float32 summation order may differ
+
+
+def run(config):
+  return experiment.run(config, log=lambda *_: None)
+
+
+def params_of(workdir, model=None):
+  name = "params.npz" if model is None else "params_all.npz"
+  with np.load(os.path.join(workdir, name)) as f:
+    return {k: f[k] if model is None else f[k][model] for k in ("w1", "b1", "w2", "b2")}
+
+
+def assert_close_params(a, b):
+  for k in a:
+    assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(b[k])), k
+
+
+def test_vmap_of_value_and_grads_over_a_stack_of_params():
+  keys = jax.random.split(jax.random.key(0), 3)
+  stack = jax.vmap(lambda k: mj.init_params(k, 5, 7, 3))(keys)       # w1 (3, 7, 5)
+  X = jax.random.normal(jax.random.key(1), (8, 5))
+  y = jnp.arange(8) % 3
+  losses, grads = jax.vmap(mj.value_and_grads, in_axes=(0, None, None))(stack, X, y)
+  for m in range(3):
+    one = jax.tree.map(lambda a, m=m: a[m], stack)
+    loss, g = mj.value_and_grads(one, X, y)
+    np.testing.assert_allclose(losses[m], loss, rtol=RTOL)
+    np.testing.assert_allclose(grads.w1[m], g.w1, rtol=RTOL, atol=1e-7)
+
+
+def test_seed_k_of_a_3_seed_run_is_the_single_run_with_seed_k(tiny_npz, tmp_path):
+  run(tiny_config(tiny_npz, tmp_path / "stack", epochs=2, num_seeds=3, seed=4))
+  stacked = read_metrics(tmp_path / "stack")
+  for k in range(3):
+    run(tiny_config(tiny_npz, tmp_path / str(k), epochs=2, seed=4 + k))
+    assert_close_params(params_of(tmp_path / "stack", k), params_of(tmp_path / str(k)))
+    single = read_metrics(tmp_path / str(k))
+    for row, one in zip(stacked, single):
+      assert row["per_model"]["train_loss"][k] == pytest.approx(one["train_loss"], rel=RTOL)
+  # The same batches bit for bit: the order is a function of each model's key alone.
+  hp = train.Hyperparams()
+  states = train.init_stacked_state([4, 5, 6], 6, 16, 3, hp, {})
+  for k in range(3):
+    alone = train.init_state(4 + k, 6, 16, 3, train.make_optimizer(hp))
+    np.testing.assert_array_equal(states.key[k], alone.key)
+    np.testing.assert_array_equal(train.epoch_order(states.key[k], 1, 60),
+                                  train.epoch_order(alone.key, 1, 60))
+  assert stacked[-1]["train_loss"] == pytest.approx(
+      np.mean(stacked[-1]["per_model"]["train_loss"]))
+
+
+def test_a_2x2_sweep_equals_the_four_separate_runs(tiny_npz, tmp_path):
+  result = run(tiny_config(tiny_npz, tmp_path / "sweep", epochs=2, learning_rate=0.01,
+                           sweep=("weight_decay=0,0.3", "clip_norm=0,0.05")))
+  sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+  assert len(sweep["ranking"]) == 4 and result["chosen"]["configuration"] == sweep["chosen"]
+  grid = [(wd, c) for wd in (0.0, 0.3) for c in (0.0, 0.05)]
+  for m, (wd, c) in enumerate(grid):
+    alone = tmp_path / f"alone{m}"
+    run(tiny_config(tiny_npz, alone, epochs=2, learning_rate=0.01, weight_decay=wd,
+                    clip_norm=c, validation_fraction=0.1))
+    assert_close_params(params_of(tmp_path / "sweep", m), params_of(alone))
+    rows = read_metrics(alone)
+    assert read_metrics(tmp_path / "sweep")[-1]["per_model"]["validation_accuracy"][m] == (
+        pytest.approx(rows[-1]["validation_accuracy"]))
+
+
+def test_the_choice_is_made_on_validation_never_on_test(tmp_path):
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(3, 6)) * 3
+  y, y_test = np.arange(120) % 3, np.arange(30) % 3
+  # Test labels shifted by one: the better a model learns, the worse it does on test.
+  np.savez(tmp_path / "d.npz", x_train=centers[y] + rng.normal(size=(120, 6)), y_train=y,
+           x_test=centers[y_test] + rng.normal(size=(30, 6)), y_test=(y_test + 1) % 3)
+  run(tiny_config(f"npz:{tmp_path / 'd.npz'}", tmp_path / "run", epochs=3,
+                  schedule="constant", sweep=("learning_rate=1e-7,0.05",), num_seeds=2))
+  sweep = json.loads((tmp_path / "run" / "sweep.json").read_text())
+  assert sweep["chosen"] == {"learning_rate": 0.05}
+  last = read_metrics(tmp_path / "run")[-1]["per_model"]
+  untrained, trained = np.mean(last["test_accuracy"][:2]), np.mean(last["test_accuracy"][2:])
+  assert untrained > trained                          # on test the choice would be the other
+  assert sweep["chosen_test"]["test_accuracy"] == pytest.approx(trained)
+  assert [r["configuration"] for r in sweep["ranking"]] == [{"learning_rate": 0.05},
+                                                            {"learning_rate": 1e-7}]
+
+
+def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
+  config = tiny_config(tiny_npz, tmp_path / "straight", epochs=4, schedule="constant",
+                       num_seeds=2, sweep=("label_smoothing=0,0.1",))
+  run(config)
+  run(config._replace(workdir=str(tmp_path / "resumed"), epochs=2))
+  lines = []
+  experiment.run(config._replace(workdir=str(tmp_path / "resumed")), log=lines.append)
+  assert "resuming from the checkpoint after epoch 2" in lines
+  with np.load(tmp_path / "straight" / "params_all.npz") as a, \
+       np.load(tmp_path / "resumed" / "params_all.npz") as b:
+    assert a["w1"].shape == (4, 16, 6)
+    for k in a.files:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert (without_times(read_metrics(tmp_path / "straight")) ==
+          without_times(read_metrics(tmp_path / "resumed")))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_seeds=0"], "--num_seeds=0: 0 is not a positive integer"),
+    (["--sweep=momentum=0.9"], "unknown name 'momentum'; sweepable are learning_rate"),
+    (["--sweep=hidden_dim=64,128"], "--sweep hidden_dim cannot be vmapped: it changes the "
+                                    "shapes or the program; loop over it instead"),
+    (["--sweep=batch_size=8,16"], "--sweep batch_size cannot be vmapped"),
+    (["--sweep=learning_rate=fast,slow"], "needs numbers >= 0 after '='"),
+    (["--sweep=learning_rate="], "needs numbers >= 0 after '='"),
+    (["--sweep=weight_decay=0.1", "--sweep=weight_decay=0.2"], "is given twice"),
+    (["--sweep=weight_decay=0,0.1", "--validation_fraction=0"],
+     "a --sweep chooses its configuration on validation data"),
+    (["--num_seeds=2", "--dp_noise_multiplier=1"], "do not combine with DP-SGD"),
+])
+def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  code, stderr = run_cli("--epochs=1", "--noprogress", *flags)
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert code != 0 and len(lines) == 1 and message in lines[0], stderr
+  assert not os.listdir(tmp_path)
