@@ -53,6 +53,9 @@ flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the plain step (plain), the clo
                   "clipped sum without (dp_clipped_sum) and with noise (dp_closed_form), and "
                   "vmap(grad) -> clip -> sum with noise (dp_vmap_grad, what jax_privacy "
                   "and optax do), each with its memory.")
+flags.DEFINE_list("num_models", [], "Model counts N: add rows of N models trained together "
+                  "(train.make_stacked_train_epoch, seeds 0..N-1, manual float32, scan), "
+                  "examples/s summed over the models, next to one model's scan.")
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
                   "The update in the step: optax Adam, or plain SGD to see the optimizer's share.")
 
@@ -144,6 +147,28 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
       state, _ = compiled(state, x, y, epoch)
       epoch += 1
       jax.block_until_ready(state)
+  run()  # warm up
+  return run, compile_seconds
+
+
+def stacked_run(num_models, b, h, cfg):
+  """(run, compile seconds): `cfg.steps` steps of N models at once, one lax.scan (the
+  runner's --num_seeds epoch): every model its own init and batch order, shared data."""
+  d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
+  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
+                         weight_decay=0.0, label_smoothing=0.0)
+  states = train.init_stacked_state(list(range(num_models)), d, h, k, hp, {})
+  x, y = synthetic_data(b * steps, d, k)
+  fn = train.make_stacked_train_epoch(hp, b)
+  start = time.perf_counter()
+  compiled = fn.lower(states, x, y, 0, {}).compile()
+  compile_seconds = time.perf_counter() - start
+  epoch = 0
+  def run():
+    nonlocal states, epoch
+    states, _ = compiled(states, x, y, epoch, {})
+    epoch += 1
+    jax.block_until_ready(states)
   run()  # warm up
   return run, compile_seconds
 
@@ -278,15 +303,16 @@ def torch_run(b, h, cfg):
 
 
 def make_row(grads, mode, compute_dtype, devices, b, h, seconds, compile_seconds, ceiling,
-             cfg, temp_mb=None):
-  """One result row (the --json_out object) from the seconds per step of each repeat."""
+             cfg, temp_mb=None, num_models=1):
+  """One result row (the --json_out object) from the seconds per step of each repeat;
+  examples/s and GFLOP/s are summed over `num_models` models trained together."""
   median = statistics.median(seconds)
-  gflops = step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
+  gflops = num_models * step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
   return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
-          "num_devices": devices, "optimizer": cfg.optimizer,
+          "num_devices": devices, "num_models": num_models, "optimizer": cfg.optimizer,
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
           "us_per_step": median * 1e6, "us_per_step_min": min(seconds) * 1e6,
-          "examples_per_second": b / median, "gflops": gflops,
+          "examples_per_second": num_models * b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
           "compile_seconds": compile_seconds, "peak_memory_mb": peak_memory_mb(),
           "temp_memory_mb": temp_mb,
@@ -314,7 +340,7 @@ def format_ratios(rows):
   the lines of each kind together."""
   by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["num_devices"], r["batch_size"],
              r["hidden_dim"]): r for r in rows}
-  kinds = {"manual": [], "bfloat16": [], "devices": [], "torch": [], "dp": []}
+  kinds = {"manual": [], "bfloat16": [], "devices": [], "models": [], "torch": [], "dp": []}
   # Mode, dtype, grads, devices, H, B: each kind's lines read down one variable at a time.
   order = sorted(by_key, key=lambda key: (key[1], key[2], key[0], key[3], key[5], key[4]))
   for (g, mode, dt, n, b, h) in order:
@@ -333,6 +359,12 @@ def format_ratios(rows):
       one = by_key[(g, mode, dt, 1, b, h)]
       kinds["devices"].append(
           f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
+          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+    if g.startswith("stacked_") and ("manual", "scan", "float32", 1, b, h) in by_key:
+      one = by_key[("manual", "scan", "float32", 1, b, h)]
+      n_models = r["num_models"]
+      kinds["models"].append(
+          f"{n_models} models / {n_models} sequential runs ex/s".ljust(40) + f"B={b:<5} H={h}: "
           f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
     if g == "torch":
       best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
@@ -367,14 +399,15 @@ def main(argv):
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
              + [p for p in cfg.peers if p not in ("torch", "opacus")])
   try:
-    batch_sizes, hidden_dims, device_counts = ([int(v) for v in cfg.batch_sizes],
-                                               [int(v) for v in cfg.hidden_dims],
-                                               [int(v) for v in cfg.num_devices])
+    batch_sizes, hidden_dims, device_counts, model_counts = (
+        [int(v) for v in cfg.batch_sizes], [int(v) for v in cfg.hidden_dims],
+        [int(v) for v in cfg.num_devices], [int(v) for v in cfg.num_models])
   except ValueError:
-    unknown.append("--batch_sizes/--hidden_dims/--num_devices must be comma lists of "
-                   "integers")
-    batch_sizes, hidden_dims, device_counts = [], [], []
-  if unknown or min(batch_sizes + hidden_dims + device_counts, default=1) < 1:
+    unknown.append("--batch_sizes/--hidden_dims/--num_devices/--num_models must be comma "
+                   "lists of integers")
+    batch_sizes, hidden_dims, device_counts, model_counts = [], [], [], []
+  if unknown or min(batch_sizes + hidden_dims + device_counts + model_counts,
+                    default=1) < 1:
     print(f"error: unknown or invalid values: {', '.join(unknown) or 'sizes must be >= 1'}",
           file=sys.stderr)
     sys.exit(2)
@@ -402,7 +435,7 @@ def main(argv):
   if "opacus" in cfg.peers and not opacus_ok:
     print("peer opacus: needs --dp, torch and opacus (pip install torch opacus); its rows "
           "are skipped")
-  temp_mb = {}
+  temp_mb, num_models = {}, {}
   rows = []
   for h in hidden_dims:
     for b in batch_sizes:
@@ -421,6 +454,13 @@ def main(argv):
         for kind in ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"):
           key = (kind, "step", "float32", 1)
           runs[key], compile_seconds[key], temp_mb[key] = dp_run(kind, b, h, cfg)
+      for n_models in model_counts:
+        key = (f"stacked_{n_models}", "scan", "float32", 1)
+        runs[key], compile_seconds[key] = stacked_run(n_models, b, h, cfg)
+        num_models[key] = n_models
+      if model_counts and ("manual", "scan", "float32", 1) not in runs:
+        key = ("manual", "scan", "float32", 1)
+        runs[key], compile_seconds[key] = jax_run("manual", "scan", "float32", b, h, 1, cfg)
       if opacus_ok:
         for kind in ("opacus_hooks", "opacus_ghost"):
           runs[(kind, "eager", "float32", 1)] = opacus_run(kind, b, h, cfg)
@@ -428,7 +468,7 @@ def main(argv):
       if torch_ok or opacus_ok:
         runs[("torch", "eager", "float32", 1)] = torch_run(b, h, cfg)
         compile_seconds[("torch", "eager", "float32", 1)] = 0.0
-      if (cfg.dp or torch_ok or opacus_ok) and ("gemm", "float32") not in runs:
+      if (cfg.dp or torch_ok or opacus_ok or model_counts) and ("gemm", "float32") not in runs:
         runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
                                                                     cfg.ceiling_size)
       seconds = time_round_robin(runs, cfg.repeats)
@@ -441,7 +481,7 @@ def main(argv):
         if key[0] != "gemm":
           rows.append(make_row(*key, b, h, [t / cfg.steps for t in s],
                                compile_seconds[key], ceilings[key[2]], cfg,
-                               temp_mb.get(key)))
+                               temp_mb.get(key), num_models.get(key, 1)))
   print(format_table(rows))
   print(format_ratios(rows))
   if cfg.json_out:

@@ -583,8 +583,9 @@ def _chosen_history(history, models):
 
 def choose(history, stack):
   """(index of the chosen configuration, ranking): configurations ranked by their mean
-  validation accuracy over seeds at the last epoch (one whose models diverged ranks
-  last); without a validation split, the only configuration."""
+  validation accuracy over seeds at the last epoch, ties broken by the lower mean
+  validation loss (one whose models diverged ranks last); without a validation split,
+  the only configuration."""
   last = history[-1]["per_model"]
   seeds = len(stack.seeds)
   ranking = []
@@ -598,8 +599,8 @@ def choose(history, stack):
             ("mean", "std"), _mean_std({key: last[key]}, models).values())})
     ranking.append(entry)
   if "validation_accuracy" in last:
-    ranking.sort(key=lambda e: (not e["diverged"], e["validation_accuracy_mean"]),
-                 reverse=True)
+    ranking.sort(key=lambda e: (not e["diverged"], e["validation_accuracy_mean"],
+                                -e["validation_loss_mean"]), reverse=True)
   elif len(ranking) > 1:
     raise RunError("several configurations but no validation split to choose among them.")
   return stack.configurations.index(ranking[0]["configuration"]), ranking
