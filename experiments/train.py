@@ -78,6 +78,9 @@ flags.DEFINE_integer("num_seeds", D.num_seeds, "Train this many models together 
 flags.DEFINE_multi_string("sweep", list(D.sweep), "NAME=v1,v2,...: train every "
                           "combination (times the seeds) together and choose on "
                           "validation; NAME one of " + ", ".join(train.SWEEPABLE) + ".")
+flags.DEFINE_enum("stacking", D.stacking, list(train.STACKINGS), "How several models "
+                  "share one program: vmap (batched, for small models) or map (one after "
+                  "another); default vmap, map on a CPU for large steps.")
 
 flags.register_validator("validation_fraction", lambda v: v is None or v < 1,
                          "--validation_fraction must be below 1.")

@@ -105,6 +105,7 @@ class RunConfig(NamedTuple):
   dp_delta: float = 1e-5
   num_seeds: int = 1                           # models seed, seed + 1, ... trained together
   sweep: tuple = ()                            # ("learning_rate=1e-3,2e-3", ...): a grid
+  stacking: Optional[str] = None               # vmap | map; None: train.default_stacking
 
 
 # What must match for a workdir's checkpoint to be resumed by this config: the data,
@@ -259,6 +260,7 @@ class Stack(NamedTuple):
   configurations: list   # C dicts {name: value}, in grid order ([{}] for seeds alone)
   seeds: list            # the S seeds: seed, seed + 1, ...
   values: dict           # {name: (M,) float32}, M = C·S, the per-model swept values
+  stacking: str = "vmap"  # how the models share the program (train.STACKINGS)
 
 
 def parse_sweep(specs):
@@ -317,6 +319,8 @@ def resolve(config):
     if fraction is not None and fraction <= 0:
       raise RunError("a --sweep chooses its configuration on validation data: give "
                      "--validation_fraction > 0 (default 0.1), never the test set.")
+  if config.stacking not in (None, *train.STACKINGS):
+    raise RunError(f"--stacking must be one of {', '.join(train.STACKINGS)}.")
   if is_stacked(config):
     if is_private(config):
       raise RunError("--num_seeds and --sweep do not combine with DP-SGD yet: run one "
@@ -540,7 +544,8 @@ def _train_one_epoch(train_epoch, state, train_xyn, splits, epoch, mesh, stack=N
     if stack is None:
       ev = train.evaluate(state.params, X_eval, y_eval, num_examples=n_eval, mesh=mesh)
     else:
-      ev = train.evaluate_stacked(state.params, X_eval, y_eval, num_examples=n_eval)
+      ev = train.evaluate_stacked(state.params, X_eval, y_eval, num_examples=n_eval,
+                                  stacking=stack.stacking)
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
   metrics = jax.device_get(device_metrics)
@@ -681,7 +686,7 @@ def _finish_stack(workdir, state, history, epochs_done, splits, inputs, config, 
   models = ranking[0]["models"]
   X_test, y_test, n_test = splits["test"]
   test = jax.device_get(train.evaluate_stacked(state.params, X_test, y_test,
-                                               num_examples=n_test))
+                                               num_examples=n_test, stacking=stack.stacking))
   params = jax.device_get(state.params)
   if writer:
     best = models[0]
@@ -854,7 +859,12 @@ def _train(config, ds, mesh, workdir, old_run, dp, dp_record, steps_per_epoch, w
     train_epoch = train.make_train_epoch(hp, optimizer, config.batch_size, num_examples=n,
                                          mesh=mesh, dp=dp)
   else:
-    train_epoch = train.make_stacked_train_epoch(hp, config.batch_size, num_examples=n)
+    stacking = config.stacking or train.default_stacking(
+        jax.default_backend(), config.batch_size, in_dim, config.hidden_dim)
+    stack = stack._replace(stacking=stacking)
+    log(f"stacking: {stacking} (--stacking)")
+    train_epoch = train.make_stacked_train_epoch(hp, config.batch_size, num_examples=n,
+                                                 stacking=stacking)
 
   bar = range(epochs_done, config.epochs)
   show_bar = config.progress and writer

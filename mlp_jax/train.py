@@ -278,26 +278,49 @@ def init_stacked_state(seeds, in_dim, hidden_dim, num_classes, hp, values):
   return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), values)
 
 
-def make_stacked_train_epoch(hp, batch_size, num_examples=None):
+STACKINGS = ("vmap", "map")
+
+
+def make_stacked_train_epoch(hp, batch_size, num_examples=None, stacking="vmap"):
   """jit(vmap(train_epoch)): (states (M, ...), X (N, D), y (N,), epoch, values {name: (M,)})
   -> (states, {"train_loss": (M,), "train_accuracy": (M,)}), the states donated.
 
   Model m trains exactly as make_train_epoch(hp with values[m]) would train it alone:
   its own batch order from its own key, its own hyperparameters, one shared dataset.
+  stacking "vmap" batches the models' matmuls (many small models fill the device);
+  "map" runs the models' epochs one after another inside the same program (lax.map),
+  for models large enough to fill the device alone, where batched matmuls are slower.
   """
   def one(state, X, y, epoch, model_values):
     model_hp = _with_values(hp, model_values)
     step = make_train_step(model_hp, make_optimizer(model_hp))
     return train_epoch(step, state, X, y, epoch, batch_size, num_examples)
 
-  return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, 0)), donate_argnums=(0,))
+  if stacking == "vmap":
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, 0)), donate_argnums=(0,))
+  if stacking != "map":
+    raise ValueError(f"unknown stacking {stacking!r}; choose one of {', '.join(STACKINGS)}.")
+
+  def mapped(states, X, y, epoch, values):
+    return jax.lax.map(lambda sv: one(sv[0], X, y, epoch, sv[1]), (states, values))
+
+  return jax.jit(mapped, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples"))
-def evaluate_stacked(params, X, y, batch_size=1024, num_examples=None):
+def default_stacking(platform, batch_size, in_dim, hidden_dim):
+  """"vmap" unless on a CPU with a step of ≥ 2^22 multiply-adds per model (B·D·H), where
+  one model already keeps the cores busy and batched matmuls run slower than a loop."""
+  big = batch_size * in_dim * hidden_dim >= 2 ** 22
+  return "map" if platform == "cpu" and big else "vmap"
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "stacking"))
+def evaluate_stacked(params, X, y, batch_size=1024, num_examples=None, stacking="vmap"):
   """evaluate() of each model of stacked Params (leading axis M): loss (M,), accuracy
-  (M,), predictions (M, N)."""
-  return jax.vmap(lambda p: evaluate.__wrapped__(p, X, y, batch_size, num_examples))(params)
+  (M,), predictions (M, N); the models batched ("vmap") or one after another ("map")."""
+  def one(p):
+    return evaluate.__wrapped__(p, X, y, batch_size, num_examples)
+  return jax.vmap(one)(params) if stacking == "vmap" else jax.lax.map(one, params)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh"))

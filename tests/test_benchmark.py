@@ -64,17 +64,22 @@ def test_benchmark_rejects_unknown_values():
 
 
 @pytest.mark.slow
-def test_benchmark_times_n_devices_side_by_side(tmp_path):
+def test_benchmark_times_n_devices_and_n_models_side_by_side(tmp_path):
   out = tmp_path / "rows.jsonl"
-  result = run("--num_devices=1,2", "--grads=manual", "--compute_dtypes=float32",
-               "--batch_sizes=8", "--hidden_dims=16", "--in_dim=12", "--num_classes=3",
-               "--steps=3", "--repeats=2", "--ceiling_size=32", f"--json_out={out}",
-               host_devices=2)
+  result = run("--num_devices=1,2", "--num_models=2", "--grads=manual",
+               "--compute_dtypes=float32", "--batch_sizes=8", "--hidden_dims=16",
+               "--in_dim=12", "--num_classes=3", "--steps=3", "--repeats=2",
+               "--ceiling_size=32", f"--json_out={out}", host_devices=2)
   assert result.returncode == 0, result.stderr
   rows = [json.loads(line) for line in out.read_text().splitlines()]
-  assert sorted((r["mode"], r["num_devices"]) for r in rows) == [
-      ("scan", 1), ("scan", 2), ("step", 1)]
+  assert sorted((r["grads"], r["mode"], r["num_devices"], r["num_models"]) for r in rows) == [
+      ("manual", "scan", 1, 1), ("manual", "scan", 2, 1), ("manual", "step", 1, 1),
+      ("stacked_2", "scan", 1, 2)]
+  stacked = next(r for r in rows if r["num_models"] == 2)
+  # Two models' examples per step: 16 per step, summed.
+  assert stacked["examples_per_second"] * stacked["us_per_step"] * 1e-6 == pytest.approx(16)
   assert "2 devices / 1 ex/s      manual     scan" in result.stdout
+  assert "2 models / 2 sequential runs ex/s" in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [

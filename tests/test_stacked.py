@@ -49,6 +49,31 @@ def test_vmap_of_value_and_grads_over_a_stack_of_params():
     np.testing.assert_allclose(grads.w1[m], g.w1, rtol=RTOL, atol=1e-7)
 
 
+def test_map_and_vmap_stacking_train_the_same_models():
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(30, 5)).astype(np.float32)
+  y = rng.integers(0, 3, 30).astype(np.int32)
+  hp = train.Hyperparams(total_steps=12, warmup_steps=2)
+  values = {"learning_rate": jnp.array([1e-3, 1e-2, 3e-3]),
+            "clip_norm": jnp.array([0.0, 0.5, 1.0])}
+  results = {}
+  for stacking in train.STACKINGS:
+    states = train.init_stacked_state([0, 1, 2], 5, 8, 3, hp, values)
+    epoch = train.make_stacked_train_epoch(hp, 8, stacking=stacking)
+    for e in range(3):
+      states, metrics = epoch(states, X, y, e, values)
+    results[stacking] = (states.params, metrics["train_loss"],
+                         train.evaluate_stacked(states.params, X, y, stacking=stacking))
+  (p_v, l_v, ev_v), (p_m, l_m, ev_m) = results["vmap"], results["map"]
+  np.testing.assert_allclose(l_v, l_m, rtol=RTOL)
+  for a, b in zip(p_v, p_m):
+    np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6)
+  np.testing.assert_array_equal(ev_v["predictions"], ev_m["predictions"])
+  assert train.default_stacking("cpu", 128, 784, 1024) == "map"
+  assert train.default_stacking("cpu", 16, 64, 256) == "vmap"
+  assert train.default_stacking("gpu", 128, 784, 1024) == "vmap"
+
+
 def test_seed_k_of_a_3_seed_run_is_the_single_run_with_seed_k(tiny_npz, tmp_path):
   run(tiny_config(tiny_npz, tmp_path / "stack", epochs=2, num_seeds=3, seed=4))
   stacked = read_metrics(tmp_path / "stack")
