@@ -56,6 +56,8 @@ flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the plain step (plain), the clo
 flags.DEFINE_list("num_models", [], "Model counts N: add rows of N models trained together "
                   "(train.make_stacked_train_epoch, seeds 0..N-1, manual float32, scan), "
                   "examples/s summed over the models, next to one model's scan.")
+flags.DEFINE_list("stackings", ["vmap", "map"], "How the --num_models models share the "
+                  "program: vmap (batched) and/or map (one after another).")
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
                   "The update in the step: optax Adam, or plain SGD to see the optimizer's share.")
 
@@ -151,7 +153,7 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
   return run, compile_seconds
 
 
-def stacked_run(num_models, b, h, cfg):
+def stacked_run(num_models, stacking, b, h, cfg):
   """(run, compile seconds): `cfg.steps` steps of N models at once, one lax.scan (the
   runner's --num_seeds epoch): every model its own init and batch order, shared data."""
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
@@ -159,7 +161,7 @@ def stacked_run(num_models, b, h, cfg):
                          weight_decay=0.0, label_smoothing=0.0)
   states = train.init_stacked_state(list(range(num_models)), d, h, k, hp, {})
   x, y = synthetic_data(b * steps, d, k)
-  fn = train.make_stacked_train_epoch(hp, b)
+  fn = train.make_stacked_train_epoch(hp, b, stacking=stacking)
   start = time.perf_counter()
   compiled = fn.lower(states, x, y, 0, {}).compile()
   compile_seconds = time.perf_counter() - start
@@ -360,12 +362,12 @@ def format_ratios(rows):
       kinds["devices"].append(
           f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
           f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
-    if g.startswith("stacked_") and ("manual", "scan", "float32", 1, b, h) in by_key:
+    if g.startswith(train.STACKINGS) and ("manual", "scan", "float32", 1, b, h) in by_key:
       one = by_key[("manual", "scan", "float32", 1, b, h)]
-      n_models = r["num_models"]
+      n_models, stacking = r["num_models"], g.split("_")[0]
       kinds["models"].append(
-          f"{n_models} models / {n_models} sequential runs ex/s".ljust(40) + f"B={b:<5} H={h}: "
-          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+          f"{n_models} models ({stacking}) / {n_models} sequential runs ex/s".ljust(46) +
+          f"B={b:<5} H={h}: {r['examples_per_second'] / one['examples_per_second']:.3f}")
     if g == "torch":
       best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
                   and q["batch_size"] == b
@@ -397,7 +399,8 @@ def main(argv):
   unknown = ([g for g in cfg.grads if g not in train.GRADIENTS]
              + [m for m in cfg.modes if m not in ("step", "scan")]
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
-             + [p for p in cfg.peers if p not in ("torch", "opacus")])
+             + [p for p in cfg.peers if p not in ("torch", "opacus")]
+             + [s for s in cfg.stackings if s not in train.STACKINGS])
   try:
     batch_sizes, hidden_dims, device_counts, model_counts = (
         [int(v) for v in cfg.batch_sizes], [int(v) for v in cfg.hidden_dims],
@@ -455,9 +458,10 @@ def main(argv):
           key = (kind, "step", "float32", 1)
           runs[key], compile_seconds[key], temp_mb[key] = dp_run(kind, b, h, cfg)
       for n_models in model_counts:
-        key = (f"stacked_{n_models}", "scan", "float32", 1)
-        runs[key], compile_seconds[key] = stacked_run(n_models, b, h, cfg)
-        num_models[key] = n_models
+        for stacking in cfg.stackings:
+          key = (f"{stacking}_{n_models}", "scan", "float32", 1)
+          runs[key], compile_seconds[key] = stacked_run(n_models, stacking, b, h, cfg)
+          num_models[key] = n_models
       if model_counts and ("manual", "scan", "float32", 1) not in runs:
         key = ("manual", "scan", "float32", 1)
         runs[key], compile_seconds[key] = jax_run("manual", "scan", "float32", b, h, 1, cfg)

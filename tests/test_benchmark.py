@@ -74,12 +74,13 @@ def test_benchmark_times_n_devices_and_n_models_side_by_side(tmp_path):
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert sorted((r["grads"], r["mode"], r["num_devices"], r["num_models"]) for r in rows) == [
       ("manual", "scan", 1, 1), ("manual", "scan", 2, 1), ("manual", "step", 1, 1),
-      ("stacked_2", "scan", 1, 2)]
-  stacked = next(r for r in rows if r["num_models"] == 2)
-  # Two models' examples per step: 16 per step, summed.
-  assert stacked["examples_per_second"] * stacked["us_per_step"] * 1e-6 == pytest.approx(16)
+      ("map_2", "scan", 1, 2), ("vmap_2", "scan", 1, 2)]
+  for stacked in (r for r in rows if r["num_models"] == 2):
+    # Two models' examples per step: 16 per step, summed.
+    assert stacked["examples_per_second"] * stacked["us_per_step"] * 1e-6 == pytest.approx(16)
   assert "2 devices / 1 ex/s      manual     scan" in result.stdout
-  assert "2 models / 2 sequential runs ex/s" in result.stdout
+  assert "2 models (vmap) / 2 sequential runs ex/s" in result.stdout
+  assert "2 models (map) / 2 sequential runs ex/s" in result.stdout
 
 
 @pytest.mark.parametrize("flags, message", [
