@@ -43,14 +43,14 @@ class Hyperparams(NamedTuple):
   experiment.RunConfig and the flags of experiments/train.py take theirs from here."""
 
   optimizer: str = "adamw"
-  learning_rate: float = 2e-3     # peak
+  learning_rate: float = 1e-3     # peak
   schedule: str = "warmup_cosine"
   warmup_steps: int = 0
   total_steps: int = 1
   restart_steps: tuple = ()       # steps where a new warmup/cosine cycle starts (resume)
-  weight_decay: float = 0.1       # of W1 and W2, never of the biases
+  weight_decay: float = 0.03      # of W1 and W2, never of the biases
   clip_norm: float = 0.0          # 0: no clipping
-  label_smoothing: float = 0.2
+  label_smoothing: float = 0.1
   grads: str = "manual"           # manual | autodiff | manual_vjp
   compute_dtype: str = "float32"  # float32 | bfloat16 (matmuls; params stay float32)
 
@@ -289,7 +289,7 @@ def make_stacked_train_epoch(hp, batch_size, num_examples=None, stacking="vmap")
   its own batch order from its own key, its own hyperparameters, one shared dataset.
   stacking "vmap" batches the models' matmuls (many small models fill the device);
   "map" runs the models' epochs one after another inside the same program (lax.map),
-  for models large enough to fill the device alone, where batched matmuls are slower.
+  for models large enough to fill the device alone (see default_stacking).
   """
   def one(state, X, y, epoch, model_values):
     model_hp = _with_values(hp, model_values)
@@ -308,8 +308,10 @@ def make_stacked_train_epoch(hp, batch_size, num_examples=None, stacking="vmap")
 
 
 def default_stacking(platform, batch_size, in_dim, hidden_dim):
-  """"vmap" unless on a CPU with a step of ≥ 2^22 multiply-adds per model (B·D·H), where
-  one model already keeps the cores busy and batched matmuls run slower than a loop."""
+  """"vmap" unless on a CPU with a step of ≥ 2^22 multiply-adds per model (B·D·H): there
+  one model already keeps the cores busy, batching gains nothing (docs/benchmarks.md,
+  "Many models": vmap and map within 5% at 784-1024, B = 256), and "map" holds one
+  model's activations at a time instead of all of them."""
   big = batch_size * in_dim * hidden_dim >= 2 ** 22
   return "map" if platform == "cpu" and big else "vmap"
 

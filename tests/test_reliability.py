@@ -373,7 +373,7 @@ def test_npz_loader_on_hostile_contents(tmp_path_factory, n_train, n_test, n_lab
 def test_resuming_with_another_optimizer_seed_batch_or_rate_is_refused(tiny_npz, tmp_path):
   quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
   for field, value, old in (("optimizer", "sgd", "'adamw'"), ("seed", 7, "0"),
-                            ("batch_size", 4, "8"), ("learning_rate", 0.1, "0.002")):
+                            ("batch_size", 4, "8"), ("learning_rate", 0.1, "0.001")):
     with pytest.raises(experiment.RunError, match=f"holds a run with {field}={old}"):
       quiet(tiny_config(tiny_npz, tmp_path, epochs=2, **{field: value}))
   assert [row["epoch"] for row in metrics(tmp_path)] == [1]
@@ -385,12 +385,12 @@ def test_resuming_with_more_epochs_starts_a_new_cycle_and_records_it(tiny_npz, t
   lines = []
   experiment.run(config._replace(epochs=5), log=lines.append)
   assert ("--epochs 5 extends a run planned for 3: epochs 4-5 follow a new warmup_cosine "
-          "cycle at peak learning rate 0.002 (schedule_epochs in config.json)") in lines
+          "cycle at peak learning rate 0.001 (schedule_epochs in config.json)") in lines
   assert json.loads((tmp_path / "config.json").read_text())["schedule_epochs"] == [3, 5]
   # The documented schedule: warmup (1 epoch) then cosine over epochs 1-3, again over 4-5.
   steps = 8                                                      # ceil(60 / 8)
-  first = optax.warmup_cosine_decay_schedule(0.0, 2e-3, steps, 3 * steps)
-  second = optax.warmup_cosine_decay_schedule(0.0, 2e-3, steps, 2 * steps)
+  first = optax.warmup_cosine_decay_schedule(0.0, 1e-3, steps, 3 * steps)
+  second = optax.warmup_cosine_decay_schedule(0.0, 1e-3, steps, 2 * steps)
   expected = [first(e * steps - 1) for e in (1, 2, 3)] + [second(e * steps - 1) for e in (1, 2)]
   np.testing.assert_allclose([row["learning_rate"] for row in metrics(tmp_path)], expected,
                              rtol=1e-6)

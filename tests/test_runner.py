@@ -127,9 +127,9 @@ def test_workdir_of_another_network_is_refused(tiny_npz, tmp_path):
 
 
 def test_the_default_network_learns_digits(tmp_path):
-  # 5 of the default 20 epochs: seeds 0-4 reach 96.9-98.6%; 93% leaves 14 test examples.
+  # 5 of the default 20 epochs: seeds 0-4 reach 95.3-96.4%; 92% leaves 12 test examples.
   assert run_cli(f"--workdir={tmp_path}", "--noprogress", "--epochs=5")[0] == 0
-  assert read_metrics(tmp_path)[-1]["test_accuracy"] >= 0.93
+  assert read_metrics(tmp_path)[-1]["test_accuracy"] >= 0.92
 
 
 @pytest.mark.parametrize("preset", ["digits", "fashion_mnist"])
