@@ -348,13 +348,18 @@ _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 def memory_needed(config, in_dim, num_classes, num_rows):
   """Bytes one device needs, about: the float32 params with their optimizer slots, the
-  gradient and the update; the resident data (N, D); the hidden activations of a batch
-  (evaluation takes 1024 rows)."""
+  gradient and the update, and the hidden activations of a batch (evaluation takes 1024
+  rows), for each of the run's models; the resident data (N, D) once."""
   h = config.hidden_dim
   num_params = h * (in_dim + 1) + num_classes * (h + 1)
   state = 4 * num_params * (1 + _OPTIMIZER_SLOTS.get(config.optimizer, 2) + 2)
   activations = 4 * 3 * h * max(config.batch_size, 1024)
-  return state + 4 * num_rows * in_dim + activations
+  return count_models(config) * (state + activations) + 4 * num_rows * in_dim
+
+
+def count_models(config):
+  """M: --num_seeds times the size of the --sweep grid."""
+  return config.num_seeds * int(np.prod([len(v) for v in parse_sweep(config.sweep).values()]))
 
 
 def memory_available(device):
@@ -382,10 +387,13 @@ def check_memory(config, in_dim, num_classes, num_rows, mesh):
   if local[0].platform == "cpu":
     need *= len(local)
   if free is not None and need > free:
-    raise RunError(f"--hidden_dim {config.hidden_dim} needs about {_gib(need)} (W1 alone "
-                   f"is {_gib(4 * config.hidden_dim * in_dim)}, plus its {config.optimizer} "
-                   f"state, gradients and the data) but the {where} has {_gib(free)} free; "
-                   "use a smaller --hidden_dim.")
+    models = count_models(config)
+    many = f" for {models} models" if models > 1 else ""
+    raise RunError(f"--hidden_dim {config.hidden_dim} needs about {_gib(need)}{many} (W1 "
+                   f"alone is {_gib(4 * config.hidden_dim * in_dim)}, plus its "
+                   f"{config.optimizer} state, gradients and the data) but the {where} has "
+                   f"{_gib(free)} free; use a smaller --hidden_dim"
+                   + (" or fewer models (--num_seeds, --sweep)." if many else "."))
 
 
 def _out_of_memory(e):

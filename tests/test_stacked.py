@@ -159,6 +159,7 @@ def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
     (["--sweep=weight_decay=0,0.1", "--validation_fraction=0"],
      "a --sweep chooses its configuration on validation data"),
     (["--num_seeds=2", "--dp_noise_multiplier=1"], "do not combine with DP-SGD"),
+    (["--num_seeds=100", "--hidden_dim=1000000"], "GiB for 100 models"),
 ])
 def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
