@@ -135,6 +135,7 @@ class WorkdirLock:
     self._fd = None
 
   def acquire(self):
+    """Takes the lock, writing this pid into it; RunError naming the holder if taken."""
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -149,6 +150,7 @@ class WorkdirLock:
     self._fd = fd
 
   def release(self):
+    """Drops the lock (a no-op if not held)."""
     if self._fd is not None:
       os.close(self._fd)  # closing drops the flock
       self._fd = None
@@ -359,7 +361,7 @@ def memory_needed(config, in_dim, num_classes, num_rows):
 
 def count_models(config):
   """M: --num_seeds times the size of the --sweep grid."""
-  return config.num_seeds * int(np.prod([len(v) for v in parse_sweep(config.sweep).values()]))
+  return _num_models(make_stack(config) if is_stacked(config) else None)
 
 
 def memory_available(device):

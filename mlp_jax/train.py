@@ -7,6 +7,9 @@ shape and nothing recompiles after the first epoch.
 
 Given a `mesh` (mlp_jax/parallel.py), the same epoch runs data-parallel: each gathered
 batch is split over the mesh's devices and the state comes back replicated.
+
+Many models (seeds, swept hyperparameters) train together as one stacked TrainState with
+a leading model axis: init_stacked_state, make_stacked_train_epoch, evaluate_stacked.
 """
 
 import functools
