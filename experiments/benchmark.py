@@ -54,7 +54,7 @@ flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the plain step (plain), the clo
                   "vmap(grad) -> clip -> sum with noise (dp_vmap_grad, what jax_privacy "
                   "and optax do), each with its memory.")
 flags.DEFINE_list("num_models", [], "Model counts N: add rows of N models trained together "
-                  "(train.make_stacked_train_epoch, seeds 0..N-1, manual float32, scan), "
+                  "(train.make_train_epoch of a stack, seeds 0..N-1, manual float32, scan), "
                   "examples/s summed over the models, next to one model's scan.")
 flags.DEFINE_list("stackings", ["vmap", "map"], "How the --num_models models share the "
                   "program: vmap (batched) and/or map (one after another).")
@@ -122,9 +122,9 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
                          weight_decay=0.0, label_smoothing=0.0, grads=grads,
                          compute_dtype=compute_dtype)
   optimizer = train.make_optimizer(hp)
-  mesh = parallel.data_mesh(devices)
-  state = parallel.replicate(train.init_state(0, d, h, k, optimizer), mesh)
+  mesh = parallel.run_mesh(devices)
   if mode == "step":
+    state = parallel.replicate(train.init_model_state(0, d, h, k, optimizer), mesh)
     batch = tuple(parallel.shard_rows(a, mesh)
                   for a in (*synthetic_data(b, d, k), jnp.ones((b,), jnp.float32)))
     fn = jax.jit(train.make_train_step(hp, optimizer), donate_argnums=(0,),
@@ -138,15 +138,16 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
         state, _ = compiled(state, batch)
       jax.block_until_ready(state)
   else:
+    state = parallel.shard_models(train.init_state([0], d, h, k, hp), mesh)
     x, y = (parallel.shard_rows(a, mesh) for a in synthetic_data(b * steps, d, k))
-    fn = train.make_train_epoch(hp, optimizer, b, mesh=mesh)
+    fn = train.make_train_epoch(hp, b, mesh=mesh)
     start = time.perf_counter()
-    compiled = fn.lower(state, x, y, 0).compile()
+    compiled = fn.lower(state, x, y, 0, {}).compile()
     compile_seconds = time.perf_counter() - start
     epoch = 0
     def run():
       nonlocal state, epoch
-      state, _ = compiled(state, x, y, epoch)
+      state, _ = compiled(state, x, y, epoch, {})
       epoch += 1
       jax.block_until_ready(state)
   run()  # warm up
@@ -159,9 +160,9 @@ def stacked_run(num_models, stacking, b, h, cfg):
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
                          weight_decay=0.0, label_smoothing=0.0)
-  states = train.init_stacked_state(list(range(num_models)), d, h, k, hp, {})
+  states = train.init_state(range(num_models), d, h, k, hp)
   x, y = synthetic_data(b * steps, d, k)
-  fn = train.make_stacked_train_epoch(hp, b, stacking=stacking)
+  fn = train.make_train_epoch(hp, b, stacking=stacking)
   start = time.perf_counter()
   compiled = fn.lower(states, x, y, 0, {}).compile()
   compile_seconds = time.perf_counter() - start
@@ -199,7 +200,7 @@ def dp_run(kind, b, h, cfg):
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
                          weight_decay=0.0, label_smoothing=0.0)
   optimizer = train.make_optimizer(hp)
-  state = train.init_state(0, d, h, k, optimizer)
+  state = train.init_model_state(0, d, h, k, optimizer)
   x, y = synthetic_data(b, d, k)
   batch = (x, y, jnp.ones((b,), jnp.float32))
   if kind == "plain":

@@ -1,29 +1,33 @@
-"""Data parallelism on JAX's own engine: one "data" mesh axis, the batch split across it.
+"""Many models on many devices on JAX's own engine: a ("model", "data") mesh.
 
-    mesh = parallel.data_mesh(num_devices)       # Mesh(devices, ("data",))
-    X = parallel.shard_rows(x, mesh)             # rows (N, D) spread over the devices
-    state = parallel.replicate(state, mesh)      # params and optimizer state on every device
-    train_epoch = train.make_train_epoch(hp, optimizer, B, num_examples=n, mesh=mesh)
+    mesh = parallel.run_mesh(num_devices, num_models=M)   # Mesh (G, D/G), G = gcd(M, D)
+    X = parallel.shard_rows(x, mesh)             # rows (N, D) split over the data axis
+    states = parallel.shard_models(states, mesh) # the M models split over the model axis
+    train_epoch = train.make_train_epoch(hp, B, num_examples=n, mesh=mesh)
 
-The math is the single-device train step and scanned epoch; `mesh` only adds sharding
-annotations and jit compiles the collectives: each step's batch X[i] (B, D) is laid out
-B/devices rows per device, and the gradient contractions over the batch become
-all-reduces, so every device ends the step with the same parameters. The batch order is
+The math is the one-model train step and scanned epoch; `mesh` only adds sharding
+annotations and jit compiles the collectives: the stack's model axis is split over the
+mesh's model axis (jax.vmap with spmd_axis_name), and each step's batch X[i] (B, D) of a
+model is laid out B/(D/G) rows per device of its slice, the gradient contractions over
+the batch becoming all-reduces within the slice. The batch order is
 `epoch_order(key, epoch, n)` for every device count.
 
 Many hosts: call `initialize` (jax.distributed) first; the mesh then spans the chosen
 devices of every process, and each process places only its own rows of the dataset.
 """
 
+import math
 import socket
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+MODEL_AXIS = "model"
 DATA_AXIS = "data"
 
 
@@ -80,10 +84,15 @@ def wait_for_coordinator(address, timeout_seconds):
       time.sleep(0.5)
 
 
-def data_mesh(num_devices=None):
-  """A one-axis ("data",) mesh over the first `num_devices` local devices of every process.
+def run_mesh(num_devices=None, num_models=1):
+  """The ("model", "data") mesh of a run of `num_models` models over the first
+  `num_devices` local devices of every process (None: every local device).
 
-  None uses every local device. Raises ValueError if a process has fewer devices.
+  The rule: of D devices in all, G = gcd(M, D) hold the models (M/G each) and the
+  D/G devices of each of those slices split every batch of their models. M = 1 is
+  plain data parallelism; M = 4 on 4 devices is one model per device; M = 6 on 4
+  devices is 3 models per pair of devices, each batch split over the pair. No device
+  is left idle. Raises ValueError if a process has fewer devices than asked for.
   """
   local = jax.local_device_count()
   num_devices = local if num_devices is None else num_devices
@@ -95,7 +104,24 @@ def data_mesh(num_devices=None):
     mine = sorted((d for d in jax.devices() if d.process_index == process),
                   key=lambda d: d.id)
     devices.extend(mine[:num_devices])
-  return Mesh(np.array(devices), (DATA_AXIS,))
+  return Mesh(np.array(devices).reshape(mesh_shape(num_models, len(devices))),
+              (MODEL_AXIS, DATA_AXIS))
+
+
+def mesh_shape(num_models, num_devices):
+  """(G, D/G) with G = gcd(M, D): the model slices and the devices of each."""
+  groups = math.gcd(num_models, num_devices)
+  return groups, num_devices // groups
+
+
+def model_groups(mesh):
+  """G: the slices of the mesh that the models are split over."""
+  return mesh.shape[MODEL_AXIS]
+
+
+def data_shards(mesh):
+  """The devices that split each batch of one model."""
+  return mesh.shape[DATA_AXIS]
 
 
 def replicated(mesh):
@@ -104,18 +130,23 @@ def replicated(mesh):
 
 
 def batch_sharded(mesh):
-  """The leading (batch or row) axis is split evenly across the devices."""
+  """The leading (batch or row) axis is split evenly over the data axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def model_sharded(mesh):
+  """The leading (model) axis is split evenly over the model axis."""
+  return NamedSharding(mesh, P(MODEL_AXIS))
+
+
 def check_batch_size(batch_size, mesh):
-  """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
-  n = mesh.size
+  """Raises ValueError unless the global batch splits evenly over the data axis."""
+  n = data_shards(mesh)
   if batch_size % n:
     lower, upper = batch_size - batch_size % n, batch_size + n - batch_size % n
     hint = f"{lower} or {upper}" if lower else f"{upper}"
-    raise ValueError(f"batch size {batch_size} does not divide over {n} devices; use a "
-                     f"multiple of {n} (e.g. {hint}).")
+    raise ValueError(f"batch size {batch_size} does not divide over the {n} devices that "
+                     f"share each model; use a multiple of {n} (e.g. {hint}).")
 
 
 def shard_rows(x, mesh):
@@ -126,7 +157,7 @@ def shard_rows(x, mesh):
   its own devices.
   """
   x = np.asarray(x)
-  pad = -x.shape[0] % mesh.size
+  pad = -x.shape[0] % data_shards(mesh)
   shape = (x.shape[0] + pad,) + x.shape[1:]
 
   def rows(index):
@@ -147,3 +178,36 @@ def replicate(tree, mesh):
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
   return jax.tree.map(put, tree)
+
+
+def shard_models(tree, mesh):
+  """Every leaf of `tree` (leading model axis M, a multiple of model_groups(mesh)) as a
+  global jax.Array split over the model axis, whole on each device of a slice."""
+  sharding = model_sharded(mesh)
+
+  def put(leaf):
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+  """Every leaf of `tree` as a whole numpy array on this host, whichever devices and
+  processes hold its parts (one collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def any_process(flag):
+  """True on every process if `flag` is true on any (one collective; no-op alone)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def barrier(name):
+  """Waits until every process gets here (no-op alone)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -65,7 +65,10 @@ def sensitivity(clip_norm, clipping):
   """The L2 sensitivity S of the clipped sum to one example: C (flat), √(C1² + C2²)
   (per_layer: an example moves each layer's sum by at most its own bound)."""
   c1, c2 = layer_clip_norms(clip_norm, clipping)
-  return c1 if clipping == "flat" else math.hypot(c1, c2)
+  if clipping == "flat":
+    return c1
+  concrete = all(isinstance(c, (int, float, np.number)) for c in (c1, c2))
+  return math.hypot(c1, c2) if concrete else jnp.hypot(c1, c2)  # traced: one per model
 
 
 def clip_factor(norm, bound):
@@ -216,6 +219,27 @@ def epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="pld"):
     return 0.0
   acc = _accountant(accountant)
   acc.compose(_dp_sgd_event(noise_multiplier, sampling_rate, steps))
+  return float(acc.get_epsilon(delta))
+
+
+def epsilon_of_runs(noise_multipliers, sampling_rate, steps, delta):
+  """PLD ε at δ of releasing ALL of several DP-SGD runs on the same data (one σ each,
+  the same q and steps): their composition, the bound for releasing every model of a
+  sweep, hence any one chosen among them. Runs of equal σ compose as one run of their
+  total steps."""
+  if steps == 0:
+    return 0.0
+  counts = {}
+  for sigma in noise_multipliers:
+    counts[float(sigma)] = counts.get(float(sigma), 0) + 1
+  return _epsilon_of_groups(tuple(sorted(counts.items())), sampling_rate, steps, delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_of_groups(groups, sampling_rate, steps, delta):
+  acc = _accountant("pld")
+  for sigma, count in groups:
+    acc.compose(_dp_sgd_event(sigma, sampling_rate, steps * count))
   return float(acc.get_epsilon(delta))
 
 

@@ -5,11 +5,11 @@ permutation drawn from fold_in(key, epoch): every example is used once, the ragg
 batch is padded with index 0 and masked with weight 0, so every step has one static
 shape and nothing recompiles after the first epoch.
 
-Given a `mesh` (mlp_jax/parallel.py), the same epoch runs data-parallel: each gathered
-batch is split over the mesh's devices and the state comes back replicated.
-
-Many models (seeds, swept hyperparameters) train together as one stacked TrainState with
-a leading model axis: init_stacked_state, make_stacked_train_epoch, evaluate_stacked.
+A run is a stack of M >= 1 models (seeds, swept hyperparameters): one TrainState whose
+leaves carry a leading model axis, trained by one program (init_state,
+make_train_epoch, evaluate; a single model is the stack of one). Given a mesh
+(mlp_jax/parallel.py), the models are split over its model axis and each model's
+batches over its data axis.
 """
 
 import functools
@@ -43,7 +43,7 @@ class TrainState(NamedTuple):
 
 class Hyperparams(NamedTuple):
   """What the optimizer and the loss need to know. The defaults are the runner's:
-  experiment.RunConfig and the flags of experiments/train.py take theirs from here."""
+  config.SETTINGS (RunConfig and the runner's flags) take theirs from here."""
 
   optimizer: str = "adamw"
   learning_rate: float = 1e-3     # peak
@@ -89,7 +89,7 @@ def _is_array(value):
 
 def _maybe_nonzero(value):
   """False only for a Python 0: a hyperparameter given as an array (one value per model
-  of a stack, see make_stacked_train_epoch) keeps its transformation in every model."""
+  of a stack, see make_train_epoch) keeps its transformation in every model."""
   return _is_array(value) or value > 0
 
 
@@ -122,8 +122,9 @@ def make_optimizer(hp):
   return optax.chain(*parts)
 
 
-def init_state(seed, in_dim, hidden_dim, num_classes, optimizer):
-  """A fresh TrainState: init_params from PRNGKey(seed); shuffling uses its fold 1."""
+def init_model_state(seed, in_dim, hidden_dim, num_classes, optimizer):
+  """ONE model's fresh TrainState: init_params from PRNGKey(seed); shuffling uses its
+  fold 1. A run's state is a stack of these: see init_state."""
   init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
   params = model.init_params(init_key, in_dim, hidden_dim, num_classes)
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key)
@@ -241,73 +242,103 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
   return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
 
 
-def make_train_epoch(hp, optimizer, batch_size, num_examples=None, mesh=None, dp=None):
-  """jit(train_epoch)(state, X, y, epoch) with the state donated (positional call).
+# A run is a stack of M >= 1 models: every leaf of its TrainState has a leading model
+# axis, and one program trains them all over one shared dataset. Each model has its own
+# seed (init, batch order, DP noise) and its own values of the SWEEPABLE settings, given
+# as arrays {name: (M,)}. A single model is the stack of one.
 
-  With a mesh, X and y are row-sharded (parallel.shard_rows), the state replicated
-  (parallel.replicate), and the returned state and metrics are replicated. With a
-  privacy.DPSGD `dp`, an epoch is ceil(N / batch_size) DP-SGD steps (dp_train_epoch).
-  """
-  if dp is None:
-    epoch = functools.partial(train_epoch, make_train_step(hp, optimizer),
-                              batch_size=batch_size, num_examples=num_examples, mesh=mesh)
-  else:
-    epoch = functools.partial(dp_train_epoch, make_dp_train_step(hp, optimizer, dp, mesh),
-                              steps=-(-dp.num_examples // batch_size))
-  if mesh is None:
-    return jax.jit(epoch, donate_argnums=(0,))
-  parallel.check_batch_size(batch_size, mesh)
-  return jax.jit(epoch, donate_argnums=(0,), out_shardings=parallel.replicated(mesh))
-
-
-# Many models in one program: a stack of TrainStates with a leading model axis M, trained
-# by jax.vmap of the one-model epoch. The dataset is shared; each model has its own seed
-# (init and batch order) and its own values of the SWEEPABLE hyperparameters.
-
-SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm")
-
-
-def _with_values(hp, values):
-  """hp with the swept fields replaced by one model's values (scalars, traced)."""
-  return hp._replace(**values)
-
-
-def init_stacked_state(seeds, in_dim, hidden_dim, num_classes, hp, values):
-  """M TrainStates stacked on a leading axis: model m is init_state(seeds[m], ...) with the
-  optimizer of hp and values {name: (M,)} (SWEEPABLE names; {} for seeds alone)."""
-  def one(seed, model_values):
-    return init_state(seed, in_dim, hidden_dim, num_classes,
-                      make_optimizer(_with_values(hp, model_values)))
-  return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), values)
-
-
+SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm",
+             "dp_clip_norm", "dp_noise_multiplier")
 STACKINGS = ("vmap", "map")
+# The DPSGD field each dp_ setting of a stack sets, per model.
+_DP_FIELDS = {"dp_clip_norm": "clip_norm", "dp_noise_multiplier": "noise_multiplier"}
 
 
-def make_stacked_train_epoch(hp, batch_size, num_examples=None, stacking="vmap"):
-  """jit(vmap(train_epoch)): (states (M, ...), X (N, D), y (N,), epoch, values {name: (M,)})
-  -> (states, {"train_loss": (M,), "train_accuracy": (M,)}), the states donated.
+def with_values(hp, dp, values):
+  """(hp, dp) of one model of a stack: the swept fields replaced by its `values`
+  {name: scalar} (traced inside the program)."""
+  hp = hp._replace(**{k: v for k, v in values.items() if k not in _DP_FIELDS})
+  if dp is not None:
+    dp = dp._replace(**{_DP_FIELDS[k]: v for k, v in values.items() if k in _DP_FIELDS})
+  return hp, dp
 
-  Model m trains exactly as make_train_epoch(hp with values[m]) would train it alone:
-  its own batch order from its own key, its own hyperparameters, one shared dataset.
-  stacking "vmap" batches the models' matmuls (many small models fill the device);
-  "map" runs the models' epochs one after another inside the same program (lax.map),
-  for models large enough to fill the device alone (see default_stacking).
+
+def map_models(fn, tree, stacking="vmap", groups=1):
+  """fn applied to each model of `tree` (every leaf has a leading model axis M).
+
+  groups > 1: the models are split into `groups` equal blocks, one per slice of the
+  mesh's model axis (jax.vmap with spmd_axis_name), each block mapped as below.
+  Within a block: one model is fn itself (no batching at all, so a single run computes
+  exactly what one model alone computes); several are batched ("vmap": their matmuls
+  in one) or run one after another ("map": lax.map, one model's activations at a time).
   """
-  def one(state, X, y, epoch, model_values):
-    model_hp = _with_values(hp, model_values)
-    step = make_train_step(model_hp, make_optimizer(model_hp))
-    return train_epoch(step, state, X, y, epoch, batch_size, num_examples)
-
+  m = jax.tree.leaves(tree)[0].shape[0]
+  if groups > 1:
+    blocks = jax.tree.map(lambda a: a.reshape(groups, m // groups, *a.shape[1:]), tree)
+    out = jax.vmap(lambda block: map_models(fn, block, stacking),
+                   spmd_axis_name=parallel.MODEL_AXIS)(blocks)
+    return jax.tree.map(lambda a: a.reshape(m, *a.shape[2:]), out)
+  if m == 1:
+    return jax.tree.map(lambda a: a[None], fn(jax.tree.map(lambda a: a[0], tree)))
   if stacking == "vmap":
-    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, 0)), donate_argnums=(0,))
-  if stacking != "map":
-    raise ValueError(f"unknown stacking {stacking!r}; choose one of {', '.join(STACKINGS)}.")
+    return jax.vmap(fn)(tree)
+  if stacking == "map":
+    return jax.lax.map(fn, tree)
+  raise ValueError(f"unknown stacking {stacking!r}; choose one of {', '.join(STACKINGS)}.")
 
-  def mapped(states, X, y, epoch, values):
-    return jax.lax.map(lambda sv: one(sv[0], X, y, epoch, sv[1]), (states, values))
 
-  return jax.jit(mapped, donate_argnums=(0,))
+def init_state(seeds, in_dim, hidden_dim, num_classes, hp, values=None):
+  """The stacked TrainState of M = len(seeds) models: model m is
+  init_model_state(seeds[m], ...) with the optimizer of hp and its `values` {name: (M,)}
+  (SWEEPABLE names; None or {} when only the seeds differ)."""
+  def one(seed_and_values):
+    seed, model_values = seed_and_values
+    model_hp, _ = with_values(hp, None, model_values)
+    return init_model_state(seed, in_dim, hidden_dim, num_classes,
+                            make_optimizer(model_hp))
+  seeds = jnp.asarray(list(seeds), jnp.int32)
+  return map_models(one, (seeds, dict(values or {})))
+
+
+def _model_epoch(hp, dp, batch_size, num_examples, mesh):
+  """ONE model's epoch (state, X, y, epoch, values) -> (state, metrics): train_epoch of
+  its train step, or with a privacy.DPSGD `dp`, ceil(N / batch_size) DP-SGD steps."""
+  def one(state, X, y, epoch, values):
+    model_hp, model_dp = with_values(hp, dp, values)
+    optimizer = make_optimizer(model_hp)
+    if model_dp is None:
+      return train_epoch(make_train_step(model_hp, optimizer), state, X, y, epoch,
+                         batch_size, num_examples, mesh)
+    steps = -(-model_dp.num_examples // batch_size)
+    return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, mesh), state,
+                          X, y, epoch, steps)
+  return one
+
+
+def make_train_epoch(hp, batch_size, num_examples=None, mesh=None, dp=None,
+                     stacking="vmap"):
+  """jit(epoch)(states, X (N, D), y (N,), epoch, values {name: (M,)}) -> (states,
+  {"train_loss": (M,), "train_accuracy": (M,)[, "overflows": (M,)]}), the states donated
+  (call it positionally).
+
+  Model m trains exactly as it would alone: its own batch order from its own key, its
+  own hyperparameters `values[m]`, one shared dataset. With a mesh
+  (parallel.run_mesh), X and y are row-sharded over its data axis (parallel.shard_rows),
+  the states and values split over its model axis (parallel.shard_models), and each
+  model's batches are split over the data axis. With a privacy.DPSGD `dp`, an epoch is
+  ceil(N / batch_size) DP-SGD steps (dp_train_epoch).
+  """
+  one = _model_epoch(hp, dp, batch_size, num_examples, mesh)
+  groups = 1 if mesh is None else parallel.model_groups(mesh)
+
+  def epoch_fn(states, X, y, epoch, values):
+    return map_models(lambda sv: one(sv[0], X, y, epoch, sv[1]), (states, values),
+                      stacking, groups)
+
+  if mesh is None:
+    return jax.jit(epoch_fn, donate_argnums=(0,))
+  parallel.check_batch_size(batch_size, mesh)
+  return jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=parallel.model_sharded(mesh))
 
 
 def default_stacking(platform, batch_size, in_dim, hidden_dim):
@@ -319,26 +350,15 @@ def default_stacking(platform, batch_size, in_dim, hidden_dim):
   return "map" if platform == "cpu" and big else "vmap"
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "stacking"))
-def evaluate_stacked(params, X, y, batch_size=1024, num_examples=None, stacking="vmap"):
-  """evaluate() of each model of stacked Params (leading axis M): loss (M,), accuracy
-  (M,), predictions (M, N); the models batched ("vmap") or one after another ("map")."""
-  def one(p):
-    return evaluate.__wrapped__(p, X, y, batch_size, num_examples)
-  return jax.vmap(one)(params) if stacking == "vmap" else jax.lax.map(one, params)
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh"))
-def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None):
-  """Loss, accuracy and predictions (N,) over the first N = num_examples rows of X.
-
-  Every example is counted once. With a mesh, X and y are row-sharded, each batch is
-  split over the devices and the results are replicated.
-  """
+def evaluate_model(params, X, y, batch_size=1024, num_examples=None, mesh=None):
+  """ONE model's loss, accuracy and predictions (N,) over the first N = num_examples
+  rows of X, every example counted once; with a mesh each batch is split over its data
+  axis. Not jitted: see evaluate."""
   n = X.shape[0] if num_examples is None else num_examples
   batch_size = min(batch_size, n)
   if mesh is not None:
-    batch_size = -(-batch_size // mesh.size) * mesh.size
+    shards = parallel.data_shards(mesh)
+    batch_size = -(-batch_size // shards) * shards
   idx, w = batch_indices(jnp.arange(n), batch_size)
 
   def body(_, batch):
@@ -349,9 +369,20 @@ def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None):
 
   _, (loss_sums, predicted) = jax.lax.scan(body, None, (idx, w))
   predicted = predicted.reshape(-1)[:n]
-  results = {"loss": jnp.sum(loss_sums) / n,
-             "accuracy": jnp.mean((predicted == y[:n]).astype(jnp.float32)),
-             "predictions": predicted}
+  return {"loss": jnp.sum(loss_sums) / n,
+          "accuracy": jnp.mean((predicted == y[:n]).astype(jnp.float32)),
+          "predictions": predicted}
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh",
+                                             "stacking"))
+def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None, stacking="vmap"):
+  """evaluate_model of each model of stacked Params (leading axis M): loss (M,),
+  accuracy (M,), predictions (M, N); the models mapped as in make_train_epoch."""
+  groups = 1 if mesh is None else parallel.model_groups(mesh)
+  results = map_models(
+      lambda p: evaluate_model(p, X, y, batch_size, num_examples, mesh), params, stacking,
+      groups)
   if mesh is None:
     return results
-  return jax.lax.with_sharding_constraint(results, parallel.replicated(mesh))
+  return jax.lax.with_sharding_constraint(results, parallel.model_sharded(mesh))

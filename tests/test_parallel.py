@@ -81,15 +81,21 @@ def test_one_device_mesh_changes_nothing():
   x = rng.standard_normal((10, 5)).astype(np.float32)
   y = rng.integers(0, 3, 10).astype(np.int32)
   hp = train.Hyperparams(optimizer="adam", schedule="constant")
-  optimizer = train.make_optimizer(hp)
-  state = train.init_state(0, 5, 7, 3, optimizer)
-  mesh = parallel.data_mesh(1)
-  sharded, m_sharded = train.make_train_epoch(hp, optimizer, 4, num_examples=10, mesh=mesh)(
-      parallel.replicate(state, mesh), parallel.shard_rows(x, mesh),
-      parallel.shard_rows(y, mesh), 0)
-  plain, m_plain = train.make_train_epoch(hp, optimizer, 4)(state, x, y, 0)
+  state = train.init_state([0], 5, 7, 3, hp)
+  mesh = parallel.run_mesh(1)
+  sharded, m_sharded = train.make_train_epoch(hp, 4, num_examples=10, mesh=mesh)(
+      parallel.shard_models(state, mesh), parallel.shard_rows(x, mesh),
+      parallel.shard_rows(y, mesh), 0, {})
+  plain, m_plain = train.make_train_epoch(hp, 4)(state, x, y, 0, {})
   for a, b in zip(jax.tree.leaves((plain, m_plain)), jax.tree.leaves((sharded, m_sharded))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_mesh_rule_uses_every_device():
+  # G = gcd(M, D) slices hold the models; the D/G devices of a slice split each batch.
+  for models, devices, shape in ((1, 4, (1, 4)), (4, 4, (4, 1)), (2, 4, (2, 2)),
+                                 (6, 4, (2, 2)), (3, 4, (1, 4)), (8, 2, (2, 1))):
+    assert parallel.mesh_shape(models, devices) == shape
 
 
 @pytest.mark.slow
@@ -108,6 +114,24 @@ def test_runner_on_4_devices_matches_1(tiny_npz, tmp_path):
   assert_same_run(tmp_path / "one", tmp_path / "four")
   config = json.loads((tmp_path / "four" / "config.json").read_text())["runs"][-1]
   assert config["num_devices"] == 4 and config["num_processes"] == 1
+
+
+@pytest.mark.slow
+def test_runner_stack_of_4_seeds_on_2_and_4_devices_matches_1(tiny_npz, tmp_path):
+  runs = {d: runner(tiny_npz, tmp_path / str(d), f"--num_devices={d}", "--num_seeds=4",
+                    env=host_devices(4)) for d in (1, 2, 4)}
+  outputs = {d: finish(p) for d, p in runs.items()}
+  assert "devices: 4 (4 model slice(s) × 1 splitting each batch)" in outputs[4]
+  for d in (2, 4):
+    mesh = json.loads((tmp_path / str(d) / "config.json").read_text())["runs"][-1]["mesh"]
+    assert mesh == {"model": d, "data": 1}
+    with np.load(tmp_path / "1" / "params_all.npz") as a, \
+         np.load(tmp_path / str(d) / "params_all.npz") as b:
+      for k in ("w1", "b1", "w2", "b2"):
+        assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(a[k])), k
+    for one, many in zip(metrics(tmp_path / "1"), metrics(tmp_path / str(d))):
+      np.testing.assert_allclose(one["per_model"]["train_loss"],
+                                 many["per_model"]["train_loss"], rtol=RTOL)
 
 
 @pytest.mark.slow
@@ -175,51 +199,65 @@ def test_batch_not_divisible_by_the_devices_is_one_line(tiny_npz, tmp_path):
   _, stderr = process.communicate(timeout=120)
   lines = [line for line in stderr.splitlines() if line.strip() and "libtpu" not in line]
   assert process.returncode == 1 and len(lines) == 1, stderr
-  assert "batch size 6 does not divide over 4 devices; use a multiple of 4" in lines[0]
+  assert ("batch size 6 does not divide over the 4 devices that share each model; use a "
+          "multiple of 4") in lines[0]
   assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
+def _run_stack(seeds, devices, x, y, b, hp, values):
+  """3 epochs of a stack of len(seeds) models on a mesh of `devices` devices: (the
+  epoch's gathered batches of model 0, the loss curves, params, test loss, predictions)."""
+  n = x.shape[0]
+  mesh = parallel.run_mesh(devices, len(seeds))
+  X, Y = parallel.shard_rows(x, mesh), parallel.shard_rows(y, mesh)
+  shards = parallel.data_shards(mesh)
+  assert [s.data.shape[0] for s in X.addressable_shards] == [-(-n // shards)] * devices
+  state = parallel.shard_models(train.init_state(seeds, x.shape[1], 16, 3, hp, values), mesh)
+  values = parallel.shard_models(values, mesh)
+  # Model 0's global batches, gathered as train_epoch gathers them.
+  idx, _ = train.batch_indices(train.epoch_order(state.key[0], 0, n), b)
+  batches = jax.jit(lambda X, Y, idx, m=mesh: jax.lax.map(
+      lambda i: (train.gather_batch(X, i, m), train.gather_batch(Y, i, m)), idx))(X, Y, idx)
+  epoch = train.make_train_epoch(hp, b, num_examples=n, mesh=mesh)
+  curve = []
+  for e in range(3):
+    state, m = epoch(state, X, Y, e, values)
+    curve.append([np.asarray(m["train_loss"]), np.asarray(m["train_accuracy"])])
+  # Every device holds a part: the model axis split over G slices, each whole within one.
+  assert len({s.device for s in state.params.w1.addressable_shards}) == devices
+  assert state.params.w1.addressable_shards[0].data.shape[0] == len(seeds) // (
+      devices // shards)
+  ev = train.evaluate(state.params, X, Y, batch_size=8, num_examples=n, mesh=mesh)
+  return (jax.device_get(batches), np.array(curve), jax.device_get(state.params),
+          np.asarray(ev["loss"]), np.asarray(ev["predictions"]))
+
+
 def _check_1_2_4_devices():
-  """The same global batches, losses and params on meshes of 1, 2 and 4 devices."""
+  """The same global batches, losses and params on meshes of 1, 2 and 4 devices, for one
+  model (data parallel), four seeds (a model per device) and two swept learning rates
+  (a 2 × 2 mesh on 4 devices)."""
   assert jax.device_count() == 4, "run with --xla_force_host_platform_device_count=4"
   rng = np.random.default_rng(0)
-  n, d, h, k, b = 30, 6, 16, 3, 8   # 30 rows: 2 padding rows on 4 devices
+  n, d, b = 30, 6, 8   # 30 rows: 2 padding rows on 4 devices
   x = rng.standard_normal((n, d)).astype(np.float32)
-  y = rng.integers(0, k, n).astype(np.int32)
+  y = rng.integers(0, 3, n).astype(np.int32)
   hp = train.Hyperparams(optimizer="adamw", learning_rate=0.01, schedule="constant",
                          weight_decay=0.1, label_smoothing=0.1)
-  optimizer = train.make_optimizer(hp)
-
-  results = {}
-  for devices in (1, 2, 4):
-    mesh = parallel.data_mesh(devices)
-    X, Y = parallel.shard_rows(x, mesh), parallel.shard_rows(y, mesh)
-    assert [s.data.shape[0] for s in X.addressable_shards] == [-(-n // devices)] * devices
-    state = parallel.replicate(train.init_state(0, d, h, k, optimizer), mesh)
-    # The epoch's global batches, gathered as train_epoch gathers them.
-    idx, _ = train.batch_indices(train.epoch_order(state.key, 0, n), b)
-    batches = jax.jit(lambda X, Y, idx, m=mesh: jax.lax.map(
-        lambda i: (train.gather_batch(X, i, m), train.gather_batch(Y, i, m)), idx))(X, Y, idx)
-    epoch = train.make_train_epoch(hp, optimizer, b, num_examples=n, mesh=mesh)
-    curve = []
-    for e in range(3):
-      state, m = epoch(state, X, Y, e)
-      curve.append([float(m["train_loss"]), float(m["train_accuracy"])])
-    assert state.params.w1.sharding.is_fully_replicated
-    ev = train.evaluate(state.params, X, Y, batch_size=8, num_examples=n, mesh=mesh)
-    results[devices] = (jax.device_get(batches), curve, jax.device_get(state.params),
-                        float(ev["loss"]), np.asarray(ev["predictions"]))
-
-  ref_batches, ref_curve, ref_params, ref_loss, ref_pred = results[1]
-  for devices in (2, 4):
-    batches, curve, params, loss, pred = results[devices]
-    for got, want in zip(batches, ref_batches):
-      np.testing.assert_array_equal(got, want)  # the same global batches, bit for bit
-    np.testing.assert_allclose(curve, ref_curve, rtol=RTOL)
-    for got, want in zip(params, ref_params):
-      assert np.max(np.abs(got - want)) <= RTOL * np.max(np.abs(want))
-    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
-    np.testing.assert_array_equal(pred, ref_pred)
+  stacks = {"one model": ([0], {}), "four seeds": ([0, 1, 2, 3], {}),
+            "two rates": ([0, 0], {"learning_rate": np.array([0.01, 0.03], np.float32)})}
+  for name, (seeds, values) in stacks.items():
+    results = {devices: _run_stack(seeds, devices, x, y, b, hp, values)
+               for devices in (1, 2, 4)}
+    ref_batches, ref_curve, ref_params, ref_loss, ref_pred = results[1]
+    for devices in (2, 4):
+      batches, curve, params, loss, pred = results[devices]
+      for got, want in zip(batches, ref_batches):
+        np.testing.assert_array_equal(got, want)  # the same global batches, bit for bit
+      np.testing.assert_allclose(curve, ref_curve, rtol=RTOL, err_msg=name)
+      for got, want in zip(params, ref_params):
+        assert np.max(np.abs(got - want)) <= RTOL * np.max(np.abs(want)), name
+      np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=name)
+      np.testing.assert_array_equal(pred, ref_pred)
   print("OK 4 devices")
 
 

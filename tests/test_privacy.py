@@ -235,11 +235,11 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_pat
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"dp_noise_multiplier": 0.0}, "--dp_noise_multiplier must be a number > 0"),
-    ({"dp_noise_multiplier": -1.0}, "--dp_noise_multiplier must be a number > 0"),
-    ({"dp_clip_norm": 0.0}, "--dp_clip_norm must be a number > 0"),
+    ({"dp_noise_multiplier": 0.0}, "--dp_noise_multiplier=0.0: must be > 0"),
+    ({"dp_noise_multiplier": -1.0}, "--dp_noise_multiplier=-1.0: must be > 0"),
+    ({"dp_clip_norm": 0.0}, "--dp_clip_norm=0.0: must be > 0"),
     ({"dp_noise_multiplier": None, "dp_target_epsilon": -3.0},
-     "--dp_target_epsilon must be a number > 0"),
+     "--dp_target_epsilon=-3.0: must be > 0"),
     ({"dp_delta": 0.02}, r"--dp_delta 0.02 is not below 1/N = 0.0167"),
     ({"dp_noise_multiplier": None, "dp_target_epsilon": 1e-4},
      "--dp_target_epsilon: no noise multiplier up to 100 reaches"),

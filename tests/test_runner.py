@@ -14,6 +14,7 @@ from conftest import run_cli
 from conftest import run_runner
 from conftest import tiny_config
 import mlp_jax as mj
+from mlp_jax import config as config_lib
 from mlp_jax import experiment
 
 
@@ -60,7 +61,7 @@ def test_rerun_with_the_same_workdir_resumes(tiny_npz, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size=0"], "--batch_size"),
     (["--learning_rate=-1"], "--learning_rate"),
-    (["--dataset=cifar"], "--dataset must be one of"),
+    (["--dataset=cifar"], "--dataset='cifar': must be one of"),
     (["--optimizer=rmsprop"], "--optimizer"),
     (["--dataset=mnist", "--data_dir=/nonexistent"], "does not exist"),
     (["--dataset=npz:/nonexistent.npz"], "not a readable .npz"),
@@ -69,8 +70,8 @@ def test_rerun_with_the_same_workdir_resumes(tiny_npz, tmp_path):
     (["--num_devices=2"], "--num_devices: asked for 2 devices per process but this process "
                           "has 1"),
     (["--num_processes=2"], "a multi-process run needs --workdir"),
-    (["--num_processes=2", "--process_id=2"], "--process_id must be below --num_processes"),
-    (["--coordinator_address=localhost"], "--coordinator_address must be host:port"),
+    (["--num_processes=2", "--process_id=2"], "--process_id=2: must be below --num_processes=2"),
+    (["--coordinator_address=localhost"], "--coordinator_address='localhost': must be host:port"),
     (["--warmup_epochs=3"], "--warmup_epochs 3 is longer than --epochs 1"),
     (["--hidden_dim=100000000"], "--hidden_dim 100000000 needs about"),
 ])
@@ -81,6 +82,37 @@ def test_bad_flags_exit_non_zero_with_one_line(flags, message, tmp_path, monkeyp
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and message in lines[0], stderr
   assert not os.listdir(tmp_path)                 # nothing written, no workdir made
+
+
+@pytest.mark.parametrize("flag, setting", [
+    ("--batch_size=0", {"batch_size": 0}),
+    ("--learning_rate=-1", {"learning_rate": -1.0}),
+    ("--optimizer=rmsprop", {"optimizer": "rmsprop"}),
+    ("--label_smoothing=1.5", {"label_smoothing": 1.5}),
+    ("--validation_fraction=1", {"validation_fraction": 1.0}),
+    ("--dp_delta=0", {"dp_delta": 0.0}),
+    ("--sweep=hidden_dim=8,16", {"sweep": ("hidden_dim=8,16",)}),
+])
+def test_a_bad_setting_from_python_is_the_flags_one_line(flag, setting, tmp_path,
+                                                        monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  code, stderr = run_cli("--noprogress", flag)
+  with pytest.raises(experiment.RunError) as error:
+    experiment.run(experiment.RunConfig(progress=False, **setting), log=lambda *_: None)
+  assert code == 1 and stderr == f"error: {error.value}\n"
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("name", [s.name for s in config_lib.SETTINGS
+                                  if s.kind is float])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_nan_and_inf_are_refused_for_every_float_setting(name, value, tmp_path):
+  with pytest.raises(experiment.RunError, match=f"^--{name}={value}: must be a finite "
+                                                 "number"):
+    config_lib.resolve(experiment.RunConfig(**{name: float(value)}))
+  code, stderr = run_cli("--noprogress", f"--workdir={tmp_path}", f"--{name}={value}")
+  assert code == 1 and stderr.startswith(f"error: --{name}={value}: must be a finite")
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.slow

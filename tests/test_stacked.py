@@ -1,5 +1,6 @@
-"""Many models in one program: --num_seeds and --sweep (train.make_stacked_train_epoch,
-experiment.Stack) equal the separate runs, and the choice is made on validation only."""
+"""Many models in one program: --num_seeds and --sweep (train.make_train_epoch of a
+stack, mlp_jax/stack.py) equal the separate runs, and the choice is made on validation
+only; with DP-SGD too."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from conftest import tiny_config
 from conftest import without_times
 import mlp_jax as mj
 from mlp_jax import experiment
+from mlp_jax import privacy
 from mlp_jax import train
 
 RTOL = 1e-5  # vmap batches the matmuls: float32 summation order may differ
@@ -58,12 +60,12 @@ def test_map_and_vmap_stacking_train_the_same_models():
             "clip_norm": jnp.array([0.0, 0.5, 1.0])}
   results = {}
   for stacking in train.STACKINGS:
-    states = train.init_stacked_state([0, 1, 2], 5, 8, 3, hp, values)
-    epoch = train.make_stacked_train_epoch(hp, 8, stacking=stacking)
+    states = train.init_state([0, 1, 2], 5, 8, 3, hp, values)
+    epoch = train.make_train_epoch(hp, 8, stacking=stacking)
     for e in range(3):
       states, metrics = epoch(states, X, y, e, values)
     results[stacking] = (states.params, metrics["train_loss"],
-                         train.evaluate_stacked(states.params, X, y, stacking=stacking))
+                         train.evaluate(states.params, X, y, stacking=stacking))
   (p_v, l_v, ev_v), (p_m, l_m, ev_m) = results["vmap"], results["map"]
   np.testing.assert_allclose(l_v, l_m, rtol=RTOL)
   for a, b in zip(p_v, p_m):
@@ -85,14 +87,18 @@ def test_seed_k_of_a_3_seed_run_is_the_single_run_with_seed_k(tiny_npz, tmp_path
       assert row["per_model"]["train_loss"][k] == pytest.approx(one["train_loss"], rel=RTOL)
   # The same batches bit for bit: the order is a function of each model's key alone.
   hp = train.Hyperparams()
-  states = train.init_stacked_state([4, 5, 6], 6, 16, 3, hp, {})
+  states = train.init_state([4, 5, 6], 6, 16, 3, hp)
   for k in range(3):
-    alone = train.init_state(4 + k, 6, 16, 3, train.make_optimizer(hp))
-    np.testing.assert_array_equal(states.key[k], alone.key)
+    alone = train.init_state([4 + k], 6, 16, 3, hp)
+    np.testing.assert_array_equal(states.key[k], alone.key[0])
     np.testing.assert_array_equal(train.epoch_order(states.key[k], 1, 60),
-                                  train.epoch_order(alone.key, 1, 60))
-  assert stacked[-1]["train_loss"] == pytest.approx(
+                                  train.epoch_order(alone.key[0], 1, 60))
+  # Top-level metrics are named for what they are: the mean and std over the models.
+  assert "train_loss" not in stacked[-1]
+  assert stacked[-1]["train_loss_mean"] == pytest.approx(
       np.mean(stacked[-1]["per_model"]["train_loss"]))
+  assert stacked[-1]["train_loss_std"] == pytest.approx(
+      np.std(stacked[-1]["per_model"]["train_loss"]))
 
 
 def test_a_2x2_sweep_equals_the_four_separate_runs(tiny_npz, tmp_path):
@@ -122,10 +128,19 @@ def test_the_choice_is_made_on_validation_never_on_test(tmp_path):
                   schedule="constant", sweep=("learning_rate=1e-7,0.05",), num_seeds=2))
   sweep = json.loads((tmp_path / "run" / "sweep.json").read_text())
   assert sweep["chosen"] == {"learning_rate": 0.05}
-  last = read_metrics(tmp_path / "run")[-1]["per_model"]
-  untrained, trained = np.mean(last["test_accuracy"][:2]), np.mean(last["test_accuracy"][2:])
-  assert untrained > trained                          # on test the choice would be the other
-  assert sweep["chosen_test"]["test_accuracy"] == pytest.approx(trained)
+  # No file offers every configuration's test accuracy to choose from.
+  assert not any("test" in key for row in read_metrics(tmp_path / "run")
+                 for key in [*row, *row["per_model"]])
+  assert "test" not in json.dumps(sweep["ranking"])
+  # Each configuration alone: on test the choice would be the other.
+  tests = {}
+  for rate in (1e-7, 0.05):
+    run(tiny_config(f"npz:{tmp_path / 'd.npz'}", tmp_path / str(rate), epochs=3,
+                    schedule="constant", learning_rate=rate, num_seeds=2,
+                    validation_fraction=0.1))
+    tests[rate] = read_metrics(tmp_path / str(rate))[-1]["test_accuracy_mean"]
+  assert tests[1e-7] > tests[0.05]
+  assert sweep["chosen_test"]["test_accuracy"] == pytest.approx(tests[0.05], abs=1e-6)
   assert [r["configuration"] for r in sweep["ranking"]] == [{"learning_rate": 0.05},
                                                             {"learning_rate": 1e-7}]
 
@@ -148,17 +163,19 @@ def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num_seeds=0"], "--num_seeds=0: 0 is not a positive integer"),
+    (["--num_seeds=0"], "--num_seeds=0: must be >= 1"),
     (["--sweep=momentum=0.9"], "unknown name 'momentum'; sweepable are learning_rate"),
     (["--sweep=hidden_dim=64,128"], "--sweep hidden_dim cannot be vmapped: it changes the "
                                     "shapes or the program; loop over it instead"),
     (["--sweep=batch_size=8,16"], "--sweep batch_size cannot be vmapped"),
     (["--sweep=learning_rate=fast,slow"], "needs numbers >= 0 after '='"),
+    (["--sweep=learning_rate=0,1e-3"], "--sweep learning_rate: --learning_rate=0.0: must "
+                                       "be > 0"),
+    (["--sweep=dp_noise_multiplier=1,2", "--dp_target_epsilon=3"], "not both"),
     (["--sweep=learning_rate="], "needs numbers >= 0 after '='"),
     (["--sweep=weight_decay=0.1", "--sweep=weight_decay=0.2"], "is given twice"),
     (["--sweep=weight_decay=0,0.1", "--validation_fraction=0"],
      "a --sweep chooses its configuration on validation data"),
-    (["--num_seeds=2", "--dp_noise_multiplier=1"], "do not combine with DP-SGD"),
     (["--num_seeds=100", "--hidden_dim=1000000"], "GiB for 100 models"),
 ])
 def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch):
@@ -167,3 +184,39 @@ def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, mon
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert code != 0 and len(lines) == 1 and message in lines[0], stderr
   assert not os.listdir(tmp_path)
+
+
+def test_a_private_sweep_accounts_each_model_and_the_whole_sweep(tmp_path):
+  target = 3.0
+  result = run(tiny_config("digits", tmp_path, epochs=2, batch_size=64, num_seeds=2,
+                           learning_rate=0.01, schedule="constant", dp_target_epsilon=target,
+                           sweep=("learning_rate=0.005,0.02", "dp_clip_norm=0.5,1")))
+  assert len(result["chosen"]["models"]) == 2
+  rows = read_metrics(tmp_path)
+  last = rows[-1]
+  epsilons = last["per_model"]["epsilon"]
+  assert len(epsilons) == 8 and all(target - 0.01 <= e <= target for e in epsilons)
+  record = json.loads((tmp_path / "config.json").read_text())["dp"]
+  q, steps = record["sampling_rate"], last["steps"]
+  sigma = record["noise_multiplier"]         # one target: one σ for all 8 models
+  assert last["epsilon_all_models"] == privacy.epsilon_of_runs([sigma] * 8, q, steps, 1e-5)
+  assert last["epsilon_all_models"] > max(epsilons)
+  assert record["planned_epsilon_all_models"] == pytest.approx(last["epsilon_all_models"])
+  # Test metrics for the chosen configuration only: not per epoch, not in the ranking.
+  assert not any(key.startswith("test") for row in rows for key in [*row, *row["per_model"]])
+  sweep = json.loads((tmp_path / "sweep.json").read_text())
+  assert set(sweep["chosen_test"]) == {"test_accuracy", "test_accuracy_std", "test_loss",
+                                       "test_loss_std"}
+  assert sweep["chosen_models"] == result["chosen"]["models"]
+
+
+def test_swept_noise_gives_each_model_its_own_epsilon(tiny_npz, tmp_path):
+  run(tiny_config(tiny_npz, tmp_path, epochs=2, dp_delta=1e-3, learning_rate=0.05,
+                  sweep=("dp_noise_multiplier=0.8,2",), compute_dtype="bfloat16"))
+  last = read_metrics(tmp_path)[-1]
+  q, steps = 8 / 54, last["steps"]   # 10% of 60 held out for validation
+  assert last["per_model"]["epsilon"] == [privacy.epsilon(0.8, q, steps, 1e-3),
+                                          privacy.epsilon(2.0, q, steps, 1e-3)]
+  assert last["epsilon_all_models"] == privacy.epsilon_of_runs([0.8, 2.0], q, steps, 1e-3)
+  with np.load(tmp_path / "params_all.npz") as f:
+    np.testing.assert_allclose(f["dp_noise_multiplier"], [0.8, 2.0])

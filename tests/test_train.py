@@ -19,6 +19,11 @@ def tiny_data(n=10, d=5, k=3, seed=0):
           jnp.asarray(rng.integers(0, k, n), jnp.int32))
 
 
+def first(tree):
+  """Model 0 of a stack."""
+  return jax.tree.map(lambda a: a[0], tree)
+
+
 def test_batch_indices_use_every_example_once_and_mask_the_padding():
   order = jax.random.permutation(jax.random.key(0), 10)
   idx, w = train.batch_indices(order, 4)
@@ -31,19 +36,18 @@ def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="sgd", learning_rate=0.1, schedule="constant",
                          weight_decay=0.0, label_smoothing=0.0)
-  optimizer = train.make_optimizer(hp)
-  state = train.init_state(0, 5, 7, 3, optimizer)
-  expected = state.params
-  order = np.asarray(train.epoch_order(state.key, 0, 10))
+  state = train.init_state([0], 5, 7, 3, hp)            # a stack of one model
+  expected = first(state.params)
+  order = np.asarray(train.epoch_order(state.key[0], 0, 10))
   for batch in (order[0:4], order[4:8], order[8:10]):   # the ragged last batch has 2
     g = mj.grads(expected, X[batch], y[batch])
     expected = jax.tree.map(lambda p, gi: p - 0.1 * gi, expected, g)
-  epoch = train.make_train_epoch(hp, optimizer, batch_size=4)
-  state, metrics = epoch(state, X, y, 0)
-  for got, want in zip(state.params, expected):
+  epoch = train.make_train_epoch(hp, batch_size=4)
+  state, metrics = epoch(state, X, y, 0, {})
+  for got, want in zip(first(state.params), expected):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-  assert int(state.step) == 3
-  assert 0 <= float(metrics["train_accuracy"]) <= 1 and float(metrics["train_loss"]) > 0
+  assert state.step.tolist() == [3]
+  assert 0 <= float(metrics["train_accuracy"][0]) <= 1 and float(metrics["train_loss"][0]) > 0
 
 
 def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
@@ -55,16 +59,17 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
                   donate_argnums=(0,))
   # A fresh jit of evaluate: its trace count is this test's alone.
   evaluate = jax.jit(chex.assert_max_traces(train.evaluate.__wrapped__, n=1),
-                     static_argnames=("batch_size", "num_examples", "mesh"))
-  state = train.init_state(0, 5, 7, 3, optimizer)
+                     static_argnames=("batch_size", "num_examples", "mesh", "stacking"))
+  state = first(train.init_state([0], 5, 7, 3, hp))
   for e in range(4):
     state, _ = epoch(state, X, y, e)
-    evaluate(state.params, X, y, batch_size=4)
+    evaluate(jax.tree.map(lambda a: a[None], state.params), X, y, batch_size=4)
   # The runner's jitted epoch: its body is traced once for three epochs.
   monkeypatch.setattr(train, "train_epoch", chex.assert_max_traces(train.train_epoch, n=1))
-  runner_epoch = train.make_train_epoch(hp, optimizer, batch_size=4)
+  runner_epoch = train.make_train_epoch(hp, batch_size=4)
+  states = train.init_state([0], 5, 7, 3, hp)
   for e in range(3):
-    state, _ = runner_epoch(state, X, y, e)
+    states, _ = runner_epoch(states, X, y, e, {})
 
 
 def test_epochs_shuffle_differently_and_reproducibly():
@@ -80,12 +85,11 @@ def test_manual_autodiff_and_manual_vjp_train_the_same():
     hp = train.Hyperparams(optimizer="adamw", learning_rate=1e-2, schedule="warmup_cosine",
                            warmup_steps=2, total_steps=12, weight_decay=0.1,
                            label_smoothing=0.1, clip_norm=1.0, grads=grads)
-    optimizer = train.make_optimizer(hp)
-    state = train.init_state(0, 6, 8, 4, optimizer)
-    epoch = train.make_train_epoch(hp, optimizer, batch_size=8)
+    state = train.init_state([0], 6, 8, 4, hp)
+    epoch = train.make_train_epoch(hp, batch_size=8)
     for e in range(3):
-      state, metrics = epoch(state, X, y, e)
-    finals.append((state.params, float(metrics["train_loss"])))
+      state, metrics = epoch(state, X, y, e, {})
+    finals.append((state.params, float(metrics["train_loss"][0])))
   for params, loss in finals[1:]:
     np.testing.assert_allclose(loss, finals[0][1], rtol=1e-5)
     for a, b in zip(params, finals[0][0]):
@@ -95,7 +99,7 @@ def test_manual_autodiff_and_manual_vjp_train_the_same():
 def test_evaluate_counts_every_example_once():
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
-  ev = train.evaluate(params, X, y, batch_size=4)
+  ev = first(train.evaluate(jax.tree.map(lambda a: a[None], params), X, y, batch_size=4))
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X, y), rtol=1e-6)
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X, y), rtol=1e-5)
   np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X), -1))
@@ -106,13 +110,12 @@ def test_every_optimizer_lowers_the_loss(name):
   X, y = tiny_data(n=32)
   hp = train.Hyperparams(optimizer=name, learning_rate=0.05, schedule="constant",
                          weight_decay=1e-3)
-  optimizer = train.make_optimizer(hp)
-  state = train.init_state(0, 5, 16, 3, optimizer)
-  before = float(mj.loss(state.params, X, y))
-  epoch = train.make_train_epoch(hp, optimizer, batch_size=8)
+  state = train.init_state([0], 5, 16, 3, hp)
+  before = float(mj.loss(first(state.params), X, y))
+  epoch = train.make_train_epoch(hp, batch_size=8)
   for e in range(5):
-    state, _ = epoch(state, X, y, e)
-  assert float(mj.loss(state.params, X, y)) < before
+    state, _ = epoch(state, X, y, e, {})
+  assert float(mj.loss(first(state.params), X, y)) < before
 
 
 def test_schedules():

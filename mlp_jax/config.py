@@ -1,0 +1,255 @@
+"""Every setting of a run, declared once: name, type, default, help and bounds.
+
+`RunConfig` (a NamedTuple) is built from SETTINGS; experiments/train.py generates its
+flags from the same list, and `resolve` checks every value in the library, so
+`experiment.run(config)` from Python refuses a bad setting with the same one line as
+the command line does.
+"""
+
+import itertools
+import math
+import typing
+from typing import Any, NamedTuple, Optional
+
+from mlp_jax import data
+from mlp_jax import privacy
+from mlp_jax import train
+
+
+class RunError(Exception):
+  """A run that cannot go on; the message is one line for the user."""
+
+
+class Setting(NamedTuple):
+  """One setting: its flag is --name. Bounds: lower <= v, above < v, v <= upper,
+  v < below; choices: the allowed values; optional: None is allowed (the default)."""
+
+  name: str
+  kind: type       # int, float, str, bool, or tuple (a repeatable flag)
+  default: Any
+  help: str
+  lower: Optional[float] = None
+  above: Optional[float] = None
+  upper: Optional[float] = None
+  below: Optional[float] = None
+  choices: tuple = ()
+
+
+_HP = train.Hyperparams()  # the defaults shared with the library
+_DATASETS = "digits | fashion_mnist | mnist | npz:PATH"
+
+SETTINGS = (
+    Setting("dataset", str, "digits", _DATASETS + "."),
+    Setting("data_dir", str, None, "Directory of the IDX files (mnist; fashion_mnist "
+            f"defaults to {data.FASHION_MNIST_DIR})."),
+    Setting("hidden_dim", int, 256, "H, hidden units.", lower=1),
+    Setting("batch_size", int, 16, "Examples per step (DP-SGD: the expected batch).",
+            lower=1),
+    Setting("epochs", int, 20, "Passes over the training set.", lower=1),
+    Setting("optimizer", str, _HP.optimizer, "optax optimizer.", choices=train.OPTIMIZERS),
+    Setting("learning_rate", float, _HP.learning_rate, "Peak learning rate.", above=0),
+    Setting("schedule", str, _HP.schedule, "Learning-rate schedule.",
+            choices=train.SCHEDULES),
+    Setting("warmup_epochs", float, 1.0, "Linear warmup (warmup_cosine).", lower=0),
+    Setting("weight_decay", float, _HP.weight_decay, "Weight decay of W1, W2.", lower=0),
+    Setting("clip_norm", float, _HP.clip_norm, "Clip gradients to this global norm; 0: "
+            "off.", lower=0),
+    Setting("label_smoothing", float, _HP.label_smoothing, "ε of (1−ε) one-hot + ε/K.",
+            lower=0, upper=1),
+    Setting("grads", str, _HP.grads, "Gradient: the manual formula, jax.grad, or the "
+            "manual custom_vjp.", choices=train.GRADIENTS),
+    Setting("compute_dtype", str, _HP.compute_dtype, "Matmul dtype; bfloat16 keeps "
+            "float32 params, softmax and loss.", choices=train.COMPUTE_DTYPES),
+    Setting("seed", int, 0, "Seed of init and shuffling (and DP noise)."),
+    Setting("workdir", str, None, "Output directory; rerun with it to resume. Default: a "
+            "fresh temporary directory."),
+    Setting("validation_fraction", float, None, "Fraction of train held out for "
+            "validation. Default 0, or 0.1 with --sweep.", lower=0, below=1),
+    Setting("progress", bool, True, "Show a progress bar."),
+    Setting("num_devices", int, None, "Devices per process. Default: every local device "
+            "(models split over them, each model's batches too: docs/devices.md).",
+            lower=1),
+    Setting("distributed", bool, False, "Start jax.distributed; without the three "
+            "settings below JAX detects them (SLURM, TPU pod, Open MPI)."),
+    Setting("coordinator_address", str, None, "host:port of process 0, for a "
+            "multi-process run (jax.distributed)."),
+    Setting("num_processes", int, None, "Processes in a multi-process run.", lower=1),
+    Setting("process_id", int, None, "This process's index, 0 to num_processes - 1.",
+            lower=0),
+    Setting("dp_noise_multiplier", float, None, "DP-SGD with noise multiplier σ "
+            "(Gaussian noise of std σ·C per coordinate).", above=0),
+    Setting("dp_target_epsilon", float, None, "DP-SGD with σ calibrated so that the "
+            "planned steps spend this ε (PLD accountant) at --dp_delta.", above=0),
+    Setting("dp_clip_norm", float, 1.0, "DP-SGD: C, the bound on each example's gradient "
+            "norm.", above=0),
+    Setting("dp_clipping", str, "flat", "DP-SGD: one norm over all parameters, or each "
+            "layer to C/√2.", choices=privacy.CLIPPINGS),
+    Setting("dp_delta", float, 1e-5, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.",
+            above=0, below=1),
+    Setting("num_seeds", int, 1, "Train this many models together (seeds seed, seed + 1, "
+            "...) in one program; report mean ± std.", lower=1),
+    Setting("sweep", tuple, (), "NAME=v1,v2,...: train every combination (times the "
+            "seeds) together and choose on validation; NAME one of "
+            "{sweepable}.".format(sweepable=", ".join(train.SWEEPABLE + (
+                "dp_target_epsilon",)))),
+    Setting("stacking", str, None, "How several models share one program: vmap "
+            "(batched) or map (one after another); default vmap, map on a CPU for large "
+            "steps.", choices=train.STACKINGS),
+)
+
+RunConfig = typing.NamedTuple(
+    "RunConfig", [(s.name, Optional[s.kind]) for s in SETTINGS])
+RunConfig.__new__.__defaults__ = tuple(s.default for s in SETTINGS)
+RunConfig.__doc__ = ("Every setting of a run (SETTINGS declares each: type, default, "
+                     "help, bounds); experiment.run(RunConfig(...)) trains it.")
+BY_NAME = {s.name: s for s in SETTINGS}
+
+# The sweepable settings: train.SWEEPABLE (traced per model) and the DP target, which
+# becomes one σ per model before the program starts.
+SWEEPABLE = train.SWEEPABLE + ("dp_target_epsilon",)
+
+
+def _bounds_text(s):
+  parts = [f">= {s.lower:g}" if s.lower is not None else None,
+           f"> {s.above:g}" if s.above is not None else None,
+           f"<= {s.upper:g}" if s.upper is not None else None,
+           f"< {s.below:g}" if s.below is not None else None]
+  return " and ".join(p for p in parts if p)
+
+
+def check_setting(s, value):
+  """RunError in one line unless `value` suits Setting `s`: type, finite, bounds,
+  choices (None only for a setting whose default is None)."""
+  flag = f"--{s.name}={value!r}" if isinstance(value, str) else f"--{s.name}={value}"
+  if value is None and s.default is None:
+    return
+  if s.kind is tuple:
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+      raise RunError(f"--{s.name} must be a list of strings NAME=v1,v2, got {value!r}.")
+    return
+  kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[s.kind]
+  if not isinstance(value, kinds) or (s.kind is not bool and isinstance(value, bool)):
+    raise RunError(f"{flag}: must be {'an' if s.kind is int else 'a'} {s.kind.__name__}.")
+  if s.kind is float and not math.isfinite(value):
+    raise RunError(f"{flag}: must be a finite number"
+                   + (f" {_bounds_text(s)}." if _bounds_text(s) else "."))
+  if s.choices and value not in s.choices:
+    raise RunError(f"{flag}: must be one of {', '.join(s.choices)}.")
+  if s.kind in (int, float) and not ((s.lower is None or value >= s.lower) and
+                                     (s.above is None or value > s.above) and
+                                     (s.upper is None or value <= s.upper) and
+                                     (s.below is None or value < s.below)):
+    raise RunError(f"{flag}: must be {_bounds_text(s)}.")
+
+
+def is_private(config):
+  """True for a differentially private (DP-SGD) run."""
+  swept = {spec.partition("=")[0].strip() for spec in config.sweep}
+  return (config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
+          or bool(swept & {"dp_noise_multiplier", "dp_target_epsilon"}))
+
+
+def parse_sweep(specs):
+  """("name=v1,v2", ...) -> {name: (v1, v2)}; RunError naming what is wrong."""
+  grid = {}
+  for spec in specs:
+    name, _, text = spec.partition("=")
+    name = name.strip()
+    if name in BY_NAME and name not in SWEEPABLE:
+      raise RunError(f"--sweep {name} cannot be vmapped: it changes the shapes or the "
+                     "program; loop over it instead, one run per value (e.g. for v in A B; "
+                     f"do python experiments/train.py --{name}=$v --workdir=runs/$v; done).")
+    if name not in SWEEPABLE:
+      raise RunError(f"--sweep {spec!r}: unknown name {name!r}; sweepable are "
+                     f"{', '.join(SWEEPABLE)}.")
+    if name in grid:
+      raise RunError(f"--sweep {name} is given twice; list all its values in one flag.")
+    try:
+      values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+      values = ()
+    if not text.strip() or not values or not all(math.isfinite(v) and v >= 0 for v in values):
+      raise RunError(f"--sweep {spec!r} needs numbers >= 0 after '=', e.g. "
+                     f"--sweep={name}=1e-3,2e-3.")
+    for v in values:  # each value must be a valid setting itself
+      try:
+        check_setting(BY_NAME[name], v)
+      except RunError as e:
+        raise RunError(f"--sweep {name}: {e}") from None
+    grid[name] = values
+  return grid
+
+
+def sweep_grid(config):
+  """The configurations of --sweep in grid order, [{name: value}] ([{}] with none)."""
+  grid = parse_sweep(config.sweep)
+  return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def count_models(config):
+  """M: --num_seeds times the size of the --sweep grid."""
+  return config.num_seeds * len(sweep_grid(config))
+
+
+def _check_cluster(config):
+  if config.dataset not in ("digits", "fashion_mnist", "mnist") and not (
+      config.dataset.startswith("npz:") and len(config.dataset) > 4):
+    raise RunError(f"--dataset={config.dataset!r}: must be one of {_DATASETS}.")
+  address = config.coordinator_address
+  if address is not None and not (":" in address and address.rsplit(":", 1)[1].isdigit()):
+    raise RunError(f"--coordinator_address={address!r}: must be host:port, e.g. "
+                   "10.0.0.1:1234.")
+  if (config.process_id is not None and config.num_processes is not None
+      and config.process_id >= config.num_processes):
+    raise RunError(f"--process_id={config.process_id}: must be below --num_processes="
+                   f"{config.num_processes} (processes count from 0).")
+
+
+def _check_dp(config):
+  """DP settings that cannot work together, before any data is read."""
+  if not is_private(config):
+    return
+  if not privacy.dp_available():
+    raise RunError(f"the --dp_* flags need the dp extra: {privacy.DP_EXTRA}.")
+  swept = parse_sweep(config.sweep)
+  noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
+           if getattr(config, n) is not None or n in swept]
+  if len(noise) > 1:
+    raise RunError("give --dp_noise_multiplier or --dp_target_epsilon (set or swept), "
+                   "not both.")
+  if config.grads != "manual":
+    raise RunError("a DP run always uses the closed-form clipped gradient; drop "
+                   f"--grads={config.grads}.")
+
+
+def resolve(config):
+  """`config` checked, with its defaults made explicit; RunError (one line) for a bad
+  value or settings that cannot work together. A sweep holds out 10% of train for
+  validation unless told otherwise."""
+  for s in SETTINGS:
+    check_setting(s, getattr(config, s.name))
+  _check_cluster(config)
+  if config.schedule == "warmup_cosine" and config.warmup_epochs > config.epochs:
+    raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
+                   f"{config.epochs}: the learning rate would never reach its peak; use "
+                   f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
+  fraction = config.validation_fraction
+  if config.sweep:
+    parse_sweep(config.sweep)
+    if fraction is not None and fraction <= 0:
+      raise RunError("a --sweep chooses its configuration on validation data: give "
+                     "--validation_fraction > 0 (default 0.1), never the test set.")
+  _check_dp(config)
+  if fraction is None:
+    fraction = 0.1 if config.sweep else 0.0
+  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))
+
+
+def hyperparams(config, steps_per_epoch, cycle_ends):
+  """The train.Hyperparams of `config`: its fields of the same names, and a
+  learning-rate cycle ending at each epoch of `cycle_ends` (workdir.schedule_epochs)."""
+  shared = {f: getattr(config, f) for f in train.Hyperparams._fields if f in RunConfig._fields}
+  return train.Hyperparams(
+      warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+      total_steps=cycle_ends[-1] * steps_per_epoch,
+      restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]), **shared)

@@ -1,0 +1,148 @@
+"""What a finished (or interrupted) run leaves and prints, for one model or many.
+
+    params.npz      the chosen model (the first seed of the chosen configuration; the
+                    only model of a single run) with its input preprocessing
+    curves.png      the chosen configuration's curves (mean ± std band over its seeds)
+    confusion.png   the chosen model's test confusion matrix
+    filters.png     the chosen model's W1 rows as images (image datasets)
+  and with several models:
+    params_all.npz  every model stacked (w1 is (M, H, D)), each model's seed and values
+    sweep.json      the configurations ranked on validation, the chosen one's test
+"""
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from mlp_jax import data
+from mlp_jax import plots
+from mlp_jax import stack as stack_lib
+from mlp_jax import trained
+
+
+class Finished(NamedTuple):
+  """The end of a run, as the reports read it (host values)."""
+
+  history: list    # the metrics rows, epoch 1 on
+  stack: Any       # stack.Stack
+  ranking: list    # stack.choose's: the chosen configuration first
+  test: dict       # the final test evaluation: accuracy (M,), loss (M,), predictions (M, N)
+  params: Any      # the stacked Params (M, ...)
+
+  @property
+  def models(self):
+    """The chosen configuration's models."""
+    return self.ranking[0]["models"]
+
+
+def chosen_test(finished):
+  """Mean and std over the chosen models of the final test loss and accuracy."""
+  return stack_lib.mean_std({"test_accuracy": finished.test["accuracy"],
+                             "test_loss": finished.test["loss"]}, finished.models)
+
+
+def write_outputs(workdir, finished, inputs, config):
+  """params.npz, the plots, and for several models params_all.npz and sweep.json.
+  `inputs` is the run's data.Dataset without its arrays (the preprocessing)."""
+  best = finished.models[0]
+  params = jax.tree.map(lambda a: a[best], finished.params)
+  trained.save(os.path.join(workdir, "params.npz"), params, inputs.mean, inputs.std,
+               inputs.input_shape, inputs.class_names, config.dataset,
+               data.PIXEL_MAX.get(config.dataset, 0.0))
+  plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models),
+                    os.path.join(workdir, "curves.png"), config.label_smoothing)
+  plots.plot_confusion(plots.confusion_matrix(inputs.y_test, finished.test["predictions"][best],
+                                              inputs.num_classes),
+                       os.path.join(workdir, "confusion.png"), inputs.class_names)
+  plots.plot_filters(params.w1, inputs.input_shape, os.path.join(workdir, "filters.png"))
+  stack = finished.stack
+  if stack.num_models == 1:
+    return
+  np.savez(os.path.join(workdir, "params_all.npz"), **finished.params._asdict(),
+           seed=np.array(stack.model_seeds), **stack.values)
+  with open(os.path.join(workdir, "sweep.json"), "w") as f:
+    json.dump({"chosen": finished.ranking[0]["configuration"],
+               "chosen_models": finished.models, "seeds": stack.seeds,
+               "chosen_test": chosen_test(finished), "ranking": finished.ranking}, f,
+              indent=2)
+
+
+def speed(new_rows, num_examples):
+  """One line on this invocation's speed: the first epoch (which compiles) apart, then
+  s per epoch and examples/s both from the mean of the later epochs."""
+  first = new_rows[0]
+  text = f"epoch {first['epoch']} {first['seconds']:.2f} s (with compiling)"
+  rest = new_rows[1:]
+  if rest:
+    mean = sum(row["seconds"] for row in rest) / len(rest)
+    text += (f"; epochs {rest[0]['epoch']}-{rest[-1]['epoch']} {mean:.3f} s per epoch, "
+             f"{num_examples / mean:,.0f} examples/s")
+  return text
+
+
+def _table(last, splits, one):
+  """The loss and accuracy table of the chosen models' last row: one model's values, or
+  mean ± std over its seeds."""
+  def cell(split, metric, scale, unit):
+    mean = scale * last[f"{split}_{metric}"]
+    std = scale * last.get(f"{split}_{metric}_std", 0.0)
+    return f"{mean:11.2f}%" if one and unit else f"{mean:12.4f}" if one else (
+        f"{mean:9.2f}% ± {std:.2f}" if unit else f"{mean:10.4f} ± {std:.4f}")
+  width = 12 if one else 18
+  return [f"{'':10}" + "".join(f"{s:>{width}}" for s in splits),
+          f"{'loss':10}" + "".join(cell(s, "loss", 1, False) for s in splits),
+          f"{'accuracy':10}" + "".join(cell(s, "accuracy", 100, True) for s in splits)]
+
+
+def _dp_line(last, dp_record):
+  delta, clip = dp_record["delta"], dp_record["clip_norm"]
+  settings = (f"δ = {delta:g}, σ = {_values_text(dp_record['noise_multiplier'], '.4g')}, "
+              f"q = {dp_record['sampling_rate']:.4g}, {last['steps']} steps, C = "
+              f"{_values_text(clip, 'g')} ({dp_record['clipping']})")
+  if "per_model" not in last:
+    return (f"DP-SGD: ε = {last['epsilon']:.3f} (PLD; RDP {last['epsilon_rdp']:.3f}) at "
+            f"{settings}")
+  eps = [float(f"{e:.3f}") for e in last["per_model"]["epsilon"]]
+  return (f"DP-SGD: ε = {_values_text(eps if len(set(eps)) > 1 else eps[0], '.3f')} per "
+          "model (PLD), "
+          f"{last['epsilon_all_models']:.3f} for all {len(eps)} models released together "
+          f"(any one chosen among them), at {settings}")
+
+
+def _values_text(value, spec):
+  return format(value, spec) if not isinstance(value, list) else (
+      f"{format(min(value), spec)}-{format(max(value), spec)}")
+
+
+def summary(finished, new_rows, num_examples, seconds, dp_record=None):
+  """The lines a run prints at its end: the chosen models' last epoch, their test
+  accuracy (mean ± std over seeds for several), how they were chosen, the speed, ε."""
+  models, stack = finished.models, finished.stack
+  one = stack.num_models == 1
+  last = stack_lib.chosen_history(finished.history[-1:], models)[0]
+  if "test_accuracy" not in last:  # a sweep: test only at the end, the chosen models only
+    last.update(chosen_test(finished))
+  splits = [s for s in ("train", "validation", "test") if f"{s}_accuracy" in last]
+  lines = _table(last, splits, one)
+  if not one:
+    accuracy = 100 * np.asarray(finished.test["accuracy"])[models]
+    seeds = f"seed {stack.seeds[0]}" if len(models) == 1 else (
+        f"{len(models)} seeds {stack.seeds[0]}-{stack.seeds[-1]}")
+    lines.append(f"test accuracy {accuracy.mean():.2f} ± {accuracy.std():.2f}% (min "
+                 f"{accuracy.min():.2f}, max {accuracy.max():.2f}) over {seeds}")
+  if len(finished.ranking) > 1:
+    best = finished.ranking[0]
+    chosen = ", ".join(f"{k}={v:g}" for k, v in best["configuration"].items())
+    lines.append(f"chosen: {chosen}, by validation accuracy "
+                 f"{100 * best['validation_accuracy_mean']:.2f} ± "
+                 f"{100 * best['validation_accuracy_std']:.2f}% among "
+                 f"{len(finished.ranking)} configurations (ranked in sweep.json; test read "
+                 "for the chosen one only)")
+  lines.append(f"epochs {finished.history[-1]['epoch']}, {seconds:.1f} s in all"
+               + (f"; {speed(new_rows, num_examples * stack.num_models)}" if new_rows else ""))
+  if dp_record is not None:
+    lines.append(_dp_line(finished.history[-1], dp_record))
+  return "\n".join(lines)

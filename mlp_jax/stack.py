@@ -1,0 +1,122 @@
+"""The models of a run: M = C configurations × S seeds, the metrics rows they make, and
+the choice among configurations on validation.
+
+A run is always a stack; a single model is the stack of one configuration and one seed,
+and its metrics rows are flat ({"train_loss": 0.5, ...}). With several models each
+metric is `NAME_mean` and `NAME_std` over the models and every model's value is under
+`per_model`.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from mlp_jax import config as config_lib
+from mlp_jax.config import RunError
+
+
+class Stack(NamedTuple):
+  """The models of a run: model m = configuration m // S, seed m % S."""
+
+  configurations: list   # C dicts {name: value}, in grid order ([{}] without --sweep)
+  seeds: list            # the S seeds: seed, seed + 1, ...
+  values: dict           # {name: (M,) float32}: the per-model values the program reads
+  stacking: str = "vmap"  # how the models share the program (train.STACKINGS)
+
+  @property
+  def num_models(self):
+    return len(self.configurations) * len(self.seeds)
+
+  @property
+  def model_seeds(self):
+    """The seed of each of the M models."""
+    return [s for _ in self.configurations for s in self.seeds]
+
+
+def make_stack(config):
+  """The Stack of `config`: the grid of --sweep values, times the seeds."""
+  configurations = config_lib.sweep_grid(config)
+  seeds = [config.seed + s for s in range(config.num_seeds)]
+  names = configurations[0].keys()
+  values = {name: np.array([c[name] for c in configurations for _ in seeds], np.float32)
+            for name in names if name != "dp_target_epsilon"}  # σ comes from dp_plan
+  return Stack(configurations, seeds, values)
+
+
+def metrics_row(epoch, per_model, num_models):
+  """The metrics.jsonl row of `epoch` from {metric: (M,)}: flat for one model, else
+  NAME_mean, NAME_std and per_model."""
+  per_model = {k: np.asarray(v, np.float64).reshape(num_models) for k, v in per_model.items()}
+  if num_models == 1:
+    return {"epoch": epoch, **{k: float(v[0]) for k, v in per_model.items()}}
+  return {"epoch": epoch, **mean_std(per_model, suffix="_mean"),
+          "per_model": {k: v.tolist() for k, v in per_model.items()}}
+
+
+def model_values(row, key):
+  """Every model's value of metric `key` in a metrics row, as a list."""
+  return row["per_model"][key] if "per_model" in row else [row[key]]
+
+
+def headline(row, key):
+  """The value shown for a row's metric: the one model's, or the mean over models."""
+  return row[key] if key in row else row[f"{key}_mean"]
+
+
+def mean_std(per_model, models=None, suffix=""):
+  """{metric + suffix: mean, metric_std: std} over the models `models` (default all)."""
+  row = {}
+  for key, values in per_model.items():
+    values = np.asarray(values, np.float64)[models if models is not None else slice(None)]
+    row[f"{key}{suffix}"], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+  return row
+
+
+def chosen_history(history, models):
+  """The history of the models `models` alone: their values for one model, else
+  {metric: mean, metric_std: std} rows (curves.png draws the std as a band)."""
+  rows = []
+  for row in history:
+    stats = mean_std({k: np.asarray(model_values(row, k)) for k in _metrics(row)}, models)
+    if len(models) == 1:
+      stats = {k: v for k, v in stats.items() if not k.endswith("_std")}
+    rows.append({"epoch": row["epoch"], **stats})
+  return rows
+
+
+def _metrics(row):
+  return row["per_model"].keys() if "per_model" in row else [
+      k for k in row if k != "epoch"]
+
+
+def diverged_models(row):
+  """Per model: True where any loss in the row is not finite."""
+  losses = [k for k in _metrics(row) if k.endswith("_loss")]
+  values = np.array([model_values(row, k) for k in losses], np.float64)
+  return ~np.all(np.isfinite(values), axis=0)
+
+
+def choose(history, stack):
+  """(index of the chosen configuration, ranking): configurations ranked by their mean
+  validation accuracy over seeds at the last epoch, ties broken by the lower mean
+  validation loss (one whose models diverged ranks last); without a validation split,
+  the only configuration."""
+  last = history[-1]
+  diverged = diverged_models(last)
+  seeds = len(stack.seeds)
+  ranking = []
+  for c, values in enumerate(stack.configurations):
+    models = list(range(c * seeds, (c + 1) * seeds))
+    entry = {"configuration": values, "models": models,
+             "diverged": bool(np.any(diverged[models]))}
+    for key in ("validation_accuracy", "validation_loss"):
+      if key in _metrics(last):
+        stats = mean_std({key: model_values(last, key)}, models)
+        entry[f"{key}_mean"], entry[f"{key}_std"] = stats[key], stats[f"{key}_std"]
+    ranking.append(entry)
+  if "validation_accuracy" in _metrics(last):
+    ranking.sort(key=lambda e: (not e["diverged"], e["validation_accuracy_mean"],
+                                -e["validation_loss_mean"]), reverse=True)
+  elif len(ranking) > 1:
+    raise RunError("several configurations but no validation split to choose among them.")
+  return stack.configurations.index(ranking[0]["configuration"]), ranking

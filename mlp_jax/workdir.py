@@ -1,0 +1,194 @@
+"""The workdir of a run: its lock, its config history (config.json), its metrics file.
+
+WORKDIR/ after a run:
+    config.json      every setting, package versions, the device; `runs` lists the first
+                     run and each resume
+    metrics.jsonl    one JSON line per epoch (lines a restart replaces are kept aside in
+                     metrics.replaced-N.jsonl)
+    checkpoints/     orbax checkpoints of the TrainState (mlp_jax/checkpoint.py)
+    params.npz, plots, and for several models params_all.npz, sweep.json (reports.py)
+
+A workdir serves one run at a time (WorkdirLock), and holds one run's settings: a
+resume must match RESUME_FIELDS.
+"""
+
+import datetime
+import fcntl
+import json
+import os
+import platform
+import tempfile
+
+import jax
+import numpy as np
+
+from mlp_jax.config import RunError
+
+# config.json's layout: 2 since a checkpoint holds a stack of models (leading axis M).
+FORMAT = 2
+
+# What must match for a workdir's checkpoint to be resumed by this config: the data,
+# the network's shape, the optimizer state's structure, and the RNG and batch order.
+# The learning-rate schedule is fixed by the first run too (see `schedule_epochs`).
+RESUME_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction", "optimizer",
+                 "weight_decay", "clip_norm", "seed", "batch_size", "learning_rate",
+                 "schedule", "warmup_epochs", "dp_noise_multiplier", "dp_target_epsilon",
+                 "dp_clip_norm", "dp_clipping", "dp_delta", "num_seeds", "sweep")
+
+
+class WorkdirLock:
+  """An exclusive flock on WORKDIR/.lock for the life of a run. The kernel drops it when
+  the process ends, however it ends, so a killed run never leaves it stuck."""
+
+  def __init__(self, workdir):
+    self.path = os.path.join(workdir, ".lock")
+    self._fd = None
+
+  def acquire(self):
+    """Takes the lock, writing this pid into it; RunError naming the holder if taken."""
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+      os.close(fd)
+      raise RunError(f"--workdir {os.path.dirname(self.path)} is in use by another run "
+                     f"(process {holder}); wait for it to finish, or use another "
+                     "--workdir.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    self._fd = fd
+
+  def release(self):
+    """Drops the lock (a no-op if not held)."""
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
+
+
+def prepare(config):
+  """Creates and locks the workdir (a fresh temporary one if None); refuses one in use
+  or holding a run of other settings (RESUME_FIELDS).
+
+  Returns (workdir, the config.json of the run it holds or {}, the WorkdirLock to release;
+  only process 0 locks).
+  """
+  workdir = config.workdir or tempfile.mkdtemp(prefix="mlp_jax_")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise RunError(f"--workdir {workdir} is a file, not a directory; choose another path.")
+  lock = WorkdirLock(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      lock.acquire()
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    lock.release()
+    raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
+                   "path.") from None
+  try:
+    return (workdir, _check_old_run(workdir, config), lock)
+  except RunError:
+    lock.release()
+    raise
+
+
+def _check_old_run(workdir, config):
+  """The workdir's config.json ({} if none); RunError if its RESUME_FIELDS differ or it
+  was written by a version whose checkpoints hold one model, not a stack."""
+  old_config = os.path.join(workdir, "config.json")
+  if not os.path.exists(old_config):
+    return {}
+  with open(old_config) as f:
+    old_run = json.load(f)
+  if old_run.get("format") != FORMAT:
+    raise RunError(f"--workdir {workdir} holds a run of mlp_jax 0.2 or older, whose "
+                   "checkpoints this version cannot resume; finish it with that version "
+                   "(its params.npz loads here), or use a fresh --workdir.")
+  old = old_run.get("config", {})
+  for field in RESUME_FIELDS:
+    if field in old and old[field] != json.loads(json.dumps(getattr(config, field))):
+      raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
+                     f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
+  return old_run
+
+
+def schedule_epochs(config, old_run, epochs_done, log):
+  """The epochs where each learning-rate cycle ends, e.g. [10] or, resumed, [10, 15].
+
+  A run's schedule is planned for its --epochs. Resuming with more epochs than planned
+  keeps the planned cycle and starts a new one (warmup, then cosine to 0) for the extra
+  epochs; with fewer, training stops early on the planned schedule. Either is logged.
+  """
+  if not epochs_done:
+    return [config.epochs]
+  planned = old_run.get("config", {}).get("epochs", config.epochs)
+  ends = list(old_run.get("schedule_epochs") or [planned])
+  if config.epochs > ends[-1]:
+    log(f"--epochs {config.epochs} extends a run planned for {ends[-1]}: epochs "
+        f"{ends[-1] + 1}-{config.epochs} follow a new {config.schedule} cycle at peak "
+        f"learning rate {config.learning_rate:g} (schedule_epochs in config.json)")
+    ends.append(config.epochs)
+  elif config.epochs < ends[-1]:
+    log(f"--epochs {config.epochs} stops early on a schedule planned for {ends[-1]} "
+        "epochs; the learning rate has not decayed to its end")
+  return ends
+
+
+def _versions():
+  import optax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint  # pylint: disable=g-import-not-at-top
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+          "optax": optax.__version__, "numpy": np.__version__,
+          "orbax_checkpoint": getattr(orbax.checkpoint, "__version__", None)}
+
+
+def config_record(config, old_run, cycle_ends, dp_record, ds, mesh, epochs_done):
+  """config.json: this run's settings on top, and `runs`, one entry per invocation
+  (the first run and each resume), each with its settings, start time and device."""
+  this_run = {"config": config._asdict(), "started": datetime.datetime.now(
+      datetime.timezone.utc).isoformat(timespec="seconds"), "resumed_from_epoch": epochs_done,
+              "versions": _versions(), "device": str(mesh.devices.flat[0]),
+              "num_devices": mesh.size, "mesh": dict(mesh.shape),
+              "num_processes": jax.process_count(), "platform": jax.default_backend()}
+  return {"format": FORMAT, "config": config._asdict(), "schedule_epochs": cycle_ends,
+          "dp": dp_record, "num_classes": ds.num_classes, "in_dim": ds.x_train.shape[1],
+          "train_examples": len(ds.y_train), "runs": [*old_run.get("runs", []), this_run]}
+
+
+def write_config(workdir, record):
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(record, f, indent=2)
+
+
+def read_history(workdir, epochs_done, writer, log):
+  """The metrics lines of epochs 1..epochs_done. Lines of later epochs (a run that fell
+  back to an older checkpoint, or restarts from scratch) are not lost: the old file is
+  kept as metrics.replaced-N.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  kept = [row for row in rows if row["epoch"] <= epochs_done]
+  if len(kept) < len(rows) and writer:
+    n = 1
+    while os.path.exists(aside := path.replace(".jsonl", f".replaced-{n}.jsonl")):
+      n += 1
+    os.replace(path, aside)
+    log(f"metrics.jsonl held epochs this run retrains; the old file is kept as {aside}")
+  return kept
+
+
+def write_history(workdir, rows):
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def append_row(workdir, row):
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps(row) + "\n")
