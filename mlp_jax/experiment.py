@@ -243,6 +243,15 @@ class Placed(NamedTuple):
   train: tuple
   splits: dict    # {"validation": ..., "test": ...}: what each epoch evaluates
   test: tuple
+  inputs: Any     # the data.Dataset without its arrays: labels, preprocessing, names
+
+
+class Restored(NamedTuple):
+  """Where training starts: the TrainState, the epochs it has done, the checkpoints."""
+
+  state: Any
+  epochs_done: int
+  mngr: Any
 
 
 def _place(ds, ctx):
@@ -256,11 +265,12 @@ def _place(ds, ctx):
     splits["validation"] = place(ds.x_val, ds.y_val)
   if len(ctx.stack.configurations) == 1:
     splits["test"] = test
-  return Placed(place(ds.x_train, ds.y_train), splits, test)
+  inputs = ds._replace(x_train=None, x_test=None, x_val=None)  # the rest is small
+  return Placed(place(ds.x_train, ds.y_train), splits, test, inputs)
 
 
 def _restore(ctx, in_dim, num_classes):
-  """(the TrainState to start from, epochs done, the checkpoint manager)."""
+  """The Restored state to start from: the newest checkpoint's, or a fresh one."""
   config, stack = ctx.config, ctx.stack
   # The optimizer state's structure does not depend on the schedule: restore first.
   hp = config_lib.hyperparams(config, ctx.steps_per_epoch, [config.epochs])
@@ -269,9 +279,9 @@ def _restore(ctx, in_dim, num_classes):
   mngr = checkpoint.manager(ctx.workdir)
   restored = checkpoint.restore_latest(mngr, state, ctx.log)
   if restored is None:
-    return state, 0, mngr
+    return Restored(state, 0, mngr)
   ctx.log(f"resuming from the checkpoint after epoch {restored[0]}")
-  return restored[1], restored[0], mngr
+  return Restored(restored[1], restored[0], mngr)
 
 
 def _describe(ctx):
@@ -290,33 +300,32 @@ def _train(ctx, ds, old_run):
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
   config = ctx.config
   _describe(ctx)
-  state, epochs_done, mngr = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
-  cycle_ends = workdir_lib.schedule_epochs(config, old_run, epochs_done, ctx.log)
+  start = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
+  cycle_ends = workdir_lib.schedule_epochs(config, old_run, start.epochs_done, ctx.log)
   calibrated = (config.dp_target_epsilon is not None
                 or "dp_target_epsilon" in ctx.stack.configurations[0])
   if calibrated and cycle_ends != [config.epochs]:  # σ depends on --epochs
     raise RunError(f"this run's σ was calibrated for its ε over {cycle_ends[0]} epochs; "
                    f"resume it with --epochs={cycle_ends[0]}, or use a fresh --workdir "
                    "for another length.")
-  history = workdir_lib.read_history(ctx.workdir, epochs_done, ctx.writer, ctx.log)
+  history = workdir_lib.read_history(ctx.workdir, start.epochs_done, ctx.writer, ctx.log)
   parallel.barrier("mlp_jax: workdir read")  # every process has read it before 0 writes
   if ctx.writer:
     workdir_lib.write_history(ctx.workdir, history)
     workdir_lib.write_config(ctx.workdir, workdir_lib.config_record(
-        config, old_run, cycle_ends, ctx.dp and ctx.dp.record, ds, ctx.mesh, epochs_done))
+        ctx, old_run, cycle_ends, ds, start.epochs_done))
   placed = _place(ds, ctx)
-  inputs = ds._replace(x_train=None, x_test=None, x_val=None)  # the rest is small
   del ds
   hp = config_lib.hyperparams(config, ctx.steps_per_epoch, cycle_ends)
   try:
-    state, interrupted = _train_epochs(ctx, hp, state, placed, history, epochs_done, mngr)
+    state, interrupted = _train_epochs(ctx, hp, start, placed, history)
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
+    start.mngr.wait_until_finished()
+    start.mngr.close()
   if not history:
     raise RunError(f"--workdir {ctx.workdir} holds a finished run without its "
                    "metrics.jsonl; use a fresh --workdir.")
-  return _finish(ctx, state, history, placed, inputs, epochs_done, interrupted)
+  return _finish(ctx, state, history, placed, start.epochs_done, interrupted)
 
 
 def _epoch_row(ctx, train_epoch, state, values, placed, epoch):
@@ -377,9 +386,11 @@ def _progress(ctx, epochs_done):
   return bar, bar
 
 
-def _train_epochs(ctx, hp, state, placed, history, epochs_done, mngr):
-  """Trains the epochs left; appends each one's row to `history` and the metrics file
-  and checkpoints it. Returns (state, Interrupted if Ctrl-C stopped it, else None)."""
+def _train_epochs(ctx, hp, start, placed, history):
+  """Trains the epochs left after the Restored `start`; appends each one's row to
+  `history` and the metrics file and checkpoints it. Returns (state, Interrupted if
+  Ctrl-C stopped it, else None)."""
+  state, epochs_done = start.state, start.epochs_done
   train_epoch = train.make_train_epoch(hp, ctx.config.batch_size,
                                        num_examples=placed.train[2], mesh=ctx.mesh,
                                        dp=ctx.dp and ctx.dp.dpsgd,
@@ -398,7 +409,7 @@ def _train_epochs(ctx, hp, state, placed, history, epochs_done, mngr):
       history.append(row)
       if ctx.writer:
         workdir_lib.append_row(ctx.workdir, row)
-      checkpoint.save(mngr, epoch + 1, state)
+      checkpoint.save(start.mngr, epoch + 1, state)
       done = epoch + 1
       if bar is not None:
         shown = "validation" if "validation" in placed.splits else "test"
@@ -421,7 +432,7 @@ def _train_epochs(ctx, hp, state, placed, history, epochs_done, mngr):
   return state, None
 
 
-def _finish(ctx, state, history, placed, inputs, epochs_done, interrupted):
+def _finish(ctx, state, history, placed, epochs_done, interrupted):
   """Chooses on validation, evaluates the test set once (only the chosen configuration's
   numbers are kept), writes the outputs, logs the summary."""
   chosen, ranking = stack_lib.choose(history, ctx.stack)
@@ -431,7 +442,7 @@ def _finish(ctx, state, history, placed, inputs, epochs_done, interrupted):
   finished = reports.Finished(history, ctx.stack, ranking, test,
                               parallel.to_host(state.params))
   if ctx.writer:
-    reports.write_outputs(ctx.workdir, finished, inputs, ctx.config)
+    reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)
   if interrupted is not None:
     raise interrupted
   ctx.log(reports.summary(finished, history[epochs_done:], placed.train[2],

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mlp_jax import losses
@@ -288,16 +289,18 @@ def map_models(fn, tree, stacking="vmap", groups=1):
 
 
 def init_state(seeds, in_dim, hidden_dim, num_classes, hp, values=None):
-  """The stacked TrainState of M = len(seeds) models: model m is
+  """The stacked TrainState of M = len(seeds) models, on the default device: model m is
   init_model_state(seeds[m], ...) with the optimizer of hp and its `values` {name: (M,)}
-  (SWEEPABLE names; None or {} when only the seeds differ)."""
-  def one(seed_and_values):
-    seed, model_values = seed_and_values
-    model_hp, _ = with_values(hp, None, model_values)
-    return init_model_state(seed, in_dim, hidden_dim, num_classes,
-                            make_optimizer(model_hp))
-  seeds = jnp.asarray(list(seeds), jnp.int32)
-  return map_models(one, (seeds, dict(values or {})))
+  (SWEEPABLE names; None or {} when only the seeds differ). Built model by model and
+  stacked on the host: no program to compile."""
+  values = {k: np.asarray(v) for k, v in (values or {}).items()}
+  states = []
+  for m, seed in enumerate(seeds):
+    model_hp, _ = with_values(hp, None, {k: v[m] for k, v in values.items()})
+    states.append(init_model_state(int(seed), in_dim, hidden_dim, num_classes,
+                                   make_optimizer(model_hp)))
+  return jax.device_put(jax.tree.map(lambda *leaves: np.stack(jax.device_get(leaves)),
+                                     *states))
 
 
 def _model_epoch(hp, dp, batch_size, num_examples, mesh):

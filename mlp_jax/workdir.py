@@ -147,9 +147,12 @@ def _versions():
           "orbax_checkpoint": getattr(orbax.checkpoint, "__version__", None)}
 
 
-def config_record(config, old_run, cycle_ends, dp_record, ds, mesh, epochs_done):
+def config_record(ctx, old_run, cycle_ends, ds, epochs_done):
   """config.json: this run's settings on top, and `runs`, one entry per invocation
-  (the first run and each resume), each with its settings, start time and device."""
+  (the first run and each resume), each with its settings, start time and device.
+  `ctx` is the run's experiment.RunContext (its config, mesh and DP plan)."""
+  config, mesh = ctx.config, ctx.mesh
+  dp_record = ctx.dp.record if ctx.dp is not None else None
   this_run = {"config": config._asdict(), "started": datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="seconds"), "resumed_from_epoch": epochs_done,
               "versions": _versions(), "device": str(mesh.devices.flat[0]),
