@@ -25,7 +25,7 @@ from mlp_jax.privacy import clipped_grad_sum
 from mlp_jax.trained import TrainedModel
 from mlp_jax.trained import load
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Params", "init_params", "forward", "logits", "loss", "accuracy", "grads",

@@ -412,10 +412,11 @@ def _train_epochs(ctx, hp, start, placed, history):
       checkpoint.save(start.mngr, epoch + 1, state)
       done = epoch + 1
       if bar is not None:
-        shown = "validation" if "validation" in placed.splits else "test"
+        shown, label = (("validation", "val_acc") if "validation" in placed.splits
+                        else ("test", "test_acc"))
         bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
                         acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
-                        **{f"{shown[:4]}_acc": f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
+                        **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
       if parallel.any_process(stop.requested):  # the caller waits for this checkpoint
         return state, Interrupted(
             f"Ctrl-C after epoch {done}; its checkpoint, params.npz and plots are saved: "

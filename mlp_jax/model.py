@@ -1,4 +1,4 @@
-"""The network, in the seed's notation, for ONE example; batches come from jax.vmap.
+"""The network, in the source derivation's notation, for ONE example; batches come from jax.vmap.
 
     z1 = W1 x + b1      a1 = ReLU(z1)      z2 = W2 a1 + b2      p = softmax(z2)
 
@@ -46,7 +46,7 @@ def init_params(key, in_dim, hidden_dim, num_classes, *, dtype=jnp.float32):
 def relu(z):
   """ReLU(z) = 0 if z < 0 else z, written so that autodiff takes ReLU'(0) = 1.
 
-  The seed's convention (errata 7 in docs/derivation.md): jax.nn.relu would give
+  The source derivation's convention (errata 7 in docs/derivation.md): jax.nn.relu would give
   ReLU'(0) = 0 and jnp.maximum(z, 0) gives 1/2, so the manual and autodiff
   gradients would differ at exact ties. Testing z < 0 (not z >= 0) lets a NaN
   through: NaN < 0 is false, so a NaN input gives NaN logits, never a finite guess.

@@ -255,7 +255,7 @@ def test_gradcheck_in_float32_and_next_to_the_runner():
 
 
 def test_gradcheck_catches_the_seeds_first_layer_formula():
-  """Errata 2: the seed's ∂L/∂W1 has no ReLU mask; the check must flag it."""
+  """Errata 2: the source derivation's ∂L/∂W1 has no ReLU mask; the check must flag it."""
   def seed_grads(params, X, y):
     g = mj.grads(params, X, y)
     Z2 = mj.logits(params, X)

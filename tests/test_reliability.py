@@ -397,3 +397,14 @@ def test_resuming_with_more_epochs_starts_a_new_cycle_and_records_it(tiny_npz, t
   # Resumed again with the same --epochs, the recorded cycles are kept.
   experiment.run(config._replace(epochs=5), log=lines.append)
   assert json.loads((tmp_path / "config.json").read_text())["schedule_epochs"] == [3, 5]
+
+
+def test_a_workdir_of_an_older_version_is_refused_in_one_line(tiny_npz, tmp_path):
+  # mlp_jax 0.2 wrote config.json without "format": its checkpoints hold one model.
+  (tmp_path / "config.json").write_text(json.dumps({"config": {"hidden_dim": 16}}))
+  with pytest.raises(experiment.RunError, match="holds a run of mlp_jax 0.2 or older, "
+                     "whose checkpoints this version cannot resume; finish it with that "
+                     "version .* or use a fresh --workdir") as error:
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
+  assert "\n" not in str(error.value)
+  assert sorted(os.listdir(tmp_path)) == [".lock", "config.json"]
