@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from typing import NamedTuple, Optional
 
 from absl import app
 from absl import flags
@@ -305,20 +306,30 @@ def torch_run(b, h, cfg):
   return run
 
 
-def make_row(grads, mode, compute_dtype, devices, b, h, seconds, compile_seconds, ceiling,
-             cfg, temp_mb=None, num_models=1):
-  """One result row (the --json_out object) from the seconds per step of each repeat;
-  examples/s and GFLOP/s are summed over `num_models` models trained together."""
-  median = statistics.median(seconds)
+class Timing(NamedTuple):
+  """What was measured of one variant: seconds per step of each repeat, compile seconds,
+  temporary memory (MiB, where measured) and the models it trains together."""
+
+  seconds: list
+  compile_seconds: float
+  temp_mb: Optional[float] = None
+  num_models: int = 1
+
+
+def make_row(key, b, h, timing, ceiling, cfg):
+  """One result row (the --json_out object) of variant key = (grads, mode, dtype,
+  devices); examples/s and GFLOP/s are summed over the models trained together."""
+  grads, mode, compute_dtype, devices = key
+  median, num_models = statistics.median(timing.seconds), timing.num_models
   gflops = num_models * step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
   return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
           "num_devices": devices, "num_models": num_models, "optimizer": cfg.optimizer,
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
-          "us_per_step": median * 1e6, "us_per_step_min": min(seconds) * 1e6,
+          "us_per_step": median * 1e6, "us_per_step_min": min(timing.seconds) * 1e6,
           "examples_per_second": num_models * b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
-          "compile_seconds": compile_seconds, "peak_memory_mb": peak_memory_mb(),
-          "temp_memory_mb": temp_mb,
+          "compile_seconds": timing.compile_seconds, "peak_memory_mb": peak_memory_mb(),
+          "temp_memory_mb": timing.temp_mb,
           "device": str(jax.devices()[0]), "platform": jax.default_backend()}
 
 
@@ -393,44 +404,44 @@ def format_ratios(rows):
   return "\n".join(line for lines in kinds.values() for line in lines)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cfg = flags.FLAGS
+def check_flags(cfg):
+  """(batch sizes, hidden sizes, device counts, model counts) of the flags; a bad value
+  is one line on stderr and exit status 2."""
   unknown = ([g for g in cfg.grads if g not in train.GRADIENTS]
              + [m for m in cfg.modes if m not in ("step", "scan")]
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
              + [p for p in cfg.peers if p not in ("torch", "opacus")]
              + [s for s in cfg.stackings if s not in train.STACKINGS])
   try:
-    batch_sizes, hidden_dims, device_counts, model_counts = (
-        [int(v) for v in cfg.batch_sizes], [int(v) for v in cfg.hidden_dims],
-        [int(v) for v in cfg.num_devices], [int(v) for v in cfg.num_models])
+    sizes = ([int(v) for v in cfg.batch_sizes], [int(v) for v in cfg.hidden_dims],
+             [int(v) for v in cfg.num_devices], [int(v) for v in cfg.num_models])
   except ValueError:
     unknown.append("--batch_sizes/--hidden_dims/--num_devices/--num_models must be comma "
                    "lists of integers")
-    batch_sizes, hidden_dims, device_counts, model_counts = [], [], [], []
-  if unknown or min(batch_sizes + hidden_dims + device_counts + model_counts,
-                    default=1) < 1:
-    print(f"error: unknown or invalid values: {', '.join(unknown) or 'sizes must be >= 1'}",
-          file=sys.stderr)
-    sys.exit(2)
+    sizes = ([], [], [], [])
+  if unknown or min(sum(sizes, []), default=1) < 1:
+    _exit(f"unknown or invalid values: {', '.join(unknown) or 'sizes must be >= 1'}")
+  batch_sizes, _, device_counts, _ = sizes
   local = jax.local_device_count()
   if max(device_counts) > local:
-    print(f"error: --num_devices asks for {max(device_counts)} devices but there are "
-          f"{local}; on a CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
-          f"{max(device_counts)}.", file=sys.stderr)
-    sys.exit(2)
+    _exit(f"--num_devices asks for {max(device_counts)} devices but there are {local}; on "
+          f"a CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
+          f"{max(device_counts)}.")
   uneven = [(b, n) for b in batch_sizes for n in device_counts if b % n]
   if uneven:
-    print(f"error: batch size {uneven[0][0]} does not divide over {uneven[0][1]} devices; "
-          "use batch sizes that are multiples of every --num_devices.", file=sys.stderr)
-    sys.exit(2)
+    _exit(f"batch size {uneven[0][0]} does not divide over {uneven[0][1]} devices; use "
+          "batch sizes that are multiples of every --num_devices.")
+  return sizes
 
-  print(f"device: {jax.devices()[0]} ({jax.default_backend()}, {local} local), "
-        f"jax {jax.__version__}, "
-        f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
-        f"optimizer={cfg.optimizer}")
+
+def _exit(message):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def available_peers(cfg):
+  """{"torch": bool, "opacus": bool}: the peers asked for that can run here (a line
+  says why one is skipped)."""
   torch_ok = "torch" in cfg.peers and importlib.util.find_spec("torch") is not None
   if "torch" in cfg.peers and not torch_ok:
     print("peer torch: PyTorch is not installed (pip install torch); its rows are skipped")
@@ -439,54 +450,74 @@ def main(argv):
   if "opacus" in cfg.peers and not opacus_ok:
     print("peer opacus: needs --dp, torch and opacus (pip install torch opacus); its rows "
           "are skipped")
-  temp_mb, num_models = {}, {}
-  rows = []
-  for h in hidden_dims:
-    for b in batch_sizes:
-      # Every variant of one (B, H), and the GEMM ceilings, timed in turn (round robin).
-      runs, compile_seconds, gemm_flops = {}, {}, {}
-      for dt in cfg.compute_dtypes:
-        runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
-        for mode in cfg.modes:
-          for grads in cfg.grads:
-            # XLA's CPU runtime deadlocks with ~20-40 multi-device steps in flight,
-            # as `step` mode queues them; the runner's scan is one call per epoch.
-            for n in [n for n in device_counts if mode == "scan" or n == 1]:
-              key = (grads, mode, dt, n)
-              runs[key], compile_seconds[key] = jax_run(grads, mode, dt, b, h, n, cfg)
-      if cfg.dp:
-        for kind in ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"):
-          key = (kind, "step", "float32", 1)
-          runs[key], compile_seconds[key], temp_mb[key] = dp_run(kind, b, h, cfg)
-      for n_models in model_counts:
-        for stacking in cfg.stackings:
-          key = (f"{stacking}_{n_models}", "scan", "float32", 1)
-          runs[key], compile_seconds[key] = stacked_run(n_models, stacking, b, h, cfg)
-          num_models[key] = n_models
-      if model_counts and ("manual", "scan", "float32", 1) not in runs:
-        key = ("manual", "scan", "float32", 1)
-        runs[key], compile_seconds[key] = jax_run("manual", "scan", "float32", b, h, 1, cfg)
-      if opacus_ok:
-        for kind in ("opacus_hooks", "opacus_ghost"):
-          runs[(kind, "eager", "float32", 1)] = opacus_run(kind, b, h, cfg)
-          compile_seconds[(kind, "eager", "float32", 1)] = 0.0
-      if torch_ok or opacus_ok:
-        runs[("torch", "eager", "float32", 1)] = torch_run(b, h, cfg)
-        compile_seconds[("torch", "eager", "float32", 1)] = 0.0
-      if (cfg.dp or torch_ok or opacus_ok or model_counts) and ("gemm", "float32") not in runs:
-        runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
-                                                                    cfg.ceiling_size)
-      seconds = time_round_robin(runs, cfg.repeats)
-      ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
-                  for dt, flops in gemm_flops.items()}
-      print(f"B={b} H={h}: GEMM ceiling " + ", ".join(
-          f"{dt} {gf:.1f} GFLOP/s" for dt, gf in ceilings.items()) +
-            f" (median of a {cfg.ceiling_size}^3 jitted matmul)")
-      for key, s in seconds.items():
-        if key[0] != "gemm":
-          rows.append(make_row(*key, b, h, [t / cfg.steps for t in s],
-                               compile_seconds[key], ceilings[key[2]], cfg,
-                               temp_mb.get(key), num_models.get(key, 1)))
+  return {"torch": torch_ok, "opacus": opacus_ok}
+
+
+def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
+  """({key: run()}, {key: partial Timing fields}, {dtype: GEMM FLOPs per run}) for
+  every variant of one (B, H): key = (grads, mode, dtype, devices), or ("gemm", dtype)."""
+  runs, info, gemm_flops = {}, {}, {}
+  for dt in cfg.compute_dtypes:
+    runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
+    for mode in cfg.modes:
+      for grads in cfg.grads:
+        # XLA's CPU runtime deadlocks with ~20-40 multi-device steps in flight,
+        # as `step` mode queues them; the runner's scan is one call per epoch.
+        for n in [n for n in device_counts if mode == "scan" or n == 1]:
+          runs[(grads, mode, dt, n)], compile_s = jax_run(grads, mode, dt, b, h, n, cfg)
+          info[(grads, mode, dt, n)] = {"compile_seconds": compile_s}
+  if cfg.dp:
+    for kind in ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"):
+      runs[(kind, "step", "float32", 1)], compile_s, temp = dp_run(kind, b, h, cfg)
+      info[(kind, "step", "float32", 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
+  for n_models in model_counts:
+    for stacking in cfg.stackings:
+      key = (f"{stacking}_{n_models}", "scan", "float32", 1)
+      runs[key], compile_s = stacked_run(n_models, stacking, b, h, cfg)
+      info[key] = {"compile_seconds": compile_s, "num_models": n_models}
+  if model_counts and ("manual", "scan", "float32", 1) not in runs:
+    key = ("manual", "scan", "float32", 1)
+    runs[key], compile_s = jax_run("manual", "scan", "float32", b, h, 1, cfg)
+    info[key] = {"compile_seconds": compile_s}
+  peer_kinds = ((("opacus_hooks", "opacus_ghost") if peers["opacus"] else ())
+                + (("torch",) if peers["torch"] or peers["opacus"] else ()))
+  for kind in peer_kinds:
+    runs[(kind, "eager", "float32", 1)] = (torch_run(b, h, cfg) if kind == "torch"
+                                           else opacus_run(kind, b, h, cfg))
+    info[(kind, "eager", "float32", 1)] = {"compile_seconds": 0.0}
+  if (cfg.dp or peer_kinds or model_counts) and ("gemm", "float32") not in runs:
+    runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
+                                                                cfg.ceiling_size)
+  return runs, info, gemm_flops
+
+
+def time_one_size(b, h, device_counts, model_counts, peers, cfg):
+  """The rows of every variant of one (B, H), timed in turn (round robin) with the GEMM
+  ceilings."""
+  runs, info, gemm_flops = prepare_runs(b, h, device_counts, model_counts, peers, cfg)
+  seconds = time_round_robin(runs, cfg.repeats)
+  ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
+              for dt, flops in gemm_flops.items()}
+  print(f"B={b} H={h}: GEMM ceiling " + ", ".join(
+      f"{dt} {gf:.1f} GFLOP/s" for dt, gf in ceilings.items()) +
+        f" (median of a {cfg.ceiling_size}^3 jitted matmul)")
+  return [make_row(key, b, h, Timing([t / cfg.steps for t in s], **info[key]),
+                   ceilings[key[2]], cfg)
+          for key, s in seconds.items() if key[0] != "gemm"]
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg = flags.FLAGS
+  batch_sizes, hidden_dims, device_counts, model_counts = check_flags(cfg)
+  print(f"device: {jax.devices()[0]} ({jax.default_backend()}, "
+        f"{jax.local_device_count()} local), jax {jax.__version__}, "
+        f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
+        f"optimizer={cfg.optimizer}")
+  peers = available_peers(cfg)
+  rows = [row for h in hidden_dims for b in batch_sizes
+          for row in time_one_size(b, h, device_counts, model_counts, peers, cfg)]
   print(format_table(rows))
   print(format_ratios(rows))
   if cfg.json_out:

@@ -32,7 +32,9 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
 def define_flags():
   """One flag per setting, with its default and help; the choices listed in the help."""
   for s in config_lib.SETTINGS:
-    text = s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
+    bounds = config_lib.bounds_text(s)
+    text = (s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
+            + (f" Must be {bounds}." if bounds else ""))
     default = list(s.default) if s.kind is tuple else s.default
     _DEFINE[s.kind](s.name, default, text)
 

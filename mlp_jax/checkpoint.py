@@ -20,6 +20,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mlp_jax import parallel
+
 CORRUPT_DIR = "corrupt"
 
 
@@ -46,9 +48,10 @@ def manager(workdir, max_to_keep=3):
 
 
 def state_digest(state):
-  """SHA-256 over every leaf's dtype, shape and bytes, in pytree order."""
+  """SHA-256 over every leaf's dtype, shape and bytes, in pytree order (the whole
+  array, whichever devices and processes hold its parts)."""
   digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(jax.device_get(state)):
+  for leaf in jax.tree.leaves(parallel.to_host(state)):
     leaf = np.asarray(leaf)
     digest.update(f"{leaf.dtype}{leaf.shape}".encode())
     digest.update(np.ascontiguousarray(leaf).tobytes())

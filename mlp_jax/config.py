@@ -109,7 +109,7 @@ BY_NAME = {s.name: s for s in SETTINGS}
 SWEEPABLE = train.SWEEPABLE + ("dp_target_epsilon",)
 
 
-def _bounds_text(s):
+def bounds_text(s):
   parts = [f">= {s.lower:g}" if s.lower is not None else None,
            f"> {s.above:g}" if s.above is not None else None,
            f"<= {s.upper:g}" if s.upper is not None else None,
@@ -132,14 +132,14 @@ def check_setting(s, value):
     raise RunError(f"{flag}: must be {'an' if s.kind is int else 'a'} {s.kind.__name__}.")
   if s.kind is float and not math.isfinite(value):
     raise RunError(f"{flag}: must be a finite number"
-                   + (f" {_bounds_text(s)}." if _bounds_text(s) else "."))
+                   + (f" {bounds_text(s)}." if bounds_text(s) else "."))
   if s.choices and value not in s.choices:
     raise RunError(f"{flag}: must be one of {', '.join(s.choices)}.")
   if s.kind in (int, float) and not ((s.lower is None or value >= s.lower) and
                                      (s.above is None or value > s.above) and
                                      (s.upper is None or value <= s.upper) and
                                      (s.below is None or value < s.below)):
-    raise RunError(f"{flag}: must be {_bounds_text(s)}.")
+    raise RunError(f"{flag}: must be {bounds_text(s)}.")
 
 
 def is_private(config):

@@ -155,6 +155,25 @@ def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
 
 
 @pytest.mark.slow
+def test_four_seeds_on_two_processes_are_one_model_per_device(tiny_npz, tmp_path):
+  """--num_seeds=4 on 2 processes × 2 devices (the model axis spans the processes)
+  equals the same stack on 1 device."""
+  single = runner(tiny_npz, tmp_path / "single", "--num_seeds=4", "--num_devices=1")
+  port = free_port()
+  processes = [runner(tiny_npz, tmp_path / "shared", "--num_seeds=4",
+                      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                      f"--process_id={i}", env=host_devices(2)) for i in range(2)]
+  for p in (*processes, single):
+    finish(p)
+  run = json.loads((tmp_path / "shared" / "config.json").read_text())["runs"][-1]
+  assert run["mesh"] == {"model": 4, "data": 1} and run["num_processes"] == 2
+  with np.load(tmp_path / "single" / "params_all.npz") as a, \
+       np.load(tmp_path / "shared" / "params_all.npz") as b:
+    for k in ("w1", "b1", "w2", "b2"):
+      assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(a[k])), k
+
+
+@pytest.mark.slow
 def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_path):
   port = free_port()
   processes = [runner(tiny_npz, tmp_path, "--epochs=200",

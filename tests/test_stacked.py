@@ -220,3 +220,13 @@ def test_swept_noise_gives_each_model_its_own_epsilon(tiny_npz, tmp_path):
   assert last["epsilon_all_models"] == privacy.epsilon_of_runs([0.8, 2.0], q, steps, 1e-3)
   with np.load(tmp_path / "params_all.npz") as f:
     np.testing.assert_allclose(f["dp_noise_multiplier"], [0.8, 2.0])
+
+
+def test_a_swept_target_epsilon_calibrates_one_sigma_per_model(tiny_npz, tmp_path):
+  run(tiny_config(tiny_npz, tmp_path, epochs=2, dp_delta=1e-3, learning_rate=0.05,
+                  sweep=("dp_target_epsilon=2,4",)))
+  last = read_metrics(tmp_path)[-1]
+  for epsilon, target in zip(last["per_model"]["epsilon"], (2.0, 4.0)):
+    assert target - 0.01 <= epsilon <= target
+  sigmas = json.loads((tmp_path / "config.json").read_text())["dp"]["noise_multiplier"]
+  assert len(sigmas) == 2 and sigmas[0] > sigmas[1]      # the smaller ε needs more noise
