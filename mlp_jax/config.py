@@ -208,6 +208,10 @@ def _check_cluster(config):
 def _check_dp(config):
   """DP settings that cannot work together, before any data is read."""
   if not is_private(config):
+    swept = [name for name in parse_sweep(config.sweep) if name.startswith("dp_")]
+    if swept:
+      raise RunError(f"--sweep {swept[0]} is a DP-SGD setting: add --dp_noise_multiplier "
+                     "or --dp_target_epsilon (or sweep one of them).")
     return
   if not privacy.dp_available():
     raise RunError(f"the --dp_* flags need the dp extra: {privacy.DP_EXTRA}.")

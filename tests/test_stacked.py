@@ -172,6 +172,8 @@ def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
     (["--sweep=learning_rate=0,1e-3"], "--sweep learning_rate: --learning_rate=0.0: must "
                                        "be > 0"),
     (["--sweep=dp_noise_multiplier=1,2", "--dp_target_epsilon=3"], "not both"),
+    (["--sweep=dp_clip_norm=0.5,1"], "--sweep dp_clip_norm is a DP-SGD setting: add "
+                                     "--dp_noise_multiplier or --dp_target_epsilon"),
     (["--sweep=learning_rate="], "needs numbers >= 0 after '='"),
     (["--sweep=weight_decay=0.1", "--sweep=weight_decay=0.2"], "is given twice"),
     (["--sweep=weight_decay=0,0.1", "--validation_fraction=0"],
