@@ -64,7 +64,7 @@ def main(argv):
     os._exit(1)  # a normal exit waits ~100 s in JAX's shutdown for the lost process
   except experiment.Interrupted as e:
     print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(128 + e.signum)  # 130 after Ctrl-C, 143 after SIGTERM
   except (data.DataError, experiment.RunError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -42,7 +42,7 @@ def manager(workdir, max_to_keep=3):
                           "permissions, or use a fresh --workdir.")
   try:
     return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True))
+        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
   except OSError as e:
     raise CheckpointError(f"cannot open the checkpoints in {path} ({e}).") from None
 

@@ -42,7 +42,12 @@ from mlp_jax.workdir import WorkdirLock  # pylint: disable=unused-import
 
 
 class Interrupted(RunError):
-  """Ctrl-C: the last finished epoch's checkpoint is on disk; rerun to resume."""
+  """Ctrl-C or SIGTERM: the run stopped; the newest checkpoint is on disk, rerun to
+  resume. `signum` is the signal (the runner exits with 128 + signum)."""
+
+  def __init__(self, message, signum=signal.SIGINT):
+    super().__init__(message)
+    self.signum = signum
 
 
 class PeerLost(RunError):
@@ -71,34 +76,46 @@ class RunContext(NamedTuple):
   writer: bool                # process 0: writes the files and logs
   log: Callable
   start: float                # time.time() at the start
+  stop: Any                   # _StopSignals: Ctrl-C and SIGTERM
 
 
-class _CtrlC:
-  """Turns the first Ctrl-C into a request to stop after the current epoch's checkpoint.
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
-  A second Ctrl-C interrupts at once. Only the main thread can own signal handlers;
-  elsewhere Ctrl-C keeps its default behaviour.
-  """
+
+class _StopSignals:
+  """Turns the first Ctrl-C or SIGTERM (what Slurm, Kubernetes and cloud preemption send
+  before SIGKILL) into a request to stop after the current epoch's checkpoint; a second
+  one stops the process at once, in one line, with status 128 + signum (the newest
+  checkpoint on disk is complete: orbax renames it into place). Only the main thread can own signal
+  handlers; elsewhere the signals keep their default behaviour."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum = None
+    self._previous = {}
+
+  @property
+  def requested(self):
+    return self.signum is not None
 
   def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-    print("\nCtrl-C: stopping after this epoch's checkpoint (press again to abort)",
-          file=sys.stderr, flush=True)
+    name = SIGNAL_NAMES[signum]
+    if self.requested:  # exit now: an exception raised here can land anywhere (a GC hook)
+      print(f"stopped: a second {name}: stopped at once; the newest checkpoint on disk is "
+            "kept: rerun the same command to resume.", file=sys.stderr, flush=True)
+      os._exit(128 + signum)
+    self.signum = signum
+    print(f"\n{name}: stopping after this epoch's checkpoint ({name} again to stop at "
+          "once)", file=sys.stderr, flush=True)
 
   def install(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
+      for signum in SIGNAL_NAMES:
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def uninstall(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 # Optimizer slots per parameter (momentum, Adam's μ and ν).
@@ -223,8 +240,11 @@ def run(config, log=print):
   stack = stack._replace(stacking=config.stacking or train.default_stacking(
       jax.default_backend(), config.batch_size, in_dim, config.hidden_dim))
   workdir, old_run, lock = workdir_lib.prepare(config)
-  ctx = RunContext(config, stack, mesh, workdir, dp, steps_per_epoch, writer, log, start)
+  stop = _StopSignals()
+  ctx = RunContext(config, stack, mesh, workdir, dp, steps_per_epoch, writer, log, start,
+                   stop)
   try:
+    stop.install()
     return _train(ctx, ds, old_run)
   except checkpoint.CheckpointError as e:
     raise RunError(str(e)) from None
@@ -234,6 +254,7 @@ def run(config, log=print):
                      "--batch_size.") from None
     raise
   finally:
+    stop.uninstall()
     lock.release()
 
 
@@ -399,9 +420,7 @@ def _train_epochs(ctx, hp, start, placed, history):
   learning_rate = train.make_schedule(hp)  # the configured peak; swept peaks scale it
   epochs, bar = _progress(ctx, epochs_done)
   done = epochs_done
-  stop = _CtrlC()
   try:
-    stop.install()
     for epoch in epochs:
       state, row = _epoch_row(ctx, train_epoch, state, values, placed, epoch)
       _check_divergence(ctx, row, epoch, done)
@@ -417,10 +436,13 @@ def _train_epochs(ctx, hp, start, placed, history):
         bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
                         acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
                         **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
-      if parallel.any_process(stop.requested):  # the caller waits for this checkpoint
+      signum = _stop_signal(ctx.stop)  # the caller waits for this checkpoint
+      if signum and done < ctx.config.epochs:
         return state, Interrupted(
-            f"Ctrl-C after epoch {done}; its checkpoint, params.npz and plots are saved: "
-            "rerun the same command to resume.")
+            f"{SIGNAL_NAMES[signum]} after epoch {done}; its checkpoint, params.npz and "
+            "plots are saved: rerun the same command to resume.", signum)
+      if signum:
+        ctx.log(f"{SIGNAL_NAMES[signum]} came during the last epoch: the run is complete")
   except _RUNTIME_ERROR as e:
     if jax.process_count() == 1:
       raise
@@ -428,9 +450,16 @@ def _train_epochs(ctx, hp, start, placed, history):
                    "process or another one failed (out of memory, killed, network); the "
                    f"checkpoint after epoch {done} is kept: restart every process with the "
                    "same command to resume.") from None
-  finally:
-    stop.uninstall()
   return state, None
+
+
+def _stop_signal(stop):
+  """The signal that asked this run to stop, on any process (SIGINT where several
+  processes got different ones), or None; one collective with several processes."""
+  if jax.process_count() == 1:
+    return stop.signum
+  signums = parallel.process_values(np.int32(stop.signum or 0))
+  return int(np.max(signums)) or None
 
 
 def _finish(ctx, state, history, placed, epochs_done, interrupted):

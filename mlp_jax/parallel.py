@@ -200,11 +200,9 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def any_process(flag):
-  """True on every process if `flag` is true on any (one collective; no-op alone)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+def process_values(value):
+  """Every process's `value` (a numpy scalar), one per process (one collective)."""
+  return np.asarray(multihost_utils.process_allgather(value))
 
 
 def barrier(name):

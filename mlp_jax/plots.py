@@ -99,10 +99,15 @@ def filters_figure(w1, input_shape, max_units=64):
   return fig
 
 
+def is_image(input_shape, in_dim):
+  """True when the inputs are images: input_shape (h, w) with h·w = D."""
+  return len(input_shape) == 2 and input_shape[0] * input_shape[1] == in_dim
+
+
 def plot_filters(w1, input_shape, path):
-  """filters_figure saved at `path`; returns False (and writes nothing) unless the input
-  is an image, input_shape (h, w) with h·w = D."""
-  if len(input_shape) != 2 or input_shape[0] * input_shape[1] != w1.shape[1]:
+  """filters_figure saved at `path` (a path or a binary file); returns False (and writes
+  nothing) unless the input is an image (is_image)."""
+  if not is_image(input_shape, w1.shape[1]):
     return False
   filters_figure(w1, input_shape).savefig(path, dpi=100)
   return True

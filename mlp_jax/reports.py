@@ -10,7 +10,7 @@
     sweep.json      the configurations ranked on validation, the chosen one's test
 """
 
-import json
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -21,6 +21,8 @@ from mlp_jax import data
 from mlp_jax import plots
 from mlp_jax import stack as stack_lib
 from mlp_jax import trained
+from mlp_jax.workdir import atomic_file
+from mlp_jax.workdir import write_json
 
 
 class Finished(NamedTuple):
@@ -45,29 +47,35 @@ def chosen_test(finished):
 
 
 def write_outputs(workdir, finished, inputs, config):
-  """params.npz, the plots, and for several models params_all.npz and sweep.json.
-  `inputs` is the run's data.Dataset without its arrays (the preprocessing)."""
+  """params.npz, the plots, and for several models params_all.npz and sweep.json, each
+  written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
+  data.Dataset without its arrays (the preprocessing)."""
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
-  trained.save(os.path.join(workdir, "params.npz"), params, inputs.mean, inputs.std,
-               inputs.input_shape, inputs.class_names, config.dataset,
-               data.PIXEL_MAX.get(config.dataset, 0.0))
-  plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models),
-                    os.path.join(workdir, "curves.png"), config.label_smoothing)
-  plots.plot_confusion(plots.confusion_matrix(inputs.y_test, finished.test["predictions"][best],
-                                              inputs.num_classes),
-                       os.path.join(workdir, "confusion.png"), inputs.class_names)
-  plots.plot_filters(params.w1, inputs.input_shape, os.path.join(workdir, "filters.png"))
+  path = functools.partial(os.path.join, workdir)
+  with atomic_file(path("params.npz")) as f:
+    trained.save(f, params, inputs.mean, inputs.std, inputs.input_shape,
+                 inputs.class_names, config.dataset, data.PIXEL_MAX.get(config.dataset, 0.0))
+  with atomic_file(path("curves.png")) as f:
+    plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models), f,
+                      config.label_smoothing)
+  with atomic_file(path("confusion.png")) as f:
+    plots.plot_confusion(plots.confusion_matrix(
+        inputs.y_test, finished.test["predictions"][best], inputs.num_classes), f,
+                         inputs.class_names)
+  if plots.is_image(inputs.input_shape, params.w1.shape[1]):
+    with atomic_file(path("filters.png")) as f:
+      plots.plot_filters(params.w1, inputs.input_shape, f)
   stack = finished.stack
   if stack.num_models == 1:
     return
-  np.savez(os.path.join(workdir, "params_all.npz"), **finished.params._asdict(),
-           seed=np.array(stack.model_seeds), **stack.values)
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump({"chosen": finished.ranking[0]["configuration"],
-               "chosen_models": finished.models, "seeds": stack.seeds,
-               "chosen_test": chosen_test(finished), "ranking": finished.ranking}, f,
-              indent=2)
+  with atomic_file(path("params_all.npz")) as f:
+    np.savez(f, **finished.params._asdict(), seed=np.array(stack.model_seeds),
+             **stack.values)
+  write_json(path("sweep.json"), {
+      "chosen": finished.ranking[0]["configuration"], "chosen_models": finished.models,
+      "seeds": stack.seeds, "chosen_test": chosen_test(finished),
+      "ranking": finished.ranking})
 
 
 def speed(new_rows, num_examples):

@@ -60,7 +60,8 @@ class TrainedModel(NamedTuple):
 
 
 def save(path, params, mean, std, input_shape, class_names, dataset, pixel_max=0.0):
-  """Writes params.npz: the params and the preprocessing of TrainedModel."""
+  """Writes params.npz (`path`: a path or a binary file): the params and the
+  preprocessing of TrainedModel."""
   np.savez(path, **{k: np.asarray(v) for k, v in params._asdict().items()},
            input_mean=np.asarray(mean, np.float32), input_std=np.asarray(std, np.float32),
            input_shape=np.asarray(input_shape, np.int64),

@@ -12,6 +12,7 @@ A workdir serves one run at a time (WorkdirLock), and holds one run's settings: 
 resume must match RESUME_FIELDS.
 """
 
+import contextlib
 import datetime
 import fcntl
 import json
@@ -163,9 +164,31 @@ def config_record(ctx, old_run, cycle_ends, ds, epochs_done):
           "train_examples": len(ds.y_train), "runs": [*old_run.get("runs", []), this_run]}
 
 
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+  """A file object on a temporary twin of `path`, renamed to `path` once the block has
+  written it completely and flushed it to disk: a crash or a full disk never leaves a
+  truncated `path` behind (the temporary twin is removed)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_json(path, value):
+  """`value` as indented JSON at `path`, atomically."""
+  with atomic_file(path, "w") as f:
+    json.dump(value, f, indent=2)
+
+
 def write_config(workdir, record):
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(record, f, indent=2)
+  write_json(os.path.join(workdir, "config.json"), record)
 
 
 def read_history(workdir, epochs_done, writer, log):
@@ -188,7 +211,7 @@ def read_history(workdir, epochs_done, writer, log):
 
 
 def write_history(workdir, rows):
-  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+  with atomic_file(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 

@@ -174,19 +174,22 @@ def test_four_seeds_on_two_processes_are_one_model_per_device(tiny_npz, tmp_path
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_one_process_stops_both_after_the_same_epoch(tiny_npz, tmp_path):
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                                   (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_to_one_process_stops_both_after_the_same_epoch(signum, status, name,
+                                                                 tiny_npz, tmp_path):
   port = free_port()
   processes = [runner(tiny_npz, tmp_path, "--epochs=200",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
   wait_for_epochs(tmp_path, processes[0], 1)
-  processes[1].send_signal(signal.SIGINT)
+  processes[1].send_signal(signum)
   lasts = []
   for p in processes:
     _, stderr = p.communicate(timeout=120)
-    assert p.returncode == 130, stderr
+    assert p.returncode == status, stderr
     lasts.append(stderr.strip().splitlines()[-1])
-  assert lasts[0] == lasts[1] and lasts[0].startswith("stopped: Ctrl-C after epoch ")
+  assert lasts[0] == lasts[1] and lasts[0].startswith(f"stopped: {name} after epoch ")
   done = int(lasts[0].split("after epoch ")[1].split(";")[0])
   assert done < 200 and len(metrics(tmp_path)) == done
   assert (tmp_path / "params.npz").exists()

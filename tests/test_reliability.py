@@ -72,15 +72,22 @@ def test_sigkill_then_rerun_ends_bit_identical(tiny_npz, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tiny_npz, tmp_path):
+@pytest.mark.parametrize("signum, status, name", [(signal.SIGINT, 130, "Ctrl-C"),
+                                                   (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_saves_and_exits_cleanly_then_resumes(signum, status, name, tiny_npz,
+                                                       tmp_path):
   process = subprocess.Popen(runner_command(tiny_npz, tmp_path, "--epochs=2000"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_epochs(tmp_path, process, 3)
-  process.send_signal(signal.SIGINT)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=60)
-  assert process.returncode == 130, stderr
-  last = stderr.strip().splitlines()[-1]
-  assert last.startswith("stopped: Ctrl-C after epoch ") and last.count("stopped") == 1
+  assert process.returncode == status, stderr
+  lines = [line for line in stderr.splitlines() if line.strip() and "libtpu" not in line]
+  assert lines[0].startswith(f"{name}: stopping after this epoch's checkpoint")
+  last = lines[-1]
+  assert len(lines) == 2, stderr
+  assert last.startswith(f"stopped: {name} after epoch ") and last.count("stopped") == 1
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if "tmp" in p.name]
   assert "params.npz and plots are saved" in last and "rerun the same command" in last
   done = int(last.split("after epoch ")[1].split(";")[0])
   assert done >= 3 and len(metrics(tmp_path)) == done
@@ -95,6 +102,30 @@ def test_ctrl_c_saves_and_exits_cleanly_then_resumes(tiny_npz, tmp_path):
   lines = quiet(tiny_config(tiny_npz, tmp_path, epochs=done + 2))
   assert f"resuming from the checkpoint after epoch {done}" in lines
   assert [row["epoch"] for row in metrics(tmp_path)] == list(range(1, done + 3))
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once_in_one_line(tiny_npz, tmp_path):
+  process = subprocess.Popen(runner_command("digits", tmp_path, "--epochs=2000",
+                                            "--batch_size=2"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_epochs(tmp_path, process, 1)
+  process.send_signal(signal.SIGTERM)
+  time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 143, stderr
+  lines = [line for line in stderr.splitlines() if line.strip() and "libtpu" not in line]
+  assert len(lines) == 2 and "Traceback" not in stderr, stderr
+  assert lines[-1] == ("stopped: a second SIGTERM: stopped at once; the newest checkpoint "
+                       "on disk is kept: rerun the same command to resume.")
+
+
+def test_a_signal_during_the_last_epoch_finishes_the_run(tiny_npz, tmp_path, monkeypatch):
+  monkeypatch.setattr(experiment, "_stop_signal", lambda stop: signal.SIGTERM)
+  lines = quiet(tiny_config(tiny_npz, tmp_path, epochs=1))   # no Interrupted raised
+  assert "SIGTERM came during the last epoch: the run is complete" in lines
+  assert (tmp_path / "params.npz").exists()
 
 
 # Checkpoint recovery. A constant schedule: a run of 3 epochs then 4 follows the 4-epoch
