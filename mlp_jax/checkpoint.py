@@ -11,8 +11,11 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 run killed mid-save leaves no half-written step behind.
 """
 
+import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
 
 import jax
@@ -64,20 +67,93 @@ def state_signature(state):
   return hashlib.sha256(f"{jax.tree.structure(state)}{leaves}".encode()).hexdigest()
 
 
+def write_error(e):
+  """The reason, e.g. "No space left on device", if `e` is a failed write: an OSError,
+  or orbax's error carrying tensorstore's os_error_code; None for anything else."""
+  if isinstance(e, OSError):
+    return e.strerror or str(e)
+  code = re.search(r"os_error_code='(\d+)'", str(e))
+  return os.strerror(int(code.group(1))) if code else None
+
+
+@contextlib.contextmanager
+def _writes(mngr):
+  """A failed write inside the block becomes one CheckpointError line."""
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except  (orbax wraps OSErrors)
+    reason = write_error(e)
+    if reason is None:
+      raise
+    _settle(mngr)
+    raise CheckpointError(
+        f"cannot write a checkpoint in {mngr.directory} ({reason}); the newest complete "
+        "checkpoint is kept: free space or fix the permissions, then rerun the same "
+        "command to resume.") from None
+
+
+def _settle(mngr):
+  """After a failed write: lets orbax's background save threads end (their errors are
+  the one just reported), so none of them prints after the caller's one line."""
+  for step in (mngr.wait_until_finished, mngr.close):
+    try:
+      step()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def check_space(mngr, state):
+  """CheckpointError, before orbax starts, unless the checkpoints' filesystem has room
+  for one more checkpoint (its arrays × 1.2 + 64 KiB of metadata): a full disk is one
+  line, not a failure inside orbax's background threads."""
+  need = int(1.2 * sum(leaf.nbytes for leaf in jax.tree.leaves(state))) + 64 * 1024
+  stats = os.statvfs(str(mngr.directory))
+  free = stats.f_bavail * stats.f_frsize
+  if free < need:
+    raise CheckpointError(
+        f"cannot write a checkpoint in {mngr.directory} (No space left on device: "
+        f"{free / 2**20:.2f} MiB free, a checkpoint needs about {need / 2**20:.2f} MiB); "
+        "the newest complete checkpoint is kept: free space, then rerun the same command "
+        "to resume.")
+
+
 def save(mngr, epoch, state):
-  """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously).
+  """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously; a
+  failed write of it or of the save before it is a CheckpointError).
 
   Raises CheckpointError when orbax declines to save (it skips a step that is not newer
   than its latest), rather than leaving the epoch silently without a checkpoint.
   """
-  saved = mngr.save(epoch, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      checksum=ocp.args.JsonSave({"sha256": state_digest(state),
-                                  "signature": state_signature(state)})))
+  check_space(mngr, state)
+  with _writes(mngr):
+    saved = mngr.save(epoch, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        checksum=ocp.args.JsonSave({"sha256": state_digest(state),
+                                    "signature": state_signature(state)})))
   if not saved:
     raise CheckpointError(f"orbax did not save the checkpoint after epoch {epoch} (the "
                           f"newest in {mngr.directory} is epoch {mngr.latest_step()}); "
                           "use a fresh --workdir.")
+
+
+def finish(mngr):
+  """Waits for the last save and closes the manager (a failed write: CheckpointError)."""
+  with _writes(mngr):
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+class _QuietOrbaxErrors(logging.Filter):
+  """Drops orbax's own error logs (tracebacks of its save threads): every failure they
+  report reaches the caller as an exception, which this module turns into one line."""
+
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and (
+        "orbax" in record.pathname or "orbax-checkpoint-tmp" in record.getMessage()))
+
+
+_QUIET = _QuietOrbaxErrors()
+logging.getLogger("absl").addFilter(_QUIET)
 
 
 def _restore(mngr, epoch, template):

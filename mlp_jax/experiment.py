@@ -248,6 +248,10 @@ def run(config, log=print):
     return _train(ctx, ds, old_run)
   except checkpoint.CheckpointError as e:
     raise RunError(str(e)) from None
+  except OSError as e:  # a write of the workdir's files: disk full, read-only, I/O error
+    raise RunError(f"cannot write {e.filename or workdir} ({e.strerror or e}); the newest "
+                   "complete checkpoint is kept: free space or fix the permissions, then "
+                   "rerun the same command to resume.") from None
   except _RUNTIME_ERROR as e:
     if _out_of_memory(e):
       raise RunError(f"out of memory ({_first_line(e)}); use a smaller --hidden_dim or "
@@ -341,8 +345,7 @@ def _train(ctx, ds, old_run):
   try:
     state, interrupted = _train_epochs(ctx, hp, start, placed, history)
   finally:
-    start.mngr.wait_until_finished()
-    start.mngr.close()
+    checkpoint.finish(start.mngr)
   if not history:
     raise RunError(f"--workdir {ctx.workdir} holds a finished run without its "
                    "metrics.jsonl; use a fresh --workdir.")
@@ -425,6 +428,7 @@ def _train_epochs(ctx, hp, start, placed, history):
       state, row = _epoch_row(ctx, train_epoch, state, values, placed, epoch)
       _check_divergence(ctx, row, epoch, done)
       _learning_rates(ctx, row, learning_rate, epoch)
+      checkpoint.check_space(start.mngr, state)  # before the epoch's line is written
       history.append(row)
       if ctx.writer:
         workdir_lib.append_row(ctx.workdir, row)

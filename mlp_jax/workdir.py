@@ -83,9 +83,12 @@ def prepare(config):
     if jax.process_index() == 0:
       lock.acquire()
     probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    try:
+      with open(probe, "w") as f:
+        f.write("ok")
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
   except OSError as e:
     lock.release()
     raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "

@@ -1,5 +1,7 @@
 """Crash-safe, exactly resumable training, and hostile input that cannot hurt it."""
 
+import contextlib
+import errno
 import gzip
 import io
 import json
@@ -32,6 +34,8 @@ from mlp_jax import checkpoint
 from mlp_jax import data
 from mlp_jax import experiment
 from mlp_jax import train
+from mlp_jax import trained
+from mlp_jax import workdir as workdir_lib
 
 metrics = read_metrics
 
@@ -439,3 +443,61 @@ def test_a_workdir_of_an_older_version_is_refused_in_one_line(tiny_npz, tmp_path
     quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
   assert "\n" not in str(error.value)
   assert sorted(os.listdir(tmp_path)) == [".lock", "config.json"]
+
+
+# Write errors: a real full disk (a small tmpfs), and injected OSErrors.
+
+@contextlib.contextmanager
+def small_disk(path, size="600k"):
+  path.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                    capture_output=True).returncode:
+    pytest.skip("needs root to mount a small tmpfs")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes_bit_identical(tmp_path):
+  config = tiny_config("digits", tmp_path / "disk" / "w", hidden_dim=256, epochs=5,
+                       schedule="constant")
+  with small_disk(tmp_path / "disk") as disk:
+    with pytest.raises(experiment.RunError) as error:
+      quiet(config)
+    message = str(error.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert "the newest complete checkpoint is kept" in message
+    saved = sorted(os.listdir(disk / "w" / "checkpoints"))
+    assert saved and all(name.isdigit() for name in saved)   # only complete checkpoints
+    assert not [f for f in os.listdir(disk / "w") if "tmp" in f or "write_test" in f]
+    assert len(metrics(disk / "w")) == int(saved[-1])        # no line past the checkpoint
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # space freed
+    lines = quiet(config)
+    assert f"resuming from the checkpoint after epoch {saved[-1]}" in lines
+    quiet(config._replace(workdir=str(tmp_path / "straight")))
+    assert_same_params(disk / "w", tmp_path / "straight")
+
+
+def test_a_failing_metrics_append_is_one_line_naming_the_file(tiny_npz, tmp_path,
+                                                               monkeypatch):
+  def broken(workdir, row):
+    raise OSError(errno.EIO, "Input/output error", os.path.join(workdir, "metrics.jsonl"))
+  monkeypatch.setattr(workdir_lib, "append_row", broken)
+  with pytest.raises(experiment.RunError, match=f"^cannot write {tmp_path}/metrics.jsonl "
+                     r"\(Input/output error\); the newest complete checkpoint is kept"):
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=2))
+
+
+def test_outputs_are_written_whole_or_not_at_all(tiny_npz, tmp_path, monkeypatch):
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
+  before = (tmp_path / "params.npz").read_bytes()
+
+  def half_then_full(f, *args, **kwargs):
+    f.write(b"PK\x03\x04 half a zip")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(trained, "save", half_then_full)
+  with pytest.raises(experiment.RunError, match="No space left on device"):
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=2))
+  assert (tmp_path / "params.npz").read_bytes() == before   # the old file, untouched
+  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
