@@ -117,9 +117,10 @@ def check_space(mngr, state):
         "to resume.")
 
 
-def save(mngr, epoch, state):
+def save(mngr, epoch, state, settings=None):
   """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously; a
-  failed write of it or of the save before it is a CheckpointError).
+  failed write of it or of the save before it is a CheckpointError), with `settings`
+  {name: JSON value}: what a resume must match (see restore_latest).
 
   Raises CheckpointError when orbax declines to save (it skips a step that is not newer
   than its latest), rather than leaving the epoch silently without a checkpoint.
@@ -129,7 +130,8 @@ def save(mngr, epoch, state):
     saved = mngr.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         checksum=ocp.args.JsonSave({"sha256": state_digest(state),
-                                    "signature": state_signature(state)})))
+                                    "signature": state_signature(state),
+                                    "settings": settings or {}})))
   if not saved:
     raise CheckpointError(f"orbax did not save the checkpoint after epoch {epoch} (the "
                           f"newest in {mngr.directory} is epoch {mngr.latest_step()}); "
@@ -156,7 +158,16 @@ _QUIET = _QuietOrbaxErrors()
 logging.getLogger("absl").addFilter(_QUIET)
 
 
-def _restore(mngr, epoch, template):
+def _check_settings(saved, settings, epoch):
+  """CheckpointError naming the first setting a resume changes."""
+  for name, value in (settings or {}).items():
+    if name in saved and saved[name] != value:
+      raise CheckpointError(
+          f"the checkpoint after epoch {epoch} was trained with {name}={saved[name]!r}, "
+          f"not {value!r}; resume with the same setting, or use a fresh --workdir.")
+
+
+def _restore(mngr, epoch, template, settings=None):
   """The state of checkpoint `epoch`: raises _Corrupt or CheckpointError."""
   try:
     record = mngr.restore(epoch, args=ocp.args.Composite(
@@ -169,6 +180,7 @@ def _restore(mngr, epoch, template):
     raise CheckpointError(
         f"the checkpoint after epoch {epoch} in {mngr.directory} holds a state of another "
         "structure (written by another version of mlp_jax?); use a fresh --workdir.")
+  _check_settings(record.get("settings", {}), settings, epoch)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   try:
     restored = mngr.restore(epoch, args=ocp.args.Composite(
@@ -209,15 +221,16 @@ def move_aside(mngr, epoch):
   return target
 
 
-def restore_latest(mngr, template, log=print):
+def restore_latest(mngr, template, log=print, settings=None):
   """(epochs done, state) of the newest checkpoint that loads and matches its checksum.
 
   A corrupt one is reported in one line and moved aside (move_aside); None when no good
-  one is left. Any other failure raises CheckpointError.
+  one is left. Any other failure raises CheckpointError, as does a checkpoint saved
+  with other `settings` (the values it records win over a lost or edited config.json).
   """
   for epoch in sorted(mngr.all_steps(), reverse=True):
     try:
-      return epoch, _restore(mngr, epoch, template)
+      return epoch, _restore(mngr, epoch, template, settings)
     except _Corrupt as e:
       moved = move_aside(mngr, epoch)
       log(f"checkpoint after epoch {epoch} is corrupt ({e}); moved to {moved}, falling "

@@ -239,7 +239,7 @@ def run(config, log=print):
                                   parallel.data_shards(mesh), log)
   stack = stack._replace(stacking=config.stacking or train.default_stacking(
       jax.default_backend(), config.batch_size, in_dim, config.hidden_dim))
-  workdir, old_run, lock = workdir_lib.prepare(config)
+  workdir, old_run, lock = workdir_lib.prepare(config, log)
   stop = _StopSignals()
   ctx = RunContext(config, stack, mesh, workdir, dp, steps_per_epoch, writer, log, start,
                    stop)
@@ -302,7 +302,8 @@ def _restore(ctx, in_dim, num_classes):
   state = parallel.shard_models(train.init_state(
       stack.model_seeds, in_dim, config.hidden_dim, num_classes, hp, stack.values), ctx.mesh)
   mngr = checkpoint.manager(ctx.workdir)
-  restored = checkpoint.restore_latest(mngr, state, ctx.log)
+  restored = checkpoint.restore_latest(mngr, state, ctx.log,
+                                      workdir_lib.resume_settings(config))
   if restored is None:
     return Restored(state, 0, mngr)
   ctx.log(f"resuming from the checkpoint after epoch {restored[0]}")
@@ -432,7 +433,7 @@ def _train_epochs(ctx, hp, start, placed, history):
       history.append(row)
       if ctx.writer:
         workdir_lib.append_row(ctx.workdir, row)
-      checkpoint.save(start.mngr, epoch + 1, state)
+      checkpoint.save(start.mngr, epoch + 1, state, workdir_lib.resume_settings(ctx.config))
       done = epoch + 1
       if bar is not None:
         shown, label = (("validation", "val_acc") if "validation" in placed.splits
@@ -479,7 +480,8 @@ def _finish(ctx, state, history, placed, epochs_done, interrupted):
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)
   if interrupted is not None:
     raise interrupted
-  ctx.log(reports.summary(finished, history[epochs_done:], placed.train[2],
+  new_rows = [row for row in history if row["epoch"] > epochs_done]  # this invocation's
+  ctx.log(reports.summary(finished, new_rows, placed.train[2],
                           time.time() - ctx.start, ctx.dp and ctx.dp.record))
   if ctx.stack.num_models == 1:
     return history[-1]

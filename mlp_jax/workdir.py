@@ -67,7 +67,7 @@ class WorkdirLock:
       self._fd = None
 
 
-def prepare(config):
+def prepare(config, log=print):
   """Creates and locks the workdir (a fresh temporary one if None); refuses one in use
   or holding a run of other settings (RESUME_FIELDS).
 
@@ -94,20 +94,40 @@ def prepare(config):
     raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
                    "path.") from None
   try:
-    return (workdir, _check_old_run(workdir, config), lock)
+    return (workdir, _check_old_run(workdir, config, log), lock)
   except RunError:
     lock.release()
     raise
 
 
-def _check_old_run(workdir, config):
-  """The workdir's config.json ({} if none); RunError if its RESUME_FIELDS differ or it
-  was written by a version whose checkpoints hold one model, not a stack."""
+def _set_aside(path, kind):
+  """Renames `path` to STEM.KIND-N.EXT (N: the first free number); returns the new path."""
+  stem, ext = os.path.splitext(path)
+  n = 1
+  while os.path.exists(aside := f"{stem}.{kind}-{n}{ext}"):
+    n += 1
+  os.replace(path, aside)
+  return aside
+
+
+def _check_old_run(workdir, config, log):
+  """The workdir's config.json ({} if none, or unreadable: then set aside, and the
+  checkpoint's own record of the settings is checked instead); RunError if its
+  RESUME_FIELDS differ or it was written by a version whose checkpoints hold one model,
+  not a stack."""
   old_config = os.path.join(workdir, "config.json")
   if not os.path.exists(old_config):
     return {}
-  with open(old_config) as f:
-    old_run = json.load(f)
+  try:
+    with open(old_config) as f:
+      old_run = json.load(f)
+    if not isinstance(old_run, dict):
+      raise ValueError("not a JSON object")
+  except ValueError as e:  # empty, truncated, not JSON
+    aside = _set_aside(old_config, "unreadable") if jax.process_index() == 0 else ""
+    log(f"config.json is unreadable ({str(e).splitlines()[0][:80]}); kept as {aside}, "
+        "and the checkpoint's record of the settings is checked instead")
+    return {}
   if old_run.get("format") != FORMAT:
     raise RunError(f"--workdir {workdir} holds a run of mlp_jax 0.2 or older, whose "
                    "checkpoints this version cannot resume; finish it with that version "
@@ -118,6 +138,14 @@ def _check_old_run(workdir, config):
       raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
                      f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
   return old_run
+
+
+def resume_settings(config):
+  """What a checkpoint records and a resume must match: RESUME_FIELDS and the float
+  precision (JAX_ENABLE_X64), as JSON values."""
+  settings = {field: getattr(config, field) for field in RESUME_FIELDS}
+  settings["jax_enable_x64"] = bool(jax.config.jax_enable_x64)
+  return json.loads(json.dumps(settings))
 
 
 def schedule_epochs(config, old_run, epochs_done, log):
@@ -201,16 +229,38 @@ def read_history(workdir, epochs_done, writer, log):
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows, torn = _read_rows(path)
   kept = [row for row in rows if row["epoch"] <= epochs_done]
-  if len(kept) < len(rows) and writer:
-    n = 1
-    while os.path.exists(aside := path.replace(".jsonl", f".replaced-{n}.jsonl")):
-      n += 1
-    os.replace(path, aside)
-    log(f"metrics.jsonl held epochs this run retrains; the old file is kept as {aside}")
+  if (len(kept) < len(rows) or torn) and writer:
+    aside = _set_aside(path, "replaced")
+    what = (f"a torn line (line {torn[0]}, not a whole JSON record)" if torn
+            else "epochs this run retrains")
+    log(f"metrics.jsonl held {what}; the old file is kept as {aside}")
+  missing = sorted(set(range(1, epochs_done + 1)) - {row["epoch"] for row in kept})
+  if missing:
+    log(f"metrics.jsonl lacks the lines of epoch(s) {', '.join(map(str, missing))}, which "
+        f"the checkpoint after epoch {epochs_done} covers: their metrics are lost, the "
+        "training is not")
   return kept
+
+
+def _read_rows(path):
+  """(the metrics rows of a metrics.jsonl, the numbers of its lines that are not a
+  whole JSON record with an epoch: a line cut by a crash or a full disk)."""
+  rows, torn = [], []
+  with open(path, errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:
+        row = None
+      if isinstance(row, dict) and "epoch" in row:
+        rows.append(row)
+      else:
+        torn.append(number)
+  return rows, torn
 
 
 def write_history(workdir, rows):

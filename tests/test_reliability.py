@@ -501,3 +501,61 @@ def test_outputs_are_written_whole_or_not_at_all(tiny_npz, tmp_path, monkeypatch
     quiet(tiny_config(tiny_npz, tmp_path, epochs=2))
   assert (tmp_path / "params.npz").read_bytes() == before   # the old file, untouched
   assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+# Torn or missing records: the checkpoint holds what a resume must match.
+
+def test_a_torn_metrics_line_is_set_aside_and_the_run_resumes(tiny_npz, tmp_path):
+  config = constant(tiny_npz, tmp_path, 2)
+  quiet(config)
+  text = (tmp_path / "metrics.jsonl").read_text()
+  (tmp_path / "metrics.jsonl").write_text(text[:-20])     # cut mid-line, as a crash does
+  lines = quiet(config._replace(epochs=3))
+  assert any("metrics.jsonl held a torn line (line 2" in line for line in lines)
+  assert any("lacks the lines of epoch(s) 2" in line for line in lines)
+  assert (tmp_path / "metrics.replaced-1.jsonl").read_text() == text[:-20]
+  assert [row["epoch"] for row in metrics(tmp_path)] == [1, 3]
+
+
+@pytest.mark.parametrize("damage", ["", '{"format": 2, "config": {"hidden_', "[1, 2]"])
+def test_an_unreadable_config_json_is_set_aside_and_the_checkpoint_checked(
+    damage, tiny_npz, tmp_path):
+  config = constant(tiny_npz, tmp_path, 2)
+  quiet(config)
+  (tmp_path / "config.json").write_text(damage)
+  lines = quiet(config._replace(epochs=3))
+  assert any(line.startswith("config.json is unreadable") for line in lines)
+  assert "resuming from the checkpoint after epoch 2" in lines
+  assert (tmp_path / "config.unreadable-1.json").read_text() == damage
+  assert json.loads((tmp_path / "config.json").read_text())["config"]["epochs"] == 3
+
+
+def test_a_deleted_config_json_still_refuses_other_settings(tiny_npz, tmp_path):
+  quiet(constant(tiny_npz, tmp_path, 2))
+  os.remove(tmp_path / "config.json")
+  for field, value in (("seed", 1), ("learning_rate", 0.5)):
+    with pytest.raises(experiment.RunError, match=f"the checkpoint after epoch 2 was "
+                       f"trained with {field}="):
+      quiet(constant(tiny_npz, tmp_path, 3)._replace(**{field: value}))
+  assert len(metrics(tmp_path)) == 2
+
+
+def test_the_summary_names_the_epoch_that_compiled_after_a_gap(tiny_npz, tmp_path):
+  config = constant(tiny_npz, tmp_path, 3)
+  quiet(config)
+  rows = metrics(tmp_path)
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # epochs 2, 3 lost
+  lines = quiet(config._replace(epochs=5))
+  assert any("lacks the lines of epoch(s) 2, 3" in line for line in lines)
+  assert "epoch 4 " in lines[-1].split("; ")[1] and "(with compiling)" in lines[-1]
+
+
+def test_a_resume_in_another_float_precision_is_refused(tiny_npz, tmp_path):
+  quiet(constant(tiny_npz, tmp_path, 1))
+  jax.config.update("jax_enable_x64", True)
+  try:
+    with pytest.raises(experiment.RunError, match="trained with jax_enable_x64=False, not "
+                                                  "True"):
+      quiet(constant(tiny_npz, tmp_path, 2))
+  finally:
+    jax.config.update("jax_enable_x64", False)
