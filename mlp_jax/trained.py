@@ -14,6 +14,8 @@ the inputs are not images).
 
 import glob
 import os
+import warnings
+import zipfile
 from typing import NamedTuple
 
 import jax
@@ -55,8 +57,11 @@ class TrainedModel(NamedTuple):
     return jax.nn.softmax(mlp.logits(self.params, self.inputs(x_raw)), axis=-1)
 
   def predict(self, x_raw):
-    """The most probable class (N,) int32 of raw examples; jit-able."""
-    return jnp.argmax(mlp.logits(self.params, self.inputs(x_raw)), axis=-1).astype(jnp.int32)
+    """The most probable class (N,) int32 of raw examples; jit-able. A row whose logits
+    are not finite (NaN or inf in its input) gets -1, never a plausible class."""
+    z2 = mlp.logits(self.params, self.inputs(x_raw))
+    classes = jnp.argmax(z2, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.all(jnp.isfinite(z2), axis=-1), classes, -1)
 
 
 def save(path, params, mean, std, input_shape, class_names, dataset, pixel_max=0.0):
@@ -76,19 +81,50 @@ def load(path):
   if not os.path.isfile(file):
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:
-    with np.load(file, allow_pickle=False) as f:
+    with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as f:
       arrays = dict(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{file} is not a readable .npz ({e}).") from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{file} is not a readable params.npz (truncated, or not an .npz: "
+                     f"{str(e).splitlines()[0][:80] if str(e) else type(e).__name__}); "
+                     "rerun the training to write it again.") from None
   missing = [k for k in (*Params._fields, *PREPROCESSING) if k not in arrays]
   if missing:
     raise ValueError(f"{file} lacks {', '.join(missing)}: it was written by an older "
                      "mlp_jax without the preprocessing; train the run again to use it.")
+  problem = _check_arrays(arrays)
+  if problem:
+    raise ValueError(f"{file} is not a valid params.npz: {problem}; rerun the training to "
+                     "write it again.")
   params = Params(*(jnp.asarray(arrays[k]) for k in Params._fields))
   return TrainedModel(params, arrays["input_mean"], arrays["input_std"],
                       tuple(int(s) for s in arrays["input_shape"]),
                       tuple(str(c) for c in arrays["class_names"]), str(arrays["dataset"]),
                       float(arrays["pixel_max"]))
+
+
+def _check_arrays(arrays):
+  """What is wrong with the arrays of a params.npz (shapes that do not fit together,
+  values that are not finite), or None."""
+  w1, b1, w2, b2 = (np.asarray(arrays[k]) for k in Params._fields)
+  mean, std, shape = arrays["input_mean"], arrays["input_std"], arrays["input_shape"]
+  if w1.ndim != 2 or w2.ndim != 2:
+    return f"w1 {w1.shape} and w2 {w2.shape} must be matrices"
+  (h, d), k = w1.shape, w2.shape[0]
+  expected = {"b1": (h,), "w2": (k, h), "b2": (k,), "input_mean": (d,), "input_std": (d,),
+              "class_names": (k,)}
+  for name, want in expected.items():
+    if np.shape(arrays[name]) != want:
+      return (f"{name} is {np.shape(arrays[name])} where w1 {w1.shape} and w2 {w2.shape} "
+              f"need {want}")
+  if np.prod(shape, dtype=np.int64) != d:
+    return f"input_shape {tuple(shape)} does not hold D = {d} values"
+  for name in (*Params._fields, "input_mean", "input_std"):
+    values = np.asarray(arrays[name])
+    if not (np.issubdtype(values.dtype, np.floating) and np.all(np.isfinite(values))):
+      return f"{name} holds values that are not finite numbers (NaN, inf, or {values.dtype})"
+  if not np.all(std > 0):
+    return "input_std holds values that are not > 0"
+  return None
 
 
 def read_png(path, model):
@@ -100,16 +136,33 @@ def read_png(path, model):
                      "give an .npz of raw inputs.")
   h, w = model.input_shape
   try:
-    with Image.open(path) as image:
-      mode, size = image.mode, image.size
-      pixels = np.asarray(image)
-  except OSError as e:
-    raise ValueError(f"{path}: not a readable image ({e}).") from None
-  if mode != "L" or size != (w, h):
-    raise ValueError(f"{path}: a {size[0]}×{size[1]} image of mode {mode}; this model "
-                     f"takes 8-bit grayscale (mode L) images of {w}×{h} pixels: convert "
-                     "it first.")
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)
+      with Image.open(path) as image:  # reads the header only
+        mode, size = image.mode, image.size
+        if mode != "L" or size != (w, h):  # checked before any pixel is decoded
+          raise ValueError(f"{path}: a {size[0]}×{size[1]} image of mode {mode}; this "
+                           f"model takes 8-bit grayscale (mode L) images of {w}×{h} "
+                           "pixels: convert it first.")
+        pixels = np.asarray(image)
+  except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    raise ValueError(f"{path}: not a readable image of {w}×{h} pixels "
+                     f"({str(e).splitlines()[0][:100]}).") from None
   return pixels.astype(np.float32) * np.float32(model.pixel_max / 255)
+
+
+def _read_npz_inputs(path):
+  """(x, y or None) of an .npz of x (or x_test) and y (or y_test); ValueError, one line."""
+  try:
+    with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
+      key = next((k for k in ("x", "x_test") if k in f), None)
+      if key is None:
+        raise ValueError(f"{path} holds {', '.join(f.files)}; name the inputs x "
+                         "(and the labels y).")
+      label_key = {"x": "y", "x_test": "y_test"}[key]
+      return f[key], (f[label_key] if label_key in f else None)
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
+    raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}).") from None
 
 
 def read_inputs(path, model, labels_path=None):
@@ -134,31 +187,31 @@ def read_inputs(path, model, labels_path=None):
     x = np.stack([read_png(p, model) for p in paths])
     names = [os.path.basename(p) for p in paths]
   elif len(paths) == 1 and paths[0].endswith(".npz"):
-    with np.load(paths[0], allow_pickle=False) as f:
-      key = next((k for k in ("x", "x_test") if k in f), None)
-      if key is None:
-        raise ValueError(f"{paths[0]} holds {', '.join(f.files)}; name the inputs x "
-                         "(and the labels y).")
-      x = f[key]
-      label_key = {"x": "y", "x_test": "y_test"}[key]
-      labels = f[label_key] if label_key in f else None
-    names = [str(i) for i in range(len(x))]
+    x, labels = _read_npz_inputs(paths[0])
+    names = None  # numbered below, once x is known to be an array of examples
   elif len(paths) == 1:
     try:
       x = data.read_idx(paths[0])
     except data.DataError as e:
       raise ValueError(f"{e} Inputs are read from .npz, IDX or .png files.") from None
-    names = [str(i) for i in range(len(x))]
+    names = None
   else:
     raise ValueError(f"{path}: give one .npz or IDX file, or PNG files.")
   if labels_path:
     labels = data.read_idx(labels_path)
   x = np.asarray(x)
-  if not (np.issubdtype(x.dtype, np.number) and np.all(np.isfinite(x))):
-    raise ValueError(f"{path}: the inputs must be finite numbers (dtype {x.dtype}).")
+  real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+  if not (real and x.ndim >= 1 and np.all(np.isfinite(x))):
+    raise ValueError(f"{path}: the inputs must be an array (N, ...) of finite real "
+                     f"numbers, got {x.dtype} of shape {x.shape}.")
+  names = names or [str(i) for i in range(len(x))]
   if labels is not None:
     labels = np.asarray(labels)
+    k = len(model.class_names)
     if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f"the labels must be (N,) = ({len(x)},) integers, got "
                        f"{labels.dtype} {labels.shape}.")
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+      raise ValueError(f"the labels run from {labels.min()} to {labels.max()}, but this "
+                       f"model has classes 0 to {k - 1}: give labels of the same classes.")
   return names, x, labels

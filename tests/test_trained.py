@@ -115,3 +115,64 @@ def test_predict_script_end_to_end(digits_run, tmp_path):
   lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
   assert result.returncode == 1 and lines == [f"error: no such file: "
                                               f"{str(tmp_path / 'missing.npz')!r}."]
+
+
+def _write_params(workdir, path, **changes):
+  with np.load(os.path.join(workdir, "params.npz")) as f:
+    arrays = {**dict(f), **changes}
+  np.savez(path, **arrays)
+  return str(path)
+
+
+def test_broken_params_files_are_one_line_each(digits_run, tmp_path):
+  workdir, _, _ = digits_run
+  good = (workdir / "params.npz").read_bytes()
+  (tmp_path / "truncated.npz").write_bytes(good[:len(good) // 2])
+  (tmp_path / "garbage.npz").write_bytes(b"not a zip at all" * 10)
+  with np.load(workdir / "params.npz") as f:
+    w1 = f["w1"]
+  cases = {
+      str(tmp_path / "truncated.npz"): "is not a readable params.npz",
+      str(tmp_path / "garbage.npz"): "is not a readable params.npz",
+      _write_params(workdir, tmp_path / "nan.npz", w1=np.full_like(w1, np.nan)):
+          "w1 holds values that are not finite numbers",
+      _write_params(workdir, tmp_path / "shape.npz", w1=w1[:, :10]):
+          r"input_mean is \(64,\) where w1 \(16, 10\) and w2 \(10, 16\) need \(10,\)",
+  }
+  for path, message in cases.items():
+    with pytest.raises(ValueError, match=message) as error:
+      mj.load(path)
+    assert "\n" not in str(error.value)
+
+
+def test_nan_inputs_predict_no_class(digits_run):
+  workdir, x_test, _ = digits_run
+  model = mj.load(str(workdir))
+  x = x_test[:3].astype(np.float32)
+  x[1, 5] = np.nan
+  predicted = np.asarray(jax.jit(model.predict)(x))
+  assert predicted[1] == -1 and predicted[0] >= 0 and predicted[2] >= 0
+
+
+def test_hostile_inputs_are_one_line_each(digits_run, tmp_path):
+  workdir, x_test, y_test = digits_run
+  model = mj.load(str(workdir))
+  np.savez(tmp_path / "labels.npz", x=x_test[:5], y=y_test[:5] + 10)
+  np.savez(tmp_path / "scalar.npz", x=np.float32(3))
+  np.savez(tmp_path / "complex.npz", x=x_test[:5].astype(np.complex64))
+  bomb = tmp_path / "bomb.png"
+  Image.new("L", (8, 8)).save(bomb)
+  data = bytearray(bomb.read_bytes())   # the IHDR claims 30000×30000 pixels
+  data[16:24] = (30000).to_bytes(4, "big") * 2
+  bomb.write_bytes(bytes(data))
+  (tmp_path / "torn.npz").write_bytes(b"PK\x03\x04 torn")
+  for name, message in (("torn.npz", "torn.npz is not a readable .npz"),
+                        ("labels.npz", "the labels run from 1[0-9] to 1[0-9], but this model has "
+                                       "classes 0 to 9"),
+                        ("scalar.npz", r"must be an array \(N, ...\) of finite real"),
+                        ("complex.npz", r"must be an array \(N, ...\) of finite real"),
+                        ("bomb.png", "bomb.png: not a readable image of 8×8 pixels|a "
+                                     "30000×30000 image")):
+    with pytest.raises(ValueError, match=message) as error:
+      trained.read_inputs(str(tmp_path / name), model)
+    assert "\n" not in str(error.value)
