@@ -67,8 +67,16 @@ def check_example(params, x):
                      "mj.logits.")
 
 
+def _check_array(a, name):
+  """TypeError unless `a` is an array (numpy or JAX): a list has no dtype to check."""
+  if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+    raise TypeError(f"{name} must be an array, got {type(a).__name__}; pass "
+                    f"jnp.asarray({name}).")
+
+
 def check_batch(params, X):
   """Checks X is a batch (B, D) for w1 (H, D); returns B."""
+  _check_array(X, "X")
   d = _shape(params[0])[1]
   if len(_shape(X)) != 2 or _shape(X)[1] != d:
     raise ValueError(f"X must be a batch of shape (B, {d}) for w1 {_shape(params[0])}; "
@@ -85,6 +93,7 @@ def check_batch(params, X):
 def check_labels(y, batch_size, num_classes):
   """Checks y is labels (B,) in [0, K) (ints, or floats holding whole numbers) or float
   targets (B, K). Label values are checked when concrete (not under jit)."""
+  _check_array(y, "y")
   shape = _shape(y)
   dtype = _dtype(y)
   if shape == (batch_size,):
@@ -113,17 +122,28 @@ def check_labels(y, batch_size, num_classes):
                      f"{num_classes} classes; got shape {shape}.")
 
 
-def check_weights(weights, batch_size):
-  """Checks optional per-example weights are (B,)."""
-  if weights is not None and _shape(weights) != (batch_size,):
-    raise ValueError(f"weights must have shape ({batch_size},), one per row of X; "
+def check_weights(weights, batch_size, name="weights", mean=True):
+  """Checks optional per-example weights (or a mask: `name`) are (B,). For a weighted
+  `mean`, concrete weights must not sum to 0: the mean of no example is undefined (under
+  jit it is NaN, never 0)."""
+  if weights is None:
+    return
+  if _shape(weights) != (batch_size,):
+    raise ValueError(f"{name} must have shape ({batch_size},), one per row of X; "
                      f"got {_shape(weights)}.")
+  try:
+    total = float(np.sum(np.asarray(weights)))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  if mean and not total > 0:
+    raise ValueError(f"{name} sum to {total:g}: a weighted mean needs weights that sum "
+                     "to more than 0 (at least one example with weight > 0).")
 
 
-def check_all(params, X, y, weights=None):
-  """Checks params, X (B, D), y and weights together; returns (B, D, H, K)."""
+def check_all(params, X, y, weights=None, weights_name="weights", mean=True):
+  """Checks params, X (B, D), y and weights (or a mask) together; returns (B, D, H, K)."""
   d, h, k = check_params(params)
   b = check_batch(params, X)
   check_labels(y, b, k)
-  check_weights(weights, b)
+  check_weights(weights, b, weights_name, mean)
   return b, d, h, k

@@ -38,12 +38,12 @@ def targets(y, num_classes, dtype):
 
 
 def mean_weights(weights, batch_size, dtype):
-  """The weights of the batch mean, (B,): 1/B each, or w / sum(w) (0 if sum(w) = 0)."""
+  """The weights of the batch mean, (B,): 1/B each, or w / sum(w) (NaN if sum(w) = 0:
+  the mean of no example is undefined; concrete weights are refused by checks)."""
   if weights is None:
     return jnp.full((batch_size,), 1.0 / batch_size, dtype)
   weights = weights.astype(dtype)
-  total = jnp.sum(weights)
-  return weights / jnp.where(total > 0, total, jnp.ones_like(total))
+  return weights / jnp.sum(weights)
 
 
 def cross_entropy(z2, Y):

@@ -114,7 +114,7 @@ def clipped_grad_sum(params, X, y, clip_norm, mask=None, *, clipping="flat"):
   contributes 0. Returns (Params, norms): norms are the UNclipped ‖g_i‖ (B,) (flat) or
   [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖] (B, 2) (per_layer).
   """
-  b, _, _, k = checks.check_all(params, X, y, mask)
+  b, _, _, k = checks.check_all(params, X, y, mask, weights_name="mask", mean=False)
   dtype = params.w1.dtype
   Y = losses.targets(jnp.asarray(y), k, dtype)
   mask = jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask)

@@ -150,9 +150,23 @@ def test_zero_weights_drop_examples():
   np.testing.assert_allclose(mj.loss(params, X, y, w), mj.loss(params, X[keep], y[keep]),
                              rtol=1e-14)
   assert_close(mj.grads(params, X, y, w), mj.grads(params, X[keep], y[keep]), 1e-14)
-  # All-zero weights (a batch that is all padding): loss and gradients are 0, not NaN.
-  loss, g = mj.value_and_grads(params, X, y, jnp.zeros(6))
-  assert loss == 0 and all(bool(jnp.all(leaf == 0)) for leaf in g)
+  # All-zero weights: the mean of no example is undefined. Refused when concrete, NaN
+  # under jit (every leaf), never the plausible 0 of an empty sum.
+  with pytest.raises(ValueError, match="weights sum to 0: a weighted mean needs weights"):
+    mj.value_and_grads(params, X, y, jnp.zeros(6))
+  for fn in (mj.value_and_grads, mj.autodiff_value_and_grads):
+    loss, g = jax.jit(fn)(params, X, y, jnp.zeros(6))
+    assert bool(jnp.isnan(loss)) and all(bool(jnp.all(jnp.isnan(leaf))) for leaf in g)
+
+
+def test_a_list_or_a_bad_mask_is_named():
+  params, X, y = problem(batch=4)
+  with pytest.raises(TypeError, match=r"X must be an array, got list; pass jnp.asarray\(X\)"):
+    mj.loss(params, np.asarray(X).tolist(), y)
+  with pytest.raises(ValueError, match=r"^mask must have shape \(4,\)"):
+    mj.clipped_grad_sum(params, X, y, 1.0, mask=jnp.ones(3))
+  g, _ = mj.clipped_grad_sum(params, X, y, 1.0, mask=jnp.zeros(4))  # a sum of nothing: 0
+  assert all(bool(jnp.all(leaf == 0)) for leaf in g)
 
 
 def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
