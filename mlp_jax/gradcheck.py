@@ -35,12 +35,12 @@ def relative_error(a, b):
   return float(np.max(np.abs(a - b)) / scale) if scale > 0 else 0.0
 
 
-def random_problem(seed, batch_size, in_dim, hidden_dim, num_classes, dtype=np.float64,
-                   margin=1e-3):
+def random_problem(seed, batch_size, in_dim, hidden_dim, num_classes, dtype=np.float64):
   """Random non-zero params (biases too), X (B, D) and int labels y (B,), from numpy.
 
-  Redraws until every |z1| > margin, so finite differences never straddle the ReLU
-  kink at 0.
+  Redraws until every |z1| is 10× farther from the ReLU kink at 0 than a finite
+  difference step can move it (h·max(1, max|X|)), so no difference straddles the kink;
+  ValueError (one line) if 100 draws cannot.
   """
   rng = np.random.default_rng(seed)
   for _ in range(100):
@@ -51,19 +51,25 @@ def random_problem(seed, batch_size, in_dim, hidden_dim, num_classes, dtype=np.f
         b2=rng.standard_normal(num_classes))
     X = rng.standard_normal((batch_size, in_dim))
     y = rng.integers(0, num_classes, batch_size)
+    margin = 10 * FD_STEP * max(1.0, float(np.max(np.abs(X))))
     if np.min(np.abs(X @ params.w1.T + params.b1)) > margin:
       return (Params(*(jnp.asarray(a, dtype) for a in params)), jnp.asarray(X, dtype),
               jnp.asarray(y, jnp.int32))
-  raise RuntimeError("random_problem: could not draw z1 away from the ReLU kink; "
-                     "use a smaller batch or hidden size.")
+  raise ValueError(f"no random problem of B·H = {batch_size * hidden_dim} hidden values "
+                   f"keeps every z1 {margin:.0e} away from the ReLU kink in 100 draws; use "
+                   "a smaller --batch_size or --hidden_dim.")
 
 
 def finite_difference_grads(loss_fn, params, step=FD_STEP):
   """Central differences (f(θ + h e_j) − f(θ − h e_j)) / 2h of loss_fn, in float64."""
   flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float64), params))
-  shifts = step * jnp.eye(flat.size, dtype=jnp.float64)
-  f = jax.jit(jax.vmap(lambda theta: loss_fn(unravel(theta))))
-  return unravel((f(flat[None, :] + shifts) - f(flat[None, :] - shifts)) / (2 * step))
+
+  def difference(j):  # one coordinate; 256 at a time, never a (P, P) matrix of shifts
+    e = jnp.zeros_like(flat).at[j].set(step)
+    return (loss_fn(unravel(flat + e)) - loss_fn(unravel(flat - e))) / (2 * step)
+
+  f = jax.jit(lambda: jax.lax.map(difference, jnp.arange(flat.size), batch_size=256))
+  return unravel(f())
 
 
 def check(params, X, y, dtype, manual_grads=grads):
@@ -101,14 +107,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   jax.config.update("jax_enable_x64", True)
   FLAGS = flags.FLAGS
-  params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,
-                                FLAGS.in_dim, FLAGS.hidden_dim, FLAGS.num_classes)
+  try:
+    params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,
+                                  FLAGS.in_dim, FLAGS.hidden_dim, FLAGS.num_classes)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   tol, fd_tol = TOLERANCE[FLAGS.dtype], FD_TOLERANCE[FLAGS.dtype]
   print(f"gradcheck D={FLAGS.in_dim} H={FLAGS.hidden_dim} K={FLAGS.num_classes} "
         f"B={FLAGS.batch_size} seed={FLAGS.seed} dtype={FLAGS.dtype}")
   print(f"max relative error; tolerance manual~autodiff {tol:g}, vs float64 finite "
         f"differences (h={FD_STEP:g}) {fd_tol:g}")
-  print(f"{'param':6} {'manual~autodiff':>16} {'manual~fd':>12} {'autodiff~fd':>12}")
+  print(f"{'param':6} {'manual~autodiff':>16} {'manual~fd':>12} {'autodiff~fd':>12}",
+        flush=True)  # the finite differences take a while for large D·H
   failed = []
   for name, m_a, m_f, a_f in check(params, X, y, jnp.dtype(FLAGS.dtype)):
     print(f"{name:6} {m_a:16.3e} {m_f:12.3e} {a_f:12.3e}")

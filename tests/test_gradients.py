@@ -247,8 +247,9 @@ def test_jitted_grads_traces_once_for_repeated_shapes():
 
 
 def test_gradcheck_module_passes():
-  result = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", "--batch_size=16"],
-                          capture_output=True, text=True, timeout=120)
+  # B·H = 16,384 hidden values: every one drawn away from the ReLU kink.
+  result = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", "--batch_size=64",
+                           "--hidden_dim=256"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "OK: manual == autodiff == finite differences" in result.stdout
   assert len([line for line in result.stdout.splitlines()
