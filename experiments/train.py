@@ -52,8 +52,11 @@ def parse_flags(argv):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if len(argv) > 1:  # e.g. a --flagfile line without its leading --
+    print(f"error: unexpected arguments {' '.join(argv[1:])!r}: settings are "
+          "--name=value, on the command line and on each line of a --flagfile.",
+          file=sys.stderr)
+    sys.exit(2)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   values = {s.name: flags.FLAGS[s.name].value for s in config_lib.SETTINGS}
   values["sweep"] = tuple(values["sweep"] or ())

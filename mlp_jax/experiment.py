@@ -327,13 +327,16 @@ def _train(ctx, ds, old_run):
   config = ctx.config
   _describe(ctx)
   start = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
-  cycle_ends = workdir_lib.schedule_epochs(config, old_run, start.epochs_done, ctx.log)
+  notes = []  # told only once the resume is known to go ahead
+  cycle_ends = workdir_lib.schedule_epochs(config, old_run, start.epochs_done, notes.append)
   calibrated = (config.dp_target_epsilon is not None
                 or "dp_target_epsilon" in ctx.stack.configurations[0])
   if calibrated and cycle_ends != [config.epochs]:  # σ depends on --epochs
     raise RunError(f"this run's σ was calibrated for its ε over {cycle_ends[0]} epochs; "
                    f"resume it with --epochs={cycle_ends[0]}, or use a fresh --workdir "
                    "for another length.")
+  for note in notes:
+    ctx.log(note)
   history = workdir_lib.read_history(ctx.workdir, start.epochs_done, ctx.writer, ctx.log)
   parallel.barrier("mlp_jax: workdir read")  # every process has read it before 0 writes
   if ctx.writer:
@@ -395,10 +398,12 @@ def _check_divergence(ctx, row, epoch, done):
     return
   losses = ", ".join(f"{k.removesuffix('_mean')} {v}" for k, v in row.items()
                      if k.endswith("_loss") or k.endswith("_loss_mean"))
+  kept = (f"The checkpoint after epoch {done} is kept." if done else
+          "No checkpoint was written.")
   raise RunError(
       f"training diverged in epoch {epoch + 1}: {losses}; the learning rate "
       f"{ctx.config.learning_rate:g} is likely too high (try 10x lower, or --clip_norm=1)."
-      f" The checkpoint after epoch {done} is kept.")
+      f" {kept}")
 
 
 def _progress(ctx, epochs_done):

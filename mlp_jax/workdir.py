@@ -31,10 +31,13 @@ FORMAT = 2
 # What must match for a workdir's checkpoint to be resumed by this config: the data,
 # the network's shape, the optimizer state's structure, and the RNG and batch order.
 # The learning-rate schedule is fixed by the first run too (see `schedule_epochs`).
-RESUME_FIELDS = ("dataset", "data_dir", "hidden_dim", "validation_fraction", "optimizer",
-                 "weight_decay", "clip_norm", "seed", "batch_size", "learning_rate",
-                 "schedule", "warmup_epochs", "dp_noise_multiplier", "dp_target_epsilon",
-                 "dp_clip_norm", "dp_clipping", "dp_delta", "num_seeds", "sweep")
+# The models (num_seeds, sweep) come first: they set validation_fraction's default, so
+# a resume without the --sweep is told so, not blamed on validation_fraction.
+RESUME_FIELDS = ("num_seeds", "sweep", "dataset", "data_dir", "hidden_dim",
+                 "validation_fraction", "optimizer", "weight_decay", "clip_norm", "seed",
+                 "batch_size", "learning_rate", "schedule", "warmup_epochs",
+                 "dp_noise_multiplier", "dp_target_epsilon", "dp_clip_norm", "dp_clipping",
+                 "dp_delta")
 
 
 class WorkdirLock:
@@ -160,9 +163,12 @@ def schedule_epochs(config, old_run, epochs_done, log):
   planned = old_run.get("config", {}).get("epochs", config.epochs)
   ends = list(old_run.get("schedule_epochs") or [planned])
   if config.epochs > ends[-1]:
+    swept = any(spec.partition("=")[0].strip() == "learning_rate" for spec in config.sweep)
+    peak = ("each model's own peak learning rate" if swept
+            else f"peak learning rate {config.learning_rate:g}")
     log(f"--epochs {config.epochs} extends a run planned for {ends[-1]}: epochs "
-        f"{ends[-1] + 1}-{config.epochs} follow a new {config.schedule} cycle at peak "
-        f"learning rate {config.learning_rate:g} (schedule_epochs in config.json)")
+        f"{ends[-1] + 1}-{config.epochs} follow a new {config.schedule} cycle at {peak} "
+        "(schedule_epochs in config.json)")
     ends.append(config.epochs)
   elif config.epochs < ends[-1]:
     log(f"--epochs {config.epochs} stops early on a schedule planned for {ends[-1]} "

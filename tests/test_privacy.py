@@ -228,9 +228,11 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_pat
   assert 3.99 <= last["epsilon"] <= 4.0
   assert any(line.startswith("DP: σ = ") and "reaches ε = 4 (PLD)" in line for line in lines)
   # σ was calibrated for 2 epochs: another length would change σ within the run.
+  lines = []
   with pytest.raises(experiment.RunError, match="resume it with --epochs=2"):
     experiment.run(dp_config(tiny_npz, tmp_path, dp_noise_multiplier=None,
-                             dp_target_epsilon=4.0, epochs=3), log=lambda *_: None)
+                             dp_target_epsilon=4.0, epochs=3), log=lines.append)
+  assert not any("extends a run" in line for line in lines)  # refused, not announced
   assert len(read_metrics(tmp_path)) == 2
 
 

@@ -136,6 +136,14 @@ def test_summary_gives_compiling_apart_and_speed_of_the_same_epochs(tiny_npz, tm
   assert float(examples.split()[0].replace(",", "")) == pytest.approx(60 / mean, rel=1e-2)
 
 
+def test_a_flagfile_line_that_is_not_a_flag_is_one_line(tmp_path):
+  (tmp_path / "bad.flags").write_text("--epochs=1\nhidden_dim=8\n")
+  code, stderr = run_cli(f"--flagfile={tmp_path / 'bad.flags'}")
+  assert code == 2 and stderr.splitlines() == [
+      "error: unexpected arguments 'hidden_dim=8': settings are --name=value, on the "
+      "command line and on each line of a --flagfile."]
+
+
 def test_one_based_labels_give_one_line_and_leave_no_workdir(tmp_path, monkeypatch):
   x = np.random.default_rng(0).normal(size=(12, 3))
   y = np.arange(12) % 3 + 1                                      # 1..3: class 0 is absent

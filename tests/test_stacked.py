@@ -232,3 +232,9 @@ def test_a_swept_target_epsilon_calibrates_one_sigma_per_model(tiny_npz, tmp_pat
     assert target - 0.01 <= epsilon <= target
   sigmas = json.loads((tmp_path / "config.json").read_text())["dp"]["noise_multiplier"]
   assert len(sigmas) == 2 and sigmas[0] > sigmas[1]      # the smaller ε needs more noise
+
+
+def test_a_sweeps_workdir_rerun_without_the_sweep_names_the_sweep(tiny_npz, tmp_path):
+  run(tiny_config(tiny_npz, tmp_path, epochs=1, sweep=("learning_rate=1e-3,2e-3",)))
+  with pytest.raises(experiment.RunError, match="holds a run with sweep=.*learning_rate"):
+    run(tiny_config(tiny_npz, tmp_path, epochs=2))
