@@ -563,3 +563,14 @@ def test_a_resume_in_another_float_precision_is_refused(tiny_npz, tmp_path):
       quiet(constant(tiny_npz, tmp_path, 2))
   finally:
     jax.config.update("jax_enable_x64", False)
+
+
+def test_a_checkpoint_write_refused_by_the_filesystem_is_one_line(tiny_npz, tmp_path,
+                                                                  monkeypatch):
+  def refused(self, *args, **kwargs):  # what orbax raises for tensorstore's EROFS
+    raise ValueError("PERMISSION_DENIED: Error writing local file \"x/_sharding\" "
+                     "[os_error_code='30']")
+  monkeypatch.setattr(ocp.CheckpointManager, "save", refused)
+  with pytest.raises(experiment.RunError, match=r"^cannot write a checkpoint in .* \("
+                     r"Read-only file system\); the newest complete checkpoint is kept"):
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
