@@ -3,12 +3,15 @@ runs it; its flags and errors in this process (conftest.run_cli)."""
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
 import pytest
 
 from conftest import ROOT
+from conftest import RUNNER
 from conftest import read_metrics
 from conftest import run_cli
 from conftest import run_runner
@@ -134,6 +137,20 @@ def test_summary_gives_compiling_apart_and_speed_of_the_same_epochs(tiny_npz, tm
   mean = (rows[1]["seconds"] + rows[2]["seconds"]) / 2
   assert float(seconds) == pytest.approx(mean, abs=1e-3)
   assert float(examples.split()[0].replace(",", "")) == pytest.approx(60 / mean, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_help_keeps_the_docstrings_lines():
+  result = subprocess.run([sys.executable, RUNNER, "--helpshort"], capture_output=True,
+                          text=True, timeout=120)
+  lines = result.stdout.splitlines()
+  assert "flags:" in result.stdout  # absl prints the help, then exits 1
+  assert ("    python experiments/train.py --num_devices=4                   # every device"
+          in lines)
+  assert ("        --process_id=0 --workdir=/shared/run                      # one line "
+          "per process" in lines)
+  assert any(line.startswith("  --batch_size: ") and line.endswith("Must be >= 1.")
+             for line in lines)
 
 
 def test_a_flagfile_line_that_is_not_a_flag_is_one_line(tmp_path):

@@ -238,3 +238,12 @@ def test_a_sweeps_workdir_rerun_without_the_sweep_names_the_sweep(tiny_npz, tmp_
   run(tiny_config(tiny_npz, tmp_path, epochs=1, sweep=("learning_rate=1e-3,2e-3",)))
   with pytest.raises(experiment.RunError, match="holds a run with sweep=.*learning_rate"):
     run(tiny_config(tiny_npz, tmp_path, epochs=2))
+
+
+def test_a_resumed_sweep_names_each_models_peak_rate(tiny_npz, tmp_path):
+  config = tiny_config(tiny_npz, tmp_path, epochs=1, sweep=("learning_rate=1e-3,2e-3",))
+  run(config)
+  lines = []
+  experiment.run(config._replace(epochs=2), log=lines.append)
+  assert any("follow a new warmup_cosine cycle at each model's own peak learning rate"
+             in line for line in lines)

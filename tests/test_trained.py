@@ -115,6 +115,12 @@ def test_predict_script_end_to_end(digits_run, tmp_path):
   lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
   assert result.returncode == 1 and lines == [f"error: no such file: "
                                               f"{str(tmp_path / 'missing.npz')!r}."]
+  (tmp_path / "garbage.npz").write_bytes(b"PK\x03\x04 garbage")
+  result = subprocess.run([sys.executable, script, f"--workdir={tmp_path / 'garbage.npz'}",
+                           f"--input={images}"], capture_output=True, text=True, timeout=120)
+  lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
+  assert result.returncode == 1 and len(lines) == 1, result.stderr
+  assert "garbage.npz is not a readable params.npz" in lines[0]
 
 
 def _write_params(workdir, path, **changes):
