@@ -419,7 +419,7 @@ def _progress(ctx, epochs_done):
 def _train_epochs(ctx, hp, start, placed, history):
   """Trains the epochs left after the Restored `start`; appends each one's row to
   `history` and the metrics file and checkpoints it. Returns (state, Interrupted if
-  Ctrl-C stopped it, else None)."""
+  Ctrl-C or SIGTERM stopped it, else None)."""
   state, epochs_done = start.state, start.epochs_done
   train_epoch = train.make_train_epoch(hp, ctx.config.batch_size,
                                        num_examples=placed.train[2], mesh=ctx.mesh,
