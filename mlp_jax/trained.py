@@ -105,8 +105,8 @@ def load(path):
 def _check_arrays(arrays):
   """What is wrong with the arrays of a params.npz (shapes that do not fit together,
   values that are not finite), or None."""
-  w1, b1, w2, b2 = (np.asarray(arrays[k]) for k in Params._fields)
-  mean, std, shape = arrays["input_mean"], arrays["input_std"], arrays["input_shape"]
+  w1, w2 = np.asarray(arrays["w1"]), np.asarray(arrays["w2"])
+  std, shape = arrays["input_std"], arrays["input_shape"]
   if w1.ndim != 2 or w2.ndim != 2:
     return f"w1 {w1.shape} and w2 {w2.shape} must be matrices"
   (h, d), k = w1.shape, w2.shape[0]
