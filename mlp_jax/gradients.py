@@ -48,9 +48,14 @@ def batch_activations(params, X, compute_dtype=None):
 
 
 def param_grads(delta1, delta2, X, A1, compute_dtype=None):
-  """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): the batched outer products."""
+  """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): the batched outer products.
+
+  Δ2ᵀ A1 (K × B × H, K the classes: a few % of the step's FLOPs) stays in the params'
+  dtype: XLA's CPU runtime has no bfloat16 kernel for that shape under jit (it fails
+  with "Unsupported element type for DotThunk: BF16 x BF16 = F32").
+  """
   return Params(w1=matmul(delta1.T, X, compute_dtype), b1=jnp.sum(delta1, axis=0),
-                w2=matmul(delta2.T, A1, compute_dtype), b2=jnp.sum(delta2, axis=0))
+                w2=matmul(delta2.T, A1), b2=jnp.sum(delta2, axis=0))
 
 
 def _prepare(params, X, y, weights):

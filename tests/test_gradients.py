@@ -322,3 +322,4 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(method):
   jaxpr = str(jax.make_jaxpr(lambda p: value_and_grads_with_logits(
       p, X, y, method=method, compute_dtype=jnp.bfloat16))(params))
   assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
+
