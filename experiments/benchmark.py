@@ -48,8 +48,10 @@ flags.DEFINE_integer("repeats", 7, "Timed repeats; the median and min are report
 flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the ceiling.",
                      lower_bound=8)
 flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
-flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager, CPU); "
-                  "opacus (with --dp: Opacus' per-sample hooks and ghost clipping).")
+flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager float32 "
+                  "and bfloat16 autocast, on CUDA where there is a GPU); jax (plain "
+                  "jax.grad + optax in a lax.scan, each --compute_dtypes); opacus (with "
+                  "--dp: Opacus' per-sample hooks and ghost clipping).")
 flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the plain step (plain), the closed-form "
                   "clipped sum without (dp_clipped_sum) and with noise (dp_closed_form), and "
                   "vmap(grad) -> clip -> sum with noise (dp_vmap_grad, what jax_privacy "
@@ -66,6 +68,35 @@ flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
 def step_flops(b, d, h, k):
   """FLOPs of one step: forward 2BDH + 2BHK, backward 2BHK + 2BHK + 2BDH."""
   return 4 * b * d * h + 6 * b * h * k
+
+
+def step_bytes(b, d, h, k, optimizer="adam"):
+  """Bytes one step must move through memory, at least (float32 state; caches ignored,
+  since W1 alone outgrows a core's L2 at the default sizes): the params read by the
+  forward and backward matmuls and the gradient written (3 passes over the P params),
+  the optimizer's reads and writes (Adam: params, gradient, μ, ν read; params, μ, ν
+  written: 7 passes; SGD: 3), the batch read twice (forward, dW1) and the hidden
+  activations Z1, A1, Δ1 written and read (6 passes over B·H)."""
+  params = h * (d + 1) + k * (h + 1)
+  optimizer_passes = 7 if optimizer == "adam" else 3
+  return 4 * params * (3 + optimizer_passes) + 4 * (2 * b * d + 6 * b * h)
+
+
+def bandwidth_run(num_bytes=2**28):
+  """(run, bytes per run): a jitted elementwise pass x ← 1.5 x + 0.5 over `num_bytes` of
+  float32 (read once, written once, in place: the buffer is donated, as the train
+  step's state is; a fresh output would time the OS's page faults, ~6× slower here),
+  the memory bandwidth measured in the same run."""
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  scale = jax.jit(lambda x: 1.5 * x + 0.5, donate_argnums=0)
+  x = scale(x)
+  x.block_until_ready()
+
+  def run():
+    nonlocal x
+    x = scale(x)
+    x.block_until_ready()
+  return run, 2 * num_bytes
 
 
 def time_round_robin(runs, repeats):
@@ -152,6 +183,43 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
       epoch += 1
       jax.block_until_ready(state)
   run()  # warm up
+  return run, compile_seconds
+
+
+def plain_jax_run(compute_dtype, b, h, cfg):
+  """(run, compile seconds): what a user writes in plain JAX, `cfg.steps` steps of
+  jax.grad + optax in one lax.scan over pre-batched data, no metrics, no gather; in
+  bfloat16 the matmuls read bfloat16 and accumulate in float32."""
+  d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
+  dt = jnp.dtype(compute_dtype)
+  params = mj.init_params(jax.random.key(0), d, h, k)
+  x, y = synthetic_data(b * steps, d, k)
+  xs, ys = x.reshape(steps, b, d), y.reshape(steps, b)
+  optimizer = optax.adam(1e-3) if cfg.optimizer == "adam" else optax.sgd(1e-3)
+
+  def loss(p, xb, yb):
+    dot = lambda a, w: jnp.matmul(a.astype(dt), w.T.astype(dt),
+                                  preferred_element_type=jnp.float32)
+    z2 = dot(jax.nn.relu(dot(xb, p.w1) + p.b1), p.w2) + p.b2
+    return optax.softmax_cross_entropy_with_integer_labels(z2, yb).mean()
+
+  def step(carry, batch):
+    p, opt_state = carry
+    g = jax.grad(loss)(p, *batch)
+    updates, opt_state = optimizer.update(g, opt_state, p)
+    return (optax.apply_updates(p, updates), opt_state), None
+
+  epoch = jax.jit(lambda carry: jax.lax.scan(step, carry, (xs, ys))[0], donate_argnums=0)
+  state = (params, optimizer.init(params))
+  start = time.perf_counter()
+  compiled = epoch.lower(state).compile()
+  compile_seconds = time.perf_counter() - start
+
+  def run():
+    nonlocal state
+    state = compiled(state)
+    jax.block_until_ready(state)
+  run()
   return run, compile_seconds
 
 
@@ -282,25 +350,36 @@ def opacus_run(kind, b, h, cfg):
   return run
 
 
-def torch_run(b, h, cfg):
-  """run() does `cfg.steps` PyTorch eager steps of the same network, loss and Adam."""
+def torch_run(b, h, cfg, autocast=False):
+  """run() does `cfg.steps` PyTorch eager steps of the same network, loss and Adam;
+  with `autocast`, inside torch.autocast(bfloat16), what a PyTorch user would pick
+  for bfloat16 (on CUDA where there is a GPU, else on the CPU)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  context = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if autocast else (
+      contextlib.nullcontext)
   d, k = cfg.in_dim, cfg.num_classes
   torch.manual_seed(0)
-  w1 = (torch.randn(h, d) * (2 / d) ** 0.5).requires_grad_()
-  b1 = torch.zeros(h, requires_grad=True)
-  w2 = (torch.randn(k, h) * (1 / h) ** 0.5).requires_grad_()
-  b2 = torch.zeros(k, requires_grad=True)
+  new = lambda *shape: torch.zeros(*shape, device=device)
+  w1 = (torch.randn(h, d, device=device) * (2 / d) ** 0.5).requires_grad_()
+  b1 = new(h).requires_grad_()
+  w2 = (torch.randn(k, h, device=device) * (1 / h) ** 0.5).requires_grad_()
+  b2 = new(k).requires_grad_()
   optimizer = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(
       [w1, b1, w2, b2], lr=1e-3)
-  x, y = torch.randn(b, d), torch.randint(0, k, (b,))
+  x, y = torch.randn(b, d, device=device), torch.randint(0, k, (b,), device=device)
 
   def run():
     for _ in range(cfg.steps):
       optimizer.zero_grad(set_to_none=True)
-      z2 = torch.relu(x @ w1.T + b1) @ w2.T + b2
-      torch.nn.functional.cross_entropy(z2, y).backward()
+      with context():
+        z2 = torch.relu(x @ w1.T + b1) @ w2.T + b2
+        loss = torch.nn.functional.cross_entropy(z2, y)
+      loss.backward()
       optimizer.step()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   run()
   return run
@@ -316,7 +395,16 @@ class Timing(NamedTuple):
   num_models: int = 1
 
 
-def make_row(key, b, h, timing, ceiling, cfg):
+def roofline(seconds, flops, num_bytes, ceiling, bandwidth):
+  """The step's roofline bound, the larger of its FLOPs at the GEMM ceiling and its
+  bytes at the memory bandwidth (both measured in this run), and the fraction of it
+  reached (bound / measured time: 1 is the hardware's limit)."""
+  bound = max(flops / (ceiling * 1e9), num_bytes / (bandwidth * 1e9))
+  return {"step_bytes": num_bytes, "bandwidth_gbs": bandwidth, "roofline_us": bound * 1e6,
+          "roofline_fraction": bound / seconds}
+
+
+def make_row(key, b, h, timing, ceiling, cfg, bandwidth):
   """One result row (the --json_out object) of variant key = (grads, mode, dtype,
   devices); examples/s and GFLOP/s are summed over the models trained together."""
   grads, mode, compute_dtype, devices = key
@@ -329,6 +417,9 @@ def make_row(key, b, h, timing, ceiling, cfg):
           "examples_per_second": num_models * b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
           "compile_seconds": timing.compile_seconds, "peak_memory_mb": peak_memory_mb(),
+          **roofline(median, num_models * step_flops(b, cfg.in_dim, h, cfg.num_classes),
+                     num_models * step_bytes(b, cfg.in_dim, h, cfg.num_classes,
+                                             cfg.optimizer), ceiling, bandwidth),
           "temp_memory_mb": timing.temp_mb,
           "device": str(jax.devices()[0]), "platform": jax.default_backend()}
 
@@ -336,8 +427,8 @@ def make_row(key, b, h, timing, ceiling, cfg):
 def format_table(rows):
   """The rows as the fixed-width table printed on stdout."""
   header = (f"{'grads':14} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
-            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'compile s':>9} "
-            f"{'temp MiB':>9}")
+            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'roofline':>8} "
+            f"{'compile s':>9} {'temp MiB':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
     temp = "" if r["temp_memory_mb"] is None else f"{r['temp_memory_mb']:9.1f}"
@@ -345,8 +436,21 @@ def format_table(rows):
                  f"{r['num_devices']:3d} {r['batch_size']:5d} "
                  f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
                  f"{r['examples_per_second']:11,.0f} {r['gflops']:8.1f} "
-                 f"{r['ceiling_fraction']:7.2f} {r['compile_seconds']:9.2f} {temp}")
-  return "\n".join(lines)
+                 f"{r['ceiling_fraction']:7.2f} {r['roofline_fraction']:8.2f} "
+                 f"{r['compile_seconds']:9.2f} {temp}")
+  return "\n".join(lines + LEGEND)
+
+
+LEGEND = [
+    "us/step: median µs per step over the repeats (min: the fastest); examples/s and "
+    "GFLOP/s from the median, summed over the models of a stack",
+    "ceiling: GFLOP/s as a fraction of a jitted N×N×N matmul's in the same dtype, timed "
+    "in the same rounds",
+    "roofline: the step's bound, max(FLOPs at that ceiling, its bytes at the measured "
+    "bandwidth; optimizer state included), as a fraction of the measured time (1 = the "
+    "hardware's limit)",
+    "compile s: jit lowering and compilation alone (0 for PyTorch, which does not "
+    "compile); temp MiB: blank where not measured (only the --dp rows)"]
 
 
 def format_ratios(rows):
@@ -380,6 +484,19 @@ def format_ratios(rows):
       kinds["models"].append(
           f"{n_models} models ({stacking}) / {n_models} sequential runs ex/s".ljust(46) +
           f"B={b:<5} H={h}: {r['examples_per_second'] / one['examples_per_second']:.3f}")
+    if g in ("manual", "autodiff") and mode == "scan" and ("jax_plain", mode, dt, n, b, h) in by_key:
+      plain = by_key[("jax_plain", mode, dt, n, b, h)]
+      kinds["torch"].append(f"{g} scan / plain jax.grad+optax scan ex/s  {dt:8} B={b:<5} "
+                            f"H={h}: {r['examples_per_second'] / plain['examples_per_second']:.3f}")
+    if g == "torch_autocast":
+      best = max((q for q in rows if q["grads"] in train.GRADIENTS and q["batch_size"] == b
+                  and q["hidden_dim"] == h and q["compute_dtype"] == "bfloat16"
+                  and q["num_devices"] == 1), key=lambda q: q["examples_per_second"],
+                 default=None)
+      if best:
+        kinds["torch"].append(f"best JAX bfloat16 / torch bf16 autocast ex/s  B={b:<5} H={h}: "
+                              f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
+                              f"({best['grads']}, {best['mode']})")
     if g == "torch":
       best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
                   and q["batch_size"] == b
@@ -410,7 +527,7 @@ def check_flags(cfg):
   unknown = ([g for g in cfg.grads if g not in train.GRADIENTS]
              + [m for m in cfg.modes if m not in ("step", "scan")]
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
-             + [p for p in cfg.peers if p not in ("torch", "opacus")]
+             + [p for p in cfg.peers if p not in ("torch", "opacus", "jax")]
              + [s for s in cfg.stackings if s not in train.STACKINGS])
   try:
     sizes = ([int(v) for v in cfg.batch_sizes], [int(v) for v in cfg.hidden_dims],
@@ -485,9 +602,16 @@ def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
     runs[(kind, "eager", "float32", 1)] = (torch_run(b, h, cfg) if kind == "torch"
                                            else opacus_run(kind, b, h, cfg))
     info[(kind, "eager", "float32", 1)] = {"compile_seconds": 0.0}
-  if (cfg.dp or peer_kinds or model_counts) and ("gemm", "float32") not in runs:
-    runs[("gemm", "float32")], gemm_flops["float32"] = gemm_run(jnp.float32,
-                                                                cfg.ceiling_size)
+  if peers["torch"]:  # and the bfloat16 a PyTorch user picks: autocast
+    runs[("torch_autocast", "eager", "bfloat16", 1)] = torch_run(b, h, cfg, autocast=True)
+    info[("torch_autocast", "eager", "bfloat16", 1)] = {"compile_seconds": 0.0}
+  for dt in (cfg.compute_dtypes if "jax" in cfg.peers else ()):
+    runs[("jax_plain", "scan", dt, 1)], compile_s = plain_jax_run(dt, b, h, cfg)
+    info[("jax_plain", "scan", dt, 1)] = {"compile_seconds": compile_s}
+  for dt in ("float32", "bfloat16"):  # every row's roofline needs its dtype's ceiling
+    if ("gemm", dt) not in runs and any(key[2] == dt for key in info):
+      runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
+  runs[("bandwidth",)], gemm_flops["bandwidth"] = bandwidth_run()
   return runs, info, gemm_flops
 
 
@@ -496,14 +620,16 @@ def time_one_size(b, h, device_counts, model_counts, peers, cfg):
   ceilings."""
   runs, info, gemm_flops = prepare_runs(b, h, device_counts, model_counts, peers, cfg)
   seconds = time_round_robin(runs, cfg.repeats)
+  bandwidth = gemm_flops.pop("bandwidth") / statistics.median(seconds[("bandwidth",)]) / 1e9
   ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
               for dt, flops in gemm_flops.items()}
   print(f"B={b} H={h}: GEMM ceiling " + ", ".join(
       f"{dt} {gf:.1f} GFLOP/s" for dt, gf in ceilings.items()) +
-        f" (median of a {cfg.ceiling_size}^3 jitted matmul)")
+        f" (median of a {cfg.ceiling_size}^3 jitted matmul); memory bandwidth "
+        f"{bandwidth:.1f} GB/s (an elementwise pass over 256 MiB)")
   return [make_row(key, b, h, Timing([t / cfg.steps for t in s], **info[key]),
-                   ceilings[key[2]], cfg)
-          for key, s in seconds.items() if key[0] != "gemm"]
+                   ceilings[key[2]], cfg, bandwidth)
+          for key, s in seconds.items() if key[0] not in ("gemm", "bandwidth")]
 
 
 def main(argv):

@@ -34,13 +34,24 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
   # Matmuls dominate at D = 256, H = 64, so XLA's count is close to the formula's.
   result = run("--grads=manual,autodiff", "--batch_sizes=32", "--hidden_dims=64",
                "--in_dim=256", "--num_classes=3", "--steps=3", "--repeats=2",
-               "--ceiling_size=32", f"--json_out={out}")
+               "--ceiling_size=256", "--peers=jax", f"--json_out={out}")
   assert result.returncode == 0, result.stderr
   rows = [json.loads(line) for line in out.read_text().splitlines()]
+  plain = [r for r in rows if r["grads"] == "jax_plain"]
+  rows = [r for r in rows if r["grads"] != "jax_plain"]
   assert len(rows) == 2 * 2 * 2     # grads × modes × dtypes
   assert {(r["grads"], r["mode"], r["compute_dtype"]) for r in rows} == {
       (g, m, c) for g in ("manual", "autodiff") for m in ("step", "scan")
       for c in ("float32", "bfloat16")}
+  assert sorted(r["compute_dtype"] for r in plain) == ["bfloat16", "float32"]
+  for r in rows + plain:  # the roofline: a bound no step beats, and its own arithmetic
+    assert 0 < r["roofline_us"] <= r["us_per_step"]
+    bound = max(r["gflops"] * r["us_per_step"] * 1e-6 / r["gemm_ceiling_gflops"],
+                r["step_bytes"] / r["bandwidth_gbs"] / 1e9)
+    assert r["roofline_us"] * 1e-6 == pytest.approx(bound)
+    assert r["roofline_fraction"] == pytest.approx(r["roofline_us"] / r["us_per_step"])
+  assert "roofline: the step's bound" in result.stdout
+  assert "manual scan / plain jax.grad+optax scan ex/s  float32" in result.stdout
   flops = xla_flops_of_manual_grads(32, 256, 64, 3)
   for r in rows:
     assert r["us_per_step"] >= r["us_per_step_min"] > 0
@@ -54,7 +65,7 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
   kinds = [line.split(" / ")[0] for line in result.stdout.splitlines()
            if line.startswith(("manual / autodiff", "bfloat16 / float32"))]
   runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
-  assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 + 2 * 2
+  assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 + 2 * 2 + 1  # + plain
 
 
 def test_benchmark_rejects_unknown_values():
