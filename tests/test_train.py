@@ -168,7 +168,7 @@ def test_bfloat16_gradients_under_jit_match_float32():
   """The bfloat16 path runs under jit (XLA's CPU runtime has no bfloat16 kernel for one
   of its products, Δ2ᵀ A1, which stays float32) and, leaf by leaf, equals float32
   arithmetic on the bfloat16-rounded params and X (its error is that rounding; the
-  accumulation is float32); so does the DP clipped sum."""
+  accumulation is float32); so do the DP clipped sum and a stack of models."""
   params = mj.init_params(jax.random.key(0), 48, 64, 10)
   X = jax.random.normal(jax.random.key(1), (96, 48))
   y = jax.random.randint(jax.random.key(2), (96,), 0, 10)
@@ -177,9 +177,14 @@ def test_bfloat16_gradients_under_jit_match_float32():
   grads = jax.jit(mj.grads, static_argnames="compute_dtype")
   clipped = jax.jit(lambda p, X, dt: privacy.clipped_sum_with_logits(
       p, X, Y, mask, 1.0, "flat", dt)[1], static_argnums=2)
+  stack = jax.tree.map(lambda a: jnp.stack([a, -0.5 * a]), params)  # two models
+  stacked = jax.jit(jax.vmap(lambda p, dt: mj.grads(p, X, y, compute_dtype=dt),
+                             in_axes=(0, None)), static_argnums=1)
   pairs = ((grads(params, X, y, compute_dtype=jnp.bfloat16),
             mj.grads(rounded(params), rounded(X), y)),
-           (clipped(params, X, jnp.bfloat16), clipped(rounded(params), rounded(X), None)))
+           (clipped(params, X, jnp.bfloat16), clipped(rounded(params), rounded(X), None)),
+           (stacked(stack, jnp.bfloat16),
+            jax.vmap(lambda p: mj.grads(p, rounded(X), y))(rounded(stack))))
   for bf16, f32 in pairs:
     for got, want in zip(bf16, f32):
       assert got.dtype == jnp.float32
