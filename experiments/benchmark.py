@@ -484,41 +484,52 @@ def format_ratios(rows):
       kinds["models"].append(
           f"{n_models} models ({stacking}) / {n_models} sequential runs ex/s".ljust(46) +
           f"B={b:<5} H={h}: {r['examples_per_second'] / one['examples_per_second']:.3f}")
-    if g in ("manual", "autodiff") and mode == "scan" and ("jax_plain", mode, dt, n, b, h) in by_key:
-      plain = by_key[("jax_plain", mode, dt, n, b, h)]
-      kinds["torch"].append(f"{g} scan / plain jax.grad+optax scan ex/s  {dt:8} B={b:<5} "
-                            f"H={h}: {r['examples_per_second'] / plain['examples_per_second']:.3f}")
-    if g == "torch_autocast":
-      best = max((q for q in rows if q["grads"] in train.GRADIENTS and q["batch_size"] == b
-                  and q["hidden_dim"] == h and q["compute_dtype"] == "bfloat16"
-                  and q["num_devices"] == 1), key=lambda q: q["examples_per_second"],
-                 default=None)
-      if best:
-        kinds["torch"].append(f"best JAX bfloat16 / torch bf16 autocast ex/s  B={b:<5} H={h}: "
-                              f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
-                              f"({best['grads']}, {best['mode']})")
-    if g == "torch":
-      best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
-                  and q["batch_size"] == b
-                  and q["hidden_dim"] == h and q["compute_dtype"] == "float32"
-                  and q["num_devices"] == 1),
-                 key=lambda q: q["examples_per_second"], default=None)
-      if best:
-        kinds["torch"].append(f"best JAX float32 / torch eager ex/s  B={b:<5} H={h}: "
-                              f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
-                              f"({best['grads']}, {best['mode']})")
-    for num, den, what in (("dp_clipped_sum", "plain", "time"),
-                           ("dp_closed_form", "plain", "time"),
-                           ("dp_vmap_grad", "dp_closed_form", "time"),
-                           ("opacus_hooks", "torch", "time"), ("opacus_ghost", "torch", "time"),
-                           ("dp_closed_form", "opacus_ghost", "ex/s")):
-      other = next((q for (qg, _, _, _, qb, qh), q in by_key.items()
-                    if qg == den and qb == b and qh == h), None)
-      if g == num and other is not None:
-        value = (r["us_per_step"] / other["us_per_step"] if what == "time"
-                 else r["examples_per_second"] / other["examples_per_second"])
-        kinds["dp"].append(f"{num} / {den} {what}".ljust(40) + f"B={b:<5} H={h}: {value:.3f}")
+    kinds["torch"].extend(_peer_lines(r, rows, by_key))
+    kinds["dp"].extend(_dp_lines(r, by_key))
   return "\n".join(line for lines in kinds.values() for line in lines)
+
+
+# The peer each JAX row is compared with: (peer grads, its dtype, the label).
+_TORCH_PEERS = {"torch": ("float32", "best JAX float32 / torch eager ex/s"),
+                "torch_autocast": ("bfloat16", "best JAX bfloat16 / torch bf16 autocast ex/s")}
+
+
+def _peer_lines(r, rows, by_key):
+  """This run's ratios of row r to the peers: the manual or autodiff scan over plain
+  jax.grad + optax in the same dtype; for a torch row, the best JAX row of its B, H and
+  dtype over it."""
+  g, mode, dt, n, b, h = (r["grads"], r["mode"], r["compute_dtype"], r["num_devices"],
+                          r["batch_size"], r["hidden_dim"])
+  plain = by_key.get(("jax_plain", mode, dt, n, b, h))
+  if g in ("manual", "autodiff") and mode == "scan" and plain:
+    yield (f"{g} scan / plain jax.grad+optax scan ex/s  {dt:8} B={b:<5} H={h}: "
+           f"{r['examples_per_second'] / plain['examples_per_second']:.3f}")
+  if g in _TORCH_PEERS:
+    dtype, label = _TORCH_PEERS[g]
+    best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
+                and (q["batch_size"], q["hidden_dim"], q["compute_dtype"],
+                     q["num_devices"]) == (b, h, dtype, 1)),
+               key=lambda q: q["examples_per_second"], default=None)
+    if best:
+      yield (f"{label}  B={b:<5} H={h}: "
+             f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
+             f"({best['grads']}, {best['mode']})")
+
+
+def _dp_lines(r, by_key):
+  """The DP rows' ratios: the closed form over the plain step, vmap(grad) and Opacus."""
+  g, b, h = r["grads"], r["batch_size"], r["hidden_dim"]
+  for num, den, what in (("dp_clipped_sum", "plain", "time"),
+                         ("dp_closed_form", "plain", "time"),
+                         ("dp_vmap_grad", "dp_closed_form", "time"),
+                         ("opacus_hooks", "torch", "time"), ("opacus_ghost", "torch", "time"),
+                         ("dp_closed_form", "opacus_ghost", "ex/s")):
+    other = next((q for (qg, _, _, _, qb, qh), q in by_key.items()
+                  if qg == den and qb == b and qh == h), None)
+    if g == num and other is not None:
+      value = (r["us_per_step"] / other["us_per_step"] if what == "time"
+               else r["examples_per_second"] / other["examples_per_second"])
+      yield f"{num} / {den} {what}".ljust(40) + f"B={b:<5} H={h}: {value:.3f}"
 
 
 def check_flags(cfg):
