@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from mlp_jax import data
 from mlp_jax import plots
 from mlp_jax import stack as stack_lib
 from mlp_jax import trained
@@ -54,8 +53,7 @@ def write_outputs(workdir, finished, inputs, config):
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
   with atomic_file(path("params.npz")) as f:
-    trained.save(f, params, inputs.mean, inputs.std, inputs.input_shape,
-                 inputs.class_names, config.dataset, data.PIXEL_MAX.get(config.dataset, 0.0))
+    trained.save(f, params, inputs, config.dataset)
   with atomic_file(path("curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models), f,
                       config.label_smoothing)

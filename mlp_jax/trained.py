@@ -64,14 +64,16 @@ class TrainedModel(NamedTuple):
     return jnp.where(jnp.all(jnp.isfinite(z2), axis=-1), classes, -1)
 
 
-def save(path, params, mean, std, input_shape, class_names, dataset, pixel_max=0.0):
-  """Writes params.npz (`path`: a path or a binary file): the params and the
-  preprocessing of TrainedModel."""
+def save(path, params, inputs, dataset):
+  """Writes params.npz (`path`: a path or a binary file): the params (W1 (H, D), ...)
+  and the preprocessing of TrainedModel, from `inputs`, the run's data.Dataset (its
+  mean, std (D,), input_shape and class_names; its arrays are not needed)."""
   np.savez(path, **{k: np.asarray(v) for k, v in params._asdict().items()},
-           input_mean=np.asarray(mean, np.float32), input_std=np.asarray(std, np.float32),
-           input_shape=np.asarray(input_shape, np.int64),
-           class_names=np.asarray(class_names, str), dataset=np.asarray(dataset, str),
-           pixel_max=np.float64(pixel_max))
+           input_mean=np.asarray(inputs.mean, np.float32),
+           input_std=np.asarray(inputs.std, np.float32),
+           input_shape=np.asarray(inputs.input_shape, np.int64),
+           class_names=np.asarray(inputs.class_names, str), dataset=np.asarray(dataset, str),
+           pixel_max=np.float64(data.PIXEL_MAX.get(dataset, 0.0)))
 
 
 def load(path):
