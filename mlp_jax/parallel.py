@@ -169,27 +169,24 @@ def shard_rows(x, mesh):
   return jax.make_array_from_callback(shape, batch_sharded(mesh), rows)
 
 
-def replicate(tree, mesh):
-  """Every leaf of `tree` as a global jax.Array with a full copy on every device."""
-  sharding = replicated(mesh)
-
-  def put(leaf):
+def put(tree, sharding):
+  """Every leaf of host `tree` as a global jax.Array laid out by `sharding`; each
+  process transfers only the parts of its own devices."""
+  def one(leaf):
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(one, tree)
 
-  return jax.tree.map(put, tree)
+
+def replicate(tree, mesh):
+  """Every leaf of `tree` with a full copy on every device."""
+  return put(tree, replicated(mesh))
 
 
 def shard_models(tree, mesh):
-  """Every leaf of `tree` (leading model axis M, a multiple of model_groups(mesh)) as a
-  global jax.Array split over the model axis, whole on each device of a slice."""
-  sharding = model_sharded(mesh)
-
-  def put(leaf):
-    host = np.asarray(leaf)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-  return jax.tree.map(put, tree)
+  """Every leaf of `tree` (leading model axis M, a multiple of model_groups(mesh)) split
+  over the model axis, whole on each device of a slice."""
+  return put(tree, model_sharded(mesh))
 
 
 def to_host(tree):
