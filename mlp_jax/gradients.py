@@ -12,6 +12,16 @@ A batch X (B, D) with mean weights ŵ (B,) (ŵ_i = 1/B unweighted):
 
     Δ2 = ŵ ⊙ (P Σy − Y) (B, K)    dW2 = Δ2ᵀ A1    db2 = Σ_rows Δ2
     Δ1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H)    dW1 = Δ1ᵀ X    db1 = Σ_rows Δ1
+
+With a compute_dtype (bfloat16) the same formulas run FEATURE-MAJOR: every activation
+and delta is kept as its transpose, Z1ᵀ (H, B), Z2ᵀ (K, B), Δ2ᵀ, Δ1ᵀ, and X as it is:
+
+    Z1ᵀ = W1 Xᵀ + b1    Z2ᵀ = W2 A1ᵀ + b2    Δ1ᵀ = (W2ᵀ Δ2ᵀ) ⊙ 1[Z1ᵀ ≥ 0]    dW1 = Δ1ᵀ X
+
+so both H × D products are plain row-major GEMMs. XLA's fast CPU bfloat16 GEMM takes
+that layout only: written batch-major, dW1 = Δ1ᵀ X contracts the batch axis of two
+row-major operands and falls back to float32 speed (docs/benchmarks.md measures both).
+In float32 the batch-major form is the faster one and stays.
 """
 
 import functools
@@ -26,9 +36,10 @@ from mlp_jax.model import Params
 from mlp_jax.model import matmul
 
 
-def output_delta(z2, Y):
-  """δ2 = ∂L/∂z2 = softmax(z2) Σy − y, for z2, Y of shape (K,) or (B, K)."""
-  return jax.nn.softmax(z2, axis=-1) * jnp.sum(Y, axis=-1, keepdims=True) - Y
+def output_delta(z2, Y, axis=-1):
+  """δ2 = ∂L/∂z2 = softmax(z2) Σy − y, for z2, Y of shape (K,) or (B, K), the classes
+  along `axis` (0 for the feature-major Z2ᵀ, Yᵀ (K, B))."""
+  return jax.nn.softmax(z2, axis=axis) * jnp.sum(Y, axis=axis, keepdims=True) - Y
 
 
 def relu_derivative(z1, dtype):
@@ -37,25 +48,43 @@ def relu_derivative(z1, dtype):
   return (~(z1 < 0)).astype(dtype)
 
 
-def hidden_delta(params, delta2, z1, compute_dtype=None):
-  """δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0], for δ2 (K,) or (B, K) and z1 (H,) or (B, H)."""
-  return matmul(delta2, params.w2, compute_dtype) * relu_derivative(z1, delta2.dtype)
+def feature_major(params, compute_dtype):
+  """True where the matmuls read a narrower dtype than the params (bfloat16): the
+  manual passes then keep activations and deltas transposed (module docstring)."""
+  return compute_dtype is not None and jnp.dtype(compute_dtype) != params.w1.dtype
 
 
-def batch_activations(params, X, compute_dtype=None):
-  """Z1 (B, H), A1 (B, H), Z2 (B, K): model.forward_pass vmapped over the rows of X."""
-  return jax.vmap(model.forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)
+def per_example(v, is_feature_major):
+  """A per-example vector v (B,) shaped to scale the rows of a (B, ·) array, or the
+  columns of its (·, B) transpose."""
+  return v[None, :] if is_feature_major else v[:, None]
 
 
-def param_grads(delta1, delta2, X, A1, compute_dtype=None):
-  """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): the batched outer products.
+def hidden_delta(params, delta2, z1, is_feature_major=False):
+  """δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0], for δ2 (K,) or (B, K) and z1 (H,) or (B, H);
+  feature-major, Δ1ᵀ (H, B) from Δ2ᵀ (K, B) and Z1ᵀ (H, B)."""
+  back = params.w2.T @ delta2 if is_feature_major else delta2 @ params.w2
+  return back * relu_derivative(z1, delta2.dtype)
 
-  Δ2ᵀ A1 (K × B × H, K the classes: a few % of the step's FLOPs) stays in the params'
-  dtype: XLA's CPU runtime has no bfloat16 kernel for that shape under jit (it fails
-  with "Unsupported element type for DotThunk: BF16 x BF16 = F32").
-  """
+
+def batch_activations(params, X, compute_dtype=None, is_feature_major=False):
+  """Z1 (B, H), A1 (B, H), Z2 (B, K): model.forward_pass vmapped over the rows of X;
+  feature-major, Z1ᵀ, A1ᵀ (H, B) and Z2ᵀ (K, B)."""
+  if not is_feature_major:
+    return jax.vmap(model.forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)
+  Z1 = model.matmul_transposed(params.w1, X, compute_dtype) + params.b1[:, None]  # W1 Xᵀ
+  A1 = model.relu(Z1)
+  return Z1, A1, params.w2 @ A1 + params.b2[:, None]
+
+
+def param_grads(delta1, delta2, X, A1, compute_dtype=None, is_feature_major=False):
+  """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): the batched outer products; from
+  Δ1ᵀ, Δ2ᵀ and A1ᵀ where is_feature_major. compute_dtype is what Δ1ᵀ X reads."""
+  if is_feature_major:
+    return Params(w1=matmul(delta1, X, compute_dtype), b1=jnp.sum(delta1, axis=1),
+                  w2=delta2 @ A1.T, b2=jnp.sum(delta2, axis=1))
   return Params(w1=matmul(delta1.T, X, compute_dtype), b1=jnp.sum(delta1, axis=0),
-                w2=matmul(delta2.T, A1), b2=jnp.sum(delta2, axis=0))
+                w2=delta2.T @ A1, b2=jnp.sum(delta2, axis=0))
 
 
 def _prepare(params, X, y, weights):
@@ -78,11 +107,16 @@ def value_and_grads(params, X, y, weights=None, *, compute_dtype=None):
 
 def _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype):
   X, Y, w = _prepare(params, X, y, weights)
-  Z1, A1, Z2 = batch_activations(params, X, compute_dtype)
-  loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
-  delta2 = w[:, None] * output_delta(Z2, Y)                   # Δ2 (B, K)
-  delta1 = hidden_delta(params, delta2, Z1, compute_dtype)    # Δ1 (B, H)
-  return (loss, Z2), param_grads(delta1, delta2, X, A1, compute_dtype)
+  fm = feature_major(params, compute_dtype)
+  Z1, A1, Z2 = batch_activations(params, X, compute_dtype, fm)
+  logits = Z2.T if fm else Z2                                             # (B, K)
+  loss = jnp.sum(w * losses.cross_entropy(logits, Y))
+  if fm:
+    delta2 = w[None, :] * output_delta(Z2, Y.T, axis=0)                   # Δ2ᵀ (K, B)
+  else:
+    delta2 = w[:, None] * output_delta(Z2, Y)                             # Δ2 (B, K)
+  delta1 = hidden_delta(params, delta2, Z1, fm)                   # Δ1 (B, H) or Δ1ᵀ
+  return (loss, logits), param_grads(delta1, delta2, X, A1, compute_dtype, fm)
 
 
 def grads(params, X, y, weights=None, *, compute_dtype=None):
@@ -128,17 +162,18 @@ def per_example_grads(params, X, y, method="manual"):
   return jax.vmap(one_example, in_axes=(None, 0, 0))(params, X, Y)
 
 
-def layer_grad_sq_norms(delta1, delta2, X, A1):
+def layer_grad_sq_norms(delta1, delta2, X, A1, is_feature_major=False):
   """(‖∇_{W1,b1} L_i‖², ‖∇_{W2,b2} L_i‖²), each (B,), from Δ1 (B, H), Δ2 (B, K) of each
-  example's own loss, X (B, D) and A1 (B, H), without forming ∇L_i.
+  example's own loss, X (B, D) and A1 (B, H) (Δ1ᵀ, Δ2ᵀ, A1ᵀ where is_feature_major),
+  without forming ∇L_i.
 
   ∇W1 = δ1 xᵀ and ∇W2 = δ2 a1ᵀ are outer products, and ‖u vᵀ‖² = ‖u‖²‖v‖², so
       ‖∇_{W1,b1} L_i‖² = ‖δ1_i‖² (‖x_i‖² + 1),  ‖∇_{W2,b2} L_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1).
   """
-  def sq(a):
-    return jnp.sum(a * a, axis=-1)
+  def sq(a, axis=0 if is_feature_major else -1):
+    return jnp.sum(a * a, axis=axis)
 
-  return sq(delta1) * (sq(X) + 1), sq(delta2) * (sq(A1) + 1)
+  return sq(delta1) * (sq(X, axis=-1) + 1), sq(delta2) * (sq(A1) + 1)
 
 
 def per_example_grad_norms(params, X, y):
@@ -172,7 +207,7 @@ def _manual_vjp_backward(compute_dtype, residuals, cotangents):
   params, X, Y, weights, w, Z1, A1, Z2, per_example, loss = residuals
   g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
   delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
-  delta1 = hidden_delta(params, delta2, Z1, compute_dtype)
+  delta1 = hidden_delta(params, delta2, Z1)
   d_params = param_grads(delta1, delta2, X, A1, compute_dtype)
   d_X = matmul(delta1, params.w1, compute_dtype)      # ∂L/∂x = W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.

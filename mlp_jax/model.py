@@ -63,15 +63,27 @@ def matmul(a, b, compute_dtype=None):
                     preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
+def matmul_transposed(a, b, compute_dtype=None):
+  """a @ bᵀ for a (M, N), b (P, N): contracts the last axis of both, so that no
+  transpose of b is ever formed (XLA's CPU runtime would run a bfloat16 product of a
+  transposed operand in float32); compute_dtype as in `matmul`."""
+  dims = (((a.ndim - 1,), (b.ndim - 1,)), ((), ()))
+  if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
+    return jax.lax.dot_general(a, b, dims)
+  return jax.lax.dot_general(a.astype(compute_dtype), b.astype(compute_dtype), dims,
+                             preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+
+
 def forward_pass(params, x, compute_dtype=None):
   """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): every activation backprop needs.
 
-  compute_dtype (e.g. bfloat16) is the dtype the two matmuls read; biases, z1, a1 and
-  z2 stay in the params' dtype (mixed precision).
+  compute_dtype (e.g. bfloat16) is the dtype W1 x reads, the H × D product that holds
+  nearly all the FLOPs; the output layer W2 a1 (K × H, K ≪ H), the biases, z1, a1 and
+  z2 stay in the params' dtype (mixed precision that keeps the logits exact to float32).
   """
   z1 = matmul(params.w1, x, compute_dtype) + params.b1
   a1 = relu(z1)
-  z2 = matmul(params.w2, a1, compute_dtype) + params.b2
+  z2 = params.w2 @ a1 + params.b2
   return z1, a1, z2
 
 

@@ -28,10 +28,12 @@ import numpy as np
 from mlp_jax import checks
 from mlp_jax import losses
 from mlp_jax.gradients import batch_activations
+from mlp_jax.gradients import feature_major
 from mlp_jax.gradients import hidden_delta
 from mlp_jax.gradients import layer_grad_sq_norms
 from mlp_jax.gradients import output_delta
 from mlp_jax.gradients import param_grads
+from mlp_jax.gradients import per_example
 from mlp_jax.model import Params
 
 CLIPPINGS = ("flat", "per_layer")
@@ -82,10 +84,12 @@ def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dty
   """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
   Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum."""
   c1_bound, c2_bound = layer_clip_norms(clip_norm, clipping)
-  Z1, A1, Z2 = batch_activations(params, X, compute_dtype)
-  delta2 = output_delta(Z2, Y)                                # δ2_i (B, K)
-  delta1 = hidden_delta(params, delta2, Z1, compute_dtype)    # δ1_i (B, H)
-  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)                 # per layer, (B,)
+  fm = feature_major(params, compute_dtype)       # bfloat16: Z1ᵀ, Δ1ᵀ ... (gradients.py)
+  rows = functools.partial(per_example, is_feature_major=fm)
+  Z1, A1, Z2 = batch_activations(params, X, compute_dtype, fm)
+  delta2 = output_delta(Z2, Y.T, axis=0) if fm else output_delta(Z2, Y)   # δ2_i
+  delta1 = hidden_delta(params, delta2, Z1, fm)                           # δ1_i
+  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1, fm)          # per layer, (B,)
   if clipping == "flat":
     norms = jnp.sqrt(sq1 + sq2)
     c1 = c2 = clip_factor(norms, c1_bound)
@@ -94,12 +98,13 @@ def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dty
     c1, c2 = clip_factor(norms[:, 0], c1_bound), clip_factor(norms[:, 1], c2_bound)
   # A padding row, or one whose gradient is not finite, contributes exactly 0: `where`,
   # not a product, so that a NaN or inf in it cannot leak through 0 · NaN.
-  keep = ((mask > 0) & jnp.isfinite(sq1 + sq2))[:, None]
+  keep = (mask > 0) & jnp.isfinite(sq1 + sq2)
   m = mask.astype(X.dtype)
-  delta1 = jnp.where(keep, (m * c1)[:, None] * delta1, 0)
-  delta2 = jnp.where(keep, (m * c2)[:, None] * delta2, 0)
-  X, A1 = jnp.where(keep, X, 0), jnp.where(keep, A1, 0)
-  grad_sum = param_grads(delta1, delta2, X, A1, compute_dtype)
+  delta1 = jnp.where(rows(keep), rows(m * c1) * delta1, 0)
+  delta2 = jnp.where(rows(keep), rows(m * c2) * delta2, 0)
+  X, A1 = jnp.where(keep[:, None], X, 0), jnp.where(rows(keep), A1, 0)
+  grad_sum = param_grads(delta1, delta2, X, A1, compute_dtype, fm)
+  Z2 = Z2.T if fm else Z2                                                 # (B, K)
   loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(Z2, Y), 0))
   return (loss_sum, Z2), grad_sum, norms
 
