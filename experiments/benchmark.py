@@ -16,6 +16,7 @@ seconds, peak device memory where the platform reports it.
 
 import functools
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -128,7 +129,7 @@ def gemm_run(dtype, n):
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
   matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   matmul(a, b).block_until_ready()
-  calls = max(1, int(1e10 // (2 * n**3)))  # ~10 GFLOP per timed call
+  calls = max(1, int(5e10 // (2 * n**3)))  # ~50 GFLOP per timed call
   def run():
     for _ in range(calls):
       out = matmul(a, b)
@@ -223,12 +224,12 @@ def plain_jax_run(compute_dtype, b, h, cfg):
   return run, compile_seconds
 
 
-def stacked_run(num_models, stacking, b, h, cfg):
+def stacked_run(num_models, stacking, compute_dtype, b, h, cfg):
   """(run, compile seconds): `cfg.steps` steps of N models at once, one lax.scan (the
   runner's --num_seeds epoch): every model its own init and batch order, shared data."""
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0)
+                         weight_decay=0.0, label_smoothing=0.0, compute_dtype=compute_dtype)
   states = train.init_state(range(num_models), d, h, k, hp)
   x, y = synthetic_data(b * steps, d, k)
   fn = train.make_train_epoch(hp, b, stacking=stacking)
@@ -257,8 +258,9 @@ def vmap_grad_clipped_sum(params, x, Y, clip_norm):
   return jax.tree.map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g)
 
 
-def dp_run(kind, b, h, cfg):
-  """(run, compile seconds, temporary MiB): `cfg.steps` Adam steps of `kind`:
+def dp_run(kind, compute_dtype, b, h, cfg):
+  """(run, compile seconds, temporary MiB): `cfg.steps` Adam steps of `kind` whose
+  matmuls read `compute_dtype`:
 
   plain: the runner's step (manual gradient); dp_clipped_sum: privacy's closed-form
   clipped sum over B, no noise (the gradient's own cost); dp_closed_form: the same plus
@@ -267,7 +269,8 @@ def dp_run(kind, b, h, cfg):
   """
   d, k = cfg.in_dim, cfg.num_classes
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0)
+                         weight_decay=0.0, label_smoothing=0.0, compute_dtype=compute_dtype)
+  dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
   optimizer = train.make_optimizer(hp)
   state = train.init_model_state(0, d, h, k, optimizer)
   x, y = synthetic_data(b, d, k)
@@ -281,7 +284,8 @@ def dp_run(kind, b, h, cfg):
       if kind == "dp_vmap_grad":
         grad_sum = vmap_grad_clipped_sum(state.params, x, Y, 1.0)
       else:
-        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, 1.0, "flat")
+        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, 1.0, "flat",
+                                                         dtype)
       if kind == "dp_clipped_sum":
         g = jax.tree.map(lambda leaf: leaf / b, grad_sum)
       else:
@@ -478,12 +482,13 @@ def format_ratios(rows):
       kinds["devices"].append(
           f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
           f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
-    if g.startswith(train.STACKINGS) and ("manual", "scan", "float32", 1, b, h) in by_key:
-      one = by_key[("manual", "scan", "float32", 1, b, h)]
+    if g.startswith(train.STACKINGS) and ("manual", "scan", dt, 1, b, h) in by_key:
+      one = by_key[("manual", "scan", dt, 1, b, h)]
       n_models, stacking = r["num_models"], g.split("_")[0]
       kinds["models"].append(
           f"{n_models} models ({stacking}) / {n_models} sequential runs ex/s".ljust(46) +
-          f"B={b:<5} H={h}: {r['examples_per_second'] / one['examples_per_second']:.3f}")
+          f"{dt:8} B={b:<5} H={h}: "
+          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
     kinds["torch"].extend(_peer_lines(r, rows, by_key))
     kinds["dp"].extend(_dp_lines(r, by_key))
   return "\n".join(line for lines in kinds.values() for line in lines)
@@ -518,18 +523,19 @@ def _peer_lines(r, rows, by_key):
 
 def _dp_lines(r, by_key):
   """The DP rows' ratios: the closed form over the plain step, vmap(grad) and Opacus."""
-  g, b, h = r["grads"], r["batch_size"], r["hidden_dim"]
+  g, dt, b, h = r["grads"], r["compute_dtype"], r["batch_size"], r["hidden_dim"]
   for num, den, what in (("dp_clipped_sum", "plain", "time"),
                          ("dp_closed_form", "plain", "time"),
                          ("dp_vmap_grad", "dp_closed_form", "time"),
                          ("opacus_hooks", "torch", "time"), ("opacus_ghost", "torch", "time"),
                          ("dp_closed_form", "opacus_ghost", "ex/s")):
-    other = next((q for (qg, _, _, _, qb, qh), q in by_key.items()
-                  if qg == den and qb == b and qh == h), None)
+    other = next((q for (qg, _, qdt, _, qb, qh), q in by_key.items()
+                  if qg == den and qb == b and qh == h
+                  and (qdt == dt or qg.startswith(("torch", "opacus")))), None)
     if g == num and other is not None:
       value = (r["us_per_step"] / other["us_per_step"] if what == "time"
                else r["examples_per_second"] / other["examples_per_second"])
-      yield f"{num} / {den} {what}".ljust(40) + f"B={b:<5} H={h}: {value:.3f}"
+      yield f"{num} / {den} {what}".ljust(40) + f"{dt:8} B={b:<5} H={h}: {value:.3f}"
 
 
 def check_flags(cfg):
@@ -594,19 +600,19 @@ def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
         for n in [n for n in device_counts if mode == "scan" or n == 1]:
           runs[(grads, mode, dt, n)], compile_s = jax_run(grads, mode, dt, b, h, n, cfg)
           info[(grads, mode, dt, n)] = {"compile_seconds": compile_s}
-  if cfg.dp:
-    for kind in ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"):
-      runs[(kind, "step", "float32", 1)], compile_s, temp = dp_run(kind, b, h, cfg)
-      info[(kind, "step", "float32", 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
-  for n_models in model_counts:
-    for stacking in cfg.stackings:
-      key = (f"{stacking}_{n_models}", "scan", "float32", 1)
-      runs[key], compile_s = stacked_run(n_models, stacking, b, h, cfg)
-      info[key] = {"compile_seconds": compile_s, "num_models": n_models}
-  if model_counts and ("manual", "scan", "float32", 1) not in runs:
-    key = ("manual", "scan", "float32", 1)
-    runs[key], compile_s = jax_run("manual", "scan", "float32", b, h, 1, cfg)
-    info[key] = {"compile_seconds": compile_s}
+  dp_kinds = ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad") if cfg.dp else ()
+  for dt, kind in itertools.product(cfg.compute_dtypes, dp_kinds):
+    if kind != "dp_vmap_grad" or dt == "float32":  # the float32 reference is enough
+      runs[(kind, "step", dt, 1)], compile_s, temp = dp_run(kind, dt, b, h, cfg)
+      info[(kind, "step", dt, 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
+  for dt, n_models, stacking in itertools.product(
+      cfg.compute_dtypes if model_counts else (), model_counts, cfg.stackings):
+    key = (f"{stacking}_{n_models}", "scan", dt, 1)
+    runs[key], compile_s = stacked_run(n_models, stacking, dt, b, h, cfg)
+    info[key] = {"compile_seconds": compile_s, "num_models": n_models}
+    if ("manual", "scan", dt, 1) not in runs:  # the one-model run it is compared with
+      runs[("manual", "scan", dt, 1)], compile_s = jax_run("manual", "scan", dt, b, h, 1, cfg)
+      info[("manual", "scan", dt, 1)] = {"compile_seconds": compile_s}
   peer_kinds = ((("opacus_hooks", "opacus_ghost") if peers["opacus"] else ())
                 + (("torch",) if peers["torch"] or peers["opacus"] else ()))
   for kind in peer_kinds:

@@ -111,8 +111,12 @@ def test_benchmark_dp_rows_time_and_size_each_way(tmp_path):
                "--num_classes=3", "--steps=2", "--repeats=1", "--ceiling_size=32",
                f"--json_out={out}")
   assert result.returncode == 0, result.stderr
-  rows = {r["grads"]: r for r in map(json.loads, out.read_text().splitlines())}
-  assert set(rows) == {"plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad"}
+  rows = {(r["grads"], r["compute_dtype"]): r
+          for r in map(json.loads, out.read_text().splitlines())}
+  closed_form = {"plain", "dp_clipped_sum", "dp_closed_form"}
+  assert set(rows) == {(kind, dt) for kind in closed_form for dt in ("float32", "bfloat16")
+                       } | {("dp_vmap_grad", "float32")}
   # vmap(grad) holds the B per-example gradients (8 · (16·12 + 16 + 3·16 + 3) floats).
-  assert rows["dp_vmap_grad"]["temp_memory_mb"] * 2**20 >= 8 * 259 * 4
-  assert "dp_vmap_grad / dp_closed_form time" in result.stdout
+  assert rows[("dp_vmap_grad", "float32")]["temp_memory_mb"] * 2**20 >= 8 * 259 * 4
+  assert "dp_vmap_grad / dp_closed_form time      float32" in result.stdout
+  assert "bfloat16 / float32 ex/s  dp_clipped_sum" in result.stdout
