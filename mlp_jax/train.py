@@ -56,7 +56,7 @@ class Hyperparams(NamedTuple):
   clip_norm: float = 0.0          # 0: no clipping
   label_smoothing: float = 0.1
   grads: str = "manual"           # manual | autodiff | manual_vjp
-  compute_dtype: str = "float32"  # float32 | bfloat16 (matmuls; params stay float32)
+  compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
 
 
 def make_cycle(hp, steps):
