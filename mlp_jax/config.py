@@ -42,6 +42,11 @@ SETTINGS = (
     Setting("dataset", str, "digits", _DATASETS + "."),
     Setting("data_dir", str, None, "Directory of the IDX files (mnist; fashion_mnist "
             f"defaults to {data.FASHION_MNIST_DIR})."),
+    Setting("input_scaling", str, None, "x' = (x - mean) / std with one mean and std "
+            "over all features (global), each feature its own (per_feature), or the data "
+            "as given (none); from the train split, or for a private run constants fixed "
+            "in advance. Default: per_feature (global for a private run).",
+            choices=data.SCALINGS),
     Setting("hidden_dim", int, 256, "H, hidden units.", lower=1),
     Setting("batch_size", int, 16, "Examples per step (DP-SGD: the expected batch).",
             lower=1),
@@ -56,6 +61,9 @@ SETTINGS = (
             "off.", lower=0),
     Setting("label_smoothing", float, _HP.label_smoothing, "ε of (1−ε) one-hot + ε/K.",
             lower=0, upper=1),
+    Setting("ema_decay", float, _HP.ema_decay, "β of an exponential moving average of "
+            "the params, the model evaluated, chosen and saved (bias-corrected); 0: off.",
+            lower=0, below=1),
     Setting("grads", str, _HP.grads, "Gradient: the manual formula, jax.grad, or the "
             "manual custom_vjp.", choices=train.GRADIENTS),
     Setting("compute_dtype", str, _HP.compute_dtype, "Dtype of the hidden layer's "
@@ -246,7 +254,13 @@ def resolve(config):
   _check_dp(config)
   if fraction is None:
     fraction = 0.1 if config.sweep else 0.0
-  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))
+  scaling = config.input_scaling or ("global" if is_private(config) else "per_feature")
+  if is_private(config) and scaling == "per_feature":
+    raise RunError("--input_scaling=per_feature: a private run cannot scale by statistics "
+                   "of its training data (they would leak it); use global (the dataset's "
+                   "published constants) or none.")
+  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep),
+                         input_scaling=scaling)
 
 
 def hyperparams(config, steps_per_epoch, cycle_ends):

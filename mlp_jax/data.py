@@ -25,6 +25,11 @@ MAX_IDX_BYTES = 1 << 32  # 4 GiB: a header claiming more is lying or not a datas
 MAX_NPZ_ARRAY_BYTES = 1 << 32
 MAX_CLASSES = 1000
 DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
+# How the inputs are scaled, x' = (x − μ) / σ with μ, σ from the training rows:
+#   global       one μ and one σ over every feature (torchvision's convention)
+#   per_feature  each feature its own μ and σ (features constant in train: σ = 1)
+#   none         the data as given (μ = 0, σ = 1)
+SCALINGS = ("global", "per_feature", "none")
 # The largest raw pixel value of the image datasets (an 8-bit image maps 255 to it).
 PIXEL_MAX = {"digits": 16.0, "fashion_mnist": 255.0, "mnist": 255.0}
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -224,14 +229,16 @@ def check_every_class_in_train(y_train, num_classes):
 
 
 def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0,
-            fixed_scaling=None):
+            scaling="per_feature", fixed_scaling=None):
   """Flattens, checks, splits off validation, and standardises with TRAIN statistics.
 
-  x' = (x − μ) / σ per feature, μ and σ from the (remaining) training rows only;
-  features constant in train get σ = 1. With fixed_scaling = (s, μ, σ), constants that
-  do not depend on the data, x' = (x / s − μ) / σ instead: what a differentially private
-  run needs (a statistic of the private training set would leak it).
+  x' = (x − μ) / σ, μ and σ from the (remaining) training rows only, by `scaling` (one
+  of SCALINGS). With fixed_scaling = (s, μ, σ), constants that do not depend on the
+  data, x' = (x / s − μ) / σ instead: what a differentially private run needs (a
+  statistic of the private training set would leak it).
   """
+  if scaling not in SCALINGS:
+    raise DataError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}.")
   input_shape = tuple(np.shape(x_train)[1:])
   x_train, x_test = _flat_inputs(x_train, "x_train"), _flat_inputs(x_test, "x_test")
   if x_train.shape[1] != x_test.shape[1]:
@@ -256,14 +263,12 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
     x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[train], y_train[train]
   check_every_class_in_train(y_train, num_classes)
   with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
-    if fixed_scaling is None:
-      mean = x_train.mean(axis=0)
-      std = x_train.std(axis=0)
-      std = np.where(std > 1e-6 * max(float(std.max()), 1e-30), std, 1.0).astype(np.float32)
-    else:
+    if fixed_scaling is not None:
       scale, mu, sigma = fixed_scaling
-      mean = np.full(x_train.shape[1], mu * scale, np.float32)
-      std = np.full(x_train.shape[1], sigma * scale, np.float32)
+      mean, std = np.float32(mu * scale), np.float32(sigma * scale)
+    else:
+      mean, std = train_statistics(x_train, scaling)
+    mean, std = (np.broadcast_to(a, x_train.shape[1:]).astype(np.float32) for a in (mean, std))
     scaled = [None if x is None else (x - mean) / std for x in (x_train, x_test, x_val)]
   if not all(x is None or np.all(np.isfinite(x)) for x in scaled):
     raise DataError("the inputs overflow float32 when standardised (values near 1e38?); "
@@ -271,6 +276,16 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
   x_train, x_test, x_val = scaled
   return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes, mean, std,
                  input_shape, class_names(None, num_classes))
+
+
+def train_statistics(x_train, scaling):
+  """(μ, σ) of `scaling` from the training rows x_train (N, D): (D,) arrays for
+  per_feature, scalars otherwise; a σ of (almost) 0 becomes 1."""
+  if scaling == "none":
+    return np.float32(0), np.float32(1)
+  axis = 0 if scaling == "per_feature" else None
+  mean, std = x_train.mean(axis=axis), x_train.std(axis=axis)
+  return mean, np.where(std > 1e-6 * max(float(np.max(std)), 1e-30), std, 1.0)
 
 
 def fixed_scaling(name):
@@ -283,9 +298,15 @@ def fixed_scaling(name):
   return (PIXEL_MAX[name], *mu_sigma[name]) if name in PIXEL_MAX else (1.0, 0.0, 1.0)
 
 
-def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, private=False):
+def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, scaling="global",
+         private=False):
   """Loads dataset `name` (one of DATASETS) and prepares it; see `prepare`. private:
-  scale with `fixed_scaling(name)`, never with statistics of the training data."""
+  never a statistic of the training data: global scaling uses `fixed_scaling(name)`,
+  none the data as given, and per_feature is refused."""
+  if private and scaling == "per_feature":
+    raise DataError("a private run cannot scale each feature by its train statistics "
+                    "(they would leak the data); use scaling global (the dataset's "
+                    "published constants) or none.")
   if name == "digits":
     arrays = load_digits()
   elif name == "fashion_mnist":
@@ -299,8 +320,9 @@ def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, private=False)
     arrays = load_npz(name[4:])
   else:
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-  ds = prepare(*arrays, validation_fraction=validation_fraction, seed=seed,
-               fixed_scaling=fixed_scaling(name) if private else None)
+  fixed = (fixed_scaling(name) if scaling == "global" else (1.0, 0.0, 1.0)) if private else None
+  ds = prepare(*arrays, validation_fraction=validation_fraction, seed=seed, scaling=scaling,
+               fixed_scaling=fixed)
   if name == "digits":  # scikit-learn gives them flat: 64 = 8×8 pixels
     ds = ds._replace(input_shape=(8, 8))
   return ds._replace(class_names=class_names(name, ds.num_classes))

@@ -210,7 +210,7 @@ def _load_data(config, mesh, num_models):
   """The checked dataset; bad data is refused before a workdir exists."""
   ds = data.load(config.dataset, config.data_dir,
                  validation_fraction=config.validation_fraction, seed=config.seed,
-                 private=config_lib.is_private(config))
+                 scaling=config.input_scaling, private=config_lib.is_private(config))
   n, in_dim = ds.x_train.shape
   if config.batch_size > n:
     raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "
@@ -361,8 +361,9 @@ def _epoch_row(ctx, train_epoch, state, values, placed, epoch):
   start = time.time()
   X, y, n = placed.train
   state, device_metrics = train_epoch(state, X, y, epoch, values)
+  params = train.averaged_params(state)          # the EMA with --ema_decay
   for name, (X_eval, y_eval, n_eval) in placed.splits.items():
-    ev = train.evaluate(state.params, X_eval, y_eval, num_examples=n_eval, mesh=ctx.mesh,
+    ev = train.evaluate(params, X_eval, y_eval, num_examples=n_eval, mesh=ctx.mesh,
                         stacking=ctx.stack.stacking)
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
@@ -477,10 +478,10 @@ def _finish(ctx, state, history, placed, epochs_done, interrupted):
   numbers are kept), writes the outputs, logs the summary."""
   chosen, ranking = stack_lib.choose(history, ctx.stack)
   X_test, y_test, n_test = placed.test
-  test = parallel.to_host(train.evaluate(state.params, X_test, y_test, num_examples=n_test,
+  params = train.averaged_params(state)          # the EMA with --ema_decay
+  test = parallel.to_host(train.evaluate(params, X_test, y_test, num_examples=n_test,
                                          mesh=ctx.mesh, stacking=ctx.stack.stacking))
-  finished = reports.Finished(history, ctx.stack, ranking, test,
-                              parallel.to_host(state.params))
+  finished = reports.Finished(history, ctx.stack, ranking, test, parallel.to_host(params))
   if ctx.writer:
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)
   if interrupted is not None:

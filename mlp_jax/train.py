@@ -57,6 +57,7 @@ class Hyperparams(NamedTuple):
   label_smoothing: float = 0.1
   grads: str = "manual"           # manual | autodiff | manual_vjp
   compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
+  ema_decay: float = 0.0          # β of the params' moving average; 0: none
 
 
 def make_cycle(hp, steps):
@@ -94,8 +95,48 @@ def _maybe_nonzero(value):
   return _is_array(value) or value > 0
 
 
+class ParamsEMAState(NamedTuple):
+  """The moving average of the params kept by `params_ema`."""
+
+  count: jax.Array   # int32: steps averaged, t
+  decay: jax.Array   # float32: β
+  ema: Params        # θ̄_t = β θ̄_{t−1} + (1 − β) θ_t, from θ̄_0 = 0 (not yet debiased)
+
+
+def params_ema(decay):
+  """optax transformation, last in a chain: the exponential moving average of the params
+  after each update (θ_t = params + updates); the updates pass through unchanged."""
+  def init(params):
+    return ParamsEMAState(jnp.zeros((), jnp.int32), jnp.asarray(decay, jnp.float32),
+                          jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params):
+    new_params = optax.apply_updates(params, updates)
+    ema = optax.incremental_update(new_params, state.ema, 1 - state.decay)
+    return updates, state._replace(count=state.count + 1, ema=ema)
+
+  return optax.GradientTransformation(init, update)
+
+
+def averaged_params(state):
+  """The params a run evaluates, chooses and saves: with --ema_decay, the bias-corrected
+  average θ̄_t / (1 − β^t) (= the params before any step), else state.params. Works on
+  one model's TrainState and on a stack (leading model axis)."""
+  ema_state = state.opt_state[-1] if isinstance(state.opt_state, tuple) else None
+  if not isinstance(ema_state, ParamsEMAState):
+    return state.params
+  correction = 1 - ema_state.decay ** ema_state.count       # (M,) or ()
+
+  def debiased(ema, params):
+    c = correction.reshape(correction.shape + (1,) * (ema.ndim - correction.ndim))
+    return jnp.where(c > 0, ema / jnp.where(c > 0, c, 1), params)
+
+  return jax.tree.map(debiased, ema_state.ema, state.params)
+
+
 def make_optimizer(hp):
-  """optax chain: [clip by global norm] -> [weight decay on W1, W2] -> the optimizer.
+  """optax chain: [clip by global norm] -> [weight decay on W1, W2] -> the optimizer ->
+  [the params' moving average, params_ema].
 
   adamw decays weights decoupled from the gradient; the others add wd·W to it (L2).
   Biases are never decayed.
@@ -120,6 +161,8 @@ def make_optimizer(hp):
     else:
       raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose one of "
                        f"{', '.join(OPTIMIZERS)}.")
+  if _maybe_nonzero(hp.ema_decay):
+    parts.append(params_ema(hp.ema_decay))
   return optax.chain(*parts)
 
 
@@ -248,7 +291,7 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
 # seed (init, batch order, DP noise) and its own values of the SWEEPABLE settings, given
 # as arrays {name: (M,)}. A single model is the stack of one.
 
-SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm",
+SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm", "ema_decay",
              "dp_clip_norm", "dp_noise_multiplier")
 STACKINGS = ("vmap", "map")
 # The DPSGD field each dp_ setting of a stack sets, per model.
@@ -296,7 +339,8 @@ def init_state(seeds, in_dim, hidden_dim, num_classes, hp, values=None):
   values = {k: np.asarray(v) for k, v in (values or {}).items()}
   states = []
   for m, seed in enumerate(seeds):
-    model_hp, _ = with_values(hp, None, {k: v[m] for k, v in values.items()})
+    # 0-d arrays, as inside the program: a swept 0 keeps its transformation's state.
+    model_hp, _ = with_values(hp, None, {k: np.asarray(v[m]) for k, v in values.items()})
     states.append(init_model_state(int(seed), in_dim, hidden_dim, num_classes,
                                    make_optimizer(model_hp)))
   return jax.device_put(jax.tree.map(lambda *leaves: np.stack(jax.device_get(leaves)),

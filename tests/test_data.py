@@ -103,6 +103,22 @@ def test_standardised_with_train_statistics_only():
   np.testing.assert_allclose(ds.x_test, [[98 / np.sqrt(8 / 3), 2.0]], rtol=1e-6)
 
 
+def test_global_and_no_scaling():
+  x_train = np.array([[0.0, 4.0], [2.0, 6.0]])   # all values: mean 3, std sqrt(5)
+  x_test = np.array([[3.0, 8.0]])
+  y = np.array([0, 1])
+  ds = data.prepare(x_train, y, x_test, y[:1], scaling="global")
+  np.testing.assert_allclose(ds.mean, [3, 3]) and np.testing.assert_allclose(ds.std, [5**0.5] * 2)
+  np.testing.assert_allclose(ds.x_test, [[0, 5 / 5**0.5]], rtol=1e-6)
+  ds = data.prepare(x_train, y, x_test, y[:1], scaling="none")
+  np.testing.assert_array_equal(ds.x_train, x_train.astype(np.float32))
+  assert ds.mean.shape == ds.std.shape == (2,)
+  with pytest.raises(data.DataError, match="scaling must be one of global, per_feature, none"):
+    data.prepare(x_train, y, x_test, y[:1], scaling="minmax")
+  with pytest.raises(data.DataError, match="a private run cannot scale each feature"):
+    data.load("digits", scaling="per_feature", private=True)
+
+
 def test_validation_split_is_held_out_of_train():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(20, 3)) * 5 + np.arange(20)[:, None]   # every row distinct

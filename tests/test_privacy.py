@@ -247,6 +247,7 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_pat
      "--dp_target_epsilon: no noise multiplier up to 100 reaches"),
     ({"dp_target_epsilon": 3.0}, "not both"),
     ({"grads": "autodiff"}, "always uses the closed-form clipped gradient"),
+    ({"input_scaling": "per_feature"}, "--input_scaling=per_feature: a private run cannot"),
 ])
 def test_bad_dp_settings_are_one_line_and_write_nothing(tiny_npz, tmp_path, overrides,
                                                         message):

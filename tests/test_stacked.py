@@ -147,7 +147,7 @@ def test_the_choice_is_made_on_validation_never_on_test(tmp_path):
 
 def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
   config = tiny_config(tiny_npz, tmp_path / "straight", epochs=4, schedule="constant",
-                       num_seeds=2, sweep=("label_smoothing=0,0.1",))
+                       sweep=("label_smoothing=0,0.1", "ema_decay=0,0.9"))
   run(config)
   run(config._replace(workdir=str(tmp_path / "resumed"), epochs=2))
   lines = []

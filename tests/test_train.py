@@ -227,3 +227,38 @@ def test_bfloat16_hidden_products_compile_to_bfloat16_gemms():
   autodiff = dtypes_of_products_with_x(
       lambda p, X: mj.autodiff_grads(p, X, y, compute_dtype=bf16), params)
   assert ("f32", "f32") in autodiff, autodiff
+
+
+def test_ema_is_the_hand_computed_average_of_the_iterates():
+  """--ema_decay β: averaged_params is Σ_i (1 − β) β^(t−i) θ_i / (1 − β^t) over the params
+  θ_1..θ_t after each step (the bias-corrected EMA), per model of a stack; β = 0 is the
+  params themselves, and before any step it is the init."""
+  beta = 0.6
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
+                         weight_decay=0.0, label_smoothing=0.0, ema_decay=beta)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_model_state(0, 5, 4, 3, optimizer)
+  chex.assert_trees_all_equal(train.averaged_params(state), state.params)
+  X = jax.random.normal(jax.random.key(1), (6, 5))
+  batch = (X, jnp.arange(6) % 3, jnp.ones(6))
+  step = jax.jit(train.make_train_step(hp, optimizer))
+  iterates = []
+  for _ in range(4):
+    state, _ = step(state, batch)
+    iterates.append(state.params)
+  t = len(iterates)
+  weights = [(1 - beta) * beta ** (t - i) / (1 - beta ** t) for i in range(1, t + 1)]
+  by_hand = jax.tree.map(lambda *leaves: sum(w * a for w, a in zip(weights, leaves)),
+                         *iterates)
+  chex.assert_trees_all_close(train.averaged_params(state), by_hand, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(by_hand.w1, state.params.w1)
+  # A stack sweeping β = 0 and β: model 0's average is its params, model 1's its EMA.
+  hp = hp._replace(ema_decay=jnp.array([0.0, beta]))
+  stack = train.init_state([0, 0], 5, 4, 3, hp, {"ema_decay": [0.0, beta]})
+  epoch = train.make_train_epoch(hp, 6, 6)
+  for e in range(4):
+    stack, _ = epoch(stack, X, batch[1], e, {"ema_decay": jnp.array([0.0, beta])})
+  averaged = train.averaged_params(stack)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], averaged),
+                              jax.tree.map(lambda a: a[0], stack.params), rtol=1e-6)
+  assert not np.allclose(averaged.w1[1], stack.params.w1[1])

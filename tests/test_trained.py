@@ -44,6 +44,21 @@ def test_loaded_model_predicts_raw_inputs_as_the_run_evaluated_them(digits_run):
   assert mj.load(str(workdir / "params.npz")).input_shape == (8, 8)
 
 
+@pytest.mark.parametrize("scaling", data.SCALINGS)
+def test_each_input_scaling_round_trips_through_load(tiny_npz, tmp_path, scaling):
+  """The run's μ, σ are saved with the model: predict on RAW inputs gives the run's own
+  test accuracy under every --input_scaling."""
+  experiment.run(tiny_config(tiny_npz, tmp_path, epochs=2, input_scaling=scaling),
+                 log=lambda *_: None)
+  raw = np.load(tiny_npz[4:])
+  ds = data.load(tiny_npz, scaling=scaling)
+  model = mj.load(str(tmp_path))
+  np.testing.assert_array_equal(model.mean, ds.mean)
+  np.testing.assert_array_equal(model.std, ds.std)
+  accuracy = np.mean(np.asarray(model.predict(raw["x_test"])) == raw["y_test"])
+  assert accuracy == pytest.approx(read_metrics(tmp_path)[-1]["test_accuracy"], abs=1e-6)
+
+
 def test_bad_inputs_and_files_are_one_clear_error(digits_run, tmp_path):
   workdir, x_test, _ = digits_run
   model = mj.load(str(workdir))
