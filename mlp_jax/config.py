@@ -42,11 +42,10 @@ SETTINGS = (
     Setting("dataset", str, "digits", _DATASETS + "."),
     Setting("data_dir", str, None, "Directory of the IDX files (mnist; fashion_mnist "
             f"defaults to {data.FASHION_MNIST_DIR})."),
-    Setting("input_scaling", str, None, "x' = (x - mean) / std with one mean and std "
-            "over all features (global), each feature its own (per_feature), or the data "
-            "as given (none); from the train split, or for a private run constants fixed "
-            "in advance. Default: per_feature (global for a private run).",
-            choices=data.SCALINGS),
+    Setting("input_scaling", str, "global", "x' = (x - mean) / std with one mean and "
+            "std over all features (global), each feature its own (per_feature), or the "
+            "data as given (none); from the train split, for a private run from "
+            "constants fixed in advance.", choices=data.SCALINGS),
     Setting("hidden_dim", int, 256, "H, hidden units.", lower=1),
     Setting("batch_size", int, 16, "Examples per step (DP-SGD: the expected batch).",
             lower=1),
@@ -254,13 +253,11 @@ def resolve(config):
   _check_dp(config)
   if fraction is None:
     fraction = 0.1 if config.sweep else 0.0
-  scaling = config.input_scaling or ("global" if is_private(config) else "per_feature")
-  if is_private(config) and scaling == "per_feature":
+  if is_private(config) and config.input_scaling == "per_feature":
     raise RunError("--input_scaling=per_feature: a private run cannot scale by statistics "
                    "of its training data (they would leak it); use global (the dataset's "
                    "published constants) or none.")
-  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep),
-                         input_scaling=scaling)
+  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))
 
 
 def hyperparams(config, steps_per_epoch, cycle_ends):

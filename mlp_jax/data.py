@@ -229,7 +229,7 @@ def check_every_class_in_train(y_train, num_classes):
 
 
 def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0,
-            scaling="per_feature", fixed_scaling=None):
+            scaling="global", fixed_scaling=None):
   """Flattens, checks, splits off validation, and standardises with TRAIN statistics.
 
   x' = (x − μ) / σ, μ and σ from the (remaining) training rows only, by `scaling` (one

@@ -136,6 +136,9 @@ def _check_old_run(workdir, config, log):
                    "checkpoints this version cannot resume; finish it with that version "
                    "(its params.npz loads here), or use a fresh --workdir.")
   old = old_run.get("config", {})
+  if "input_scaling" not in old:  # mlp_jax 0.3 scaled per feature, private runs globally
+    private = any(old.get(f) is not None for f in ("dp_noise_multiplier", "dp_target_epsilon"))
+    old = {**old, "input_scaling": "global" if private else "per_feature"}
   for field in RESUME_FIELDS:
     if field in old and old[field] != json.loads(json.dumps(getattr(config, field))):
       raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "

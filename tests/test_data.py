@@ -96,7 +96,8 @@ def test_npz_loader_and_its_errors(tmp_path):
 def test_standardised_with_train_statistics_only():
   x_train = np.array([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
   x_test = np.array([[100.0, 7.0]])
-  ds = data.prepare(x_train, np.array([0, 1, 0]), x_test, np.array([1]))
+  ds = data.prepare(x_train, np.array([0, 1, 0]), x_test, np.array([1]),
+                    scaling="per_feature")
   np.testing.assert_allclose(ds.x_train.mean(axis=0), [0, 0], atol=1e-6)
   np.testing.assert_allclose(ds.x_train[:, 0].std(), 1, rtol=1e-6)
   # Test rows use TRAIN μ = (2, 5), σ = (1.633, 1): a constant feature keeps σ = 1.
@@ -123,7 +124,8 @@ def test_validation_split_is_held_out_of_train():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(20, 3)) * 5 + np.arange(20)[:, None]   # every row distinct
   y = np.arange(20) % 2
-  ds = data.prepare(x, y, x[:4], y[:4], validation_fraction=0.25, seed=3)
+  ds = data.prepare(x, y, x[:4], y[:4], validation_fraction=0.25, seed=3,
+                    scaling="per_feature")
   assert len(ds.x_val) == 5 and len(ds.x_train) == 15
   # Undo the standardisation: each split's rows are rows of x, disjoint, together all.
   train_rows = ds.x_train * ds.std + ds.mean
