@@ -66,7 +66,8 @@ SETTINGS = (
     Setting("grads", str, _HP.grads, "Gradient: the manual formula, jax.grad, or the "
             "manual custom_vjp.", choices=train.GRADIENTS),
     Setting("compute_dtype", str, _HP.compute_dtype, "Dtype of the hidden layer's "
-            "matmuls; bfloat16 keeps float32 params, output layer, softmax and loss.", choices=train.COMPUTE_DTYPES),
+            "matmuls; bfloat16 keeps float32 params, output layer, softmax and loss.",
+            choices=train.COMPUTE_DTYPES),
     Setting("seed", int, 0, "Seed of init and shuffling (and DP noise)."),
     Setting("workdir", str, None, "Output directory; rerun with it to resume. Default: a "
             "fresh temporary directory."),
