@@ -418,6 +418,19 @@ def test_resuming_with_another_optimizer_seed_batch_or_rate_is_refused(tiny_npz,
   assert [row["epoch"] for row in metrics(tmp_path)] == [1]
 
 
+def test_a_run_from_before_input_scaling_resumes_only_per_feature(tiny_npz, tmp_path):
+  """mlp_jax 0.3 recorded no input_scaling and scaled per feature: its workdir resumes
+  with per_feature, and the new default (global) is refused, not applied mid-run."""
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=1, input_scaling="per_feature"))
+  record = json.loads((tmp_path / "config.json").read_text())
+  del record["config"]["input_scaling"]
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  with pytest.raises(experiment.RunError, match="holds a run with input_scaling='per_feature'"):
+    quiet(tiny_config(tiny_npz, tmp_path, epochs=2))
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=2, input_scaling="per_feature"))
+  assert [row["epoch"] for row in metrics(tmp_path)] == [1, 2]
+
+
 def test_resuming_with_more_epochs_starts_a_new_cycle_and_records_it(tiny_npz, tmp_path):
   config = tiny_config(tiny_npz, tmp_path, epochs=3)
   experiment.run(config, log=lambda *_: None)
