@@ -320,7 +320,9 @@ def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, scaling="globa
     arrays = load_npz(name[4:])
   else:
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-  fixed = (fixed_scaling(name) if scaling == "global" else (1.0, 0.0, 1.0)) if private else None
+  fixed = None                      # a private run: constants, never train statistics
+  if private:
+    fixed = fixed_scaling(name) if scaling == "global" else (1.0, 0.0, 1.0)
   ds = prepare(*arrays, validation_fraction=validation_fraction, seed=seed, scaling=scaling,
                fixed_scaling=fixed)
   if name == "digits":  # scikit-learn gives them flat: 64 = 8×8 pixels

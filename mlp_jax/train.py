@@ -119,9 +119,9 @@ def params_ema(decay):
 
 
 def averaged_params(state):
-  """The params a run evaluates, chooses and saves: with --ema_decay, the bias-corrected
-  average θ̄_t / (1 − β^t) (= the params before any step), else state.params. Works on
-  one model's TrainState and on a stack (leading model axis)."""
+  """Params (w1 (H, D), b1, w2 (K, H), b2, each with a leading (M,) for a stack) that a
+  run evaluates, chooses and saves: with --ema_decay, the bias-corrected average
+  θ̄_t / (1 − β^t) (= the params before any step), else state.params."""
   ema_state = state.opt_state[-1] if isinstance(state.opt_state, tuple) else None
   if not isinstance(ema_state, ParamsEMAState):
     return state.params
