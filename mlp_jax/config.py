@@ -73,6 +73,12 @@ SETTINGS = (
             "fresh temporary directory."),
     Setting("validation_fraction", float, None, "Fraction of train held out for "
             "validation. Default 0, or 0.1 with --sweep.", lower=0, below=1),
+    Setting("cv_folds", int, 0, "K > 1: choose among the --sweep configurations by k-fold "
+            "cross-validation, every configuration trained on K stratified folds of train "
+            "in the same program, then refit on all of train in WORKDIR/refit and tested "
+            "once; 0: off.", lower=0),
+    Setting("cv_fold", int, None, "With --cv_folds: train fold F alone (0 to K - 1), one "
+            "job of a selection spread over jobs; no refit and no test.", lower=0),
     Setting("progress", bool, True, "Show a progress bar."),
     Setting("num_devices", int, None, "Devices per process. Default: every local device "
             "(models split over them, each model's batches too: docs/devices.md).",
@@ -194,9 +200,16 @@ def sweep_grid(config):
   return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
+def fold_indices(config):
+  """The folds a run trains: all K of --cv_folds, the one of --cv_fold, or [None]."""
+  if not config.cv_folds:
+    return [None]
+  return [config.cv_fold] if config.cv_fold is not None else list(range(config.cv_folds))
+
+
 def count_models(config):
-  """M: --num_seeds times the size of the --sweep grid."""
-  return config.num_seeds * len(sweep_grid(config))
+  """M: --num_seeds times the size of the --sweep grid times the folds it trains."""
+  return config.num_seeds * len(sweep_grid(config)) * len(fold_indices(config))
 
 
 def _check_cluster(config):
@@ -211,6 +224,26 @@ def _check_cluster(config):
       and config.process_id >= config.num_processes):
     raise RunError(f"--process_id={config.process_id}: must be below --num_processes="
                    f"{config.num_processes} (processes count from 0).")
+
+
+def _check_folds(config):
+  """--cv_folds and --cv_fold with the settings they cannot go with."""
+  if config.cv_fold is not None and config.cv_folds < 2:
+    raise RunError(f"--cv_fold={config.cv_fold} is one fold of a k-fold selection: give "
+                   "--cv_folds=K as well (K >= 2).")
+  if not config.cv_folds:
+    return
+  if config.cv_folds == 1:
+    raise RunError("--cv_folds=1: k-fold cross-validation needs K >= 2 folds (0: off).")
+  if config.cv_fold is not None and config.cv_fold >= config.cv_folds:
+    raise RunError(f"--cv_fold={config.cv_fold}: must be below --cv_folds="
+                   f"{config.cv_folds} (folds count from 0).")
+  if config.validation_fraction:
+    raise RunError("--cv_folds validates on the held-out folds: drop --validation_fraction "
+                   "(or drop --cv_folds to hold out a fraction).")
+  if is_private(config):
+    raise RunError("--cv_folds is not available with DP-SGD (each row would train K - 1 "
+                   "private models); choose on a --validation_fraction split instead.")
 
 
 def _check_dp(config):
@@ -248,12 +281,13 @@ def resolve(config):
   fraction = config.validation_fraction
   if config.sweep:
     parse_sweep(config.sweep)
-    if fraction is not None and fraction <= 0:
+    if fraction is not None and fraction <= 0 and not config.cv_folds:
       raise RunError("a --sweep chooses its configuration on validation data: give "
-                     "--validation_fraction > 0 (default 0.1), never the test set.")
+                     "--validation_fraction > 0 (default 0.1) or --cv_folds=K, never the test set.")
   _check_dp(config)
+  _check_folds(config)
   if fraction is None:
-    fraction = 0.1 if config.sweep else 0.0
+    fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
   if is_private(config) and config.input_scaling == "per_feature":
     raise RunError("--input_scaling=per_feature: a private run cannot scale by statistics "
                    "of its training data (they would leak it); use global (the dataset's "

@@ -278,6 +278,29 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
                  input_shape, class_names(None, num_classes))
 
 
+def stratified_folds(y, num_folds, seed=0):
+  """The fold (0 .. K−1) of each training row, (N,) int32: disjoint folds that cover
+  every row, each class spread over them as evenly as it divides (its counts per fold
+  differ by at most 1), the rows of a class drawn in a random order of `seed`.
+
+  Rows sorted by (class, random key) are dealt to the folds in turn, so fold sizes also
+  differ by at most 1. Every class needs at least K rows (each fold holds one out).
+  """
+  y = np.asarray(y)
+  counts = np.bincount(y)
+  if num_folds < 2 or num_folds > len(y):
+    raise DataError(f"{num_folds} folds of {len(y)} training examples: use 2 to {len(y)}.")
+  scarce = [c for c in range(len(counts)) if 0 < counts[c] < num_folds]
+  if scarce:
+    raise DataError(f"class {scarce[0]} has {counts[scarce[0]]} training examples, fewer "
+                    f"than the {num_folds} folds (each must hold one out); use at most "
+                    f"{counts[scarce[0]]} folds.")
+  order = np.lexsort((np.random.default_rng(seed).permutation(len(y)), y))
+  folds = np.empty(len(y), np.int32)
+  folds[order] = np.arange(len(y)) % num_folds
+  return folds
+
+
 def train_statistics(x_train, scaling):
   """(μ, σ) of `scaling` from the training rows x_train (N, D): (D,) arrays for
   per_feature, scalars otherwise; a σ of (almost) 0 becomes 1."""

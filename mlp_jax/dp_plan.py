@@ -30,8 +30,7 @@ class DPPlan(NamedTuple):
 def _per_model(stack, name, default):
   """(M,) values of a setting: swept (one per model) or the config's for every model."""
   if name in stack.configurations[0]:
-    return np.array([c[name] for c in stack.configurations for _ in stack.seeds],
-                    np.float64)
+    return stack.per_model(name).astype(np.float64)
   return np.full(stack.num_models, default, np.float64)
 
 

@@ -221,16 +221,40 @@ def _load_data(config, mesh, num_models):
 
 def run(config, log=print):
   """Trains per `config`, writes the workdir, returns the metrics of the last epoch (for
-  several models, with "chosen": the chosen configuration and its models)."""
+  several models, with "chosen": the chosen configuration and its models).
+
+  With --cv_folds (and no --cv_fold) that is two runs: the selection, every
+  configuration on every fold, in WORKDIR; then the chosen configuration refit on all
+  of train and tested, in WORKDIR/refit, whose metrics it returns (with "chosen")."""
   start = time.time()
   config = config_lib.resolve(config)
-  stack = stack_lib.make_stack(config)
   _join_processes(config)
-  writer = jax.process_index() == 0  # the one process that writes files and logs
-  if not writer:
+  if jax.process_index() != 0:  # process 0 alone writes files and logs
     log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
+  workdir, result = _run_stack(config, log, start)
+  if not config.cv_folds or config.cv_fold is not None:
+    return result
+  return _refit(config, workdir, result["chosen"], log)
+
+
+def _refit(config, workdir, chosen, log):
+  """The chosen configuration of a k-fold selection trained on all of train (its
+  --num_seeds seeds) in WORKDIR/refit, the only run that reads test."""
+  settings = ", ".join(f"{k}={v:g}" for k, v in chosen["configuration"].items())
+  log(f"refit on all of train{': ' + settings if settings else ''}")
+  refit = config._replace(sweep=(), cv_folds=0, workdir=os.path.join(workdir, "refit"),
+                          **chosen["configuration"])
+  _, result = _run_stack(config_lib.resolve(refit), log, time.time())
+  return {**result, "chosen": chosen}
+
+
+def _run_stack(config, log, start):
+  """(workdir, result) of run() for one stack of models, from a resolved config."""
+  stack = stack_lib.make_stack(config)
+  writer = jax.process_index() == 0
   mesh = _make_mesh(config, stack.num_models)
   ds = _load_data(config, mesh, stack.num_models)
+  stack = stack_lib.with_folds(stack, config, ds.y_train)
   n, in_dim = ds.x_train.shape
   steps_per_epoch = -(-n // config.batch_size)
   dp = None
@@ -245,7 +269,7 @@ def run(config, log=print):
                    stop)
   try:
     stop.install()
-    return _train(ctx, ds, old_run)
+    return workdir, _train(ctx, ds, old_run)
   except checkpoint.CheckpointError as e:
     raise RunError(str(e)) from None
   except OSError as e:  # a write of the workdir's files: disk full, read-only, I/O error
@@ -263,7 +287,8 @@ def run(config, log=print):
 
 
 class Placed(NamedTuple):
-  """The data on the devices: (X, y, N) of train, and of each evaluated split."""
+  """The data on the devices: (X, y, N) of train and test; each evaluated split's
+  (X, y, N, rows) with rows the train.evaluate rows of its models, or None (all N)."""
 
   train: tuple
   splits: dict    # {"validation": ..., "test": ...}: what each epoch evaluates
@@ -281,17 +306,21 @@ class Restored(NamedTuple):
 
 def _place(ds, ctx):
   """Each process places only its own devices' rows (parallel.shard_rows). Test is
-  evaluated every epoch only when nothing is chosen from it (one configuration)."""
+  evaluated every epoch only when nothing is chosen from it (one configuration, no
+  folds); a k-fold model is validated on its held-out rows of train."""
   def place(x, y):
     return parallel.shard_rows(x, ctx.mesh), parallel.shard_rows(y, ctx.mesh), len(y)
-  test = place(ds.x_test, ds.y_test)
+  train_split, test = place(ds.x_train, ds.y_train), place(ds.x_test, ds.y_test)
   splits = {}
   if ds.x_val is not None:
-    splits["validation"] = place(ds.x_val, ds.y_val)
-  if len(ctx.stack.configurations) == 1:
-    splits["test"] = test
+    splits["validation"] = (*place(ds.x_val, ds.y_val), None)
+  if ctx.stack.row_folds is not None:
+    rows = parallel.shard_models(ctx.stack.validation_rows(), ctx.mesh)
+    splits["validation"] = (*train_split, rows)
+  elif len(ctx.stack.configurations) == 1:
+    splits["test"] = (*test, None)
   inputs = ds._replace(x_train=None, x_test=None, x_val=None)  # the rest is small
-  return Placed(place(ds.x_train, ds.y_train), splits, test, inputs)
+  return Placed(train_split, splits, test, inputs)
 
 
 def _restore(ctx, in_dim, num_classes):
@@ -314,9 +343,11 @@ def _describe(ctx):
   stack = ctx.stack
   ctx.log(f"workdir: {ctx.workdir}")
   if stack.num_models > 1:
+    folds = (f"folds {', '.join(str(f) for f in stack.folds)} of {ctx.config.cv_folds} × "
+             if ctx.config.cv_folds else "")
     ctx.log(f"{stack.num_models} models trained together: {len(stack.configurations)} "
-            f"configuration(s) × seeds {stack.seeds[0]}-{stack.seeds[-1]}; stacking: "
-            f"{stack.stacking} (--stacking)")
+            f"configuration(s) × {folds}seeds {stack.seeds[0]}-{stack.seeds[-1]}; "
+            f"stacking: {stack.stacking} (--stacking)")
   if ctx.mesh.size > 1:
     ctx.log(f"devices: {ctx.mesh.size} ({parallel.model_groups(ctx.mesh)} model slice(s) "
             f"× {parallel.data_shards(ctx.mesh)} splitting each batch)")
@@ -362,9 +393,9 @@ def _epoch_row(ctx, train_epoch, state, values, placed, epoch):
   X, y, n = placed.train
   state, device_metrics = train_epoch(state, X, y, epoch, values)
   params = train.averaged_params(state)          # the EMA with --ema_decay
-  for name, (X_eval, y_eval, n_eval) in placed.splits.items():
+  for name, (X_eval, y_eval, n_eval, rows) in placed.splits.items():
     ev = train.evaluate(params, X_eval, y_eval, num_examples=n_eval, mesh=ctx.mesh,
-                        stacking=ctx.stack.stacking)
+                        stacking=ctx.stack.stacking, rows=rows)
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
   per_model = parallel.to_host(device_metrics)
@@ -426,7 +457,10 @@ def _train_epochs(ctx, hp, start, placed, history):
                                        num_examples=placed.train[2], mesh=ctx.mesh,
                                        dp=ctx.dp and ctx.dp.dpsgd,
                                        stacking=ctx.stack.stacking)
-  values = parallel.shard_models(ctx.stack.values, ctx.mesh)
+  values = dict(ctx.stack.values)
+  if ctx.stack.row_folds is not None:
+    values[train.TRAIN_MASK] = ctx.stack.train_masks()
+  values = parallel.shard_models(values, ctx.mesh)
   learning_rate = train.make_schedule(hp)  # the configured peak; swept peaks scale it
   epochs, bar = _progress(ctx, epochs_done)
   done = epochs_done
@@ -475,12 +509,15 @@ def _stop_signal(stop):
 
 def _finish(ctx, state, history, placed, epochs_done, interrupted):
   """Chooses on validation, evaluates the test set once (only the chosen configuration's
-  numbers are kept), writes the outputs, logs the summary."""
+  numbers are kept; a k-fold selection never: its refit does), writes the outputs, logs
+  the summary."""
   chosen, ranking = stack_lib.choose(history, ctx.stack)
   X_test, y_test, n_test = placed.test
   params = train.averaged_params(state)          # the EMA with --ema_decay
-  test = parallel.to_host(train.evaluate(params, X_test, y_test, num_examples=n_test,
-                                         mesh=ctx.mesh, stacking=ctx.stack.stacking))
+  test = None
+  if not ctx.config.cv_folds:
+    test = parallel.to_host(train.evaluate(params, X_test, y_test, num_examples=n_test,
+                                           mesh=ctx.mesh, stacking=ctx.stack.stacking))
   finished = reports.Finished(history, ctx.stack, ranking, test, parallel.to_host(params))
   if ctx.writer:
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)

@@ -8,6 +8,8 @@
   and with several models:
     params_all.npz  every model stacked (w1 is (M, H, D)), each model's seed and values
     sweep.json      the configurations ranked on validation, the chosen one's test
+A k-fold selection (--cv_folds) has no test and no final model (its refit has them):
+it writes curves.png, params_all.npz (with each model's fold) and sweep.json.
 """
 
 import functools
@@ -30,7 +32,8 @@ class Finished(NamedTuple):
   history: list    # the metrics rows, epoch 1 on
   stack: Any       # stack.Stack
   ranking: list    # stack.choose's: the chosen configuration first
-  test: dict       # the final test evaluation: accuracy (M,), loss (M,), predictions (M, N)
+  test: Any        # the final test evaluation: accuracy (M,), loss (M,), predictions
+                   # (M, N); None for a k-fold selection
   params: Any      # the stacked Params (M, ...)
 
   @property
@@ -52,28 +55,33 @@ def write_outputs(workdir, finished, inputs, config):
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
-  with atomic_file(path("params.npz")) as f:
-    trained.save(f, params, inputs, config.dataset)
   with atomic_file(path("curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models), f,
                       config.label_smoothing)
-  with atomic_file(path("confusion.png")) as f:
-    plots.plot_confusion(plots.confusion_matrix(
-        inputs.y_test, finished.test["predictions"][best], inputs.num_classes), f,
-                         inputs.class_names)
-  if plots.is_image(inputs.input_shape, params.w1.shape[1]):
-    with atomic_file(path("filters.png")) as f:
-      plots.plot_filters(params.w1, inputs.input_shape, f)
+  if finished.test is not None:
+    with atomic_file(path("params.npz")) as f:
+      trained.save(f, params, inputs, config.dataset)
+    with atomic_file(path("confusion.png")) as f:
+      plots.plot_confusion(plots.confusion_matrix(
+          inputs.y_test, finished.test["predictions"][best], inputs.num_classes), f,
+                           inputs.class_names)
+    if plots.is_image(inputs.input_shape, params.w1.shape[1]):
+      with atomic_file(path("filters.png")) as f:
+        plots.plot_filters(params.w1, inputs.input_shape, f)
   stack = finished.stack
   if stack.num_models == 1:
     return
+  folds = {} if stack.row_folds is None else {"fold": np.array(stack.model_folds)}
   with atomic_file(path("params_all.npz")) as f:
     np.savez(f, **finished.params._asdict(), seed=np.array(stack.model_seeds),
-             **stack.values)
-  write_json(path("sweep.json"), {
-      "chosen": finished.ranking[0]["configuration"], "chosen_models": finished.models,
-      "seeds": stack.seeds, "chosen_test": chosen_test(finished),
-      "ranking": finished.ranking})
+             **folds, **stack.values)
+  record = {"chosen": finished.ranking[0]["configuration"],
+            "chosen_models": finished.models, "seeds": stack.seeds}
+  if stack.row_folds is not None:
+    record["folds"] = list(stack.folds)
+  if finished.test is not None:
+    record["chosen_test"] = chosen_test(finished)
+  write_json(path("sweep.json"), {**record, "ranking": finished.ranking})
 
 
 def speed(new_rows, num_examples):
@@ -129,24 +137,28 @@ def summary(finished, new_rows, num_examples, seconds, dp_record=None):
   models, stack = finished.models, finished.stack
   one = stack.num_models == 1
   last = stack_lib.chosen_history(finished.history[-1:], models)[0]
-  if "test_accuracy" not in last:  # a sweep: test only at the end, the chosen models only
+  selection = finished.test is None  # a k-fold selection: its refit reads test
+  if "test_accuracy" not in last and not selection:  # a sweep: test at the end only
     last.update(chosen_test(finished))
   splits = [s for s in ("train", "validation", "test") if f"{s}_accuracy" in last]
   lines = _table(last, splits, one)
-  if not one:
+  if not one and not selection:
     accuracy = 100 * np.asarray(finished.test["accuracy"])[models]
     seeds = f"seed {stack.seeds[0]}" if len(models) == 1 else (
         f"{len(models)} seeds {stack.seeds[0]}-{stack.seeds[-1]}")
     lines.append(f"test accuracy {accuracy.mean():.2f} ± {accuracy.std():.2f}% (min "
                  f"{accuracy.min():.2f}, max {accuracy.max():.2f}) over {seeds}")
-  if len(finished.ranking) > 1:
+  if len(finished.ranking) > 1 or selection:
     best = finished.ranking[0]
     chosen = ", ".join(f"{k}={v:g}" for k, v in best["configuration"].items())
-    lines.append(f"chosen: {chosen}, by validation accuracy "
+    over = (f" over {len(stack.folds)} fold(s) × {len(stack.seeds)} seed(s)"
+            if selection else "")
+    read = ("test is read by the refit only" if selection
+            else "test read for the chosen one only")
+    lines.append(f"chosen: {chosen or 'the one configuration'}, by validation accuracy "
                  f"{100 * best['validation_accuracy_mean']:.2f} ± "
-                 f"{100 * best['validation_accuracy_std']:.2f}% among "
-                 f"{len(finished.ranking)} configurations (ranked in sweep.json; test read "
-                 "for the chosen one only)")
+                 f"{100 * best['validation_accuracy_std']:.2f}%{over} among "
+                 f"{len(finished.ranking)} configuration(s) (ranked in sweep.json; {read})")
   lines.append(f"epochs {finished.history[-1]['epoch']}, {seconds:.1f} s in all"
                + (f"; {speed(new_rows, num_examples * stack.num_models)}" if new_rows else ""))
   if dp_record is not None:

@@ -1,5 +1,5 @@
-"""The models of a run: M = C configurations × S seeds, the metrics rows they make, and
-the choice among configurations on validation.
+"""The models of a run: M = C configurations × F folds × S seeds, the metrics rows they
+make, and the choice among configurations on validation.
 
 A run is always a stack; a single model is the stack of one configuration and one seed,
 and its metrics rows are flat ({"train_loss": 0.5, ...}). With several models each
@@ -7,40 +7,85 @@ metric is `NAME_mean` and `NAME_std` over the models and every model's value is 
 `per_model`.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mlp_jax import config as config_lib
+from mlp_jax import data
 from mlp_jax.config import RunError
 
 
 class Stack(NamedTuple):
-  """The models of a run: model m = configuration m // S, seed m % S."""
+  """The models of a run: model m = configuration m // (F S), fold (m // S) % F, seed
+  m % S (F = 1 without --cv_folds)."""
 
   configurations: list   # C dicts {name: value}, in grid order ([{}] without --sweep)
   seeds: list            # the S seeds: seed, seed + 1, ...
   values: dict           # {name: (M,) float32}: the per-model values the program reads
   stacking: str = "vmap"  # how the models share the program (train.STACKINGS)
+  folds: tuple = (None,)  # the F folds each configuration trains on ([None]: all of train)
+  row_folds: Any = None  # (N,) int32: each training row's fold (data.stratified_folds)
+
+  @property
+  def models_per_configuration(self):
+    return len(self.folds) * len(self.seeds)
 
   @property
   def num_models(self):
-    return len(self.configurations) * len(self.seeds)
+    return len(self.configurations) * self.models_per_configuration
 
   @property
   def model_seeds(self):
     """The seed of each of the M models."""
-    return [s for _ in self.configurations for s in self.seeds]
+    return [s for _ in self.configurations for _ in self.folds for s in self.seeds]
+
+  @property
+  def model_folds(self):
+    """The fold each of the M models holds out (None: it trains on every row)."""
+    return [f for _ in self.configurations for f in self.folds for _ in self.seeds]
+
+  def per_model(self, name):
+    """(M,) values of a swept setting: each model's configuration's."""
+    return np.array([c[name] for c in self.configurations
+                     for _ in range(self.models_per_configuration)])
+
+  def train_masks(self):
+    """(M, N) float32: 1 where model m trains on row n, 0 on the fold it holds out."""
+    return np.stack([self.row_folds != f for f in self.model_folds]).astype(np.float32)
+
+  def validation_rows(self):
+    """(indices (M, R), weights (M, R)) of each model's held-out fold, padded with
+    weight 0 to the largest fold's R rows (train.evaluate's rows)."""
+    held_out = [np.flatnonzero(self.row_folds == f) for f in self.model_folds]
+    size = max(len(rows) for rows in held_out)
+    indices = np.zeros((len(held_out), size), np.int32)
+    weights = np.zeros((len(held_out), size), np.float32)
+    for m, rows in enumerate(held_out):
+      indices[m, :len(rows)], weights[m, :len(rows)] = rows, 1
+    return indices, weights
 
 
 def make_stack(config):
-  """The Stack of `config`: the grid of --sweep values, times the seeds."""
+  """The Stack of `config`: the grid of --sweep values, times the folds, times the seeds
+  (row_folds is set once the data is loaded: with_folds)."""
   configurations = config_lib.sweep_grid(config)
   seeds = [config.seed + s for s in range(config.num_seeds)]
-  names = configurations[0].keys()
-  values = {name: np.array([c[name] for c in configurations for _ in seeds], np.float32)
-            for name in names if name != "dp_target_epsilon"}  # σ comes from dp_plan
-  return Stack(configurations, seeds, values)
+  stack = Stack(configurations, seeds, {}, folds=config_lib.fold_indices(config))
+  values = {name: stack.per_model(name).astype(np.float32) for name in configurations[0]
+            if name != "dp_target_epsilon"}  # σ comes from dp_plan
+  return stack._replace(values=values)
+
+
+def with_folds(stack, config, y_train):
+  """The stack with each training row's fold, for a k-fold run (--cv_folds)."""
+  if not config.cv_folds:
+    return stack
+  try:
+    row_folds = data.stratified_folds(y_train, config.cv_folds, config.seed)
+  except data.DataError as e:
+    raise RunError(f"--cv_folds: {e}") from None
+  return stack._replace(row_folds=row_folds)
 
 
 def metrics_row(epoch, per_model, num_models):
@@ -98,15 +143,15 @@ def diverged_models(row):
 
 def choose(history, stack):
   """(index of the chosen configuration, ranking): configurations ranked by their mean
-  validation accuracy over seeds at the last epoch, ties broken by the lower mean
+  validation accuracy over seeds (and folds) at the last epoch, ties broken by the lower mean
   validation loss (one whose models diverged ranks last); without a validation split,
   the only configuration."""
   last = history[-1]
   diverged = diverged_models(last)
-  seeds = len(stack.seeds)
+  size = stack.models_per_configuration
   ranking = []
   for c, values in enumerate(stack.configurations):
-    models = list(range(c * seeds, (c + 1) * seeds))
+    models = list(range(c * size, (c + 1) * size))
     entry = {"configuration": values, "models": models,
              "diverged": bool(np.any(diverged[models]))}
     for key in ("validation_accuracy", "validation_loss"):

@@ -269,21 +269,39 @@ def gather_batch(X, i, mesh=None):
   return jax.lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
 
 
-def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, mesh=None):
+def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, mesh=None,
+                train_mask=None):
   """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device.
 
   The epoch visits the first `num_examples` rows of X (default all; rows past it are
   padding, see parallel.shard_rows) in the order epoch_order(state.key, epoch, N).
+  train_mask (N,), 1 for a row the model trains on and 0 for one it holds out (a k-fold
+  model): each batch weighs its rows by it, and a batch of held-out rows alone is no
+  step at all (the state is kept).
   """
   n = X.shape[0] if num_examples is None else num_examples
   idx, w = batch_indices(epoch_order(state.key, epoch, n), batch_size)
 
   def body(state, batch):
     i, wb = batch
-    return train_step(state, (gather_batch(X, i, mesh), gather_batch(y, i, mesh), wb))
+    if train_mask is None:
+      return train_step(state, (gather_batch(X, i, mesh), gather_batch(y, i, mesh), wb))
+    wb = wb * gather_batch(train_mask, i, mesh)
+    stepped, metrics = train_step(state, (gather_batch(X, i, mesh), gather_batch(y, i, mesh),
+                                          wb))
+    return keep_if_empty(jnp.sum(wb) > 0, stepped, state, metrics)
 
   state, (loss_sums, hits) = jax.lax.scan(body, state, (idx, w))
+  if train_mask is not None:
+    n = jnp.sum(train_mask[:n])
   return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
+
+
+def keep_if_empty(any_rows, stepped, state, metrics):
+  """(the stepped state, its metrics) if the batch had rows, else (state, zeros): the
+  mean over no example is undefined (NaN), and a zero step would still move Adam."""
+  state = jax.tree.map(lambda new, old: jnp.where(any_rows, new, old), stepped, state)
+  return state, jax.tree.map(lambda m: jnp.where(any_rows, m, 0), metrics)
 
 
 # A run is a stack of M >= 1 models: every leaf of its TrainState has a leading model
@@ -298,10 +316,15 @@ STACKINGS = ("vmap", "map")
 _DP_FIELDS = {"dp_clip_norm": "clip_norm", "dp_noise_multiplier": "noise_multiplier"}
 
 
+# The per-model value that is no hyperparameter: a k-fold model's rows, (M, N) (train_epoch).
+TRAIN_MASK = "train_mask"
+
+
 def with_values(hp, dp, values):
   """(hp, dp) of one model of a stack: the swept fields replaced by its `values`
-  {name: scalar} (traced inside the program)."""
-  hp = hp._replace(**{k: v for k, v in values.items() if k not in _DP_FIELDS})
+  {name: scalar} (traced inside the program; TRAIN_MASK is not a field)."""
+  hp = hp._replace(**{k: v for k, v in values.items()
+                      if k not in _DP_FIELDS and k != TRAIN_MASK})
   if dp is not None:
     dp = dp._replace(**{_DP_FIELDS[k]: v for k, v in values.items() if k in _DP_FIELDS})
   return hp, dp
@@ -355,7 +378,7 @@ def _model_epoch(hp, dp, batch_size, num_examples, mesh):
     optimizer = make_optimizer(model_hp)
     if model_dp is None:
       return train_epoch(make_train_step(model_hp, optimizer), state, X, y, epoch,
-                         batch_size, num_examples, mesh)
+                         batch_size, num_examples, mesh, values.get(TRAIN_MASK))
     steps = -(-model_dp.num_examples // batch_size)
     return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, mesh), state,
                           X, y, epoch, steps)
@@ -369,7 +392,8 @@ def make_train_epoch(hp, batch_size, num_examples=None, mesh=None, dp=None,
   (call it positionally).
 
   Model m trains exactly as it would alone: its own batch order from its own key, its
-  own hyperparameters `values[m]`, one shared dataset. With a mesh
+  own hyperparameters `values[m]`, one shared dataset (of which a k-fold model trains
+  on the rows of values[TRAIN_MASK][m], (N,); not with DP). With a mesh
   (parallel.run_mesh), X and y are row-sharded over its data axis (parallel.shard_rows),
   the states and values split over its model axis (parallel.shard_models), and each
   model's batches are split over the data axis. With a privacy.DPSGD `dp`, an epoch is
@@ -397,39 +421,49 @@ def default_stacking(platform, batch_size, in_dim, hidden_dim):
   return "map" if platform == "cpu" and big else "vmap"
 
 
-def evaluate_model(params, X, y, batch_size=1024, num_examples=None, mesh=None):
+def evaluate_model(params, X, y, batch_size=1024, num_examples=None, mesh=None,
+                   rows=None):
   """ONE model's loss, accuracy and predictions (N,) over the first N = num_examples
   rows of X, every example counted once; with a mesh each batch is split over its data
-  axis. Not jitted: see evaluate."""
+  axis. rows = (indices (R,), weights (R,)): the rows it is evaluated on instead (a
+  k-fold model's held-out rows, padded with weight 0), predictions (R,). Not jitted:
+  see evaluate."""
   n = X.shape[0] if num_examples is None else num_examples
+  if rows is not None:
+    n = rows[0].shape[0]
   batch_size = min(batch_size, n)
   if mesh is not None:
     shards = parallel.data_shards(mesh)
     batch_size = -(-batch_size // shards) * shards
   idx, w = batch_indices(jnp.arange(n), batch_size)
+  if rows is not None:
+    idx, w = rows[0][idx], w * rows[1][idx]
 
   def body(_, batch):
     i, wb = batch
     z2 = model.logits(params, gather_batch(X, i, mesh))
     Y = losses.targets(gather_batch(y, i, mesh), z2.shape[-1], z2.dtype)
-    return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.argmax(z2, axis=-1))
+    hits = jnp.argmax(z2, axis=-1) == gather_batch(y, i, mesh)
+    return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.sum(wb * hits),
+                  jnp.argmax(z2, axis=-1))
 
-  _, (loss_sums, predicted) = jax.lax.scan(body, None, (idx, w))
-  predicted = predicted.reshape(-1)[:n]
-  return {"loss": jnp.sum(loss_sums) / n,
-          "accuracy": jnp.mean((predicted == y[:n]).astype(jnp.float32)),
-          "predictions": predicted}
+  _, (loss_sums, hits, predicted) = jax.lax.scan(body, None, (idx, w))
+  count = n if rows is None else jnp.sum(rows[1])
+  return {"loss": jnp.sum(loss_sums) / count, "accuracy": jnp.sum(hits) / count,
+          "predictions": predicted.reshape(-1)[:n]}
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh",
                                              "stacking"))
-def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None, stacking="vmap"):
+def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None, stacking="vmap",
+             rows=None):
   """evaluate_model of each model of stacked Params (leading axis M): loss (M,),
-  accuracy (M,), predictions (M, N); the models mapped as in make_train_epoch."""
+  accuracy (M,), predictions (M, N); the models mapped as in make_train_epoch. rows =
+  (indices (M, R), weights (M, R)): each model's own rows (see evaluate_model)."""
   groups = 1 if mesh is None else parallel.model_groups(mesh)
   results = map_models(
-      lambda p: evaluate_model(p, X, y, batch_size, num_examples, mesh), params, stacking,
-      groups)
+      lambda pr: evaluate_model(pr[0], X, y, batch_size, num_examples, mesh, pr[1]),
+      (params, rows), stacking, groups)
   if mesh is None:
     return results
   return jax.lax.with_sharding_constraint(results, parallel.model_sharded(mesh))

@@ -77,9 +77,13 @@ def save(path, params, inputs, dataset):
 
 
 def load(path):
-  """The TrainedModel of a workdir (or of its params.npz); ValueError, one line, if it
-  is not there or not a params.npz this version writes."""
+  """The TrainedModel of a workdir (or of its params.npz; of a k-fold selection's
+  workdir, its refit's); ValueError, one line, if it is not there or not a params.npz
+  this version writes."""
   file = os.path.join(path, "params.npz") if os.path.isdir(path) else path
+  refit = os.path.join(path, "refit", "params.npz")
+  if os.path.isdir(path) and not os.path.exists(file) and os.path.exists(refit):
+    file = refit
   if not os.path.isfile(file):
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:

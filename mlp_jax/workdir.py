@@ -33,7 +33,7 @@ FORMAT = 2
 # The learning-rate schedule is fixed by the first run too (see `schedule_epochs`).
 # The models (num_seeds, sweep) come first: they set validation_fraction's default, so
 # a resume without the --sweep is told so, not blamed on validation_fraction.
-RESUME_FIELDS = ("num_seeds", "sweep", "dataset", "data_dir", "input_scaling",
+RESUME_FIELDS = ("num_seeds", "sweep", "cv_folds", "cv_fold", "dataset", "data_dir", "input_scaling",
                  "hidden_dim", "validation_fraction", "optimizer", "weight_decay",
                  "clip_norm", "seed", "batch_size", "learning_rate", "schedule",
                  "warmup_epochs", "ema_decay", "dp_noise_multiplier", "dp_target_epsilon",

@@ -1,4 +1,5 @@
-"""The IDX reader, the npz loader, checks and standardisation, and the real Fashion-MNIST."""
+"""The IDX reader, the npz loader, checks, standardisation, k-fold folds, and the real
+Fashion-MNIST."""
 
 import gzip
 import os
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlp_jax import data
+from mlp_jax import stack as stack_lib
 
 
 def write_idx(path, array, type_code=0x08, dims=None, magic=b"\x00\x00"):
@@ -145,6 +147,34 @@ def test_validation_split_is_held_out_of_train():
   np.testing.assert_allclose(ds.mean, x[train_index].mean(axis=0), rtol=1e-5)
   np.testing.assert_allclose(ds.std, x[train_index].std(axis=0), rtol=1e-5)
   assert not np.allclose(ds.mean, x.mean(axis=0), rtol=1e-3)
+
+
+@pytest.mark.parametrize("counts, num_folds", [((7, 5, 9), 3), ((50, 50), 5),
+                                                ((3, 40, 11, 6), 3), ((2, 2), 2)])
+def test_stratified_folds_are_disjoint_stratified_and_cover_train(counts, num_folds):
+  y = np.random.default_rng(1).permutation(np.repeat(np.arange(len(counts)), counts))
+  folds = data.stratified_folds(y, num_folds, seed=4)
+  stack = stack_lib.Stack([{}], [0], {}, folds=tuple(range(num_folds)), row_folds=folds)
+  held_out = [np.flatnonzero(stack.train_masks()[f] == 0) for f in range(num_folds)]
+  # Disjoint and together every row: each row is held out by exactly one fold's model.
+  assert sorted(np.concatenate(held_out).tolist()) == list(range(len(y)))
+  indices, weights = stack.validation_rows()
+  for f, rows in enumerate(held_out):
+    np.testing.assert_array_equal(indices[f][weights[f] == 1], rows)
+  # Stratified: each class's rows split over the folds within one row of even.
+  for c, n in enumerate(counts):
+    per_fold = np.bincount(folds[y == c], minlength=num_folds)
+    assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == n
+  sizes = np.bincount(folds, minlength=num_folds)
+  assert sizes.max() - sizes.min() <= 1
+  np.testing.assert_array_equal(folds, data.stratified_folds(y, num_folds, seed=4))
+  assert not np.array_equal(folds, data.stratified_folds(y, num_folds, seed=5))
+
+
+def test_folds_too_many_for_a_class_are_refused_with_the_fix():
+  with pytest.raises(data.DataError, match="class 1 has 2 training examples, fewer than "
+                     "the 3 folds .* use at most 2 folds"):
+    data.stratified_folds(np.array([0, 0, 0, 1, 1, 0]), 3)
 
 
 def test_digits_split():

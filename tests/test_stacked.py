@@ -4,6 +4,7 @@ only; with DP-SGD too."""
 
 import json
 import os
+import signal
 import tempfile
 
 import jax
@@ -179,6 +180,14 @@ def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
     (["--sweep=weight_decay=0,0.1", "--validation_fraction=0"],
      "a --sweep chooses its configuration on validation data"),
     (["--num_seeds=100", "--hidden_dim=1000000"], "GiB for 100 models"),
+    (["--cv_folds=1"], "k-fold cross-validation needs K >= 2 folds"),
+    (["--cv_fold=0"], "--cv_fold=0 is one fold of a k-fold selection: give --cv_folds"),
+    (["--cv_folds=3", "--cv_fold=3"], "--cv_fold=3: must be below --cv_folds=3"),
+    (["--cv_folds=3", "--validation_fraction=0.1"], "drop --validation_fraction"),
+    (["--cv_folds=3", "--dp_noise_multiplier=1"], "--cv_folds is not available with "
+                                                  "DP-SGD"),
+    (["--cv_folds=200"], "--cv_folds: class 0 has 142 training examples, fewer than the "
+                         "200 folds"),
 ])
 def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, monkeypatch):
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -247,3 +256,89 @@ def test_a_resumed_sweep_names_each_models_peak_rate(tiny_npz, tmp_path):
   experiment.run(config._replace(epochs=2), log=lines.append)
   assert any("follow a new warmup_cosine cycle at each model's own peak learning rate"
              in line for line in lines)
+
+
+# k-fold selection (--cv_folds): folds are models of the stack, each with its own train
+# mask and held-out rows; the chosen configuration is refit on all of train.
+
+def test_a_2_fold_2_configuration_run_equals_the_four_separate_runs(tiny_npz, tmp_path):
+  rates = (0.003, 0.03)
+  result = run(tiny_config(tiny_npz, tmp_path / "cv", epochs=2, cv_folds=2,
+                           sweep=(f"learning_rate={rates[0]},{rates[1]}",)))
+  selection = read_metrics(tmp_path / "cv")
+  with np.load(tmp_path / "cv" / "params_all.npz") as f:
+    assert f["fold"].tolist() == [0, 1, 0, 1] and f["w1"].shape[0] == 4
+  for m, (rate, fold) in enumerate([(r, f) for r in rates for f in (0, 1)]):
+    alone = tmp_path / f"alone{m}"
+    run(tiny_config(tiny_npz, alone, epochs=2, cv_folds=2, cv_fold=fold,
+                    learning_rate=rate))
+    for row, one in zip(selection, read_metrics(alone), strict=True):
+      for key in ("train_loss", "train_accuracy", "validation_loss", "validation_accuracy"):
+        assert row["per_model"][key][m] == pytest.approx(one[key], rel=RTOL), (m, key)
+  # The choice is the mean over folds; the refit is the plain run of the chosen rate.
+  sweep = json.loads((tmp_path / "cv" / "sweep.json").read_text())
+  means = {r["configuration"]["learning_rate"]: r["validation_accuracy_mean"]
+           for r in sweep["ranking"]}
+  for c, rate in enumerate(rates):
+    assert means[rate] == pytest.approx(np.mean(
+        selection[-1]["per_model"]["validation_accuracy"][2 * c:2 * c + 2]))
+  chosen = sweep["chosen"]["learning_rate"]
+  assert result["chosen"]["configuration"] == {"learning_rate": chosen}
+  run(tiny_config(tiny_npz, tmp_path / "plain", epochs=2, learning_rate=chosen))
+  for a, b in zip(params_of(tmp_path / "cv" / "refit").values(),
+                  params_of(tmp_path / "plain").values()):
+    np.testing.assert_array_equal(a, b)
+  assert mj.load(str(tmp_path / "cv")).params.w1.shape == (16, 6)   # the refit's model
+
+
+def test_a_k_fold_selection_never_reads_test(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  centers = rng.normal(size=(3, 6)) * 3
+  y, y_test = np.arange(120) % 3, np.arange(30) % 3
+  # Test labels shifted by one: the better a model learns, the worse it does on test.
+  np.savez(tmp_path / "d.npz", x_train=centers[y] + rng.normal(size=(120, 6)), y_train=y,
+           x_test=centers[y_test] + rng.normal(size=(30, 6)), y_test=(y_test + 1) % 3)
+  events = []
+  evaluate = train.evaluate
+
+  def spy(params, X, y, **kwargs):
+    events.append(("evaluate", int(X.shape[0])))
+    return evaluate(params, X, y, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate", spy)
+  run_config = tiny_config(f"npz:{tmp_path / 'd.npz'}", tmp_path / "run", epochs=3,
+                           schedule="constant", cv_folds=3,
+                           sweep=("learning_rate=1e-7,0.05",))
+  experiment.run(run_config, log=events.append)
+  refit = events.index("refit on all of train: learning_rate=0.05")
+  assert ("evaluate", 30) not in events[:refit] and ("evaluate", 120) in events[:refit]
+  assert ("evaluate", 30) in events[refit:]
+  sweep = json.loads((tmp_path / "run" / "sweep.json").read_text())
+  assert sweep["chosen"] == {"learning_rate": 0.05} and "test" not in json.dumps(sweep)
+  assert not any("test" in key for row in read_metrics(tmp_path / "run")
+                 for key in [*row, *row["per_model"]])
+  assert not (tmp_path / "run" / "params.npz").exists()
+  assert "test_accuracy" in read_metrics(tmp_path / "run" / "refit")[-1]
+
+
+def test_a_k_fold_run_resumes_bit_identical_in_either_stage(tiny_npz, tmp_path,
+                                                            monkeypatch):
+  config = tiny_config(tiny_npz, tmp_path / "straight", epochs=3, schedule="constant",
+                       cv_folds=2, num_seeds=2, sweep=("weight_decay=0,0.1",))
+  run(config)
+  resumed = config._replace(workdir=str(tmp_path / "resumed"))
+  for stop_at in (2, 3):  # after epoch 2 of 3 of the selection, then the refit's 2nd (1 + 2)
+    calls = iter(range(1, 100))
+    monkeypatch.setattr(experiment, "_stop_signal",
+                        lambda stop, s=stop_at: signal.SIGTERM if next(calls) == s else None)
+    with pytest.raises(experiment.Interrupted):
+      run(resumed)
+  monkeypatch.undo()
+  run(resumed)
+  for stage in ("", "refit"):
+    straight, again = tmp_path / "straight" / stage, tmp_path / "resumed" / stage
+    assert without_times(read_metrics(straight)) == without_times(read_metrics(again))
+    name = "params_all.npz" if not stage else "params.npz"
+    with np.load(straight / name) as a, np.load(again / name) as b:
+      for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k])
