@@ -284,12 +284,11 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
 
   def body(state, batch):
     i, wb = batch
+    x, labels = gather_batch(X, i, mesh), gather_batch(y, i, mesh)
     if train_mask is None:
-      return train_step(state, (gather_batch(X, i, mesh), gather_batch(y, i, mesh), wb))
+      return train_step(state, (x, labels, wb))
     wb = wb * gather_batch(train_mask, i, mesh)
-    stepped, metrics = train_step(state, (gather_batch(X, i, mesh), gather_batch(y, i, mesh),
-                                          wb))
-    return keep_if_empty(jnp.sum(wb) > 0, stepped, state, metrics)
+    return keep_if_empty(jnp.sum(wb) > 0, train_step(state, (x, labels, wb)), state)
 
   state, (loss_sums, hits) = jax.lax.scan(body, state, (idx, w))
   if train_mask is not None:
@@ -297,9 +296,10 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
   return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
 
 
-def keep_if_empty(any_rows, stepped, state, metrics):
-  """(the stepped state, its metrics) if the batch had rows, else (state, zeros): the
+def keep_if_empty(any_rows, step_result, state):
+  """The train step's (state, metrics) if the batch had rows, else (state, zeros): the
   mean over no example is undefined (NaN), and a zero step would still move Adam."""
+  stepped, metrics = step_result
   state = jax.tree.map(lambda new, old: jnp.where(any_rows, new, old), stepped, state)
   return state, jax.tree.map(lambda m: jnp.where(any_rows, m, 0), metrics)
 

@@ -52,6 +52,36 @@ def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   assert 0 <= float(metrics["train_accuracy"][0]) <= 1 and float(metrics["train_loss"][0]) > 0
 
 
+def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
+  X, y = tiny_data(n=10)
+  hp = train.Hyperparams(optimizer="adam", learning_rate=0.1, schedule="constant",
+                         label_smoothing=0.0)
+  state = train.init_state([0], 5, 7, 3, hp)
+  mask = np.zeros(10, np.float32)
+  mask[[2, 7]] = 1                                      # a fold model keeping 2 rows
+  order = np.asarray(train.epoch_order(state.key[0], 0, 10))
+  # The adam steps of the batches (B = 4) holding a kept row, on those rows alone.
+  optimizer = train.make_optimizer(hp)
+  params, opt_state, steps = first(state.params), first(state.opt_state), 0
+  for batch in (order[0:4], order[4:8], order[8:10]):
+    kept = np.array([i for i in batch if mask[i]], np.int32)
+    if kept.size:
+      updates, opt_state = optimizer.update(mj.grads(params, X[kept], y[kept]), opt_state,
+                                            params)
+      params, steps = optax.apply_updates(params, updates), steps + 1
+  epoch = train.make_train_epoch(hp, batch_size=4)
+  state, metrics = epoch(state, X, y, 0, {train.TRAIN_MASK: mask[None]})
+  for got, want in zip(first(state.params), params):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert state.step.tolist() == [steps] and steps < 3   # a batch without kept rows: no step
+  assert np.isfinite(metrics["train_loss"][0])
+  # Evaluated on its own rows: the held-out rows, weight 0 on the padding.
+  rows = (np.array([[2, 7, 0]], np.int32), np.array([[1, 1, 0]], np.float32))
+  ev = first(train.evaluate(state.params, X, y, rows=rows))
+  np.testing.assert_allclose(ev["loss"], mj.loss(params, X[np.array([2, 7])], y[np.array([2, 7])]), rtol=1e-5)
+  np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[np.array([2, 7])], y[np.array([2, 7])]))
+
+
 def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="adam", schedule="cosine", total_steps=12)
