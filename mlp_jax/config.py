@@ -283,7 +283,8 @@ def resolve(config):
     parse_sweep(config.sweep)
     if fraction is not None and fraction <= 0 and not config.cv_folds:
       raise RunError("a --sweep chooses its configuration on validation data: give "
-                     "--validation_fraction > 0 (default 0.1) or --cv_folds=K, never the test set.")
+                     "--validation_fraction > 0 (default 0.1) or --cv_folds=K, never the "
+                     "test set.")
   _check_dp(config)
   _check_folds(config)
   if fraction is None:

@@ -483,9 +483,11 @@ def _train_epochs(ctx, hp, start, placed, history):
                         **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
       signum = _stop_signal(ctx.stop)  # the caller waits for this checkpoint
       if signum and done < ctx.config.epochs:
+        saved = "checkpoint and plots" if ctx.config.cv_folds else (
+            "checkpoint, params.npz and plots")
         return state, Interrupted(
-            f"{SIGNAL_NAMES[signum]} after epoch {done}; its checkpoint, params.npz and "
-            "plots are saved: rerun the same command to resume.", signum)
+            f"{SIGNAL_NAMES[signum]} after epoch {done}; its {saved} are saved: rerun the "
+            "same command to resume.", signum)
       if signum:
         ctx.log(f"{SIGNAL_NAMES[signum]} came during the last epoch: the run is complete")
   except _RUNTIME_ERROR as e:
