@@ -80,6 +80,10 @@ SETTINGS = (
     Setting("cv_fold", int, None, "With --cv_folds: train fold F alone (0 to K - 1), one "
             "job of a selection spread over jobs; no refit and no test.", lower=0),
     Setting("progress", bool, True, "Show a progress bar."),
+    Setting("profile_dir", str, None, "Write a jax.profiler trace of this invocation's "
+            "2nd and 3rd epochs (the 1st compiles) here; view it with tensorboard "
+            "--logdir=DIR (Profile tab, tensorboard-plugin-profile), XProf, or the "
+            ".trace.json.gz in Perfetto."),
     Setting("num_devices", int, None, "Devices per process. Default: every local device "
             "(models split over them, each model's batches too: docs/devices.md).",
             lower=1),

@@ -464,9 +464,12 @@ def _train_epochs(ctx, hp, start, placed, history):
   learning_rate = train.make_schedule(hp)  # the configured peak; swept peaks scale it
   epochs, bar = _progress(ctx, epochs_done)
   done = epochs_done
+  profile = _Profile(ctx, epochs_done)
   try:
     for epoch in epochs:
+      profile.before(epoch)
       state, row = _epoch_row(ctx, train_epoch, state, values, placed, epoch)
+      profile.after(epoch)
       _check_divergence(ctx, row, epoch, done)
       _learning_rates(ctx, row, learning_rate, epoch)
       checkpoint.check_space(start.mngr, state)  # before the epoch's line is written
@@ -497,7 +500,35 @@ def _train_epochs(ctx, hp, start, placed, history):
                    "process or another one failed (out of memory, killed, network); the "
                    f"checkpoint after epoch {done} is kept: restart every process with the "
                    "same command to resume.") from None
+  finally:
+    profile.stop()  # a run stopped early (a signal, divergence) still closes its trace
   return state, None
+
+
+class _Profile:
+  """--profile_dir: a jax.profiler trace of the 2nd and 3rd epochs this invocation
+  trains (the 1st compiles), or of as many of them as it trains."""
+
+  def __init__(self, ctx, epochs_done):
+    self.ctx, self.first, self.tracing = ctx, epochs_done + 1, False
+
+  def before(self, epoch):
+    if self.ctx.config.profile_dir and epoch == self.first:
+      jax.profiler.start_trace(self.ctx.config.profile_dir)
+      self.tracing = True
+
+  def after(self, epoch):
+    if self.tracing and (epoch == self.first + 1 or epoch + 1 == self.ctx.config.epochs):
+      self.stop()
+      traced = f"{self.first + 1}-{epoch + 1}" if epoch > self.first else str(epoch + 1)
+      self.ctx.log(f"profile of epoch(s) {traced}: {self.ctx.config.profile_dir} "
+                   f"(tensorboard --logdir={self.ctx.config.profile_dir}, or its "
+                   ".trace.json.gz in Perfetto)")
+
+  def stop(self):
+    if self.tracing:
+      jax.profiler.stop_trace()
+      self.tracing = False
 
 
 def _stop_signal(stop):

@@ -1,6 +1,7 @@
 """The runner, experiments/train.py: once end to end in a fresh process, the way a user
 runs it; its flags and errors in this process (conftest.run_cli)."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -198,3 +199,16 @@ def test_every_preset_runs(preset, tmp_path):
                          "--noprogress")
   assert code == 0, stderr
   assert read_metrics(tmp_path)[-1]["test_accuracy"] > 0.5
+
+
+def test_profile_dir_traces_the_epochs_after_the_first_and_no_compile(tiny_npz, tmp_path):
+  lines = []
+  experiment.run(tiny_config(tiny_npz, tmp_path / "run", epochs=4,
+                             profile_dir=str(tmp_path / "profile")), log=lines.append)
+  assert any(line.startswith("profile of epoch(s) 2-3: ") for line in lines)
+  traces = list((tmp_path / "profile").glob("plugins/profile/*/*.trace.json.gz"))
+  assert len(traces) == 1 and list(traces[0].parent.glob("*.xplane.pb"))
+  with gzip.open(traces[0]) as f:
+    names = {event.get("name", "") for event in json.load(f)["traceEvents"]}
+  assert "PjitFunction(epoch_fn)" in names                 # the epochs' program ran
+  assert not [n for n in names if "pxla.py" in n]          # and nothing was compiled
