@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -49,6 +50,10 @@ flags.DEFINE_integer("repeats", 7, "Timed repeats; the median and min are report
 flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the ceiling.",
                      lower_bound=8)
 flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
+flags.DEFINE_string("profile_dir", None, "After the timed repeats, run one more repeat of "
+                    "every variant under jax.profiler, each variant a named span, and "
+                    "write the trace to DIR/B<b>_H<h> (not counted: the profiler slows "
+                    "what it traces); view with tensorboard --logdir or Perfetto.")
 flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager float32 "
                   "and bfloat16 autocast, on CUDA where there is a GPU); jax (plain "
                   "jax.grad + optax in a lax.scan, each --compute_dtypes); opacus (with "
@@ -113,6 +118,15 @@ def time_round_robin(runs, repeats):
       fn()
       seconds[name].append(time.perf_counter() - start)
   return seconds
+
+
+def profile_once(runs, profile_dir):
+  """One more call of each fn in `runs` under jax.profiler, each a span named for its
+  variant (e.g. "manual step float32"), traced into profile_dir; not timed."""
+  with jax.profiler.trace(profile_dir):
+    for name, fn in runs.items():
+      with jax.profiler.TraceAnnotation(" ".join(map(str, name))):
+        fn()
 
 
 def peak_memory_mb():
@@ -640,6 +654,8 @@ def time_one_size(b, h, device_counts, model_counts, peers, cfg):
   # variant timed next by up to 5x, so it is timed on its own, after the others.
   alone = {key: runs.pop(key) for key in list(runs) if key[0] == "dp_vmap_grad"}
   seconds = time_round_robin(runs, cfg.repeats) | time_round_robin(alone, cfg.repeats)
+  if cfg.profile_dir:
+    profile_once(runs | alone, os.path.join(cfg.profile_dir, f"B{b}_H{h}"))
   bandwidth = gemm_flops.pop("bandwidth") / statistics.median(seconds[("bandwidth",)]) / 1e9
   ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
               for dt, flops in gemm_flops.items()}

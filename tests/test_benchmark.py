@@ -1,5 +1,6 @@
 """experiments/benchmark.py runs end to end on tiny sizes and writes the JSON it promises."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -34,8 +35,14 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
   # Matmuls dominate at D = 256, H = 64, so XLA's count is close to the formula's.
   result = run("--grads=manual,autodiff", "--batch_sizes=32", "--hidden_dims=64",
                "--in_dim=256", "--num_classes=3", "--steps=3", "--repeats=2",
-               "--ceiling_size=256", "--peers=jax", f"--json_out={out}")
+               "--ceiling_size=256", "--peers=jax", f"--json_out={out}",
+               f"--profile_dir={tmp_path / 'profile'}")
   assert result.returncode == 0, result.stderr
+  # --profile_dir: one untimed repeat of every variant traced, each a named span.
+  trace, = (tmp_path / "profile" / "B32_H64").glob("plugins/profile/*/*.trace.json.gz")
+  with gzip.open(trace) as f:
+    spans = {event.get("name", "") for event in json.load(f)["traceEvents"]}
+  assert {"manual step float32 1", "autodiff scan bfloat16 1"} <= spans   # key: (…, devices)
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   plain = [r for r in rows if r["grads"] == "jax_plain"]
   rows = [r for r in rows if r["grads"] != "jax_plain"]
