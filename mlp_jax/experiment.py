@@ -31,6 +31,7 @@ from mlp_jax import checkpoint
 from mlp_jax import config as config_lib
 from mlp_jax import data
 from mlp_jax import dp_plan
+from mlp_jax import live as live_lib
 from mlp_jax import parallel
 from mlp_jax import reports
 from mlp_jax import stack as stack_lib
@@ -465,6 +466,8 @@ def _train_epochs(ctx, hp, start, placed, history):
   epochs, bar = _progress(ctx, epochs_done)
   done = epochs_done
   profile = _Profile(ctx, epochs_done)
+  live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
+      ctx.workdir, rows, ctx.stack.num_models, ctx.config.label_smoothing))
   try:
     for epoch in epochs:
       profile.before(epoch)
@@ -476,6 +479,7 @@ def _train_epochs(ctx, hp, start, placed, history):
       history.append(row)
       if ctx.writer:
         workdir_lib.append_row(ctx.workdir, row)
+        live.append(row, history)                 # TensorBoard; curves.png now and then
       checkpoint.save(start.mngr, epoch + 1, state, workdir_lib.resume_settings(ctx.config))
       done = epoch + 1
       if bar is not None:
@@ -502,6 +506,7 @@ def _train_epochs(ctx, hp, start, placed, history):
                    "same command to resume.") from None
   finally:
     profile.stop()  # a run stopped early (a signal, divergence) still closes its trace
+    live.close()
   return state, None
 
 

@@ -84,6 +84,14 @@ def write_outputs(workdir, finished, inputs, config):
   write_json(path("sweep.json"), {**record, "ranking": finished.ranking})
 
 
+def write_running_curves(workdir, history, num_models, label_smoothing):
+  """curves.png during a run: every model's mean (± std) so far; the end of the run
+  draws the chosen configuration's (write_outputs)."""
+  with atomic_file(os.path.join(workdir, "curves.png")) as f:
+    plots.plot_curves(stack_lib.chosen_history(history, list(range(num_models))), f,
+                      label_smoothing)
+
+
 def speed(new_rows, num_examples):
   """One line on this invocation's speed: the first epoch (which compiles) apart, then
   s per epoch and examples/s both from the mean of the later epochs."""

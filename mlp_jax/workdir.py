@@ -7,6 +7,7 @@ WORKDIR/ after a run:
                      metrics.replaced-N.jsonl)
     checkpoints/     orbax checkpoints of the TrainState (mlp_jax/checkpoint.py)
     params.npz, plots, and for several models params_all.npz, sweep.json (reports.py)
+    tensorboard/     event files written every epoch (live.py)
 
 A workdir serves one run at a time (WorkdirLock), and holds one run's settings: a
 resume must match RESUME_FIELDS.

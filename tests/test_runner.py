@@ -4,6 +4,7 @@ runs it; its flags and errors in this process (conftest.run_cli)."""
 import gzip
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from conftest import tiny_config
 import mlp_jax as mj
 from mlp_jax import config as config_lib
 from mlp_jax import experiment
+from mlp_jax import live
+from mlp_jax import reports
 
 
 @pytest.mark.slow
@@ -212,3 +215,57 @@ def test_profile_dir_traces_the_epochs_after_the_first_and_no_compile(tiny_npz, 
     names = {event.get("name", "") for event in json.load(f)["traceEvents"]}
   assert "PjitFunction(epoch_fn)" in names                 # the epochs' program ran
   assert not [n for n in names if "pxla.py" in n]          # and nothing was compiled
+
+
+def read_events(directory):
+  """{(tag, epoch): value} of the TensorBoard event files in `directory` (TFRecord
+  framing: length, its CRC, the Event proto, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in directory.glob("events.out.tfevents.*"):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      length = struct.unpack("<Q", data[i:i + 8])[0]
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 12 + length + 4
+      for value in event.summary.value:
+        values[(value.tag, event.step)] = value.simple_value
+  return values
+
+
+@pytest.mark.parametrize("overrides", [{"num_seeds": 2}, {"dp_noise_multiplier": 1.0}])
+def test_tensorboard_events_hold_every_number_of_metrics_jsonl(overrides, tiny_npz,
+                                                               tmp_path):
+  experiment.run(tiny_config(tiny_npz, tmp_path, epochs=2, **overrides), log=lambda *_: None)
+  rows = read_metrics(tmp_path)
+  events = read_events(tmp_path / "tensorboard")
+  expected = {(k, row["epoch"]): v for row in rows for k, v in row.items()
+              if k not in ("epoch", "per_model")}
+  assert set(events) == set(expected)
+  for key, value in expected.items():
+    assert events[key] == pytest.approx(value, rel=1e-6), key      # stored as float32
+  if "dp_noise_multiplier" in overrides:
+    assert ("epsilon", 2) in events
+  num_models = overrides.get("num_seeds", 1)
+  assert (tmp_path / "tensorboard" / "model_0").exists() == (num_models > 1)
+  for m in range(num_models if num_models > 1 else 0):  # each model's own curves
+    model = read_events(tmp_path / "tensorboard" / f"model_{m}")
+    assert model == pytest.approx({(k, row["epoch"]): v[m] for row in rows
+                                   for k, v in row["per_model"].items()}, rel=1e-6)
+
+
+def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
+  drawn = []
+
+  def draw(rows):
+    reports.write_running_curves(str(tmp_path), rows, 1, 0.1)
+    drawn.append(len(rows))
+
+  log = live.LiveLog(str(tmp_path), draw)
+  rows = [{"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5} for e in (1, 2, 3)]
+  log.append(rows[0], rows[:1])                        # drawn a moment ago: not due
+  monkeypatch.setattr(live, "REDRAW_SECONDS", 0.0)
+  log.append(rows[1], rows[:2])
+  log.append(rows[2], rows[:3])
+  log.close()
+  assert drawn == [2, 3] and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,70 @@
+"""What a run shows while it trains: TensorBoard event files and a redrawn curves.png.
+
+    WORKDIR/tensorboard/            every number of each metrics.jsonl row, tag = its
+                                    name (train_loss, validation_accuracy, epsilon, ...)
+    WORKDIR/tensorboard/model_M/    several models: model M's values (the row's
+                                    per_model), under the same tags, so TensorBoard
+                                    draws the models over each other
+
+    tensorboard --logdir=WORKDIR
+
+Written with tensorboardX (no TensorFlow), flushed every epoch. curves.png is redrawn
+during the run at most every REDRAW_SECONDS (drawing costs ~0.1-0.2 s), and at the end
+by reports.write_outputs as always.
+"""
+
+import os
+import time
+
+import tensorboardX
+
+REDRAW_SECONDS = 30.0
+
+
+def scalars(row):
+  """{tag: value} of a metrics row's numbers (not the epoch, not per_model)."""
+  return {k: float(v) for k, v in row.items()
+          if k not in ("epoch", "per_model") and isinstance(v, (int, float))
+          and not isinstance(v, bool)}
+
+
+def model_scalars(row):
+  """[{tag: value} of model m] of a several-model row's per_model values."""
+  per_model = row.get("per_model", {})
+  num_models = len(next(iter(per_model.values()), []))
+  return [{k: float(v[m]) for k, v in per_model.items()} for m in range(num_models)]
+
+
+class LiveLog:
+  """The event files of a run's workdir, one writer per directory, and the timed redraw
+  of curves.png by `draw_curves(history)`; `close()` at the end."""
+
+  def __init__(self, workdir, draw_curves):
+    self.logdir = os.path.join(workdir, "tensorboard")
+    self._writers = {}
+    self._draw_curves = draw_curves
+    self._drawn = time.monotonic()
+
+  def _writer(self, subdir):
+    if subdir not in self._writers:
+      self._writers[subdir] = tensorboardX.SummaryWriter(os.path.join(self.logdir, subdir))
+    return self._writers[subdir]
+
+  def append(self, row, history):
+    """Writes the epoch's row (flushed), and redraws curves.png if it is due."""
+    step = row["epoch"]
+    for tag, value in scalars(row).items():
+      self._writer("").add_scalar(tag, value, step)
+    for m, values in enumerate(model_scalars(row)):
+      for tag, value in values.items():
+        self._writer(f"model_{m}").add_scalar(tag, value, step)
+    for writer in self._writers.values():
+      writer.flush()
+    if time.monotonic() - self._drawn >= REDRAW_SECONDS:
+      self._draw_curves(history)
+      self._drawn = time.monotonic()
+
+  def close(self):
+    for writer in self._writers.values():
+      writer.close()
+    self._writers = {}
