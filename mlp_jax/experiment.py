@@ -467,7 +467,7 @@ def _train_epochs(ctx, hp, start, placed, history):
   done = epochs_done
   profile = _Profile(ctx, epochs_done)
   live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
-      ctx.workdir, rows, ctx.stack.num_models, ctx.config.label_smoothing))
+      ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models))
   try:
     for epoch in epochs:
       profile.before(epoch)

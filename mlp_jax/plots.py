@@ -2,24 +2,34 @@
 first layer's weights drawn as images."""
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 
-def plot_curves(history, path, label_smoothing=0.0):
+def plot_curves(history, path, label_smoothing=0.0, title=None):
   """curves_figure saved at `path`."""
-  curves_figure(history, label_smoothing).savefig(path, dpi=100)
+  curves_figure(history, label_smoothing, title).savefig(path, dpi=100)
 
 
-def curves_figure(history, label_smoothing=0.0):
-  """Loss and accuracy per epoch, train vs test (and validation when present); rows
-  with `_std` keys (several seeds) are drawn as the mean with a ± std band.
+def curves_figure(history, label_smoothing=0.0, title=None):
+  """Loss and accuracy per epoch (integer ticks), train vs test (and validation when
+  present); rows with `_std` keys (several models) are drawn as the mean with a ± std
+  band. `title`: what was trained (reports.run_title), above the plots.
 
   The train loss is the training objective: with label smoothing ε > 0 it is taken
   against smoothed targets and sits above the plain loss of the other splits, so its
-  label says so.
+  label says so. With DP-SGD (an `epsilon` in the rows) the title gives the last ε and
+  says that the train curves are not private.
   """
   epochs = [row["epoch"] for row in history]
-  fig = Figure(figsize=(10, 4))  # no pyplot: no global state, no GUI backend
+  fig = Figure(figsize=(10, 4.6))  # no pyplot: no global state, no GUI backend
+  lines = [title] if title else []
+  if history and "epsilon" in history[-1]:
+    lines.append(f"DP-SGD: ε = {history[-1]['epsilon']:.2f} after epoch {epochs[-1]}; the "
+                 "train curves are computed from the private batches without noise and "
+                 "are not covered by ε")
+  if lines:
+    fig.suptitle("\n".join(lines), fontsize=9)
   axes = fig.subplots(1, 2)
   for ax, metric in zip(axes, ("loss", "accuracy")):
     for split in ("train", "validation", "test"):
@@ -34,6 +44,7 @@ def curves_figure(history, label_smoothing=0.0):
           std = np.array([row[f"{key}_std"] for row in history])
           ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -48,14 +59,15 @@ def confusion_matrix(labels, predictions, num_classes):
   return counts
 
 
-def plot_confusion(counts, path, class_names=None):
+def plot_confusion(counts, path, class_names=None, model=None):
   """The confusion matrix as a heat map with its counts written in, saved at `path`."""
-  confusion_figure(counts, class_names).savefig(path, dpi=100)
+  confusion_figure(counts, class_names, model).savefig(path, dpi=100)
 
 
-def confusion_figure(counts, class_names=None):
+def confusion_figure(counts, class_names=None, model=None):
   """The Figure of plot_confusion; at least 4 inches wide, so its title always fits.
-  Ticks carry the class names when given (Fashion-MNIST's T-shirt/top, ...)."""
+  Ticks carry the class names when given (Fashion-MNIST's T-shirt/top, ...); `model`
+  names the model it shows (e.g. "model 3, seed 0")."""
   k = counts.shape[0]
   names = [str(c) for c in (class_names or range(k))]
   longest = max(len(n) for n in names)
@@ -71,7 +83,8 @@ def confusion_figure(counts, class_names=None):
   ax.set_ylabel("true")
   ax.set_xticks(range(k), names, rotation=90 if longest > 2 else 0)
   ax.set_yticks(range(k), names)
-  ax.set_title(f"test confusion\n{counts.trace()} / {counts.sum()} right")
+  ax.set_title(f"test confusion{', ' + model if model else ''}\n{counts.trace()} / "
+               f"{counts.sum()} right", fontsize=9)
   fig.tight_layout()
   return fig
 
@@ -92,9 +105,10 @@ def filters_figure(w1, input_shape, max_units=64):
     mosaic[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = tile
   fig = Figure(figsize=(max(4.0, cols * 0.9), max(4.0, rows * 0.9) + 0.4))
   ax = fig.subplots()
-  ax.imshow(mosaic, cmap="RdBu_r", vmin=-1, vmax=1)
+  image = ax.imshow(mosaic, cmap="RdBu_r", vmin=-1, vmax=1)
   ax.axis("off")
   ax.set_title(f"W1: the first {units} of {w1.shape[0]} hidden units")
+  fig.colorbar(image, ax=ax, shrink=0.8, label="weight / the unit's largest |weight|")
   fig.tight_layout()
   return fig
 

@@ -42,6 +42,36 @@ class Finished(NamedTuple):
     return self.ranking[0]["models"]
 
 
+def run_title(config, inputs, configuration, band=None):
+  """What curves.png shows, in a line or two: the data, the network, the settings (the
+  chosen configuration's values replacing the flags'), and what a ± std band is."""
+  dataset = config.dataset if not config.dataset.startswith("npz:") else (
+      "npz:" + os.path.basename(config.dataset[4:]))
+  settings = {"optimizer": config.optimizer, "learning_rate": config.learning_rate,
+              "weight_decay": config.weight_decay, "batch_size": config.batch_size,
+              **configuration}
+  text = ", ".join(f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}"
+                   for k, v in settings.items())
+  title = (f"{dataset}: a {inputs.mean.shape[-1]}-{config.hidden_dim}-{inputs.num_classes} "
+           f"MLP, {text}")
+  return title + (f"\nthe band: mean ± std over {band}" if band else "")
+
+
+def _models_text(stack, models):
+  """What the chosen models are: "5 seeds", "5 folds × 2 seeds", or None for one."""
+  if len(models) == 1:
+    return None
+  seeds = f"{len(stack.seeds)} seed{'s' if len(stack.seeds) > 1 else ''}"
+  return seeds if stack.row_folds is None else f"{len(stack.folds)} folds × {seeds}"
+
+
+def _model_name(stack, m):
+  """"model m, seed s" (with its fold for a k-fold model)."""
+  fold = stack.model_folds[m]
+  return (f"model {m}, seed {stack.model_seeds[m]}"
+          + (f", fold {fold}" if fold is not None else ""))
+
+
 def chosen_test(finished):
   """Mean and std over the chosen models of the final test loss and accuracy."""
   return stack_lib.mean_std({"test_accuracy": finished.test["accuracy"],
@@ -55,20 +85,23 @@ def write_outputs(workdir, finished, inputs, config):
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
+  stack = finished.stack
+  title = run_title(config, inputs, finished.ranking[0]["configuration"],
+                    _models_text(stack, finished.models))
   with atomic_file(path("curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models), f,
-                      config.label_smoothing)
+                      config.label_smoothing, title)
   if finished.test is not None:
     with atomic_file(path("params.npz")) as f:
       trained.save(f, params, inputs, config.dataset)
     with atomic_file(path("confusion.png")) as f:
       plots.plot_confusion(plots.confusion_matrix(
           inputs.y_test, finished.test["predictions"][best], inputs.num_classes), f,
-                           inputs.class_names)
+                           inputs.class_names,
+                           _model_name(stack, best) if stack.num_models > 1 else None)
     if plots.is_image(inputs.input_shape, params.w1.shape[1]):
       with atomic_file(path("filters.png")) as f:
         plots.plot_filters(params.w1, inputs.input_shape, f)
-  stack = finished.stack
   if stack.num_models == 1:
     return
   folds = {} if stack.row_folds is None else {"fold": np.array(stack.model_folds)}
@@ -84,12 +117,13 @@ def write_outputs(workdir, finished, inputs, config):
   write_json(path("sweep.json"), {**record, "ranking": finished.ranking})
 
 
-def write_running_curves(workdir, history, num_models, label_smoothing):
+def write_running_curves(workdir, history, config, inputs, num_models):
   """curves.png during a run: every model's mean (± std) so far; the end of the run
   draws the chosen configuration's (write_outputs)."""
+  band = f"all {num_models} models, while training" if num_models > 1 else None
   with atomic_file(os.path.join(workdir, "curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(history, list(range(num_models))), f,
-                      label_smoothing)
+                      config.label_smoothing, run_title(config, inputs, {}, band))
 
 
 def speed(new_rows, num_examples):

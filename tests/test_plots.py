@@ -55,3 +55,26 @@ def test_several_seeds_are_drawn_as_a_mean_with_a_band():
   (band,) = ax.collections
   ys = band.get_paths()[0].vertices[:, 1]
   assert np.isclose(ys.min(), 0.85) and np.isclose(ys.max(), 0.95)
+
+
+def test_curves_say_what_was_trained_with_integer_epochs_and_the_dp_caveat():
+  history = [{"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5, "epsilon": 0.5 * e}
+             for e in range(1, 8)]
+  fig = plots.curves_figure(history, title="digits: a 64-256-10 MLP, lr=0.001")
+  title = fig._suptitle.get_text()  # pylint: disable=protected-access
+  assert title.startswith("digits: a 64-256-10 MLP, lr=0.001\nDP-SGD: ε = 3.50 after epoch 7")
+  assert "not covered by ε" in title
+  FigureCanvasAgg(fig).draw()
+  for ax in fig.axes:
+    ticks = [t for t in ax.get_xticks() if 1 <= t <= 7]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+  plain = [{k: v for k, v in row.items() if k != "epsilon"} for row in history]
+  assert plots.curves_figure(plain)._suptitle is None  # pylint: disable=protected-access
+
+
+def test_confusion_names_its_model_and_filters_have_a_colour_scale():
+  fig = plots.confusion_figure(np.eye(3, dtype=int), model="model 4, seed 1")
+  assert fig.axes[0].title.get_text().startswith("test confusion, model 4, seed 1\n3 / 3")
+  fig = plots.filters_figure(np.ones((4, 64)), (8, 8))
+  colorbar, = [ax for ax in fig.axes if ax.get_ylabel()]
+  assert colorbar.get_ylabel() == "weight / the unit's largest |weight|"

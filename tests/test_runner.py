@@ -20,6 +20,7 @@ from conftest import run_runner
 from conftest import tiny_config
 import mlp_jax as mj
 from mlp_jax import config as config_lib
+from mlp_jax import data
 from mlp_jax import experiment
 from mlp_jax import live
 from mlp_jax import reports
@@ -257,8 +258,10 @@ def test_tensorboard_events_hold_every_number_of_metrics_jsonl(overrides, tiny_n
 def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
   drawn = []
 
+  inputs = data.load("digits")._replace(x_train=None, x_test=None)
+
   def draw(rows):
-    reports.write_running_curves(str(tmp_path), rows, 1, 0.1)
+    reports.write_running_curves(str(tmp_path), rows, experiment.RunConfig(), inputs, 1)
     drawn.append(len(rows))
 
   log = live.LiveLog(str(tmp_path), draw)
