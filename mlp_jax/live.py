@@ -10,8 +10,7 @@
 
 Written with tensorboardX (no TensorFlow), flushed every epoch. curves.png is redrawn
 during the run at most every REDRAW_SECONDS (a redraw costs ~0.3 s: docs/benchmarks.md,
-"Live logging"), and at the end
-by reports.write_outputs as always.
+"Live logging"), and at the end by reports.write_outputs as always.
 """
 
 import os
