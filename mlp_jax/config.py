@@ -115,7 +115,7 @@ SETTINGS = (
             "steps.", choices=train.STACKINGS),
 )
 
-RunConfig = typing.NamedTuple(
+RunConfig = typing.NamedTuple(  # type: ignore[misc]  # built from SETTINGS
     "RunConfig", [(s.name, Optional[s.kind]) for s in SETTINGS])
 RunConfig.__new__.__defaults__ = tuple(s.default for s in SETTINGS)
 RunConfig.__doc__ = ("Every setting of a run (SETTINGS declares each: type, default, "

@@ -6,14 +6,19 @@ computed in that stable form (never log(softmax)); for one-hot y it is
 logsumexp(z2) - z2[label].
 """
 
+from typing import Optional
+
 import jax
+from jax import Array
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from mlp_jax import checks
 from mlp_jax import model
 
 
-def valid_labels(y, num_classes):
+def valid_labels(y: Array, num_classes: int) -> Array:
   """True (B,) where label y_i is a whole number in [0, K) (ints, or floats 0.0, 1.0...)."""
   valid = (y >= 0) & (y < num_classes)
   if jnp.issubdtype(y.dtype, jnp.floating):
@@ -21,7 +26,7 @@ def valid_labels(y, num_classes):
   return valid
 
 
-def targets(y, num_classes, dtype):
+def targets(y: Array, num_classes: int, dtype: DTypeLike) -> Array:
   """Labels (B,) -> one-hot targets Y (B, K); float targets (B, K) pass through.
 
   A label outside [0, K) or not a whole number gets a row of NaN. Outside jit
@@ -37,21 +42,22 @@ def targets(y, num_classes, dtype):
   return jnp.where(valid[:, None], one_hot, jnp.nan)
 
 
-def mean_weights(weights, batch_size, dtype):
+def mean_weights(weights: Optional[ArrayLike], batch_size: int, dtype: DTypeLike) -> Array:
   """The weights of the batch mean, (B,): 1/B each, or w / sum(w) (NaN if sum(w) = 0:
   the mean of no example is undefined; concrete weights are refused by checks)."""
   if weights is None:
     return jnp.full((batch_size,), 1.0 / batch_size, dtype)
-  weights = weights.astype(dtype)
-  return weights / jnp.sum(weights)
+  w = jnp.asarray(weights, dtype)
+  return w / jnp.sum(w)
 
 
-def cross_entropy(z2, Y):
+def cross_entropy(z2: Array, Y: Array) -> Array:
   """Per-example cross-entropy (B,) of logits Z2 (B, K) against targets Y (B, K)."""
   return jnp.sum(Y, axis=-1) * jax.nn.logsumexp(z2, axis=-1) - jnp.sum(Y * z2, axis=-1)
 
 
-def loss(params, X, y, weights=None, *, compute_dtype=None):
+def loss(params: model.Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike] = None,
+         *, compute_dtype: Optional[DTypeLike] = None) -> Array:
   """Mean cross-entropy of the batch: sum_i w_i L_i / sum_i w_i (w_i = 1 by default).
 
   X (B, D); y int labels (B,) in [0, K) or targets (B, K) such as one-hot or smoothed
@@ -61,16 +67,19 @@ def loss(params, X, y, weights=None, *, compute_dtype=None):
   return loss_and_logits(params, X, y, weights, compute_dtype=compute_dtype)[0]
 
 
-def loss_and_logits(params, X, y, weights=None, *, compute_dtype=None):
+def loss_and_logits(params: model.Params, X: ArrayLike, y: ArrayLike,
+                    weights: Optional[ArrayLike] = None, *,
+                    compute_dtype: Optional[DTypeLike] = None) -> tuple[Array, Array]:
   """(`loss`, logits Z2 (B, K)): the loss and the forward pass it came from."""
   checks.check_all(params, X, y, weights)
   dtype = params.w1.dtype
-  z2 = model.logits(params, X.astype(dtype), compute_dtype=compute_dtype)
+  z2 = model.logits(params, jnp.asarray(X, dtype), compute_dtype=compute_dtype)
   Y = targets(jnp.asarray(y), z2.shape[-1], dtype)
-  return jnp.sum(mean_weights(weights, X.shape[0], dtype) * cross_entropy(z2, Y)), z2
+  return jnp.sum(mean_weights(weights, z2.shape[0], dtype) * cross_entropy(z2, Y)), z2
 
 
-def accuracy(params, X, y, weights=None):
+def accuracy(params: model.Params, X: ArrayLike, y: ArrayLike,
+             weights: Optional[ArrayLike] = None) -> Array:
   """Weighted fraction of rows whose argmax logit is the label (argmax of targets).
 
   NaN if a label is out of range or not a whole number (seen only under jit; outside
@@ -78,10 +87,11 @@ def accuracy(params, X, y, weights=None):
   """
   _, _, _, k = checks.check_all(params, X, y, weights)
   dtype = params.w1.dtype
-  predicted = jnp.argmax(model.logits(params, X.astype(dtype)), axis=-1)
-  y = jnp.asarray(y)
-  if y.ndim == 1:
-    correct = jnp.where(valid_labels(y, k), (predicted == y).astype(dtype), jnp.nan)
+  predicted = jnp.argmax(model.logits(params, jnp.asarray(X, dtype)), axis=-1)
+  labels = jnp.asarray(y)
+  if labels.ndim == 1:
+    correct = jnp.where(valid_labels(labels, k), (predicted == labels).astype(dtype),
+                        jnp.nan)
   else:
-    correct = (predicted == jnp.argmax(y, axis=-1)).astype(dtype)
-  return jnp.sum(mean_weights(weights, X.shape[0], dtype) * correct)
+    correct = (predicted == jnp.argmax(labels, axis=-1)).astype(dtype)
+  return jnp.sum(mean_weights(weights, predicted.shape[0], dtype) * correct)

@@ -5,10 +5,13 @@
 Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,).
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
+from jax import Array
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 
 from mlp_jax import checks
 
@@ -22,7 +25,8 @@ class Params(NamedTuple):
   b2: jax.Array
 
 
-def init_params(key, in_dim, hidden_dim, num_classes, *, dtype=jnp.float32):
+def init_params(key: Array, in_dim: int, hidden_dim: int, num_classes: int, *,
+                dtype: DTypeLike = jnp.float32) -> "Params":
   """He-normal W1 (H, D), LeCun-normal W2 (K, H), zero biases.
 
   W1 ~ N(0, 2/D) suits the ReLU that follows it; W2 ~ N(0, 1/H) keeps the logits z2
@@ -43,7 +47,7 @@ def init_params(key, in_dim, hidden_dim, num_classes, *, dtype=jnp.float32):
                 w2=w2, b2=jnp.zeros((num_classes,), dtype))
 
 
-def relu(z):
+def relu(z: Array) -> Array:
   """ReLU(z) = 0 if z < 0 else z, written so that autodiff takes ReLU'(0) = 1.
 
   The source derivation's convention (errata 7 in docs/derivation.md): jax.nn.relu would give
@@ -54,7 +58,7 @@ def relu(z):
   return jnp.where(z < 0, jnp.zeros_like(z), z)
 
 
-def matmul(a, b, compute_dtype=None):
+def matmul(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
   """a @ b; with a compute_dtype (bfloat16), a and b are cast to it and the products
   accumulate in float32 (the dtype the result keeps)."""
   if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
@@ -63,7 +67,7 @@ def matmul(a, b, compute_dtype=None):
                     preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
-def matmul_transposed(a, b, compute_dtype=None):
+def matmul_transposed(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
   """a @ bᵀ for a (M, N), b (P, N): contracts the last axis of both, so that no
   transpose of b is ever formed (XLA's CPU runtime would run a bfloat16 product of a
   transposed operand in float32); compute_dtype as in `matmul`."""
@@ -74,7 +78,8 @@ def matmul_transposed(a, b, compute_dtype=None):
                              preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
-def forward_pass(params, x, compute_dtype=None):
+def forward_pass(params: "Params", x: Array, compute_dtype: Optional[DTypeLike] = None
+                 ) -> tuple[Array, Array, Array]:
   """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): every activation backprop needs.
 
   compute_dtype (e.g. bfloat16) is the dtype W1 x reads, the H × D product that holds
@@ -87,15 +92,18 @@ def forward_pass(params, x, compute_dtype=None):
   return z1, a1, z2
 
 
-def forward(params, x, *, compute_dtype=None):
+def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None
+            ) -> Array:
   """One example x (D,) -> logits z2 = W2 ReLU(W1 x + b1) + b2, shape (K,)."""
   checks.check_params(params)
   checks.check_example(params, x)
-  return forward_pass(params, x, compute_dtype)[2]
+  return forward_pass(params, jnp.asarray(x), compute_dtype)[2]
 
 
-def logits(params, X, *, compute_dtype=None):
+def logits(params: "Params", X: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None
+           ) -> Array:
   """A batch X (B, D) -> logits Z2 (B, K): jax.vmap of `forward` over the rows of X."""
   checks.check_params(params)
   checks.check_batch(params, X)
-  return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)[2]
+  return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, jnp.asarray(X),
+                                                          compute_dtype)[2]

@@ -98,7 +98,7 @@ def _maybe_nonzero(value):
 class ParamsEMAState(NamedTuple):
   """The moving average of the params kept by `params_ema`."""
 
-  count: jax.Array   # int32: steps averaged, t
+  count: jax.Array   # type: ignore[assignment]  # int32: steps averaged, t
   decay: jax.Array   # float32: β
   ema: Params        # θ̄_t = β θ̄_{t−1} + (1 − β) θ_t, from θ̄_0 = 0 (not yet debiased)
 
