@@ -1,5 +1,6 @@
 """The package type-checks with mypy (its settings are in pyproject.toml: the modules of
-the network and its loss are fully annotated, disallow_untyped_defs, and must stay so)."""
+the network, its loss and its gradients are fully annotated, disallow_untyped_defs, and
+must stay so)."""
 
 import subprocess
 import sys
