@@ -211,11 +211,6 @@ def fold_indices(config):
   return [config.cv_fold] if config.cv_fold is not None else list(range(config.cv_folds))
 
 
-def count_models(config):
-  """M: --num_seeds times the size of the --sweep grid times the folds it trains."""
-  return config.num_seeds * len(sweep_grid(config)) * len(fold_indices(config))
-
-
 def _check_cluster(config):
   if config.dataset not in ("digits", "fashion_mnist", "mnist") and not (
       config.dataset.startswith("npz:") and len(config.dataset) > 4):

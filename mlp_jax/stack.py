@@ -143,9 +143,9 @@ def diverged_models(row):
 
 def choose(history, stack):
   """(index of the chosen configuration, ranking): configurations ranked by their mean
-  validation accuracy over seeds (and folds) at the last epoch, ties broken by the lower mean
-  validation loss (one whose models diverged ranks last); without a validation split,
-  the only configuration."""
+  validation accuracy over seeds (and folds) at the last epoch, ties broken by the
+  lower mean validation loss (one whose models diverged ranks last); without a
+  validation split, the only configuration."""
   last = history[-1]
   diverged = diverged_models(last)
   size = stack.models_per_configuration
