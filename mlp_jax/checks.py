@@ -7,21 +7,23 @@ outside jit; under jit a bad label turns the loss and gradients into NaN
 (losses.targets), so it is never a plausible number.
 """
 
+from typing import Any, Optional
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def _shape(a):
+def _shape(a: Any) -> tuple[int, ...]:
   return tuple(np.shape(a))
 
 
-def _dtype(a):
+def _dtype(a: Any) -> np.dtype:
   """The dtype of `a` as given: numpy float64 stays float64 even with x64 off."""
   return a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype
 
 
-def check_key(key):
+def check_key(key: Any) -> None:
   """Checks `key` is a JAX PRNG key (jax.random.key(s) or jax.random.PRNGKey(s))."""
   if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return
@@ -31,7 +33,7 @@ def check_key(key):
                   "pass jax.random.key(seed), e.g. mj.init_params(jax.random.key(0), ...).")
 
 
-def check_params(params):
+def check_params(params: Any) -> tuple[int, int, int]:
   """Checks w1 (H, D), b1 (H,), w2 (K, H), b2 (K,) agree; returns (D, H, K)."""
   if isinstance(params, tuple) and len(params) == 4 and not hasattr(params, "w1"):
     raise TypeError("params must be mlp_jax.Params(w1, b1, w2, b2), got a plain "
@@ -58,7 +60,7 @@ def check_params(params):
   return d, h, k
 
 
-def check_example(params, x):
+def check_example(params: Any, x: Any) -> None:
   """Checks one example x is (D,) for w1 (H, D)."""
   d = _shape(params[0])[1]
   if _shape(x) != (d,):
@@ -67,14 +69,14 @@ def check_example(params, x):
                      "mj.logits.")
 
 
-def _check_array(a, name):
+def _check_array(a: Any, name: str) -> None:
   """TypeError unless `a` is an array (numpy or JAX): a list has no dtype to check."""
   if not (hasattr(a, "shape") and hasattr(a, "dtype")):
     raise TypeError(f"{name} must be an array, got {type(a).__name__}; pass "
                     f"jnp.asarray({name}).")
 
 
-def check_batch(params, X):
+def check_batch(params: Any, X: Any) -> int:
   """Checks X is a batch (B, D) for w1 (H, D); returns B."""
   _check_array(X, "X")
   d = _shape(params[0])[1]
@@ -90,7 +92,7 @@ def check_batch(params, X):
   return _shape(X)[0]
 
 
-def check_labels(y, batch_size, num_classes):
+def check_labels(y: Any, batch_size: int, num_classes: int) -> None:
   """Checks y is labels (B,) in [0, K) (ints, or floats holding whole numbers) or float
   targets (B, K). Label values are checked when concrete (not under jit)."""
   _check_array(y, "y")
@@ -122,7 +124,8 @@ def check_labels(y, batch_size, num_classes):
                      f"{num_classes} classes; got shape {shape}.")
 
 
-def check_weights(weights, batch_size, name="weights", mean=True):
+def check_weights(weights: Any, batch_size: int, name: str = "weights", mean: bool = True
+                  ) -> None:
   """Checks optional per-example weights (or a mask: `name`) are (B,). For a weighted
   `mean`, concrete weights must not sum to 0: the mean of no example is undefined (under
   jit it is NaN, never 0)."""
@@ -140,7 +143,10 @@ def check_weights(weights, batch_size, name="weights", mean=True):
                      "to more than 0 (at least one example with weight > 0).")
 
 
-def check_all(params, X, y, weights=None, weights_name="weights", mean=True):
+def check_all(params: Any, X: Any, y: Any, weights: Optional[Any] = None,
+              weights_name: str = "weights", mean: bool = True
+              ) -> tuple[int, int, int, int]:
+
   """Checks params, X (B, D), y and weights (or a mask) together; returns (B, D, H, K)."""
   d, h, k = check_params(params)
   b = check_batch(params, X)

@@ -9,12 +9,16 @@ any exceeds its tolerance. The helpers are also what tests/test_gradients.py use
 
 import math
 import sys
+from typing import Callable
 
 from absl import app
 from absl import flags
 import jax
+from jax import Array
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 import numpy as np
 
 from mlp_jax.gradients import autodiff_grads
@@ -28,14 +32,16 @@ FD_TOLERANCE = {"float64": 1e-6, "float32": 1e-5}
 FD_STEP = 1e-6
 
 
-def relative_error(a, b):
+def relative_error(a: ArrayLike, b: ArrayLike) -> float:
   """max|a − b| / max(max|a|, max|b|): one number per array, 0 when both are 0."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   scale = max(np.max(np.abs(a)), np.max(np.abs(b)))
   return float(np.max(np.abs(a - b)) / scale) if scale > 0 else 0.0
 
 
-def random_problem(seed, batch_size, in_dim, hidden_dim, num_classes, dtype=np.float64):
+def random_problem(seed: int, batch_size: int, in_dim: int, hidden_dim: int,
+                   num_classes: int, dtype: DTypeLike = np.float64
+                   ) -> tuple[Params, Array, Array]:
   """Random non-zero params (biases too), X (B, D) and int labels y (B,), from numpy.
 
   Redraws until every |z1| is 10× farther from the ReLU kink at 0 than a finite
@@ -44,27 +50,27 @@ def random_problem(seed, batch_size, in_dim, hidden_dim, num_classes, dtype=np.f
   """
   rng = np.random.default_rng(seed)
   for _ in range(100):
-    params = Params(
-        w1=rng.standard_normal((hidden_dim, in_dim)) / math.sqrt(in_dim),
-        b1=rng.standard_normal(hidden_dim),
-        w2=rng.standard_normal((num_classes, hidden_dim)) / math.sqrt(hidden_dim),
-        b2=rng.standard_normal(num_classes))
+    w1 = rng.standard_normal((hidden_dim, in_dim)) / math.sqrt(in_dim)
+    b1 = rng.standard_normal(hidden_dim)
+    w2 = rng.standard_normal((num_classes, hidden_dim)) / math.sqrt(hidden_dim)
+    b2 = rng.standard_normal(num_classes)
     X = rng.standard_normal((batch_size, in_dim))
     y = rng.integers(0, num_classes, batch_size)
     margin = 10 * FD_STEP * max(1.0, float(np.max(np.abs(X))))
-    if np.min(np.abs(X @ params.w1.T + params.b1)) > margin:
-      return (Params(*(jnp.asarray(a, dtype) for a in params)), jnp.asarray(X, dtype),
-              jnp.asarray(y, jnp.int32))
+    if np.min(np.abs(X @ w1.T + b1)) > margin:
+      return (Params(*(jnp.asarray(a, dtype) for a in (w1, b1, w2, b2))),
+              jnp.asarray(X, dtype), jnp.asarray(y, jnp.int32))
   raise ValueError(f"no random problem of B·H = {batch_size * hidden_dim} hidden values "
                    f"keeps every z1 {margin:.0e} away from the ReLU kink in 100 draws; use "
                    "a smaller --batch_size or --hidden_dim.")
 
 
-def finite_difference_grads(loss_fn, params, step=FD_STEP):
+def finite_difference_grads(loss_fn: Callable[[Params], Array], params: Params,
+                            step: float = FD_STEP) -> Params:
   """Central differences (f(θ + h e_j) − f(θ − h e_j)) / 2h of loss_fn, in float64."""
   flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float64), params))
 
-  def difference(j):  # one coordinate; 256 at a time, never a (P, P) matrix of shifts
+  def difference(j: Array) -> Array:  # one coordinate; 256 at a time, never a (P, P) matrix of shifts
     e = jnp.zeros_like(flat).at[j].set(step)
     return (loss_fn(unravel(flat + e)) - loss_fn(unravel(flat - e))) / (2 * step)
 
@@ -72,14 +78,16 @@ def finite_difference_grads(loss_fn, params, step=FD_STEP):
   return unravel(f())
 
 
-def check(params, X, y, dtype, manual_grads=grads):
+def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
+          manual_grads: Callable[..., Params] = grads
+          ) -> list[tuple[str, float, float, float]]:
   """Rows (name, manual~autodiff, manual~fd, autodiff~fd) of relative errors.
 
   params, X are float64; the manual and autodiff gradients are taken in `dtype`,
   the finite differences always in float64. `manual_grads` is the function checked.
   Needs float64: jax.config.update("jax_enable_x64", True) first (the script does).
   """
-  if not jax.config.jax_enable_x64:
+  if jax.dtypes.canonicalize_dtype(np.float64) != np.float64:   # x64 is off
     raise ValueError("gradcheck.check needs float64 for its finite differences: call "
                      'jax.config.update("jax_enable_x64", True) first.')
   cast = lambda a: a.astype(dtype)
@@ -91,7 +99,7 @@ def check(params, X, y, dtype, manual_grads=grads):
           for name, m, a, f in zip(Params._fields, manual, autodiff, fd)]
 
 
-def define_flags():
+def define_flags() -> None:
   """The command line's flags; defined when run as a script, never at import."""
   flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
   flags.DEFINE_integer("hidden_dim", 10, "H, the hidden size.", lower_bound=1)
@@ -102,7 +110,8 @@ def define_flags():
                     "dtype of params and X for the manual and autodiff gradients.")
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   jax.config.update("jax_enable_x64", True)

@@ -19,10 +19,13 @@ with Google's dp-accounting (PLD, RDP beside it), add-or-remove-one neighbours.
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import jax
+from jax import Array
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
 import numpy as np
 
 from mlp_jax import checks
@@ -41,8 +44,11 @@ CLIPPINGS = ("flat", "per_layer")
 PLD_DISCRETIZATION = 1e-3
 DP_EXTRA = 'pip install -e ".[dp]" (or pip install dp-accounting)'
 
+# A clip norm: C, a per-model C traced inside a stack's program, or (C1, C2) per layer.
+ClipNorm = Union[float, Array, tuple[float, float]]
 
-def layer_clip_norms(clip_norm, clipping):
+
+def layer_clip_norms(clip_norm: ClipNorm, clipping: str) -> tuple[Any, Any]:
   """(C1, C2): the bounds on layer 1's and layer 2's per-example gradient norms.
 
   flat: one bound C on the whole gradient (C1 = C2 = C, applied jointly). per_layer: a
@@ -51,7 +57,12 @@ def layer_clip_norms(clip_norm, clipping):
   """
   if clipping not in CLIPPINGS:
     raise ValueError(f"clipping must be one of {', '.join(CLIPPINGS)}, got {clipping!r}.")
-  if clipping == "per_layer" and isinstance(clip_norm, (tuple, list)):
+  c1: Any
+  c2: Any
+  if isinstance(clip_norm, (tuple, list)):
+    if clipping != "per_layer":
+      raise ValueError(f"a pair of clip norms {clip_norm!r} is one per layer: pass "
+                       "clipping='per_layer', or one clip norm C.")
     c1, c2 = clip_norm
   elif clipping == "per_layer":
     c1 = c2 = clip_norm / math.sqrt(2.0)
@@ -63,7 +74,7 @@ def layer_clip_norms(clip_norm, clipping):
   return c1, c2
 
 
-def sensitivity(clip_norm, clipping):
+def sensitivity(clip_norm: ClipNorm, clipping: str) -> Union[float, Array]:
   """The L2 sensitivity S of the clipped sum to one example: C (flat), √(C1² + C2²)
   (per_layer: an example moves each layer's sum by at most its own bound)."""
   c1, c2 = layer_clip_norms(clip_norm, clipping)
@@ -73,14 +84,17 @@ def sensitivity(clip_norm, clipping):
   return math.hypot(c1, c2) if concrete else jnp.hypot(c1, c2)  # traced: one per model
 
 
-def clip_factor(norm, bound):
+def clip_factor(norm: Array, bound: ArrayLike) -> Array:
   """c = min(1, C / ‖g‖), (B,): 1 for a zero gradient (no division by 0), 0 where the
   norm is not finite (that row must contribute nothing)."""
   factor = jnp.where(norm > bound, bound / jnp.where(norm > bound, norm, 1), 1)
   return jnp.where(jnp.isfinite(norm), factor, 0).astype(norm.dtype)
 
 
-def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dtype=None):
+def clipped_sum_with_logits(params: Params, X: Array, Y: Array, mask: Array,
+                            clip_norm: ClipNorm, clipping: str,
+                            compute_dtype: Optional[DTypeLike] = None
+                            ) -> tuple[tuple[Array, Array], Params, Array]:
   """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
   Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum."""
   c1_bound, c2_bound = layer_clip_norms(clip_norm, clipping)
@@ -109,7 +123,9 @@ def clipped_sum_with_logits(params, X, Y, mask, clip_norm, clipping, compute_dty
   return (loss_sum, Z2), grad_sum, norms
 
 
-def clipped_grad_sum(params, X, y, clip_norm, mask=None, *, clipping="flat"):
+def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike, clip_norm: ClipNorm,
+                     mask: Optional[ArrayLike] = None, *, clipping: str = "flat"
+                     ) -> tuple[Params, Array]:
   """Σ_i m_i c_i ∇L_i, the sum of per-example gradients clipped to norm C, and the norms.
 
   One forward and one backward pass (the closed form in this module's docstring); no
@@ -123,12 +139,13 @@ def clipped_grad_sum(params, X, y, clip_norm, mask=None, *, clipping="flat"):
   dtype = params.w1.dtype
   Y = losses.targets(jnp.asarray(y), k, dtype)
   mask = jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask)
-  _, grad_sum, norms = clipped_sum_with_logits(params, X.astype(dtype), Y, mask,
+  _, grad_sum, norms = clipped_sum_with_logits(params, jnp.asarray(X, dtype), Y, mask,
                                                 clip_norm, clipping)
   return grad_sum, norms
 
 
-def add_noise(grad_sum, key, noise_multiplier, clip_norm, clipping, expected_batch_size):
+def add_noise(grad_sum: Params, key: Array, noise_multiplier: ArrayLike, clip_norm: ClipNorm,
+              clipping: str, expected_batch_size: float) -> Params:
   """(Σ clipped + N(0, σ² S² I)) / (q·N): the private gradient estimate, Params.
 
   S = sensitivity(clip_norm, clipping); the divisor is the EXPECTED batch size q·N, not
@@ -142,8 +159,9 @@ def add_noise(grad_sum, key, noise_multiplier, clip_norm, clipping, expected_bat
 
 # Poisson sampling: every example joins each step's batch independently with rate q.
 
-def padded_batch_size(num_examples, sampling_rate, steps, overflow_probability=1e-9,
-                      multiple=1):
+def padded_batch_size(num_examples: int, sampling_rate: float, steps: int,
+                      overflow_probability: float = 1e-9, multiple: int = 1
+                      ) -> tuple[int, float]:
   """(M, p): the fixed batch M that a Poisson batch ~ Binomial(N, q) exceeds at some
   step of `steps` with probability p ≤ overflow_probability (union bound over steps;
   scipy's exact binomial tail). M is rounded up to a multiple of `multiple` (devices)."""
@@ -155,7 +173,8 @@ def padded_batch_size(num_examples, sampling_rate, steps, overflow_probability=1
   return m, p
 
 
-def poisson_batch(key, num_examples, sampling_rate, padded_size):
+def poisson_batch(key: Array, num_examples: int, sampling_rate: ArrayLike, padded_size: int
+                  ) -> tuple[Array, Array, Array]:
   """Indices (M,), mask (M,) and overflow (bool) of one Poisson-sampled batch.
 
   Example j is in the batch when u_j < q for u ~ U[0, 1)^N from `key`. Its indices fill
@@ -180,7 +199,7 @@ class DPSGD(NamedTuple):
   padded_batch_size: int
 
 
-def step_keys(key, step):
+def step_keys(key: Array, step: ArrayLike) -> tuple[Array, Array]:
   """(sampling key, noise key) of optimizer step `step`, from the run's key alone: a
   resumed run draws the same batches and the same noise."""
   sample_root, noise_root = jax.random.split(jax.random.fold_in(key, 0x5EED_D9))
@@ -189,7 +208,7 @@ def step_keys(key, step):
 
 # Accounting: dp-accounting's PLD accountant (RDP beside it), Poisson-sampled Gaussian.
 
-def _dp_accounting():
+def _dp_accounting() -> Any:
   try:
     import dp_accounting  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -197,14 +216,14 @@ def _dp_accounting():
   return dp_accounting
 
 
-def _dp_sgd_event(noise_multiplier, sampling_rate, steps):
+def _dp_sgd_event(noise_multiplier: float, sampling_rate: float, steps: int) -> Any:
   dpa = _dp_accounting()
   return dpa.SelfComposedDpEvent(
       dpa.PoissonSampledDpEvent(sampling_rate, dpa.GaussianDpEvent(noise_multiplier)),
       int(steps))
 
 
-def _accountant(kind):
+def _accountant(kind: str) -> Any:
   dpa = _dp_accounting()
   if kind == "pld":
     return dpa.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
@@ -214,7 +233,8 @@ def _accountant(kind):
 
 
 @functools.lru_cache(maxsize=256)
-def epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="pld"):
+def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+            accountant: str = "pld") -> float:
   """ε of `steps` DP-SGD steps (Poisson rate q, noise σ) at δ, add-or-remove-one.
 
   "pld": privacy loss distributions (tight, an upper bound on its grid); "rdp": Rényi DP
@@ -227,29 +247,31 @@ def epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="pld"):
   return float(acc.get_epsilon(delta))
 
 
-def epsilon_of_runs(noise_multipliers, sampling_rate, steps, delta):
+def epsilon_of_runs(noise_multipliers: Iterable[float], sampling_rate: float, steps: int,
+                    delta: float) -> float:
   """PLD ε at δ of releasing ALL of several DP-SGD runs on the same data (one σ each,
   the same q and steps): their composition, the bound for releasing every model of a
   sweep, hence any one chosen among them. Runs of equal σ compose as one run of their
   total steps."""
   if steps == 0:
     return 0.0
-  counts = {}
+  counts: dict[float, int] = {}
   for sigma in noise_multipliers:
     counts[float(sigma)] = counts.get(float(sigma), 0) + 1
   return _epsilon_of_groups(tuple(sorted(counts.items())), sampling_rate, steps, delta)
 
 
 @functools.lru_cache(maxsize=256)
-def _epsilon_of_groups(groups, sampling_rate, steps, delta):
+def _epsilon_of_groups(groups: tuple[tuple[float, int], ...], sampling_rate: float,
+                       steps: int, delta: float) -> float:
   acc = _accountant("pld")
   for sigma, count in groups:
     acc.compose(_dp_sgd_event(sigma, sampling_rate, steps * count))
   return float(acc.get_epsilon(delta))
 
 
-def calibrate_noise_multiplier(target_epsilon, sampling_rate, steps, delta,
-                               max_noise_multiplier=100.0):
+def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, steps: int,
+                               delta: float, max_noise_multiplier: float = 100.0) -> float:
   """The smallest σ (to 1e-3) whose PLD ε after `steps` steps at rate q is ≤ target ε.
 
   Raises ValueError when no σ ≤ max_noise_multiplier reaches it.
@@ -270,7 +292,8 @@ def calibrate_noise_multiplier(target_epsilon, sampling_rate, steps, delta,
   return float(sigma)
 
 
-def dp_available():
+def dp_available() -> bool:
+
   """True when dp-accounting (the dp extra) is installed."""
   try:
     _dp_accounting()

@@ -13,10 +13,13 @@ batches over its data axis.
 """
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
+from jax import Array
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.typing import ArrayLike
 import numpy as np
 import optax
 
@@ -31,6 +34,8 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 GRADIENTS = ("manual", "autodiff", "manual_vjp")
+
+Metrics = dict[str, Array]   # per-epoch metrics by name, on the device
 
 
 class TrainState(NamedTuple):
@@ -60,7 +65,7 @@ class Hyperparams(NamedTuple):
   ema_decay: float = 0.0          # β of the params' moving average; 0: none
 
 
-def make_cycle(hp, steps):
+def make_cycle(hp: Hyperparams, steps: int) -> optax.Schedule:
   """One cycle of `steps` steps: constant, cosine to 0, or linear warmup then cosine."""
   if hp.schedule == "constant":
     return optax.constant_schedule(hp.learning_rate)
@@ -72,7 +77,7 @@ def make_cycle(hp, steps):
   raise ValueError(f"unknown schedule {hp.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
 
 
-def make_schedule(hp):
+def make_schedule(hp: Hyperparams) -> optax.Schedule:
   """Learning rate per step: one cycle over total_steps, or, with restart_steps, a new
   cycle (warmup, then cosine to 0 at the next restart or total_steps) at each restart."""
   if _is_array(hp.learning_rate):  # one peak per model (a sweep): scale a unit schedule
@@ -85,11 +90,11 @@ def make_schedule(hp):
   return optax.join_schedules(cycles, list(hp.restart_steps))
 
 
-def _is_array(value):
+def _is_array(value: Any) -> bool:
   return not isinstance(value, (int, float))
 
 
-def _maybe_nonzero(value):
+def _maybe_nonzero(value: Any) -> bool:
   """False only for a Python 0: a hyperparameter given as an array (one value per model
   of a stack, see make_train_epoch) keeps its transformation in every model."""
   return _is_array(value) or value > 0
@@ -103,14 +108,15 @@ class ParamsEMAState(NamedTuple):
   ema: Params        # θ̄_t = β θ̄_{t−1} + (1 − β) θ_t, from θ̄_0 = 0 (not yet debiased)
 
 
-def params_ema(decay):
+def params_ema(decay: ArrayLike) -> optax.GradientTransformation:
   """optax transformation, last in a chain: the exponential moving average of the params
   after each update (θ_t = params + updates); the updates pass through unchanged."""
-  def init(params):
+  def init(params: Params) -> ParamsEMAState:
     return ParamsEMAState(jnp.zeros((), jnp.int32), jnp.asarray(decay, jnp.float32),
                           jax.tree.map(jnp.zeros_like, params))
 
-  def update(updates, state, params):
+  def update(updates: Params, state: ParamsEMAState, params: Optional[Params] = None
+             ) -> tuple[Params, ParamsEMAState]:
     new_params = optax.apply_updates(params, updates)
     ema = optax.incremental_update(new_params, state.ema, 1 - state.decay)
     return updates, state._replace(count=state.count + 1, ema=ema)
@@ -118,7 +124,7 @@ def params_ema(decay):
   return optax.GradientTransformation(init, update)
 
 
-def averaged_params(state):
+def averaged_params(state: TrainState) -> Params:
   """Params (w1 (H, D), b1, w2 (K, H), b2, each with a leading (M,) for a stack) that a
   run evaluates, chooses and saves: with --ema_decay, the bias-corrected average
   θ̄_t / (1 − β^t) (= the params before any step), else state.params."""
@@ -127,14 +133,14 @@ def averaged_params(state):
     return state.params
   correction = 1 - ema_state.decay ** ema_state.count       # (M,) or ()
 
-  def debiased(ema, params):
+  def debiased(ema: Array, params: Array) -> Array:
     c = correction.reshape(correction.shape + (1,) * (ema.ndim - correction.ndim))
     return jnp.where(c > 0, ema / jnp.where(c > 0, c, 1), params)
 
   return jax.tree.map(debiased, ema_state.ema, state.params)
 
 
-def make_optimizer(hp):
+def make_optimizer(hp: Hyperparams) -> optax.GradientTransformation:
   """optax chain: [clip by global norm] -> [weight decay on W1, W2] -> the optimizer ->
   [the params' moving average, params_ema].
 
@@ -142,8 +148,8 @@ def make_optimizer(hp):
   Biases are never decayed.
   """
   lr = make_schedule(hp)
-  weights_only = Params(w1=True, b1=False, w2=True, b2=False)
-  parts = []
+  weights_only = Params._make((True, False, True, False))   # a mask: Params of bools
+  parts: list[optax.GradientTransformation] = []
   if _maybe_nonzero(hp.clip_norm):  # an array (a sweep) may be 0 for some models: no clip
     parts.append(optax.clip_by_global_norm(jnp.where(hp.clip_norm > 0, hp.clip_norm, jnp.inf)
                                            if _is_array(hp.clip_norm) else hp.clip_norm))
@@ -166,7 +172,8 @@ def make_optimizer(hp):
   return optax.chain(*parts)
 
 
-def init_model_state(seed, in_dim, hidden_dim, num_classes, optimizer):
+def init_model_state(seed: int, in_dim: int, hidden_dim: int, num_classes: int,
+                     optimizer: optax.GradientTransformation) -> TrainState:
   """ONE model's fresh TrainState: init_params from PRNGKey(seed); shuffling uses its
   fold 1. A run's state is a stack of these: see init_state."""
   init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
@@ -174,18 +181,22 @@ def init_model_state(seed, in_dim, hidden_dim, num_classes, optimizer):
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key)
 
 
-def smooth_targets(y, num_classes, label_smoothing):
+def smooth_targets(y: Array, num_classes: int, label_smoothing: ArrayLike) -> Array:
   """Int labels (B,) -> (1 − ε) one-hot + ε/K targets (B, K); labels as they are if ε = 0."""
   if not _maybe_nonzero(label_smoothing):
     return y
   return optax.smooth_labels(losses.targets(y, num_classes, jnp.float32), label_smoothing)
 
 
-def make_train_step(hp, optimizer):
+TrainStep = Callable[[TrainState, Any], tuple[TrainState, tuple[Array, ...]]]
+
+
+def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) -> TrainStep:
   """train_step(state, (x (B, D), y (B,), w (B,))) -> (state, (Σ w·L, Σ w·correct))."""
   compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
 
-  def train_step(state, batch):
+  def train_step(state: TrainState, batch: tuple[Array, Array, Array]
+                 ) -> tuple[TrainState, tuple[Array, ...]]:
     x, y, w = batch
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
@@ -200,7 +211,8 @@ def make_train_step(hp, optimizer):
   return train_step
 
 
-def make_dp_train_step(hp, optimizer, dp, mesh=None):
+def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
+                       dp: privacy.DPSGD, mesh: Optional[Mesh] = None) -> TrainStep:
   """DP-SGD train_step(state, (X (N, D), y (N,))) -> (state, (Σ m·L, Σ m·correct, Σ m,
   overflowed)), for a privacy.DPSGD `dp`.
 
@@ -212,7 +224,8 @@ def make_dp_train_step(hp, optimizer, dp, mesh=None):
   compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
   expected_batch_size = dp.sampling_rate * dp.num_examples
 
-  def train_step(state, data):
+  def train_step(state: TrainState, data: tuple[Array, Array]
+                 ) -> tuple[TrainState, tuple[Array, ...]]:
     X, y = data
     sample_key, noise_key = privacy.step_keys(state.key, state.step)
     i, mask, overflowed = privacy.poisson_batch(sample_key, dp.num_examples,
@@ -234,7 +247,8 @@ def make_dp_train_step(hp, optimizer, dp, mesh=None):
   return train_step
 
 
-def dp_train_epoch(train_step, state, X, y, epoch, steps):
+def dp_train_epoch(train_step: TrainStep, state: TrainState, X: Array, y: Array,
+                   epoch: ArrayLike, steps: int) -> tuple[TrainState, Metrics]:
   """`steps` DP-SGD steps in one lax.scan -> (state, {"train_loss", "train_accuracy",
   "overflows"}); `epoch` is unused (batches are keyed by the step count)."""
   del epoch
@@ -246,7 +260,7 @@ def dp_train_epoch(train_step, state, X, y, epoch, steps):
                  "overflows": jnp.sum(overflows)}
 
 
-def batch_indices(order, batch_size):
+def batch_indices(order: Array, batch_size: int) -> tuple[Array, Array]:
   """order (N,) -> indices (S, B) padded with 0 to S = ceil(N / B) batches, weights (S, B)."""
   n = order.shape[0]
   steps = -(-n // batch_size)
@@ -256,12 +270,12 @@ def batch_indices(order, batch_size):
   return idx, w
 
 
-def epoch_order(key, epoch, n):
+def epoch_order(key: Array, epoch: ArrayLike, n: int) -> Array:
   """The permutation of the N training examples for `epoch`: fold_in(key, epoch)."""
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
 
 
-def gather_batch(X, i, mesh=None):
+def gather_batch(X: Array, i: Array, mesh: Optional[Mesh] = None) -> Array:
   """X[i]: the rows of index batch i (B,); split over the mesh's devices if one is given."""
   batch = X[i]
   if mesh is None:
@@ -269,8 +283,10 @@ def gather_batch(X, i, mesh=None):
   return jax.lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
 
 
-def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, mesh=None,
-                train_mask=None):
+def train_epoch(train_step: TrainStep, state: TrainState, X: Array, y: Array,
+                epoch: ArrayLike, batch_size: int, num_examples: Optional[int] = None,
+                mesh: Optional[Mesh] = None, train_mask: Optional[Array] = None
+                ) -> tuple[TrainState, Metrics]:
   """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device.
 
   The epoch visits the first `num_examples` rows of X (default all; rows past it are
@@ -282,7 +298,8 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
   n = X.shape[0] if num_examples is None else num_examples
   idx, w = batch_indices(epoch_order(state.key, epoch, n), batch_size)
 
-  def body(state, batch):
+  def body(state: TrainState, batch: tuple[Array, Array]
+           ) -> tuple[TrainState, tuple[Array, ...]]:
     i, wb = batch
     x, labels = gather_batch(X, i, mesh), gather_batch(y, i, mesh)
     if train_mask is None:
@@ -291,12 +308,13 @@ def train_epoch(train_step, state, X, y, epoch, batch_size, num_examples=None, m
     return keep_if_empty(jnp.sum(wb) > 0, train_step(state, (x, labels, wb)), state)
 
   state, (loss_sums, hits) = jax.lax.scan(body, state, (idx, w))
-  if train_mask is not None:
-    n = jnp.sum(train_mask[:n])
-  return state, {"train_loss": jnp.sum(loss_sums) / n, "train_accuracy": jnp.sum(hits) / n}
+  count = n if train_mask is None else jnp.sum(train_mask[:n])
+  return state, {"train_loss": jnp.sum(loss_sums) / count,
+                 "train_accuracy": jnp.sum(hits) / count}
 
 
-def keep_if_empty(any_rows, step_result, state):
+def keep_if_empty(any_rows: Array, step_result: tuple[TrainState, Any], state: TrainState
+                  ) -> tuple[TrainState, Any]:
   """The train step's (state, metrics) if the batch had rows, else (state, zeros): the
   mean over no example is undefined (NaN), and a zero step would still move Adam."""
   stepped, metrics = step_result
@@ -320,7 +338,8 @@ _DP_FIELDS = {"dp_clip_norm": "clip_norm", "dp_noise_multiplier": "noise_multipl
 TRAIN_MASK = "train_mask"
 
 
-def with_values(hp, dp, values):
+def with_values(hp: Hyperparams, dp: Optional[privacy.DPSGD], values: Mapping[str, Any]
+                ) -> tuple[Hyperparams, Optional[privacy.DPSGD]]:
   """(hp, dp) of one model of a stack: the swept fields replaced by its `values`
   {name: scalar} (traced inside the program; TRAIN_MASK is not a field)."""
   hp = hp._replace(**{k: v for k, v in values.items()
@@ -330,7 +349,8 @@ def with_values(hp, dp, values):
   return hp, dp
 
 
-def map_models(fn, tree, stacking="vmap", groups=1):
+def map_models(fn: Callable[[Any], Any], tree: Any, stacking: str = "vmap", groups: int = 1
+               ) -> Any:
   """fn applied to each model of `tree` (every leaf has a leading model axis M).
 
   groups > 1: the models are split into `groups` equal blocks, one per slice of the
@@ -354,26 +374,33 @@ def map_models(fn, tree, stacking="vmap", groups=1):
   raise ValueError(f"unknown stacking {stacking!r}; choose one of {', '.join(STACKINGS)}.")
 
 
-def init_state(seeds, in_dim, hidden_dim, num_classes, hp, values=None):
+def init_state(seeds: Sequence[int], in_dim: int, hidden_dim: int, num_classes: int,
+               hp: Hyperparams, values: Optional[Mapping[str, ArrayLike]] = None
+               ) -> TrainState:
   """The stacked TrainState of M = len(seeds) models, on the default device: model m is
   init_model_state(seeds[m], ...) with the optimizer of hp and its `values` {name: (M,)}
   (SWEEPABLE names; None or {} when only the seeds differ). Built model by model and
   stacked on the host: no program to compile."""
-  values = {k: np.asarray(v) for k, v in (values or {}).items()}
+  arrays = {k: np.asarray(v) for k, v in (values or {}).items()}
   states = []
   for m, seed in enumerate(seeds):
     # 0-d arrays, as inside the program: a swept 0 keeps its transformation's state.
-    model_hp, _ = with_values(hp, None, {k: np.asarray(v[m]) for k, v in values.items()})
+    model_hp, _ = with_values(hp, None, {k: np.asarray(v[m]) for k, v in arrays.items()})
     states.append(init_model_state(int(seed), in_dim, hidden_dim, num_classes,
                                    make_optimizer(model_hp)))
   return jax.device_put(jax.tree.map(lambda *leaves: np.stack(jax.device_get(leaves)),
                                      *states))
 
 
-def _model_epoch(hp, dp, batch_size, num_examples, mesh):
+ModelEpoch = Callable[..., tuple[TrainState, Metrics]]
+
+
+def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batch_size: int,
+                 num_examples: Optional[int], mesh: Optional[Mesh]) -> ModelEpoch:
   """ONE model's epoch (state, X, y, epoch, values) -> (state, metrics): train_epoch of
   its train step, or with a privacy.DPSGD `dp`, ceil(N / batch_size) DP-SGD steps."""
-  def one(state, X, y, epoch, values):
+  def one(state: TrainState, X: Array, y: Array, epoch: ArrayLike,
+          values: Mapping[str, Array]) -> tuple[TrainState, Metrics]:
     model_hp, model_dp = with_values(hp, dp, values)
     optimizer = make_optimizer(model_hp)
     if model_dp is None:
@@ -385,8 +412,9 @@ def _model_epoch(hp, dp, batch_size, num_examples, mesh):
   return one
 
 
-def make_train_epoch(hp, batch_size, num_examples=None, mesh=None, dp=None,
-                     stacking="vmap"):
+def make_train_epoch(hp: Hyperparams, batch_size: int, num_examples: Optional[int] = None,
+                     mesh: Optional[Mesh] = None, dp: Optional[privacy.DPSGD] = None,
+                     stacking: str = "vmap") -> ModelEpoch:
   """jit(epoch)(states, X (N, D), y (N,), epoch, values {name: (M,)}) -> (states,
   {"train_loss": (M,), "train_accuracy": (M,)[, "overflows": (M,)]}), the states donated
   (call it positionally).
@@ -402,7 +430,8 @@ def make_train_epoch(hp, batch_size, num_examples=None, mesh=None, dp=None,
   one = _model_epoch(hp, dp, batch_size, num_examples, mesh)
   groups = 1 if mesh is None else parallel.model_groups(mesh)
 
-  def epoch_fn(states, X, y, epoch, values):
+  def epoch_fn(states: TrainState, X: Array, y: Array, epoch: ArrayLike,
+               values: Mapping[str, Array]) -> tuple[TrainState, Metrics]:
     return map_models(lambda sv: one(sv[0], X, y, epoch, sv[1]), (states, values),
                       stacking, groups)
 
@@ -412,7 +441,7 @@ def make_train_epoch(hp, batch_size, num_examples=None, mesh=None, dp=None,
   return jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=parallel.model_sharded(mesh))
 
 
-def default_stacking(platform, batch_size, in_dim, hidden_dim):
+def default_stacking(platform: str, batch_size: int, in_dim: int, hidden_dim: int) -> str:
   """"vmap" unless on a CPU with a step of ≥ 2^22 multiply-adds per model (B·D·H): there
   one model already keeps the cores busy, batching gains nothing (docs/benchmarks.md,
   "Many models": vmap and map within 5% at 784-1024, B = 256), and "map" holds one
@@ -421,8 +450,9 @@ def default_stacking(platform, batch_size, in_dim, hidden_dim):
   return "map" if platform == "cpu" and big else "vmap"
 
 
-def evaluate_model(params, X, y, batch_size=1024, num_examples=None, mesh=None,
-                   rows=None):
+def evaluate_model(params: Params, X: Array, y: Array, batch_size: int = 1024,
+                   num_examples: Optional[int] = None, mesh: Optional[Mesh] = None,
+                   rows: Optional[tuple[Array, Array]] = None) -> Metrics:
   """ONE model's loss, accuracy and predictions (N,) over the first N = num_examples
   rows of X, every example counted once; with a mesh each batch is split over its data
   axis. rows = (indices (R,), weights (R,)): the rows it is evaluated on instead (a
@@ -439,7 +469,7 @@ def evaluate_model(params, X, y, batch_size=1024, num_examples=None, mesh=None,
   if rows is not None:
     idx, w = rows[0][idx], w * rows[1][idx]
 
-  def body(_, batch):
+  def body(_: None, batch: tuple[Array, Array]) -> tuple[None, tuple[Array, Array, Array]]:
     i, wb = batch
     z2 = model.logits(params, gather_batch(X, i, mesh))
     Y = losses.targets(gather_batch(y, i, mesh), z2.shape[-1], z2.dtype)
@@ -455,8 +485,10 @@ def evaluate_model(params, X, y, batch_size=1024, num_examples=None, mesh=None,
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh",
                                              "stacking"))
-def evaluate(params, X, y, batch_size=1024, num_examples=None, mesh=None, stacking="vmap",
-             rows=None):
+def evaluate(params: Params, X: Array, y: Array, batch_size: int = 1024,
+             num_examples: Optional[int] = None, mesh: Optional[Mesh] = None,
+             stacking: str = "vmap", rows: Optional[tuple[Array, Array]] = None) -> Metrics:
+
   """evaluate_model of each model of stacked Params (leading axis M): loss (M,),
   accuracy (M,), predictions (M, N); the models mapped as in make_train_epoch. rows =
   (indices (M, R), weights (M, R)): each model's own rows (see evaluate_model)."""

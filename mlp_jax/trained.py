@@ -16,10 +16,12 @@ import glob
 import os
 import warnings
 import zipfile
-from typing import NamedTuple
+from typing import IO, Any, Mapping, NamedTuple, Optional, Union
 
 import jax
+from jax import Array
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 import numpy as np
 
 from mlp_jax import data
@@ -36,12 +38,12 @@ class TrainedModel(NamedTuple):
   params: Params
   mean: np.ndarray       # (D,) float32
   std: np.ndarray        # (D,) float32
-  input_shape: tuple     # one raw example, e.g. (28, 28) or (D,)
-  class_names: tuple     # K names
+  input_shape: tuple[int, ...]   # one raw example, e.g. (28, 28) or (D,)
+  class_names: tuple[str, ...]   # K names
   dataset: str
   pixel_max: float       # raw value of a white pixel; 0: not an image dataset
 
-  def inputs(self, x_raw):
+  def inputs(self, x_raw: ArrayLike) -> Array:
     """Raw examples (N, *input_shape) or (N, D) -> the network's inputs (N, D) float32."""
     x_raw = jnp.asarray(x_raw)
     d = self.mean.shape[0]
@@ -52,11 +54,11 @@ class TrainedModel(NamedTuple):
     x = x_raw.reshape(x_raw.shape[0], d).astype(jnp.float32)
     return (x - self.mean[None, :]) / self.std[None, :]
 
-  def predict_proba(self, x_raw):
+  def predict_proba(self, x_raw: ArrayLike) -> Array:
     """p = softmax(z2) (N, K) of raw examples (N, *input_shape) or (N, D); jit-able."""
     return jax.nn.softmax(mlp.logits(self.params, self.inputs(x_raw)), axis=-1)
 
-  def predict(self, x_raw):
+  def predict(self, x_raw: ArrayLike) -> Array:
     """The most probable class (N,) int32 of raw examples; jit-able. A row whose logits
     are not finite (NaN or inf in its input) gets -1, never a plausible class."""
     z2 = mlp.logits(self.params, self.inputs(x_raw))
@@ -64,19 +66,20 @@ class TrainedModel(NamedTuple):
     return jnp.where(jnp.all(jnp.isfinite(z2), axis=-1), classes, -1)
 
 
-def save(path, params, inputs, dataset):
+def save(path: Union[str, IO[bytes]], params: Params, inputs: data.Dataset, dataset: str
+         ) -> None:
   """Writes params.npz (`path`: a path or a binary file): the params (W1 (H, D), ...)
   and the preprocessing of TrainedModel, from `inputs`, the run's data.Dataset (its
   mean, std (D,), input_shape and class_names; its arrays are not needed)."""
-  np.savez(path, **{k: np.asarray(v) for k, v in params._asdict().items()},
-           input_mean=np.asarray(inputs.mean, np.float32),
+  arrays: dict[str, Any] = {k: np.asarray(v) for k, v in params._asdict().items()}
+  np.savez(path, **arrays, input_mean=np.asarray(inputs.mean, np.float32),
            input_std=np.asarray(inputs.std, np.float32),
            input_shape=np.asarray(inputs.input_shape, np.int64),
            class_names=np.asarray(inputs.class_names, str), dataset=np.asarray(dataset, str),
            pixel_max=np.float64(data.PIXEL_MAX.get(dataset, 0.0)))
 
 
-def load(path):
+def load(path: str) -> TrainedModel:
   """The TrainedModel of a workdir (or of its params.npz; of a k-fold selection's
   workdir, its refit's); ValueError, one line, if it is not there or not a params.npz
   this version writes."""
@@ -108,7 +111,7 @@ def load(path):
                       float(arrays["pixel_max"]))
 
 
-def _check_arrays(arrays):
+def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
   """What is wrong with the arrays of a params.npz (shapes that do not fit together,
   values that are not finite), or None."""
   w1, w2 = np.asarray(arrays["w1"]), np.asarray(arrays["w2"])
@@ -133,7 +136,7 @@ def _check_arrays(arrays):
   return None
 
 
-def read_png(path, model):
+def read_png(path: str, model: TrainedModel) -> np.ndarray:
   """One 8-bit grayscale PNG of the model's image size -> raw values (h, w) float32,
   0..255 mapped to 0..pixel_max; anything else raises ValueError naming the fix."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -157,7 +160,7 @@ def read_png(path, model):
   return pixels.astype(np.float32) * np.float32(model.pixel_max / 255)
 
 
-def _read_npz_inputs(path):
+def _read_npz_inputs(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
   """(x, y or None) of an .npz of x (or x_test) and y (or y_test); ValueError, one line."""
   try:
     with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
@@ -171,7 +174,8 @@ def _read_npz_inputs(path):
     raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}).") from None
 
 
-def read_inputs(path, model, labels_path=None):
+def read_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = None
+                ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
   """(names, raw inputs (N, ...), labels (N,) or None) of what `path` holds:
 
       FILE.npz            x (or x_test) and optional y (or y_test)
@@ -188,8 +192,11 @@ def read_inputs(path, model, labels_path=None):
   missing = [p for p in paths if not os.path.isfile(p)]
   if missing or not paths:
     raise ValueError(f"no such file: {', '.join(missing) or path!r}.")
-  labels = None
+  labels: Any = None
+  names: Optional[list[str]]
+  x: Any
   if all(p.lower().endswith(".png") for p in paths):
+
     x = np.stack([read_png(p, model) for p in paths])
     names = [os.path.basename(p) for p in paths]
   elif len(paths) == 1 and paths[0].endswith(".npz"):

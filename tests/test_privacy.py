@@ -100,6 +100,8 @@ def test_sensitivity_and_bad_clip_norms():
       privacy.sensitivity(bad, "flat")
   with pytest.raises(ValueError, match="clipping must be one of flat, per_layer"):
     privacy.sensitivity(1.0, "global")
+  with pytest.raises(ValueError, match="one per layer: pass clipping='per_layer'"):
+    privacy.sensitivity((3.0, 4.0), "flat")
 
 
 def test_noise_has_std_sigma_c_over_qn():
