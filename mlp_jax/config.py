@@ -9,7 +9,7 @@ the command line does.
 import itertools
 import math
 import typing
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 from mlp_jax import data
 from mlp_jax import privacy
@@ -121,13 +121,16 @@ RunConfig.__new__.__defaults__ = tuple(s.default for s in SETTINGS)
 RunConfig.__doc__ = ("Every setting of a run (SETTINGS declares each: type, default, "
                      "help, bounds); experiment.run(RunConfig(...)) trains it.")
 BY_NAME = {s.name: s for s in SETTINGS}
+# A RunConfig in annotations: its fields are made from SETTINGS at import, which a
+# static type checker cannot see.
+Config = Any
 
 # The sweepable settings: train.SWEEPABLE (traced per model) and the DP target, which
 # becomes one σ per model before the program starts.
 SWEEPABLE = train.SWEEPABLE + ("dp_target_epsilon",)
 
 
-def bounds_text(s):
+def bounds_text(s: Setting) -> str:
   parts = [f">= {s.lower:g}" if s.lower is not None else None,
            f"> {s.above:g}" if s.above is not None else None,
            f"<= {s.upper:g}" if s.upper is not None else None,
@@ -135,7 +138,13 @@ def bounds_text(s):
   return " and ".join(p for p in parts if p)
 
 
-def check_setting(s, value):
+def _is_kind(value: Any, kind: type) -> bool:
+  """isinstance for a setting's kind: an int is also a float, a bool neither."""
+  kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[kind]
+  return isinstance(value, kinds) and (kind is bool or not isinstance(value, bool))
+
+
+def check_setting(s: Setting, value: Any) -> None:
   """RunError in one line unless `value` suits Setting `s`: type, finite, bounds,
   choices (None only for a setting whose default is None)."""
   flag = f"--{s.name}={value!r}" if isinstance(value, str) else f"--{s.name}={value}"
@@ -145,8 +154,7 @@ def check_setting(s, value):
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
       raise RunError(f"--{s.name} must be a list of strings NAME=v1,v2, got {value!r}.")
     return
-  kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[s.kind]
-  if not isinstance(value, kinds) or (s.kind is not bool and isinstance(value, bool)):
+  if not _is_kind(value, s.kind):
     raise RunError(f"{flag}: must be {'an' if s.kind is int else 'a'} {s.kind.__name__}.")
   if s.kind is float and not math.isfinite(value):
     raise RunError(f"{flag}: must be a finite number"
@@ -160,16 +168,16 @@ def check_setting(s, value):
     raise RunError(f"{flag}: must be {bounds_text(s)}.")
 
 
-def is_private(config):
+def is_private(config: Config) -> bool:
   """True for a differentially private (DP-SGD) run."""
   swept = {spec.partition("=")[0].strip() for spec in config.sweep}
   return (config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
           or bool(swept & {"dp_noise_multiplier", "dp_target_epsilon"}))
 
 
-def parse_sweep(specs):
+def parse_sweep(specs: Iterable[str]) -> dict[str, tuple[float, ...]]:
   """("name=v1,v2", ...) -> {name: (v1, v2)}; RunError naming what is wrong."""
-  grid = {}
+  grid: dict[str, tuple[float, ...]] = {}
   for spec in specs:
     name, _, text = spec.partition("=")
     name = name.strip()
@@ -198,20 +206,20 @@ def parse_sweep(specs):
   return grid
 
 
-def sweep_grid(config):
+def sweep_grid(config: Config) -> list[dict[str, float]]:
   """The configurations of --sweep in grid order, [{name: value}] ([{}] with none)."""
   grid = parse_sweep(config.sweep)
   return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
-def fold_indices(config):
+def fold_indices(config: Config) -> list[Optional[int]]:
   """The folds a run trains: all K of --cv_folds, the one of --cv_fold, or [None]."""
   if not config.cv_folds:
     return [None]
   return [config.cv_fold] if config.cv_fold is not None else list(range(config.cv_folds))
 
 
-def _check_cluster(config):
+def _check_cluster(config: Config) -> None:
   if config.dataset not in ("digits", "fashion_mnist", "mnist") and not (
       config.dataset.startswith("npz:") and len(config.dataset) > 4):
     raise RunError(f"--dataset={config.dataset!r}: must be one of {_DATASETS}.")
@@ -225,7 +233,7 @@ def _check_cluster(config):
                    f"{config.num_processes} (processes count from 0).")
 
 
-def _check_folds(config):
+def _check_folds(config: Config) -> None:
   """--cv_folds and --cv_fold with the settings they cannot go with."""
   if config.cv_fold is not None and config.cv_folds < 2:
     raise RunError(f"--cv_fold={config.cv_fold} is one fold of a k-fold selection: give "
@@ -245,7 +253,7 @@ def _check_folds(config):
                    "private models); choose on a --validation_fraction split instead.")
 
 
-def _check_dp(config):
+def _check_dp(config: Config) -> None:
   """DP settings that cannot work together, before any data is read."""
   if not is_private(config):
     swept = [name for name in parse_sweep(config.sweep) if name.startswith("dp_")]
@@ -255,9 +263,9 @@ def _check_dp(config):
     return
   if not privacy.dp_available():
     raise RunError(f"the --dp_* flags need the dp extra: {privacy.DP_EXTRA}.")
-  swept = parse_sweep(config.sweep)
+  grid = parse_sweep(config.sweep)
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
-           if getattr(config, n) is not None or n in swept]
+           if getattr(config, n) is not None or n in grid]
   if len(noise) > 1:
     raise RunError("give --dp_noise_multiplier or --dp_target_epsilon (set or swept), "
                    "not both.")
@@ -266,7 +274,7 @@ def _check_dp(config):
                    f"--grads={config.grads}.")
 
 
-def resolve(config):
+def resolve(config: Config) -> Config:
   """`config` checked, with its defaults made explicit; RunError (one line) for a bad
   value or settings that cannot work together. A sweep holds out 10% of train for
   validation unless told otherwise."""
@@ -295,7 +303,9 @@ def resolve(config):
   return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))
 
 
-def hyperparams(config, steps_per_epoch, cycle_ends):
+def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int]
+                ) -> train.Hyperparams:
+
   """The train.Hyperparams of `config`: its fields of the same names, and a
   learning-rate cycle ending at each epoch of `cycle_ends` (workdir.schedule_epochs)."""
   shared = {f: getattr(config, f) for f in train.Hyperparams._fields if f in RunConfig._fields}

@@ -9,10 +9,11 @@ Every problem raises DataError with one line naming it and the fix.
 """
 
 import gzip
+import io
 import os
 import zipfile
 import zlib
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -56,18 +57,21 @@ class Dataset(NamedTuple):
   num_classes: int
   mean: np.ndarray
   std: np.ndarray
-  input_shape: tuple
-  class_names: tuple
+  input_shape: tuple[int, ...]
+  class_names: tuple[str, ...]
 
 
-def class_names(name, num_classes):
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
+
+
+def class_names(name: Optional[str], num_classes: int) -> tuple[str, ...]:
   """The classes' names: Fashion-MNIST's (T-shirt/top, ...), else "0", "1", ..."""
   if name == "fashion_mnist" and num_classes == len(FASHION_MNIST_CLASSES):
     return FASHION_MNIST_CLASSES
   return tuple(str(k) for k in range(num_classes))
 
 
-def _read_exactly(f, size, path):
+def _read_exactly(f: io.BufferedIOBase, size: int, path: str) -> bytes:
   """Reads `size` bytes in chunks (no huge up-front allocation); errors if short or long."""
   chunks, remaining = [], size + 1
   while remaining > 0:
@@ -84,7 +88,7 @@ def _read_exactly(f, size, path):
   return data
 
 
-def read_idx(path):
+def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (optionally .gz) into a numpy array, checking its header.
 
   Header: two zero bytes, a type code, the rank, then one big-endian uint32 per dim.
@@ -117,7 +121,7 @@ def read_idx(path):
   return np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def _find_idx(data_dir, stem):
+def _find_idx(data_dir: str, stem: str) -> str:
   for name in (stem, stem + ".gz"):
     if os.path.exists(os.path.join(data_dir, name)):
       return os.path.join(data_dir, name)
@@ -126,15 +130,17 @@ def _find_idx(data_dir, stem):
                   "files there and pass --data_dir.")
 
 
-def load_idx_dir(data_dir):
+def load_idx_dir(data_dir: Optional[str]) -> Arrays:
   """The four MNIST-layout IDX files of data_dir -> (x_train, y_train, x_test, y_test)."""
   if not data_dir or not os.path.isdir(data_dir):
     raise DataError(f"data directory {data_dir!r} does not exist; pass --data_dir=DIR "
                     "holding train-images-idx3-ubyte[.gz] and the other three IDX files.")
-  return tuple(read_idx(_find_idx(data_dir, IDX_FILES[k])) for k in IDX_FILES)
+  x_train, y_train, x_test, y_test = (read_idx(_find_idx(data_dir, IDX_FILES[k]))
+                                      for k in IDX_FILES)
+  return x_train, y_train, x_test, y_test
 
 
-def _check_npz_member(archive, name, path):
+def _check_npz_member(archive: zipfile.ZipFile, name: str, path: str) -> None:
   """Reads one .npy header inside the archive: no pickles, no multi-GB arrays."""
   with archive.open(name + ".npy") as f:
     version = np.lib.format.read_magic(f)
@@ -150,7 +156,7 @@ def _check_npz_member(archive, name, path):
                     "loader accepts; the file is corrupt or not a dataset.")
 
 
-def load_npz(path):
+def load_npz(path: str) -> Arrays:
   """x_train, y_train, x_test, y_test from an .npz file; pickled objects are refused.
 
   Every array header is checked before any array is read.
@@ -165,7 +171,8 @@ def load_npz(path):
       for name in IDX_FILES:
         _check_npz_member(archive, name, path)
     with np.load(path, allow_pickle=False) as f:
-      return tuple(f[k] for k in IDX_FILES)
+      x_train, y_train, x_test, y_test = (f[k] for k in IDX_FILES)
+      return x_train, y_train, x_test, y_test
   except DataError:
     raise
   except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
@@ -174,7 +181,7 @@ def load_npz(path):
                     f"({type(e).__name__}: {str(e)[:120]}).") from None
 
 
-def load_digits():
+def load_digits() -> Arrays:
   """scikit-learn's 1797 8×8 digits, split 80/20 stratified by class (split seed 0)."""
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
@@ -184,7 +191,7 @@ def load_digits():
   return x_train, y_train, x_test, y_test
 
 
-def _flat_inputs(x, name):
+def _flat_inputs(x: Any, name: str) -> np.ndarray:
   x = np.asarray(x)
   if x.ndim < 2 or x.shape[0] == 0:
     raise DataError(f"{name} must be (N, ...) with N >= 1 examples, got shape {x.shape}.")
@@ -198,7 +205,7 @@ def _flat_inputs(x, name):
   return x
 
 
-def _labels(y, n, name):
+def _labels(y: Any, n: int, name: str) -> np.ndarray:
   """Integer class labels (N,) as int64; integral floats are accepted."""
   y = np.asarray(y)
   if y.shape != (n,):
@@ -213,7 +220,7 @@ def _labels(y, n, name):
   return y.astype(np.int64)
 
 
-def check_every_class_in_train(y_train, num_classes):
+def check_every_class_in_train(y_train: np.ndarray, num_classes: int) -> None:
   """Refuses labels 0..K-1 where a class never occurs in train: 1-based labels (1..K
   would make a phantom class 0), or a class the network could never learn."""
   missing = np.setdiff1d(np.arange(num_classes), y_train)
@@ -228,8 +235,9 @@ def check_every_class_in_train(y_train, num_classes):
                   "classes to 0..K-1 without gaps, or add training examples of each.")
 
 
-def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0,
-            scaling="global", fixed_scaling=None):
+def prepare(x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
+            validation_fraction: float = 0.0, seed: int = 0, scaling: str = "global",
+            fixed_scaling: Optional[tuple[float, float, float]] = None) -> Dataset:
   """Flattens, checks, splits off validation, and standardises with TRAIN statistics.
 
   x' = (x − μ) / σ, μ and σ from the (remaining) training rows only, by `scaling` (one
@@ -265,10 +273,11 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
   with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
     if fixed_scaling is not None:
       scale, mu, sigma = fixed_scaling
-      mean, std = np.float32(mu * scale), np.float32(sigma * scale)
+      center, spread = np.float32(mu * scale), np.float32(sigma * scale)
     else:
-      mean, std = train_statistics(x_train, scaling)
-    mean, std = (np.broadcast_to(a, x_train.shape[1:]).astype(np.float32) for a in (mean, std))
+      center, spread = train_statistics(x_train, scaling)
+    mean, std = (np.broadcast_to(a, x_train.shape[1:]).astype(np.float32)
+                 for a in (center, spread))
     scaled = [None if x is None else (x - mean) / std for x in (x_train, x_test, x_val)]
   if not all(x is None or np.all(np.isfinite(x)) for x in scaled):
     raise DataError("the inputs overflow float32 when standardised (values near 1e38?); "
@@ -278,7 +287,7 @@ def prepare(x_train, y_train, x_test, y_test, *, validation_fraction=0.0, seed=0
                  input_shape, class_names(None, num_classes))
 
 
-def stratified_folds(y, num_folds, seed=0):
+def stratified_folds(y: np.ndarray, num_folds: int, seed: int = 0) -> np.ndarray:
   """The fold (0 .. K−1) of each training row, (N,) int32: disjoint folds that cover
   every row, each class spread over them as evenly as it divides (its counts per fold
   differ by at most 1), the rows of a class drawn in a random order of `seed`.
@@ -301,7 +310,7 @@ def stratified_folds(y, num_folds, seed=0):
   return folds
 
 
-def train_statistics(x_train, scaling):
+def train_statistics(x_train: np.ndarray, scaling: str) -> tuple[Any, Any]:
   """(μ, σ) of `scaling` from the training rows x_train (N, D): (D,) arrays for
   per_feature, scalars otherwise; a σ of (almost) 0 becomes 1."""
   if scaling == "none":
@@ -311,7 +320,7 @@ def train_statistics(x_train, scaling):
   return mean, np.where(std > 1e-6 * max(float(np.max(std)), 1e-30), std, 1.0)
 
 
-def fixed_scaling(name):
+def fixed_scaling(name: str) -> tuple[float, float, float]:
   """(s, μ, σ) of x' = (x / s − μ) / σ, fixed in advance for a private run: pixel range
   s, and the published normalisation constants of Fashion-MNIST and MNIST; digits'
   pixels 0..16 map to [−1, 1]; an npz is used as it is (scale it yourself, with
@@ -321,8 +330,9 @@ def fixed_scaling(name):
   return (PIXEL_MAX[name], *mu_sigma[name]) if name in PIXEL_MAX else (1.0, 0.0, 1.0)
 
 
-def load(name, data_dir=None, *, validation_fraction=0.0, seed=0, scaling="global",
-         private=False):
+def load(name: str, data_dir: Optional[str] = None, *, validation_fraction: float = 0.0,
+         seed: int = 0, scaling: str = "global", private: bool = False) -> Dataset:
+
   """Loads dataset `name` (one of DATASETS) and prepares it; see `prepare`. private:
   never a statistic of the training data: global scaling uses `fixed_scaling(name)`,
   none the data as given, and per_feature is refused."""

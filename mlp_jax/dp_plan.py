@@ -8,13 +8,16 @@ Each model's ε is accounted for alone, and `epsilon_all_models` composes every 
 run: the bound for releasing them all, hence any one chosen among them.
 """
 
-from typing import NamedTuple
+from typing import Any, Callable, Iterable, Optional, NamedTuple, Union
 
 import numpy as np
 
 from mlp_jax import data
 from mlp_jax import privacy
+from mlp_jax.config import Config
 from mlp_jax.config import RunError
+from mlp_jax.stack import Stack
+
 
 
 class DPPlan(NamedTuple):
@@ -24,22 +27,26 @@ class DPPlan(NamedTuple):
   noise_multipliers: np.ndarray
   clip_norms: np.ndarray
   delta: float
-  record: dict   # what config.json records under "dp"
+  record: dict[str, Any]   # what config.json records under "dp"
 
 
-def _per_model(stack, name, default):
+Log = Callable[[str], None]
+
+
+def _per_model(stack: Stack, name: str, default: Optional[float]) -> np.ndarray:
   """(M,) values of a setting: swept (one per model) or the config's for every model."""
   if name in stack.configurations[0]:
     return stack.per_model(name).astype(np.float64)
   return np.full(stack.num_models, default, np.float64)
 
 
-def _noise_multipliers(config, stack, q, steps, log):
+def _noise_multipliers(config: Config, stack: Stack, q: float, steps: int, log: Log
+                       ) -> np.ndarray:
   """σ of each model: given (or swept), or calibrated to its --dp_target_epsilon."""
   if config.dp_target_epsilon is None and "dp_target_epsilon" not in stack.configurations[0]:
     return _per_model(stack, "dp_noise_multiplier", config.dp_noise_multiplier)
   targets = _per_model(stack, "dp_target_epsilon", config.dp_target_epsilon)
-  sigmas = {}
+  sigmas: dict[float, float] = {}
   for target in sorted(set(targets.tolist())):
     try:
       sigmas[target] = privacy.calibrate_noise_multiplier(target, q, steps, config.dp_delta)
@@ -50,13 +57,14 @@ def _noise_multipliers(config, stack, q, steps, log):
   return np.array([sigmas[t] for t in targets.tolist()])
 
 
-def _one_or_list(values):
+def _one_or_list(values: Iterable[Any]) -> Union[float, list[float]]:
   """A float when every model has the same value, else the list of them."""
-  values = [float(v) for v in values]
-  return values[0] if len(set(values)) == 1 else values
+  floats = [float(v) for v in values]
+  return floats[0] if len(set(floats)) == 1 else floats
 
 
-def make_plan(config, stack, num_examples, steps_per_epoch, multiple, log):
+def make_plan(config: Config, stack: Stack, num_examples: int, steps_per_epoch: int,
+              multiple: int, log: Log) -> tuple[DPPlan, Stack]:
   """(DPPlan, stack with per-model σ and C in its values where they differ).
 
   q = batch_size / N; σ given, or calibrated so that the PLD ε of the planned
@@ -97,7 +105,7 @@ def make_plan(config, stack, num_examples, steps_per_epoch, multiple, log):
   return plan, stack._replace(values=values)
 
 
-def account(plan, per_model, steps):
+def account(plan: DPPlan, per_model: dict[str, Any], steps: int) -> Optional[float]:
   """ε after `steps` steps, per model {"epsilon": (M,), "epsilon_rdp": (M,)}, and the
   composition of all the models' runs (None for one model); RunError if a Poisson batch
   overflowed its padding (an example would have been dropped)."""

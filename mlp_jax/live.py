@@ -15,20 +15,23 @@ during the run at most every REDRAW_SECONDS (a redraw costs ~0.3 s: docs/benchma
 
 import os
 import time
+from typing import Callable
 
 import tensorboardX
+
+from mlp_jax.stack import Row
 
 REDRAW_SECONDS = 30.0
 
 
-def scalars(row):
+def scalars(row: Row) -> dict[str, float]:
   """{tag: value} of a metrics row's numbers (not the epoch, not per_model)."""
   return {k: float(v) for k, v in row.items()
           if k not in ("epoch", "per_model") and isinstance(v, (int, float))
           and not isinstance(v, bool)}
 
 
-def model_scalars(row):
+def model_scalars(row: Row) -> list[dict[str, float]]:
   """[{tag: value} of model m] of a several-model row's per_model values."""
   per_model = row.get("per_model", {})
   num_models = len(next(iter(per_model.values()), []))
@@ -39,18 +42,18 @@ class LiveLog:
   """The event files of a run's workdir, one writer per directory, and the timed redraw
   of curves.png by `draw_curves(history)`; `close()` at the end."""
 
-  def __init__(self, workdir, draw_curves):
+  def __init__(self, workdir: str, draw_curves: Callable[[list[Row]], None]):
     self.logdir = os.path.join(workdir, "tensorboard")
-    self._writers = {}
+    self._writers: dict[str, tensorboardX.SummaryWriter] = {}
     self._draw_curves = draw_curves
     self._drawn = time.monotonic()
 
-  def _writer(self, subdir):
+  def _writer(self, subdir: str) -> tensorboardX.SummaryWriter:
     if subdir not in self._writers:
       self._writers[subdir] = tensorboardX.SummaryWriter(os.path.join(self.logdir, subdir))
     return self._writers[subdir]
 
-  def append(self, row, history):
+  def append(self, row: Row, history: list[Row]) -> None:
     """Writes the epoch's row (flushed), and redraws curves.png if it is due."""
     step = row["epoch"]
     for tag, value in scalars(row).items():
@@ -64,7 +67,8 @@ class LiveLog:
       self._draw_curves(history)
       self._drawn = time.monotonic()
 
-  def close(self):
+  def close(self) -> None:
+
     for writer in self._writers.values():
       writer.close()
     self._writers = {}
