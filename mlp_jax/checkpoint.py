@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 from jax.experimental import multihost_utils
@@ -36,7 +37,11 @@ class _Corrupt(Exception):
   """A checkpoint that cannot be read or fails its checksum."""
 
 
-def manager(workdir, max_to_keep=3):
+# A run's state: a train.TrainState (any pytree of arrays, for this module).
+State = Any
+
+
+def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   """A CheckpointManager on WORKDIR/checkpoints; its step numbers are finished epochs."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.exists(path) and not (os.path.isdir(path) and
@@ -50,24 +55,24 @@ def manager(workdir, max_to_keep=3):
     raise CheckpointError(f"cannot open the checkpoints in {path} ({e}).") from None
 
 
-def state_digest(state):
+def state_digest(state: State) -> str:
   """SHA-256 over every leaf's dtype, shape and bytes, in pytree order (the whole
   array, whichever devices and processes hold its parts)."""
   digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(parallel.to_host(state)):
-    leaf = np.asarray(leaf)
+  for value in jax.tree.leaves(parallel.to_host(state)):
+    leaf = np.asarray(value)
     digest.update(f"{leaf.dtype}{leaf.shape}".encode())
     digest.update(np.ascontiguousarray(leaf).tobytes())
   return digest.hexdigest()
 
 
-def state_signature(state):
+def state_signature(state: State) -> str:
   """SHA-256 of the tree structure and each leaf's shape and dtype (no values)."""
   leaves = [(tuple(leaf.shape), str(leaf.dtype)) for leaf in jax.tree.leaves(state)]
   return hashlib.sha256(f"{jax.tree.structure(state)}{leaves}".encode()).hexdigest()
 
 
-def write_error(e):
+def write_error(e: BaseException) -> Optional[str]:
   """The reason, e.g. "No space left on device", if `e` is a failed write: an OSError,
   or orbax's error carrying tensorstore's os_error_code; None for anything else."""
   if isinstance(e, OSError):
@@ -77,7 +82,7 @@ def write_error(e):
 
 
 @contextlib.contextmanager
-def _writes(mngr):
+def _writes(mngr: ocp.CheckpointManager) -> Iterator[None]:
   """A failed write inside the block becomes one CheckpointError line."""
   try:
     yield
@@ -92,7 +97,7 @@ def _writes(mngr):
         "command to resume.") from None
 
 
-def _settle(mngr):
+def _settle(mngr: ocp.CheckpointManager) -> None:
   """After a failed write: lets orbax's background save threads end (their errors are
   the one just reported), so none of them prints after the caller's one line."""
   for step in (mngr.wait_until_finished, mngr.close):
@@ -102,7 +107,7 @@ def _settle(mngr):
       pass
 
 
-def check_space(mngr, state):
+def check_space(mngr: ocp.CheckpointManager, state: State) -> None:
   """CheckpointError, before orbax starts, unless the checkpoints' filesystem has room
   for one more checkpoint (its arrays × 1.2 + 64 KiB of metadata): a full disk is one
   line, not a failure inside orbax's background threads."""
@@ -117,7 +122,8 @@ def check_space(mngr, state):
         "to resume.")
 
 
-def save(mngr, epoch, state, settings=None):
+def save(mngr: ocp.CheckpointManager, epoch: int, state: State,
+         settings: Optional[dict[str, Any]] = None) -> None:
   """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously; a
   failed write of it or of the save before it is a CheckpointError), with `settings`
   {name: JSON value}: what a resume must match (see restore_latest).
@@ -138,7 +144,7 @@ def save(mngr, epoch, state, settings=None):
                           "use a fresh --workdir.")
 
 
-def finish(mngr):
+def finish(mngr: ocp.CheckpointManager) -> None:
   """Waits for the last save and closes the manager (a failed write: CheckpointError)."""
   with _writes(mngr):
     mngr.wait_until_finished()
@@ -149,7 +155,7 @@ class _QuietOrbaxErrors(logging.Filter):
   """Drops orbax's own error logs (tracebacks of its save threads): every failure they
   report reaches the caller as an exception, which this module turns into one line."""
 
-  def filter(self, record):
+  def filter(self, record: logging.LogRecord) -> bool:
     return not (record.levelno >= logging.ERROR and (
         "orbax" in record.pathname or "orbax-checkpoint-tmp" in record.getMessage()))
 
@@ -158,7 +164,8 @@ _QUIET = _QuietOrbaxErrors()
 logging.getLogger("absl").addFilter(_QUIET)
 
 
-def _check_settings(saved, settings, epoch):
+def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], epoch: int
+                    ) -> None:
   """CheckpointError naming the first setting a resume changes."""
   for name, value in (settings or {}).items():
     if name in saved and saved[name] != value:
@@ -167,7 +174,8 @@ def _check_settings(saved, settings, epoch):
           f"not {value!r}; resume with the same setting, or use a fresh --workdir.")
 
 
-def _restore(mngr, epoch, template, settings=None):
+def _restore(mngr: ocp.CheckpointManager, epoch: int, template: State,
+             settings: Optional[dict[str, Any]] = None) -> State:
   """The state of checkpoint `epoch`: raises _Corrupt or CheckpointError."""
   try:
     record = mngr.restore(epoch, args=ocp.args.Composite(
@@ -195,16 +203,16 @@ def _restore(mngr, epoch, template, settings=None):
   return state
 
 
-def _first_line(e):
+def _first_line(e: BaseException) -> str:
   return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
 
 
-def _sync(name):
+def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
 
 
-def move_aside(mngr, epoch):
+def move_aside(mngr: ocp.CheckpointManager, epoch: int) -> str:
   """Moves checkpoint `epoch` to checkpoints/corrupt/EPOCH (kept for inspection, out of
   orbax's way so the epochs after it are saved again); returns the new path."""
   target = os.path.join(str(mngr.directory), CORRUPT_DIR, str(epoch))
@@ -221,7 +229,11 @@ def move_aside(mngr, epoch):
   return target
 
 
-def restore_latest(mngr, template, log=print, settings=None):
+def restore_latest(mngr: ocp.CheckpointManager, template: State,
+                   log: Callable[[str], None] = print,
+                   settings: Optional[dict[str, Any]] = None
+                   ) -> Optional[tuple[int, State]]:
+
   """(epochs done, state) of the newest checkpoint that loads and matches its checksum.
 
   A corrupt one is reported in one line and moved aside (move_aside); None when no good

@@ -9,7 +9,7 @@ the command line does.
 import itertools
 import math
 import typing
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 from mlp_jax import data
 from mlp_jax import privacy
@@ -18,6 +18,9 @@ from mlp_jax import train
 
 class RunError(Exception):
   """A run that cannot go on; the message is one line for the user."""
+
+
+Log = Callable[[str], None]   # where a run's messages go (print, or rank 0's absl log)
 
 
 class Setting(NamedTuple):

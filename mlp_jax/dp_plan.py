@@ -8,13 +8,14 @@ Each model's ε is accounted for alone, and `epsilon_all_models` composes every 
 run: the bound for releasing them all, hence any one chosen among them.
 """
 
-from typing import Any, Callable, Iterable, Optional, NamedTuple, Union
+from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
 from mlp_jax import data
 from mlp_jax import privacy
 from mlp_jax.config import Config
+from mlp_jax.config import Log
 from mlp_jax.config import RunError
 from mlp_jax.stack import Stack
 
@@ -28,9 +29,6 @@ class DPPlan(NamedTuple):
   clip_norms: np.ndarray
   delta: float
   record: dict[str, Any]   # what config.json records under "dp"
-
-
-Log = Callable[[str], None]
 
 
 def _per_model(stack: Stack, name: str, default: Optional[float]) -> np.ndarray:

@@ -87,7 +87,7 @@ def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
   the finite differences always in float64. `manual_grads` is the function checked.
   Needs float64: jax.config.update("jax_enable_x64", True) first (the script does).
   """
-  if jax.dtypes.canonicalize_dtype(np.float64) != np.float64:   # x64 is off
+  if not jax.config.read("jax_enable_x64"):
     raise ValueError("gradcheck.check needs float64 for its finite differences: call "
                      'jax.config.update("jax_enable_x64", True) first.')
   cast = lambda a: a.astype(dtype)

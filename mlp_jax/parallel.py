@@ -19,9 +19,12 @@ devices of every process, and each process places only its own rows of the datas
 import math
 import socket
 import time
+from typing import Any, Optional
 
 import jax
+from jax import Array
 from jax.experimental import multihost_utils
+from jax.typing import ArrayLike
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -31,8 +34,9 @@ MODEL_AXIS = "model"
 DATA_AXIS = "data"
 
 
-def initialize(coordinator_address=None, num_processes=None, process_id=None,
-               timeout_seconds=300):
+def initialize(coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None, process_id: Optional[int] = None,
+               timeout_seconds: int = 300) -> None:
   """jax.distributed.initialize: joins this process to the others before JAX starts.
 
   None lets JAX detect the value from the cluster (SLURM, TPU pods, Open MPI). With an
@@ -50,12 +54,12 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None,
                              initialization_timeout=timeout_seconds)
 
 
-def _host_port(address):
+def _host_port(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(":")
   return host.strip("[]"), int(port)
 
 
-def check_port_free(address):
+def check_port_free(address: str) -> None:
   """Raises ConnectionError if process 0 cannot listen on the port of `address`."""
   _, port = _host_port(address)
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -67,7 +71,7 @@ def check_port_free(address):
                             "pick a free port for the coordinator address.") from None
 
 
-def wait_for_coordinator(address, timeout_seconds):
+def wait_for_coordinator(address: str, timeout_seconds: float) -> None:
   """Waits until process 0 listens at host:port; ConnectionError after timeout_seconds."""
   host, port = _host_port(address)
   deadline = time.monotonic() + timeout_seconds
@@ -84,7 +88,7 @@ def wait_for_coordinator(address, timeout_seconds):
       time.sleep(0.5)
 
 
-def run_mesh(num_devices=None, num_models=1):
+def run_mesh(num_devices: Optional[int] = None, num_models: int = 1) -> Mesh:
   """The ("model", "data") mesh of a run of `num_models` models over the first
   `num_devices` local devices of every process (None: every local device).
 
@@ -108,38 +112,38 @@ def run_mesh(num_devices=None, num_models=1):
               (MODEL_AXIS, DATA_AXIS))
 
 
-def mesh_shape(num_models, num_devices):
+def mesh_shape(num_models: int, num_devices: int) -> tuple[int, int]:
   """(G, D/G) with G = gcd(M, D): the model slices and the devices of each."""
   groups = math.gcd(num_models, num_devices)
   return groups, num_devices // groups
 
 
-def model_groups(mesh):
+def model_groups(mesh: Mesh) -> int:
   """G: the slices of the mesh that the models are split over."""
   return mesh.shape[MODEL_AXIS]
 
 
-def data_shards(mesh):
+def data_shards(mesh: Mesh) -> int:
   """The devices that split each batch of one model."""
   return mesh.shape[DATA_AXIS]
 
 
-def replicated(mesh):
+def replicated(mesh: Mesh) -> NamedSharding:
   """Every device holds the whole array."""
   return NamedSharding(mesh, P())
 
 
-def batch_sharded(mesh):
+def batch_sharded(mesh: Mesh) -> NamedSharding:
   """The leading (batch or row) axis is split evenly over the data axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def model_sharded(mesh):
+def model_sharded(mesh: Mesh) -> NamedSharding:
   """The leading (model) axis is split evenly over the model axis."""
   return NamedSharding(mesh, P(MODEL_AXIS))
 
 
-def check_batch_size(batch_size, mesh):
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises ValueError unless the global batch splits evenly over the data axis."""
   n = data_shards(mesh)
   if batch_size % n:
@@ -149,47 +153,47 @@ def check_batch_size(batch_size, mesh):
                      f"share each model; use a multiple of {n} (e.g. {hint}).")
 
 
-def shard_rows(x, mesh):
+def shard_rows(x: ArrayLike, mesh: Mesh) -> Array:
   """A host array x (N, ...) as a global jax.Array with its rows split over the mesh.
 
   Rows are padded with zeros to a multiple of the device count (the training code never
   indexes the padding: it is told the true N). Each process transfers only the rows of
   its own devices.
   """
-  x = np.asarray(x)
-  pad = -x.shape[0] % data_shards(mesh)
-  shape = (x.shape[0] + pad,) + x.shape[1:]
+  host = np.asarray(x)
+  pad = -host.shape[0] % data_shards(mesh)
+  shape = (host.shape[0] + pad,) + host.shape[1:]
 
-  def rows(index):
-    start, stop, _ = index[0].indices(shape[0])
-    part = x[start:min(stop, x.shape[0])]
-    return np.concatenate([part, np.zeros((stop - start - len(part),) + x.shape[1:],
-                                          x.dtype)])
+  def rows(index: Optional[tuple[slice, ...]]) -> np.ndarray:
+    start, stop, _ = (index or (slice(None),))[0].indices(shape[0])   # None: every row
+    part = host[start:min(stop, host.shape[0])]
+    return np.concatenate([part, np.zeros((stop - start - len(part),) + host.shape[1:],
+                                          host.dtype)])
 
   return jax.make_array_from_callback(shape, batch_sharded(mesh), rows)
 
 
-def put(tree, sharding):
+def put(tree: Any, sharding: NamedSharding) -> Any:
   """Every leaf of host `tree` as a global jax.Array laid out by `sharding`; each
   process transfers only the parts of its own devices."""
-  def one(leaf):
+  def one(leaf: ArrayLike) -> Array:
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
   return jax.tree.map(one, tree)
 
 
-def replicate(tree, mesh):
+def replicate(tree: Any, mesh: Mesh) -> Any:
   """Every leaf of `tree` with a full copy on every device."""
   return put(tree, replicated(mesh))
 
 
-def shard_models(tree, mesh):
+def shard_models(tree: Any, mesh: Mesh) -> Any:
   """Every leaf of `tree` (leading model axis M, a multiple of model_groups(mesh)) split
   over the model axis, whole on each device of a slice."""
   return put(tree, model_sharded(mesh))
 
 
-def to_host(tree):
+def to_host(tree: Any) -> Any:
   """Every leaf of `tree` as a whole numpy array on this host, whichever devices and
   processes hold its parts (one collective in a multi-process run)."""
   if jax.process_count() == 1:
@@ -197,12 +201,13 @@ def to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def process_values(value):
+def process_values(value: ArrayLike) -> np.ndarray:
   """Every process's `value` (a numpy scalar), one per process (one collective)."""
   return np.asarray(multihost_utils.process_allgather(value))
 
 
-def barrier(name):
+def barrier(name: str) -> None:
+
   """Waits until every process gets here (no-op alone)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)

@@ -20,11 +20,19 @@ import json
 import os
 import platform
 import tempfile
+from typing import IO, TYPE_CHECKING, Any, Iterator, Optional
 
 import jax
 import numpy as np
 
+from mlp_jax import data
+from mlp_jax.config import Config
+from mlp_jax.config import Log
 from mlp_jax.config import RunError
+from mlp_jax.stack import Row
+
+if TYPE_CHECKING:
+  from mlp_jax.experiment import RunContext  # experiment imports this module
 
 # config.json's layout: 2 since a checkpoint holds a stack of models (leading axis M).
 FORMAT = 2
@@ -45,11 +53,11 @@ class WorkdirLock:
   """An exclusive flock on WORKDIR/.lock for the life of a run. The kernel drops it when
   the process ends, however it ends, so a killed run never leaves it stuck."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir: str):
     self.path = os.path.join(workdir, ".lock")
-    self._fd = None
+    self._fd: Optional[int] = None
 
-  def acquire(self):
+  def acquire(self) -> None:
     """Takes the lock, writing this pid into it; RunError naming the holder if taken."""
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -64,14 +72,14 @@ class WorkdirLock:
     os.write(fd, str(os.getpid()).encode())
     self._fd = fd
 
-  def release(self):
+  def release(self) -> None:
     """Drops the lock (a no-op if not held)."""
     if self._fd is not None:
       os.close(self._fd)  # closing drops the flock
       self._fd = None
 
 
-def prepare(config, log=print):
+def prepare(config: Config, log: Log = print) -> tuple[str, dict[str, Any], WorkdirLock]:
   """Creates and locks the workdir (a fresh temporary one if None); refuses one in use
   or holding a run of other settings (RESUME_FIELDS).
 
@@ -104,7 +112,7 @@ def prepare(config, log=print):
     raise
 
 
-def _set_aside(path, kind):
+def _set_aside(path: str, kind: str) -> str:
   """Renames `path` to STEM.KIND-N.EXT (N: the first free number); returns the new path."""
   stem, ext = os.path.splitext(path)
   n = 1
@@ -114,7 +122,7 @@ def _set_aside(path, kind):
   return aside
 
 
-def _check_old_run(workdir, config, log):
+def _check_old_run(workdir: str, config: Config, log: Log) -> dict[str, Any]:
   """The workdir's config.json ({} if none, or unreadable: then set aside, and the
   checkpoint's own record of the settings is checked instead); RunError if its
   RESUME_FIELDS differ or it was written by a version whose checkpoints hold one model,
@@ -147,15 +155,16 @@ def _check_old_run(workdir, config, log):
   return old_run
 
 
-def resume_settings(config):
+def resume_settings(config: Config) -> dict[str, Any]:
   """What a checkpoint records and a resume must match: RESUME_FIELDS and the float
   precision (JAX_ENABLE_X64), as JSON values."""
   settings = {field: getattr(config, field) for field in RESUME_FIELDS}
-  settings["jax_enable_x64"] = bool(jax.config.jax_enable_x64)
+  settings["jax_enable_x64"] = bool(jax.config.read("jax_enable_x64"))
   return json.loads(json.dumps(settings))
 
 
-def schedule_epochs(config, old_run, epochs_done, log):
+def schedule_epochs(config: Config, old_run: dict[str, Any], epochs_done: int, log: Log
+                    ) -> list[int]:
   """The epochs where each learning-rate cycle ends, e.g. [10] or, resumed, [10, 15].
 
   A run's schedule is planned for its --epochs. Resuming with more epochs than planned
@@ -180,7 +189,7 @@ def schedule_epochs(config, old_run, epochs_done, log):
   return ends
 
 
-def _versions():
+def _versions() -> dict[str, Optional[str]]:
   import optax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint  # pylint: disable=g-import-not-at-top
   return {"python": platform.python_version(), "jax": jax.__version__,
@@ -189,7 +198,8 @@ def _versions():
           "orbax_checkpoint": getattr(orbax.checkpoint, "__version__", None)}
 
 
-def config_record(ctx, old_run, cycle_ends, ds, epochs_done):
+def config_record(ctx: "RunContext", old_run: dict[str, Any], cycle_ends: list[int],
+                  ds: data.Dataset, epochs_done: int) -> dict[str, Any]:
   """config.json: this run's settings on top, and `runs`, one entry per invocation
   (the first run and each resume), each with its settings, start time and device.
   `ctx` is the run's experiment.RunContext (its config, mesh and DP plan)."""
@@ -206,7 +216,7 @@ def config_record(ctx, old_run, cycle_ends, ds, epochs_done):
 
 
 @contextlib.contextmanager
-def atomic_file(path, mode="wb"):
+def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
   """A file object on a temporary twin of `path`, renamed to `path` once the block has
   written it completely and flushed it to disk: a crash or a full disk never leaves a
   truncated `path` behind (the temporary twin is removed)."""
@@ -222,17 +232,18 @@ def atomic_file(path, mode="wb"):
       os.remove(tmp)
 
 
-def write_json(path, value):
+def write_json(path: str, value: Any) -> None:
   """`value` as indented JSON at `path`, atomically."""
   with atomic_file(path, "w") as f:
     json.dump(value, f, indent=2)
 
 
-def write_config(workdir, record):
+def write_config(workdir: str, record: dict[str, Any]) -> None:
   write_json(os.path.join(workdir, "config.json"), record)
 
 
-def read_history(workdir, epochs_done, writer, log):
+def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
+                 ) -> list[Row]:
   """The metrics lines of epochs 1..epochs_done. Lines of later epochs (a run that fell
   back to an older checkpoint, or restarts from scratch) are not lost: the old file is
   kept as metrics.replaced-N.jsonl."""
@@ -254,10 +265,11 @@ def read_history(workdir, epochs_done, writer, log):
   return kept
 
 
-def _read_rows(path):
+def _read_rows(path: str) -> tuple[list[Row], list[int]]:
   """(the metrics rows of a metrics.jsonl, the numbers of its lines that are not a
   whole JSON record with an epoch: a line cut by a crash or a full disk)."""
-  rows, torn = [], []
+  rows: list[Row] = []
+  torn: list[int] = []
   with open(path, errors="replace") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
@@ -273,11 +285,12 @@ def _read_rows(path):
   return rows, torn
 
 
-def write_history(workdir, rows):
+def write_history(workdir: str, rows: list[Row]) -> None:
   with atomic_file(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def append_row(workdir, row):
+def append_row(workdir: str, row: Row) -> None:
+
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")
