@@ -22,10 +22,15 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from types import FrameType
+from typing import Any, Iterable, NamedTuple, Optional
 
 import jax
+from jax import Array
+from jax.sharding import Mesh
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 
 from mlp_jax import checkpoint
 from mlp_jax import config as config_lib
@@ -37,8 +42,12 @@ from mlp_jax import reports
 from mlp_jax import stack as stack_lib
 from mlp_jax import train
 from mlp_jax import workdir as workdir_lib
+from mlp_jax.config import Config
+from mlp_jax.config import Log
 from mlp_jax.config import RunConfig  # pylint: disable=unused-import  (the public name)
 from mlp_jax.config import RunError
+from mlp_jax.stack import Row
+from mlp_jax.stack import Stack
 from mlp_jax.workdir import WorkdirLock  # pylint: disable=unused-import
 
 
@@ -46,7 +55,7 @@ class Interrupted(RunError):
   """Ctrl-C or SIGTERM: the run stopped; the newest checkpoint is on disk, rerun to
   resume. `signum` is the signal (the runner exits with 128 + signum)."""
 
-  def __init__(self, message, signum=signal.SIGINT):
+  def __init__(self, message: str, signum: int = signal.SIGINT):
     super().__init__(message)
     self.signum = signum
 
@@ -60,7 +69,7 @@ class PeerLost(RunError):
 _RUNTIME_ERROR = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
 
 
-def _first_line(e):
+def _first_line(e: BaseException) -> str:
   text = str(e).strip()
   return text.splitlines()[0][:200] if text else type(e).__name__
 
@@ -68,19 +77,19 @@ def _first_line(e):
 class RunContext(NamedTuple):
   """What every part of a run reads: its settings, models, devices and workdir."""
 
-  config: Any                 # the resolved RunConfig
-  stack: Any                  # stack.Stack: the M models
-  mesh: Any                   # parallel.run_mesh
+  config: Config                   # the resolved RunConfig
+  stack: Stack                     # the M models
+  mesh: Mesh                       # parallel.run_mesh
   workdir: str
-  dp: Optional[Any]           # dp_plan.DPPlan of a private run, else None
+  dp: Optional[dp_plan.DPPlan]     # a private run's DP-SGD, else None
   steps_per_epoch: int
-  writer: bool                # process 0: writes the files and logs
-  log: Callable
-  start: float                # time.time() at the start
-  stop: Any                   # _StopSignals: Ctrl-C and SIGTERM
+  writer: bool                     # process 0: writes the files and logs
+  log: Log
+  start: float                     # time.time() at the start
+  stop: "_StopSignals"             # Ctrl-C and SIGTERM
 
 
-SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class _StopSignals:
@@ -90,15 +99,15 @@ class _StopSignals:
   checkpoint on disk is complete: orbax renames it into place). Only the main thread can own signal
   handlers; elsewhere the signals keep their default behaviour."""
 
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
+  def __init__(self) -> None:
+    self.signum: Optional[int] = None
+    self._previous: dict[int, Any] = {}
 
   @property
-  def requested(self):
+  def requested(self) -> bool:
     return self.signum is not None
 
-  def _handle(self, signum, frame):
+  def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
     name = SIGNAL_NAMES[signum]
     if self.requested:  # exit now: an exception raised here can land anywhere (a GC hook)
       print(f"stopped: a second {name}: stopped at once; the newest checkpoint on disk is "
@@ -108,12 +117,12 @@ class _StopSignals:
     print(f"\n{name}: stopping after this epoch's checkpoint ({name} again to stop at "
           "once)", file=sys.stderr, flush=True)
 
-  def install(self):
+  def install(self) -> None:
     if threading.current_thread() is threading.main_thread():
       for signum in SIGNAL_NAMES:
         self._previous[signum] = signal.signal(signum, self._handle)
 
-  def uninstall(self):
+  def uninstall(self) -> None:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
@@ -123,7 +132,8 @@ class _StopSignals:
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
 
 
-def memory_needed(config, in_dim, num_classes, num_rows, num_models):
+def memory_needed(config: Config, in_dim: int, num_classes: int, num_rows: int,
+                  num_models: int) -> int:
   """Bytes, about: the float32 params with their optimizer slots, the gradient and the
   update, and the hidden activations of a batch (evaluation takes 1024 rows), for each
   model; the resident data (N, D) once."""
@@ -134,7 +144,7 @@ def memory_needed(config, in_dim, num_classes, num_rows, num_models):
   return num_models * (state + activations) + 4 * num_rows * in_dim
 
 
-def memory_available(device):
+def memory_available(device: jax.Device) -> tuple[Optional[int], str]:
   """(bytes free on `device`, what it is): the accelerator's free memory, or the host's
   available RAM for a CPU device; (None, ...) where neither can be read."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -146,11 +156,12 @@ def memory_available(device):
     return None, "host"
 
 
-def _gib(num_bytes):
+def _gib(num_bytes: float) -> str:
   return f"{num_bytes / 2**30:,.1f} GiB"
 
 
-def check_memory(config, in_dim, num_classes, num_rows, mesh, num_models):
+def check_memory(config: Config, in_dim: int, num_classes: int, num_rows: int, mesh: Mesh,
+                 num_models: int) -> None:
   """Refuses, before anything is allocated, a network the memory cannot hold (XLA would
   abort the process). A device holds the models of its slice of the mesh; this
   process's CPU devices share its host's RAM."""
@@ -169,13 +180,13 @@ def check_memory(config, in_dim, num_classes, num_rows, mesh, num_models):
                    + (" or fewer models (--num_seeds, --sweep)." if many else "."))
 
 
-def _out_of_memory(e):
+def _out_of_memory(e: BaseException) -> bool:
   """True if an XLA error is an allocation failure."""
   text = str(e)
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _join_processes(config):
+def _join_processes(config: Config) -> None:
   """jax.distributed.initialize when asked or a multi-process setting is given.
 
   Settings left None are detected by JAX from SLURM, a TPU pod or Open MPI.
@@ -195,7 +206,7 @@ def _join_processes(config):
                    "process), --num_processes and --process_id.") from None
 
 
-def _make_mesh(config, num_models):
+def _make_mesh(config: Config, num_models: int) -> Mesh:
   try:
     mesh = parallel.run_mesh(config.num_devices, num_models)
   except ValueError as e:
@@ -207,7 +218,7 @@ def _make_mesh(config, num_models):
   return mesh
 
 
-def _load_data(config, mesh, num_models):
+def _load_data(config: Config, mesh: Mesh, num_models: int) -> data.Dataset:
   """The checked dataset; bad data is refused before a workdir exists."""
   ds = data.load(config.dataset, config.data_dir,
                  validation_fraction=config.validation_fraction, seed=config.seed,
@@ -220,7 +231,7 @@ def _load_data(config, mesh, num_models):
   return ds
 
 
-def run(config, log=print):
+def run(config: Config, log: Log = print) -> dict[str, Any]:
   """Trains per `config`, writes the workdir, returns the metrics of the last epoch (for
   several models, with "chosen": the chosen configuration and its models).
 
@@ -238,7 +249,8 @@ def run(config, log=print):
   return _refit(config, workdir, result["chosen"], log)
 
 
-def _refit(config, workdir, chosen, log):
+def _refit(config: Config, workdir: str, chosen: dict[str, Any], log: Log
+           ) -> dict[str, Any]:
   """The chosen configuration of a k-fold selection trained on all of train (its
   --num_seeds seeds) in WORKDIR/refit, the only run that reads test."""
   settings = ", ".join(f"{k}={v:g}" for k, v in chosen["configuration"].items())
@@ -249,7 +261,7 @@ def _refit(config, workdir, chosen, log):
   return {**result, "chosen": chosen}
 
 
-def _run_stack(config, log, start):
+def _run_stack(config: Config, log: Log, start: float) -> tuple[str, dict[str, Any]]:
   """(workdir, result) of run() for one stack of models, from a resolved config."""
   stack = stack_lib.make_stack(config)
   writer = jax.process_index() == 0
@@ -291,40 +303,42 @@ class Placed(NamedTuple):
   """The data on the devices: (X, y, N) of train and test; each evaluated split's
   (X, y, N, rows) with rows the train.evaluate rows of its models, or None (all N)."""
 
-  train: tuple
-  splits: dict    # {"validation": ..., "test": ...}: what each epoch evaluates
-  test: tuple
-  inputs: Any     # the data.Dataset without its arrays: labels, preprocessing, names
+  train: tuple[Array, Array, int]
+  # {"validation": ..., "test": ...}: what each epoch evaluates.
+  splits: dict[str, tuple[Array, Array, int, Optional[tuple[Array, Array]]]]
+  test: tuple[Array, Array, int]
+  inputs: data.Dataset   # without its arrays: labels, preprocessing, names
 
 
 class Restored(NamedTuple):
   """Where training starts: the TrainState, the epochs it has done, the checkpoints."""
 
-  state: Any
+  state: train.TrainState
   epochs_done: int
-  mngr: Any
+  mngr: ocp.CheckpointManager
 
 
-def _place(ds, ctx):
+def _place(ds: data.Dataset, ctx: RunContext) -> Placed:
   """Each process places only its own devices' rows (parallel.shard_rows). Test is
   evaluated every epoch only when nothing is chosen from it (one configuration, no
   folds); a k-fold model is validated on its held-out rows of train."""
-  def place(x, y):
+  def place(x: np.ndarray, y: np.ndarray) -> tuple[Array, Array, int]:
     return parallel.shard_rows(x, ctx.mesh), parallel.shard_rows(y, ctx.mesh), len(y)
   train_split, test = place(ds.x_train, ds.y_train), place(ds.x_test, ds.y_test)
-  splits = {}
-  if ds.x_val is not None:
+  splits: dict[str, Any] = {}
+  if ds.x_val is not None and ds.y_val is not None:
     splits["validation"] = (*place(ds.x_val, ds.y_val), None)
   if ctx.stack.row_folds is not None:
     rows = parallel.shard_models(ctx.stack.validation_rows(), ctx.mesh)
     splits["validation"] = (*train_split, rows)
   elif len(ctx.stack.configurations) == 1:
     splits["test"] = (*test, None)
-  inputs = ds._replace(x_train=None, x_test=None, x_val=None)  # the rest is small
+  # The rest is small: labels, preprocessing, names; no rows of inputs (kept (0, D)).
+  inputs = ds._replace(x_train=ds.x_train[:0], x_test=ds.x_test[:0], x_val=None)
   return Placed(train_split, splits, test, inputs)
 
 
-def _restore(ctx, in_dim, num_classes):
+def _restore(ctx: RunContext, in_dim: int, num_classes: int) -> Restored:
   """The Restored state to start from: the newest checkpoint's, or a fresh one."""
   config, stack = ctx.config, ctx.stack
   # The optimizer state's structure does not depend on the schedule: restore first.
@@ -340,7 +354,7 @@ def _restore(ctx, in_dim, num_classes):
   return Restored(restored[1], restored[0], mngr)
 
 
-def _describe(ctx):
+def _describe(ctx: RunContext) -> None:
   stack = ctx.stack
   ctx.log(f"workdir: {ctx.workdir}")
   if stack.num_models > 1:
@@ -354,12 +368,12 @@ def _describe(ctx):
             f"× {parallel.data_shards(ctx.mesh)} splitting each batch)")
 
 
-def _train(ctx, ds, old_run):
+def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[str, Any]:
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
   config = ctx.config
   _describe(ctx)
   start = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
-  notes = []  # told only once the resume is known to go ahead
+  notes: list[str] = []  # told only once the resume is known to go ahead
   cycle_ends = workdir_lib.schedule_epochs(config, old_run, start.epochs_done, notes.append)
   calibrated = (config.dp_target_epsilon is not None
                 or "dp_target_epsilon" in ctx.stack.configurations[0])
@@ -388,7 +402,9 @@ def _train(ctx, ds, old_run):
   return _finish(ctx, state, history, placed, start.epochs_done, interrupted)
 
 
-def _epoch_row(ctx, train_epoch, state, values, placed, epoch):
+def _epoch_row(ctx: RunContext, train_epoch: train.ModelEpoch, state: train.TrainState,
+               values: dict[str, Array], placed: Placed, epoch: int
+               ) -> tuple[train.TrainState, Row]:
   """(state, metrics row) of one epoch: train, evaluate, ONE transfer to the host."""
   start = time.time()
   X, y, n = placed.train
@@ -413,7 +429,8 @@ def _epoch_row(ctx, train_epoch, state, values, placed, epoch):
   return state, row
 
 
-def _learning_rates(ctx, row, learning_rate, epoch):
+def _learning_rates(ctx: RunContext, row: Row, learning_rate: optax.Schedule, epoch: int
+                    ) -> None:
   """The rate of the epoch's last step, to float32's 7 digits, in the row (and per
   model where the peak rate is swept: the rates scale with it)."""
   rate = float(learning_rate((epoch + 1) * ctx.steps_per_epoch - 1))
@@ -424,7 +441,7 @@ def _learning_rates(ctx, row, learning_rate, epoch):
     ).tolist()
 
 
-def _check_divergence(ctx, row, epoch, done):
+def _check_divergence(ctx: RunContext, row: Row, epoch: int, done: int) -> None:
   """The one rule: the run stops when every model has diverged (a loss that is not
   finite); a sweep's diverged models rank last instead (stack.choose)."""
   if not np.all(stack_lib.diverged_models(row)):
@@ -439,17 +456,19 @@ def _check_divergence(ctx, row, epoch, done):
       f" {kept}")
 
 
-def _progress(ctx, epochs_done):
-  bar = range(epochs_done, ctx.config.epochs)
+def _progress(ctx: RunContext, epochs_done: int) -> tuple[Iterable[int], Any]:
+  """(the epochs to train, the tqdm bar over them with --progress, else None)."""
+  epochs = range(epochs_done, ctx.config.epochs)
   if not (ctx.config.progress and ctx.writer):
-    return bar, None
+    return epochs, None
   import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm.tqdm(bar, initial=epochs_done, total=ctx.config.epochs, unit="epoch",
+  bar = tqdm.tqdm(epochs, initial=epochs_done, total=ctx.config.epochs, unit="epoch",
                   dynamic_ncols=True)
   return bar, bar
 
 
-def _train_epochs(ctx, hp, start, placed, history):
+def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, placed: Placed,
+                  history: list[Row]) -> tuple[train.TrainState, Optional["Interrupted"]]:
   """Trains the epochs left after the Restored `start`; appends each one's row to
   `history` and the metrics file and checkpoints it. Returns (state, Interrupted if
   Ctrl-C or SIGTERM stopped it, else None)."""
@@ -458,10 +477,10 @@ def _train_epochs(ctx, hp, start, placed, history):
                                        num_examples=placed.train[2], mesh=ctx.mesh,
                                        dp=ctx.dp and ctx.dp.dpsgd,
                                        stacking=ctx.stack.stacking)
-  values = dict(ctx.stack.values)
+  host_values = dict(ctx.stack.values)
   if ctx.stack.row_folds is not None:
-    values[train.TRAIN_MASK] = ctx.stack.train_masks()
-  values = parallel.shard_models(values, ctx.mesh)
+    host_values[train.TRAIN_MASK] = ctx.stack.train_masks()
+  values = parallel.shard_models(host_values, ctx.mesh)
   learning_rate = train.make_schedule(hp)  # the configured peak; swept peaks scale it
   epochs, bar = _progress(ctx, epochs_done)
   done = epochs_done
@@ -514,15 +533,15 @@ class _Profile:
   """--profile_dir: a jax.profiler trace of the 2nd and 3rd epochs this invocation
   trains (the 1st compiles), or of as many of them as it trains."""
 
-  def __init__(self, ctx, epochs_done):
+  def __init__(self, ctx: RunContext, epochs_done: int):
     self.ctx, self.first, self.tracing = ctx, epochs_done + 1, False
 
-  def before(self, epoch):
+  def before(self, epoch: int) -> None:
     if self.ctx.config.profile_dir and epoch == self.first:
       jax.profiler.start_trace(self.ctx.config.profile_dir)
       self.tracing = True
 
-  def after(self, epoch):
+  def after(self, epoch: int) -> None:
     if self.tracing and (epoch == self.first + 1 or epoch + 1 == self.ctx.config.epochs):
       self.stop()
       traced = f"{self.first + 1}-{epoch + 1}" if epoch > self.first else str(epoch + 1)
@@ -530,13 +549,13 @@ class _Profile:
                    f"(tensorboard --logdir={self.ctx.config.profile_dir}, or its "
                    ".trace.json.gz in Perfetto)")
 
-  def stop(self):
+  def stop(self) -> None:
     if self.tracing:
       jax.profiler.stop_trace()
       self.tracing = False
 
 
-def _stop_signal(stop):
+def _stop_signal(stop: _StopSignals) -> Optional[int]:
   """The signal that asked this run to stop, on any process (SIGINT where several
   processes got different ones), or None; one collective with several processes."""
   if jax.process_count() == 1:
@@ -545,7 +564,9 @@ def _stop_signal(stop):
   return int(np.max(signums)) or None
 
 
-def _finish(ctx, state, history, placed, epochs_done, interrupted):
+def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed: Placed,
+            epochs_done: int, interrupted: Optional[Interrupted]) -> dict[str, Any]:
+
   """Chooses on validation, evaluates the test set once (only the chosen configuration's
   numbers are kept; a k-fold selection never: its refit does), writes the outputs, logs
   the summary."""

@@ -70,7 +70,8 @@ def finite_difference_grads(loss_fn: Callable[[Params], Array], params: Params,
   """Central differences (f(θ + h e_j) − f(θ − h e_j)) / 2h of loss_fn, in float64."""
   flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float64), params))
 
-  def difference(j: Array) -> Array:  # one coordinate; 256 at a time, never a (P, P) matrix of shifts
+  # One coordinate; 256 at a time, never a (P, P) matrix of shifts.
+  def difference(j: Array) -> Array:
     e = jnp.zeros_like(flat).at[j].set(step)
     return (loss_fn(unravel(flat + e)) - loss_fn(unravel(flat - e))) / (2 * step)
 

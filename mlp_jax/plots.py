@@ -1,17 +1,27 @@
 """The pictures a run leaves: learning curves, the test confusion matrix, and the
 first layer's weights drawn as images."""
 
+from typing import IO, Optional, Sequence, Union
+
+from jax.typing import ArrayLike
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
+from mlp_jax.stack import Row
 
-def plot_curves(history, path, label_smoothing=0.0, title=None):
+# Where a picture is saved: a path, or a binary file (workdir.atomic_file's).
+Target = Union[str, IO[bytes]]
+
+
+def plot_curves(history: Sequence[Row], path: Target, label_smoothing: float = 0.0,
+                title: Optional[str] = None) -> None:
   """curves_figure saved at `path`."""
   curves_figure(history, label_smoothing, title).savefig(path, dpi=100)
 
 
-def curves_figure(history, label_smoothing=0.0, title=None):
+def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
+                  title: Optional[str] = None) -> Figure:
   """Loss and accuracy per epoch (integer ticks), train vs test (and validation when
   present); rows with `_std` keys (several models) are drawn as the mean with a ± std
   band. `title`: what was trained (reports.run_title), above the plots.
@@ -52,19 +62,23 @@ def curves_figure(history, label_smoothing=0.0, title=None):
   return fig
 
 
-def confusion_matrix(labels, predictions, num_classes):
+def confusion_matrix(labels: ArrayLike, predictions: ArrayLike, num_classes: int
+                     ) -> np.ndarray:
   """counts[i, j] = number of examples of class i predicted as j, (K, K)."""
   counts = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(counts, (np.asarray(labels), np.asarray(predictions)), 1)
   return counts
 
 
-def plot_confusion(counts, path, class_names=None, model=None):
+def plot_confusion(counts: np.ndarray, path: Target,
+                   class_names: Optional[Sequence[str]] = None, model: Optional[str] = None
+                   ) -> None:
   """The confusion matrix as a heat map with its counts written in, saved at `path`."""
   confusion_figure(counts, class_names, model).savefig(path, dpi=100)
 
 
-def confusion_figure(counts, class_names=None, model=None):
+def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                     model: Optional[str] = None) -> Figure:
   """The Figure of plot_confusion; at least 4 inches wide, so its title always fits.
   Ticks carry the class names when given (Fashion-MNIST's T-shirt/top, ...); `model`
   names the model it shows (e.g. "model 3, seed 0")."""
@@ -89,15 +103,16 @@ def confusion_figure(counts, class_names=None, model=None):
   return fig
 
 
-def filters_figure(w1, input_shape, max_units=64):
+def filters_figure(w1: ArrayLike, input_shape: Sequence[int], max_units: int = 64) -> Figure:
   """The first `max_units` rows of W1 (H, D) drawn as images of `input_shape` (h, w),
   tiled in one picture: what each hidden unit responds to. Red is positive, blue
   negative, each unit scaled to its own largest |weight|."""
   h, w = input_shape
-  units = min(w1.shape[0], max_units)
+  weights = np.asarray(w1, np.float64)
+  units = min(weights.shape[0], max_units)
   cols = int(np.ceil(np.sqrt(units)))
   rows = int(np.ceil(units / cols))
-  tiles = np.asarray(w1[:units], np.float64).reshape(units, h, w)
+  tiles = weights[:units].reshape(units, h, w)
   tiles = tiles / np.maximum(np.abs(tiles).max(axis=(1, 2), keepdims=True), 1e-12)
   mosaic = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)  # NaN: the gaps
   for i, tile in enumerate(tiles):
@@ -107,21 +122,22 @@ def filters_figure(w1, input_shape, max_units=64):
   ax = fig.subplots()
   image = ax.imshow(mosaic, cmap="RdBu_r", vmin=-1, vmax=1)
   ax.axis("off")
-  ax.set_title(f"W1: the first {units} of {w1.shape[0]} hidden units")
+  ax.set_title(f"W1: the first {units} of {weights.shape[0]} hidden units")
   fig.colorbar(image, ax=ax, shrink=0.8, label="weight / the unit's largest |weight|")
   fig.tight_layout()
   return fig
 
 
-def is_image(input_shape, in_dim):
+def is_image(input_shape: Sequence[int], in_dim: int) -> bool:
   """True when the inputs are images: input_shape (h, w) with h·w = D."""
   return len(input_shape) == 2 and input_shape[0] * input_shape[1] == in_dim
 
 
-def plot_filters(w1, input_shape, path):
+def plot_filters(w1: ArrayLike, input_shape: Sequence[int], path: Target) -> bool:
   """filters_figure saved at `path` (a path or a binary file); returns False (and writes
   nothing) unless the input is an image (is_image)."""
-  if not is_image(input_shape, w1.shape[1]):
+  if not is_image(input_shape, np.shape(w1)[1]):
+
     return False
   filters_figure(w1, input_shape).savefig(path, dpi=100)
   return True

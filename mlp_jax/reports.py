@@ -14,14 +14,19 @@ it writes curves.png, params_all.npz (with each model's fold) and sweep.json.
 
 import functools
 import os
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import numpy as np
 
+from mlp_jax import data
 from mlp_jax import plots
 from mlp_jax import stack as stack_lib
 from mlp_jax import trained
+from mlp_jax.config import Config
+from mlp_jax.model import Params
+from mlp_jax.stack import Row
+from mlp_jax.stack import Stack
 from mlp_jax.workdir import atomic_file
 from mlp_jax.workdir import write_json
 
@@ -29,25 +34,27 @@ from mlp_jax.workdir import write_json
 class Finished(NamedTuple):
   """The end of a run, as the reports read it (host values)."""
 
-  history: list    # the metrics rows, epoch 1 on
-  stack: Any       # stack.Stack
-  ranking: list    # stack.choose's: the chosen configuration first
-  test: Any        # the final test evaluation: accuracy (M,), loss (M,), predictions
-                   # (M, N); None for a k-fold selection
-  params: Any      # the stacked Params (M, ...)
+  history: list[Row]              # the metrics rows, epoch 1 on
+  stack: Stack
+  ranking: list[dict[str, Any]]   # stack.choose's: the chosen configuration first
+  # The final test evaluation: accuracy (M,), loss (M,), predictions (M, N); None for a
+  # k-fold selection.
+  test: Optional[dict[str, np.ndarray]]
+  params: Params                  # stacked: leading (M,)
 
   @property
-  def models(self):
+  def models(self) -> list[int]:
     """The chosen configuration's models."""
     return self.ranking[0]["models"]
 
 
-def run_title(config, inputs, configuration, band=None):
+def run_title(config: Config, inputs: data.Dataset, configuration: dict[str, float],
+              band: Optional[str] = None) -> str:
   """What curves.png shows, in a line or two: the data, the network, the settings (the
   chosen configuration's values replacing the flags'), and what a ± std band is."""
   dataset = config.dataset if not config.dataset.startswith("npz:") else (
       "npz:" + os.path.basename(config.dataset[4:]))
-  settings = {"optimizer": config.optimizer, "learning_rate": config.learning_rate,
+  settings: dict[str, Any] = {"optimizer": config.optimizer, "learning_rate": config.learning_rate,
               "weight_decay": config.weight_decay, "batch_size": config.batch_size,
               **configuration}
   text = ", ".join(f"{k}={v:g}" if not isinstance(v, str) else f"{k}={v}"
@@ -57,7 +64,7 @@ def run_title(config, inputs, configuration, band=None):
   return title + (f"\nthe band: mean ± std over {band}" if band else "")
 
 
-def _models_text(stack, models):
+def _models_text(stack: Stack, models: list[int]) -> Optional[str]:
   """What the chosen models are: "5 seeds", "5 folds × 2 seeds", or None for one."""
   if len(models) == 1:
     return None
@@ -65,20 +72,23 @@ def _models_text(stack, models):
   return seeds if stack.row_folds is None else f"{len(stack.folds)} folds × {seeds}"
 
 
-def _model_name(stack, m):
+def _model_name(stack: Stack, m: int) -> str:
   """"model m, seed s" (with its fold for a k-fold model)."""
   fold = stack.model_folds[m]
   return (f"model {m}, seed {stack.model_seeds[m]}"
           + (f", fold {fold}" if fold is not None else ""))
 
 
-def chosen_test(finished):
+def chosen_test(finished: Finished) -> dict[str, float]:
   """Mean and std over the chosen models of the final test loss and accuracy."""
+  if finished.test is None:
+    raise ValueError("a k-fold selection has no test evaluation: its refit has one.")
   return stack_lib.mean_std({"test_accuracy": finished.test["accuracy"],
                              "test_loss": finished.test["loss"]}, finished.models)
 
 
-def write_outputs(workdir, finished, inputs, config):
+def write_outputs(workdir: str, finished: Finished, inputs: data.Dataset, config: Config
+                  ) -> None:
   """params.npz, the plots, and for several models params_all.npz and sweep.json, each
   written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
   data.Dataset without its arrays (the preprocessing)."""
@@ -106,9 +116,9 @@ def write_outputs(workdir, finished, inputs, config):
     return
   folds = {} if stack.row_folds is None else {"fold": np.array(stack.model_folds)}
   with atomic_file(path("params_all.npz")) as f:
-    np.savez(f, **finished.params._asdict(), seed=np.array(stack.model_seeds),
-             **folds, **stack.values)
-  record = {"chosen": finished.ranking[0]["configuration"],
+    arrays: dict[str, Any] = {**finished.params._asdict(), **folds, **stack.values}
+    np.savez(f, seed=np.array(stack.model_seeds), **arrays)
+  record: dict[str, Any] = {"chosen": finished.ranking[0]["configuration"],
             "chosen_models": finished.models, "seeds": stack.seeds}
   if stack.row_folds is not None:
     record["folds"] = list(stack.folds)
@@ -117,7 +127,8 @@ def write_outputs(workdir, finished, inputs, config):
   write_json(path("sweep.json"), {**record, "ranking": finished.ranking})
 
 
-def write_running_curves(workdir, history, config, inputs, num_models):
+def write_running_curves(workdir: str, history: list[Row], config: Config,
+                         inputs: data.Dataset, num_models: int) -> None:
   """curves.png during a run: every model's mean (± std) so far; the end of the run
   draws the chosen configuration's (write_outputs)."""
   band = f"all {num_models} models, while training" if num_models > 1 else None
@@ -126,7 +137,7 @@ def write_running_curves(workdir, history, config, inputs, num_models):
                       config.label_smoothing, run_title(config, inputs, {}, band))
 
 
-def speed(new_rows, num_examples):
+def speed(new_rows: list[Row], num_examples: int) -> str:
   """One line on this invocation's speed: the first epoch (which compiles) apart, then
   s per epoch and examples/s both from the mean of the later epochs."""
   first = new_rows[0]
@@ -139,10 +150,10 @@ def speed(new_rows, num_examples):
   return text
 
 
-def _table(last, splits, one):
+def _table(last: Row, splits: list[str], one: bool) -> list[str]:
   """The loss and accuracy table of the chosen models' last row: one model's values, or
   mean ± std over its seeds."""
-  def cell(split, metric, scale, unit):
+  def cell(split: str, metric: str, scale: float, unit: bool) -> str:
     mean = scale * last[f"{split}_{metric}"]
     std = scale * last.get(f"{split}_{metric}_std", 0.0)
     return f"{mean:11.2f}%" if one and unit else f"{mean:12.4f}" if one else (
@@ -153,7 +164,7 @@ def _table(last, splits, one):
           f"{'accuracy':10}" + "".join(cell(s, "accuracy", 100, True) for s in splits)]
 
 
-def _dp_line(last, dp_record):
+def _dp_line(last: Row, dp_record: dict[str, Any]) -> str:
   delta, clip = dp_record["delta"], dp_record["clip_norm"]
   settings = (f"δ = {delta:g}, σ = {_values_text(dp_record['noise_multiplier'], '.4g')}, "
               f"q = {dp_record['sampling_rate']:.4g}, {last['steps']} steps, C = "
@@ -168,12 +179,14 @@ def _dp_line(last, dp_record):
           f"(any one chosen among them), at {settings}")
 
 
-def _values_text(value, spec):
+def _values_text(value: Union[float, list[float]], spec: str) -> str:
   return format(value, spec) if not isinstance(value, list) else (
       f"{format(min(value), spec)}-{format(max(value), spec)}")
 
 
-def summary(finished, new_rows, num_examples, seconds, dp_record=None):
+def summary(finished: Finished, new_rows: list[Row], num_examples: int, seconds: float,
+            dp_record: Optional[dict[str, Any]] = None) -> str:
+
   """The lines a run prints at its end: the chosen models' last epoch, their test
   accuracy (mean ± std over seeds for several), how they were chosen, the speed, ε."""
   models, stack = finished.models, finished.stack
@@ -184,7 +197,7 @@ def summary(finished, new_rows, num_examples, seconds, dp_record=None):
     last.update(chosen_test(finished))
   splits = [s for s in ("train", "validation", "test") if f"{s}_accuracy" in last]
   lines = _table(last, splits, one)
-  if not one and not selection:
+  if not one and finished.test is not None:
     accuracy = 100 * np.asarray(finished.test["accuracy"])[models]
     seeds = f"seed {stack.seeds[0]}" if len(models) == 1 else (
         f"{len(models)} seeds {stack.seeds[0]}-{stack.seeds[-1]}")

@@ -1,6 +1,5 @@
-"""The package type-checks with mypy (its settings are in pyproject.toml: the modules of
-the network, its loss and its gradients are fully annotated, disallow_untyped_defs, and
-must stay so)."""
+"""The package type-checks with mypy (its settings are in pyproject.toml): every function
+of mlp_jax is annotated (disallow_untyped_defs) and must stay so."""
 
 import subprocess
 import sys
