@@ -9,8 +9,8 @@
     tensorboard --logdir=WORKDIR
 
 Written with tensorboardX (no TensorFlow), flushed every epoch. curves.png is redrawn
-during the run at most every REDRAW_SECONDS (a redraw costs ~0.3 s: docs/benchmarks.md,
-"Live logging"), and at the end by reports.write_outputs as always.
+during the run at most every REDRAW_SECONDS (a redraw takes about a third of a second:
+docs/benchmarks.md, "Live logging"), and at the end by reports.write_outputs as always.
 """
 
 import os
