@@ -117,6 +117,9 @@ def params_ema(decay: ArrayLike) -> optax.GradientTransformation:
 
   def update(updates: Params, state: ParamsEMAState, params: Optional[Params] = None
              ) -> tuple[Params, ParamsEMAState]:
+    if params is None:
+      raise ValueError("params_ema averages the params: pass them, "
+                       "optimizer.update(updates, state, params).")
     new_params = optax.apply_updates(params, updates)
     ema = optax.incremental_update(new_params, state.ema, 1 - state.decay)
     return updates, state._replace(count=state.count + 1, ema=ema)
