@@ -134,6 +134,7 @@ SWEEPABLE = train.SWEEPABLE + ("dp_target_epsilon",)
 
 
 def bounds_text(s: Setting) -> str:
+  """Setting `s`'s bounds in words, e.g. "> 0 and < 1" ("" if it has none)."""
   parts = [f">= {s.lower:g}" if s.lower is not None else None,
            f"> {s.above:g}" if s.above is not None else None,
            f"<= {s.upper:g}" if s.upper is not None else None,

@@ -112,6 +112,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+  """The command: one random problem, its table of errors; exit 1 past a tolerance."""
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

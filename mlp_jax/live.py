@@ -68,6 +68,7 @@ class LiveLog:
       self._drawn = time.monotonic()
 
   def close(self) -> None:
+    """Flushes and closes every event file."""
 
     for writer in self._writers.values():
       writer.close()

@@ -35,10 +35,12 @@ class Stack(NamedTuple):
 
   @property
   def models_per_configuration(self) -> int:
+    """F × S: the models that share one configuration."""
     return len(self.folds) * len(self.seeds)
 
   @property
   def num_models(self) -> int:
+    """M = C × F × S."""
     return len(self.configurations) * self.models_per_configuration
 
   @property

@@ -239,6 +239,7 @@ def write_json(path: str, value: Any) -> None:
 
 
 def write_config(workdir: str, record: dict[str, Any]) -> None:
+  """WORKDIR/config.json (config_record's), atomically."""
   write_json(os.path.join(workdir, "config.json"), record)
 
 
@@ -286,11 +287,13 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
 
 
 def write_history(workdir: str, rows: list[Row]) -> None:
+  """WORKDIR/metrics.jsonl holding exactly `rows`, one JSON line each, atomically."""
   with atomic_file(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def append_row(workdir: str, row: Row) -> None:
+  """One epoch's line appended to WORKDIR/metrics.jsonl."""
 
   with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")
