@@ -685,9 +685,11 @@ def main(argv):
   print(format_table(rows))
   print(format_ratios(rows))
   if cfg.json_out:
-    with open(cfg.json_out, "w") as f:
+    from mlp_jax import files  # pylint: disable=g-import-not-at-top
+    with files.atomic_file(cfg.json_out, "w") as f:
       f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from mlp_jax import boundary  # pylint: disable=g-import-not-at-top
+  boundary.script(lambda: app.run(main))

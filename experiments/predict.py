@@ -6,19 +6,22 @@
     python experiments/predict.py --workdir=W --input=a.png,b.png --output=pred.csv
 
 Prints one line per example (name, class, its name, probability), or writes them all
-with every class probability to --output (CSV); with labels, the accuracy.
+with every class probability to --output (CSV, atomically: a failed write leaves any
+earlier file as it was); with labels, the accuracy. The inputs are read and classified
+in batches of trained.PREDICT_ROWS examples, so memory does not grow with the input.
+Any failure is one line (mlp_jax.boundary).
 """
 
+import contextlib
 import csv
+import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import numpy as np
 
-from mlp_jax import data
-from mlp_jax import trained
+from mlp_jax import boundary
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished run (or its params.npz).",
                     required=True)
@@ -29,37 +32,78 @@ flags.DEFINE_string("output", None, "CSV to write: name, class, class name, then
                     "each class. Default: print one line per example.")
 
 
-def write_csv(path, model, names, probabilities):
-  with open(path, "w", newline="") as f:
+def check_output(path):
+  """UserError unless `path` can be a new or replaced file: not a directory, in a
+  directory that exists."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise boundary.UserError(f"--output={path} is a directory; give a file name, e.g. "
+                             f"{os.path.join(path, 'predictions.csv')}.")
+  if not os.path.isdir(directory):
+    raise boundary.UserError(f"--output={path}: the directory {directory} does not exist; "
+                             "create it first.")
+
+
+@contextlib.contextmanager
+def csv_rows(path, model):
+  """A function writing a batch's rows to the CSV at `path` (atomically, at the end)."""
+  from mlp_jax import files  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  with files.atomic_file(path, "w") as f:
     out = csv.writer(f)
     out.writerow(["name", "class", "class_name", *(f"p_{c}" for c in model.class_names)])
-    for name, p in zip(names, probabilities):
-      k = int(np.argmax(p))
-      out.writerow([name, k, model.class_names[k], *(f"{v:.6g}" for v in p)])
+
+    def write(names, probabilities):
+      for name, p in zip(names, probabilities):
+        k = int(np.argmax(p))
+        out.writerow([name, k, model.class_names[k], *(f"{v:.6g}" for v in p)])
+    yield write
+
+
+def predict():
+  """Streams the inputs through the model; returns the exit status."""
+  FLAGS = flags.FLAGS
+  if FLAGS.output:
+    check_output(FLAGS.output)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from mlp_jax import trained  # pylint: disable=g-import-not-at-top
+  try:
+    model = trained.load(FLAGS.workdir)
+    batches = trained.iter_inputs(FLAGS.input, model, FLAGS.labels)
+    probabilities_of = jax.jit(model.predict_proba)
+    count = hits = 0
+    has_labels = False
+    with (csv_rows(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
+          ) as write:
+      for names, x, labels in batches:
+        probabilities = np.asarray(probabilities_of(x))
+        predicted = probabilities.argmax(axis=1)
+        if write is not None:
+          write(names, probabilities)
+        else:
+          for name, k, p in zip(names, predicted, probabilities):
+            print(f"{name}\t{k}\t{model.class_names[k]}\t{p[k]:.4f}")
+        count += len(names)
+        if labels is not None:
+          has_labels, hits = True, hits + int(np.sum(predicted == labels))
+      if not count:  # raised inside: no CSV of a header alone replaces an earlier one
+        raise boundary.UserError(f"--input={FLAGS.input} holds no examples.")
+  except ValueError as e:  # trained's one-line refusals
+    raise boundary.UserError(str(e)) from None
+  if FLAGS.output:
+    print(f"wrote {count} predictions to {FLAGS.output}")
+  if has_labels:
+    print(f"accuracy {100 * hits / count:.2f}% on {count} examples")
+  return 0
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)
-  FLAGS = flags.FLAGS
-  try:
-    model = trained.load(FLAGS.workdir)
-    names, x, labels = trained.read_inputs(FLAGS.input, model, FLAGS.labels)
-    probabilities = np.asarray(model.predict_proba(x))
-  except (ValueError, data.DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  predicted = probabilities.argmax(axis=1)
-  if FLAGS.output:
-    write_csv(FLAGS.output, model, names, probabilities)
-    print(f"wrote {len(names)} predictions to {FLAGS.output}")
-  else:
-    for name, k, p in zip(names, predicted, probabilities):
-      print(f"{name}\t{k}\t{model.class_names[k]}\t{p[k]:.4f}")
-  if labels is not None:
-    print(f"accuracy {100 * np.mean(predicted == labels):.2f}% on {len(labels)} examples")
+  sys.exit(boundary.run(predict))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  boundary.script(lambda: app.run(main))

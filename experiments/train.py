@@ -11,67 +11,72 @@ mlp_jax.experiment.run.
         --process_id=0 --workdir=/shared/run                      # one line per process
 
 Every value is checked by mlp_jax.config.resolve, the same check experiment.run makes
-from Python: a bad one is one line and exit status 1.
+from Python: a bad one is one line and exit status 1. Whatever else fails is one line
+too (mlp_jax.boundary), with the traceback in a log file that line names.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from mlp_jax import config as config_lib
-from mlp_jax import data
-from mlp_jax import experiment
+from mlp_jax import boundary
 
-_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-           str: flags.DEFINE_string, tuple: flags.DEFINE_multi_string}
+_FLAGS_DEFINED = []
 
 
 def define_flags():
-  """One flag per setting, with its default and help; the choices listed in the help."""
+  """One flag per setting, with its default and help; the choices listed in the help.
+  Called when the flags are first parsed: JAX is imported inside the error boundary."""
+  if _FLAGS_DEFINED:
+    return
+  from mlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+            str: flags.DEFINE_string, tuple: flags.DEFINE_multi_string}
   for s in config_lib.SETTINGS:
     bounds = config_lib.bounds_text(s)
     text = (s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
             + (f" Must be {bounds}." if bounds else ""))
     default = list(s.default) if s.kind is tuple else s.default
-    _DEFINE[s.kind](s.name, default, text)
-
-
-define_flags()
+    define[s.kind](s.name, default, text)
+  _FLAGS_DEFINED.append(True)
 
 
 def parse_flags(argv):
-  """absl's parser, but a flag it cannot parse is one line on stderr and exit status 2."""
+  """absl's parser, but a flag it cannot parse (or an unreadable --flagfile) is one line
+  on stderr and exit status 2."""
+  boundary.check_environment()
+  define_flags()
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (flags.Error, UnicodeDecodeError, OSError) as e:
+    reason = (f"--flagfile is not a text file of --name=value lines ({e.reason})"
+              if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
+    print(f"error: {reason}", file=sys.stderr)
     sys.exit(2)
 
 
-def main(argv):
+def train(argv):
+  """The run of the parsed flags; raises what experiment.run raises."""
   if len(argv) > 1:  # e.g. a --flagfile line without its leading --
     print(f"error: unexpected arguments {' '.join(argv[1:])!r}: settings are "
           "--name=value, on the command line and on each line of a --flagfile.",
           file=sys.stderr)
-    sys.exit(2)
+    return 2
+  from mlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   values = {s.name: flags.FLAGS[s.name].value for s in config_lib.SETTINGS}
   values["sweep"] = tuple(values["sweep"] or ())
-  try:
-    experiment.run(config_lib.RunConfig(**values))
-  except experiment.PeerLost as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    os._exit(1)  # a normal exit waits ~100 s in JAX's shutdown for the lost process
-  except experiment.Interrupted as e:
-    print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(128 + e.signum)  # 130 after Ctrl-C, 143 after SIGTERM
-  except (data.DataError, experiment.RunError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  experiment.run(config_lib.RunConfig(**values))
+  return 0
+
+
+def main(argv):
+  """train() in the error boundary: any failure is one line; exits with its status."""
+  sys.exit(boundary.run(lambda: train(argv)))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  boundary.script(lambda: app.run(main, flags_parser=parse_flags))

@@ -24,12 +24,13 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mlp_jax import boundary
 from mlp_jax import parallel
 
 CORRUPT_DIR = "corrupt"
 
 
-class CheckpointError(Exception):
+class CheckpointError(boundary.UserError):
   """A checkpoint problem that is not corruption; the message is one line for the user."""
 
 
@@ -166,9 +167,13 @@ logging.getLogger("absl").addFilter(_QUIET)
 
 def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], epoch: int
                     ) -> None:
-  """CheckpointError naming the first setting a resume changes."""
+  """CheckpointError naming the first setting a resume changes (RunError naming what
+  changed for the training data)."""
+  from mlp_jax import workdir  # pylint: disable=g-import-not-at-top  (it imports the runner's config)
   for name, value in (settings or {}).items():
-    if name in saved and saved[name] != value:
+    if name == "data" and name in saved:
+      workdir.check_data(saved[name], value, f"the checkpoint after epoch {epoch}")
+    elif name in saved and saved[name] != value:
       raise CheckpointError(
           f"the checkpoint after epoch {epoch} was trained with {name}={saved[name]!r}, "
           f"not {value!r}; resume with the same setting, or use a fresh --workdir.")

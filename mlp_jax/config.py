@@ -8,15 +8,18 @@ the command line does.
 
 import itertools
 import math
+import os
+import tempfile
 import typing
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
+from mlp_jax import boundary
 from mlp_jax import data
 from mlp_jax import privacy
 from mlp_jax import train
 
 
-class RunError(Exception):
+class RunError(boundary.UserError):
   """A run that cannot go on; the message is one line for the user."""
 
 
@@ -71,7 +74,8 @@ SETTINGS = (
     Setting("compute_dtype", str, _HP.compute_dtype, "Dtype of the hidden layer's "
             "matmuls; bfloat16 keeps float32 params, output layer, softmax and loss.",
             choices=train.COMPUTE_DTYPES),
-    Setting("seed", int, 0, "Seed of init and shuffling (and DP noise)."),
+    Setting("seed", int, 0, "Seed of init and shuffling (and DP noise).", lower=0,
+            upper=2**31 - 1),
     Setting("workdir", str, None, "Output directory; rerun with it to resume. Default: a "
             "fresh temporary directory."),
     Setting("validation_fraction", float, None, "Fraction of train held out for "
@@ -97,8 +101,12 @@ SETTINGS = (
     Setting("num_processes", int, None, "Processes in a multi-process run.", lower=1),
     Setting("process_id", int, None, "This process's index, 0 to num_processes - 1.",
             lower=0),
+    Setting("peer_timeout", float, 120.0, "Seconds a multi-process run waits for its "
+            "peers (to join at the start, to reach a checkpoint or a barrier) before it "
+            "stops with one line.", above=0),
     Setting("dp_noise_multiplier", float, None, "DP-SGD with noise multiplier σ "
-            "(Gaussian noise of std σ·C per coordinate).", above=0),
+            "(Gaussian noise of std σ·C per coordinate); below 0.1 the privacy is nil and "
+            "its accounting intractable.", lower=0.1),
     Setting("dp_target_epsilon", float, None, "DP-SGD with σ calibrated so that the "
             "planned steps spend this ε (PLD accountant) at --dp_delta.", above=0),
     Setting("dp_clip_norm", float, 1.0, "DP-SGD: C, the bound on each example's gradient "
@@ -106,7 +114,7 @@ SETTINGS = (
     Setting("dp_clipping", str, "flat", "DP-SGD: one norm over all parameters, or each "
             "layer to C/√2.", choices=privacy.CLIPPINGS),
     Setting("dp_delta", float, 1e-5, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.",
-            above=0, below=1),
+            lower=1e-12, below=1),
     Setting("num_seeds", int, 1, "Train this many models together (seeds seed, seed + 1, "
             "...) in one program; report mean ± std.", lower=1),
     Setting("sweep", tuple, (), "NAME=v1,v2,...: train every combination (times the "
@@ -135,10 +143,12 @@ SWEEPABLE = train.SWEEPABLE + ("dp_target_epsilon",)
 
 def bounds_text(s: Setting) -> str:
   """Setting `s`'s bounds in words, e.g. "> 0 and < 1" ("" if it has none)."""
-  parts = [f">= {s.lower:g}" if s.lower is not None else None,
-           f"> {s.above:g}" if s.above is not None else None,
-           f"<= {s.upper:g}" if s.upper is not None else None,
-           f"< {s.below:g}" if s.below is not None else None]
+  def number(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+  parts = [f">= {number(s.lower)}" if s.lower is not None else None,
+           f"> {number(s.above)}" if s.above is not None else None,
+           f"<= {number(s.upper)}" if s.upper is not None else None,
+           f"< {number(s.below)}" if s.below is not None else None]
   return " and ".join(p for p in parts if p)
 
 
@@ -278,6 +288,22 @@ def _check_dp(config: Config) -> None:
                    f"--grads={config.grads}.")
 
 
+def _check_writable_dir(flag: str, path: str) -> None:
+  """RunError unless `path` is a directory this process can write, or can be created in
+  its nearest existing ancestor (tried with a probe directory, removed at once: `access`
+  says yes to root even on /proc)."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  try:
+    if not os.path.isdir(existing):
+      raise NotADirectoryError(f"{existing} is not a directory")
+    os.rmdir(tempfile.mkdtemp(prefix=".mlp_jax-probe-", dir=existing))
+  except OSError as e:
+    raise RunError(f"{flag}={path} cannot be written ({e.strerror or e} in {existing}); "
+                   "choose another path.") from None
+
+
 def resolve(config: Config) -> Config:
   """`config` checked, with its defaults made explicit; RunError (one line) for a bad
   value or settings that cannot work together. A sweep holds out 10% of train for
@@ -285,7 +311,7 @@ def resolve(config: Config) -> Config:
   for s in SETTINGS:
     check_setting(s, getattr(config, s.name))
   _check_cluster(config)
-  if config.schedule == "warmup_cosine" and config.warmup_epochs > config.epochs:
+  if config.warmup_epochs > config.epochs:
     raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
                    f"{config.epochs}: the learning rate would never reach its peak; use "
                    f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
@@ -298,6 +324,8 @@ def resolve(config: Config) -> Config:
                      "test set.")
   _check_dp(config)
   _check_folds(config)
+  if config.profile_dir:
+    _check_writable_dir("--profile_dir", config.profile_dir)
   if fraction is None:
     fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
   if is_private(config) and config.input_scaling == "per_feature":

@@ -8,14 +8,17 @@
 Every problem raises DataError with one line naming it and the fix.
 """
 
+import contextlib
 import gzip
-import io
 import os
-import zipfile
+import typing
 import zlib
-from typing import Any, NamedTuple, Optional
+from typing import IO, Any, Iterator, NamedTuple, Optional
 
 import numpy as np
+
+from mlp_jax import boundary
+from mlp_jax import files
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
@@ -37,7 +40,7 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 
 
-class DataError(ValueError):
+class DataError(boundary.UserError, ValueError):
   """A dataset that cannot be used; the message says what is wrong and how to fix it."""
 
 
@@ -71,9 +74,9 @@ def class_names(name: Optional[str], num_classes: int) -> tuple[str, ...]:
   return tuple(str(k) for k in range(num_classes))
 
 
-def _read_exactly(f: io.BufferedIOBase, size: int, path: str) -> bytes:
-  """Reads `size` bytes in chunks (no huge up-front allocation); errors if short or long."""
-  chunks, remaining = [], size + 1
+def _read_exactly(f: IO[bytes], size: int, path: str) -> bytes:
+  """Reads `size` bytes in chunks (no huge up-front allocation); errors if short."""
+  chunks, remaining = [], size
   while remaining > 0:
     chunk = f.read(min(remaining, 1 << 24))
     if not chunk:
@@ -83,42 +86,100 @@ def _read_exactly(f: io.BufferedIOBase, size: int, path: str) -> bytes:
   data = b"".join(chunks)
   if len(data) != size:
     raise DataError(f"{path}: the IDX header promises {size} bytes of data but the file "
-                    f"holds {'more' if len(data) > size else len(data)}; the file is "
-                    "truncated or not the one the header describes: download it again.")
+                    f"holds {len(data)}; the file is truncated or not the one the header "
+                    "describes: download it again.")
   return data
+
+
+class IdxHeader(NamedTuple):
+  dims: tuple[int, ...]
+  dtype: np.dtype
+
+  @property
+  def row_bytes(self) -> int:
+    return int(np.prod(self.dims[1:], dtype=np.int64)) * self.dtype.itemsize
+
+
+def _idx_header(f: IO[bytes], path: str, file_size: int, gzipped: bool) -> IdxHeader:
+  """Reads and checks the header: magic, type code, rank, and the size its dims declare
+  against the file's real size (a plain file) or the memory budget (a .gz stream)."""
+  header = f.read(4)
+  if len(header) < 4 or header[:2] != b"\x00\x00":
+    raise DataError(f"{path}: not an IDX file (wrong magic number "
+                    f"{header[:4].hex() or 'empty'}); expected 0000 then a type code.")
+  type_code, rank = header[2], header[3]
+  if type_code not in IDX_TYPES:
+    raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}; expected one of "
+                    f"{', '.join(f'0x{c:02x}' for c in IDX_TYPES)}.")
+  if not 1 <= rank <= 4:
+    raise DataError(f"{path}: IDX rank {rank} is not 1 to 4.")
+  dims_bytes = f.read(4 * rank)
+  if len(dims_bytes) != 4 * rank:
+    raise DataError(f"{path}: truncated IDX header.")
+  dims = tuple(int(d) for d in np.frombuffer(dims_bytes, ">u4"))
+  dtype = np.dtype(IDX_TYPES[type_code])
+  size = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
+  if size > MAX_IDX_BYTES:
+    raise DataError(f"{path}: the IDX header claims dims {dims} ({size} bytes), more "
+                    "than any dataset this reader accepts; the file is corrupt.")
+  present = file_size - 4 - 4 * rank
+  if not gzipped and size != present:
+    raise DataError(f"{path}: the IDX header promises {size} bytes of data but the file "
+                    f"holds {'more' if present > size else present}; the file is "
+                    "truncated or not the one the header describes: download it again.")
+  return IdxHeader(dims, dtype)
+
+
+@contextlib.contextmanager
+def open_idx(path: str) -> Iterator[tuple[IO[bytes], IdxHeader]]:
+  """(the stream at its first data byte, the checked header) of an IDX file (.gz or
+  not); a device, a pipe or a directory is refused. DataError, one line, for any problem."""
+  try:
+    file_size = files.check_regular_file(path)
+  except files.UnsafePath as e:
+    raise DataError(f"{e.strerror}.") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read it ({e.strerror or e}).") from None
+  gzipped = path.endswith(".gz")
+  try:
+    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+      stream = typing.cast(IO[bytes], f)
+      yield stream, _idx_header(stream, path, file_size, gzipped)
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    raise DataError(f"{path}: cannot read it ({e}).") from None
+
+
+def _idx_array(buffer: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+  return np.frombuffer(buffer, dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (optionally .gz) into a numpy array, checking its header.
 
   Header: two zero bytes, a type code, the rank, then one big-endian uint32 per dim.
+  A .gz stream is read up to the size its header declares (never more), which must fit
+  the memory budget.
   """
-  opener = gzip.open if path.endswith(".gz") else open
-  try:
-    with opener(path, "rb") as f:
-      header = f.read(4)
-      if len(header) < 4 or header[:2] != b"\x00\x00":
-        raise DataError(f"{path}: not an IDX file (wrong magic number "
-                        f"{header[:4].hex() or 'empty'}); expected 0000 then a type code.")
-      type_code, rank = header[2], header[3]
-      if type_code not in IDX_TYPES:
-        raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}; expected one of "
-                        f"{', '.join(f'0x{c:02x}' for c in IDX_TYPES)}.")
-      if not 1 <= rank <= 4:
-        raise DataError(f"{path}: IDX rank {rank} is not 1 to 4.")
-      dims_bytes = f.read(4 * rank)
-      if len(dims_bytes) != 4 * rank:
-        raise DataError(f"{path}: truncated IDX header.")
-      dims = tuple(int(d) for d in np.frombuffer(dims_bytes, ">u4"))
-      dtype = np.dtype(IDX_TYPES[type_code])
-      size = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
-      if size > MAX_IDX_BYTES:
-        raise DataError(f"{path}: the IDX header claims dims {dims} ({size} bytes), more "
-                        "than any dataset this reader accepts; the file is corrupt.")
-      data = _read_exactly(f, size, path)
-  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-    raise DataError(f"{path}: cannot read it ({e}).") from None
-  return np.frombuffer(data, dtype).reshape(dims).astype(dtype.newbyteorder("="))
+  with open_idx(path) as (f, header):
+    size = header.dims[0] * header.row_bytes
+    if size > files.memory_budget():
+      raise DataError(f"{path}: the IDX header claims dims {header.dims} ({size:,} bytes), "
+                      "more than the memory this reader may use; read fewer examples.")
+    data = _read_exactly(f, size, path)
+    if path.endswith(".gz") and f.read(1):
+      raise DataError(f"{path}: the file holds more than its IDX header's {size} bytes; "
+                      "it is not the one the header describes: download it again.")
+  return _idx_array(data, header.dtype, header.dims)
+
+
+def read_idx_rows(path: str, rows: int) -> Iterator[np.ndarray]:
+  """An IDX file (.gz or not) in slices of at most `rows` examples: memory does not
+  grow with the file."""
+  with open_idx(path) as (f, header):
+    for start in range(0, header.dims[0], rows):
+      count = min(rows, header.dims[0] - start)
+      yield _idx_array(_read_exactly(f, count * header.row_bytes, path), header.dtype,
+                       (count, *header.dims[1:]))
 
 
 def _find_idx(data_dir: str, stem: str) -> str:
@@ -140,45 +201,38 @@ def load_idx_dir(data_dir: Optional[str]) -> Arrays:
   return x_train, y_train, x_test, y_test
 
 
-def _check_npz_member(archive: zipfile.ZipFile, name: str, path: str) -> None:
-  """Reads one .npy header inside the archive: no pickles, no multi-GB arrays."""
-  with archive.open(name + ".npy") as f:
-    version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
-    shape, _, dtype = read_header(f)
-  if dtype.hasobject:
-    raise DataError(f"{path}: {name} holds Python objects; only plain numeric arrays are "
-                    "loaded (pickles are never unpickled).")
-  size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-  if size > MAX_NPZ_ARRAY_BYTES:
-    raise DataError(f"{path}: {name} claims shape {shape} ({size} bytes), more than this "
-                    "loader accepts; the file is corrupt or not a dataset.")
+def _check_npz_shapes(npz: files.NpzArchive) -> None:
+  """The four arrays' declared shapes fit together: checked before any is read."""
+  h = {name: npz.header(name) for name in IDX_FILES}
+  for x, y in (("x_train", "y_train"), ("x_test", "y_test")):
+    if len(h[x].shape) < 2 or h[x].shape[0] == 0:
+      raise DataError(f"{npz.path}: {x} must be (N, ...) with N >= 1 examples, got shape "
+                      f"{h[x].shape}.")
+    if h[y].shape != h[x].shape[:1]:
+      raise DataError(f"{npz.path}: {y} must have shape ({h[x].shape[0]},), one label per "
+                      f"example of {x}, got {h[y].shape}.")
+  if h["x_train"].shape[1:] != h["x_test"].shape[1:]:
+    raise DataError(f"{npz.path}: x_train's examples are {h['x_train'].shape[1:]} but "
+                    f"x_test's {h['x_test'].shape[1:]}.")
+  as_float32 = sum(4 * int(np.prod(h[x].shape, dtype=np.float64)) for x in ("x_train", "x_test"))
+  if as_float32 > npz.max_bytes:
+    raise DataError(f"{npz.path}: x_train and x_test take {as_float32:,} bytes as float32, "
+                    f"more than the {npz.max_bytes:,} bytes of memory this loader may use; "
+                    "use fewer examples.")
 
 
 def load_npz(path: str) -> Arrays:
-  """x_train, y_train, x_test, y_test from an .npz file; pickled objects are refused.
-
-  Every array header is checked before any array is read.
-  """
-  try:
-    with zipfile.ZipFile(path) as archive:
-      present = {n[:-4] for n in archive.namelist() if n.endswith(".npy")}
-      missing = [k for k in IDX_FILES if k not in present]
-      if missing:
-        raise DataError(f"{path}: missing arrays {', '.join(missing)}; the .npz must hold "
-                        "x_train, y_train, x_test, y_test.")
-      for name in IDX_FILES:
-        _check_npz_member(archive, name, path)
-    with np.load(path, allow_pickle=False) as f:
-      x_train, y_train, x_test, y_test = (f[k] for k in IDX_FILES)
-      return x_train, y_train, x_test, y_test
-  except DataError:
-    raise
-  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
-          NotImplementedError, RuntimeError) as e:
-    raise DataError(f"{path}: not a readable .npz of plain arrays "
-                    f"({type(e).__name__}: {str(e)[:120]}).") from None
+  """x_train, y_train, x_test, y_test from an .npz file (files.NpzArchive: members by
+  exact name, every header and the shapes checked before any array is read; pickled
+  objects are refused)."""
+  with files.NpzArchive(path, DataError, min(files.memory_budget(), MAX_NPZ_ARRAY_BYTES)) as npz:
+    missing = [k for k in IDX_FILES if k not in npz.names]
+    if missing:
+      raise DataError(f"{path}: missing arrays {', '.join(missing)}; the .npz must hold "
+                      "x_train, y_train, x_test, y_test.")
+    _check_npz_shapes(npz)
+    x_train, y_train, x_test, y_test = (npz.read(k) for k in IDX_FILES)
+  return x_train, y_train, x_test, y_test
 
 
 def load_digits() -> Arrays:

@@ -17,6 +17,7 @@ processes train together through jax.distributed; process 0 alone writes the fil
 and all of them save the checkpoints together, through orbax.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -32,10 +33,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from mlp_jax import boundary
 from mlp_jax import checkpoint
 from mlp_jax import config as config_lib
 from mlp_jax import data
 from mlp_jax import dp_plan
+from mlp_jax import files
 from mlp_jax import live as live_lib
 from mlp_jax import parallel
 from mlp_jax import reports
@@ -87,20 +90,25 @@ class RunContext(NamedTuple):
   log: Log
   start: float                     # time.time() at the start
   stop: "_StopSignals"             # Ctrl-C and SIGTERM
+  data: dict[str, Any]             # the training data's workdir.data_fingerprint
 
 
-SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+SIGNAL_NAMES = boundary.SIGNAL_NAMES
 
 
 class _StopSignals:
-  """Turns the first Ctrl-C or SIGTERM (what Slurm, Kubernetes and cloud preemption send
-  before SIGKILL) into a request to stop after the current epoch's checkpoint; a second
-  one stops the process at once, in one line, with status 128 + signum (the newest
-  checkpoint on disk is complete: orbax renames it into place). Only the main thread can own signal
-  handlers; elsewhere the signals keep their default behaviour."""
+  """Ctrl-C and SIGTERM (what Slurm, Kubernetes and cloud preemption send before
+  SIGKILL) during a run. While epochs train (`deferring`), the first one is a request to
+  stop after the current epoch's checkpoint; a second one stops the process at once, in
+  one line, with status 128 + signum (the newest checkpoint on disk is complete: orbax
+  renames it into place). Outside the epochs a signal goes to the handler that was there
+  before: the scripts' boundary.install_stop_at_once (one line naming the phase), or
+  Python's KeyboardInterrupt for a library caller. Only the main thread can own signal
+  handlers; elsewhere the signals keep their behaviour."""
 
   def __init__(self) -> None:
     self.signum: Optional[int] = None
+    self.deferring = False
     self._previous: dict[int, Any] = {}
 
   @property
@@ -113,9 +121,20 @@ class _StopSignals:
       print(f"stopped: a second {name}: stopped at once; the newest checkpoint on disk is "
             "kept: rerun the same command to resume.", file=sys.stderr, flush=True)
       os._exit(128 + signum)
+    if not self.deferring:
+      self._pass_on(signum, frame)
+      return
     self.signum = signum
     print(f"\n{name}: stopping after this epoch's checkpoint ({name} again to stop at "
           "once)", file=sys.stderr, flush=True)
+
+  def _pass_on(self, signum: int, frame: Optional[FrameType]) -> None:
+    previous = self._previous.get(signum, signal.SIG_DFL)
+    if callable(previous):
+      previous(signum, frame)
+    elif previous == signal.SIG_DFL:
+      signal.signal(signum, signal.SIG_DFL)
+      os.kill(os.getpid(), signum)
 
   def install(self) -> None:
     if threading.current_thread() is threading.main_thread():
@@ -186,7 +205,7 @@ def _out_of_memory(e: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def _join_processes(config: Config) -> None:
+def _join_processes(config: Config, log: Log) -> None:
   """jax.distributed.initialize when asked or a multi-process setting is given.
 
   Settings left None are detected by JAX from SLURM, a TPU pod or Open MPI.
@@ -197,13 +216,26 @@ def _join_processes(config: Config) -> None:
   if not config.workdir:
     raise RunError("a multi-process run needs --workdir, a directory every process can "
                    "reach (a shared filesystem).")
+  log(f"joining the other processes (waiting up to --peer_timeout={config.peer_timeout:g} s)")
   try:
     parallel.initialize(config.coordinator_address, config.num_processes,
-                        config.process_id)
+                        config.process_id, config.peer_timeout)
   except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds)
     raise RunError(f"jax.distributed could not start ({_first_line(e)}); check "
                    "--coordinator_address (host:port of process 0, reachable by every "
                    "process), --num_processes and --process_id.") from None
+
+
+def _peers(ctx: RunContext, what: str, done: int) -> Any:
+  """A bound on the wait for the other processes at `what` (parallel.deadline, with
+  --peer_timeout): one line instead of a hang when a peer died. Alone: no bound."""
+  if jax.process_count() == 1:
+    return contextlib.nullcontext()
+  kept = f"the checkpoint after epoch {done} is kept" if done else "no checkpoint was written"
+  return parallel.deadline(ctx.config.peer_timeout, (
+      f"a peer process did not reach {what} within --peer_timeout="
+      f"{ctx.config.peer_timeout:g} s (it died or hangs); {kept}: restart every process "
+      "with the same command to resume."))
 
 
 def _make_mesh(config: Config, num_models: int) -> Mesh:
@@ -237,55 +269,87 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
 
   With --cv_folds (and no --cv_fold) that is two runs: the selection, every
   configuration on every fold, in WORKDIR; then the chosen configuration refit on all
-  of train and tested, in WORKDIR/refit, whose metrics it returns (with "chosen")."""
+  of train and tested, in WORKDIR/refit, whose metrics it returns (with "chosen"). They
+  are one run for Ctrl-C and SIGTERM: a signal in the selection stops before the refit.
+
+  Raises RunError (one line) for anything that stops the run, DataError for bad data;
+  an unexpected exception underneath is a RunError too, `internal`, with its cause."""
   start = time.time()
-  config = config_lib.resolve(config)
-  _join_processes(config)
-  if jax.process_index() != 0:  # process 0 alone writes files and logs
-    log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
-  workdir, result = _run_stack(config, log, start)
-  if not config.cv_folds or config.cv_fold is not None:
-    return result
-  return _refit(config, workdir, result["chosen"], log)
+  stop = _StopSignals()
+  try:
+    stop.install()
+    config = config_lib.resolve(config)
+    _join_processes(config, log)
+    if jax.process_index() != 0:  # process 0 alone writes files and logs
+      log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
+    workdir, result = _run_stack(config, log, start, stop)
+    if not config.cv_folds or config.cv_fold is not None:
+      return result
+    boundary.phase("refit")
+    if stop.requested:
+      signum = stop.signum or signal.SIGINT
+      raise Interrupted(f"{SIGNAL_NAMES[signum]} during the selection's last epoch; the "
+                        "selection is complete: rerun the same command to refit.", signum)
+    return _refit(config, workdir, result["chosen"], log, stop)
+  except (boundary.UserError, OSError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the library's error boundary)
+    line = boundary.describe(e)[0]
+    failed = RunError(line.removeprefix("error: "))
+    failed.internal = line.startswith("error: internal error")
+    raise failed from e
+  finally:
+    stop.uninstall()
 
 
-def _refit(config: Config, workdir: str, chosen: dict[str, Any], log: Log
-           ) -> dict[str, Any]:
+def _refit(config: Config, workdir: str, chosen: dict[str, Any], log: Log,
+           stop: "_StopSignals") -> dict[str, Any]:
   """The chosen configuration of a k-fold selection trained on all of train (its
   --num_seeds seeds) in WORKDIR/refit, the only run that reads test."""
   settings = ", ".join(f"{k}={v:g}" for k, v in chosen["configuration"].items())
   log(f"refit on all of train{': ' + settings if settings else ''}")
   refit = config._replace(sweep=(), cv_folds=0, workdir=os.path.join(workdir, "refit"),
                           **chosen["configuration"])
-  _, result = _run_stack(config_lib.resolve(refit), log, time.time())
+  _, result = _run_stack(config_lib.resolve(refit), log, time.time(), stop)
   return {**result, "chosen": chosen}
 
 
-def _run_stack(config: Config, log: Log, start: float) -> tuple[str, dict[str, Any]]:
+def _run_stack(config: Config, log: Log, start: float, stop: "_StopSignals"
+               ) -> tuple[str, dict[str, Any]]:
   """(workdir, result) of run() for one stack of models, from a resolved config."""
   stack = stack_lib.make_stack(config)
   writer = jax.process_index() == 0
   mesh = _make_mesh(config, stack.num_models)
+  boundary.phase("data")
   ds = _load_data(config, mesh, stack.num_models)
   stack = stack_lib.with_folds(stack, config, ds.y_train)
   n, in_dim = ds.x_train.shape
   steps_per_epoch = -(-n // config.batch_size)
   dp = None
   if config_lib.is_private(config):
+    boundary.phase("calibrate")
     dp, stack = dp_plan.make_plan(config, stack, n, steps_per_epoch,
                                   parallel.data_shards(mesh), log)
   stack = stack._replace(stacking=config.stacking or train.default_stacking(
       jax.default_backend(), config.batch_size, in_dim, config.hidden_dim))
-  workdir, old_run, lock = workdir_lib.prepare(config, log)
-  stop = _StopSignals()
+  fingerprint = workdir_lib.data_fingerprint(ds)
+  workdir, old_run, lock = workdir_lib.prepare(config, log, fingerprint)
+  boundary.set_log_dir(workdir)
+  boundary.phase("restore")
   ctx = RunContext(config, stack, mesh, workdir, dp, steps_per_epoch, writer, log, start,
-                   stop)
+                   stop, fingerprint)
   try:
-    stop.install()
     return workdir, _train(ctx, ds, old_run)
   except checkpoint.CheckpointError as e:
     raise RunError(str(e)) from None
+  except BrokenPipeError:  # stdout's reader left (`| head`): not a problem of the disk
+    raise
+  except files.UnsafePath as e:
+    raise RunError(f"{e.strerror}.") from None
   except OSError as e:  # a write of the workdir's files: disk full, read-only, I/O error
+    if not os.path.isdir(workdir):
+      raise RunError(f"--workdir {workdir} was removed while the run wrote to it; rerun "
+                     "the same command to start it anew.") from None
     raise RunError(f"cannot write {e.filename or workdir} ({e.strerror or e}); the newest "
                    "complete checkpoint is kept: free space or fix the permissions, then "
                    "rerun the same command to resume.") from None
@@ -295,7 +359,6 @@ def _run_stack(config: Config, log: Log, start: float) -> tuple[str, dict[str, A
                      "--batch_size.") from None
     raise
   finally:
-    stop.uninstall()
     lock.release()
 
 
@@ -347,7 +410,7 @@ def _restore(ctx: RunContext, in_dim: int, num_classes: int) -> Restored:
       stack.model_seeds, in_dim, config.hidden_dim, num_classes, hp, stack.values), ctx.mesh)
   mngr = checkpoint.manager(ctx.workdir)
   restored = checkpoint.restore_latest(mngr, state, ctx.log,
-                                      workdir_lib.resume_settings(config))
+                                      workdir_lib.resume_settings(config, ctx.data))
   if restored is None:
     return Restored(state, 0, mngr)
   ctx.log(f"resuming from the checkpoint after epoch {restored[0]}")
@@ -373,6 +436,11 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   config = ctx.config
   _describe(ctx)
   start = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
+  if start.epochs_done > config.epochs:
+    raise RunError(f"--workdir {ctx.workdir} holds a run trained for {start.epochs_done} "
+                   f"epochs; --epochs {config.epochs} cannot undo them: rerun with "
+                   f"--epochs={start.epochs_done} (its outputs are written again) or more, "
+                   "or use a fresh --workdir.")
   notes: list[str] = []  # told only once the resume is known to go ahead
   cycle_ends = workdir_lib.schedule_epochs(config, old_run, start.epochs_done, notes.append)
   calibrated = (config.dp_target_epsilon is not None
@@ -384,7 +452,8 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   for note in notes:
     ctx.log(note)
   history = workdir_lib.read_history(ctx.workdir, start.epochs_done, ctx.writer, ctx.log)
-  parallel.barrier("mlp_jax: workdir read")  # every process has read it before 0 writes
+  with _peers(ctx, "the start of training", start.epochs_done):
+    parallel.barrier("mlp_jax: workdir read")  # every process has read it before 0 writes
   if ctx.writer:
     workdir_lib.write_history(ctx.workdir, history)
     workdir_lib.write_config(ctx.workdir, workdir_lib.config_record(
@@ -395,7 +464,8 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   try:
     state, interrupted = _train_epochs(ctx, hp, start, placed, history)
   finally:
-    checkpoint.finish(start.mngr)
+    with _peers(ctx, "the last checkpoint", start.epochs_done):
+      checkpoint.finish(start.mngr)
   if not history:
     raise RunError(f"--workdir {ctx.workdir} holds a finished run without its "
                    "metrics.jsonl; use a fresh --workdir.")
@@ -487,6 +557,8 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
   profile = _Profile(ctx, epochs_done)
   live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
       ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models))
+  boundary.phase("train")
+  ctx.stop.deferring = True
   try:
     for epoch in epochs:
       profile.before(epoch)
@@ -499,7 +571,9 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
       if ctx.writer:
         workdir_lib.append_row(ctx.workdir, row)
         live.append(row, history)                 # TensorBoard; curves.png now and then
-      checkpoint.save(start.mngr, epoch + 1, state, workdir_lib.resume_settings(ctx.config))
+      with _peers(ctx, f"the checkpoint of epoch {epoch + 1}", done):
+        checkpoint.save(start.mngr, epoch + 1, state,
+                        workdir_lib.resume_settings(ctx.config, ctx.data))
       done = epoch + 1
       if bar is not None:
         shown, label = (("validation", "val_acc") if "validation" in placed.splits
@@ -507,7 +581,8 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
         bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
                         acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
                         **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
-      signum = _stop_signal(ctx.stop)  # the caller waits for this checkpoint
+      with _peers(ctx, f"the end of epoch {done}", done):
+        signum = _stop_signal(ctx.stop)  # the caller waits for this checkpoint
       if signum and done < ctx.config.epochs:
         saved = "checkpoint and plots" if ctx.config.cv_folds else (
             "checkpoint, params.npz and plots")
@@ -524,6 +599,8 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
                    f"checkpoint after epoch {done} is kept: restart every process with the "
                    "same command to resume.") from None
   finally:
+    ctx.stop.deferring = False
+    boundary.phase("outputs")
     profile.stop()  # a run stopped early (a signal, divergence) still closes its trace
     live.close()
   return state, None

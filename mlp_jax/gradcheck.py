@@ -143,5 +143,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  from mlp_jax import boundary  # pylint: disable=g-import-not-at-top
   define_flags()
-  app.run(main)
+  boundary.script(lambda: app.run(main))

@@ -16,10 +16,15 @@ Many hosts: call `initialize` (jax.distributed) first; the mesh then spans the c
 devices of every process, and each process places only its own rows of the dataset.
 """
 
+import contextlib
+import errno
 import math
+import os
 import socket
+import sys
+import threading
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 from jax import Array
@@ -44,14 +49,54 @@ def initialize(coordinator_address: Optional[str] = None,
   to `timeout_seconds` for it to open, so a wrong address is a ConnectionError naming
   it rather than an abort from inside the coordination service.
   """
+  if coordinator_address is not None:
+    check_resolves(coordinator_address)
   if coordinator_address is not None and process_id is not None:
     if process_id == 0:
       check_port_free(coordinator_address)
     else:
       wait_for_coordinator(coordinator_address, timeout_seconds)
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id,
-                             initialization_timeout=timeout_seconds)
+  others = f"the other {num_processes - 1}" if num_processes else "the other"
+  with deadline(timeout_seconds, f"{others} process(es) did not join within "
+                f"--peer_timeout={timeout_seconds:g} s at "
+                f"{coordinator_address or 'the detected coordinator'}; start every "
+                "process with the same --coordinator_address and --num_processes, or "
+                "raise --peer_timeout."):
+    # JAX aborts the process (SIGABRT, a C++ trace) at its own timeout: ours comes first.
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=int(timeout_seconds) + 60)
+
+
+@contextlib.contextmanager
+def deadline(seconds: Optional[float], message: str) -> Iterator[None]:
+  """Ends the process with "error: MESSAGE" (one line, status 1) if the block has not
+  finished after `seconds` (None: no limit): a collective whose peer died or never came
+  hangs in C++, where no exception can reach it."""
+  if seconds is None:
+    yield
+    return
+  def expire() -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+  timer = threading.Timer(seconds, expire)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
+
+
+def check_resolves(address: str) -> None:
+  """ConnectionError if the host of host:port has no address."""
+  host, port = _host_port(address)
+  try:
+    socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+  except (socket.gaierror, UnicodeError) as e:
+    raise ConnectionError(f"the coordinator host {host!r} does not resolve "
+                          f"({getattr(e, 'strerror', None) or e}); fix "
+                          "--coordinator_address.") from None
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -61,12 +106,17 @@ def _host_port(address: str) -> tuple[str, int]:
 
 def check_port_free(address: str) -> None:
   """Raises ConnectionError if process 0 cannot listen on the port of `address`."""
-  _, port = _host_port(address)
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+  host, port = _host_port(address)
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as s:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-      s.bind(("", port))
+      s.bind((host, port))
     except OSError as e:
+      if e.errno == errno.EADDRNOTAVAIL:
+        raise ConnectionError(f"process 0 runs on the coordinator, but {host} is not an "
+                              "address of this machine; start process 0 on that host, or "
+                              "fix --coordinator_address.") from None
       raise ConnectionError(f"process 0 cannot listen on port {port} ({e.strerror}); "
                             "pick a free port for the coordinator address.") from None
 

@@ -282,9 +282,14 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
                      f"{target_epsilon:g} at δ = {delta:g} in {steps} steps of sampling "
                      f"rate {sampling_rate:.4g}; allow a larger ε, fewer epochs or a "
                      "smaller batch.")
+  least = 0.1  # the bracket's low end, and the least --dp_noise_multiplier
+  if epsilon(least, sampling_rate, steps, delta) <= target_epsilon:
+    raise ValueError(f"ε = {target_epsilon:g} is more than even σ = {least:g} spends "
+                     f"({epsilon(least, sampling_rate, steps, delta):.3g} at δ = {delta:g} "
+                     f"in {steps} steps): it promises no privacy; ask for a smaller ε.")
   sigma = dpa.calibrate_dp_mechanism(
       lambda: _accountant("pld"), lambda s: _dp_sgd_event(s, sampling_rate, steps),
-      target_epsilon, delta, dpa.ExplicitBracketInterval(0.1, max_noise_multiplier),
+      target_epsilon, delta, dpa.ExplicitBracketInterval(least, max_noise_multiplier),
       tol=1e-3)
   # Brent's answer is within tol of the boundary: step up until it is on the safe side.
   while epsilon(sigma, sampling_rate, steps, delta) > target_epsilon:

@@ -12,11 +12,9 @@ input_shape, class_names, dataset, pixel_max (the raw value of a white pixel; 0 
 the inputs are not images).
 """
 
-import glob
 import os
 import warnings
-import zipfile
-from typing import IO, Any, Mapping, NamedTuple, Optional, Union
+from typing import IO, Any, Iterator, Mapping, NamedTuple, Optional, Union
 
 import jax
 from jax import Array
@@ -25,6 +23,7 @@ from jax.typing import ArrayLike
 import numpy as np
 
 from mlp_jax import data
+from mlp_jax import files
 from mlp_jax import model as mlp
 from mlp_jax.model import Params
 
@@ -90,12 +89,12 @@ def load(path: str) -> TrainedModel:
   if not os.path.isfile(file):
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:
-    with open(file, "rb") as handle, np.load(handle, allow_pickle=False) as f:
-      arrays = dict(f)
-  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{file} is not a readable params.npz (truncated, or not an .npz: "
-                     f"{str(e).splitlines()[0][:80] if str(e) else type(e).__name__}); "
-                     "rerun the training to write it again.") from None
+    with files.NpzArchive(file) as npz:  # every header checked against its real size
+      arrays = {name: npz.read(name) for name in npz.names}
+  except ValueError as e:
+    reason = str(e).removeprefix(f"{file}: ").removeprefix(f"{file} is ")
+    raise ValueError(f"{file} is not a readable params.npz ({reason}); rerun the training "
+                     "to write it again.") from None
   missing = [k for k in (*Params._fields, *PREPROCESSING) if k not in arrays]
   if missing:
     raise ValueError(f"{file} lacks {', '.join(missing)}: it was written by an older "
@@ -145,6 +144,7 @@ def read_png(path: str, model: TrainedModel) -> np.ndarray:
                      "give an .npz of raw inputs.")
   h, w = model.input_shape
   try:
+    files.check_regular_file(path)
     with warnings.catch_warnings():
       warnings.simplefilter("error", Image.DecompressionBombWarning)
       with Image.open(path) as image:  # reads the header only
@@ -154,72 +154,30 @@ def read_png(path: str, model: TrainedModel) -> np.ndarray:
                            f"model takes 8-bit grayscale (mode L) images of {w}×{h} "
                            "pixels: convert it first.")
         pixels = np.asarray(image)
-  except (OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds on a bad file)
     raise ValueError(f"{path}: not a readable image of {w}×{h} pixels "
-                     f"({str(e).splitlines()[0][:100]}).") from None
+                     f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})."
+                     ) from None
   return pixels.astype(np.float32) * np.float32(model.pixel_max / 255)
 
 
-def _read_npz_inputs(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """(x, y or None) of an .npz of x (or x_test) and y (or y_test); ValueError, one line."""
-  try:
-    with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
-      key = next((k for k in ("x", "x_test") if k in f), None)
-      if key is None:
-        raise ValueError(f"{path} holds {', '.join(f.files)}; name the inputs x "
-                         "(and the labels y).")
-      label_key = {"x": "y", "x_test": "y_test"}[key]
-      return f[key], (f[label_key] if label_key in f else None)
-  except (OSError, EOFError, zipfile.BadZipFile) as e:
-    raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}).") from None
+# Examples predict.py holds in memory at once: its memory does not grow with the input.
+PREDICT_ROWS = 4096
+
+Batch = tuple[list[str], np.ndarray, Optional[np.ndarray]]   # names, raw x, labels or None
 
 
-def read_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = None
-                ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
-  """(names, raw inputs (N, ...), labels (N,) or None) of what `path` holds:
-
-      FILE.npz            x (or x_test) and optional y (or y_test)
-      an IDX file         images or vectors (…-idx3-ubyte[.gz]); labels from labels_path
-      PNG files           one path, a comma-separated list, or a directory of *.png
-
-  Raises ValueError (one line) for anything it cannot use.
-  """
-  paths = [p for p in path.split(",") if p]
-  if len(paths) == 1 and os.path.isdir(paths[0]):
-    paths = sorted(glob.glob(os.path.join(paths[0], "*.png")))
-    if not paths:
-      raise ValueError(f"{path} holds no .png files.")
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing or not paths:
-    raise ValueError(f"no such file: {', '.join(missing) or path!r}.")
-  labels: Any = None
-  names: Optional[list[str]]
-  x: Any
-  if all(p.lower().endswith(".png") for p in paths):
-
-    x = np.stack([read_png(p, model) for p in paths])
-    names = [os.path.basename(p) for p in paths]
-  elif len(paths) == 1 and paths[0].endswith(".npz"):
-    x, labels = _read_npz_inputs(paths[0])
-    names = None  # numbered below, once x is known to be an array of examples
-  elif len(paths) == 1:
-    try:
-      x = data.read_idx(paths[0])
-    except data.DataError as e:
-      raise ValueError(f"{e} Inputs are read from .npz, IDX or .png files.") from None
-    names = None
-  else:
-    raise ValueError(f"{path}: give one .npz or IDX file, or PNG files.")
-  if labels_path:
-    labels = data.read_idx(labels_path)
-  x = np.asarray(x)
+def _checked(x: np.ndarray, labels: Optional[np.ndarray], path: str, model: TrainedModel
+             ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """A batch of raw inputs (N, ...) and its labels, checked: finite real numbers, and
+  labels (N,) integers of the model's classes; ValueError, one line."""
   real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
   if not (real and x.ndim >= 1 and np.all(np.isfinite(x))):
     raise ValueError(f"{path}: the inputs must be an array (N, ...) of finite real "
                      f"numbers, got {x.dtype} of shape {x.shape}.")
-  names = names or [str(i) for i in range(len(x))]
   if labels is not None:
-    labels = np.asarray(labels)
     k = len(model.class_names)
     if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
       raise ValueError(f"the labels must be (N,) = ({len(x)},) integers, got "
@@ -227,4 +185,103 @@ def read_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = Non
     if labels.size and (labels.min() < 0 or labels.max() >= k):
       raise ValueError(f"the labels run from {labels.min()} to {labels.max()}, but this "
                        f"model has classes 0 to {k - 1}: give labels of the same classes.")
+  return x, labels
+
+
+def _npz_batches(path: str, rows: int) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+  """(x, y or None) slices of an .npz of x (or x_test) and y (or y_test)."""
+  with files.NpzArchive(path) as npz:
+    key = next((k for k in ("x", "x_test") if k in npz.names), None)
+    if key is None:
+      raise ValueError(f"{path} holds {', '.join(npz.names) or 'no arrays'}; name the "
+                       "inputs x (and the labels y).")
+    label_key = {"x": "y", "x_test": "y_test"}[key]
+    x_header = npz.header(key)
+    if not x_header.shape:
+      raise ValueError(f"{path}: the inputs must be an array (N, ...) of finite real "
+                       f"numbers, got {x_header.dtype} of shape ().")
+    if label_key not in npz.names:
+      for x in npz.read_rows(key, rows):
+        yield x, None
+      return
+    y_header = npz.header(label_key)
+    if y_header.shape != x_header.shape[:1]:
+      raise ValueError(f"the labels must be (N,) = ({x_header.shape[0]},) integers, got "
+                       f"{y_header.dtype} {y_header.shape}.")
+    yield from zip(npz.read_rows(key, rows), npz.read_rows(label_key, rows))
+
+
+def _idx_batches(path: str, labels_path: Optional[str], rows: int
+                 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+  """(x, labels or None) slices of an IDX file and its IDX labels."""
+  try:
+    with data.open_idx(path) as (_, header):
+      count = header.dims[0]
+    inputs = data.read_idx_rows(path, rows)
+    if not labels_path:
+      for x in inputs:
+        yield x, None
+      return
+    with data.open_idx(labels_path) as (_, label_header):
+      if label_header.dims[0] != count or len(label_header.dims) != 1:
+        raise ValueError(f"the labels must be (N,) = ({count},) integers, got "
+                         f"{label_header.dtype} {label_header.dims}.")
+    yield from zip(inputs, data.read_idx_rows(labels_path, rows))
+  except data.DataError as e:
+    raise ValueError(f"{e} Inputs are read from .npz, IDX or .png files.") from None
+
+
+def _input_paths(path: str) -> list[str]:
+  paths = [p for p in path.split(",") if p]
+  if len(paths) == 1 and os.path.isdir(paths[0]):
+    directory = paths[0]
+    paths = sorted(os.path.join(directory, n) for n in os.listdir(directory)
+                   if n.lower().endswith(".png"))
+    if not paths:
+      raise ValueError(f"{path} holds no .png files (of any case: .png, .PNG).")
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing or not paths:
+    raise ValueError(f"no such file: {', '.join(missing) or path!r}.")
+  return paths
+
+
+def iter_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = None,
+                rows: int = PREDICT_ROWS) -> Iterator[Batch]:
+  """(names, raw inputs (n, ...), labels (n,) or None) of what `path` holds, in batches
+  of at most `rows` examples (memory does not grow with the input):
+
+      FILE.npz            x (or x_test) and optional y (or y_test)
+      an IDX file         images or vectors (…-idx3-ubyte[.gz]); labels from labels_path
+      PNG files           one path, a comma-separated list, or a directory of *.png
+
+  Raises ValueError (one line) for anything it cannot use, before or while it yields.
+  """
+  paths = _input_paths(path)
+  if all(p.lower().endswith(".png") for p in paths):
+    if labels_path:
+      raise ValueError("--labels goes with an IDX --input; PNG files have no labels.")
+    for start in range(0, len(paths), rows):
+      chunk = paths[start:start + rows]
+      x = np.stack([read_png(p, model) for p in chunk])
+      yield [os.path.basename(p) for p in chunk], *_checked(x, None, path, model)
+    return
+  if len(paths) > 1:
+    raise ValueError(f"{path}: give one .npz or IDX file, or PNG files.")
+  batches = (_npz_batches(paths[0], rows) if paths[0].endswith(".npz")
+             else _idx_batches(paths[0], labels_path, rows))
+  done = 0
+  for x, labels in batches:
+    x, labels = _checked(x, labels, path, model)
+    yield [str(i) for i in range(done, done + len(x))], x, labels
+    done += len(x)
+
+
+def read_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = None
+                ) -> tuple[list[str], np.ndarray, Optional[np.ndarray]]:
+  """(names, raw inputs (N, ...), labels (N,) or None): iter_inputs' batches joined."""
+  batches = list(iter_inputs(path, model, labels_path))
+  names = [name for batch in batches for name in batch[0]]
+  x = np.concatenate([batch[1] for batch in batches])
+  labels = (None if batches[0][2] is None
+            else np.concatenate([batch[2] for batch in batches]))  # type: ignore[misc]
   return names, x, labels

@@ -13,19 +13,21 @@ A workdir serves one run at a time (WorkdirLock), and holds one run's settings: 
 resume must match RESUME_FIELDS.
 """
 
-import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import platform
 import tempfile
-from typing import IO, TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import numpy as np
 
+from mlp_jax import config as config_lib
 from mlp_jax import data
+from mlp_jax import files
 from mlp_jax.config import Config
 from mlp_jax.config import Log
 from mlp_jax.config import RunError
@@ -59,7 +61,7 @@ class WorkdirLock:
 
   def acquire(self) -> None:
     """Takes the lock, writing this pid into it; RunError naming the holder if taken."""
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = files.open_for_update(self.path, os.O_RDWR | os.O_CREAT)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -79,9 +81,11 @@ class WorkdirLock:
       self._fd = None
 
 
-def prepare(config: Config, log: Log = print) -> tuple[str, dict[str, Any], WorkdirLock]:
-  """Creates and locks the workdir (a fresh temporary one if None); refuses one in use
-  or holding a run of other settings (RESUME_FIELDS).
+def prepare(config: Config, log: Log = print, fingerprint: Optional[dict[str, Any]] = None
+            ) -> tuple[str, dict[str, Any], WorkdirLock]:
+  """Creates and locks the workdir (a fresh temporary one if None); refuses one in use,
+  a symlink where it writes a file, or one holding a run of other settings
+  (RESUME_FIELDS) or other data (`fingerprint`, data_fingerprint's).
 
   Returns (workdir, the config.json of the run it holds or {}, the WorkdirLock to release;
   only process 0 locks).
@@ -94,19 +98,23 @@ def prepare(config: Config, log: Log = print) -> tuple[str, dict[str, Any], Work
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
       lock.acquire()
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    try:
-      with open(probe, "w") as f:
-        f.write("ok")
-    finally:
-      if os.path.exists(probe):
-        os.remove(probe)
+    # A probe of a new random name, created exclusively: writable, and nothing followed.
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=f".write-test{files.TEMPORARY_MARK}"):
+      pass
+    for name in ("checkpoints", "tensorboard", "refit"):  # directories it writes into
+      if os.path.islink(os.path.join(workdir, name)):
+        files.refuse_link(os.path.join(workdir, name))
+  except files.UnsafePath as e:
+    lock.release()
+    raise RunError(f"{e.strerror}.") from None
   except OSError as e:
     lock.release()
     raise RunError(f"--workdir {workdir} is not writable ({e.strerror}); choose another "
                    "path.") from None
   try:
-    return (workdir, _check_old_run(workdir, config, log), lock)
+    if jax.process_index() == 0:
+      files.remove_stale_temporaries(workdir)
+    return (workdir, _check_old_run(workdir, config, log, fingerprint), lock)
   except RunError:
     lock.release()
     raise
@@ -122,7 +130,8 @@ def _set_aside(path: str, kind: str) -> str:
   return aside
 
 
-def _check_old_run(workdir: str, config: Config, log: Log) -> dict[str, Any]:
+def _check_old_run(workdir: str, config: Config, log: Log,
+                   fingerprint: Optional[dict[str, Any]]) -> dict[str, Any]:
   """The workdir's config.json ({} if none, or unreadable: then set aside, and the
   checkpoint's own record of the settings is checked instead); RunError if its
   RESUME_FIELDS differ or it was written by a version whose checkpoints hold one model,
@@ -133,13 +142,16 @@ def _check_old_run(workdir: str, config: Config, log: Log) -> dict[str, Any]:
   try:
     with open(old_config) as f:
       old_run = json.load(f)
-    if not isinstance(old_run, dict):
-      raise ValueError("not a JSON object")
-  except ValueError as e:  # empty, truncated, not JSON
+    _check_record(old_run)
+  except ValueError as e:  # empty, truncated, not JSON, not the layout this writes
     aside = _set_aside(old_config, "unreadable") if jax.process_index() == 0 else ""
     log(f"config.json is unreadable ({str(e).splitlines()[0][:80]}); kept as {aside}, "
         "and the checkpoint's record of the settings is checked instead")
     return {}
+  if isinstance(old_run.get("format"), int) and old_run["format"] > FORMAT:
+    raise RunError(f"--workdir {workdir} holds a run of a newer mlp_jax (config.json "
+                   f"format {old_run['format']}, this version writes {FORMAT}); finish it "
+                   "with that version, or use a fresh --workdir.")
   if old_run.get("format") != FORMAT:
     raise RunError(f"--workdir {workdir} holds a run of mlp_jax 0.2 or older, whose "
                    "checkpoints this version cannot resume; finish it with that version "
@@ -149,17 +161,90 @@ def _check_old_run(workdir: str, config: Config, log: Log) -> dict[str, Any]:
     private = any(old.get(f) is not None for f in ("dp_noise_multiplier", "dp_target_epsilon"))
     old = {**old, "input_scaling": "global" if private else "per_feature"}
   for field in RESUME_FIELDS:
-    if field in old and old[field] != json.loads(json.dumps(getattr(config, field))):
+    if field in old and _comparable(field, old[field]) != _comparable(
+        field, json.loads(json.dumps(getattr(config, field)))):
       raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
                      f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
+  if fingerprint is not None and "data" in old_run:
+    check_data(old_run["data"], fingerprint, "this workdir's run")
   return old_run
 
 
-def resume_settings(config: Config) -> dict[str, Any]:
-  """What a checkpoint records and a resume must match: RESUME_FIELDS and the float
-  precision (JAX_ENABLE_X64), as JSON values."""
-  settings = {field: getattr(config, field) for field in RESUME_FIELDS}
+# The types of config.json's entries that a resume reads: anything else is unreadable.
+_RECORD_TYPES = {"format": int, "config": dict, "runs": list, "schedule_epochs": list,
+                 "data": dict}
+
+
+def _check_record(record: Any) -> None:
+  """ValueError unless `record` has config.json's layout (the entries a resume reads)."""
+  if not isinstance(record, dict):
+    raise ValueError("not a JSON object")
+  for key, kind in _RECORD_TYPES.items():
+    if key in record and not isinstance(record[key], kind):
+      raise ValueError(f"its {key!r} is {type(record[key]).__name__}, not {kind.__name__}")
+  ends = record.get("schedule_epochs") or []
+  if not all(isinstance(e, int) and not isinstance(e, bool) for e in ends):
+    raise ValueError("its 'schedule_epochs' are not whole numbers")
+
+
+def _comparable(field: str, value: Any) -> Any:
+  """A setting's value as a resume compares it: a sweep as its parsed grid (so that
+  0.001,0.002 and 1e-3,2e-3 are the same grid)."""
+  if field == "sweep" and isinstance(value, (list, tuple)):
+    try:
+      return config_lib.parse_sweep(value)
+    except RunError:
+      return value
+  return value
+
+
+def data_fingerprint(ds: data.Dataset) -> dict[str, Any]:
+  """What a run's training data were as it read them: each training array's shape,
+  dtype and the SHA-256 of its bytes (train, and validation where held out; about
+  1 GB/s). config.json and every checkpoint record it; a resume on other data is
+  refused (check_data)."""
+  arrays = {"x_train": ds.x_train, "y_train": ds.y_train}
+  if ds.x_val is not None and ds.y_val is not None:
+    arrays.update(x_val=ds.x_val, y_val=ds.y_val)
+  record: dict[str, Any] = {}
+  for name, array in arrays.items():
+    array = np.ascontiguousarray(array)
+    record[name] = {"shape": list(array.shape), "dtype": str(array.dtype),
+                    "sha256": hashlib.sha256(array.data).hexdigest()}
+  return record
+
+
+def check_data(saved: Any, fingerprint: dict[str, Any], whose: str) -> None:
+  """RunError naming what changed if `fingerprint` (data_fingerprint) is not `saved`."""
+  if saved == fingerprint:
+    return
+  if not isinstance(saved, dict):
+    saved = {}
+  for name in sorted(set(saved) | set(fingerprint)):
+    old, new = saved.get(name), fingerprint.get(name)
+    if old == new:
+      continue
+    if old is None or new is None:
+      change = f"{name} is {'new' if old is None else 'gone'}"
+    elif old.get("shape") != new["shape"] or old.get("dtype") != new["dtype"]:
+      change = (f"{name} is {new['dtype']} {tuple(new['shape'])}, was "
+                f"{old.get('dtype')} {tuple(old.get('shape', ()))}")
+    else:
+      change = (f"{name} holds other values (SHA-256 {new['sha256'][:12]}…, was "
+                f"{str(old.get('sha256'))[:12]}…)")
+    raise RunError(f"the training data differ from those {whose} was trained on: "
+                   f"{change}; resume with the data it started on, or use a fresh "
+                   "--workdir.")
+
+
+def resume_settings(config: Config, fingerprint: Optional[dict[str, Any]] = None
+                    ) -> dict[str, Any]:
+  """What a checkpoint records and a resume must match: RESUME_FIELDS, the float
+  precision (JAX_ENABLE_X64) and the training data (`fingerprint`), as JSON values."""
+  settings: dict[str, Any] = {field: getattr(config, field) for field in RESUME_FIELDS}
   settings["jax_enable_x64"] = bool(jax.config.read("jax_enable_x64"))
+  if fingerprint is not None:
+    settings["data"] = fingerprint
   return json.loads(json.dumps(settings))
 
 
@@ -211,25 +296,12 @@ def config_record(ctx: "RunContext", old_run: dict[str, Any], cycle_ends: list[i
               "num_devices": mesh.size, "mesh": dict(mesh.shape),
               "num_processes": jax.process_count(), "platform": jax.default_backend()}
   return {"format": FORMAT, "config": config._asdict(), "schedule_epochs": cycle_ends,
+          "data": ctx.data,
           "dp": dp_record, "num_classes": ds.num_classes, "in_dim": ds.x_train.shape[1],
           "train_examples": len(ds.y_train), "runs": [*old_run.get("runs", []), this_run]}
 
 
-@contextlib.contextmanager
-def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
-  """A file object on a temporary twin of `path`, renamed to `path` once the block has
-  written it completely and flushed it to disk: a crash or a full disk never leaves a
-  truncated `path` behind (the temporary twin is removed)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+atomic_file = files.atomic_file
 
 
 def write_json(path: str, value: Any) -> None:
@@ -279,7 +351,8 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
         row = json.loads(line)
       except ValueError:
         row = None
-      if isinstance(row, dict) and "epoch" in row:
+      epoch = row.get("epoch") if isinstance(row, dict) else None
+      if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
         rows.append(row)
       else:
         torn.append(number)
@@ -295,5 +368,4 @@ def write_history(workdir: str, rows: list[Row]) -> None:
 def append_row(workdir: str, row: Row) -> None:
   """One epoch's line appended to WORKDIR/metrics.jsonl."""
 
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-    f.write(json.dumps(row) + "\n")
+  files.append(os.path.join(workdir, "metrics.jsonl"), json.dumps(row) + "\n")

@@ -239,8 +239,8 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_pat
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"dp_noise_multiplier": 0.0}, "--dp_noise_multiplier=0.0: must be > 0"),
-    ({"dp_noise_multiplier": -1.0}, "--dp_noise_multiplier=-1.0: must be > 0"),
+    ({"dp_noise_multiplier": 0.0}, "--dp_noise_multiplier=0.0: must be >= 0.1"),
+    ({"dp_noise_multiplier": -1.0}, "--dp_noise_multiplier=-1.0: must be >= 0.1"),
     ({"dp_clip_norm": 0.0}, "--dp_clip_norm=0.0: must be > 0"),
     ({"dp_noise_multiplier": None, "dp_target_epsilon": -3.0},
      "--dp_target_epsilon=-3.0: must be > 0"),

@@ -375,7 +375,7 @@ def test_npz_with_a_huge_claimed_array_is_refused_before_reading(tmp_path):
     for name in ("y_train", "x_test", "y_test"):
       z.writestr(f"{name}.npy", _npy({"descr": "<i8", "fortran_order": False,
                                       "shape": (1,)}, bytes(8)))
-  with pytest.raises(data.DataError, match="claims shape"):
+  with pytest.raises(data.DataError, match="declares shape"):
     data.load(f"npz:{path}")
 
 

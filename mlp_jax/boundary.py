@@ -1,0 +1,270 @@
+"""The one error boundary of every entry point, and Ctrl-C / SIGTERM outside training.
+
+    train.py, predict.py, benchmark.py, python -m mlp_jax.gradcheck:
+
+        if __name__ == "__main__":
+          boundary.script(lambda: app.run(main))     # exits with main's status
+
+Whatever is raised underneath, a failure ends in ONE line on stderr, naming the problem
+and the fix, and the full traceback goes to a log file whose path that line gives
+(WORKDIR/error.log once a run has its workdir, else a new temporary file; a UserError
+before any workdir exists, a refused setting say, needs none and writes nothing):
+
+    UserError (RunError, DataError), OSError, MemoryError   error: ..., status 1
+    a signal that stopped the run (`signum`)                 stopped: ..., 128 + signum
+    anything else: a bug                                     error: internal error ...,
+                                                             status 1, "please report"
+
+Background threads (orbax's savers, asyncio) are silenced around that line: their
+exceptions go to the log, and the process ends with os._exit once the line is out, so
+no atexit hook prints after it.
+
+This module imports nothing heavy (no JAX): the scripts install it first, so a Ctrl-C
+during their imports is one line too. `phase` names what the run is doing; outside the
+epochs (which checkpoint, see experiment._StopSignals) a first Ctrl-C or SIGTERM stops
+at once with one line naming the phase.
+"""
+
+import logging
+import os
+import signal
+import sys
+import tempfile
+import threading
+import traceback
+from types import FrameType
+from typing import Any, Callable, NoReturn, Optional
+
+
+class UserError(Exception):
+  """A problem of the input, the settings or the machine; the message is one line for
+  the user, naming the problem and the fix. `internal`: it stands for a bug underneath
+  (its traceback is always logged)."""
+
+  internal = False
+
+
+SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+# What a signal in each phase leaves, and what to do: said when it stops the run there.
+PHASES = {
+    "start": "while starting; nothing was written: rerun the command",
+    "data": "while loading the data; the workdir is as it was: rerun the same command",
+    "calibrate": "while calibrating the DP noise σ; the workdir is as it was: rerun the "
+                 "same command",
+    "restore": "before the first epoch; the workdir's newest checkpoint is kept: rerun "
+               "the same command to resume",
+    "train": "during training; the workdir's newest checkpoint is kept: rerun the same "
+             "command to resume",
+    "refit": "after the selection, before its refit; the selection is complete: rerun "
+             "the same command to refit",
+    "outputs": "while writing the final outputs; the checkpoint of the last epoch is "
+               "complete: rerun the same command to write them",
+}
+# Tests only: MLP_JAX_SIGNAL_AT=PHASE[:SIGNUM] sends this process the signal (default
+# SIGINT) as it enters PHASE, so that each phase's handling is tested for real.
+SIGNAL_AT_ENV = "MLP_JAX_SIGNAL_AT"
+
+_state: dict[str, Any] = {"phase": "start", "log_dir": None, "deferred": []}
+
+
+def phase(name: str) -> None:
+  """The run enters phase `name` (a key of PHASES)."""
+  _state["phase"] = name
+  wanted, _, signum = os.environ.get(SIGNAL_AT_ENV, "").partition(":")
+  if wanted == name:
+    os.kill(os.getpid(), int(signum or signal.SIGINT))
+
+
+def set_log_dir(directory: Optional[str]) -> None:
+  """Where error.log goes from now on (the run's workdir); None: a temporary file."""
+  _state["log_dir"] = directory
+
+
+def _stop_at_once(signum: int, frame: Optional[FrameType]) -> None:
+  """The handler outside the epochs: one line, exit 128 + signum, nothing raised (an
+  exception raised in a handler can land anywhere: a GC callback, a C++ call)."""
+  del frame
+  what = PHASES.get(_state["phase"], _state["phase"])
+  _print_line(f"stopped: {SIGNAL_NAMES.get(signum, signum)} {what}.")
+  os._exit(128 + signum)
+
+
+def install_stop_at_once() -> None:
+  """Ctrl-C and SIGTERM stop the process at once with one line (scripts only: a
+  library caller keeps Python's KeyboardInterrupt)."""
+  if threading.current_thread() is threading.main_thread():
+    for signum in SIGNAL_NAMES:
+      signal.signal(signum, _stop_at_once)
+
+
+def _print_line(line: str) -> None:
+  try:
+    sys.stdout.flush()
+  except (OSError, ValueError):
+    pass
+  try:
+    print(line, file=sys.stderr, flush=True)
+  except (OSError, ValueError):
+    pass
+
+
+def _log_path() -> str:
+  """A new file for the traceback: WORKDIR/error.log (never through a link), else a
+  temporary file."""
+  from mlp_jax import files  # pylint: disable=g-import-not-at-top  (numpy only)
+  directory = _state["log_dir"]
+  if directory and os.path.isdir(directory):
+    path = os.path.join(directory, "error.log")
+    try:
+      files.refuse_link(path)
+      return path
+    except OSError:
+      pass
+  fd, path = tempfile.mkstemp(prefix="mlp_jax-error-", suffix=".log")
+  os.close(fd)
+  return path
+
+
+def _write_log(text: str) -> Optional[str]:
+  """Writes `text` to the log file; its path, or None where nothing can be written."""
+  from mlp_jax import files  # pylint: disable=g-import-not-at-top
+  for attempt in range(2):
+    try:
+      path = _log_path() if attempt == 0 else tempfile.mkstemp(prefix="mlp_jax-error-",
+                                                               suffix=".log")[1]
+      with files.atomic_file(path, "w") as f:
+        f.write(text)
+      return path
+    except OSError:
+      _state["log_dir"] = None
+  return None
+
+
+def _deferred_text() -> str:
+  return "".join(_state["deferred"])
+
+
+def _background_exception(args: Any) -> None:
+  """threading.excepthook: a background thread's exception is kept for the log."""
+  _state["deferred"].append("".join(traceback.format_exception(
+      args.exc_type, args.exc_value, args.exc_traceback)))
+
+
+def _unraisable(args: Any) -> None:
+  """sys.unraisablehook: kept for the log (an exception in a GC callback, __del__)."""
+  if args.exc_type is not None:
+    _state["deferred"].append("".join(traceback.format_exception(
+        args.exc_type, args.exc_value, args.exc_traceback)))
+
+
+def describe(e: BaseException) -> tuple[str, int]:
+  """(the one line, the exit status) of an exception that ended an entry point."""
+  signum = getattr(e, "signum", None)
+  if isinstance(signum, int):
+    return f"stopped: {e}", 128 + signum
+  if isinstance(e, KeyboardInterrupt):
+    return "stopped: Ctrl-C", 128 + signal.SIGINT
+  if isinstance(e, UserError):
+    return f"error: {e}", 1
+  if isinstance(e, MemoryError):
+    return ("error: out of memory"
+            + (f" ({_first_line(e)})" if str(e) else "")
+            + "; use smaller settings (--hidden_dim, --batch_size, fewer models) or a "
+              "smaller input.", 1)
+  if isinstance(e, OSError):
+    where = f" {e.filename}" if e.filename else ""
+    return f"error: cannot use{where} ({e.strerror or _first_line(e)}); check the path " \
+           "and its permissions, and that the disk has room.", 1
+  environment = _environment_problem(e)
+  if environment:
+    return f"error: {environment}", 1
+  return (f"error: internal error ({type(e).__name__}: {_first_line(e)}): a bug in "
+          "mlp_jax; please report it with the traceback", 1)
+
+
+def _environment_problem(e: BaseException) -> Optional[str]:
+  """The one line for the JAX errors that a machine's setting causes, or None."""
+  text = str(e)
+  if "Unable to initialize backend" in text or "Backend '" in text and "not in" in text:
+    return (f"JAX cannot start the backend it was asked for ({_first_line(e)}); unset "
+            "JAX_PLATFORMS (or set it to a platform this machine has, e.g. cpu), or "
+            "install the jax build for that accelerator.")
+  if "jax_enable_x64" in text or "JAX_ENABLE_X64" in text:
+    return (f"the JAX_ENABLE_X64 environment variable is not a truth value "
+            f"({_first_line(e)}); set it to 0 or 1, or unset it.")
+  return None
+
+
+_TRUTH_VALUES = ("", "0", "1", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off")
+
+
+def check_environment() -> None:
+  """UserError for the environment settings that JAX would abort on in C++ (a crash, not
+  an exception) or refuse with a traceback at import: XLA_FLAGS' host device count,
+  JAX_ENABLE_X64. Called before JAX is imported."""
+  for flag in os.environ.get("XLA_FLAGS", "").split():
+    name, _, value = flag.partition("=")
+    if name == "--xla_force_host_platform_device_count" and not (
+        value.isdigit() and int(value) >= 1):
+      raise UserError(f"XLA_FLAGS has {flag}: the device count must be a whole number "
+                      ">= 1; fix or unset XLA_FLAGS.")
+  x64 = os.environ.get("JAX_ENABLE_X64")
+  if x64 is not None and x64.strip().lower() not in _TRUTH_VALUES:
+    raise UserError(f"JAX_ENABLE_X64={x64!r} is not a truth value; set it to 0 or 1, or "
+                    "unset it.")
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def run(body: Callable[[], Optional[int]]) -> int:
+  """Runs an entry point's body inside the boundary; its exit status (body's return
+  value, 0 for None; SystemExit's code passes through)."""
+  previous = threading.excepthook, sys.unraisablehook, logging.root.manager.disable
+  threading.excepthook, sys.unraisablehook = _background_exception, _unraisable
+  _state.update(phase="start", log_dir=None, deferred=[])
+  try:
+    return int(body() or 0)
+  except SystemExit as e:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+  except BrokenPipeError:  # `| head`: the reader left; say nothing, as Unix tools do
+    try:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+      pass
+    return 128 + signal.SIGPIPE
+  except BaseException as e:  # pylint: disable=broad-except  (the boundary)
+    logging.disable(logging.CRITICAL)   # orbax's threads: nothing around the line
+    line, status = describe(e)
+    path = None
+    internal = not isinstance(e, UserError) or getattr(e, "internal", False)
+    if _state["log_dir"] or internal or _deferred_text():
+      path = _write_log("".join(traceback.format_exception(e)) + _deferred_text())
+    if line.startswith("error: internal error"):
+      line += f" in {path}" if path else " (no file could be written for it)"
+    elif path:
+      line += f" [traceback: {path}]"
+    _print_line(line)
+    return status
+  finally:
+    threading.excepthook, sys.unraisablehook = previous[:2]
+    logging.disable(previous[2])
+
+
+def script(main: Callable[[], Any]) -> NoReturn:
+  """A script's `__main__`: `main` (absl's app.run(...), which raises SystemExit) in the
+  boundary, then the exit: a failure exits with os._exit once its line is out, so no
+  background thread or atexit hook prints after it."""
+  install_stop_at_once()
+  status = run(main)
+  if status == 0:
+    sys.exit(0)
+  logging.disable(logging.CRITICAL)
+  try:
+    sys.stdout.flush()
+  except (OSError, ValueError):
+    pass
+  os._exit(status)

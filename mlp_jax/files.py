@@ -1,0 +1,258 @@
+"""Every file mlp_jax writes or reads, through a few functions that hold the guarantees.
+
+Writing (the workdir, predict.py's --output):
+    created, never followed   a file is opened with O_NOFOLLOW and, where it is new,
+                              O_EXCL: a symlink (or any other non-file) where a file is
+                              expected is refused in one line, never written through
+    atomic                    a finished file is written to a fresh temporary twin
+                              (.NAME.tmp-XXXX, created exclusively) and renamed into
+                              place; the twins a killed run leaves are removed at the
+                              next start (`remove_stale_temporaries`)
+Reading (datasets, params.npz, predict.py's inputs):
+    bounded                   only regular files are read (no /dev/zero, no pipe); an
+                              .npz member is read by its exact name, its header's shape
+                              checked against the member's real size and the memory
+                              budget before anything is allocated
+
+Permissions are the user's: new files get 0o666 and new directories 0o777, less the
+umask, as `open` and `mkdir` would give them.
+"""
+
+import contextlib
+import errno
+import os
+import stat
+import tempfile
+import zipfile
+import zlib
+from typing import IO, Any, Iterator, NamedTuple, Optional
+
+import numpy as np
+
+TEMPORARY_MARK = ".tmp-"   # in the names of atomic_file's temporary twins
+
+
+class UnsafePath(OSError):
+  """A path that is not the plain file or directory it should be (a symlink, a device, a
+  pipe); the message is one line naming it and the fix."""
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def refuse_link(path: str) -> None:
+  """UnsafePath if `path` is a symlink (dangling or not)."""
+  if os.path.islink(path):
+    raise UnsafePath(errno.ELOOP, f"{path} is a symbolic link, where mlp_jax writes a file "
+                     "of its own; it never writes through a link: remove the link, or use "
+                     "another --workdir", path)
+
+
+def open_for_update(path: str, flags: int, mode: int = 0o666) -> int:
+  """os.open of `path` with O_NOFOLLOW | O_CLOEXEC added (a file descriptor); a symlink
+  at `path` is UnsafePath, anything but a regular file there too."""
+  try:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      refuse_link(path)
+    raise
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise UnsafePath(errno.EINVAL, f"{path} is not a regular file; remove it, or use "
+                     "another --workdir", path)
+  return fd
+
+
+def append(path: str, text: str) -> None:
+  """Appends `text` to the file at `path` (created if absent), never through a link."""
+  fd = open_for_update(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
+  """A file object on a new temporary twin of `path` (created exclusively, in the same
+  directory), renamed to `path` once the block has written it completely and flushed it
+  to disk: a crash or a full disk never leaves a truncated `path` behind (the twin is
+  removed). A symlink at `path` is refused (UnsafePath): the rename would replace the
+  link, not what it points to, but a link there is not this project's file."""
+  refuse_link(path)
+  directory, name = os.path.split(path)
+  fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMPORARY_MARK}", dir=directory or ".")
+  try:
+    os.fchmod(fd, 0o666 & ~_umask())
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+  """Removes the temporary twins (.NAME.tmp-XXXX) a killed write left in `directory`;
+  only while this process holds the directory (the workdir's lock). Returns their names."""
+  stale = [n for n in os.listdir(directory) if n.startswith(".") and TEMPORARY_MARK in n]
+  for name in stale:
+    os.remove(os.path.join(directory, name))
+  return stale
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def memory_budget() -> int:
+  """Bytes a reader may allocate: half of the host's available memory (or 4 GiB where
+  that cannot be read)."""
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+  except (ValueError, OSError):
+    return 1 << 32
+
+
+def check_regular_file(path: str) -> int:
+  """The size of the regular file at `path` (a symlink to one is fine); OSError if it is
+  missing, UnsafePath if it is a device, a pipe, a socket or a directory."""
+  mode = os.stat(path)
+  if not stat.S_ISREG(mode.st_mode):
+    kind = "a directory" if stat.S_ISDIR(mode.st_mode) else "not a regular file (a device or a pipe?)"
+    raise UnsafePath(errno.EINVAL, f"{path} is {kind}; give a file", path)
+  return mode.st_size
+
+
+class NpyHeader(NamedTuple):
+  """What an .npy member's header declares."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  fortran: bool
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
+
+
+def read_npy_header(f: IO[bytes]) -> NpyHeader:
+  """The header of the .npy stream `f`, leaving `f` at the first data byte."""
+  version = np.lib.format.read_magic(f)
+  read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+          else np.lib.format.read_array_header_2_0)
+  shape, fortran, dtype = read(f)
+  return NpyHeader(tuple(int(s) for s in shape), dtype, bool(fortran))
+
+
+class NpzArchive:
+  """An .npz opened for bounded reading: members by their exact name NAME.npy.
+
+      with NpzArchive(path, error=ValueError) as npz:
+        npz.names                 # the arrays it holds ("x_train", ...)
+        header = npz.header("x")  # shape, dtype: checked, nothing read yet
+        x = npz.read("x")         # the whole array, after the checks
+        for rows in npz.read_rows("x", 4096): ...   # or in slices of rows
+
+  Every member's header is checked when it is opened: no object arrays (nothing is
+  unpickled), a declared size that its member's real size can hold, and at most
+  `max_bytes`. Problems raise `error` with one line.
+  """
+
+  def __init__(self, path: str, error: type = ValueError, max_bytes: Optional[int] = None):
+    self.path, self.error = path, error
+    self.max_bytes = memory_budget() if max_bytes is None else max_bytes
+    self._zip: Optional[zipfile.ZipFile] = None
+
+  def __enter__(self) -> "NpzArchive":
+    try:
+      check_regular_file(self.path)
+      self._zip = zipfile.ZipFile(self.path)
+    except UnsafePath as e:
+      raise self.error(f"{e.strerror}.") from None
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+      raise self.error(f"{self.path} is not a readable .npz ({_reason(e)}).") from None
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self._zip is not None:
+      self._zip.close()
+
+  @property
+  def names(self) -> list[str]:
+    assert self._zip is not None
+    return [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
+
+  def _open(self, name: str) -> tuple[IO[bytes], NpyHeader]:
+    assert self._zip is not None
+    if name not in self.names:
+      raise self.error(f"{self.path} holds no array {name}; it holds "
+                       f"{', '.join(self.names) or 'no arrays'}.")
+    info = self._zip.getinfo(name + ".npy")
+    f = self._zip.open(info)
+    try:
+      header = read_npy_header(f)
+    except Exception as e:  # pylint: disable=broad-except  (numpy raises several kinds)
+      f.close()
+      raise self.error(f"{self.path}: {name} is not a readable .npy ({_reason(e)}).") from None
+    problem = None
+    if header.dtype.hasobject:
+      problem = ("holds Python objects; only plain numeric arrays are loaded (pickles "
+                 "are never unpickled)")
+    elif header.nbytes > info.file_size:
+      problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes) but its member "
+                 f"holds {info.file_size:,} bytes: the file is truncated or corrupt")
+    elif header.nbytes > self.max_bytes:
+      problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes), more than the "
+                 f"{self.max_bytes:,} bytes of memory this reader may use")
+    if problem:
+      f.close()
+      raise self.error(f"{self.path}: {name} {problem}.")
+    return f, header
+
+  def header(self, name: str) -> NpyHeader:
+    """`name`'s checked header (the member is opened, nothing of its data read)."""
+    f, header = self._open(name)
+    f.close()
+    return header
+
+  def read_rows(self, name: str, rows: int) -> Iterator[np.ndarray]:
+    """`name` in slices of at most `rows` rows along its first axis (one slice for a
+    0-d array); only a slice is ever in memory."""
+    f, header = self._open(name)
+    with f:
+      if header.fortran and len(header.shape) > 1:
+        raise self.error(f"{self.path}: {name} is stored in Fortran order; save it with "
+                         "np.savez from a C-ordered array (np.ascontiguousarray).")
+      shape = header.shape or (1,)
+      row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * header.dtype.itemsize
+      for start in range(0, shape[0], max(rows, 1)):
+        count = min(rows, shape[0] - start)
+        buffer = self._read_exactly(f, count * row_bytes, name)
+        chunk = np.frombuffer(buffer, header.dtype).reshape((count, *shape[1:]))
+        yield chunk.reshape(header.shape) if not header.shape else chunk
+      if not shape[0]:
+        yield np.zeros(header.shape, header.dtype)
+
+  def _read_exactly(self, f: IO[bytes], size: int, name: str) -> bytes:
+    try:
+      buffer = f.read(size)
+    except (OSError, zlib.error, EOFError, zipfile.BadZipFile) as e:
+      raise self.error(f"{self.path}: {name} cannot be read ({_reason(e)}).") from None
+    if len(buffer) != size:
+      raise self.error(f"{self.path}: {name} is truncated ({len(buffer):,} of {size:,} "
+                       "bytes).")
+    return buffer
+
+  def read(self, name: str) -> np.ndarray:
+    """The whole array `name`, read after its header's checks."""
+    chunks = list(self.read_rows(name, 1 << 62))
+    return chunks[0].copy() if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _reason(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:120]}" if text else type(e).__name__
