@@ -13,7 +13,6 @@ Any failure is one line (mlp_jax.boundary).
 """
 
 import contextlib
-import csv
 import os
 import sys
 
@@ -44,22 +43,6 @@ def check_output(path):
                              "create it first.")
 
 
-@contextlib.contextmanager
-def csv_rows(path, model):
-  """A function writing a batch's rows to the CSV at `path` (atomically, at the end)."""
-  from mlp_jax import files  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  with files.atomic_file(path, "w") as f:
-    out = csv.writer(f)
-    out.writerow(["name", "class", "class_name", *(f"p_{c}" for c in model.class_names)])
-
-    def write(names, probabilities):
-      for name, p in zip(names, probabilities):
-        k = int(np.argmax(p))
-        out.writerow([name, k, model.class_names[k], *(f"{v:.6g}" for v in p)])
-    yield write
-
-
 def predict():
   """Streams the inputs through the model; returns the exit status."""
   FLAGS = flags.FLAGS
@@ -74,7 +57,7 @@ def predict():
     probabilities_of = jax.jit(model.predict_proba)
     count = hits = 0
     has_labels = False
-    with (csv_rows(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
+    with (trained.prediction_csv(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
           ) as write:
       for names, x, labels in batches:
         probabilities = np.asarray(probabilities_of(x))

@@ -29,7 +29,7 @@ _FLAGS_DEFINED = []
 def define_flags():
   """One flag per setting, with its default and help; the choices listed in the help.
   Called when the flags are first parsed: JAX is imported inside the error boundary."""
-  if _FLAGS_DEFINED:
+  if _FLAGS_DEFINED or "dataset" in flags.FLAGS:
     return
   from mlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,

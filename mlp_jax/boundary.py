@@ -225,8 +225,9 @@ def run(body: Callable[[], Optional[int]]) -> int:
   value, 0 for None; SystemExit's code passes through)."""
   previous = threading.excepthook, sys.unraisablehook, logging.root.manager.disable
   threading.excepthook, sys.unraisablehook = _background_exception, _unraisable
-  _state.update(phase="start", log_dir=None, deferred=[])
+  _state.update(log_dir=None, deferred=[])
   try:
+    phase("start")
     return int(body() or 0)
   except SystemExit as e:
     return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

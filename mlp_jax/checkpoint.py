@@ -173,7 +173,8 @@ def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], e
   for name, value in (settings or {}).items():
     if name == "data" and name in saved:
       workdir.check_data(saved[name], value, f"the checkpoint after epoch {epoch}")
-    elif name in saved and saved[name] != value:
+    elif name in saved and workdir.comparable(name, saved[name]) != workdir.comparable(
+        name, value):
       raise CheckpointError(
           f"the checkpoint after epoch {epoch} was trained with {name}={saved[name]!r}, "
           f"not {value!r}; resume with the same setting, or use a fresh --workdir.")

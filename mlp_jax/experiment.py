@@ -277,9 +277,9 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   start = time.time()
   stop = _StopSignals()
   try:
-    stop.install()
     config = config_lib.resolve(config)
     _join_processes(config, log)
+    stop.install()  # after jax.distributed, which installs a SIGTERM handler of its own
     if jax.process_index() != 0:  # process 0 alone writes files and logs
       log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
     workdir, result = _run_stack(config, log, start, stop)

@@ -12,9 +12,11 @@ input_shape, class_names, dataset, pixel_max (the raw value of a white pixel; 0 
 the inputs are not images).
 """
 
+import contextlib
+import csv
 import os
 import warnings
-from typing import IO, Any, Iterator, Mapping, NamedTuple, Optional, Union
+from typing import IO, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
 
 import jax
 from jax import Array
@@ -161,6 +163,23 @@ def read_png(path: str, model: TrainedModel) -> np.ndarray:
                      f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})."
                      ) from None
   return pixels.astype(np.float32) * np.float32(model.pixel_max / 255)
+
+
+@contextlib.contextmanager
+def prediction_csv(path: str, model: TrainedModel
+                   ) -> Iterator[Callable[[list[str], np.ndarray], None]]:
+  """write(names, probabilities (n, K)): appends a batch's rows to the CSV at `path`
+  (name, class, class_name, p_0 ...), written atomically when the block ends
+  (files.atomic_file: never through a link, an earlier file kept if it fails)."""
+  with files.atomic_file(path, "w") as f:
+    out = csv.writer(f)
+    out.writerow(["name", "class", "class_name", *(f"p_{c}" for c in model.class_names)])
+
+    def write(names: list[str], probabilities: np.ndarray) -> None:
+      for name, p in zip(names, probabilities):
+        k = int(np.argmax(p))
+        out.writerow([name, k, model.class_names[k], *(f"{v:.6g}" for v in p)])
+    yield write
 
 
 # Examples predict.py holds in memory at once: its memory does not grow with the input.

@@ -51,6 +51,12 @@ RESUME_FIELDS = ("num_seeds", "sweep", "cv_folds", "cv_fold", "dataset", "data_d
                  "dp_clip_norm", "dp_clipping", "dp_delta")
 
 
+# Every name a run writes in its workdir (files, and the directories it writes into).
+WRITES = (".lock", "config.json", "metrics.jsonl", "params.npz", "params_all.npz",
+          "sweep.json", "curves.png", "confusion.png", "filters.png", "error.log",
+          "checkpoints", "tensorboard", "refit")
+
+
 class WorkdirLock:
   """An exclusive flock on WORKDIR/.lock for the life of a run. The kernel drops it when
   the process ends, however it ends, so a killed run never leaves it stuck."""
@@ -101,9 +107,8 @@ def prepare(config: Config, log: Log = print, fingerprint: Optional[dict[str, An
     # A probe of a new random name, created exclusively: writable, and nothing followed.
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=f".write-test{files.TEMPORARY_MARK}"):
       pass
-    for name in ("checkpoints", "tensorboard", "refit"):  # directories it writes into
-      if os.path.islink(os.path.join(workdir, name)):
-        files.refuse_link(os.path.join(workdir, name))
+    for name in WRITES:  # refused before anything is trained, not at the end
+      files.refuse_link(os.path.join(workdir, name))
   except files.UnsafePath as e:
     lock.release()
     raise RunError(f"{e.strerror}.") from None
@@ -161,7 +166,7 @@ def _check_old_run(workdir: str, config: Config, log: Log,
     private = any(old.get(f) is not None for f in ("dp_noise_multiplier", "dp_target_epsilon"))
     old = {**old, "input_scaling": "global" if private else "per_feature"}
   for field in RESUME_FIELDS:
-    if field in old and _comparable(field, old[field]) != _comparable(
+    if field in old and comparable(field, old[field]) != comparable(
         field, json.loads(json.dumps(getattr(config, field)))):
       raise RunError(f"--workdir {workdir} holds a run with {field}={old[field]!r}, not "
                      f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
@@ -187,7 +192,7 @@ def _check_record(record: Any) -> None:
     raise ValueError("its 'schedule_epochs' are not whole numbers")
 
 
-def _comparable(field: str, value: Any) -> Any:
+def comparable(field: str, value: Any) -> Any:
   """A setting's value as a resume compares it: a sweep as its parsed grid (so that
   0.001,0.002 and 1e-3,2e-3 are the same grid)."""
   if field == "sweep" and isinstance(value, (list, tuple)):

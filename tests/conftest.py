@@ -110,16 +110,22 @@ def run_cli(*argv):
 
   The flags are parsed afresh each call, exactly as the command line would parse them.
   """
+  code, _, stderr = run_cli_output(*argv)
+  return code, stderr
+
+
+def run_cli_output(*argv):
+  """run_cli's (exit code, stdout, stderr)."""
   runner = _runner_module()
   runner.flags.FLAGS.unparse_flags()
-  stderr = io.StringIO()
+  stdout, stderr = io.StringIO(), io.StringIO()
   code = 0
-  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+  with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
     try:
       runner.main(runner.parse_flags(["train.py", *argv]))
     except SystemExit as e:
       code = e.code
-  return code, stderr.getvalue()
+  return code, stdout.getvalue(), stderr.getvalue()
 
 
 def tiny_config(dataset, workdir, **overrides):
