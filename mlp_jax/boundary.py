@@ -242,7 +242,8 @@ def run(body: Callable[[], Optional[int]]) -> int:
     line, status = describe(e)
     path = None
     internal = not isinstance(e, UserError) or getattr(e, "internal", False)
-    if _state["log_dir"] or internal or _deferred_text():
+    stopped = status > 128          # a signal: what it saved is the whole story
+    if not stopped and (_state["log_dir"] or internal or _deferred_text()):
       path = _write_log("".join(traceback.format_exception(e)) + _deferred_text())
     if line.startswith("error: internal error"):
       line += f" in {path}" if path else " (no file could be written for it)"

@@ -590,3 +590,29 @@ def test_output_faults_of_predict_are_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     lines = _lines(result.stderr)
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_a_coordinator_that_does_not_resolve_is_one_line_at_once(tmp_path):
+  code, stderr = run_cli(f"--workdir={tmp_path / 'w'}", "--num_processes=2",
+                         "--process_id=0", "--coordinator_address=no-such-host.invalid:1234")
+  lines = stderr.strip().splitlines()
+  assert code == 1 and len(lines) == 1 and "does not resolve" in lines[0], stderr
+
+
+@pytest.mark.slow
+def test_peers_that_never_join_are_one_line_within_the_peer_timeout(tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  start = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+       f"--workdir={tmp_path / 'w'}", "--num_processes=2", "--process_id=0",
+       f"--coordinator_address=127.0.0.1:{port}", "--peer_timeout=3"],
+      capture_output=True, text=True, timeout=120)
+  errors = [line for line in _lines(result.stderr) if line.startswith("error:")]
+  assert result.returncode == 1 and len(errors) == 1, result.stderr
+  assert "did not join within --peer_timeout=3 s" in errors[0]
+  assert "Traceback" not in result.stderr and time.monotonic() - start < 60
