@@ -128,6 +128,19 @@ def run_cli_output(*argv):
   return code, stdout.getvalue(), stderr.getvalue()
 
 
+@contextlib.contextmanager
+def small_disk(path, size="600k"):
+  """A real small filesystem at `path` (a tmpfs; root only, else the test is skipped)."""
+  path.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                    capture_output=True).returncode:
+    pytest.skip("needs root to mount a small tmpfs")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def tiny_config(dataset, workdir, **overrides):
   """experiment.RunConfig of a small run (the in-process twin of runner_command)."""
   from mlp_jax import experiment  # pylint: disable=g-import-not-at-top

@@ -34,6 +34,7 @@ from conftest import assert_same_params
 from conftest import run_cli
 from conftest import run_cli_output
 from conftest import runner_command
+from conftest import small_disk
 
 VICTIM_TEXT = "the victim's own contents\n"
 
@@ -75,19 +76,6 @@ WRITERS = {
 }
 
 
-@contextlib.contextmanager
-def _disk(path, size="64k"):
-  """A real small filesystem at `path` (tmpfs, root only)."""
-  path.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                    capture_output=True).returncode:
-    pytest.skip("needs root to mount a small tmpfs")
-  try:
-    yield path
-  finally:
-    subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def _fill(directory):
   fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
   with contextlib.suppress(OSError):
@@ -116,7 +104,7 @@ def _fault_dangling(tmp_path, name):
 
 
 def _fault_full_disk(tmp_path, name):
-  with _disk(tmp_path / "disk") as work:
+  with small_disk(tmp_path / "disk", "64k") as work:
     (work / name).write_text("earlier\n")
     _fill(work)
     yield work
@@ -124,7 +112,7 @@ def _fault_full_disk(tmp_path, name):
 
 
 def _fault_read_only(tmp_path, name):
-  with _disk(tmp_path / "disk") as work:
+  with small_disk(tmp_path / "disk", "64k") as work:
     (work / name).write_text("earlier\n")
     subprocess.run(["mount", "-o", "remount,ro", str(work)], check=True)
     yield work

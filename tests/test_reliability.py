@@ -1,6 +1,5 @@
 """Crash-safe, exactly resumable training, and hostile input that cannot hurt it."""
 
-import contextlib
 import errno
 import gzip
 import io
@@ -26,6 +25,7 @@ from conftest import assert_same_params
 from conftest import assert_same_params_as
 from conftest import read_metrics
 from conftest import run_runner
+from conftest import small_disk
 from conftest import runner_command
 from conftest import tiny_config
 from conftest import wait_for_epochs
@@ -463,18 +463,6 @@ def test_a_workdir_of_an_older_version_is_refused_in_one_line(tiny_npz, tmp_path
 
 
 # Write errors: a real full disk (a small tmpfs), and injected OSErrors.
-
-@contextlib.contextmanager
-def small_disk(path, size="600k"):
-  path.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                    capture_output=True).returncode:
-    pytest.skip("needs root to mount a small tmpfs")
-  try:
-    yield path
-  finally:
-    subprocess.run(["umount", str(path)], check=True)
-
 
 def test_a_full_disk_is_one_line_and_the_rerun_resumes_bit_identical(tmp_path):
   config = tiny_config("digits", tmp_path / "disk" / "w", hidden_dim=256, epochs=5,
