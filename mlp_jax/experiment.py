@@ -340,26 +340,34 @@ def _run_stack(config: Config, log: Log, start: float, stop: "_StopSignals"
                    stop, fingerprint)
   try:
     return workdir, _train(ctx, ds, old_run)
-  except checkpoint.CheckpointError as e:
-    raise RunError(str(e)) from None
-  except BrokenPipeError:  # stdout's reader left (`| head`): not a problem of the disk
+  except (BrokenPipeError, Interrupted):  # stdout's reader left (`| head`); a signal
     raise
-  except files.UnsafePath as e:
-    raise RunError(f"{e.strerror}.") from None
-  except OSError as e:  # a write of the workdir's files: disk full, read-only, I/O error
-    if not os.path.isdir(workdir):
+  except Exception as e:  # pylint: disable=broad-except  (sorted out just below)
+    if not os.path.exists(lock.path):  # rm -rf: orbax may recreate checkpoints/, not this
       raise RunError(f"--workdir {workdir} was removed while the run wrote to it; rerun "
                      "the same command to start it anew.") from None
-    raise RunError(f"cannot write {e.filename or workdir} ({e.strerror or e}); the newest "
-                   "complete checkpoint is kept: free space or fix the permissions, then "
-                   "rerun the same command to resume.") from None
-  except _RUNTIME_ERROR as e:
-    if _out_of_memory(e):
-      raise RunError(f"out of memory ({_first_line(e)}); use a smaller --hidden_dim or "
-                     "--batch_size.") from None
-    raise
+    failed = _run_error(e, workdir)
+    if failed is e:
+      raise
+    raise failed from None
   finally:
     lock.release()
+
+
+def _run_error(e: Exception, workdir: str) -> Exception:
+  """The one-line RunError of a failure in a locked workdir, or `e` itself."""
+  if isinstance(e, checkpoint.CheckpointError):
+    return RunError(str(e))
+  if isinstance(e, files.UnsafePath):
+    return RunError(f"{e.strerror}.")
+  if isinstance(e, OSError):  # a write of the workdir's files: disk full, read-only, I/O
+    return RunError(f"cannot write {e.filename or workdir} ({e.strerror or e}); the newest "
+                    "complete checkpoint is kept: free space or fix the permissions, then "
+                    "rerun the same command to resume.")
+  if isinstance(e, _RUNTIME_ERROR) and _out_of_memory(e):
+    return RunError(f"out of memory ({_first_line(e)}); use a smaller --hidden_dim or "
+                    "--batch_size.")
+  return e
 
 
 class Placed(NamedTuple):

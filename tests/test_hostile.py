@@ -604,3 +604,19 @@ def test_peers_that_never_join_are_one_line_within_the_peer_timeout(tmp_path):
   assert result.returncode == 1 and len(errors) == 1, result.stderr
   assert "did not join within --peer_timeout=3 s" in errors[0]
   assert "Traceback" not in result.stderr and time.monotonic() - start < 60
+
+
+def test_a_workdir_removed_mid_run_is_one_line(tiny_npz, tmp_path, monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "w"
+  append = workdir_lib.append_row
+
+  def append_then_remove(directory, row):
+    append(directory, row)
+    if row["epoch"] == 2:
+      shutil.rmtree(directory)
+  monkeypatch.setattr(workdir_lib, "append_row", append_then_remove)
+  code, stderr = run_cli(*_tiny(tiny_npz, work, "--epochs=4"))
+  lines = stderr.strip().splitlines()
+  assert code == 1 and len(lines) == 1, stderr
+  assert f"--workdir {work} was removed while the run wrote to it" in lines[0]
