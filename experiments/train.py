@@ -23,13 +23,10 @@ from absl import logging
 
 from mlp_jax import boundary
 
-_FLAGS_DEFINED = []
-
-
 def define_flags():
   """One flag per setting, with its default and help; the choices listed in the help.
   Called when the flags are first parsed: JAX is imported inside the error boundary."""
-  if _FLAGS_DEFINED or "dataset" in flags.FLAGS:
+  if "dataset" in flags.FLAGS:  # defined already (tests parse many times in-process)
     return
   from mlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
@@ -40,7 +37,6 @@ def define_flags():
             + (f" Must be {bounds}." if bounds else ""))
     default = list(s.default) if s.kind is tuple else s.default
     define[s.kind](s.name, default, text)
-  _FLAGS_DEFINED.append(True)
 
 
 def parse_flags(argv):
