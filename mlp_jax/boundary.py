@@ -109,36 +109,26 @@ def _print_line(line: str) -> None:
     pass
 
 
-def _log_path() -> str:
-  """A new file for the traceback: WORKDIR/error.log (never through a link), else a
-  temporary file."""
+def _write_log(text: str) -> Optional[str]:
+  """Writes `text` to WORKDIR/error.log (atomically, never through a link) or, where
+  that fails or there is no workdir, to a new temporary file; its path, or None."""
   from mlp_jax import files  # pylint: disable=g-import-not-at-top  (numpy only)
   directory = _state["log_dir"]
   if directory and os.path.isdir(directory):
     path = os.path.join(directory, "error.log")
     try:
-      files.refuse_link(path)
-      return path
-    except OSError:
-      pass
-  fd, path = tempfile.mkstemp(prefix="mlp_jax-error-", suffix=".log")
-  os.close(fd)
-  return path
-
-
-def _write_log(text: str) -> Optional[str]:
-  """Writes `text` to the log file; its path, or None where nothing can be written."""
-  from mlp_jax import files  # pylint: disable=g-import-not-at-top
-  for attempt in range(2):
-    try:
-      path = _log_path() if attempt == 0 else tempfile.mkstemp(prefix="mlp_jax-error-",
-                                                               suffix=".log")[1]
       with files.atomic_file(path, "w") as f:
         f.write(text)
       return path
     except OSError:
-      _state["log_dir"] = None
-  return None
+      pass
+  try:
+    fd, path = tempfile.mkstemp(prefix="mlp_jax-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    return path
+  except OSError:
+    return None
 
 
 def _deferred_text() -> str:

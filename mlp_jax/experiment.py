@@ -545,6 +545,15 @@ def _progress(ctx: RunContext, epochs_done: int) -> tuple[Iterable[int], Any]:
   return bar, bar
 
 
+def _show_progress(bar: Any, row: Row, placed: Placed) -> None:
+  """The epoch's train loss and accuracy, and validation (else test) accuracy, on the bar."""
+  shown, label = (("validation", "val_acc") if "validation" in placed.splits
+                  else ("test", "test_acc"))
+  bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
+                  acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
+                  **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
+
+
 def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, placed: Placed,
                   history: list[Row]) -> tuple[train.TrainState, Optional["Interrupted"]]:
   """Trains the epochs left after the Restored `start`; appends each one's row to
@@ -584,11 +593,7 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
                         workdir_lib.resume_settings(ctx.config, ctx.data))
       done = epoch + 1
       if bar is not None:
-        shown, label = (("validation", "val_acc") if "validation" in placed.splits
-                        else ("test", "test_acc"))
-        bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
-                        acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
-                        **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
+        _show_progress(bar, row, placed)
       with _peers(ctx, f"the end of epoch {done}", done):
         signum = _stop_signal(ctx.stop)  # the caller waits for this checkpoint
       if signum and done < ctx.config.epochs:
