@@ -92,11 +92,14 @@ def _read_exactly(f: IO[bytes], size: int, path: str) -> bytes:
 
 
 class IdxHeader(NamedTuple):
+  """What an IDX header declares: dims (N, ...) and the numpy dtype of its type code."""
+
   dims: tuple[int, ...]
   dtype: np.dtype
 
   @property
   def row_bytes(self) -> int:
+    """Bytes of one example (dims[1:] × itemsize)."""
     return int(np.prod(self.dims[1:], dtype=np.int64)) * self.dtype.itemsize
 
 

@@ -136,6 +136,7 @@ class NpyHeader(NamedTuple):
 
   @property
   def nbytes(self) -> int:
+    """The bytes its shape and dtype declare (shape (N, ...) × itemsize)."""
     return int(np.prod(self.shape, dtype=np.float64)) * self.dtype.itemsize
 
 
@@ -183,6 +184,7 @@ class NpzArchive:
 
   @property
   def names(self) -> list[str]:
+    """The arrays it holds: its members NAME.npy, as NAME."""
     assert self._zip is not None
     return [n[:-4] for n in self._zip.namelist() if n.endswith(".npy")]
 

@@ -206,7 +206,7 @@ def comparable(field: str, value: Any) -> Any:
 def data_fingerprint(ds: data.Dataset) -> dict[str, Any]:
   """What a run's training data were as it read them: each training array's shape,
   dtype and the SHA-256 of its bytes (train, and validation where held out; about
-  1 GB/s). config.json and every checkpoint record it; a resume on other data is
+  1.1 GB/s here). config.json and every checkpoint record it; a resume on other data is
   refused (check_data)."""
   arrays = {"x_train": ds.x_train, "y_train": ds.y_train}
   if ds.x_val is not None and ds.y_val is not None:
