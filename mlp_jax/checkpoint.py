@@ -22,7 +22,6 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-import orbax.checkpoint as ocp
 
 from mlp_jax import boundary
 from mlp_jax import parallel
@@ -40,15 +39,23 @@ class _Corrupt(Exception):
 
 # A run's state: a train.TrainState (any pytree of arrays, for this module).
 State = Any
+# An orbax.checkpoint.CheckpointManager: orbax (0.3 s to import) is imported by manager().
+Manager = Any
 
 
-def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def _orbax() -> Any:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp
+
+
+def manager(workdir: str, max_to_keep: int = 3) -> Manager:
   """A CheckpointManager on WORKDIR/checkpoints; its step numbers are finished epochs."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.exists(path) and not (os.path.isdir(path) and
                                    os.access(path, os.R_OK | os.W_OK | os.X_OK)):
     raise CheckpointError(f"{path} is not a readable and writable directory; fix its "
                           "permissions, or use a fresh --workdir.")
+  ocp = _orbax()
   try:
     return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
@@ -83,7 +90,7 @@ def write_error(e: BaseException) -> Optional[str]:
 
 
 @contextlib.contextmanager
-def _writes(mngr: ocp.CheckpointManager) -> Iterator[None]:
+def _writes(mngr: Manager) -> Iterator[None]:
   """A failed write inside the block becomes one CheckpointError line."""
   try:
     yield
@@ -98,7 +105,7 @@ def _writes(mngr: ocp.CheckpointManager) -> Iterator[None]:
         "command to resume.") from None
 
 
-def _settle(mngr: ocp.CheckpointManager) -> None:
+def _settle(mngr: Manager) -> None:
   """After a failed write: lets orbax's background save threads end (their errors are
   the one just reported), so none of them prints after the caller's one line."""
   for step in (mngr.wait_until_finished, mngr.close):
@@ -108,7 +115,7 @@ def _settle(mngr: ocp.CheckpointManager) -> None:
       pass
 
 
-def check_space(mngr: ocp.CheckpointManager, state: State) -> None:
+def check_space(mngr: Manager, state: State) -> None:
   """CheckpointError, before orbax starts, unless the checkpoints' filesystem has room
   for one more checkpoint (its arrays × 1.2 + 64 KiB of metadata): a full disk is one
   line, not a failure inside orbax's background threads."""
@@ -123,7 +130,7 @@ def check_space(mngr: ocp.CheckpointManager, state: State) -> None:
         "to resume.")
 
 
-def save(mngr: ocp.CheckpointManager, epoch: int, state: State,
+def save(mngr: Manager, epoch: int, state: State,
          settings: Optional[dict[str, Any]] = None) -> None:
   """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously; a
   failed write of it or of the save before it is a CheckpointError), with `settings`
@@ -133,6 +140,7 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: State,
   than its latest), rather than leaving the epoch silently without a checkpoint.
   """
   check_space(mngr, state)
+  ocp = _orbax()
   with _writes(mngr):
     saved = mngr.save(epoch, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
@@ -145,7 +153,7 @@ def save(mngr: ocp.CheckpointManager, epoch: int, state: State,
                           "use a fresh --workdir.")
 
 
-def finish(mngr: ocp.CheckpointManager) -> None:
+def finish(mngr: Manager) -> None:
   """Waits for the last save and closes the manager (a failed write: CheckpointError)."""
   with _writes(mngr):
     mngr.wait_until_finished()
@@ -180,9 +188,10 @@ def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], e
           f"not {value!r}; resume with the same setting, or use a fresh --workdir.")
 
 
-def _restore(mngr: ocp.CheckpointManager, epoch: int, template: State,
+def _restore(mngr: Manager, epoch: int, template: State,
              settings: Optional[dict[str, Any]] = None) -> State:
   """The state of checkpoint `epoch`: raises _Corrupt or CheckpointError."""
+  ocp = _orbax()
   try:
     record = mngr.restore(epoch, args=ocp.args.Composite(
         checksum=ocp.args.JsonRestore()))["checksum"]
@@ -218,7 +227,7 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def move_aside(mngr: ocp.CheckpointManager, epoch: int) -> str:
+def move_aside(mngr: Manager, epoch: int) -> str:
   """Moves checkpoint `epoch` to checkpoints/corrupt/EPOCH (kept for inspection, out of
   orbax's way so the epochs after it are saved again); returns the new path."""
   target = os.path.join(str(mngr.directory), CORRUPT_DIR, str(epoch))
@@ -235,7 +244,7 @@ def move_aside(mngr: ocp.CheckpointManager, epoch: int) -> str:
   return target
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template: State,
+def restore_latest(mngr: Manager, template: State,
                    log: Callable[[str], None] = print,
                    settings: Optional[dict[str, Any]] = None
                    ) -> Optional[tuple[int, State]]:

@@ -15,8 +15,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 from mlp_jax import boundary
 from mlp_jax import data
-from mlp_jax import privacy
-from mlp_jax import train
+from mlp_jax import options
 
 
 class RunError(boundary.UserError):
@@ -41,7 +40,7 @@ class Setting(NamedTuple):
   choices: tuple = ()
 
 
-_HP = train.Hyperparams()  # the defaults shared with the library
+_HP = options.Hyperparams()  # the defaults shared with the library
 _DATASETS = "digits | fashion_mnist | mnist | npz:PATH"
 
 SETTINGS = (
@@ -56,10 +55,10 @@ SETTINGS = (
     Setting("batch_size", int, 16, "Examples per step (DP-SGD: the expected batch).",
             lower=1),
     Setting("epochs", int, 20, "Passes over the training set.", lower=1),
-    Setting("optimizer", str, _HP.optimizer, "optax optimizer.", choices=train.OPTIMIZERS),
+    Setting("optimizer", str, _HP.optimizer, "optax optimizer.", choices=options.OPTIMIZERS),
     Setting("learning_rate", float, _HP.learning_rate, "Peak learning rate.", above=0),
     Setting("schedule", str, _HP.schedule, "Learning-rate schedule.",
-            choices=train.SCHEDULES),
+            choices=options.SCHEDULES),
     Setting("warmup_epochs", float, 1.0, "Linear warmup (warmup_cosine).", lower=0),
     Setting("weight_decay", float, _HP.weight_decay, "Weight decay of W1, W2.", lower=0),
     Setting("clip_norm", float, _HP.clip_norm, "Clip gradients to this global norm; 0: "
@@ -70,10 +69,10 @@ SETTINGS = (
             "the params, the model evaluated, chosen and saved (bias-corrected); 0: off.",
             lower=0, below=1),
     Setting("grads", str, _HP.grads, "Gradient: the manual formula, jax.grad, or the "
-            "manual custom_vjp.", choices=train.GRADIENTS),
+            "manual custom_vjp.", choices=options.GRADIENTS),
     Setting("compute_dtype", str, _HP.compute_dtype, "Dtype of the hidden layer's "
             "matmuls; bfloat16 keeps float32 params, output layer, softmax and loss.",
-            choices=train.COMPUTE_DTYPES),
+            choices=options.COMPUTE_DTYPES),
     Setting("seed", int, 0, "Seed of init and shuffling (and DP noise).", lower=0,
             upper=2**31 - 1),
     Setting("workdir", str, None, "Output directory; rerun with it to resume. Default: a "
@@ -112,18 +111,18 @@ SETTINGS = (
     Setting("dp_clip_norm", float, 1.0, "DP-SGD: C, the bound on each example's gradient "
             "norm.", above=0),
     Setting("dp_clipping", str, "flat", "DP-SGD: one norm over all parameters, or each "
-            "layer to C/√2.", choices=privacy.CLIPPINGS),
+            "layer to C/√2.", choices=options.CLIPPINGS),
     Setting("dp_delta", float, 1e-5, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.",
             lower=1e-12, below=1),
     Setting("num_seeds", int, 1, "Train this many models together (seeds seed, seed + 1, "
             "...) in one program; report mean ± std.", lower=1),
     Setting("sweep", tuple, (), "NAME=v1,v2,...: train every combination (times the "
             "seeds) together and choose on validation; NAME one of "
-            "{sweepable}.".format(sweepable=", ".join(train.SWEEPABLE + (
+            "{sweepable}.".format(sweepable=", ".join(options.SWEEPABLE + (
                 "dp_target_epsilon",)))),
     Setting("stacking", str, None, "How several models share one program: vmap "
             "(batched) or map (one after another); default vmap, map on a CPU for large "
-            "steps.", choices=train.STACKINGS),
+            "steps.", choices=options.STACKINGS),
 )
 
 RunConfig = typing.NamedTuple(  # type: ignore[misc]  # built from SETTINGS
@@ -136,9 +135,9 @@ BY_NAME = {s.name: s for s in SETTINGS}
 # static type checker cannot see.
 Config = Any
 
-# The sweepable settings: train.SWEEPABLE (traced per model) and the DP target, which
+# The sweepable settings: options.SWEEPABLE (traced per model) and the DP target, which
 # becomes one σ per model before the program starts.
-SWEEPABLE = train.SWEEPABLE + ("dp_target_epsilon",)
+SWEEPABLE = options.SWEEPABLE + ("dp_target_epsilon",)
 
 
 def bounds_text(s: Setting) -> str:
@@ -275,8 +274,8 @@ def _check_dp(config: Config) -> None:
       raise RunError(f"--sweep {swept[0]} is a DP-SGD setting: add --dp_noise_multiplier "
                      "or --dp_target_epsilon (or sweep one of them).")
     return
-  if not privacy.dp_available():
-    raise RunError(f"the --dp_* flags need the dp extra: {privacy.DP_EXTRA}.")
+  if not options.dp_available():
+    raise RunError(f"the --dp_* flags need the dp extra: {options.DP_EXTRA}.")
   grid = parse_sweep(config.sweep)
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
            if getattr(config, n) is not None or n in grid]
@@ -336,12 +335,12 @@ def resolve(config: Config) -> Config:
 
 
 def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int]
-                ) -> train.Hyperparams:
+                ) -> options.Hyperparams:
 
-  """The train.Hyperparams of `config`: its fields of the same names, and a
+  """The options.Hyperparams of `config`: its fields of the same names, and a
   learning-rate cycle ending at each epoch of `cycle_ends` (workdir.schedule_epochs)."""
-  shared = {f: getattr(config, f) for f in train.Hyperparams._fields if f in RunConfig._fields}
-  return train.Hyperparams(
+  shared = {f: getattr(config, f) for f in options.Hyperparams._fields if f in RunConfig._fields}
+  return options.Hyperparams(
       warmup_steps=int(config.warmup_epochs * steps_per_epoch),
       total_steps=cycle_ends[-1] * steps_per_epoch,
       restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]), **shared)

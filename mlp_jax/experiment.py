@@ -31,7 +31,6 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from mlp_jax import boundary
 from mlp_jax import checkpoint
@@ -386,7 +385,7 @@ class Restored(NamedTuple):
 
   state: train.TrainState
   epochs_done: int
-  mngr: ocp.CheckpointManager
+  mngr: checkpoint.Manager
 
 
 def _place(ds: data.Dataset, ctx: RunContext) -> Placed:

@@ -8,7 +8,8 @@
 
     tensorboard --logdir=WORKDIR
 
-Written with tensorboardX (no TensorFlow), flushed every epoch. curves.png is redrawn
+Written by mlp_jax.events (no TensorFlow, torch or protobuf), through to the file every
+epoch. curves.png is redrawn
 during the run at most every REDRAW_SECONDS (a redraw takes about a third of a second:
 docs/benchmarks.md, "Live logging"), and at the end by reports.write_outputs as always.
 """
@@ -17,8 +18,7 @@ import os
 import time
 from typing import Callable
 
-import tensorboardX
-
+from mlp_jax import events
 from mlp_jax.stack import Row
 
 REDRAW_SECONDS = 30.0
@@ -44,25 +44,21 @@ class LiveLog:
 
   def __init__(self, workdir: str, draw_curves: Callable[[list[Row]], None]):
     self.logdir = os.path.join(workdir, "tensorboard")
-    self._writers: dict[str, tensorboardX.SummaryWriter] = {}
+    self._writers: dict[str, events.EventFile] = {}
     self._draw_curves = draw_curves
     self._drawn = time.monotonic()
 
-  def _writer(self, subdir: str) -> tensorboardX.SummaryWriter:
+  def _writer(self, subdir: str) -> events.EventFile:
     if subdir not in self._writers:
-      self._writers[subdir] = tensorboardX.SummaryWriter(os.path.join(self.logdir, subdir))
+      self._writers[subdir] = events.EventFile(os.path.join(self.logdir, subdir))
     return self._writers[subdir]
 
   def append(self, row: Row, history: list[Row]) -> None:
-    """Writes the epoch's row (flushed), and redraws curves.png if it is due."""
+    """Writes the epoch's row, and redraws curves.png if it is due."""
     step = row["epoch"]
-    for tag, value in scalars(row).items():
-      self._writer("").add_scalar(tag, value, step)
+    self._writer("").add(step, scalars(row))
     for m, values in enumerate(model_scalars(row)):
-      for tag, value in values.items():
-        self._writer(f"model_{m}").add_scalar(tag, value, step)
-    for writer in self._writers.values():
-      writer.flush()
+      self._writer(f"model_{m}").add(step, values)
     if time.monotonic() - self._drawn >= REDRAW_SECONDS:
       self._draw_curves(history)
       self._drawn = time.monotonic()

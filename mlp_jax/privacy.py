@@ -38,11 +38,12 @@ from mlp_jax.gradients import output_delta
 from mlp_jax.gradients import param_grads
 from mlp_jax.gradients import per_example
 from mlp_jax.model import Params
+from mlp_jax.options import CLIPPINGS
+from mlp_jax.options import DP_EXTRA
+from mlp_jax.options import dp_available  # pylint: disable=unused-import  (public)
 
-CLIPPINGS = ("flat", "per_layer")
 # The PLD accountant's grid; its estimate is an upper bound (pessimistic) at any grid.
 PLD_DISCRETIZATION = 1e-3
-DP_EXTRA = 'pip install -e ".[dp]" (or pip install dp-accounting)'
 
 # A clip norm: C, a per-model C traced inside a stack's program, or (C1, C2) per layer.
 ClipNorm = Union[float, Array, tuple[float, float]]
@@ -296,13 +297,4 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
     sigma += 1e-3
   return float(sigma)
 
-
-def dp_available() -> bool:
-
-  """True when dp-accounting (the dp extra) is installed."""
-  try:
-    _dp_accounting()
-  except ImportError:
-    return False
-  return True
 

@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 from mlp_jax import data
-from mlp_jax import plots
 from mlp_jax import stack as stack_lib
 from mlp_jax import trained
 from mlp_jax.config import Config
@@ -92,6 +91,7 @@ def write_outputs(workdir: str, finished: Finished, inputs: data.Dataset, config
   """params.npz, the plots, and for several models params_all.npz and sweep.json, each
   written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
   data.Dataset without its arrays (the preprocessing)."""
+  from mlp_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib: 0.4 s)
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
@@ -131,6 +131,7 @@ def write_running_curves(workdir: str, history: list[Row], config: Config,
                          inputs: data.Dataset, num_models: int) -> None:
   """curves.png during a run: every model's mean (± std) so far; the end of the run
   draws the chosen configuration's (write_outputs)."""
+  from mlp_jax import plots  # pylint: disable=g-import-not-at-top
   band = f"all {num_models} models, while training" if num_models > 1 else None
   with atomic_file(os.path.join(workdir, "curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(history, list(range(num_models))), f,

@@ -29,11 +29,14 @@ from mlp_jax import parallel
 from mlp_jax import privacy
 from mlp_jax.gradients import value_and_grads_with_logits
 from mlp_jax.model import Params
+from mlp_jax.options import COMPUTE_DTYPES
+from mlp_jax.options import GRADIENTS
+from mlp_jax.options import Hyperparams
+from mlp_jax.options import OPTIMIZERS
+from mlp_jax.options import SCHEDULES
+from mlp_jax.options import STACKINGS
+from mlp_jax.options import SWEEPABLE
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-GRADIENTS = ("manual", "autodiff", "manual_vjp")
 
 Metrics = dict[str, Array]   # per-epoch metrics by name, on the device
 
@@ -45,24 +48,6 @@ class TrainState(NamedTuple):
   opt_state: Any
   step: jax.Array    # int32 scalar: optimizer steps taken
   key: jax.Array     # uint32 (2,): the run's key; epoch e shuffles with fold_in(key, e)
-
-
-class Hyperparams(NamedTuple):
-  """What the optimizer and the loss need to know. The defaults are the runner's:
-  config.SETTINGS (RunConfig and the runner's flags) take theirs from here."""
-
-  optimizer: str = "adamw"
-  learning_rate: float = 1e-3     # peak
-  schedule: str = "warmup_cosine"
-  warmup_steps: int = 0
-  total_steps: int = 1
-  restart_steps: tuple = ()       # steps where a new warmup/cosine cycle starts (resume)
-  weight_decay: float = 0.03      # of W1 and W2, never of the biases
-  clip_norm: float = 0.0          # 0: no clipping
-  label_smoothing: float = 0.1
-  grads: str = "manual"           # manual | autodiff | manual_vjp
-  compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
-  ema_decay: float = 0.0          # β of the params' moving average; 0: none
 
 
 def make_cycle(hp: Hyperparams, steps: int) -> optax.Schedule:
@@ -330,9 +315,6 @@ def keep_if_empty(any_rows: Array, step_result: tuple[TrainState, Any], state: T
 # seed (init, batch order, DP noise) and its own values of the SWEEPABLE settings, given
 # as arrays {name: (M,)}. A single model is the stack of one.
 
-SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm", "ema_decay",
-             "dp_clip_norm", "dp_noise_multiplier")
-STACKINGS = ("vmap", "map")
 # The DPSGD field each dp_ setting of a stack sets, per model.
 _DP_FIELDS = {"dp_clip_norm": "clip_norm", "dp_noise_multiplier": "noise_multiplier"}
 

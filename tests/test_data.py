@@ -200,3 +200,28 @@ def test_one_based_or_gapped_labels_are_refused_with_the_fix():
     data.prepare(x, np.array([1, 2, 3, 1, 2, 3]), x, np.array([1, 2, 3, 1, 2, 3]))
   with pytest.raises(data.DataError, match="class 1 of 0..2 never occurs in the training"):
     data.prepare(x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2]))
+
+
+def test_stratified_split_is_scikit_learns():
+  """The same rows as train_test_split(stratify=y), on generated label vectors (ties in
+  the rounding drawn from the same random stream) and on the digits."""
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for _ in range(100):
+    n, k = int(rng.integers(12, 150)), int(rng.integers(2, 6))
+    y = np.concatenate([np.arange(k), np.arange(k), rng.integers(0, k, n - 2 * k)])
+    fraction, seed = float(rng.choice([0.1, 0.2, 0.25, 0.5])), int(rng.integers(0, 2**31))
+    if int(np.ceil(fraction * n)) < k or n - int(np.ceil(fraction * n)) < k:
+      continue  # scikit-learn refuses a split smaller than the number of classes
+    expected = model_selection.train_test_split(np.arange(n), test_size=fraction,
+                                                stratify=y, random_state=seed)
+    got = data.stratified_split(y, fraction, seed)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+  digits = datasets.load_digits()
+  expected = model_selection.train_test_split(digits.data, digits.target, test_size=0.2,
+                                              stratify=digits.target, random_state=0)
+  x_train, y_train, x_test, y_test = data.load_digits()
+  for got, want in zip((x_train, x_test, y_train, y_test), expected):
+    np.testing.assert_array_equal(got, want)
+    assert got.dtype == want.dtype

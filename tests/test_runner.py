@@ -22,6 +22,7 @@ import mlp_jax as mj
 from mlp_jax import config as config_lib
 from mlp_jax import data
 from mlp_jax import experiment
+from mlp_jax import events
 from mlp_jax import live
 from mlp_jax import reports
 
@@ -219,16 +220,23 @@ def test_profile_dir_traces_the_epochs_after_the_first_and_no_compile(tiny_npz, 
 
 
 def read_events(directory):
-  """{(tag, epoch): value} of the TensorBoard event files in `directory` (TFRecord
-  framing: length, its CRC, the Event proto, its CRC)."""
+  """{(tag, epoch): value} of the TensorBoard event files in `directory`, parsed by
+  tensorboardX's protobuf classes (TFRecord framing: length, its CRC, the Event proto,
+  its CRC; both CRCs checked)."""
   from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
   values = {}
   for path in directory.glob("events.out.tfevents.*"):
     data, i = path.read_bytes(), 0
     while i < len(data):
-      length = struct.unpack("<Q", data[i:i + 8])[0]
-      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      header, length = data[i:i + 8], struct.unpack("<Q", data[i:i + 8])[0]
+      record = data[i + 12:i + 12 + length]
+      assert struct.unpack("<I", data[i + 8:i + 12])[0] == events.masked_crc32c(header)
+      assert struct.unpack("<I", data[i + 12 + length:i + 16 + length])[0] == (
+          events.masked_crc32c(record))
+      event = event_pb2.Event.FromString(record)
       i += 12 + length + 4
+      if i == 16 + length:   # the first event of a file: its version, no values
+        assert event.file_version == "brain.Event:2" and not event.HasField("summary")
       for value in event.summary.value:
         values[(value.tag, event.step)] = value.simple_value
   return values
@@ -253,6 +261,11 @@ def test_tensorboard_events_hold_every_number_of_metrics_jsonl(overrides, tiny_n
     model = read_events(tmp_path / "tensorboard" / f"model_{m}")
     assert model == pytest.approx({(k, row["epoch"]): v[m] for row in rows
                                    for k, v in row["per_model"].items()}, rel=1e-6)
+
+
+def test_crc32c_is_castagnoli():
+  assert events.crc32c(b"123456789") == 0xE3069283       # the check value of CRC-32C
+  assert events.crc32c(b"") == 0
 
 
 def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
