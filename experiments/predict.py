@@ -50,7 +50,9 @@ def predict():
     check_output(FLAGS.output)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
   from mlp_jax import trained  # pylint: disable=g-import-not-at-top
+  compilation.enable()
   try:
     model = trained.load(FLAGS.workdir)
     batches = trained.iter_inputs(FLAGS.input, model, FLAGS.labels)

@@ -86,6 +86,13 @@ SETTINGS = (
     Setting("cv_fold", int, None, "With --cv_folds: train fold F alone (0 to K - 1), one "
             "job of a selection spread over jobs; no refit and no test.", lower=0),
     Setting("progress", bool, True, "Show a progress bar."),
+    Setting("checkpoint_seconds", float, 30.0, "At most one checkpoint per this many "
+            "seconds of training (a kill -9 loses at most that much), and always one "
+            "after the last epoch and on Ctrl-C or SIGTERM; 0: after every epoch.",
+            lower=0),
+    Setting("compilation_cache", str, None, "Directory of JAX's persistent compilation "
+            "cache, shared by the runs of this machine; '' turns it off. Default: "
+            "$MLP_JAX_COMPILATION_CACHE, else ~/.cache/mlp_jax/jax (mlp_jax/compilation.py)."),
     Setting("profile_dir", str, None, "Write a jax.profiler trace of this invocation's "
             "2nd and 3rd epochs (the 1st compiles) here; view it with tensorboard "
             "--logdir=DIR (Profile tab, tensorboard-plugin-profile), XProf, or the "
@@ -323,8 +330,9 @@ def resolve(config: Config) -> Config:
                      "test set.")
   _check_dp(config)
   _check_folds(config)
-  if config.profile_dir:
-    _check_writable_dir("--profile_dir", config.profile_dir)
+  for flag in ("profile_dir", "compilation_cache"):
+    if getattr(config, flag):
+      _check_writable_dir(f"--{flag}", getattr(config, flag))
   if fraction is None:
     fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
   if is_private(config) and config.input_scaling == "per_feature":

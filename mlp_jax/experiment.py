@@ -34,6 +34,7 @@ import optax
 
 from mlp_jax import boundary
 from mlp_jax import checkpoint
+from mlp_jax import compilation
 from mlp_jax import config as config_lib
 from mlp_jax import data
 from mlp_jax import dp_plan
@@ -277,6 +278,7 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   stop = _StopSignals()
   try:
     config = config_lib.resolve(config)
+    compilation.enable(config.compilation_cache)  # before the first compilation
     _join_processes(config, log)
     stop.install()  # after jax.distributed, which installs a SIGTERM handler of its own
     if jax.process_index() != 0:  # process 0 alone writes files and logs
@@ -575,6 +577,7 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
       ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models))
   boundary.phase("train")
   ctx.stop.deferring = True
+  saved_at = time.monotonic()
   try:
     for epoch in epochs:
       profile.before(epoch)
@@ -582,20 +585,24 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
       profile.after(epoch)
       _check_divergence(ctx, row, epoch, done)
       _learning_rates(ctx, row, learning_rate, epoch)
-      checkpoint.check_space(start.mngr, state)  # before the epoch's line is written
+      last = epoch + 1 == ctx.config.epochs
+      with _peers(ctx, f"the end of epoch {epoch + 1}", done):
+        signum, due = _stop_or_save(ctx.stop, last or time.monotonic() - saved_at
+                                    >= ctx.config.checkpoint_seconds)
+      if due or signum:  # a signal: the caller waits for this checkpoint
+        checkpoint.check_space(start.mngr, state)  # before the epoch's line is written
       history.append(row)
       if ctx.writer:
         workdir_lib.append_row(ctx.workdir, row)
         live.append(row, history)                 # TensorBoard; curves.png now and then
-      with _peers(ctx, f"the checkpoint of epoch {epoch + 1}", done):
-        checkpoint.save(start.mngr, epoch + 1, state,
-                        workdir_lib.resume_settings(ctx.config, ctx.data))
-      done = epoch + 1
       if bar is not None:
         _show_progress(bar, row, placed)
-      with _peers(ctx, f"the end of epoch {done}", done):
-        signum = _stop_signal(ctx.stop)  # the caller waits for this checkpoint
-      if signum and done < ctx.config.epochs:
+      if due or signum:
+        with _peers(ctx, f"the checkpoint of epoch {epoch + 1}", done):
+          checkpoint.save(start.mngr, epoch + 1, state,
+                          workdir_lib.resume_settings(ctx.config, ctx.data))
+        done, saved_at = epoch + 1, time.monotonic()
+      if signum and not last:
         saved = "checkpoint and plots" if ctx.config.cv_folds else (
             "checkpoint, params.npz and plots")
         return state, Interrupted(
@@ -644,13 +651,15 @@ class _Profile:
       self.tracing = False
 
 
-def _stop_signal(stop: _StopSignals) -> Optional[int]:
-  """The signal that asked this run to stop, on any process (SIGINT where several
-  processes got different ones), or None; one collective with several processes."""
+def _stop_or_save(stop: _StopSignals, due: bool) -> tuple[Optional[int], bool]:
+  """(the signal that asked this run to stop, or None; whether a checkpoint is due),
+  agreed by every process in one collective: the signal of any of them (SIGINT where
+  they got different ones), a checkpoint where any of them finds it due (--checkpoint_
+  seconds on its clock)."""
   if jax.process_count() == 1:
-    return stop.signum
-  signums = parallel.process_values(np.int32(stop.signum or 0))
-  return int(np.max(signums)) or None
+    return stop.signum, due
+  signums, dues = parallel.process_values(np.array([stop.signum or 0, due], np.int32)).T
+  return int(np.max(signums)) or None, bool(np.max(dues))
 
 
 def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed: Placed,

@@ -252,7 +252,8 @@ def to_host(tree: Any) -> Any:
 
 
 def process_values(value: ArrayLike) -> np.ndarray:
-  """Every process's `value` (a numpy scalar), one per process (one collective)."""
+  """Every process's `value` (a numpy scalar or array), stacked along a new first axis
+  of one per process (one collective)."""
   return np.asarray(multihost_utils.process_allgather(value))
 
 

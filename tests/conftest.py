@@ -142,11 +142,12 @@ def small_disk(path, size="600k"):
 
 
 def tiny_config(dataset, workdir, **overrides):
-  """experiment.RunConfig of a small run (the in-process twin of runner_command)."""
+  """experiment.RunConfig of a small run (the in-process twin of runner_command), with a
+  checkpoint after every epoch: the recovery tests fall back through several."""
   from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
   return experiment.RunConfig(**{"dataset": dataset, "workdir": str(workdir),
                                  "hidden_dim": 16, "batch_size": 8, "progress": False,
-                                 **overrides})
+                                 "checkpoint_seconds": 0.0, **overrides})
 
 
 def read_metrics(workdir):

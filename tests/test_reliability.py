@@ -56,22 +56,46 @@ def corrupt(workdir, epoch):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def checkpoints(workdir):
+  """The epochs of the complete checkpoints in `workdir`."""
+  path = workdir / "checkpoints"
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.exists() else []
+
+
+@pytest.mark.parametrize("seconds, expected", [(30.0, [3]), (0.0, [1, 2, 3])])
+def test_checkpoints_by_time_and_always_after_the_last_epoch(seconds, expected, tiny_npz,
+                                                            tmp_path):
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=3, checkpoint_seconds=seconds))
+  assert checkpoints(tmp_path) == expected and len(metrics(tmp_path)) == 3
+
+
 @pytest.mark.slow
-def test_sigkill_then_rerun_ends_bit_identical(tiny_npz, tmp_path):
+def test_sigkill_between_time_based_checkpoints_then_rerun_ends_bit_identical(tiny_npz,
+                                                                              tmp_path):
+  """--checkpoint_seconds: a kill -9 loses the epochs since the last checkpoint (at most
+  that many seconds of them), and the rerun retrains them to the straight run's bits."""
   straight, killed = tmp_path / "straight", tmp_path / "killed"
-  flags = ("--epochs=12", "--schedule=cosine")
-  quiet(tiny_config(tiny_npz, straight, epochs=12, schedule="cosine"))
+  flags = ("--epochs=600", "--schedule=cosine", "--checkpoint_seconds=0.25")
+  quiet(tiny_config(tiny_npz, straight, epochs=600, schedule="cosine",
+                    checkpoint_seconds=30.0))
+  assert checkpoints(straight) == [600]               # a short run saves only at its end
   process = subprocess.Popen(runner_command(tiny_npz, killed, *flags),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  wait_for_epochs(killed, process, random.Random(0).randint(3, 8))
+  epochs = random.Random(0).randint(200, 400)
+  wait_for_epochs(killed, process, epochs)
+  while process.poll() is None and not checkpoints(killed):
+    time.sleep(0.01)
   process.send_signal(signal.SIGKILL)
   process.wait()
-  assert len(metrics(killed)) < 12
+  saved, rows = checkpoints(killed), len(metrics(killed))
+  assert saved and saved[-1] < rows < 600            # killed between two checkpoints
+  assert all(b > a + 1 for a, b in zip(saved, saved[1:]))   # not one per epoch
   result = run_runner(tiny_npz, killed, *flags)
   assert result.returncode == 0, result.stderr
-  assert "resuming from the checkpoint after epoch" in result.stdout
+  assert f"resuming from the checkpoint after epoch {saved[-1]}" in result.stdout
+  assert "epochs this run retrains" in result.stdout
   assert_same_params(straight, killed)
-  assert [row["epoch"] for row in metrics(killed)] == list(range(1, 13))
+  assert [row["epoch"] for row in metrics(killed)] == list(range(1, 601))
   assert without_times(metrics(killed)) == without_times(metrics(straight))
 
 
@@ -126,7 +150,7 @@ def test_a_second_signal_stops_at_once_in_one_line(tiny_npz, tmp_path):
 
 
 def test_a_signal_during_the_last_epoch_finishes_the_run(tiny_npz, tmp_path, monkeypatch):
-  monkeypatch.setattr(experiment, "_stop_signal", lambda stop: signal.SIGTERM)
+  monkeypatch.setattr(experiment, "_stop_or_save", lambda stop, due: (signal.SIGTERM, due))
   lines = quiet(tiny_config(tiny_npz, tmp_path, epochs=1))   # no Interrupted raised
   assert "SIGTERM came during the last epoch: the run is complete" in lines
   assert (tmp_path / "params.npz").exists()

@@ -329,8 +329,8 @@ def test_a_k_fold_run_resumes_bit_identical_in_either_stage(tiny_npz, tmp_path,
   resumed = config._replace(workdir=str(tmp_path / "resumed"))
   for stop_at in (2, 3):  # after epoch 2 of 3 of the selection, then the refit's 2nd (1 + 2)
     calls = iter(range(1, 100))
-    monkeypatch.setattr(experiment, "_stop_signal",
-                        lambda stop, s=stop_at: signal.SIGTERM if next(calls) == s else None)
+    monkeypatch.setattr(experiment, "_stop_or_save", lambda stop, due, s=stop_at: (
+        signal.SIGTERM if next(calls) == s else None, due))
     with pytest.raises(experiment.Interrupted):
       run(resumed)
   monkeypatch.undo()
