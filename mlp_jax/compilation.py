@@ -37,7 +37,7 @@ def enable(path: Optional[str] = None) -> Optional[str]:
   project's). Returns the directory in use, or None when off: asked for (''), or the
   default directory cannot be created."""
   import jax  # pylint: disable=g-import-not-at-top
-  given = jax.config.jax_compilation_cache_dir
+  given = getattr(jax.config, "jax_compilation_cache_dir")  # read() refuses this one
   if given:
     return given
   path = default_dir() if path is None else path

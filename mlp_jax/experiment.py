@@ -508,12 +508,16 @@ def _epoch_row(ctx: RunContext, train_epoch: train.ModelEpoch, state: train.Trai
   return state, row
 
 
-def _learning_rates(ctx: RunContext, row: Row, learning_rate: optax.Schedule, epoch: int
-                    ) -> None:
+def _epoch_end_rates(ctx: RunContext, learning_rate: optax.Schedule) -> np.ndarray:
+  """The rate of each epoch's last step (epochs,), in one program."""
+  last_steps = np.arange(1, ctx.config.epochs + 1) * ctx.steps_per_epoch - 1
+  return np.asarray(jax.jit(jax.vmap(learning_rate))(last_steps))
+
+
+def _learning_rates(ctx: RunContext, row: Row, rates: np.ndarray, epoch: int) -> None:
   """The rate of the epoch's last step, to float32's 7 digits, in the row (and per
   model where the peak rate is swept: the rates scale with it)."""
-  rate = float(learning_rate((epoch + 1) * ctx.steps_per_epoch - 1))
-  row["learning_rate"] = float(f"{rate:.7g}")
+  row["learning_rate"] = float(f"{float(rates[epoch]):.7g}")
   if "learning_rate" in ctx.stack.values:
     row["per_model"]["learning_rate"] = (
         row["learning_rate"] * ctx.stack.values["learning_rate"] / ctx.config.learning_rate
@@ -569,7 +573,8 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
   if ctx.stack.row_folds is not None:
     host_values[train.TRAIN_MASK] = ctx.stack.train_masks()
   values = parallel.shard_models(host_values, ctx.mesh)
-  learning_rate = train.make_schedule(hp)  # the configured peak; swept peaks scale it
+  # The configured peak's rates; swept peaks scale them.
+  rates = _epoch_end_rates(ctx, train.make_schedule(hp))
   epochs, bar = _progress(ctx, epochs_done)
   done = epochs_done
   profile = _Profile(ctx, epochs_done)
@@ -584,7 +589,7 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
       state, row = _epoch_row(ctx, train_epoch, state, values, placed, epoch)
       profile.after(epoch)
       _check_divergence(ctx, row, epoch, done)
-      _learning_rates(ctx, row, learning_rate, epoch)
+      _learning_rates(ctx, row, rates, epoch)
       last = epoch + 1 == ctx.config.epochs
       with _peers(ctx, f"the end of epoch {epoch + 1}", done):
         signum, due = _stop_or_save(ctx.stop, last or time.monotonic() - saved_at
@@ -674,7 +679,8 @@ def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed
   test = None
   if not ctx.config.cv_folds:
     test = parallel.to_host(train.evaluate(params, X_test, y_test, num_examples=n_test,
-                                           mesh=ctx.mesh, stacking=ctx.stack.stacking))
+                                           mesh=ctx.mesh, stacking=ctx.stack.stacking,
+                                           rows=None))  # as each epoch's: one program
   finished = reports.Finished(history, ctx.stack, ranking, test, parallel.to_host(params))
   if ctx.writer:
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)

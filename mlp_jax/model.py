@@ -40,9 +40,13 @@ def init_params(key: Array, in_dim: int, hidden_dim: int, num_classes: int, *,
   if num_classes < 2:
     raise ValueError(f"init_params: num_classes must be >= 2, got {num_classes}.")
   k1, k2 = jax.random.split(key)
-  w1 = jax.random.normal(k1, (hidden_dim, in_dim), dtype) * jnp.sqrt(2.0 / in_dim).astype(dtype)
-  w2 = jax.random.normal(k2, (num_classes, hidden_dim), dtype) * jnp.sqrt(
-      1.0 / hidden_dim).astype(dtype)
+  # The barrier keeps XLA from folding the scale into the sampler's own constants: the
+  # same bits eager, jitted and vmapped.
+  w1, w2 = jax.lax.optimization_barrier((
+      jax.random.normal(k1, (hidden_dim, in_dim), dtype),
+      jax.random.normal(k2, (num_classes, hidden_dim), dtype)))
+  w1 = w1 * jnp.sqrt(2.0 / in_dim).astype(dtype)
+  w2 = w2 * jnp.sqrt(1.0 / hidden_dim).astype(dtype)
   return Params(w1=w1, b1=jnp.zeros((hidden_dim,), dtype),
                 w2=w2, b2=jnp.zeros((num_classes,), dtype))
 

@@ -160,7 +160,7 @@ def make_optimizer(hp: Hyperparams) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def init_model_state(seed: int, in_dim: int, hidden_dim: int, num_classes: int,
+def init_model_state(seed: ArrayLike, in_dim: int, hidden_dim: int, num_classes: int,
                      optimizer: optax.GradientTransformation) -> TrainState:
   """ONE model's fresh TrainState: init_params from PRNGKey(seed); shuffling uses its
   fold 1. A run's state is a stack of these: see init_state."""
@@ -364,17 +364,25 @@ def init_state(seeds: Sequence[int], in_dim: int, hidden_dim: int, num_classes: 
                ) -> TrainState:
   """The stacked TrainState of M = len(seeds) models, on the default device: model m is
   init_model_state(seeds[m], ...) with the optimizer of hp and its `values` {name: (M,)}
-  (SWEEPABLE names; None or {} when only the seeds differ). Built model by model and
-  stacked on the host: no program to compile."""
+  (SWEEPABLE names; None or {} when only the seeds differ). One program for the M
+  models (jax.vmap), compiled once per shape; bit for bit the models built one by one
+  (tested)."""
   arrays = {k: np.asarray(v) for k, v in (values or {}).items()}
-  states = []
-  for m, seed in enumerate(seeds):
-    # 0-d arrays, as inside the program: a swept 0 keeps its transformation's state.
-    model_hp, _ = with_values(hp, None, {k: np.asarray(v[m]) for k, v in arrays.items()})
-    states.append(init_model_state(int(seed), in_dim, hidden_dim, num_classes,
-                                   make_optimizer(model_hp)))
-  return jax.device_put(jax.tree.map(lambda *leaves: np.stack(jax.device_get(leaves)),
-                                     *states))
+  swept: dict[str, Any] = {k: None for k in arrays if k in hp._fields}  # set inside
+  static_hp = hp._replace(**swept)
+  return _init_stack(np.asarray(seeds, np.int32), arrays, static_hp, in_dim, hidden_dim,
+                     num_classes)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _init_stack(seeds: Array, values: dict[str, Array], hp: Hyperparams, in_dim: int,
+                hidden_dim: int, num_classes: int) -> TrainState:
+  def init_one(seed: Array, model_values: dict[str, Array]) -> TrainState:
+    # Traced values, as inside the training program: a swept 0 keeps its state.
+    model_hp, _ = with_values(hp, None, model_values)
+    return init_model_state(seed, in_dim, hidden_dim, num_classes,
+                            make_optimizer(model_hp))
+  return jax.vmap(init_one)(seeds, values)
 
 
 ModelEpoch = Callable[..., tuple[TrainState, Metrics]]
