@@ -292,3 +292,14 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], averaged),
                               jax.tree.map(lambda a: a[0], stack.params), rtol=1e-6)
   assert not np.allclose(averaged.w1[1], stack.params.w1[1])
+
+
+@pytest.mark.parametrize("dims", [(6, 16, 3), (64, 256, 10), (40, 1024, 4)])
+def test_the_stacks_init_is_each_model_built_alone_bit_for_bit(dims):
+  """init_state is one jitted vmap; it must give the very params, optimizer state and key
+  of init_model_state run eagerly for each seed (the runner's params.npz depends on it)."""
+  hp = train.Hyperparams(ema_decay=0.5)
+  stack = train.init_state([0, 7, 2**31 - 1], *dims, hp, {"learning_rate": [1e-3, 2e-3, 3e-3]})
+  for m, seed in enumerate((0, 7, 2**31 - 1)):
+    alone = train.init_model_state(seed, *dims, train.make_optimizer(hp))
+    chex.assert_trees_all_equal(jax.tree.map(lambda a, m=m: a[m], stack), alone)
