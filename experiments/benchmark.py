@@ -11,7 +11,9 @@ devices, mlp_jax/parallel.py; on a CPU, start with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 to split it into 4 host devices).
 Each: median and min µs per step over --repeats, examples/s, GFLOP/s and
 its fraction of the GEMM ceiling measured in this run (same device, same dtype), compile
-seconds, peak device memory where the platform reports it.
+seconds (with the persistent compilation cache, mlp_jax/compilation.py, on by default:
+MLP_JAX_COMPILATION_CACHE= for cold compiles), peak device memory where the platform
+reports it. Whole commands, fixed costs included: experiments/startup.py.
 """
 
 import functools
@@ -674,11 +676,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = flags.FLAGS
+  from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
+  cache = compilation.enable()  # compile seconds: a read of the cache when it is warm
   batch_sizes, hidden_dims, device_counts, model_counts = check_flags(cfg)
   print(f"device: {jax.devices()[0]} ({jax.default_backend()}, "
         f"{jax.local_device_count()} local), jax {jax.__version__}, "
         f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
-        f"optimizer={cfg.optimizer}")
+        f"optimizer={cfg.optimizer}, compilation cache {cache or 'off'}")
   peers = available_peers(cfg)
   rows = [row for h in hidden_dims for b in batch_sizes
           for row in time_one_size(b, h, device_counts, model_counts, peers, cfg)]
