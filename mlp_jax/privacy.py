@@ -271,6 +271,7 @@ def _epsilon_of_groups(groups: tuple[tuple[float, int], ...], sampling_rate: flo
   return float(acc.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=64)  # pure, and seconds each: a resume or a sweep asks again
 def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, steps: int,
                                delta: float, max_noise_multiplier: float = 100.0) -> float:
   """The smallest σ (to 1e-3) whose PLD ε after `steps` steps at rate q is ≤ target ε.

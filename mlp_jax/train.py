@@ -405,6 +405,23 @@ def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batch_size: int,
   return one
 
 
+def _memoized(make: Callable[..., Any]) -> Callable[..., Any]:
+  """`make` returning the same object for the same (hashable) arguments: one jitted
+  function is traced and lowered once per process for every run that asks for it (a
+  k-fold refit, many runs from Python, the tests); unhashable ones build it anew."""
+  cached = functools.lru_cache(maxsize=32)(make)
+
+  @functools.wraps(make)
+  def memoized(*args: Any, **kwargs: Any) -> Any:
+    try:
+      hash((args, tuple(kwargs.items())))
+    except TypeError:  # e.g. arrays in hp: a stack's values belong in `values`
+      return make(*args, **kwargs)
+    return cached(*args, **kwargs)
+  return memoized
+
+
+@_memoized
 def make_train_epoch(hp: Hyperparams, batch_size: int, num_examples: Optional[int] = None,
                      mesh: Optional[Mesh] = None, dp: Optional[privacy.DPSGD] = None,
                      stacking: str = "vmap") -> ModelEpoch:

@@ -75,6 +75,7 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
   assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 + 2 * 2 + 1  # + plain
 
 
+@pytest.mark.slow
 def test_benchmark_rejects_unknown_values():
   result = run("--grads=numeric", "--steps=1")
   assert result.returncode != 0
@@ -101,6 +102,7 @@ def test_benchmark_times_n_devices_and_n_models_side_by_side(tmp_path):
   assert "2 models (map) / 2 sequential runs ex/s" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--num_devices=4"], "--num_devices asks for 4 devices but there are 2"),
     (["--num_devices=2", "--batch_sizes=9"], "batch size 9 does not divide over 2 devices"),

@@ -249,6 +249,7 @@ def test_jitted_grads_traces_once_for_repeated_shapes():
     step(params, X, y)
 
 
+@pytest.mark.slow  # python -m mlp_jax.gradcheck, a process of its own
 def test_gradcheck_module_passes():
   # B·H = 16,384 hidden values: every one drawn away from the ReLU kink.
   result = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", "--batch_size=64",

@@ -164,6 +164,7 @@ def test_accountant_matches_published_values():
   assert privacy.epsilon(1.3, q, 0, 1e-5) == 0.0
 
 
+@pytest.mark.slow  # the DP accountant's calibrations: seconds
 def test_calibration_inverts_the_accountant():
   q, steps, delta = 0.01, 300, 1e-5
   sigma = privacy.calibrate_noise_multiplier(2.0, q, steps, delta)
@@ -181,6 +182,7 @@ def dp_config(dataset, workdir, **overrides):
       "dp_noise_multiplier": 0.8, "dp_delta": 1e-3, **overrides})
 
 
+@pytest.mark.slow  # the DP accountant's calibrations: seconds
 def test_dp_run_killed_and_resumed_equals_an_uninterrupted_one_epsilon_included(
     tiny_npz, tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -222,6 +224,7 @@ def test_dp_run_scales_inputs_with_constants_not_train_statistics():
   np.testing.assert_allclose(private.x_test, (raw[2] / 16 - 0.5) / 0.5, rtol=1e-6)
 
 
+@pytest.mark.slow  # the DP accountant's calibrations: seconds
 def test_target_epsilon_calibrates_sigma_for_the_planned_steps(tiny_npz, tmp_path):
   lines = []
   experiment.run(dp_config(tiny_npz, tmp_path, dp_noise_multiplier=None,

@@ -39,6 +39,7 @@ def assert_close_params(a, b):
     assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(b[k])), k
 
 
+@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_vmap_of_value_and_grads_over_a_stack_of_params():
   keys = jax.random.split(jax.random.key(0), 3)
   stack = jax.vmap(lambda k: mj.init_params(k, 5, 7, 3))(keys)       # w1 (3, 7, 5)
@@ -52,6 +53,7 @@ def test_vmap_of_value_and_grads_over_a_stack_of_params():
     np.testing.assert_allclose(grads.w1[m], g.w1, rtol=RTOL, atol=1e-7)
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_map_and_vmap_stacking_train_the_same_models():
   rng = np.random.default_rng(0)
   X = rng.normal(size=(30, 5)).astype(np.float32)
@@ -77,6 +79,7 @@ def test_map_and_vmap_stacking_train_the_same_models():
   assert train.default_stacking("gpu", 128, 784, 1024) == "vmap"
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_seed_k_of_a_3_seed_run_is_the_single_run_with_seed_k(tiny_npz, tmp_path):
   run(tiny_config(tiny_npz, tmp_path / "stack", epochs=2, num_seeds=3, seed=4))
   stacked = read_metrics(tmp_path / "stack")
@@ -102,6 +105,7 @@ def test_seed_k_of_a_3_seed_run_is_the_single_run_with_seed_k(tiny_npz, tmp_path
       np.std(stacked[-1]["per_model"]["train_loss"]))
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_2x2_sweep_equals_the_four_separate_runs(tiny_npz, tmp_path):
   result = run(tiny_config(tiny_npz, tmp_path / "sweep", epochs=2, learning_rate=0.01,
                            sweep=("weight_decay=0,0.3", "clip_norm=0,0.05")))
@@ -118,6 +122,7 @@ def test_a_2x2_sweep_equals_the_four_separate_runs(tiny_npz, tmp_path):
         pytest.approx(rows[-1]["validation_accuracy"]))
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_the_choice_is_made_on_validation_never_on_test(tmp_path):
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(3, 6)) * 3
@@ -146,6 +151,7 @@ def test_the_choice_is_made_on_validation_never_on_test(tmp_path):
                                                             {"learning_rate": 1e-7}]
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_multi_model_run_resumes_bit_identical(tiny_npz, tmp_path):
   config = tiny_config(tiny_npz, tmp_path / "straight", epochs=4, schedule="constant",
                        sweep=("label_smoothing=0,0.1", "ema_decay=0,0.9"))
@@ -197,6 +203,7 @@ def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, mon
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_private_sweep_accounts_each_model_and_the_whole_sweep(tmp_path):
   target = 3.0
   result = run(tiny_config("digits", tmp_path, epochs=2, batch_size=64, num_seeds=2,
@@ -221,6 +228,7 @@ def test_a_private_sweep_accounts_each_model_and_the_whole_sweep(tmp_path):
   assert sweep["chosen_models"] == result["chosen"]["models"]
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_swept_noise_gives_each_model_its_own_epsilon(tiny_npz, tmp_path):
   run(tiny_config(tiny_npz, tmp_path, epochs=2, dp_delta=1e-3, learning_rate=0.05,
                   sweep=("dp_noise_multiplier=0.8,2",), compute_dtype="bfloat16"))
@@ -233,6 +241,7 @@ def test_swept_noise_gives_each_model_its_own_epsilon(tiny_npz, tmp_path):
     np.testing.assert_allclose(f["dp_noise_multiplier"], [0.8, 2.0])
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_swept_target_epsilon_calibrates_one_sigma_per_model(tiny_npz, tmp_path):
   run(tiny_config(tiny_npz, tmp_path, epochs=2, dp_delta=1e-3, learning_rate=0.05,
                   sweep=("dp_target_epsilon=2,4",)))
@@ -261,6 +270,7 @@ def test_a_resumed_sweep_names_each_models_peak_rate(tiny_npz, tmp_path):
 # k-fold selection (--cv_folds): folds are models of the stack, each with its own train
 # mask and held-out rows; the chosen configuration is refit on all of train.
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_2_fold_2_configuration_run_equals_the_four_separate_runs(tiny_npz, tmp_path):
   rates = (0.003, 0.03)
   result = run(tiny_config(tiny_npz, tmp_path / "cv", epochs=2, cv_folds=2,
@@ -291,6 +301,7 @@ def test_a_2_fold_2_configuration_run_equals_the_four_separate_runs(tiny_npz, tm
   assert mj.load(str(tmp_path / "cv")).params.w1.shape == (16, 6)   # the refit's model
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_k_fold_selection_never_reads_test(tmp_path, monkeypatch):
   rng = np.random.default_rng(0)
   centers = rng.normal(size=(3, 6)) * 3
@@ -321,6 +332,7 @@ def test_a_k_fold_selection_never_reads_test(tmp_path, monkeypatch):
   assert "test_accuracy" in read_metrics(tmp_path / "run" / "refit")[-1]
 
 
+@pytest.mark.slow  # several runs of the runner: seconds
 def test_a_k_fold_run_resumes_bit_identical_in_either_stage(tiny_npz, tmp_path,
                                                             monkeypatch):
   config = tiny_config(tiny_npz, tmp_path / "straight", epochs=3, schedule="constant",

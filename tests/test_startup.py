@@ -90,7 +90,8 @@ print(json.dumps({{"at_import": at_import,
 
 def test_a_second_run_reads_its_programs_from_the_compilation_cache(tiny_npz, tmp_path):
   """MLP_JAX_COMPILATION_CACHE names the cache; the second run (another workdir, the
-  same network) compiles nothing new: no file is added to the cache."""
+  same network) compiles nothing new: no file is added to the cache. Turned off, a run
+  of another network adds none either."""
   cache = tmp_path / "cache"
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # not the suite's
   env["MLP_JAX_COMPILATION_CACHE"] = str(cache)
@@ -106,6 +107,5 @@ def test_a_second_run_reads_its_programs_from_the_compilation_cache(tiny_npz, tm
   first = run("a")
   assert len(first) >= 3                  # the init, the epoch and the evaluation
   assert run("b") == first                # every program read back, none compiled
-  assert run("c", "--hidden_dim=9", "--compilation_cache=") == first  # off: none written
-  grown = run("d", "--hidden_dim=9")      # another network: its own programs
-  assert set(first) < set(grown)
+  # Off: another network's programs (new ones) are not written.
+  assert run("c", "--hidden_dim=9", "--compilation_cache=") == first

@@ -34,6 +34,7 @@ def test_batch_indices_use_every_example_once_and_mask_the_padding():
   np.testing.assert_array_equal(w.reshape(-1), [1] * 10 + [0] * 2)
 
 
+@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="sgd", learning_rate=0.1, schedule="constant",
@@ -52,6 +53,7 @@ def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   assert 0 <= float(metrics["train_accuracy"][0]) <= 1 and float(metrics["train_loss"][0]) > 0
 
 
+@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="adam", learning_rate=0.1, schedule="constant",
@@ -195,6 +197,7 @@ def test_smoothed_targets_of_a_bad_label_are_nan_under_jit():
   assert bool(jnp.all(jnp.isfinite(Y[0]))) and bool(jnp.all(jnp.isnan(Y[1])))
 
 
+@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_bfloat16_gradients_under_jit_match_float32():
   """The bfloat16 path runs under jit (XLA's CPU runtime has no bfloat16 kernel for one
   of its products, Δ2ᵀ A1, which stays float32) and, leaf by leaf, equals float32
@@ -259,6 +262,7 @@ def test_bfloat16_hidden_products_compile_to_bfloat16_gemms():
   assert ("f32", "f32") in autodiff, autodiff
 
 
+@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_ema_is_the_hand_computed_average_of_the_iterates():
   """--ema_decay β: averaged_params is Σ_i (1 − β) β^(t−i) θ_i / (1 − β^t) over the params
   θ_1..θ_t after each step (the bias-corrected EMA), per model of a stack; β = 0 is the

@@ -5,10 +5,12 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 from conftest import ROOT
 
 
+@pytest.mark.slow  # a Jupyter kernel: a process of its own
 def test_the_tutorial_notebook_executes_without_an_error():
   path = os.path.join(ROOT, "docs", "tutorial.ipynb")
   notebook = nbformat.read(path, as_version=4)

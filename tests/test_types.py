@@ -5,7 +5,11 @@ misuses the API is told so by mypy, through the py.typed marker."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # mypy runs in a process of its own
 
 
 def _mypy(*args):
