@@ -150,6 +150,23 @@ def tiny_config(dataset, workdir, **overrides):
                                  "checkpoint_seconds": 0.0, **overrides})
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+  """A memoised experiment.run: `reference_run(dataset, **overrides)` is the workdir of
+  a finished tiny_config run of those settings, run once per session (per xdist
+  worker) for every test that compares against it. Read it; never write to it."""
+  done = {}
+
+  def run(dataset, **overrides):
+    from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
+    key = (dataset, tuple(sorted(overrides.items())))
+    if key not in done:
+      done[key] = tmp_path_factory.mktemp("reference")
+      experiment.run(tiny_config(dataset, done[key], **overrides), log=lambda *_: None)
+    return done[key]
+  return run
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -180,3 +197,4 @@ def wait_for_epochs(workdir, process, count, timeout=120):
           return
     time.sleep(0.02)
   raise AssertionError(f"the run did not reach epoch {count}")
+
