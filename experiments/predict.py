@@ -43,9 +43,20 @@ def check_output(path):
                              "create it first.")
 
 
+def check_paths(workdir, inputs):
+  """UserError for a --workdir or an --input that is not there (before JAX starts)."""
+  if not os.path.exists(workdir):
+    raise boundary.UserError(f"no params.npz at {workdir}: give the --workdir of a "
+                             "finished run.")
+  missing = [repr(p) for p in inputs.split(",") if p and not os.path.exists(p)]
+  if missing:
+    raise boundary.UserError(f"no such file: {', '.join(missing)}.")
+
+
 def predict():
   """Streams the inputs through the model; returns the exit status."""
   FLAGS = flags.FLAGS
+  check_paths(FLAGS.workdir, FLAGS.input)
   if FLAGS.output:
     check_output(FLAGS.output)
   import jax  # pylint: disable=g-import-not-at-top
