@@ -46,6 +46,8 @@ def parse_flags(argv):
   define_flags()
   try:
     return flags.FLAGS(argv)
+  except BrokenPipeError:  # `--help | head`: the boundary's silent 141
+    raise
   except (flags.Error, UnicodeDecodeError, OSError) as e:
     reason = (f"--flagfile is not a text file of --name=value lines ({e.reason})"
               if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])

@@ -16,7 +16,8 @@ BENCHMARK = os.path.join(ROOT, "experiments", "benchmark.py")
 
 
 def run(*flags, host_devices=1):
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={host_devices}"}
+  env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "   # conftest's
+         f"--xla_force_host_platform_device_count={host_devices}"}
   return subprocess.run([sys.executable, BENCHMARK, *flags], capture_output=True,
                         text=True, timeout=300, cwd=ROOT, env=env)
 

@@ -113,3 +113,16 @@ def test_a_second_run_reads_its_programs_from_the_compilation_cache(tiny_npz, tm
   assert run("b") == first                # every program read back, none compiled
   # Off: another network's programs (new ones) are not written.
   assert run("c", "--hidden_dim=9", "--compilation_cache=") == first
+
+
+def test_help_into_a_closed_pipe_is_a_silent_141(decoys):
+  """`train.py --help | head`: stdout's reader is gone; no error line, status 141 (as a
+  shell reports a SIGPIPE), and still no JAX."""
+  env, imported = decoys
+  read_end, write_end = os.pipe()
+  os.close(read_end)                       # every write to stdout fails: EPIPE
+  result = subprocess.run([sys.executable, RUNNER, "--help"], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, timeout=60)
+  os.close(write_end)
+  assert (result.returncode, result.stderr) == (141, "")
+  assert imported() == set()
