@@ -1,4 +1,5 @@
-"""Checkpoints of the TrainState through orbax-checkpoint, one per finished epoch.
+"""Checkpoints of the TrainState through orbax-checkpoint, numbered by finished epochs
+(the runner saves by time: experiment._train_epochs).
 
 Each checkpoint holds the state, the SHA-256 of its bytes and the signature of its
 structure (tree, shapes, dtypes). On restore:
@@ -39,7 +40,7 @@ class _Corrupt(Exception):
 
 # A run's state: a train.TrainState (any pytree of arrays, for this module).
 State = Any
-# An orbax.checkpoint.CheckpointManager: orbax (0.3 s to import) is imported by manager().
+# An orbax.checkpoint.CheckpointManager: orbax is imported when first used (manager()).
 Manager = Any
 
 

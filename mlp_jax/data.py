@@ -243,7 +243,8 @@ def load_npz(path: str) -> Arrays:
 def load_digits() -> Arrays:
   """scikit-learn's 1797 8×8 digits, split 80/20 stratified by class (split seed 0): the
   split of sklearn.model_selection.train_test_split(..., stratify=y, random_state=0).
-  Read from scikit-learn's own digits.csv.gz without importing scikit-learn (1 s)."""
+  Read from scikit-learn's own digits.csv.gz without importing scikit-learn (its import
+  costs more than the rest of a short run's start: docs/benchmarks.md)."""
   spec = importlib.util.find_spec("sklearn")
   if spec is None or not spec.submodule_search_locations:
     raise DataError("the digits dataset is scikit-learn's: pip install scikit-learn.")

@@ -562,8 +562,10 @@ def _show_progress(bar: Any, row: Row, placed: Placed) -> None:
 def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, placed: Placed,
                   history: list[Row]) -> tuple[train.TrainState, Optional["Interrupted"]]:
   """Trains the epochs left after the Restored `start`; appends each one's row to
-  `history` and the metrics file and checkpoints it. Returns (state, Interrupted if
-  Ctrl-C or SIGTERM stopped it, else None)."""
+  `history` and the metrics file, and checkpoints by time: after an epoch that ends
+  --checkpoint_seconds or more after the last save, after the last epoch, and after the
+  epoch a signal came in. Returns (state, Interrupted if Ctrl-C or SIGTERM stopped it,
+  else None)."""
   state, epochs_done = start.state, start.epochs_done
   train_epoch = train.make_train_epoch(hp, ctx.config.batch_size,
                                        num_examples=placed.train[2], mesh=ctx.mesh,

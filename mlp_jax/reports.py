@@ -91,7 +91,7 @@ def write_outputs(workdir: str, finished: Finished, inputs: data.Dataset, config
   """params.npz, the plots, and for several models params_all.npz and sweep.json, each
   written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
   data.Dataset without its arrays (the preprocessing)."""
-  from mlp_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib: 0.4 s)
+  from mlp_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib, when used)
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
