@@ -134,11 +134,11 @@ def prepare(scratch):
 
 
 def wall(command, env):
-  """Seconds of one run of `command` (it must succeed)."""
+  """Seconds of one run of `command` (it must succeed; absl's --help exits with 1)."""
   start = time.perf_counter()
   result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
   seconds = time.perf_counter() - start
-  if result.returncode not in (0, 1) or (result.returncode == 1 and "--help" not in command):
+  if result.returncode != (1 if "--help" in command else 0):
     raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
   return seconds
 
@@ -167,8 +167,8 @@ def time_commands(scratch, paths, envs, repeats):
   """{(row, env name): [seconds]}, the commands taken in turn, `repeats` rounds."""
   warm = os.path.join(scratch, "cache")
   seconds = {}
-  for env_name, env in envs.items():   # warm the cache of every command first
-    for row, (command, _) in commands(scratch, paths).items():
+  for env in envs.values():   # warm the cache of every command first
+    for command, _ in commands(scratch, paths).values():
       wall(command(), {**env, "MLP_JAX_COMPILATION_CACHE": warm})
   for _ in range(repeats):
     for env_name, env in envs.items():

@@ -198,12 +198,10 @@ def test_a_signal_to_one_process_stops_both_after_the_same_epoch(signum, status,
 @pytest.mark.slow
 def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):
   port = free_port()
-  # Killed while a checkpoint is being written, orbax's barrier would wait for JAX's
-  # 100 s heartbeat timeout instead, and JAX abort the survivor with its own log: with
-  # checkpoints by time (none in the first --checkpoint_seconds=60), every kill lands in
-  # training, whatever the epochs' length.
-  processes = [runner("digits", tmp_path, "--epochs=2000", "--batch_size=16",
-                      "--checkpoint_seconds=60",
+  # Digits in batches of 2: ~8 s epochs, so 1 s after epoch 1 the kill lands mid-epoch.
+  # (Killed while a checkpoint is being written, orbax's barrier waits for JAX's
+  # 100 s heartbeat timeout instead, and JAX aborts the survivor with its own log.)
+  processes = [runner("digits", tmp_path, "--epochs=50", "--batch_size=2",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
   wait_for_epochs(tmp_path, processes[0], 1)
