@@ -47,14 +47,18 @@ SETTINGS = (
     Setting("dataset", str, "digits", _DATASETS + "."),
     Setting("data_dir", str, None, "Directory of the IDX files (mnist; fashion_mnist "
             f"defaults to {data.FASHION_MNIST_DIR})."),
-    Setting("input_scaling", str, "global", "x' = (x - mean) / std with one mean and "
+    Setting("input_scaling", str, "auto", "x' = (x - mean) / std with one mean and "
             "std over all features (global), each feature its own (per_feature), or the "
             "data as given (none); from the train split, for a private run from "
-            "constants fixed in advance.", choices=data.SCALINGS),
+            "constants fixed in advance. auto: per_feature where the features' ranges "
+            f"differ more than {data.SHARED_RANGE_RATIO:g}-fold (a table), else global "
+            "(pixels).", choices=data.SCALINGS),
     Setting("hidden_dim", int, 256, "H, hidden units.", lower=1),
     Setting("batch_size", int, 16, "Examples per step (DP-SGD: the expected batch).",
             lower=1),
-    Setting("epochs", int, 20, "Passes over the training set.", lower=1),
+    Setting("epochs", int, None, "Passes over the training set. Default: "
+            f"{options.DEFAULT_EPOCHS}, or more on a small training set, so that training "
+            f"takes at least {options.MIN_STEPS} steps.", lower=1),
     Setting("optimizer", str, _HP.optimizer, "optax optimizer.", choices=options.OPTIMIZERS),
     Setting("learning_rate", float, _HP.learning_rate, "Peak learning rate.", above=0),
     Setting("schedule", str, _HP.schedule, "Learning-rate schedule.",
@@ -310,6 +314,32 @@ def _check_writable_dir(flag: str, path: str) -> None:
                    "choose another path.") from None
 
 
+def _check_warmup(config: Config) -> None:
+  if config.warmup_epochs > config.epochs:
+    raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
+                   f"{config.epochs}: the learning rate would never reach its peak; use "
+                   f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
+
+
+def with_data(config: Config, ds: data.Dataset) -> tuple[Config, list[str]]:
+  """(config, notes): a resolved config with the choices made from its loaded data.Dataset
+  `ds` made explicit (the scaling of --input_scaling=auto, the number of --epochs by
+  default: options.auto_epochs), and one line for each such choice."""
+  notes = []
+  if ds.scaling_reason:
+    notes.append(f"input scaling: {ds.scaling}, by auto: {ds.scaling_reason} (--input_scaling)")
+  epochs = config.epochs
+  if epochs is None:
+    n = len(ds.y_train)
+    epochs = options.auto_epochs(n, config.batch_size)
+    if epochs > options.DEFAULT_EPOCHS:
+      notes.append(f"epochs: {epochs}, for at least {options.MIN_STEPS} steps of "
+                   f"{config.batch_size} on {n} training examples (--epochs)")
+  config = config._replace(input_scaling=ds.scaling, epochs=epochs)
+  _check_warmup(config)
+  return config, notes
+
+
 def resolve(config: Config) -> Config:
   """`config` checked, with its defaults made explicit; RunError (one line) for a bad
   value or settings that cannot work together. A sweep holds out 10% of train for
@@ -317,10 +347,8 @@ def resolve(config: Config) -> Config:
   for s in SETTINGS:
     check_setting(s, getattr(config, s.name))
   _check_cluster(config)
-  if config.warmup_epochs > config.epochs:
-    raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
-                   f"{config.epochs}: the learning rate would never reach its peak; use "
-                   f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
+  if config.epochs is not None:
+    _check_warmup(config)
   fraction = config.validation_fraction
   if config.sweep:
     parse_sweep(config.sweep)

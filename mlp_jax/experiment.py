@@ -323,6 +323,9 @@ def _run_stack(config: Config, log: Log, start: float, stop: "_StopSignals"
   mesh = _make_mesh(config, stack.num_models)
   boundary.phase("data")
   ds = _load_data(config, mesh, stack.num_models)
+  config, notes = config_lib.with_data(config, ds)
+  for note in notes:
+    log(note)
   stack = stack_lib.with_folds(stack, config, ds.y_train)
   n, in_dim = ds.x_train.shape
   steps_per_epoch = -(-n // config.batch_size)

@@ -14,6 +14,10 @@ CLIPPINGS = ("flat", "per_layer")   # DP-SGD: one norm C, or (C1, C2) per layer
 SWEEPABLE = ("learning_rate", "weight_decay", "label_smoothing", "clip_norm", "ema_decay",
              "dp_clip_norm", "dp_noise_multiplier")
 STACKINGS = ("vmap", "map")
+# --epochs by default: this many, or more on a small training set, so that training
+# takes at least MIN_STEPS steps (iris's 120 rows at B = 16 are 8 steps an epoch).
+DEFAULT_EPOCHS = 20
+MIN_STEPS = 1500
 DP_EXTRA = 'pip install -e ".[dp]" (or pip install dp-accounting)'
 
 
@@ -33,6 +37,13 @@ class Hyperparams(NamedTuple):
   grads: str = "manual"           # manual | autodiff | manual_vjp
   compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
   ema_decay: float = 0.0          # β of the params' moving average; 0: none
+
+
+def auto_epochs(num_examples: int, batch_size: int) -> int:
+  """The default number of epochs: DEFAULT_EPOCHS, or ceil(MIN_STEPS / steps per epoch)
+  where that is more (steps per epoch: ceil(num_examples / batch_size))."""
+  steps_per_epoch = -(-num_examples // batch_size)
+  return max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
 
 
 def dp_available() -> bool:

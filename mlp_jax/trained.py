@@ -77,6 +77,7 @@ def save(path: Union[str, IO[bytes]], params: Params, inputs: data.Dataset, data
            input_std=np.asarray(inputs.std, np.float32),
            input_shape=np.asarray(inputs.input_shape, np.int64),
            class_names=np.asarray(inputs.class_names, str), dataset=np.asarray(dataset, str),
+           input_scaling=np.asarray(inputs.scaling, str),
            pixel_max=np.float64(data.PIXEL_MAX.get(dataset, 0.0)))
 
 

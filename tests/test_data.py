@@ -117,7 +117,7 @@ def test_global_and_no_scaling():
   ds = data.prepare(x_train, y, x_test, y[:1], scaling="none")
   np.testing.assert_array_equal(ds.x_train, x_train.astype(np.float32))
   assert ds.mean.shape == ds.std.shape == (2,)
-  with pytest.raises(data.DataError, match="scaling must be one of global, per_feature, none"):
+  with pytest.raises(data.DataError, match="scaling must be one of auto, global, per_feature, none"):
     data.prepare(x_train, y, x_test, y[:1], scaling="minmax")
   with pytest.raises(data.DataError, match="a private run cannot scale each feature"):
     data.load("digits", scaling="per_feature", private=True)
