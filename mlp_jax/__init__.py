@@ -5,6 +5,7 @@
 The manual gradient is in mlp_jax/gradients.py; tests/test_gradients.py proves it equals
 jax.grad. Every function is pure and jit-able. mj.privacy: DP-SGD from the closed-form
 per-example gradients. mj.load(workdir): a finished run's model, predicting raw inputs.
+mj.MLPClassifier, mj.MLPClassifierCV: scikit-learn estimators over the same training.
 
 The names below are imported on first use (PEP 562), so `import mlp_jax.boundary` (what
 the scripts load first) does not import JAX.
@@ -23,13 +24,14 @@ _EXPORTS = {
     "value_and_grads": "gradients", "accuracy": "losses", "loss": "losses",
     "Params": "model", "forward": "model", "init_params": "model", "logits": "model",
     "clipped_grad_sum": "privacy", "TrainedModel": "trained", "load": "trained",
+    "MLPClassifier": "estimator", "MLPClassifierCV": "estimator",
 }
 
 __all__ = [
     "Params", "init_params", "forward", "logits", "loss", "accuracy", "grads",
     "value_and_grads", "autodiff_grads", "autodiff_value_and_grads",
     "per_example_grads", "per_example_grad_norms", "loss_manual_vjp", "privacy",
-    "clipped_grad_sum", "load", "TrainedModel",
+    "clipped_grad_sum", "load", "TrainedModel", "MLPClassifier", "MLPClassifierCV",
 ]
 
 
@@ -43,6 +45,8 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # what mypy and editors see: the same names, imported eagerly
   from mlp_jax import privacy
+  from mlp_jax.estimator import MLPClassifier
+  from mlp_jax.estimator import MLPClassifierCV
   from mlp_jax.gradients import autodiff_grads
   from mlp_jax.gradients import autodiff_value_and_grads
   from mlp_jax.gradients import grads

@@ -314,7 +314,8 @@ def _check_writable_dir(flag: str, path: str) -> None:
                    "choose another path.") from None
 
 
-def _check_warmup(config: Config) -> None:
+def check_warmup(config: Config) -> None:
+  """RunError unless the warmup fits in the run's epochs."""
   if config.warmup_epochs > config.epochs:
     raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
                    f"{config.epochs}: the learning rate would never reach its peak; use "
@@ -336,7 +337,7 @@ def with_data(config: Config, ds: data.Dataset) -> tuple[Config, list[str]]:
       notes.append(f"epochs: {epochs}, for at least {options.MIN_STEPS} steps of "
                    f"{config.batch_size} on {n} training examples (--epochs)")
   config = config._replace(input_scaling=ds.scaling, epochs=epochs)
-  _check_warmup(config)
+  check_warmup(config)
   return config, notes
 
 
@@ -348,7 +349,7 @@ def resolve(config: Config) -> Config:
     check_setting(s, getattr(config, s.name))
   _check_cluster(config)
   if config.epochs is not None:
-    _check_warmup(config)
+    check_warmup(config)
   fraction = config.validation_fraction
   if config.sweep:
     parse_sweep(config.sweep)

@@ -463,12 +463,15 @@ def stratified_folds(y: np.ndarray, num_folds: int, seed: int = 0) -> np.ndarray
 
 def train_statistics(x_train: np.ndarray, scaling: str) -> tuple[Any, Any]:
   """(μ, σ) of `scaling` from the training rows x_train (N, D): (D,) arrays for
-  per_feature, scalars otherwise; a σ of (almost) 0 becomes 1."""
+  per_feature, scalars otherwise. A σ of (almost) 0 becomes 1: one below 1e-6 of the
+  largest |x| it is taken over (float32 rounding of a constant), so that a column of
+  scale 1 beside one of scale 1e6 is still standardised."""
   if scaling == "none":
     return np.float32(0), np.float32(1)
   axis = 0 if scaling == "per_feature" else None
   mean, std = x_train.mean(axis=axis), x_train.std(axis=axis)
-  return mean, np.where(std > 1e-6 * max(float(np.max(std)), 1e-30), std, 1.0)
+  magnitude = np.max(np.abs(x_train), axis=axis)
+  return mean, np.where(std > 1e-6 * magnitude, std, 1.0)
 
 
 def fixed_scaling(name: str) -> tuple[float, float, float]:

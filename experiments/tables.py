@@ -1,0 +1,127 @@
+"""A user's small table, through the runner and through the scikit-learn estimator,
+against scikit-learn's own MLP, side by side in one run (docs/tables.md).
+
+    python experiments/tables.py                  # the accuracy table and the CV timing
+    python experiments/tables.py --seeds=1 --cv_repeats=1
+
+Tables: scikit-learn's bundled wine, breast_cancer and iris, each split 80/20 stratified
+by class (split seed 0: train_test_split(stratify=y, test_size=0.2, random_state=0)),
+saved as an npz with the runner's keys. Columns, test accuracy as mean ± std over
+--seeds seeds (the runner's --seed, random_state otherwise):
+  runner         python experiments/train.py --dataset=npz:TABLE.npz, its defaults
+  MLPClassifier  make_pipeline(mlp_jax.MLPClassifier()), its defaults
+  scikit-learn   make_pipeline(StandardScaler(), sklearn MLPClassifier(max_iter=2000))
+Then the selection: mlp_jax.MLPClassifierCV against GridSearchCV(make_pipeline(
+StandardScaler(), MLPClassifier()), cv=5) over the same 6 learning rates on
+breast_cancer, taken in turn --cv_repeats times (the first of ours compiles; JAX's
+persistent cache is off): wall seconds and the chosen model's test accuracy.
+"""
+
+import io
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+from absl import app
+from absl import flags
+from absl import logging
+import numpy as np
+from sklearn import datasets
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import GridSearchCV
+from sklearn.neural_network import MLPClassifier as SklearnMLP
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+os.environ["MLP_JAX_COMPILATION_CACHE"] = ""  # every compilation is counted
+import mlp_jax as mj  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax import config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+flags.DEFINE_integer("seeds", 5, "Seeds of each accuracy (0, 1, ...).", lower_bound=1)
+flags.DEFINE_integer("cv_repeats", 3, "Runs of each side of the CV timing.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+TABLES = ("wine", "breast_cancer", "iris")
+LEARNING_RATES = (3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2)
+
+
+def split_table(name: str) -> tuple[np.ndarray, ...]:
+  """(x_train, y_train, x_test, y_test) of scikit-learn's table `name`, 80/20 stratified."""
+  table = getattr(datasets, f"load_{name}")()
+  train, test = data.stratified_split(table.target, test_fraction=0.2, seed=0)
+  return table.data[train], table.target[train], table.data[test], table.target[test]
+
+
+def runner_accuracy(path: str, seed: int) -> float:
+  """The runner's test accuracy on the npz at `path` with its defaults and --seed."""
+  result = experiment.run(config.RunConfig(
+      dataset=f"npz:{path}", seed=seed, progress=False, workdir=tempfile.mkdtemp()),
+      log=io.StringIO().write)
+  return result["test_accuracy"]
+
+
+def mean_std(values: list[float]) -> str:
+  return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}%"
+
+
+def accuracy_table(tmp: str) -> None:
+  print("| table (train rows, features, classes) | runner defaults | "
+        "mlp_jax MLPClassifier() | scikit-learn MLP |\n| --- | --- | --- | --- |")
+  for name in TABLES:
+    x_train, y_train, x_test, y_test = split_table(name)
+    path = os.path.join(tmp, f"{name}.npz")
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    seeds = range(FLAGS.seeds)
+    ours = [runner_accuracy(path, s) for s in seeds]
+    estimator = [make_pipeline(mj.MLPClassifier(random_state=s)).fit(x_train, y_train)
+                 .score(x_test, y_test) for s in seeds]
+    theirs = [make_pipeline(StandardScaler(), SklearnMLP(max_iter=2000, random_state=s))
+              .fit(x_train, y_train).score(x_test, y_test) for s in seeds]
+    shape = f"{len(y_train)}, {x_train.shape[1]}, {len(np.unique(y_train))}"
+    print(f"| {name} ({shape}) | {mean_std(ours)} | {mean_std(estimator)} | "
+          f"{mean_std(theirs)} |", flush=True)
+
+
+def cv_timing() -> None:
+  x_train, y_train, x_test, y_test = split_table("breast_cancer")
+  ours = lambda: mj.MLPClassifierCV(  # pylint: disable=g-long-lambda
+      param_grid={"learning_rate": list(LEARNING_RATES)}, cv=5).fit(x_train, y_train)
+  theirs = lambda: GridSearchCV(  # pylint: disable=g-long-lambda
+      make_pipeline(StandardScaler(), SklearnMLP(random_state=0)),
+      {"mlpclassifier__learning_rate_init": list(LEARNING_RATES)}, cv=5).fit(
+          x_train, y_train)
+  times: dict[str, list[float]] = {"MLPClassifierCV": [], "GridSearchCV": []}
+  fitted = {}
+  for _ in range(FLAGS.cv_repeats):
+    for label, fit in (("MLPClassifierCV", ours), ("GridSearchCV", theirs)):
+      start = time.perf_counter()
+      fitted[label] = fit()
+      times[label].append(time.perf_counter() - start)
+  print(f"\n6 learning rates × 5 folds on breast_cancer ({len(y_train)} train rows), "
+        f"{FLAGS.cv_repeats} run(s) each, in turn:")
+  for label, model in fitted.items():
+    chosen = (model.best_params_ if label == "MLPClassifierCV" else
+              {"learning_rate_init": model.best_params_["mlpclassifier__learning_rate_init"]})
+    print(f"  {label:16s} first {times[label][0]:6.2f} s, median "
+          f"{statistics.median(times[label]):6.2f} s; chose {chosen} (mean validation "
+          f"{100 * model.best_score_:.2f}%), test {100 * model.score(x_test, y_test):.2f}%")
+  ratio = statistics.median(times["MLPClassifierCV"]) / statistics.median(
+      times["GridSearchCV"])
+  print(f"  ratio of the medians: {ratio:.2f}x")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  warnings.simplefilter("ignore", ConvergenceWarning)  # scikit-learn's max_iter=200
+  with tempfile.TemporaryDirectory() as tmp:
+    accuracy_table(tmp)
+  cv_timing()
+
+
+if __name__ == "__main__":
+  app.run(main)

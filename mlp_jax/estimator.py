@@ -1,0 +1,363 @@
+"""scikit-learn estimators over the runner's training code: MLPClassifier and
+MLPClassifierCV.
+
+    clf = mj.MLPClassifier().fit(X, y)       # X (N, D), y (N,) of any labels
+    clf.predict(X_new), clf.predict_proba(X_new), clf.score(X_test, y_test)
+
+Every parameter is the runner's setting of the same name, with its default
+(config.SETTINGS), and fit trains as the runner does: the manual gradient, optax, the
+same input scaling (auto: data.choose_scaling), the same number of epochs by default
+(options.auto_epochs), and DP-SGD with dp_noise_multiplier or dp_target_epsilon.
+
+MLPClassifierCV(param_grid=..., cv=K) trains every configuration on every fold in ONE
+program, as `--sweep ... --cv_folds=K` does, chooses by mean validation accuracy and
+refits on all rows.
+"""
+
+import inspect
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.base import ClassifierMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight
+from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import validate_data
+
+from mlp_jax import config as config_lib
+from mlp_jax import data
+from mlp_jax import options
+from mlp_jax import stack as stack_lib
+
+_D = {s.name: s.default for s in config_lib.SETTINGS}
+# The runner's settings an estimator takes (the others name files, devices or runs).
+SETTINGS = ("input_scaling", "hidden_dim", "batch_size", "epochs", "optimizer",
+            "learning_rate", "schedule", "warmup_epochs", "weight_decay", "clip_norm",
+            "label_smoothing", "ema_decay", "grads", "compute_dtype", "dp_noise_multiplier",
+            "dp_target_epsilon", "dp_clip_norm", "dp_clipping", "dp_delta")
+
+
+class _Fitted(NamedTuple):
+  """What `_train` returns: stacked params (numpy, leading model axis M) and the
+  per-epoch train losses (epochs, M)."""
+
+  params: Any
+  train_loss: np.ndarray
+
+
+def _train(config: config_lib.Config, X: np.ndarray, y: np.ndarray, num_classes: int,
+           stack: stack_lib.Stack, dp: Any = None, train_mask: Optional[np.ndarray] = None,
+           rows: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[_Fitted, Any]:
+  """Trains the models of `stack` on the standardised rows X (N, D) float32, labels y
+  (N,) int32, as the runner does (train.make_train_epoch, one program for the M
+  models); train_mask (M, N): each model's row weights (folds, sample weights). Returns
+  (_Fitted, train.evaluate of `rows` (indices (M, R), weights (M, R)) or None)."""
+  import jax  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
+  from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
+  from mlp_jax import train  # pylint: disable=g-import-not-at-top
+  compilation.enable(None)
+  steps_per_epoch = -(-len(y) // config.batch_size)
+  hp = config_lib.hyperparams(config, steps_per_epoch, [config.epochs])
+  values = dict(stack.values)
+  if train_mask is not None:
+    values[train.TRAIN_MASK] = train_mask
+  state = train.init_state(stack.model_seeds, X.shape[1], config.hidden_dim, num_classes,
+                           hp, stack.values)
+  train_epoch = train.make_train_epoch(hp, config.batch_size, dp=dp and dp.dpsgd)
+  X_dev, y_dev = jax.device_put(X), jax.device_put(y)
+  losses = []
+  for epoch in range(config.epochs):
+    state, metrics = train_epoch(state, X_dev, y_dev, epoch, values)
+    losses.append(metrics["train_loss"])
+    if "overflows" in metrics and int(metrics["overflows"].sum()):
+      raise RuntimeError("a Poisson batch exceeded its padding (probability below 1e-9); "
+                         "fit again with another random_state.")
+  params = train.averaged_params(state)
+  evaluated = None
+  if rows is not None:
+    evaluated = jax.device_get(train.evaluate(params, X_dev, y_dev, rows=rows))
+  fitted = _Fitted(jax.tree.map(np.asarray, params), np.asarray(jax.device_get(losses)))
+  if not np.all(np.isfinite(fitted.train_loss[-1])):
+    raise ValueError(f"training diverged (train loss {fitted.train_loss[-1]}): the "
+                     f"learning_rate {config.learning_rate:g} is likely too high; try "
+                     "10x lower, or clip_norm=1.")
+  return fitted, evaluated
+
+
+def _canonical_order(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """An order of the rows that depends on their values only: sorted by a 64-bit hash
+  of each row and its label, so that a fit does not depend on the order the rows come
+  in (rows of equal hash are, but for a 2^-64 chance, equal rows)."""
+  words = np.concatenate([X.astype(np.float64), y[:, None].astype(np.float64)], axis=1)
+  words = words.view(np.uint64)
+  digest = np.zeros(len(words), np.uint64)
+  for column in words.T:  # FNV-1a over the 64-bit words, modulo 2^64
+    digest = (digest ^ column) * np.uint64(0x100000001B3)
+  return np.argsort(digest, kind="stable")
+
+
+class MLPClassifier(ClassifierMixin, BaseEstimator):
+  """The two-layer MLP as a scikit-learn classifier, trained by the runner's code.
+
+  Parameters are the runner's settings of the same names (python experiments/train.py
+  --help), with their defaults; random_state is --seed (an int; a RandomState draws
+  one; None a fresh one). batch_size is capped at the number of rows.
+
+  sample_weight: whole numbers train exactly as the rows repeated that many times (0
+  drops a row); other weights scale each row's loss (Σ w·L / Σ w over each batch). A
+  private classifier (dp_noise_multiplier or dp_target_epsilon) takes none, and scales
+  X by nothing fitted to it (input_scaling auto means none: scale X with constants
+  fixed in advance); its ε at dp_delta is `epsilon_`.
+
+  Attributes after fit: classes_, n_features_in_, params_ (W1 (H, D), b1, W2 (K, H),
+  b2), input_mean_, input_std_ (D,), input_scaling_ (the scaling used), n_iter_
+  (epochs), loss_curve_ (train loss per epoch), epsilon_ and noise_multiplier_ (private).
+  """
+
+  def __init__(self, *, input_scaling: str = _D["input_scaling"],
+               hidden_dim: int = _D["hidden_dim"], batch_size: int = _D["batch_size"],
+               epochs: Optional[int] = _D["epochs"], optimizer: str = _D["optimizer"],
+               learning_rate: float = _D["learning_rate"], schedule: str = _D["schedule"],
+               warmup_epochs: float = _D["warmup_epochs"],
+               weight_decay: float = _D["weight_decay"], clip_norm: float = _D["clip_norm"],
+               label_smoothing: float = _D["label_smoothing"],
+               ema_decay: float = _D["ema_decay"], grads: str = _D["grads"],
+               compute_dtype: str = _D["compute_dtype"], random_state: Any = _D["seed"],
+               dp_noise_multiplier: Optional[float] = _D["dp_noise_multiplier"],
+               dp_target_epsilon: Optional[float] = _D["dp_target_epsilon"],
+               dp_clip_norm: float = _D["dp_clip_norm"], dp_clipping: str = _D["dp_clipping"],
+               dp_delta: float = _D["dp_delta"]):
+    self.input_scaling = input_scaling
+    self.hidden_dim = hidden_dim
+    self.batch_size = batch_size
+    self.epochs = epochs
+    self.optimizer = optimizer
+    self.learning_rate = learning_rate
+    self.schedule = schedule
+    self.warmup_epochs = warmup_epochs
+    self.weight_decay = weight_decay
+    self.clip_norm = clip_norm
+    self.label_smoothing = label_smoothing
+    self.ema_decay = ema_decay
+    self.grads = grads
+    self.compute_dtype = compute_dtype
+    self.random_state = random_state
+    self.dp_noise_multiplier = dp_noise_multiplier
+    self.dp_target_epsilon = dp_target_epsilon
+    self.dp_clip_norm = dp_clip_norm
+    self.dp_clipping = dp_clipping
+    self.dp_delta = dp_delta
+
+  # -- fitting -------------------------------------------------------------------------
+
+  def _seed(self) -> int:
+    if isinstance(self.random_state, (int, np.integer)) and not isinstance(
+        self.random_state, bool):
+      return int(self.random_state)
+    return int(check_random_state(self.random_state).randint(2**31 - 1))
+
+  def _config(self, num_rows: int, **overrides: Any) -> config_lib.Config:
+    """The runner's RunConfig of these parameters for `num_rows` training rows, checked
+    (ValueError naming the parameter), with its epochs made explicit."""
+    settings = {name: getattr(self, name) for name in SETTINGS}
+    settings.update(overrides)
+    if isinstance(settings["batch_size"], int) and not isinstance(settings["batch_size"], bool):
+      settings["batch_size"] = min(settings["batch_size"], num_rows)
+    config = config_lib.RunConfig(dataset="npz:X", seed=self._seed(), progress=False,
+                                  **settings)
+    try:
+      config = config_lib.resolve(config)
+      if config.epochs is None:
+        config = config._replace(epochs=options.auto_epochs(num_rows, config.batch_size))
+      config_lib.check_warmup(config)
+    except config_lib.RunError as e:
+      raise ValueError(f"{type(self).__name__}: {_as_parameter(str(e))}") from None
+    return config
+
+  def _inputs(self, X: Any, y: Any, sample_weight: Any = None
+              ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """(X float32 (N, D), class indices (N,) int32, row weights or None), with classes_
+    set; whole-number weights become repeated rows."""
+    X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+    check_classification_targets(y)
+    self.classes_, y = np.unique(y, return_inverse=True)
+    if len(self.classes_) < 2:
+      raise ValueError(f"{type(self).__name__} needs at least 2 classes in y; got one "
+                       f"class ({self.classes_[0]!r}).")
+    weights = None
+    if sample_weight is not None:
+      weights = _check_sample_weight(sample_weight, X, ensure_non_negative=True)
+      if self._private() and not np.all(weights == 1):
+        raise ValueError("a private MLPClassifier takes no sample_weight: ε bounds the "
+                         "influence of one row, and a weight would change it.")
+      if np.all(weights == np.round(weights)):
+        counts = weights.astype(np.int64)
+        X, y, weights = np.repeat(X, counts, axis=0), np.repeat(y, counts), None
+      else:
+        keep = weights > 0
+        X, y, weights = X[keep], y[keep], weights[keep]
+      if len(np.unique(y)) < 2:
+        raise ValueError(f"{type(self).__name__} needs rows of at least 2 classes with a "
+                         "weight above 0; sample_weight leaves one class.")
+    order = _canonical_order(X, y)
+    X, y = X[order].astype(np.float32), y[order].astype(np.int32)
+    return X, y, None if weights is None else weights[order].astype(np.float32)
+
+  def _private(self) -> bool:
+    return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
+
+  def _scale(self, X: np.ndarray) -> np.ndarray:
+    """X standardised by input_scaling from these rows (a private fit: by nothing)."""
+    scaling = self.input_scaling
+    if self._private():
+      if scaling == "per_feature":
+        raise ValueError("input_scaling='per_feature': a private MLPClassifier cannot "
+                         "scale by statistics of its training rows (they would leak "
+                         "them); scale X yourself with constants fixed in advance.")
+      scaling = "none"
+    mean, std, self.input_scaling_, _ = data.scaling_of(X, scaling)
+    self.input_mean_, self.input_std_ = mean, std
+    return data.standardize(X, mean, std)
+
+  def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPClassifier":
+    """Trains on rows X (N, D) with labels y (N,); returns self."""
+    X, y, weights = self._inputs(X, y, sample_weight)
+    config = self._config(len(y))
+    X = self._scale(X)
+    stack = stack_lib.make_stack(config)
+    dp = None
+    if config_lib.is_private(config):
+      from mlp_jax import dp_plan  # pylint: disable=g-import-not-at-top
+      steps_per_epoch = -(-len(y) // config.batch_size)
+      try:
+        dp, stack = dp_plan.make_plan(config, stack, len(y), steps_per_epoch, 1,
+                                      lambda line: None)
+      except config_lib.RunError as e:
+        raise ValueError(f"{type(self).__name__}: {_as_parameter(str(e))}") from None
+    fitted, _ = _train(config, X, y, len(self.classes_), stack, dp,
+                       None if weights is None else weights[None])
+    self._set_fitted(fitted, config, dp)
+    return self
+
+  def _set_fitted(self, fitted: _Fitted, config: config_lib.Config, dp: Any) -> None:
+    from mlp_jax.model import Params  # pylint: disable=g-import-not-at-top
+    self.params_ = Params(*(np.asarray(p[0]) for p in fitted.params))
+    self.n_iter_ = config.epochs
+    self.loss_curve_ = [float(v) for v in fitted.train_loss[:, 0]]
+    if dp is not None:
+      self.noise_multiplier_ = float(dp.noise_multipliers[0])
+      self.epsilon_ = float(dp.record["planned_epsilon"])
+      self.delta_ = float(dp.delta)
+
+  # -- predicting ----------------------------------------------------------------------
+
+  def predict_proba(self, X: Any) -> np.ndarray:
+    """p = softmax(z2) (N, K), in float64 from the float32 params; columns: classes_."""
+    check_is_fitted(self)
+    X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+    w1, b1, w2, b2 = (np.asarray(p, np.float64) for p in self.params_)
+    x = (X.astype(np.float32) - self.input_mean_) / self.input_std_
+    z2 = np.maximum(x.astype(np.float64) @ w1.T + b1, 0.0) @ w2.T + b2
+    z2 -= z2.max(axis=1, keepdims=True)
+    p = np.exp(z2)
+    return p / p.sum(axis=1, keepdims=True)
+
+  def predict(self, X: Any) -> np.ndarray:
+    """The most probable class of each row (N,), one of classes_."""
+    p = self.predict_proba(X)
+    return self.classes_[np.argmax(p, axis=1)]
+
+
+def _as_parameter(message: str) -> str:
+  """A runner message about --name=value, worded for the estimator's name=value."""
+  return message.replace("--", "")
+
+
+class MLPClassifierCV(MLPClassifier):
+  """MLPClassifier with its configuration chosen by K-fold cross-validation: every
+  configuration of param_grid × K folds trained in ONE program (the runner's
+  `--sweep ... --cv_folds=K`: the same stratified folds, of random_state), ranked by
+  mean validation accuracy at the last epoch (ties: lower validation loss), then refit
+  on all rows. param_grid: {name: [values]} of the settings that can differ between
+  the models of one program (options.SWEEPABLE). The other parameters are
+  MLPClassifier's. Not private (as --cv_folds).
+
+  Attributes: best_params_, best_score_, best_index_, cv_results_ (params,
+  mean_test_score, std_test_score, rank_test_score, split{k}_test_score),
+  best_estimator_ (the refit MLPClassifier, which predict and score use), and the refit
+  one's fitted attributes.
+  """
+
+  def __init__(self, param_grid: Optional[dict[str, Any]] = None, cv: int = 5,
+               **params: Any):
+    self.param_grid = param_grid
+    self.cv = cv
+    super().__init__(**params)
+
+  def fit(self, X: Any, y: Any) -> "MLPClassifierCV":  # type: ignore[override]
+    """Chooses on K folds of (X, y), refits on all of them; returns self."""
+    X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+    check_classification_targets(y)
+    self.classes_, labels = np.unique(y, return_inverse=True)
+    grid = self.param_grid or {}
+    sweep = []
+    for name, values in grid.items():
+      if name not in options.SWEEPABLE:
+        raise ValueError(f"param_grid {name!r} cannot be trained in one program with the "
+                         f"others (sweepable: {', '.join(options.SWEEPABLE)}); use "
+                         "GridSearchCV(MLPClassifier(), ...) for it.")
+      sweep.append(f"{name}={','.join(repr(float(v)) for v in np.ravel(values))}")
+    if self._private():
+      raise ValueError("MLPClassifierCV is not private (each row would train K − 1 "
+                       "models); choose a private MLPClassifier's settings yourself.")
+    if not isinstance(self.cv, (int, np.integer)) or self.cv < 2:
+      raise ValueError(f"MLPClassifierCV: cv={self.cv!r} must be a number of folds >= 2.")
+    X32, labels = X.astype(np.float32), labels.astype(np.int32)
+    config = self._config(len(labels), sweep=tuple(sweep), cv_folds=int(self.cv))
+    try:
+      stack = stack_lib.with_folds(stack_lib.make_stack(config), config, labels)
+    except config_lib.RunError as e:
+      raise ValueError(f"MLPClassifierCV: {_as_parameter(str(e))}") from None
+    mean, std, _, _ = data.scaling_of(X32, config.input_scaling)
+    _, evaluated = _train(config, data.standardize(X32, mean, std), labels,
+                          len(self.classes_), stack, train_mask=stack.train_masks(),
+                          rows=stack.validation_rows())
+    row = stack_lib.metrics_row(config.epochs, {
+        "validation_accuracy": evaluated["accuracy"], "validation_loss": evaluated["loss"]},
+        stack.num_models)
+    self.best_index_, ranking = stack_lib.choose([row], stack)
+    self.cv_results_ = _cv_results(stack, evaluated["accuracy"], ranking)
+    self.best_params_ = dict(stack.configurations[self.best_index_])
+    self.best_score_ = float(self.cv_results_["mean_test_score"][self.best_index_])
+    base = {k: v for k, v in self.get_params().items() if k not in ("param_grid", "cv")}
+    self.best_estimator_ = MLPClassifier(**{**base, **self.best_params_}).fit(X, y)
+    for name in ("params_", "input_mean_", "input_std_", "input_scaling_", "n_iter_",
+                 "loss_curve_"):
+      setattr(self, name, getattr(self.best_estimator_, name))
+    return self
+
+
+def _cv_results(stack: stack_lib.Stack, accuracy: np.ndarray,
+                ranking: list[dict[str, Any]]) -> dict[str, Any]:
+  """GridSearchCV's cv_results_ keys from each model's validation accuracy (M,)."""
+  per_configuration = np.asarray(accuracy, np.float64).reshape(
+      len(stack.configurations), len(stack.folds), len(stack.seeds)).mean(axis=2)
+  rank = np.empty(len(stack.configurations), np.int32)
+  for place, entry in enumerate(ranking):
+    rank[stack.configurations.index(entry["configuration"])] = place + 1
+  results: dict[str, Any] = {
+      "params": [dict(c) for c in stack.configurations],
+      "mean_test_score": per_configuration.mean(axis=1),
+      "std_test_score": per_configuration.std(axis=1), "rank_test_score": rank}
+  for fold in range(per_configuration.shape[1]):
+    results[f"split{fold}_test_score"] = per_configuration[:, fold]
+  return results
+
+
+# scikit-learn reads an estimator's parameters from its __init__ signature: the CV's
+# are its own two and MLPClassifier's (written once, above).
+MLPClassifierCV.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [*list(inspect.signature(MLPClassifierCV.__init__).parameters.values())[:3],
+     *list(inspect.signature(MLPClassifier.__init__).parameters.values())[1:]])

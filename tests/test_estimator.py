@@ -1,0 +1,237 @@
+"""mlp_jax.MLPClassifier and MLPClassifierCV: scikit-learn's estimator contract, and the
+runner's training behind them (the same scaling, epochs, folds, choice and ε)."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.model_selection import GridSearchCV
+from sklearn.model_selection import cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import mlp_jax as mj
+from mlp_jax import data
+from mlp_jax import experiment
+from mlp_jax import options
+from tests.conftest import tiny_config
+
+SMALL = {"hidden_dim": 8, "batch_size": 8, "epochs": 3}  # fast fits; one compiled shape
+TRAINED = {**SMALL, "epochs": 20, "learning_rate": 1e-2}  # enough to learn blobs
+
+
+def blobs(n=48, d=5, k=3, seed=0, scales=None):
+  """(X (n, d), y (n,)): k separable classes; column j multiplied by scales[j]."""
+  rng = np.random.default_rng(seed)
+  y = np.arange(n) % k
+  X = rng.normal(size=(k, d))[y] * 3 + rng.normal(size=(n, d))
+  return X * (np.ones(d) if scales is None else np.asarray(scales)), y
+
+
+# -- the scaling rule ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scales, expected", [
+    ((1, 1, 1, 1, 1), "global"),
+    ((1e6, 1, 1, 1, 1), "per_feature"),        # one wide column among narrow ones
+    ((1e6, 1e6, 1e6, 1e6, 1), "per_feature"),  # one narrow column among wide ones
+    ((1e-6, 1, 1, 1, 1), "per_feature"),
+])
+def test_auto_scaling_standardises_each_column_of_a_table_whose_columns_differ(
+    scales, expected):
+  X, y = blobs(scales=scales)
+  ds = data.prepare(X, y, X[:3], y[:3])  # scaling auto by default
+  assert ds.scaling == expected and ds.scaling_reason
+  if expected == "per_feature":  # every column of train now has mean 0 and std 1
+    np.testing.assert_allclose(ds.x_train.std(axis=0), 1, rtol=1e-4)
+
+
+def test_auto_scaling_keeps_one_mean_and_std_for_images():
+  x_train, y_train, x_test, y_test = data.load_digits()
+  ds = data.prepare(x_train, y_train, x_test, y_test)
+  assert ds.scaling == "global" and np.ptp(ds.std) == 0
+  images = np.random.default_rng(0).integers(0, 256, size=(50, 28, 28))
+  images[:, 0, :] = 0          # a constant border does not count
+  images[1:, 1, 0] = 0         # nor does a dim pixel: its range is 1/3 of the others'
+  images[0, 1, 0] = 85
+  assert data.choose_scaling(images.reshape(50, -1).astype(np.float32))[0] == "global"
+
+
+def test_the_scaling_threshold_is_the_documented_ratio():
+  X = np.array([[0.0, 0.0], [1.0, data.SHARED_RANGE_RATIO]])
+  assert data.range_ratio(X) == data.SHARED_RANGE_RATIO
+  assert data.choose_scaling(X)[0] == "global"
+  X[1, 1] = data.SHARED_RANGE_RATIO * 1.001
+  assert data.choose_scaling(X)[0] == "per_feature"
+
+
+def test_the_runner_prints_and_records_its_scaling_choice(tmp_path):
+  X, y = blobs(n=40, scales=(1e6, 1, 1, 1, 1))
+  path = tmp_path / "table.npz"
+  np.savez(path, x_train=X, y_train=y, x_test=X[:6], y_test=y[:6])
+  lines = []
+  experiment.run(tiny_config(f"npz:{path}", tmp_path / "run", epochs=2), log=lines.append)
+  assert any(line.startswith("input scaling: per_feature, by auto: the features' ranges "
+                             "differ 1.07e+06-fold, over 100") for line in lines), lines
+  with open(tmp_path / "run" / "config.json") as f:
+    assert json.load(f)["config"]["input_scaling"] == "per_feature"
+  assert str(np.load(tmp_path / "run" / "params.npz")["input_scaling"]) == "per_feature"
+  # Overridable: --input_scaling=global is used as given, with nothing to print.
+  lines.clear()
+  experiment.run(tiny_config(f"npz:{path}", tmp_path / "global", epochs=2,
+                             input_scaling="global"), log=lines.append)
+  assert not any(line.startswith("input scaling") for line in lines)
+  assert str(np.load(tmp_path / "global" / "params.npz")["input_scaling"]) == "global"
+
+
+def test_default_epochs_give_small_data_its_minimum_steps():
+  assert options.auto_epochs(120, 16) == -(-options.MIN_STEPS // 8)   # iris: 8 steps
+  assert options.auto_epochs(60_000, 16) == options.DEFAULT_EPOCHS    # large: 20
+  steps = options.auto_epochs(455, 16) * -(-455 // 16)
+  assert options.MIN_STEPS <= steps < options.MIN_STEPS + 29
+
+
+def test_validation_split_is_stratified():
+  y = np.repeat(np.arange(3), [40, 50, 30])
+  X = np.arange(len(y), dtype=np.float64)[:, None] * np.ones((1, 2))
+  ds = data.prepare(X, y, X[:3], y[:3], validation_fraction=0.1, seed=0)
+  np.testing.assert_array_equal(np.bincount(ds.y_val), [4, 5, 3])
+  np.testing.assert_array_equal(np.bincount(ds.y_train), [36, 45, 27])
+
+
+# -- the estimator contract ----------------------------------------------------------
+
+
+@pytest.mark.slow(reason="about 60 scikit-learn checks, each compiling its own shapes")
+def test_check_estimator():
+  from sklearn.utils.estimator_checks import check_estimator  # pylint: disable=g-import-not-at-top
+  results = check_estimator(mj.MLPClassifier(), on_skip=None)  # raises on a failure
+  skipped = {r["check_name"] for r in results if r["status"] != "passed"}
+  assert skipped == {"check_array_api_input"}  # needs SCIPY_ARRAY_API; not an array-API estimator
+  assert len(results) > 50
+
+
+def test_string_labels_round_trip():
+  X, y = blobs()
+  names = np.array(["cat", "dog", "emu"])[y]
+  clf = mj.MLPClassifier(**SMALL).fit(X, names)
+  np.testing.assert_array_equal(clf.classes_, ["cat", "dog", "emu"])
+  assert clf.n_features_in_ == X.shape[1]
+  predicted = clf.predict(X)
+  assert predicted.dtype == names.dtype and set(predicted) <= set(names)
+  assert clf.score(X, names) == np.mean(predicted == names)
+  assert clf.predict_proba(X).shape == (len(X), 3)
+
+
+def test_sample_weight_equals_repeating_rows():
+  X, y = blobs(n=30)
+  counts = np.random.default_rng(1).integers(0, 4, size=len(y))
+  weighted = mj.MLPClassifier(**SMALL).fit(X, y, sample_weight=counts)
+  order = np.random.default_rng(2).permutation(int(counts.sum()))  # any row order
+  repeated = mj.MLPClassifier(**SMALL).fit(np.repeat(X, counts, axis=0)[order],
+                                           np.repeat(y, counts)[order])
+  np.testing.assert_array_equal(weighted.predict_proba(X), repeated.predict_proba(X))
+  # A weight that is not a whole number weighs its row's loss: a different model.
+  halves = mj.MLPClassifier(**SMALL).fit(X, y, sample_weight=counts + 0.5)
+  assert not np.array_equal(halves.predict_proba(X), weighted.predict_proba(X))
+
+
+def test_random_state_is_the_seed():
+  X, y = blobs()
+  p0 = mj.MLPClassifier(**SMALL).fit(X, y).predict_proba(X)
+  np.testing.assert_array_equal(
+      mj.MLPClassifier(**SMALL, random_state=0).fit(X, y).predict_proba(X), p0)
+  assert not np.array_equal(
+      mj.MLPClassifier(**SMALL, random_state=1).fit(X, y).predict_proba(X), p0)
+
+
+def test_pickled_classifier_predicts_the_same():
+  X, y = blobs()
+  clf = mj.MLPClassifier(**SMALL).fit(X, y)
+  again = pickle.loads(pickle.dumps(clf))
+  np.testing.assert_array_equal(again.predict_proba(X), clf.predict_proba(X))
+  assert again.get_params() == clf.get_params()
+
+
+def test_works_in_pipeline_gridsearch_and_cross_val_score():
+  X, y = blobs(n=60)
+  pipe = make_pipeline(StandardScaler(), mj.MLPClassifier(**TRAINED))
+  assert pipe.fit(X, y).score(X, y) > 0.9
+  scores = cross_val_score(mj.MLPClassifier(**TRAINED), X, y, cv=3)
+  assert scores.shape == (3,) and np.all(scores > 0.8)
+  search = GridSearchCV(mj.MLPClassifier(**TRAINED), {"learning_rate": [1e-3, 1e-2]}, cv=3)
+  search.fit(X, y)
+  assert search.best_params_["learning_rate"] in (1e-3, 1e-2)
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"hidden_dim": 0}, "hidden_dim=0: must be >= 1"),
+    ({"optimizer": "lbfgs"}, "optimizer='lbfgs': must be one of sgd, momentum, adam"),
+    ({"input_scaling": "minmax"}, "input_scaling='minmax': must be one of auto"),
+    ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs 3 is longer than epochs 2"),
+])
+def test_a_bad_parameter_is_one_line_naming_it(params, message):
+  X, y = blobs()
+  with pytest.raises(ValueError, match=message):
+    mj.MLPClassifier(**{**SMALL, **params}).fit(X, y)
+
+
+def test_one_class_is_refused():
+  X, y = blobs()
+  with pytest.raises(ValueError, match="needs at least 2 classes"):
+    mj.MLPClassifier(**SMALL).fit(X, np.zeros(len(y)))
+
+
+# -- the runner's code behind it -----------------------------------------------------
+
+
+@pytest.mark.slow(reason="a DP calibration and a runner run beside the estimator's")
+def test_a_private_classifier_has_the_runners_epsilon(tmp_path):
+  X, y = blobs(n=200)
+  path = tmp_path / "table.npz"
+  np.savez(path, x_train=X, y_train=y, x_test=X[:10], y_test=y[:10])
+  dp = {"dp_target_epsilon": 3.0, "dp_delta": 1e-4, "batch_size": 20, "epochs": 4,
+        "hidden_dim": 8}
+  clf = mj.MLPClassifier(**dp).fit(X, y)
+  result = experiment.run(tiny_config(f"npz:{path}", tmp_path / "run", **dp),
+                          log=lambda *_: None)
+  assert clf.epsilon_ == pytest.approx(result["epsilon"], rel=1e-9)
+  assert clf.input_scaling_ == "none"  # nothing fitted to the private rows
+  with open(tmp_path / "run" / "config.json") as f:
+    assert clf.noise_multiplier_ == json.load(f)["dp"]["noise_multiplier"]
+  with pytest.raises(ValueError, match="takes no sample_weight"):
+    mj.MLPClassifier(**dp).fit(X, y, sample_weight=np.arange(len(y)) % 3)
+
+
+@pytest.mark.slow(reason="a k-fold selection twice: the runner's and the estimator's")
+def test_cv_chooses_as_the_runners_cv_folds(tmp_path):
+  X, y = blobs(n=90, scales=(100, 1, 1, 1, 1e-2), seed=3)
+  X += np.random.default_rng(4).normal(size=X.shape) * X.std(axis=0) * 1.5  # overlap
+  path = tmp_path / "table.npz"
+  np.savez(path, x_train=X, y_train=y, x_test=X[:9], y_test=y[:9])
+  grid = {"learning_rate": [1e-4, 1e-3, 1e-2], "weight_decay": [0.0, 1.0]}
+  settings = {"hidden_dim": 8, "batch_size": 8, "epochs": 6}
+  cv = mj.MLPClassifierCV(param_grid=grid, cv=3, **settings).fit(X, y)
+  result = experiment.run(tiny_config(
+      f"npz:{path}", tmp_path / "run", cv_folds=3,
+      sweep=("learning_rate=1e-4,1e-3,1e-2", "weight_decay=0,1"), **settings),
+      log=lambda *_: None)
+  assert cv.best_params_ == result["chosen"]["configuration"]
+  with open(tmp_path / "run" / "sweep.json") as f:
+    ranking = json.load(f)["ranking"]
+  means = {tuple(e["configuration"].values()): e["validation_accuracy_mean"] for e in ranking}
+  for params, mean in zip(cv.cv_results_["params"], cv.cv_results_["mean_test_score"]):
+    assert mean == pytest.approx(means[tuple(params.values())], abs=1e-6)
+  assert len(set(np.round(cv.cv_results_["mean_test_score"], 6))) > 1  # a real choice
+  assert cv.cv_results_["rank_test_score"][cv.best_index_] == 1
+  assert cv.best_score_ == max(cv.cv_results_["mean_test_score"])
+  np.testing.assert_array_equal(cv.predict(X), cv.best_estimator_.predict(X))
+
+
+def test_cv_refuses_a_grid_it_cannot_train_in_one_program():
+  X, y = blobs()
+  with pytest.raises(ValueError, match="param_grid 'hidden_dim' cannot be trained in one"):
+    mj.MLPClassifierCV(param_grid={"hidden_dim": [8, 16]}, **SMALL).fit(X, y)
+  assert "param_grid" in mj.MLPClassifierCV().get_params()
+  assert mj.MLPClassifierCV().get_params()["hidden_dim"] == mj.MLPClassifier().hidden_dim
