@@ -4,7 +4,8 @@ against scikit-learn's own MLP, side by side in one run (docs/tables.md).
     python experiments/tables.py                  # the accuracy table and the CV timing
     python experiments/tables.py --seeds=1 --cv_repeats=1
 
-Tables: scikit-learn's bundled wine, breast_cancer and iris, each split 80/20 stratified
+First what --input_scaling=auto sees and chooses on digits, Fashion-MNIST (where
+Debian's dataset-fashion-mnist is installed) and each table. Tables: scikit-learn's bundled wine, breast_cancer and iris, each split 80/20 stratified
 by class (split seed 0: train_test_split(stratify=y, test_size=0.2, random_state=0)),
 saved as an npz with the runner's keys. Columns, test accuracy as mean ± std over
 --seeds seeds (the runner's --seed, random_state otherwise):
@@ -58,14 +59,30 @@ def split_table(name: str) -> tuple[np.ndarray, ...]:
 
 def runner_accuracy(path: str, seed: int) -> float:
   """The runner's test accuracy on the npz at `path` with its defaults and --seed."""
+  workdir = os.path.join(os.path.dirname(path), f"run_{os.path.basename(path)}_{seed}")
   result = experiment.run(config.RunConfig(
-      dataset=f"npz:{path}", seed=seed, progress=False, workdir=tempfile.mkdtemp()),
+      dataset=f"npz:{path}", seed=seed, progress=False, workdir=workdir),
       log=io.StringIO().write)
   return result["test_accuracy"]
 
 
 def mean_std(values: list[float]) -> str:
   return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}%"
+
+
+def scaling_rule() -> None:
+  """What --input_scaling=auto sees on each dataset's training rows, and chooses."""
+  print("| training rows of | widest / narrowest feature range | auto chooses |\n"
+        "| --- | --- | --- |")
+  named = [("digits", lambda: data.load_digits()[0])]
+  if os.path.isdir(data.FASHION_MNIST_DIR):
+    named.append(("fashion_mnist", lambda: data.load_idx_dir(data.FASHION_MNIST_DIR)[0]))
+  named += [(name, lambda name=name: split_table(name)[0]) for name in TABLES]
+  for name, load in named:
+    rows = load()
+    x = rows.reshape(len(rows), -1).astype(np.float32)
+    print(f"| {name} | {data.range_ratio(x):.3g} | {data.choose_scaling(x)[0]} |")
+  print()
 
 
 def accuracy_table(tmp: str) -> None:
@@ -118,6 +135,7 @@ def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   warnings.simplefilter("ignore", ConvergenceWarning)  # scikit-learn's max_iter=200
+  scaling_rule()
   with tempfile.TemporaryDirectory() as tmp:
     accuracy_table(tmp)
   cv_timing()

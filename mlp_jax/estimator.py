@@ -165,8 +165,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     settings.update(overrides)
     if isinstance(settings["batch_size"], int) and not isinstance(settings["batch_size"], bool):
       settings["batch_size"] = min(settings["batch_size"], num_rows)
-    config = config_lib.RunConfig(dataset="npz:X", seed=self._seed(), progress=False,
-                                  **settings)
+    settings.update(dataset="npz:X", seed=self._seed(), progress=False)
+    config = config_lib.RunConfig(**settings)
     try:
       config = config_lib.resolve(config)
       if config.epochs is None:
@@ -243,7 +243,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
 
   def _set_fitted(self, fitted: _Fitted, config: config_lib.Config, dp: Any) -> None:
     from mlp_jax.model import Params  # pylint: disable=g-import-not-at-top
-    self.params_ = Params(*(np.asarray(p[0]) for p in fitted.params))
+    self.params_ = Params._make(np.asarray(p[0]) for p in fitted.params)  # numpy
     self.n_iter_ = config.epochs
     self.loss_curve_ = [float(v) for v in fitted.train_loss[:, 0]]
     if dp is not None:

@@ -81,7 +81,8 @@ def tiny_npz(tmp_path_factory):
 # The runner, three ways: its command line in a fresh process (true end to end), its
 # command line in this process, and experiment.run.
 
-TINY_FLAGS = ("--noprogress", "--hidden_dim=16", "--batch_size=8")
+# 20 epochs: what the runner's default gives most data (a tiny set would get 1500 steps).
+TINY_FLAGS = ("--noprogress", "--hidden_dim=16", "--batch_size=8", "--epochs=20")
 
 
 def runner_command(dataset, workdir, *extra):
@@ -146,8 +147,9 @@ def tiny_config(dataset, workdir, **overrides):
   checkpoint after every epoch: the recovery tests fall back through several."""
   from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
   return experiment.RunConfig(**{"dataset": dataset, "workdir": str(workdir),
-                                 "hidden_dim": 16, "batch_size": 8, "progress": False,
-                                 "checkpoint_seconds": 0.0, **overrides})
+                                 "hidden_dim": 16, "batch_size": 8, "epochs": 20,
+                                 "progress": False, "checkpoint_seconds": 0.0,
+                                 **overrides})
 
 
 @pytest.fixture(scope="session")
