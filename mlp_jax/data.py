@@ -38,8 +38,8 @@ DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
 #   none         the data as given (μ = 0, σ = 1)
 SCALINGS = ("auto", "global", "per_feature", "none")
 # auto: the features share a range when the widest (max − min over the training rows)
-# is at most this many times the narrowest non-constant one. Measured (docs/tables.md):
-# digits 16, Fashion-MNIST 15.9, iris 2.5; wine 2.6e3, breast_cancer 1.4e5.
+# is at most this many times the narrowest non-constant one (the ratios of digits,
+# Fashion-MNIST and scikit-learn's tables: docs/tables.md).
 SHARED_RANGE_RATIO = 100.0
 # The largest raw pixel value of the image datasets (an 8-bit image maps 255 to it).
 PIXEL_MAX = {"digits": 16.0, "fashion_mnist": 255.0, "mnist": 255.0}
