@@ -14,7 +14,7 @@ the scripts load first) does not import JAX.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
