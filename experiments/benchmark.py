@@ -696,4 +696,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from mlp_jax import boundary  # pylint: disable=g-import-not-at-top
-  boundary.script(lambda: app.run(main))
+  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))

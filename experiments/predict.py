@@ -102,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  boundary.script(lambda: app.run(main))
+  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))

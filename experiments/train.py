@@ -40,19 +40,10 @@ def define_flags():
 
 
 def parse_flags(argv):
-  """absl's parser, but a flag it cannot parse (or an unreadable --flagfile) is one line
-  on stderr and exit status 2."""
+  """boundary.parse_flags, with the runner's flags defined first."""
   boundary.check_environment()
   define_flags()
-  try:
-    return flags.FLAGS(argv)
-  except BrokenPipeError:  # `--help | head`: the boundary's silent 141
-    raise
-  except (flags.Error, UnicodeDecodeError, OSError) as e:
-    reason = (f"--flagfile is not a text file of --name=value lines ({e.reason})"
-              if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
-    print(f"error: {reason}", file=sys.stderr)
-    sys.exit(2)
+  return boundary.parse_flags(argv)
 
 
 def train(argv):

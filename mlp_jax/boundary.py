@@ -39,9 +39,14 @@ from typing import Any, Callable, NoReturn, Optional
 class UserError(Exception):
   """A problem of the input, the settings or the machine; the message is one line for
   the user, naming the problem and the fix. `internal`: it stands for a bug underneath
-  (its traceback is always logged)."""
+  (its traceback is always logged). Exit status 1."""
 
   internal = False
+
+
+class UsageError(UserError):
+  """A bad setting (a value, or settings that cannot go together): exit status 2, as a
+  flag that cannot be parsed."""
 
 
 SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -155,6 +160,8 @@ def describe(e: BaseException) -> tuple[str, int]:
     return f"stopped: {e}", 128 + signum
   if isinstance(e, KeyboardInterrupt):
     return "stopped: Ctrl-C", 128 + signal.SIGINT
+  if isinstance(e, UsageError):
+    return f"error: {e}", 2
   if isinstance(e, UserError):
     return f"error: {e}", 1
   if isinstance(e, MemoryError):
@@ -208,6 +215,32 @@ def check_environment() -> None:
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
   return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")  # absl's
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser for a script (app.run(main, flags_parser=boundary.parse_flags)):
+  a flag it cannot parse, a required flag not given or an unreadable --flagfile is one
+  line on stderr and exit status 2, as a bad setting is (UsageError); the help exits 0
+  (absl's exits 1)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  app.define_help_flags()  # what app.run defines: --help, --helpshort, ... (idempotent)
+  try:
+    return flags.FLAGS(argv)
+  except SystemExit as e:  # absl's help flags print the help, then exit 1
+    if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
+  except BrokenPipeError:  # `--help | head`: the boundary's silent 141
+    raise
+  except (flags.Error, UnicodeDecodeError, OSError) as e:
+    reason = (f"--flagfile is not a text file of --name=value lines ({e.reason})"
+              if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
+    print(f"error: {reason}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run(body: Callable[[], Optional[int]]) -> int:

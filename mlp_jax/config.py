@@ -22,6 +22,10 @@ class RunError(boundary.UserError):
   """A run that cannot go on; the message is one line for the user."""
 
 
+class SettingError(RunError, boundary.UsageError):
+  """A bad setting or settings that cannot go together (exit status 2)."""
+
+
 Log = Callable[[str], None]   # where a run's messages go (print, or rank 0's absl log)
 
 
@@ -176,20 +180,20 @@ def check_setting(s: Setting, value: Any) -> None:
     return
   if s.kind is tuple:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-      raise RunError(f"--{s.name} must be a list of strings NAME=v1,v2, got {value!r}.")
+      raise SettingError(f"--{s.name} must be a list of strings NAME=v1,v2, got {value!r}.")
     return
   if not _is_kind(value, s.kind):
-    raise RunError(f"{flag}: must be {'an' if s.kind is int else 'a'} {s.kind.__name__}.")
+    raise SettingError(f"{flag}: must be {'an' if s.kind is int else 'a'} {s.kind.__name__}.")
   if s.kind is float and not math.isfinite(value):
-    raise RunError(f"{flag}: must be a finite number"
+    raise SettingError(f"{flag}: must be a finite number"
                    + (f" {bounds_text(s)}." if bounds_text(s) else "."))
   if s.choices and value not in s.choices:
-    raise RunError(f"{flag}: must be one of {', '.join(s.choices)}.")
+    raise SettingError(f"{flag}: must be one of {', '.join(s.choices)}.")
   if s.kind in (int, float) and not ((s.lower is None or value >= s.lower) and
                                      (s.above is None or value > s.above) and
                                      (s.upper is None or value <= s.upper) and
                                      (s.below is None or value < s.below)):
-    raise RunError(f"{flag}: must be {bounds_text(s)}.")
+    raise SettingError(f"{flag}: must be {bounds_text(s)}.")
 
 
 def is_private(config: Config) -> bool:
@@ -206,26 +210,26 @@ def parse_sweep(specs: Iterable[str]) -> dict[str, tuple[float, ...]]:
     name, _, text = spec.partition("=")
     name = name.strip()
     if name in BY_NAME and name not in SWEEPABLE:
-      raise RunError(f"--sweep {name} cannot be vmapped: it changes the shapes or the "
+      raise SettingError(f"--sweep {name} cannot be vmapped: it changes the shapes or the "
                      "program; loop over it instead, one run per value (e.g. for v in A B; "
                      f"do python experiments/train.py --{name}=$v --workdir=runs/$v; done).")
     if name not in SWEEPABLE:
-      raise RunError(f"--sweep {spec!r}: unknown name {name!r}; sweepable are "
+      raise SettingError(f"--sweep {spec!r}: unknown name {name!r}; sweepable are "
                      f"{', '.join(SWEEPABLE)}.")
     if name in grid:
-      raise RunError(f"--sweep {name} is given twice; list all its values in one flag.")
+      raise SettingError(f"--sweep {name} is given twice; list all its values in one flag.")
     try:
       values = tuple(float(v) for v in text.split(","))
     except ValueError:
       values = ()
     if not text.strip() or not values or not all(math.isfinite(v) and v >= 0 for v in values):
-      raise RunError(f"--sweep {spec!r} needs numbers >= 0 after '=', e.g. "
+      raise SettingError(f"--sweep {spec!r} needs numbers >= 0 after '=', e.g. "
                      f"--sweep={name}=1e-3,2e-3.")
     for v in values:  # each value must be a valid setting itself
       try:
         check_setting(BY_NAME[name], v)
       except RunError as e:
-        raise RunError(f"--sweep {name}: {e}") from None
+        raise SettingError(f"--sweep {name}: {e}") from None
     grid[name] = values
   return grid
 
@@ -246,34 +250,34 @@ def fold_indices(config: Config) -> list[Optional[int]]:
 def _check_cluster(config: Config) -> None:
   if config.dataset not in ("digits", "fashion_mnist", "mnist") and not (
       config.dataset.startswith("npz:") and len(config.dataset) > 4):
-    raise RunError(f"--dataset={config.dataset!r}: must be one of {_DATASETS}.")
+    raise SettingError(f"--dataset={config.dataset!r}: must be one of {_DATASETS}.")
   address = config.coordinator_address
   if address is not None and not (":" in address and address.rsplit(":", 1)[1].isdigit()):
-    raise RunError(f"--coordinator_address={address!r}: must be host:port, e.g. "
+    raise SettingError(f"--coordinator_address={address!r}: must be host:port, e.g. "
                    "10.0.0.1:1234.")
   if (config.process_id is not None and config.num_processes is not None
       and config.process_id >= config.num_processes):
-    raise RunError(f"--process_id={config.process_id}: must be below --num_processes="
+    raise SettingError(f"--process_id={config.process_id}: must be below --num_processes="
                    f"{config.num_processes} (processes count from 0).")
 
 
 def _check_folds(config: Config) -> None:
   """--cv_folds and --cv_fold with the settings they cannot go with."""
   if config.cv_fold is not None and config.cv_folds < 2:
-    raise RunError(f"--cv_fold={config.cv_fold} is one fold of a k-fold selection: give "
+    raise SettingError(f"--cv_fold={config.cv_fold} is one fold of a k-fold selection: give "
                    "--cv_folds=K as well (K >= 2).")
   if not config.cv_folds:
     return
   if config.cv_folds == 1:
-    raise RunError("--cv_folds=1: k-fold cross-validation needs K >= 2 folds (0: off).")
+    raise SettingError("--cv_folds=1: k-fold cross-validation needs K >= 2 folds (0: off).")
   if config.cv_fold is not None and config.cv_fold >= config.cv_folds:
-    raise RunError(f"--cv_fold={config.cv_fold}: must be below --cv_folds="
+    raise SettingError(f"--cv_fold={config.cv_fold}: must be below --cv_folds="
                    f"{config.cv_folds} (folds count from 0).")
   if config.validation_fraction:
-    raise RunError("--cv_folds validates on the held-out folds: drop --validation_fraction "
+    raise SettingError("--cv_folds validates on the held-out folds: drop --validation_fraction "
                    "(or drop --cv_folds to hold out a fraction).")
   if is_private(config):
-    raise RunError("--cv_folds is not available with DP-SGD (each row would train K - 1 "
+    raise SettingError("--cv_folds is not available with DP-SGD (each row would train K - 1 "
                    "private models); choose on a --validation_fraction split instead.")
 
 
@@ -282,19 +286,19 @@ def _check_dp(config: Config) -> None:
   if not is_private(config):
     swept = [name for name in parse_sweep(config.sweep) if name.startswith("dp_")]
     if swept:
-      raise RunError(f"--sweep {swept[0]} is a DP-SGD setting: add --dp_noise_multiplier "
+      raise SettingError(f"--sweep {swept[0]} is a DP-SGD setting: add --dp_noise_multiplier "
                      "or --dp_target_epsilon (or sweep one of them).")
     return
   if not options.dp_available():
-    raise RunError(f"the --dp_* flags need the dp extra: {options.DP_EXTRA}.")
+    raise SettingError(f"the --dp_* flags need the dp extra: {options.DP_EXTRA}.")
   grid = parse_sweep(config.sweep)
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
            if getattr(config, n) is not None or n in grid]
   if len(noise) > 1:
-    raise RunError("give --dp_noise_multiplier or --dp_target_epsilon (set or swept), "
+    raise SettingError("give --dp_noise_multiplier or --dp_target_epsilon (set or swept), "
                    "not both.")
   if config.grads != "manual":
-    raise RunError("a DP run always uses the closed-form clipped gradient; drop "
+    raise SettingError("a DP run always uses the closed-form clipped gradient; drop "
                    f"--grads={config.grads}.")
 
 
@@ -310,14 +314,14 @@ def _check_writable_dir(flag: str, path: str) -> None:
       raise NotADirectoryError(f"{existing} is not a directory")
     os.rmdir(tempfile.mkdtemp(prefix=".mlp_jax-probe-", dir=existing))
   except OSError as e:
-    raise RunError(f"{flag}={path} cannot be written ({e.strerror or e} in {existing}); "
+    raise SettingError(f"{flag}={path} cannot be written ({e.strerror or e} in {existing}); "
                    "choose another path.") from None
 
 
 def check_warmup(config: Config) -> None:
   """RunError unless the warmup fits in the run's epochs."""
   if config.warmup_epochs > config.epochs:
-    raise RunError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
+    raise SettingError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
                    f"{config.epochs}: the learning rate would never reach its peak; use "
                    f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
 
@@ -354,7 +358,7 @@ def resolve(config: Config) -> Config:
   if config.sweep:
     parse_sweep(config.sweep)
     if fraction is not None and fraction <= 0 and not config.cv_folds:
-      raise RunError("a --sweep chooses its configuration on validation data: give "
+      raise SettingError("a --sweep chooses its configuration on validation data: give "
                      "--validation_fraction > 0 (default 0.1) or --cv_folds=K, never the "
                      "test set.")
   _check_dp(config)
@@ -365,7 +369,7 @@ def resolve(config: Config) -> Config:
   if fraction is None:
     fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
   if is_private(config) and config.input_scaling == "per_feature":
-    raise RunError("--input_scaling=per_feature: a private run cannot scale by statistics "
+    raise SettingError("--input_scaling=per_feature: a private run cannot scale by statistics "
                    "of its training data (they would leak it); use global (the dataset's "
                    "published constants) or none.")
   return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))

@@ -15,7 +15,7 @@ import mlp_jax as mj
 from mlp_jax import data
 from mlp_jax import experiment
 from mlp_jax import options
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 SMALL = {"hidden_dim": 8, "batch_size": 8, "epochs": 3}  # fast fits; one compiled shape
 TRAINED = {**SMALL, "epochs": 20, "learning_rate": 1e-2}  # enough to learn blobs

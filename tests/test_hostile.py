@@ -325,13 +325,14 @@ def _binary_flagfile(tmp_path):
   return [f"--flagfile={path}"]
 
 
-# Faults a user reaches with one setting: each one line, the documented status.
+# Faults a user reaches with one setting: each one line, the documented status (2: a
+# usage error, whether absl or config.resolve finds it).
 SETTING_FAULTS = {
-    "warmup_1e307": (["--warmup_epochs=1e307"], 1, "is longer than --epochs"),
-    "seed_huge": (["--seed=99999999999999999999"], 1, "must be >= 0 and <= 2147483647"),
-    "profile_dir_proc": (["--profile_dir=/proc/nope"], 1, "cannot be written"),
-    "dp_sigma_tiny": (["--dp_noise_multiplier=1e-6"], 1, "must be >= 0.1"),
-    "dp_delta_tiny": (["--dp_delta=1e-300", "--dp_noise_multiplier=1"], 1,
+    "warmup_1e307": (["--warmup_epochs=1e307"], 2, "is longer than --epochs"),
+    "seed_huge": (["--seed=99999999999999999999"], 2, "must be >= 0 and <= 2147483647"),
+    "profile_dir_proc": (["--profile_dir=/proc/nope"], 2, "cannot be written"),
+    "dp_sigma_tiny": (["--dp_noise_multiplier=1e-6"], 2, "must be >= 0.1"),
+    "dp_delta_tiny": (["--dp_delta=1e-300", "--dp_noise_multiplier=1"], 2,
                       "must be >= 1e-12"),
     "binary_flagfile": (_binary_flagfile, 2, "--flagfile is not a text file"),
     "unknown_flag": (["--no_such_flag=1"], 2, "no_such_flag"),

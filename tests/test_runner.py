@@ -16,6 +16,7 @@ from conftest import ROOT
 from conftest import RUNNER
 from conftest import read_metrics
 from conftest import run_cli
+from conftest import run_cli_output
 from conftest import run_runner
 from conftest import tiny_config
 import mlp_jax as mj
@@ -108,7 +109,7 @@ def test_a_bad_setting_from_python_is_the_flags_one_line(flag, setting, tmp_path
   code, stderr = run_cli("--noprogress", flag)
   with pytest.raises(experiment.RunError) as error:
     experiment.run(experiment.RunConfig(progress=False, **setting), log=lambda *_: None)
-  assert code == 1 and stderr == f"error: {error.value}\n"
+  assert code == 2 and stderr == f"error: {error.value}\n"  # a usage error, as absl's
   assert not os.listdir(tmp_path)
 
 
@@ -120,7 +121,7 @@ def test_nan_and_inf_are_refused_for_every_float_setting(name, value, tmp_path):
                                                  "number"):
     config_lib.resolve(experiment.RunConfig(**{name: float(value)}))
   code, stderr = run_cli("--noprogress", f"--workdir={tmp_path}", f"--{name}={value}")
-  assert code == 1 and stderr.startswith(f"error: --{name}={value}: must be a finite")
+  assert code == 2 and stderr.startswith(f"error: --{name}={value}: must be a finite")
   assert not os.listdir(tmp_path)
 
 
@@ -150,13 +151,25 @@ def test_help_keeps_the_docstrings_lines():
   result = subprocess.run([sys.executable, RUNNER, "--helpshort"], capture_output=True,
                           text=True, timeout=120)
   lines = result.stdout.splitlines()
-  assert "flags:" in result.stdout  # absl prints the help, then exits 1
+  assert result.returncode == 0 and "flags:" in result.stdout, result.stderr
   assert ("    python experiments/train.py --num_devices=4                   # every device"
           in lines)
   assert ("        --process_id=0 --workdir=/shared/run                      # one line "
           "per process" in lines)
   assert any(line.startswith("  --batch_size: ") and line.endswith("Must be >= 1.")
              for line in lines)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--helpshort", "-?"])
+def test_help_exits_0(flag):
+  # In this process absl lists the main module's flags (pytest's): the help's content
+  # is test_help_keeps_the_docstrings_lines', from the command line.
+  code, stdout, _ = run_cli_output(flag)
+  assert code == 0 and "Try --helpfull to get a list of all flags." in stdout
+
+
+def test_a_flag_absl_cannot_parse_exits_as_a_bad_value_does():
+  assert run_cli("--batch_size=abc")[0] == run_cli("--batch_size=0")[0] == 2
 
 
 def test_a_flagfile_line_that_is_not_a_flag_is_one_line(tmp_path):

@@ -45,10 +45,11 @@ def decoys(tmp_path):
 
 
 @pytest.mark.parametrize("argv, status, says", [
-    ((RUNNER, "--help"), 1, "--hidden_dim"),                     # absl's help exits 1
+    ((RUNNER, "--help"), 0, "--hidden_dim"),
     ((RUNNER, "--hidden_dim=many"), 2, "error: flag --hidden_dim=many"),
     ((RUNNER, "--no_such_flag=1"), 2, "error: Unknown command line flag 'no_such_flag'"),
-    ((PREDICT,), 1, "--workdir"),
+    ((PREDICT, "--help"), 0, "--workdir"),
+    ((PREDICT,), 2, "error: flag --workdir=None: Flag --workdir must have a value"),
     ((PREDICT, "--workdir=/no/such/run", "--input=x.npz"), 1,
      "error: no params.npz at /no/such/run"),
     ((PREDICT, f"--workdir={ROOT}", "--input=/no/a.png,/no/b.png"), 1,
