@@ -44,6 +44,13 @@ class TrainedModel(NamedTuple):
   dataset: str
   pixel_max: float       # raw value of a white pixel; 0: not an image dataset
 
+  def __repr__(self) -> str:
+    """One line: the network's shape and what it was trained on, not its arrays."""
+    (h, d), k = self.params.w1.shape, self.params.w2.shape[0]
+    names = ", ".join(self.class_names[:4]) + (", ..." if k > 4 else "")
+    return (f"TrainedModel({d}-{h}-{k} MLP, dataset={self.dataset!r}, "
+            f"input_shape={tuple(self.input_shape)}, classes: {names})")
+
   def inputs(self, x_raw: ArrayLike) -> Array:
     """Raw examples (N, *input_shape) or (N, D) -> the network's inputs (N, D) float32."""
     x_raw = jnp.asarray(x_raw)
