@@ -403,6 +403,23 @@ def test_npz_with_a_huge_claimed_array_is_refused_before_reading(tmp_path):
     data.load(f"npz:{path}")
 
 
+def _usable(x, y_train, y_test, n_test):
+  """What the loader must accept, decided apart from it: examples in both splits, one
+  label per training row, values finite in float32, whole-number labels in
+  [0, MAX_CLASSES), at least 2 classes and every one of them in train."""
+  if len(x) == 0 or n_test == 0 or len(y_train) != len(x):
+    return False
+  if not np.all(np.abs(x) <= np.finfo(np.float32).max):  # NaN compares False too
+    return False
+  if y_train.dtype.kind not in "iuf" or not np.all(y_train == np.round(y_train)):
+    return False
+  labels = np.concatenate([y_train.astype(np.float64), y_test.astype(np.float64)])
+  if labels.min() < 0 or labels.max() >= data.MAX_CLASSES:
+    return False
+  k = int(labels.max()) + 1
+  return k >= 2 and set(range(k)) <= set(y_train.astype(np.int64).tolist())
+
+
 SIZES = st.integers(0, 6)
 VALUES = st.sampled_from([0.0, 1.5, -2.0, np.nan, np.inf, 1e39, 3.0])
 
@@ -421,12 +438,13 @@ def test_npz_loader_on_hostile_contents(tmp_path_factory, n_train, n_test, n_lab
   except (ValueError, OverflowError):
     return
   path = tmp_path_factory.mktemp("npz") / "d.npz"
-  np.savez(path, x_train=fill((n_train, d), x_values), y_train=y,
-           x_test=fill((n_test, d), x_values), y_test=fill((n_test,), labels))
-  try:
-    ds = data.load(f"npz:{path}")
-  except data.DataError:
+  x, y_test = fill((n_train, d), x_values), fill((n_test,), labels)
+  np.savez(path, x_train=x, y_train=y, x_test=fill((n_test, d), x_values), y_test=y_test)
+  if not _usable(x, y, y_test, n_test):
+    with pytest.raises(data.DataError):
+      data.load(f"npz:{path}")
     return
+  ds = data.load(f"npz:{path}")
   assert np.all(np.isfinite(ds.x_train)) and np.all(np.isfinite(ds.x_test))
   assert len(ds.x_train) == len(ds.y_train) and len(ds.x_test) == len(ds.y_test)
   assert 2 <= ds.num_classes <= data.MAX_CLASSES
