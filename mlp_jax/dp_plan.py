@@ -112,7 +112,8 @@ def account(plan: DPPlan, per_model: dict[str, Any], steps: int) -> Optional[flo
     raise RunError(f"{overflows} Poisson batch(es) exceeded the padded batch of "
                    f"{plan.dpsgd.padded_batch_size} (probability "
                    f"{plan.record['overflow_probability']:.1e}); the epoch is not recorded: "
-                   "rerun to resume from the last checkpoint.")
+                   "a resume would draw the same batches again, so start anew with another "
+                   "--seed (and a fresh --workdir).")
   q = plan.dpsgd.sampling_rate
   for key, kind in (("epsilon", "pld"), ("epsilon_rdp", "rdp")):
     per_model[key] = np.array([privacy.epsilon(float(s), q, steps, plan.delta, kind)

@@ -112,7 +112,8 @@ def value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,
   """MANUAL (loss, Params of gradients) of mj.loss, by the batched closed form above.
 
   X (B, D); y int labels (B,) or targets (B, K); weights (B,) optional; compute_dtype
-  (bfloat16) is what the five matmuls read, everything else stays in the params' dtype.
+  (bfloat16) is what the two H × D matmuls read (W1 Xᵀ and Δ1ᵀ X, nearly all the FLOPs);
+  the other three and everything else stay in the params' dtype.
   """
   (loss, _), g = _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype)
   return loss, g

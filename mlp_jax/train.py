@@ -162,8 +162,9 @@ def make_optimizer(hp: Hyperparams) -> optax.GradientTransformation:
 
 def init_model_state(seed: ArrayLike, in_dim: int, hidden_dim: int, num_classes: int,
                      optimizer: optax.GradientTransformation) -> TrainState:
-  """ONE model's fresh TrainState: init_params from PRNGKey(seed); shuffling uses its
-  fold 1. A run's state is a stack of these: see init_state."""
+  """ONE model's fresh TrainState: PRNGKey(seed) split in two, init_params from the
+  first key, and the second kept as the state's key (batch order, DP noise). A run's
+  state is a stack of these: see init_state."""
   init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
   params = model.init_params(init_key, in_dim, hidden_dim, num_classes)
   return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key)
