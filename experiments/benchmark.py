@@ -3,7 +3,8 @@
     python experiments/benchmark.py                      # 784-1024-10, every variant
     python experiments/benchmark.py --batch_sizes=256 --modes=scan --peers=torch
 
-Rows: gradient (manual | autodiff | manual_vjp) × mode (step: a Python loop of the
+Rows: gradient (manual | autodiff | manual_vjp; manual_bmajor | manual_fmajor: the
+manual step in a fixed layout, where "manual" is mlp_jax.layout.choose_layout's) × mode (step: a Python loop of the
 jitted step; scan: `steps` steps in one jitted lax.scan, the runner's epoch) × compute
 dtype (float32 | bfloat16 matmuls with float32 params, softmax and loss) × batch size ×
 hidden size × device count (--num_devices: data parallel over a mesh of that many
@@ -37,7 +38,13 @@ from mlp_jax import parallel
 from mlp_jax import privacy
 from mlp_jax import train
 
-flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time.")
+# The manual step in one named layout (mlp_jax/layout.py); "manual" is the one
+# layout.choose_layout picks for each dtype on this machine.
+LAYOUT_ROWS = {"manual_bmajor": "batch_major", "manual_fmajor": "feature_major"}
+
+flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time: "
+                  f"{', '.join(train.GRADIENTS)}, or the manual step in a fixed layout, "
+                  f"{' (batch-major) and '.join(LAYOUT_ROWS)} (feature-major).")
 flags.DEFINE_list("modes", ["step", "scan"], "step: Python loop; scan: one lax.scan.")
 flags.DEFINE_list("compute_dtypes", ["float32", "bfloat16"], "Matmul dtypes.")
 flags.DEFINE_list("batch_sizes", ["64", "256", "1024"], "Batch sizes B.")
@@ -170,8 +177,9 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
   """
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0, grads=grads,
-                         compute_dtype=compute_dtype)
+                         weight_decay=0.0, label_smoothing=0.0,
+                         grads="manual" if grads in LAYOUT_ROWS else grads,
+                         compute_dtype=compute_dtype, layout=LAYOUT_ROWS.get(grads, "auto"))
   optimizer = train.make_optimizer(hp)
   mesh = parallel.run_mesh(devices)
   if mode == "step":
@@ -486,9 +494,9 @@ def format_ratios(rows):
   for (g, mode, dt, n, b, h) in order:
     r = by_key[(g, mode, dt, n, b, h)]
     where = f"B={b:<5} H={h}" + (f" devices={n}" if n > 1 else "")
-    if g == "manual" and ("autodiff", mode, dt, n, b, h) in by_key:
+    if g in ("manual", *LAYOUT_ROWS) and ("autodiff", mode, dt, n, b, h) in by_key:
       auto = by_key[("autodiff", mode, dt, n, b, h)]
-      kinds["manual"].append(f"manual / autodiff time   {mode:5} {dt:8} {where}: "
+      kinds["manual"].append(f"{g} / autodiff time".ljust(31) + f"{mode:5} {dt:8} {where}: "
                              f"{r['us_per_step'] / auto['us_per_step']:.3f}")
     if dt == "bfloat16" and (g, mode, "float32", n, b, h) in by_key:
       f32 = by_key[(g, mode, "float32", n, b, h)]
@@ -559,7 +567,7 @@ def _dp_lines(r, by_key):
 def check_flags(cfg):
   """(batch sizes, hidden sizes, device counts, model counts) of the flags; a bad value
   is one line on stderr and exit status 2."""
-  unknown = ([g for g in cfg.grads if g not in train.GRADIENTS]
+  unknown = ([g for g in cfg.grads if g not in (*train.GRADIENTS, *LAYOUT_ROWS)]
              + [m for m in cfg.modes if m not in ("step", "scan")]
              + [c for c in cfg.compute_dtypes if c not in train.COMPUTE_DTYPES]
              + [p for p in cfg.peers if p not in ("torch", "opacus", "jax")]

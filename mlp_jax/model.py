@@ -1,8 +1,10 @@
-"""The network, in the source derivation's notation, for ONE example; batches come from jax.vmap.
+"""The network, in the source derivation's notation:
 
     z1 = W1 x + b1      a1 = ReLU(z1)      z2 = W2 a1 + b2      p = softmax(z2)
 
-Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,).
+Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,). `forward` takes one example and
+`logits` a batch, by jax.vmap of it; `activations` is the one place the layers are
+written, for one example or a batch in either layout (mlp_jax/layout.py).
 """
 
 from typing import NamedTuple, Optional
@@ -14,6 +16,10 @@ from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
 from mlp_jax import checks
+from mlp_jax.layout import Layout
+from mlp_jax.layout import ONE_EXAMPLE
+from mlp_jax.layout import along_features
+from mlp_jax.layout import contract
 
 
 class Params(NamedTuple):
@@ -62,38 +68,29 @@ def relu(z: Array) -> Array:
   return jnp.where(z < 0, jnp.zeros_like(z), z)
 
 
-def matmul(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
-  """a @ b; with a compute_dtype (bfloat16), a and b are cast to it and the products
-  accumulate in float32 (the dtype the result keeps)."""
-  if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
-    return a @ b
-  return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype),
-                    preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+def activations(params: "Params", X: Array, layout: Layout = ONE_EXAMPLE,
+                compute_dtype: Optional[DTypeLike] = None) -> tuple[Array, Array, Array]:
+  """(Z1, A1, Z2): every activation backprop needs, of one example x (D,) or a batch
+  X (B, D), with the axes of `layout` (mlp_jax/layout.py):
 
+      Z1 = W1 X + b1      A1 = ReLU(Z1)      Z2 = W2 A1 + b2
 
-def matmul_transposed(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
-  """a @ bᵀ for a (M, N), b (P, N): contracts the last axis of both, so that no
-  transpose of b is ever formed (XLA's CPU runtime would run a bfloat16 product of a
-  transposed operand in float32); compute_dtype as in `matmul`."""
-  dims = (((a.ndim - 1,), (b.ndim - 1,)), ((), ()))
-  if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
-    return jax.lax.dot_general(a, b, dims)
-  return jax.lax.dot_general(a.astype(compute_dtype), b.astype(compute_dtype), dims,
-                             preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+  compute_dtype (e.g. bfloat16) is the dtype W1 X reads, the H × D product that holds
+  nearly all the FLOPs; the output layer W2 A1 (K × H, K ≪ H), the biases, Z1, A1 and
+  Z2 stay in the params' dtype (mixed precision that keeps the logits exact to float32).
+  """
+  L = layout
+  Z1 = contract(f"hd,{L.input}->{L.hidden}", params.w1, X, compute_dtype)
+  Z1 = Z1 + along_features(params.b1, L.hidden)
+  A1 = relu(Z1)
+  Z2 = contract(f"kh,{L.hidden}->{L.output}", params.w2, A1)
+  return Z1, A1, Z2 + along_features(params.b2, L.output)
 
 
 def forward_pass(params: "Params", x: Array, compute_dtype: Optional[DTypeLike] = None
                  ) -> tuple[Array, Array, Array]:
-  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): every activation backprop needs.
-
-  compute_dtype (e.g. bfloat16) is the dtype W1 x reads, the H × D product that holds
-  nearly all the FLOPs; the output layer W2 a1 (K × H, K ≪ H), the biases, z1, a1 and
-  z2 stay in the params' dtype (mixed precision that keeps the logits exact to float32).
-  """
-  z1 = matmul(params.w1, x, compute_dtype) + params.b1
-  a1 = relu(z1)
-  z2 = params.w2 @ a1 + params.b2
-  return z1, a1, z2
+  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): `activations` of ONE_EXAMPLE."""
+  return activations(params, x, ONE_EXAMPLE, compute_dtype)
 
 
 def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None

@@ -28,6 +28,7 @@ from mlp_jax import model
 from mlp_jax import parallel
 from mlp_jax import privacy
 from mlp_jax.gradients import value_and_grads_with_logits
+from mlp_jax.layout import layout_named
 from mlp_jax.model import Params
 from mlp_jax.options import COMPUTE_DTYPES
 from mlp_jax.options import GRADIENTS
@@ -190,7 +191,8 @@ def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) ->
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
     (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w, method=hp.grads,
-                                                compute_dtype=compute_dtype)
+                                                compute_dtype=compute_dtype,
+                                                layout=layout_named(hp.layout))
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hits = jnp.argmax(z2, axis=-1) == y
@@ -224,7 +226,8 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
                        state.params.w1.dtype)
     (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
-        state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype)
+        state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype,
+        layout_named(hp.layout))
     g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
                           dp.clipping, expected_batch_size)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)

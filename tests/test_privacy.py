@@ -16,6 +16,7 @@ from conftest import tiny_config
 import mlp_jax as mj
 from mlp_jax import data
 from mlp_jax import experiment
+from mlp_jax import layout as mj_layout
 from mlp_jax import privacy
 from mlp_jax.gradcheck import random_problem
 from mlp_jax.gradcheck import relative_error
@@ -58,19 +59,69 @@ def hostile_problem(dtype):
   return params, X, Y, mask
 
 
+LAYOUTS = pytest.mark.parametrize("layout", list(mj_layout.LAYOUTS.values()),
+                                  ids=list(mj_layout.LAYOUTS))
+
+
+@LAYOUTS
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
-def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, x64):
+def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, layout, x64):
   params, X, Y, mask = hostile_problem(dtype)
   for clip_norm in (0.05, 1.0, 1e6):   # most rows clipped, some, none
-    got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames=("clipping",))(
-        params, X, Y, clip_norm, mask, clipping=clipping)
+    got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames=("clipping", "layout"))(
+        params, X, Y, clip_norm, mask, clipping=clipping, layout=layout)
     want = reference_clipped_sum(params, X, Y, mask, clip_norm, clipping=clipping)
     for name, a, b in zip(mj.Params._fields, got, want):
       assert bool(jnp.all(jnp.isfinite(a))), name
       assert relative_error(a, b) <= tol, (name, clip_norm, relative_error(a, b))
   assert norms.shape == ((9,) if clipping == "flat" else (9, 2))
   assert bool(jnp.all(norms[2] == 0)) and not bool(jnp.all(jnp.isfinite(norms[5])))
+
+
+def _bfloat16_rounded(a):
+  return a.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def bfloat16_reference_clipped_sum(params, X, Y, mask, clip_norm):
+  """The flat clipped sum the bfloat16 path computes, in float32 arithmetic on operands
+  rounded to bfloat16 exactly where it rounds them: X and W1 for Z1 = X W1ᵀ, the
+  clipped c_i m_i δ1_i and X for dW1 (a product of two bfloat16 numbers is exact in
+  float32). The norms, clip factors and everything else are float32."""
+  hi = jax.lax.Precision.HIGHEST
+  mm = functools.partial(jnp.matmul, precision=hi)
+  Xr = _bfloat16_rounded(X)
+  Z1 = mm(Xr, _bfloat16_rounded(params.w1).T) + params.b1[None, :]
+  A1 = jnp.maximum(Z1, 0)
+  Z2 = mm(A1, params.w2.T) + params.b2[None, :]
+  delta2 = jax.nn.softmax(Z2) * jnp.sum(Y, axis=1, keepdims=True) - Y
+  delta1 = mm(delta2, params.w2) * (Z1 >= 0)
+  norm = jnp.sqrt(jnp.sum(delta1**2, 1) * (jnp.sum(X**2, 1) + 1)
+                  + jnp.sum(delta2**2, 1) * (jnp.sum(A1**2, 1) + 1))
+  scale = (mask * jnp.minimum(1.0, clip_norm / norm))[:, None]
+  d1, d2 = scale * delta1, scale * delta2
+  return mj.Params(mm(_bfloat16_rounded(d1).T, Xr), jnp.sum(d1, 0), mm(d2.T, A1),
+                   jnp.sum(d2, 0))
+
+
+@LAYOUTS
+def test_bfloat16_clipped_sum_is_float32_arithmetic_on_the_rounded_operands(layout):
+  """The DP path in bfloat16, with padding rows and clipped rows, to the float32
+  summation bound n·u (n = 64 terms, u = 2^-24): a clip factor or the mask dropped, or a
+  0.5% error in one leaf, is a thousand times that."""
+  params = mj.init_params(jax.random.key(0), 64, 32, 10)
+  X = jax.random.normal(jax.random.key(1), (48, 64), jnp.float32)
+  Y = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (48,), 0, 10), 10)
+  mask = jnp.ones(48).at[:5].set(0).at[5].set(0.5)    # 5 padding rows; Σ m_i c_i g_i
+  clipped = jax.jit(lambda p, C: privacy.clipped_sum_with_logits(
+      p, X, Y, mask, C, "flat", jnp.bfloat16, layout)[1:])
+  for clip_norm in (8.0, 1e6):                        # some rows clipped, none
+    got, norms = clipped(params, clip_norm)
+    assert float(jnp.min(norms[5:])) < 8.0 < float(jnp.max(norms[5:]))
+    want = bfloat16_reference_clipped_sum(params, X, Y, mask, clip_norm)
+    for name, a, b in zip(mj.Params._fields, got, want):
+      error = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+      assert error <= 64 * 2.0**-24, (name, clip_norm, error)
 
 
 def test_norms_are_the_per_example_gradient_norms(x64):
