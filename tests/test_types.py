@@ -2,6 +2,8 @@
 of mlp_jax is annotated (disallow_untyped_defs) and must stay so; and a user's code that
 misuses the API is told so by mypy, through the py.typed marker."""
 
+import os
+import re
 import subprocess
 import sys
 
@@ -12,8 +14,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow  # mypy runs in a process of its own
 
 
-def _mypy(*args):
-  return subprocess.run([sys.executable, "-m", "mypy", *args], cwd=ROOT,
+def _mypy(*args, python=sys.executable, cwd=ROOT):
+  return subprocess.run([python, "-m", "mypy", *args], cwd=cwd,
                         capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -39,3 +41,31 @@ def test_mypy_finds_the_mistakes_in_a_users_code(tmp_path):
   assert 'Argument 2 to "init_params" has incompatible type "str"; expected "int"' in errors[0]
   assert 'expression has type "Array", variable has type "str"' in errors[1]
   assert 'Too many arguments for "predict"' in errors[2]
+
+
+def test_mypy_finds_the_package_outside_the_checkout_after_the_readme_install(tmp_path):
+  """The README's `pip install -e .`, into a fresh virtual environment (the installed
+  packages visible, the dependencies not installed again: --no-deps), then mypy on a
+  user's file in a folder of its own: it finds mlp_jax and its types (py.typed) through
+  the plain path line the install wrote."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    install = re.search(r"^ *pip install (-e \.) ", f.read(), re.MULTILINE)
+  assert install, "the README's install command"
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                  str(venv)], check=True, timeout=120)  # this pip, from the system's packages
+  python = str(venv / "bin" / "python")
+  subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *install.group(1).split()],
+                 cwd=ROOT, check=True, timeout=300, capture_output=True)
+  (pth,) = venv.glob("lib/python*/site-packages/__editable__.mlp_jax*.pth")
+  assert pth.read_text().strip() == ROOT
+  user = tmp_path / "elsewhere" / "user.py"
+  user.parent.mkdir()
+  user.write_text("import jax\nimport mlp_jax as mj\n"
+                  "params = mj.init_params(jax.random.key(0), 64, 32, 10)\n"
+                  "n: int = mj.logits(params, jax.numpy.zeros((4, 64)))\n")  # line 4
+  result = _mypy("--ignore-missing-imports", "--no-incremental", str(user), python=python,
+                 cwd=user.parent)
+  errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+  assert len(errors) == 1 and ":4:" in errors[0], result.stdout + result.stderr
+  assert 'expression has type "Array", variable has type "int"' in errors[0]
