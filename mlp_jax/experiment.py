@@ -584,7 +584,8 @@ def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, place
   done = epochs_done
   profile = _Profile(ctx, epochs_done)
   live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
-      ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models))
+      ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models),
+      ctx.stack.model_names())
   boundary.phase("train")
   ctx.stop.deferring = True
   saved_at = time.monotonic()

@@ -2,9 +2,12 @@
 
     WORKDIR/tensorboard/            every number of each metrics.jsonl row, tag = its
                                     name (train_loss, validation_accuracy, epsilon, ...)
-    WORKDIR/tensorboard/model_M/    several models: model M's values (the row's
+    WORKDIR/tensorboard/model_M_.../ several models: model M's values (the row's
                                     per_model), under the same tags, so TensorBoard
-                                    draws the models over each other
+                                    draws the models over each other; the name says
+                                    M (zero-padded: the names sort as the models do)
+                                    and its swept values, fold and seed
+                                    (Stack.model_names)
 
     tensorboard --logdir=WORKDIR
 
@@ -16,7 +19,7 @@ docs/benchmarks.md, "Live logging"), and at the end by reports.write_outputs as 
 
 import os
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from mlp_jax import events
 from mlp_jax.stack import Row
@@ -39,11 +42,14 @@ def model_scalars(row: Row) -> list[dict[str, float]]:
 
 
 class LiveLog:
-  """The event files of a run's workdir, one writer per directory, and the timed redraw
-  of curves.png by `draw_curves(history)`; `close()` at the end."""
+  """The event files of a run's workdir, one writer per directory (the models' under
+  `model_names`), and the timed redraw of curves.png by `draw_curves(history)`;
+  `close()` at the end."""
 
-  def __init__(self, workdir: str, draw_curves: Callable[[list[Row]], None]):
+  def __init__(self, workdir: str, draw_curves: Callable[[list[Row]], None],
+               model_names: Sequence[str]):
     self.logdir = os.path.join(workdir, "tensorboard")
+    self._model_names = list(model_names)
     self._writers: dict[str, events.EventFile] = {}
     self._draw_curves = draw_curves
     self._drawn = time.monotonic()
@@ -58,7 +64,7 @@ class LiveLog:
     step = row["epoch"]
     self._writer("").add(step, scalars(row))
     for m, values in enumerate(model_scalars(row)):
-      self._writer(f"model_{m}").add(step, values)
+      self._writer(self._model_names[m]).add(step, values)
     if time.monotonic() - self._drawn >= REDRAW_SECONDS:
       self._draw_curves(history)
       self._drawn = time.monotonic()

@@ -53,6 +53,22 @@ class Stack(NamedTuple):
     """The fold each of the M models holds out (None: it trains on every row)."""
     return [f for _ in self.configurations for f in self.folds for _ in self.seeds]
 
+  def model_names(self) -> list[str]:
+    """Each model's name, its index zero-padded (so that names sort as the models do)
+    and what sets it apart: "model_03_learning_rate=0.002_fold=1_seed=2" (the parts a run
+    varies; its index in sweep.json, which holds the whole configuration)."""
+    width = len(str(self.num_models - 1))
+    names = []
+    for m, seed in enumerate(self.model_seeds):
+      configuration = self.configurations[m // self.models_per_configuration]
+      parts = [f"{k}={v:g}" for k, v in configuration.items()]
+      if self.folds[0] is not None:
+        parts.append(f"fold={self.model_folds[m]}")
+      if len(self.seeds) > 1:
+        parts.append(f"seed={seed}")
+      names.append("_".join([f"model_{m:0{width}d}", *parts]))
+    return names
+
   def per_model(self, name: str) -> np.ndarray:
     """(M,) values of a swept setting: each model's configuration's."""
     return np.array([c[name] for c in self.configurations

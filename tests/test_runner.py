@@ -269,9 +269,11 @@ def test_tensorboard_events_hold_every_number_of_metrics_jsonl(overrides, tiny_n
   if "dp_noise_multiplier" in overrides:
     assert ("epsilon", 2) in events
   num_models = overrides.get("num_seeds", 1)
-  assert (tmp_path / "tensorboard" / "model_0").exists() == (num_models > 1)
-  for m in range(num_models if num_models > 1 else 0):  # each model's own curves
-    model = read_events(tmp_path / "tensorboard" / f"model_{m}")
+  runs = sorted(p.name for p in (tmp_path / "tensorboard").iterdir() if p.is_dir())
+  assert runs == ([f"model_{m}_seed={m}" for m in range(num_models)] if num_models > 1
+                  else [])
+  for m, run in enumerate(runs):  # each model's own curves, in the models' order
+    model = read_events(tmp_path / "tensorboard" / run)
     assert model == pytest.approx({(k, row["epoch"]): v[m] for row in rows
                                    for k, v in row["per_model"].items()}, rel=1e-6)
 

@@ -19,6 +19,7 @@ from conftest import without_times
 import mlp_jax as mj
 from mlp_jax import experiment
 from mlp_jax import privacy
+from mlp_jax import stack as stack_lib
 from mlp_jax import train
 
 RTOL = 1e-5  # vmap batches the matmuls: float32 summation order may differ
@@ -354,3 +355,16 @@ def test_a_k_fold_run_resumes_bit_identical_in_either_stage(tiny_npz, tmp_path,
     with np.load(straight / name) as a, np.load(again / name) as b:
       for k in a.files:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_model_names_sort_as_the_models_do_and_say_what_sets_each_apart():
+  """TensorBoard's run names (live.py): model m of 3 configurations × 2 folds × 2 seeds,
+  its index zero-padded, then its swept value, fold and seed."""
+  stack = stack_lib.Stack(configurations=[{"learning_rate": r} for r in (1e-3, 2e-3, 4e-3)],
+                          seeds=[5, 6], values={}, folds=(0, 1))
+  names = stack.model_names()
+  assert len(names) == 12 and sorted(names) == names
+  assert names[0] == "model_00_learning_rate=0.001_fold=0_seed=5"
+  assert names[11] == "model_11_learning_rate=0.004_fold=1_seed=6"
+  assert stack_lib.Stack(configurations=[{}], seeds=[0], values={}).model_names() == [
+      "model_0"]

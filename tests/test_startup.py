@@ -90,7 +90,7 @@ print(json.dumps({{"at_import": at_import,
   assert "matplotlib" in loaded["after_run"] and "orbax" in loaded["after_run"]
   assert "torch" not in loaded["after_run"] and "tensorboardX" not in loaded["after_run"]
   assert imported() == {"jax"}                         # the decoy torch was never asked for
-  assert list((tmp_path / "w" / "tensorboard" / "model_1").glob("events.out.tfevents.*"))
+  assert list((tmp_path / "w" / "tensorboard" / "model_1_seed=1").glob("events.out.tfevents.*"))
 
 
 def test_a_second_run_reads_its_programs_from_the_compilation_cache(tiny_npz, tmp_path):
