@@ -80,10 +80,15 @@ def _is_array(value: Any) -> bool:
   return not isinstance(value, (int, float))
 
 
-def _maybe_nonzero(value: Any) -> bool:
-  """False only for a Python 0: a hyperparameter given as an array (one value per model
-  of a stack, see make_train_epoch) keeps its transformation in every model."""
-  return _is_array(value) or value > 0
+def _in_use(value: Any) -> bool:
+  """Whether a hyperparameter's transformation is in the chain (and its state in the
+  checkpoint): where its value, or any model's, is nonzero, whatever its form (a Python
+  or NumPy scalar, an array of one per model); always where it is traced (a sweep's
+  values inside the program), so that the models of a stack share one tree."""
+  try:
+    return bool(np.any(np.asarray(value) != 0))
+  except jax.errors.TracerArrayConversionError:
+    return True
 
 
 class ParamsEMAState(NamedTuple):
@@ -139,13 +144,13 @@ def make_optimizer(hp: Hyperparams) -> optax.GradientTransformation:
   lr = make_schedule(hp)
   weights_only = Params._make((True, False, True, False))   # a mask: Params of bools
   parts: list[optax.GradientTransformation] = []
-  if _maybe_nonzero(hp.clip_norm):  # an array (a sweep) may be 0 for some models: no clip
+  if _in_use(hp.clip_norm):  # an array (a sweep) may be 0 for some models: no clip
     parts.append(optax.clip_by_global_norm(jnp.where(hp.clip_norm > 0, hp.clip_norm, jnp.inf)
                                            if _is_array(hp.clip_norm) else hp.clip_norm))
   if hp.optimizer == "adamw":
     parts.append(optax.adamw(lr, weight_decay=hp.weight_decay, mask=weights_only))
   else:
-    if _maybe_nonzero(hp.weight_decay):
+    if _in_use(hp.weight_decay):
       parts.append(optax.add_decayed_weights(hp.weight_decay, mask=weights_only))
     if hp.optimizer == "sgd":
       parts.append(optax.sgd(lr))
@@ -156,7 +161,7 @@ def make_optimizer(hp: Hyperparams) -> optax.GradientTransformation:
     else:
       raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose one of "
                        f"{', '.join(OPTIMIZERS)}.")
-  if _maybe_nonzero(hp.ema_decay):
+  if _in_use(hp.ema_decay):
     parts.append(params_ema(hp.ema_decay))
   return optax.chain(*parts)
 
@@ -173,7 +178,7 @@ def init_model_state(seed: ArrayLike, in_dim: int, hidden_dim: int, num_classes:
 
 def smooth_targets(y: Array, num_classes: int, label_smoothing: ArrayLike) -> Array:
   """Int labels (B,) -> (1 − ε) one-hot + ε/K targets (B, K); labels as they are if ε = 0."""
-  if not _maybe_nonzero(label_smoothing):
+  if not _in_use(label_smoothing):
     return y
   return optax.smooth_labels(losses.targets(y, num_classes, jnp.float32), label_smoothing)
 

@@ -322,3 +322,23 @@ def test_the_stacks_init_is_each_model_built_alone_bit_for_bit(dims):
   for m, seed in enumerate((0, 7, 2**31 - 1)):
     alone = train.init_model_state(seed, *dims, train.make_optimizer(hp))
     chex.assert_trees_all_equal(jax.tree.map(lambda a, m=m: a[m], stack), alone)
+
+
+@pytest.mark.parametrize("field, zero, value", [("ema_decay", 0.0, 0.5),
+                                                 ("clip_norm", 0.0, 1.0),
+                                                 ("weight_decay", 0.0, 0.1)])
+def test_the_optimizer_state_depends_on_the_values_not_their_form(field, zero, value):
+  """A Python float, a NumPy scalar and a JAX array of the same value build the same
+  chain, so the same checkpoint tree; 0 drops the transformation, any nonzero (or one
+  nonzero model of a stack) keeps it."""
+  params = mj.init_params(jax.random.key(0), 5, 4, 3)
+
+  def tree_of(v):
+    hp = train.Hyperparams(optimizer="sgd", **{field: v})
+    return jax.tree.structure(train.make_optimizer(hp).init(params))
+
+  for v in (value, np.float32(value), jnp.asarray(value), np.array([0.0, value])):
+    assert tree_of(v) == tree_of(value), v
+  for v in (zero, np.float32(zero), jnp.asarray(zero), np.zeros(3)):
+    assert tree_of(v) == tree_of(zero), v
+  assert tree_of(zero) != tree_of(value)
