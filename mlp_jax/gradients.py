@@ -16,7 +16,7 @@ A batch X (B, D) with mean weights ŵ (B,) (ŵ_i = 1/B unweighted):
 Each formula is written once, for any layout of the batch (mlp_jax/layout.py): with
 examples as rows (BATCH_MAJOR, as above), as columns (FEATURE_MAJOR: Z1ᵀ = W1 Xᵀ + b1,
 Δ1ᵀ = (W2ᵀ Δ2ᵀ) ⊙ 1[Z1ᵀ ≥ 0], dW1 = Δ1ᵀ X), or one example alone (ONE_EXAMPLE, the
-lines above). layout.choose_layout picks the batch's layout by dtype.
+lines above). layout.choose_layout picks the batch's layout by dtype and machine.
 """
 
 import functools

@@ -52,32 +52,36 @@ def layout_named(name: str) -> Optional[Layout]:
 
 
 def choose_layout(params_dtype: DTypeLike, compute_dtype: Optional[DTypeLike]) -> Layout:
-  """The layout of a batch's manual passes: FEATURE_MAJOR where the two H × D matmuls read
-  bfloat16 on a CPU with a bfloat16 matrix unit (AMX), BATCH_MAJOR everywhere else.
+  """The layout of a batch's manual passes, by measurement on the CPUs we measured
+  (docs/benchmarks.md, "The batch layout": `experiments/benchmark.py --modes=scan
+  --grads=manual,manual_bmajor,manual_fmajor,autodiff`, B = 64 to 1024):
 
-  By measurement (docs/benchmarks.md, `experiments/benchmark.py --grads=manual,
-  manual_batch_major,manual_feature_major,autodiff`): BATCH_MAJOR compiles to the
-  program jax.grad gives, so the manual step is as fast as autodiff wherever nothing
-  beats that; with AMX, XLA's CPU bfloat16 GEMM runs at 3-4× float32 speed, but only on
-  row-major operands contracted over the left one's last axis, which W1 Xᵀ and Δ1ᵀ X are
-  only in FEATURE_MAJOR (batch-major, Δ1ᵀ X is upcast to float32). Without AMX a
-  bfloat16 GEMM is slower than float32 and FEATURE_MAJOR loses. The batch size changes
-  neither ordering (B = 64 to 1024).
+      bfloat16 matmuls on a CPU with AMX       FEATURE_MAJOR  (the fast bfloat16 GEMM
+                                                              takes both H × D products)
+      float32 on an AMD EPYC                   FEATURE_MAJOR  (0.88-0.91 of autodiff's time)
+      everything else (GPUs, other CPUs)       BATCH_MAJOR    (jax.grad's own program)
   """
   narrow = compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.dtype(params_dtype)
-  if narrow and jax.default_backend() == "cpu" and cpu_has_amx():
-    return FEATURE_MAJOR
-  return BATCH_MAJOR
+  if jax.default_backend() != "cpu":
+    return BATCH_MAJOR
+  model, flags = cpu_info()
+  if narrow:
+    return FEATURE_MAJOR if "amx_bf16" in flags else BATCH_MAJOR
+  return FEATURE_MAJOR if model.startswith("AMD EPYC") else BATCH_MAJOR
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_has_amx() -> bool:
-  """True where the host CPU lists the AMX bfloat16 unit (Linux's /proc/cpuinfo flags)."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+  """(model name, flags) of the host CPU, from Linux's /proc/cpuinfo; ("", {}) elsewhere."""
+  fields: dict[str, str] = {}
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+      for line in f:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
-    return False
+    pass
+  return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
 def contract(spec: str, a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None

@@ -390,15 +390,18 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(method):
 
 
 def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
-  """BATCH_MAJOR (jax.grad's own program) except bfloat16 matmuls on an AMX CPU."""
-  choose = mj_layout.choose_layout
-  for amx in (False, True):
-    monkeypatch.setattr(mj_layout, "cpu_has_amx", lambda amx=amx: amx)
-    assert choose(jnp.float32, None) is mj_layout.BATCH_MAJOR
-    assert choose(jnp.float32, jnp.float32) is mj_layout.BATCH_MAJOR
-    want = mj_layout.FEATURE_MAJOR if amx and jax.default_backend() == "cpu" else (
-        mj_layout.BATCH_MAJOR)
-    assert choose(jnp.float32, jnp.bfloat16) is want
+  """On a CPU: feature-major for bfloat16 with AMX and for float32 on an AMD EPYC (where
+  each was measured faster), else batch-major; batch-major on other backends."""
+  fm, bm = mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR
+  cpus = {"Intel(R) Xeon(R) Processor": (bm, fm, {"avx512_bf16", "amx_bf16"}),
+          "Intel(R) Xeon(R) CPU": (bm, bm, {"avx512_bf16"}),
+          "AMD EPYC 9B14": (fm, bm, {"avx2"}), "": (bm, bm, set())}
+  on_cpu = jax.default_backend() == "cpu"
+  for model, (float32, bfloat16, flags) in cpus.items():
+    monkeypatch.setattr(mj_layout, "cpu_info", lambda m=model, f=flags: (m, frozenset(f)))
+    assert mj_layout.choose_layout(jnp.float32, None) is (float32 if on_cpu else bm)
+    assert mj_layout.choose_layout(jnp.float32, jnp.float32) is (float32 if on_cpu else bm)
+    assert mj_layout.choose_layout(jnp.float32, jnp.bfloat16) is (bfloat16 if on_cpu else bm)
   assert mj_layout.layout_named("auto") is None
   with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major"):
     mj_layout.layout_named("row_major")
