@@ -405,3 +405,26 @@ def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
   assert mj_layout.layout_named("auto") is None
   with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major"):
     mj_layout.layout_named("row_major")
+
+
+@pytest.mark.parametrize("name", ["forward", "logits", "loss", "value_and_grads",
+                                  "autodiff_value_and_grads", "loss_manual_vjp"])
+def test_every_public_function_passes_compute_dtype_on(name):
+  """With compute_dtype=bfloat16 each function's value is the float32 computation on X
+  and W1 rounded to bfloat16 (to n·u), and not the float32 one on the unrounded values."""
+  params = mj.init_params(jax.random.key(0), 64, 32, 10)
+  X = jax.random.normal(jax.random.key(1), (1, 64), jnp.float32)  # one example: a batch
+  y = jnp.array([3])                                   # mean would hide the rounding
+  fn = {"forward": lambda p, X, dt: mj.forward(p, X[0], compute_dtype=dt),
+        "logits": lambda p, X, dt: mj.logits(p, X, compute_dtype=dt),
+        "loss": lambda p, X, dt: mj.loss(p, X, y, compute_dtype=dt),
+        "value_and_grads": lambda p, X, dt: mj.value_and_grads(p, X, y, compute_dtype=dt)[0],
+        "autodiff_value_and_grads": lambda p, X, dt: mj.autodiff_value_and_grads(
+            p, X, y, compute_dtype=dt)[0],
+        "loss_manual_vjp": lambda p, X, dt: mj.loss_manual_vjp(p, X, y, compute_dtype=dt),
+        }[name]
+  rounded = fn(params._replace(w1=_bfloat16_rounded(params.w1)), _bfloat16_rounded(X), None)
+  got = fn(params, X, jnp.bfloat16)
+  scale = float(jnp.max(jnp.abs(rounded)))
+  assert float(jnp.max(jnp.abs(got - rounded))) <= 64 * 2.0**-24 * scale
+  assert float(jnp.max(jnp.abs(got - fn(params, X, None)))) > 1e3 * 2.0**-24 * scale
