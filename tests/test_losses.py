@@ -52,6 +52,8 @@ def test_accuracy_counts_argmax_hits_with_weights():
   assert mj.accuracy(params, X, y) == 0.5
   assert mj.accuracy(params, X, y, jnp.array([1.0, 1.0, 0.0, 0.0])) == 1.0
   assert mj.accuracy(params, X, jnp.eye(3)[y]) == 0.5
+  assert mj.accuracy(params, X[:3], y[:3], jnp.ones(3)) == pytest.approx(2 / 3)
+  assert mj.accuracy(params, X[:3], jnp.eye(3)[y[:3]]) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("fn", [mj.loss, mj.accuracy])
@@ -61,7 +63,8 @@ def test_loss_and_accuracy_keep_the_params_dtype_and_check_their_weights(fn):
   params = mj.Params(*[a.astype(jnp.float32) for a in identity_params(3)])
   X = jnp.array([[0.0, 0.0, 2.0], [2.0, 0.0, 0.0]], jnp.float32)
   y = jnp.array([2, 1])
-  assert fn(params, X, y).dtype == jnp.float32
-  assert fn(params, X, y, jnp.ones(2)).dtype == jnp.float32
+  for labels in (y, jnp.eye(3, dtype=jnp.float32)[y]):   # int labels, targets
+    assert fn(params, X, labels).dtype == jnp.float32
+    assert fn(params, X, labels, jnp.ones(2)).dtype == jnp.float32
   with pytest.raises(ValueError, match=r"^weights must have shape \(2,\)"):
     fn(params, X, y, jnp.ones(3))
