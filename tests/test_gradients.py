@@ -276,7 +276,9 @@ def test_gradcheck_in_float32_and_next_to_the_runner():
   params, X, y = random_problem(0, 16, 6, 10, 4)
   for name, m_a, m_f, a_f in check(params, X, y, jnp.float32):
     assert m_a <= 1e-5 and m_f <= 1e-5 and a_f <= 1e-5, name
-  conftest.run_cli("--helpshort")  # the runner's flags and gradcheck's in one process
+  # gradcheck imported beside the runner's flags: they parse (no duplicate flag) and list.
+  code, out, err = conftest.run_cli_output("--helpfull")
+  assert code == 0 and "--dataset" in out + err, (code, err)
   jax.config.update("jax_enable_x64", False)
   try:
     with pytest.raises(ValueError, match="needs float64 .*jax_enable_x64"):
