@@ -92,6 +92,8 @@ def contract(spec: str, a: Array, b: Array, compute_dtype: Optional[DTypeLike] =
   accumulate in float32, the dtype the result keeps."""
   inputs, out = spec.split("->")
   a_axes, b_axes = inputs.split(",")
+  if (a.ndim, b.ndim) != (len(a_axes), len(b_axes)):
+    raise ValueError(f"contract({spec!r}): operands of {a.ndim} and {b.ndim} axes")
   summed = [axis for axis in a_axes if axis in b_axes and axis not in out]
   a_free = "".join(axis for axis in a_axes if axis not in summed)
   b_free = "".join(axis for axis in b_axes if axis not in summed)
