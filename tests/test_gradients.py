@@ -437,3 +437,38 @@ def test_every_public_function_passes_compute_dtype_on(name):
   scale = float(jnp.max(jnp.abs(rounded)))
   assert float(jnp.max(jnp.abs(got - rounded))) <= 64 * 2.0**-24 * scale
   assert float(jnp.max(jnp.abs(got - fn(params, X, None)))) > 1e3 * 2.0**-24 * scale
+
+
+def test_the_method_names_the_formula_that_runs(monkeypatch):
+  """Each method's values equal the others', so only the call tells which ran: "manual"
+  runs example_grads (one example's closed form) and "autodiff" never does; each method
+  of value_and_grads_with_logits runs its own function; an unknown method is named."""
+  from mlp_jax import gradients  # pylint: disable=g-import-not-at-top
+  params, X, y = problem(batch=3)
+  calls = []
+  closed_form = gradients.example_grads
+  monkeypatch.setattr(gradients, "example_grads",
+                      lambda *args: calls.append(1) or closed_form(*args))
+  mj.per_example_grads(params, X, y, method="manual")
+  assert calls
+  calls.clear()
+  mj.per_example_grads(params, X, y, method="autodiff")
+  assert not calls
+  ran = []
+  for name in ("_manual_value_and_grads_with_logits", "_loss_and_logits_manual_vjp"):
+    real = getattr(gradients, name)
+    monkeypatch.setattr(gradients, name,
+                        lambda *a, real=real, name=name, **k: ran.append(name) or real(*a, **k))
+  real_autodiff = mj_losses.loss_and_logits
+  monkeypatch.setattr(mj_losses, "loss_and_logits",
+                      lambda *a, **k: ran.append("autodiff") or real_autodiff(*a, **k))
+  for method, formula in (("manual", "_manual_value_and_grads_with_logits"),
+                          ("manual_vjp", "_loss_and_logits_manual_vjp"),
+                          ("autodiff", "autodiff")):
+    ran.clear()
+    value_and_grads_with_logits(params, X, y, method=method)
+    assert ran == [formula], (method, ran)
+  with pytest.raises(ValueError, match="method must be 'manual' or 'autodiff', got 'x'"):
+    mj.per_example_grads(params, X, y, method="x")
+  with pytest.raises(ValueError, match="method must be 'manual', 'autodiff' or 'manual_vjp'"):
+    value_and_grads_with_logits(params, X, y, method="x")
