@@ -222,11 +222,14 @@ def test_loss_manual_vjp_gradients_equal_grads(layout):
   Y = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, 3), jnp.float64))
   w = jnp.array([1.0, 2.0, 0.0, 0.5, 1.0, 3.0])
   argnums = (0, 1, 2, 3)
-  manual = jax.grad(loss_manual_vjp, argnums)(params, X, Y, w)
-  autodiff = jax.grad(mj.loss, argnums)(params, X, Y, w)
-  assert_close(manual[0], autodiff[0], 1e-12)
-  for m, a in zip(manual[1:], autodiff[1:]):
-    assert relative_error(m, a) <= 1e-12
+  for weights in (w, w / 100):   # Σw = 7.5 and 0.075: the cotangent of w divides by Σw
+    manual = jax.grad(loss_manual_vjp, argnums)(params, X, Y, weights)
+    autodiff = jax.grad(mj.loss, argnums)(params, X, Y, weights)
+    assert_close(manual[0], autodiff[0], 1e-12)
+    for m, a in zip(manual[1:], autodiff[1:]):
+      assert relative_error(m, a) <= 1e-12
+  with pytest.raises(ValueError, match=r"^weights must have shape \(6,\)"):
+    loss_manual_vjp(params, X, Y, w[:5])
 
 
 def test_loss_manual_vjp_under_vmap_and_jit():
