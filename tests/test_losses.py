@@ -56,10 +56,11 @@ def test_accuracy_counts_argmax_hits_with_weights():
   assert mj.accuracy(params, X[:3], jnp.eye(3)[y[:3]]) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("fn", [mj.loss, mj.accuracy])
+@pytest.mark.parametrize("fn", [mj.loss, mj.accuracy, mj.loss_manual_vjp])
 def test_loss_and_accuracy_keep_the_params_dtype_and_check_their_weights(fn):
-  """float32 params give a float32 value even with float64 enabled; a weights vector of
-  the wrong length is refused by name, not broadcast."""
+  """float32 params give a float32 value even with float64 enabled and float64 weights
+  (jnp.ones here); a weights vector of the wrong length is refused by name, not
+  broadcast."""
   params = mj.Params(*[a.astype(jnp.float32) for a in identity_params(3)])
   X = jnp.array([[0.0, 0.0, 2.0], [2.0, 0.0, 0.0]], jnp.float32)
   y = jnp.array([2, 1])
