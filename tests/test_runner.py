@@ -292,7 +292,7 @@ def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
     reports.write_running_curves(str(tmp_path), rows, experiment.RunConfig(), inputs, 1)
     drawn.append(len(rows))
 
-  log = live.LiveLog(str(tmp_path), draw)
+  log = live.LiveLog(str(tmp_path), draw, ["model_0"])
   rows = [{"epoch": e, "train_loss": 1.0 / e, "train_accuracy": 0.5} for e in (1, 2, 3)]
   log.append(rows[0], rows[:1])                        # drawn a moment ago: not due
   monkeypatch.setattr(live, "REDRAW_SECONDS", 0.0)
