@@ -200,3 +200,13 @@ def wait_for_epochs(workdir, process, count, timeout=120):
     time.sleep(0.02)
   raise AssertionError(f"the run did not reach epoch {count}")
 
+
+def pld_epsilon(sigmas, q, steps, delta):
+  """ε at δ of releasing DP-SGD runs of noise σ ∈ sigmas (q, steps each), composed by
+  dp-accounting's PLD accountant directly: the expectation, apart from mlp_jax.privacy."""
+  import dp_accounting as dpa  # pylint: disable=g-import-not-at-top  (dp extra)
+  accountant = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
+  for sigma in sigmas:
+    accountant.compose(dpa.SelfComposedDpEvent(
+        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
+  return accountant.get_epsilon(delta)

@@ -385,17 +385,19 @@ def test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands(method,
     return value_and_grads_with_logits(p, X, y, w, method=method,
                                        compute_dtype=jnp.bfloat16, layout=layout)[1]
 
+  def reference(p):
+    return bfloat16_reference_grads(p, X, y, w)
+
   tolerance = 64 * 2.0**-24
-  for got, want in [(bf16(params), bfloat16_reference_grads(params, X, y, w)),
-                    (jax.vmap(bf16)(stack), jax.vmap(
-                        lambda p: bfloat16_reference_grads(p, X, y, w))(stack))]:
+  for got, want in [(jax.jit(bf16)(params), jax.jit(reference)(params)),
+                    (jax.jit(jax.vmap(bf16))(stack), jax.jit(jax.vmap(reference))(stack))]:
     for name, a, b in zip(mj.Params._fields, got, want):
       error = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
       assert error <= tolerance, (name, error)
   if method == "manual_vjp":  # its cotangent of X is a closed form too: Δ1 W1
-    d_X = jax.grad(lambda X: mj.loss_manual_vjp(params, X, y, w, compute_dtype=jnp.bfloat16,
-                                                layout=layout))(X)
-    want = bfloat16_reference_input_grad(params, X, y, w)
+    d_X = jax.jit(jax.grad(lambda X: mj.loss_manual_vjp(
+        params, X, y, w, compute_dtype=jnp.bfloat16, layout=layout)))(X)
+    want = jax.jit(bfloat16_reference_input_grad)(params, X, y, w)
     assert float(jnp.max(jnp.abs(d_X - want)) / jnp.max(jnp.abs(want))) <= tolerance
 
 
@@ -468,10 +470,10 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
   closed_form = gradients.example_grads
   monkeypatch.setattr(gradients, "example_grads",
                       lambda *args: calls.append(1) or closed_form(*args))
-  mj.per_example_grads(params, X, y, method="manual")
+  jax.jit(functools.partial(mj.per_example_grads, method="manual"))(params, X, y)
   assert calls
   calls.clear()
-  mj.per_example_grads(params, X, y, method="autodiff")
+  jax.jit(functools.partial(mj.per_example_grads, method="autodiff"))(params, X, y)
   assert not calls
   ran = []
   for name in ("_manual_value_and_grads_with_logits", "_loss_and_logits_manual_vjp"):
@@ -485,7 +487,7 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
                           ("manual_vjp", "_loss_and_logits_manual_vjp"),
                           ("autodiff", "autodiff")):
     ran.clear()
-    value_and_grads_with_logits(params, X, y, method=method)
+    jax.jit(functools.partial(value_and_grads_with_logits, method=method))(params, X, y)
     assert ran == [formula], (method, ran)
   with pytest.raises(ValueError, match="method must be 'manual' or 'autodiff', got 'x'"):
     mj.per_example_grads(params, X, y, method="x")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import pld_epsilon
 from conftest import read_metrics
 from conftest import tiny_config
 import mlp_jax as mj
@@ -153,6 +154,23 @@ def test_sensitivity_and_bad_clip_norms():
     privacy.sensitivity(1.0, "global")
   with pytest.raises(ValueError, match="one per layer: pass clipping='per_layer'"):
     privacy.sensitivity((3.0, 4.0), "flat")
+  assert type(privacy.sensitivity(2.0, "per_layer")) is float   # config.json records it
+  # A swept C (one per model, traced under jit): one sensitivity per model.
+  per_model = jax.jit(lambda c: privacy.sensitivity(c, "per_layer"))(jnp.array([1.0, 3.0]))
+  np.testing.assert_allclose(per_model, [1.0, 3.0], rtol=1e-6)
+
+
+def test_noise_keeps_the_gradients_dtype_and_adds_sigma_s_times_one_normal_per_leaf(x64):
+  """The noise of each leaf is σ·S·normal(key_l) with key_l = split(key, 4)[l] (a resume
+  redraws it), in the leaf's dtype (float32 stays float32 when x64 is on); / q·N."""
+  grad_sum = mj.init_params(jax.random.key(0), 3, 4, 2)       # float32
+  sigma, clip, qn = 1.5, (0.3, 0.4), 8.0
+  noisy = privacy.add_noise(grad_sum, jax.random.key(1), sigma, clip, "per_layer", qn)
+  keys = jax.random.split(jax.random.key(1), 4)
+  for got, g, k in zip(noisy, grad_sum, keys):
+    assert got.dtype == jnp.float32
+    want = (g + sigma * 0.5 * jax.random.normal(k, g.shape, jnp.float32)) / qn  # S = 0.5
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 def test_noise_has_std_sigma_c_over_qn():
@@ -200,6 +218,43 @@ def test_poisson_batches_have_binomial_sizes_and_reach_every_example():
 def test_overflow_is_reported_not_dropped():
   idx, mask, overflow = privacy.poisson_batch(jax.random.key(0), 100, 0.5, 10)
   assert bool(overflow) and mask.sum() == 10
+  # A batch that fills its M slots exactly is no overflow.
+  count = int(privacy.poisson_batch(jax.random.key(0), 100, 0.5, 100)[1].sum())
+  assert not bool(privacy.poisson_batch(jax.random.key(0), 100, 0.5, count)[2])
+
+
+def test_a_poisson_batch_is_the_examples_whose_uniform_draw_is_below_q(x64):
+  """Example j joins when u_j < q (u = uniform(key, (N,))): its indices in order, then
+  index 0 with mask 0 (float32, whatever x64 says)."""
+  u = np.asarray(jax.random.uniform(jax.random.key(3), (20,)))
+  idx, mask, overflow = privacy.poisson_batch(jax.random.key(3), 20, 0.3, 12)
+  rows = np.nonzero(u < 0.3)[0]
+  assert 0 < len(rows) < 12 and not bool(overflow) and mask.dtype == jnp.float32
+  np.testing.assert_array_equal(idx, np.concatenate([rows, np.zeros(12 - len(rows), int)]))
+  np.testing.assert_array_equal(mask, np.arange(12) < len(rows))
+
+
+def test_step_keys_are_pinned():
+  """A resume redraws each step's batch and noise from (key, step): a change of the
+  derivation would break the bit-identical resume of an older checkpoint."""
+  sample_key, noise_key = privacy.step_keys(jax.random.PRNGKey(0), 3)
+  assert np.asarray(sample_key).tolist() == [2232846749, 3415878460]
+  assert np.asarray(noise_key).tolist() == [1300015767, 1196016749]
+
+
+def test_the_padded_batch_is_the_binomial_bound_rounded_up_to_the_devices():
+  """M: at most one above the smallest m with steps·P(Bin(N, q) > m) ≤ p (scipy's exact
+  tail), rounded up to a multiple of the devices and at most N so rounded; p its bound."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top  (dp extra)
+  for n, q, steps, multiple in ((1000, 0.05, 300, 1), (1000, 0.05, 1, 1), (60, 0.3, 0, 1),
+                                (1000, 0.05, 300, 8)):
+    m, p = privacy.padded_batch_size(n, q, steps, multiple=multiple)
+    assert type(m) is int and m % multiple == 0
+    assert p == max(steps, 0) * stats.binom.sf(m, n, q) <= 1e-9
+    smallest = next(k for k in range(n + 1) if max(steps, 1) * stats.binom.sf(k, n, q) <= 1e-9)
+    assert smallest <= m <= -(-(smallest + 1) // multiple) * multiple, (n, q, steps, m)
+  assert privacy.padded_batch_size(10, 0.99, 100, multiple=4) == (12, 0.0)  # all 10, rounded
+  assert privacy.padded_batch_size(1000, 0.05, 300)[0] == 105               # one device: odd M
 
 
 def test_accountant_matches_published_values():
@@ -213,6 +268,23 @@ def test_accountant_matches_published_values():
   # PLD is tighter than RDP.
   assert privacy.epsilon(1.3, q, steps, 1e-5, "pld") < 0.7242234026
   assert privacy.epsilon(1.3, q, 0, 1e-5) == 0.0
+  with pytest.raises(ValueError, match="accountant must be 'pld' or 'rdp', got 'x'"):
+    privacy.epsilon(1.3, q, 7, 1e-5, "x")
+
+
+def test_epsilon_of_runs_is_the_pld_composition_of_every_run():
+  """Three runs, two of equal σ: dp-accounting's PLD accountant composing the three
+  directly (conftest.pld_epsilon); no steps, no privacy spent."""
+  sigmas, q, steps = (1.1, 2.0, 1.1), 0.01, 50
+  assert privacy.epsilon_of_runs(sigmas, q, steps, 1e-5) == pytest.approx(
+      pld_epsilon(sigmas, q, steps, 1e-5), rel=1e-9)
+  assert privacy.epsilon_of_runs(sigmas, q, 0, 1e-5) == 0.0
+
+
+def test_accounting_without_the_dp_extra_names_the_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, "dp_accounting", None)    # import fails, as uninstalled
+  with pytest.raises(ImportError, match=r'needs the dp extra: pip install -e "\.\[dp\]"'):
+    privacy.epsilon(1.3, 0.01, 11, 1e-5)
 
 
 @pytest.mark.slow  # the DP accountant's calibrations: seconds

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import pld_epsilon
 from conftest import read_metrics
 from conftest import run_cli
 from conftest import tiny_config
@@ -74,9 +75,6 @@ def test_map_and_vmap_stacking_train_the_same_models():
   for a, b in zip(p_v, p_m):
     np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-6)
   np.testing.assert_array_equal(ev_v["predictions"], ev_m["predictions"])
-  assert train.default_stacking("cpu", 128, 784, 1024) == "map"
-  assert train.default_stacking("cpu", 16, 64, 256) == "vmap"
-  assert train.default_stacking("gpu", 128, 784, 1024) == "vmap"
 
 
 @pytest.mark.slow  # several runs of the runner: seconds
@@ -201,17 +199,6 @@ def test_bad_sweeps_are_one_line_and_write_nothing(flags, message, tmp_path, mon
   lines = [line for line in stderr.splitlines() if line.strip()]
   assert code != 0 and len(lines) == 1 and message in lines[0], stderr
   assert not os.listdir(tmp_path)
-
-
-def pld_epsilon(sigmas, q, steps, delta):
-  """ε at δ of releasing DP-SGD runs of noise σ ∈ sigmas (q, steps each), composed by
-  dp-accounting's PLD accountant directly: the expectation, apart from mlp_jax.privacy."""
-  import dp_accounting as dpa  # pylint: disable=g-import-not-at-top  (dp extra)
-  accountant = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
-  for sigma in sigmas:
-    accountant.compose(dpa.SelfComposedDpEvent(
-        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
-  return accountant.get_epsilon(delta)
 
 
 @pytest.mark.slow  # several runs of the runner: seconds

@@ -342,3 +342,130 @@ def test_the_optimizer_state_depends_on_the_values_not_their_form(field, zero, v
   for v in (zero, np.float32(zero), jnp.asarray(zero), np.zeros(3)):
     assert tree_of(v) == tree_of(zero), v
   assert tree_of(zero) != tree_of(value)
+
+
+@functools.partial(jax.jit, static_argnames=("hp", "dp"))
+def hand_dp_step(params, X, y, key, step, hp, dp):
+  """One DP-SGD step with sgd, written apart from train.py: the Poisson batch of
+  (key, step) (example j sampled when u_j < q), each sampled example's autodiff gradient
+  of its label-smoothed loss clipped to C (flat), their sum plus σC·N(0, I) per leaf,
+  over q·N; and the metrics of the params it stepped from (Σ loss, Σ correct, rows)."""
+  sample_key, noise_key = privacy.step_keys(key, step)
+  sampled = (jax.random.uniform(sample_key, (dp.num_examples,)) < dp.sampling_rate
+             ).astype(jnp.float32)
+  K = params.b2.shape[0]
+
+  def example_loss(p, x, label):
+    z2 = p.w2 @ jnp.maximum(p.w1 @ x + p.b1, 0) + p.b2
+    t = (1 - hp.label_smoothing) * jax.nn.one_hot(label, K) + hp.label_smoothing / K
+    return -jnp.sum(t * jax.nn.log_softmax(z2)), jnp.argmax(z2) == label
+
+  (loss, hit), g = jax.vmap(jax.value_and_grad(example_loss, has_aux=True),
+                            in_axes=(None, 0, 0))(params, X, y)
+  norm = jnp.sqrt(sum(jnp.sum(leaf.reshape(len(y), -1) ** 2, axis=1) for leaf in g))
+  weight = sampled * jnp.minimum(1.0, dp.clip_norm / norm)
+  keys = jax.random.split(noise_key, 4)
+  noisy = [jnp.tensordot(weight, leaf, axes=1)
+           + dp.noise_multiplier * dp.clip_norm * jax.random.normal(k, leaf.shape[1:])
+           for leaf, k in zip(g, keys)]
+  new = mj.Params(*[p - hp.learning_rate * n / (dp.sampling_rate * dp.num_examples)
+                    for p, n in zip(params, noisy)])
+  return new, (jnp.sum(sampled * loss), jnp.sum(sampled * hit), jnp.sum(sampled))
+
+
+def test_a_dp_step_is_the_noisy_clipped_sum_of_its_poisson_batch():
+  X, y = tiny_data(n=12)
+  y = y.at[0].set(0)  # example 0, the padding slots' index, predicted right: not a hit
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
+                         weight_decay=0.0, label_smoothing=0.1)
+  dp = privacy.DPSGD(noise_multiplier=0.7, clip_norm=0.3, clipping="flat",
+                     sampling_rate=0.4, num_examples=12, padded_batch_size=9)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_model_state(0, 5, 7, 3, optimizer)
+  step = jax.jit(train.make_dp_train_step(hp, optimizer, dp))
+  for t in range(2):
+    want, (loss_sum, hits, count) = hand_dp_step(state.params, X, y, state.key, t, hp, dp)
+    assert 0 < count < 12
+    state, metrics = step(state, (X, y))
+    chex.assert_trees_all_close(state.params, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics[0], loss_sum, rtol=1e-5)
+    assert [float(m) for m in metrics[1:]] == [float(hits), float(count), 0.0]  # 0: no overflow
+  assert int(state.step) == 2
+  # More rows sampled than the padded batch holds: reported, for the runner to stop.
+  small = jax.jit(train.make_dp_train_step(hp, optimizer, dp._replace(padded_batch_size=2)))
+  assert bool(small(state, (X, y))[1][3])
+
+
+def test_a_dp_epoch_is_its_steps_with_the_mean_over_the_sampled_rows():
+  X, y = tiny_data(n=12)
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant")
+  dp = privacy.DPSGD(noise_multiplier=0.7, clip_norm=0.3, clipping="flat",
+                     sampling_rate=0.4, num_examples=12, padded_batch_size=5)
+  optimizer = train.make_optimizer(hp)
+  step = jax.jit(train.make_dp_train_step(hp, optimizer, dp))
+  state = by_steps = train.init_model_state(0, 5, 7, 3, optimizer)
+  sums = np.zeros(4)
+  for _ in range(3):
+    by_steps, metrics = step(by_steps, (X, y))
+    sums += np.array([float(m) for m in metrics])
+  epoch = jax.jit(functools.partial(train.dp_train_epoch, step, steps=3))
+  state, metrics = epoch(state, X, y, 0)
+  chex.assert_trees_all_close(state, by_steps, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(metrics["train_loss"], sums[0] / sums[2], rtol=1e-5)
+  np.testing.assert_allclose(metrics["train_accuracy"], sums[1] / sums[2], rtol=1e-6)
+  assert int(metrics["overflows"]) == sums[3] > 0   # 5 slots for 4.8 rows on average: some overflow
+  # At these keys q = 0.08 samples one row in the 3 steps, q = 0.02 none (metrics 0).
+  for rate, rows in ((0.08, 1), (0.02, 0)):
+    few = jax.jit(train.make_dp_train_step(hp, optimizer, dp._replace(sampling_rate=rate)))
+    by_steps, sums = train.init_model_state(0, 5, 7, 3, optimizer), np.zeros(4)
+    for _ in range(3):
+      by_steps, metrics = few(by_steps, (X, y))
+      sums += np.array([float(m) for m in metrics])
+    metrics = train.dp_train_epoch(few, train.init_model_state(0, 5, 7, 3, optimizer), X, y,
+                                   0, steps=3)[1]
+    assert sums[2] == rows
+    np.testing.assert_allclose(metrics["train_loss"], sums[0] / max(rows, 1), rtol=1e-5)
+    assert float(metrics["train_accuracy"]) == sums[1] / max(rows, 1)
+
+
+def test_keep_if_empty_keeps_the_state_and_zeroes_the_metrics_of_a_batch_without_rows():
+  optimizer = train.make_optimizer(train.Hyperparams(optimizer="adam"))
+  state = train.init_model_state(0, 5, 4, 3, optimizer)
+  stepped = jax.tree.map(lambda a: a + 1, state)
+  metrics = (jnp.float32(2.5), jnp.float32(1.0))
+  kept, zeros = train.keep_if_empty(jnp.array(False), (stepped, metrics), state)
+  chex.assert_trees_all_equal(kept, state)
+  assert [float(m) for m in zeros] == [0.0, 0.0]
+  kept, same = train.keep_if_empty(jnp.array(True), (stepped, metrics), state)
+  chex.assert_trees_all_equal(kept, stepped)
+  assert [float(m) for m in same] == [2.5, 1.0]
+
+
+def test_averaged_params_debias_the_ema_per_model_and_are_the_params_before_a_step():
+  """θ̄_t / (1 − β^t) per model of a stack (β (M,), t (M,)); the params at t = 0 or
+  without --ema_decay."""
+  hp = train.Hyperparams(optimizer="sgd", ema_decay=0.5)
+  params = jax.vmap(lambda k: mj.init_params(k, 3, 4, 2))(jax.random.split(jax.random.key(0), 3))
+  ema = jax.tree.map(lambda a: 0.1 * a + 0.25, params)
+  decay, count = jnp.array([0.5, 0.9, 0.5]), jnp.array([2, 3, 0], jnp.int32)
+  opt_state = train.make_optimizer(hp).init(params)
+  opt_state = (*opt_state[:-1], train.ParamsEMAState(count, decay, ema))
+  state = train.TrainState(params, opt_state, jnp.zeros(3, jnp.int32), None)
+  averaged = train.averaged_params(state)
+  for m, divisor in enumerate([1 - 0.5 ** 2, 1 - 0.9 ** 3]):
+    for got, e in zip(averaged, ema):
+      np.testing.assert_allclose(got[m], e[m] / divisor, rtol=1e-6)
+  chex.assert_trees_all_equal(jax.tree.map(lambda a: a[2], averaged), first(
+      jax.tree.map(lambda a: a[2:], params)))
+  no_ema = train.Hyperparams(optimizer="sgd", ema_decay=0.0)
+  plain = state._replace(opt_state=train.make_optimizer(no_ema).init(params))
+  assert train.averaged_params(plain) is params
+
+
+def test_default_stacking_maps_big_models_on_a_cpu_only():
+  """map from B·D·H = 2^22 multiply-adds per model on a CPU; vmap below it and off CPUs."""
+  assert train.default_stacking("cpu", 64, 256, 256) == "map"          # 2^22
+  assert train.default_stacking("cpu", 64, 256, 255) == "vmap"
+  assert train.default_stacking("cpu", 128, 784, 1024) == "map"
+  assert train.default_stacking("gpu", 128, 784, 1024) == "vmap"
+  assert train.default_stacking("tpu", 2**11, 2**11, 2**11) == "vmap"
