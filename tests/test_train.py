@@ -277,7 +277,6 @@ def test_bfloat16_hidden_products_compile_to_bfloat16_gemms():
     assert ("f32", "f32") in dtypes, dtypes
 
 
-@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_ema_is_the_hand_computed_average_of_the_iterates():
   """--ema_decay β: averaged_params is Σ_i (1 − β) β^(t−i) θ_i / (1 − β^t) over the params
   θ_1..θ_t after each step (the bias-corrected EMA), per model of a stack; β = 0 is the
@@ -301,6 +300,8 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
                          *iterates)
   chex.assert_trees_all_close(train.averaged_params(state), by_hand, rtol=1e-6, atol=1e-7)
   assert not np.allclose(by_hand.w1, state.params.w1)
+  with pytest.raises(ValueError, match=r"params_ema averages the params: pass them"):
+    optimizer.update(state.params, state.opt_state)
   # A stack sweeping β = 0 and β: model 0's average is its params, model 1's its EMA.
   hp = hp._replace(ema_decay=jnp.array([0.0, beta]))
   stack = train.init_state([0, 0], 5, 4, 3, hp, {"ema_decay": [0.0, beta]})
@@ -311,6 +312,14 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], averaged),
                               jax.tree.map(lambda a: a[0], stack.params), rtol=1e-6)
   assert not np.allclose(averaged.w1[1], stack.params.w1[1])
+
+
+def test_the_ema_state_has_the_checkpoints_dtypes_whatever_x64_says(x64):
+  """count int32, β float32, the average in the params' dtype: a checkpoint's tree."""
+  params = mj.init_params(jax.random.key(0), 3, 4, 2)               # float32
+  ema_state = train.make_optimizer(train.Hyperparams(ema_decay=0.5)).init(params)[-1]
+  assert (ema_state.count.dtype, ema_state.decay.dtype) == (jnp.int32, jnp.float32)
+  assert all(leaf.dtype == jnp.float32 for leaf in ema_state.ema)
 
 
 @pytest.mark.parametrize("dims", [(6, 16, 3), (64, 256, 10), (40, 1024, 4)])
@@ -439,27 +448,6 @@ def test_keep_if_empty_keeps_the_state_and_zeroes_the_metrics_of_a_batch_without
   kept, same = train.keep_if_empty(jnp.array(True), (stepped, metrics), state)
   chex.assert_trees_all_equal(kept, stepped)
   assert [float(m) for m in same] == [2.5, 1.0]
-
-
-def test_averaged_params_debias_the_ema_per_model_and_are_the_params_before_a_step():
-  """θ̄_t / (1 − β^t) per model of a stack (β (M,), t (M,)); the params at t = 0 or
-  without --ema_decay."""
-  hp = train.Hyperparams(optimizer="sgd", ema_decay=0.5)
-  params = jax.vmap(lambda k: mj.init_params(k, 3, 4, 2))(jax.random.split(jax.random.key(0), 3))
-  ema = jax.tree.map(lambda a: 0.1 * a + 0.25, params)
-  decay, count = jnp.array([0.5, 0.9, 0.5]), jnp.array([2, 3, 0], jnp.int32)
-  opt_state = train.make_optimizer(hp).init(params)
-  opt_state = (*opt_state[:-1], train.ParamsEMAState(count, decay, ema))
-  state = train.TrainState(params, opt_state, jnp.zeros(3, jnp.int32), None)
-  averaged = train.averaged_params(state)
-  for m, divisor in enumerate([1 - 0.5 ** 2, 1 - 0.9 ** 3]):
-    for got, e in zip(averaged, ema):
-      np.testing.assert_allclose(got[m], e[m] / divisor, rtol=1e-6)
-  chex.assert_trees_all_equal(jax.tree.map(lambda a: a[2], averaged), first(
-      jax.tree.map(lambda a: a[2:], params)))
-  no_ema = train.Hyperparams(optimizer="sgd", ema_decay=0.0)
-  plain = state._replace(opt_state=train.make_optimizer(no_ema).init(params))
-  assert train.averaged_params(plain) is params
 
 
 def test_default_stacking_maps_big_models_on_a_cpu_only():
