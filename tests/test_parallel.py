@@ -89,6 +89,12 @@ def test_one_device_mesh_changes_nothing():
   plain, m_plain = train.make_train_epoch(hp, 4)(state, x, y, 0, {})
   for a, b in zip(jax.tree.leaves((plain, m_plain)), jax.tree.leaves((sharded, m_sharded))):
     np.testing.assert_array_equal(a, b)
+  ev_sharded = train.evaluate(sharded.params, parallel.shard_rows(x, mesh),
+                              parallel.shard_rows(y, mesh), batch_size=3, num_examples=10,
+                              mesh=mesh)
+  ev_plain = train.evaluate(plain.params, x, y, batch_size=3)
+  for a, b in zip(jax.tree.leaves(ev_plain), jax.tree.leaves(ev_sharded)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_the_mesh_rule_uses_every_device():

@@ -148,6 +148,25 @@ def test_evaluate_counts_every_example_once():
   np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X), -1))
 
 
+def test_evaluate_counts_the_first_rows_or_the_given_rows_and_their_weights(x64):
+  """num_examples: the rows past it are padding; rows = (indices, weights): a k-fold
+  model's held-out rows, weighted, padded with weight 0. float32 params evaluate in
+  float32 whatever x64 says."""
+  X, y = tiny_data(n=11)
+  params = mj.init_params(jax.random.key(1), 5, 7, 3)
+  stack = jax.tree.map(lambda a: a[None], params)
+  ev = first(train.evaluate(stack, X, y, batch_size=4, num_examples=7))
+  np.testing.assert_allclose(ev["loss"], mj.loss(params, X[:7], y[:7]), rtol=1e-6)
+  np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[:7], y[:7]), rtol=1e-6)
+  assert ev["loss"].dtype == jnp.float32 and ev["predictions"].shape == (7,)
+  kept, weights = np.array([2, 7, 0]), np.array([1.0, 0.5, 0.0], np.float32)
+  ev = first(train.evaluate(stack, X, y, batch_size=2, rows=(kept[None], weights[None])))
+  np.testing.assert_allclose(ev["loss"], mj.loss(params, X[kept], y[kept], weights), rtol=1e-6)
+  np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[kept], y[kept], weights),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X[kept]), -1))
+
+
 @pytest.mark.parametrize("name", train.OPTIMIZERS)
 def test_every_optimizer_lowers_the_loss(name):
   X, y = tiny_data(n=32)
