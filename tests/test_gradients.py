@@ -460,6 +460,38 @@ def test_every_public_function_passes_compute_dtype_on(name):
   assert float(jnp.max(jnp.abs(got - fn(params, X, None)))) > 1e3 * 2.0**-24 * scale
 
 
+@pytest.mark.parametrize("name", ["value_and_grads", "grads", "loss_manual_vjp",
+                                  "value_and_grads_with_logits", "clipped_grad_sum",
+                                  "clipped_sum_with_logits"])
+def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
+  """Both layouts give equal values, so only the contractions tell which ran: every one
+  a function traces reads the example axis where the layout asked for puts it."""
+  from mlp_jax import gradients, model, privacy  # pylint: disable=g-import-not-at-top
+  params, X, y = problem(batch=3)
+  Y = jax.nn.one_hot(y, 3, dtype=X.dtype)
+  fn = {"value_and_grads": lambda L: mj.value_and_grads(params, X, y, layout=L),
+        "grads": lambda L: mj.grads(params, X, y, layout=L),
+        "loss_manual_vjp": lambda L: jax.grad(
+            lambda p: mj.loss_manual_vjp(p, X, y, layout=L))(params),
+        "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
+            params, X, y, method="manual", layout=L),
+        "clipped_grad_sum": lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L),
+        "clipped_sum_with_logits": lambda L: privacy.clipped_sum_with_logits(
+            params, X, Y, jnp.ones(3), 1.0, "flat", layout=L)}[name]
+  specs = []
+  for module in (gradients, model):
+    real = module.contract
+    monkeypatch.setattr(module, "contract",
+                        lambda spec, *a, real=real: specs.append(spec) or real(spec, *a))
+  for layout, other in ((mj_layout.BATCH_MAJOR, mj_layout.FEATURE_MAJOR),
+                        (mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR)):
+    specs.clear()
+    jax.make_jaxpr(lambda L=layout: fn(L))()
+    used = {axes for spec in specs for axes in spec.replace("->", ",").split(",")}
+    assert {layout.hidden, layout.output} <= used, (name, layout.name, specs)
+    assert not {other.hidden, other.output} & used, (name, layout.name, specs)
+
+
 def test_the_method_names_the_formula_that_runs(monkeypatch):
   """Each method's values equal the others', so only the call tells which ran: "manual"
   runs example_grads (one example's closed form) and "autodiff" never does; each method
