@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,16 @@ def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, l
       assert relative_error(a, b) <= tol, (name, clip_norm, relative_error(a, b))
   assert norms.shape == ((9,) if clipping == "flat" else (9, 2))
   assert bool(jnp.all(norms[2] == 0)) and not bool(jnp.all(jnp.isfinite(norms[5])))
+
+
+def test_clipped_sum_keeps_the_params_dtype_for_float64_inputs(x64):
+  """float32 params with NumPy float64 X, int labels and no mask (all rows): float32
+  sums and norms, equal to the float32 inputs' (so nothing was promoted to float64)."""
+  params, X, y = random_problem(0, 6, 4, 5, 3, jnp.float32)
+  got, norms = privacy.clipped_grad_sum(params, np.asarray(X, np.float64), np.asarray(y), 0.5)
+  want, want_norms = privacy.clipped_grad_sum(params, X, y, 0.5, jnp.ones(6, jnp.float32))
+  assert all(leaf.dtype == jnp.float32 for leaf in (*got, norms))
+  chex.assert_trees_all_equal((got, norms), (want, want_norms))
 
 
 def _bfloat16_rounded(a):
