@@ -187,12 +187,14 @@ def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array,
           sq(delta2, L.output) * (sq(A1, L.hidden) + 1))
 
 
-def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike) -> Array:
+def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike, *,
+                           layout: Optional[Layout] = None) -> Array:
   """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:
   ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms).
+  layout as in value_and_grads.
   """
   Xd, Y, _ = _prepare(params, X, y, None)
-  L = choose_layout(params.w1.dtype, None)
+  L = layout or choose_layout(params.w1.dtype, None)
   Z1, A1, Z2 = model.activations(params, Xd, L)
   delta2 = output_delta(Z2, from_rows(Y, L.output), L.class_axis)
   delta1 = hidden_delta(params, delta2, Z1, L)

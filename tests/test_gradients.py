@@ -194,11 +194,12 @@ def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
   assert_close(weighted_mean, mj.grads(params, X, y, w), 1e-12)
 
 
-def test_per_example_grad_norms_equal_norms_of_per_example_grads():
+@LAYOUTS
+def test_per_example_grad_norms_equal_norms_of_per_example_grads(layout):
   params, X, y = problem(batch=9, in_dim=5, hidden=8, classes=4, dtype=jnp.float32)
   per_example = mj.per_example_grads(params, X, y)
   norms = jnp.sqrt(sum(jnp.sum(leaf.reshape(9, -1) ** 2, axis=1) for leaf in per_example))
-  got = mj.per_example_grad_norms(params, X, y)
+  got = mj.per_example_grad_norms(params, X, y, layout=layout)
   assert got.shape == (9,) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, norms, rtol=1e-5)
 
@@ -461,7 +462,8 @@ def test_every_public_function_passes_compute_dtype_on(name):
 
 
 @pytest.mark.parametrize("name", ["value_and_grads", "grads", "loss_manual_vjp",
-                                  "value_and_grads_with_logits", "clipped_grad_sum",
+                                  "value_and_grads_with_logits", "per_example_grad_norms",
+                                  "clipped_grad_sum",
                                   "clipped_sum_with_logits"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   """Both layouts give equal values, so only the contractions tell which ran: every one
@@ -475,6 +477,7 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
             lambda p: mj.loss_manual_vjp(p, X, y, layout=L))(params),
         "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
             params, X, y, method="manual", layout=L),
+        "per_example_grad_norms": lambda L: mj.per_example_grad_norms(params, X, y, layout=L),
         "clipped_grad_sum": lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L),
         "clipped_sum_with_logits": lambda L: privacy.clipped_sum_with_logits(
             params, X, Y, jnp.ones(3), 1.0, "flat", layout=L)}[name]
