@@ -111,6 +111,28 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
     states, _ = runner_epoch(states, X, y, e, {})
 
 
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_a_train_step_is_one_sgd_step_on_the_weighted_smoothed_batch(compute_dtype):
+  """params − η ∇L(params; x, (1 − ε) onehot + ε/K, w) in the step's compute dtype, and
+  the metrics (L·Σw, Σ w·correct) at the params it stepped from."""
+  X, y = tiny_data(n=6)
+  w = jnp.array([1.0, 0.0, 1.0, 0.5, 1.0, 0.0])        # padding rows and a half weight
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
+                         weight_decay=0.0, label_smoothing=0.2, compute_dtype=compute_dtype)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_model_state(0, 5, 7, 3, optimizer)
+  new, (loss_sum, hits) = jax.jit(train.make_train_step(hp, optimizer))(state, (X, y, w))
+  targets = 0.8 * jax.nn.one_hot(y, 3) + 0.2 / 3
+  dtype = None if compute_dtype == "float32" else jnp.bfloat16
+  loss, g = mj.value_and_grads(state.params, X, targets, w, compute_dtype=dtype)
+  want = jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
+  chex.assert_trees_all_close(new.params, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(loss_sum, loss * 3.5, rtol=1e-6)
+  correct = jnp.argmax(mj.logits(state.params, X, compute_dtype=dtype), -1) == y
+  np.testing.assert_allclose(hits, jnp.sum(w * correct), rtol=1e-6)
+  assert int(new.step) == 1
+
+
 def test_epochs_shuffle_differently_and_reproducibly():
   key = jax.random.PRNGKey(3)
   assert not np.array_equal(train.epoch_order(key, 0, 50), train.epoch_order(key, 1, 50))
@@ -422,6 +444,26 @@ def test_a_dp_step_is_the_noisy_clipped_sum_of_its_poisson_batch():
   # More rows sampled than the padded batch holds: reported, for the runner to stop.
   small = jax.jit(train.make_dp_train_step(hp, optimizer, dp._replace(padded_batch_size=2)))
   assert bool(small(state, (X, y))[1][3])
+
+
+def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16():
+  """The step's sum is privacy.clipped_sum_with_logits with compute_dtype=bfloat16 (whose
+  own test checks it against float32 arithmetic on the rounded operands), then noise."""
+  X, y = tiny_data(n=12)
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
+                         weight_decay=0.0, label_smoothing=0.0, compute_dtype="bfloat16")
+  dp = privacy.DPSGD(noise_multiplier=0.7, clip_norm=0.3, clipping="flat",
+                     sampling_rate=0.4, num_examples=12, padded_batch_size=9)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_model_state(0, 5, 7, 3, optimizer)
+  new, _ = jax.jit(train.make_dp_train_step(hp, optimizer, dp))(state, (X, y))
+  sample_key, noise_key = privacy.step_keys(state.key, 0)
+  i, mask, _ = privacy.poisson_batch(sample_key, 12, 0.4, 9)
+  _, grad_sum, _ = privacy.clipped_sum_with_logits(
+      state.params, X[i], jax.nn.one_hot(y[i], 3), mask, 0.3, "flat", jnp.bfloat16)
+  g = privacy.add_noise(grad_sum, noise_key, 0.7, 0.3, "flat", 0.4 * 12)
+  want = jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
+  chex.assert_trees_all_close(new.params, want, rtol=1e-6, atol=1e-7)
 
 
 def test_a_dp_epoch_is_its_steps_with_the_mean_over_the_sampled_rows():
