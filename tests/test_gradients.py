@@ -463,13 +463,13 @@ def test_every_public_function_passes_compute_dtype_on(name):
 
 @pytest.mark.parametrize("name", ["value_and_grads", "grads", "loss_manual_vjp",
                                   "value_and_grads_with_logits", "per_example_grad_norms",
-                                  "clipped_grad_sum",
+                                  "clipped_grad_sum", "train_step", "dp_train_step",
                                   "clipped_sum_with_logits"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   """Both layouts give equal values, so only the contractions tell which ran: every one
   a function traces reads the example axis where the layout asked for puts it."""
-  from mlp_jax import gradients, model, privacy  # pylint: disable=g-import-not-at-top
-  params, X, y = problem(batch=3)
+  from mlp_jax import gradients, model, privacy, train  # pylint: disable=g-import-not-at-top
+  params, X, y = problem(batch=3, dtype=jnp.float32)
   Y = jax.nn.one_hot(y, 3, dtype=X.dtype)
   fn = {"value_and_grads": lambda L: mj.value_and_grads(params, X, y, layout=L),
         "grads": lambda L: mj.grads(params, X, y, layout=L),
@@ -480,7 +480,19 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
         "per_example_grad_norms": lambda L: mj.per_example_grad_norms(params, X, y, layout=L),
         "clipped_grad_sum": lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L),
         "clipped_sum_with_logits": lambda L: privacy.clipped_sum_with_logits(
-            params, X, Y, jnp.ones(3), 1.0, "flat", layout=L)}[name]
+            params, X, Y, jnp.ones(3), 1.0, "flat", layout=L),
+        "train_step": lambda L: train_step(L, dp=None),
+        "dp_train_step": lambda L: train_step(L, dp=privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)),
+        }[name]
+
+  def train_step(L, dp):
+    hp = train.Hyperparams(layout=L.name)
+    optimizer = train.make_optimizer(hp)
+    state = train.init_model_state(0, 4, 6, 3, optimizer)
+    if dp is None:
+      return train.make_train_step(hp, optimizer)(state, (X, y, jnp.ones(3)))
+    return train.make_dp_train_step(hp, optimizer, dp)(state, (X, y))
+
   specs = []
   for module in (gradients, model):
     real = module.contract
@@ -518,11 +530,18 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
   real_autodiff = mj_losses.loss_and_logits
   monkeypatch.setattr(mj_losses, "loss_and_logits",
                       lambda *a, **k: ran.append("autodiff") or real_autodiff(*a, **k))
+  from mlp_jax import train  # pylint: disable=g-import-not-at-top
   for method, formula in (("manual", "_manual_value_and_grads_with_logits"),
                           ("manual_vjp", "_loss_and_logits_manual_vjp"),
                           ("autodiff", "autodiff")):
     ran.clear()
     jax.jit(functools.partial(value_and_grads_with_logits, method=method))(params, X, y)
+    assert ran == [formula], (method, ran)
+    ran.clear()                                   # --grads: the train step's method
+    hp = train.Hyperparams(grads=method)
+    optimizer = train.make_optimizer(hp)
+    jax.jit(train.make_train_step(hp, optimizer))(
+        train.init_model_state(0, 4, 6, 3, optimizer), (X, y, jnp.ones(3)))
     assert ran == [formula], (method, ran)
   with pytest.raises(ValueError, match="method must be 'manual' or 'autodiff', got 'x'"):
     mj.per_example_grads(params, X, y, method="x")

@@ -133,6 +133,21 @@ def test_a_train_step_is_one_sgd_step_on_the_weighted_smoothed_batch(compute_dty
   assert int(new.step) == 1
 
 
+def test_an_epoch_visits_the_first_num_examples_rows_only():
+  """Rows past num_examples (a mesh's padding, parallel.shard_rows) are never trained on:
+  the epoch equals the one over the rows alone, whatever the padding holds."""
+  X, y = tiny_data(n=10)
+  hp = train.Hyperparams(optimizer="sgd", schedule="constant")
+  optimizer = train.make_optimizer(hp)
+  state = train.init_model_state(0, 5, 7, 3, optimizer)
+  epoch = jax.jit(functools.partial(train.train_epoch, train.make_train_step(hp, optimizer)),
+                  static_argnames=("batch_size", "num_examples"))
+  padded = (jnp.concatenate([X, jnp.full((2, 5), 1e3)]), jnp.concatenate([y, jnp.array([0, 1])]))
+  alone = epoch(state, X, y, 0, batch_size=4)
+  chex.assert_trees_all_close(epoch(state, *padded, 0, batch_size=4, num_examples=10), alone,
+                              rtol=1e-6)
+
+
 def test_epochs_shuffle_differently_and_reproducibly():
   key = jax.random.PRNGKey(3)
   assert not np.array_equal(train.epoch_order(key, 0, 50), train.epoch_order(key, 1, 50))
