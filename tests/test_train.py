@@ -35,7 +35,14 @@ def test_batch_indices_use_every_example_once_and_mask_the_padding():
   np.testing.assert_array_equal(w.reshape(-1), [1] * 10 + [0] * 2)
 
 
-@pytest.mark.slow  # compiles over a hundred small programs: seconds
+@jax.jit
+def sgd_step_by_hand(params, X, y, learning_rate):
+  """(params − η ∇L, L·B, correct) on the batch (X, y): the epoch tests' reference."""
+  loss, g = mj.value_and_grads(params, X, y)
+  hits = jnp.sum(jnp.argmax(mj.logits(params, X), -1) == y)
+  return jax.tree.map(lambda p, gi: p - learning_rate * gi, params, g), loss * len(y), hits
+
+
 def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="sgd", learning_rate=0.1, schedule="constant",
@@ -45,10 +52,8 @@ def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   order = np.asarray(train.epoch_order(state.key[0], 0, 10))
   loss_sum = hits = 0.0   # the epoch's metrics: each batch's, at the params it stepped from
   for batch in (order[0:4], order[4:8], order[8:10]):   # the ragged last batch has 2
-    loss_sum += float(mj.loss(expected, X[batch], y[batch])) * len(batch)
-    hits += float(mj.accuracy(expected, X[batch], y[batch])) * len(batch)
-    g = mj.grads(expected, X[batch], y[batch])
-    expected = jax.tree.map(lambda p, gi: p - 0.1 * gi, expected, g)
+    expected, batch_loss, batch_hits = sgd_step_by_hand(expected, X[batch], y[batch], 0.1)
+    loss_sum, hits = loss_sum + float(batch_loss), hits + float(batch_hits)
   epoch = train.make_train_epoch(hp, batch_size=4)
   state, metrics = epoch(state, X, y, 0, {})
   for got, want in zip(first(state.params), expected):
@@ -58,7 +63,6 @@ def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   np.testing.assert_allclose(metrics["train_accuracy"][0], hits / 10, rtol=1e-6)
 
 
-@pytest.mark.slow  # compiles over a hundred small programs: seconds
 def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="adam", learning_rate=0.1, schedule="constant",
@@ -70,12 +74,17 @@ def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
   # The adam steps of the batches (B = 4) holding a kept row, on those rows alone.
   optimizer = train.make_optimizer(hp)
   params, opt_state, steps = first(state.params), first(state.opt_state), 0
+
+  @jax.jit
+  def adam_step(params, opt_state, X, y):
+    updates, opt_state = optimizer.update(mj.grads(params, X, y), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
   for batch in (order[0:4], order[4:8], order[8:10]):
     kept = np.array([i for i in batch if mask[i]], np.int32)
     if kept.size:
-      updates, opt_state = optimizer.update(mj.grads(params, X[kept], y[kept]), opt_state,
-                                            params)
-      params, steps = optax.apply_updates(params, updates), steps + 1
+      params, opt_state = adam_step(params, opt_state, X[kept], y[kept])
+      steps += 1
   epoch = train.make_train_epoch(hp, batch_size=4)
   state, metrics = epoch(state, X, y, 0, {train.TRAIN_MASK: mask[None]})
   for got, want in zip(first(state.params), params):
@@ -138,14 +147,12 @@ def test_an_epoch_visits_the_first_num_examples_rows_only():
   the epoch equals the one over the rows alone, whatever the padding holds."""
   X, y = tiny_data(n=10)
   hp = train.Hyperparams(optimizer="sgd", schedule="constant")
-  optimizer = train.make_optimizer(hp)
-  state = train.init_model_state(0, 5, 7, 3, optimizer)
-  epoch = jax.jit(functools.partial(train.train_epoch, train.make_train_step(hp, optimizer)),
-                  static_argnames=("batch_size", "num_examples"))
+  state = train.init_state([0], 5, 7, 3, hp)
   padded = (jnp.concatenate([X, jnp.full((2, 5), 1e3)]), jnp.concatenate([y, jnp.array([0, 1])]))
-  alone = epoch(state, X, y, 0, batch_size=4)
-  chex.assert_trees_all_close(epoch(state, *padded, 0, batch_size=4, num_examples=10), alone,
-                              rtol=1e-6)
+  alone = train.make_train_epoch(hp, 4)(state, X, y, 0, {})
+  state = train.init_state([0], 5, 7, 3, hp)    # the epoch donated the first
+  chex.assert_trees_all_close(
+      train.make_train_epoch(hp, 4, num_examples=10)(state, *padded, 0, {}), alone, rtol=1e-6)
 
 
 def test_epochs_shuffle_differently_and_reproducibly():
@@ -511,6 +518,30 @@ def test_a_dp_epoch_is_its_steps_with_the_mean_over_the_sampled_rows():
     assert sums[2] == rows
     np.testing.assert_allclose(metrics["train_loss"], sums[0] / max(rows, 1), rtol=1e-5)
     assert float(metrics["train_accuracy"]) == sums[1] / max(rows, 1)
+
+
+def test_a_private_stack_is_each_models_dp_epoch_with_its_own_noise():
+  """make_train_epoch with a DPSGD: model m runs ceil(N / B) DP steps of its own σ_m
+  (a swept dp_noise_multiplier), as dp_train_epoch of its step alone."""
+  X, y = tiny_data(n=12)
+  hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant")
+  dp = privacy.DPSGD(noise_multiplier=1.0, clip_norm=0.3, clipping="flat",
+                     sampling_rate=0.4, num_examples=12, padded_batch_size=9)
+  sigmas = jnp.array([0.7, 2.0])
+  states, metrics = train.make_train_epoch(hp, 5, dp=dp)(
+      train.init_state([0, 1], 5, 7, 3, hp), X, y, 0, {"dp_noise_multiplier": sigmas})
+  optimizer = train.make_optimizer(hp)
+
+  @jax.jit
+  def alone_epoch(state, sigma):
+    step = train.make_dp_train_step(hp, optimizer, dp._replace(noise_multiplier=sigma))
+    return train.dp_train_epoch(step, state, X, y, 0, steps=3)  # ceil(12 / 5)
+
+  for m, sigma in enumerate(sigmas):
+    alone, alone_metrics = alone_epoch(train.init_model_state(m, 5, 7, 3, optimizer), sigma)
+    assert int(alone.step) == 3
+    chex.assert_trees_all_close(jax.tree.map(lambda a, m=m: a[m], (states, metrics)),
+                                (alone, alone_metrics), rtol=1e-5, atol=1e-7)
 
 
 def test_keep_if_empty_keeps_the_state_and_zeroes_the_metrics_of_a_batch_without_rows():
