@@ -346,7 +346,8 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   params themselves, and before any step it is the init."""
   beta = 0.6
   hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0, ema_decay=beta)
+                         weight_decay=0.1, label_smoothing=0.0, ema_decay=beta)
+  assert len(train.make_optimizer(hp).init(mj.init_params(jax.random.key(0), 2, 2, 2))) == 3
   optimizer = train.make_optimizer(hp)
   state = train.init_model_state(0, 5, 4, 3, optimizer)
   chex.assert_trees_all_equal(train.averaged_params(state), state.params)
@@ -363,8 +364,10 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
                          *iterates)
   chex.assert_trees_all_close(train.averaged_params(state), by_hand, rtol=1e-6, atol=1e-7)
   assert not np.allclose(by_hand.w1, state.params.w1)
-  with pytest.raises(ValueError, match=r"params_ema averages the params: pass them"):
-    optimizer.update(state.params, state.opt_state)
+  ema = train.params_ema(beta)
+  with pytest.raises(ValueError, match=r"^params_ema averages the params: pass them, "
+                     r"optimizer\.update\(updates, state, params\)\.$"):
+    ema.update(state.params, ema.init(state.params))
   # A stack sweeping β = 0 and β: model 0's average is its params, model 1's its EMA.
   hp = hp._replace(ema_decay=jnp.array([0.0, beta]))
   stack = train.init_state([0, 0], 5, 4, 3, hp, {"ema_decay": [0.0, beta]})
@@ -468,9 +471,10 @@ def test_a_dp_step_is_the_noisy_clipped_sum_of_its_poisson_batch():
   assert bool(small(state, (X, y))[1][3])
 
 
-def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16():
+def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16(x64):
   """The step's sum is privacy.clipped_sum_with_logits with compute_dtype=bfloat16 (whose
-  own test checks it against float32 arithmetic on the rounded operands), then noise."""
+  own test checks it against float32 arithmetic on the rounded operands), then noise;
+  float32 params stay float32 (x64 on)."""
   X, y = tiny_data(n=12)
   hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
                          weight_decay=0.0, label_smoothing=0.0, compute_dtype="bfloat16")
@@ -482,10 +486,12 @@ def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16():
   sample_key, noise_key = privacy.step_keys(state.key, 0)
   i, mask, _ = privacy.poisson_batch(sample_key, 12, 0.4, 9)
   _, grad_sum, _ = privacy.clipped_sum_with_logits(
-      state.params, X[i], jax.nn.one_hot(y[i], 3), mask, 0.3, "flat", jnp.bfloat16)
+      state.params, X[i], jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, 0.3, "flat",
+      jnp.bfloat16)
   g = privacy.add_noise(grad_sum, noise_key, 0.7, 0.3, "flat", 0.4 * 12)
   want = jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
   chex.assert_trees_all_close(new.params, want, rtol=1e-6, atol=1e-7)
+  assert all(leaf.dtype == jnp.float32 for leaf in new.params)
 
 
 def test_a_dp_epoch_is_its_steps_with_the_mean_over_the_sampled_rows():
