@@ -343,8 +343,7 @@ def with_values(hp: Hyperparams, dp: Optional[privacy.DPSGD], values: Mapping[st
   return hp, dp
 
 
-def map_models(fn: Callable[[Any], Any], tree: Any, stacking: str = "vmap", groups: int = 1
-               ) -> Any:
+def map_models(fn: Callable[[Any], Any], tree: Any, stacking: str, groups: int) -> Any:
   """fn applied to each model of `tree` (every leaf has a leading model axis M).
 
   groups > 1: the models are split into `groups` equal blocks, one per slice of the
@@ -356,7 +355,7 @@ def map_models(fn: Callable[[Any], Any], tree: Any, stacking: str = "vmap", grou
   m = jax.tree.leaves(tree)[0].shape[0]
   if groups > 1:
     blocks = jax.tree.map(lambda a: a.reshape(groups, m // groups, *a.shape[1:]), tree)
-    out = jax.vmap(lambda block: map_models(fn, block, stacking),
+    out = jax.vmap(lambda block: map_models(fn, block, stacking, 1),
                    spmd_axis_name=parallel.MODEL_AXIS)(blocks)
     return jax.tree.map(lambda a: a.reshape(m, *a.shape[2:]), out)
   if m == 1:
