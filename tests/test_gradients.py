@@ -467,44 +467,55 @@ def test_every_public_function_passes_compute_dtype_on(name):
                                   "clipped_sum_with_logits"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   """Both layouts give equal values, so only the contractions tell which ran: every one
-  a function traces reads the example axis where the layout asked for puts it."""
+  a function traces reads the example axis where the layout asked for puts it; with no
+  layout, where choose_layout puts it for the params' dtype and the compute dtype."""
   from mlp_jax import gradients, model, privacy, train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
   Y = jax.nn.one_hot(y, 3, dtype=X.dtype)
-  fn = {"value_and_grads": lambda L: mj.value_and_grads(params, X, y, layout=L),
-        "grads": lambda L: mj.grads(params, X, y, layout=L),
-        "loss_manual_vjp": lambda L: jax.grad(
-            lambda p: mj.loss_manual_vjp(p, X, y, layout=L))(params),
-        "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
-            params, X, y, method="manual", layout=L),
-        "per_example_grad_norms": lambda L: mj.per_example_grad_norms(params, X, y, layout=L),
-        "clipped_grad_sum": lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L),
-        "clipped_sum_with_logits": lambda L: privacy.clipped_sum_with_logits(
-            params, X, Y, jnp.ones(3), 1.0, "flat", layout=L),
-        "train_step": lambda L: train_step(L, dp=None),
-        "dp_train_step": lambda L: train_step(L, dp=privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)),
-        }[name]
+  bf16 = jnp.bfloat16
+  fn, compute_dtype = {
+      "value_and_grads": (lambda L: mj.value_and_grads(
+          params, X, y, layout=L, compute_dtype=bf16), bf16),
+      "grads": (lambda L: mj.grads(params, X, y, layout=L, compute_dtype=bf16), bf16),
+      "loss_manual_vjp": (lambda L: jax.grad(lambda p: mj.loss_manual_vjp(
+          p, X, y, layout=L, compute_dtype=bf16))(params), bf16),
+      "value_and_grads_with_logits": (lambda L: value_and_grads_with_logits(
+          params, X, y, method="manual", layout=L, compute_dtype=bf16), bf16),
+      "per_example_grad_norms": (lambda L: mj.per_example_grad_norms(
+          params, X, y, layout=L), None),
+      "clipped_grad_sum": (lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L), None),
+      "clipped_sum_with_logits": (lambda L: privacy.clipped_sum_with_logits(
+          params, X, Y, jnp.ones(3), 1.0, "flat", bf16, layout=L), bf16),
+      "train_step": (lambda L: train_step(L, dp=None), bf16),
+      "dp_train_step": (lambda L: train_step(
+          L, dp=privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)), bf16),
+  }[name]
 
   def train_step(L, dp):
-    hp = train.Hyperparams(layout=L.name)
+    hp = train.Hyperparams(layout=L.name if L else "auto", compute_dtype="bfloat16")
     optimizer = train.make_optimizer(hp)
     state = train.init_model_state(0, 4, 6, 3, optimizer)
     if dp is None:
       return train.make_train_step(hp, optimizer)(state, (X, y, jnp.ones(3)))
     return train.make_dp_train_step(hp, optimizer, dp)(state, (X, y))
 
-  specs = []
+  specs, chosen = [], []
   for module in (gradients, model):
     real = module.contract
     monkeypatch.setattr(module, "contract",
                         lambda spec, *a, real=real: specs.append(spec) or real(spec, *a))
-  for layout, other in ((mj_layout.BATCH_MAJOR, mj_layout.FEATURE_MAJOR),
-                        (mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR)):
+  for module in (gradients, privacy):   # no layout asked: this choice, for these dtypes
+    monkeypatch.setattr(module, "choose_layout",
+                        lambda *dtypes: chosen.append(dtypes) or mj_layout.FEATURE_MAJOR)
+  for asked, runs, other in ((mj_layout.BATCH_MAJOR,) * 2 + (mj_layout.FEATURE_MAJOR,),
+                             (mj_layout.FEATURE_MAJOR,) * 2 + (mj_layout.BATCH_MAJOR,),
+                             (None, mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR)):
     specs.clear()
-    jax.make_jaxpr(lambda L=layout: fn(L))()
+    jax.make_jaxpr(lambda L=asked: fn(L))()
     used = {axes for spec in specs for axes in spec.replace("->", ",").split(",")}
-    assert {layout.hidden, layout.output} <= used, (name, layout.name, specs)
-    assert not {other.hidden, other.output} & used, (name, layout.name, specs)
+    assert {runs.hidden, runs.output} <= used, (name, asked, specs)
+    assert not {other.hidden, other.output} & used, (name, asked, specs)
+  assert chosen and all(dtypes == (jnp.float32, compute_dtype) for dtypes in chosen), chosen
 
 
 def test_the_method_names_the_formula_that_runs(monkeypatch):
