@@ -58,14 +58,15 @@ def test_accuracy_counts_argmax_hits_with_weights():
 
 @pytest.mark.parametrize("fn", [mj.loss, mj.accuracy, mj.loss_manual_vjp])
 def test_loss_and_accuracy_keep_the_params_dtype_and_check_their_weights(fn):
-  """float32 params give a float32 value even with float64 enabled and float64 weights
-  (jnp.ones here); a weights vector of the wrong length is refused by name, not
-  broadcast."""
+  """float32 params give a float32 value even with float64 enabled, float64 weights
+  (jnp.ones here) and float64 NumPy inputs; a weights vector of the wrong length is
+  refused by name, not broadcast."""
   params = mj.Params(*[a.astype(jnp.float32) for a in identity_params(3)])
   X = jnp.array([[0.0, 0.0, 2.0], [2.0, 0.0, 0.0]], jnp.float32)
   y = jnp.array([2, 1])
   for labels in (y, jnp.eye(3, dtype=jnp.float32)[y]):   # int labels, targets
     assert fn(params, X, labels).dtype == jnp.float32
     assert fn(params, X, labels, jnp.ones(2)).dtype == jnp.float32
+    assert fn(params, np.asarray(X, np.float64), labels).dtype == jnp.float32
   with pytest.raises(ValueError, match=r"^weights must have shape \(2,\)"):
     fn(params, X, y, jnp.ones(3))
