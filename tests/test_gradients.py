@@ -439,7 +439,8 @@ def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["forward", "logits", "loss", "value_and_grads",
-                                  "autodiff_value_and_grads", "loss_manual_vjp"])
+                                  "autodiff_value_and_grads", "grads", "autodiff_grads",
+                                  "loss_manual_vjp"])
 def test_every_public_function_passes_compute_dtype_on(name):
   """With compute_dtype=bfloat16 each function's value is the float32 computation on X
   and W1 rounded to bfloat16 (to n·u), and not the float32 one on the unrounded values."""
@@ -452,6 +453,8 @@ def test_every_public_function_passes_compute_dtype_on(name):
         "value_and_grads": lambda p, X, dt: mj.value_and_grads(p, X, y, compute_dtype=dt)[0],
         "autodiff_value_and_grads": lambda p, X, dt: mj.autodiff_value_and_grads(
             p, X, y, compute_dtype=dt)[0],
+        "grads": lambda p, X, dt: mj.grads(p, X, y, compute_dtype=dt).w2,  # reads Z1
+        "autodiff_grads": lambda p, X, dt: mj.autodiff_grads(p, X, y, compute_dtype=dt).w2,
         "loss_manual_vjp": lambda p, X, dt: mj.loss_manual_vjp(p, X, y, compute_dtype=dt),
         }[name]
   rounded = fn(params._replace(w1=_bfloat16_rounded(params.w1)), _bfloat16_rounded(X), None)

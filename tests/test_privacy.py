@@ -171,6 +171,11 @@ def test_sensitivity_and_bad_clip_norms():
   np.testing.assert_allclose(per_model, [1.0, 3.0], rtol=1e-6)
 
 
+def test_clip_factor_is_min_1_c_over_norm_and_0_for_a_non_finite_norm():
+  norms = jnp.array([0.0, 0.5, 1.0, 4.0, jnp.inf, jnp.nan])
+  np.testing.assert_array_equal(privacy.clip_factor(norms, 1.0), [1, 1, 1, 0.25, 0, 0])
+
+
 def test_noise_keeps_the_gradients_dtype_and_adds_sigma_s_times_one_normal_per_leaf(x64):
   """The noise of each leaf is σ·S·normal(key_l) with key_l = split(key, 4)[l] (a resume
   redraws it), in the leaf's dtype (float32 stays float32 when x64 is on); / q·N."""
