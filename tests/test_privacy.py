@@ -171,6 +171,14 @@ def test_sensitivity_and_bad_clip_norms():
   np.testing.assert_allclose(per_model, [1.0, 3.0], rtol=1e-6)
 
 
+def test_the_loss_sum_is_over_the_sampled_rows_whatever_the_padding_holds():
+  params, X, y = random_problem(0, 4, 5, 6, 3, jnp.float32)
+  X = X.at[3].set(jnp.nan)                               # a padding row
+  (loss_sum, _), _, _ = privacy.clipped_sum_with_logits(
+      params, X, jax.nn.one_hot(y, 3), jnp.array([1.0, 1.0, 1.0, 0.0]), 1.0, "flat")
+  np.testing.assert_allclose(loss_sum, 3 * mj.loss(params, X[:3], y[:3]), rtol=1e-6)
+
+
 def test_clip_factor_is_min_1_c_over_norm_and_0_for_a_non_finite_norm():
   norms = jnp.array([0.0, 0.5, 1.0, 4.0, jnp.inf, jnp.nan])
   np.testing.assert_array_equal(privacy.clip_factor(norms, 1.0), [1, 1, 1, 0.25, 0, 0])
