@@ -163,7 +163,8 @@ def test_sensitivity_and_bad_clip_norms():
       privacy.sensitivity(bad, "flat")
   with pytest.raises(ValueError, match="clipping must be one of flat, per_layer"):
     privacy.sensitivity(1.0, "global")
-  with pytest.raises(ValueError, match="one per layer: pass clipping='per_layer'"):
+  with pytest.raises(ValueError, match=r"^a pair of clip norms \(3\.0, 4\.0\) is one per "
+                     r"layer: pass clipping='per_layer', or one clip norm C\.$"):
     privacy.sensitivity((3.0, 4.0), "flat")
   assert type(privacy.sensitivity(2.0, "per_layer")) is float   # config.json records it
   # A swept C (one per model, traced under jit): one sensitivity per model.
