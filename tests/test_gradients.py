@@ -194,6 +194,24 @@ def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
   assert_close(weighted_mean, mj.grads(params, X, y, w), 1e-12)
 
 
+def test_layer_grad_sq_norms_are_each_examples_in_every_layout():
+  """‖δ1_i‖²(‖x_i‖² + 1) and ‖δ2_i‖²(‖a1_i‖² + 1) per example: rows (batch-major),
+  columns (feature-major) or one example's vectors."""
+  from mlp_jax.gradients import layer_grad_sq_norms  # pylint: disable=g-import-not-at-top
+  shapes = {"d1": (3, 5), "d2": (3, 2), "X": (3, 4), "A1": (3, 5)}
+  a = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s) in enumerate(shapes.items())}
+  sq = {k: jnp.sum(v ** 2, axis=1) for k, v in a.items()}
+  want = (sq["d1"] * (sq["X"] + 1), sq["d2"] * (sq["A1"] + 1))
+  rows = layer_grad_sq_norms(a["d1"], a["d2"], a["X"], a["A1"], mj_layout.BATCH_MAJOR)
+  cols = layer_grad_sq_norms(a["d1"].T, a["d2"].T, a["X"], a["A1"].T, mj_layout.FEATURE_MAJOR)
+  for got in (rows, cols):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  for i in range(3):
+    one = layer_grad_sq_norms(a["d1"][i], a["d2"][i], a["X"][i], a["A1"][i],
+                              mj_layout.ONE_EXAMPLE)
+    np.testing.assert_allclose(one, (want[0][i], want[1][i]), rtol=1e-6)
+
+
 @LAYOUTS
 def test_per_example_grad_norms_equal_norms_of_per_example_grads(layout):
   params, X, y = problem(batch=9, in_dim=5, hidden=8, classes=4, dtype=jnp.float32)
@@ -551,6 +569,9 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
     ran.clear()
     jax.jit(functools.partial(value_and_grads_with_logits, method=method))(params, X, y)
     assert ran == [formula], (method, ran)
+    ran.clear()                                   # the default method: manual
+    jax.jit(lambda *a: value_and_grads_with_logits(*a))(params, X, y)  # a fresh trace
+    assert ran == ["_manual_value_and_grads_with_logits"], ran
     ran.clear()                                   # --grads: the train step's method
     hp = train.Hyperparams(grads=method)
     optimizer = train.make_optimizer(hp)

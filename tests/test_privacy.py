@@ -161,6 +161,9 @@ def test_sensitivity_and_bad_clip_norms():
   for bad in (0.0, -1.0):
     with pytest.raises(ValueError, match="clip norm must be > 0"):
       privacy.sensitivity(bad, "flat")
+  for bad in ((0.0, 1.0), (1.0, 0.0), (-1.0, 2.0)):   # a pair: each bound must be > 0
+    with pytest.raises(ValueError, match="clip norm must be > 0"):
+      privacy.sensitivity(bad, "per_layer")
   with pytest.raises(ValueError, match="clipping must be one of flat, per_layer"):
     privacy.sensitivity(1.0, "global")
   with pytest.raises(ValueError, match=r"^a pair of clip norms \(3\.0, 4\.0\) is one per "
