@@ -483,7 +483,8 @@ def test_every_public_function_passes_compute_dtype_on(name):
 
 
 @pytest.mark.parametrize("name", ["value_and_grads", "grads", "loss_manual_vjp",
-                                  "value_and_grads_with_logits", "per_example_grad_norms",
+                                  "value_and_grads_with_logits",
+                                  "value_and_grads_with_logits_vjp", "per_example_grad_norms",
                                   "clipped_grad_sum", "train_step", "dp_train_step",
                                   "clipped_sum_with_logits"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
@@ -502,6 +503,8 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
           p, X, y, layout=L, compute_dtype=bf16))(params), bf16),
       "value_and_grads_with_logits": (lambda L: value_and_grads_with_logits(
           params, X, y, method="manual", layout=L, compute_dtype=bf16), bf16),
+      "value_and_grads_with_logits_vjp": (lambda L: value_and_grads_with_logits(
+          params, X, y, method="manual_vjp", layout=L, compute_dtype=bf16), bf16),
       "per_example_grad_norms": (lambda L: mj.per_example_grad_norms(
           params, X, y, layout=L), None),
       "clipped_grad_sum": (lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L), None),
