@@ -77,20 +77,22 @@ def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
 
   @jax.jit
   def adam_step(params, opt_state, X, y):
-    updates, opt_state = optimizer.update(mj.grads(params, X, y), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    loss, g = mj.value_and_grads(params, X, y)
+    updates, opt_state = optimizer.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss * len(y)
 
+  loss_sum = 0.0
   for batch in (order[0:4], order[4:8], order[8:10]):
     kept = np.array([i for i in batch if mask[i]], np.int32)
     if kept.size:
-      params, opt_state = adam_step(params, opt_state, X[kept], y[kept])
-      steps += 1
+      params, opt_state, batch_loss = adam_step(params, opt_state, X[kept], y[kept])
+      steps, loss_sum = steps + 1, loss_sum + float(batch_loss)
   epoch = train.make_train_epoch(hp, batch_size=4)
   state, metrics = epoch(state, X, y, 0, {train.TRAIN_MASK: mask[None]})
   for got, want in zip(first(state.params), params):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert state.step.tolist() == [steps] and steps < 3   # a batch without kept rows: no step
-  assert np.isfinite(metrics["train_loss"][0])
+  np.testing.assert_allclose(metrics["train_loss"][0], loss_sum / 2, rtol=1e-5)  # 2 kept
   # Evaluated on its own rows: the held-out rows, weight 0 on the padding.
   rows = (np.array([[2, 7, 0]], np.int32), np.array([[1, 1, 0]], np.float32))
   ev = first(train.evaluate(state.params, X, y, rows=rows))
