@@ -118,11 +118,16 @@ def time_round_robin(runs, repeats):
   """Seconds per call of each fn in `runs`, calling them in turn `repeats` times.
 
   Interleaving spreads a shared machine's noise over every variant alike, so their
-  ratios hold even when the absolute numbers drift.
+  ratios hold even when the absolute numbers drift. Each round starts one variant later
+  than the last, so that no variant always runs first, after the bandwidth pass has
+  emptied the caches.
   """
   seconds = {name: [] for name in runs}
-  for _ in range(repeats):
-    for name, fn in runs.items():
+  names = list(runs)
+  for i in range(repeats):
+    start_at = i % len(names) if names else 0
+    for name in names[start_at:] + names[:start_at]:
+      fn = runs[name]
       start = time.perf_counter()
       fn()
       seconds[name].append(time.perf_counter() - start)
@@ -444,6 +449,7 @@ def make_row(key, b, h, timing, ceiling, cfg, bandwidth):
           "num_devices": devices, "num_models": num_models, "optimizer": cfg.optimizer,
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
           "us_per_step": median * 1e6, "us_per_step_min": min(timing.seconds) * 1e6,
+          "us_per_step_rounds": [t * 1e6 for t in timing.seconds],
           "examples_per_second": num_models * b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
           "compile_seconds": timing.compile_seconds, "peak_memory_mb": peak_memory_mb(),
@@ -483,6 +489,13 @@ LEGEND = [
     "compile); temp MiB: blank where not measured (only the --dp rows)"]
 
 
+def paired_ratio(r, other):
+  """The median over rounds of row r's time over row other's in the same round: the two
+  ran one after the other, so the machine's drift between rounds cancels in each ratio."""
+  return statistics.median(a / b for a, b in zip(r["us_per_step_rounds"],
+                                                 other["us_per_step_rounds"], strict=True))
+
+
 def format_ratios(rows):
   """manual / autodiff time, bfloat16 and N-device speed-ups, JAX vs PyTorch, one run;
   the lines of each kind together."""
@@ -497,7 +510,8 @@ def format_ratios(rows):
     if g in ("manual", *LAYOUT_ROWS) and ("autodiff", mode, dt, n, b, h) in by_key:
       auto = by_key[("autodiff", mode, dt, n, b, h)]
       kinds["manual"].append(f"{g} / autodiff time".ljust(31) + f"{mode:5} {dt:8} {where}: "
-                             f"{r['us_per_step'] / auto['us_per_step']:.3f}")
+                             f"{r['us_per_step'] / auto['us_per_step']:.3f}, paired "
+                             f"{paired_ratio(r, auto):.3f}")
     if dt == "bfloat16" and (g, mode, "float32", n, b, h) in by_key:
       f32 = by_key[(g, mode, "float32", n, b, h)]
       kinds["bfloat16"].append(

@@ -53,22 +53,28 @@ def layout_named(name: str) -> Optional[Layout]:
 
 def choose_layout(params_dtype: DTypeLike, compute_dtype: Optional[DTypeLike]) -> Layout:
   """The layout of a batch's manual passes, by measurement on the CPUs we measured
-  (docs/benchmarks.md, "The batch layout": `experiments/benchmark.py --modes=scan
+  (docs/benchmarks.md, "The batch layout": `experiments/benchmark.py
   --grads=manual,manual_bmajor,manual_fmajor,autodiff`, B = 64 to 1024):
 
-      bfloat16 matmuls on a CPU with AMX       FEATURE_MAJOR  (the fast bfloat16 GEMM
-                                                              takes both H × D products)
-      float32 on an AMD EPYC                   FEATURE_MAJOR  (faster than autodiff by
-                                                              the minimum in every row)
-      everything else (GPUs, other CPUs)       BATCH_MAJOR    (jax.grad's own program)
+      bfloat16 matmuls on a CPU with AMX, or on   FEATURE_MAJOR  (the fast bfloat16
+        an AMD EPYC with AVX512_BF16                             GEMM takes both H × D
+                                                                 products)
+      float32 on an AMD EPYC                      FEATURE_MAJOR  (faster than autodiff
+                                                                 on both AMD EPYCs)
+      everything else (GPUs, other CPUs)          BATCH_MAJOR    (jax.grad's own program)
+
+  An Intel Xeon with AVX512_BF16 and no AMX keeps batch-major bfloat16: its bfloat16
+  GEMM ran slower than its float32 one.
   """
   narrow = compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.dtype(params_dtype)
   if jax.default_backend() != "cpu":
     return BATCH_MAJOR
   model, flags = cpu_info()
+  amd = model.startswith("AMD EPYC")
   if narrow:
-    return FEATURE_MAJOR if "amx_bf16" in flags else BATCH_MAJOR
-  return FEATURE_MAJOR if model.startswith("AMD EPYC") else BATCH_MAJOR
+    fast_bfloat16 = "amx_bf16" in flags or (amd and "avx512_bf16" in flags)
+    return FEATURE_MAJOR if fast_bfloat16 else BATCH_MAJOR
+  return FEATURE_MAJOR if amd else BATCH_MAJOR
 
 
 @functools.lru_cache(maxsize=1)

@@ -439,12 +439,14 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(method):
 
 
 def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
-  """On a CPU: feature-major for bfloat16 with AMX and for float32 on an AMD EPYC (where
-  each was measured faster), else batch-major; batch-major on other backends."""
+  """On a CPU: feature-major for bfloat16 with AMX or on an AMD EPYC with AVX512_BF16,
+  and for float32 on an AMD EPYC (where each was measured faster), else batch-major;
+  batch-major on other backends."""
   fm, bm = mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR
   cpus = {"Intel(R) Xeon(R) Processor": (bm, fm, {"avx512_bf16", "amx_bf16"}),
           "Intel(R) Xeon(R) CPU": (bm, bm, {"avx512_bf16"}),
-          "AMD EPYC 9B14": (fm, bm, {"avx2"}), "": (bm, bm, set())}
+          "AMD EPYC 9B14": (fm, fm, {"avx2", "avx512_bf16"}),
+          "AMD EPYC 7B13": (fm, bm, {"avx2"}), "": (bm, bm, {"avx512_bf16"})}
   on_cpu = jax.default_backend() == "cpu"
   for model, (float32, bfloat16, flags) in cpus.items():
     monkeypatch.setattr(mj_layout, "cpu_info", lambda m=model, f=flags: (m, frozenset(f)))
