@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -63,12 +64,20 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
   flops = xla_flops_of_manual_grads(32, 256, 64, 3)
   for r in rows:
     assert r["us_per_step"] >= r["us_per_step_min"] > 0
+    assert len(r["us_per_step_rounds"]) == 2                      # --repeats, per round
+    assert np.median(r["us_per_step_rounds"]) == pytest.approx(r["us_per_step"])
     seconds = r["us_per_step"] * 1e-6
     assert r["examples_per_second"] * seconds == pytest.approx(32)
     assert r["gflops"] * 1e9 * seconds == pytest.approx(flops, rel=0.05)
     assert r["ceiling_fraction"] * r["gemm_ceiling_gflops"] == pytest.approx(r["gflops"])
     assert r["compile_seconds"] > 0 and r["hidden_dim"] == 64
   assert "manual / autodiff time" in result.stdout and "examples/s" in result.stdout
+  by_key = {(r["grads"], r["mode"], r["compute_dtype"]): r for r in rows}
+  manual, auto = by_key[("manual", "scan", "float32")], by_key[("autodiff", "scan", "float32")]
+  paired = np.median(np.array(manual["us_per_step_rounds"]) /
+                     np.array(auto["us_per_step_rounds"]))
+  assert f"scan  float32  B=32    H=64: {manual['us_per_step'] / auto['us_per_step']:.3f}, " \
+      f"paired {paired:.3f}" in result.stdout
   # The ratio lines of each kind come together, not interleaved across modes.
   kinds = [line.split(" / ")[0] for line in result.stdout.splitlines()
            if line.startswith(("manual / autodiff", "bfloat16 / float32"))]
