@@ -44,7 +44,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @contextlib.contextmanager
-def _float64():
+def float64():
+  """float64 inside the block (jax_enable_x64), float32 again after it."""
   jax.config.update("jax_enable_x64", True)
   try:
     yield
@@ -55,14 +56,14 @@ def _float64():
 @pytest.fixture
 def x64():
   """float64 for this test (the 1e-12 checks); float32 again after it."""
-  with _float64():
+  with float64():
     yield
 
 
 @pytest.fixture(scope="module")
 def x64_module():
   """float64 for a whole test module: `pytestmark = pytest.mark.usefixtures("x64_module")`."""
-  with _float64():
+  with float64():
     yield
 
 

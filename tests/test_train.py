@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 import mlp_jax as mj
 from mlp_jax import layout
 from mlp_jax import privacy
@@ -473,10 +474,10 @@ def test_a_dp_step_is_the_noisy_clipped_sum_of_its_poisson_batch():
   assert bool(small(state, (X, y))[1][3])
 
 
-def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16(x64):
+def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16():
   """The step's sum is privacy.clipped_sum_with_logits with compute_dtype=bfloat16 (whose
   own test checks it against float32 arithmetic on the rounded operands), then noise;
-  float32 params stay float32 (x64 on)."""
+  float32 params stay float32, also with x64 on (traced: dtypes are fixed at trace time)."""
   X, y = tiny_data(n=12)
   hp = train.Hyperparams(optimizer="sgd", learning_rate=0.5, schedule="constant",
                          weight_decay=0.0, label_smoothing=0.0, compute_dtype="bfloat16")
@@ -484,16 +485,23 @@ def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16(x64):
                      sampling_rate=0.4, num_examples=12, padded_batch_size=9)
   optimizer = train.make_optimizer(hp)
   state = train.init_model_state(0, 5, 7, 3, optimizer)
-  new, _ = jax.jit(train.make_dp_train_step(hp, optimizer, dp))(state, (X, y))
-  sample_key, noise_key = privacy.step_keys(state.key, 0)
-  i, mask, _ = privacy.poisson_batch(sample_key, 12, 0.4, 9)
-  _, grad_sum, _ = privacy.clipped_sum_with_logits(
-      state.params, X[i], jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, 0.3, "flat",
-      jnp.bfloat16)
-  g = privacy.add_noise(grad_sum, noise_key, 0.7, 0.3, "flat", 0.4 * 12)
-  want = jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
-  chex.assert_trees_all_close(new.params, want, rtol=1e-6, atol=1e-7)
-  assert all(leaf.dtype == jnp.float32 for leaf in new.params)
+  step = train.make_dp_train_step(hp, optimizer, dp)
+  new, _ = jax.jit(step)(state, (X, y))
+
+  @jax.jit
+  def by_hand(state):
+    sample_key, noise_key = privacy.step_keys(state.key, 0)
+    i, mask, _ = privacy.poisson_batch(sample_key, 12, 0.4, 9)
+    _, grad_sum, _ = privacy.clipped_sum_with_logits(
+        state.params, X[i], jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, 0.3, "flat",
+        jnp.bfloat16)
+    g = privacy.add_noise(grad_sum, noise_key, 0.7, 0.3, "flat", 0.4 * 12)
+    return jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
+
+  chex.assert_trees_all_close(new.params, by_hand(state), rtol=1e-6, atol=1e-7)
+  with conftest.float64():
+    traced, _ = jax.eval_shape(step, state, (X, y))
+  assert all(leaf.dtype == jnp.float32 for leaf in traced.params)
 
 
 def test_a_dp_epoch_is_its_steps_with_the_mean_over_the_sampled_rows():
@@ -521,8 +529,8 @@ def test_a_dp_epoch_is_its_steps_with_the_mean_over_the_sampled_rows():
     for _ in range(3):
       by_steps, metrics = few(by_steps, (X, y))
       sums += np.array([float(m) for m in metrics])
-    metrics = train.dp_train_epoch(few, train.init_model_state(0, 5, 7, 3, optimizer), X, y,
-                                   0, steps=3)[1]
+    few_epoch = jax.jit(functools.partial(train.dp_train_epoch, few, steps=3))
+    metrics = few_epoch(train.init_model_state(0, 5, 7, 3, optimizer), X, y, 0)[1]
     assert sums[2] == rows
     np.testing.assert_allclose(metrics["train_loss"], sums[0] / max(rows, 1), rtol=1e-5)
     assert float(metrics["train_accuracy"]) == sums[1] / max(rows, 1)
@@ -550,6 +558,25 @@ def test_a_private_stack_is_each_models_dp_epoch_with_its_own_noise():
     assert int(alone.step) == 3
     chex.assert_trees_all_close(jax.tree.map(lambda a, m=m: a[m], (states, metrics)),
                                 (alone, alone_metrics), rtol=1e-5, atol=1e-7)
+
+
+def test_map_models_is_fn_on_each_model_alone_in_every_stacking_and_grouping():
+  """Model m's output is fn(model m), whether the M models are vmapped, mapped or split
+  into groups (one per slice of a mesh's model axis); one model is fn itself, unbatched."""
+  tree = jnp.arange(24.0).reshape(4, 6)
+  fn = lambda model: model * 2 + jnp.sum(model)   # reads the whole model
+  want = jnp.stack([fn(model) for model in tree])
+  for stacking in train.STACKINGS:
+    for groups in (1, 2, 4):
+      np.testing.assert_array_equal(train.map_models(fn, tree, stacking, groups), want)
+  batched = []
+  def recording(model):
+    batched.append(isinstance(model, jax.core.Tracer))
+    return fn(model)
+  np.testing.assert_array_equal(train.map_models(recording, tree[:1], "vmap", 1), want[:1])
+  assert batched == [False]
+  with pytest.raises(ValueError, match=r"^unknown stacking 'scan'; choose one of vmap, map\.$"):
+    train.map_models(fn, tree, "scan", 1)
 
 
 def test_keep_if_empty_keeps_the_state_and_zeroes_the_metrics_of_a_batch_without_rows():
