@@ -238,6 +238,56 @@ def test_schedules():
   assert float(train.make_schedule(hp._replace(schedule="constant"))(77)) == 1
 
 
+def hand_updates(name, grads, params, lr, wd, clip):
+  """The param steps of `name` for the gradients g_1, g_2, ... (lists of 4 arrays), by its
+  textbook rule: g clipped to global norm `clip`; L2 (sgd, momentum, adam: g + wd·W) or
+  decoupled decay (adamw: − lr·wd·W) of the weights only; nesterov momentum 0.9; adam's
+  bias-corrected moments (0.9, 0.999, ε = 1e-8)."""
+  weights = (True, False, True, False)
+  m, v, trace, steps = [0.0] * 4, [0.0] * 4, [0.0] * 4, []
+  for t, g in enumerate(grads, start=1):
+    norm = np.sqrt(sum(np.sum(gi ** 2) for gi in g))
+    g = [gi * min(1.0, clip / norm) for gi in g]
+    if name != "adamw":
+      g = [gi + wd * p if w else gi for gi, p, w in zip(g, params, weights)]
+    if name == "sgd":
+      step = [-lr * gi for gi in g]
+    elif name == "momentum":
+      trace = [gi + 0.9 * ti for gi, ti in zip(g, trace)]
+      step = [-lr * (gi + 0.9 * ti) for gi, ti in zip(g, trace)]
+    else:
+      m = [0.9 * mi + 0.1 * gi for mi, gi in zip(m, g)]
+      v = [0.999 * vi + 0.001 * gi ** 2 for vi, gi in zip(v, g)]
+      step = [-lr * (mi / (1 - 0.9 ** t)) / (np.sqrt(vi / (1 - 0.999 ** t)) + 1e-8)
+              for mi, vi in zip(m, v)]
+      if name == "adamw":
+        step = [s - lr * wd * p if w else s for s, p, w in zip(step, params, weights)]
+    params = [p + s for p, s in zip(params, step)]
+    steps.append(params)
+  return steps
+
+
+@pytest.mark.parametrize("name", train.OPTIMIZERS)
+def test_each_optimizer_is_its_update_rule_by_hand(name):
+  """make_optimizer's chain, three steps of given gradients, against hand_updates: the
+  clip, the decay (biases never) and the optimizer, in that order."""
+  rng = np.random.default_rng(0)
+  params = mj.Params(*[rng.standard_normal(shape).astype(np.float32)
+                       for shape in ((4, 3), (4,), (2, 4), (2,))])
+  grads = [[rng.standard_normal(p.shape).astype(np.float32) for p in params]
+           for _ in range(3)]
+  hp = train.Hyperparams(optimizer=name, learning_rate=0.1, schedule="constant",
+                         weight_decay=0.2, clip_norm=1.5)
+  optimizer = train.make_optimizer(hp)
+  update = jax.jit(lambda g, state, p: optimizer.update(mj.Params(*g), state, p))
+  state, p = optimizer.init(params), params
+  for g, want in zip(grads, hand_updates(name, grads, list(params), 0.1, 0.2, 1.5)):
+    updates, state = update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    for got, expected in zip(p, want):
+      np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_weight_decay_leaves_biases_alone():
   params = mj.init_params(jax.random.key(0), 3, 4, 2)
   params = params._replace(b1=jnp.ones(4), b2=jnp.ones(2))
