@@ -34,6 +34,10 @@ def test_batch_indices_use_every_example_once_and_mask_the_padding():
   assert idx.shape == w.shape == (3, 4)
   np.testing.assert_array_equal(np.sort(idx[w > 0]), np.arange(10))
   np.testing.assert_array_equal(w.reshape(-1), [1] * 10 + [0] * 2)
+  np.testing.assert_array_equal(idx.reshape(-1), [*order, 0, 0])   # in order, padded with 0
+  idx, w = train.batch_indices(order[:8], 4)                       # no padding
+  np.testing.assert_array_equal(idx, order[:8].reshape(2, 4))
+  np.testing.assert_array_equal(w, np.ones((2, 4)))
 
 
 @jax.jit
@@ -236,6 +240,21 @@ def test_schedules():
   cosine = train.make_schedule(hp._replace(schedule="cosine"))
   assert float(cosine(0)) == 1 and float(cosine(50)) == pytest.approx(0.5)
   assert float(train.make_schedule(hp._replace(schedule="constant"))(77)) == 1
+  # A run shorter than its warmup still warms up, then decays to 0 one step later; a
+  # cosine over no steps is one step long.
+  short = train.make_schedule(hp._replace(total_steps=5))
+  assert float(short(10)) == pytest.approx(1.0) and float(short(11)) == pytest.approx(0.0)
+  empty = train.make_schedule(hp._replace(schedule="cosine", total_steps=0))
+  assert [float(empty(s)) for s in (0, 1)] == [1.0, 0.0]
+  # One peak per model (a sweep): each model's schedule is the schedule of its peak.
+  peaks = jnp.array([0.5, 2.0])
+  swept = train.make_schedule(hp._replace(learning_rate=peaks))
+  for step in (0, 5, 10, 60):
+    np.testing.assert_allclose(swept(step), [train.make_schedule(hp._replace(
+        learning_rate=float(p)))(step) for p in peaks], rtol=1e-6)
+  with pytest.raises(ValueError, match=r"^unknown schedule 'linear'; choose one of "
+                     r"constant, cosine, warmup_cosine\.$"):
+    train.make_schedule(hp._replace(schedule="linear"))
 
 
 def hand_updates(name, grads, params, lr, wd, clip):
@@ -286,6 +305,9 @@ def test_each_optimizer_is_its_update_rule_by_hand(name):
     p = optax.apply_updates(p, updates)
     for got, expected in zip(p, want):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"^unknown optimizer 'rmsprop'; choose one of "
+                     + re.escape(", ".join(train.OPTIMIZERS)) + r"\.$"):
+    train.make_optimizer(hp._replace(optimizer="rmsprop"))
 
 
 def test_weight_decay_leaves_biases_alone():
