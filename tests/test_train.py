@@ -468,10 +468,19 @@ def test_the_stacks_init_is_each_model_built_alone_bit_for_bit(dims):
   """init_state is one jitted vmap; it must give the very params, optimizer state and key
   of init_model_state run eagerly for each seed (the runner's params.npz depends on it)."""
   hp = train.Hyperparams(ema_decay=0.5)
-  stack = train.init_state([0, 7, 2**31 - 1], *dims, hp, {"learning_rate": [1e-3, 2e-3, 3e-3]})
+  decays = [0.5, 0.9, 0.99]   # swept: each model's EMA state holds its own β
+  stack = train.init_state([0, 7, 2**31 - 1], *dims, hp,
+                           {"learning_rate": [1e-3, 2e-3, 3e-3], "ema_decay": decays})
   for m, seed in enumerate((0, 7, 2**31 - 1)):
-    alone = train.init_model_state(seed, *dims, train.make_optimizer(hp))
+    optimizer = train.make_optimizer(hp._replace(ema_decay=decays[m]))
+    alone = train.init_model_state(seed, *dims, optimizer)
     chex.assert_trees_all_equal(jax.tree.map(lambda a, m=m: a[m], stack), alone)
+    # One model: PRNGKey(seed) split in two, the params from the first key, the second
+    # kept for the batch order and DP noise, no step yet.
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = mj.init_params(init_key, *dims)
+    chex.assert_trees_all_equal(alone, train.TrainState(
+        params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key))
 
 
 @pytest.mark.parametrize("field, zero, value", [("ema_decay", 0.0, 0.5),
@@ -649,6 +658,34 @@ def test_map_models_is_fn_on_each_model_alone_in_every_stacking_and_grouping():
   assert batched == [False]
   with pytest.raises(ValueError, match=r"^unknown stacking 'scan'; choose one of vmap, map\.$"):
     train.map_models(fn, tree, "scan", 1)
+
+
+def test_with_values_sets_one_models_swept_fields_and_leaves_the_rest():
+  """A model's values {name: value}: Hyperparams fields by name, dp_* into the DPSGD,
+  the k-fold train mask into neither."""
+  hp = train.Hyperparams(learning_rate=0.1, weight_decay=0.2)
+  dp = privacy.DPSGD(noise_multiplier=1.0, clip_norm=0.3, clipping="flat",
+                     sampling_rate=0.4, num_examples=12, padded_batch_size=9)
+  values = {"learning_rate": 0.5, "dp_clip_norm": 2.0, "dp_noise_multiplier": 3.0,
+            train.TRAIN_MASK: np.ones(4)}
+  model_hp, model_dp = train.with_values(hp, dp, values)
+  assert model_hp == hp._replace(learning_rate=0.5)
+  assert model_dp == dp._replace(clip_norm=2.0, noise_multiplier=3.0)
+  assert train.with_values(hp, None, values) == (model_hp, None)
+  assert train.with_values(hp, dp, {}) == (hp, dp)
+
+
+def test_a_transformation_is_in_use_where_any_value_is_nonzero_or_traced():
+  """_in_use decides the optimizer chain, so the checkpoint's tree: a nonzero value in
+  any form, any nonzero model of a stack, and any traced value (a sweep's, inside the
+  program) keep the transformation; zeros of every form drop it."""
+  for value in (0.5, -1, np.float32(2.0), jnp.asarray(0.1), np.array([0.0, 0.3])):
+    assert train._in_use(value), value
+  for value in (0, 0.0, np.float32(0.0), jnp.asarray(0.0), np.zeros(3)):
+    assert not train._in_use(value), value
+  assert jax.jit(lambda v: jnp.float32(train._in_use(v)))(0.0) == 1.0
+  assert [train._is_array(v) for v in (1, 0.5, np.float32(0.5), jnp.ones(2))] == [
+      False, False, True, True]
 
 
 def test_keep_if_empty_keeps_the_state_and_zeroes_the_metrics_of_a_batch_without_rows():
