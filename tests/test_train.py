@@ -475,13 +475,14 @@ def test_the_stacks_init_is_each_model_built_alone_bit_for_bit(dims):
   for m, seed in enumerate((0, 7, 2**31 - 1)):
     optimizer = train.make_optimizer(hp._replace(ema_decay=decays[m]))
     alone = train.init_model_state(seed, *dims, optimizer)
-    chex.assert_trees_all_equal(jax.tree.map(lambda a, m=m: a[m], stack), alone)
+    chex.assert_trees_all_equal(jax.tree.map(lambda a, m=m: a[m], stack), alone,
+                                strict=True)
     # One model: PRNGKey(seed) split in two, the params from the first key, the second
     # kept for the batch order and DP noise, no step yet.
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     params = mj.init_params(init_key, *dims)
     chex.assert_trees_all_equal(alone, train.TrainState(
-        params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key))
+        params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key), strict=True)
 
 
 @pytest.mark.parametrize("field, zero, value", [("ema_decay", 0.0, 0.5),
