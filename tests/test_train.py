@@ -305,6 +305,13 @@ def test_each_optimizer_is_its_update_rule_by_hand(name):
     p = optax.apply_updates(p, updates)
     for got, expected in zip(p, want):
       np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # A sweep's clip norm is traced, one per model: 0 means no clipping for that model.
+  swept = jax.jit(lambda g, c: train.make_optimizer(hp._replace(clip_norm=c)).update(
+      mj.Params(*g), optimizer.init(params), params)[0])
+  for c, clip in ((0.0, np.inf), (1.5, 1.5)):
+    want = hand_updates(name, grads[:1], list(params), 0.1, 0.2, clip)[0]
+    for got, p, expected in zip(swept(grads[0], c), params, want):
+      np.testing.assert_allclose(p + got, expected, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"^unknown optimizer 'rmsprop'; choose one of "
                      + re.escape(", ".join(train.OPTIMIZERS)) + r"\.$"):
     train.make_optimizer(hp._replace(optimizer="rmsprop"))
