@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -127,3 +128,18 @@ def test_help_into_a_closed_pipe_is_a_silent_141(decoys):
   os.close(write_end)
   assert (result.returncode, result.stderr) == (141, "")
   assert imported() == set()
+
+
+def test_collecting_the_tests_starts_no_jax_backend():
+  """mutmut forks its test processes from one that has collected its tests (pyproject's
+  [tool.mutmut]); a JAX backend started at their import (a module-level jax.devices() or
+  default_backend()) would make those forks deadlock."""
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    selection = tomllib.load(f)["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
+  script = ("import pytest, sys\n"
+            f"code = pytest.main(['--collect-only', '-q', '-n0', *{selection!r}])\n"
+            "from jax._src import xla_bridge\n"
+            "sys.exit(code or 3 * bool(xla_bridge._backends))\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+  assert result.returncode == 0, result.stdout[-2000:]
