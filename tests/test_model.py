@@ -1,5 +1,7 @@
 """Params, init_params, forward (one example) and logits (its vmap)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,9 +39,19 @@ def test_init_params_is_a_function_of_the_key_alone():
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
-def test_init_params_rejects_bad_sizes(bad):
-  with pytest.raises(ValueError, match="hidden_dim must be a positive int"):
-    mj.init_params(jax.random.key(0), 4, bad, 3)
+@pytest.mark.parametrize("position, name", [(0, "in_dim"), (1, "hidden_dim"),
+                                            (2, "num_classes")])
+def test_init_params_rejects_bad_sizes_by_name(bad, position, name):
+  sizes = [4, 5, 3]
+  sizes[position] = bad
+  with pytest.raises(ValueError, match=re.escape(
+      f"init_params: {name} must be a positive int, got {bad!r}.")):
+    mj.init_params(jax.random.key(0), *sizes)
+
+
+def test_init_params_needs_two_classes():
+  with pytest.raises(ValueError, match=r"^init_params: num_classes must be >= 2, got 1\.$"):
+    mj.init_params(jax.random.key(0), 4, 5, 1)
 
 
 def test_forward_is_the_seeds_formula_and_logits_is_its_vmap():
