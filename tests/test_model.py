@@ -49,9 +49,11 @@ def test_init_params_rejects_bad_sizes_by_name(bad, position, name):
     mj.init_params(jax.random.key(0), *sizes)
 
 
-def test_init_params_needs_two_classes():
+def test_init_params_needs_two_classes_and_one_input_and_hidden_unit():
   with pytest.raises(ValueError, match=r"^init_params: num_classes must be >= 2, got 1\.$"):
     mj.init_params(jax.random.key(0), 4, 5, 1)
+  smallest = mj.init_params(jax.random.key(0), 1, 1, 2)
+  assert [leaf.shape for leaf in smallest] == [(1, 1), (1,), (2, 1), (2,)]
 
 
 def test_forward_is_the_seeds_formula_and_logits_is_its_vmap():
