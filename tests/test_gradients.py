@@ -441,6 +441,29 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(method):
   assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
 
 
+def test_the_layout_helpers_put_the_example_axis_where_each_layout_says():
+  """along_examples/along_features broadcast a vector against an array of the layout's
+  axes, as_rows/from_rows move the example axis first and back, the sums reduce the
+  example or the feature axis; for one example there is no example axis to touch."""
+  B, H = 3, 4
+  per_example, per_feature = jnp.arange(1.0, B + 1), jnp.arange(1.0, H + 1)
+  rows = jnp.arange(B * H, dtype=jnp.float64).reshape(B, H)            # "bh"
+  for axes, a in (("bh", rows), ("hb", rows.T)):
+    scaled = a * mj_layout.along_examples(per_example, axes)
+    np.testing.assert_array_equal(mj_layout.as_rows(scaled, axes), rows * per_example[:, None])
+    shifted = a + mj_layout.along_features(per_feature, axes)
+    np.testing.assert_array_equal(mj_layout.as_rows(shifted, axes), rows + per_feature[None])
+    np.testing.assert_array_equal(mj_layout.from_rows(rows, axes), a)
+    np.testing.assert_array_equal(mj_layout.sum_examples(a, axes), rows.sum(0))
+    np.testing.assert_array_equal(mj_layout.sum_features(a, axes), rows.sum(1))
+  one = rows[0]                                                        # "h"
+  for helper in (mj_layout.as_rows, mj_layout.from_rows, mj_layout.sum_examples):
+    assert helper(one, "h") is one
+  assert mj_layout.along_examples(jnp.float64(2.0), "h") == 2.0
+  np.testing.assert_array_equal(mj_layout.along_features(per_feature, "h"), per_feature)
+  assert mj_layout.sum_features(one, "h") == one.sum()
+
+
 def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
   """On a CPU: feature-major for bfloat16 with AMX or on an AMD EPYC with AVX512_BF16,
   and for float32 on an AMD EPYC (where each was measured faster), else batch-major;
