@@ -6,6 +6,7 @@ import pytest
 
 import mlp_jax as mj
 from mlp_jax.losses import cross_entropy
+from mlp_jax.losses import valid_labels
 
 pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 
@@ -70,3 +71,12 @@ def test_loss_and_accuracy_keep_the_params_dtype_and_check_their_weights(fn):
     assert fn(params, np.asarray(X, np.float64), labels).dtype == jnp.float32
   with pytest.raises(ValueError, match=r"^weights must have shape \(2,\)"):
     fn(params, X, y, jnp.ones(3))
+
+
+def test_a_valid_label_is_a_whole_number_in_range():
+  """What the loss and accuracy accept under jit (NaN for the rest): 0 <= y < K, and a
+  float label must be a whole number."""
+  np.testing.assert_array_equal(valid_labels(jnp.array([-1, 0, 2, 3]), 3),
+                                [False, True, True, False])
+  np.testing.assert_array_equal(valid_labels(jnp.array([-1.0, 0.0, 1.5, 2.0, 3.0]), 3),
+                                [False, True, False, True, False])
