@@ -80,3 +80,5 @@ def test_a_valid_label_is_a_whole_number_in_range():
                                 [False, True, True, False])
   np.testing.assert_array_equal(valid_labels(jnp.array([-1.0, 0.0, 1.5, 2.0, 3.0]), 3),
                                 [False, True, False, True, False])
+  np.testing.assert_array_equal(valid_labels(jnp.array([1.5, 1.0], jnp.float32), 3),
+                                [False, True])
