@@ -1,6 +1,7 @@
 """The manual gradients of mlp_jax/gradients.py equal jax.grad and finite differences."""
 
 import functools
+import re
 import subprocess
 import sys
 
@@ -462,6 +463,14 @@ def test_the_layout_helpers_put_the_example_axis_where_each_layout_says():
   assert mj_layout.along_examples(jnp.float64(2.0), "h") == 2.0
   np.testing.assert_array_equal(mj_layout.along_features(per_feature, "h"), per_feature)
   assert mj_layout.sum_features(one, "h") == one.sum()
+  # contract: one dot_general, so no spec it cannot write as one.
+  with pytest.raises(ValueError, match=re.escape("contract('hd,bd->bh'): operands of 1 and "
+                                                 "2 axes")):
+    mj_layout.contract("hd,bd->bh", one, rows)
+  for spec in ("hd,bd->hbd", "hx,hb->b"):   # a transpose; a sum over one operand's axis
+    with pytest.raises(ValueError, match=re.escape(f"contract({spec!r}): the output must be "
+                                                   "one operand's free axes then the other's")):
+      mj_layout.contract(spec, rows, rows)
 
 
 def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
