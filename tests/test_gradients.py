@@ -463,7 +463,13 @@ def test_the_layout_helpers_put_the_example_axis_where_each_layout_says():
   assert mj_layout.along_examples(jnp.float64(2.0), "h") == 2.0
   np.testing.assert_array_equal(mj_layout.along_features(per_feature, "h"), per_feature)
   assert mj_layout.sum_features(one, "h") == one.sum()
-  # contract: one dot_general, so no spec it cannot write as one.
+  # contract: jnp.einsum as one dot_general (an operand may have several free axes), so
+  # no spec it cannot write as one.
+  v = jnp.arange(2.0)
+  np.testing.assert_array_equal(mj_layout.contract("hb,k->hbk", rows.T, v),
+                                jnp.einsum("hb,k->hbk", rows.T, v))
+  np.testing.assert_array_equal(mj_layout.contract("k,bh->bhk", v, rows),
+                                jnp.einsum("k,bh->bhk", v, rows))
   with pytest.raises(ValueError, match=re.escape("contract('hd,bd->bh'): operands of 1 and "
                                                  "2 axes")):
     mj_layout.contract("hd,bd->bh", one, rows)
