@@ -1,6 +1,7 @@
 """What a command pays for before and beside its work: no JAX for --help and argument
-errors, nothing heavy at `import mlp_jax.experiment`, no torch ever, and the persistent
-compilation cache read back by a second run.
+errors, nothing heavy at `import mlp_jax.experiment`, no torch ever, the persistent
+compilation cache read back by a second run, and no JAX backend started by collecting
+the tests mutmut runs.
 
 Each test starts fresh processes: the modules a process imports can only be seen there.
 A module is caught importing when a decoy of it, first on PYTHONPATH, leaves a mark.
