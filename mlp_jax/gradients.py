@@ -268,9 +268,10 @@ def _loss_and_logits_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
                                 layout: Optional[Layout] = None) -> tuple[Array, Array]:
   """(loss_manual_vjp, logits Z2 (B, K)), both through the custom_vjp."""
   _, _, _, k = checks.check_all(params, X, y, weights)
-  Y = jnp.asarray(y)
-  if Y.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
-    Y = jax.lax.stop_gradient(losses.targets(Y, k, params.w1.dtype))
+  labels = jnp.asarray(y)
+  Y = losses.targets(labels, k, params.w1.dtype)   # float targets in the params' dtype
+  if labels.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
+    Y = jax.lax.stop_gradient(Y)
   w = None if weights is None else jnp.asarray(weights, params.w1.dtype)
   return _manual_vjp_loss(params, jnp.asarray(X, params.w1.dtype), Y, w, compute_dtype,
                           layout or choose_layout(params.w1.dtype, compute_dtype))

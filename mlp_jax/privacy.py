@@ -185,11 +185,12 @@ def poisson_batch(key: Array, num_examples: int, sampling_rate: ArrayLike, padde
                   ) -> tuple[Array, Array, Array]:
   """Indices (M,), mask (M,) and overflow (bool) of one Poisson-sampled batch.
 
-  Example j is in the batch when u_j < q for u ~ U[0, 1)^N from `key`. Its indices fill
+  Example j is in the batch when u_j < q for u ~ U[0, 1)^N from `key`, drawn in float32
+  (the same batches with x64 on or off, so a resume redraws them). Its indices fill
   the first slots of M; the rest are index 0 with mask 0. overflow is True when more
   than M were sampled (those beyond M would be lost: the caller must stop).
   """
-  chosen = jax.random.uniform(key, (num_examples,)) < sampling_rate
+  chosen = jax.random.uniform(key, (num_examples,), jnp.float32) < sampling_rate
   count = jnp.sum(chosen)
   (idx,) = jnp.nonzero(chosen, size=padded_size, fill_value=0)
   mask = (jnp.arange(padded_size) < count).astype(jnp.float32)

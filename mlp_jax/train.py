@@ -193,6 +193,7 @@ def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) ->
   def train_step(state: TrainState, batch: tuple[Array, Array, Array]
                  ) -> tuple[TrainState, tuple[Array, ...]]:
     x, y, w = batch
+    w = jnp.asarray(w, state.params.w1.dtype)   # so the metrics are in the params' dtype
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
     (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w, method=hp.grads,
@@ -226,10 +227,11 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
     sample_key, noise_key = privacy.step_keys(state.key, state.step)
     i, mask, overflowed = privacy.poisson_batch(sample_key, dp.num_examples,
                                                 dp.sampling_rate, dp.padded_batch_size)
-    x, labels = gather_batch(X, i, mesh), gather_batch(y, i, mesh)
+    dtype = state.params.w1.dtype      # all the work in it, whatever X's dtype (x64)
+    x, labels = gather_batch(X.astype(dtype), i, mesh), gather_batch(y, i, mesh)
     num_classes = state.params.b2.shape[0]
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
-                       state.params.w1.dtype)
+                       dtype)
     (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
         state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype,
         layout_named(hp.layout))

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 import jax
+from jax.extend.core import subjaxprs
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -448,6 +449,53 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(method):
   jaxpr = str(jax.make_jaxpr(lambda p: value_and_grads_with_logits(
       p, X, y, method=method, compute_dtype=jnp.bfloat16))(params))
   assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
+
+
+def float64_arrays(closed_jaxpr):
+  """The primitives of a jaxpr, its sub-jaxprs' included, that compute a float64 array.
+  (Scalars are left out: optax computes its schedules and bias corrections from Python
+  floats, in float64 under x64, and casts them to each leaf's dtype.)"""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if any(getattr(v.aval, "dtype", None) == jnp.float64 and v.aval.shape
+             for v in eqn.outvars):
+        yield str(eqn.primitive)
+    for sub in subjaxprs(jaxpr):
+      yield from walk(sub)
+  return list(walk(closed_jaxpr.jaxpr))
+
+
+@LAYOUTS
+def test_float32_params_compute_nothing_in_float64_under_x64(layout):
+  """With x64 on, float32 params do all their work in float32, also for float64 NumPy
+  data, targets and weights: no primitive of any entry point (the train steps' included)
+  makes a float64 array. (A float32 result alone could hide float64 work cast back.)"""
+  from mlp_jax import privacy, train  # pylint: disable=g-import-not-at-top
+  params, X, y = problem(batch=3, dtype=jnp.float32)
+  X, w = np.asarray(X, np.float64), np.ones(3)
+  Y = np.eye(3)[np.asarray(y)]
+  hp = train.Hyperparams(layout=layout.name)
+  optimizer = train.make_optimizer(hp)
+  state = train.init_model_state(0, 4, 6, 3, optimizer)
+  dp = privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)
+  entry_points = {
+      "loss": lambda: mj.loss(params, X, y, w),
+      "accuracy": lambda: mj.accuracy(params, X, y, w),
+      "loss_manual_vjp": lambda: jax.grad(lambda p: mj.loss_manual_vjp(
+          p, X, Y, w, layout=layout))(params),
+      "per_example_grads": lambda: mj.per_example_grads(params, X, y),
+      "per_example_grad_norms": lambda: mj.per_example_grad_norms(params, X, y,
+                                                                  layout=layout),
+      "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0, w, layout=layout),
+      "train_step": lambda: train.make_train_step(hp, optimizer)(state, (X, y, w)),
+      "dp_train_step": lambda: train.make_dp_train_step(hp, optimizer, dp)(
+          state, (jnp.asarray(X), y)),     # the resident data: a device array
+  }
+  for method in ("manual", "manual_vjp", "autodiff"):
+    entry_points[method] = lambda method=method: value_and_grads_with_logits(
+        params, X, Y, w, method=method, layout=layout)
+  for name, fn in entry_points.items():
+    assert not float64_arrays(jax.make_jaxpr(fn)()), name
 
 
 def test_the_layout_helpers_put_the_example_axis_where_each_layout_says():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from conftest import pld_epsilon
 from conftest import read_metrics
 from conftest import tiny_config
@@ -251,15 +252,19 @@ def test_overflow_is_reported_not_dropped():
   assert not bool(privacy.poisson_batch(jax.random.key(0), 100, 0.5, count)[2])
 
 
-def test_a_poisson_batch_is_the_examples_whose_uniform_draw_is_below_q(x64):
-  """Example j joins when u_j < q (u = uniform(key, (N,))): its indices in order, then
-  index 0 with mask 0 (float32, whatever x64 says)."""
-  u = np.asarray(jax.random.uniform(jax.random.key(3), (20,)))
-  idx, mask, overflow = privacy.poisson_batch(jax.random.key(3), 20, 0.3, 12)
+def test_a_poisson_batch_is_the_examples_whose_uniform_draw_is_below_q():
+  """Example j joins when u_j < q (u = uniform(key, (N,)) in float32): its indices in
+  order, then index 0 with mask 0; the same batch and a float32 mask with x64 on (a
+  float64 draw would pick other examples, and a resume under x64 other batches)."""
+  u = np.asarray(jax.random.uniform(jax.random.key(3), (20,), jnp.float32))
   rows = np.nonzero(u < 0.3)[0]
-  assert 0 < len(rows) < 12 and not bool(overflow) and mask.dtype == jnp.float32
-  np.testing.assert_array_equal(idx, np.concatenate([rows, np.zeros(12 - len(rows), int)]))
-  np.testing.assert_array_equal(mask, np.arange(12) < len(rows))
+  with conftest.float64():
+    x64_batch = privacy.poisson_batch(jax.random.key(3), 20, 0.3, 12)
+  for idx, mask, overflow in (privacy.poisson_batch(jax.random.key(3), 20, 0.3, 12),
+                              x64_batch):
+    assert 0 < len(rows) < 12 and not bool(overflow) and mask.dtype == jnp.float32
+    np.testing.assert_array_equal(idx, np.concatenate([rows, np.zeros(12 - len(rows), int)]))
+    np.testing.assert_array_equal(mask, np.arange(12) < len(rows))
 
 
 def test_step_keys_are_pinned():
