@@ -558,10 +558,12 @@ def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
 @pytest.mark.parametrize("name", ["forward", "logits", "loss", "value_and_grads",
                                   "autodiff_value_and_grads", "grads", "autodiff_grads",
                                   "loss_manual_vjp"])
-def test_every_public_function_passes_compute_dtype_on(name):
-  """With compute_dtype=bfloat16 each function's value is the float32 computation on X
-  and W1 rounded to bfloat16 (to n·u), and not the float32 one on the unrounded values."""
-  params = mj.init_params(jax.random.key(0), 64, 32, 10)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_every_public_function_passes_compute_dtype_on(name, dtype):
+  """With compute_dtype=bfloat16 each function's value is the computation in the params'
+  dtype on X and W1 rounded to bfloat16 (to n·u), and not the one on the unrounded
+  values; float64 params too (their products accumulate in float64)."""
+  params = mj.init_params(jax.random.key(0), 64, 32, 10, dtype=dtype)
   X = jax.random.normal(jax.random.key(1), (1, 64), jnp.float32)  # one example: a batch
   y = jnp.array([3])                                   # mean would hide the rounding
   fn = {"forward": lambda p, X, dt: mj.forward(p, X[0], compute_dtype=dt),
