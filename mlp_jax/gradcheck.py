@@ -68,15 +68,18 @@ def random_problem(seed: int, batch_size: int, in_dim: int, hidden_dim: int,
 def finite_difference_grads(loss_fn: Callable[[Params], Array], params: Params,
                             step: float = FD_STEP) -> Params:
   """Central differences (f(θ + h e_j) − f(θ − h e_j)) / 2h of loss_fn, in float64."""
-  flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float64), params))
+  @jax.jit
+  def differences(params: Params) -> Params:
+    flat, unravel = ravel_pytree(jax.tree.map(lambda a: a.astype(jnp.float64), params))
 
-  # One coordinate; 256 at a time, never a (P, P) matrix of shifts.
-  def difference(j: Array) -> Array:
-    e = jnp.zeros_like(flat).at[j].set(step)
-    return (loss_fn(unravel(flat + e)) - loss_fn(unravel(flat - e))) / (2 * step)
+    # One coordinate; 256 at a time, never a (P, P) matrix of shifts.
+    def difference(j: Array) -> Array:
+      e = jnp.zeros_like(flat).at[j].set(step)
+      return (loss_fn(unravel(flat + e)) - loss_fn(unravel(flat - e))) / (2 * step)
 
-  f = jax.jit(lambda: jax.lax.map(difference, jnp.arange(flat.size), batch_size=256))
-  return unravel(f())
+    return unravel(jax.lax.map(difference, jnp.arange(flat.size), batch_size=256))
+
+  return differences(params)
 
 
 def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
