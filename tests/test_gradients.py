@@ -198,14 +198,16 @@ def test_a_list_or_a_bad_mask_is_named():
 
 def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
   params, X, y = problem(batch=7)
-  manual = mj.per_example_grads(params, X, y, method="manual")
-  autodiff = mj.per_example_grads(params, X, y, method="autodiff")
+  per_example = lambda method: jax.jit(functools.partial(mj.per_example_grads,
+                                                         method=method))(params, X, y)
+  manual, autodiff = per_example("manual"), per_example("autodiff")
   assert manual.w1.shape == (7, 6, 4)
   assert_close(manual, autodiff, 1e-12)
-  assert_close(jax.tree.map(lambda a: a.mean(axis=0), manual), mj.grads(params, X, y), 1e-12)
-  w = jnp.arange(1.0, 8.0)
-  weighted_mean = jax.tree.map(lambda a: jnp.tensordot(w / w.sum(), a, axes=1), manual)
-  assert_close(weighted_mean, mj.grads(params, X, y, w), 1e-12)
+  grads = jax.jit(mj.grads)
+  assert_close([np.mean(a, axis=0) for a in manual], grads(params, X, y), 1e-12)
+  w = np.arange(1.0, 8.0)
+  weighted_mean = [np.tensordot(w / w.sum(), a, axes=1) for a in manual]
+  assert_close(weighted_mean, grads(params, X, y, w), 1e-12)
 
 
 def test_layer_grad_sq_norms_are_each_examples_in_every_layout():
@@ -248,16 +250,16 @@ def test_per_example_grad_norms_materialise_nothing_of_size_bhd():
 def test_loss_manual_vjp_gradients_equal_grads(layout):
   params, X, y = problem(batch=6)
   loss_manual_vjp = functools.partial(mj.loss_manual_vjp, layout=layout)
-  value, g = jax.value_and_grad(loss_manual_vjp)(params, X, y)
-  np.testing.assert_allclose(value, mj.loss(params, X, y), rtol=1e-14)
-  assert_close(g, mj.grads(params, X, y, layout=layout), 1e-14)
+  value, g = jax.jit(jax.value_and_grad(loss_manual_vjp))(params, X, y)
+  np.testing.assert_allclose(value, jax.jit(mj.loss)(params, X, y), rtol=1e-14)
+  assert_close(g, jax.jit(functools.partial(mj.grads, layout=layout))(params, X, y), 1e-14)
   # Its cotangents for X, soft targets and weights are closed forms too.
   Y = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, 3), jnp.float64))
   w = jnp.array([1.0, 2.0, 0.0, 0.5, 1.0, 3.0])
   argnums = (0, 1, 2, 3)
   for weights in (w, w / 100):   # Σw = 7.5 and 0.075: the cotangent of w divides by Σw
-    manual = jax.grad(loss_manual_vjp, argnums)(params, X, Y, weights)
-    autodiff = jax.grad(mj.loss, argnums)(params, X, Y, weights)
+    manual = jax.jit(jax.grad(loss_manual_vjp, argnums))(params, X, Y, weights)
+    autodiff = jax.jit(jax.grad(mj.loss, argnums))(params, X, Y, weights)
     assert_close(manual[0], autodiff[0], 1e-12)
     for m, a in zip(manual[1:], autodiff[1:]):
       assert relative_error(m, a) <= 1e-12
@@ -271,24 +273,28 @@ def test_loss_manual_vjp_under_vmap_and_jit():
   batched = jax.jit(jax.vmap(jax.grad(mj.loss_manual_vjp), in_axes=(None, 0, 0)))
   got = batched(params, Xs, ys)
   for i in range(2):
-    assert_close(jax.tree.map(lambda a: a[i], got), mj.grads(params, Xs[i], ys[i]), 1e-12)
+    assert_close([a[i] for a in got], jax.jit(mj.grads)(params, Xs[i], ys[i]), 1e-12)
 
 
 def test_everything_works_under_jit_and_vmap():
   params, X, y = problem(batch=4)
-  assert_close(jax.jit(mj.grads)(params, X, y), mj.autodiff_grads(params, X, y), 1e-12)
+  grads = jax.jit(mj.grads)
+  assert_close(grads(params, X, y), mj.autodiff_grads(params, X, y), 1e-12)
   Xs, ys = jnp.stack([X, -X, 0.5 * X]), jnp.stack([y, y, y[::-1]])
   for fn in (mj.grads, mj.autodiff_grads):
     got = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0)))(params, Xs, ys)
     for i in range(3):
-      assert_close(jax.tree.map(lambda a: a[i], got), mj.grads(params, Xs[i], ys[i]), 1e-12)
-  # Under jit, against references written apart from the library.
-  z2 = (jnp.maximum(X @ params.w1.T + params.b1[None], 0) @ params.w2.T + params.b2[None])
-  by_hand = {mj.loss: jnp.mean(jax.nn.logsumexp(z2, axis=1) - z2[jnp.arange(4), y]),
-             mj.accuracy: jnp.mean(jnp.argmax(z2, axis=1) == y),
-             mj.per_example_grad_norms: jnp.sqrt(sum(
-                 jnp.sum(g.reshape(4, -1) ** 2, axis=1)
-                 for g in mj.per_example_grads(params, X, y, method="autodiff")))}
+      assert_close([a[i] for a in got], grads(params, Xs[i], ys[i]), 1e-12)
+  # Under jit, against references written apart from the library (in NumPy).
+  w1, b1, w2, b2 = (np.asarray(a) for a in params)
+  z2 = np.maximum(np.asarray(X) @ w1.T + b1, 0) @ w2.T + b2
+  log_sum_exp = np.log(np.sum(np.exp(z2), axis=1))
+  per_example = jax.jit(functools.partial(mj.per_example_grads, method="autodiff"))
+  by_hand = {mj.loss: np.mean(log_sum_exp - z2[np.arange(4), y]),
+             mj.accuracy: np.mean(np.argmax(z2, axis=1) == y),
+             mj.per_example_grad_norms: np.sqrt(sum(
+                 np.sum(np.reshape(g, (4, -1)) ** 2, axis=1)
+                 for g in per_example(params, X, y)))}
   for fn, want in by_hand.items():
     np.testing.assert_allclose(jax.jit(fn)(params, X, y), want, rtol=1e-12)
 
