@@ -60,6 +60,23 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+def equations(closed_jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (jit, scan, cond, ...) included."""
+  from jax.extend.core import subjaxprs  # pylint: disable=g-import-not-at-top
+
+  def walk(jaxpr):
+    yield from jaxpr.eqns
+    for sub in subjaxprs(jaxpr):
+      yield from walk(sub)
+  return list(walk(closed_jaxpr.jaxpr))
+
+
+def largest_value(closed_jaxpr) -> int:
+  """The most elements any equation of a jaxpr computes (what a program materialises)."""
+  return max(int(np.prod(v.aval.shape)) for eqn in equations(closed_jaxpr)
+             for v in eqn.outvars)
+
+
 @contextlib.contextmanager
 def float64():
   """float64 inside the block (jax_enable_x64), float32 again after it."""

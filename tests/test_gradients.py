@@ -11,7 +11,6 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 import jax
-from jax.extend.core import subjaxprs
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -242,8 +241,7 @@ def test_per_example_grad_norms_materialise_nothing_of_size_bhd():
   B, D, H, K = 16, 32, 64, 3
   params, X, y = problem(B, D, H, K, dtype=jnp.float32)
   jaxpr = jax.make_jaxpr(mj.per_example_grad_norms)(params, X, y)
-  sizes = [int(np.prod(v.aval.shape)) for eqn in jaxpr.eqns for v in eqn.outvars]
-  assert max(sizes) < B * H * D / 4
+  assert conftest.largest_value(jaxpr) < B * H * D / 4
 
 
 @LAYOUTS
@@ -462,14 +460,9 @@ def float64_arrays(closed_jaxpr):
   """The primitives of a jaxpr, its sub-jaxprs' included, that compute a float64 array.
   (Scalars are left out: optax computes its schedules and bias corrections from Python
   floats, in float64 under x64, and casts them to each leaf's dtype.)"""
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if any(getattr(v.aval, "dtype", None) == jnp.float64 and v.aval.shape
-             for v in eqn.outvars):
-        yield str(eqn.primitive)
-    for sub in subjaxprs(jaxpr):
-      yield from walk(sub)
-  return list(walk(closed_jaxpr.jaxpr))
+  return [str(eqn.primitive) for eqn in conftest.equations(closed_jaxpr)
+          if any(getattr(v.aval, "dtype", None) == jnp.float64 and v.aval.shape
+                 for v in eqn.outvars)]
 
 
 @LAYOUTS
