@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -22,18 +21,19 @@ def _xla_cpu_flags() -> str:
   """Tests compile thousands of tiny programs and run each a few times, so compiling
   costs more than running: XLA's backend optimisations off, and on the CPU the
   elemental emitters for fusions instead of the newer fusion emitters (half the compile
-  time of a small program, measured on jax 0.10). A flag XLA does not know aborts
-  the process, so the second is set only where jaxlib names it."""
+  time of a small program, measured on jax 0.10). A flag XLA does not know aborts the
+  process, so the second is tried once in a subprocess first; the answer is passed on
+  to pytest-xdist's workers in the environment."""
+  known = os.environ.get("MLP_JAX_TEST_XLA_FLAGS")
+  if known is not None:
+    return known
   flags = "--xla_backend_optimization_level=0"
-  library = os.path.join(os.path.dirname(importlib.util.find_spec("jaxlib").origin),
-                         "libjax_common.so")
-  try:
-    with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-      if m.find(b"xla_cpu_use_fusion_emitters") >= 0:
-        flags += " --xla_cpu_use_fusion_emitters=false"
-  except OSError:
-    pass
-  return flags
+  faster = flags + " --xla_cpu_use_fusion_emitters=false"
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"],
+                         env={**os.environ, "XLA_FLAGS": faster, "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, check=False, timeout=120)
+  os.environ["MLP_JAX_TEST_XLA_FLAGS"] = faster if probe.returncode == 0 else flags
+  return os.environ["MLP_JAX_TEST_XLA_FLAGS"]
 
 
 # Set before JAX starts; subprocesses inherit them, after any XLA_FLAGS a test gives them.
