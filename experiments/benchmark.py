@@ -4,7 +4,7 @@
     python experiments/benchmark.py --batch_sizes=256 --modes=scan --peers=torch
 
 Rows: gradient (manual | autodiff | manual_vjp; manual_bmajor | manual_fmajor: the
-manual step in a fixed layout, where "manual" is mlp_jax.layout.choose_layout's) × mode (step: a Python loop of the
+manual step in a fixed layout, where "manual" is mlp_jax.feature_major.choose_layout's) × mode (step: a Python loop of the
 jitted step; scan: `steps` steps in one jitted lax.scan, the runner's epoch) × compute
 dtype (float32 | bfloat16 matmuls with float32 params, softmax and loss) × batch size ×
 hidden size × device count (--num_devices: data parallel over a mesh of that many
@@ -38,8 +38,8 @@ from mlp_jax import parallel
 from mlp_jax import privacy
 from mlp_jax import train
 
-# The manual step in one named layout (mlp_jax/layout.py); "manual" is the one
-# layout.choose_layout picks for each dtype on this machine.
+# The manual step in one named layout (mlp_jax/feature_major.py); "manual" is the one
+# feature_major.choose_layout picks for each dtype on this machine.
 LAYOUT_ROWS = {"manual_bmajor": "batch_major", "manual_fmajor": "feature_major"}
 
 flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time: "

@@ -8,19 +8,19 @@ equal to jax.grad and to finite differences):
     δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0]                                      (H,)
     ∂L/∂W1 = δ1 xᵀ       ∂L/∂b1 = δ1                                  (H, D), (H,)
 
-A batch X (B, D) with mean weights ŵ (B,) (ŵ_i = 1/B unweighted):
+A batch X (B, D), one example per row, with mean weights ŵ (B,) (ŵ_i = 1/B unweighted):
+row i of each matrix below is that example's vector above, so the same lines read
 
     Δ2 = ŵ ⊙ (P Σy − Y) (B, K)    dW2 = Δ2ᵀ A1    db2 = Σ_rows Δ2
     Δ1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H)    dW1 = Δ1ᵀ X    db1 = Σ_rows Δ1
 
-Each formula is written once, for any layout of the batch (mlp_jax/layout.py): with
-examples as rows (BATCH_MAJOR, as above), as columns (FEATURE_MAJOR: Z1ᵀ = W1 Xᵀ + b1,
-Δ1ᵀ = (W2ᵀ Δ2ᵀ) ⊙ 1[Z1ᵀ ≥ 0], dW1 = Δ1ᵀ X), or one example alone (ONE_EXAMPLE, the
-lines above). layout.choose_layout picks the batch's layout by dtype and machine.
+`backprop` is that pass, written once: value_and_grads, loss_manual_vjp's backward
+pass, the per-example gradients and norms and the DP clipped sum (privacy.py) all call
+its parts. A faster form of the same pass for bfloat16 on some CPUs lives apart, in
+mlp_jax/feature_major.py; `manual_pass` is the one place that picks it.
 """
 
 import functools
-
 from typing import Optional
 
 import jax
@@ -30,50 +30,61 @@ from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
 from mlp_jax import checks
+from mlp_jax import feature_major
 from mlp_jax import losses
 from mlp_jax import model
-from mlp_jax.layout import Layout
-from mlp_jax.layout import ONE_EXAMPLE
-from mlp_jax.layout import along_examples
-from mlp_jax.layout import as_rows
-from mlp_jax.layout import choose_layout
-from mlp_jax.layout import contract
-from mlp_jax.layout import from_rows
-from mlp_jax.layout import sum_examples
-from mlp_jax.layout import sum_features
 from mlp_jax.model import Params
+from mlp_jax.model import matmul
 
 
-def output_delta(z2: Array, Y: Array, class_axis: int = -1) -> Array:
-  """δ2 = ∂L/∂z2 = softmax(z2) Σy − y, for logits z2 and targets Y of the same axes,
-  the classes along `class_axis` (Layout.class_axis)."""
-  return jax.nn.softmax(z2, axis=class_axis) * jnp.sum(Y, axis=class_axis,
-                                                       keepdims=True) - Y
+def output_delta(Z2: Array, Y: Array) -> Array:
+  """Δ2 = ∂L/∂Z2 = softmax(Z2) Σy − Y, row by row: logits Z2 and targets Y (B, K)."""
+  return jax.nn.softmax(Z2, axis=-1) * jnp.sum(Y, axis=-1, keepdims=True) - Y
 
 
-def relu_derivative(z1: Array, dtype: DTypeLike) -> Array:
-  """ReLU'(z1) = 1[z1 ≥ 0], written as 1 − 1[z1 < 0] to match model.relu: a NaN z1
+def relu_derivative(Z1: Array, dtype: DTypeLike) -> Array:
+  """ReLU'(Z1) = 1[Z1 ≥ 0], written as 1 − 1[Z1 < 0] to match model.relu: a NaN z1
   passes (as autodiff of model.relu passes it), so NaN stays NaN in δ1 too."""
-  return (~(z1 < 0)).astype(dtype)
+  return (~(Z1 < 0)).astype(dtype)
 
 
-def hidden_delta(params: Params, delta2: Array, z1: Array, layout: Layout = ONE_EXAMPLE
-                 ) -> Array:
-  """δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0], from δ2 (layout.output) and z1 (layout.hidden)."""
-  back = contract(f"kh,{layout.output}->{layout.hidden}", params.w2, delta2)
-  return back * relu_derivative(z1, delta2.dtype)
+def hidden_delta(params: Params, delta2: Array, Z1: Array) -> Array:
+  """Δ1 = ∂L/∂Z1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H), row by row δ1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0]."""
+  return (delta2 @ params.w2) * relu_derivative(Z1, delta2.dtype)
 
 
 def param_grads(delta1: Array, delta2: Array, X: Array, A1: Array,
-                layout: Layout = ONE_EXAMPLE, compute_dtype: Optional[DTypeLike] = None
-                ) -> Params:
-  """Params(Σ δ1 xᵀ, Σ δ1, Σ δ2 a1ᵀ, Σ δ2): the outer products summed over the examples
-  (one example: δ1 xᵀ, δ1, δ2 a1ᵀ, δ2). compute_dtype is what Σ δ1 xᵀ reads."""
-  L = layout
-  return Params(w1=contract(f"{L.hidden},{L.input}->hd", delta1, X, compute_dtype),
-                b1=sum_examples(delta1, L.hidden),
-                w2=contract(f"{L.output},{L.hidden}->kh", delta2, A1),
-                b2=sum_examples(delta2, L.output))
+                compute_dtype: Optional[DTypeLike] = None) -> Params:
+  """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): each example's δ1 xᵀ, δ1, δ2 a1ᵀ, δ2
+  summed over the rows. compute_dtype is what Δ1ᵀ X reads (model.matmul)."""
+  return Params(w1=matmul(delta1.T, X, compute_dtype),
+                b1=jnp.sum(delta1, axis=0),
+                w2=delta2.T @ A1,
+                b2=jnp.sum(delta2, axis=0))
+
+
+def backprop(params: Params, X: Array, Y: Array, w: Array,
+             compute_dtype: Optional[DTypeLike] = None) -> tuple[tuple[Array, Array], Params]:
+  """((loss, logits Z2 (B, K)), Params of gradients) of L = Σ_i ŵ_i L_i: the reference
+  manual pass, for X (B, D) and targets Y (B, K) in the params' dtype and ŵ (B,)."""
+  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
+  loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
+  delta2 = w[:, None] * output_delta(Z2, Y)
+  delta1 = hidden_delta(params, delta2, Z1)
+  return (loss, Z2), param_grads(delta1, delta2, X, A1, compute_dtype)
+
+
+def manual_pass(params: Params, X: Array, Y: Array, w: Array,
+                compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
+                ) -> tuple[tuple[Array, Array], Params]:
+  """`backprop`, or its feature-major kernel where that is the faster program: the one
+  place the manual value and gradients pick between them (feature_major.choose_layout;
+  layout "batch_major" or "feature_major" fixes one)."""
+  layout = layout or feature_major.choose_layout(params.w1.dtype, compute_dtype)
+  feature_major.check_layout(layout)
+  if layout == feature_major.FEATURE_MAJOR:
+    return feature_major.backprop(params, X, Y, w, compute_dtype)
+  return backprop(params, X, Y, w, compute_dtype)
 
 
 def _prepare(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike]
@@ -89,13 +100,14 @@ def _prepare(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[Array
 def value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,
                     weights: Optional[ArrayLike] = None, *,
                     compute_dtype: Optional[DTypeLike] = None,
-                    layout: Optional[Layout] = None) -> tuple[Array, Params]:
+                    layout: Optional[str] = None) -> tuple[Array, Params]:
   """MANUAL (loss, Params of gradients) of mj.loss, by the batched closed form above.
 
   X (B, D); y int labels (B,) or targets (B, K); weights (B,) optional; compute_dtype
-  (bfloat16) is what the two H × D matmuls read (W1 Xᵀ and Δ1ᵀ X, nearly all the FLOPs);
-  the other three and everything else stay in the params' dtype. layout: BATCH_MAJOR or
-  FEATURE_MAJOR (mlp_jax.layout), by default layout.choose_layout's, the faster one.
+  (bfloat16) is what the two H × D matmuls read (X W1ᵀ and Δ1ᵀ X, nearly all the FLOPs);
+  the other three and everything else stay in the params' dtype. layout: "batch_major"
+  (`backprop`) or "feature_major" (its kernel); by default the faster one on this
+  machine (feature_major.choose_layout).
   """
   (loss, _), g = _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype,
                                                      layout)
@@ -105,21 +117,14 @@ def value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,
 def _manual_value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
                                         weights: Optional[ArrayLike],
                                         compute_dtype: Optional[DTypeLike],
-                                        layout: Optional[Layout]
+                                        layout: Optional[str]
                                         ) -> tuple[tuple[Array, Array], Params]:
   Xd, Y, w = _prepare(params, X, y, weights)
-  L = layout or choose_layout(params.w1.dtype, compute_dtype)
-  Z1, A1, Z2 = model.activations(params, Xd, L, compute_dtype)
-  logits = as_rows(Z2, L.output)                                   # (B, K)
-  loss = jnp.sum(w * losses.cross_entropy(logits, Y))
-  delta2 = (along_examples(w, L.output)
-            * output_delta(Z2, from_rows(Y, L.output), L.class_axis))   # ŵ ⊙ Δ2
-  delta1 = hidden_delta(params, delta2, Z1, L)
-  return (loss, logits), param_grads(delta1, delta2, Xd, A1, L, compute_dtype)
+  return manual_pass(params, Xd, Y, w, compute_dtype, layout)
 
 
 def grads(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike] = None,
-          *, compute_dtype: Optional[DTypeLike] = None, layout: Optional[Layout] = None
+          *, compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
           ) -> Params:
   """MANUAL gradients of mj.loss (Params, same shapes as params); see value_and_grads."""
   return value_and_grads(params, X, y, weights, compute_dtype=compute_dtype,
@@ -142,12 +147,10 @@ def autodiff_grads(params: Params, X: ArrayLike, y: ArrayLike,
 
 
 def example_grads(params: Params, x: Array, y: Array) -> Params:
-  """MANUAL gradient of ONE example's loss L(x (D,), y (K,) targets) -> Params: the
-  batch's formulas of ONE_EXAMPLE (δ1 xᵀ, δ1, δ2 a1ᵀ, δ2)."""
-  z1, a1, z2 = model.forward_pass(params, x)
-  delta2 = output_delta(z2, y)                         # δ2 (K,)
-  delta1 = hidden_delta(params, delta2, z1)            # δ1 (H,)
-  return param_grads(delta1, delta2, x, a1)
+  """MANUAL gradient of ONE example's loss L(x (D,), y (K,) targets) -> Params: `backprop`
+  on a batch of that one example, whose sums over rows are δ1 xᵀ, δ1, δ2 a1ᵀ, δ2."""
+  one = jnp.ones((1,), x.dtype)
+  return backprop(params, x[None], y[None], one)[1]
 
 
 def _example_loss(params: Params, x: Array, y: Array) -> Array:
@@ -171,67 +174,57 @@ def per_example_grads(params: Params, X: ArrayLike, y: ArrayLike, method: str = 
   return jax.vmap(one_example, in_axes=(None, 0, 0))(params, Xd, Y)
 
 
-def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array,
-                        layout: Layout) -> tuple[Array, Array]:
+def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array
+                        ) -> tuple[Array, Array]:
   """(‖∇_{W1,b1} L_i‖², ‖∇_{W2,b2} L_i‖²), each (B,), from each example's own δ1, δ2
-  (the deltas of an unweighted sum), X and A1 in `layout`, without forming ∇L_i.
+  (rows of the deltas of an unweighted sum), X and A1, without forming ∇L_i.
 
   ∇W1 = δ1 xᵀ and ∇W2 = δ2 a1ᵀ are outer products, and ‖u vᵀ‖² = ‖u‖²‖v‖², so
       ‖∇_{W1,b1} L_i‖² = ‖δ1_i‖² (‖x_i‖² + 1),  ‖∇_{W2,b2} L_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1).
   """
-  def sq(a: Array, axes: str) -> Array:
-    return sum_features(a * a, axes)
+  def sq(a: Array) -> Array:
+    return jnp.sum(a * a, axis=-1)
 
-  L = layout
-  return (sq(delta1, L.hidden) * (sq(X, L.input) + 1),
-          sq(delta2, L.output) * (sq(A1, L.hidden) + 1))
+  return sq(delta1) * (sq(X) + 1), sq(delta2) * (sq(A1) + 1)
 
 
-def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike, *,
-                           layout: Optional[Layout] = None) -> Array:
+def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike) -> Array:
   """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:
-  ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms).
-  layout as in value_and_grads.
-  """
+  ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms)."""
   Xd, Y, _ = _prepare(params, X, y, None)
-  L = layout or choose_layout(params.w1.dtype, None)
-  Z1, A1, Z2 = model.activations(params, Xd, L)
-  delta2 = output_delta(Z2, from_rows(Y, L.output), L.class_axis)
-  delta1 = hidden_delta(params, delta2, Z1, L)
-  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, Xd, A1, L)
+  Z1, A1, Z2 = model.activations(params, Xd)
+  delta2 = output_delta(Z2, Y)
+  delta1 = hidden_delta(params, delta2, Z1)
+  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, Xd, A1)
   return jnp.sqrt(sq1 + sq2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _manual_vjp_loss(params: Params, X: Array, Y: Array, weights: Optional[Array],
-                     compute_dtype: Optional[DTypeLike], layout: Layout
-                     ) -> tuple[Array, Array]:
+                     compute_dtype: Optional[DTypeLike]) -> tuple[Array, Array]:
   """(loss, logits Z2): the logits are an output too, so a train step can count hits."""
-  return _manual_vjp_forward(params, X, Y, weights, compute_dtype, layout)[0]
+  return _manual_vjp_forward(params, X, Y, weights, compute_dtype)[0]
 
 
 def _manual_vjp_forward(params: Params, X: Array, Y: Array, weights: Optional[Array],
-                        compute_dtype: Optional[DTypeLike], layout: Layout
+                        compute_dtype: Optional[DTypeLike]
                         ) -> tuple[tuple[Array, Array], tuple]:
   w = losses.mean_weights(weights, X.shape[0], params.w1.dtype)
-  L = layout
-  Z1, A1, Z2 = model.activations(params, X, L, compute_dtype)
-  logits = as_rows(Z2, L.output)                                   # (B, K)
-  per_example = losses.cross_entropy(logits, Y)
+  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
+  per_example = losses.cross_entropy(Z2, Y)
   loss = jnp.sum(w * per_example)
-  return (loss, logits), (params, X, Y, weights, w, Z1, A1, logits, per_example, loss)
+  return (loss, Z2), (params, X, Y, weights, w, Z1, A1, Z2, per_example, loss)
 
 
-def _manual_vjp_backward(compute_dtype: Optional[DTypeLike], layout: Layout,
-                         residuals: tuple, cotangents: tuple[Array, Array]) -> tuple:
+def _manual_vjp_backward(compute_dtype: Optional[DTypeLike], residuals: tuple,
+                         cotangents: tuple[Array, Array]) -> tuple:
   """Cotangents of (params, X, Y, weights), every one by its closed form."""
   params, X, Y, weights, w, Z1, A1, Z2, per_example, loss = residuals
   g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
-  L = layout
-  delta2 = from_rows((g * w)[:, None] * output_delta(Z2, Y) + g_z2, L.output)
-  delta1 = hidden_delta(params, delta2, Z1, L)
-  d_params = param_grads(delta1, delta2, X, A1, L, compute_dtype)
-  d_X = contract(f"{L.hidden},hd->bd", delta1, params.w1, compute_dtype)  # ∂L/∂x = W1ᵀ δ1
+  delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
+  delta1 = hidden_delta(params, delta2, Z1)
+  d_params = param_grads(delta1, delta2, X, A1, compute_dtype)
+  d_X = matmul(delta1, params.w1, compute_dtype)                   # ∂L/∂x = W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.
   d_Y = (g * w)[:, None] * (jax.nn.logsumexp(Z2, axis=-1, keepdims=True) - Z2)
   d_weights = None
@@ -247,25 +240,22 @@ _manual_vjp_loss.defvjp(_manual_vjp_forward, _manual_vjp_backward)
 
 def loss_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
                     weights: Optional[ArrayLike] = None, *,
-                    compute_dtype: Optional[DTypeLike] = None,
-                    layout: Optional[Layout] = None) -> Array:
+                    compute_dtype: Optional[DTypeLike] = None) -> Array:
   """mj.loss as a jax.custom_vjp whose backward pass IS the manual formula.
 
   jax.grad, jax.vmap and optax then run on the hand-derived gradient. Gradients with
   respect to X, float targets y and weights are closed forms too. Reverse mode only, by
-  construction: a custom_vjp defines no forward-mode rule, so jax.jvp, jax.jacfwd and
-  jax.hessian of it raise JAX's "can't apply forward-mode autodiff (jvp) to a
-  custom_vjp function"; use mj.loss for those. compute_dtype and layout as in
-  value_and_grads.
+  construction: a custom_vjp defines no forward-mode rule, so jax.jvp and jax.jacfwd of
+  it raise JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; use
+  mj.loss for those. compute_dtype as in value_and_grads.
   """
-  return _loss_and_logits_manual_vjp(params, X, y, weights, compute_dtype=compute_dtype,
-                                     layout=layout)[0]
+  return _loss_and_logits_manual_vjp(params, X, y, weights, compute_dtype=compute_dtype)[0]
 
 
 def _loss_and_logits_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
                                 weights: Optional[ArrayLike] = None, *,
-                                compute_dtype: Optional[DTypeLike] = None,
-                                layout: Optional[Layout] = None) -> tuple[Array, Array]:
+                                compute_dtype: Optional[DTypeLike] = None
+                                ) -> tuple[Array, Array]:
   """(loss_manual_vjp, logits Z2 (B, K)), both through the custom_vjp."""
   _, _, _, k = checks.check_all(params, X, y, weights)
   labels = jnp.asarray(y)
@@ -273,28 +263,27 @@ def _loss_and_logits_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
   if labels.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
     Y = jax.lax.stop_gradient(Y)
   w = None if weights is None else jnp.asarray(weights, params.w1.dtype)
-  return _manual_vjp_loss(params, jnp.asarray(X, params.w1.dtype), Y, w, compute_dtype,
-                          layout or choose_layout(params.w1.dtype, compute_dtype))
+  return _manual_vjp_loss(params, jnp.asarray(X, params.w1.dtype), Y, w, compute_dtype)
 
 
 def value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
                                 weights: Optional[ArrayLike] = None, *,
                                 method: str = "manual",
                                 compute_dtype: Optional[DTypeLike] = None,
-                                layout: Optional[Layout] = None
+                                layout: Optional[str] = None
                                 ) -> tuple[tuple[Array, Array], Params]:
   """((loss, logits Z2 (B, K)), Params of gradients), by `method`:
 
-  "manual" (the closed form), "autodiff" (jax.value_and_grad of mj.loss) or
-  "manual_vjp" (jax.value_and_grad of loss_manual_vjp); layout is the manual passes'
-  (autodiff's is jax.grad's own). A train step takes its accuracy from these logits
-  instead of running the forward pass twice.
+  "manual" (the closed form, in `layout` as in value_and_grads), "autodiff"
+  (jax.value_and_grad of mj.loss) or "manual_vjp" (jax.value_and_grad of
+  loss_manual_vjp). A train step takes its accuracy from these logits instead of
+  running the forward pass twice.
   """
   if method == "manual":
     return _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype, layout)
   if method == "manual_vjp":
     return jax.value_and_grad(_loss_and_logits_manual_vjp, has_aux=True)(
-        params, X, y, weights, compute_dtype=compute_dtype, layout=layout)
+        params, X, y, weights, compute_dtype=compute_dtype)
   if method != "autodiff":
     raise ValueError(f"method must be 'manual', 'autodiff' or 'manual_vjp', got {method!r}.")
   return jax.value_and_grad(losses.loss_and_logits, has_aux=True)(

@@ -4,7 +4,7 @@
 
 Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,). `forward` takes one example and
 `logits` a batch, by jax.vmap of it; `activations` is the one place the layers are
-written, for one example or a batch in either layout (mlp_jax/layout.py).
+written, for one example x (D,) or a batch X (B, D) whose rows are examples.
 """
 
 from typing import NamedTuple, Optional
@@ -16,10 +16,6 @@ from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
 from mlp_jax import checks
-from mlp_jax.layout import Layout
-from mlp_jax.layout import ONE_EXAMPLE
-from mlp_jax.layout import along_features
-from mlp_jax.layout import contract
 
 
 class Params(NamedTuple):
@@ -68,29 +64,38 @@ def relu(z: Array) -> Array:
   return jnp.where(z < 0, jnp.zeros_like(z), z)
 
 
-def activations(params: "Params", X: Array, layout: Layout = ONE_EXAMPLE,
-                compute_dtype: Optional[DTypeLike] = None) -> tuple[Array, Array, Array]:
-  """(Z1, A1, Z2): every activation backprop needs, of one example x (D,) or a batch
-  X (B, D), with the axes of `layout` (mlp_jax/layout.py):
+def matmul(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
+  """a @ b. With a compute_dtype (bfloat16) other than a's, both operands are rounded to
+  it and the products accumulate in float32 (or a's dtype, if wider), the result's dtype."""
+  if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
+    return a @ b
+  return jnp.matmul(a.astype(compute_dtype), b.astype(compute_dtype),
+                    preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
-      Z1 = W1 X + b1      A1 = ReLU(Z1)      Z2 = W2 A1 + b2
 
-  compute_dtype (e.g. bfloat16) is the dtype W1 X reads, the H × D product that holds
-  nearly all the FLOPs; the output layer W2 A1 (K × H, K ≪ H), the biases, Z1, A1 and
-  Z2 stay in the params' dtype (mixed precision that keeps the logits exact to float32).
+def activations(params: "Params", X: Array, compute_dtype: Optional[DTypeLike] = None
+                ) -> tuple[Array, Array, Array]:
+  """(Z1, A1, Z2): every activation backprop needs, of a batch X (B, D), one example
+  per row:
+
+      Z1 = X W1ᵀ + b1  (B, H)      A1 = ReLU(Z1)  (B, H)      Z2 = A1 W2ᵀ + b2  (B, K)
+
+  row by row the seed's z1 = W1 x + b1, a1 = ReLU(z1), z2 = W2 a1 + b2. compute_dtype
+  (e.g. bfloat16) is the dtype X W1ᵀ reads, the H × D product that holds nearly all the
+  FLOPs; the output layer (K × H, K ≪ H), the biases, Z1, A1 and Z2 stay in the params'
+  dtype (mixed precision that keeps the logits exact to float32).
   """
-  L = layout
-  Z1 = contract(f"hd,{L.input}->{L.hidden}", params.w1, X, compute_dtype)
-  Z1 = Z1 + along_features(params.b1, L.hidden)
+  Z1 = matmul(X, params.w1.T, compute_dtype) + params.b1[None, :]
   A1 = relu(Z1)
-  Z2 = contract(f"kh,{L.hidden}->{L.output}", params.w2, A1)
-  return Z1, A1, Z2 + along_features(params.b2, L.output)
+  Z2 = A1 @ params.w2.T + params.b2[None, :]
+  return Z1, A1, Z2
 
 
 def forward_pass(params: "Params", x: Array, compute_dtype: Optional[DTypeLike] = None
                  ) -> tuple[Array, Array, Array]:
-  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): `activations` of ONE_EXAMPLE."""
-  return activations(params, x, ONE_EXAMPLE, compute_dtype)
+  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): `activations` of a batch of one."""
+  z1, a1, z2 = activations(params, x[None, :], compute_dtype)
+  return z1[0], a1[0], z2[0]
 
 
 def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None

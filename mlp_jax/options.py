@@ -36,7 +36,7 @@ class Hyperparams(NamedTuple):
   label_smoothing: float = 0.1
   grads: str = "manual"           # manual | autodiff | manual_vjp
   compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
-  layout: str = "auto"            # auto | batch_major | feature_major (mlp_jax/layout.py)
+  layout: str = "auto"            # auto | batch_major | feature_major (mlp_jax/feature_major.py)
   ema_decay: float = 0.0          # β of the params' moving average; 0: none
 
 

@@ -35,11 +35,6 @@ from mlp_jax.gradients import hidden_delta
 from mlp_jax.gradients import layer_grad_sq_norms
 from mlp_jax.gradients import output_delta
 from mlp_jax.gradients import param_grads
-from mlp_jax.layout import Layout
-from mlp_jax.layout import along_examples
-from mlp_jax.layout import as_rows
-from mlp_jax.layout import choose_layout
-from mlp_jax.layout import from_rows
 from mlp_jax.model import Params
 from mlp_jax.options import CLIPPINGS
 from mlp_jax.options import DP_EXTRA
@@ -97,18 +92,17 @@ def clip_factor(norm: Array, bound: ArrayLike) -> Array:
 
 def clipped_sum_with_logits(params: Params, X: Array, Y: Array, mask: Array,
                             clip_norm: ClipNorm, clipping: str,
-                            compute_dtype: Optional[DTypeLike] = None,
-                            layout: Optional[Layout] = None
+                            compute_dtype: Optional[DTypeLike] = None
                             ) -> tuple[tuple[Array, Array], Params, Array]:
   """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
   Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum.
-  compute_dtype and layout as in mj.value_and_grads."""
+  compute_dtype as in mj.value_and_grads. gradients.py's pass, with each row of Δ1 and
+  Δ2 scaled by its clip factor before the sums over rows."""
   c1_bound, c2_bound = layer_clip_norms(clip_norm, clipping)
-  L = layout or choose_layout(params.w1.dtype, compute_dtype)
-  Z1, A1, Z2 = model.activations(params, X, L, compute_dtype)
-  delta2 = output_delta(Z2, from_rows(Y, L.output), L.class_axis)   # δ2_i
-  delta1 = hidden_delta(params, delta2, Z1, L)                             # δ1_i
-  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1, L)          # per layer, (B,)
+  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
+  delta2 = output_delta(Z2, Y)                                      # δ2_i
+  delta1 = hidden_delta(params, delta2, Z1)                         # δ1_i
+  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)             # per layer, (B,)
   if clipping == "flat":
     norms = jnp.sqrt(sq1 + sq2)
     c1 = c2 = clip_factor(norms, c1_bound)
@@ -117,23 +111,18 @@ def clipped_sum_with_logits(params: Params, X: Array, Y: Array, mask: Array,
     c1, c2 = clip_factor(norms[:, 0], c1_bound), clip_factor(norms[:, 1], c2_bound)
   # A padding row, or one whose gradient is not finite, contributes exactly 0: `where`,
   # not a product, so that a NaN or inf in it cannot leak through 0 · NaN.
-  keep = (mask > 0) & jnp.isfinite(sq1 + sq2)
+  keep = ((mask > 0) & jnp.isfinite(sq1 + sq2))[:, None]
   m = mask.astype(X.dtype)
-
-  def kept(a: Array, axes: str, scale: Optional[Array] = None) -> Array:
-    scaled = a if scale is None else along_examples(scale, axes) * a
-    return jnp.where(along_examples(keep, axes), scaled, 0)
-
-  grad_sum = param_grads(kept(delta1, L.hidden, m * c1), kept(delta2, L.output, m * c2),
-                         kept(X, L.input), kept(A1, L.hidden), L, compute_dtype)
-  logits = as_rows(Z2, L.output)                                   # (B, K)
-  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(logits, Y), 0))
-  return (loss_sum, logits), grad_sum, norms
+  grad_sum = param_grads(jnp.where(keep, (m * c1)[:, None] * delta1, 0),
+                         jnp.where(keep, (m * c2)[:, None] * delta2, 0),
+                         jnp.where(keep, X, 0), jnp.where(keep, A1, 0), compute_dtype)
+  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(Z2, Y), 0))
+  return (loss_sum, Z2), grad_sum, norms
 
 
 def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike, clip_norm: ClipNorm,
-                     mask: Optional[ArrayLike] = None, *, clipping: str = "flat",
-                     layout: Optional[Layout] = None) -> tuple[Params, Array]:
+                     mask: Optional[ArrayLike] = None, *, clipping: str = "flat"
+                     ) -> tuple[Params, Array]:
   """Σ_i m_i c_i ∇L_i, the sum of per-example gradients clipped to norm C, and the norms.
 
   One forward and one backward pass (the closed form in this module's docstring); no
@@ -141,14 +130,14 @@ def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike, clip_norm: Clip
   of 0/1 (padding rows 0; default all 1); clip_norm C (flat), or for per_layer C (each
   layer clipped to C/√2) or a pair (C1, C2). A row whose gradient is not finite
   contributes 0. Returns (Params, norms): norms are the UNclipped ‖g_i‖ (B,) (flat) or
-  [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖] (B, 2) (per_layer). layout as in mj.value_and_grads.
+  [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖] (B, 2) (per_layer).
   """
   b, _, _, k = checks.check_all(params, X, y, mask, weights_name="mask", mean=False)
   dtype = params.w1.dtype
   Y = losses.targets(jnp.asarray(y), k, dtype)
   mask = jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask)
   _, grad_sum, norms = clipped_sum_with_logits(params, jnp.asarray(X, dtype), Y, mask,
-                                                clip_norm, clipping, layout=layout)
+                                                clip_norm, clipping)
   return grad_sum, norms
 
 

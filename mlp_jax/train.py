@@ -28,7 +28,6 @@ from mlp_jax import model
 from mlp_jax import parallel
 from mlp_jax import privacy
 from mlp_jax.gradients import value_and_grads_with_logits
-from mlp_jax.layout import layout_named
 from mlp_jax.model import Params
 from mlp_jax.options import COMPUTE_DTYPES
 from mlp_jax.options import GRADIENTS
@@ -186,6 +185,11 @@ def smooth_targets(y: Array, num_classes: int, label_smoothing: ArrayLike) -> Ar
 TrainStep = Callable[[TrainState, Any], tuple[TrainState, tuple[Array, ...]]]
 
 
+def _layout(hp: Hyperparams) -> Optional[str]:
+  """The manual pass's layout hp.layout asks for; None for "auto" (the faster one)."""
+  return None if hp.layout == "auto" else hp.layout
+
+
 def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) -> TrainStep:
   """train_step(state, (x (B, D), y (B,), w (B,))) -> (state, (Σ w·L, Σ w·correct))."""
   compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
@@ -198,7 +202,7 @@ def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) ->
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
     (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w, method=hp.grads,
                                                 compute_dtype=compute_dtype,
-                                                layout=layout_named(hp.layout))
+                                                layout=_layout(hp))
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hits = jnp.argmax(z2, axis=-1) == y
@@ -233,8 +237,7 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
                        dtype)
     (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
-        state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype,
-        layout_named(hp.layout))
+        state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype)
     g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
                           dp.clipping, expected_batch_size)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)

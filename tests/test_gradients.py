@@ -17,7 +17,7 @@ import pytest
 
 import conftest
 import mlp_jax as mj
-from mlp_jax import layout as mj_layout
+from mlp_jax import feature_major
 from mlp_jax import losses as mj_losses
 from mlp_jax.gradients import _loss_and_logits_manual_vjp
 from mlp_jax.gradients import value_and_grads_with_logits
@@ -29,10 +29,10 @@ from mlp_jax.gradcheck import relative_error
 
 pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 
-# Every formula is written once for both batch layouts; each test of a batched manual
-# gradient runs in both, whichever layout.choose_layout picks on this machine.
-LAYOUTS = pytest.mark.parametrize("layout", list(mj_layout.LAYOUTS.values()),
-                                  ids=list(mj_layout.LAYOUTS))
+# The manual value and gradients run the reference (gradients.backprop, "batch_major") or
+# its kernel ("feature_major"); each test of them runs both, whichever
+# feature_major.choose_layout picks on this machine.
+LAYOUTS = pytest.mark.parametrize("layout", feature_major.LAYOUTS)
 
 SHAPES = st.tuples(st.integers(1, 6), st.integers(1, 5), st.integers(1, 6),
                    st.integers(2, 4), st.integers(0, 2**16))
@@ -60,7 +60,7 @@ def test_manual_equals_autodiff_and_finite_differences_float64(shape):
   fd = finite_difference_grads(lambda p: mj.loss(p, X, y), params)
   loss = float(jax.jit(mj.loss)(params, X, y))
   rounding = 100 * np.finfo(np.float64).eps * max(1.0, abs(loss))
-  for layout in mj_layout.LAYOUTS.values():
+  for layout in feature_major.LAYOUTS:
     manual = jax.jit(functools.partial(mj.grads, layout=layout))(params, X, y)
     assert_close(manual, autodiff, 1e-12)
     for name, m, f in zip(mj.Params._fields, manual, fd):
@@ -77,7 +77,7 @@ def test_manual_equals_autodiff_float32(shape):
   B, D, H, K, seed = shape
   params, X, y = random_problem(seed, B, D, H, K, jnp.float32)
   autodiff = jax.jit(mj.autodiff_grads)(params, X, y)
-  for layout in mj_layout.LAYOUTS.values():
+  for layout in feature_major.LAYOUTS:
     manual = jax.jit(functools.partial(mj.grads, layout=layout))(params, X, y)
     assert manual.w1.dtype == jnp.float32
     assert_close(manual, autodiff, 1e-5)
@@ -209,30 +209,27 @@ def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
   assert_close(weighted_mean, grads(params, X, y, w), 1e-12)
 
 
-def test_layer_grad_sq_norms_are_each_examples_in_every_layout():
-  """‖δ1_i‖²(‖x_i‖² + 1) and ‖δ2_i‖²(‖a1_i‖² + 1) per example: rows (batch-major),
-  columns (feature-major) or one example's vectors."""
+def test_layer_grad_sq_norms_are_each_examples():
+  """‖δ1_i‖²(‖x_i‖² + 1) and ‖δ2_i‖²(‖a1_i‖² + 1) per example (row), for a batch and for a
+  batch of one."""
   from mlp_jax.gradients import layer_grad_sq_norms  # pylint: disable=g-import-not-at-top
   shapes = {"d1": (3, 5), "d2": (3, 2), "X": (3, 4), "A1": (3, 5)}
   a = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s) in enumerate(shapes.items())}
   sq = {k: jnp.sum(v ** 2, axis=1) for k, v in a.items()}
   want = (sq["d1"] * (sq["X"] + 1), sq["d2"] * (sq["A1"] + 1))
-  rows = layer_grad_sq_norms(a["d1"], a["d2"], a["X"], a["A1"], mj_layout.BATCH_MAJOR)
-  cols = layer_grad_sq_norms(a["d1"].T, a["d2"].T, a["X"], a["A1"].T, mj_layout.FEATURE_MAJOR)
-  for got in (rows, cols):
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(layer_grad_sq_norms(a["d1"], a["d2"], a["X"], a["A1"]), want,
+                             rtol=1e-6)
   for i in range(3):
-    one = layer_grad_sq_norms(a["d1"][i], a["d2"][i], a["X"][i], a["A1"][i],
-                              mj_layout.ONE_EXAMPLE)
-    np.testing.assert_allclose(one, (want[0][i], want[1][i]), rtol=1e-6)
+    one = layer_grad_sq_norms(a["d1"][i:i + 1], a["d2"][i:i + 1], a["X"][i:i + 1],
+                              a["A1"][i:i + 1])
+    np.testing.assert_allclose(one, (want[0][i:i + 1], want[1][i:i + 1]), rtol=1e-6)
 
 
-@LAYOUTS
-def test_per_example_grad_norms_equal_norms_of_per_example_grads(layout):
+def test_per_example_grad_norms_equal_norms_of_per_example_grads():
   params, X, y = problem(batch=9, in_dim=5, hidden=8, classes=4, dtype=jnp.float32)
   per_example = mj.per_example_grads(params, X, y)
   norms = jnp.sqrt(sum(jnp.sum(leaf.reshape(9, -1) ** 2, axis=1) for leaf in per_example))
-  got = mj.per_example_grad_norms(params, X, y, layout=layout)
+  got = mj.per_example_grad_norms(params, X, y)
   assert got.shape == (9,) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, norms, rtol=1e-5)
 
@@ -244,13 +241,14 @@ def test_per_example_grad_norms_materialise_nothing_of_size_bhd():
   assert conftest.largest_value(jaxpr) < B * H * D / 4
 
 
-@LAYOUTS
-def test_loss_manual_vjp_gradients_equal_grads(layout):
+def test_loss_manual_vjp_gradients_equal_grads():
   params, X, y = problem(batch=6)
-  loss_manual_vjp = functools.partial(mj.loss_manual_vjp, layout=layout)
+  loss_manual_vjp = mj.loss_manual_vjp
   value, g = jax.jit(jax.value_and_grad(loss_manual_vjp))(params, X, y)
   np.testing.assert_allclose(value, jax.jit(mj.loss)(params, X, y), rtol=1e-14)
-  assert_close(g, jax.jit(functools.partial(mj.grads, layout=layout))(params, X, y), 1e-14)
+  for layout in feature_major.LAYOUTS:
+    grads = jax.jit(functools.partial(mj.grads, layout=layout))
+    assert_close(g, grads(params, X, y), 1e-14)
   # Its cotangents for X, soft targets and weights are closed forms too.
   Y = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, 3), jnp.float64))
   w = jnp.array([1.0, 2.0, 0.0, 0.5, 1.0, 3.0])
@@ -405,8 +403,9 @@ def bfloat16_reference_input_grad(params, X, y, w):
   return jnp.matmul(_bfloat16_rounded(delta1), W1r, precision=hi)
 
 
-@LAYOUTS
-@pytest.mark.parametrize("method", ["manual", "manual_vjp"])
+@pytest.mark.parametrize("method,layout", [("manual", "batch_major"),
+                                           ("manual", "feature_major"),
+                                           ("manual_vjp", None)])
 def test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands(method, layout):
   """With weights (as the runner's padding rows and k-fold masks give) and a stack of
   models (vmap), to the float32 summation bound n·u, n = 64 terms, u = 2^-24: a wrong
@@ -433,7 +432,7 @@ def test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands(method,
       assert error <= tolerance, (name, error)
   if method == "manual_vjp":  # its cotangent of X is a closed form too: Δ1 W1
     d_X = jax.jit(jax.grad(lambda X: mj.loss_manual_vjp(
-        params, X, y, w, compute_dtype=jnp.bfloat16, layout=layout)))(X)
+        params, X, y, w, compute_dtype=jnp.bfloat16)))(X)
     want = jax.jit(bfloat16_reference_input_grad)(params, X, y, w)
     assert float(jnp.max(jnp.abs(d_X - want)) / jnp.max(jnp.abs(want))) <= tolerance
 
@@ -474,19 +473,17 @@ def test_float32_params_compute_nothing_in_float64_under_x64(layout):
   params, X, y = problem(batch=3, dtype=jnp.float32)
   X, w = np.asarray(X, np.float64), np.ones(3)
   Y = np.eye(3)[np.asarray(y)]
-  hp = train.Hyperparams(layout=layout.name)
+  hp = train.Hyperparams(layout=layout)
   optimizer = train.make_optimizer(hp)
   state = train.init_model_state(0, 4, 6, 3, optimizer)
   dp = privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)
   entry_points = {
       "loss": lambda: mj.loss(params, X, y, w),
       "accuracy": lambda: mj.accuracy(params, X, y, w),
-      "loss_manual_vjp": lambda: jax.grad(lambda p: mj.loss_manual_vjp(
-          p, X, Y, w, layout=layout))(params),
+      "loss_manual_vjp": lambda: jax.grad(lambda p: mj.loss_manual_vjp(p, X, Y, w))(params),
       "per_example_grads": lambda: mj.per_example_grads(params, X, y),
-      "per_example_grad_norms": lambda: mj.per_example_grad_norms(params, X, y,
-                                                                  layout=layout),
-      "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0, w, layout=layout),
+      "per_example_grad_norms": lambda: mj.per_example_grad_norms(params, X, y),
+      "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0, w),
       "train_step": lambda: train.make_train_step(hp, optimizer)(state, (X, y, w)),
       "dp_train_step": lambda: train.make_dp_train_step(hp, optimizer, dp)(
           state, (jnp.asarray(X), y)),     # the resident data: a device array
@@ -496,63 +493,6 @@ def test_float32_params_compute_nothing_in_float64_under_x64(layout):
         params, X, Y, w, method=method, layout=layout)
   for name, fn in entry_points.items():
     assert not float64_arrays(jax.make_jaxpr(fn)()), name
-
-
-def test_the_layout_helpers_put_the_example_axis_where_each_layout_says():
-  """along_examples/along_features broadcast a vector against an array of the layout's
-  axes, as_rows/from_rows move the example axis first and back, the sums reduce the
-  example or the feature axis; for one example there is no example axis to touch."""
-  B, H = 3, 4
-  per_example, per_feature = jnp.arange(1.0, B + 1), jnp.arange(1.0, H + 1)
-  rows = jnp.arange(B * H, dtype=jnp.float64).reshape(B, H)            # "bh"
-  for axes, a in (("bh", rows), ("hb", rows.T)):
-    scaled = a * mj_layout.along_examples(per_example, axes)
-    np.testing.assert_array_equal(mj_layout.as_rows(scaled, axes), rows * per_example[:, None])
-    shifted = a + mj_layout.along_features(per_feature, axes)
-    np.testing.assert_array_equal(mj_layout.as_rows(shifted, axes), rows + per_feature[None])
-    np.testing.assert_array_equal(mj_layout.from_rows(rows, axes), a)
-    np.testing.assert_array_equal(mj_layout.sum_examples(a, axes), rows.sum(0))
-    np.testing.assert_array_equal(mj_layout.sum_features(a, axes), rows.sum(1))
-  one = rows[0]                                                        # "h"
-  for helper in (mj_layout.as_rows, mj_layout.from_rows, mj_layout.sum_examples):
-    assert helper(one, "h") is one
-  assert mj_layout.along_examples(jnp.float64(2.0), "h") == 2.0
-  np.testing.assert_array_equal(mj_layout.along_features(per_feature, "h"), per_feature)
-  assert mj_layout.sum_features(one, "h") == one.sum()
-  # contract: jnp.einsum as one dot_general (an operand may have several free axes), so
-  # no spec it cannot write as one.
-  v = jnp.arange(2.0)
-  np.testing.assert_array_equal(mj_layout.contract("hb,k->hbk", rows.T, v),
-                                jnp.einsum("hb,k->hbk", rows.T, v))
-  np.testing.assert_array_equal(mj_layout.contract("k,bh->bhk", v, rows),
-                                jnp.einsum("k,bh->bhk", v, rows))
-  with pytest.raises(ValueError, match=re.escape("contract('hd,bd->bh'): operands of 1 and "
-                                                 "2 axes")):
-    mj_layout.contract("hd,bd->bh", one, rows)
-  for spec in ("hd,bd->hbd", "hx,hb->b"):   # a transpose; a sum over one operand's axis
-    with pytest.raises(ValueError, match=re.escape(f"contract({spec!r}): the output must be "
-                                                   "one operand's free axes then the other's")):
-      mj_layout.contract(spec, rows, rows)
-
-
-def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
-  """On a CPU: feature-major for bfloat16 with AMX or on an AMD EPYC with AVX512_BF16,
-  and for float32 on an AMD EPYC (where each was measured faster), else batch-major;
-  batch-major on other backends."""
-  fm, bm = mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR
-  cpus = {"Intel(R) Xeon(R) Processor": (bm, fm, {"avx512_bf16", "amx_bf16"}),
-          "Intel(R) Xeon(R) CPU": (bm, bm, {"avx512_bf16"}),
-          "AMD EPYC 9B14": (fm, fm, {"avx2", "avx512_bf16"}),
-          "AMD EPYC 7B13": (fm, bm, {"avx2"}), "": (bm, bm, {"avx512_bf16"})}
-  on_cpu = jax.default_backend() == "cpu"
-  for model, (float32, bfloat16, flags) in cpus.items():
-    monkeypatch.setattr(mj_layout, "cpu_info", lambda m=model, f=flags: (m, frozenset(f)))
-    assert mj_layout.choose_layout(jnp.float32, None) is (float32 if on_cpu else bm)
-    assert mj_layout.choose_layout(jnp.float32, jnp.float32) is (float32 if on_cpu else bm)
-    assert mj_layout.choose_layout(jnp.float32, jnp.bfloat16) is (bfloat16 if on_cpu else bm)
-  assert mj_layout.layout_named("auto") is None
-  with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major"):
-    mj_layout.layout_named("row_major")
 
 
 @pytest.mark.parametrize("name", ["forward", "logits", "loss", "value_and_grads",
@@ -583,64 +523,74 @@ def test_every_public_function_passes_compute_dtype_on(name, dtype):
   assert float(jnp.max(jnp.abs(got - fn(params, X, None)))) > 1e3 * 2.0**-24 * scale
 
 
-@pytest.mark.parametrize("name", ["value_and_grads", "grads", "loss_manual_vjp",
-                                  "value_and_grads_with_logits",
-                                  "value_and_grads_with_logits_vjp", "per_example_grad_norms",
-                                  "clipped_grad_sum", "train_step", "dp_train_step",
-                                  "clipped_sum_with_logits"])
+@pytest.mark.parametrize("name", ["value_and_grads", "grads", "value_and_grads_with_logits",
+                                  "train_step"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
-  """Both layouts give equal values, so only the contractions tell which ran: every one
-  a function traces reads the example axis where the layout asked for puts it; with no
-  layout, where choose_layout puts it for the params' dtype and the compute dtype."""
-  from mlp_jax import gradients, model, privacy, train  # pylint: disable=g-import-not-at-top
+  """Both layouts give equal values, so only the call tells which ran: the manual value
+  and gradients run the pass the layout asks for, and with no layout the one
+  choose_layout picks, asked with the params' dtype and the compute dtype."""
+  from mlp_jax import gradients, train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
-  Y = jax.nn.one_hot(y, 3, dtype=X.dtype)
   bf16 = jnp.bfloat16
-  fn, compute_dtype = {
-      "value_and_grads": (lambda L: mj.value_and_grads(
-          params, X, y, layout=L, compute_dtype=bf16), bf16),
-      "grads": (lambda L: mj.grads(params, X, y, layout=L, compute_dtype=bf16), bf16),
-      "loss_manual_vjp": (lambda L: jax.grad(lambda p: mj.loss_manual_vjp(
-          p, X, y, layout=L, compute_dtype=bf16))(params), bf16),
-      "value_and_grads_with_logits": (lambda L: value_and_grads_with_logits(
-          params, X, y, method="manual", layout=L, compute_dtype=bf16), bf16),
-      "value_and_grads_with_logits_vjp": (lambda L: value_and_grads_with_logits(
-          params, X, y, method="manual_vjp", layout=L, compute_dtype=bf16), bf16),
-      "per_example_grad_norms": (lambda L: mj.per_example_grad_norms(
-          params, X, y, layout=L), None),
-      "clipped_grad_sum": (lambda L: mj.clipped_grad_sum(params, X, y, 1.0, layout=L), None),
-      "clipped_sum_with_logits": (lambda L: privacy.clipped_sum_with_logits(
-          params, X, Y, jnp.ones(3), 1.0, "flat", bf16, layout=L), bf16),
-      "train_step": (lambda L: train_step(L, dp=None), bf16),
-      "dp_train_step": (lambda L: train_step(
-          L, dp=privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)), bf16),
-  }[name]
 
-  def train_step(L, dp):
-    hp = train.Hyperparams(layout=L.name if L else "auto", compute_dtype="bfloat16")
+  def train_step(L):
+    hp = train.Hyperparams(layout=L or "auto", compute_dtype="bfloat16")
     optimizer = train.make_optimizer(hp)
     state = train.init_model_state(0, 4, 6, 3, optimizer)
-    if dp is None:
-      return train.make_train_step(hp, optimizer)(state, (X, y, jnp.ones(3)))
+    return train.make_train_step(hp, optimizer)(state, (X, y, jnp.ones(3)))
+
+  fn = {"value_and_grads": lambda L: mj.value_and_grads(params, X, y, layout=L,
+                                                         compute_dtype=bf16),
+        "grads": lambda L: mj.grads(params, X, y, layout=L, compute_dtype=bf16),
+        "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
+            params, X, y, method="manual", layout=L, compute_dtype=bf16),
+        "train_step": train_step}[name]
+  ran, chosen = [], []
+  for module, which in ((gradients, "batch_major"), (feature_major, "feature_major")):
+    real = module.backprop
+    monkeypatch.setattr(module, "backprop",
+                        lambda *a, real=real, which=which: ran.append(which) or real(*a))
+  monkeypatch.setattr(feature_major, "choose_layout",
+                      lambda *dtypes: chosen.append(dtypes) or "feature_major")
+  for asked, runs in (("batch_major", "batch_major"), ("feature_major", "feature_major"),
+                      (None, "feature_major")):
+    ran.clear()
+    jax.make_jaxpr(lambda L=asked: fn(L))()
+    assert ran == [runs], (name, asked, ran)
+  assert chosen == [(jnp.float32, bf16)], chosen
+  with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major"):
+    fn("row_major")
+
+
+@pytest.mark.parametrize("name", ["loss_manual_vjp", "per_example_grads",
+                                  "per_example_grad_norms", "clipped_grad_sum",
+                                  "dp_train_step"])
+def test_the_other_manual_passes_are_the_reference(name, monkeypatch):
+  """loss_manual_vjp's backward pass, the per-example gradients and norms and the DP
+  clipped sum are gradients.py's pass (its δ1), never the kernel, whatever the choice."""
+  from mlp_jax import gradients, privacy, train  # pylint: disable=g-import-not-at-top
+  params, X, y = problem(batch=3, dtype=jnp.float32)
+
+  def dp_train_step():
+    hp = train.Hyperparams(compute_dtype="bfloat16")
+    optimizer = train.make_optimizer(hp)
+    state = train.init_model_state(0, 4, 6, 3, optimizer)
+    dp = privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)
     return train.make_dp_train_step(hp, optimizer, dp)(state, (X, y))
 
-  specs, chosen = [], []
-  for module in (gradients, model):
-    real = module.contract
-    monkeypatch.setattr(module, "contract",
-                        lambda spec, *a, real=real: specs.append(spec) or real(spec, *a))
-  for module in (gradients, privacy):   # no layout asked: this choice, for these dtypes
-    monkeypatch.setattr(module, "choose_layout",
-                        lambda *dtypes: chosen.append(dtypes) or mj_layout.FEATURE_MAJOR)
-  for asked, runs, other in ((mj_layout.BATCH_MAJOR,) * 2 + (mj_layout.FEATURE_MAJOR,),
-                             (mj_layout.FEATURE_MAJOR,) * 2 + (mj_layout.BATCH_MAJOR,),
-                             (None, mj_layout.FEATURE_MAJOR, mj_layout.BATCH_MAJOR)):
-    specs.clear()
-    jax.make_jaxpr(lambda L=asked: fn(L))()
-    used = {axes for spec in specs for axes in spec.replace("->", ",").split(",")}
-    assert {runs.hidden, runs.output} <= used, (name, asked, specs)
-    assert not {other.hidden, other.output} & used, (name, asked, specs)
-  assert chosen and all(dtypes == (jnp.float32, compute_dtype) for dtypes in chosen), chosen
+  fn = {"loss_manual_vjp": lambda: jax.grad(mj.loss_manual_vjp)(params, X, y),
+        "per_example_grads": lambda: mj.per_example_grads(params, X, y),
+        "per_example_grad_norms": lambda: mj.per_example_grad_norms(params, X, y),
+        "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0),
+        "dp_train_step": dp_train_step}[name]
+  ran = []
+  for module in (gradients, privacy):
+    monkeypatch.setattr(module, "hidden_delta",
+                        lambda *a, real=gradients.hidden_delta: ran.append(1) or real(*a))
+  monkeypatch.setattr(feature_major, "choose_layout", lambda *dtypes: "feature_major")
+  monkeypatch.setattr(feature_major, "backprop", lambda *a: pytest.fail("the kernel ran"))
+  jax.make_jaxpr(fn)()
+  assert ran, name
 
 
 def test_the_method_names_the_formula_that_runs(monkeypatch):

@@ -19,7 +19,6 @@ from conftest import tiny_config
 import mlp_jax as mj
 from mlp_jax import data
 from mlp_jax import experiment
-from mlp_jax import layout as mj_layout
 from mlp_jax import privacy
 from mlp_jax.gradcheck import random_problem
 from mlp_jax.gradcheck import relative_error
@@ -62,18 +61,13 @@ def hostile_problem(dtype):
   return params, X, Y, mask
 
 
-LAYOUTS = pytest.mark.parametrize("layout", list(mj_layout.LAYOUTS.values()),
-                                  ids=list(mj_layout.LAYOUTS))
-
-
-@LAYOUTS
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-12), (jnp.float32, 1e-5)])
-def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, layout, x64):
+def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, x64):
   params, X, Y, mask = hostile_problem(dtype)
   for clip_norm in (0.05, 1.0, 1e6):   # most rows clipped, some, none
-    got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames=("clipping", "layout"))(
-        params, X, Y, clip_norm, mask, clipping=clipping, layout=layout)
+    got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames="clipping")(
+        params, X, Y, clip_norm, mask, clipping=clipping)
     want = reference_clipped_sum(params, X, Y, mask, clip_norm, clipping=clipping)
     for name, a, b in zip(mj.Params._fields, got, want):
       assert bool(jnp.all(jnp.isfinite(a))), name
@@ -117,8 +111,7 @@ def bfloat16_reference_clipped_sum(params, X, Y, mask, clip_norm):
                    jnp.sum(d2, 0))
 
 
-@LAYOUTS
-def test_bfloat16_clipped_sum_is_float32_arithmetic_on_the_rounded_operands(layout):
+def test_bfloat16_clipped_sum_is_float32_arithmetic_on_the_rounded_operands():
   """The DP path in bfloat16, with padding rows and clipped rows, to the float32
   summation bound n·u (n = 64 terms, u = 2^-24): a clip factor or the mask dropped, or a
   0.5% error in one leaf, is a thousand times that."""
@@ -127,7 +120,7 @@ def test_bfloat16_clipped_sum_is_float32_arithmetic_on_the_rounded_operands(layo
   Y = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (48,), 0, 10), 10)
   mask = jnp.ones(48).at[:5].set(0).at[5].set(0.5)    # 5 padding rows; Σ m_i c_i g_i
   clipped = jax.jit(lambda p, C: privacy.clipped_sum_with_logits(
-      p, X, Y, mask, C, "flat", jnp.bfloat16, layout)[1:])
+      p, X, Y, mask, C, "flat", jnp.bfloat16)[1:])
   for clip_norm in (8.0, 1e6):                        # some rows clipped, none
     got, norms = clipped(params, clip_norm)
     assert float(jnp.min(norms[5:])) < 8.0 < float(jnp.max(norms[5:]))

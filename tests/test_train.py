@@ -12,7 +12,7 @@ import pytest
 
 import conftest
 import mlp_jax as mj
-from mlp_jax import layout
+from mlp_jax import feature_major
 from mlp_jax import privacy
 from mlp_jax import train
 
@@ -391,33 +391,32 @@ def _dots_of(fn, *args):
 
 
 def test_bfloat16_hidden_products_compile_to_bfloat16_gemms():
-  """In FEATURE_MAJOR (layout.choose_layout's pick on an AMX CPU), both H × D products
-  of the manual bfloat16 passes, Z1ᵀ = W1 Xᵀ (H, B) and dW1 = Δ1ᵀ X (H, D), reach XLA's
-  CPU backend with bfloat16 operands (its fast GEMM), for the gradient, the DP clipped
-  sum and a stack of models. BATCH_MAJOR, like jax.grad's transpose of the same forward
-  pass, gets dW1 upcast to float32 (so the check can fail)."""
+  """In the feature-major kernel (choose_layout's pick on an AMX CPU), both H × D
+  products of the manual bfloat16 pass, Z1ᵀ = W1 Xᵀ (H, B) and dW1 = Δ1ᵀ X (H, D), reach
+  XLA's CPU backend with bfloat16 operands (its fast GEMM), for one model and a stack.
+  The batch-major reference, like jax.grad's transpose of the same forward pass, gets
+  dW1 upcast to float32 (so the check can fail)."""
   if jax.default_backend() != "cpu":   # asked here, not at import: collecting starts no JAX
     pytest.skip("XLA's CPU runtime")
   b, d, h, k = 96, 48, 64, 10
   params = mj.init_params(jax.random.key(0), d, h, k)
   X = jax.random.normal(jax.random.key(1), (b, d))
   y = jax.random.randint(jax.random.key(2), (b,), 0, k)
-  bf16, fm = jnp.bfloat16, layout.FEATURE_MAJOR
+  bf16, fm = jnp.bfloat16, feature_major.FEATURE_MAJOR
   stack = jax.tree.map(lambda a: jnp.stack([a, a]), params)
   runs = {
       "grads": lambda p, X: mj.grads(p, X, y, compute_dtype=bf16, layout=fm),
-      "dp": lambda p, X: privacy.clipped_sum_with_logits(
-          p, X, jax.nn.one_hot(y, k), jnp.ones(b), 1.0, "flat", bf16, fm)[1],
       "stack": lambda p, X: jax.vmap(lambda q: mj.grads(q, X, y, compute_dtype=bf16,
                                                         layout=fm))(p)}
   def dtypes_of_products_with_x(fn, p):  # W1 Xᵀ and Δ1ᵀ X: X (B, D) is an operand
-    return [(lhs[0], rhs[0]) for lhs, rhs in _dots_of(fn, p, X) if rhs[1][-2:] == (b, d)]
+    return [(lhs[0], rhs[0]) for lhs, rhs in _dots_of(fn, p, X)
+            if (b, d) in (lhs[1][-2:], rhs[1][-2:])]
 
   for name, fn in runs.items():
     dtypes = dtypes_of_products_with_x(fn, stack if name == "stack" else params)
     assert dtypes == [("bf16", "bf16")] * 2, (name, dtypes)
   for other in (mj.autodiff_grads,
-                functools.partial(mj.grads, layout=layout.BATCH_MAJOR)):
+                functools.partial(mj.grads, layout=feature_major.BATCH_MAJOR)):
     dtypes = dtypes_of_products_with_x(lambda p, X: other(p, X, y, compute_dtype=bf16),  # pylint: disable=cell-var-from-loop
                                        params)
     assert ("f32", "f32") in dtypes, dtypes
