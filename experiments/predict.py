@@ -62,19 +62,20 @@ def predict():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
+  from mlp_jax import prediction  # pylint: disable=g-import-not-at-top
   from mlp_jax import trained  # pylint: disable=g-import-not-at-top
   compilation.enable()
   try:
     model = trained.load(FLAGS.workdir)
     batches = trained.iter_inputs(FLAGS.input, model, FLAGS.labels)
-    probabilities_of = jax.jit(model.predict_proba)
+    probabilities_of = jax.jit(prediction.probabilities)
     count = hits = 0
     has_labels = False
     with (trained.prediction_csv(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
           ) as write:
       for names, x, labels in batches:
-        probabilities = np.asarray(probabilities_of(x))
-        predicted = probabilities.argmax(axis=1)
+        probabilities = np.asarray(probabilities_of(model.params, model.inputs(x, names)))
+        predicted = np.asarray(prediction.classes(probabilities))
         if write is not None:
           write(names, probabilities)
         else:

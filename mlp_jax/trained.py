@@ -16,7 +16,7 @@ import contextlib
 import csv
 import os
 import warnings
-from typing import IO, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Union
+from typing import IO, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
 from jax import Array
@@ -26,7 +26,7 @@ import numpy as np
 
 from mlp_jax import data
 from mlp_jax import files
-from mlp_jax import model as mlp
+from mlp_jax import prediction
 from mlp_jax.model import Params
 
 PREPROCESSING = ("input_mean", "input_std", "input_shape", "class_names", "dataset",
@@ -51,27 +51,27 @@ class TrainedModel(NamedTuple):
     return (f"TrainedModel({d}-{h}-{k} MLP, dataset={self.dataset!r}, "
             f"input_shape={tuple(self.input_shape)}, classes: {names})")
 
-  def inputs(self, x_raw: ArrayLike) -> Array:
-    """Raw examples (N, *input_shape) or (N, D) -> the network's inputs (N, D) float32."""
-    x_raw = jnp.asarray(x_raw)
+  def inputs(self, x_raw: ArrayLike, names: Optional[Sequence[str]] = None) -> ArrayLike:
+    """Raw examples (N, *input_shape) or (N, D) -> the network's inputs (N, D) in the
+    params' dtype (prediction.network_inputs: a row not finite there is refused)."""
+    x_raw = x_raw if isinstance(x_raw, jax.core.Tracer) else np.asarray(x_raw)
     d = self.mean.shape[0]
     if x_raw.ndim < 1 or x_raw.shape[1:] not in (tuple(self.input_shape), (d,)):
       raise ValueError(f"inputs of shape {x_raw.shape} do not fit this model: give "
                        f"(N, {', '.join(map(str, self.input_shape))}) or (N, {d}), raw "
                        f"values as in the {self.dataset} training data.")
-    x = x_raw.reshape(x_raw.shape[0], d).astype(jnp.float32)
-    return (x - self.mean[None, :]) / self.std[None, :]
+    return prediction.network_inputs(x_raw.reshape(x_raw.shape[0], d), self.mean,
+                                     self.std, self.params.w1.dtype, names)
 
   def predict_proba(self, x_raw: ArrayLike) -> Array:
-    """p = softmax(z2) (N, K) of raw examples (N, *input_shape) or (N, D); jit-able."""
-    return jax.nn.softmax(mlp.logits(self.params, self.inputs(x_raw)), axis=-1)
+    """p = softmax(z2) (N, K) of raw examples (N, *input_shape) or (N, D); jit-able
+    (mlp_jax.prediction: its rule for inputs that are not finite)."""
+    return prediction.probabilities(self.params, self.inputs(x_raw))
 
   def predict(self, x_raw: ArrayLike) -> Array:
-    """The most probable class (N,) int32 of raw examples; jit-able. A row whose logits
-    are not finite (NaN or inf in its input) gets -1, never a plausible class."""
-    z2 = mlp.logits(self.params, self.inputs(x_raw))
-    classes = jnp.argmax(z2, axis=-1).astype(jnp.int32)
-    return jnp.where(jnp.all(jnp.isfinite(z2), axis=-1), classes, -1)
+    """The most probable class (N,) int32 of raw examples; jit-able (prediction.classes:
+    under jit a row that is not finite gets -1)."""
+    return prediction.classes(self.predict_proba(x_raw))
 
 
 def save(path: Union[str, IO[bytes]], params: Params, inputs: data.Dataset, dataset: str
@@ -184,8 +184,8 @@ def prediction_csv(path: str, model: TrainedModel
     out.writerow(["name", "class", "class_name", *(f"p_{c}" for c in model.class_names)])
 
     def write(names: list[str], probabilities: np.ndarray) -> None:
-      for name, p in zip(names, probabilities):
-        k = int(np.argmax(p))
+      for name, k, p in zip(names, np.asarray(prediction.classes(probabilities)),
+                            probabilities):
         out.writerow([name, k, model.class_names[k], *(f"{v:.6g}" for v in p)])
     yield write
 
@@ -198,12 +198,13 @@ Batch = tuple[list[str], np.ndarray, Optional[np.ndarray]]   # names, raw x, lab
 
 def _checked(x: np.ndarray, labels: Optional[np.ndarray], path: str, model: TrainedModel
              ) -> tuple[np.ndarray, Optional[np.ndarray]]:
-  """A batch of raw inputs (N, ...) and its labels, checked: finite real numbers, and
-  labels (N,) integers of the model's classes; ValueError, one line."""
+  """A batch of raw inputs (N, ...) and its labels, checked: real numbers (whether they
+  are finite in the params' dtype is prediction's rule, after the cast), and labels
+  (N,) integers of the model's classes; ValueError, one line."""
   real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-  if not (real and x.ndim >= 1 and np.all(np.isfinite(x))):
-    raise ValueError(f"{path}: the inputs must be an array (N, ...) of finite real "
-                     f"numbers, got {x.dtype} of shape {x.shape}.")
+  if not (real and x.ndim >= 1):
+    raise ValueError(f"{path}: the inputs must be an array (N, ...) of real numbers, got "
+                     f"{x.dtype} of shape {x.shape}.")
   if labels is not None:
     k = len(model.class_names)
     if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
@@ -225,8 +226,8 @@ def _npz_batches(path: str, rows: int) -> Iterator[tuple[np.ndarray, Optional[np
     label_key = {"x": "y", "x_test": "y_test"}[key]
     x_header = npz.header(key)
     if not x_header.shape:
-      raise ValueError(f"{path}: the inputs must be an array (N, ...) of finite real "
-                       f"numbers, got {x_header.dtype} of shape ().")
+      raise ValueError(f"{path}: the inputs must be an array (N, ...) of real numbers, "
+                       f"got {x_header.dtype} of shape ().")
     if label_key not in npz.names:
       for x in npz.read_rows(key, rows):
         yield x, None

@@ -23,6 +23,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import mlp_jax as mj
 from mlp_jax import boundary
 from mlp_jax import data
 from mlp_jax import files
@@ -168,7 +169,7 @@ def _good_idx(path):
 
 @pytest.fixture(scope="module")
 def model():
-  params = trained.mlp.init_params(__import__("jax").random.key(0), 64, 4, 2)
+  params = mj.init_params(__import__("jax").random.key(0), 64, 4, 2)
   return trained.TrainedModel(params, np.zeros(64, np.float32), np.ones(64, np.float32),
                               (8, 8), ("0", "1"), "digits", 16.0)
 

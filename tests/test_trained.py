@@ -138,6 +138,17 @@ def test_predict_script_end_to_end(digits_run, tmp_path):
   lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
   assert result.returncode == 1 and len(lines) == 1, result.stderr
   assert "garbage.npz is not a readable params.npz" in lines[0]
+  huge = x_test[:4].astype(np.float64)   # finite in float64, inf once cast to float32
+  huge[2, 3] = 1e300
+  np.savez(tmp_path / "huge.npz", x=huge)
+  result = subprocess.run([sys.executable, script, f"--workdir={workdir}",
+                           f"--input={tmp_path / 'huge.npz'}"],
+                          capture_output=True, text=True, timeout=120)
+  lines = [line for line in result.stderr.splitlines() if "libtpu" not in line]
+  assert result.returncode == 1 and len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: input row 2 is not a finite float32 number once "
+                             "scaled"), lines
+  assert not result.stdout, result.stdout   # no row printed before the refusal
 
 
 def _write_params(workdir, path, **changes):
@@ -192,8 +203,8 @@ def test_hostile_inputs_are_one_line_each(digits_run, tmp_path):
   for name, message in (("torn.npz", "torn.npz is not a readable .npz"),
                         ("labels.npz", "the labels run from 1[0-9] to 1[0-9], but this model has "
                                        "classes 0 to 9"),
-                        ("scalar.npz", r"must be an array \(N, ...\) of finite real"),
-                        ("complex.npz", r"must be an array \(N, ...\) of finite real"),
+                        ("scalar.npz", r"must be an array \(N, ...\) of real numbers"),
+                        ("complex.npz", r"must be an array \(N, ...\) of real numbers"),
                         ("bomb.png", "bomb.png: not a readable image of 8×8 pixels|a "
                                      "30000×30000 image")):
     with pytest.raises(ValueError, match=message) as error:

@@ -1,0 +1,75 @@
+"""One predict: raw inputs -> the network's inputs -> logits -> probabilities -> classes.
+
+    x = (x_raw − μ) / σ   in the params' dtype (N, D)
+    p = softmax(W2 ReLU(W1 x + b1) + b2)   (N, K)        class = argmax_k p_k
+
+mj.load(workdir).predict / predict_proba, experiments/predict.py and
+MLPClassifier.predict / predict_proba all run these functions, so they share one rule
+for an input that is not a finite number in the params' dtype (NaN, ±inf, or beyond
+its range, as 1e300 is for float32): checked AFTER the cast, such a row is refused with
+one ValueError naming it wherever the values can be read; under jax.jit, where they
+cannot, its probabilities are NaN and its class is -1, never a plausible class.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+from jax import Array
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jax.typing import DTypeLike
+import numpy as np
+
+from mlp_jax import model
+from mlp_jax.model import Params
+
+
+def network_inputs(x: ArrayLike, mean: ArrayLike, std: ArrayLike,
+                   dtype: DTypeLike = jnp.float32,
+                   names: Optional[Sequence[str]] = None) -> ArrayLike:
+  """(x − μ) / σ (N, D) in `dtype`, of rows x (N, D) cast to `dtype` first (NumPy where
+  x is concrete, traced under jit); checked by `check_finite` when concrete (names: the
+  rows' names for its message)."""
+  if isinstance(x, jax.core.Tracer):
+    x = x.astype(dtype)
+  else:
+    with np.errstate(over="ignore", invalid="ignore"):  # 1e300 -> inf: refused below
+      x = np.asarray(x).astype(dtype)
+  scaled = (x - jnp.asarray(mean, dtype)[None, :]) / jnp.asarray(std, dtype)[None, :]
+  check_finite(scaled, names)
+  return scaled
+
+
+def check_finite(x: ArrayLike, names: Optional[Sequence[str]] = None) -> None:
+  """ValueError, one line naming the first row of x (N, D) that holds a value that is
+  not a finite number of x's dtype; nothing to check under jit (`probabilities` then
+  flags the row)."""
+  if isinstance(x, jax.core.Tracer):
+    return
+  values = np.asarray(x)
+  bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
+  if bad.size:
+    row = names[bad[0]] if names is not None else str(bad[0])
+    dtype = values.dtype
+    limit = float(jnp.finfo(dtype).max)
+    raise ValueError(f"input row {row} is not a finite {dtype} number once scaled ("
+                     f"NaN, inf, or beyond ±{limit:.3g}, such as 1e300){_others(bad)}; "
+                     f"give finite inputs within {dtype}'s range.")
+
+
+def _others(bad: np.ndarray) -> str:
+  return f", and {bad.size - 1} more row(s)" if bad.size > 1 else ""
+
+
+def probabilities(params: Params, x: ArrayLike) -> Array:
+  """p = softmax(z2) (N, K) of the network's inputs x (N, D); NaN rows where the inputs
+  or logits are not finite (only under jit: `network_inputs` refuses them otherwise)."""
+  z2 = model.logits(params, x)
+  finite = jnp.all(jnp.isfinite(z2), axis=-1, keepdims=True)
+  return jnp.where(finite, jax.nn.softmax(z2, axis=-1), jnp.nan)
+
+
+def classes(p: ArrayLike) -> Array:
+  """argmax_k p_k (N,) int32 of probabilities (N, K); -1 for a NaN row."""
+  k = jnp.argmax(p, axis=-1).astype(jnp.int32)
+  return jnp.where(jnp.all(jnp.isfinite(p), axis=-1), k, -1)
