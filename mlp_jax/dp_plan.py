@@ -74,7 +74,7 @@ def make_plan(config: Config, stack: Stack, num_examples: int, steps_per_epoch: 
                    f"{1 / num_examples:.3g} for N = {num_examples} training examples; a δ "
                    "that large allows leaking a whole example. Use e.g. 1e-5 or less.")
   q = config.batch_size / num_examples
-  steps = config.epochs * steps_per_epoch
+  steps = config.num_epochs * steps_per_epoch
   sigmas = _noise_multipliers(config, stack, q, steps, log)
   clips = _per_model(stack, "dp_clip_norm", config.dp_clip_norm)
   padded, p_overflow = privacy.padded_batch_size(num_examples, q, steps, multiple=multiple)

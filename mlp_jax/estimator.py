@@ -4,8 +4,8 @@ MLPClassifierCV.
     clf = mj.MLPClassifier().fit(X, y)       # X (N, D), y (N,) of any labels
     clf.predict(X_new), clf.predict_proba(X_new), clf.score(X_test, y_test)
 
-Every parameter is the runner's setting of the same name, with its default
-(config.SETTINGS), and fit trains as the runner does: the manual gradient, optax, the
+Every parameter is a training setting of config.RunConfig, with its name and default
+(config.TRAINING; random_state is its seed), and fit trains as the runner does: the manual gradient, optax, the
 same input scaling (auto: data.choose_scaling), the same number of epochs by default
 (options.auto_epochs), and DP-SGD with dp_noise_multiplier or dp_target_epsilon.
 
@@ -31,12 +31,11 @@ from mlp_jax import data
 from mlp_jax import options
 from mlp_jax import stack as stack_lib
 
-_D = {s.name: s.default for s in config_lib.SETTINGS}
-# The runner's settings an estimator takes (the others name files, devices or runs).
-SETTINGS = ("input_scaling", "hidden_dim", "batch_size", "epochs", "optimizer",
-            "learning_rate", "schedule", "warmup_epochs", "weight_decay", "clip_norm",
-            "label_smoothing", "ema_decay", "grads", "compute_dtype", "dp_noise_multiplier",
-            "dp_target_epsilon", "dp_clip_norm", "dp_clipping", "dp_delta")
+# The parameters: the training settings of the spec, scikit-learn's random_state for
+# the seed, each with the spec's default.
+_SEED = "random_state"
+PARAMETERS = {(_SEED if name == "seed" else name): config_lib.BY_NAME[name]
+              for name in config_lib.TRAINING}
 
 
 class _Fitted(NamedTuple):
@@ -57,9 +56,15 @@ def _train(config: config_lib.Config, X: np.ndarray, y: np.ndarray, num_classes:
   import jax  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
   from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
   from mlp_jax import train  # pylint: disable=g-import-not-at-top
+  from mlp_jax import memory  # pylint: disable=g-import-not-at-top
   compilation.enable(None)
+  try:  # refused before anything is allocated, as the runner refuses it
+    memory.check_memory(config, (len(y), X.shape[1], num_classes), jax.devices()[:1],
+                        stack.num_models)
+  except config_lib.RunError as e:
+    raise ValueError(_as_parameter(str(e))) from None
   steps_per_epoch = -(-len(y) // config.batch_size)
-  hp = config_lib.hyperparams(config, steps_per_epoch, [config.epochs])
+  hp = config_lib.hyperparams(config, steps_per_epoch, [config.num_epochs])
   values = dict(stack.values)
   if train_mask is not None:
     values[train.TRAIN_MASK] = train_mask
@@ -68,7 +73,7 @@ def _train(config: config_lib.Config, X: np.ndarray, y: np.ndarray, num_classes:
   train_epoch = train.make_train_epoch(hp, config.batch_size, dp=dp and dp.dpsgd)
   X_dev, y_dev = jax.device_put(X), jax.device_put(y)
   losses = []
-  for epoch in range(config.epochs):
+  for epoch in range(config.num_epochs):
     state, metrics = train_epoch(state, X_dev, y_dev, epoch, values)
     losses.append(metrics["train_loss"])
     if "overflows" in metrics and int(metrics["overflows"].sum()):
@@ -116,39 +121,21 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
   (epochs), loss_curve_ (train loss per epoch), epsilon_ and noise_multiplier_ (private).
   """
 
-  def __init__(self, *, input_scaling: str = _D["input_scaling"],
-               hidden_dim: int = _D["hidden_dim"], batch_size: int = _D["batch_size"],
-               epochs: Optional[int] = _D["epochs"], optimizer: str = _D["optimizer"],
-               learning_rate: float = _D["learning_rate"], schedule: str = _D["schedule"],
-               warmup_epochs: float = _D["warmup_epochs"],
-               weight_decay: float = _D["weight_decay"], clip_norm: float = _D["clip_norm"],
-               label_smoothing: float = _D["label_smoothing"],
-               ema_decay: float = _D["ema_decay"], grads: str = _D["grads"],
-               compute_dtype: str = _D["compute_dtype"], random_state: Any = _D["seed"],
-               dp_noise_multiplier: Optional[float] = _D["dp_noise_multiplier"],
-               dp_target_epsilon: Optional[float] = _D["dp_target_epsilon"],
-               dp_clip_norm: float = _D["dp_clip_norm"], dp_clipping: str = _D["dp_clipping"],
-               dp_delta: float = _D["dp_delta"]):
-    self.input_scaling = input_scaling
-    self.hidden_dim = hidden_dim
-    self.batch_size = batch_size
-    self.epochs = epochs
-    self.optimizer = optimizer
-    self.learning_rate = learning_rate
-    self.schedule = schedule
-    self.warmup_epochs = warmup_epochs
-    self.weight_decay = weight_decay
-    self.clip_norm = clip_norm
-    self.label_smoothing = label_smoothing
-    self.ema_decay = ema_decay
-    self.grads = grads
-    self.compute_dtype = compute_dtype
-    self.random_state = random_state
-    self.dp_noise_multiplier = dp_noise_multiplier
-    self.dp_target_epsilon = dp_target_epsilon
-    self.dp_clip_norm = dp_clip_norm
-    self.dp_clipping = dp_clipping
-    self.dp_delta = dp_delta
+  # For a type checker: the parameters read here (every one is set by __init__).
+  input_scaling: str
+  random_state: Any
+  dp_noise_multiplier: Optional[float]
+  dp_target_epsilon: Optional[float]
+
+  def __init__(self, **params: Any):
+    """Stores each parameter (PARAMETERS) as given, unchecked, or its default; fit
+    checks them. The signature scikit-learn and help() read is generated below."""
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+      raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                      f"{unknown[0]!r}")
+    for name, setting in PARAMETERS.items():
+      setattr(self, name, params.get(name, setting.default))
 
   # -- fitting -------------------------------------------------------------------------
 
@@ -159,16 +146,14 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     return int(check_random_state(self.random_state).randint(2**31 - 1))
 
   def _config(self, num_rows: int, **overrides: Any) -> config_lib.Config:
-    """The runner's RunConfig of these parameters for `num_rows` training rows, checked
-    (ValueError naming the parameter), with its epochs made explicit."""
-    settings = {name: getattr(self, name) for name in SETTINGS}
+    """The RunConfig of these parameters for `num_rows` training rows, its training part
+    checked (ValueError naming the parameter), with its epochs made explicit."""
+    settings = {name: getattr(self, name) for name in PARAMETERS if name != _SEED}
     settings.update(overrides)
-    if isinstance(settings["batch_size"], int) and not isinstance(settings["batch_size"], bool):
-      settings["batch_size"] = min(settings["batch_size"], num_rows)
-    settings.update(dataset="npz:X", seed=self._seed(), progress=False)
-    config = config_lib.RunConfig(**settings)
+    config = config_lib.RunConfig(**settings, seed=self._seed(), progress=False)
     try:
-      config = config_lib.resolve(config)
+      config = config_lib.check_training(config)
+      config = config._replace(batch_size=min(config.batch_size, num_rows))
       if config.epochs is None:
         config = config._replace(epochs=options.auto_epochs(num_rows, config.batch_size))
       config_lib.check_warmup(config)
@@ -209,14 +194,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
 
   def _scale(self, X: np.ndarray) -> np.ndarray:
-    """X standardised by input_scaling from these rows (a private fit: by nothing)."""
-    scaling = self.input_scaling
-    if self._private():
-      if scaling == "per_feature":
-        raise ValueError("input_scaling='per_feature': a private MLPClassifier cannot "
-                         "scale by statistics of its training rows (they would leak "
-                         "them); scale X yourself with constants fixed in advance.")
-      scaling = "none"
+    """X standardised by input_scaling from these rows (a private fit: by nothing; with
+    per_feature it is refused by the spec's checks)."""
+    scaling = "none" if self._private() else self.input_scaling  # per_feature: refused
     mean, std, self.input_scaling_, _ = data.scaling_of(X, scaling)
     self.input_mean_, self.input_std_ = mean, std
     return data.standardize(X, mean, std)
@@ -254,20 +234,20 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
   # -- predicting ----------------------------------------------------------------------
 
   def predict_proba(self, X: Any) -> np.ndarray:
-    """p = softmax(z2) (N, K), in float64 from the float32 params; columns: classes_."""
+    """p = softmax(z2) (N, K), columns: classes_ (mlp_jax.prediction, in the params'
+    float32; a row not finite there once scaled, such as 1e300, is refused)."""
     check_is_fitted(self)
     X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-    w1, b1, w2, b2 = (np.asarray(p, np.float64) for p in self.params_)
-    x = (X.astype(np.float32) - self.input_mean_) / self.input_std_
-    z2 = np.maximum(x.astype(np.float64) @ w1.T + b1, 0.0) @ w2.T + b2
-    z2 -= z2.max(axis=1, keepdims=True)
-    p = np.exp(z2)
-    return p / p.sum(axis=1, keepdims=True)
+    from mlp_jax import prediction  # pylint: disable=g-import-not-at-top  (JAX)
+    x = prediction.network_inputs(X, self.input_mean_, self.input_std_)
+    p = np.asarray(prediction.probabilities(self.params_, x), np.float64)
+    return p / p.sum(axis=1, keepdims=True)   # rows sum to 1 in float64
 
   def predict(self, X: Any) -> np.ndarray:
     """The most probable class of each row (N,), one of classes_."""
     p = self.predict_proba(X)
-    return self.classes_[np.argmax(p, axis=1)]
+    from mlp_jax import prediction  # pylint: disable=g-import-not-at-top  (JAX)
+    return self.classes_[np.asarray(prediction.classes(p))]
 
 
 def _as_parameter(message: str) -> str:
@@ -324,7 +304,7 @@ class MLPClassifierCV(MLPClassifier):
     _, evaluated = _train(config, data.standardize(X32, mean, std), labels,
                           len(self.classes_), stack, train_mask=stack.train_masks(),
                           rows=stack.validation_rows())
-    row = stack_lib.metrics_row(config.epochs, {
+    row = stack_lib.metrics_row(config.num_epochs, {
         "validation_accuracy": evaluated["accuracy"], "validation_loss": evaluated["loss"]},
         stack.num_models)
     self.best_index_, ranking = stack_lib.choose([row], stack)
@@ -356,8 +336,13 @@ def _cv_results(stack: stack_lib.Stack, accuracy: np.ndarray,
   return results
 
 
-# scikit-learn reads an estimator's parameters from its __init__ signature: the CV's
-# are its own two and MLPClassifier's (written once, above).
+# scikit-learn reads an estimator's parameters from its __init__ signature: MLPClassifier's
+# are the spec's training settings (PARAMETERS), the CV's its own two and those.
+MLPClassifier.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=s.default,
+                         annotation=Optional[s.kind] if s.default is None else s.kind)
+       for name, s in PARAMETERS.items())])
 MLPClassifierCV.__init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     [*list(inspect.signature(MLPClassifierCV.__init__).parameters.values())[:3],
      *list(inspect.signature(MLPClassifier.__init__).parameters.values())[1:]])

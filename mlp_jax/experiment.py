@@ -40,6 +40,7 @@ from mlp_jax import data
 from mlp_jax import dp_plan
 from mlp_jax import files
 from mlp_jax import live as live_lib
+from mlp_jax import memory
 from mlp_jax import parallel
 from mlp_jax import reports
 from mlp_jax import stack as stack_lib
@@ -147,64 +148,6 @@ class _StopSignals:
     self._previous = {}
 
 
-# Optimizer slots per parameter (momentum, Adam's μ and ν).
-_OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
-
-
-def memory_needed(config: Config, in_dim: int, num_classes: int, num_rows: int,
-                  num_models: int) -> int:
-  """Bytes, about: the float32 params with their optimizer slots, the gradient and the
-  update, and the hidden activations of a batch (evaluation takes 1024 rows), for each
-  model; the resident data (N, D) once."""
-  h = config.hidden_dim
-  num_params = h * (in_dim + 1) + num_classes * (h + 1)
-  state = 4 * num_params * (1 + _OPTIMIZER_SLOTS.get(config.optimizer, 2) + 2)
-  activations = 4 * 3 * h * max(config.batch_size, 1024)
-  return num_models * (state + activations) + 4 * num_rows * in_dim
-
-
-def memory_available(device: jax.Device) -> tuple[Optional[int], str]:
-  """(bytes free on `device`, what it is): the accelerator's free memory, or the host's
-  available RAM for a CPU device; (None, ...) where neither can be read."""
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and "bytes_limit" in stats:
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} device"
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host"
-  except (ValueError, OSError):
-    return None, "host"
-
-
-def _gib(num_bytes: float) -> str:
-  return f"{num_bytes / 2**30:,.1f} GiB"
-
-
-def check_memory(config: Config, in_dim: int, num_classes: int, num_rows: int, mesh: Mesh,
-                 num_models: int) -> None:
-  """Refuses, before anything is allocated, a network the memory cannot hold (XLA would
-  abort the process). A device holds the models of its slice of the mesh; this
-  process's CPU devices share its host's RAM."""
-  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  free, where = memory_available(local[0])
-  need = memory_needed(config, in_dim, num_classes, num_rows,
-                       num_models // parallel.model_groups(mesh))
-  if local[0].platform == "cpu":
-    need *= len(local)
-  if free is not None and need > free:
-    many = f" for {num_models} models" if num_models > 1 else ""
-    raise RunError(f"--hidden_dim {config.hidden_dim} needs about {_gib(need)}{many} (W1 "
-                   f"alone is {_gib(4 * config.hidden_dim * in_dim)}, plus its "
-                   f"{config.optimizer} state, gradients and the data) but the {where} has "
-                   f"{_gib(free)} free; use a smaller --hidden_dim"
-                   + (" or fewer models (--num_seeds, --sweep)." if many else "."))
-
-
-def _out_of_memory(e: BaseException) -> bool:
-  """True if an XLA error is an allocation failure."""
-  text = str(e)
-  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
 def _join_processes(config: Config, log: Log) -> None:
   """jax.distributed.initialize when asked or a multi-process setting is given.
 
@@ -253,13 +196,15 @@ def _make_mesh(config: Config, num_models: int) -> Mesh:
 def _load_data(config: Config, mesh: Mesh, num_models: int) -> data.Dataset:
   """The checked dataset; bad data is refused before a workdir exists."""
   ds = data.load(config.dataset, config.data_dir,
-                 validation_fraction=config.validation_fraction, seed=config.seed,
+                 validation_fraction=config.validation_fraction or 0.0, seed=config.seed,
                  scaling=config.input_scaling, private=config_lib.is_private(config))
   n, in_dim = ds.x_train.shape
   if config.batch_size > n:
     raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "
                    f"use at most {n}.")
-  check_memory(config, in_dim, ds.num_classes, n, mesh, num_models)
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  memory.check_memory(config, (n, in_dim, ds.num_classes), local, num_models,
+                      parallel.model_groups(mesh))
   return ds
 
 
@@ -368,7 +313,7 @@ def _run_error(e: Exception, workdir: str) -> Exception:
     return RunError(f"cannot write {e.filename or workdir} ({e.strerror or e}); the newest "
                     "complete checkpoint is kept: free space or fix the permissions, then "
                     "rerun the same command to resume.")
-  if isinstance(e, _RUNTIME_ERROR) and _out_of_memory(e):
+  if isinstance(e, _RUNTIME_ERROR) and memory.is_out_of_memory(e):
     return RunError(f"out of memory ({_first_line(e)}); use a smaller --hidden_dim or "
                     "--batch_size.")
   return e
@@ -417,7 +362,7 @@ def _restore(ctx: RunContext, in_dim: int, num_classes: int) -> Restored:
   """The Restored state to start from: the newest checkpoint's, or a fresh one."""
   config, stack = ctx.config, ctx.stack
   # The optimizer state's structure does not depend on the schedule: restore first.
-  hp = config_lib.hyperparams(config, ctx.steps_per_epoch, [config.epochs])
+  hp = config_lib.hyperparams(config, ctx.steps_per_epoch, [config.num_epochs])
   state = parallel.shard_models(train.init_state(
       stack.model_seeds, in_dim, config.hidden_dim, num_classes, hp, stack.values), ctx.mesh)
   mngr = checkpoint.manager(ctx.workdir)
@@ -448,7 +393,7 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   config = ctx.config
   _describe(ctx)
   start = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
-  if start.epochs_done > config.epochs:
+  if start.epochs_done > config.num_epochs:
     raise RunError(f"--workdir {ctx.workdir} holds a run trained for {start.epochs_done} "
                    f"epochs; --epochs {config.epochs} cannot undo them: rerun with "
                    f"--epochs={start.epochs_done} (its outputs are written again) or more, "
@@ -513,7 +458,7 @@ def _epoch_row(ctx: RunContext, train_epoch: train.ModelEpoch, state: train.Trai
 
 def _epoch_end_rates(ctx: RunContext, learning_rate: optax.Schedule) -> np.ndarray:
   """The rate of each epoch's last step (epochs,), in one program."""
-  last_steps = np.arange(1, ctx.config.epochs + 1) * ctx.steps_per_epoch - 1
+  last_steps = np.arange(1, ctx.config.num_epochs + 1) * ctx.steps_per_epoch - 1
   return np.asarray(jax.jit(jax.vmap(learning_rate))(last_steps))
 
 
@@ -544,7 +489,7 @@ def _check_divergence(ctx: RunContext, row: Row, epoch: int, done: int) -> None:
 
 def _progress(ctx: RunContext, epochs_done: int) -> tuple[Iterable[int], Any]:
   """(the epochs to train, the tqdm bar over them with --progress, else None)."""
-  epochs = range(epochs_done, ctx.config.epochs)
+  epochs = range(epochs_done, ctx.config.num_epochs)
   if not (ctx.config.progress and ctx.writer):
     return epochs, None
   import tqdm  # pylint: disable=g-import-not-at-top

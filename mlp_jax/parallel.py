@@ -41,7 +41,7 @@ DATA_AXIS = "data"
 
 def initialize(coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None, process_id: Optional[int] = None,
-               timeout_seconds: int = 300) -> None:
+               timeout_seconds: float = 300) -> None:
   """jax.distributed.initialize: joins this process to the others before JAX starts.
 
   None lets JAX detect the value from the cluster (SLURM, TPU pods, Open MPI). With an

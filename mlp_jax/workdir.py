@@ -262,7 +262,7 @@ def schedule_epochs(config: Config, old_run: dict[str, Any], epochs_done: int, l
   epochs; with fewer, training stops early on the planned schedule. Either is logged.
   """
   if not epochs_done:
-    return [config.epochs]
+    return [config.num_epochs]
   planned = old_run.get("config", {}).get("epochs", config.epochs)
   ends = list(old_run.get("schedule_epochs") or [planned])
   if config.epochs > ends[-1]:

@@ -165,15 +165,40 @@ def test_works_in_pipeline_gridsearch_and_cross_val_score():
   assert search.best_params_["learning_rate"] in (1e-3, 1e-2)
 
 
+def test_gridsearch_over_numpy_grids_fits():
+  """np.arange gives NumPy scalars: each is taken as the number it holds."""
+  X, y = blobs(n=30)
+  search = GridSearchCV(mj.MLPClassifier(**SMALL), {"hidden_dim": np.arange(4, 12, 4),
+                                                    "batch_size": np.array([8])}, cv=2)
+  search.fit(X, y)
+  assert search.best_params_["hidden_dim"] in (4, 8)
+  assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+
+
+def test_a_network_too_large_for_memory_is_one_value_error():
+  """Refused before anything is allocated, naming hidden_dim: the process lives on."""
+  X, y = blobs(n=30)
+  with pytest.raises(ValueError, match=r"^hidden_dim 1000000000 needs about [0-9,.]+ GiB "
+                                       r".*use a smaller hidden_dim\.$"):
+    mj.MLPClassifier(hidden_dim=10**9, epochs=1).fit(X, y)
+  with pytest.raises(ValueError, match=r"^hidden_dim 1000000000 needs about"):
+    mj.MLPClassifierCV({"learning_rate": [1e-3]}, cv=2, hidden_dim=10**9, epochs=1).fit(X, y)
+
+
 @pytest.mark.parametrize("params, message", [
     ({"hidden_dim": 0}, "hidden_dim=0: must be >= 1"),
     ({"optimizer": "lbfgs"}, "optimizer='lbfgs': must be one of sgd, momentum, adam"),
     ({"input_scaling": "minmax"}, "input_scaling='minmax': must be one of auto"),
     ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs 3 is longer than epochs 2"),
+    ({"dp_noise_multiplier": 1.0, "input_scaling": "per_feature"},
+     "^MLPClassifier: input_scaling=per_feature: a private run cannot scale by statistics"),
+    ({"grads": "autodiff", "dp_noise_multiplier": 1.0},
+     "a DP run always uses the closed-form clipped gradient; drop grads=autodiff"),
+    ({"unknown_setting": 1}, "got an unexpected keyword argument 'unknown_setting'"),
 ])
 def test_a_bad_parameter_is_one_line_naming_it(params, message):
   X, y = blobs()
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises((ValueError, TypeError), match=message):
     mj.MLPClassifier(**{**SMALL, **params}).fit(X, y)
 
 

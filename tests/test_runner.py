@@ -125,6 +125,31 @@ def test_nan_and_inf_are_refused_for_every_float_setting(name, value, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def _valid_value(s):
+  """A value Setting `s` accepts: its default, or its lower bound, or 1."""
+  if s.default is not None:
+    return s.default
+  return s.lower if s.lower is not None else 1
+
+
+@pytest.mark.parametrize("name", [s.name for s in config_lib.SETTINGS
+                                  if s.kind in (int, float, bool)])
+def test_a_numpy_scalar_is_accepted_wherever_a_python_value_is(name):
+  """np.int64, np.float32, np.bool_ (as a grid from np.arange or a DataFrame gives them)
+  are checked as the Python value they hold, and resolved to it."""
+  s = config_lib.BY_NAME[name]
+  value = _valid_value(s)
+  numpy_value = {bool: np.bool_, int: np.int64, float: np.float32}[s.kind](value)
+  others = {"cv_fold": {"cv_folds": 2}}.get(name, {})   # one fold of a k-fold selection
+  resolved = config_lib.resolve(experiment.RunConfig(**{name: numpy_value}, **others))
+  got = getattr(resolved, name)
+  assert type(got) is (type(value) if s.kind is not float else float), (name, type(got))
+  assert got == pytest.approx(value)
+  if s.kind in (int, float) and s.lower is not None:   # and refused the same way
+    with pytest.raises(experiment.RunError, match=f"^--{name}=-?[0-9.e+-]+: must be"):
+      config_lib.resolve(experiment.RunConfig(**{name: numpy_value.dtype.type(s.lower - 1)}))
+
+
 @pytest.mark.slow
 def test_a_distributed_start_that_fails_is_one_line(tmp_path):
   result = run_runner("digits", tmp_path / "run", "--distributed", "--epochs=1")

@@ -34,13 +34,20 @@ def test_mypy_finds_the_mistakes_in_a_users_code(tmp_path):
       "X = jax.numpy.zeros((4, 64))\n"
       "name: str = mj.logits(params, X)\n"                                 # line 5
       "g: mj.Params = mj.grads(params, X, jax.numpy.zeros((4,), int))\n"   # fine
-      "mj.TrainedModel.predict(mj.load('runs/digits'), X, 1)\n")           # line 7
+      "mj.TrainedModel.predict(mj.load('runs/digits'), X, 1)\n"           # line 7
+      "from mlp_jax.config import RunConfig\n"
+      "config = RunConfig(hidden_dim='256', dataset='digits')\n"           # line 9
+      "rate: str = config.learning_rate\n")                                # line 10
   result = _mypy("--ignore-missing-imports", str(user))
   errors = [line for line in result.stdout.splitlines() if ": error:" in line]
-  assert [line.split(":")[1] for line in errors] == ["3", "5", "7"], result.stdout
+  assert [line.split(":")[1] for line in errors] == ["3", "5", "7", "9", "10"], result.stdout
   assert 'Argument 2 to "init_params" has incompatible type "str"; expected "int"' in errors[0]
   assert 'expression has type "Array", variable has type "str"' in errors[1]
   assert 'Too many arguments for "predict"' in errors[2]
+  # The configuration is typed (a frozen dataclass), not Any: each field has its type.
+  assert ('Argument "hidden_dim" to "RunConfig" has incompatible type "str"; expected '
+          '"int"') in errors[3]
+  assert 'expression has type "float", variable has type "str"' in errors[4]
 
 
 def test_mypy_finds_the_package_outside_the_checkout_after_the_readme_install(tmp_path):
