@@ -39,56 +39,41 @@ PARAMETERS = {(_SEED if name == "seed" else name): config_lib.BY_NAME[name]
 
 
 class _Fitted(NamedTuple):
-  """What `_train` returns: stacked params (numpy, leading model axis M) and the
+  """What `_fit` returns: stacked params (numpy, leading model axis M) and the
   per-epoch train losses (epochs, M)."""
 
   params: Any
   train_loss: np.ndarray
 
 
-def _train(config: config_lib.Config, X: np.ndarray, y: np.ndarray, num_classes: int,
-           stack: stack_lib.Stack, dp: Any = None, train_mask: Optional[np.ndarray] = None,
-           rows: Optional[tuple[np.ndarray, np.ndarray]] = None) -> tuple[_Fitted, Any]:
-  """Trains the models of `stack` on the standardised rows X (N, D) float32, labels y
-  (N,) int32, as the runner does (train.make_train_epoch, one program for the M
-  models); train_mask (M, N): each model's row weights (folds, sample weights). Returns
-  (_Fitted, train.evaluate of `rows` (indices (M, R), weights (M, R)) or None)."""
-  import jax  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
+def _training(config: config_lib.Config, stack: stack_lib.Stack, num_rows: int,
+              dp: Any = None) -> Any:
+  """The fit.Training of `config` and `stack` on `num_rows` training rows."""
+  from mlp_jax import fit  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
+  steps_per_epoch = -(-num_rows // config.batch_size)
+  hp = config_lib.hyperparams(config, steps_per_epoch, [config.num_epochs])
+  return fit.Training(config, stack, hp, steps_per_epoch, dp)
+
+
+def _fit(training: Any, X: np.ndarray, y: np.ndarray, num_classes: int,
+         train_mask: Optional[np.ndarray] = None) -> _Fitted:
+  """Trains the models of training.stack on the standardised rows X (N, D) float32,
+  labels y (N,) int32, through the runner's one fit (fit.fit); train_mask (M, N): each
+  model's row weights (folds, sample weights). What the fit refuses (a network too
+  large for the memory, divergence, an overflowed Poisson batch) is one ValueError."""
+  import jax  # pylint: disable=g-import-not-at-top
   from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
+  from mlp_jax import fit  # pylint: disable=g-import-not-at-top
   from mlp_jax import train  # pylint: disable=g-import-not-at-top
-  from mlp_jax import memory  # pylint: disable=g-import-not-at-top
   compilation.enable(None)
-  try:  # refused before anything is allocated, as the runner refuses it
-    memory.check_memory(config, (len(y), X.shape[1], num_classes), jax.devices()[:1],
-                        stack.num_models)
+  try:
+    state = fit.init_state(training, (len(y), X.shape[1], num_classes))
+    data = fit.Data((jax.device_put(X), jax.device_put(y), len(y)), {}, train_mask)
+    state, rows = fit.fit(training, state, data)
   except config_lib.RunError as e:
     raise ValueError(_as_parameter(str(e))) from None
-  steps_per_epoch = -(-len(y) // config.batch_size)
-  hp = config_lib.hyperparams(config, steps_per_epoch, [config.num_epochs])
-  values = dict(stack.values)
-  if train_mask is not None:
-    values[train.TRAIN_MASK] = train_mask
-  state = train.init_state(stack.model_seeds, X.shape[1], config.hidden_dim, num_classes,
-                           hp, stack.values)
-  train_epoch = train.make_train_epoch(hp, config.batch_size, dp=dp and dp.dpsgd)
-  X_dev, y_dev = jax.device_put(X), jax.device_put(y)
-  losses = []
-  for epoch in range(config.num_epochs):
-    state, metrics = train_epoch(state, X_dev, y_dev, epoch, values)
-    losses.append(metrics["train_loss"])
-    if "overflows" in metrics and int(metrics["overflows"].sum()):
-      raise RuntimeError("a Poisson batch exceeded its padding (probability below 1e-9); "
-                         "fit again with another random_state.")
-  params = train.averaged_params(state)
-  evaluated = None
-  if rows is not None:
-    evaluated = jax.device_get(train.evaluate(params, X_dev, y_dev, rows=rows))
-  fitted = _Fitted(jax.tree.map(np.asarray, params), np.asarray(jax.device_get(losses)))
-  if not np.all(np.isfinite(fitted.train_loss[-1])):
-    raise ValueError(f"training diverged (train loss {fitted.train_loss[-1]}): the "
-                     f"learning_rate {config.learning_rate:g} is likely too high; try "
-                     "10x lower, or clip_norm=1.")
-  return fitted, evaluated
+  losses = np.array([stack_lib.model_values(row, "train_loss") for row in rows])
+  return _Fitted(jax.tree.map(np.asarray, train.averaged_params(state)), losses)
 
 
 def _canonical_order(X: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -216,8 +201,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                                       lambda line: None)
       except config_lib.RunError as e:
         raise ValueError(f"{type(self).__name__}: {_as_parameter(str(e))}") from None
-    fitted, _ = _train(config, X, y, len(self.classes_), stack, dp,
-                       None if weights is None else weights[None])
+    fitted = _fit(_training(config, stack, len(y), dp), X, y, len(self.classes_),
+                  None if weights is None else weights[None])
     self._set_fitted(fitted, config, dp)
     return self
 
@@ -301,9 +286,11 @@ class MLPClassifierCV(MLPClassifier):
     except config_lib.RunError as e:
       raise ValueError(f"MLPClassifierCV: {_as_parameter(str(e))}") from None
     mean, std, _, _ = data.scaling_of(X32, config.input_scaling)
-    _, evaluated = _train(config, data.standardize(X32, mean, std), labels,
-                          len(self.classes_), stack, train_mask=stack.train_masks(),
-                          rows=stack.validation_rows())
+    X32 = data.standardize(X32, mean, std)
+    fitted = _fit(_training(config, stack, len(labels)), X32, labels, len(self.classes_),
+                  stack.train_masks())
+    from mlp_jax import train  # pylint: disable=g-import-not-at-top  (JAX)
+    evaluated = train.evaluate(fitted.params, X32, labels, rows=stack.validation_rows())
     row = stack_lib.metrics_row(config.num_epochs, {
         "validation_accuracy": evaluated["accuracy"], "validation_loss": evaluated["loss"]},
         stack.num_models)

@@ -24,13 +24,12 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import Any, Iterable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 from jax import Array
 from jax.sharding import Mesh
 import numpy as np
-import optax
 
 from mlp_jax import boundary
 from mlp_jax import checkpoint
@@ -39,6 +38,7 @@ from mlp_jax import config as config_lib
 from mlp_jax import data
 from mlp_jax import dp_plan
 from mlp_jax import files
+from mlp_jax import fit
 from mlp_jax import live as live_lib
 from mlp_jax import memory
 from mlp_jax import parallel
@@ -358,16 +358,19 @@ def _place(ds: data.Dataset, ctx: RunContext) -> Placed:
   return Placed(train_split, splits, test, inputs)
 
 
-def _restore(ctx: RunContext, in_dim: int, num_classes: int) -> Restored:
+def _training(ctx: RunContext, cycle_ends: list[int]) -> fit.Training:
+  """The fit.Training of this run, its learning rate in cycles ending at `cycle_ends`."""
+  hp = config_lib.hyperparams(ctx.config, ctx.steps_per_epoch, cycle_ends)
+  return fit.Training(ctx.config, ctx.stack, hp, ctx.steps_per_epoch, ctx.dp, ctx.mesh)
+
+
+def _restore(ctx: RunContext, data_shape: tuple[int, int, int]) -> Restored:
   """The Restored state to start from: the newest checkpoint's, or a fresh one."""
-  config, stack = ctx.config, ctx.stack
   # The optimizer state's structure does not depend on the schedule: restore first.
-  hp = config_lib.hyperparams(config, ctx.steps_per_epoch, [config.num_epochs])
-  state = parallel.shard_models(train.init_state(
-      stack.model_seeds, in_dim, config.hidden_dim, num_classes, hp, stack.values), ctx.mesh)
+  state = fit.init_state(_training(ctx, [ctx.config.num_epochs]), data_shape)
   mngr = checkpoint.manager(ctx.workdir)
   restored = checkpoint.restore_latest(mngr, state, ctx.log,
-                                      workdir_lib.resume_settings(config, ctx.data))
+                                      workdir_lib.resume_settings(ctx.config, ctx.data))
   if restored is None:
     return Restored(state, 0, mngr)
   ctx.log(f"resuming from the checkpoint after epoch {restored[0]}")
@@ -392,7 +395,7 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
   config = ctx.config
   _describe(ctx)
-  start = _restore(ctx, ds.x_train.shape[1], ds.num_classes)
+  start = _restore(ctx, (*ds.x_train.shape, ds.num_classes))
   if start.epochs_done > config.num_epochs:
     raise RunError(f"--workdir {ctx.workdir} holds a run trained for {start.epochs_done} "
                    f"epochs; --epochs {config.epochs} cannot undo them: rerun with "
@@ -417,9 +420,9 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
         ctx, old_run, cycle_ends, ds, start.epochs_done))
   placed = _place(ds, ctx)
   del ds
-  hp = config_lib.hyperparams(config, ctx.steps_per_epoch, cycle_ends)
   try:
-    state, interrupted = _train_epochs(ctx, hp, start, placed, history)
+    state, interrupted = _train_epochs(ctx, _training(ctx, cycle_ends), start, placed,
+                                       history)
   finally:
     with _peers(ctx, "the last checkpoint", start.epochs_done):
       checkpoint.finish(start.mngr)
@@ -429,73 +432,13 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   return _finish(ctx, state, history, placed, start.epochs_done, interrupted)
 
 
-def _epoch_row(ctx: RunContext, train_epoch: train.ModelEpoch, state: train.TrainState,
-               values: dict[str, Array], placed: Placed, epoch: int
-               ) -> tuple[train.TrainState, Row]:
-  """(state, metrics row) of one epoch: train, evaluate, ONE transfer to the host."""
-  start = time.time()
-  X, y, n = placed.train
-  state, device_metrics = train_epoch(state, X, y, epoch, values)
-  params = train.averaged_params(state)          # the EMA with --ema_decay
-  for name, (X_eval, y_eval, n_eval, rows) in placed.splits.items():
-    ev = train.evaluate(params, X_eval, y_eval, num_examples=n_eval, mesh=ctx.mesh,
-                        stacking=ctx.stack.stacking, rows=rows)
-    device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
-        ev["loss"], ev["accuracy"])
-  per_model = parallel.to_host(device_metrics)
-  epsilon_all = None
-  if ctx.dp is not None:
-    epsilon_all = dp_plan.account(ctx.dp, per_model, (epoch + 1) * ctx.steps_per_epoch)
-  row = stack_lib.metrics_row(epoch + 1, per_model, ctx.stack.num_models)
-  if ctx.dp is not None:
-    row["steps"] = (epoch + 1) * ctx.steps_per_epoch
-    if epsilon_all is not None:
-      row["epsilon_all_models"] = epsilon_all
-  row["seconds"] = time.time() - start
-  row["examples_per_second"] = n * ctx.stack.num_models / row["seconds"]
-  return state, row
-
-
-def _epoch_end_rates(ctx: RunContext, learning_rate: optax.Schedule) -> np.ndarray:
-  """The rate of each epoch's last step (epochs,), in one program."""
-  last_steps = np.arange(1, ctx.config.num_epochs + 1) * ctx.steps_per_epoch - 1
-  return np.asarray(jax.jit(jax.vmap(learning_rate))(last_steps))
-
-
-def _learning_rates(ctx: RunContext, row: Row, rates: np.ndarray, epoch: int) -> None:
-  """The rate of the epoch's last step, to float32's 7 digits, in the row (and per
-  model where the peak rate is swept: the rates scale with it)."""
-  row["learning_rate"] = float(f"{float(rates[epoch]):.7g}")
-  if "learning_rate" in ctx.stack.values:
-    row["per_model"]["learning_rate"] = (
-        row["learning_rate"] * ctx.stack.values["learning_rate"] / ctx.config.learning_rate
-    ).tolist()
-
-
-def _check_divergence(ctx: RunContext, row: Row, epoch: int, done: int) -> None:
-  """The one rule: the run stops when every model has diverged (a loss that is not
-  finite); a sweep's diverged models rank last instead (stack.choose)."""
-  if not np.all(stack_lib.diverged_models(row)):
-    return
-  losses = ", ".join(f"{k.removesuffix('_mean')} {v}" for k, v in row.items()
-                     if k.endswith("_loss") or k.endswith("_loss_mean"))
-  kept = (f"The checkpoint after epoch {done} is kept." if done else
-          "No checkpoint was written.")
-  raise RunError(
-      f"training diverged in epoch {epoch + 1}: {losses}; the learning rate "
-      f"{ctx.config.learning_rate:g} is likely too high (try 10x lower, or --clip_norm=1)."
-      f" {kept}")
-
-
-def _progress(ctx: RunContext, epochs_done: int) -> tuple[Iterable[int], Any]:
-  """(the epochs to train, the tqdm bar over them with --progress, else None)."""
-  epochs = range(epochs_done, ctx.config.num_epochs)
+def _progress_bar(ctx: RunContext, epochs_done: int) -> Any:
+  """The tqdm bar of the epochs with --progress (process 0), else None."""
   if not (ctx.config.progress and ctx.writer):
-    return epochs, None
+    return None
   import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm.tqdm(epochs, initial=epochs_done, total=ctx.config.epochs, unit="epoch",
-                  dynamic_ncols=True)
-  return bar, bar
+  return tqdm.tqdm(initial=epochs_done, total=ctx.config.epochs, unit="epoch",
+                   dynamic_ncols=True)
 
 
 def _show_progress(bar: Any, row: Row, placed: Placed) -> None:
@@ -505,80 +448,98 @@ def _show_progress(bar: Any, row: Row, placed: Placed) -> None:
   bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
                   acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
                   **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
+  bar.update(1)
 
 
-def _train_epochs(ctx: RunContext, hp: train.Hyperparams, start: Restored, placed: Placed,
-                  history: list[Row]) -> tuple[train.TrainState, Optional["Interrupted"]]:
-  """Trains the epochs left after the Restored `start`; appends each one's row to
-  `history` and the metrics file, and checkpoints by time: after an epoch that ends
+class _RunHooks(fit.Hooks):
+  """The runner's concerns around each epoch of the fit: the profile; a stop (a signal)
+  or a checkpoint by time, agreed by every process; the metrics line, TensorBoard and
+  the curves; the progress bar. Checkpoints come after an epoch that ends
   --checkpoint_seconds or more after the last save, after the last epoch, and after the
-  epoch a signal came in. Returns (state, Interrupted if Ctrl-C or SIGTERM stopped it,
-  else None)."""
-  state, epochs_done = start.state, start.epochs_done
-  train_epoch = train.make_train_epoch(hp, ctx.config.batch_size,
-                                       num_examples=placed.train[2], mesh=ctx.mesh,
-                                       dp=ctx.dp and ctx.dp.dpsgd,
-                                       stacking=ctx.stack.stacking)
-  host_values = dict(ctx.stack.values)
-  if ctx.stack.row_folds is not None:
-    host_values[train.TRAIN_MASK] = ctx.stack.train_masks()
-  values = parallel.shard_models(host_values, ctx.mesh)
-  # The configured peak's rates; swept peaks scale them.
-  rates = _epoch_end_rates(ctx, train.make_schedule(hp))
-  epochs, bar = _progress(ctx, epochs_done)
-  done = epochs_done
-  profile = _Profile(ctx, epochs_done)
-  live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
-      ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models),
-      ctx.stack.model_names())
+  epoch a signal came in (which then stops the fit: `interrupted`)."""
+
+  def __init__(self, ctx: RunContext, start: Restored, placed: Placed,
+               history: list[Row]):
+    self.ctx, self.mngr, self.placed, self.history = ctx, start.mngr, placed, history
+    self.done, self.saved_at = start.epochs_done, time.monotonic()
+    self.interrupted: Optional[Interrupted] = None
+    self.profile = _Profile(ctx, start.epochs_done)
+    self.bar = _progress_bar(ctx, start.epochs_done)
+    self.live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
+        ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models),
+        ctx.stack.model_names())
+
+  def before_epoch(self, epoch: int) -> None:
+    self.profile.before(epoch)
+
+  def after_epoch(self, epoch: int, state: train.TrainState, row: Row) -> bool:
+    ctx = self.ctx
+    self.profile.after(epoch)
+    last = epoch + 1 == ctx.config.epochs
+    with _peers(ctx, f"the end of epoch {epoch + 1}", self.done):
+      signum, due = _stop_or_save(ctx.stop, last or time.monotonic() - self.saved_at
+                                  >= ctx.config.checkpoint_seconds)
+    if due or signum:  # a signal: the caller waits for this checkpoint
+      checkpoint.check_space(self.mngr, state)  # before the epoch's line is written
+    self.history.append(row)
+    if ctx.writer:
+      workdir_lib.append_row(ctx.workdir, row)
+      self.live.append(row, self.history)       # TensorBoard; curves.png now and then
+    if self.bar is not None:
+      _show_progress(self.bar, row, self.placed)
+    if due or signum:
+      with _peers(ctx, f"the checkpoint of epoch {epoch + 1}", self.done):
+        checkpoint.save(self.mngr, epoch + 1, state,
+                        workdir_lib.resume_settings(ctx.config, ctx.data))
+      self.done, self.saved_at = epoch + 1, time.monotonic()
+    if signum and not last:
+      saved = "checkpoint and plots" if ctx.config.cv_folds else (
+          "checkpoint, params.npz and plots")
+      self.interrupted = Interrupted(
+          f"{SIGNAL_NAMES[signum]} after epoch {self.done}; its {saved} are saved: rerun "
+          "the same command to resume.", signum)
+      return True
+    if signum:
+      ctx.log(f"{SIGNAL_NAMES[signum]} came during the last epoch: the run is complete")
+    return False
+
+  def close(self) -> None:
+    """Ends the profile's trace (a run stopped early still closes it), the live logs and
+    the bar."""
+    self.profile.stop()
+    self.live.close()
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, placed: Placed,
+                  history: list[Row]) -> tuple[train.TrainState, Optional["Interrupted"]]:
+  """fit.fit from the Restored `start`, with the runner's _RunHooks (each epoch's row
+  appended to `history` and the metrics file, checkpoints by time). Returns (state,
+  Interrupted if Ctrl-C or SIGTERM stopped it, else None)."""
+  hooks = _RunHooks(ctx, start, placed, history)
   boundary.phase("train")
   ctx.stop.deferring = True
-  saved_at = time.monotonic()
   try:
-    for epoch in epochs:
-      profile.before(epoch)
-      state, row = _epoch_row(ctx, train_epoch, state, values, placed, epoch)
-      profile.after(epoch)
-      _check_divergence(ctx, row, epoch, done)
-      _learning_rates(ctx, row, rates, epoch)
-      last = epoch + 1 == ctx.config.epochs
-      with _peers(ctx, f"the end of epoch {epoch + 1}", done):
-        signum, due = _stop_or_save(ctx.stop, last or time.monotonic() - saved_at
-                                    >= ctx.config.checkpoint_seconds)
-      if due or signum:  # a signal: the caller waits for this checkpoint
-        checkpoint.check_space(start.mngr, state)  # before the epoch's line is written
-      history.append(row)
-      if ctx.writer:
-        workdir_lib.append_row(ctx.workdir, row)
-        live.append(row, history)                 # TensorBoard; curves.png now and then
-      if bar is not None:
-        _show_progress(bar, row, placed)
-      if due or signum:
-        with _peers(ctx, f"the checkpoint of epoch {epoch + 1}", done):
-          checkpoint.save(start.mngr, epoch + 1, state,
-                          workdir_lib.resume_settings(ctx.config, ctx.data))
-        done, saved_at = epoch + 1, time.monotonic()
-      if signum and not last:
-        saved = "checkpoint and plots" if ctx.config.cv_folds else (
-            "checkpoint, params.npz and plots")
-        return state, Interrupted(
-            f"{SIGNAL_NAMES[signum]} after epoch {done}; its {saved} are saved: rerun the "
-            "same command to resume.", signum)
-      if signum:
-        ctx.log(f"{SIGNAL_NAMES[signum]} came during the last epoch: the run is complete")
+    masks = ctx.stack.train_masks() if ctx.stack.row_folds is not None else None
+    state, _ = fit.fit(training, start.state, fit.Data(placed.train, placed.splits, masks),
+                       hooks, start.epochs_done)
+  except fit.Diverged as e:
+    kept = (f"The checkpoint after epoch {hooks.done} is kept." if hooks.done else
+            "No checkpoint was written.")
+    raise RunError(f"{e} {kept}") from None
   except _RUNTIME_ERROR as e:
     if jax.process_count() == 1:
       raise
-    raise PeerLost(f"epoch {done + 1} failed in a collective ({_first_line(e)}): this "
-                   "process or another one failed (out of memory, killed, network); the "
-                   f"checkpoint after epoch {done} is kept: restart every process with the "
-                   "same command to resume.") from None
+    raise PeerLost(f"epoch {hooks.done + 1} failed in a collective ({_first_line(e)}): "
+                   "this process or another one failed (out of memory, killed, network); "
+                   f"the checkpoint after epoch {hooks.done} is kept: restart every process "
+                   "with the same command to resume.") from None
   finally:
     ctx.stop.deferring = False
     boundary.phase("outputs")
-    profile.stop()  # a run stopped early (a signal, divergence) still closes its trace
-    live.close()
-  return state, None
+    hooks.close()
+  return state, hooks.interrupted
 
 
 class _Profile:

@@ -202,6 +202,16 @@ def test_a_bad_parameter_is_one_line_naming_it(params, message):
     mj.MLPClassifier(**{**SMALL, **params}).fit(X, y)
 
 
+def test_divergence_is_the_runners_rule_in_one_value_error():
+  """The one fit's rule: every model's loss not finite stops the fit at that epoch."""
+  X, y = blobs()
+  with pytest.raises(ValueError, match=r"^training diverged in epoch [0-9]+: train_loss "
+                                       r"nan; the learning rate 1e\+12 is likely too high "
+                                       r"\(try 10x lower, or clip_norm=1\)\.$"):
+    mj.MLPClassifier(**{**SMALL, "learning_rate": 1e12, "optimizer": "sgd",
+                        "schedule": "constant"}).fit(X * 1e3, y)
+
+
 def test_one_class_is_refused():
   X, y = blobs()
   with pytest.raises(ValueError, match="needs at least 2 classes"):

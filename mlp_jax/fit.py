@@ -1,0 +1,198 @@
+"""The one fit: a stack of M >= 1 models trained epoch by epoch, plain or private.
+
+experiment.py (the runner) and the estimators (estimator.py) both train through it:
+
+    state = fit.init_state(training, (N, D, K))    # after the memory check
+    state, rows = fit.fit(training, state, data, hooks)
+
+Each epoch is the scanned epoch program (train.make_train_epoch), the evaluation of the
+data's splits, ONE transfer to the host, the DP accountant (and its overflow rule), the
+metrics row (stack.metrics_row) with the epoch's learning rate, and the divergence rule.
+Whatever else a caller does with an epoch (metrics lines, checkpoints, signals, progress,
+profile, TensorBoard) it does in its Hooks, called around each epoch.
+"""
+
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+from jax import Array
+from jax.sharding import Mesh
+import numpy as np
+
+from mlp_jax import dp_plan
+from mlp_jax import memory
+from mlp_jax import options
+from mlp_jax import parallel
+from mlp_jax import stack as stack_lib
+from mlp_jax import train
+from mlp_jax.config import RunConfig
+from mlp_jax.config import RunError
+from mlp_jax.stack import Row
+from mlp_jax.stack import Stack
+
+# (X, y, N) of a split on the devices; evaluated splits add their rows (indices (M, R),
+# weights (M, R)) of each model, or None: all N.
+Split = tuple[Array, Array, int]
+Evaluated = tuple[Array, Array, int, Optional[tuple[Array, Array]]]
+
+
+class Training(NamedTuple):
+  """What a fit trains: a resolved RunConfig (its epochs chosen), the stack of models,
+  their Hyperparams (the schedule's cycles included), the steps of an epoch, a private
+  run's dp_plan.DPPlan, and the mesh (None: JAX's default device, unsharded)."""
+
+  config: RunConfig
+  stack: Stack
+  hp: options.Hyperparams
+  steps_per_epoch: int
+  dp: Optional[dp_plan.DPPlan] = None
+  mesh: Optional[Mesh] = None
+
+
+class Data(NamedTuple):
+  """The training rows on the devices; the splits evaluated after every epoch
+  ({"validation": ..., "test": ...}: their losses and accuracies go in the row); each
+  model's weight of each training row (M, N) (k-fold masks, sample weights), or None."""
+
+  train: Split
+  splits: dict[str, Evaluated]
+  train_mask: Optional[np.ndarray] = None
+
+
+class Diverged(RunError):
+  """Every model's loss stopped being finite (the divergence rule)."""
+
+
+class Hooks:
+  """A caller's concerns around each epoch; these do nothing (an estimator's fit)."""
+
+  def before_epoch(self, epoch: int) -> None:
+    """Called before epoch `epoch` (0-based) is trained."""
+
+  def after_epoch(self, epoch: int, state: train.TrainState, row: Row) -> bool:
+    """Called with the epoch's state and metrics row; True stops the fit there."""
+    del epoch, state, row
+    return False
+
+
+def _local_devices(mesh: Optional[Mesh]) -> list[jax.Device]:
+  if mesh is None:
+    return jax.devices()[:1]
+  return [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+
+
+def check_memory(training: Training, data_shape: tuple[int, int, int]) -> None:
+  """memory.check_memory of this training's models on data of (N, D, K) on its devices."""
+  groups = 1 if training.mesh is None else parallel.model_groups(training.mesh)
+  memory.check_memory(training.config, data_shape, _local_devices(training.mesh),
+                      training.stack.num_models, groups)
+
+
+def init_state(training: Training, data_shape: tuple[int, int, int]) -> train.TrainState:
+  """The stack's fresh TrainState (leading model axis M) on the mesh, refused first by
+  check_memory where the memory cannot hold it (XLA would abort the process)."""
+  check_memory(training, data_shape)
+  stack = training.stack
+  _, in_dim, num_classes = data_shape
+  state = train.init_state(stack.model_seeds, in_dim, training.config.hidden_dim,
+                           num_classes, training.hp, stack.values)
+  return state if training.mesh is None else parallel.shard_models(state, training.mesh)
+
+
+def _model_values(training: Training, data: Data) -> dict[str, Array]:
+  """Each model's swept values and train mask (M, ...), on the devices."""
+  values = dict(training.stack.values)
+  if data.train_mask is not None:
+    values[train.TRAIN_MASK] = data.train_mask
+  if training.mesh is None:
+    return jax.device_put(values)
+  return parallel.shard_models(values, training.mesh)
+
+
+def _epoch_end_rates(training: Training) -> np.ndarray:
+  """The configured peak's learning rate at each epoch's last step (epochs,), in one
+  program (swept peaks scale them)."""
+  last = np.arange(1, training.config.num_epochs + 1) * training.steps_per_epoch - 1
+  return np.asarray(jax.jit(jax.vmap(train.make_schedule(training.hp)))(last))
+
+
+def _add_learning_rate(training: Training, row: Row, rate: float) -> None:
+  """The rate of the epoch's last step, to float32's 7 digits, in the row (and per model
+  where the peak rate is swept: the rates scale with it)."""
+  row["learning_rate"] = float(f"{rate:.7g}")
+  values = training.stack.values
+  if "learning_rate" in values:
+    row["per_model"]["learning_rate"] = (
+        row["learning_rate"] * values["learning_rate"] / training.config.learning_rate
+    ).tolist()
+
+
+def check_divergence(training: Training, row: Row) -> None:
+  """The one divergence rule: Diverged when every model's loss is not finite; a sweep's
+  diverged models rank last instead (stack.choose)."""
+  if not np.all(stack_lib.diverged_models(row)):
+    return
+  losses = ", ".join(f"{k.removesuffix('_mean')} {v}" for k, v in row.items()
+                     if k.endswith("_loss") or k.endswith("_loss_mean"))
+  raise Diverged(f"training diverged in epoch {row['epoch']}: {losses}; the learning rate "
+                 f"{training.config.learning_rate:g} is likely too high (try 10x lower, or "
+                 "--clip_norm=1).")
+
+
+def _epoch_row(training: Training, train_epoch: Callable[..., Any],
+               state: train.TrainState, data: Data, epoch: int
+               ) -> tuple[train.TrainState, Row]:
+  """(state, metrics row) of one epoch: train (train_epoch(state, epoch)), evaluate,
+  ONE transfer to the host, the DP accountant."""
+  start = time.time()
+  state, device_metrics = train_epoch(state, epoch)
+  params = train.averaged_params(state)          # the EMA with --ema_decay
+  for name, (X_eval, y_eval, n_eval, rows) in data.splits.items():
+    ev = train.evaluate(params, X_eval, y_eval, num_examples=n_eval, mesh=training.mesh,
+                        stacking=training.stack.stacking, rows=rows)
+    device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
+        ev["loss"], ev["accuracy"])
+  per_model = parallel.to_host(device_metrics)
+  steps = (epoch + 1) * training.steps_per_epoch
+  epsilon_all = None
+  if training.dp is not None:   # RunError if a Poisson batch overflowed its padding
+    epsilon_all = dp_plan.account(training.dp, per_model, steps)
+  row = stack_lib.metrics_row(epoch + 1, per_model, training.stack.num_models)
+  if training.dp is not None:
+    row["steps"] = steps
+    if epsilon_all is not None:
+      row["epsilon_all_models"] = epsilon_all
+  row["seconds"] = time.time() - start
+  row["examples_per_second"] = data.train[2] * training.stack.num_models / row["seconds"]
+  return state, row
+
+
+def fit(training: Training, state: train.TrainState, data: Data,
+        hooks: Optional[Hooks] = None, first_epoch: int = 0
+        ) -> tuple[train.TrainState, list[Row]]:
+  """Trains `state` from epoch `first_epoch` to the config's epochs (or until a hook
+  stops it); returns the state and the metrics row of each epoch trained. Raises
+  Diverged, or dp_plan's RunError for an overflowed Poisson batch, at the epoch it
+  happens (before its hooks)."""
+  hooks = hooks or Hooks()
+  X, y, n = data.train
+  program = train.make_train_epoch(
+      training.hp, training.config.batch_size, num_examples=n, mesh=training.mesh,
+      dp=training.dp and training.dp.dpsgd, stacking=training.stack.stacking)
+  values = _model_values(training, data)
+
+  def train_epoch(state: train.TrainState, epoch: int) -> tuple[train.TrainState, Any]:
+    return program(state, X, y, epoch, values)
+
+  rates = _epoch_end_rates(training)
+  rows = []
+  for epoch in range(first_epoch, training.config.num_epochs):
+    hooks.before_epoch(epoch)
+    state, row = _epoch_row(training, train_epoch, state, data, epoch)
+    check_divergence(training, row)
+    _add_learning_rate(training, row, float(rates[epoch]))
+    rows.append(row)
+    if hooks.after_epoch(epoch, state, row):
+      break
+  return state, rows
