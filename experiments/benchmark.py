@@ -183,8 +183,8 @@ def jax_run(grads, mode, compute_dtype, b, h, devices, cfg):
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
   hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
                          weight_decay=0.0, label_smoothing=0.0,
-                         grads="manual" if grads in LAYOUT_ROWS else grads,
-                         compute_dtype=compute_dtype, layout=LAYOUT_ROWS.get(grads, "auto"))
+                         grads=f"manual_{LAYOUT_ROWS[grads]}" if grads in LAYOUT_ROWS else grads,
+                         compute_dtype=compute_dtype)
   optimizer = train.make_optimizer(hp)
   mesh = parallel.run_mesh(devices)
   if mode == "step":
@@ -315,7 +315,7 @@ def dp_run(kind, compute_dtype, b, h, cfg):
       if kind == "dp_vmap_grad":
         grad_sum = vmap_grad_clipped_sum(state.params, x, Y, 1.0)
       else:
-        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, 1.0, "flat",
+        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, (1.0, "flat"),
                                                          dtype)
       if kind == "dp_clipped_sum":
         g = jax.tree.map(lambda leaf: leaf / b, grad_sum)

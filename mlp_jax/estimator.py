@@ -64,7 +64,7 @@ def _fit(training: Any, X: np.ndarray, y: np.ndarray, num_classes: int,
   import jax  # pylint: disable=g-import-not-at-top
   from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
   from mlp_jax import fit  # pylint: disable=g-import-not-at-top
-  from mlp_jax import train  # pylint: disable=g-import-not-at-top
+  from mlp_jax import train_state  # pylint: disable=g-import-not-at-top
   compilation.enable(None)
   try:
     state = fit.init_state(training, (len(y), X.shape[1], num_classes))
@@ -73,7 +73,7 @@ def _fit(training: Any, X: np.ndarray, y: np.ndarray, num_classes: int,
   except config_lib.RunError as e:
     raise ValueError(_as_parameter(str(e))) from None
   losses = np.array([stack_lib.model_values(row, "train_loss") for row in rows])
-  return _Fitted(jax.tree.map(np.asarray, train.averaged_params(state)), losses)
+  return _Fitted(jax.tree.map(np.asarray, train_state.averaged_params(state)), losses)
 
 
 def _canonical_order(X: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from mlp_jax import parallel
 from mlp_jax import reports
 from mlp_jax import stack as stack_lib
 from mlp_jax import train
+from mlp_jax import train_state
 from mlp_jax import workdir as workdir_lib
 from mlp_jax.config import Config
 from mlp_jax.config import Log
@@ -416,8 +417,12 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
     parallel.barrier("mlp_jax: workdir read")  # every process has read it before 0 writes
   if ctx.writer:
     workdir_lib.write_history(ctx.workdir, history)
+    details = {"schedule_epochs": cycle_ends, "data": ctx.data,
+               "dp": ctx.dp.record if ctx.dp is not None else None,
+               "num_classes": ds.num_classes, "in_dim": ds.x_train.shape[1],
+               "train_examples": len(ds.y_train)}
     workdir_lib.write_config(ctx.workdir, workdir_lib.config_record(
-        ctx, old_run, cycle_ends, ds, start.epochs_done))
+        config, old_run, workdir_lib.run_entry(config, ctx.mesh, start.epochs_done), details))
   placed = _place(ds, ctx)
   del ds
   try:
@@ -587,12 +592,12 @@ def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed
   the summary."""
   chosen, ranking = stack_lib.choose(history, ctx.stack)
   X_test, y_test, n_test = placed.test
-  params = train.averaged_params(state)          # the EMA with --ema_decay
+  params = train_state.averaged_params(state)          # the EMA with --ema_decay
   test = None
   if not ctx.config.cv_folds:
-    test = parallel.to_host(train.evaluate(params, X_test, y_test, num_examples=n_test,
-                                           mesh=ctx.mesh, stacking=ctx.stack.stacking,
-                                           rows=None))  # as each epoch's: one program
+    batching = train.EVALUATION._replace(num_examples=n_test, mesh=ctx.mesh)
+    test = parallel.to_host(train.evaluate(params, X_test, y_test, batching,
+                                           ctx.stack.stacking, None))  # as each epoch's
   finished = reports.Finished(history, ctx.stack, ranking, test, parallel.to_host(params))
   if ctx.writer:
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)

@@ -26,6 +26,7 @@ from mlp_jax import options
 from mlp_jax import parallel
 from mlp_jax import stack as stack_lib
 from mlp_jax import train
+from mlp_jax import train_state
 from mlp_jax.config import RunConfig
 from mlp_jax.config import RunError
 from mlp_jax.stack import Row
@@ -114,7 +115,7 @@ def _epoch_end_rates(training: Training) -> np.ndarray:
   """The configured peak's learning rate at each epoch's last step (epochs,), in one
   program (swept peaks scale them)."""
   last = np.arange(1, training.config.num_epochs + 1) * training.steps_per_epoch - 1
-  return np.asarray(jax.jit(jax.vmap(train.make_schedule(training.hp)))(last))
+  return np.asarray(jax.jit(jax.vmap(train_state.make_schedule(training.hp)))(last))
 
 
 def _add_learning_rate(training: Training, row: Row, rate: float) -> None:
@@ -147,10 +148,11 @@ def _epoch_row(training: Training, train_epoch: Callable[..., Any],
   ONE transfer to the host, the DP accountant."""
   start = time.time()
   state, device_metrics = train_epoch(state, epoch)
-  params = train.averaged_params(state)          # the EMA with --ema_decay
+  params = train_state.averaged_params(state)          # the EMA with --ema_decay
   for name, (X_eval, y_eval, n_eval, rows) in data.splits.items():
-    ev = train.evaluate(params, X_eval, y_eval, num_examples=n_eval, mesh=training.mesh,
-                        stacking=training.stack.stacking, rows=rows)
+    ev = train.evaluate(params, X_eval, y_eval,
+                        train.EVALUATION._replace(num_examples=n_eval, mesh=training.mesh),
+                        training.stack.stacking, rows)
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
   per_model = parallel.to_host(device_metrics)

@@ -266,25 +266,33 @@ def _loss_and_logits_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
   return _manual_vjp_loss(params, jnp.asarray(X, params.w1.dtype), Y, w, compute_dtype)
 
 
+# value_and_grads_with_logits' methods: the manual pass in the faster layout (None) or
+# in a fixed one (the benchmark's rows), jax.grad of loss_manual_vjp, jax.grad of mj.loss.
+MANUAL_LAYOUTS = {"manual": None, "manual_batch_major": feature_major.BATCH_MAJOR,
+                  "manual_feature_major": feature_major.FEATURE_MAJOR}
+METHODS = (*MANUAL_LAYOUTS, "manual_vjp", "autodiff")
+
+
 def value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
                                 weights: Optional[ArrayLike] = None, *,
                                 method: str = "manual",
-                                compute_dtype: Optional[DTypeLike] = None,
-                                layout: Optional[str] = None
+                                compute_dtype: Optional[DTypeLike] = None
                                 ) -> tuple[tuple[Array, Array], Params]:
-  """((loss, logits Z2 (B, K)), Params of gradients), by `method`:
+  """((loss, logits Z2 (B, K)), Params of gradients), by `method` (METHODS):
 
-  "manual" (the closed form, in `layout` as in value_and_grads), "autodiff"
-  (jax.value_and_grad of mj.loss) or "manual_vjp" (jax.value_and_grad of
-  loss_manual_vjp). A train step takes its accuracy from these logits instead of
-  running the forward pass twice.
+  "manual" (the closed form, `manual_pass`'s layout), "manual_batch_major" and
+  "manual_feature_major" (the closed form in that layout), "manual_vjp"
+  (jax.value_and_grad of loss_manual_vjp) or "autodiff" (jax.value_and_grad of
+  mj.loss). A train step takes its accuracy from these logits instead of running the
+  forward pass twice.
   """
-  if method == "manual":
-    return _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype, layout)
+  if method in MANUAL_LAYOUTS:
+    return _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype,
+                                               MANUAL_LAYOUTS[method])
   if method == "manual_vjp":
     return jax.value_and_grad(_loss_and_logits_manual_vjp, has_aux=True)(
         params, X, y, weights, compute_dtype=compute_dtype)
   if method != "autodiff":
-    raise ValueError(f"method must be 'manual', 'autodiff' or 'manual_vjp', got {method!r}.")
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
   return jax.value_and_grad(losses.loss_and_logits, has_aux=True)(
       params, X, y, weights, compute_dtype=compute_dtype)

@@ -34,9 +34,8 @@ class Hyperparams(NamedTuple):
   weight_decay: float = 0.03      # of W1 and W2, never of the biases
   clip_norm: float = 0.0          # 0: no clipping
   label_smoothing: float = 0.1
-  grads: str = "manual"           # manual | autodiff | manual_vjp
+  grads: str = "manual"           # GRADIENTS, or gradients.METHODS (a fixed layout)
   compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
-  layout: str = "auto"            # auto | batch_major | feature_major (mlp_jax/feature_major.py)
   ema_decay: float = 0.0          # β of the params' moving average; 0: none
 
 

@@ -91,13 +91,14 @@ def clip_factor(norm: Array, bound: ArrayLike) -> Array:
 
 
 def clipped_sum_with_logits(params: Params, X: Array, Y: Array, mask: Array,
-                            clip_norm: ClipNorm, clipping: str,
+                            clip: tuple[ClipNorm, str],
                             compute_dtype: Optional[DTypeLike] = None
                             ) -> tuple[tuple[Array, Array], Params, Array]:
   """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
   Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum.
-  compute_dtype as in mj.value_and_grads. gradients.py's pass, with each row of Δ1 and
-  Δ2 scaled by its clip factor before the sums over rows."""
+  clip: (clip_norm, clipping); compute_dtype as in mj.value_and_grads. gradients.py's
+  pass, with each row of Δ1 and Δ2 scaled by its clip factor before the sums over rows."""
+  clip_norm, clipping = clip
   c1_bound, c2_bound = layer_clip_norms(clip_norm, clipping)
   Z1, A1, Z2 = model.activations(params, X, compute_dtype)
   delta2 = output_delta(Z2, Y)                                      # δ2_i
@@ -137,7 +138,7 @@ def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike, clip_norm: Clip
   Y = losses.targets(jnp.asarray(y), k, dtype)
   mask = jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask)
   _, grad_sum, norms = clipped_sum_with_logits(params, jnp.asarray(X, dtype), Y, mask,
-                                                clip_norm, clipping)
+                                                (clip_norm, clipping))
   return grad_sum, norms
 
 

@@ -29,11 +29,13 @@ from mlp_jax import parallel
 from mlp_jax import privacy
 from mlp_jax.gradients import value_and_grads_with_logits
 from mlp_jax.model import Params
+from mlp_jax.train_state import TrainState
+from mlp_jax.train_state import in_use
+from mlp_jax.train_state import init_model_state
+from mlp_jax.train_state import make_optimizer
 from mlp_jax.options import COMPUTE_DTYPES
 from mlp_jax.options import GRADIENTS
 from mlp_jax.options import Hyperparams
-from mlp_jax.options import OPTIMIZERS
-from mlp_jax.options import SCHEDULES
 from mlp_jax.options import STACKINGS
 from mlp_jax.options import SWEEPABLE
 
@@ -41,153 +43,14 @@ from mlp_jax.options import SWEEPABLE
 Metrics = dict[str, Array]   # per-epoch metrics by name, on the device
 
 
-class TrainState(NamedTuple):
-  """Everything a step changes: params, optimizer state, step count, base PRNG key."""
-
-  params: Params
-  opt_state: Any
-  step: jax.Array    # int32 scalar: optimizer steps taken
-  key: jax.Array     # uint32 (2,): the run's key; epoch e shuffles with fold_in(key, e)
-
-
-def make_cycle(hp: Hyperparams, steps: int) -> optax.Schedule:
-  """One cycle of `steps` steps: constant, cosine to 0, or linear warmup then cosine."""
-  if hp.schedule == "constant":
-    return optax.constant_schedule(hp.learning_rate)
-  if hp.schedule == "cosine":
-    return optax.cosine_decay_schedule(hp.learning_rate, max(steps, 1))
-  if hp.schedule == "warmup_cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, hp.learning_rate, hp.warmup_steps, max(steps, hp.warmup_steps + 1))
-  raise ValueError(f"unknown schedule {hp.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
-
-
-def make_schedule(hp: Hyperparams) -> optax.Schedule:
-  """Learning rate per step: one cycle over total_steps, or, with restart_steps, a new
-  cycle (warmup, then cosine to 0 at the next restart or total_steps) at each restart."""
-  if _is_array(hp.learning_rate):  # one peak per model (a sweep): scale a unit schedule
-    unit = make_schedule(hp._replace(learning_rate=1.0))
-    return lambda step: hp.learning_rate * unit(step)
-  bounds = (0, *hp.restart_steps, hp.total_steps)
-  cycles = [make_cycle(hp, end - start) for start, end in zip(bounds, bounds[1:])]
-  if len(cycles) == 1:
-    return cycles[0]
-  return optax.join_schedules(cycles, list(hp.restart_steps))
-
-
-def _is_array(value: Any) -> bool:
-  return not isinstance(value, (int, float))
-
-
-def _in_use(value: Any) -> bool:
-  """Whether a hyperparameter's transformation is in the chain (and its state in the
-  checkpoint): where its value, or any model's, is nonzero, whatever its form (a Python
-  or NumPy scalar, an array of one per model); always where it is traced (a sweep's
-  values inside the program), so that the models of a stack share one tree."""
-  try:
-    return bool(np.any(np.asarray(value) != 0))
-  except jax.errors.TracerArrayConversionError:
-    return True
-
-
-class ParamsEMAState(NamedTuple):
-  """The moving average of the params kept by `params_ema`."""
-
-  count: jax.Array   # type: ignore[assignment]  # int32: steps averaged, t
-  decay: jax.Array   # float32: β
-  ema: Params        # θ̄_t = β θ̄_{t−1} + (1 − β) θ_t, from θ̄_0 = 0 (not yet debiased)
-
-
-def params_ema(decay: ArrayLike) -> optax.GradientTransformation:
-  """optax transformation, last in a chain: the exponential moving average of the params
-  after each update (θ_t = params + updates); the updates pass through unchanged."""
-  def init(params: Params) -> ParamsEMAState:
-    return ParamsEMAState(jnp.zeros((), jnp.int32), jnp.asarray(decay, jnp.float32),
-                          jax.tree.map(jnp.zeros_like, params))
-
-  def update(updates: Params, state: ParamsEMAState, params: Optional[Params] = None
-             ) -> tuple[Params, ParamsEMAState]:
-    if params is None:
-      raise ValueError("params_ema averages the params: pass them, "
-                       "optimizer.update(updates, state, params).")
-    new_params = optax.apply_updates(params, updates)
-    ema = optax.incremental_update(new_params, state.ema, 1 - state.decay)
-    return updates, state._replace(count=state.count + 1, ema=ema)
-
-  return optax.GradientTransformation(init, update)
-
-
-def averaged_params(state: TrainState) -> Params:
-  """Params (w1 (H, D), b1, w2 (K, H), b2, each with a leading (M,) for a stack) that a
-  run evaluates, chooses and saves: with --ema_decay, the bias-corrected average
-  θ̄_t / (1 − β^t) (= the params before any step), else state.params."""
-  ema_state = state.opt_state[-1] if isinstance(state.opt_state, tuple) else None
-  if not isinstance(ema_state, ParamsEMAState):
-    return state.params
-  correction = 1 - ema_state.decay ** ema_state.count       # (M,) or ()
-
-  def debiased(ema: Array, params: Array) -> Array:
-    c = correction.reshape(correction.shape + (1,) * (ema.ndim - correction.ndim))
-    return jnp.where(c > 0, ema / jnp.where(c > 0, c, 1), params)
-
-  return jax.tree.map(debiased, ema_state.ema, state.params)
-
-
-def make_optimizer(hp: Hyperparams) -> optax.GradientTransformation:
-  """optax chain: [clip by global norm] -> [weight decay on W1, W2] -> the optimizer ->
-  [the params' moving average, params_ema].
-
-  adamw decays weights decoupled from the gradient; the others add wd·W to it (L2).
-  Biases are never decayed.
-  """
-  lr = make_schedule(hp)
-  weights_only = Params._make((True, False, True, False))   # a mask: Params of bools
-  parts: list[optax.GradientTransformation] = []
-  if _in_use(hp.clip_norm):  # an array (a sweep) may be 0 for some models: no clip
-    parts.append(optax.clip_by_global_norm(jnp.where(hp.clip_norm > 0, hp.clip_norm, jnp.inf)
-                                           if _is_array(hp.clip_norm) else hp.clip_norm))
-  if hp.optimizer == "adamw":
-    parts.append(optax.adamw(lr, weight_decay=hp.weight_decay, mask=weights_only))
-  else:
-    if _in_use(hp.weight_decay):
-      parts.append(optax.add_decayed_weights(hp.weight_decay, mask=weights_only))
-    if hp.optimizer == "sgd":
-      parts.append(optax.sgd(lr))
-    elif hp.optimizer == "momentum":
-      parts.append(optax.sgd(lr, momentum=0.9, nesterov=True))
-    elif hp.optimizer == "adam":
-      parts.append(optax.adam(lr))
-    else:
-      raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose one of "
-                       f"{', '.join(OPTIMIZERS)}.")
-  if _in_use(hp.ema_decay):
-    parts.append(params_ema(hp.ema_decay))
-  return optax.chain(*parts)
-
-
-def init_model_state(seed: ArrayLike, in_dim: int, hidden_dim: int, num_classes: int,
-                     optimizer: optax.GradientTransformation) -> TrainState:
-  """ONE model's fresh TrainState: PRNGKey(seed) split in two, init_params from the
-  first key, and the second kept as the state's key (batch order, DP noise). A run's
-  state is a stack of these: see init_state."""
-  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-  params = model.init_params(init_key, in_dim, hidden_dim, num_classes)
-  return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), data_key)
-
-
 def smooth_targets(y: Array, num_classes: int, label_smoothing: ArrayLike) -> Array:
   """Int labels (B,) -> (1 − ε) one-hot + ε/K targets (B, K); labels as they are if ε = 0."""
-  if not _in_use(label_smoothing):
+  if not in_use(label_smoothing):
     return y
   return optax.smooth_labels(losses.targets(y, num_classes, jnp.float32), label_smoothing)
 
 
 TrainStep = Callable[[TrainState, Any], tuple[TrainState, tuple[Array, ...]]]
-
-
-def _layout(hp: Hyperparams) -> Optional[str]:
-  """The manual pass's layout hp.layout asks for; None for "auto" (the faster one)."""
-  return None if hp.layout == "auto" else hp.layout
 
 
 def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) -> TrainStep:
@@ -201,8 +64,7 @@ def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) ->
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
     (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w, method=hp.grads,
-                                                compute_dtype=compute_dtype,
-                                                layout=_layout(hp))
+                                                compute_dtype=compute_dtype)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hits = jnp.argmax(z2, axis=-1) == y
@@ -237,7 +99,7 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
                        dtype)
     (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
-        state.params, x, Y, mask, dp.clip_norm, dp.clipping, compute_dtype)
+        state.params, x, Y, mask, (dp.clip_norm, dp.clipping), compute_dtype)
     g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
                           dp.clipping, expected_batch_size)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
@@ -285,18 +147,28 @@ def gather_batch(X: Array, i: Array, mesh: Optional[Mesh] = None) -> Array:
   return jax.lax.with_sharding_constraint(batch, parallel.batch_sharded(mesh))
 
 
-def train_epoch(train_step: TrainStep, state: TrainState, X: Array, y: Array,
-                epoch: ArrayLike, batch_size: int, num_examples: Optional[int] = None,
-                mesh: Optional[Mesh] = None, train_mask: Optional[Array] = None
+class Batching(NamedTuple):
+  """How an epoch or an evaluation walks the resident data (static under jit):
+  batch_size rows a step; the first num_examples rows are the examples (None: all; the
+  rest pad a dataset sharded over a mesh: parallel.shard_rows); the mesh whose data
+  axis splits each batch (None: one device)."""
+
+  batch_size: int
+  num_examples: Optional[int] = None
+  mesh: Optional[Mesh] = None
+
+
+def train_epoch(train_step: TrainStep, state: TrainState, data: tuple[Array, Array],
+                epoch: ArrayLike, batching: Batching, train_mask: Optional[Array] = None
                 ) -> tuple[TrainState, Metrics]:
   """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device.
 
-  The epoch visits the first `num_examples` rows of X (default all; rows past it are
-  padding, see parallel.shard_rows) in the order epoch_order(state.key, epoch, N).
-  train_mask (N,), 1 for a row the model trains on and 0 for one it holds out (a k-fold
-  model): each batch weighs its rows by it, and a batch of held-out rows alone is no
-  step at all (the state is kept).
+  The epoch visits the first N = batching.num_examples rows of data = (X, y) (default
+  all) in the order epoch_order(state.key, epoch, N). train_mask (N,), 1 for a row the
+  model trains on and 0 for one it holds out (a k-fold model): each batch weighs its
+  rows by it, and a batch of held-out rows alone is no step at all (the state is kept).
   """
+  (X, y), (batch_size, num_examples, mesh) = data, batching
   n = X.shape[0] if num_examples is None else num_examples
   idx, w = batch_indices(epoch_order(state.key, epoch, n), batch_size)
 
@@ -410,8 +282,8 @@ def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batch_size: int,
     model_hp, model_dp = with_values(hp, dp, values)
     optimizer = make_optimizer(model_hp)
     if model_dp is None:
-      return train_epoch(make_train_step(model_hp, optimizer), state, X, y, epoch,
-                         batch_size, num_examples, mesh, values.get(TRAIN_MASK))
+      return train_epoch(make_train_step(model_hp, optimizer), state, (X, y), epoch,
+                         Batching(batch_size, num_examples, mesh), values.get(TRAIN_MASK))
     steps = -(-model_dp.num_examples // batch_size)
     return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, mesh), state,
                           X, y, epoch, steps)
@@ -473,14 +345,14 @@ def default_stacking(platform: str, batch_size: int, in_dim: int, hidden_dim: in
   return "map" if platform == "cpu" and big else "vmap"
 
 
-def evaluate_model(params: Params, X: Array, y: Array, batch_size: int = 1024,
-                   num_examples: Optional[int] = None, mesh: Optional[Mesh] = None,
+def evaluate_model(params: Params, X: Array, y: Array, batching: Batching,
                    rows: Optional[tuple[Array, Array]] = None) -> Metrics:
-  """ONE model's loss, accuracy and predictions (N,) over the first N = num_examples
-  rows of X, every example counted once; with a mesh each batch is split over its data
+  """ONE model's loss, accuracy and predictions (N,) over the first N rows of X
+  (Batching), every example counted once; with a mesh each batch is split over its data
   axis. rows = (indices (R,), weights (R,)): the rows it is evaluated on instead (a
   k-fold model's held-out rows, padded with weight 0), predictions (R,). Not jitted:
   see evaluate."""
+  batch_size, num_examples, mesh = batching
   n = X.shape[0] if num_examples is None else num_examples
   if rows is not None:
     n = rows[0].shape[0]
@@ -506,19 +378,19 @@ def evaluate_model(params: Params, X: Array, y: Array, batch_size: int = 1024,
           "predictions": predicted.reshape(-1)[:n]}
 
 
-@functools.partial(jax.jit, static_argnames=("batch_size", "num_examples", "mesh",
-                                             "stacking"))
-def evaluate(params: Params, X: Array, y: Array, batch_size: int = 1024,
-             num_examples: Optional[int] = None, mesh: Optional[Mesh] = None,
-             stacking: str = "vmap", rows: Optional[tuple[Array, Array]] = None) -> Metrics:
+EVALUATION = Batching(1024)   # an evaluation's batches: 1024 rows
 
+
+@functools.partial(jax.jit, static_argnames=("batching", "stacking"))
+def evaluate(params: Params, X: Array, y: Array, batching: Batching = EVALUATION,
+             stacking: str = "vmap", rows: Optional[tuple[Array, Array]] = None) -> Metrics:
   """evaluate_model of each model of stacked Params (leading axis M): loss (M,),
   accuracy (M,), predictions (M, N); the models mapped as in make_train_epoch. rows =
   (indices (M, R), weights (M, R)): each model's own rows (see evaluate_model)."""
+  mesh = batching.mesh
   groups = 1 if mesh is None else parallel.model_groups(mesh)
-  results = map_models(
-      lambda pr: evaluate_model(pr[0], X, y, batch_size, num_examples, mesh, pr[1]),
-      (params, rows), stacking, groups)
+  results = map_models(lambda pr: evaluate_model(pr[0], X, y, batching, pr[1]),
+                       (params, rows), stacking, groups)
   if mesh is None:
     return results
   return jax.lax.with_sharding_constraint(results, parallel.model_sharded(mesh))

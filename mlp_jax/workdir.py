@@ -20,9 +20,10 @@ import json
 import os
 import platform
 import tempfile
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 
 from mlp_jax import config as config_lib
@@ -33,8 +34,6 @@ from mlp_jax.config import Log
 from mlp_jax.config import RunError
 from mlp_jax.stack import Row
 
-if TYPE_CHECKING:
-  from mlp_jax.experiment import RunContext  # experiment imports this module
 
 # config.json's layout: 2 since a checkpoint holds a stack of models (leading axis M).
 FORMAT = 2
@@ -288,22 +287,23 @@ def _versions() -> dict[str, Optional[str]]:
           "orbax_checkpoint": getattr(orbax.checkpoint, "__version__", None)}
 
 
-def config_record(ctx: "RunContext", old_run: dict[str, Any], cycle_ends: list[int],
-                  ds: data.Dataset, epochs_done: int) -> dict[str, Any]:
-  """config.json: this run's settings on top, and `runs`, one entry per invocation
-  (the first run and each resume), each with its settings, start time and device.
-  `ctx` is the run's experiment.RunContext (its config, mesh and DP plan)."""
-  config, mesh = ctx.config, ctx.mesh
-  dp_record = ctx.dp.record if ctx.dp is not None else None
-  this_run = {"config": config._asdict(), "started": datetime.datetime.now(
+def run_entry(config: Config, mesh: Mesh, epochs_done: int) -> dict[str, Any]:
+  """One invocation's entry in config.json's `runs`: its settings, start time, versions
+  and devices."""
+  return {"config": config._asdict(), "started": datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="seconds"), "resumed_from_epoch": epochs_done,
-              "versions": _versions(), "device": str(mesh.devices.flat[0]),
-              "num_devices": mesh.size, "mesh": dict(mesh.shape),
-              "num_processes": jax.process_count(), "platform": jax.default_backend()}
-  return {"format": FORMAT, "config": config._asdict(), "schedule_epochs": cycle_ends,
-          "data": ctx.data,
-          "dp": dp_record, "num_classes": ds.num_classes, "in_dim": ds.x_train.shape[1],
-          "train_examples": len(ds.y_train), "runs": [*old_run.get("runs", []), this_run]}
+          "versions": _versions(), "device": str(mesh.devices.flat[0]),
+          "num_devices": mesh.size, "mesh": dict(mesh.shape),
+          "num_processes": jax.process_count(), "platform": jax.default_backend()}
+
+
+def config_record(config: Config, old_run: dict[str, Any], this_run: dict[str, Any],
+                  details: dict[str, Any]) -> dict[str, Any]:
+  """config.json: this run's settings on top, then `details` (the schedule's cycle ends,
+  the data's fingerprint and shape, the DP plan), and `runs`, one entry per invocation
+  (run_entry: the first run and each resume)."""
+  return {"format": FORMAT, "config": config._asdict(), **details,
+          "runs": [*old_run.get("runs", []), this_run]}
 
 
 atomic_file = files.atomic_file

@@ -418,8 +418,9 @@ def test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands(method,
       jax.random.split(jax.random.key(4), 3))
 
   def bf16(p):
-    return value_and_grads_with_logits(p, X, y, w, method=method,
-                                       compute_dtype=jnp.bfloat16, layout=layout)[1]
+    manual = method if layout is None else f"{method}_{layout}"
+    return value_and_grads_with_logits(p, X, y, w, method=manual,
+                                       compute_dtype=jnp.bfloat16)[1]
 
   def reference(p):
     return bfloat16_reference_grads(p, X, y, w)
@@ -473,7 +474,7 @@ def test_float32_params_compute_nothing_in_float64_under_x64(layout):
   params, X, y = problem(batch=3, dtype=jnp.float32)
   X, w = np.asarray(X, np.float64), np.ones(3)
   Y = np.eye(3)[np.asarray(y)]
-  hp = train.Hyperparams(layout=layout)
+  hp = train.Hyperparams(grads=f"manual_{layout}")
   optimizer = train.make_optimizer(hp)
   state = train.init_model_state(0, 4, 6, 3, optimizer)
   dp = privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)
@@ -490,7 +491,7 @@ def test_float32_params_compute_nothing_in_float64_under_x64(layout):
   }
   for method in ("manual", "manual_vjp", "autodiff"):
     entry_points[method] = lambda method=method: value_and_grads_with_logits(
-        params, X, Y, w, method=method, layout=layout)
+        params, X, Y, w, method=f"manual_{layout}" if method == "manual" else method)
   for name, fn in entry_points.items():
     assert not float64_arrays(jax.make_jaxpr(fn)()), name
 
@@ -534,7 +535,7 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   bf16 = jnp.bfloat16
 
   def train_step(L):
-    hp = train.Hyperparams(layout=L or "auto", compute_dtype="bfloat16")
+    hp = train.Hyperparams(grads=f"manual_{L}" if L else "manual", compute_dtype="bfloat16")
     optimizer = train.make_optimizer(hp)
     state = train.init_model_state(0, 4, 6, 3, optimizer)
     return train.make_train_step(hp, optimizer)(state, (X, y, jnp.ones(3)))
@@ -543,7 +544,7 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
                                                          compute_dtype=bf16),
         "grads": lambda L: mj.grads(params, X, y, layout=L, compute_dtype=bf16),
         "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
-            params, X, y, method="manual", layout=L, compute_dtype=bf16),
+            params, X, y, method=f"manual_{L}" if L else "manual", compute_dtype=bf16),
         "train_step": train_step}[name]
   ran, chosen = [], []
   for module, which in ((gradients, "batch_major"), (feature_major, "feature_major")):
@@ -558,7 +559,10 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
     jax.make_jaxpr(lambda L=asked: fn(L))()
     assert ran == [runs], (name, asked, ran)
   assert chosen == [(jnp.float32, bf16)], chosen
-  with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major"):
+  with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major, "
+                                       "got 'row_major'|method must be one of manual, "
+                                       "manual_batch_major, manual_feature_major, .* got "
+                                       "'manual_row_major'"):
     fn("row_major")
 
 
@@ -634,5 +638,6 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
     assert ran == [formula], (method, ran)
   with pytest.raises(ValueError, match="method must be 'manual' or 'autodiff', got 'x'"):
     mj.per_example_grads(params, X, y, method="x")
-  with pytest.raises(ValueError, match="method must be 'manual', 'autodiff' or 'manual_vjp'"):
+  with pytest.raises(ValueError, match="method must be one of manual, manual_batch_major, "
+                                       "manual_feature_major, manual_vjp, autodiff, got 'x'"):
     value_and_grads_with_logits(params, X, y, method="x")

@@ -120,7 +120,7 @@ def test_bfloat16_clipped_sum_is_float32_arithmetic_on_the_rounded_operands():
   Y = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (48,), 0, 10), 10)
   mask = jnp.ones(48).at[:5].set(0).at[5].set(0.5)    # 5 padding rows; Σ m_i c_i g_i
   clipped = jax.jit(lambda p, C: privacy.clipped_sum_with_logits(
-      p, X, Y, mask, C, "flat", jnp.bfloat16)[1:])
+      p, X, Y, mask, (C, "flat"), jnp.bfloat16)[1:])
   for clip_norm in (8.0, 1e6):                        # some rows clipped, none
     got, norms = clipped(params, clip_norm)
     assert float(jnp.min(norms[5:])) < 8.0 < float(jnp.max(norms[5:]))
@@ -172,7 +172,7 @@ def test_the_loss_sum_is_over_the_sampled_rows_whatever_the_padding_holds():
   params, X, y = random_problem(0, 4, 5, 6, 3, jnp.float32)
   X = X.at[3].set(jnp.nan)                               # a padding row
   (loss_sum, _), _, _ = privacy.clipped_sum_with_logits(
-      params, X, jax.nn.one_hot(y, 3), jnp.array([1.0, 1.0, 1.0, 0.0]), 1.0, "flat")
+      params, X, jax.nn.one_hot(y, 3), jnp.array([1.0, 1.0, 1.0, 0.0]), (1.0, "flat"))
   np.testing.assert_allclose(loss_sum, 3 * mj.loss(params, X[:3], y[:3]), rtol=1e-6)
 
 

@@ -13,8 +13,10 @@ import pytest
 import conftest
 import mlp_jax as mj
 from mlp_jax import feature_major
+from mlp_jax import options
 from mlp_jax import privacy
 from mlp_jax import train
+from mlp_jax import train_state
 
 
 def tiny_data(n=10, d=5, k=3, seed=0):
@@ -110,15 +112,16 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
   hp = train.Hyperparams(optimizer="adam", schedule="cosine", total_steps=12)
   optimizer = train.make_optimizer(hp)
   step = chex.assert_max_traces(train.make_train_step(hp, optimizer), n=1)
-  epoch = jax.jit(functools.partial(train.train_epoch, step, batch_size=4),
+  epoch = jax.jit(lambda state, X, y, e: train.train_epoch(step, state, (X, y), e,
+                                                          train.Batching(4)),
                   donate_argnums=(0,))
   # A fresh jit of evaluate: its trace count is this test's alone.
   evaluate = jax.jit(chex.assert_max_traces(train.evaluate.__wrapped__, n=1),
-                     static_argnames=("batch_size", "num_examples", "mesh", "stacking"))
+                     static_argnames=("batching", "stacking"))
   state = first(train.init_state([0], 5, 7, 3, hp))
   for e in range(4):
     state, _ = epoch(state, X, y, e)
-    evaluate(jax.tree.map(lambda a: a[None], state.params), X, y, batch_size=4)
+    evaluate(jax.tree.map(lambda a: a[None], state.params), X, y, train.Batching(4))
   # The runner's jitted epoch: its body is traced once for three epochs.
   monkeypatch.setattr(train, "train_epoch", chex.assert_max_traces(train.train_epoch, n=1))
   runner_epoch = train.make_train_epoch(hp, batch_size=4)
@@ -193,7 +196,7 @@ def test_manual_autodiff_and_manual_vjp_train_the_same():
 def test_evaluate_counts_every_example_once():
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
-  ev = first(train.evaluate(jax.tree.map(lambda a: a[None], params), X, y, batch_size=4))
+  ev = first(train.evaluate(jax.tree.map(lambda a: a[None], params), X, y, train.Batching(4)))
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X, y), rtol=1e-6)
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X, y), rtol=1e-5)
   np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X), -1))
@@ -206,19 +209,19 @@ def test_evaluate_counts_the_first_rows_or_the_given_rows_and_their_weights(x64)
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
   stack = jax.tree.map(lambda a: a[None], params)
-  ev = first(train.evaluate(stack, X, y, batch_size=4, num_examples=7))
+  ev = first(train.evaluate(stack, X, y, train.Batching(4, 7)))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[:7], y[:7]), rtol=1e-6)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[:7], y[:7]), rtol=1e-6)
   assert ev["loss"].dtype == jnp.float32 and ev["predictions"].shape == (7,)
   kept, weights = np.array([2, 7, 0]), np.array([1.0, 0.5, 0.0], np.float32)
-  ev = first(train.evaluate(stack, X, y, batch_size=2, rows=(kept[None], weights[None])))
+  ev = first(train.evaluate(stack, X, y, train.Batching(2), rows=(kept[None], weights[None])))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[kept], y[kept], weights), rtol=1e-6)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[kept], y[kept], weights),
                              rtol=1e-6)
   np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X[kept]), -1))
 
 
-@pytest.mark.parametrize("name", train.OPTIMIZERS)
+@pytest.mark.parametrize("name", options.OPTIMIZERS)
 def test_every_optimizer_lowers_the_loss(name):
   X, y = tiny_data(n=32)
   hp = train.Hyperparams(optimizer=name, learning_rate=0.05, schedule="constant",
@@ -234,27 +237,27 @@ def test_every_optimizer_lowers_the_loss(name):
 def test_schedules():
   hp = train.Hyperparams(learning_rate=1.0, schedule="warmup_cosine", warmup_steps=10,
                          total_steps=100)
-  lr = train.make_schedule(hp)
+  lr = train_state.make_schedule(hp)
   assert float(lr(0)) == 0 and float(lr(10)) == pytest.approx(1.0)
   assert float(lr(100)) == pytest.approx(0.0, abs=1e-6)
-  cosine = train.make_schedule(hp._replace(schedule="cosine"))
+  cosine = train_state.make_schedule(hp._replace(schedule="cosine"))
   assert float(cosine(0)) == 1 and float(cosine(50)) == pytest.approx(0.5)
-  assert float(train.make_schedule(hp._replace(schedule="constant"))(77)) == 1
+  assert float(train_state.make_schedule(hp._replace(schedule="constant"))(77)) == 1
   # A run shorter than its warmup still warms up, then decays to 0 one step later; a
   # cosine over no steps is one step long.
-  short = train.make_schedule(hp._replace(total_steps=5))
+  short = train_state.make_schedule(hp._replace(total_steps=5))
   assert float(short(10)) == pytest.approx(1.0) and float(short(11)) == pytest.approx(0.0)
-  empty = train.make_schedule(hp._replace(schedule="cosine", total_steps=0))
+  empty = train_state.make_schedule(hp._replace(schedule="cosine", total_steps=0))
   assert [float(empty(s)) for s in (0, 1)] == [1.0, 0.0]
   # One peak per model (a sweep): each model's schedule is the schedule of its peak.
   peaks = jnp.array([0.5, 2.0])
-  swept = train.make_schedule(hp._replace(learning_rate=peaks))
+  swept = train_state.make_schedule(hp._replace(learning_rate=peaks))
   for step in (0, 5, 10, 60):
-    np.testing.assert_allclose(swept(step), [train.make_schedule(hp._replace(
+    np.testing.assert_allclose(swept(step), [train_state.make_schedule(hp._replace(
         learning_rate=float(p)))(step) for p in peaks], rtol=1e-6)
   with pytest.raises(ValueError, match=r"^unknown schedule 'linear'; choose one of "
                      r"constant, cosine, warmup_cosine\.$"):
-    train.make_schedule(hp._replace(schedule="linear"))
+    train_state.make_schedule(hp._replace(schedule="linear"))
 
 
 def hand_updates(name, grads, params, lr, wd, clip):
@@ -286,7 +289,7 @@ def hand_updates(name, grads, params, lr, wd, clip):
   return steps
 
 
-@pytest.mark.parametrize("name", train.OPTIMIZERS)
+@pytest.mark.parametrize("name", options.OPTIMIZERS)
 def test_each_optimizer_is_its_update_rule_by_hand(name):
   """make_optimizer's chain, three steps of given gradients, against hand_updates: the
   clip, the decay (biases never) and the optimizer, in that order."""
@@ -313,7 +316,7 @@ def test_each_optimizer_is_its_update_rule_by_hand(name):
     for got, p, expected in zip(swept(grads[0], c), params, want):
       np.testing.assert_allclose(p + got, expected, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"^unknown optimizer 'rmsprop'; choose one of "
-                     + re.escape(", ".join(train.OPTIMIZERS)) + r"\.$"):
+                     + re.escape(", ".join(options.OPTIMIZERS)) + r"\.$"):
     train.make_optimizer(hp._replace(optimizer="rmsprop"))
 
 
@@ -338,7 +341,7 @@ def test_label_smoothing_targets():
 def test_schedule_restarts_a_cycle_at_each_restart_step():
   hp = train.Hyperparams(learning_rate=1.0, schedule="warmup_cosine", warmup_steps=2,
                          total_steps=15, restart_steps=(10,))
-  lr = train.make_schedule(hp)
+  lr = train_state.make_schedule(hp)
   first = optax.warmup_cosine_decay_schedule(0.0, 1.0, 2, 10)
   second = optax.warmup_cosine_decay_schedule(0.0, 1.0, 2, 5)
   np.testing.assert_allclose([lr(s) for s in range(15)],
@@ -366,7 +369,7 @@ def test_bfloat16_gradients_under_jit_match_float32():
   rounded = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), t)
   grads = jax.jit(mj.grads, static_argnames="compute_dtype")
   clipped = jax.jit(lambda p, X, dt: privacy.clipped_sum_with_logits(
-      p, X, Y, mask, 1.0, "flat", dt)[1], static_argnums=2)
+      p, X, Y, mask, (1.0, "flat"), dt)[1], static_argnums=2)
   stack = jax.tree.map(lambda a: jnp.stack([a, -0.5 * a]), params)  # two models
   stacked = jax.jit(jax.vmap(lambda p, dt: mj.grads(p, X, y, compute_dtype=dt),
                              in_axes=(0, None)), static_argnums=1)
@@ -432,7 +435,7 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   assert len(train.make_optimizer(hp).init(mj.init_params(jax.random.key(0), 2, 2, 2))) == 3
   optimizer = train.make_optimizer(hp)
   state = train.init_model_state(0, 5, 4, 3, optimizer)
-  chex.assert_trees_all_equal(train.averaged_params(state), state.params)
+  chex.assert_trees_all_equal(train_state.averaged_params(state), state.params)
   X = jax.random.normal(jax.random.key(1), (6, 5))
   batch = (X, jnp.arange(6) % 3, jnp.ones(6))
   step = jax.jit(train.make_train_step(hp, optimizer))
@@ -444,9 +447,9 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   weights = [(1 - beta) * beta ** (t - i) / (1 - beta ** t) for i in range(1, t + 1)]
   by_hand = jax.tree.map(lambda *leaves: sum(w * a for w, a in zip(weights, leaves)),
                          *iterates)
-  chex.assert_trees_all_close(train.averaged_params(state), by_hand, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(train_state.averaged_params(state), by_hand, rtol=1e-6, atol=1e-7)
   assert not np.allclose(by_hand.w1, state.params.w1)
-  ema = train.params_ema(beta)
+  ema = train_state.params_ema(beta)
   with pytest.raises(ValueError, match=r"^params_ema averages the params: pass them, "
                      r"optimizer\.update\(updates, state, params\)\.$"):
     ema.update(state.params, ema.init(state.params))
@@ -456,7 +459,7 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   epoch = train.make_train_epoch(hp, 6, 6)
   for e in range(4):
     stack, _ = epoch(stack, X, batch[1], e, {"ema_decay": jnp.array([0.0, beta])})
-  averaged = train.averaged_params(stack)
+  averaged = train_state.averaged_params(stack)
   chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], averaged),
                               jax.tree.map(lambda a: a[0], stack.params), rtol=1e-6)
   assert not np.allclose(averaged.w1[1], stack.params.w1[1])
@@ -582,7 +585,7 @@ def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16():
     sample_key, noise_key = privacy.step_keys(state.key, 0)
     i, mask, _ = privacy.poisson_batch(sample_key, 12, 0.4, 9)
     _, grad_sum, _ = privacy.clipped_sum_with_logits(
-        state.params, X[i], jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, 0.3, "flat",
+        state.params, X[i], jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, (0.3, "flat"),
         jnp.bfloat16)
     g = privacy.add_noise(grad_sum, noise_key, 0.7, 0.3, "flat", 0.4 * 12)
     return jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
@@ -688,11 +691,11 @@ def test_a_transformation_is_in_use_where_any_value_is_nonzero_or_traced():
   any form, any nonzero model of a stack, and any traced value (a sweep's, inside the
   program) keep the transformation; zeros of every form drop it."""
   for value in (0.5, -1, np.float32(2.0), jnp.asarray(0.1), np.array([0.0, 0.3])):
-    assert train._in_use(value), value
+    assert train_state.in_use(value), value
   for value in (0, 0.0, np.float32(0.0), jnp.asarray(0.0), np.zeros(3)):
-    assert not train._in_use(value), value
-  assert jax.jit(lambda v: jnp.float32(train._in_use(v)))(0.0) == 1.0
-  assert [train._is_array(v) for v in (1, 0.5, np.float32(0.5), jnp.ones(2))] == [
+    assert not train_state.in_use(value), value
+  assert jax.jit(lambda v: jnp.float32(train_state.in_use(v)))(0.0) == 1.0
+  assert [train_state._is_array(v) for v in (1, 0.5, np.float32(0.5), jnp.ones(2))] == [
       False, False, True, True]
 
 
