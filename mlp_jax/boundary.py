@@ -21,7 +21,7 @@ no atexit hook prints after it.
 
 This module imports nothing heavy (no JAX): the scripts install it first, so a Ctrl-C
 during their imports is one line too. `phase` names what the run is doing; outside the
-epochs (which checkpoint, see experiment._StopSignals) a first Ctrl-C or SIGTERM stops
+epochs (which checkpoint, see processes.StopSignals) a first Ctrl-C or SIGTERM stops
 at once with one line naming the phase.
 """
 
@@ -166,17 +166,17 @@ def describe(e: BaseException) -> tuple[str, int]:
     return f"error: {e}", 1
   if isinstance(e, MemoryError):
     return ("error: out of memory"
-            + (f" ({_first_line(e)})" if str(e) else "")
+            + (f" ({first_line(e)})" if str(e) else "")
             + "; use smaller settings (--hidden_dim, --batch_size, fewer models) or a "
               "smaller input.", 1)
   if isinstance(e, OSError):
     where = f" {e.filename}" if e.filename else ""
-    return f"error: cannot use{where} ({e.strerror or _first_line(e)}); check the path " \
+    return f"error: cannot use{where} ({e.strerror or first_line(e)}); check the path " \
            "and its permissions, and that the disk has room.", 1
   environment = _environment_problem(e)
   if environment:
     return f"error: {environment}", 1
-  return (f"error: internal error ({type(e).__name__}: {_first_line(e)}): a bug in "
+  return (f"error: internal error ({type(e).__name__}: {first_line(e)}): a bug in "
           "mlp_jax; please report it with the traceback", 1)
 
 
@@ -184,12 +184,12 @@ def _environment_problem(e: BaseException) -> Optional[str]:
   """The one line for the JAX errors that a machine's setting causes, or None."""
   text = str(e)
   if "Unable to initialize backend" in text or "Backend '" in text and "not in" in text:
-    return (f"JAX cannot start the backend it was asked for ({_first_line(e)}); unset "
+    return (f"JAX cannot start the backend it was asked for ({first_line(e)}); unset "
             "JAX_PLATFORMS (or set it to a platform this machine has, e.g. cpu), or "
             "install the jax build for that accelerator.")
   if "jax_enable_x64" in text or "JAX_ENABLE_X64" in text:
     return (f"the JAX_ENABLE_X64 environment variable is not a truth value "
-            f"({_first_line(e)}); set it to 0 or 1, or unset it.")
+            f"({first_line(e)}); set it to 0 or 1, or unset it.")
   return None
 
 
@@ -212,7 +212,9 @@ def check_environment() -> None:
                     "unset it.")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+  """The first line of an exception's message (200 characters at most), or its type's
+  name where it has none."""
   text = str(e).strip()
   return text.splitlines()[0][:200] if text else type(e).__name__
 

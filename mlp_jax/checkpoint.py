@@ -1,5 +1,5 @@
 """Checkpoints of the TrainState through orbax-checkpoint, numbered by finished epochs
-(the runner saves by time: experiment._train_epochs).
+(the runner saves by time: hooks.RunHooks).
 
 Each checkpoint holds the state, the SHA-256 of its bytes and the signature of its
 structure (tree, shapes, dtypes). On restore:
@@ -199,7 +199,7 @@ def _restore(mngr: Manager, epoch: int, template: State,
   except OSError as e:
     raise CheckpointError(f"cannot read the checkpoint after epoch {epoch} ({e}).") from None
   except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
-    raise _Corrupt(_first_line(e)) from None
+    raise _Corrupt(boundary.first_line(e)) from None
   if record.get("signature", state_signature(template)) != state_signature(template):
     raise CheckpointError(
         f"the checkpoint after epoch {epoch} in {mngr.directory} holds a state of another "
@@ -212,15 +212,11 @@ def _restore(mngr: Manager, epoch: int, template: State,
   except OSError as e:
     raise CheckpointError(f"cannot read the checkpoint after epoch {epoch} ({e}).") from None
   except Exception as e:  # pylint: disable=broad-except
-    raise _Corrupt(_first_line(e)) from None
+    raise _Corrupt(boundary.first_line(e)) from None
   state = type(template)(*restored) if isinstance(template, tuple) else restored
   if state_digest(state) != record.get("sha256"):
     raise _Corrupt("its checksum does not match its contents")
   return state
-
-
-def _first_line(e: BaseException) -> str:
-  return str(e).splitlines()[0][:160] if str(e) else type(e).__name__
 
 
 def _sync(name: str) -> None:

@@ -5,9 +5,10 @@ MLPClassifierCV.
     clf.predict(X_new), clf.predict_proba(X_new), clf.score(X_test, y_test)
 
 Every parameter is a training setting of config.RunConfig, with its name and default
-(config.TRAINING; random_state is its seed), and fit trains as the runner does: the manual gradient, optax, the
-same input scaling (auto: data.choose_scaling), the same number of epochs by default
-(options.auto_epochs), and DP-SGD with dp_noise_multiplier or dp_target_epsilon.
+(config.TRAINING; random_state is its seed), and fit trains through the runner's one
+fit (mlp_jax/fit.py): the manual gradient, optax, the same input scaling (auto:
+data.choose_scaling), the same number of epochs by default (options.auto_epochs), and
+DP-SGD with dp_noise_multiplier or dp_target_epsilon.
 
 MLPClassifierCV(param_grid=..., cv=K) trains every configuration on every fold in ONE
 program, as `--sweep ... --cv_folds=K` does, chooses by mean validation accuracy and

@@ -17,14 +17,10 @@ processes train together through jax.distributed; process 0 alone writes the fil
 and all of them save the checkpoints together, through orbax.
 """
 
-import contextlib
 import os
 import signal
-import sys
-import threading
 import time
-from types import FrameType
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 from jax import Array
@@ -39,9 +35,10 @@ from mlp_jax import data
 from mlp_jax import dp_plan
 from mlp_jax import files
 from mlp_jax import fit
-from mlp_jax import live as live_lib
+from mlp_jax import hooks as hooks_lib
 from mlp_jax import memory
 from mlp_jax import parallel
+from mlp_jax import processes
 from mlp_jax import reports
 from mlp_jax import stack as stack_lib
 from mlp_jax import train
@@ -51,135 +48,12 @@ from mlp_jax.config import Config
 from mlp_jax.config import Log
 from mlp_jax.config import RunConfig  # pylint: disable=unused-import  (the public name)
 from mlp_jax.config import RunError
+from mlp_jax.hooks import Placed
+from mlp_jax.hooks import Restored
+from mlp_jax.hooks import RunContext
+from mlp_jax.processes import Interrupted
 from mlp_jax.stack import Row
-from mlp_jax.stack import Stack
 from mlp_jax.workdir import WorkdirLock  # pylint: disable=unused-import
-
-
-class Interrupted(RunError):
-  """Ctrl-C or SIGTERM: the run stopped; the newest checkpoint is on disk, rerun to
-  resume. `signum` is the signal (the runner exits with 128 + signum)."""
-
-  def __init__(self, message: str, signum: int = signal.SIGINT):
-    super().__init__(message)
-    self.signum = signum
-
-
-class PeerLost(RunError):
-  """A collective failed in a multi-process run (this process or another one failed);
-  restart them all."""
-
-
-# What a failed collective raises (XlaRuntimeError, a RuntimeError, before jax 0.4.36).
-_RUNTIME_ERROR = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-class RunContext(NamedTuple):
-  """What every part of a run reads: its settings, models, devices and workdir."""
-
-  config: Config                   # the resolved RunConfig
-  stack: Stack                     # the M models
-  mesh: Mesh                       # parallel.run_mesh
-  workdir: str
-  dp: Optional[dp_plan.DPPlan]     # a private run's DP-SGD, else None
-  steps_per_epoch: int
-  writer: bool                     # process 0: writes the files and logs
-  log: Log
-  start: float                     # time.time() at the start
-  stop: "_StopSignals"             # Ctrl-C and SIGTERM
-  data: dict[str, Any]             # the training data's workdir.data_fingerprint
-
-
-SIGNAL_NAMES = boundary.SIGNAL_NAMES
-
-
-class _StopSignals:
-  """Ctrl-C and SIGTERM (what Slurm, Kubernetes and cloud preemption send before
-  SIGKILL) during a run. While epochs train (`deferring`), the first one is a request to
-  stop after the current epoch's checkpoint; a second one stops the process at once, in
-  one line, with status 128 + signum (the newest checkpoint on disk is complete: orbax
-  renames it into place). Outside the epochs a signal goes to the handler that was there
-  before: the scripts' boundary.install_stop_at_once (one line naming the phase), or
-  Python's KeyboardInterrupt for a library caller. Only the main thread can own signal
-  handlers; elsewhere the signals keep their behaviour."""
-
-  def __init__(self) -> None:
-    self.signum: Optional[int] = None
-    self.deferring = False
-    self._previous: dict[int, Any] = {}
-
-  @property
-  def requested(self) -> bool:
-    return self.signum is not None
-
-  def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-    name = SIGNAL_NAMES[signum]
-    if self.requested:  # exit now: an exception raised here can land anywhere (a GC hook)
-      print(f"stopped: a second {name}: stopped at once; the newest checkpoint on disk is "
-            "kept: rerun the same command to resume.", file=sys.stderr, flush=True)
-      os._exit(128 + signum)
-    if not self.deferring:
-      self._pass_on(signum, frame)
-      return
-    self.signum = signum
-    print(f"\n{name}: stopping after this epoch's checkpoint ({name} again to stop at "
-          "once)", file=sys.stderr, flush=True)
-
-  def _pass_on(self, signum: int, frame: Optional[FrameType]) -> None:
-    previous = self._previous.get(signum, signal.SIG_DFL)
-    if callable(previous):
-      previous(signum, frame)
-    elif previous == signal.SIG_DFL:
-      signal.signal(signum, signal.SIG_DFL)
-      os.kill(os.getpid(), signum)
-
-  def install(self) -> None:
-    if threading.current_thread() is threading.main_thread():
-      for signum in SIGNAL_NAMES:
-        self._previous[signum] = signal.signal(signum, self._handle)
-
-  def uninstall(self) -> None:
-    for signum, previous in self._previous.items():
-      signal.signal(signum, previous)
-    self._previous = {}
-
-
-def _join_processes(config: Config, log: Log) -> None:
-  """jax.distributed.initialize when asked or a multi-process setting is given.
-
-  Settings left None are detected by JAX from SLURM, a TPU pod or Open MPI.
-  """
-  explicit = (config.coordinator_address, config.num_processes, config.process_id)
-  if not config.distributed and explicit == (None,) * 3:
-    return
-  if not config.workdir:
-    raise RunError("a multi-process run needs --workdir, a directory every process can "
-                   "reach (a shared filesystem).")
-  log(f"joining the other processes (waiting up to --peer_timeout={config.peer_timeout:g} s)")
-  try:
-    parallel.initialize(config.coordinator_address, config.num_processes,
-                        config.process_id, config.peer_timeout)
-  except Exception as e:  # pylint: disable=broad-except  (JAX raises several kinds)
-    raise RunError(f"jax.distributed could not start ({_first_line(e)}); check "
-                   "--coordinator_address (host:port of process 0, reachable by every "
-                   "process), --num_processes and --process_id.") from None
-
-
-def _peers(ctx: RunContext, what: str, done: int) -> Any:
-  """A bound on the wait for the other processes at `what` (parallel.deadline, with
-  --peer_timeout): one line instead of a hang when a peer died. Alone: no bound."""
-  if jax.process_count() == 1:
-    return contextlib.nullcontext()
-  kept = f"the checkpoint after epoch {done} is kept" if done else "no checkpoint was written"
-  return parallel.deadline(ctx.config.peer_timeout, (
-      f"a peer process did not reach {what} within --peer_timeout="
-      f"{ctx.config.peer_timeout:g} s (it died or hangs); {kept}: restart every process "
-      "with the same command to resume."))
 
 
 def _make_mesh(config: Config, num_models: int) -> Mesh:
@@ -221,11 +95,11 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   Raises RunError (one line) for anything that stops the run, DataError for bad data;
   an unexpected exception underneath is a RunError too, `internal`, with its cause."""
   start = time.time()
-  stop = _StopSignals()
+  stop = processes.StopSignals()
   try:
     config = config_lib.resolve(config)
     compilation.enable(config.compilation_cache)  # before the first compilation
-    _join_processes(config, log)
+    processes.join_processes(config, log)
     stop.install()  # after jax.distributed, which installs a SIGTERM handler of its own
     if jax.process_index() != 0:  # process 0 alone writes files and logs
       log = lambda *args: None  # pylint: disable=unnecessary-lambda-assignment
@@ -235,8 +109,9 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
     boundary.phase("refit")
     if stop.requested:
       signum = stop.signum or signal.SIGINT
-      raise Interrupted(f"{SIGNAL_NAMES[signum]} during the selection's last epoch; the "
-                        "selection is complete: rerun the same command to refit.", signum)
+      raise Interrupted(
+          f"{processes.SIGNAL_NAMES[signum]} during the selection's last epoch; the "
+          "selection is complete: rerun the same command to refit.", signum)
     return _refit(config, workdir, result["chosen"], log, stop)
   except (boundary.UserError, OSError, MemoryError):
     raise
@@ -250,7 +125,7 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
 
 
 def _refit(config: Config, workdir: str, chosen: dict[str, Any], log: Log,
-           stop: "_StopSignals") -> dict[str, Any]:
+           stop: processes.StopSignals) -> dict[str, Any]:
   """The chosen configuration of a k-fold selection trained on all of train (its
   --num_seeds seeds) in WORKDIR/refit, the only run that reads test."""
   settings = ", ".join(f"{k}={v:g}" for k, v in chosen["configuration"].items())
@@ -261,7 +136,7 @@ def _refit(config: Config, workdir: str, chosen: dict[str, Any], log: Log,
   return {**result, "chosen": chosen}
 
 
-def _run_stack(config: Config, log: Log, start: float, stop: "_StopSignals"
+def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSignals
                ) -> tuple[str, dict[str, Any]]:
   """(workdir, result) of run() for one stack of models, from a resolved config."""
   stack = stack_lib.make_stack(config)
@@ -314,29 +189,10 @@ def _run_error(e: Exception, workdir: str) -> Exception:
     return RunError(f"cannot write {e.filename or workdir} ({e.strerror or e}); the newest "
                     "complete checkpoint is kept: free space or fix the permissions, then "
                     "rerun the same command to resume.")
-  if isinstance(e, _RUNTIME_ERROR) and memory.is_out_of_memory(e):
-    return RunError(f"out of memory ({_first_line(e)}); use a smaller --hidden_dim or "
+  if isinstance(e, processes.RUNTIME_ERROR) and memory.is_out_of_memory(e):
+    return RunError(f"out of memory ({boundary.first_line(e)}); use a smaller --hidden_dim or "
                     "--batch_size.")
   return e
-
-
-class Placed(NamedTuple):
-  """The data on the devices: (X, y, N) of train and test; each evaluated split's
-  (X, y, N, rows) with rows the train.evaluate rows of its models, or None (all N)."""
-
-  train: tuple[Array, Array, int]
-  # {"validation": ..., "test": ...}: what each epoch evaluates.
-  splits: dict[str, tuple[Array, Array, int, Optional[tuple[Array, Array]]]]
-  test: tuple[Array, Array, int]
-  inputs: data.Dataset   # without its arrays: labels, preprocessing, names
-
-
-class Restored(NamedTuple):
-  """Where training starts: the TrainState, the epochs it has done, the checkpoints."""
-
-  state: train.TrainState
-  epochs_done: int
-  mngr: checkpoint.Manager
 
 
 def _place(ds: data.Dataset, ctx: RunContext) -> Placed:
@@ -413,7 +269,7 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   for note in notes:
     ctx.log(note)
   history = workdir_lib.read_history(ctx.workdir, start.epochs_done, ctx.writer, ctx.log)
-  with _peers(ctx, "the start of training", start.epochs_done):
+  with processes.peers(ctx.config, "the start of training", start.epochs_done):
     parallel.barrier("mlp_jax: workdir read")  # every process has read it before 0 writes
   if ctx.writer:
     workdir_lib.write_history(ctx.workdir, history)
@@ -429,7 +285,7 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
     state, interrupted = _train_epochs(ctx, _training(ctx, cycle_ends), start, placed,
                                        history)
   finally:
-    with _peers(ctx, "the last checkpoint", start.epochs_done):
+    with processes.peers(ctx.config, "the last checkpoint", start.epochs_done):
       checkpoint.finish(start.mngr)
   if not history:
     raise RunError(f"--workdir {ctx.workdir} holds a finished run without its "
@@ -437,92 +293,12 @@ def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[s
   return _finish(ctx, state, history, placed, start.epochs_done, interrupted)
 
 
-def _progress_bar(ctx: RunContext, epochs_done: int) -> Any:
-  """The tqdm bar of the epochs with --progress (process 0), else None."""
-  if not (ctx.config.progress and ctx.writer):
-    return None
-  import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(initial=epochs_done, total=ctx.config.epochs, unit="epoch",
-                   dynamic_ncols=True)
-
-
-def _show_progress(bar: Any, row: Row, placed: Placed) -> None:
-  """The epoch's train loss and accuracy, and validation (else test) accuracy, on the bar."""
-  shown, label = (("validation", "val_acc") if "validation" in placed.splits
-                  else ("test", "test_acc"))
-  bar.set_postfix(loss=f"{stack_lib.headline(row, 'train_loss'):.4f}",
-                  acc=f"{stack_lib.headline(row, 'train_accuracy'):.4f}",
-                  **{label: f"{stack_lib.headline(row, f'{shown}_accuracy'):.4f}"})
-  bar.update(1)
-
-
-class _RunHooks(fit.Hooks):
-  """The runner's concerns around each epoch of the fit: the profile; a stop (a signal)
-  or a checkpoint by time, agreed by every process; the metrics line, TensorBoard and
-  the curves; the progress bar. Checkpoints come after an epoch that ends
-  --checkpoint_seconds or more after the last save, after the last epoch, and after the
-  epoch a signal came in (which then stops the fit: `interrupted`)."""
-
-  def __init__(self, ctx: RunContext, start: Restored, placed: Placed,
-               history: list[Row]):
-    self.ctx, self.mngr, self.placed, self.history = ctx, start.mngr, placed, history
-    self.done, self.saved_at = start.epochs_done, time.monotonic()
-    self.interrupted: Optional[Interrupted] = None
-    self.profile = _Profile(ctx, start.epochs_done)
-    self.bar = _progress_bar(ctx, start.epochs_done)
-    self.live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
-        ctx.workdir, rows, ctx.config, placed.inputs, ctx.stack.num_models),
-        ctx.stack.model_names())
-
-  def before_epoch(self, epoch: int) -> None:
-    self.profile.before(epoch)
-
-  def after_epoch(self, epoch: int, state: train.TrainState, row: Row) -> bool:
-    ctx = self.ctx
-    self.profile.after(epoch)
-    last = epoch + 1 == ctx.config.epochs
-    with _peers(ctx, f"the end of epoch {epoch + 1}", self.done):
-      signum, due = _stop_or_save(ctx.stop, last or time.monotonic() - self.saved_at
-                                  >= ctx.config.checkpoint_seconds)
-    if due or signum:  # a signal: the caller waits for this checkpoint
-      checkpoint.check_space(self.mngr, state)  # before the epoch's line is written
-    self.history.append(row)
-    if ctx.writer:
-      workdir_lib.append_row(ctx.workdir, row)
-      self.live.append(row, self.history)       # TensorBoard; curves.png now and then
-    if self.bar is not None:
-      _show_progress(self.bar, row, self.placed)
-    if due or signum:
-      with _peers(ctx, f"the checkpoint of epoch {epoch + 1}", self.done):
-        checkpoint.save(self.mngr, epoch + 1, state,
-                        workdir_lib.resume_settings(ctx.config, ctx.data))
-      self.done, self.saved_at = epoch + 1, time.monotonic()
-    if signum and not last:
-      saved = "checkpoint and plots" if ctx.config.cv_folds else (
-          "checkpoint, params.npz and plots")
-      self.interrupted = Interrupted(
-          f"{SIGNAL_NAMES[signum]} after epoch {self.done}; its {saved} are saved: rerun "
-          "the same command to resume.", signum)
-      return True
-    if signum:
-      ctx.log(f"{SIGNAL_NAMES[signum]} came during the last epoch: the run is complete")
-    return False
-
-  def close(self) -> None:
-    """Ends the profile's trace (a run stopped early still closes it), the live logs and
-    the bar."""
-    self.profile.stop()
-    self.live.close()
-    if self.bar is not None:
-      self.bar.close()
-
-
 def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, placed: Placed,
-                  history: list[Row]) -> tuple[train.TrainState, Optional["Interrupted"]]:
-  """fit.fit from the Restored `start`, with the runner's _RunHooks (each epoch's row
+                  history: list[Row]) -> tuple[train.TrainState, Optional[Interrupted]]:
+  """fit.fit from the Restored `start`, with the runner's hooks.RunHooks (each epoch's row
   appended to `history` and the metrics file, checkpoints by time). Returns (state,
   Interrupted if Ctrl-C or SIGTERM stopped it, else None)."""
-  hooks = _RunHooks(ctx, start, placed, history)
+  hooks = hooks_lib.RunHooks(ctx, start, placed, history)
   boundary.phase("train")
   ctx.stop.deferring = True
   try:
@@ -533,10 +309,11 @@ def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, plac
     kept = (f"The checkpoint after epoch {hooks.done} is kept." if hooks.done else
             "No checkpoint was written.")
     raise RunError(f"{e} {kept}") from None
-  except _RUNTIME_ERROR as e:
+  except processes.RUNTIME_ERROR as e:
     if jax.process_count() == 1:
       raise
-    raise PeerLost(f"epoch {hooks.done + 1} failed in a collective ({_first_line(e)}): "
+    raise processes.PeerLost(f"epoch {hooks.done + 1} failed in a collective "
+                             f"({boundary.first_line(e)}): "
                    "this process or another one failed (out of memory, killed, network); "
                    f"the checkpoint after epoch {hooks.done} is kept: restart every process "
                    "with the same command to resume.") from None
@@ -545,43 +322,6 @@ def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, plac
     boundary.phase("outputs")
     hooks.close()
   return state, hooks.interrupted
-
-
-class _Profile:
-  """--profile_dir: a jax.profiler trace of the 2nd and 3rd epochs this invocation
-  trains (the 1st compiles), or of as many of them as it trains."""
-
-  def __init__(self, ctx: RunContext, epochs_done: int):
-    self.ctx, self.first, self.tracing = ctx, epochs_done + 1, False
-
-  def before(self, epoch: int) -> None:
-    if self.ctx.config.profile_dir and epoch == self.first:
-      jax.profiler.start_trace(self.ctx.config.profile_dir)
-      self.tracing = True
-
-  def after(self, epoch: int) -> None:
-    if self.tracing and (epoch == self.first + 1 or epoch + 1 == self.ctx.config.epochs):
-      self.stop()
-      traced = f"{self.first + 1}-{epoch + 1}" if epoch > self.first else str(epoch + 1)
-      self.ctx.log(f"profile of epoch(s) {traced}: {self.ctx.config.profile_dir} "
-                   f"(tensorboard --logdir={self.ctx.config.profile_dir}, or its "
-                   ".trace.json.gz in Perfetto)")
-
-  def stop(self) -> None:
-    if self.tracing:
-      jax.profiler.stop_trace()
-      self.tracing = False
-
-
-def _stop_or_save(stop: _StopSignals, due: bool) -> tuple[Optional[int], bool]:
-  """(the signal that asked this run to stop, or None; whether a checkpoint is due),
-  agreed by every process in one collective: the signal of any of them (SIGINT where
-  they got different ones), a checkpoint where any of them finds it due (--checkpoint_
-  seconds on its clock)."""
-  if jax.process_count() == 1:
-    return stop.signum, due
-  signums, dues = parallel.process_values(np.array([stop.signum or 0, due], np.int32)).T
-  return int(np.max(signums)) or None, bool(np.max(dues))
 
 
 def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed: Placed,

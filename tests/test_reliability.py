@@ -33,6 +33,7 @@ from conftest import without_times
 from mlp_jax import checkpoint
 from mlp_jax import data
 from mlp_jax import experiment
+from mlp_jax import processes
 from mlp_jax import train
 from mlp_jax import trained
 from mlp_jax import workdir as workdir_lib
@@ -150,7 +151,7 @@ def test_a_second_signal_stops_at_once_in_one_line(tiny_npz, tmp_path):
 
 
 def test_a_signal_during_the_last_epoch_finishes_the_run(tiny_npz, tmp_path, monkeypatch):
-  monkeypatch.setattr(experiment, "_stop_or_save", lambda stop, due: (signal.SIGTERM, due))
+  monkeypatch.setattr(processes, "stop_or_save", lambda stop, due: (signal.SIGTERM, due))
   lines = quiet(tiny_config(tiny_npz, tmp_path, epochs=1))   # no Interrupted raised
   assert "SIGTERM came during the last epoch: the run is complete" in lines
   assert (tmp_path / "params.npz").exists()

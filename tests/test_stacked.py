@@ -19,6 +19,7 @@ from conftest import tiny_config
 from conftest import without_times
 import mlp_jax as mj
 from mlp_jax import experiment
+from mlp_jax import processes
 from mlp_jax import stack as stack_lib
 from mlp_jax import train
 
@@ -313,9 +314,9 @@ def test_a_k_fold_selection_never_reads_test(tmp_path, monkeypatch):
   events = []
   evaluate = train.evaluate
 
-  def spy(params, X, y, **kwargs):
+  def spy(params, X, y, *args, **kwargs):
     events.append(("evaluate", int(X.shape[0])))
-    return evaluate(params, X, y, **kwargs)
+    return evaluate(params, X, y, *args, **kwargs)
 
   monkeypatch.setattr(train, "evaluate", spy)
   run_config = tiny_config(f"npz:{tmp_path / 'd.npz'}", tmp_path / "run", epochs=3,
@@ -342,7 +343,7 @@ def test_a_k_fold_run_resumes_bit_identical_in_either_stage(tiny_npz, tmp_path,
   resumed = config._replace(workdir=str(tmp_path / "resumed"))
   for stop_at in (2, 3):  # after epoch 2 of 3 of the selection, then the refit's 2nd (1 + 2)
     calls = iter(range(1, 100))
-    monkeypatch.setattr(experiment, "_stop_or_save", lambda stop, due, s=stop_at: (
+    monkeypatch.setattr(processes, "stop_or_save", lambda stop, due, s=stop_at: (
         signal.SIGTERM if next(calls) == s else None, due))
     with pytest.raises(experiment.Interrupted):
       run(resumed)
