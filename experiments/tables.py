@@ -40,6 +40,7 @@ os.environ["MLP_JAX_COMPILATION_CACHE"] = ""  # every compilation is counted
 import mlp_jax as mj  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax import config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_integer("seeds", 5, "Seeds of each accuracy (0, 1, ...).", lower_bound=1)
@@ -76,7 +77,7 @@ def scaling_rule() -> None:
         "| --- | --- | --- |")
   named = [("digits", lambda: data.load_digits()[0])]
   if os.path.isdir(data.FASHION_MNIST_DIR):
-    named.append(("fashion_mnist", lambda: data.load_idx_dir(data.FASHION_MNIST_DIR)[0]))
+    named.append(("fashion_mnist", lambda: readers.load_idx_dir(data.FASHION_MNIST_DIR)[0]))
   named += [(name, lambda name=name: split_table(name)[0]) for name in TABLES]
   for name, load in named:
     rows = load()

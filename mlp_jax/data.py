@@ -8,28 +8,19 @@
 Every problem raises DataError with one line naming it and the fix.
 """
 
-import contextlib
-import gzip
 import importlib.util
 import math
 import os
-import typing
-import zlib
-from typing import IO, Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from mlp_jax import boundary
-from mlp_jax import files
+from mlp_jax import readers
+from mlp_jax.readers import Arrays
+from mlp_jax.readers import DataError
+from mlp_jax.readers import MAX_CLASSES
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
-# IDX type code -> big-endian numpy dtype.
-IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-MAX_IDX_BYTES = 1 << 32  # 4 GiB: a header claiming more is lying or not a dataset.
-MAX_NPZ_ARRAY_BYTES = 1 << 32
-MAX_CLASSES = 1000
 DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
 # How the inputs are scaled, x' = (x − μ) / σ with μ, σ from the training rows:
 #   auto         per_feature where the features' scales differ, else global (choose_scaling)
@@ -45,10 +36,6 @@ SHARED_RANGE_RATIO = 100.0
 PIXEL_MAX = {"digits": 16.0, "fashion_mnist": 255.0, "mnist": 255.0}
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
-
-
-class DataError(boundary.UserError, ValueError):
-  """A dataset that cannot be used; the message says what is wrong and how to fix it."""
 
 
 class Dataset(NamedTuple):
@@ -73,7 +60,6 @@ class Dataset(NamedTuple):
   scaling_reason: str = ""    # why, when it was chosen (scaling auto)
 
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
 
 def class_names(name: Optional[str], num_classes: int) -> tuple[str, ...]:
@@ -81,170 +67,6 @@ def class_names(name: Optional[str], num_classes: int) -> tuple[str, ...]:
   if name == "fashion_mnist" and num_classes == len(FASHION_MNIST_CLASSES):
     return FASHION_MNIST_CLASSES
   return tuple(str(k) for k in range(num_classes))
-
-
-def _read_exactly(f: IO[bytes], size: int, path: str) -> bytes:
-  """Reads `size` bytes in chunks (no huge up-front allocation); errors if short."""
-  chunks, remaining = [], size
-  while remaining > 0:
-    chunk = f.read(min(remaining, 1 << 24))
-    if not chunk:
-      break
-    chunks.append(chunk)
-    remaining -= len(chunk)
-  data = b"".join(chunks)
-  if len(data) != size:
-    raise DataError(f"{path}: the IDX header promises {size} bytes of data but the file "
-                    f"holds {len(data)}; the file is truncated or not the one the header "
-                    "describes: download it again.")
-  return data
-
-
-class IdxHeader(NamedTuple):
-  """What an IDX header declares: dims (N, ...) and the numpy dtype of its type code."""
-
-  dims: tuple[int, ...]
-  dtype: np.dtype
-
-  @property
-  def row_bytes(self) -> int:
-    """Bytes of one example (dims[1:] × itemsize)."""
-    return int(np.prod(self.dims[1:], dtype=np.int64)) * self.dtype.itemsize
-
-
-def _idx_header(f: IO[bytes], path: str, file_size: int, gzipped: bool) -> IdxHeader:
-  """Reads and checks the header: magic, type code, rank, and the size its dims declare
-  against the file's real size (a plain file) or the memory budget (a .gz stream)."""
-  header = f.read(4)
-  if len(header) < 4 or header[:2] != b"\x00\x00":
-    raise DataError(f"{path}: not an IDX file (wrong magic number "
-                    f"{header[:4].hex() or 'empty'}); expected 0000 then a type code.")
-  type_code, rank = header[2], header[3]
-  if type_code not in IDX_TYPES:
-    raise DataError(f"{path}: unknown IDX type code 0x{type_code:02x}; expected one of "
-                    f"{', '.join(f'0x{c:02x}' for c in IDX_TYPES)}.")
-  if not 1 <= rank <= 4:
-    raise DataError(f"{path}: IDX rank {rank} is not 1 to 4.")
-  dims_bytes = f.read(4 * rank)
-  if len(dims_bytes) != 4 * rank:
-    raise DataError(f"{path}: truncated IDX header.")
-  dims = tuple(int(d) for d in np.frombuffer(dims_bytes, ">u4"))
-  dtype = np.dtype(IDX_TYPES[type_code])
-  size = int(np.prod(dims, dtype=np.float64)) * dtype.itemsize
-  if size > MAX_IDX_BYTES:
-    raise DataError(f"{path}: the IDX header claims dims {dims} ({size} bytes), more "
-                    "than any dataset this reader accepts; the file is corrupt.")
-  present = file_size - 4 - 4 * rank
-  if not gzipped and size != present:
-    raise DataError(f"{path}: the IDX header promises {size} bytes of data but the file "
-                    f"holds {'more' if present > size else present}; the file is "
-                    "truncated or not the one the header describes: download it again.")
-  return IdxHeader(dims, dtype)
-
-
-@contextlib.contextmanager
-def open_idx(path: str) -> Iterator[tuple[IO[bytes], IdxHeader]]:
-  """(the stream at its first data byte, the checked header) of an IDX file (.gz or
-  not); a device, a pipe or a directory is refused. DataError, one line, for any problem."""
-  try:
-    file_size = files.check_regular_file(path)
-  except files.UnsafePath as e:
-    raise DataError(f"{e.strerror}.") from None
-  except OSError as e:
-    raise DataError(f"{path}: cannot read it ({e.strerror or e}).") from None
-  gzipped = path.endswith(".gz")
-  try:
-    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
-      stream = typing.cast(IO[bytes], f)
-      yield stream, _idx_header(stream, path, file_size, gzipped)
-  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-    raise DataError(f"{path}: cannot read it ({e}).") from None
-
-
-def _idx_array(buffer: bytes, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-  return np.frombuffer(buffer, dtype).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def read_idx(path: str) -> np.ndarray:
-  """Reads an IDX file (optionally .gz) into a numpy array, checking its header.
-
-  Header: two zero bytes, a type code, the rank, then one big-endian uint32 per dim.
-  A .gz stream is read up to the size its header declares (never more), which must fit
-  the memory budget.
-  """
-  with open_idx(path) as (f, header):
-    size = header.dims[0] * header.row_bytes
-    if size > files.memory_budget():
-      raise DataError(f"{path}: the IDX header claims dims {header.dims} ({size:,} bytes), "
-                      "more than the memory this reader may use; read fewer examples.")
-    data = _read_exactly(f, size, path)
-    if path.endswith(".gz") and f.read(1):
-      raise DataError(f"{path}: the file holds more than its IDX header's {size} bytes; "
-                      "it is not the one the header describes: download it again.")
-  return _idx_array(data, header.dtype, header.dims)
-
-
-def read_idx_rows(path: str, rows: int) -> Iterator[np.ndarray]:
-  """An IDX file (.gz or not) in slices of at most `rows` examples: memory does not
-  grow with the file."""
-  with open_idx(path) as (f, header):
-    for start in range(0, header.dims[0], rows):
-      count = min(rows, header.dims[0] - start)
-      yield _idx_array(_read_exactly(f, count * header.row_bytes, path), header.dtype,
-                       (count, *header.dims[1:]))
-
-
-def _find_idx(data_dir: str, stem: str) -> str:
-  for name in (stem, stem + ".gz"):
-    if os.path.exists(os.path.join(data_dir, name)):
-      return os.path.join(data_dir, name)
-  raise DataError(f"missing {stem}[.gz] in {data_dir}; for fashion_mnist run "
-                  "`apt-get install dataset-fashion-mnist`, for mnist put the four IDX "
-                  "files there and pass --data_dir.")
-
-
-def load_idx_dir(data_dir: Optional[str]) -> Arrays:
-  """The four MNIST-layout IDX files of data_dir -> (x_train, y_train, x_test, y_test)."""
-  if not data_dir or not os.path.isdir(data_dir):
-    raise DataError(f"data directory {data_dir!r} does not exist; pass --data_dir=DIR "
-                    "holding train-images-idx3-ubyte[.gz] and the other three IDX files.")
-  x_train, y_train, x_test, y_test = (read_idx(_find_idx(data_dir, IDX_FILES[k]))
-                                      for k in IDX_FILES)
-  return x_train, y_train, x_test, y_test
-
-
-def _check_npz_shapes(npz: files.NpzArchive) -> None:
-  """The four arrays' declared shapes fit together: checked before any is read."""
-  h = {name: npz.header(name) for name in IDX_FILES}
-  for x, y in (("x_train", "y_train"), ("x_test", "y_test")):
-    if len(h[x].shape) < 2 or h[x].shape[0] == 0:
-      raise DataError(f"{npz.path}: {x} must be (N, ...) with N >= 1 examples, got shape "
-                      f"{h[x].shape}.")
-    if h[y].shape != h[x].shape[:1]:
-      raise DataError(f"{npz.path}: {y} must have shape ({h[x].shape[0]},), one label per "
-                      f"example of {x}, got {h[y].shape}.")
-  if h["x_train"].shape[1:] != h["x_test"].shape[1:]:
-    raise DataError(f"{npz.path}: x_train's examples are {h['x_train'].shape[1:]} but "
-                    f"x_test's {h['x_test'].shape[1:]}.")
-  as_float32 = sum(4 * int(np.prod(h[x].shape, dtype=np.float64)) for x in ("x_train", "x_test"))
-  if as_float32 > npz.max_bytes:
-    raise DataError(f"{npz.path}: x_train and x_test take {as_float32:,} bytes as float32, "
-                    f"more than the {npz.max_bytes:,} bytes of memory this loader may use; "
-                    "use fewer examples.")
-
-
-def load_npz(path: str) -> Arrays:
-  """x_train, y_train, x_test, y_test from an .npz file (files.NpzArchive: members by
-  exact name, every header and the shapes checked before any array is read; pickled
-  objects are refused)."""
-  with files.NpzArchive(path, DataError, min(files.memory_budget(), MAX_NPZ_ARRAY_BYTES)) as npz:
-    missing = [k for k in IDX_FILES if k not in npz.names]
-    if missing:
-      raise DataError(f"{path}: missing arrays {', '.join(missing)}; the .npz must hold "
-                      "x_train, y_train, x_test, y_test.")
-    _check_npz_shapes(npz)
-    x_train, y_train, x_test, y_test = (npz.read(k) for k in IDX_FILES)
-  return x_train, y_train, x_test, y_test
 
 
 def load_digits() -> Arrays:
@@ -317,21 +139,6 @@ def _flat_inputs(x: Any, name: str) -> np.ndarray:
   return x
 
 
-def _labels(y: Any, n: int, name: str) -> np.ndarray:
-  """Integer class labels (N,) as int64; integral floats are accepted."""
-  y = np.asarray(y)
-  if y.shape != (n,):
-    raise DataError(f"{name} must have shape ({n},), one label per example, got {y.shape}.")
-  if not np.issubdtype(y.dtype, np.integer):
-    if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y))
-            and np.all(y == np.round(y))):
-      raise DataError(f"{name} must hold integer class labels, got dtype {y.dtype}.")
-  if n and (y.min() < 0 or y.max() >= MAX_CLASSES):
-    raise DataError(f"{name} must lie in [0, K) with K <= {MAX_CLASSES}, got min "
-                    f"{y.min():g}, max {y.max():g}.")
-  return y.astype(np.int64)
-
-
 def check_every_class_in_train(y_train: np.ndarray, num_classes: int) -> None:
   """Refuses labels 0..K-1 where a class never occurs in train: 1-based labels (1..K
   would make a phantom class 0), or a class the network could never learn."""
@@ -363,8 +170,8 @@ def prepare(x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
   if x_train.shape[1] != x_test.shape[1]:
     raise DataError(f"x_train has {x_train.shape[1]} features per example but x_test "
                     f"{x_test.shape[1]}.")
-  y_train = _labels(y_train, len(x_train), "y_train")
-  y_test = _labels(y_test, len(x_test), "y_test")
+  y_train = readers.labels(y_train, len(x_train), "y_train")
+  y_test = readers.labels(y_test, len(x_test), "y_test")
   num_classes = int(max(y_train.max(), y_test.max(initial=0))) + 1
   if num_classes < 2:
     raise DataError("the labels name a single class; a classifier needs at least 2.")
@@ -497,14 +304,14 @@ def load(name: str, data_dir: Optional[str] = None, *, validation_fraction: floa
   if name == "digits":
     arrays = load_digits()
   elif name == "fashion_mnist":
-    arrays = load_idx_dir(data_dir or FASHION_MNIST_DIR)
+    arrays = readers.load_idx_dir(data_dir or FASHION_MNIST_DIR)
   elif name == "mnist":
     if not data_dir:
       raise DataError("dataset mnist needs --data_dir=DIR holding the four MNIST IDX "
                       "files (train-images-idx3-ubyte[.gz] ...).")
-    arrays = load_idx_dir(data_dir)
+    arrays = readers.load_idx_dir(data_dir)
   elif name.startswith("npz:") and len(name) > 4:
-    arrays = load_npz(name[4:])
+    arrays = readers.load_npz(name[4:])
   else:
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
   fixed, reason = None, ""          # a private run: constants, never train statistics

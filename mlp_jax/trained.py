@@ -15,7 +15,6 @@ the inputs are not images).
 import contextlib
 import csv
 import os
-import warnings
 from typing import IO, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -25,6 +24,7 @@ from jax.typing import ArrayLike
 import numpy as np
 
 from mlp_jax import data
+from mlp_jax import readers
 from mlp_jax import files
 from mlp_jax import prediction
 from mlp_jax.model import Params
@@ -145,34 +145,6 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
   return None
 
 
-def read_png(path: str, model: TrainedModel) -> np.ndarray:
-  """One 8-bit grayscale PNG of the model's image size -> raw values (h, w) float32,
-  0..255 mapped to 0..pixel_max; anything else raises ValueError naming the fix."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  if not model.pixel_max or len(model.input_shape) != 2:
-    raise ValueError(f"{path}: this model was trained on {model.dataset}, not on images; "
-                     "give an .npz of raw inputs.")
-  h, w = model.input_shape
-  try:
-    files.check_regular_file(path)
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)
-      with Image.open(path) as image:  # reads the header only
-        mode, size = image.mode, image.size
-        if mode != "L" or size != (w, h):  # checked before any pixel is decoded
-          raise ValueError(f"{path}: a {size[0]}×{size[1]} image of mode {mode}; this "
-                           f"model takes 8-bit grayscale (mode L) images of {w}×{h} "
-                           "pixels: convert it first.")
-        pixels = np.asarray(image)
-  except ValueError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds on a bad file)
-    raise ValueError(f"{path}: not a readable image of {w}×{h} pixels "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})."
-                     ) from None
-  return pixels.astype(np.float32) * np.float32(model.pixel_max / 255)
-
-
 @contextlib.contextmanager
 def prediction_csv(path: str, model: TrainedModel
                    ) -> Iterator[Callable[[list[str], np.ndarray], None]]:
@@ -206,71 +178,8 @@ def _checked(x: np.ndarray, labels: Optional[np.ndarray], path: str, model: Trai
     raise ValueError(f"{path}: the inputs must be an array (N, ...) of real numbers, got "
                      f"{x.dtype} of shape {x.shape}.")
   if labels is not None:
-    k = len(model.class_names)
-    if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"the labels must be (N,) = ({len(x)},) integers, got "
-                       f"{labels.dtype} {labels.shape}.")
-    if labels.size and (labels.min() < 0 or labels.max() >= k):
-      raise ValueError(f"the labels run from {labels.min()} to {labels.max()}, but this "
-                       f"model has classes 0 to {k - 1}: give labels of the same classes.")
+    labels = readers.labels(labels, len(x), "the labels", len(model.class_names))
   return x, labels
-
-
-def _npz_batches(path: str, rows: int) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
-  """(x, y or None) slices of an .npz of x (or x_test) and y (or y_test)."""
-  with files.NpzArchive(path) as npz:
-    key = next((k for k in ("x", "x_test") if k in npz.names), None)
-    if key is None:
-      raise ValueError(f"{path} holds {', '.join(npz.names) or 'no arrays'}; name the "
-                       "inputs x (and the labels y).")
-    label_key = {"x": "y", "x_test": "y_test"}[key]
-    x_header = npz.header(key)
-    if not x_header.shape:
-      raise ValueError(f"{path}: the inputs must be an array (N, ...) of real numbers, "
-                       f"got {x_header.dtype} of shape ().")
-    if label_key not in npz.names:
-      for x in npz.read_rows(key, rows):
-        yield x, None
-      return
-    y_header = npz.header(label_key)
-    if y_header.shape != x_header.shape[:1]:
-      raise ValueError(f"the labels must be (N,) = ({x_header.shape[0]},) integers, got "
-                       f"{y_header.dtype} {y_header.shape}.")
-    yield from zip(npz.read_rows(key, rows), npz.read_rows(label_key, rows))
-
-
-def _idx_batches(path: str, labels_path: Optional[str], rows: int
-                 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
-  """(x, labels or None) slices of an IDX file and its IDX labels."""
-  try:
-    with data.open_idx(path) as (_, header):
-      count = header.dims[0]
-    inputs = data.read_idx_rows(path, rows)
-    if not labels_path:
-      for x in inputs:
-        yield x, None
-      return
-    with data.open_idx(labels_path) as (_, label_header):
-      if label_header.dims[0] != count or len(label_header.dims) != 1:
-        raise ValueError(f"the labels must be (N,) = ({count},) integers, got "
-                         f"{label_header.dtype} {label_header.dims}.")
-    yield from zip(inputs, data.read_idx_rows(labels_path, rows))
-  except data.DataError as e:
-    raise ValueError(f"{e} Inputs are read from .npz, IDX or .png files.") from None
-
-
-def _input_paths(path: str) -> list[str]:
-  paths = [p for p in path.split(",") if p]
-  if len(paths) == 1 and os.path.isdir(paths[0]):
-    directory = paths[0]
-    paths = sorted(os.path.join(directory, n) for n in os.listdir(directory)
-                   if n.lower().endswith(".png"))
-    if not paths:
-      raise ValueError(f"{path} holds no .png files (of any case: .png, .PNG).")
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing or not paths:
-    raise ValueError(f"no such file: {', '.join(missing) or path!r}.")
-  return paths
 
 
 def iter_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = None,
@@ -284,19 +193,20 @@ def iter_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = Non
 
   Raises ValueError (one line) for anything it cannot use, before or while it yields.
   """
-  paths = _input_paths(path)
+  paths = readers.input_paths(path)
   if all(p.lower().endswith(".png") for p in paths):
     if labels_path:
       raise ValueError("--labels goes with an IDX --input; PNG files have no labels.")
     for start in range(0, len(paths), rows):
       chunk = paths[start:start + rows]
-      x = np.stack([read_png(p, model) for p in chunk])
+      x = np.stack([readers.read_png(p, model.input_shape, model.pixel_max, model.dataset)
+                    for p in chunk])
       yield [os.path.basename(p) for p in chunk], *_checked(x, None, path, model)
     return
   if len(paths) > 1:
     raise ValueError(f"{path}: give one .npz or IDX file, or PNG files.")
-  batches = (_npz_batches(paths[0], rows) if paths[0].endswith(".npz")
-             else _idx_batches(paths[0], labels_path, rows))
+  batches = (readers.npz_rows(paths[0], rows) if paths[0].endswith(".npz")
+             else readers.idx_rows(paths[0], labels_path, rows))
   done = 0
   for x, labels in batches:
     x, labels = _checked(x, labels, path, model)

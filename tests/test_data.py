@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from mlp_jax import data
+from mlp_jax import readers
 from mlp_jax import stack as stack_lib
 
 
 def write_idx(path, array, type_code=0x08, dims=None, magic=b"\x00\x00"):
   dims = array.shape if dims is None else dims
   header = magic + bytes([type_code, len(dims)]) + np.asarray(dims, ">u4").tobytes()
-  payload = header + array.astype(data.IDX_TYPES[type_code]).tobytes()
+  payload = header + array.astype(readers.IDX_TYPES[type_code]).tobytes()
   opener = gzip.open if str(path).endswith(".gz") else open
   with opener(path, "wb") as f:
     f.write(payload)
@@ -25,7 +26,7 @@ def write_idx(path, array, type_code=0x08, dims=None, magic=b"\x00\x00"):
 @pytest.mark.parametrize("type_code", [0x08, 0x0B, 0x0D])
 def test_read_idx_round_trips(tmp_path, suffix, type_code):
   array = (np.arange(2 * 3 * 4) % 200).reshape(2, 3, 4)
-  got = data.read_idx(write_idx(tmp_path / f"x{suffix}", array, type_code))
+  got = readers.read_idx(write_idx(tmp_path / f"x{suffix}", array, type_code))
   np.testing.assert_array_equal(got, array)
   assert got.dtype.isnative
 
@@ -48,7 +49,7 @@ def test_read_idx_rejects_truncated_lying_and_foreign_files(tmp_path):
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(data.DataError, match=message):
-      data.read_idx(str(path))
+      readers.read_idx(str(path))
 
 
 def test_mnist_from_a_directory_and_missing_files(tmp_path):

@@ -26,6 +26,7 @@ import pytest
 import mlp_jax as mj
 from mlp_jax import boundary
 from mlp_jax import data
+from mlp_jax import readers
 from mlp_jax import files
 from mlp_jax import trained
 from mlp_jax import workdir as workdir_lib
@@ -193,8 +194,8 @@ def _good_png(path):
 # name -> (file name, write a good file, read it, the error it raises)
 READERS = {
     "dataset_npz": ("d.npz", _good_npz, lambda p, m: data.load(f"npz:{p}"), data.DataError),
-    "idx": ("images-idx3-ubyte", _good_idx, lambda p, m: data.read_idx(p), data.DataError),
-    "idx_gz": ("images-idx3-ubyte.gz", _good_idx, lambda p, m: data.read_idx(p),
+    "idx": ("images-idx3-ubyte", _good_idx, lambda p, m: readers.read_idx(p), data.DataError),
+    "idx_gz": ("images-idx3-ubyte.gz", _good_idx, lambda p, m: readers.read_idx(p),
                data.DataError),
     "params_npz": ("params.npz", None, lambda p, m: trained.load(p), ValueError),
     "predict_npz": ("x.npz", _good_inputs, lambda p, m: trained.read_inputs(p, m), ValueError),

@@ -32,6 +32,7 @@ from conftest import wait_for_epochs
 from conftest import without_times
 from mlp_jax import checkpoint
 from mlp_jax import data
+from mlp_jax import readers
 from mlp_jax import experiment
 from mlp_jax import processes
 from mlp_jax import train
@@ -348,13 +349,13 @@ def _write(tmp_path, name, content):
 def _valid_idx(content):
   """What the IDX reader must accept, decided apart from it: two zero bytes, a known
   type code, rank 1 to 4, its dims, then exactly the bytes they declare."""
-  if len(content) < 4 or content[:2] != b"\x00\x00" or content[2] not in data.IDX_TYPES:
+  if len(content) < 4 or content[:2] != b"\x00\x00" or content[2] not in readers.IDX_TYPES:
     return False
   rank = content[3]
   if not 1 <= rank <= 4 or len(content) < 4 + 4 * rank:
     return False
   dims = np.frombuffer(content[4:4 + 4 * rank], ">u4").astype(np.float64)
-  declared = np.prod(dims) * np.dtype(data.IDX_TYPES[content[2]]).itemsize
+  declared = np.prod(dims) * np.dtype(readers.IDX_TYPES[content[2]]).itemsize
   return declared == len(content) - 4 - 4 * rank
 
 
@@ -366,9 +367,9 @@ def test_idx_reader_on_random_bytes(tmp_path_factory, content, gz):
   path = _write(tmp_path, name, gzip.compress(content) if gz else content)
   if not _valid_idx(content):
     with pytest.raises(data.DataError):
-      data.read_idx(path)
+      readers.read_idx(path)
     return
-  array = data.read_idx(path)
+  array = readers.read_idx(path)
   assert array.nbytes == len(content) - 4 - 4 * array.ndim
 
 
@@ -381,16 +382,16 @@ def test_idx_reader_on_lying_headers(tmp_path_factory, type_code, dims, payload,
   path = _write(tmp_path_factory.mktemp("idx"), "f", content)
   if not _valid_idx(content):
     with pytest.raises(data.DataError):
-      data.read_idx(path)
+      readers.read_idx(path)
     return
-  array = data.read_idx(path)
+  array = readers.read_idx(path)
   assert array.shape == tuple(dims) and array.nbytes == len(content) - len(header)
 
 
 def test_idx_reader_refuses_huge_claims_without_allocating(tmp_path):
   header = bytes([0, 0, 0x0D, 3]) + np.asarray([2**20, 2**20, 2**10], ">u4").tobytes()
   with pytest.raises(data.DataError, match="claims dims"):
-    data.read_idx(_write(tmp_path, "huge", header + bytes(100)))
+    readers.read_idx(_write(tmp_path, "huge", header + bytes(100)))
 
 
 @settings(max_examples=40, deadline=None)

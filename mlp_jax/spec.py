@@ -1,0 +1,186 @@
+"""The typed spec: every setting of a run declared once, in RunConfig (a frozen
+dataclass a type checker sees), with its type, default, help, bounds and part.
+SETTINGS reads them back for the flags (experiments/train.py), the estimators'
+parameters (TRAINING) and the checks (config.py)."""
+
+import dataclasses
+import typing
+from typing import Any, NamedTuple, Optional
+
+from mlp_jax import data
+from mlp_jax import options
+
+
+class Setting(NamedTuple):
+  """One setting, as the flags, the estimators and the checks read it: its flag is
+  --name. Bounds: lower <= v, above < v, v <= upper, v < below; choices: the allowed
+  values; None is allowed where the default is None. part: "training" (what trains a
+  model: the estimators' parameters) or "run" (data, files, devices, the stack)."""
+
+  name: str
+  kind: type       # int, float, str, bool, or tuple (a repeatable flag)
+  default: Any
+  help: str
+  lower: Optional[float] = None
+  above: Optional[float] = None
+  upper: Optional[float] = None
+  below: Optional[float] = None
+  choices: tuple = ()
+  part: str = "run"
+
+
+def _setting(default: Any, help_text: str, part: str = "run", **bounds: Any) -> Any:
+  """A RunConfig field: its default, and its help, part and bounds (Setting) as the
+  field's metadata."""
+  return dataclasses.field(default=default,
+                           metadata={"help": help_text, "part": part, **bounds})
+
+
+_HP = options.Hyperparams()  # the defaults shared with the library
+DATASETS = "digits | fashion_mnist | mnist | npz:PATH"
+_TRAINING = "training"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Every setting of a run, each declared once with its type, default, help and bounds;
+  experiment.run(RunConfig(...)) trains it, experiments/train.py makes a flag of each,
+  and the estimators take the training part as their parameters (SETTINGS)."""
+
+  dataset: str = _setting("digits", DATASETS + ".")
+  data_dir: Optional[str] = _setting(None, "Directory of the IDX files (mnist; "
+                                     f"fashion_mnist defaults to {data.FASHION_MNIST_DIR}).")
+  input_scaling: str = _setting(
+      "auto", "x' = (x - mean) / std with one mean and std over all features (global), "
+      "each feature its own (per_feature), or the data as given (none); from the train "
+      "split, for a private run from constants fixed in advance. auto: per_feature where "
+      f"the features' ranges differ more than {data.SHARED_RANGE_RATIO:g}-fold (a table), "
+      "else global (pixels).", _TRAINING, choices=data.SCALINGS)
+  hidden_dim: int = _setting(256, "H, hidden units.", _TRAINING, lower=1)
+  batch_size: int = _setting(16, "Examples per step (DP-SGD: the expected batch).",
+                             _TRAINING, lower=1)
+  epochs: Optional[int] = _setting(
+      None, f"Passes over the training set. Default: {options.DEFAULT_EPOCHS}, or more on "
+      f"a small training set, so that training takes at least {options.MIN_STEPS} steps.",
+      _TRAINING, lower=1)
+  optimizer: str = _setting(_HP.optimizer, "optax optimizer.", _TRAINING,
+                            choices=options.OPTIMIZERS)
+  learning_rate: float = _setting(_HP.learning_rate, "Peak learning rate.", _TRAINING,
+                                  above=0)
+  schedule: str = _setting(_HP.schedule, "Learning-rate schedule.", _TRAINING,
+                           choices=options.SCHEDULES)
+  warmup_epochs: float = _setting(1.0, "Linear warmup (warmup_cosine).", _TRAINING, lower=0)
+  weight_decay: float = _setting(_HP.weight_decay, "Weight decay of W1, W2.", _TRAINING,
+                                 lower=0)
+  clip_norm: float = _setting(_HP.clip_norm, "Clip gradients to this global norm; 0: off.",
+                              _TRAINING, lower=0)
+  label_smoothing: float = _setting(_HP.label_smoothing, "ε of (1−ε) one-hot + ε/K.",
+                                    _TRAINING, lower=0, upper=1)
+  ema_decay: float = _setting(
+      _HP.ema_decay, "β of an exponential moving average of the params, the model "
+      "evaluated, chosen and saved (bias-corrected); 0: off.", _TRAINING, lower=0, below=1)
+  grads: str = _setting(_HP.grads, "Gradient: the manual formula, jax.grad, or the manual "
+                        "custom_vjp.", _TRAINING, choices=options.GRADIENTS)
+  compute_dtype: str = _setting(
+      _HP.compute_dtype, "Dtype of the hidden layer's matmuls; bfloat16 keeps float32 "
+      "params, output layer, softmax and loss.", _TRAINING, choices=options.COMPUTE_DTYPES)
+  seed: int = _setting(0, "Seed of init and shuffling (and DP noise).", _TRAINING, lower=0,
+                       upper=2**31 - 1)
+  workdir: Optional[str] = _setting(None, "Output directory; rerun with it to resume. "
+                                    "Default: a fresh temporary directory.")
+  validation_fraction: Optional[float] = _setting(
+      None, "Fraction of train held out for validation. Default 0, or 0.1 with --sweep.",
+      lower=0, below=1)
+  cv_folds: int = _setting(
+      0, "K > 1: choose among the --sweep configurations by k-fold cross-validation, every "
+      "configuration trained on K stratified folds of train in the same program, then "
+      "refit on all of train in WORKDIR/refit and tested once; 0: off.", lower=0)
+  cv_fold: Optional[int] = _setting(
+      None, "With --cv_folds: train fold F alone (0 to K - 1), one job of a selection "
+      "spread over jobs; no refit and no test.", lower=0)
+  progress: bool = _setting(True, "Show a progress bar.")
+  checkpoint_seconds: float = _setting(
+      30.0, "At most one checkpoint per this many seconds of training (a kill -9 loses at "
+      "most that much), and always one after the last epoch and on Ctrl-C or SIGTERM; 0: "
+      "after every epoch.", lower=0)
+  compilation_cache: Optional[str] = _setting(
+      None, "Directory of JAX's persistent compilation cache, shared by the runs of this "
+      "machine; '' turns it off. Default: $MLP_JAX_COMPILATION_CACHE, else "
+      "~/.cache/mlp_jax/jax (mlp_jax/compilation.py).")
+  profile_dir: Optional[str] = _setting(
+      None, "Write a jax.profiler trace of this invocation's 2nd and 3rd epochs (the 1st "
+      "compiles) here; view it with tensorboard --logdir=DIR (Profile tab, "
+      "tensorboard-plugin-profile), XProf, or the .trace.json.gz in Perfetto.")
+  num_devices: Optional[int] = _setting(
+      None, "Devices per process. Default: every local device (models split over them, "
+      "each model's batches too: docs/devices.md).", lower=1)
+  distributed: bool = _setting(False, "Start jax.distributed; without the three settings "
+                               "below JAX detects them (SLURM, TPU pod, Open MPI).")
+  coordinator_address: Optional[str] = _setting(
+      None, "host:port of process 0, for a multi-process run (jax.distributed).")
+  num_processes: Optional[int] = _setting(None, "Processes in a multi-process run.",
+                                          lower=1)
+  process_id: Optional[int] = _setting(None, "This process's index, 0 to num_processes - 1.",
+                                       lower=0)
+  peer_timeout: float = _setting(
+      120.0, "Seconds a multi-process run waits for its peers (to join at the start, to "
+      "reach a checkpoint or a barrier) before it stops with one line.", above=0)
+  dp_noise_multiplier: Optional[float] = _setting(
+      None, "DP-SGD with noise multiplier σ (Gaussian noise of std σ·C per coordinate); "
+      "below 0.1 the privacy is nil and its accounting intractable.", _TRAINING, lower=0.1)
+  dp_target_epsilon: Optional[float] = _setting(
+      None, "DP-SGD with σ calibrated so that the planned steps spend this ε (PLD "
+      "accountant) at --dp_delta.", _TRAINING, above=0)
+  dp_clip_norm: float = _setting(1.0, "DP-SGD: C, the bound on each example's gradient "
+                                 "norm.", _TRAINING, above=0)
+  dp_clipping: str = _setting("flat", "DP-SGD: one norm over all parameters, or each layer "
+                              "to C/√2.", _TRAINING, choices=options.CLIPPINGS)
+  dp_delta: float = _setting(1e-5, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.", _TRAINING,
+                             lower=1e-12, below=1)
+  num_seeds: int = _setting(1, "Train this many models together (seeds seed, seed + 1, "
+                            "...) in one program; report mean ± std.", lower=1)
+  sweep: tuple[str, ...] = _setting(
+      (), "NAME=v1,v2,...: train every combination (times the seeds) together and choose "
+      "on validation; NAME one of {}.".format(", ".join(options.SWEEPABLE
+                                                         + ("dp_target_epsilon",))))
+  stacking: Optional[str] = _setting(
+      None, "How several models share one program: vmap (batched) or map (one after "
+      "another); default vmap, map on a CPU for large steps.", choices=options.STACKINGS)
+
+  @property
+  def num_epochs(self) -> int:
+    """`epochs`, once made explicit (with_data for a run, fit for an estimator)."""
+    if self.epochs is None:
+      raise ValueError("the number of epochs is not chosen yet (config.with_data chooses "
+                       "it from the data).")
+    return self.epochs
+
+  def _replace(self, **changes: Any) -> "RunConfig":
+    """A copy with `changes` (dataclasses.replace; the name a NamedTuple gives it)."""
+    return dataclasses.replace(self, **changes)
+
+  def _asdict(self) -> dict[str, Any]:
+    """{name: value} of every setting, in declaration order (config.json's record)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _kind(annotation: Any) -> type:
+  """A field's type without Optional: int, float, str, bool, or tuple."""
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  if typing.get_origin(annotation) is tuple:
+    return tuple
+  return args[0] if args else annotation
+
+
+SETTINGS = tuple(
+    Setting(f.name, _kind(hint), f.default, f.metadata["help"],
+            **{k: v for k, v in f.metadata.items() if k != "help"})
+    for f, hint in zip(dataclasses.fields(RunConfig),
+                       typing.get_type_hints(RunConfig).values()))
+BY_NAME = {s.name: s for s in SETTINGS}
+TRAINING = tuple(s.name for s in SETTINGS if s.part == _TRAINING)  # the estimators'
+Config = RunConfig   # the name the library's annotations use
+
+# The sweepable settings: options.SWEEPABLE (traced per model) and the DP target, which
+# becomes one σ per model before the program starts.
+SWEEPABLE = options.SWEEPABLE + ("dp_target_epsilon",)
