@@ -154,17 +154,18 @@ def check_every_class_in_train(y_train: np.ndarray, num_classes: int) -> None:
                   "classes to 0..K-1 without gaps, or add training examples of each.")
 
 
-def prepare(x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
-            validation_fraction: float = 0.0, seed: int = 0, scaling: str = "auto",
-            fixed_scaling: Optional[tuple[float, float, float]] = None) -> Dataset:
+def prepare(arrays: Arrays, *, validation_fraction: float = 0.0, seed: int = 0,
+            scaling: str = "auto", fixed_scaling: Optional[tuple[float, float, float]] = None
+            ) -> Dataset:
   """Flattens, checks, splits off validation (stratified by class), and standardises
-  with TRAIN statistics.
+  with TRAIN statistics, the arrays (x_train, y_train, x_test, y_test).
 
   x' = (x − μ) / σ, μ and σ from the (remaining) training rows only, by `scaling` (one
   of SCALINGS; auto: choose_scaling). With fixed_scaling = (s, μ, σ), constants that do
   not depend on the data, x' = (x / s − μ) / σ instead: what a differentially private run needs (a
   statistic of the private training set would leak it).
   """
+  x_train, y_train, x_test, y_test = arrays
   input_shape = tuple(np.shape(x_train)[1:])
   x_train, x_test = _flat_inputs(x_train, "x_train"), _flat_inputs(x_test, "x_test")
   if x_train.shape[1] != x_test.shape[1]:
@@ -188,8 +189,8 @@ def prepare(x_train: Any, y_train: Any, x_test: Any, y_test: Any, *,
     x_val, y_val, x_train, y_train = x_train[val], y_train[val], x_train[train], y_train[train]
   check_every_class_in_train(y_train, num_classes)
   mean, std, scaling, reason = scaling_of(x_train, scaling, fixed_scaling)
-  x_train, x_test, x_val = (None if x is None else standardize(x, mean, std)
-                            for x in (x_train, x_test, x_val))
+  x_train, x_test = standardize(x_train, mean, std), standardize(x_test, mean, std)
+  x_val = None if x_val is None else standardize(x_val, mean, std)
   return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes, mean, std,
                  input_shape, class_names(None, num_classes), scaling, reason)
 
@@ -320,7 +321,7 @@ def load(name: str, data_dir: Optional[str] = None, *, validation_fraction: floa
       scaling = "global" if name in PIXEL_MAX else "none"
       reason = "a private run scales by fixed constants, never by its data"
     fixed = fixed_scaling(name) if scaling == "global" else (1.0, 0.0, 1.0)
-  ds = prepare(*arrays, validation_fraction=validation_fraction, seed=seed, scaling=scaling,
+  ds = prepare(arrays, validation_fraction=validation_fraction, seed=seed, scaling=scaling,
                fixed_scaling=fixed)
   if reason:
     ds = ds._replace(scaling_reason=reason)

@@ -99,7 +99,7 @@ def test_npz_loader_and_its_errors(tmp_path):
 def test_standardised_with_train_statistics_only():
   x_train = np.array([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
   x_test = np.array([[100.0, 7.0]])
-  ds = data.prepare(x_train, np.array([0, 1, 0]), x_test, np.array([1]),
+  ds = data.prepare((x_train, np.array([0, 1, 0]), x_test, np.array([1])),
                     scaling="per_feature")
   np.testing.assert_allclose(ds.x_train.mean(axis=0), [0, 0], atol=1e-6)
   np.testing.assert_allclose(ds.x_train[:, 0].std(), 1, rtol=1e-6)
@@ -111,15 +111,15 @@ def test_global_and_no_scaling():
   x_train = np.array([[0.0, 4.0], [2.0, 6.0]])   # all values: mean 3, std sqrt(5)
   x_test = np.array([[3.0, 8.0]])
   y = np.array([0, 1])
-  ds = data.prepare(x_train, y, x_test, y[:1], scaling="global")
+  ds = data.prepare((x_train, y, x_test, y[:1]), scaling="global")
   np.testing.assert_allclose(ds.mean, [3, 3])
   np.testing.assert_allclose(ds.std, [5**0.5] * 2)
   np.testing.assert_allclose(ds.x_test, [[0, 5 / 5**0.5]], rtol=1e-6)
-  ds = data.prepare(x_train, y, x_test, y[:1], scaling="none")
+  ds = data.prepare((x_train, y, x_test, y[:1]), scaling="none")
   np.testing.assert_array_equal(ds.x_train, x_train.astype(np.float32))
   assert ds.mean.shape == ds.std.shape == (2,)
   with pytest.raises(data.DataError, match="scaling must be one of auto, global, per_feature, none"):
-    data.prepare(x_train, y, x_test, y[:1], scaling="minmax")
+    data.prepare((x_train, y, x_test, y[:1]), scaling="minmax")
   with pytest.raises(data.DataError, match="a private run cannot scale each feature"):
     data.load("digits", scaling="per_feature", private=True)
 
@@ -128,7 +128,7 @@ def test_validation_split_is_held_out_of_train():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(20, 3)) * 5 + np.arange(20)[:, None]   # every row distinct
   y = np.arange(20) % 2
-  ds = data.prepare(x, y, x[:4], y[:4], validation_fraction=0.25, seed=3,
+  ds = data.prepare((x, y, x[:4], y[:4]), validation_fraction=0.25, seed=3,
                     scaling="per_feature")
   assert len(ds.x_val) == 5 and len(ds.x_train) == 15
   # Undo the standardisation: each split's rows are rows of x, disjoint, together all.
@@ -198,9 +198,9 @@ def test_fashion_mnist_real_files():
 def test_one_based_or_gapped_labels_are_refused_with_the_fix():
   x = np.random.default_rng(0).normal(size=(6, 2))
   with pytest.raises(data.DataError, match="run from 1 to 3, not from 0.*subtract 1"):
-    data.prepare(x, np.array([1, 2, 3, 1, 2, 3]), x, np.array([1, 2, 3, 1, 2, 3]))
+    data.prepare((x, np.array([1, 2, 3, 1, 2, 3]), x, np.array([1, 2, 3, 1, 2, 3])))
   with pytest.raises(data.DataError, match="class 1 of 0..2 never occurs in the training"):
-    data.prepare(x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2]))
+    data.prepare((x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2])))
 
 
 def test_stratified_split_is_scikit_learns():

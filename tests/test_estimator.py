@@ -41,7 +41,7 @@ def blobs(n=48, d=5, k=3, seed=0, scales=None):
 def test_auto_scaling_standardises_each_column_of_a_table_whose_columns_differ(
     scales, expected):
   X, y = blobs(scales=scales)
-  ds = data.prepare(X, y, X[:3], y[:3])  # scaling auto by default
+  ds = data.prepare((X, y, X[:3], y[:3]))  # scaling auto by default
   assert ds.scaling == expected and ds.scaling_reason
   if expected == "per_feature":  # every column of train now has mean 0 and std 1
     np.testing.assert_allclose(ds.x_train.std(axis=0), 1, rtol=1e-4)
@@ -49,7 +49,7 @@ def test_auto_scaling_standardises_each_column_of_a_table_whose_columns_differ(
 
 def test_auto_scaling_keeps_one_mean_and_std_for_images():
   x_train, y_train, x_test, y_test = data.load_digits()
-  ds = data.prepare(x_train, y_train, x_test, y_test)
+  ds = data.prepare((x_train, y_train, x_test, y_test))
   assert ds.scaling == "global" and np.ptp(ds.std) == 0
   images = np.random.default_rng(0).integers(0, 256, size=(50, 28, 28))
   images[:, 0, :] = 0          # a constant border does not count
@@ -95,7 +95,7 @@ def test_default_epochs_give_small_data_its_minimum_steps():
 def test_validation_split_is_stratified():
   y = np.repeat(np.arange(3), [40, 50, 30])
   X = np.arange(len(y), dtype=np.float64)[:, None] * np.ones((1, 2))
-  ds = data.prepare(X, y, X[:3], y[:3], validation_fraction=0.1, seed=0)
+  ds = data.prepare((X, y, X[:3], y[:3]), validation_fraction=0.1, seed=0)
   np.testing.assert_array_equal(np.bincount(ds.y_val), [4, 5, 3])
   np.testing.assert_array_equal(np.bincount(ds.y_train), [36, 45, 27])
 

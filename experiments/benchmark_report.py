@@ -1,0 +1,155 @@
+"""The benchmark's report: one row per variant (the --json_out object), the table and
+the ratios printed. experiments/benchmark.py makes them."""
+
+import statistics
+
+import jax
+
+from mlp_jax import train
+
+from benchmark_harness import peak_memory_mb
+from benchmark_harness import roofline
+from benchmark_harness import step_bytes
+from benchmark_harness import step_flops
+from benchmark_variants import LAYOUT_ROWS
+
+
+def make_row(key, size, timing, machine, cfg):
+  """One result row (the --json_out object) of variant key = (grads, mode, dtype,
+  devices) at size (B, H), against machine = (its dtype's GEMM ceiling GFLOP/s, the
+  memory bandwidth GB/s); examples/s and GFLOP/s are summed over the models trained
+  together."""
+  (grads, mode, compute_dtype, devices), (b, h), (ceiling, bandwidth) = key, size, machine
+  median, num_models = statistics.median(timing.seconds), timing.num_models
+  gflops = num_models * step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
+  return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
+          "num_devices": devices, "num_models": num_models, "optimizer": cfg.optimizer,
+          "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
+          "us_per_step": median * 1e6, "us_per_step_min": min(timing.seconds) * 1e6,
+          "us_per_step_rounds": [t * 1e6 for t in timing.seconds],
+          "examples_per_second": num_models * b / median, "gflops": gflops,
+          "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
+          "compile_seconds": timing.compile_seconds, "peak_memory_mb": peak_memory_mb(),
+          **roofline(median, num_models * step_flops(b, cfg.in_dim, h, cfg.num_classes),
+                     num_models * step_bytes(b, cfg.in_dim, h, cfg.num_classes,
+                                             cfg.optimizer), ceiling, bandwidth),
+          "temp_memory_mb": timing.temp_mb,
+          "device": str(jax.devices()[0]), "platform": jax.default_backend()}
+
+
+def format_table(rows):
+  """The rows as the fixed-width table printed on stdout."""
+  header = (f"{'grads':14} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
+            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'roofline':>8} "
+            f"{'compile s':>9} {'temp MiB':>9}")
+  lines = [header, "-" * len(header)]
+  for r in rows:
+    temp = "" if r["temp_memory_mb"] is None else f"{r['temp_memory_mb']:9.1f}"
+    lines.append(f"{r['grads']:14} {r['mode']:5} {r['compute_dtype']:8} "
+                 f"{r['num_devices']:3d} {r['batch_size']:5d} "
+                 f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
+                 f"{r['examples_per_second']:11,.0f} {r['gflops']:8.1f} "
+                 f"{r['ceiling_fraction']:7.2f} {r['roofline_fraction']:8.2f} "
+                 f"{r['compile_seconds']:9.2f} {temp}")
+  return "\n".join(lines + LEGEND)
+
+
+LEGEND = [
+    "us/step: median µs per step over the repeats (min: the fastest); examples/s and "
+    "GFLOP/s from the median, summed over the models of a stack",
+    "ceiling: GFLOP/s as a fraction of a jitted N×N×N matmul's in the same dtype, timed "
+    "in the same rounds",
+    "roofline: the step's bound, max(FLOPs at that ceiling, its bytes at the measured "
+    "bandwidth; optimizer state included), as a fraction of the measured time (1 = the "
+    "hardware's limit)",
+    "compile s: jit lowering and compilation alone (0 for PyTorch, which does not "
+    "compile); temp MiB: blank where not measured (only the --dp rows)"]
+
+
+def paired_ratio(r, other):
+  """The median over rounds of row r's time over row other's in the same round: the two
+  ran one after the other, so the machine's drift between rounds cancels in each ratio."""
+  return statistics.median(a / b for a, b in zip(r["us_per_step_rounds"],
+                                                 other["us_per_step_rounds"], strict=True))
+
+
+def format_ratios(rows):
+  """manual / autodiff time, bfloat16 and N-device speed-ups, JAX vs PyTorch, one run;
+  the lines of each kind together."""
+  by_key = {(r["grads"], r["mode"], r["compute_dtype"], r["num_devices"], r["batch_size"],
+             r["hidden_dim"]): r for r in rows}
+  kinds = {"manual": [], "bfloat16": [], "devices": [], "models": [], "torch": [], "dp": []}
+  # Mode, dtype, grads, devices, H, B: each kind's lines read down one variable at a time.
+  order = sorted(by_key, key=lambda key: (key[1], key[2], key[0], key[3], key[5], key[4]))
+  for (g, mode, dt, n, b, h) in order:
+    r = by_key[(g, mode, dt, n, b, h)]
+    where = f"B={b:<5} H={h}" + (f" devices={n}" if n > 1 else "")
+    if g in ("manual", *LAYOUT_ROWS) and ("autodiff", mode, dt, n, b, h) in by_key:
+      auto = by_key[("autodiff", mode, dt, n, b, h)]
+      kinds["manual"].append(f"{g} / autodiff time".ljust(31) + f"{mode:5} {dt:8} {where}: "
+                             f"{r['us_per_step'] / auto['us_per_step']:.3f}, paired "
+                             f"{paired_ratio(r, auto):.3f}")
+    if dt == "bfloat16" and (g, mode, "float32", n, b, h) in by_key:
+      f32 = by_key[(g, mode, "float32", n, b, h)]
+      kinds["bfloat16"].append(
+          f"bfloat16 / float32 ex/s  {g:10} {mode:5} {where}: "
+          f"{r['examples_per_second'] / f32['examples_per_second']:.3f}")
+    if n > 1 and (g, mode, dt, 1, b, h) in by_key:
+      one = by_key[(g, mode, dt, 1, b, h)]
+      kinds["devices"].append(
+          f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
+          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+    if g.startswith(train.STACKINGS) and ("manual", "scan", dt, 1, b, h) in by_key:
+      one = by_key[("manual", "scan", dt, 1, b, h)]
+      n_models, stacking = r["num_models"], g.split("_")[0]
+      kinds["models"].append(
+          f"{n_models} models ({stacking}) / {n_models} sequential runs ex/s".ljust(46) +
+          f"{dt:8} B={b:<5} H={h}: "
+          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+    kinds["torch"].extend(_peer_lines(r, rows, by_key))
+    kinds["dp"].extend(_dp_lines(r, by_key))
+  return "\n".join(line for lines in kinds.values() for line in lines)
+
+
+# The peer each JAX row is compared with: (peer grads, its dtype, the label).
+_TORCH_PEERS = {"torch": ("float32", "best JAX float32 / torch eager ex/s"),
+                "torch_autocast": ("bfloat16", "best JAX bfloat16 / torch bf16 autocast ex/s")}
+
+
+def _peer_lines(r, rows, by_key):
+  """This run's ratios of row r to the peers: the manual or autodiff scan over plain
+  jax.grad + optax in the same dtype; for a torch row, the best JAX row of its B, H and
+  dtype over it."""
+  g, mode, dt, n, b, h = (r["grads"], r["mode"], r["compute_dtype"], r["num_devices"],
+                          r["batch_size"], r["hidden_dim"])
+  plain = by_key.get(("jax_plain", mode, dt, n, b, h))
+  if g in ("manual", "autodiff") and mode == "scan" and plain:
+    yield (f"{g} scan / plain jax.grad+optax scan ex/s  {dt:8} B={b:<5} H={h}: "
+           f"{r['examples_per_second'] / plain['examples_per_second']:.3f}")
+  if g in _TORCH_PEERS:
+    dtype, label = _TORCH_PEERS[g]
+    best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
+                and (q["batch_size"], q["hidden_dim"], q["compute_dtype"],
+                     q["num_devices"]) == (b, h, dtype, 1)),
+               key=lambda q: q["examples_per_second"], default=None)
+    if best:
+      yield (f"{label}  B={b:<5} H={h}: "
+             f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
+             f"({best['grads']}, {best['mode']})")
+
+
+def _dp_lines(r, by_key):
+  """The DP rows' ratios: the closed form over the plain step, vmap(grad) and Opacus."""
+  g, dt, b, h = r["grads"], r["compute_dtype"], r["batch_size"], r["hidden_dim"]
+  for num, den, what in (("dp_clipped_sum", "plain", "time"),
+                         ("dp_closed_form", "plain", "time"),
+                         ("dp_vmap_grad", "dp_closed_form", "time"),
+                         ("opacus_hooks", "torch", "time"), ("opacus_ghost", "torch", "time"),
+                         ("dp_closed_form", "opacus_ghost", "ex/s")):
+    other = next((q for (qg, _, qdt, _, qb, qh), q in by_key.items()
+                  if qg == den and qb == b and qh == h
+                  and (qdt == dt or qg.startswith(("torch", "opacus")))), None)
+    if g == num and other is not None:
+      value = (r["us_per_step"] / other["us_per_step"] if what == "time"
+               else r["examples_per_second"] / other["examples_per_second"])
+      yield f"{num} / {den} {what}".ljust(40) + f"{dt:8} B={b:<5} H={h}: {value:.3f}"
