@@ -19,7 +19,7 @@ from mlp_jax import options
 from mlp_jax.spec import BY_NAME
 from mlp_jax.spec import DATASETS
 from mlp_jax.spec import Config
-from mlp_jax.spec import RunConfig
+from mlp_jax.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
 from mlp_jax.spec import SETTINGS
 from mlp_jax.spec import Setting
 from mlp_jax.spec import SWEEPABLE

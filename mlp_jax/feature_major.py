@@ -25,6 +25,7 @@ from jax.typing import DTypeLike
 from mlp_jax import losses
 from mlp_jax.model import Params
 from mlp_jax.model import relu
+from mlp_jax.model import relu_derivative
 
 BATCH_MAJOR = "batch_major"
 FEATURE_MAJOR = "feature_major"
@@ -100,7 +101,7 @@ def backprop(params: Params, X: Array, Y: Array, w: Array,
   Yt = Y.T
   delta2 = w[None, :] * (jax.nn.softmax(Z2, axis=0) * jnp.sum(Yt, axis=0, keepdims=True)
                          - Yt)                                                 # (K, B)
-  delta1 = jnp.einsum("kh,kb->hb", params.w2, delta2) * (~(Z1 < 0)).astype(Z1.dtype)
+  delta1 = jnp.einsum("kh,kb->hb", params.w2, delta2) * relu_derivative(Z1, delta2.dtype)
   grads = Params(w1=_einsum("hb,bd->hd", delta1, X, compute_dtype),
                  b1=jnp.sum(delta1, axis=1),
                  w2=jnp.einsum("kb,hb->kh", delta2, A1),

@@ -35,17 +35,12 @@ from mlp_jax import losses
 from mlp_jax import model
 from mlp_jax.model import Params
 from mlp_jax.model import matmul
+from mlp_jax.model import relu_derivative
 
 
 def output_delta(Z2: Array, Y: Array) -> Array:
   """Δ2 = ∂L/∂Z2 = softmax(Z2) Σy − Y, row by row: logits Z2 and targets Y (B, K)."""
   return jax.nn.softmax(Z2, axis=-1) * jnp.sum(Y, axis=-1, keepdims=True) - Y
-
-
-def relu_derivative(Z1: Array, dtype: DTypeLike) -> Array:
-  """ReLU'(Z1) = 1[Z1 ≥ 0], written as 1 − 1[Z1 < 0] to match model.relu: a NaN z1
-  passes (as autodiff of model.relu passes it), so NaN stays NaN in δ1 too."""
-  return (~(Z1 < 0)).astype(dtype)
 
 
 def hidden_delta(params: Params, delta2: Array, Z1: Array) -> Array:

@@ -64,6 +64,12 @@ def relu(z: Array) -> Array:
   return jnp.where(z < 0, jnp.zeros_like(z), z)
 
 
+def relu_derivative(z: Array, dtype: DTypeLike) -> Array:
+  """ReLU'(z) = 1[z ≥ 0], written as 1 − 1[z < 0] to match `relu`: a NaN z passes (as
+  autodiff of `relu` passes it), so NaN stays NaN in δ1 too."""
+  return (~(z < 0)).astype(dtype)
+
+
 def matmul(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
   """a @ b. With a compute_dtype (bfloat16) other than a's, both operands are rounded to
   it and the products accumulate in float32 (or a's dtype, if wider), the result's dtype."""
@@ -73,6 +79,17 @@ def matmul(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Arr
                     preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
 
 
+def linear(X: Array, W: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
+  """X Wᵀ (B, out): each row x of X (B, in) times W (out, in), the seed's W x row by
+  row; compute_dtype as in `matmul`. Written as jnp.inner (one product over the last
+  axis of both, no transpose): XLA's fast CPU bfloat16 GEMM takes that form, and
+  X @ W.T ran 3.6 times slower in bfloat16 (B = 1024, D = 784, H = 1024)."""
+  if compute_dtype is None or jnp.dtype(compute_dtype) == X.dtype:
+    return jnp.inner(X, W)
+  return jnp.inner(X.astype(compute_dtype), W.astype(compute_dtype),
+                   preferred_element_type=jnp.promote_types(X.dtype, jnp.float32))
+
+
 def activations(params: "Params", X: Array, compute_dtype: Optional[DTypeLike] = None
                 ) -> tuple[Array, Array, Array]:
   """(Z1, A1, Z2): every activation backprop needs, of a batch X (B, D), one example
@@ -80,14 +97,14 @@ def activations(params: "Params", X: Array, compute_dtype: Optional[DTypeLike] =
 
       Z1 = X W1ᵀ + b1  (B, H)      A1 = ReLU(Z1)  (B, H)      Z2 = A1 W2ᵀ + b2  (B, K)
 
-  row by row the seed's z1 = W1 x + b1, a1 = ReLU(z1), z2 = W2 a1 + b2. compute_dtype
-  (e.g. bfloat16) is the dtype X W1ᵀ reads, the H × D product that holds nearly all the
-  FLOPs; the output layer (K × H, K ≪ H), the biases, Z1, A1 and Z2 stay in the params'
-  dtype (mixed precision that keeps the logits exact to float32).
+  row by row the seed's z1 = W1 x + b1, a1 = ReLU(z1), z2 = W2 a1 + b2 (`linear`).
+  compute_dtype (e.g. bfloat16) is the dtype X W1ᵀ reads, the H × D product that holds
+  nearly all the FLOPs; the output layer (K × H, K ≪ H), the biases, Z1, A1 and Z2 stay
+  in the params' dtype (mixed precision that keeps the logits exact to float32).
   """
-  Z1 = matmul(X, params.w1.T, compute_dtype) + params.b1[None, :]
+  Z1 = linear(X, params.w1, compute_dtype) + params.b1[None, :]
   A1 = relu(Z1)
-  Z2 = A1 @ params.w2.T + params.b2[None, :]
+  Z2 = linear(A1, params.w2) + params.b2[None, :]
   return Z1, A1, Z2
 
 
