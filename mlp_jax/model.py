@@ -110,9 +110,16 @@ def activations(params: "Params", X: Array, compute_dtype: Optional[DTypeLike] =
 
 def forward_pass(params: "Params", x: Array, compute_dtype: Optional[DTypeLike] = None
                  ) -> tuple[Array, Array, Array]:
-  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)): `activations` of a batch of one."""
-  z1, a1, z2 = activations(params, x[None, :], compute_dtype)
-  return z1[0], a1[0], z2[0]
+  """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)), the seed's lines as written:
+
+      z1 = W1 x + b1      a1 = ReLU(z1)      z2 = W2 a1 + b2
+
+  `forward` and (by jax.vmap) `logits` and `loss`, what jax.grad differentiates, run
+  these; `activations` is the same with an example per row, for the manual pass."""
+  z1 = matmul(params.w1, x, compute_dtype) + params.b1
+  a1 = relu(z1)
+  z2 = params.w2 @ a1 + params.b2
+  return z1, a1, z2
 
 
 def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None
