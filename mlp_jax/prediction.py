@@ -33,9 +33,9 @@ def network_inputs(x: ArrayLike, mean: ArrayLike, std: ArrayLike,
   if isinstance(x, jax.core.Tracer):
     x = x.astype(dtype)
   else:
-    with np.errstate(over="ignore", invalid="ignore"):  # 1e300 -> inf: refused below
+    with np.errstate(over="ignore"):  # 1e300 -> inf: refused below
       x = np.asarray(x).astype(dtype)
-  scaled = (x - jnp.asarray(mean, dtype)[None, :]) / jnp.asarray(std, dtype)[None, :]
+  scaled = (x - jnp.asarray(mean)[None, :]) / jnp.asarray(std)[None, :]
   check_finite(scaled, names)
   return scaled
 
@@ -65,11 +65,11 @@ def probabilities(params: Params, x: ArrayLike) -> Array:
   """p = softmax(z2) (N, K) of the network's inputs x (N, D); NaN rows where the inputs
   or logits are not finite (only under jit: `network_inputs` refuses them otherwise)."""
   z2 = model.logits(params, x)
-  finite = jnp.all(jnp.isfinite(z2), axis=-1, keepdims=True)
-  return jnp.where(finite, jax.nn.softmax(z2, axis=-1), jnp.nan)
+  finite = jnp.all(jnp.isfinite(z2), axis=1, keepdims=True)
+  return jnp.where(finite, jax.nn.softmax(z2, axis=1), jnp.nan)
 
 
 def classes(p: ArrayLike) -> Array:
   """argmax_k p_k (N,) int32 of probabilities (N, K); -1 for a NaN row."""
-  k = jnp.argmax(p, axis=-1).astype(jnp.int32)
-  return jnp.where(jnp.all(jnp.isfinite(p), axis=-1), k, -1)
+  k = jnp.argmax(p, axis=1).astype(jnp.int32)
+  return jnp.where(jnp.all(jnp.isfinite(p), axis=1), k, -1)
