@@ -31,6 +31,21 @@ def synthetic_data(n, d, k):
   return x, y
 
 
+def epochs_run(fn, state, x, y):
+  """(run, compile seconds) of a jitted epoch program `fn` (train.make_train_epoch) from
+  `state` on (x, y): each run() trains the next epoch and waits for it."""
+  start = time.perf_counter()
+  compiled = fn.lower(state, x, y, 0, {}).compile()
+  compile_seconds = time.perf_counter() - start
+  epoch = 0
+  def run():
+    nonlocal state, epoch
+    state, _ = compiled(state, x, y, epoch, {})
+    epoch += 1
+    jax.block_until_ready(state)
+  return run, compile_seconds
+
+
 def jax_run(key, b, h, cfg):
   """(run, compile seconds): run() does `cfg.steps` Adam steps of the runner's train step,
   for the variant key = (grads, mode, compute dtype, devices).
@@ -62,16 +77,7 @@ def jax_run(key, b, h, cfg):
   else:
     state = parallel.shard_models(train.init_state([0], d, h, k, hp), mesh)
     x, y = (parallel.shard_rows(a, mesh) for a in synthetic_data(b * steps, d, k))
-    fn = train.make_train_epoch(hp, b, mesh=mesh)
-    start = time.perf_counter()
-    compiled = fn.lower(state, x, y, 0, {}).compile()
-    compile_seconds = time.perf_counter() - start
-    epoch = 0
-    def run():
-      nonlocal state, epoch
-      state, _ = compiled(state, x, y, epoch, {})
-      epoch += 1
-      jax.block_until_ready(state)
+    run, compile_seconds = epochs_run(train.make_train_epoch(hp, b, mesh=mesh), state, x, y)
   run()  # warm up
   return run, compile_seconds
 
@@ -121,16 +127,8 @@ def stacked_run(num_models, stacking, compute_dtype, b, h, cfg):
                          weight_decay=0.0, label_smoothing=0.0, compute_dtype=compute_dtype)
   states = train.init_state(range(num_models), d, h, k, hp)
   x, y = synthetic_data(b * steps, d, k)
-  fn = train.make_train_epoch(hp, b, stacking=stacking)
-  start = time.perf_counter()
-  compiled = fn.lower(states, x, y, 0, {}).compile()
-  compile_seconds = time.perf_counter() - start
-  epoch = 0
-  def run():
-    nonlocal states, epoch
-    states, _ = compiled(states, x, y, epoch, {})
-    epoch += 1
-    jax.block_until_ready(states)
+  run, compile_seconds = epochs_run(train.make_train_epoch(hp, b, stacking=stacking), states,
+                                    x, y)
   run()  # warm up
   return run, compile_seconds
 

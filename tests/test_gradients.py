@@ -482,6 +482,8 @@ def test_float32_params_compute_nothing_in_float64_under_x64(layout):
       "loss": lambda: mj.loss(params, X, y, w),
       "accuracy": lambda: mj.accuracy(params, X, y, w),
       "loss_manual_vjp": lambda: jax.grad(lambda p: mj.loss_manual_vjp(p, X, Y, w))(params),
+      "loss_manual_vjp_unweighted": lambda: jax.grad(
+          lambda p: mj.loss_manual_vjp(p, X, Y))(params),
       "per_example_grads": lambda: mj.per_example_grads(params, X, y),
       "per_example_grad_norms": lambda: mj.per_example_grad_norms(params, X, y),
       "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0, w),
