@@ -16,7 +16,7 @@ refits on all rows.
 """
 
 import inspect
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -31,6 +31,10 @@ from mlp_jax import config as config_lib
 from mlp_jax import data
 from mlp_jax import options
 from mlp_jax import stack as stack_lib
+
+if TYPE_CHECKING:  # imported where a fit starts: JAX only then
+  from mlp_jax import dp_plan
+  from mlp_jax import fit
 
 # The parameters: the training settings of the spec, scikit-learn's random_state for
 # the seed, each with the spec's default.
@@ -48,7 +52,7 @@ class _Fitted(NamedTuple):
 
 
 def _training(config: config_lib.Config, stack: stack_lib.Stack, num_rows: int,
-              dp: Any = None) -> Any:
+              dp: Optional["dp_plan.DPPlan"] = None) -> "fit.Training":
   """The fit.Training of `config` and `stack` on `num_rows` training rows."""
   from mlp_jax import fit  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
   steps_per_epoch = -(-num_rows // config.batch_size)
@@ -56,7 +60,7 @@ def _training(config: config_lib.Config, stack: stack_lib.Stack, num_rows: int,
   return fit.Training(config, stack, hp, steps_per_epoch, dp)
 
 
-def _fit(training: Any, X: np.ndarray, y: np.ndarray, num_classes: int,
+def _fit(training: "fit.Training", X: np.ndarray, y: np.ndarray, num_classes: int,
          train_mask: Optional[np.ndarray] = None) -> _Fitted:
   """Trains the models of training.stack on the standardised rows X (N, D) float32,
   labels y (N,) int32, through the runner's one fit (fit.fit); train_mask (M, N): each
