@@ -4,15 +4,15 @@
     python experiments/benchmark.py --batch_sizes=256 --modes=scan --peers=torch
 
 Rows: gradient (manual | autodiff | manual_vjp; manual_bmajor | manual_fmajor: the
-manual step in a fixed layout, where "manual" is mlp_jax.feature_major.choose_layout's) × mode (step: a Python loop of the
+manual step in a fixed layout, where "manual" is mlp_jax.core.feature_major.choose_layout's) × mode (step: a Python loop of the
 jitted step; scan: `steps` steps in one jitted lax.scan, the runner's epoch) × compute
 dtype (float32 | bfloat16 matmuls with float32 params, softmax and loss) × batch size ×
 hidden size × device count (--num_devices: data parallel over a mesh of that many
-devices, mlp_jax/parallel.py; on a CPU, start with
+devices, mlp_jax/training/parallel.py; on a CPU, start with
 XLA_FLAGS=--xla_force_host_platform_device_count=4 to split it into 4 host devices).
 Each: median and min µs per step over --repeats, examples/s, GFLOP/s and
 its fraction of the GEMM ceiling measured in this run (same device, same dtype), compile
-seconds (with the persistent compilation cache, mlp_jax/compilation.py, on by default:
+seconds (with the persistent compilation cache, mlp_jax/base/compilation.py, on by default:
 MLP_JAX_COMPILATION_CACHE= for cold compiles), peak device memory where the platform
 reports it. Whole commands, fixed costs included: experiments/startup.py.
 """
@@ -29,7 +29,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from mlp_jax import options
+from mlp_jax.base import options
 
 from benchmark_harness import Timing
 from benchmark_harness import bandwidth_run
@@ -206,7 +206,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = flags.FLAGS
-  from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
   cache = compilation.enable()  # compile seconds: a read of the cache when it is warm
   batch_sizes, hidden_dims, device_counts, model_counts = check_flags(cfg)
   print(f"device: {jax.devices()[0]} ({jax.default_backend()}, "
@@ -219,11 +219,11 @@ def main(argv):
   print(format_table(rows))
   print(format_ratios(rows))
   if cfg.json_out:
-    from mlp_jax import files  # pylint: disable=g-import-not-at-top
+    from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
     with files.atomic_file(cfg.json_out, "w") as f:
       f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 if __name__ == "__main__":
-  from mlp_jax import boundary  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
   boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))

@@ -5,7 +5,7 @@ import statistics
 
 import jax
 
-from mlp_jax import train
+from mlp_jax.training import train
 
 from benchmark_harness import peak_memory_mb
 from benchmark_harness import roofline

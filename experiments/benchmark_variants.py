@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import optax
 
 import mlp_jax as mj
-from mlp_jax import parallel
-from mlp_jax import privacy
-from mlp_jax import train
+from mlp_jax.training import parallel
+from mlp_jax.core import privacy
+from mlp_jax.training import train
 
 from benchmark_harness import temp_memory_mb
 
 
-# The manual step in one named layout (mlp_jax/feature_major.py); "manual" is the one
+# The manual step in one named layout (mlp_jax/core/feature_major.py); "manual" is the one
 # feature_major.choose_layout picks for each dtype on this machine.
 LAYOUT_ROWS = {"manual_bmajor": "batch_major", "manual_fmajor": "feature_major"}
 

@@ -1,4 +1,4 @@
-"""Classify new examples with a finished run's model (mlp_jax.trained).
+"""Classify new examples with a finished run's model (mlp_jax.run.trained).
 
     python experiments/predict.py --workdir=W --input=new.npz          # x [, y]
     python experiments/predict.py --workdir=W --input=t10k-images-idx3-ubyte.gz \
@@ -9,7 +9,7 @@ Prints one line per example (name, class, its name, probability), or writes them
 with every class probability to --output (CSV, atomically: a failed write leaves any
 earlier file as it was); with labels, the accuracy. The inputs are read and classified
 in batches of trained.PREDICT_ROWS examples, so memory does not grow with the input.
-Any failure is one line (mlp_jax.boundary).
+Any failure is one line (mlp_jax.base.boundary).
 """
 
 import contextlib
@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mlp_jax import boundary
+from mlp_jax.base import boundary
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished run (or its params.npz).",
                     required=True)
@@ -61,9 +61,9 @@ def predict():
     check_output(FLAGS.output)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
-  from mlp_jax import prediction  # pylint: disable=g-import-not-at-top
-  from mlp_jax import trained  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top
+  from mlp_jax.run import trained  # pylint: disable=g-import-not-at-top
   compilation.enable()
   try:
     model = trained.load(FLAGS.workdir)

@@ -108,18 +108,18 @@ def prepare(scratch):
   wine table as an npz. Returns their paths."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  from mlp_jax import data  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sklearn_datasets  # pylint: disable=g-import-not-at-top
+  from mlp_jax.data import datasets  # pylint: disable=g-import-not-at-top
   run = os.path.join(scratch, "digits_run")
   subprocess.run([sys.executable, TRAIN, "--noprogress", f"--workdir={run}"],
                  check=True, capture_output=True)
-  _, _, x_test, y_test = data.load_digits()
+  _, _, x_test, y_test = datasets.load_digits()
   png = os.path.join(scratch, "digit.png")
   Image.fromarray((x_test[0].reshape(8, 8) * 255 / 16).astype(np.uint8)).save(png)
   test_npz = os.path.join(scratch, "digits_test.npz")
   np.savez(test_npz, x=x_test, y=y_test)
-  wine = datasets.load_wine()
-  train_rows, test_rows = data.stratified_split(wine.target, 0.2, 0)
+  wine = sklearn_datasets.load_wine()
+  train_rows, test_rows = datasets.stratified_split(wine.target, 0.2, 0)
   wine_npz = os.path.join(scratch, "wine.npz")
   np.savez(wine_npz, x_train=wine.data[train_rows], y_train=wine.target[train_rows],
            x_test=wine.data[test_rows], y_test=wine.target[test_rows])

@@ -29,7 +29,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
-from sklearn import datasets
+from sklearn import datasets as sklearn_datasets
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import GridSearchCV
 from sklearn.neural_network import MLPClassifier as SklearnMLP
@@ -38,10 +38,10 @@ from sklearn.preprocessing import StandardScaler
 
 os.environ["MLP_JAX_COMPILATION_CACHE"] = ""  # every compilation is counted
 import mlp_jax as mj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mlp_jax import config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mlp_jax import data  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mlp_jax import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mlp_jax import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax.training import config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax.data import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_integer("seeds", 5, "Seeds of each accuracy (0, 1, ...).", lower_bound=1)
 flags.DEFINE_integer("cv_repeats", 3, "Runs of each side of the CV timing.", lower_bound=1)
@@ -53,8 +53,8 @@ LEARNING_RATES = (3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2)
 
 def split_table(name: str) -> tuple[np.ndarray, ...]:
   """(x_train, y_train, x_test, y_test) of scikit-learn's table `name`, 80/20 stratified."""
-  table = getattr(datasets, f"load_{name}")()
-  train, test = data.stratified_split(table.target, test_fraction=0.2, seed=0)
+  table = getattr(sklearn_datasets, f"load_{name}")()
+  train, test = datasets.stratified_split(table.target, test_fraction=0.2, seed=0)
   return table.data[train], table.target[train], table.data[test], table.target[test]
 
 
@@ -75,14 +75,14 @@ def scaling_rule() -> None:
   """What --input_scaling=auto sees on each dataset's training rows, and chooses."""
   print("| training rows of | widest / narrowest feature range | auto chooses |\n"
         "| --- | --- | --- |")
-  named = [("digits", lambda: data.load_digits()[0])]
-  if os.path.isdir(data.FASHION_MNIST_DIR):
-    named.append(("fashion_mnist", lambda: readers.load_idx_dir(data.FASHION_MNIST_DIR)[0]))
+  named = [("digits", lambda: datasets.load_digits()[0])]
+  if os.path.isdir(datasets.FASHION_MNIST_DIR):
+    named.append(("fashion_mnist", lambda: readers.load_idx_dir(datasets.FASHION_MNIST_DIR)[0]))
   named += [(name, lambda name=name: split_table(name)[0]) for name in TABLES]
   for name, load in named:
     rows = load()
     x = rows.reshape(len(rows), -1).astype(np.float32)
-    print(f"| {name} | {data.range_ratio(x):.3g} | {data.choose_scaling(x)[0]} |")
+    print(f"| {name} | {datasets.range_ratio(x):.3g} | {datasets.choose_scaling(x)[0]} |")
   print()
 
 

@@ -1,5 +1,5 @@
-"""Train the two-layer MLP: flags generated from mlp_jax.config.SETTINGS, then
-mlp_jax.experiment.run.
+"""Train the two-layer MLP: flags generated from mlp_jax.training.config.SETTINGS, then
+mlp_jax.run.experiment.run.
 
     python experiments/train.py                                   # digits
     python experiments/train.py --flagfile=experiments/configs/fashion_mnist.flags
@@ -10,9 +10,9 @@ mlp_jax.experiment.run.
     python experiments/train.py --coordinator_address=HOST:PORT --num_processes=2 \\
         --process_id=0 --workdir=/shared/run                      # one line per process
 
-Every value is checked by mlp_jax.config.resolve, the same check experiment.run makes
+Every value is checked by mlp_jax.training.config.resolve, the same check experiment.run makes
 from Python: a bad one is one line and exit status 1. Whatever else fails is one line
-too (mlp_jax.boundary), with the traceback in a log file that line names.
+too (mlp_jax.base.boundary), with the traceback in a log file that line names.
 """
 
 import sys
@@ -21,14 +21,14 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from mlp_jax import boundary
+from mlp_jax.base import boundary
 
 def define_flags():
   """One flag per setting, with its default and help; the choices listed in the help.
   Called when the flags are first parsed: JAX is imported inside the error boundary."""
   if "dataset" in flags.FLAGS:  # defined already (tests parse many times in-process)
     return
-  from mlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
             str: flags.DEFINE_string, tuple: flags.DEFINE_multi_string}
   for s in config_lib.SETTINGS:
@@ -53,8 +53,8 @@ def train(argv):
           "--name=value, on the command line and on each line of a --flagfile.",
           file=sys.stderr)
     return 2
-  from mlp_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   values = {s.name: flags.FLAGS[s.name].value for s in config_lib.SETTINGS}
   values["sweep"] = tuple(values["sweep"] or ())

@@ -2,13 +2,13 @@
 
     z1 = W1 x + b1,  a1 = ReLU(z1),  z2 = W2 a1 + b2,  p = softmax(z2),  L = CE(p, y)
 
-The manual gradient is in mlp_jax/gradients.py; tests/test_gradients.py proves it equals
-jax.grad. Every function is pure and jit-able. mj.privacy: DP-SGD from the closed-form
-per-example gradients. mj.load(workdir): a finished run's model, predicting raw inputs.
+The manual gradient is in mlp_jax/core/gradients.py; tests/test_gradients.py proves it
+equals jax.grad. Every function is pure and jit-able. mj.privacy: DP-SGD from the
+closed-form per-example gradients. mj.load(workdir): a finished run's model, predicting raw inputs.
 mj.MLPClassifier, mj.MLPClassifierCV: scikit-learn estimators over the same training.
 
-The names below are imported on first use (PEP 562), so `import mlp_jax.boundary` (what
-the scripts load first) does not import JAX.
+The names below are imported on first use (PEP 562), so `import mlp_jax.base.boundary`
+(what the scripts load first) does not import JAX.
 """
 
 import importlib
@@ -16,16 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.4.0"
 
-# public name -> the module that defines it
-_EXPORTS = {
-    "autodiff_grads": "gradients", "autodiff_value_and_grads": "gradients",
-    "grads": "gradients", "loss_manual_vjp": "gradients",
-    "per_example_grad_norms": "gradients", "per_example_grads": "gradients",
-    "value_and_grads": "gradients", "accuracy": "losses", "loss": "losses",
-    "Params": "model", "forward": "model", "init_params": "model", "logits": "model",
-    "clipped_grad_sum": "privacy", "TrainedModel": "trained", "load": "trained",
-    "MLPClassifier": "estimator", "MLPClassifierCV": "estimator",
-}
+# the module that defines each public name
+_EXPORTS = {name: module for module, names in {
+    "core.model": ("Params", "init_params", "forward", "logits"),
+    "core.losses": ("loss", "accuracy"),
+    "core.gradients": ("grads", "value_and_grads", "autodiff_grads",
+                       "autodiff_value_and_grads", "per_example_grads",
+                       "per_example_grad_norms", "loss_manual_vjp"),
+    "core.privacy": ("clipped_grad_sum",),
+    "run.trained": ("load", "TrainedModel"),
+    "estimator": ("MLPClassifier", "MLPClassifierCV"),
+}.items() for name in names}
 
 __all__ = [
     "Params", "init_params", "forward", "logits", "loss", "accuracy", "grads",
@@ -39,27 +40,27 @@ def __getattr__(name: str) -> Any:
   if name in _EXPORTS:
     return getattr(importlib.import_module(f"mlp_jax.{_EXPORTS[name]}"), name)
   if name == "privacy":
-    return importlib.import_module("mlp_jax.privacy")
+    return importlib.import_module("mlp_jax.core.privacy")
   raise AttributeError(f"module 'mlp_jax' has no attribute {name!r}")
 
 
 if TYPE_CHECKING:  # what mypy and editors see: the same names, imported eagerly
-  from mlp_jax import privacy
+  from mlp_jax.core import privacy
   from mlp_jax.estimator import MLPClassifier
   from mlp_jax.estimator import MLPClassifierCV
-  from mlp_jax.gradients import autodiff_grads
-  from mlp_jax.gradients import autodiff_value_and_grads
-  from mlp_jax.gradients import grads
-  from mlp_jax.gradients import loss_manual_vjp
-  from mlp_jax.gradients import per_example_grad_norms
-  from mlp_jax.gradients import per_example_grads
-  from mlp_jax.gradients import value_and_grads
-  from mlp_jax.losses import accuracy
-  from mlp_jax.losses import loss
-  from mlp_jax.model import Params
-  from mlp_jax.model import forward
-  from mlp_jax.model import init_params
-  from mlp_jax.model import logits
-  from mlp_jax.privacy import clipped_grad_sum
-  from mlp_jax.trained import TrainedModel
-  from mlp_jax.trained import load
+  from mlp_jax.core.gradients import autodiff_grads
+  from mlp_jax.core.gradients import autodiff_value_and_grads
+  from mlp_jax.core.gradients import grads
+  from mlp_jax.core.gradients import loss_manual_vjp
+  from mlp_jax.core.gradients import per_example_grad_norms
+  from mlp_jax.core.gradients import per_example_grads
+  from mlp_jax.core.gradients import value_and_grads
+  from mlp_jax.core.losses import accuracy
+  from mlp_jax.core.losses import loss
+  from mlp_jax.core.model import Params
+  from mlp_jax.core.model import forward
+  from mlp_jax.core.model import init_params
+  from mlp_jax.core.model import logits
+  from mlp_jax.core.privacy import clipped_grad_sum
+  from mlp_jax.run.trained import TrainedModel
+  from mlp_jax.run.trained import load

@@ -6,8 +6,8 @@ MLPClassifierCV.
 
 Every parameter is a training setting of config.RunConfig, with its name and default
 (config.TRAINING; random_state is its seed), and fit trains through the runner's one
-fit (mlp_jax/fit.py): the manual gradient, optax, the same input scaling (auto:
-data.choose_scaling), the same number of epochs by default (options.auto_epochs), and
+fit (mlp_jax/training/fit.py): the manual gradient, optax, the same input scaling (auto:
+datasets.choose_scaling), the same number of epochs by default (options.auto_epochs), and
 DP-SGD with dp_noise_multiplier or dp_target_epsilon.
 
 MLPClassifierCV(param_grid=..., cv=K) trains every configuration on every fold in ONE
@@ -27,14 +27,14 @@ from sklearn.utils.validation import _check_sample_weight
 from sklearn.utils.validation import check_is_fitted
 from sklearn.utils.validation import validate_data
 
-from mlp_jax import config as config_lib
-from mlp_jax import data
-from mlp_jax import options
-from mlp_jax import stack as stack_lib
+from mlp_jax.training import config as config_lib
+from mlp_jax.data import datasets
+from mlp_jax.base import options
+from mlp_jax.training import stack as stack_lib
 
 if TYPE_CHECKING:  # imported where a fit starts: JAX only then
-  from mlp_jax import dp_plan
-  from mlp_jax import fit
+  from mlp_jax.training import dp_plan
+  from mlp_jax.training import fit
 
 # The parameters: the training settings of the spec, scikit-learn's random_state for
 # the seed, each with the spec's default.
@@ -54,7 +54,7 @@ class _Fitted(NamedTuple):
 def _training(config: config_lib.Config, stack: stack_lib.Stack, num_rows: int,
               dp: Optional["dp_plan.DPPlan"] = None) -> "fit.Training":
   """The fit.Training of `config` and `stack` on `num_rows` training rows."""
-  from mlp_jax import fit  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
+  from mlp_jax.training import fit  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
   steps_per_epoch = -(-num_rows // config.batch_size)
   hp = config_lib.hyperparams(config, steps_per_epoch, [config.num_epochs])
   return fit.Training(config, stack, hp, steps_per_epoch, dp)
@@ -67,9 +67,9 @@ def _fit(training: "fit.Training", X: np.ndarray, y: np.ndarray, num_classes: in
   model's row weights (folds, sample weights). What the fit refuses (a network too
   large for the memory, divergence, an overflowed Poisson batch) is one ValueError."""
   import jax  # pylint: disable=g-import-not-at-top
-  from mlp_jax import compilation  # pylint: disable=g-import-not-at-top
-  from mlp_jax import fit  # pylint: disable=g-import-not-at-top
-  from mlp_jax import train_state  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import fit  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import train_state  # pylint: disable=g-import-not-at-top
   compilation.enable(None)
   try:
     state = fit.init_state(training, (len(y), X.shape[1], num_classes))
@@ -187,9 +187,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     """X standardised by input_scaling from these rows (a private fit: by nothing; with
     per_feature it is refused by the spec's checks)."""
     scaling = "none" if self._private() else self.input_scaling  # per_feature: refused
-    mean, std, self.input_scaling_, _ = data.scaling_of(X, scaling)
+    mean, std, self.input_scaling_, _ = datasets.scaling_of(X, scaling)
     self.input_mean_, self.input_std_ = mean, std
-    return data.standardize(X, mean, std)
+    return datasets.standardize(X, mean, std)
 
   def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPClassifier":
     """Trains on rows X (N, D) with labels y (N,); returns self."""
@@ -199,7 +199,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     stack = stack_lib.make_stack(config)
     dp = None
     if config_lib.is_private(config):
-      from mlp_jax import dp_plan  # pylint: disable=g-import-not-at-top
+      from mlp_jax.training import dp_plan  # pylint: disable=g-import-not-at-top
       steps_per_epoch = -(-len(y) // config.batch_size)
       try:
         dp, stack = dp_plan.make_plan(config, stack, len(y), steps_per_epoch, 1,
@@ -212,7 +212,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     return self
 
   def _set_fitted(self, fitted: _Fitted, config: config_lib.Config, dp: Any) -> None:
-    from mlp_jax.model import Params  # pylint: disable=g-import-not-at-top
+    from mlp_jax.core.model import Params  # pylint: disable=g-import-not-at-top
     self.params_ = Params._make(np.asarray(p[0]) for p in fitted.params)  # numpy
     self.n_iter_ = config.epochs
     self.loss_curve_ = [float(v) for v in fitted.train_loss[:, 0]]
@@ -224,11 +224,11 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
   # -- predicting ----------------------------------------------------------------------
 
   def predict_proba(self, X: Any) -> np.ndarray:
-    """p = softmax(z2) (N, K), columns: classes_ (mlp_jax.prediction, in the params'
+    """p = softmax(z2) (N, K), columns: classes_ (mlp_jax.core.prediction, in the params'
     float32; a row not finite there once scaled, such as 1e300, is refused)."""
     check_is_fitted(self)
     X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-    from mlp_jax import prediction  # pylint: disable=g-import-not-at-top  (JAX)
+    from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top  (JAX)
     x = prediction.network_inputs(X, self.input_mean_, self.input_std_)
     p = np.asarray(prediction.probabilities(self.params_, x), np.float64)
     return p / p.sum(axis=1, keepdims=True)   # rows sum to 1 in float64
@@ -236,7 +236,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
   def predict(self, X: Any) -> np.ndarray:
     """The most probable class of each row (N,), one of classes_."""
     p = self.predict_proba(X)
-    from mlp_jax import prediction  # pylint: disable=g-import-not-at-top  (JAX)
+    from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top  (JAX)
     return self.classes_[np.asarray(prediction.classes(p))]
 
 
@@ -290,11 +290,11 @@ class MLPClassifierCV(MLPClassifier):
       stack = stack_lib.with_folds(stack_lib.make_stack(config), config, labels)
     except config_lib.RunError as e:
       raise ValueError(f"MLPClassifierCV: {_as_parameter(str(e))}") from None
-    mean, std, _, _ = data.scaling_of(X32, config.input_scaling)
-    X32 = data.standardize(X32, mean, std)
+    mean, std, _, _ = datasets.scaling_of(X32, config.input_scaling)
+    X32 = datasets.standardize(X32, mean, std)
     fitted = _fit(_training(config, stack, len(labels)), X32, labels, len(self.classes_),
                   stack.train_masks())
-    from mlp_jax import train  # pylint: disable=g-import-not-at-top  (JAX)
+    from mlp_jax.training import train  # pylint: disable=g-import-not-at-top  (JAX)
     evaluated = train.evaluate(fitted.params, X32, labels, rows=stack.validation_rows())
     row = stack_lib.metrics_row(config.num_epochs, {
         "validation_accuracy": evaluated["accuracy"], "validation_loss": evaluated["loss"]},

@@ -21,10 +21,10 @@ from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 import numpy as np
 
-from mlp_jax.gradients import autodiff_grads
-from mlp_jax.gradients import grads
-from mlp_jax import losses
-from mlp_jax.model import Params
+from mlp_jax.core.gradients import autodiff_grads
+from mlp_jax.core.gradients import grads
+from mlp_jax.core import losses
+from mlp_jax.core.model import Params
 
 # Manual vs autodiff, per dtype; and either vs float64 finite differences.
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
@@ -146,6 +146,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from mlp_jax import boundary  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
   define_flags()
   boundary.script(lambda: app.run(main))

@@ -183,7 +183,7 @@ def small_disk(path, size="600k"):
 def tiny_config(dataset, workdir, **overrides):
   """experiment.RunConfig of a small run (the in-process twin of runner_command), with a
   checkpoint after every epoch: the recovery tests fall back through several."""
-  from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
+  from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
   return experiment.RunConfig(**{"dataset": dataset, "workdir": str(workdir),
                                  "hidden_dim": 16, "batch_size": 8, "epochs": 20,
                                  "progress": False, "checkpoint_seconds": 0.0,
@@ -198,7 +198,7 @@ def reference_run(tmp_path_factory):
   done = {}
 
   def run(dataset, **overrides):
-    from mlp_jax import experiment  # pylint: disable=g-import-not-at-top
+    from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
     key = (dataset, tuple(sorted(overrides.items())))
     if key not in done:
       done[key] = tmp_path_factory.mktemp("reference")
@@ -241,7 +241,7 @@ def wait_for_epochs(workdir, process, count, timeout=120):
 
 def pld_epsilon(sigmas, q, steps, delta):
   """ε at δ of releasing DP-SGD runs of noise σ ∈ sigmas (q, steps each), composed by
-  dp-accounting's PLD accountant directly: the expectation, apart from mlp_jax.privacy."""
+  dp-accounting's PLD accountant directly: the expectation, apart from mlp_jax.core.privacy."""
   import dp_accounting as dpa  # pylint: disable=g-import-not-at-top  (dp extra)
   accountant = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
   for sigma in sigmas:

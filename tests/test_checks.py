@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mlp_jax as mj
-from mlp_jax import data
+from mlp_jax.data import datasets
 
 PARAMS = mj.init_params(jax.random.key(0), 4, 5, 3)
 X = jnp.ones((2, 4), jnp.float32)
@@ -86,10 +86,10 @@ def test_float_labels_are_whole_numbers_in_the_library_and_the_runner():
   with pytest.raises(ValueError, match="labels y must be whole numbers .* got 1.5"):
     mj.loss(PARAMS, X3, half)
   x = np.random.default_rng(0).normal(size=(3, 4))
-  ds = data.prepare((x, whole, x, whole))           # the runner's loader: accepted alike
+  ds = datasets.prepare((x, whole, x, whole))           # the runner's loader: accepted alike
   np.testing.assert_array_equal(ds.y_train, [0, 2, 1])
-  with pytest.raises(data.DataError, match="must hold integer class labels"):
-    data.prepare((x, half, x, whole))
+  with pytest.raises(datasets.DataError, match="must hold integer class labels"):
+    datasets.prepare((x, half, x, whole))
 
 
 @pytest.mark.parametrize("call, error, message", [

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from mlp_jax import data
-from mlp_jax import readers
-from mlp_jax import stack as stack_lib
+from mlp_jax.data import datasets
+from mlp_jax.data import readers
+from mlp_jax.training import stack as stack_lib
 
 
 def write_idx(path, array, type_code=0x08, dims=None, magic=b"\x00\x00"):
@@ -48,7 +48,7 @@ def test_read_idx_rejects_truncated_lying_and_foreign_files(tmp_path):
   for name, (content, message) in cases.items():
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(datasets.DataError, match=message):
       readers.read_idx(str(path))
 
 
@@ -57,16 +57,16 @@ def test_mnist_from_a_directory_and_missing_files(tmp_path):
   write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 4, 4)))
   write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
   write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 255, (10, 4, 4)))
-  with pytest.raises(data.DataError, match="missing t10k-labels-idx1-ubyte"):
-    data.load("mnist", str(tmp_path))
+  with pytest.raises(datasets.DataError, match="missing t10k-labels-idx1-ubyte"):
+    datasets.load("mnist", str(tmp_path))
   write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10))
-  ds = data.load("mnist", str(tmp_path))
+  ds = datasets.load("mnist", str(tmp_path))
   assert ds.x_train.shape == (20, 16) and ds.x_test.shape == (10, 16)
   assert ds.num_classes == 10 and ds.y_train.dtype == np.int32
-  with pytest.raises(data.DataError, match="does not exist"):
-    data.load("mnist", str(tmp_path / "nowhere"))
-  with pytest.raises(data.DataError, match="needs --data_dir"):
-    data.load("mnist")
+  with pytest.raises(datasets.DataError, match="does not exist"):
+    datasets.load("mnist", str(tmp_path / "nowhere"))
+  with pytest.raises(datasets.DataError, match="needs --data_dir"):
+    datasets.load("mnist")
 
 
 def test_npz_loader_and_its_errors(tmp_path):
@@ -74,32 +74,32 @@ def test_npz_loader_and_its_errors(tmp_path):
   arrays = dict(x_train=rng.normal(size=(12, 3)), y_train=np.arange(12) % 3,
                 x_test=rng.normal(size=(6, 3)), y_test=np.arange(6) % 3)
   np.savez(tmp_path / "ok.npz", **arrays)
-  ds = data.load(f"npz:{tmp_path / 'ok.npz'}")
+  ds = datasets.load(f"npz:{tmp_path / 'ok.npz'}")
   assert ds.num_classes == 3 and ds.x_train.dtype == np.float32
   np.savez(tmp_path / "pickled.npz", **{**arrays, "y_test": np.array([object()] * 6)})
-  with pytest.raises(data.DataError, match="y_test holds Python objects"):
-    data.load(f"npz:{tmp_path / 'pickled.npz'}")
+  with pytest.raises(datasets.DataError, match="y_test holds Python objects"):
+    datasets.load(f"npz:{tmp_path / 'pickled.npz'}")
   np.savez(tmp_path / "partial.npz", x_train=arrays["x_train"])
-  with pytest.raises(data.DataError, match="missing arrays y_train, x_test, y_test"):
-    data.load(f"npz:{tmp_path / 'partial.npz'}")
+  with pytest.raises(datasets.DataError, match="missing arrays y_train, x_test, y_test"):
+    datasets.load(f"npz:{tmp_path / 'partial.npz'}")
   bad = {**arrays, "x_train": np.where(np.eye(12, 3) > 0, np.nan, arrays["x_train"])}
   np.savez(tmp_path / "nan.npz", **bad)
-  with pytest.raises(data.DataError, match="x_train contains NaN or inf"):
-    data.load(f"npz:{tmp_path / 'nan.npz'}")
+  with pytest.raises(datasets.DataError, match="x_train contains NaN or inf"):
+    datasets.load(f"npz:{tmp_path / 'nan.npz'}")
   np.savez(tmp_path / "short.npz", **{**arrays, "y_train": np.arange(11) % 3})
-  with pytest.raises(data.DataError, match=r"y_train must have shape \(12,\)"):
-    data.load(f"npz:{tmp_path / 'short.npz'}")
+  with pytest.raises(datasets.DataError, match=r"y_train must have shape \(12,\)"):
+    datasets.load(f"npz:{tmp_path / 'short.npz'}")
   np.savez(tmp_path / "neg.npz", **{**arrays, "y_test": -np.ones(6, int)})
-  with pytest.raises(data.DataError, match=r"y_test must lie in \[0, K\)"):
-    data.load(f"npz:{tmp_path / 'neg.npz'}")
-  with pytest.raises(data.DataError, match="unknown dataset 'cifar'"):
-    data.load("cifar")
+  with pytest.raises(datasets.DataError, match=r"y_test must lie in \[0, K\)"):
+    datasets.load(f"npz:{tmp_path / 'neg.npz'}")
+  with pytest.raises(datasets.DataError, match="unknown dataset 'cifar'"):
+    datasets.load("cifar")
 
 
 def test_standardised_with_train_statistics_only():
   x_train = np.array([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0]])
   x_test = np.array([[100.0, 7.0]])
-  ds = data.prepare((x_train, np.array([0, 1, 0]), x_test, np.array([1])),
+  ds = datasets.prepare((x_train, np.array([0, 1, 0]), x_test, np.array([1])),
                     scaling="per_feature")
   np.testing.assert_allclose(ds.x_train.mean(axis=0), [0, 0], atol=1e-6)
   np.testing.assert_allclose(ds.x_train[:, 0].std(), 1, rtol=1e-6)
@@ -111,24 +111,24 @@ def test_global_and_no_scaling():
   x_train = np.array([[0.0, 4.0], [2.0, 6.0]])   # all values: mean 3, std sqrt(5)
   x_test = np.array([[3.0, 8.0]])
   y = np.array([0, 1])
-  ds = data.prepare((x_train, y, x_test, y[:1]), scaling="global")
+  ds = datasets.prepare((x_train, y, x_test, y[:1]), scaling="global")
   np.testing.assert_allclose(ds.mean, [3, 3])
   np.testing.assert_allclose(ds.std, [5**0.5] * 2)
   np.testing.assert_allclose(ds.x_test, [[0, 5 / 5**0.5]], rtol=1e-6)
-  ds = data.prepare((x_train, y, x_test, y[:1]), scaling="none")
+  ds = datasets.prepare((x_train, y, x_test, y[:1]), scaling="none")
   np.testing.assert_array_equal(ds.x_train, x_train.astype(np.float32))
   assert ds.mean.shape == ds.std.shape == (2,)
-  with pytest.raises(data.DataError, match="scaling must be one of auto, global, per_feature, none"):
-    data.prepare((x_train, y, x_test, y[:1]), scaling="minmax")
-  with pytest.raises(data.DataError, match="a private run cannot scale each feature"):
-    data.load("digits", scaling="per_feature", private=True)
+  with pytest.raises(datasets.DataError, match="scaling must be one of auto, global, per_feature, none"):
+    datasets.prepare((x_train, y, x_test, y[:1]), scaling="minmax")
+  with pytest.raises(datasets.DataError, match="a private run cannot scale each feature"):
+    datasets.load("digits", scaling="per_feature", private=True)
 
 
 def test_validation_split_is_held_out_of_train():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(20, 3)) * 5 + np.arange(20)[:, None]   # every row distinct
   y = np.arange(20) % 2
-  ds = data.prepare((x, y, x[:4], y[:4]), validation_fraction=0.25, seed=3,
+  ds = datasets.prepare((x, y, x[:4], y[:4]), validation_fraction=0.25, seed=3,
                     scaling="per_feature")
   assert len(ds.x_val) == 5 and len(ds.x_train) == 15
   # Undo the standardisation: each split's rows are rows of x, disjoint, together all.
@@ -154,7 +154,7 @@ def test_validation_split_is_held_out_of_train():
                                                 ((3, 40, 11, 6), 3), ((2, 2), 2)])
 def test_stratified_folds_are_disjoint_stratified_and_cover_train(counts, num_folds):
   y = np.random.default_rng(1).permutation(np.repeat(np.arange(len(counts)), counts))
-  folds = data.stratified_folds(y, num_folds, seed=4)
+  folds = datasets.stratified_folds(y, num_folds, seed=4)
   stack = stack_lib.Stack([{}], [0], {}, folds=tuple(range(num_folds)), row_folds=folds)
   held_out = [np.flatnonzero(stack.train_masks()[f] == 0) for f in range(num_folds)]
   # Disjoint and together every row: each row is held out by exactly one fold's model.
@@ -168,27 +168,27 @@ def test_stratified_folds_are_disjoint_stratified_and_cover_train(counts, num_fo
     assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == n
   sizes = np.bincount(folds, minlength=num_folds)
   assert sizes.max() - sizes.min() <= 1
-  np.testing.assert_array_equal(folds, data.stratified_folds(y, num_folds, seed=4))
-  assert not np.array_equal(folds, data.stratified_folds(y, num_folds, seed=5))
+  np.testing.assert_array_equal(folds, datasets.stratified_folds(y, num_folds, seed=4))
+  assert not np.array_equal(folds, datasets.stratified_folds(y, num_folds, seed=5))
 
 
 def test_folds_too_many_for_a_class_are_refused_with_the_fix():
-  with pytest.raises(data.DataError, match="class 1 has 2 training examples, fewer than "
+  with pytest.raises(datasets.DataError, match="class 1 has 2 training examples, fewer than "
                      "the 3 folds .* use at most 2 folds"):
-    data.stratified_folds(np.array([0, 0, 0, 1, 1, 0]), 3)
+    datasets.stratified_folds(np.array([0, 0, 0, 1, 1, 0]), 3)
 
 
 def test_digits_split():
-  ds = data.load("digits")
+  ds = datasets.load("digits")
   assert ds.x_train.shape == (1437, 64) and ds.x_test.shape == (360, 64)
   assert ds.num_classes == 10
   np.testing.assert_array_equal(np.bincount(ds.y_test, minlength=10) >= 35, True)
 
 
-@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+@pytest.mark.skipif(not os.path.isdir(datasets.FASHION_MNIST_DIR),
                     reason="apt-get install dataset-fashion-mnist (.ci/run does)")
 def test_fashion_mnist_real_files():
-  ds = data.load("fashion_mnist")
+  ds = datasets.load("fashion_mnist")
   assert ds.x_train.shape == (60000, 784) and ds.x_test.shape == (10000, 784)
   np.testing.assert_array_equal(np.bincount(ds.y_train), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(ds.y_test), [1000] * 10)
@@ -197,16 +197,16 @@ def test_fashion_mnist_real_files():
 
 def test_one_based_or_gapped_labels_are_refused_with_the_fix():
   x = np.random.default_rng(0).normal(size=(6, 2))
-  with pytest.raises(data.DataError, match="run from 1 to 3, not from 0.*subtract 1"):
-    data.prepare((x, np.array([1, 2, 3, 1, 2, 3]), x, np.array([1, 2, 3, 1, 2, 3])))
-  with pytest.raises(data.DataError, match="class 1 of 0..2 never occurs in the training"):
-    data.prepare((x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2])))
+  with pytest.raises(datasets.DataError, match="run from 1 to 3, not from 0.*subtract 1"):
+    datasets.prepare((x, np.array([1, 2, 3, 1, 2, 3]), x, np.array([1, 2, 3, 1, 2, 3])))
+  with pytest.raises(datasets.DataError, match="class 1 of 0..2 never occurs in the training"):
+    datasets.prepare((x, np.array([0, 2, 0, 2, 0, 2]), x, np.array([0, 1, 2, 0, 1, 2])))
 
 
 def test_stratified_split_is_scikit_learns():
   """The same rows as train_test_split(stratify=y), on generated label vectors (ties in
   the rounding drawn from the same random stream) and on the digits."""
-  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sklearn_datasets, model_selection  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   for _ in range(100):
     n, k = int(rng.integers(12, 150)), int(rng.integers(2, 6))
@@ -216,13 +216,13 @@ def test_stratified_split_is_scikit_learns():
       continue  # scikit-learn refuses a split smaller than the number of classes
     expected = model_selection.train_test_split(np.arange(n), test_size=fraction,
                                                 stratify=y, random_state=seed)
-    got = data.stratified_split(y, fraction, seed)
+    got = datasets.stratified_split(y, fraction, seed)
     np.testing.assert_array_equal(got[0], expected[0])
     np.testing.assert_array_equal(got[1], expected[1])
-  digits = datasets.load_digits()
+  digits = sklearn_datasets.load_digits()
   expected = model_selection.train_test_split(digits.data, digits.target, test_size=0.2,
                                               stratify=digits.target, random_state=0)
-  x_train, y_train, x_test, y_test = data.load_digits()
+  x_train, y_train, x_test, y_test = datasets.load_digits()
   for got, want in zip((x_train, x_test, y_train, y_test), expected):
     np.testing.assert_array_equal(got, want)
     assert got.dtype == want.dtype

@@ -12,9 +12,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import mlp_jax as mj
-from mlp_jax import data
-from mlp_jax import experiment
-from mlp_jax import options
+from mlp_jax.data import datasets
+from mlp_jax.run import experiment
+from mlp_jax.base import options
 from conftest import tiny_config
 
 SMALL = {"hidden_dim": 8, "batch_size": 8, "epochs": 3}  # fast fits; one compiled shape
@@ -41,29 +41,29 @@ def blobs(n=48, d=5, k=3, seed=0, scales=None):
 def test_auto_scaling_standardises_each_column_of_a_table_whose_columns_differ(
     scales, expected):
   X, y = blobs(scales=scales)
-  ds = data.prepare((X, y, X[:3], y[:3]))  # scaling auto by default
+  ds = datasets.prepare((X, y, X[:3], y[:3]))  # scaling auto by default
   assert ds.scaling == expected and ds.scaling_reason
   if expected == "per_feature":  # every column of train now has mean 0 and std 1
     np.testing.assert_allclose(ds.x_train.std(axis=0), 1, rtol=1e-4)
 
 
 def test_auto_scaling_keeps_one_mean_and_std_for_images():
-  x_train, y_train, x_test, y_test = data.load_digits()
-  ds = data.prepare((x_train, y_train, x_test, y_test))
+  x_train, y_train, x_test, y_test = datasets.load_digits()
+  ds = datasets.prepare((x_train, y_train, x_test, y_test))
   assert ds.scaling == "global" and np.ptp(ds.std) == 0
   images = np.random.default_rng(0).integers(0, 256, size=(50, 28, 28))
   images[:, 0, :] = 0          # a constant border does not count
   images[1:, 1, 0] = 0         # nor does a dim pixel: its range is 1/3 of the others'
   images[0, 1, 0] = 85
-  assert data.choose_scaling(images.reshape(50, -1).astype(np.float32))[0] == "global"
+  assert datasets.choose_scaling(images.reshape(50, -1).astype(np.float32))[0] == "global"
 
 
 def test_the_scaling_threshold_is_the_documented_ratio():
-  X = np.array([[0.0, 0.0], [1.0, data.SHARED_RANGE_RATIO]])
-  assert data.range_ratio(X) == data.SHARED_RANGE_RATIO
-  assert data.choose_scaling(X)[0] == "global"
-  X[1, 1] = data.SHARED_RANGE_RATIO * 1.001
-  assert data.choose_scaling(X)[0] == "per_feature"
+  X = np.array([[0.0, 0.0], [1.0, datasets.SHARED_RANGE_RATIO]])
+  assert datasets.range_ratio(X) == datasets.SHARED_RANGE_RATIO
+  assert datasets.choose_scaling(X)[0] == "global"
+  X[1, 1] = datasets.SHARED_RANGE_RATIO * 1.001
+  assert datasets.choose_scaling(X)[0] == "per_feature"
 
 
 def test_the_runner_prints_and_records_its_scaling_choice(tmp_path):
@@ -95,7 +95,7 @@ def test_default_epochs_give_small_data_its_minimum_steps():
 def test_validation_split_is_stratified():
   y = np.repeat(np.arange(3), [40, 50, 30])
   X = np.arange(len(y), dtype=np.float64)[:, None] * np.ones((1, 2))
-  ds = data.prepare((X, y, X[:3], y[:3]), validation_fraction=0.1, seed=0)
+  ds = datasets.prepare((X, y, X[:3], y[:3]), validation_fraction=0.1, seed=0)
   np.testing.assert_array_equal(np.bincount(ds.y_val), [4, 5, 3])
   np.testing.assert_array_equal(np.bincount(ds.y_train), [36, 45, 27])
 

@@ -1,4 +1,4 @@
-"""The feature-major kernel (mlp_jax/feature_major.py) equals the reference pass,
+"""The feature-major kernel (mlp_jax/core/feature_major.py) equals the reference pass,
 gradients.backprop, and is chosen by one rule. (Its bfloat16 arithmetic: test_gradients'
 test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands, in both layouts;
 its bfloat16 GEMMs: test_train's test_bfloat16_hidden_products_compile_to_bfloat16_gemms.)
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlp_jax import feature_major
-from mlp_jax import gradients
-from mlp_jax import losses
+from mlp_jax.core import feature_major
+from mlp_jax.core import gradients
+from mlp_jax.core import losses
 from mlp_jax.gradcheck import random_problem
 
 SHAPES = st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40),

@@ -1,4 +1,4 @@
-"""The manual gradients of mlp_jax/gradients.py equal jax.grad and finite differences."""
+"""The manual gradients of mlp_jax/core/gradients.py equal jax.grad and finite differences."""
 
 import functools
 import re
@@ -17,10 +17,10 @@ import pytest
 
 import conftest
 import mlp_jax as mj
-from mlp_jax import feature_major
-from mlp_jax import losses as mj_losses
-from mlp_jax.gradients import _loss_and_logits_manual_vjp
-from mlp_jax.gradients import value_and_grads_with_logits
+from mlp_jax.core import feature_major
+from mlp_jax.core import losses as mj_losses
+from mlp_jax.core.gradients import _loss_and_logits_manual_vjp
+from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.gradcheck import FD_STEP
 from mlp_jax.gradcheck import check
 from mlp_jax.gradcheck import finite_difference_grads
@@ -212,7 +212,7 @@ def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
 def test_layer_grad_sq_norms_are_each_examples():
   """‖δ1_i‖²(‖x_i‖² + 1) and ‖δ2_i‖²(‖a1_i‖² + 1) per example (row), for a batch and for a
   batch of one."""
-  from mlp_jax.gradients import layer_grad_sq_norms  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core.gradients import layer_grad_sq_norms  # pylint: disable=g-import-not-at-top
   shapes = {"d1": (3, 5), "d2": (3, 2), "X": (3, 4), "A1": (3, 5)}
   a = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s) in enumerate(shapes.items())}
   sq = {k: jnp.sum(v ** 2, axis=1) for k, v in a.items()}
@@ -470,7 +470,8 @@ def test_float32_params_compute_nothing_in_float64_under_x64(layout):
   """With x64 on, float32 params do all their work in float32, also for float64 NumPy
   data, targets and weights: no primitive of any entry point (the train steps' included)
   makes a float64 array. (A float32 result alone could hide float64 work cast back.)"""
-  from mlp_jax import privacy, train  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core import privacy  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
   X, w = np.asarray(X, np.float64), np.ones(3)
   Y = np.eye(3)[np.asarray(y)]
@@ -532,7 +533,8 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   """Both layouts give equal values, so only the call tells which ran: the manual value
   and gradients run the pass the layout asks for, and with no layout the one
   choose_layout picks, asked with the params' dtype and the compute dtype."""
-  from mlp_jax import gradients, train  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
   bf16 = jnp.bfloat16
 
@@ -574,7 +576,9 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
 def test_the_other_manual_passes_are_the_reference(name, monkeypatch):
   """loss_manual_vjp's backward pass, the per-example gradients and norms and the DP
   clipped sum are gradients.py's pass (its δ1), never the kernel, whatever the choice."""
-  from mlp_jax import gradients, privacy, train  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core import privacy  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
 
   def dp_train_step():
@@ -603,7 +607,7 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
   """Each method's values equal the others', so only the call tells which ran: "manual"
   runs example_grads (one example's closed form) and "autodiff" never does; each method
   of value_and_grads_with_logits runs its own function; an unknown method is named."""
-  from mlp_jax import gradients  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3)
   calls = []
   closed_form = gradients.example_grads
@@ -622,7 +626,7 @@ def test_the_method_names_the_formula_that_runs(monkeypatch):
   real_autodiff = mj_losses.loss_and_logits
   monkeypatch.setattr(mj_losses, "loss_and_logits",
                       lambda *a, **k: ran.append("autodiff") or real_autodiff(*a, **k))
-  from mlp_jax import train  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
   for method, formula in (("manual", "_manual_value_and_grads_with_logits"),
                           ("manual_vjp", "_loss_and_logits_manual_vjp"),
                           ("autodiff", "autodiff")):

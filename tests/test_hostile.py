@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 
 import mlp_jax as mj
-from mlp_jax import boundary
-from mlp_jax import data
-from mlp_jax import readers
-from mlp_jax import files
-from mlp_jax import trained
-from mlp_jax import workdir as workdir_lib
+from mlp_jax.base import boundary
+from mlp_jax.data import datasets
+from mlp_jax.data import readers
+from mlp_jax.base import files
+from mlp_jax.run import trained
+from mlp_jax.run import workdir as workdir_lib
 
 from conftest import ROOT
 from conftest import assert_same_params
@@ -193,10 +193,10 @@ def _good_png(path):
 
 # name -> (file name, write a good file, read it, the error it raises)
 READERS = {
-    "dataset_npz": ("d.npz", _good_npz, lambda p, m: data.load(f"npz:{p}"), data.DataError),
-    "idx": ("images-idx3-ubyte", _good_idx, lambda p, m: readers.read_idx(p), data.DataError),
+    "dataset_npz": ("d.npz", _good_npz, lambda p, m: datasets.load(f"npz:{p}"), datasets.DataError),
+    "idx": ("images-idx3-ubyte", _good_idx, lambda p, m: readers.read_idx(p), datasets.DataError),
     "idx_gz": ("images-idx3-ubyte.gz", _good_idx, lambda p, m: readers.read_idx(p),
-               data.DataError),
+               datasets.DataError),
     "params_npz": ("params.npz", None, lambda p, m: trained.load(p), ValueError),
     "predict_npz": ("x.npz", _good_inputs, lambda p, m: trained.read_inputs(p, m), ValueError),
     "predict_idx": ("x-idx3-ubyte", _good_idx, lambda p, m: trained.read_inputs(p, m),

@@ -10,19 +10,10 @@ import pytest
 
 from conftest import ROOT
 
-# The package's layers, lowest first (README, "Layout"): a module imports from its own
-# layer or lower ones, never from a higher one.
-LAYERS = (
-    ("foundations", ("files", "boundary", "compilation", "options", "parallel")),
-    ("mathematics", ("checks", "model", "losses", "feature_major", "gradients", "privacy",
-                     "gradcheck", "prediction")),
-    ("data", ("readers", "data", "trained")),
-    ("training", ("spec", "config", "stack", "dp_plan", "memory", "train_state", "train",
-                  "fit")),
-    ("the run", ("workdir", "checkpoint", "plots", "events", "live", "reports",
-                 "processes", "hooks", "experiment")),
-    ("adapters", ("estimator", "__init__")),
-)
+# The package's layers are its folders, lowest first (README, "Layout"): a module imports
+# from its own folder or lower ones, never from a higher one. The modules at the top
+# (mlp_jax/__init__.py, estimator.py, gradcheck.py) are the layer above them all.
+LAYERS = ("base", "core", "data", "training", "run")
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 MAX_PARAMETERS = 6
@@ -120,10 +111,9 @@ def test_no_import_circle():
 
 
 def layer_of(module):
-  """The index in LAYERS of a package module (mlp_jax itself: its __init__)."""
-  name = "__init__" if module == "mlp_jax" else module.rsplit(".", 1)[-1]
-  (index,) = [i for i, (_, names) in enumerate(LAYERS) if name in names]
-  return index
+  """The index in LAYERS of a package module's folder; len(LAYERS) at the top."""
+  folder = module.split(".")[1] if module.count(".") >= 1 else ""
+  return LAYERS.index(folder) if folder in LAYERS else len(LAYERS)
 
 
 def imports_up(graph):
@@ -135,8 +125,7 @@ def imports_up(graph):
 def test_no_import_runs_up_a_layer():
   sources = _sources()
   modules = {_module_name(p) for p in sources if p.startswith("mlp_jax")}
-  listed = {n for _, names in LAYERS for n in names}
-  assert {("__init__" if m == "mlp_jax" else m.rsplit(".", 1)[-1]) for m in modules} == listed
+  assert {m.split(".")[1] for m in modules if m.count(".") == 2} == set(LAYERS)
   graph = {_module_name(p): imports_of(s, _module_name(p), modules)
            for p, s in sources.items() if p.startswith("mlp_jax")}
   assert not imports_up(graph), imports_up(graph)
@@ -155,8 +144,10 @@ def test_the_checks_fail_on_what_they_look_for():
   function of many parameters (and not a scikit-learn __init__)."""
   assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
   assert find_circle({"a": {"b"}, "b": set()}) is None
-  assert imports_up({"mlp_jax.model": {"mlp_jax.fit"}}) == [("mlp_jax.model", "mlp_jax.fit")]
-  assert imports_up({"mlp_jax.fit": {"mlp_jax.model"}}) == []
+  model, fit = "mlp_jax.core.model", "mlp_jax.training.fit"
+  assert imports_up({model: {fit}}) == [(model, fit)]
+  assert imports_up({fit: {model}, "mlp_jax.estimator": {fit}}) == []
+  assert imports_up({"mlp_jax.run.trained": {"mlp_jax.estimator"}}) != []
   modules = {"mlp_jax.a", "mlp_jax.b", "mlp_jax.sub", "mlp_jax.sub.c"}
   assert imports_of("from mlp_jax import b\nimport mlp_jax.sub.c\n", "mlp_jax.a",
                     modules) == {"mlp_jax.b", "mlp_jax.sub.c"}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import mlp_jax as mj
-from mlp_jax.losses import cross_entropy
-from mlp_jax.losses import valid_labels
+from mlp_jax.core.losses import cross_entropy
+from mlp_jax.core.losses import valid_labels
 
 pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 

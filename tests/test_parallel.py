@@ -17,8 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from mlp_jax import parallel
-from mlp_jax import train
+from mlp_jax.training import parallel
+from mlp_jax.training import train
 from conftest import read_metrics as metrics
 from conftest import RUNNER
 from conftest import wait_for_epochs

@@ -4,7 +4,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
 
-from mlp_jax import plots
+from mlp_jax.run import plots
 
 
 @pytest.mark.parametrize("k", [2, 3, 10])

@@ -1,4 +1,4 @@
-"""One predict (mlp_jax/prediction.py): every path that classifies new inputs gives the
+"""One predict (mlp_jax/core/prediction.py): every path that classifies new inputs gives the
 same classes and refuses, the same way, a row that is not finite in the params' dtype
 once cast (experiments/predict.py's run: test_trained.test_predict_script_end_to_end)."""
 
@@ -8,8 +8,8 @@ import pytest
 
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax import experiment
-from mlp_jax import prediction
+from mlp_jax.run import experiment
+from mlp_jax.core import prediction
 
 # Not finite in float32 once cast: NaN and inf, and float64 values beyond float32's range.
 BAD_VALUES = [np.nan, np.inf, -np.inf, 1e300, -1e300, 3.5e38]

@@ -17,9 +17,9 @@ from conftest import pld_epsilon
 from conftest import read_metrics
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax import data
-from mlp_jax import experiment
-from mlp_jax import privacy
+from mlp_jax.data import datasets
+from mlp_jax.run import experiment
+from mlp_jax.core import privacy
 from mlp_jax.gradcheck import random_problem
 from mlp_jax.gradcheck import relative_error
 
@@ -366,8 +366,8 @@ def test_dp_run_killed_and_resumed_equals_an_uninterrupted_one_epsilon_included(
 
 
 def test_dp_run_scales_inputs_with_constants_not_train_statistics():
-  raw = data.load_digits()
-  private = data.load("digits", private=True)
+  raw = datasets.load_digits()
+  private = datasets.load("digits", private=True)
   np.testing.assert_allclose(private.x_train, (raw[0] / 16 - 0.5) / 0.5, rtol=1e-6)
   np.testing.assert_allclose(private.x_test, (raw[2] / 16 - 0.5) / 0.5, rtol=1e-6)
 

@@ -30,14 +30,14 @@ from conftest import runner_command
 from conftest import tiny_config
 from conftest import wait_for_epochs
 from conftest import without_times
-from mlp_jax import checkpoint
-from mlp_jax import data
-from mlp_jax import readers
-from mlp_jax import experiment
-from mlp_jax import processes
-from mlp_jax import train
-from mlp_jax import trained
-from mlp_jax import workdir as workdir_lib
+from mlp_jax.run import checkpoint
+from mlp_jax.data import datasets
+from mlp_jax.data import readers
+from mlp_jax.run import experiment
+from mlp_jax.run import processes
+from mlp_jax.training import train
+from mlp_jax.run import trained
+from mlp_jax.run import workdir as workdir_lib
 
 metrics = read_metrics
 
@@ -366,7 +366,7 @@ def test_idx_reader_on_random_bytes(tmp_path_factory, content, gz):
   name = "f.gz" if gz else "f"
   path = _write(tmp_path, name, gzip.compress(content) if gz else content)
   if not _valid_idx(content):
-    with pytest.raises(data.DataError):
+    with pytest.raises(datasets.DataError):
       readers.read_idx(path)
     return
   array = readers.read_idx(path)
@@ -381,7 +381,7 @@ def test_idx_reader_on_lying_headers(tmp_path_factory, type_code, dims, payload,
   content = (header + bytes(payload))[:max(len(header) + payload - cut, 0)]
   path = _write(tmp_path_factory.mktemp("idx"), "f", content)
   if not _valid_idx(content):
-    with pytest.raises(data.DataError):
+    with pytest.raises(datasets.DataError):
       readers.read_idx(path)
     return
   array = readers.read_idx(path)
@@ -390,7 +390,7 @@ def test_idx_reader_on_lying_headers(tmp_path_factory, type_code, dims, payload,
 
 def test_idx_reader_refuses_huge_claims_without_allocating(tmp_path):
   header = bytes([0, 0, 0x0D, 3]) + np.asarray([2**20, 2**20, 2**10], ">u4").tobytes()
-  with pytest.raises(data.DataError, match="claims dims"):
+  with pytest.raises(datasets.DataError, match="claims dims"):
     readers.read_idx(_write(tmp_path, "huge", header + bytes(100)))
 
 
@@ -398,8 +398,8 @@ def test_idx_reader_refuses_huge_claims_without_allocating(tmp_path):
 @given(content=st.binary(max_size=400))
 def test_npz_loader_on_random_bytes(tmp_path_factory, content):
   path = _write(tmp_path_factory.mktemp("npz"), "f.npz", content)
-  with pytest.raises(data.DataError):
-    data.load(f"npz:{path}")
+  with pytest.raises(datasets.DataError):
+    datasets.load(f"npz:{path}")
 
 
 def _npy(header, payload=b""):
@@ -416,8 +416,8 @@ def test_npz_with_a_huge_claimed_array_is_refused_before_reading(tmp_path):
     for name in ("y_train", "x_test", "y_test"):
       z.writestr(f"{name}.npy", _npy({"descr": "<i8", "fortran_order": False,
                                       "shape": (1,)}, bytes(8)))
-  with pytest.raises(data.DataError, match="declares shape"):
-    data.load(f"npz:{path}")
+  with pytest.raises(datasets.DataError, match="declares shape"):
+    datasets.load(f"npz:{path}")
 
 
 def _usable(x, y_train, y_test, n_test):
@@ -431,7 +431,7 @@ def _usable(x, y_train, y_test, n_test):
   if y_train.dtype.kind not in "iuf" or not np.all(y_train == np.round(y_train)):
     return False
   labels = np.concatenate([y_train.astype(np.float64), y_test.astype(np.float64)])
-  if labels.min() < 0 or labels.max() >= data.MAX_CLASSES:
+  if labels.min() < 0 or labels.max() >= datasets.MAX_CLASSES:
     return False
   k = int(labels.max()) + 1
   return k >= 2 and set(range(k)) <= set(y_train.astype(np.int64).tolist())
@@ -458,13 +458,13 @@ def test_npz_loader_on_hostile_contents(tmp_path_factory, n_train, n_test, n_lab
   x, y_test = fill((n_train, d), x_values), fill((n_test,), labels)
   np.savez(path, x_train=x, y_train=y, x_test=fill((n_test, d), x_values), y_test=y_test)
   if not _usable(x, y, y_test, n_test):
-    with pytest.raises(data.DataError):
-      data.load(f"npz:{path}")
+    with pytest.raises(datasets.DataError):
+      datasets.load(f"npz:{path}")
     return
-  ds = data.load(f"npz:{path}")
+  ds = datasets.load(f"npz:{path}")
   assert np.all(np.isfinite(ds.x_train)) and np.all(np.isfinite(ds.x_test))
   assert len(ds.x_train) == len(ds.y_train) and len(ds.x_test) == len(ds.y_test)
-  assert 2 <= ds.num_classes <= data.MAX_CLASSES
+  assert 2 <= ds.num_classes <= datasets.MAX_CLASSES
   assert ds.y_train.min() >= 0 and ds.y_train.max() < ds.num_classes
 
 

@@ -20,12 +20,12 @@ from conftest import run_cli_output
 from conftest import run_runner
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax import config as config_lib
-from mlp_jax import data
-from mlp_jax import experiment
-from mlp_jax import events
-from mlp_jax import live
-from mlp_jax import reports
+from mlp_jax.training import config as config_lib
+from mlp_jax.data import datasets
+from mlp_jax.run import experiment
+from mlp_jax.run import events
+from mlp_jax.run import live
+from mlp_jax.run import reports
 
 
 @pytest.mark.slow
@@ -313,7 +313,7 @@ def test_crc32c_is_castagnoli():
 def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
   drawn = []
 
-  inputs = data.load("digits")._replace(x_train=None, x_test=None)
+  inputs = datasets.load("digits")._replace(x_train=None, x_test=None)
 
   def draw(rows):
     reports.write_running_curves(str(tmp_path), rows, experiment.RunConfig(), inputs, 1)

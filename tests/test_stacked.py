@@ -1,5 +1,5 @@
 """Many models in one program: --num_seeds and --sweep (train.make_train_epoch of a
-stack, mlp_jax/stack.py) equal the separate runs, and the choice is made on validation
+stack, mlp_jax/training/stack.py) equal the separate runs, and the choice is made on validation
 only; with DP-SGD too."""
 
 import json
@@ -18,10 +18,10 @@ from conftest import run_cli
 from conftest import tiny_config
 from conftest import without_times
 import mlp_jax as mj
-from mlp_jax import experiment
-from mlp_jax import processes
-from mlp_jax import stack as stack_lib
-from mlp_jax import train
+from mlp_jax.run import experiment
+from mlp_jax.run import processes
+from mlp_jax.training import stack as stack_lib
+from mlp_jax.training import train
 
 RTOL = 1e-5  # vmap batches the matmuls: float32 summation order may differ
 

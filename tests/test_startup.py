@@ -1,5 +1,5 @@
 """What a command pays for before and beside its work: no JAX for --help and argument
-errors, nothing heavy at `import mlp_jax.experiment`, no torch ever, the persistent
+errors, nothing heavy at `import mlp_jax.run.experiment`, no torch ever, the persistent
 compilation cache read back by a second run, and no JAX backend started by collecting
 the tests mutmut runs.
 
@@ -75,7 +75,7 @@ def test_the_experiment_module_loads_nothing_heavy_and_a_run_never_imports_torch
   env, imported = decoys
   code = f"""
 import json, sys
-import mlp_jax.experiment as experiment
+import mlp_jax.run.experiment as experiment
 heavy = ("matplotlib", "tensorboardX", "torch", "orbax", "sklearn", "dp_accounting", "tqdm")
 at_import = [m for m in heavy if m in sys.modules]
 experiment.run(experiment.RunConfig(dataset={tiny_npz!r}, workdir={str(tmp_path / 'w')!r},

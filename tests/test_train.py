@@ -1,4 +1,4 @@
-"""The train step, the scanned epoch, evaluation and the optimizer of mlp_jax/train.py."""
+"""The train step, the scanned epoch, evaluation and the optimizer of mlp_jax/training/train.py."""
 
 import functools
 import re
@@ -12,11 +12,11 @@ import pytest
 
 import conftest
 import mlp_jax as mj
-from mlp_jax import feature_major
-from mlp_jax import options
-from mlp_jax import privacy
-from mlp_jax import train
-from mlp_jax import train_state
+from mlp_jax.core import feature_major
+from mlp_jax.base import options
+from mlp_jax.core import privacy
+from mlp_jax.training import train
+from mlp_jax.training import train_state
 
 
 def tiny_data(n=10, d=5, k=3, seed=0):

@@ -13,9 +13,9 @@ from conftest import ROOT
 from conftest import read_metrics
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax import data
-from mlp_jax import experiment
-from mlp_jax import trained
+from mlp_jax.data import datasets
+from mlp_jax.run import experiment
+from mlp_jax.run import trained
 from test_data import write_idx
 
 
@@ -24,7 +24,7 @@ def digits_run(tmp_path_factory):
   """A finished 2-epoch digits run: its workdir and the raw test split."""
   workdir = tmp_path_factory.mktemp("digits_run")
   experiment.run(tiny_config("digits", workdir, epochs=2), log=lambda *_: None)
-  _, _, x_test, y_test = data.load_digits()
+  _, _, x_test, y_test = datasets.load_digits()
   return workdir, x_test, y_test
 
 
@@ -46,14 +46,14 @@ def test_loaded_model_predicts_raw_inputs_as_the_run_evaluated_them(digits_run):
                          "classes: 0, 1, 2, 3, ...)")  # one line, not its arrays
 
 
-@pytest.mark.parametrize("scaling", data.SCALINGS)
+@pytest.mark.parametrize("scaling", datasets.SCALINGS)
 def test_each_input_scaling_round_trips_through_load(tiny_npz, tmp_path, scaling):
   """The run's μ, σ are saved with the model: predict on RAW inputs gives the run's own
   test accuracy under every --input_scaling."""
   experiment.run(tiny_config(tiny_npz, tmp_path, epochs=2, input_scaling=scaling),
                  log=lambda *_: None)
   raw = np.load(tiny_npz[4:])
-  ds = data.load(tiny_npz, scaling=scaling)
+  ds = datasets.load(tiny_npz, scaling=scaling)
   model = mj.load(str(tmp_path))
   np.testing.assert_array_equal(model.mean, ds.mean)
   np.testing.assert_array_equal(model.std, ds.std)

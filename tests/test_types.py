@@ -35,7 +35,7 @@ def test_mypy_finds_the_mistakes_in_a_users_code(tmp_path):
       "name: str = mj.logits(params, X)\n"                                 # line 5
       "g: mj.Params = mj.grads(params, X, jax.numpy.zeros((4,), int))\n"   # fine
       "mj.TrainedModel.predict(mj.load('runs/digits'), X, 1)\n"           # line 7
-      "from mlp_jax.config import RunConfig\n"
+      "from mlp_jax.training.config import RunConfig\n"
       "config = RunConfig(hidden_dim='256', dataset='digits')\n"           # line 9
       "rate: str = config.learning_rate\n")                                # line 10
   result = _mypy("--ignore-missing-imports", str(user))

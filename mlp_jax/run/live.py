@@ -11,7 +11,7 @@
 
     tensorboard --logdir=WORKDIR
 
-Written by mlp_jax.events (no TensorFlow, torch or protobuf), through to the file every
+Written by mlp_jax.run.events (no TensorFlow, torch or protobuf), through to the file every
 epoch. curves.png is redrawn
 during the run at most every REDRAW_SECONDS (a redraw takes about a third of a second:
 docs/benchmarks.md, "Live logging"), and at the end by reports.write_outputs as always.
@@ -21,8 +21,8 @@ import os
 import time
 from typing import Callable, Sequence
 
-from mlp_jax import events
-from mlp_jax.stack import Row
+from mlp_jax.run import events
+from mlp_jax.training.stack import Row
 
 REDRAW_SECONDS = 30.0
 

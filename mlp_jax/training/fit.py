@@ -20,17 +20,17 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax import dp_plan
-from mlp_jax import memory
-from mlp_jax import options
-from mlp_jax import parallel
-from mlp_jax import stack as stack_lib
-from mlp_jax import train
-from mlp_jax import train_state
-from mlp_jax.config import RunConfig
-from mlp_jax.config import RunError
-from mlp_jax.stack import Row
-from mlp_jax.stack import Stack
+from mlp_jax.training import dp_plan
+from mlp_jax.training import memory
+from mlp_jax.base import options
+from mlp_jax.training import parallel
+from mlp_jax.training import stack as stack_lib
+from mlp_jax.training import train
+from mlp_jax.training import train_state
+from mlp_jax.training.config import RunConfig
+from mlp_jax.training.config import RunError
+from mlp_jax.training.stack import Row
+from mlp_jax.training.stack import Stack
 
 # (X, y, N) of a split on the devices; evaluated splits add their rows (indices (M, R),
 # weights (M, R)) of each model, or None: all N.

@@ -7,8 +7,8 @@ import dataclasses
 import typing
 from typing import Any, NamedTuple, Optional
 
-from mlp_jax import data
-from mlp_jax import options
+from mlp_jax.data import datasets
+from mlp_jax.base import options
 
 
 class Setting(NamedTuple):
@@ -49,13 +49,13 @@ class RunConfig:
 
   dataset: str = _setting("digits", DATASETS + ".")
   data_dir: Optional[str] = _setting(None, "Directory of the IDX files (mnist; "
-                                     f"fashion_mnist defaults to {data.FASHION_MNIST_DIR}).")
+                                     f"fashion_mnist defaults to {datasets.FASHION_MNIST_DIR}).")
   input_scaling: str = _setting(
       "auto", "x' = (x - mean) / std with one mean and std over all features (global), "
       "each feature its own (per_feature), or the data as given (none); from the train "
       "split, for a private run from constants fixed in advance. auto: per_feature where "
-      f"the features' ranges differ more than {data.SHARED_RANGE_RATIO:g}-fold (a table), "
-      "else global (pixels).", _TRAINING, choices=data.SCALINGS)
+      f"the features' ranges differ more than {datasets.SHARED_RANGE_RATIO:g}-fold (a table), "
+      "else global (pixels).", _TRAINING, choices=datasets.SCALINGS)
   hidden_dim: int = _setting(256, "H, hidden units.", _TRAINING, lower=1)
   batch_size: int = _setting(16, "Examples per step (DP-SGD: the expected batch).",
                              _TRAINING, lower=1)
@@ -106,7 +106,7 @@ class RunConfig:
   compilation_cache: Optional[str] = _setting(
       None, "Directory of JAX's persistent compilation cache, shared by the runs of this "
       "machine; '' turns it off. Default: $MLP_JAX_COMPILATION_CACHE, else "
-      "~/.cache/mlp_jax/jax (mlp_jax/compilation.py).")
+      "~/.cache/mlp_jax/jax (mlp_jax/base/compilation.py).")
   profile_dir: Optional[str] = _setting(
       None, "Write a jax.profiler trace of this invocation's 2nd and 3rd epochs (the 1st "
       "compiles) here; view it with tensorboard --logdir=DIR (Profile tab, "

@@ -12,11 +12,11 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from mlp_jax import boundary
-from mlp_jax import parallel
-from mlp_jax.config import Config
-from mlp_jax.config import Log
-from mlp_jax.config import RunError
+from mlp_jax.base import boundary
+from mlp_jax.training import parallel
+from mlp_jax.training.config import Config
+from mlp_jax.training.config import Log
+from mlp_jax.training.config import RunError
 
 
 class Interrupted(RunError):

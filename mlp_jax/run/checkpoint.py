@@ -24,8 +24,8 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mlp_jax import boundary
-from mlp_jax import parallel
+from mlp_jax.base import boundary
+from mlp_jax.training import parallel
 
 CORRUPT_DIR = "corrupt"
 
@@ -178,7 +178,7 @@ def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], e
                     ) -> None:
   """CheckpointError naming the first setting a resume changes (RunError naming what
   changed for the training data)."""
-  from mlp_jax import workdir  # pylint: disable=g-import-not-at-top  (it imports the runner's config)
+  from mlp_jax.run import workdir  # pylint: disable=g-import-not-at-top  (it imports the runner's config)
   for name, value in (settings or {}).items():
     if name == "data" and name in saved:
       workdir.check_data(saved[name], value, f"the checkpoint after epoch {epoch}")

@@ -20,8 +20,8 @@ from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 import numpy as np
 
-from mlp_jax import model
-from mlp_jax.model import Params
+from mlp_jax.core import model
+from mlp_jax.core.model import Params
 
 
 def network_inputs(x: ArrayLike, mean: ArrayLike, std: ArrayLike,

@@ -11,9 +11,9 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from mlp_jax import config as config_lib
-from mlp_jax import data
-from mlp_jax.config import RunError
+from mlp_jax.training import config as config_lib
+from mlp_jax.data import datasets
+from mlp_jax.training.config import RunError
 
 
 class Stack(NamedTuple):
@@ -30,7 +30,7 @@ class Stack(NamedTuple):
   stacking: str = "vmap"
   # The F folds each configuration trains on ([None]: all of train).
   folds: Sequence[Optional[int]] = (None,)
-  # (N,) int32: each training row's fold (data.stratified_folds).
+  # (N,) int32: each training row's fold (datasets.stratified_folds).
   row_folds: Optional[np.ndarray] = None
 
   @property
@@ -106,8 +106,8 @@ def with_folds(stack: Stack, config: config_lib.Config, y_train: np.ndarray) -> 
   if not config.cv_folds:
     return stack
   try:
-    row_folds = data.stratified_folds(y_train, config.cv_folds, config.seed)
-  except data.DataError as e:
+    row_folds = datasets.stratified_folds(y_train, config.cv_folds, config.seed)
+  except datasets.DataError as e:
     raise RunError(f"--cv_folds: {e}") from None
   return stack._replace(row_folds=row_folds)
 

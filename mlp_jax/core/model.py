@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
-from mlp_jax import checks
+from mlp_jax.core import checks
 
 
 class Params(NamedTuple):

@@ -27,33 +27,33 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax import boundary
-from mlp_jax import checkpoint
-from mlp_jax import compilation
-from mlp_jax import config as config_lib
-from mlp_jax import data
-from mlp_jax import dp_plan
-from mlp_jax import files
-from mlp_jax import fit
-from mlp_jax import hooks as hooks_lib
-from mlp_jax import memory
-from mlp_jax import parallel
-from mlp_jax import processes
-from mlp_jax import reports
-from mlp_jax import stack as stack_lib
-from mlp_jax import train
-from mlp_jax import train_state
-from mlp_jax import workdir as workdir_lib
-from mlp_jax.config import Config
-from mlp_jax.config import Log
-from mlp_jax.config import RunConfig  # pylint: disable=unused-import  (the public name)
-from mlp_jax.config import RunError
-from mlp_jax.hooks import Placed
-from mlp_jax.hooks import Restored
-from mlp_jax.hooks import RunContext
-from mlp_jax.processes import Interrupted
-from mlp_jax.stack import Row
-from mlp_jax.workdir import WorkdirLock  # pylint: disable=unused-import
+from mlp_jax.base import boundary
+from mlp_jax.run import checkpoint
+from mlp_jax.base import compilation
+from mlp_jax.training import config as config_lib
+from mlp_jax.data import datasets
+from mlp_jax.training import dp_plan
+from mlp_jax.base import files
+from mlp_jax.training import fit
+from mlp_jax.run import hooks as hooks_lib
+from mlp_jax.training import memory
+from mlp_jax.training import parallel
+from mlp_jax.run import processes
+from mlp_jax.run import reports
+from mlp_jax.training import stack as stack_lib
+from mlp_jax.training import train
+from mlp_jax.training import train_state
+from mlp_jax.run import workdir as workdir_lib
+from mlp_jax.training.config import Config
+from mlp_jax.training.config import Log
+from mlp_jax.training.config import RunConfig  # pylint: disable=unused-import  (the public name)
+from mlp_jax.training.config import RunError
+from mlp_jax.run.hooks import Placed
+from mlp_jax.run.hooks import Restored
+from mlp_jax.run.hooks import RunContext
+from mlp_jax.run.processes import Interrupted
+from mlp_jax.training.stack import Row
+from mlp_jax.run.workdir import WorkdirLock  # pylint: disable=unused-import
 
 
 def _make_mesh(config: Config, num_models: int) -> Mesh:
@@ -68,9 +68,9 @@ def _make_mesh(config: Config, num_models: int) -> Mesh:
   return mesh
 
 
-def _load_data(config: Config, mesh: Mesh, num_models: int) -> data.Dataset:
+def _load_data(config: Config, mesh: Mesh, num_models: int) -> datasets.Dataset:
   """The checked dataset; bad data is refused before a workdir exists."""
-  ds = data.load(config.dataset, config.data_dir,
+  ds = datasets.load(config.dataset, config.data_dir,
                  validation_fraction=config.validation_fraction or 0.0, seed=config.seed,
                  scaling=config.input_scaling, private=config_lib.is_private(config))
   n, in_dim = ds.x_train.shape
@@ -195,7 +195,7 @@ def _run_error(e: Exception, workdir: str) -> Exception:
   return e
 
 
-def _place(ds: data.Dataset, ctx: RunContext) -> Placed:
+def _place(ds: datasets.Dataset, ctx: RunContext) -> Placed:
   """Each process places only its own devices' rows (parallel.shard_rows). Test is
   evaluated every epoch only when nothing is chosen from it (one configuration, no
   folds); a k-fold model is validated on its held-out rows of train."""
@@ -248,7 +248,7 @@ def _describe(ctx: RunContext) -> None:
             f"× {parallel.data_shards(ctx.mesh)} splitting each batch)")
 
 
-def _train(ctx: RunContext, ds: data.Dataset, old_run: dict[str, Any]) -> dict[str, Any]:
+def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> dict[str, Any]:
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
   config = ctx.config
   _describe(ctx)

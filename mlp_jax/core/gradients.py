@@ -17,7 +17,7 @@ row i of each matrix below is that example's vector above, so the same lines rea
 `backprop` is that pass, written once: value_and_grads, loss_manual_vjp's backward
 pass, the per-example gradients and norms and the DP clipped sum (privacy.py) all call
 its parts. A faster form of the same pass for bfloat16 on some CPUs lives apart, in
-mlp_jax/feature_major.py; `manual_pass` is the one place that picks it.
+mlp_jax/core/feature_major.py; `manual_pass` is the one place that picks it.
 """
 
 import functools
@@ -29,13 +29,13 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
-from mlp_jax import checks
-from mlp_jax import feature_major
-from mlp_jax import losses
-from mlp_jax import model
-from mlp_jax.model import Params
-from mlp_jax.model import matmul
-from mlp_jax.model import relu_derivative
+from mlp_jax.core import checks
+from mlp_jax.core import feature_major
+from mlp_jax.core import losses
+from mlp_jax.core import model
+from mlp_jax.core.model import Params
+from mlp_jax.core.model import matmul
+from mlp_jax.core.model import relu_derivative
 
 
 def output_delta(Z2: Array, Y: Array) -> Array:

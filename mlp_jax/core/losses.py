@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 from jax.typing import DTypeLike
 
-from mlp_jax import checks
-from mlp_jax import model
+from mlp_jax.core import checks
+from mlp_jax.core import model
 
 
 def valid_labels(y: Array, num_classes: int) -> Array:

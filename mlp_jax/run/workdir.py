@@ -5,7 +5,7 @@ WORKDIR/ after a run:
                      run and each resume
     metrics.jsonl    one JSON line per epoch (lines a restart replaces are kept aside in
                      metrics.replaced-N.jsonl)
-    checkpoints/     orbax checkpoints of the TrainState (mlp_jax/checkpoint.py)
+    checkpoints/     orbax checkpoints of the TrainState (mlp_jax/run/checkpoint.py)
     params.npz, plots, and for several models params_all.npz, sweep.json (reports.py)
     tensorboard/     event files written every epoch (live.py)
 
@@ -26,13 +26,13 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax import config as config_lib
-from mlp_jax import data
-from mlp_jax import files
-from mlp_jax.config import Config
-from mlp_jax.config import Log
-from mlp_jax.config import RunError
-from mlp_jax.stack import Row
+from mlp_jax.training import config as config_lib
+from mlp_jax.data import datasets
+from mlp_jax.base import files
+from mlp_jax.training.config import Config
+from mlp_jax.training.config import Log
+from mlp_jax.training.config import RunError
+from mlp_jax.training.stack import Row
 
 
 # config.json's layout: 2 since a checkpoint holds a stack of models (leading axis M).
@@ -202,7 +202,7 @@ def comparable(field: str, value: Any) -> Any:
   return value
 
 
-def data_fingerprint(ds: data.Dataset) -> dict[str, Any]:
+def data_fingerprint(ds: datasets.Dataset) -> dict[str, Any]:
   """What a run's training data were as it read them: each training array's shape,
   dtype and the SHA-256 of its bytes (train, and validation where held out; about
   1.1 GB/s here). config.json and every checkpoint record it; a resume on other data is

@@ -9,20 +9,20 @@ import jax
 from jax import Array
 from jax.sharding import Mesh
 
-from mlp_jax import checkpoint
-from mlp_jax import data
-from mlp_jax import dp_plan
-from mlp_jax import fit
-from mlp_jax import live as live_lib
-from mlp_jax import processes
-from mlp_jax import reports
-from mlp_jax import stack as stack_lib
-from mlp_jax import train
-from mlp_jax import workdir as workdir_lib
-from mlp_jax.config import Config
-from mlp_jax.config import Log
-from mlp_jax.stack import Row
-from mlp_jax.stack import Stack
+from mlp_jax.run import checkpoint
+from mlp_jax.data import datasets
+from mlp_jax.training import dp_plan
+from mlp_jax.training import fit
+from mlp_jax.run import live as live_lib
+from mlp_jax.run import processes
+from mlp_jax.run import reports
+from mlp_jax.training import stack as stack_lib
+from mlp_jax.training import train
+from mlp_jax.run import workdir as workdir_lib
+from mlp_jax.training.config import Config
+from mlp_jax.training.config import Log
+from mlp_jax.training.stack import Row
+from mlp_jax.training.stack import Stack
 
 
 class RunContext(NamedTuple):
@@ -49,7 +49,7 @@ class Placed(NamedTuple):
   # {"validation": ..., "test": ...}: what each epoch evaluates.
   splits: dict[str, tuple[Array, Array, int, Optional[tuple[Array, Array]]]]
   test: tuple[Array, Array, int]
-  inputs: data.Dataset   # without its arrays: labels, preprocessing, names
+  inputs: datasets.Dataset   # without its arrays: labels, preprocessing, names
 
 
 class Restored(NamedTuple):

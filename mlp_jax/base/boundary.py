@@ -117,7 +117,7 @@ def _print_line(line: str) -> None:
 def _write_log(text: str) -> Optional[str]:
   """Writes `text` to WORKDIR/error.log (atomically, never through a link) or, where
   that fails or there is no workdir, to a new temporary file; its path, or None."""
-  from mlp_jax import files  # pylint: disable=g-import-not-at-top  (numpy only)
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy only)
   directory = _state["log_dir"]
   if directory and os.path.isdir(directory):
     path = os.path.join(directory, "error.log")

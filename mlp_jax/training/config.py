@@ -1,4 +1,4 @@
-"""The checks of the typed spec (mlp_jax/spec.py: RunConfig, every setting declared
+"""The checks of the typed spec (mlp_jax/training/spec.py: RunConfig, every setting declared
 once): `resolve` checks a run's values and `check_training` a training's, so
 `experiment.run(config)` from Python, MLPClassifier and the command line refuse a bad
 setting with the same one line; and what a resolved config gives the library (its
@@ -13,17 +13,17 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from mlp_jax import boundary
-from mlp_jax import data
-from mlp_jax import options
-from mlp_jax.spec import BY_NAME
-from mlp_jax.spec import DATASETS
-from mlp_jax.spec import Config
-from mlp_jax.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
-from mlp_jax.spec import SETTINGS
-from mlp_jax.spec import Setting
-from mlp_jax.spec import SWEEPABLE
-from mlp_jax.spec import TRAINING
+from mlp_jax.base import boundary
+from mlp_jax.data import datasets
+from mlp_jax.base import options
+from mlp_jax.training.spec import BY_NAME
+from mlp_jax.training.spec import DATASETS
+from mlp_jax.training.spec import Config
+from mlp_jax.training.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
+from mlp_jax.training.spec import SETTINGS
+from mlp_jax.training.spec import Setting
+from mlp_jax.training.spec import SWEEPABLE
+from mlp_jax.training.spec import TRAINING
 
 
 class RunError(boundary.UserError):
@@ -208,8 +208,8 @@ def check_warmup(config: Config) -> None:
                    f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
 
 
-def with_data(config: Config, ds: data.Dataset) -> tuple[Config, list[str]]:
-  """(config, notes): a resolved config with the choices made from its loaded data.Dataset
+def with_data(config: Config, ds: datasets.Dataset) -> tuple[Config, list[str]]:
+  """(config, notes): a resolved config with the choices made from its loaded datasets.Dataset
   `ds` made explicit (the scaling of --input_scaling=auto, the number of --epochs by
   default: options.auto_epochs), and one line for each such choice."""
   notes = []

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-from mlp_jax.stack import Row
+from mlp_jax.training.stack import Row
 
 # Where a picture is saved: a path, or a binary file (workdir.atomic_file's).
 Target = Union[str, IO[bytes]]

@@ -19,15 +19,15 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import numpy as np
 
-from mlp_jax import data
-from mlp_jax import stack as stack_lib
-from mlp_jax import trained
-from mlp_jax.config import Config
-from mlp_jax.model import Params
-from mlp_jax.stack import Row
-from mlp_jax.stack import Stack
-from mlp_jax.workdir import atomic_file
-from mlp_jax.workdir import write_json
+from mlp_jax.data import datasets
+from mlp_jax.training import stack as stack_lib
+from mlp_jax.run import trained
+from mlp_jax.training.config import Config
+from mlp_jax.core.model import Params
+from mlp_jax.training.stack import Row
+from mlp_jax.training.stack import Stack
+from mlp_jax.run.workdir import atomic_file
+from mlp_jax.run.workdir import write_json
 
 
 class Finished(NamedTuple):
@@ -47,7 +47,7 @@ class Finished(NamedTuple):
     return self.ranking[0]["models"]
 
 
-def run_title(config: Config, inputs: data.Dataset, configuration: dict[str, float],
+def run_title(config: Config, inputs: datasets.Dataset, configuration: dict[str, float],
               band: Optional[str] = None) -> str:
   """What curves.png shows, in a line or two: the data, the network, the settings (the
   chosen configuration's values replacing the flags'), and what a ± std band is."""
@@ -86,12 +86,12 @@ def chosen_test(finished: Finished) -> dict[str, float]:
                              "test_loss": finished.test["loss"]}, finished.models)
 
 
-def write_outputs(workdir: str, finished: Finished, inputs: data.Dataset, config: Config
+def write_outputs(workdir: str, finished: Finished, inputs: datasets.Dataset, config: Config
                   ) -> None:
   """params.npz, the plots, and for several models params_all.npz and sweep.json, each
   written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
-  data.Dataset without its arrays (the preprocessing)."""
-  from mlp_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib, when used)
+  datasets.Dataset without its arrays (the preprocessing)."""
+  from mlp_jax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib, when used)
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
@@ -128,10 +128,10 @@ def write_outputs(workdir: str, finished: Finished, inputs: data.Dataset, config
 
 
 def write_running_curves(workdir: str, history: list[Row], config: Config,
-                         inputs: data.Dataset, num_models: int) -> None:
+                         inputs: datasets.Dataset, num_models: int) -> None:
   """curves.png during a run: every model's mean (± std) so far; the end of the run
   draws the chosen configuration's (write_outputs)."""
-  from mlp_jax import plots  # pylint: disable=g-import-not-at-top
+  from mlp_jax.run import plots  # pylint: disable=g-import-not-at-top
   band = f"all {num_models} models, while training" if num_models > 1 else None
   with atomic_file(os.path.join(workdir, "curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(history, list(range(num_models))), f,

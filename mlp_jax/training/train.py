@@ -8,7 +8,7 @@ shape and nothing recompiles after the first epoch.
 A run is a stack of M >= 1 models (seeds, swept hyperparameters): one TrainState whose
 leaves carry a leading model axis, trained by one program (init_state,
 make_train_epoch, evaluate; a single model is the stack of one). Given a mesh
-(mlp_jax/parallel.py), the models are split over its model axis and each model's
+(mlp_jax/training/parallel.py), the models are split over its model axis and each model's
 batches over its data axis.
 """
 
@@ -23,21 +23,21 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax import losses
-from mlp_jax import model
-from mlp_jax import parallel
-from mlp_jax import privacy
-from mlp_jax.gradients import value_and_grads_with_logits
-from mlp_jax.model import Params
-from mlp_jax.train_state import TrainState
-from mlp_jax.train_state import in_use
-from mlp_jax.train_state import init_model_state
-from mlp_jax.train_state import make_optimizer
-from mlp_jax.options import COMPUTE_DTYPES
-from mlp_jax.options import GRADIENTS
-from mlp_jax.options import Hyperparams
-from mlp_jax.options import STACKINGS
-from mlp_jax.options import SWEEPABLE
+from mlp_jax.core import losses
+from mlp_jax.core import model
+from mlp_jax.training import parallel
+from mlp_jax.core import privacy
+from mlp_jax.core.gradients import value_and_grads_with_logits
+from mlp_jax.core.model import Params
+from mlp_jax.training.train_state import TrainState
+from mlp_jax.training.train_state import in_use
+from mlp_jax.training.train_state import init_model_state
+from mlp_jax.training.train_state import make_optimizer
+from mlp_jax.base.options import COMPUTE_DTYPES
+from mlp_jax.base.options import GRADIENTS
+from mlp_jax.base.options import Hyperparams
+from mlp_jax.base.options import STACKINGS
+from mlp_jax.base.options import SWEEPABLE
 
 
 Metrics = dict[str, Array]   # per-epoch metrics by name, on the device

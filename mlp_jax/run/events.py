@@ -18,7 +18,7 @@ import struct
 import time
 from typing import Optional
 
-from mlp_jax import files
+from mlp_jax.base import files
 
 
 def _crc32c_table() -> list[int]:

@@ -1,6 +1,6 @@
 """The DP plan of a private run: what the one epoch builder takes to train DP-SGD.
 
-The parts are in mlp_jax/privacy.py (Poisson sampling, the closed-form clipped sum,
+The parts are in mlp_jax/core/privacy.py (Poisson sampling, the closed-form clipped sum,
 noise, the accountant); the plan bundles them for a run of M models, as jax_privacy's
 DPExecutionPlan does: σ and C per model (a --sweep may vary them, and
 --dp_target_epsilon is calibrated per model), q, N and the padded batch shared by all.
@@ -12,12 +12,12 @@ from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
-from mlp_jax import data
-from mlp_jax import privacy
-from mlp_jax.config import Config
-from mlp_jax.config import Log
-from mlp_jax.config import RunError
-from mlp_jax.stack import Stack
+from mlp_jax.data import datasets
+from mlp_jax.core import privacy
+from mlp_jax.training.config import Config
+from mlp_jax.training.config import Log
+from mlp_jax.training.config import RunError
+from mlp_jax.training.stack import Stack
 
 
 
@@ -95,7 +95,7 @@ def make_plan(config: Config, stack: Stack, num_examples: int, steps_per_epoch: 
             "planned_epsilon": _one_or_list(planned),
             "planned_epsilon_rdp": _one_or_list(
                 privacy.epsilon(float(s), q, steps, config.dp_delta, "rdp") for s in sigmas),
-            "input_scaling": data.fixed_scaling(config.dataset)}
+            "input_scaling": datasets.fixed_scaling(config.dataset)}
   if stack.num_models > 1:
     record["planned_epsilon_all_models"] = privacy.epsilon_of_runs(sigmas, q, steps,
                                                                    config.dp_delta)

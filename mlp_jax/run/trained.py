@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import numpy as np
 
-from mlp_jax import data
-from mlp_jax import readers
-from mlp_jax import files
-from mlp_jax import prediction
-from mlp_jax.model import Params
+from mlp_jax.data import datasets
+from mlp_jax.data import readers
+from mlp_jax.base import files
+from mlp_jax.core import prediction
+from mlp_jax.core.model import Params
 
 PREPROCESSING = ("input_mean", "input_std", "input_shape", "class_names", "dataset",
                  "pixel_max")
@@ -65,7 +65,7 @@ class TrainedModel(NamedTuple):
 
   def predict_proba(self, x_raw: ArrayLike) -> Array:
     """p = softmax(z2) (N, K) of raw examples (N, *input_shape) or (N, D); jit-able
-    (mlp_jax.prediction: its rule for inputs that are not finite)."""
+    (mlp_jax.core.prediction: its rule for inputs that are not finite)."""
     return prediction.probabilities(self.params, self.inputs(x_raw))
 
   def predict(self, x_raw: ArrayLike) -> Array:
@@ -74,10 +74,10 @@ class TrainedModel(NamedTuple):
     return prediction.classes(self.predict_proba(x_raw))
 
 
-def save(path: Union[str, IO[bytes]], params: Params, inputs: data.Dataset, dataset: str
+def save(path: Union[str, IO[bytes]], params: Params, inputs: datasets.Dataset, dataset: str
          ) -> None:
   """Writes params.npz (`path`: a path or a binary file): the params (W1 (H, D), ...)
-  and the preprocessing of TrainedModel, from `inputs`, the run's data.Dataset (its
+  and the preprocessing of TrainedModel, from `inputs`, the run's datasets.Dataset (its
   mean, std (D,), input_shape and class_names; its arrays are not needed)."""
   arrays: dict[str, Any] = {k: np.asarray(v) for k, v in params._asdict().items()}
   np.savez(path, **arrays, input_mean=np.asarray(inputs.mean, np.float32),
@@ -85,7 +85,7 @@ def save(path: Union[str, IO[bytes]], params: Params, inputs: data.Dataset, data
            input_shape=np.asarray(inputs.input_shape, np.int64),
            class_names=np.asarray(inputs.class_names, str), dataset=np.asarray(dataset, str),
            input_scaling=np.asarray(inputs.scaling, str),
-           pixel_max=np.float64(data.PIXEL_MAX.get(dataset, 0.0)))
+           pixel_max=np.float64(datasets.PIXEL_MAX.get(dataset, 0.0)))
 
 
 def load(path: str) -> TrainedModel:

@@ -1,0 +1,1 @@
+"""The mathematics: the model, the loss, THE manual gradient (gradients.py), privacy, predict."""

@@ -1,0 +1,1 @@
+"""The run: orchestration, its epoch hooks, the workdir, checkpoints, outputs, mj.load."""

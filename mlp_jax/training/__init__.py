@@ -1,0 +1,1 @@
+"""Training: the typed spec, the stack of models, the scanned epoch and THE fit (fit.py)."""
