@@ -24,28 +24,17 @@ import os
 import statistics
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import jax.numpy as jnp
 
 from mlp_jax.base import options
 
-from benchmark_harness import Timing
-from benchmark_harness import bandwidth_run
-from benchmark_harness import gemm_run
-from benchmark_harness import profile_once
-from benchmark_harness import time_round_robin
-from benchmark_report import format_ratios
-from benchmark_report import format_table
-from benchmark_report import make_row
-from benchmark_variants import LAYOUT_ROWS
-from benchmark_variants import dp_run
-from benchmark_variants import jax_run
-from benchmark_variants import opacus_run
-from benchmark_variants import plain_jax_run
-from benchmark_variants import stacked_run
-from benchmark_variants import torch_run
+from benchmark_harness import (Timing, bandwidth_run, gemm_run, profile_once,
+                               time_round_robin)
+from benchmark_report import format_ratios, format_table, make_row
+from benchmark_variants import (LAYOUT_ROWS, dp_run, jax_run, opacus_run, plain_jax_run,
+                                stacked_run, torch_run)
 
 
 flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time: "

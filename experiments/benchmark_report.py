@@ -7,10 +7,7 @@ import jax
 
 from mlp_jax.training import train
 
-from benchmark_harness import peak_memory_mb
-from benchmark_harness import roofline
-from benchmark_harness import step_bytes
-from benchmark_harness import step_flops
+from benchmark_harness import peak_memory_mb, roofline, step_bytes, step_flops
 from benchmark_variants import LAYOUT_ROWS
 
 

@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import optax
 
 import mlp_jax as mj
-from mlp_jax.training import parallel
 from mlp_jax.core import privacy
-from mlp_jax.training import train
+from mlp_jax.training import parallel, train
 
 from benchmark_harness import temp_memory_mb
 

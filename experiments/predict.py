@@ -16,9 +16,7 @@ import contextlib
 import os
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from mlp_jax.base import boundary
 

@@ -25,9 +25,7 @@ import tempfile
 import time
 import warnings
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 from sklearn.exceptions import ConvergenceWarning
@@ -38,10 +36,10 @@ from sklearn.preprocessing import StandardScaler
 
 os.environ["MLP_JAX_COMPILATION_CACHE"] = ""  # every compilation is counted
 import mlp_jax as mj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mlp_jax.training import config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.data import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax.training import config  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_integer("seeds", 5, "Seeds of each accuracy (0, 1, ...).", lower_bound=1)
 flags.DEFINE_integer("cv_repeats", 3, "Runs of each side of the CV timing.", lower_bound=1)

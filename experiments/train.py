@@ -17,9 +17,7 @@ too (mlp_jax.base.boundary), with the traceback in a log file that line names.
 
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from mlp_jax.base import boundary
 

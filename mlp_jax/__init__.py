@@ -46,21 +46,11 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # what mypy and editors see: the same names, imported eagerly
   from mlp_jax.core import privacy
-  from mlp_jax.estimator import MLPClassifier
-  from mlp_jax.estimator import MLPClassifierCV
-  from mlp_jax.core.gradients import autodiff_grads
-  from mlp_jax.core.gradients import autodiff_value_and_grads
-  from mlp_jax.core.gradients import grads
-  from mlp_jax.core.gradients import loss_manual_vjp
-  from mlp_jax.core.gradients import per_example_grad_norms
-  from mlp_jax.core.gradients import per_example_grads
-  from mlp_jax.core.gradients import value_and_grads
-  from mlp_jax.core.losses import accuracy
-  from mlp_jax.core.losses import loss
-  from mlp_jax.core.model import Params
-  from mlp_jax.core.model import forward
-  from mlp_jax.core.model import init_params
-  from mlp_jax.core.model import logits
+  from mlp_jax.estimator import MLPClassifier, MLPClassifierCV
+  from mlp_jax.core.gradients import (autodiff_grads, autodiff_value_and_grads, grads,
+                                      loss_manual_vjp, per_example_grad_norms,
+                                      per_example_grads, value_and_grads)
+  from mlp_jax.core.losses import accuracy, loss
+  from mlp_jax.core.model import Params, forward, init_params, logits
   from mlp_jax.core.privacy import clipped_grad_sum
-  from mlp_jax.run.trained import TrainedModel
-  from mlp_jax.run.trained import load
+  from mlp_jax.run.trained import TrainedModel, load

@@ -27,14 +27,12 @@ from sklearn.utils.validation import _check_sample_weight
 from sklearn.utils.validation import check_is_fitted
 from sklearn.utils.validation import validate_data
 
-from mlp_jax.training import config as config_lib
-from mlp_jax.data import datasets
 from mlp_jax.base import options
-from mlp_jax.training import stack as stack_lib
+from mlp_jax.data import datasets
+from mlp_jax.training import config as config_lib, stack as stack_lib
 
 if TYPE_CHECKING:  # imported where a fit starts: JAX only then
-  from mlp_jax.training import dp_plan
-  from mlp_jax.training import fit
+  from mlp_jax.training import dp_plan, fit
 
 # The parameters: the training settings of the spec, scikit-learn's random_state for
 # the seed, each with the spec's default.

@@ -11,19 +11,16 @@ import math
 import sys
 from typing import Callable
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 from jax import Array
 from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
-from mlp_jax.core.gradients import autodiff_grads
-from mlp_jax.core.gradients import grads
 from mlp_jax.core import losses
+from mlp_jax.core.gradients import autodiff_grads, grads
 from mlp_jax.core.model import Params
 
 # Manual vs autodiff, per dtype; and either vs float64 finite differences.

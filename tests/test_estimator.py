@@ -12,9 +12,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import mlp_jax as mj
+from mlp_jax.base import options
 from mlp_jax.data import datasets
 from mlp_jax.run import experiment
-from mlp_jax.base import options
 from conftest import tiny_config
 
 SMALL = {"hidden_dim": 8, "batch_size": 8, "epochs": 3}  # fast fits; one compiled shape

@@ -25,9 +25,9 @@ import pytest
 
 import mlp_jax as mj
 from mlp_jax.base import boundary
+from mlp_jax.base import files
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
-from mlp_jax.base import files
 from mlp_jax.run import trained
 from mlp_jax.run import workdir as workdir_lib
 

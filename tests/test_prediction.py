@@ -8,8 +8,8 @@ import pytest
 
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax.run import experiment
 from mlp_jax.core import prediction
+from mlp_jax.run import experiment
 
 # Not finite in float32 once cast: NaN and inf, and float64 values beyond float32's range.
 BAD_VALUES = [np.nan, np.inf, -np.inf, 1e300, -1e300, 3.5e38]

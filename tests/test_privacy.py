@@ -17,11 +17,11 @@ from conftest import pld_epsilon
 from conftest import read_metrics
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax.data import datasets
-from mlp_jax.run import experiment
 from mlp_jax.core import privacy
+from mlp_jax.data import datasets
 from mlp_jax.gradcheck import random_problem
 from mlp_jax.gradcheck import relative_error
+from mlp_jax.run import experiment
 
 
 def example_loss(params, x, y):

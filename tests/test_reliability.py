@@ -30,14 +30,14 @@ from conftest import runner_command
 from conftest import tiny_config
 from conftest import wait_for_epochs
 from conftest import without_times
-from mlp_jax.run import checkpoint
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
+from mlp_jax.run import checkpoint
 from mlp_jax.run import experiment
 from mlp_jax.run import processes
-from mlp_jax.training import train
 from mlp_jax.run import trained
 from mlp_jax.run import workdir as workdir_lib
+from mlp_jax.training import train
 
 metrics = read_metrics
 

@@ -20,12 +20,12 @@ from conftest import run_cli_output
 from conftest import run_runner
 from conftest import tiny_config
 import mlp_jax as mj
-from mlp_jax.training import config as config_lib
 from mlp_jax.data import datasets
-from mlp_jax.run import experiment
 from mlp_jax.run import events
+from mlp_jax.run import experiment
 from mlp_jax.run import live
 from mlp_jax.run import reports
+from mlp_jax.training import config as config_lib
 
 
 @pytest.mark.slow

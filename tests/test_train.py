@@ -12,8 +12,8 @@ import pytest
 
 import conftest
 import mlp_jax as mj
-from mlp_jax.core import feature_major
 from mlp_jax.base import options
+from mlp_jax.core import feature_major
 from mlp_jax.core import privacy
 from mlp_jax.training import train
 from mlp_jax.training import train_state

@@ -23,9 +23,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from mlp_jax.core import losses
-from mlp_jax.core.model import Params
-from mlp_jax.core.model import relu
-from mlp_jax.core.model import relu_derivative
+from mlp_jax.core.model import Params, relu, relu_derivative
 
 BATCH_MAJOR = "batch_major"
 FEATURE_MAJOR = "feature_major"

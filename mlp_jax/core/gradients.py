@@ -26,16 +26,10 @@ from typing import Optional
 import jax
 from jax import Array
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
-from mlp_jax.core import checks
-from mlp_jax.core import feature_major
-from mlp_jax.core import losses
-from mlp_jax.core import model
-from mlp_jax.core.model import Params
-from mlp_jax.core.model import matmul
-from mlp_jax.core.model import relu_derivative
+from mlp_jax.core import checks, feature_major, losses, model
+from mlp_jax.core.model import Params, matmul, relu_derivative
 
 
 def output_delta(Z2: Array, Y: Array) -> Array:

@@ -11,11 +11,9 @@ from typing import Optional
 import jax
 from jax import Array
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
-from mlp_jax.core import checks
-from mlp_jax.core import model
+from mlp_jax.core import checks, model
 
 
 def valid_labels(y: Array, num_classes: int) -> Array:

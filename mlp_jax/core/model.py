@@ -12,8 +12,7 @@ from typing import NamedTuple, Optional
 import jax
 from jax import Array
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 
 from mlp_jax.core import checks
 

@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 import jax
 from jax import Array
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
 from mlp_jax.core import model

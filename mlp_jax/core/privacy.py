@@ -24,21 +24,15 @@ from typing import Any, Iterable, NamedTuple, Optional, Union
 import jax
 from jax import Array
 import jax.numpy as jnp
-from jax.typing import ArrayLike
-from jax.typing import DTypeLike
+from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
-from mlp_jax.core import checks
-from mlp_jax.core import losses
-from mlp_jax.core import model
-from mlp_jax.core.gradients import hidden_delta
-from mlp_jax.core.gradients import layer_grad_sq_norms
-from mlp_jax.core.gradients import output_delta
-from mlp_jax.core.gradients import param_grads
-from mlp_jax.core.model import Params
-from mlp_jax.base.options import CLIPPINGS
-from mlp_jax.base.options import DP_EXTRA
+from mlp_jax.base.options import CLIPPINGS, DP_EXTRA
 from mlp_jax.base.options import dp_available  # pylint: disable=unused-import  (public)
+from mlp_jax.core import checks, losses, model
+from mlp_jax.core.gradients import (hidden_delta, layer_grad_sq_norms, output_delta,
+                                    param_grads)
+from mlp_jax.core.model import Params
 
 # The PLD accountant's grid; its estimate is an upper bound (pessimistic) at any grid.
 PLD_DISCRETIZATION = 1e-3

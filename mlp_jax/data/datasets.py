@@ -16,8 +16,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from mlp_jax.data import readers
-from mlp_jax.data.readers import Arrays
-from mlp_jax.data.readers import DataError
+from mlp_jax.data.readers import Arrays, DataError
 from mlp_jax.data.readers import MAX_CLASSES  # pylint: disable=unused-import  (data.MAX_CLASSES)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -15,8 +15,7 @@ from typing import IO, Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from mlp_jax.base import boundary
-from mlp_jax.base import files
+from mlp_jax.base import boundary, files
 
 IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
              "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}

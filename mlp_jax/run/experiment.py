@@ -27,33 +27,18 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.base import boundary
-from mlp_jax.run import checkpoint
-from mlp_jax.base import compilation
-from mlp_jax.training import config as config_lib
+from mlp_jax.base import boundary, compilation, files
 from mlp_jax.data import datasets
-from mlp_jax.training import dp_plan
-from mlp_jax.base import files
-from mlp_jax.training import fit
-from mlp_jax.run import hooks as hooks_lib
-from mlp_jax.training import memory
-from mlp_jax.training import parallel
-from mlp_jax.run import processes
-from mlp_jax.run import reports
-from mlp_jax.training import stack as stack_lib
-from mlp_jax.training import train
-from mlp_jax.training import train_state
-from mlp_jax.run import workdir as workdir_lib
-from mlp_jax.training.config import Config
-from mlp_jax.training.config import Log
-from mlp_jax.training.config import RunConfig  # pylint: disable=unused-import  (the public name)
-from mlp_jax.training.config import RunError
-from mlp_jax.run.hooks import Placed
-from mlp_jax.run.hooks import Restored
-from mlp_jax.run.hooks import RunContext
+from mlp_jax.run import (checkpoint, hooks as hooks_lib, processes, reports,
+                         workdir as workdir_lib)
+from mlp_jax.run.hooks import Placed, Restored, RunContext
 from mlp_jax.run.processes import Interrupted
-from mlp_jax.training.stack import Row
 from mlp_jax.run.workdir import WorkdirLock  # pylint: disable=unused-import
+from mlp_jax.training import (config as config_lib, dp_plan, fit, memory, parallel,
+                              stack as stack_lib, train, train_state)
+from mlp_jax.training.config import Config, Log, RunError
+from mlp_jax.training.config import RunConfig  # pylint: disable=unused-import  (the public name)
+from mlp_jax.training.stack import Row
 
 
 def _make_mesh(config: Config, num_models: int) -> Mesh:

@@ -9,20 +9,12 @@ import jax
 from jax import Array
 from jax.sharding import Mesh
 
-from mlp_jax.run import checkpoint
 from mlp_jax.data import datasets
-from mlp_jax.training import dp_plan
-from mlp_jax.training import fit
-from mlp_jax.run import live as live_lib
-from mlp_jax.run import processes
-from mlp_jax.run import reports
-from mlp_jax.training import stack as stack_lib
-from mlp_jax.training import train
-from mlp_jax.run import workdir as workdir_lib
-from mlp_jax.training.config import Config
-from mlp_jax.training.config import Log
-from mlp_jax.training.stack import Row
-from mlp_jax.training.stack import Stack
+from mlp_jax.run import (checkpoint, live as live_lib, processes, reports,
+                         workdir as workdir_lib)
+from mlp_jax.training import dp_plan, fit, stack as stack_lib, train
+from mlp_jax.training.config import Config, Log
+from mlp_jax.training.stack import Row, Stack
 
 
 class RunContext(NamedTuple):

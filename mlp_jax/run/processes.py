@@ -14,9 +14,7 @@ import numpy as np
 
 from mlp_jax.base import boundary
 from mlp_jax.training import parallel
-from mlp_jax.training.config import Config
-from mlp_jax.training.config import Log
-from mlp_jax.training.config import RunError
+from mlp_jax.training.config import Config, Log, RunError
 
 
 class Interrupted(RunError):

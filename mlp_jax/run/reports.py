@@ -19,15 +19,13 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import numpy as np
 
-from mlp_jax.data import datasets
-from mlp_jax.training import stack as stack_lib
-from mlp_jax.run import trained
-from mlp_jax.training.config import Config
 from mlp_jax.core.model import Params
-from mlp_jax.training.stack import Row
-from mlp_jax.training.stack import Stack
-from mlp_jax.run.workdir import atomic_file
-from mlp_jax.run.workdir import write_json
+from mlp_jax.data import datasets
+from mlp_jax.run import trained
+from mlp_jax.run.workdir import atomic_file, write_json
+from mlp_jax.training import stack as stack_lib
+from mlp_jax.training.config import Config
+from mlp_jax.training.stack import Row, Stack
 
 
 class Finished(NamedTuple):

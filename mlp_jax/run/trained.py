@@ -23,11 +23,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import numpy as np
 
-from mlp_jax.data import datasets
-from mlp_jax.data import readers
 from mlp_jax.base import files
 from mlp_jax.core import prediction
 from mlp_jax.core.model import Params
+from mlp_jax.data import datasets, readers
 
 PREPROCESSING = ("input_mean", "input_std", "input_shape", "class_names", "dataset",
                  "pixel_max")

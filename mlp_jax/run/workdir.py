@@ -26,12 +26,10 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.training import config as config_lib
-from mlp_jax.data import datasets
 from mlp_jax.base import files
-from mlp_jax.training.config import Config
-from mlp_jax.training.config import Log
-from mlp_jax.training.config import RunError
+from mlp_jax.data import datasets
+from mlp_jax.training import config as config_lib
+from mlp_jax.training.config import Config, Log, RunError
 from mlp_jax.training.stack import Row
 
 

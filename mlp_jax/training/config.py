@@ -13,17 +13,11 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from mlp_jax.base import boundary
+from mlp_jax.base import boundary, options
 from mlp_jax.data import datasets
-from mlp_jax.base import options
-from mlp_jax.training.spec import BY_NAME
-from mlp_jax.training.spec import DATASETS
-from mlp_jax.training.spec import Config
+from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, SETTINGS, Setting, SWEEPABLE,
+                                   TRAINING)
 from mlp_jax.training.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
-from mlp_jax.training.spec import SETTINGS
-from mlp_jax.training.spec import Setting
-from mlp_jax.training.spec import SWEEPABLE
-from mlp_jax.training.spec import TRAINING
 
 
 class RunError(boundary.UserError):

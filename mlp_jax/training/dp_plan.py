@@ -12,11 +12,9 @@ from typing import Any, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
-from mlp_jax.data import datasets
 from mlp_jax.core import privacy
-from mlp_jax.training.config import Config
-from mlp_jax.training.config import Log
-from mlp_jax.training.config import RunError
+from mlp_jax.data import datasets
+from mlp_jax.training.config import Config, Log, RunError
 from mlp_jax.training.stack import Stack
 
 

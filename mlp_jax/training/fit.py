@@ -20,17 +20,11 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.training import dp_plan
-from mlp_jax.training import memory
 from mlp_jax.base import options
-from mlp_jax.training import parallel
-from mlp_jax.training import stack as stack_lib
-from mlp_jax.training import train
-from mlp_jax.training import train_state
-from mlp_jax.training.config import RunConfig
-from mlp_jax.training.config import RunError
-from mlp_jax.training.stack import Row
-from mlp_jax.training.stack import Stack
+from mlp_jax.training import (dp_plan, memory, parallel, stack as stack_lib, train,
+                              train_state)
+from mlp_jax.training.config import RunConfig, RunError
+from mlp_jax.training.stack import Row, Stack
 
 # (X, y, N) of a split on the devices; evaluated splits add their rows (indices (M, R),
 # weights (M, R)) of each model, or None: all N.

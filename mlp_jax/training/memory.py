@@ -7,8 +7,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from mlp_jax.training.config import Config
-from mlp_jax.training.config import RunError
+from mlp_jax.training.config import Config, RunError
 
 # Optimizer slots per parameter (momentum, Adam's μ and ν).
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}

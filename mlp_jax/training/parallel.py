@@ -31,9 +31,7 @@ from jax import Array
 from jax.experimental import multihost_utils
 from jax.typing import ArrayLike
 import numpy as np
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MODEL_AXIS = "model"
 DATA_AXIS = "data"

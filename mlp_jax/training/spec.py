@@ -7,8 +7,8 @@ import dataclasses
 import typing
 from typing import Any, NamedTuple, Optional
 
-from mlp_jax.data import datasets
 from mlp_jax.base import options
+from mlp_jax.data import datasets
 
 
 class Setting(NamedTuple):

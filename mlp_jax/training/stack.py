@@ -11,8 +11,8 @@ from typing import Any, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from mlp_jax.training import config as config_lib
 from mlp_jax.data import datasets
+from mlp_jax.training import config as config_lib
 from mlp_jax.training.config import RunError
 
 

@@ -23,21 +23,14 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax.core import losses
-from mlp_jax.core import model
-from mlp_jax.training import parallel
-from mlp_jax.core import privacy
+from mlp_jax.base.options import (COMPUTE_DTYPES, GRADIENTS, Hyperparams, STACKINGS,
+                                  SWEEPABLE)
+from mlp_jax.core import losses, model, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.core.model import Params
-from mlp_jax.training.train_state import TrainState
-from mlp_jax.training.train_state import in_use
-from mlp_jax.training.train_state import init_model_state
-from mlp_jax.training.train_state import make_optimizer
-from mlp_jax.base.options import COMPUTE_DTYPES
-from mlp_jax.base.options import GRADIENTS
-from mlp_jax.base.options import Hyperparams
-from mlp_jax.base.options import STACKINGS
-from mlp_jax.base.options import SWEEPABLE
+from mlp_jax.training import parallel
+from mlp_jax.training.train_state import (TrainState, in_use, init_model_state,
+                                          make_optimizer)
 
 
 Metrics = dict[str, Array]   # per-epoch metrics by name, on the device

@@ -11,11 +11,9 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
+from mlp_jax.base.options import Hyperparams, OPTIMIZERS, SCHEDULES
 from mlp_jax.core import model
 from mlp_jax.core.model import Params
-from mlp_jax.base.options import Hyperparams
-from mlp_jax.base.options import OPTIMIZERS
-from mlp_jax.base.options import SCHEDULES
 
 
 class TrainState(NamedTuple):
