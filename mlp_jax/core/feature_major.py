@@ -1,17 +1,15 @@
-"""A kernel: the manual pass of gradients.backprop with each example as a COLUMN.
+"""A kernel: δ1 and the four gradients of gradients.backward, with δ1 as a COLUMN.
 
-gradients.backprop's reference pair, model.activations and gradients.backward, has an
-example per row (the program jax.grad compiles to). This pair computes the same numbers
-on the transposed hidden layer, the one layout in which XLA's fast CPU bfloat16 GEMM
-takes both H × D products:
+gradients.backward is the reference (δ1 an example per row, the program jax.grad
+compiles to). This computes the same numbers from the same Δ2, Z1, X and A1, with
+δ1 transposed, the one layout in which XLA's fast CPU bfloat16 GEMM takes dW1:
 
-    Z1ᵀ = W1 Xᵀ + b1 (H, B)    A1ᵀ = ReLU(Z1ᵀ)    Z2 = (W2 A1ᵀ + b2)ᵀ (B, K)
     Δ1ᵀ = (W2ᵀ Δ2ᵀ) ⊙ 1[Z1ᵀ ≥ 0] (H, B)    dW1 = Δ1ᵀ X    db1 = Σ_cols Δ1ᵀ
-    dW2 = Δ2ᵀ A1    db2 = Σ_rows Δ2
 
-tests/test_feature_major.py proves it equal to the reference (float32 and float64, and
-bfloat16 against float32 arithmetic on the rounded operands); `choose_layout` says where
-it is the faster program, and gradients.manual_passes is the one place that asks.
+(dW2 = Δ2ᵀ A1 and db2 as the reference writes them). tests/test_feature_major.py proves
+it equal to the reference (float32 and float64, and bfloat16 against float32 arithmetic
+on the rounded operands); `choose_layout` says where it is the faster program, and
+gradients.backward is the one place that asks.
 """
 
 import functools
@@ -22,7 +20,7 @@ from jax import Array
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from mlp_jax.core.model import Params, linear, matmul, relu, relu_derivative
+from mlp_jax.core.model import Params, matmul, relu_derivative
 
 BATCH_MAJOR = "batch_major"
 FEATURE_MAJOR = "feature_major"
@@ -76,22 +74,12 @@ def cpu_info() -> tuple[str, frozenset[str]]:
   return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
-def activations(params: Params, X: Array, compute_dtype: Optional[DTypeLike] = None
-                ) -> tuple[Array, Array, Array]:
-  """model.activations with the hidden layer transposed: (Z1ᵀ (H, B), A1ᵀ (H, B),
-  Z2 (B, K)) of X (B, D); compute_dtype is what W1 Xᵀ reads."""
-  Z1 = linear(params.w1, X, compute_dtype) + params.b1[:, None]       # W1 Xᵀ: (H, B)
-  A1 = relu(Z1)
-  Z2 = jnp.einsum("kh,hb->bk", params.w2, A1) + params.b2[None, :]
-  return Z1, A1, Z2
-
-
 def param_grads(params: Params, delta2: Array, Z1: Array, X: Array, A1: Array,
                 compute_dtype: Optional[DTypeLike] = None) -> Params:
-  """gradients.backward from Δ2 (B, K) and the hidden layer of `activations`, Z1ᵀ and
-  A1ᵀ (H, B): the same Params, with δ1 a column per example (module docstring)."""
-  delta1 = jnp.einsum("kh,bk->hb", params.w2, delta2) * relu_derivative(Z1, delta2.dtype)
-  return Params(w1=matmul(delta1, X, compute_dtype),                  # Δ1ᵀ X (H, D)
+  """gradients.param_grads(gradients.hidden_delta(params, delta2, Z1), delta2, X, A1):
+  the same Params, with δ1 formed as a column per example (module docstring)."""
+  delta1 = jnp.einsum("kh,bk->hb", params.w2, delta2) * relu_derivative(Z1, delta2.dtype).T
+  return Params(w1=matmul(delta1, X, compute_dtype),      # Δ1ᵀ X: no transpose
                 b1=jnp.sum(delta1, axis=1),
-                w2=jnp.einsum("bk,hb->kh", delta2, A1),
+                w2=delta2.T @ A1,
                 b2=jnp.sum(delta2, axis=0))

@@ -16,12 +16,12 @@ row i of each matrix below is that example's vector above, so the same lines rea
 
 `backprop` is that pass, written once: value_and_grads, loss_manual_vjp's backward
 pass, the per-example gradients and norms and the DP clipped sum (privacy.py) all call
-its parts. A faster form of the same pass for bfloat16 on some CPUs lives apart, in
-mlp_jax/core/feature_major.py; `manual_passes` is the one place that picks it.
+its parts. A faster form of δ1 and dW1 for bfloat16 on some CPUs lives apart, in
+mlp_jax/core/feature_major.py; `backward` is the one place that picks it.
 """
 
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 from jax import Array
@@ -52,37 +52,31 @@ def param_grads(delta1: Array, delta2: Array, X: Array, A1: Array,
                 b2=jnp.sum(delta2, axis=0))
 
 
-def backward(params: Params, delta2: Array, Z1: Array, X: Array, A1: Array,
-             compute_dtype: Optional[DTypeLike] = None) -> Params:
-  """The four gradients from Δ2 (B, K), Z1, X and A1: δ1 (hidden_delta), then
-  param_grads."""
-  delta1 = hidden_delta(params, delta2, Z1)
-  return param_grads(delta1, delta2, X, A1, compute_dtype)
-
-
 def backprop(params: Params, X: Array, Y: Array, w: Array,
              compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
              ) -> tuple[tuple[Array, Array], Params]:
   """((loss, logits Z2 (B, K)), Params of gradients) of L = Σ_i ŵ_i L_i: the manual
   pass, for X (B, D) and targets Y (B, K) in the params' dtype and ŵ (B,)."""
-  forward, backward_from = manual_passes(params, compute_dtype, layout)
-  Z1, A1, Z2 = forward(params, X, compute_dtype)
+  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
   loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
   delta2 = w[:, None] * output_delta(Z2, Y)
-  return (loss, Z2), backward_from(params, delta2, Z1, X, A1, compute_dtype)
+  return (loss, Z2), backward(params, X, (Z1, A1), delta2, compute_dtype, layout)
 
 
-def manual_passes(params: Params, compute_dtype: Optional[DTypeLike] = None,
-                  layout: Optional[str] = None) -> tuple[Callable, Callable]:
-  """(forward, backward) of the manual pass: the reference, model.activations and
-  `backward` (an example per row), or, where it is the faster program
-  (feature_major.choose_layout), the feature-major kernel's pair. The one place that
-  picks; layout "batch_major" or "feature_major" fixes one."""
+def backward(params: Params, X: Array, hidden: tuple[Array, Array], delta2: Array,
+             compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
+             ) -> Params:
+  """The four gradients from Δ2 (B, K) and the hidden layer's (Z1, A1): δ1 =
+  hidden_delta, then param_grads. Where it is the faster program
+  (feature_major.choose_layout) the same lines run as the feature-major kernel: the
+  one place that picks it; layout "batch_major" or "feature_major" fixes one."""
   layout = layout or feature_major.choose_layout(params.w1.dtype, compute_dtype)
   feature_major.check_layout(layout)
+  Z1, A1 = hidden
   if layout == feature_major.FEATURE_MAJOR:
-    return feature_major.activations, feature_major.param_grads
-  return model.activations, backward
+    return feature_major.param_grads(params, delta2, Z1, X, A1, compute_dtype)
+  delta1 = hidden_delta(params, delta2, Z1)
+  return param_grads(delta1, delta2, X, A1, compute_dtype)
 
 
 def _prepare(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike]
@@ -208,23 +202,20 @@ def _manual_vjp_forward(params: Params, X: Array, Y: Array, weights: Optional[Ar
                         compute_dtype: Optional[DTypeLike]
                         ) -> tuple[tuple[Array, Array], tuple]:
   w = losses.mean_weights(weights, X.shape[0], params.w1.dtype)
-  forward, _ = manual_passes(params, compute_dtype)
-  Z1, A1, Z2 = forward(params, X, compute_dtype)
-  Z1_rows = Z1 if forward is model.activations else Z1.T   # (B, H), for ∂L/∂X
+  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
   per_example = losses.cross_entropy(Z2, Y)
   loss = jnp.sum(w * per_example)
-  return (loss, Z2), (params, X, Y, weights, w, Z1, Z1_rows, A1, Z2, per_example, loss)
+  return (loss, Z2), (params, X, Y, weights, w, Z1, A1, Z2, per_example, loss)
 
 
 def _manual_vjp_backward(compute_dtype: Optional[DTypeLike], residuals: tuple,
                          cotangents: tuple[Array, Array]) -> tuple:
   """Cotangents of (params, X, Y, weights), every one by its closed form."""
-  params, X, Y, weights, w, Z1, Z1_rows, A1, Z2, per_example, loss = residuals
+  params, X, Y, weights, w, Z1, A1, Z2, per_example, loss = residuals
   g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
   delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
-  _, backward_from = manual_passes(params, compute_dtype)
-  d_params = backward_from(params, delta2, Z1, X, A1, compute_dtype)
-  d_X = matmul(hidden_delta(params, delta2, Z1_rows), params.w1, compute_dtype)  # W1ᵀ δ1
+  d_params = backward(params, X, (Z1, A1), delta2, compute_dtype)
+  d_X = matmul(hidden_delta(params, delta2, Z1), params.w1, compute_dtype)  # W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.
   d_Y = (g * w)[:, None] * (jax.nn.logsumexp(Z2, axis=-1, keepdims=True) - Z2)
   d_weights = None
@@ -280,7 +271,7 @@ def value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
                                 ) -> tuple[tuple[Array, Array], Params]:
   """((loss, logits Z2 (B, K)), Params of gradients), by `method` (METHODS):
 
-  "manual" (the closed form, `manual_passes`' choice), "manual_batch_major" and
+  "manual" (the closed form, `backward`'s choice), "manual_batch_major" and
   "manual_feature_major" (the closed form in that layout), "manual_vjp"
   (jax.value_and_grad of loss_manual_vjp) or "autodiff" (jax.value_and_grad of
   mj.loss). A train step takes its accuracy from these logits instead of running the
