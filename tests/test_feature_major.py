@@ -26,9 +26,8 @@ def _both(shape, dtype):
   params, X, y = random_problem(seed, B, D, H, K, dtype)
   Y = losses.targets(y, K, dtype) * 0.9 + 0.1 / K          # soft targets
   w = jax.random.uniform(jax.random.key(seed), (B,), dtype)  # any mean weights
-  def run(layout):
-    return jax.jit(gradients.backprop, static_argnums=(4, 5))(params, X, Y, w, None, layout)
-  return run(feature_major.BATCH_MAJOR), run(feature_major.FEATURE_MAJOR), max(B, D, H, K)
+  return (jax.jit(gradients.backprop)(params, X, Y, w),
+          jax.jit(feature_major.backprop)(params, X, Y, w), max(B, D, H, K))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])

@@ -528,12 +528,11 @@ def test_every_public_function_passes_compute_dtype_on(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["value_and_grads", "grads", "value_and_grads_with_logits",
-                                  "train_step", "loss_manual_vjp"])
+                                  "train_step"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   """Both layouts give equal values, so only the call tells which ran: the manual value
   and gradients run the pass the layout asks for, and with no layout the one
-  choose_layout picks, asked with the params' dtype and the compute dtype (the custom
-  VJP's backward pass takes no layout: always the one chosen)."""
+  choose_layout picks, asked with the params' dtype and the compute dtype."""
   from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top
   from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
@@ -550,26 +549,20 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
         "grads": lambda L: mj.grads(params, X, y, layout=L, compute_dtype=bf16),
         "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
             params, X, y, method=f"manual_{L}" if L else "manual", compute_dtype=bf16),
-        "train_step": train_step,
-        "loss_manual_vjp": lambda L: jax.grad(mj.loss_manual_vjp)(params, X, y,
-                                                                  compute_dtype=bf16)}[name]
+        "train_step": train_step}[name]
   ran, chosen = [], []
   for module, which in ((gradients, "batch_major"), (feature_major, "feature_major")):
-    real = module.param_grads
-    monkeypatch.setattr(module, "param_grads",
+    real = module.backprop
+    monkeypatch.setattr(module, "backprop",
                         lambda *a, real=real, which=which: ran.append(which) or real(*a))
   monkeypatch.setattr(feature_major, "choose_layout",
                       lambda *dtypes: chosen.append(dtypes) or "feature_major")
-  asks = ((None, "feature_major"),) if name == "loss_manual_vjp" else (
-      ("batch_major", "batch_major"), ("feature_major", "feature_major"),
-      (None, "feature_major"))
-  for asked, runs in asks:
+  for asked, runs in (("batch_major", "batch_major"), ("feature_major", "feature_major"),
+                      (None, "feature_major")):
     ran.clear()
     jax.make_jaxpr(lambda L=asked: fn(L))()
     assert ran == [runs], (name, asked, ran)
   assert chosen == [(jnp.float32, bf16)], chosen
-  if name == "loss_manual_vjp":
-    return
   with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major, "
                                        "got 'row_major'|method must be one of manual, "
                                        "manual_batch_major, manual_feature_major, .* got "
@@ -577,11 +570,12 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
     fn("row_major")
 
 
-@pytest.mark.parametrize("name", ["per_example_grads", "per_example_grad_norms",
-                                  "clipped_grad_sum", "dp_train_step"])
+@pytest.mark.parametrize("name", ["loss_manual_vjp", "per_example_grads",
+                                  "per_example_grad_norms", "clipped_grad_sum",
+                                  "dp_train_step"])
 def test_the_other_manual_passes_are_the_reference(name, monkeypatch):
-  """The per-example gradients and norms and the DP clipped sum are gradients.py's pass
-  (its δ1, a row per example), never the kernel, whatever the choice."""
+  """loss_manual_vjp's backward pass, the per-example gradients and norms and the DP
+  clipped sum are gradients.py's pass (its δ1), never the kernel, whatever the choice."""
   from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top
   from mlp_jax.core import privacy  # pylint: disable=g-import-not-at-top
   from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
@@ -594,7 +588,8 @@ def test_the_other_manual_passes_are_the_reference(name, monkeypatch):
     dp = privacy.DPSGD(1.0, 1.0, "flat", 0.5, 3, 3)
     return train.make_dp_train_step(hp, optimizer, dp)(state, (X, y))
 
-  fn = {"per_example_grads": lambda: mj.per_example_grads(params, X, y),
+  fn = {"loss_manual_vjp": lambda: jax.grad(mj.loss_manual_vjp)(params, X, y),
+        "per_example_grads": lambda: mj.per_example_grads(params, X, y),
         "per_example_grad_norms": lambda: mj.per_example_grad_norms(params, X, y),
         "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0),
         "dp_train_step": dp_train_step}[name]
@@ -603,7 +598,7 @@ def test_the_other_manual_passes_are_the_reference(name, monkeypatch):
     monkeypatch.setattr(module, "hidden_delta",
                         lambda *a, real=gradients.hidden_delta: ran.append(1) or real(*a))
   monkeypatch.setattr(feature_major, "choose_layout", lambda *dtypes: "feature_major")
-  monkeypatch.setattr(feature_major, "param_grads", lambda *a: pytest.fail("the kernel ran"))
+  monkeypatch.setattr(feature_major, "backprop", lambda *a: pytest.fail("the kernel ran"))
   jax.make_jaxpr(fn)()
   assert ran, name
 

@@ -1,15 +1,17 @@
-"""A kernel: δ1 and the four gradients of gradients.backward, with δ1 as a COLUMN.
+"""A kernel: the manual pass of gradients.backprop with each example as a COLUMN.
 
-gradients.backward is the reference (δ1 an example per row, the program jax.grad
-compiles to). This computes the same numbers from the same Δ2, Z1, X and A1, with
-δ1 transposed, the one layout in which XLA's fast CPU bfloat16 GEMM takes dW1:
+gradients.backprop is the reference (an example per row, the program jax.grad compiles
+to). This is the same pass on the transposed activations, the one layout in which XLA's
+fast CPU bfloat16 GEMM takes both H × D products:
 
-    Δ1ᵀ = (W2ᵀ Δ2ᵀ) ⊙ 1[Z1ᵀ ≥ 0] (H, B)    dW1 = Δ1ᵀ X    db1 = Σ_cols Δ1ᵀ
+    Z1ᵀ = W1 Xᵀ + b1 (H, B)      A1ᵀ = ReLU(Z1ᵀ)      Z2ᵀ = W2 A1ᵀ + b2 (K, B)
+    Δ2ᵀ = ŵ ⊙ (Pᵀ Σy − Yᵀ) (K, B)      Δ1ᵀ = (W2ᵀ Δ2ᵀ) ⊙ 1[Z1ᵀ ≥ 0] (H, B)
+    dW1 = Δ1ᵀ X    db1 = Σ_cols Δ1ᵀ    dW2 = Δ2ᵀ A1    db2 = Σ_cols Δ2ᵀ
 
-(dW2 = Δ2ᵀ A1 and db2 as the reference writes them). tests/test_feature_major.py proves
-it equal to the reference (float32 and float64, and bfloat16 against float32 arithmetic
-on the rounded operands); `choose_layout` says where it is the faster program, and
-gradients.backward is the one place that asks.
+Each product is written as an einsum whose output needs no transpose. tests/
+test_feature_major.py proves it equal to the reference (float32, float64, and bfloat16
+against float32 arithmetic on the rounded operands); `choose_layout` says where it is
+the faster program, and gradients.manual_pass is the one place that asks.
 """
 
 import functools
@@ -20,7 +22,8 @@ from jax import Array
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
-from mlp_jax.core.model import Params, matmul, relu_derivative
+from mlp_jax.core import losses
+from mlp_jax.core.model import Params, relu, relu_derivative
 
 BATCH_MAJOR = "batch_major"
 FEATURE_MAJOR = "feature_major"
@@ -74,12 +77,31 @@ def cpu_info() -> tuple[str, frozenset[str]]:
   return fields.get("model name", ""), frozenset(fields.get("flags", "").split())
 
 
-def param_grads(params: Params, delta2: Array, Z1: Array, X: Array, A1: Array,
-                compute_dtype: Optional[DTypeLike] = None) -> Params:
-  """gradients.param_grads(gradients.hidden_delta(params, delta2, Z1), delta2, X, A1):
-  the same Params, with δ1 formed as a column per example (module docstring)."""
-  delta1 = jnp.einsum("kh,bk->hb", params.w2, delta2) * relu_derivative(Z1, delta2.dtype).T
-  return Params(w1=matmul(delta1, X, compute_dtype),      # Δ1ᵀ X: no transpose
-                b1=jnp.sum(delta1, axis=1),
-                w2=delta2.T @ A1,
-                b2=jnp.sum(delta2, axis=0))
+def _einsum(spec: str, a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None
+            ) -> Array:
+  """jnp.einsum(spec, a, b); with a compute_dtype other than a's (model.matmul's rule),
+  both operands rounded to it and the products accumulated in float32 or wider."""
+  if compute_dtype is None or jnp.dtype(compute_dtype) == a.dtype:
+    return jnp.einsum(spec, a, b)
+  return jnp.einsum(spec, a.astype(compute_dtype), b.astype(compute_dtype),
+                    preferred_element_type=jnp.promote_types(a.dtype, jnp.float32))
+
+
+def backprop(params: Params, X: Array, Y: Array, w: Array,
+             compute_dtype: Optional[DTypeLike] = None) -> tuple[tuple[Array, Array], Params]:
+  """gradients.backprop's ((loss, logits Z2 (B, K)), Params), computed with examples as
+  columns (module docstring); X (B, D), Y (B, K) and ŵ (B,) as it takes them."""
+  Z1 = _einsum("hd,bd->hb", params.w1, X, compute_dtype) + params.b1[:, None]   # (H, B)
+  A1 = relu(Z1)
+  Z2 = jnp.einsum("kh,hb->kb", params.w2, A1) + params.b2[:, None]             # (K, B)
+  logits = Z2.T                                                                # (B, K)
+  loss = jnp.sum(w * losses.cross_entropy(logits, Y))
+  Yt = Y.T
+  delta2 = w[None, :] * (jax.nn.softmax(Z2, axis=0) * jnp.sum(Yt, axis=0, keepdims=True)
+                         - Yt)                                                 # (K, B)
+  delta1 = jnp.einsum("kh,kb->hb", params.w2, delta2) * relu_derivative(Z1, delta2.dtype)
+  grads = Params(w1=_einsum("hb,bd->hd", delta1, X, compute_dtype),
+                 b1=jnp.sum(delta1, axis=1),
+                 w2=jnp.einsum("kb,hb->kh", delta2, A1),
+                 b2=jnp.sum(delta2, axis=1))
+  return (loss, logits), grads

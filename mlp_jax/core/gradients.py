@@ -16,8 +16,8 @@ row i of each matrix below is that example's vector above, so the same lines rea
 
 `backprop` is that pass, written once: value_and_grads, loss_manual_vjp's backward
 pass, the per-example gradients and norms and the DP clipped sum (privacy.py) all call
-its parts. A faster form of δ1 and dW1 for bfloat16 on some CPUs lives apart, in
-mlp_jax/core/feature_major.py; `backward` is the one place that picks it.
+its parts. A faster form of the same pass for bfloat16 on some CPUs lives apart, in
+mlp_jax/core/feature_major.py; `manual_pass` is the one place that picks it.
 """
 
 import functools
@@ -53,30 +53,27 @@ def param_grads(delta1: Array, delta2: Array, X: Array, A1: Array,
 
 
 def backprop(params: Params, X: Array, Y: Array, w: Array,
-             compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
-             ) -> tuple[tuple[Array, Array], Params]:
-  """((loss, logits Z2 (B, K)), Params of gradients) of L = Σ_i ŵ_i L_i: the manual
-  pass, for X (B, D) and targets Y (B, K) in the params' dtype and ŵ (B,)."""
+             compute_dtype: Optional[DTypeLike] = None) -> tuple[tuple[Array, Array], Params]:
+  """((loss, logits Z2 (B, K)), Params of gradients) of L = Σ_i ŵ_i L_i: the reference
+  manual pass, for X (B, D) and targets Y (B, K) in the params' dtype and ŵ (B,)."""
   Z1, A1, Z2 = model.activations(params, X, compute_dtype)
   loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
   delta2 = w[:, None] * output_delta(Z2, Y)
-  return (loss, Z2), backward(params, X, (Z1, A1), delta2, compute_dtype, layout)
+  delta1 = hidden_delta(params, delta2, Z1)
+  return (loss, Z2), param_grads(delta1, delta2, X, A1, compute_dtype)
 
 
-def backward(params: Params, X: Array, hidden: tuple[Array, Array], delta2: Array,
-             compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
-             ) -> Params:
-  """The four gradients from Δ2 (B, K) and the hidden layer's (Z1, A1): δ1 =
-  hidden_delta, then param_grads. Where it is the faster program
-  (feature_major.choose_layout) the same lines run as the feature-major kernel: the
-  one place that picks it; layout "batch_major" or "feature_major" fixes one."""
+def manual_pass(params: Params, X: Array, Y: Array, w: Array,
+                compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
+                ) -> tuple[tuple[Array, Array], Params]:
+  """`backprop`, or its feature-major kernel where that is the faster program: the one
+  place the manual value and gradients pick between them (feature_major.choose_layout;
+  layout "batch_major" or "feature_major" fixes one)."""
   layout = layout or feature_major.choose_layout(params.w1.dtype, compute_dtype)
   feature_major.check_layout(layout)
-  Z1, A1 = hidden
   if layout == feature_major.FEATURE_MAJOR:
-    return feature_major.param_grads(params, delta2, Z1, X, A1, compute_dtype)
-  delta1 = hidden_delta(params, delta2, Z1)
-  return param_grads(delta1, delta2, X, A1, compute_dtype)
+    return feature_major.backprop(params, X, Y, w, compute_dtype)
+  return backprop(params, X, Y, w, compute_dtype)
 
 
 def _prepare(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike]
@@ -112,7 +109,7 @@ def _manual_value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLi
                                         layout: Optional[str]
                                         ) -> tuple[tuple[Array, Array], Params]:
   Xd, Y, w = _prepare(params, X, y, weights)
-  return backprop(params, Xd, Y, w, compute_dtype, layout)
+  return manual_pass(params, Xd, Y, w, compute_dtype, layout)
 
 
 def grads(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike] = None,
@@ -142,7 +139,7 @@ def example_grads(params: Params, x: Array, y: Array) -> Params:
   """MANUAL gradient of ONE example's loss L(x (D,), y (K,) targets) -> Params: `backprop`
   on a batch of that one example, whose sums over rows are δ1 xᵀ, δ1, δ2 a1ᵀ, δ2."""
   one = jnp.ones((1,), x.dtype)
-  return backprop(params, x[None], y[None], one, layout=feature_major.BATCH_MAJOR)[1]
+  return backprop(params, x[None], y[None], one)[1]
 
 
 def _example_loss(params: Params, x: Array, y: Array) -> Array:
@@ -214,8 +211,9 @@ def _manual_vjp_backward(compute_dtype: Optional[DTypeLike], residuals: tuple,
   params, X, Y, weights, w, Z1, A1, Z2, per_example, loss = residuals
   g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
   delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
-  d_params = backward(params, X, (Z1, A1), delta2, compute_dtype)
-  d_X = matmul(hidden_delta(params, delta2, Z1), params.w1, compute_dtype)  # W1ᵀ δ1
+  delta1 = hidden_delta(params, delta2, Z1)
+  d_params = param_grads(delta1, delta2, X, A1, compute_dtype)
+  d_X = matmul(delta1, params.w1, compute_dtype)                   # ∂L/∂x = W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.
   d_Y = (g * w)[:, None] * (jax.nn.logsumexp(Z2, axis=-1, keepdims=True) - Z2)
   d_weights = None
@@ -271,7 +269,7 @@ def value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
                                 ) -> tuple[tuple[Array, Array], Params]:
   """((loss, logits Z2 (B, K)), Params of gradients), by `method` (METHODS):
 
-  "manual" (the closed form, `backward`'s choice), "manual_batch_major" and
+  "manual" (the closed form, `manual_pass`'s layout), "manual_batch_major" and
   "manual_feature_major" (the closed form in that layout), "manual_vjp"
   (jax.value_and_grad of loss_manual_vjp) or "autodiff" (jax.value_and_grad of
   mj.loss). A train step takes its accuracy from these logits instead of running the
