@@ -6,6 +6,7 @@ The manual gradient is in mlp_jax/core/gradients.py; tests/test_gradients.py pro
 equals jax.grad. Every function is pure and jit-able. mj.privacy: DP-SGD from the
 closed-form per-example gradients. mj.load(workdir): a finished run's model, predicting raw inputs.
 mj.MLPClassifier, mj.MLPClassifierCV: scikit-learn estimators over the same training.
+mj.check_grads(fn): a learner's own gradient function checked, its mistakes named.
 
 The names below are imported on first use (PEP 562), so `import mlp_jax.base.boundary`
 (what the scripts load first) does not import JAX.
@@ -26,6 +27,7 @@ _EXPORTS = {name: module for module, names in {
     "core.privacy": ("clipped_grad_sum",),
     "run.trained": ("load", "TrainedModel"),
     "estimator": ("MLPClassifier", "MLPClassifierCV"),
+    "gradcheck": ("check_grads",),
 }.items() for name in names}
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "value_and_grads", "autodiff_grads", "autodiff_value_and_grads",
     "per_example_grads", "per_example_grad_norms", "loss_manual_vjp", "privacy",
     "clipped_grad_sum", "load", "TrainedModel", "MLPClassifier", "MLPClassifierCV",
+    "check_grads",
 ]
 
 
@@ -47,6 +50,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # what mypy and editors see: the same names, imported eagerly
   from mlp_jax.core import privacy
   from mlp_jax.estimator import MLPClassifier, MLPClassifierCV
+  from mlp_jax.gradcheck import check_grads
   from mlp_jax.core.gradients import (autodiff_grads, autodiff_value_and_grads, grads,
                                       loss_manual_vjp, per_example_grad_norms,
                                       per_example_grads, value_and_grads)

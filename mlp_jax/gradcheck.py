@@ -1,15 +1,25 @@
-"""Gradient check: manual vs jax.grad vs float64 central finite differences.
+"""Gradient checks: ours (manual vs jax.grad vs float64 finite differences), and a
+learner's own gradient function, leaf by leaf, with the mistake named.
 
     python -m mlp_jax.gradcheck [--in_dim=6 --hidden_dim=10 --num_classes=4
                                  --batch_size=8 --seed=0 --dtype=float64]
+    python -m mlp_jax.gradcheck --grads=FILE.py:FUNCTION [--json]   (or MODULE:FUNCTION)
 
-Prints, per parameter, the max relative error of each pair and exits non-zero when
-any exceeds its tolerance. The helpers are also what tests/test_gradients.py uses.
+The first prints, per parameter, the max relative error of each pair and exits 1 when
+any exceeds its tolerance; its helpers are what tests/test_gradients.py uses. The second
+(mj.check_grads from Python) calls FUNCTION(params, X, y) on the problems of
+mlp_jax/core/mistakes.py and says of each gradient: right, wrong shape, raised, or wrong
+and which known mistakes give it; exit status 0 when all four are right, 1 otherwise.
 """
 
+import importlib
+import importlib.util
+import json
 import math
+import os
 import sys
-from typing import Callable
+import traceback
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from absl import app, flags
 import jax
@@ -19,8 +29,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
-from mlp_jax.core import losses
+from mlp_jax.base import boundary
+from mlp_jax.core import losses, mistakes
 from mlp_jax.core.gradients import autodiff_grads, grads
+from mlp_jax.core.mistakes import CATALOGUE, LEAVES, Problem
 from mlp_jax.core.model import Params
 
 # Manual vs autodiff, per dtype; and either vs float64 finite differences.
@@ -100,6 +112,188 @@ def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
           for name, m, a, f in zip(Params._fields, manual, autodiff, fd)]
 
 
+# A learner's gradient is right within this relative error of the leaf, by its dtype.
+LEARNER_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2}
+
+
+class LearnerParams(Params):
+  """mj.Params (w1 (H, D), b1 (H,), w2 (K, H), b2 (K,)) that also reads params["w1"]."""
+  __slots__ = ()
+
+  def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+
+class Verdict(NamedTuple):
+  """One parameter's verdict: ok, its relative error (None where there is none), the
+  catalogue's ids of the mistakes it matches, and one line saying so."""
+  ok: bool
+  rel_error: Optional[float]
+  mistakes: list[str]
+  message: str
+
+
+class Report(NamedTuple):
+  """check_grads' answer: correct when every leaf is; str() is the printed report."""
+  correct: bool
+  leaves: dict[str, Verdict]
+  problems: list[str]
+
+  def as_dict(self) -> dict[str, Any]:
+    """{"correct": bool, "leaves": {"w1": {"ok", "rel_error", "mistakes", "message"}}}."""
+    return {"correct": self.correct, "leaves": {n: v._asdict() for n, v in self.leaves.items()}}
+
+  def __str__(self) -> str:
+    wrong = [n for n, v in self.leaves.items() if not v.ok]
+    named = [m for m in CATALOGUE if any(m in v.mistakes for v in self.leaves.values())]
+    return "\n".join(
+        [f"problems: {'; '.join(self.problems)}"]
+        + [f"{n:3} {v.message}" for n, v in self.leaves.items()]
+        + [f"  {m}: {CATALOGUE[m][0]} (docs/derivation.md"
+           + (f", {CATALOGUE[m][1]})" if CATALOGUE[m][1] else ")") for m in named]
+        + [f"WRONG: {', '.join(wrong)}" if wrong else "OK: every gradient is right"])
+
+
+def check_grads(fn: Callable[..., Any], seed: int = 0) -> Report:
+  """Checks a learner's fn(params, X, y) -> the gradients of the mean cross-entropy (as
+  Params, a dict of w1, b1, w2, b2, or a 4-tuple), NumPy or JAX, called with float64
+  NumPy arrays (never jitted) on mistakes.problems(seed); each leaf's Verdict."""
+  problem_list = mistakes.problems(seed)
+  outputs = [_call(fn, p) for p in problem_list]
+  leaves = {leaf: _verdict(leaf, [o[leaf] for o in outputs], problem_list) for leaf in LEAVES}
+  return Report(all(v.ok for v in leaves.values()), leaves,
+                [p.describe() for p in problem_list])
+
+
+class Why(str):
+  """Why a leaf has no value (it raised, is missing, or is not an array of numbers)."""
+
+
+Value = Union[np.ndarray, Why]   # a leaf's array, or why there is none
+
+
+def _call(fn: Callable[..., Any], p: Problem) -> dict[str, Value]:
+  """{leaf: array or the one line why not} of fn on problem p."""
+  params = LearnerParams(*(a.copy() for a in (p.w1, p.b1, p.w2, p.b2)))  # type: ignore[arg-type]
+  try:
+    result = fn(params, p.X.copy(), p.y.copy())
+  except Exception as e:  # pylint: disable=broad-except  (the learner's code, reported)
+    return dict.fromkeys(LEAVES, Why(f"raised {_exception_line(e)}"))
+  if isinstance(result, dict):
+    values = [result.get(leaf, Why(f"is missing from the returned dict (keys: "
+                             f"{', '.join(map(str, result)) or 'none'})")) for leaf in LEAVES]
+  elif isinstance(result, (tuple, list)) and len(result) == 4:
+    values = ([getattr(result, leaf) for leaf in LEAVES] if hasattr(result, "w1")
+              else list(result))
+  else:
+    sized = isinstance(result, (tuple, list))
+    what = type(result).__name__ + (f" of {len(result)}" if sized else "")
+    values = [Why(f"is missing: the function returned {what}, not Params, a dict of w1, "
+                  "b1, w2, b2 or a 4-tuple")] * 4
+  return {leaf: v if isinstance(v, Why) else _as_array(v) for leaf, v in zip(LEAVES, values)}
+
+
+def _exception_line(e: BaseException) -> str:
+  """"ValueError: ... (FILE:LINE)", the line of the learner's code that raised."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if f.filename != __file__ and "site-packages" not in f.filename]
+  where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+  return f"{type(e).__name__}: {boundary.first_line(e)}{where}"
+
+
+def _as_array(value: Any) -> Value:
+  """The leaf as a float array, or why it is not one."""
+  try:
+    array = np.asarray(value)
+  except Exception:  # pylint: disable=broad-except  (anything a learner returns)
+    array = np.asarray(None)
+  if array.dtype.kind not in "fiu":
+    return Why(f"is a {type(value).__name__}, not an array of numbers")
+  if not np.all(np.isfinite(array)):
+    return Why("holds NaN or inf")
+  return array if array.dtype.kind == "f" else array.astype(np.float64)
+
+
+def _verdict(leaf: str, values: list[Value], problem_list: list[Problem]) -> Verdict:
+  """The Verdict of one leaf from its value on each problem."""
+  rights = [mistakes.right_gradients(p)[leaf] for p in problem_list]
+  arrays = [v if isinstance(v, np.ndarray) else None for v in values]
+  failed = next((f"{v} on the {p.describe()} problem" for v, p in zip(values, problem_list)
+                 if isinstance(v, Why)), "")
+  if all(a is None for a in arrays):
+    return Verdict(False, None, [], failed.rpartition(" on the ")[0])
+  dtype = next(a.dtype.name for a in arrays if a is not None)
+  tol = LEARNER_TOLERANCE.get(dtype, LEARNER_TOLERANCE["float64"])
+  ran = [(a, r, p) for a, r, p in zip(arrays, rights, problem_list) if a is not None]
+  bad = next((f"wrong shape {a.shape}, should be {r.shape}" for a, r, _ in ran
+              if a.shape != r.shape), "")
+  rel = None if bad else max(mistakes.relative_error(a, r) for a, r, _ in ran)
+  if rel is not None and rel <= tol and not failed:
+    return Verdict(True, rel, [], f"right (rel_error {rel:.1e} <= {tol:g})")
+  found = mistakes.matching(arrays, problem_list, leaf, mistakes.Close(tol))
+  ids = sorted({m for s in found for m in s}, key=list(CATALOGUE).index)
+  if found == [frozenset(["relu_tie_convention"])] and not failed:
+    return _tie_verdict(leaf, ran, tol)
+  status = bad or (f"wrong (rel_error {rel:.1e} > {tol:g})" if rel and rel > tol else
+                   f"right where it ran (rel_error {rel:.1e} <= {tol:g})")
+  if found:
+    status += ": the gradient with " + ", or with ".join(
+        " + ".join(sorted(s, key=list(CATALOGUE).index)) for s in found)
+  elif not failed and not bad:
+    status += ": not a mistake gradcheck knows; " + _largest_difference(ran)
+  return Verdict(False, rel, ids, status + (f"; {failed}" if failed else ""))
+
+
+def _tie_verdict(leaf: str, ran: list[tuple[np.ndarray, np.ndarray, Problem]], tol: float
+                 ) -> Verdict:
+  """Right but for ReLU′(0) at the ties: a convention, named, not an error."""
+  convention = frozenset(["relu_tie_convention"])
+  rel = max(min(mistakes.relative_error(a, c) for c in mistakes.gradients_with(
+      p, convention)[leaf]) for a, _, p in ran)
+  return Verdict(True, rel, ["relu_tie_convention"],
+                 f"right (rel_error {rel:.1e} <= {tol:g}) with ReLU′(0) taken as 0 (or ½) "
+                 "at the ties z1 = 0, where the seed and mlp_jax take 1: a convention, not "
+                 "an error (relu_tie_convention)")
+
+
+def _largest_difference(ran: list[tuple[np.ndarray, np.ndarray, Problem]]) -> str:
+  """Where the leaf is farthest from right: its index, on which problem."""
+  a, r, p = max(ran, key=lambda arp: float(np.max(np.abs(arp[0] - arp[1]))))
+  index = np.unravel_index(np.argmax(np.abs(a - r)), a.shape)
+  where = f"row {index[0]}, column {index[1]}" if len(index) == 2 else f"entry {index[0]}"
+  return (f"the largest difference is at {where} ({a[index]:.4g} for {r[index]:.4g}) on "
+          f"the {p.describe()} problem")
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+  """The function named by "FILE.py:FUNCTION" or "MODULE:FUNCTION"; UsageError if not."""
+  source, _, name = spec.rpartition(":")
+  if not source or not name:
+    raise boundary.UsageError(f"--grads={spec!r}: must be FILE.py:FUNCTION or "
+                              "MODULE:FUNCTION, e.g. --grads=my_grads.py:grads.")
+  try:
+    if source.endswith(".py") or os.sep in source:
+      if not os.path.isfile(source):
+        raise boundary.UsageError(f"--grads: no file {source}; give the path of the .py "
+                                  "file that defines the function.")
+      sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
+      module_spec = importlib.util.spec_from_file_location("learner_grads", source)
+      assert module_spec is not None and module_spec.loader is not None
+      module = importlib.util.module_from_spec(module_spec)
+      module_spec.loader.exec_module(module)
+    else:
+      module = importlib.import_module(source)
+  except boundary.UsageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (the learner's file, reported)
+    raise boundary.UsageError(f"--grads: {source} cannot be loaded: "
+                              f"{_exception_line(e)}") from None
+  fn = getattr(module, name, None)
+  if not callable(fn):
+    raise boundary.UsageError(f"--grads: {source} defines no function {name!r}.")
+  return fn
+
+
 def define_flags() -> None:
   """The command line's flags; defined when run as a script, never at import."""
   flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
@@ -109,6 +303,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the random problem.")
   flags.DEFINE_enum("dtype", "float64", ["float32", "float64"],
                     "dtype of params and X for the manual and autodiff gradients.")
+  flags.DEFINE_string("grads", None, "FILE.py:FUNCTION or MODULE:FUNCTION: check that "
+                      "function(params, X, y) instead of ours, and name its mistakes.")
+  flags.DEFINE_bool("json", False, "With --grads: print the report as JSON.")
 
 
 def main(argv: list[str]) -> None:
@@ -116,8 +313,13 @@ def main(argv: list[str]) -> None:
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  jax.config.update("jax_enable_x64", True)
   FLAGS = flags.FLAGS
+  if FLAGS.grads is not None:
+    report = check_grads(load_function(FLAGS.grads), FLAGS.seed)
+    print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if FLAGS.json
+          else f"gradcheck of {FLAGS.grads}\n{report}")
+    sys.exit(0 if report.correct else 1)
+  jax.config.update("jax_enable_x64", True)
   try:
     params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,
                                   FLAGS.in_dim, FLAGS.hidden_dim, FLAGS.num_classes)
@@ -143,6 +345,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
   define_flags()
   boundary.script(lambda: app.run(main))

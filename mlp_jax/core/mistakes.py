@@ -1,0 +1,190 @@
+"""The mistakes a hand derivation of this network's gradients makes, each computed as the
+gradient it would give, in NumPy float64, so that a learner's wrong gradient can be
+named (mlp_jax.gradcheck.check_grads; docs/derivation.md lists each next to its erratum).
+
+With Δ2 = (P − Y)/B (B, K), Δ1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H), the right gradients of the
+mean cross-entropy are dW1 = Δ1ᵀX, db1 = Σ_rows Δ1, dW2 = Δ2ᵀA1, db2 = Σ_rows Δ2.
+`gradients_with(problem, mistakes)` gives, per parameter, every value those lines take
+with the named mistakes made (several where a mistake can be made more than one way,
+none where its shapes do not fit the problem).
+"""
+
+import itertools
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+LEAVES = ("w1", "b1", "w2", "b2")
+
+# id -> (the mistake, the erratum of docs/derivation.md it comes from, if one)
+CATALOGUE = {
+    "relu_mask_missing": ("δ1 = W2ᵀδ2, without ⊙ 1[z1 ≥ 0]", "erratum 2"),
+    "relu_tie_convention": ("right except where z1 = 0, where it takes ReLU′(0) as 0 (or "
+                            "½) instead of 1: a convention, not an error", "erratum 7"),
+    "w1_for_w2": ("W1 used where W2ᵀ belongs, in δ1 (the seed's (A2 − y)·w1)",
+                  "errata 1 and 3"),
+    "elementwise_for_outer": ("a weight's gradient as the elementwise product δ ⊙ a of "
+                              "its two vectors, not their outer product δ aᵀ (the seed's "
+                              "(A2 − y)·A1)", "errata 2 and 4"),
+    "sign_flipped": ("y − p instead of p − y", "erratum 5"),
+    "softmax_as_sigmoid": ("δ2 = (p − y) ⊙ p ⊙ (1 − p): the derivative of a sigmoid "
+                           "output, not of softmax with cross-entropy", "erratum 5"),
+    "sum_not_mean": ("the gradient of the summed loss: B times too large", ""),
+    "mean_twice": ("divided by B twice", ""),
+    "transposed": ("the right values in the transposed shape", ""),
+    "bias_not_summed": ("a bias gradient of one example, or not reduced over the batch",
+                        ""),
+    "leaves_swapped": ("the right value of another parameter returned under this name",
+                       ""),
+}
+
+
+class Problem(NamedTuple):
+  """A network and a batch: w1 (H, D), b1 (H,), w2 (K, H), b2 (K,), X (B, D), y (B,)."""
+  w1: np.ndarray
+  b1: np.ndarray
+  w2: np.ndarray
+  b2: np.ndarray
+  X: np.ndarray
+  y: np.ndarray
+
+  def describe(self) -> str:
+    (B, D), (H, K) = self.X.shape, (len(self.b1), len(self.b2))
+    ties = int(np.sum(self.X @ self.w1.T + self.b1 == 0))
+    return f"B={B} D={D} H={H} K={K}" + (f", {ties} ties z1 = 0" if ties else "")
+
+
+def problems(seed: int = 0) -> list[Problem]:
+  """The problems every check runs, drawn from `seed` so a verdict is reproducible: one
+  of unequal sizes (a transposed or swapped gradient has the wrong shape), one square,
+  D = H = K (the seed's shape-invalid formulas run), and one square with integer inputs
+  and first layer, so that z1 = 0 exactly at some units, whatever the order of the sums
+  (where ReLU′(0) shows)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(B: int, D: int, H: int, K: int, integer: bool) -> Problem:
+    if integer:
+      first = [rng.integers(-2, 3, shape).astype(np.float64) for shape in ((H, D), (H,))]
+      X = rng.integers(-2, 3, (B, D)).astype(np.float64)
+    else:
+      first = [rng.standard_normal((H, D)) / np.sqrt(D), rng.standard_normal(H)]
+      X = rng.standard_normal((B, D))
+    w2, b2 = rng.standard_normal((K, H)) / np.sqrt(H), rng.standard_normal(K)
+    y = np.arange(B) % K                       # every class, in a drawn order
+    return Problem(first[0], first[1], w2, b2, X, rng.permutation(y))
+
+  return [draw(5, 4, 6, 3, False), draw(4, 5, 5, 5, False), draw(6, 4, 4, 4, True)]
+
+
+def right_gradients(problem: Problem) -> dict[str, np.ndarray]:
+  """The gradients of the mean cross-entropy, ReLU′(0) = 1 as the seed takes it."""
+  return {leaf: values[0] for leaf, values in gradients_with(problem, frozenset()).items()}
+
+
+def gradients_with(problem: Problem, mistakes: frozenset[str]) -> dict[str, list[np.ndarray]]:
+  """{leaf: [every value it takes with `mistakes` made]} ([] where they do not fit)."""
+  w1, b1, w2, b2, X, y = problem
+  B, K = len(X), len(b2)
+  Z1 = X @ w1.T + b1
+  A1 = np.where(Z1 < 0, 0.0, Z1)
+  Z2 = A1 @ w2.T + b2
+  P = np.exp(Z2 - Z2.max(axis=1, keepdims=True))
+  P /= P.sum(axis=1, keepdims=True)
+  delta2 = _output_delta(P, np.eye(K)[y], mistakes) * _scale(B, mistakes)
+  delta1s = [back * mask for back in _backs(problem, delta2, mistakes)
+             for mask in _masks(Z1, mistakes) if back.shape == Z1.shape]
+  outer = "elementwise_for_outer" not in mistakes
+  values = {
+      "w1": [d1.T @ X if outer else np.sum(d1 * X, axis=0)
+             for d1 in delta1s if outer or d1.shape == X.shape],
+      "b1": _bias(delta1s, B, mistakes),
+      "w2": [delta2.T @ A1] if outer else
+            ([np.sum(delta2 * A1, axis=0)] if delta2.shape == A1.shape else []),
+      "b2": _bias([delta2], B, mistakes),
+  }
+  if "transposed" in mistakes:
+    values = {leaf: [v.T for v in vs if v.ndim == 2] if leaf[0] == "w" else []
+              for leaf, vs in values.items()}
+  if "leaves_swapped" in mistakes:
+    values = {leaf: [v for other in LEAVES if other != leaf for v in values[other]]
+              for leaf in LEAVES}
+  return values
+
+
+def _output_delta(P: np.ndarray, Y: np.ndarray, mistakes: frozenset[str]) -> np.ndarray:
+  """Each example's δ2 (B, K), before the 1/B of the mean."""
+  delta2 = Y - P if "sign_flipped" in mistakes else P - Y
+  return delta2 * P * (1 - P) if "softmax_as_sigmoid" in mistakes else delta2
+
+
+def _scale(B: int, mistakes: frozenset[str]) -> float:
+  """1/B of the mean loss, or what a sum or a second mean makes of it."""
+  if "sum_not_mean" in mistakes:
+    return 1.0
+  return 1.0 / B**2 if "mean_twice" in mistakes else 1.0 / B
+
+
+def _backs(problem: Problem, delta2: np.ndarray, mistakes: frozenset[str]
+           ) -> list[np.ndarray]:
+  """∂L/∂A1 (B, H) = Δ2 W2, or with W1 in W2ᵀ's place, either way round that fits."""
+  if "w1_for_w2" not in mistakes:
+    return [delta2 @ problem.w2]
+  w1 = problem.w1
+  return [delta2 @ m for m in (w1.T, w1) if m.shape[0] == delta2.shape[1]]
+
+
+def _masks(Z1: np.ndarray, mistakes: frozenset[str]) -> list[np.ndarray]:
+  """ReLU′(Z1): 1[Z1 ≥ 0]; none; or 0 (or ½) at the ties Z1 = 0."""
+  if "relu_mask_missing" in mistakes:
+    return [np.ones_like(Z1)]
+  if "relu_tie_convention" in mistakes:
+    return [(Z1 > 0).astype(np.float64), np.where(Z1 == 0, 0.5, Z1 > 0)]
+  return [(Z1 >= 0).astype(np.float64)]
+
+
+def _bias(deltas: list[np.ndarray], B: int, mistakes: frozenset[str]) -> list[np.ndarray]:
+  """Σ_rows Δ; not summed: Δ itself, or its first or last row, as it is or times B
+  (one example's own δ)."""
+  if "bias_not_summed" not in mistakes:
+    return [np.sum(d, axis=0) for d in deltas]
+  return [v for d in deltas for v in (d, d[0], d[-1], B * d[0], B * d[-1])]
+
+
+def mistake_sets() -> list[frozenset[str]]:
+  """Every mistake alone, then every two together, in the catalogue's order."""
+  ids = list(CATALOGUE)
+  return ([frozenset([m]) for m in ids]
+          + [frozenset(pair) for pair in itertools.combinations(ids, 2)])
+
+
+def matching(values: list[Optional[np.ndarray]], problem_list: list[Problem], leaf: str,
+             close: "Close") -> list[frozenset[str]]:
+  """The fewest mistakes that give `values` (one leaf's value per problem, None where the
+  function raised) on every problem where there is one, where it is not right on all."""
+  ran = [(v, p) for v, p in zip(values, problem_list) if v is not None]
+  if all(close(v, right_gradients(p)[leaf]) for v, p in ran):
+    return []                               # right wherever it ran: no mistake to name
+  found: list[frozenset[str]] = []
+  for mistakes in mistake_sets():
+    if found and len(mistakes) > len(found[0]):
+      break
+    if all(any(close(v, c) for c in gradients_with(p, mistakes)[leaf]) for v, p in ran):
+      found.append(mistakes)
+  return found
+
+
+class Close:
+  """close(value, want): the same number of entries and max|v − w| ≤ tol·max(|v|, |w|)."""
+
+  def __init__(self, tol: float):
+    self.tol = tol
+
+  def __call__(self, value: np.ndarray, want: np.ndarray) -> bool:
+    return value.size == want.size and relative_error(value.reshape(want.shape),
+                                                      want) <= self.tol
+
+
+def relative_error(value: np.ndarray, want: np.ndarray) -> float:
+  """max|v − w| / max(max|v|, max|w|): the leaf's relative error, 0 when both are 0."""
+  scale = max(float(np.max(np.abs(value), initial=0)), float(np.max(np.abs(want), initial=0)))
+  return float(np.max(np.abs(value - want), initial=0)) / scale if scale > 0 else 0.0

@@ -1,0 +1,229 @@
+"""mj.check_grads and `python -m mlp_jax.gradcheck --grads=...`: a learner's own gradient
+function, leaf by leaf, with the mistake named (mlp_jax/core/mistakes.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mlp_jax as mj
+from mlp_jax.core import mistakes
+from mlp_jax.gradcheck import check_grads
+
+from conftest import ROOT
+
+
+def _forward(params, X):
+  z1 = X @ params["w1"].T + params["b1"]
+  a1 = np.where(z1 < 0, 0.0, z1)
+  z2 = a1 @ params["w2"].T + params["b2"]
+  p = np.exp(z2 - z2.max(axis=1, keepdims=True))
+  return z1, a1, p / p.sum(axis=1, keepdims=True)
+
+
+def learner(mistake=None):
+  """A learner's vectorised NumPy gradient, with `mistake` made the way one makes it."""
+  def grads(params, X, y):
+    B = X.shape[0]
+    z1, a1, p = _forward(params, X)
+    Y = np.eye(p.shape[1])[y]
+    d2 = (Y - p if mistake == "sign_flipped" else p - Y)
+    if mistake == "softmax_as_sigmoid":
+      d2 = d2 * p * (1 - p)
+    d2 = {"sum_not_mean": d2, "mean_twice": d2 / B / B}.get(mistake, d2 / B)
+    back = d2 @ (params["w1"].T if mistake == "w1_for_w2" else params["w2"])
+    mask = {"relu_mask_missing": 1.0, "relu_tie_convention": z1 > 0}.get(mistake, z1 >= 0)
+    d1 = back * mask
+    g = {"w1": d1.T @ X, "b1": d1.sum(axis=0), "w2": d2.T @ a1, "b2": d2.sum(axis=0)}
+    if mistake == "elementwise_for_outer":
+      g["w2"] = (d2 * a1).sum(axis=0)
+    if mistake == "transposed":
+      g["w1"] = X.T @ d1
+    if mistake == "bias_not_summed":
+      g["b1"] = d1[-1]
+    if mistake == "leaves_swapped":
+      g["b1"], g["b2"] = g["b2"], g["b1"]
+    return g
+  return grads
+
+
+# The leaves each mistake makes wrong (on the catalogue's problems).
+WRONG = {"relu_mask_missing": {"w1", "b1"}, "relu_tie_convention": {"w1", "b1"},
+         "w1_for_w2": {"w1", "b1"}, "elementwise_for_outer": {"w2"},
+         "sign_flipped": set(mistakes.LEAVES), "softmax_as_sigmoid": set(mistakes.LEAVES),
+         "sum_not_mean": set(mistakes.LEAVES), "mean_twice": set(mistakes.LEAVES),
+         "transposed": {"w1"}, "bias_not_summed": {"b1"}, "leaves_swapped": {"b1", "b2"}}
+
+
+def test_every_mistake_is_tested():
+  assert set(WRONG) == set(mistakes.CATALOGUE)
+
+
+# The mistakes whose shapes fit only a square problem (D = H = K): made as the seed
+# makes them, they raise on the other one, and so every leaf is wrong.
+SQUARE_ONLY = {"w1_for_w2", "elementwise_for_outer"}
+
+
+@pytest.mark.parametrize("mistake", sorted(mistakes.CATALOGUE))
+def test_each_mistake_is_named_and_no_other(mistake):
+  report = check_grads(learner(mistake))
+  for leaf, verdict in report.leaves.items():
+    if leaf in WRONG[mistake]:
+      assert verdict.mistakes == [mistake], (leaf, verdict)
+      assert mistake in verdict.message
+    else:
+      assert not verdict.mistakes, (leaf, verdict)
+      assert verdict.ok is (mistake not in SQUARE_ONLY), (leaf, verdict)
+    if mistake in SQUARE_ONLY:
+      assert "raised ValueError" in verdict.message, verdict.message
+      assert "on the B=5 D=4 H=6 K=3 problem" in verdict.message
+  tie = mistake == "relu_tie_convention"   # a convention: right, and named
+  assert report.correct is tie
+  assert all(v.ok is (tie or (leaf not in WRONG[mistake] and mistake not in SQUARE_ONLY))
+             for leaf, v in report.leaves.items())
+
+
+def _loop(params, X, y):
+  """The per-example loop a learner writes first, summing δ xᵀ one example at a time."""
+  g = {k: np.zeros_like(params[k]) for k in ("w1", "b1", "w2", "b2")}
+  for x, label in zip(X, y):
+    z1 = params["w1"] @ x + params["b1"]
+    a1 = np.maximum(z1, 0)
+    z2 = params["w2"] @ a1 + params["b2"]
+    p = np.exp(z2 - z2.max()) / np.sum(np.exp(z2 - z2.max()))
+    d2 = p.copy()
+    d2[label] -= 1
+    d1 = (params["w2"].T @ d2) * (z1 >= 0)
+    g["w2"] += np.outer(d2, a1)
+    g["b2"] += d2
+    g["w1"] += np.outer(d1, x)
+    g["b1"] += d1
+  return tuple(g[k] / len(X) for k in ("w1", "b1", "w2", "b2"))
+
+
+def _jax_grad_of_own_loss(params, X, y):
+  """jax.grad of the learner's own loss (jax.nn.relu: ReLU′(0) = 0), float32 by default."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def loss(p):
+    z = jax.nn.relu(X @ p.w1.T + p.b1[None]) @ p.w2.T + p.b2[None]
+    return -jnp.mean(jax.nn.log_softmax(z)[jnp.arange(len(y)), y])
+  return jax.grad(loss)(params)
+
+
+@pytest.mark.parametrize("style", ["vectorised", "loop", "jax_grad", "float32"])
+def test_right_gradients_in_every_style_are_right(style):
+  fn = {"vectorised": learner(), "loop": _loop, "jax_grad": _jax_grad_of_own_loss,
+        "float32": lambda p, X, y: {k: v.astype(np.float32)
+                                    for k, v in learner()(p, X, y).items()}}[style]
+  report = check_grads(fn)
+  assert report.correct, str(report)
+  for leaf, verdict in report.leaves.items():
+    assert verdict.rel_error <= (1e-4 if style in ("jax_grad", "float32") else 1e-8), leaf
+  # jax.nn.relu takes ReLU′(0) = 0: the ties tell, and it is named, not counted wrong.
+  tie = [leaf for leaf, v in report.leaves.items() if v.mistakes]
+  assert tie == (["w1", "b1"] if style == "jax_grad" else []), str(report)
+
+
+def test_float32_values_are_held_to_float32s_tolerance_only():
+  """The tolerance follows the dtype: an error float32 allows passes in float32 and fails
+  in float64."""
+  def off(dtype):
+    def fn(p, X, y):
+      return {k: (v * (1 + 3e-6)).astype(dtype) for k, v in learner()(p, X, y).items()}
+    return fn
+  assert check_grads(off(np.float32)).correct
+  report = check_grads(off(np.float64))
+  assert not report.correct
+  assert all("not a mistake gradcheck knows" in v.message for v in report.leaves.values())
+
+
+def test_an_unknown_mistake_is_wrong_and_located_never_forced_onto_an_id():
+  def fn(p, X, y):
+    g = learner()(p, X, y)
+    g["w2"] = g["w2"].copy()
+    g["w2"][1, 2] += 0.5
+    return g
+  verdict = check_grads(fn).leaves["w2"]
+  assert not verdict.ok and verdict.mistakes == []
+  assert "not a mistake gradcheck knows" in verdict.message
+  assert "row 1, column 2" in verdict.message
+
+
+@pytest.mark.parametrize("fault,expected", [
+    ("raises", "raised ZeroDivisionError: division by zero (test_learner_gradcheck.py:"),
+    ("nan", "holds NaN or inf"),
+    ("string", "is a str, not an array of numbers"),
+    ("none", "the function returned NoneType, not Params"),
+    ("three", "the function returned tuple of 3, not Params"),
+    ("missing", "is missing from the returned dict (keys: w1, b1, w2)"),
+])
+def test_a_broken_function_gives_one_line_per_leaf(fault, expected):
+  def fn(p, X, y):
+    g = learner()(p, X, y)
+    if fault == "raises":
+      return 1 / 0
+    return {"nan": {**g, "b2": g["b2"] * np.nan}, "string": {**g, "b2": "oops"},
+            "none": None, "three": (g["w1"], g["b1"], g["w2"]),
+            "missing": {k: g[k] for k in ("w1", "b1", "w2")}}[fault]
+  report = check_grads(fn)
+  assert not report.correct
+  verdict = report.leaves["b2"]
+  assert not verdict.ok and verdict.rel_error is None
+  assert expected in verdict.message and "\n" not in verdict.message
+
+
+def test_the_params_are_mj_params_and_read_by_name():
+  seen = []
+
+  def fn(params, X, y):
+    seen.append((isinstance(params, mj.Params), params["w1"] is params.w1, X.dtype, y.dtype))
+    return learner()(params, X, y)
+  assert check_grads(fn).correct
+  assert all(s[:2] == (True, True) and s[2] == np.float64 for s in seen)
+  assert all(np.issubdtype(s[3], np.integer) for s in seen)
+
+
+def test_the_seed_as_written_is_diagnosed_as_the_docs_show():
+  """docs/seed_as_written.py: each of its errors named; docs/derivation.md shows this
+  output exactly (test_docs runs its block)."""
+  sys.path.insert(0, os.path.join(ROOT, "docs"))
+  try:
+    import seed_as_written  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  report = check_grads(seed_as_written.grads)
+  assert not report.correct
+  assert report.leaves["w2"].mistakes == ["elementwise_for_outer"]
+  assert report.leaves["w1"].mistakes == ["relu_mask_missing", "elementwise_for_outer"]
+  assert report.leaves["b1"].mistakes == ["relu_mask_missing", "w1_for_w2"]
+  assert report.leaves["b2"].mistakes == []
+
+
+@pytest.mark.slow  # a process of its own
+def test_the_command_prints_json_and_exits_by_the_verdict(tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text("import numpy as np\n"
+                  "def grads(params, X, y):\n"
+                  "  return {k: np.zeros_like(params[k]) for k in ('w1', 'b1', 'w2', 'b2')}\n")
+  run = lambda *args: subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", *args],
+                                     capture_output=True, text=True, cwd=tmp_path)
+  result = run(f"--grads={path}:grads", "--json")
+  assert result.returncode == 1, result.stderr
+  report = json.loads(result.stdout)
+  assert report["correct"] is False
+  assert set(report["leaves"]) == {"w1", "b1", "w2", "b2"}
+  assert set(report["leaves"]["w1"]) == {"ok", "rel_error", "mistakes", "message"}
+  (tmp_path / "broken.py").write_text("def grads(:\n")
+  for spec, line in [(f"{path}:nope", f"--grads: {path} defines no function 'nope'."),
+                     ("missing.py:grads", "--grads: no file missing.py; give the path"),
+                     ("grads", "--grads='grads': must be FILE.py:FUNCTION or"),
+                     ("broken.py:grads", "--grads: broken.py cannot be loaded: SyntaxError")]:
+    result = run(f"--grads={spec}")
+    assert result.returncode == 2, (spec, result.stderr)
+    (only,) = result.stderr.strip().splitlines()
+    assert only.startswith(f"error: {line}"), (spec, only)
