@@ -11,12 +11,19 @@ benchmark: a program compiled once on this machine is read back by every later c
 
 JAX reads the setting at the process's first compilation: `enable` must come before it
 (the scripts call it first thing). Entries are keyed by the program, the JAX and XLA
-versions, the devices and XLA_FLAGS, so a stale one is never used. The cache runs
-programs found in it: like JAX, keep it in a directory only you can write (created
-0700 here).
+versions, the devices and XLA_FLAGS, so a stale one is never used.
+
+JAX runs the programs it finds in the cache, so mlp_jax points it only at a directory
+that is the user's own (`unsafe`): a real directory (not a link), owned by this user and
+writable by no one else, and every entry in it the same. A directory of ours (created
+0700) passes; another user's, or a 0777 one, does not: the default and
+$MLP_JAX_COMPILATION_CACHE are then skipped with one line on stderr (the run compiles
+afresh), and an explicit --compilation_cache is refused.
 """
 
 import os
+import stat
+import sys
 from typing import Optional
 
 ENV = "MLP_JAX_COMPILATION_CACHE"
@@ -31,22 +38,67 @@ def default_dir() -> str:
   return os.path.join(base, "mlp_jax", "jax")
 
 
+def unsafe(path: str) -> Optional[str]:
+  """Why the directory at `path` is not this user's own cache, or None if it is: it
+  and every entry in it owned by this user and writable by no one else."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK)
+  except OSError as e:
+    return f"it cannot be opened as a directory ({e.strerror})"
+  try:
+    why = _not_own(os.fstat(fd), "it")
+    with os.scandir(fd) as entries:
+      for entry in entries:
+        why = why or _not_own(entry.stat(follow_symlinks=False), f"its entry {entry.name}")
+    return why
+  finally:
+    os.close(fd)
+
+
+def _not_own(st: os.stat_result, what: str) -> Optional[str]:
+  if st.st_uid != os.geteuid():
+    return f"{what} belongs to another user (uid {st.st_uid})"
+  if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    return f"other users can write {what} (mode {stat.S_IMODE(st.st_mode):o})"
+  return None
+
+
+def refusal(path: str, why: str) -> str:
+  """The one line that refuses a cache directory, naming why and the fix."""
+  return (f"--compilation_cache {path}: {why}. JAX runs the programs it finds in its "
+          "cache, so mlp_jax uses only a directory of yours that no one else can write: "
+          "chmod go-w it (and its entries), choose another directory, or give "
+          "--compilation_cache= to compile without a cache.")
+
+
 def enable(path: Optional[str] = None) -> Optional[str]:
   """Points JAX's persistent cache at `path` (None: default_dir()) and caches every
   program however fast it compiled (JAX's default skips those under 1 s: all of this
-  project's). Returns the directory in use, or None when off: asked for (''), or the
-  default directory cannot be created."""
+  project's). Returns the directory in use, or None when off: asked for (''), the
+  default directory cannot be created, or is not the user's own (one line on stderr).
+  An explicit `path` that is not the user's own is a UserError."""
   import jax  # pylint: disable=g-import-not-at-top
   given = getattr(jax.config, "jax_compilation_cache_dir")  # read() refuses this one
   if given:
     return given
-  path = default_dir() if path is None else path
+  explicit, path = path is not None, default_dir() if path is None else path
   if not path:
     return None
   try:
     os.makedirs(path, mode=0o700, exist_ok=True)
   except OSError:
     return None   # a read-only home: compile as before
+  why = unsafe(path)
+  if why and explicit:
+    from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
+    raise boundary.UsageError(refusal(path, why))
+  if why:
+    try:
+      print(f"mlp_jax: not using the compilation cache {path!r}: {why} (JAX runs the "
+            "programs it finds there); compiling afresh.", file=sys.stderr)
+    except (OSError, ValueError, AttributeError):
+      pass   # no stderr: the run goes on without the cache all the same
+    return None
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path

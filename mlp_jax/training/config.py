@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from mlp_jax.base import boundary, options
+from mlp_jax.base import boundary, compilation, options
 from mlp_jax.data import datasets
 from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, SETTINGS, Setting, SWEEPABLE,
                                    TRAINING)
@@ -277,6 +277,10 @@ def resolve(config: Config) -> Config:
   for flag in ("profile_dir", "compilation_cache"):
     if getattr(config, flag):
       _check_writable_dir(f"--{flag}", getattr(config, flag))
+  cache = config.compilation_cache
+  why = cache and os.path.lexists(cache) and compilation.unsafe(cache)
+  if cache and why:
+    raise SettingError(compilation.refusal(cache, why))
   if fraction is None:
     fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
   return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))
