@@ -39,6 +39,10 @@ def check_output(path):
   if not os.path.isdir(directory):
     raise boundary.UserError(f"--output={path}: the directory {directory} does not exist; "
                              "create it first.")
+  if os.path.lexists(path) and not (os.path.isfile(path) and not os.path.islink(path)):
+    raise boundary.UserError(f"--output={path} is a link, a device, a pipe or a socket, not "
+                             "a file: predict.py replaces only a regular file; give "
+                             "another file name.")
 
 
 def check_paths(workdir, inputs):

@@ -15,6 +15,8 @@ import gzip
 import io
 import os
 import pathlib
+import socket
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -121,8 +123,36 @@ def _fault_read_only(tmp_path, name):
     assert (work / name).read_text() == "earlier\n"
 
 
+def _fault_node(kind):
+  """Something other than a file where a writer writes: it must be left as it was (the
+  same inode, kind and device), never replaced, written or waited on."""
+  def fault(tmp_path, name):
+    work = tmp_path / "work"
+    work.mkdir()
+    path = work / name
+    if kind == "fifo":
+      os.mkfifo(path)
+    elif kind == "char_device":
+      if os.geteuid() != 0:
+        pytest.skip("only root makes a device node")
+      os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))   # /dev/null's numbers
+    elif kind == "socket":
+      with socket.socket(socket.AF_UNIX) as server:
+        server.bind(os.path.relpath(path))   # a relative name: sockets' paths are short
+    else:
+      path.mkdir()
+    before = os.lstat(path)
+    yield work
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino, before.st_mode, before.st_rdev), f"the {kind} was replaced"
+  return fault
+
+
 FAULTS = {"symlink": _fault_symlink, "dangling_symlink": _fault_dangling,
-          "full_disk": _fault_full_disk, "read_only": _fault_read_only}
+          "full_disk": _fault_full_disk, "read_only": _fault_read_only,
+          **{kind: _fault_node(kind) for kind in ("fifo", "char_device", "socket",
+                                                  "directory")}}
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -572,13 +602,22 @@ def test_output_faults_of_predict_are_one_line(tmp_path):
   assert run_cli(*_tiny(f"npz:{tmp_path / 'd.npz'}", work, "--epochs=1"))[0] == 0
   np.savez(tmp_path / "x.npz", x=np.eye(4))
   script = os.path.join(ROOT, "experiments", "predict.py")
+  os.mkfifo(tmp_path / "fifo")
+  os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+  os.symlink(tmp_path / "x.npz", tmp_path / "link")
+  nodes = {n: os.lstat(tmp_path / n) for n in ("fifo", "null", "link")}
   for output, message in ((tmp_path, "is a directory"),
-                          (tmp_path / "missing" / "p.csv", "does not exist")):
+                          (tmp_path / "missing" / "p.csv", "does not exist"),
+                          *((tmp_path / n, "not a file") for n in nodes)):
     result = subprocess.run([sys.executable, script, f"--workdir={work}",
                              f"--input={tmp_path / 'x.npz'}", f"--output={output}"],
                             capture_output=True, text=True, timeout=120)
     lines = _lines(result.stderr)
     assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr
+  for name, before in nodes.items():   # each left as it was: never replaced
+    after = os.lstat(tmp_path / name)
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino, before.st_mode, before.st_rdev), name
 
 
 def test_a_coordinator_that_does_not_resolve_is_one_line_at_once(tmp_path):

@@ -51,11 +51,26 @@ def refuse_link(path: str) -> None:
                      "another --workdir", path)
 
 
-def open_for_update(path: str, flags: int, mode: int = 0o666) -> int:
-  """os.open of `path` with O_NOFOLLOW | O_CLOEXEC added (a file descriptor); a symlink
-  at `path` is UnsafePath, anything but a regular file there too."""
+def refuse_non_file(path: str) -> None:
+  """UnsafePath unless `path` is absent or a regular file (checked without following a
+  link there)."""
+  refuse_link(path)
   try:
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    mode = os.lstat(path).st_mode
+  except FileNotFoundError:
+    return
+  if not stat.S_ISREG(mode):
+    kind = "a directory" if stat.S_ISDIR(mode) else "a device, a pipe or a socket"
+    raise UnsafePath(errno.EINVAL, f"{path} is {kind}, not a file: mlp_jax replaces only "
+                     "a regular file; give another path", path)
+
+
+def open_for_update(path: str, flags: int, mode: int = 0o666) -> int:
+  """os.open of `path` with O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC added (a file
+  descriptor; a FIFO there never blocks the open); a symlink at `path` is UnsafePath,
+  anything but a regular file there too."""
+  try:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
   except OSError as e:
     if e.errno == errno.ELOOP:
       refuse_link(path)
@@ -79,9 +94,10 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
   """A file object on a new temporary twin of `path` (created exclusively, in the same
   directory), renamed to `path` once the block has written it completely and flushed it
   to disk: a crash or a full disk never leaves a truncated `path` behind (the twin is
-  removed). A symlink at `path` is refused (UnsafePath): the rename would replace the
-  link, not what it points to, but a link there is not this project's file."""
-  refuse_link(path)
+  removed). Only a regular file is replaced: a symlink at `path` is refused (UnsafePath;
+  the rename would replace the link, not what it points to, but a link there is not
+  this project's file), and so is a device, a FIFO, a socket or a directory."""
+  refuse_non_file(path)
   directory, name = os.path.split(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMPORARY_MARK}", dir=directory or ".")
   try:
@@ -90,6 +106,7 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
       yield f
       f.flush()
       os.fsync(f.fileno())
+    refuse_non_file(path)   # again: what is there now is what the rename replaces
     os.replace(tmp, path)
   finally:
     if os.path.lexists(tmp):
