@@ -634,3 +634,26 @@ def test_a_checkpoint_write_refused_by_the_filesystem_is_one_line(tiny_npz, tmp_
   with pytest.raises(experiment.RunError, match=r"^cannot write a checkpoint in .* \("
                      r"Read-only file system\); the newest complete checkpoint is kept"):
     quiet(tiny_config(tiny_npz, tmp_path, epochs=1))
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_a_corrupt_checkpoint_is_never_moved_through_a_planted_link(tiny_npz, tmp_path,
+                                                                     planted):
+  """checkpoints/corrupt made a link to a victim directory (or a file) before the rerun
+  finds a corrupt checkpoint: one line, and nothing is moved into the victim."""
+  damaged, victim = tmp_path / "damaged", tmp_path / "victim"
+  victim.mkdir()
+  quiet(constant(tiny_npz, damaged, 2))
+  corrupt(damaged, 2)
+  place = damaged / "checkpoints" / "corrupt"
+  if planted == "symlink":
+    os.symlink(victim, place)
+  else:
+    place.write_text("a user's file\n")
+  with pytest.raises(experiment.RunError, match="is a link or not a directory") as refused:
+    quiet(constant(tiny_npz, damaged, 2))
+  assert "\n" not in str(refused.value)
+  assert os.listdir(victim) == []
+  assert os.path.isdir(damaged / "checkpoints" / "2")            # left where it was
+  if planted == "file":
+    assert place.read_text() == "a user's file\n"

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -227,15 +226,21 @@ def _sync(name: str) -> None:
 def move_aside(mngr: Manager, epoch: int) -> str:
   """Moves checkpoint `epoch` to checkpoints/corrupt/EPOCH (kept for inspection, out of
   orbax's way so the epochs after it are saved again); returns the new path."""
-  target = os.path.join(str(mngr.directory), CORRUPT_DIR, str(epoch))
+  corrupt = os.path.join(str(mngr.directory), CORRUPT_DIR)
+  target = os.path.join(corrupt, str(epoch))
   _sync(f"mlp_jax: every process has read checkpoint {epoch}")
   if jax.process_index() == 0:
+    if not os.path.lexists(corrupt):
+      os.mkdir(corrupt)
+    if os.path.islink(corrupt) or not os.path.isdir(corrupt):
+      raise CheckpointError(f"{corrupt} is a link or not a directory, where mlp_jax moves a "
+                            "corrupt checkpoint (never through a link): remove it, then "
+                            "rerun the same command.")
     suffix = 0
-    while os.path.exists(target if not suffix else f"{target}.{suffix}"):
+    while os.path.lexists(target if not suffix else f"{target}.{suffix}"):
       suffix += 1
     target = target if not suffix else f"{target}.{suffix}"
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    shutil.move(os.path.join(str(mngr.directory), str(epoch)), target)
+    os.rename(os.path.join(str(mngr.directory), str(epoch)), target)   # never a copy
   _sync(f"mlp_jax: checkpoint {epoch} moved aside")
   mngr.reload()
   return target
