@@ -660,3 +660,17 @@ def test_a_workdir_removed_mid_run_is_one_line(tiny_npz, tmp_path, monkeypatch):
   lines = stderr.strip().splitlines()
   assert code == 1 and len(lines) == 1, stderr
   assert f"--workdir {work} was removed while the run wrote to it" in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("closed", [1, 2])
+def test_a_refusal_with_stdout_or_stderr_closed_is_still_its_status(closed):
+  """`train.py --epochs=0 >&-` (or 2>&-): the refusal's status 2, its one line on stderr
+  where stderr is open, and no traceback from the boundary itself."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+                           "--epochs=0"], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: os.close(closed))
+  assert result.returncode == 2, result.stderr
+  if closed == 1:
+    assert result.stderr.splitlines() == ["error: --epochs=0: must be >= 1."]
+  assert "Traceback" not in result.stderr + result.stdout

@@ -103,13 +103,23 @@ def install_stop_at_once() -> None:
       signal.signal(signum, _stop_at_once)
 
 
-def _print_line(line: str) -> None:
+def _flush_stdout() -> None:
+  """Flushes stdout, whatever state it is in (closed: None, full, or gone)."""
   try:
     sys.stdout.flush()
-  except (OSError, ValueError):
+  except (OSError, ValueError, AttributeError):
     pass
+
+
+def _print_line(line: str) -> None:
+  """`line` on stderr, with what stdout holds flushed first; straight to file
+  descriptor 2 where Python has no sys.stderr (started with it closed)."""
+  _flush_stdout()
   try:
-    print(line, file=sys.stderr, flush=True)
+    if sys.stderr is None:
+      os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
+    else:
+      print(line, file=sys.stderr, flush=True)
   except (OSError, ValueError):
     pass
 
@@ -259,7 +269,7 @@ def run(body: Callable[[], Optional[int]]) -> int:
   except BrokenPipeError:  # `| head`: the reader left; say nothing, as Unix tools do
     try:
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
       pass
     return 128 + signal.SIGPIPE
   except BaseException as e:  # pylint: disable=broad-except  (the boundary)
@@ -290,8 +300,5 @@ def script(main: Callable[[], Any]) -> NoReturn:
   if status == 0:
     sys.exit(0)
   logging.disable(logging.CRITICAL)
-  try:
-    sys.stdout.flush()
-  except (OSError, ValueError):
-    pass
+  _flush_stdout()
   os._exit(status)
