@@ -674,3 +674,45 @@ def test_a_refusal_with_stdout_or_stderr_closed_is_still_its_status(closed):
   if closed == 1:
     assert result.stderr.splitlines() == ["error: --epochs=0: must be >= 1."]
   assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "huge", "nested_fifo",
+                                  "good"])
+def test_a_flagfile_that_is_not_a_small_text_file_is_refused_before_it_is_read(tmp_path,
+                                                                               kind):
+  """absl would block on a FIFO and read /dev/zero without end: each is one line (exit
+  2 in the scripts: boundary.parse_flags), checked before absl opens it; nested too."""
+  path = tmp_path / "run.flags"
+  if kind in ("fifo", "nested_fifo"):
+    os.mkfifo(tmp_path / "fifo")
+  if kind == "fifo":
+    path = tmp_path / "fifo"
+  elif kind == "dev_zero":
+    path = pathlib.Path("/dev/zero")
+  elif kind == "directory":
+    path = tmp_path
+  elif kind == "huge":
+    with open(path, "wb") as f:
+      f.truncate(10**10)                      # sparse: 10^10 declared bytes
+  elif kind == "nested_fifo":
+    path.write_text(f"--epochs=2\n--flagfile={tmp_path / 'fifo'}\n")
+  else:
+    path.write_text("--epochs=2\n")
+  why = boundary._flagfile_problem(["--noprogress", f"--flagfile={path}"])
+  if kind == "good":
+    assert why is None
+  else:
+    assert why.startswith("--flagfile=") and "\n" not in why, why
+    assert ("over the" in why) if kind == "huge" else ("not a regular file" in why)
+
+
+@pytest.mark.slow
+def test_a_fifo_flagfile_is_one_line_not_a_hang(tmp_path):
+  os.mkfifo(tmp_path / "fifo")
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+                           f"--flagfile={tmp_path / 'fifo'}"], capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [f"error: --flagfile={tmp_path / 'fifo'} is not a "
+                                        "regular file (a directory, a FIFO or a device); "
+                                        "give a text file of --name=value lines."]

@@ -28,6 +28,7 @@ at once with one line naming the phase.
 import logging
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -232,6 +233,36 @@ def first_line(e: BaseException) -> str:
 HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")  # absl's
 
 
+MAX_FLAGFILE_BYTES = 1 << 20
+
+
+def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
+  """Why a --flagfile among `args` (or one it names, in turn) cannot be read as a small
+  text file, or None: absl would block on a FIFO and read /dev/zero without end."""
+  paths = [a.split("=", 1)[1] for a in args if a.startswith("--flagfile=")]
+  paths += [b for a, b in zip(args, args[1:]) if a == "--flagfile"]
+  for path in paths:
+    try:
+      info = os.stat(path)
+    except OSError:
+      continue   # absl names a missing one itself
+    if not stat.S_ISREG(info.st_mode):
+      return (f"--flagfile={path} is not a regular file (a directory, a FIFO or a "
+              "device); give a text file of --name=value lines.")
+    if info.st_size > MAX_FLAGFILE_BYTES:
+      return (f"--flagfile={path} is {info.st_size} bytes, over the "
+              f"{MAX_FLAGFILE_BYTES} a flagfile may have: is it the right file?")
+    try:
+      with open(path, "rb") as f:
+        lines = f.read(MAX_FLAGFILE_BYTES + 1).decode("utf-8", "replace").split()
+    except OSError:
+      continue
+    why = depth < 8 and _flagfile_problem(lines, depth + 1)
+    if why:
+      return why
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser for a script (app.run(main, flags_parser=boundary.parse_flags)):
   a flag it cannot parse, a required flag not given or an unreadable --flagfile is one
@@ -240,6 +271,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   app.define_help_flags()  # what app.run defines: --help, --helpshort, ... (idempotent)
+  why = _flagfile_problem(argv[1:])
+  if why:
+    print(f"error: {why}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except SystemExit as e:  # absl's help flags print the help, then exit 1
