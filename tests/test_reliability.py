@@ -657,3 +657,50 @@ def test_a_corrupt_checkpoint_is_never_moved_through_a_planted_link(tiny_npz, tm
   assert os.path.isdir(damaged / "checkpoints" / "2")            # left where it was
   if planted == "file":
     assert place.read_text() == "a user's file\n"
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "schedule_edited",
+                                    "schedule_absurd"])
+def test_the_schedule_lives_in_the_checkpoint_not_in_config_json(tiny_npz, tmp_path, damage):
+  """3 epochs, resumed to 5 (a second learning-rate cycle), then config.json lost or
+  edited before a resume to 7: bit-identical to the untouched run's resume to 7."""
+  untouched, damaged = tmp_path / "untouched", tmp_path / "damaged"
+  for work in (untouched, damaged):
+    quiet(tiny_config(tiny_npz, work, epochs=3))
+    quiet(tiny_config(tiny_npz, work, epochs=5))
+  path = damaged / "config.json"
+  if damage == "deleted":
+    path.unlink()
+  elif damage == "truncated":
+    path.write_bytes(path.read_bytes()[:40])
+  else:
+    record = json.loads(path.read_text())
+    record["schedule_epochs"] = [-5] if damage == "schedule_absurd" else [10**12]
+    path.write_text(json.dumps(record))
+  quiet(tiny_config(tiny_npz, untouched, epochs=7))
+  quiet(tiny_config(tiny_npz, damaged, epochs=7))
+  assert_same_params(untouched, damaged)
+
+
+def test_a_checkpoint_without_its_schedule_takes_config_jsons_only_if_sane(tiny_npz,
+                                                                           tmp_path):
+  """A checkpoint of mlp_jax 0.4.0 and older records no schedule: config.json's is used
+  when it is there and sane, else the resume is refused in one line."""
+  from mlp_jax.run import hooks, workdir  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tiny_npz, tmp_path, epochs=7)
+  old = hooks.Restored(None, 5, None, None)
+  run = {"config": {"epochs": 3}, "schedule_epochs": [3, 5]}
+  assert workdir.schedule_epochs(config, run, old, lambda _: None) == [3, 5, 7]
+  assert workdir.schedule_epochs(config, {"config": {"epochs": 5}}, old,
+                                 lambda _: None) == [5, 7]
+  for bad, words in (({}, "config.json, which holds it, is missing"),
+                     ({**run, "schedule_epochs": [-5]}, "not a list of increasing"),
+                     ({**run, "schedule_epochs": [10**12]}, "not a list of increasing"),
+                     ({**run, "schedule_epochs": [5, 3]}, "not a list of increasing"),
+                     ({**run, "schedule_epochs": "3"}, "not a list of increasing")):
+    with pytest.raises(experiment.RunError, match=words) as refused:
+      workdir.schedule_epochs(config, bad, old, lambda _: None)
+    assert "\n" not in str(refused.value)
+  saved = hooks.Restored(None, 5, None, [3, 5])          # the checkpoint's record wins
+  assert workdir.schedule_epochs(config, {}, saved, lambda _: None) == [3, 5, 7]
+  assert saved.schedule == [3, 5]

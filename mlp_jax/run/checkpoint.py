@@ -131,10 +131,13 @@ def check_space(mngr: Manager, state: State) -> None:
 
 
 def save(mngr: Manager, epoch: int, state: State,
-         settings: Optional[dict[str, Any]] = None) -> None:
+         settings: Optional[dict[str, Any]] = None,
+         schedule: Optional[list[int]] = None) -> None:
   """Saves `state` as the checkpoint after `epoch` finished epochs (asynchronously; a
   failed write of it or of the save before it is a CheckpointError), with `settings`
-  {name: JSON value}: what a resume must match (see restore_latest).
+  {name: JSON value}: what a resume must match (see restore_latest), and `schedule`:
+  the epochs where the learning rate's cycles end (saved_schedule), which decides the
+  epochs after it.
 
   Raises CheckpointError when orbax declines to save (it skips a step that is not newer
   than its latest), rather than leaving the epoch silently without a checkpoint.
@@ -146,7 +149,8 @@ def save(mngr: Manager, epoch: int, state: State,
         state=ocp.args.StandardSave(state),
         checksum=ocp.args.JsonSave({"sha256": state_digest(state),
                                     "signature": state_signature(state),
-                                    "settings": settings or {}})))
+                                    "settings": settings or {},
+                                    "schedule_epochs": schedule})))
   if not saved:
     raise CheckpointError(f"orbax did not save the checkpoint after epoch {epoch} (the "
                           f"newest in {mngr.directory} is epoch {mngr.latest_step()}); "
@@ -244,6 +248,15 @@ def move_aside(mngr: Manager, epoch: int) -> str:
   _sync(f"mlp_jax: checkpoint {epoch} moved aside")
   mngr.reload()
   return target
+
+
+def saved_schedule(mngr: Manager, epoch: int) -> Optional[list[int]]:
+  """The schedule_epochs checkpoint `epoch` was saved with; None for a checkpoint of an
+  mlp_jax that did not save it (0.4.0 and older)."""
+  record = mngr.restore(epoch, args=_orbax().args.Composite(
+      checksum=_orbax().args.JsonRestore()))["checksum"]
+  schedule = record.get("schedule_epochs")
+  return [int(e) for e in schedule] if schedule else None
 
 
 def restore_latest(mngr: Manager, template: State,

@@ -216,7 +216,8 @@ def _restore(ctx: RunContext, data_shape: tuple[int, int, int]) -> Restored:
   if restored is None:
     return Restored(state, 0, mngr)
   ctx.log(f"resuming from the checkpoint after epoch {restored[0]}")
-  return Restored(restored[1], restored[0], mngr)
+  return Restored(restored[1], restored[0], mngr,
+                  checkpoint.saved_schedule(mngr, restored[0]))
 
 
 def _describe(ctx: RunContext) -> None:
@@ -244,7 +245,8 @@ def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> di
                    f"--epochs={start.epochs_done} (its outputs are written again) or more, "
                    "or use a fresh --workdir.")
   notes: list[str] = []  # told only once the resume is known to go ahead
-  cycle_ends = workdir_lib.schedule_epochs(config, old_run, start.epochs_done, notes.append)
+  cycle_ends = workdir_lib.schedule_epochs(config, old_run, start, notes.append)
+  start = start._replace(schedule=cycle_ends)       # saved in each checkpoint
   calibrated = (config.dp_target_epsilon is not None
                 or "dp_target_epsilon" in ctx.stack.configurations[0])
   if calibrated and cycle_ends != [config.epochs]:  # σ depends on --epochs

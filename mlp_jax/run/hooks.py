@@ -45,11 +45,14 @@ class Placed(NamedTuple):
 
 
 class Restored(NamedTuple):
-  """Where training starts: the TrainState, the epochs it has done, the checkpoints."""
+  """Where training starts: the TrainState, the epochs it has done, the checkpoints,
+  and the epochs where the learning rate's cycles end (the checkpoint's record when
+  restored, then the plan this training follows, saved in each checkpoint)."""
 
   state: train.TrainState
   epochs_done: int
   mngr: checkpoint.Manager
+  schedule: Optional[list[int]] = None
 
 
 def progress_bar(ctx: RunContext, epochs_done: int) -> Any:
@@ -81,6 +84,7 @@ class RunHooks(fit.Hooks):
   def __init__(self, ctx: RunContext, start: Restored, placed: Placed,
                history: list[Row]):
     self.ctx, self.mngr, self.placed, self.history = ctx, start.mngr, placed, history
+    self.schedule = start.schedule
     self.done, self.saved_at = start.epochs_done, time.monotonic()
     self.interrupted: Optional[processes.Interrupted] = None
     self.profile = Profile(ctx, start.epochs_done)
@@ -110,7 +114,8 @@ class RunHooks(fit.Hooks):
     if due or signum:
       with processes.peers(ctx.config, f"the checkpoint of epoch {epoch + 1}", self.done):
         checkpoint.save(self.mngr, epoch + 1, state,
-                        workdir_lib.resume_settings(ctx.config, ctx.data))
+                        workdir_lib.resume_settings(ctx.config, ctx.data),
+                        self.schedule)
       self.done, self.saved_at = epoch + 1, time.monotonic()
     if signum and not last:
       saved = "checkpoint and plots" if ctx.config.cv_folds else (

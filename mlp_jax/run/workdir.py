@@ -250,30 +250,51 @@ def resume_settings(config: Config, fingerprint: Optional[dict[str, Any]] = None
   return json.loads(json.dumps(settings))
 
 
-def schedule_epochs(config: Config, old_run: dict[str, Any], epochs_done: int, log: Log
+def schedule_epochs(config: Config, old_run: dict[str, Any], start: Any, log: Log
                     ) -> list[int]:
-  """The epochs where each learning-rate cycle ends, e.g. [10] or, resumed, [10, 15].
+  """The epochs where each learning-rate cycle ends, e.g. [10] or, resumed, [10, 15],
+  from `start` (hooks.Restored: its epochs done and its checkpoint's schedule).
 
   A run's schedule is planned for its --epochs. Resuming with more epochs than planned
   keeps the planned cycle and starts a new one (warmup, then cosine to 0) for the extra
   epochs; with fewer, training stops early on the planned schedule. Either is logged.
+  The checkpoint's own record decides; config.json only for a checkpoint without one
+  (mlp_jax 0.4.0 and older), and then it must be there and sane.
   """
-  if not epochs_done:
+  if not start.epochs_done:
     return [config.num_epochs]
-  planned = old_run.get("config", {}).get("epochs", config.epochs)
-  ends = list(old_run.get("schedule_epochs") or [planned])
-  if config.epochs > ends[-1]:
+  epochs = config.num_epochs
+  ends = list(start.schedule or _schedule_of_config_json(old_run, config, start.epochs_done))
+  if epochs > ends[-1]:
     swept = any(spec.partition("=")[0].strip() == "learning_rate" for spec in config.sweep)
     peak = ("each model's own peak learning rate" if swept
             else f"peak learning rate {config.learning_rate:g}")
-    log(f"--epochs {config.epochs} extends a run planned for {ends[-1]}: epochs "
-        f"{ends[-1] + 1}-{config.epochs} follow a new {config.schedule} cycle at {peak} "
+    log(f"--epochs {epochs} extends a run planned for {ends[-1]}: epochs "
+        f"{ends[-1] + 1}-{epochs} follow a new {config.schedule} cycle at {peak} "
         "(schedule_epochs in config.json)")
-    ends.append(config.epochs)
-  elif config.epochs < ends[-1]:
-    log(f"--epochs {config.epochs} stops early on a schedule planned for {ends[-1]} "
+    ends.append(epochs)
+  elif epochs < ends[-1]:
+    log(f"--epochs {epochs} stops early on a schedule planned for {ends[-1]} "
         "epochs; the learning rate has not decayed to its end")
   return ends
+
+
+def _schedule_of_config_json(old_run: dict[str, Any], config: Config, epochs_done: int
+                             ) -> list[int]:
+  """schedule_epochs as config.json records it, for a checkpoint that does not; RunError
+  if config.json is lost, or its value is not increasing epochs from 1 to 10^6."""
+  if "config" not in old_run:
+    raise RunError(f"--workdir {config.workdir}: its checkpoint after epoch {epochs_done} "
+                   "was saved without its learning-rate schedule (mlp_jax 0.4.0 or "
+                   "older), and config.json, which holds it, is missing or unreadable: "
+                   "put config.json back, or use a fresh --workdir.")
+  ends = old_run.get("schedule_epochs") or [old_run["config"].get("epochs", config.epochs)]
+  if not (isinstance(ends, list) and all(type(e) is int and 1 <= e <= 10**6 for e in ends)
+          and ends == sorted(set(ends))):
+    raise RunError(f"--workdir {config.workdir}: config.json's schedule_epochs {ends!r} is "
+                   "not a list of increasing epochs from 1 to 10^6; put back the value the "
+                   "run wrote, or use a fresh --workdir.")
+  return list(ends)
 
 
 def _versions() -> dict[str, Optional[str]]:
