@@ -704,3 +704,20 @@ def test_a_checkpoint_without_its_schedule_takes_config_jsons_only_if_sane(tiny_
   saved = hooks.Restored(None, 5, None, [3, 5])          # the checkpoint's record wins
   assert workdir.schedule_epochs(config, {}, saved, lambda _: None) == [3, 5, 7]
   assert saved.schedule == [3, 5]
+
+
+def test_a_huge_metrics_line_is_set_aside_without_being_held(tiny_npz, tmp_path,
+                                                             monkeypatch):
+  """A metrics.jsonl line longer than any record a run writes (MAX_RECORD_BYTES, made
+  small here) is a torn line: set aside with the file, the run resumes, and the line is
+  never read whole."""
+  from mlp_jax.run import workdir  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "w"
+  quiet(tiny_config(tiny_npz, work, epochs=2))
+  rows = (work / "metrics.jsonl").read_text()
+  (work / "metrics.jsonl").write_text(rows + "x" * 5000 + "\n")
+  monkeypatch.setattr(workdir, "MAX_RECORD_BYTES", 1000)
+  lines = quiet(tiny_config(tiny_npz, work, epochs=3))
+  assert any("metrics.jsonl held a torn line (line 3" in line for line in lines), lines
+  assert [r["epoch"] for r in metrics(work)] == [1, 2, 3]
+  assert (work / "metrics.replaced-1.jsonl").read_text().endswith("x" * 5000 + "\n")

@@ -142,6 +142,8 @@ def _check_old_run(workdir: str, config: Config, log: Log,
   if not os.path.exists(old_config):
     return {}
   try:
+    if files.check_regular_file(old_config) > MAX_RECORD_BYTES:
+      raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
     with open(old_config) as f:
       old_run = json.load(f)
     _check_record(old_run)
@@ -339,6 +341,10 @@ def write_config(workdir: str, record: dict[str, Any]) -> None:
   write_json(os.path.join(workdir, "config.json"), record)
 
 
+# A record (config.json, a metrics.jsonl line) longer than this is not one mlp_jax wrote.
+MAX_RECORD_BYTES = 64 << 20
+
+
 def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
                  ) -> list[Row]:
   """The metrics lines of epochs 1..epochs_done. Lines of later epochs (a run that fell
@@ -367,8 +373,14 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
   whole JSON record with an epoch: a line cut by a crash or a full disk)."""
   rows: list[Row] = []
   torn: list[int] = []
+  files.check_regular_file(path)
   with open(path, errors="replace") as f:
-    for number, line in enumerate(f, 1):
+    for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES), ""), 1):
+      if len(line) == MAX_RECORD_BYTES and not line.endswith("\n"):
+        while (chunk := f.readline(1 << 20)) and not chunk.endswith("\n"):
+          pass                              # a line no run writes: skipped, never held
+        torn.append(number)
+        continue
       if not line.strip():
         continue
       try:
