@@ -210,3 +210,42 @@ def test_hostile_inputs_are_one_line_each(digits_run, tmp_path):
     with pytest.raises(ValueError, match=message) as error:
       trained.read_inputs(str(tmp_path / name), model)
     assert "\n" not in str(error.value)
+
+
+def test_a_params_npz_with_huge_extra_members_reads_only_what_the_model_needs(
+    digits_run, tmp_path, monkeypatch):
+  """The trial's bomb: the real params plus members declaring far more than the memory
+  budget (here 40 MB, with 3 members of 100 MB of zeros, compressed to a few hundred
+  KB). mj.load reads only the params and the preprocessing, each once, straight into its
+  array: peak memory stays a small part of the budget. Asked for more than the budget in
+  all, one archive read is refused in one line."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  workdir, _, _ = digits_run
+  path = tmp_path / "bomb.npz"
+  with np.load(workdir / "params.npz") as f:
+    arrays = dict(f)
+  np.savez(path, **arrays)
+  zeros = np.zeros(100 << 20, np.uint8)
+  with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z:
+    for k in range(3):
+      with z.open(f"bomb{k}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, zeros)
+  del zeros
+  monkeypatch.setattr(files, "memory_budget", lambda: 40 << 20)
+  tracemalloc.start()
+  model = mj.load(str(path))
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  np.testing.assert_array_equal(np.asarray(model.params.w1), arrays["w1"])
+  assert peak < 4 << 20, peak
+  with files.NpzArchive(str(path), max_bytes=40 << 20) as npz:
+    with pytest.raises(ValueError, match="more than the .* bytes of memory this reader "
+                                         "may still use") as refused:
+      npz.read("bomb0")
+  assert "\n" not in str(refused.value)
+  with files.NpzArchive(str(path), max_bytes=arrays["w1"].nbytes * 3 // 2) as npz:
+    npz.read("w1")                                  # the budget is for the whole read
+    with pytest.raises(ValueError, match="may still use"):
+      npz.read("w1")

@@ -176,13 +176,16 @@ class NpzArchive:
         for rows in npz.read_rows("x", 4096): ...   # or in slices of rows
 
   Every member's header is checked when it is opened: no object arrays (nothing is
-  unpickled), a declared size that its member's real size can hold, and at most
-  `max_bytes`. Problems raise `error` with one line.
+  unpickled), a declared size that its member's real size can hold, and, with what
+  `read` has already read from the archive, at most `max_bytes` (one budget for the
+  whole read). Only the members asked for are read, each once, straight into its
+  array. Problems raise `error` with one line.
   """
 
   def __init__(self, path: str, error: type = ValueError, max_bytes: Optional[int] = None):
     self.path, self.error = path, error
     self.max_bytes = memory_budget() if max_bytes is None else max_bytes
+    self.used = 0     # bytes `read` has allocated so far
     self._zip: Optional[zipfile.ZipFile] = None
 
   def __enter__(self) -> "NpzArchive":
@@ -224,9 +227,10 @@ class NpzArchive:
     elif header.nbytes > info.file_size:
       problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes) but its member "
                  f"holds {info.file_size:,} bytes: the file is truncated or corrupt")
-    elif header.nbytes > self.max_bytes:
+    elif header.nbytes > self.max_bytes - self.used:
       problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes), more than the "
-                 f"{self.max_bytes:,} bytes of memory this reader may use")
+                 f"{self.max_bytes - self.used:,} bytes of memory this reader may still "
+                 f"use ({self.max_bytes:,} in all)")
     if problem:
       f.close()
       raise self.error(f"{self.path}: {name} {problem}.")
@@ -267,9 +271,23 @@ class NpzArchive:
     return buffer
 
   def read(self, name: str) -> np.ndarray:
-    """The whole array `name`, read after its header's checks."""
-    chunks = list(self.read_rows(name, 1 << 62))
-    return chunks[0].copy() if len(chunks) == 1 else np.concatenate(chunks)
+    """The whole array `name`, read after its header's checks straight into its array
+    (no second copy), counted against the archive's budget."""
+    f, header = self._open(name)
+    with f:
+      array = np.empty(header.shape, header.dtype, order="F" if header.fortran else "C")
+      view = memoryview(array.reshape(-1, order="A").view(np.uint8))
+      done = 0
+      try:
+        while done < header.nbytes and (count := f.readinto(view[done:])):
+          done += count
+      except (OSError, zlib.error, EOFError, zipfile.BadZipFile) as e:
+        raise self.error(f"{self.path}: {name} cannot be read ({_reason(e)}).") from None
+      if done != header.nbytes:
+        raise self.error(f"{self.path}: {name} is truncated ({done:,} of "
+                         f"{header.nbytes:,} bytes).")
+    self.used += header.nbytes
+    return array
 
 
 def _reason(e: BaseException) -> str:

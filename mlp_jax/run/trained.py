@@ -99,7 +99,8 @@ def load(path: str) -> TrainedModel:
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:
     with files.NpzArchive(file) as npz:  # every header checked against its real size
-      arrays = {name: npz.read(name) for name in npz.names}
+      arrays = {name: npz.read(name) for name in (*Params._fields, *PREPROCESSING)
+                if name in npz.names}          # what a model needs, no other member
   except ValueError as e:
     reason = str(e).removeprefix(f"{file}: ").removeprefix(f"{file} is ")
     raise ValueError(f"{file} is not a readable params.npz ({reason}); rerun the training "
