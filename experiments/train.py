@@ -39,7 +39,6 @@ def define_flags():
 
 def parse_flags(argv):
   """boundary.parse_flags, with the runner's flags defined first."""
-  boundary.check_environment()
   define_flags()
   return boundary.parse_flags(argv)
 

@@ -91,6 +91,21 @@ def _canonical_order(X: np.ndarray, y: np.ndarray) -> np.ndarray:
   return np.argsort(digest, kind="stable")
 
 
+def _check_repeats(total: int, X: np.ndarray) -> None:
+  """ValueError, before anything is copied, if `total` repeated rows of X would not fit
+  the memory budget of a read (files.memory_budget): the fit holds about three copies
+  of them in X's dtype (repeated, ordered, scaled) and three in float32."""
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  need = total * (X.shape[1] * (3 * X.itemsize + 12) + 24)
+  budget = files.memory_budget()
+  if need > budget:
+    raise ValueError(f"sample_weight repeats the rows {total:,} times in all (whole-number "
+                     f"weights train as repeated rows): about {need / 2**30:,.1f} GiB, more "
+                     f"than the {budget / 2**30:,.1f} GiB this fit may use; divide the "
+                     "weights by a common factor, or give weights that are not whole "
+                     "numbers (each row's loss scaled, no copies).")
+
+
 class MLPClassifier(ClassifierMixin, BaseEstimator):
   """The two-layer MLP as a scikit-learn classifier, trained by the runner's code.
 
@@ -167,6 +182,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
                          "influence of one row, and a weight would change it.")
       if np.all(weights == np.round(weights)):
         counts = weights.astype(np.int64)
+        _check_repeats(int(counts.sum()), X)
         X, y, weights = np.repeat(X, counts, axis=0), np.repeat(y, counts), None
       else:
         keep = weights > 0

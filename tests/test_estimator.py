@@ -137,6 +137,24 @@ def test_sample_weight_equals_repeating_rows():
   assert not np.array_equal(halves.predict_proba(X), weighted.predict_proba(X))
 
 
+def test_sample_weights_that_repeat_rows_past_the_memory_are_refused_before_a_copy(
+    monkeypatch):
+  """The trial's np.full(150, 1e6) on iris: 150 M repeated rows, past a budget of 1 GiB
+  (the budget of a machine this size). One ValueError naming sample_weight, before the
+  rows are copied (peak memory stays small)."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(files, "memory_budget", lambda: 1 << 30)
+  X, y = blobs(n=150)
+  tracemalloc.start()
+  with pytest.raises(ValueError, match="sample_weight repeats the rows 150,000,000 "
+                                       "times in all") as refused:
+    mj.MLPClassifier(**SMALL).fit(X, y, sample_weight=np.full(150, 1e6))
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  assert "\n" not in str(refused.value) and peak < 64 << 20, peak
+
+
 def test_random_state_is_the_seed():
   X, y = blobs()
   p0 = mj.MLPClassifier(**SMALL).fit(X, y).predict_proba(X)

@@ -393,6 +393,37 @@ def test_a_bad_environment_is_one_line_before_jax_starts(variable, value, messag
     boundary.check_environment()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "predict.py"])
+def test_an_address_space_cap_too_small_for_jax_is_one_line_not_an_abort(script):
+  """`ulimit -v 1000000`: JAX would segfault or abort in C++ (exit 134/139); refused in
+  one line before JAX starts."""
+  import resource  # pylint: disable=g-import-not-at-top
+  cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (1000000 * 1024,) * 2)
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script),
+                           "--workdir=/nonexistent", "--input=/nonexistent"][:2 + (
+                               script == "predict.py")], capture_output=True, text=True,
+                          timeout=60, preexec_fn=cap)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.splitlines() == [
+      "error: the address-space limit (ulimit -v) is 0.95 GiB, less than the 2 GiB JAX "
+      "needs to start (it would abort in C++): raise it, e.g. ulimit -v unlimited."]
+
+
+def test_the_memory_budget_counts_an_address_space_limit(monkeypatch):
+  """A reader's budget and the training's memory check see RLIMIT_AS: under a limit
+  only 1 GiB above what the process maps, at most 1 GiB is available."""
+  import resource  # pylint: disable=g-import-not-at-top
+  with open("/proc/self/statm", encoding="ascii") as f:
+    mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+  real = resource.getrlimit
+  monkeypatch.setattr(resource, "getrlimit", lambda which: (
+      (mapped + (1 << 30), resource.RLIM_INFINITY) if which == resource.RLIMIT_AS
+      else real(which)))
+  assert files.host_available() <= 1 << 30
+  assert files.memory_budget() <= 1 << 29
+
+
 def test_the_boundary_turns_anything_into_one_line_and_a_log(tmp_path, capsys):
   def bug():
     raise KeyError("deep inside")

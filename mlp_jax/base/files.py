@@ -21,6 +21,7 @@ umask, as `open` and `mkdir` would give them.
 import contextlib
 import errno
 import os
+import resource
 import stat
 import tempfile
 import zipfile
@@ -125,13 +126,31 @@ def remove_stale_temporaries(directory: str) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 
-def memory_budget() -> int:
-  """Bytes a reader may allocate: half of the host's available memory (or 4 GiB where
-  that cannot be read)."""
+def host_available() -> Optional[int]:
+  """Bytes this process may still allocate: the host's available memory, or less where
+  an address-space limit (RLIMIT_AS, `ulimit -v`) leaves less room above what the
+  process maps already; None where neither can be read."""
   try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    available: Optional[int] = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError):
-    return 1 << 32
+    available = None
+  limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+  if limit != resource.RLIM_INFINITY:
+    try:
+      with open("/proc/self/statm", encoding="ascii") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+      mapped = 0
+    room = max(limit - mapped, 0)
+    available = room if available is None else min(available, room)
+  return available
+
+
+def memory_budget() -> int:
+  """Bytes a reader may allocate: half of what the process may still allocate
+  (host_available; 4 GiB where that cannot be read)."""
+  available = host_available()
+  return 1 << 32 if available is None else available // 2
 
 
 def check_regular_file(path: str) -> int:

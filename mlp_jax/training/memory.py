@@ -2,11 +2,11 @@
 line before anything is allocated (XLA would raise from deep inside JAX, or abort the
 process). The runner and the estimators both train behind it."""
 
-import os
 from typing import Optional, Sequence
 
 import jax
 
+from mlp_jax.base import files
 from mlp_jax.training.config import Config, RunError
 
 # Optimizer slots per parameter (momentum, Adam's μ and ν).
@@ -26,15 +26,14 @@ def memory_needed(config: Config, in_dim: int, num_classes: int, num_rows: int,
 
 
 def memory_available(device: jax.Device) -> tuple[Optional[int], str]:
-  """(bytes free on `device`, what it is): the accelerator's free memory, or the host's
-  available RAM for a CPU device; (None, ...) where neither can be read."""
+  """(bytes free on `device`, what it is): the accelerator's free memory, or what the
+  process may still allocate on the host for a CPU device (its available RAM, less
+  under an address-space limit: files.host_available); (None, ...) where neither can
+  be read."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "bytes_limit" in stats:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} device"
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host"
-  except (ValueError, OSError):
-    return None, "host"
+  return files.host_available(), "host"
 
 
 def _gib(num_bytes: float) -> str:
