@@ -747,3 +747,19 @@ def test_a_fifo_flagfile_is_one_line_not_a_hang(tmp_path):
   assert result.stderr.splitlines() == [f"error: --flagfile={tmp_path / 'fifo'} is not a "
                                         "regular file (a directory, a FIFO or a device); "
                                         "give a text file of --name=value lines."]
+
+
+@pytest.mark.slow
+def test_a_non_ascii_workdir_in_the_c_locale_is_one_line(tmp_path):
+  """LANG=C (no UTF-8 mode): Python holds a non-ASCII path with surrogates, which orbax
+  cannot pass to tensorstore; refused in one line (status 2), nothing written."""
+  env = {**os.environ, "LANG": "C", "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+         "PYTHONUTF8": "0"}
+  work = os.path.join(os.fsencode(tmp_path), "w\xc3\xa9".encode("latin-1"))
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+                           b"--workdir=" + work, "--epochs=1"], capture_output=True,
+                          timeout=120, env=env)
+  lines = result.stderr.decode("ascii", "backslashreplace").splitlines()
+  assert result.returncode == 2 and len(lines) == 1, lines
+  assert "is not text in this locale's encoding" in lines[0]
+  assert not os.path.exists(work)

@@ -8,6 +8,7 @@ sweep grid, folds, Hyperparams, the choices made from its data).
 import itertools
 import math
 import os
+import sys
 import tempfile
 from typing import Any, Callable, Iterable, Optional
 
@@ -194,6 +195,16 @@ def _check_writable_dir(flag: str, path: str) -> None:
                    "choose another path.") from None
 
 
+def _is_text(path: str) -> bool:
+  """False for a path Python could only decode with surrogates (bytes that are not
+  text in the locale's encoding, e.g. UTF-8 under LANG=C)."""
+  try:
+    path.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
 def check_warmup(config: Config) -> None:
   """RunError unless the warmup fits in the run's epochs."""
   if config.warmup_epochs > config.num_epochs:
@@ -277,6 +288,11 @@ def resolve(config: Config) -> Config:
   for flag in ("profile_dir", "compilation_cache"):
     if getattr(config, flag):
       _check_writable_dir(f"--{flag}", getattr(config, flag))
+  if config.workdir is not None and not _is_text(config.workdir):
+    raise SettingError(f"--workdir {config.workdir!a} is not text in this locale's "
+                       f"encoding ({sys.getfilesystemencoding()}), and orbax cannot store "
+                       "checkpoints under it: run in a UTF-8 locale (LANG=C.UTF-8, or "
+                       "PYTHONUTF8=1), or use an ASCII path.")
   cache = config.compilation_cache
   why = cache and os.path.lexists(cache) and compilation.unsafe(cache)
   if cache and why:
