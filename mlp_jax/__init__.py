@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+def __dir__() -> list[str]:
+  """The public API (what tab completion offers), not this module's machinery."""
+  return sorted([*__all__, "__version__"])
+
+
 def __getattr__(name: str) -> Any:
   if name in _EXPORTS:
     return getattr(importlib.import_module(f"mlp_jax.{_EXPORTS[name]}"), name)

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -51,17 +52,26 @@ def test_mypy_finds_the_mistakes_in_a_users_code(tmp_path):
 
 
 def test_mypy_finds_the_package_outside_the_checkout_after_the_readme_install(tmp_path):
-  """The README's `pip install -e .`, into a fresh virtual environment (the installed
-  packages visible, the dependencies not installed again: --no-deps), then mypy on a
-  user's file in a folder of its own: it finds mlp_jax and its types (py.typed) through
-  the plain path line the install wrote."""
+  """The README's `pip install -e .`, into a fresh virtual environment (this
+  environment's packages visible, the dependencies not installed again: --no-deps),
+  then mypy on a user's file in a folder of its own: it finds mlp_jax and its types
+  (py.typed) through the plain path line the install wrote. Works from a system Python
+  and from inside a venv alike: this environment's own site-packages are named to the
+  new one (a line of a .pth file), where --system-site-packages would name the base
+  interpreter's."""
   with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
     install = re.search(r"^ *pip install (-e \.) ", f.read(), re.MULTILINE)
   assert install, "the README's install command"
   venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                  str(venv)], check=True, timeout=120)  # this pip, from the system's packages
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                 timeout=120)
   python = str(venv / "bin" / "python")
+  inner = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()"
+                          "['purelib'])"], capture_output=True, text=True, check=True)
+  ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+  with open(os.path.join(inner.stdout.strip(), "this_environment.pth"), "w",
+            encoding="utf-8") as f:
+    f.write("".join(f"{path}\n" for path in sorted(ours)))  # pip, mypy, jax: this pip
   subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", *install.group(1).split()],
                  cwd=ROOT, check=True, timeout=300, capture_output=True)
   (pth,) = venv.glob("lib/python*/site-packages/__editable__.mlp_jax*.pth")
