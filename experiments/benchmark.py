@@ -191,6 +191,27 @@ def time_one_size(b, h, device_counts, model_counts, peers, cfg):
           for key, s in seconds.items() if key[0] not in ("gemm", "bandwidth")]
 
 
+def machine_load():
+  """(the load averages, the CPU times of /proc/stat's first line or None)."""
+  try:
+    with open("/proc/stat", encoding="ascii") as f:
+      times = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    times = None
+  return os.getloadavg(), times
+
+
+def describe_load(before, after):
+  """The load average when the timing ended, and the CPU time stolen by the hypervisor
+  while it ran (steal, /proc/stat's 8th field) where the platform counts it."""
+  (one, five, fifteen), text = after[0], ""
+  if before[1] and after[1] and len(after[1]) > 7:
+    spent = [b - a for a, b in zip(before[1], after[1])]
+    text = f", CPU steal {spent[7] / max(sum(spent), 1):.1%} while timing"
+  return (f"load average {one:.2f} {five:.2f} {fifteen:.2f} (at the end){text}; a loaded "
+          "machine's rows are marked noisy")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -203,8 +224,10 @@ def main(argv):
         f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
         f"optimizer={cfg.optimizer}, compilation cache {cache or 'off'}")
   peers = available_peers(cfg)
+  before = machine_load()
   rows = [row for h in hidden_dims for b in batch_sizes
           for row in time_one_size(b, h, device_counts, model_counts, peers, cfg)]
+  print(f"machine: {describe_load(before, machine_load())}")
   print(format_table(rows))
   print(format_ratios(rows))
   if cfg.json_out:

@@ -11,6 +11,20 @@ from benchmark_harness import peak_memory_mb, roofline, step_bytes, step_flops
 from benchmark_variants import LAYOUT_ROWS
 
 
+# A row whose rounds spread more than this fraction of their median, or a ratio whose
+# per-round values do, is marked noisy: its digits beyond that are not the machine's.
+NOISY = 0.10
+
+
+def marks(row):
+  """What makes a row's numbers doubtful: "noisy" (its rounds spread over NOISY of their
+  median), "ceiling>1" or "roofline>1" (faster than the hardware's limit as measured:
+  the ceiling or bandwidth run was slowed, a measurement error)."""
+  found = ["noisy"] if row["spread"] > NOISY else []
+  found += [f"{name}>1" for name in ("ceiling", "roofline") if row[f"{name}_fraction"] > 1]
+  return found
+
+
 def make_row(key, size, timing, machine, cfg):
   """One result row (the --json_out object) of variant key = (grads, mode, dtype,
   devices) at size (B, H), against machine = (its dtype's GEMM ceiling GFLOP/s, the
@@ -19,10 +33,12 @@ def make_row(key, size, timing, machine, cfg):
   (grads, mode, compute_dtype, devices), (b, h), (ceiling, bandwidth) = key, size, machine
   median, num_models = statistics.median(timing.seconds), timing.num_models
   gflops = num_models * step_flops(b, cfg.in_dim, h, cfg.num_classes) / median / 1e9
-  return {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
+  row = {"grads": grads, "mode": mode, "compute_dtype": compute_dtype, "batch_size": b,
           "num_devices": devices, "num_models": num_models, "optimizer": cfg.optimizer,
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
           "us_per_step": median * 1e6, "us_per_step_min": min(timing.seconds) * 1e6,
+          "us_per_step_max": max(timing.seconds) * 1e6,
+          "spread": (max(timing.seconds) - min(timing.seconds)) / median,
           "us_per_step_rounds": [t * 1e6 for t in timing.seconds],
           "examples_per_second": num_models * b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
@@ -32,42 +48,54 @@ def make_row(key, size, timing, machine, cfg):
                                              cfg.optimizer), ceiling, bandwidth),
           "temp_memory_mb": timing.temp_mb,
           "device": str(jax.devices()[0]), "platform": jax.default_backend()}
+  row["marks"] = marks(row)
+  return row
 
 
 def format_table(rows):
   """The rows as the fixed-width table printed on stdout."""
   header = (f"{'grads':14} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
-            f"{'min':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} {'roofline':>8} "
-            f"{'compile s':>9} {'temp MiB':>9}")
+            f"{'min':>9} {'max':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} "
+            f"{'roofline':>8} {'compile s':>9} {'temp MiB':>9}  marks")
   lines = [header, "-" * len(header)]
   for r in rows:
     temp = "" if r["temp_memory_mb"] is None else f"{r['temp_memory_mb']:9.1f}"
     lines.append(f"{r['grads']:14} {r['mode']:5} {r['compute_dtype']:8} "
                  f"{r['num_devices']:3d} {r['batch_size']:5d} "
                  f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
-                 f"{r['examples_per_second']:11,.0f} {r['gflops']:8.1f} "
-                 f"{r['ceiling_fraction']:7.2f} {r['roofline_fraction']:8.2f} "
-                 f"{r['compile_seconds']:9.2f} {temp}")
+                 f"{r['us_per_step_max']:9.1f} {r['examples_per_second']:11,.0f} "
+                 f"{r['gflops']:8.1f} {r['ceiling_fraction']:7.2f} "
+                 f"{r['roofline_fraction']:8.2f} {r['compile_seconds']:9.2f} "
+                 f"{temp:>9}  {' '.join(r['marks'])}")
   return "\n".join(lines + LEGEND)
 
 
 LEGEND = [
-    "us/step: median µs per step over the repeats (min: the fastest); examples/s and "
-    "GFLOP/s from the median, summed over the models of a stack",
+    "us/step: median µs per step over the repeats (min, max: the fastest and slowest "
+    "round); examples/s and GFLOP/s from the median, summed over the models of a stack",
     "ceiling: GFLOP/s as a fraction of a jitted N×N×N matmul's in the same dtype, timed "
     "in the same rounds",
     "roofline: the step's bound, max(FLOPs at that ceiling, its bytes at the measured "
     "bandwidth; optimizer state included), as a fraction of the measured time (1 = the "
     "hardware's limit)",
     "compile s: jit lowering and compilation alone (0 for PyTorch, which does not "
-    "compile); temp MiB: blank where not measured (only the --dp rows)"]
+    "compile); temp MiB: blank where not measured (only the --dp rows)",
+    f"marks: noisy = its rounds spread over {NOISY:.0%} of their median (trust no digit "
+    "past that); ceiling>1, roofline>1 = faster than the hardware's limit as measured: "
+    "a measurement error (the ceiling or bandwidth run was slowed), not a speed"]
 
 
-def paired_ratio(r, other):
-  """The median over rounds of row r's time over row other's in the same round: the two
-  ran one after the other, so the machine's drift between rounds cancels in each ratio."""
-  return statistics.median(a / b for a, b in zip(r["us_per_step_rounds"],
-                                                 other["us_per_step_rounds"], strict=True))
+def ratio(r, other, what="time"):
+  """Row r over row other, each round's pair (the two ran one after the other, so the
+  machine's drift between rounds cancels in each): time, or examples/s ("ex/s"), as
+  "median (min-max)", marked noisy where the rounds' values spread over NOISY of their
+  median."""
+  values = [a / b if what == "time" else
+            (r["num_models"] * r["batch_size"] / a) / (other["num_models"] * other["batch_size"] / b)
+            for a, b in zip(r["us_per_step_rounds"], other["us_per_step_rounds"], strict=True)]
+  median = statistics.median(values)
+  noisy = (max(values) - min(values)) / median > NOISY
+  return f"{median:.3f} ({min(values):.3f}-{max(values):.3f})" + (" noisy" if noisy else "")
 
 
 def format_ratios(rows):
@@ -84,25 +112,22 @@ def format_ratios(rows):
     if g in ("manual", *LAYOUT_ROWS) and ("autodiff", mode, dt, n, b, h) in by_key:
       auto = by_key[("autodiff", mode, dt, n, b, h)]
       kinds["manual"].append(f"{g} / autodiff time".ljust(31) + f"{mode:5} {dt:8} {where}: "
-                             f"{r['us_per_step'] / auto['us_per_step']:.3f}, paired "
-                             f"{paired_ratio(r, auto):.3f}")
+                             f"{ratio(r, auto)}")
     if dt == "bfloat16" and (g, mode, "float32", n, b, h) in by_key:
       f32 = by_key[(g, mode, "float32", n, b, h)]
       kinds["bfloat16"].append(
-          f"bfloat16 / float32 ex/s  {g:10} {mode:5} {where}: "
-          f"{r['examples_per_second'] / f32['examples_per_second']:.3f}")
+          f"bfloat16 / float32 ex/s  {g:10} {mode:5} {where}: {ratio(r, f32, 'ex/s')}")
     if n > 1 and (g, mode, dt, 1, b, h) in by_key:
       one = by_key[(g, mode, dt, 1, b, h)]
       kinds["devices"].append(
           f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
-          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+          f"{ratio(r, one, 'ex/s')}")
     if g.startswith(train.STACKINGS) and ("manual", "scan", dt, 1, b, h) in by_key:
       one = by_key[("manual", "scan", dt, 1, b, h)]
       n_models, stacking = r["num_models"], g.split("_")[0]
       kinds["models"].append(
           f"{n_models} models ({stacking}) / {n_models} sequential runs ex/s".ljust(46) +
-          f"{dt:8} B={b:<5} H={h}: "
-          f"{r['examples_per_second'] / one['examples_per_second']:.3f}")
+          f"{dt:8} B={b:<5} H={h}: {ratio(r, one, 'ex/s')}")
     kinds["torch"].extend(_peer_lines(r, rows, by_key))
     kinds["dp"].extend(_dp_lines(r, by_key))
   return "\n".join(line for lines in kinds.values() for line in lines)
@@ -122,7 +147,7 @@ def _peer_lines(r, rows, by_key):
   plain = by_key.get(("jax_plain", mode, dt, n, b, h))
   if g in ("manual", "autodiff") and mode == "scan" and plain:
     yield (f"{g} scan / plain jax.grad+optax scan ex/s  {dt:8} B={b:<5} H={h}: "
-           f"{r['examples_per_second'] / plain['examples_per_second']:.3f}")
+           f"{ratio(r, plain, 'ex/s')}")
   if g in _TORCH_PEERS:
     dtype, label = _TORCH_PEERS[g]
     best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
@@ -130,8 +155,7 @@ def _peer_lines(r, rows, by_key):
                      q["num_devices"]) == (b, h, dtype, 1)),
                key=lambda q: q["examples_per_second"], default=None)
     if best:
-      yield (f"{label}  B={b:<5} H={h}: "
-             f"{best['examples_per_second'] / r['examples_per_second']:.2f} "
+      yield (f"{label}  B={b:<5} H={h}: {ratio(best, r, 'ex/s')} "
              f"({best['grads']}, {best['mode']})")
 
 
@@ -147,6 +171,5 @@ def _dp_lines(r, by_key):
                   if qg == den and qb == b and qh == h
                   and (qdt == dt or qg.startswith(("torch", "opacus")))), None)
     if g == num and other is not None:
-      value = (r["us_per_step"] / other["us_per_step"] if what == "time"
-               else r["examples_per_second"] / other["examples_per_second"])
-      yield f"{num} / {den} {what}".ljust(40) + f"{dt:8} B={b:<5} H={h}: {value:.3f}"
+      yield (f"{num} / {den} {what}".ljust(40) + f"{dt:8} B={b:<5} H={h}: "
+             f"{ratio(r, other, what)}")
