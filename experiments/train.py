@@ -11,7 +11,7 @@ mlp_jax.run.experiment.run.
         --process_id=0 --workdir=/shared/run                      # one line per process
 
 Every value is checked by mlp_jax.training.config.resolve, the same check experiment.run makes
-from Python: a bad one is one line and exit status 1. Whatever else fails is one line
+from Python: a bad one is one line and exit status 2. Whatever else fails is one line
 too (mlp_jax.base.boundary), with the traceback in a log file that line names.
 """
 

@@ -115,6 +115,13 @@ def test_init_params_takes_new_and_legacy_keys():
 
 
 def test_loss_manual_vjp_is_reverse_mode_only_and_says_so():
+  """The README's sentence, each clause: jvp and jacfwd raise; hessian works (forward
+  over the manual backward pass) and equals mj.loss's."""
   assert "jax.jvp" in mj.loss_manual_vjp.__doc__
   with pytest.raises(TypeError, match="forward-mode autodiff"):
     jax.jvp(lambda p: mj.loss_manual_vjp(p, X, Y), (PARAMS,), (PARAMS,))
+  with pytest.raises(TypeError, match="forward-mode autodiff"):
+    jax.jacfwd(mj.loss_manual_vjp)(PARAMS, X, Y)
+  hessians = [jax.hessian(f)(PARAMS, X, Y) for f in (mj.loss_manual_vjp, mj.loss)]
+  for got, want in zip(*map(jax.tree.leaves, hessians)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

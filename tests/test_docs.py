@@ -49,3 +49,29 @@ def test_doc_block_runs_as_written(source):
     assert runner.tries > 0
   else:
     exec(compile(source, "block", "exec"), {"__name__": "__doc_block__"})  # pylint: disable=exec-used
+
+
+@pytest.mark.slow   # the README's first command, a process of its own
+def test_the_readme_shows_what_the_default_command_prints(tmp_path):
+  """"What they print": each line the README shows for `python experiments/train.py`
+  is a line the command prints, numbers and the workdir aside (the progress bar, which
+  redraws itself, is checked for its shape only)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  section = text[text.index("## What they print"):]
+  shown = re.search(r":\n\n((?:    .*\n)+)", section).group(1)
+  shown = [line[4:] for line in shown.splitlines()]
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
+                           f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+  assert result.returncode == 0, result.stderr
+  printed = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+  for line in shown:
+    line = re.sub(r"/tmp/mlp_jax_\w+", "WORKDIR", line)
+    pattern = re.sub(r"\d[\d,.]*", r"\\d[\\d,.]*", re.escape(line))
+    pattern = pattern.replace("WORKDIR", r"\S+")
+    if "epoch/s" in line:   # the progress bar: its shape
+      pattern = r"100%\|.*\| \d+/\d+ \[.*epoch/s, acc=.*, loss=.*, test_acc=.*\]"
+    assert any(re.fullmatch(pattern, p.rstrip()) for p in printed), (line, printed)

@@ -270,7 +270,7 @@ def test_step_keys_are_pinned():
 def test_the_padded_batch_is_the_binomial_bound_rounded_up_to_the_devices():
   """M: at most one above the smallest m with steps·P(Bin(N, q) > m) ≤ p (scipy's exact
   tail), rounded up to a multiple of the devices and at most N so rounded; p its bound."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top  (dp extra)
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   for n, q, steps, multiple in ((1000, 0.05, 300, 1), (1000, 0.05, 1, 1), (60, 0.3, 0, 1),
                                 (1000, 0.05, 300, 8)):
     m, p = privacy.padded_batch_size(n, q, steps, multiple=multiple)
@@ -306,9 +306,9 @@ def test_epsilon_of_runs_is_the_pld_composition_of_every_run():
   assert privacy.epsilon_of_runs(sigmas, q, 0, 1e-5) == 0.0
 
 
-def test_accounting_without_the_dp_extra_names_the_install(monkeypatch):
+def test_accounting_without_dp_accounting_names_the_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "dp_accounting", None)    # import fails, as uninstalled
-  with pytest.raises(ImportError, match=r'needs the dp extra: pip install -e "\.\[dp\]"'):
+  with pytest.raises(ImportError, match="needs dp-accounting: pip install dp-accounting"):
     privacy.epsilon.__wrapped__(1.3, 0.01, 11, 1e-5)   # past the cache: the accountant
 
 
@@ -410,7 +410,10 @@ def test_bad_dp_settings_are_one_line_and_write_nothing(tiny_npz, tmp_path, over
   assert not (tmp_path / "w").exists()
 
 
-def test_dp_flags_without_the_dp_extra_name_the_install(tiny_npz, tmp_path, monkeypatch):
+def test_dp_settings_without_dp_accounting_name_the_install(tiny_npz, tmp_path,
+                                                           monkeypatch):
   monkeypatch.setitem(sys.modules, "dp_accounting", None)    # import fails, as uninstalled
-  with pytest.raises(experiment.RunError, match=r'need the dp extra: pip install -e "\.\[dp\]"'):
+  with pytest.raises(experiment.RunError, match=r"differential privacy \(dp_noise_multiplier, "
+                                                r"dp_target_epsilon\) needs dp-accounting: pip "
+                                                "install dp-accounting"):
     experiment.run(dp_config(tiny_npz, tmp_path), log=lambda *_: None)

@@ -18,7 +18,7 @@ STACKINGS = ("vmap", "map")
 # takes at least MIN_STEPS steps (iris's 120 rows at B = 16 are 8 steps an epoch).
 DEFAULT_EPOCHS = 20
 MIN_STEPS = 1500
-DP_EXTRA = 'pip install -e ".[dp]" (or pip install dp-accounting)'
+DP_EXTRA = "pip install dp-accounting (a dependency of mlp_jax, missing here)"
 
 
 class Hyperparams(NamedTuple):
@@ -47,5 +47,5 @@ def auto_epochs(num_examples: int, batch_size: int) -> int:
 
 
 def dp_available() -> bool:
-  """True when dp-accounting (the dp extra) is installed; found, not imported."""
+  """True when dp-accounting (DP-SGD's accountant) is installed; found, not imported."""
   return importlib.util.find_spec("dp_accounting") is not None

@@ -235,8 +235,9 @@ def loss_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
   jax.grad, jax.vmap and optax then run on the hand-derived gradient. Gradients with
   respect to X, float targets y and weights are closed forms too. Reverse mode only, by
   construction: a custom_vjp defines no forward-mode rule, so jax.jvp and jax.jacfwd of
-  it raise JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; use
-  mj.loss for those. compute_dtype as in value_and_grads.
+  it raise JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+  (jax.hessian, forward mode over the manual backward pass, works); use mj.loss for
+  those. compute_dtype as in value_and_grads.
   """
   return _loss_and_logits_manual_vjp(params, X, y, weights, compute_dtype=compute_dtype)[0]
 

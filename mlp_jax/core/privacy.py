@@ -157,7 +157,7 @@ def padded_batch_size(num_examples: int, sampling_rate: float, steps: int,
   """(M, p): the fixed batch M that a Poisson batch ~ Binomial(N, q) exceeds at some
   step of `steps` with probability p ≤ overflow_probability (union bound over steps;
   scipy's exact binomial tail). M is rounded up to a multiple of `multiple` (devices)."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top  (dp extra)
+  from scipy import stats  # pylint: disable=g-import-not-at-top
   per_step = overflow_probability / max(steps, 1)
   m = int(stats.binom.isf(per_step, num_examples, sampling_rate)) + 1
   m = min(-(-m // multiple) * multiple, -(-num_examples // multiple) * multiple)
@@ -205,7 +205,7 @@ def _dp_accounting() -> Any:
   try:
     import dp_accounting  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError(f"differential privacy needs the dp extra: {DP_EXTRA}") from None
+    raise ImportError(f"differential privacy needs dp-accounting: {DP_EXTRA}") from None
   return dp_accounting
 
 

@@ -167,7 +167,8 @@ def _check_dp(config: Config) -> None:
                      "or --dp_target_epsilon (or sweep one of them).")
     return
   if not options.dp_available():
-    raise SettingError(f"the --dp_* flags need the dp extra: {options.DP_EXTRA}.")
+    raise SettingError("differential privacy (dp_noise_multiplier, dp_target_epsilon) "
+                       f"needs dp-accounting: {options.DP_EXTRA}.")
   grid = parse_sweep(config.sweep)
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
            if getattr(config, n) is not None or n in grid]
