@@ -226,3 +226,18 @@ def test_stratified_split_is_scikit_learns():
   for got, want in zip((x_train, x_test, y_train, y_test), expected):
     np.testing.assert_array_equal(got, want)
     assert got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("kind", ["npz", "idx"])
+def test_labels_of_another_length_name_both_lengths(tmp_path, kind):
+  """predict's inputs with their labels: 60,000 labels for 10 inputs (the train labels
+  beside the test images) say so in numbers, not in dtypes."""
+  x, y = np.zeros((10, 4), np.uint8), np.zeros(60000, np.uint8)
+  if kind == "npz":
+    np.savez(tmp_path / "x.npz", x=x, y=y)
+    rows = readers.npz_rows(str(tmp_path / "x.npz"), 4)
+  else:
+    rows = readers.idx_rows(write_idx(tmp_path / "x-idx", x), write_idx(tmp_path / "y-idx", y), 4)
+  with pytest.raises(ValueError, match="there are 60,000 labels for 10 inputs: give one "
+                                       "label per input"):
+    next(rows)

@@ -369,3 +369,17 @@ def test_model_names_sort_as_the_models_do_and_say_what_sets_each_apart():
   assert names[11] == "model_11_learning_rate=0.004_fold=1_seed=6"
   assert stack_lib.Stack(configurations=[{}], seeds=[0], values={}).model_names() == [
       "model_0"]
+
+
+def test_a_sweep_of_one_seed_prints_no_spread_and_no_empty_ranges(tiny_npz, tmp_path):
+  """Two configurations of one seed each, two epochs: "seed 0", not "seeds 0-0"; "epoch
+  2", not "epochs 2-2"; the chosen model's numbers without a "± 0.0000"."""
+  from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
+  lines = []
+  experiment.run(tiny_config(tiny_npz, tmp_path, epochs=2,
+                             sweep=("learning_rate=1e-3,2e-3",)), log=lines.append)
+  text = "\n".join(lines)
+  assert "2 configuration(s) × seed 0;" in text, text
+  assert "; epoch 2 " in text and "epochs 2-2" not in text, text
+  assert "± 0.00" not in text and "seeds 0-0" not in text, text
+  assert "by validation accuracy" in text

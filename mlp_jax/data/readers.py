@@ -254,9 +254,17 @@ def npz_rows(path: str, rows: int) -> Iterator[tuple[np.ndarray, Optional[np.nda
       return
     y_header = npz.header(label_key)
     if y_header.shape != x_header.shape[:1]:
-      raise ValueError(f"the labels must be (N,) = ({x_header.shape[0]},) integers, got "
-                       f"{y_header.dtype} {y_header.shape}.")
+      raise ValueError(_labels_do_not_fit(x_header.shape[0], y_header.shape))
     yield from zip(npz.read_rows(key, rows), npz.read_rows(label_key, rows))
+
+
+def _labels_do_not_fit(count: int, shape: tuple[int, ...]) -> str:
+  """The one line for labels whose shape is not one label per input."""
+  if len(shape) == 1:
+    return (f"there are {shape[0]:,} labels for {count:,} inputs: give one label per "
+            "input (the labels file of the same split).")
+  return (f"the labels must be one label per input, shape ({count},), got shape "
+          f"{tuple(shape)}.")
 
 
 def idx_rows(path: str, labels_path: Optional[str], rows: int
@@ -272,8 +280,7 @@ def idx_rows(path: str, labels_path: Optional[str], rows: int
       return
     with open_idx(labels_path) as (_, label_header):
       if label_header.dims[0] != count or len(label_header.dims) != 1:
-        raise ValueError(f"the labels must be (N,) = ({count},) integers, got "
-                         f"{label_header.dtype} {label_header.dims}.")
+        raise ValueError(_labels_do_not_fit(count, label_header.dims))
     yield from zip(inputs, read_idx_rows(labels_path, rows))
   except DataError as e:
     raise ValueError(f"{e} Inputs are read from .npz, IDX or .png files.") from None
@@ -296,7 +303,7 @@ def read_png(path: str, image_shape: tuple[int, ...], pixel_max: float, dataset:
       with Image.open(path) as image:  # reads the header only
         mode, size = image.mode, image.size
         if mode != "L" or size != (w, h):  # checked before any pixel is decoded
-          raise ValueError(f"{path}: a {size[0]}×{size[1]} image of mode {mode}; this "
+          raise ValueError(f"{path}: an image of {size[0]}×{size[1]} pixels, mode {mode}; this "
                            f"model takes 8-bit grayscale (mode L) images of {w}×{h} "
                            "pixels: convert it first.")
         pixels = np.asarray(image)

@@ -227,7 +227,8 @@ def _describe(ctx: RunContext) -> None:
     folds = (f"folds {', '.join(str(f) for f in stack.folds)} of {ctx.config.cv_folds} × "
              if ctx.config.cv_folds else "")
     ctx.log(f"{stack.num_models} models trained together: {len(stack.configurations)} "
-            f"configuration(s) × {folds}seeds {stack.seeds[0]}-{stack.seeds[-1]}; "
+            f"configuration(s) × {folds}"
+            f"{reports.span(stack.seeds[0], stack.seeds[-1], 'seed')}; "
             f"stacking: {stack.stacking} (--stacking)")
   if ctx.mesh.size > 1:
     ctx.log(f"devices: {ctx.mesh.size} ({parallel.model_groups(ctx.mesh)} model slice(s) "

@@ -136,6 +136,11 @@ def write_running_curves(workdir: str, history: list[Row], config: Config,
                       config.label_smoothing, run_title(config, inputs, {}, band))
 
 
+def span(first: int, last: int, noun: str) -> str:
+  """"seed 0" or "seeds 0-4": a run of numbers as a reader says it."""
+  return f"{noun} {first}" if first == last else f"{noun}s {first}-{last}"
+
+
 def speed(new_rows: list[Row], num_examples: int) -> str:
   """One line on this invocation's speed: the first epoch (which compiles) apart, then
   s per epoch and examples/s both from the mean of the later epochs."""
@@ -144,8 +149,8 @@ def speed(new_rows: list[Row], num_examples: int) -> str:
   rest = new_rows[1:]
   if rest:
     mean = sum(row["seconds"] for row in rest) / len(rest)
-    text += (f"; epochs {rest[0]['epoch']}-{rest[-1]['epoch']} {mean:.3f} s per epoch, "
-             f"{num_examples / mean:,.0f} examples/s")
+    text += (f"; {span(rest[0]['epoch'], rest[-1]['epoch'], 'epoch')} {mean:.3f} s per "
+             f"epoch, {num_examples / mean:,.0f} examples/s")
   return text
 
 
@@ -189,7 +194,7 @@ def summary(finished: Finished, new_rows: list[Row], num_examples: int, seconds:
   """The lines a run prints at its end: the chosen models' last epoch, their test
   accuracy (mean ± std over seeds for several), how they were chosen, the speed, ε."""
   models, stack = finished.models, finished.stack
-  one = stack.num_models == 1
+  one = len(models) == 1     # the chosen configuration's models: no spread to show
   last = stack_lib.chosen_history(finished.history[-1:], models)[0]
   selection = finished.test is None  # a k-fold selection: its refit reads test
   if "test_accuracy" not in last and not selection:  # a sweep: test at the end only
@@ -198,8 +203,7 @@ def summary(finished: Finished, new_rows: list[Row], num_examples: int, seconds:
   lines = _table(last, splits, one)
   if not one and finished.test is not None:
     accuracy = 100 * np.asarray(finished.test["accuracy"])[models]
-    seeds = f"seed {stack.seeds[0]}" if len(models) == 1 else (
-        f"{len(models)} seeds {stack.seeds[0]}-{stack.seeds[-1]}")
+    seeds = f"{len(models)} {span(stack.seeds[0], stack.seeds[-1], 'seed')}"
     lines.append(f"test accuracy {accuracy.mean():.2f} ± {accuracy.std():.2f}% (min "
                  f"{accuracy.min():.2f}, max {accuracy.max():.2f}) over {seeds}")
   if len(finished.ranking) > 1 or selection:
@@ -209,9 +213,10 @@ def summary(finished: Finished, new_rows: list[Row], num_examples: int, seconds:
             if selection else "")
     read = ("test is read by the refit only" if selection
             else "test read for the chosen one only")
+    spread = (f" ± {100 * best['validation_accuracy_std']:.2f}"
+              if len(stack.seeds) * len(stack.folds) > 1 else "")
     lines.append(f"chosen: {chosen or 'the one configuration'}, by validation accuracy "
-                 f"{100 * best['validation_accuracy_mean']:.2f} ± "
-                 f"{100 * best['validation_accuracy_std']:.2f}%{over} among "
+                 f"{100 * best['validation_accuracy_mean']:.2f}{spread}%{over} among "
                  f"{len(finished.ranking)} configuration(s) (ranked in sweep.json; {read})")
   lines.append(f"epochs {finished.history[-1]['epoch']}, {seconds:.1f} s in all"
                + (f"; {speed(new_rows, num_examples * stack.num_models)}" if new_rows else ""))
