@@ -1,13 +1,14 @@
 """Classify new examples with a finished run's model (mlp_jax.run.trained).
 
     python experiments/predict.py --workdir=W --input=new.npz          # x [, y]
-    python experiments/predict.py --workdir=W --input=t10k-images-idx3-ubyte.gz \
+    python experiments/predict.py --workdir=W --input=t10k-images-idx3-ubyte.gz \\
         --labels=t10k-labels-idx1-ubyte.gz
     python experiments/predict.py --workdir=W --input=a.png,b.png --output=pred.csv
 
-Prints one line per example (name, class, its name, probability), or writes them all
-with every class probability to --output (CSV, atomically: a failed write leaves any
-earlier file as it was); with labels, the accuracy. The inputs are read and classified
+Prints a header line and one line per example (name, class, its name, probability;
+tab-separated), or writes them all with every class probability to --output (CSV,
+atomically: a failed write leaves any earlier file as it was); with labels, the
+accuracy. The inputs are read and classified
 in batches of trained.PREDICT_ROWS examples, so memory does not grow with the input.
 Any failure is one line (mlp_jax.base.boundary).
 """
@@ -81,6 +82,8 @@ def predict():
         if write is not None:
           write(names, probabilities)
         else:
+          if not count:   # the header, once the first rows are known to be good
+            print("name\tclass\tclass_name\tprobability")
           for name, k, p in zip(names, predicted, probabilities):
             print(f"{name}\t{k}\t{model.class_names[k]}\t{p[k]:.4f}")
         count += len(names)

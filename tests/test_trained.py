@@ -149,6 +149,13 @@ def test_predict_script_end_to_end(digits_run, tmp_path):
   assert lines[0].startswith("error: input row 2 is not a finite float32 number once "
                              "scaled"), lines
   assert not result.stdout, result.stdout   # no row printed before the refusal
+  np.savez(tmp_path / "few.npz", x=x_test[:3])
+  result = subprocess.run([sys.executable, script, f"--workdir={workdir}",
+                           f"--input={tmp_path / 'few.npz'}"],
+                          capture_output=True, text=True, timeout=120)
+  printed = result.stdout.splitlines()
+  assert printed[0] == "name\tclass\tclass_name\tprobability" and len(printed) == 4
+  assert all(len(line.split("\t")) == 4 for line in printed[1:]), printed
 
 
 def _write_params(workdir, path, **changes):
@@ -249,3 +256,15 @@ def test_a_params_npz_with_huge_extra_members_reads_only_what_the_model_needs(
     npz.read("w1")                                  # the budget is for the whole read
     with pytest.raises(ValueError, match="may still use"):
       npz.read("w1")
+
+
+@pytest.mark.slow   # --help, a process of its own
+def test_predict_help_shows_its_examples_as_written():
+  """The usage's continued command stays on two lines (a backslash, then the next flag
+  indented), as a user copies it."""
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "predict.py"),
+                           "--help"], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0
+  lines = result.stdout.splitlines()
+  continued = [i for i, line in enumerate(lines) if line.endswith(" \\")]
+  assert continued and lines[continued[0] + 1].strip().startswith("--labels="), lines[:8]
