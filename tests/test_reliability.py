@@ -304,12 +304,14 @@ def test_a_workdir_in_use_is_refused_at_once_and_left_untouched(tiny_npz, tmp_pa
   before = {p: (tmp_path / p).read_bytes() for p in ("metrics.jsonl", "config.json")}
   lock = experiment.WorkdirLock(str(tmp_path))
   lock.acquire()                                    # as if another run held it
+  said = []
   try:
     with pytest.raises(experiment.RunError, match=f"--workdir {tmp_path} is in use by "
                        f"another run \\(process {os.getpid()}\\); wait for it"):
-      quiet(constant(tiny_npz, tmp_path, 2))
+      experiment.run(constant(tiny_npz, tmp_path, 2), log=said.append)
   finally:
     lock.release()
+  assert said == []      # nothing before the refusal (no "input scaling: ..." note)
   assert {p: (tmp_path / p).read_bytes() for p in before} == before
   quiet(constant(tiny_npz, tmp_path, 2))            # released: the run goes on
   assert [row["epoch"] for row in metrics(tmp_path)] == [1, 2]

@@ -130,8 +130,6 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   boundary.phase("data")
   ds = _load_data(config, mesh, stack.num_models)
   config, notes = config_lib.with_data(config, ds)
-  for note in notes:
-    log(note)
   stack = stack_lib.with_folds(stack, config, ds.y_train)
   n, in_dim = ds.x_train.shape
   steps_per_epoch = -(-n // config.batch_size)
@@ -144,6 +142,8 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
       jax.default_backend(), config.batch_size, in_dim, config.hidden_dim))
   fingerprint = workdir_lib.data_fingerprint(ds)
   workdir, old_run, lock = workdir_lib.prepare(config, log, fingerprint)
+  for note in notes:     # once the workdir is this run's: a refused run says only why
+    log(note)
   boundary.set_log_dir(workdir)
   boundary.phase("restore")
   ctx = RunContext(config, stack, mesh, workdir, dp, steps_per_epoch, writer, log, start,
