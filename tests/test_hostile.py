@@ -11,6 +11,7 @@ temporary left behind, an earlier file untouched, memory bounded.
 """
 
 import contextlib
+import errno
 import gzip
 import io
 import os
@@ -763,3 +764,19 @@ def test_a_non_ascii_workdir_in_the_c_locale_is_one_line(tmp_path):
   assert result.returncode == 2 and len(lines) == 1, lines
   assert "is not text in this locale's encoding" in lines[0]
   assert not os.path.exists(work)
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.ENAMETOOLONG, "the name is too long"),
+    (errno.EFBIG, "the file-size limit (ulimit -f)"),
+    (errno.ENOSPC, "the disk is full: free space"),
+    (errno.EROFS, "read-only"),
+    (errno.EACCES, "permission denied"),
+    (errno.EIO, "check the path and its permissions"),
+])
+def test_an_os_error_names_its_cause_and_stays_one_line(code, fix):
+  """The boundary's line for an OSError says what its errno means to do, and a path with
+  a newline or a byte that is not text keeps the line one line."""
+  line, status = boundary.describe(OSError(code, os.strerror(code), "/tmp/wé\nx\udcc3"))
+  assert status == 1 and fix in line and "\n" not in line, line
+  assert "/tmp/wé\\nx\\udcc3" in line

@@ -25,6 +25,7 @@ epochs (which checkpoint, see processes.StopSignals) a first Ctrl-C or SIGTERM s
 at once with one line naming the phase.
 """
 
+import errno
 import logging
 import os
 import resource
@@ -165,6 +166,26 @@ def _unraisable(args: Any) -> None:
         args.exc_type, args.exc_value, args.exc_traceback)))
 
 
+# What to do about an OSError, by its errno (the rest: the general advice).
+_OS_FIXES = {
+    errno.ENAMETOOLONG: "the name is too long for the file system: use a shorter path",
+    errno.EFBIG: "the file would pass the file-size limit (ulimit -f): raise it",
+    errno.ENOSPC: "the disk is full: free space, or use another directory",
+    errno.EDQUOT: "the disk quota is used up: free space, or use another directory",
+    errno.EROFS: "the file system is read-only: use a writable directory",
+    errno.EACCES: "permission denied: use a path you may write, or fix its permissions",
+    errno.EPERM: "not permitted: use a path you may write, or fix its permissions",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ELOOP: "a symbolic link is in the way: give the real path",
+}
+
+
+def escaped(text: str) -> str:
+  """`text` with what would break its line or not print (a newline, a byte that is not
+  text in the locale) written as an escape, so a path keeps the line one line."""
+  return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
 def describe(e: BaseException) -> tuple[str, int]:
   """(the one line, the exit status) of an exception that ended an entry point."""
   signum = getattr(e, "signum", None)
@@ -182,9 +203,10 @@ def describe(e: BaseException) -> tuple[str, int]:
             + "; use smaller settings (--hidden_dim, --batch_size, fewer models) or a "
               "smaller input.", 1)
   if isinstance(e, OSError):
-    where = f" {e.filename}" if e.filename else ""
-    return f"error: cannot use{where} ({e.strerror or first_line(e)}); check the path " \
-           "and its permissions, and that the disk has room.", 1
+    where = f" {escaped(os.fsdecode(e.filename))}" if e.filename else ""
+    fix = _OS_FIXES.get(e.errno or 0, "check the path and its permissions, and that the "
+                        "disk has room")
+    return f"error: cannot use{where} ({e.strerror or first_line(e)}); {fix}.", 1
   environment = _environment_problem(e)
   if environment:
     return f"error: {environment}", 1
