@@ -399,12 +399,10 @@ def test_a_bad_environment_is_one_line_before_jax_starts(variable, value, messag
 def test_an_address_space_cap_too_small_for_jax_is_one_line_not_an_abort(script):
   """`ulimit -v 1000000`: JAX would segfault or abort in C++ (exit 134/139); refused in
   one line before JAX starts."""
-  import resource  # pylint: disable=g-import-not-at-top
-  cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (1000000 * 1024,) * 2)
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script),
-                           "--workdir=/nonexistent", "--input=/nonexistent"][:2 + (
-                               script == "predict.py")], capture_output=True, text=True,
-                          timeout=60, preexec_fn=cap)
+  command = [sys.executable, os.path.join(ROOT, "experiments", script),
+             "--workdir=/nonexistent", "--input=/nonexistent"][:3 + (script == "predict.py")]
+  result = subprocess.run(["sh", "-c", 'ulimit -v 1000000 && exec "$@"', "sh", *command],
+                          capture_output=True, text=True, timeout=60)
   assert result.returncode == 1, result.stderr
   assert result.stderr.splitlines() == [
       "error: the address-space limit (ulimit -v) is 0.95 GiB, less than the 2 GiB JAX "
@@ -699,9 +697,10 @@ def test_a_workdir_removed_mid_run_is_one_line(tiny_npz, tmp_path, monkeypatch):
 def test_a_refusal_with_stdout_or_stderr_closed_is_still_its_status(closed):
   """`train.py --epochs=0 >&-` (or 2>&-): the refusal's status 2, its one line on stderr
   where stderr is open, and no traceback from the boundary itself."""
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
-                           "--epochs=0"], capture_output=True, text=True, timeout=60,
-                          preexec_fn=lambda: os.close(closed))
+  closing = f'exec "$@" {closed}>&-'   # by the shell: no Python code between fork and exec
+  result = subprocess.run(["sh", "-c", closing, "sh", sys.executable,
+                           os.path.join(ROOT, "experiments", "train.py"), "--epochs=0"],
+                          capture_output=True, text=True, timeout=60)
   assert result.returncode == 2, result.stderr
   if closed == 1:
     assert result.stderr.splitlines() == ["error: --epochs=0: must be >= 1."]

@@ -100,7 +100,7 @@ def test_inputs_from_npz_idx_and_png(digits_run, tmp_path):
   with pytest.raises(ValueError, match="mode RGB; this model takes 8-bit grayscale"):
     trained.read_inputs(str(tmp_path / "rgb.png"), model)
   Image.fromarray(np.zeros((28, 28), np.uint8), mode="L").save(tmp_path / "big.png")
-  with pytest.raises(ValueError, match="a 28×28 image .* images of 8×8 pixels"):
+  with pytest.raises(ValueError, match="an image of 28×28 pixels, .* images of 8×8 pixels"):
     trained.read_inputs(str(tmp_path / "big.png"), model)
 
 

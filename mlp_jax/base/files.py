@@ -20,13 +20,14 @@ umask, as `open` and `mkdir` would give them.
 
 import contextlib
 import errno
+import io
 import os
 import resource
 import stat
 import tempfile
 import zipfile
 import zlib
-from typing import IO, Any, Iterator, NamedTuple, Optional
+from typing import IO, Any, Iterator, NamedTuple, Optional, cast
 
 import numpy as np
 
@@ -295,10 +296,11 @@ class NpzArchive:
     f, header = self._open(name)
     with f:
       array = np.empty(header.shape, header.dtype, order="F" if header.fortran else "C")
-      view = memoryview(array.reshape(-1, order="A").view(np.uint8))
+      view = array.reshape(-1, order="A").view(np.uint8).data   # its bytes, no copy
+      reader = cast(io.BufferedIOBase, f)   # a zip member or a file: both read into
       done = 0
       try:
-        while done < header.nbytes and (count := f.readinto(view[done:])):
+        while done < header.nbytes and (count := reader.readinto(view[done:])):
           done += count
       except (OSError, zlib.error, EOFError, zipfile.BadZipFile) as e:
         raise self.error(f"{self.path}: {name} cannot be read ({_reason(e)}).") from None
