@@ -172,13 +172,18 @@ def test_a_second_signal_stops_at_once_in_one_line():
   process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   out, err = _lines_of(process.stdout), _lines_of(process.stderr)
-  assert _next_line(out, timeout=120) == "ready\n"
-  process.send_signal(signal.SIGTERM)
-  first = _next_line(err, timeout=60)
-  assert first == ("SIGTERM: stopping after this epoch's checkpoint (SIGTERM again to stop "
-                   "at once)\n")
-  process.send_signal(signal.SIGTERM)
-  assert process.wait(timeout=60) == 143
+  try:
+    assert _next_line(out, timeout=120) == "ready\n"
+    process.send_signal(signal.SIGTERM)
+    first = _next_line(err, timeout=60)
+    assert first == ("SIGTERM: stopping after this epoch's checkpoint (SIGTERM again to "
+                     "stop at once)\n")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 143
+  finally:
+    if process.poll() is None:     # a failed test leaves no child looping behind it
+      process.kill()
+      process.wait()
   last = _next_line(err, timeout=60)
   for lines, stream in ((out, process.stdout), (err, process.stderr)):
     lines.reader.join(timeout=60)        # the pipe's end: the child has exited
