@@ -11,15 +11,24 @@ from benchmark_harness import peak_memory_mb, roofline, step_bytes, step_flops
 from benchmark_variants import LAYOUT_ROWS
 
 
-# A row whose rounds spread more than this fraction of their median, or a ratio whose
-# per-round values do, is marked noisy: its digits beyond that are not the machine's.
+# A row whose rounds' interquartile range is more than this fraction of their median,
+# or a ratio whose per-round values' is, is marked noisy: its digits beyond that are not
+# the code's. (The quartiles, not min and max: one slow round of seven is not noise.)
 NOISY = 0.10
 
 
+def spread(values):
+  """(q3 − q1) / median of a row's or a ratio's per-round values (0 for one round)."""
+  if len(values) < 2:
+    return 0.0
+  q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+  return (q3 - q1) / median
+
+
 def marks(row):
-  """What makes a row's numbers doubtful: "noisy" (its rounds spread over NOISY of their
-  median), "ceiling>1" or "roofline>1" (faster than the hardware's limit as measured:
-  the ceiling or bandwidth run was slowed, a measurement error)."""
+  """What makes a row's numbers doubtful: "noisy" (the interquartile range of its rounds
+  over NOISY of their median), "ceiling>1" or "roofline>1" (faster than the hardware's
+  limit as measured: the ceiling or bandwidth run was slowed, a measurement error)."""
   found = ["noisy"] if row["spread"] > NOISY else []
   found += [f"{name}>1" for name in ("ceiling", "roofline") if row[f"{name}_fraction"] > 1]
   return found
@@ -38,7 +47,7 @@ def make_row(key, size, timing, machine, cfg):
           "hidden_dim": h, "in_dim": cfg.in_dim, "num_classes": cfg.num_classes,
           "us_per_step": median * 1e6, "us_per_step_min": min(timing.seconds) * 1e6,
           "us_per_step_max": max(timing.seconds) * 1e6,
-          "spread": (max(timing.seconds) - min(timing.seconds)) / median,
+          "spread": spread(timing.seconds),
           "us_per_step_rounds": [t * 1e6 for t in timing.seconds],
           "examples_per_second": num_models * b / median, "gflops": gflops,
           "gemm_ceiling_gflops": ceiling, "ceiling_fraction": gflops / ceiling,
@@ -80,22 +89,22 @@ LEGEND = [
     "hardware's limit)",
     "compile s: jit lowering and compilation alone (0 for PyTorch, which does not "
     "compile); temp MiB: blank where not measured (only the --dp rows)",
-    f"marks: noisy = its rounds spread over {NOISY:.0%} of their median (trust no digit "
-    "past that); ceiling>1, roofline>1 = faster than the hardware's limit as measured: "
+    f"marks: noisy = the interquartile range of its rounds is over {NOISY:.0%} of their "
+    "median (trust no digit past that); ceiling>1, roofline>1 = faster than the hardware's limit as measured: "
     "a measurement error (the ceiling or bandwidth run was slowed), not a speed"]
 
 
 def ratio(r, other, what="time"):
   """Row r over row other, each round's pair (the two ran one after the other, so the
   machine's drift between rounds cancels in each): time, or examples/s ("ex/s"), as
-  "median (min-max)", marked noisy where the rounds' values spread over NOISY of their
-  median."""
+  "median (min-max)", marked noisy where their interquartile range is over NOISY of
+  their median."""
   values = [a / b if what == "time" else
             (r["num_models"] * r["batch_size"] / a) / (other["num_models"] * other["batch_size"] / b)
             for a, b in zip(r["us_per_step_rounds"], other["us_per_step_rounds"], strict=True)]
   median = statistics.median(values)
-  noisy = (max(values) - min(values)) / median > NOISY
-  return f"{median:.3f} ({min(values):.3f}-{max(values):.3f})" + (" noisy" if noisy else "")
+  return (f"{median:.3f} ({min(values):.3f}-{max(values):.3f})"
+          + (" noisy" if spread(values) > NOISY else ""))
 
 
 def format_ratios(rows):
