@@ -69,18 +69,24 @@ def refuse_non_file(path: str) -> None:
 
 def open_for_update(path: str, flags: int, mode: int = 0o666) -> int:
   """os.open of `path` with O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC added (a file
-  descriptor; a FIFO there never blocks the open); a symlink at `path` is UnsafePath,
-  anything but a regular file there too."""
+  descriptor; a FIFO there never blocks the open) for a write in place; a symlink at
+  `path` is UnsafePath, anything but a regular file there too, and so is a file with
+  other hard links (the write would change it under its other names)."""
   try:
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
   except OSError as e:
     if e.errno == errno.ELOOP:
       refuse_link(path)
     raise
-  if not stat.S_ISREG(os.fstat(fd).st_mode):
+  info = os.fstat(fd)
+  if not stat.S_ISREG(info.st_mode):
     os.close(fd)
     raise UnsafePath(errno.EINVAL, f"{path} is not a regular file; remove it, or use "
                      "another --workdir", path)
+  if info.st_nlink > 1:   # a write in place would change the file under its other names
+    os.close(fd)
+    raise UnsafePath(errno.EMLINK, f"{path} has other hard links, where mlp_jax writes a "
+                     "file of its own; remove it, or use another --workdir", path)
   return fd
 
 
