@@ -12,6 +12,7 @@ mlp_jax/core/mistakes.py and says of each gradient: right, wrong shape, raised, 
 and which known mistakes give it; exit status 0 when all four are right, 1 otherwise.
 """
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -315,7 +316,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS
   if FLAGS.grads is not None:
-    report = check_grads(load_function(FLAGS.grads), FLAGS.seed)
+    with contextlib.redirect_stdout(sys.stderr):   # what the learner's code prints: not
+      report = check_grads(load_function(FLAGS.grads), FLAGS.seed)   # in the report
     print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if FLAGS.json
           else f"gradcheck of {FLAGS.grads}\n{report}")
     sys.exit(0 if report.correct else 1)

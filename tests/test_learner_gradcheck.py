@@ -209,6 +209,7 @@ def test_the_command_prints_json_and_exits_by_the_verdict(tmp_path):
   path = tmp_path / "mine.py"
   path.write_text("import numpy as np\n"
                   "def grads(params, X, y):\n"
+                  "  print('debugging', X.shape)\n"     # a learner's print: not in the JSON
                   "  return {k: np.zeros_like(params[k]) for k in ('w1', 'b1', 'w2', 'b2')}\n")
   run = lambda *args: subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", *args],
                                      capture_output=True, text=True, cwd=tmp_path)
