@@ -139,6 +139,34 @@ def test_each_module_is_short_and_its_functions_small(path):
   assert not long_or_wide_functions(source), (path, long_or_wide_functions(source))
 
 
+# The calls that open, make, move or load a path: only mlp_jax/base/files.py makes
+# them, where each is checked on what was opened (a regular file, a real directory).
+OPENERS = {"open", "os.open", "os.replace", "os.rename", "shutil.move", "os.makedirs",
+           "os.mkdir", "np.load", "numpy.load", "json.load", "gzip.open"}
+
+
+def openers_in(source):
+  """[(line, call)] of the OPENERS `source` calls."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.Call):
+      name = ast.unparse(node.func)
+      devnull = node.args and ast.unparse(node.args[0]) == "os.devnull"
+      if name in OPENERS and not devnull:   # /dev/null, opened to silence stdout
+        found.append((node.lineno, name))
+  return sorted(found)
+
+
+def test_only_the_files_module_opens_a_path():
+  """Every path the package opens, makes, moves or loads goes through files.py's
+  functions (open_regular, open_for_update, atomic_file, make_dirs, move, NpzArchive);
+  orbax's own files aside, which it opens itself."""
+  found = {path: openers_in(source) for path, source in _sources().items()
+           if path.startswith("mlp_jax") and path != os.path.join("mlp_jax", "base",
+                                                                 "files.py")}
+  assert not {p: f for p, f in found.items() if f}, found
+
+
 def test_the_checks_fail_on_what_they_look_for():
   """Each check finds its fault in a small made-up source: a circle, a long function, a
   function of many parameters (and not a scikit-learn __init__)."""
@@ -162,3 +190,6 @@ def test_the_checks_fail_on_what_they_look_for():
   estimator = ("class E(BaseEstimator):\n  def __init__(self, a, b, c, d, e, f, g):\n"
                "    pass\n")
   assert long_or_wide_functions(estimator) == []
+  assert openers_in("import json\nwith open(p) as f:\n  json.load(f)\nos.replace(a, b)\n"
+                    ) == [(2, "open"), (3, "json.load"), (4, "os.replace")]
+  assert openers_in("files.open_regular(p)\nf.open()\nos.open(os.devnull, 1)\n") == []

@@ -284,8 +284,9 @@ def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
     if info.st_size > MAX_FLAGFILE_BYTES:
       return (f"--flagfile={path} is {info.st_size} bytes, over the "
               f"{MAX_FLAGFILE_BYTES} a flagfile may have: is it the right file?")
+    from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
     try:
-      with open(path, "rb") as f:
+      with files.open_regular(path) as f:
         lines = f.read(MAX_FLAGFILE_BYTES + 1).decode("utf-8", "replace").split()
     except OSError:
       continue

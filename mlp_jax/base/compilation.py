@@ -41,8 +41,9 @@ def default_dir() -> str:
 def unsafe(path: str) -> Optional[str]:
   """Why the directory at `path` is not this user's own cache, or None if it is: it
   and every entry in it owned by this user and writable by no one else."""
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
   try:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    fd = files.open_directory(path)
   except OSError as e:
     return f"it cannot be opened as a directory ({e.strerror})"
   try:
@@ -84,8 +85,9 @@ def enable(path: Optional[str] = None) -> Optional[str]:
   explicit, path = path is not None, default_dir() if path is None else path
   if not path:
     return None
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
   try:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    files.make_dirs(path, 0o700)
   except OSError:
     return None   # a read-only home: compile as before
   why = unsafe(path)

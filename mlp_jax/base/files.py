@@ -121,6 +121,24 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
       os.remove(tmp)
 
 
+def make_dirs(path: str, mode: int = 0o777) -> None:
+  """os.makedirs(path, mode) where missing; UnsafePath unless `path` is then a
+  directory."""
+  os.makedirs(path, mode, exist_ok=True)
+  if not os.path.isdir(path):
+    raise UnsafePath(errno.ENOTDIR, f"{path} is not a directory; remove it, or use "
+                     "another path", path)
+
+
+def move(source: str, target: str) -> None:
+  """Renames `source` to `target` in the same file system, never over anything that is
+  there (UnsafePath), never a copy."""
+  if os.path.lexists(target):
+    raise UnsafePath(errno.EEXIST, f"{target} exists; mlp_jax moves a file only to a "
+                     "free name", target)
+  os.rename(source, target)
+
+
 def remove_stale_temporaries(directory: str) -> list[str]:
   """Removes the temporary twins (.NAME.tmp-XXXX) a killed write left in `directory`;
   only while this process holds the directory (the workdir's lock). Returns their names."""
@@ -144,7 +162,7 @@ def host_available() -> Optional[int]:
   limit = resource.getrlimit(resource.RLIMIT_AS)[0]
   if limit != resource.RLIM_INFINITY:
     try:
-      with open("/proc/self/statm", encoding="ascii") as f:
+      with open_regular("/proc/self/statm") as f:
         mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
       mapped = 0
@@ -158,6 +176,33 @@ def memory_budget() -> int:
   (host_available; 4 GiB where that cannot be read)."""
   available = host_available()
   return 1 << 32 if available is None else available // 2
+
+
+def open_regular(path: str, follow: bool = True) -> IO[bytes]:
+  """The regular file at `path` for reading (binary), opened without blocking (a FIFO
+  never hangs the open) and, with follow=False, without following a link there; what
+  was opened is checked on its descriptor: UnsafePath unless a regular file."""
+  flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+  try:
+    fd = os.open(path, flags)
+  except OSError as e:
+    if e.errno == errno.ELOOP and not follow:
+      refuse_link(path)
+    raise
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device or a pipe?)"
+    raise UnsafePath(errno.EINVAL, f"{path} is {kind}; give a file", path)
+  os.set_blocking(fd, True)
+  return os.fdopen(fd, "rb")
+
+
+def open_directory(path: str) -> int:
+  """A descriptor of the directory at `path`, opened without following a link there and
+  without blocking; OSError if it is not a directory."""
+  return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | os.O_CLOEXEC)
 
 
 def check_regular_file(path: str) -> int:

@@ -22,6 +22,7 @@ from jax import Array
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 
+from mlp_jax.base import files
 from mlp_jax.core import losses
 from mlp_jax.core.model import Params, relu, relu_derivative
 
@@ -68,8 +69,8 @@ def cpu_info() -> tuple[str, frozenset[str]]:
   """(model name, flags) of the host CPU, from Linux's /proc/cpuinfo; ("", {}) elsewhere."""
   fields: dict[str, str] = {}
   try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
+    with files.open_regular("/proc/cpuinfo") as f:
+      for line in f.read().decode("utf-8", "replace").splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
   except OSError:

@@ -106,7 +106,9 @@ def open_idx(path: str) -> Iterator[tuple[IO[bytes], IdxHeader]]:
     raise DataError(f"{path}: cannot read it ({e.strerror or e}).") from None
   gzipped = path.endswith(".gz")
   try:
-    with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+    with files.open_regular(path) as raw, (
+        gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw)
+    ) as f:
       stream = typing.cast(IO[bytes], f)
       yield stream, _idx_header(stream, path, file_size, gzipped)
   except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError

@@ -23,7 +23,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from mlp_jax.base import boundary
+from mlp_jax.base import boundary, files
 from mlp_jax.training import parallel
 
 CORRUPT_DIR = "corrupt"
@@ -235,7 +235,7 @@ def move_aside(mngr: Manager, epoch: int) -> str:
   _sync(f"mlp_jax: every process has read checkpoint {epoch}")
   if jax.process_index() == 0:
     if not os.path.lexists(corrupt):
-      os.mkdir(corrupt)
+      files.make_dirs(corrupt)
     if os.path.islink(corrupt) or not os.path.isdir(corrupt):
       raise CheckpointError(f"{corrupt} is a link or not a directory, where mlp_jax moves a "
                             "corrupt checkpoint (never through a link): remove it, then "
@@ -244,7 +244,7 @@ def move_aside(mngr: Manager, epoch: int) -> str:
     while os.path.lexists(target if not suffix else f"{target}.{suffix}"):
       suffix += 1
     target = target if not suffix else f"{target}.{suffix}"
-    os.rename(os.path.join(str(mngr.directory), str(epoch)), target)   # never a copy
+    files.move(os.path.join(str(mngr.directory), str(epoch)), target)   # never a copy
   _sync(f"mlp_jax: checkpoint {epoch} moved aside")
   mngr.reload()
   return target

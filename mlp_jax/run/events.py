@@ -91,7 +91,7 @@ class EventFile:
   event, written through to the file at once."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
+    files.make_dirs(logdir)
     now = time.time()
     self.path = os.path.join(
         logdir, f"events.out.tfevents.{int(now)}.{socket.gethostname()}.{os.getpid()}"

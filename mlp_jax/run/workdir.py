@@ -16,6 +16,7 @@ resume must match RESUME_FIELDS.
 import datetime
 import fcntl
 import hashlib
+import io
 import json
 import os
 import platform
@@ -98,7 +99,7 @@ def prepare(config: Config, log: Log = print, fingerprint: Optional[dict[str, An
     raise RunError(f"--workdir {workdir} is a file, not a directory; choose another path.")
   lock = WorkdirLock(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.make_dirs(workdir)
     if jax.process_index() == 0:
       lock.acquire()
     # A probe of a new random name, created exclusively: writable, and nothing followed.
@@ -128,7 +129,7 @@ def _set_aside(path: str, kind: str) -> str:
   n = 1
   while os.path.exists(aside := f"{stem}.{kind}-{n}{ext}"):
     n += 1
-  os.replace(path, aside)
+  files.move(path, aside)
   return aside
 
 
@@ -144,8 +145,8 @@ def _check_old_run(workdir: str, config: Config, log: Log,
   try:
     if files.check_regular_file(old_config) > MAX_RECORD_BYTES:
       raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
-    with open(old_config) as f:
-      old_run = json.load(f)
+    with files.open_regular(old_config, follow=False) as f:
+      old_run = json.loads(f.read())
     _check_record(old_run)
   except ValueError as e:  # empty, truncated, not JSON, not the layout this writes
     aside = _set_aside(old_config, "unreadable") if jax.process_index() == 0 else ""
@@ -374,7 +375,7 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
   rows: list[Row] = []
   torn: list[int] = []
   files.check_regular_file(path)
-  with open(path, errors="replace") as f:
+  with io.TextIOWrapper(files.open_regular(path, follow=False), errors="replace") as f:
     for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES), ""), 1):
       if len(line) == MAX_RECORD_BYTES and not line.endswith("\n"):
         while (chunk := f.readline(1 << 20)) and not chunk.endswith("\n"):
