@@ -200,13 +200,19 @@ def test_a_signal_to_one_process_stops_both_after_the_same_epoch(signum, status,
   processes = [runner(tiny_npz, tmp_path, "--epochs=200",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
-  wait_for_epochs(tmp_path, processes[0], 1)
-  processes[1].send_signal(signum)
   lasts = []
-  for p in processes:
-    _, stderr = p.communicate(timeout=120)
-    assert p.returncode == status, stderr
-    lasts.append(stderr.strip().splitlines()[-1])
+  try:
+    wait_for_epochs(tmp_path, processes[0], 1)
+    processes[1].send_signal(signum)
+    for p in processes:
+      _, stderr = p.communicate(timeout=120)
+      assert p.returncode == status, stderr
+      lasts.append(stderr.strip().splitlines()[-1])
+  finally:   # a failed test leaves neither process running into the next one
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
   assert lasts[0] == lasts[1] and lasts[0].startswith(f"stopped: {name} after epoch ")
   done = int(lasts[0].split("after epoch ")[1].split(";")[0])
   assert done < 200 and len(metrics(tmp_path)) == done
