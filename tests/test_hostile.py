@@ -89,14 +89,18 @@ def _fill(directory):
   os.close(fd)
 
 
-def _fault_symlink(tmp_path, name):
-  victim = tmp_path / "victim"
-  victim.write_text(VICTIM_TEXT)
-  work = tmp_path / "work"
-  work.mkdir()
-  os.symlink(victim, work / name)
-  yield work
-  assert victim.read_text() == VICTIM_TEXT, "written through a symlink"
+def _fault_victim(link, kind):
+  """A user's file linked (`link`: os.symlink or os.link) where a writer writes: its
+  contents must be left as they were."""
+  def fault(tmp_path, name):
+    victim = tmp_path / "victim"
+    victim.write_text(VICTIM_TEXT)
+    work = tmp_path / "work"
+    work.mkdir()
+    link(victim, work / name)
+    yield work
+    assert victim.read_text() == VICTIM_TEXT, f"written through a {kind}"
+  return fault
 
 
 def _fault_dangling(tmp_path, name):
@@ -106,16 +110,6 @@ def _fault_dangling(tmp_path, name):
   os.symlink(target, work / name)
   yield work
   assert not target.exists(), "a file created through a dangling symlink"
-
-
-def _fault_hard_link(tmp_path, name):
-  victim = tmp_path / "victim"
-  victim.write_text(VICTIM_TEXT)
-  work = tmp_path / "work"
-  work.mkdir()
-  os.link(victim, work / name)
-  yield work
-  assert victim.read_text() == VICTIM_TEXT, "written through a hard link"
 
 
 def _fault_full_disk(tmp_path, name):
@@ -160,8 +154,9 @@ def _fault_node(kind):
   return fault
 
 
-FAULTS = {"symlink": _fault_symlink, "dangling_symlink": _fault_dangling,
-          "hard_link": _fault_hard_link,
+FAULTS = {"symlink": _fault_victim(os.symlink, "symlink"),
+          "dangling_symlink": _fault_dangling,
+          "hard_link": _fault_victim(os.link, "hard link"),
           "full_disk": _fault_full_disk, "read_only": _fault_read_only,
           **{kind: _fault_node(kind) for kind in ("fifo", "char_device", "socket",
                                                   "directory")}}
