@@ -10,8 +10,10 @@ Each case: one line (no newline in the error), nothing written through a link, n
 temporary left behind, an earlier file untouched, memory bounded.
 """
 
+import ast
 import contextlib
 import errno
+import glob
 import gzip
 import io
 import os
@@ -79,6 +81,48 @@ WRITERS = {
     "lock": (".lock", _lock),
     "predict_csv": ("pred.csv", _predict_csv),
 }
+
+
+# Every function of the package that calls a write primitive, and the WRITERS entry that
+# tries that primitive in the same mode: read from the code, so a writer added without
+# its entry fails test_every_writer_of_the_code_is_in_the_matrix.
+WRITER_OF_CALLER = {
+    ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
+    ("mlp_jax/base/files.py", "append"): "append",
+    ("mlp_jax/run/events.py", "__init__"): "append",   # O_WRONLY | O_APPEND | O_CREAT too
+    ("mlp_jax/run/reports.py", "write_outputs"): "atomic_file",
+    ("mlp_jax/run/reports.py", "write_running_curves"): "atomic_file",
+    ("mlp_jax/run/trained.py", "prediction_csv"): "predict_csv",
+    ("mlp_jax/run/workdir.py", "write_json"): "write_json",
+    ("mlp_jax/run/workdir.py", "write_history"): "atomic_file",
+    ("mlp_jax/run/workdir.py", "append_row"): "append",
+    ("mlp_jax/run/workdir.py", "acquire"): "lock",
+}
+WRITE_PRIMITIVES = {"files.atomic_file", "atomic_file", "files.open_for_update",
+                    "open_for_update", "files.append"}
+
+
+def writers_in_the_code():
+  """{(module path, the function that calls it)} of every write primitive's call."""
+  found = set()
+
+  def visit(node, path, function):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.Call) and ast.unparse(child.func) in WRITE_PRIMITIVES:
+        found.add((path, function))
+      inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+          else function
+      visit(child, path, inner)
+
+  for path in glob.glob(os.path.join(ROOT, "mlp_jax", "**", "*.py"), recursive=True):
+    with open(path, encoding="utf-8") as f:
+      visit(ast.parse(f.read()), os.path.relpath(path, ROOT), None)
+  return found
+
+
+def test_every_writer_of_the_code_is_in_the_matrix():
+  assert writers_in_the_code() == set(WRITER_OF_CALLER)
+  assert set(WRITER_OF_CALLER.values()) <= set(WRITERS)
 
 
 def _fill(directory):
