@@ -228,15 +228,20 @@ def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):
   processes = [runner("digits", tmp_path, "--epochs=50", "--batch_size=2",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
-  wait_for_epochs(tmp_path, processes[0], 1)
-  time.sleep(1)
-  processes[1].kill()
-  _, stderr = processes[0].communicate(timeout=60)   # JAX alone would abort after ~100 s
+  try:
+    wait_for_epochs(tmp_path, processes[0], 1)
+    time.sleep(1)
+    processes[1].kill()
+    _, stderr = processes[0].communicate(timeout=60)   # JAX alone would abort after ~100 s
+  finally:   # a failed test leaves neither process running into the next one
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+      p.communicate()
   assert processes[0].returncode == 1, stderr
   last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: epoch ") and "this process or another one failed" in last
   assert "restart every process with the same command to resume" in last
-  processes[1].communicate()
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ devices of every process, and each process places only its own rows of the datas
 
 import contextlib
 import errno
+import itertools
 import math
 import os
 import socket
@@ -255,8 +256,19 @@ def process_values(value: ArrayLike) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(value))
 
 
-def barrier(name: str) -> None:
+_BARRIERS = itertools.count()
 
-  """Waits until every process gets here (no-op alone)."""
-  if jax.process_count() > 1:
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+  """Waits until every process gets here (no-op alone), up to `timeout_s`: at the
+  coordination service's barrier, not a device collective, so that no process starts
+  the CPU's Gloo collectives (which wait a fixed 30 s for their peers) long before
+  the others; a device collective where JAX lacks that barrier."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = getattr(distributed.global_state, "client", None)
+  if client is None or not hasattr(client, "wait_at_barrier"):
     multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(f"{name} #{next(_BARRIERS)}", timeout_s * 1000)
