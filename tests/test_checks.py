@@ -115,7 +115,7 @@ def test_init_params_takes_new_and_legacy_keys():
 
 
 def test_loss_manual_vjp_is_reverse_mode_only_and_says_so():
-  """The README's sentence, each clause: jvp and jacfwd raise; hessian works (forward
+  """docs/library.md's sentence, each clause: jvp and jacfwd raise; hessian works (forward
   over the manual backward pass) and equals mj.loss's."""
   assert "jax.jvp" in mj.loss_manual_vjp.__doc__
   with pytest.raises(TypeError, match="forward-mode autodiff"):
