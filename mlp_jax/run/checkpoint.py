@@ -253,8 +253,9 @@ def move_aside(mngr: Manager, epoch: int) -> str:
 def saved_schedule(mngr: Manager, epoch: int) -> Optional[list[int]]:
   """The schedule_epochs checkpoint `epoch` was saved with; None for a checkpoint of an
   mlp_jax that did not save it (0.4.0 and older)."""
-  record = mngr.restore(epoch, args=_orbax().args.Composite(
-      checksum=_orbax().args.JsonRestore()))["checksum"]
+  ocp = _orbax()
+  record = mngr.restore(epoch, args=ocp.args.Composite(
+      checksum=ocp.args.JsonRestore()))["checksum"]
   schedule = record.get("schedule_epochs")
   return [int(e) for e in schedule] if schedule else None
 

@@ -106,7 +106,8 @@ class RunConfig:
   compilation_cache: Optional[str] = _setting(
       None, "Directory of JAX's persistent compilation cache, shared by the runs of this "
       "machine; '' turns it off. Default: $MLP_JAX_COMPILATION_CACHE, else "
-      "~/.cache/mlp_jax/jax (mlp_jax/base/compilation.py).")
+      "~/.cache/mlp_jax/jax. Used only if it is yours and no one else can write it "
+      "(JAX runs what it finds there: mlp_jax/base/compilation.py).")
   profile_dir: Optional[str] = _setting(
       None, "Write a jax.profiler trace of this invocation's 2nd and 3rd epochs (the 1st "
       "compiles) here; view it with tensorboard --logdir=DIR (Profile tab, "
