@@ -18,6 +18,7 @@ import gzip
 import io
 import os
 import pathlib
+import signal
 import socket
 import stat
 import subprocess
@@ -102,26 +103,8 @@ WRITE_PRIMITIVES = {"files.atomic_file", "atomic_file", "files.open_for_update",
                     "open_for_update", "files.append"}
 
 
-def writers_in_the_code():
-  """{(module path, the function that calls it)} of every write primitive's call."""
-  found = set()
-
-  def visit(node, path, function):
-    for child in ast.iter_child_nodes(node):
-      if isinstance(child, ast.Call) and ast.unparse(child.func) in WRITE_PRIMITIVES:
-        found.add((path, function))
-      inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
-          else function
-      visit(child, path, inner)
-
-  for path in glob.glob(os.path.join(ROOT, "mlp_jax", "**", "*.py"), recursive=True):
-    with open(path, encoding="utf-8") as f:
-      visit(ast.parse(f.read()), os.path.relpath(path, ROOT), None)
-  return found
-
-
 def test_every_writer_of_the_code_is_in_the_matrix():
-  assert writers_in_the_code() == set(WRITER_OF_CALLER)
+  assert callers_in_the_code(WRITE_PRIMITIVES) == set(WRITER_OF_CALLER)
   assert set(WRITER_OF_CALLER.values()) <= set(WRITERS)
 
 
@@ -276,7 +259,45 @@ def _good_png(path):
   Image.new("L", (8, 8)).save(path)
 
 
-# name -> (file name, write a good file, read it, the error it raises)
+def _good_flagfile(path):
+  pathlib.Path(path).write_text("--noprogress\n")
+
+
+def _read_flagfile(path, model):
+  """train.py's flags, read from the flagfile at `path`: the setting after them
+  (--epochs=0) is refused if the flagfile was read; any other line is the flagfile's."""
+  code, stderr = run_cli(f"--flagfile={path}", "--epochs=0")
+  if stderr.strip() != "error: --epochs=0: must be >= 1.":
+    assert code == 2, stderr
+    raise ValueError(stderr.strip())
+
+
+def _good_config_json(path):
+  workdir_lib.write_json(path, {"format": workdir_lib.FORMAT})
+
+
+def _read_config_json(path, model):
+  """A workdir's config.json as a resume reads it: a line said (the file set aside)
+  raises it."""
+  said = []
+  workdir_lib.read_old_config(os.path.dirname(path), said.append)
+  if said:
+    raise ValueError(said[0])
+
+
+def _good_metrics(path):
+  pathlib.Path(path).write_text('{"epoch": 1}\n')
+
+
+def _read_metrics(path, model):
+  said = []
+  workdir_lib.read_history(os.path.dirname(path), 1, True, said.append)
+  if said:
+    raise ValueError(said[0])
+
+
+# name -> (file name, write a good file (None: the model's params), read it, the error it
+# raises); the workdir's own records (RECORDS) are never read through a link.
 READERS = {
     "dataset_npz": ("d.npz", _good_npz, lambda p, m: datasets.load(f"npz:{p}"), datasets.DataError),
     "idx": ("images-idx3-ubyte", _good_idx, lambda p, m: readers.read_idx(p), datasets.DataError),
@@ -287,7 +308,57 @@ READERS = {
     "predict_idx": ("x-idx3-ubyte", _good_idx, lambda p, m: trained.read_inputs(p, m),
                     ValueError),
     "predict_png": ("x.png", _good_png, lambda p, m: trained.read_inputs(p, m), ValueError),
+    "flagfile": ("run.flags", _good_flagfile, _read_flagfile, ValueError),
+    "config_json": ("config.json", _good_config_json, _read_config_json, (ValueError, OSError)),
+    "metrics_jsonl": ("metrics.jsonl", _good_metrics, _read_metrics, (ValueError, OSError)),
 }
+RECORDS = ("config_json", "metrics_jsonl")
+BINARY = ("dataset_npz", "idx", "idx_gz", "params_npz", "predict_npz", "predict_idx",
+          "predict_png")
+
+# Every function of the package that calls a read primitive, and the READERS rows that
+# read through it (or why it has none): read from the code, so a reader added without
+# its row fails test_every_reader_of_the_code_is_in_the_matrix.
+READER_OF_CALLER = {
+    ("mlp_jax/data/readers.py", "open_idx"): ("idx", "idx_gz", "predict_idx"),
+    ("mlp_jax/data/readers.py", "load_npz"): ("dataset_npz",),
+    ("mlp_jax/data/readers.py", "npz_rows"): ("predict_npz",),
+    ("mlp_jax/data/readers.py", "read_png"): ("predict_png",),
+    ("mlp_jax/run/trained.py", "load"): ("params_npz",),
+    ("mlp_jax/base/boundary.py", "_flagfile_problem"): ("flagfile",),
+    ("mlp_jax/run/workdir.py", "read_record"): ("config_json",),
+    ("mlp_jax/run/workdir.py", "_read_rows"): ("metrics_jsonl",),
+    ("mlp_jax/base/files.py", "__enter__"): ("dataset_npz", "params_npz", "predict_npz"),
+    ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
+    ("mlp_jax/core/feature_major.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
+    ("mlp_jax/base/files.py", "host_available"): "/proc/self/statm: not a user's path",
+}
+READ_PRIMITIVES = {"files.open_regular", "open_regular", "files.NpzArchive",
+                   "files.open_directory"}
+
+
+def callers_in_the_code(primitives):
+  """{(module path, the function that calls it)} of every call of `primitives`."""
+  found = set()
+
+  def visit(node, path, function):
+    for child in ast.iter_child_nodes(node):
+      if isinstance(child, ast.Call) and ast.unparse(child.func) in primitives:
+        found.add((path, function))
+      inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+          else function
+      visit(child, path, inner)
+
+  for path in glob.glob(os.path.join(ROOT, "mlp_jax", "**", "*.py"), recursive=True):
+    with open(path, encoding="utf-8") as f:
+      visit(ast.parse(f.read()), os.path.relpath(path, ROOT), None)
+  return found
+
+
+def test_every_reader_of_the_code_is_in_the_matrix():
+  assert callers_in_the_code(READ_PRIMITIVES) == set(READER_OF_CALLER)
+  rows = {r for v in READER_OF_CALLER.values() if isinstance(v, tuple) for r in v}
+  assert rows == set(READERS)
 
 
 def _declare_huge(path):
@@ -317,6 +388,12 @@ def _declare_huge(path):
       f.write(bytes(content))
 
 
+def _huge_file(path):
+  """A file of 10^10 bytes (sparse: zeros, no disk)."""
+  with open(path, "wb") as f:
+    f.truncate(10**10)
+
+
 def _truncate(path):
   content = pathlib.Path(path).read_bytes()
   pathlib.Path(path).write_bytes(content[:len(content) // 2])
@@ -326,19 +403,39 @@ def _empty(path):
   open(path, "wb").close()
 
 
-def _device(path):
-  os.remove(path)
-  os.symlink("/dev/zero", path)
+def _replace(make):
+  def fault(path):
+    os.remove(path)
+    make(path)
+  return fault
 
 
-def _pipe(path):
-  os.remove(path)
-  os.mkfifo(path)
+def _char_device(path):
+  if os.geteuid() != 0:
+    pytest.skip("only root makes a device node")
+  os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 5))   # /dev/zero's numbers
 
 
-def _directory(path):
-  os.remove(path)
-  os.mkdir(path)
+def _socket(path):
+  with socket.socket(socket.AF_UNIX) as server:
+    server.bind(os.path.relpath(path))   # a relative name: sockets' paths are short
+
+
+def _moved_elsewhere(path):
+  """The good file, moved to a user's own folder beside (its bytes to check after)."""
+  elsewhere = os.path.join(os.path.dirname(os.path.dirname(path)), "elsewhere")
+  os.makedirs(elsewhere, exist_ok=True)
+  target = os.path.join(elsewhere, os.path.basename(path))
+  os.rename(path, target)
+  return target
+
+
+def _symlink(path):
+  os.symlink(_moved_elsewhere(path), path)
+
+
+def _hard_link(path):
+  os.link(path, os.path.join(os.path.dirname(path), "second-name"))
 
 
 def _wrong_member_name(path):
@@ -354,9 +451,35 @@ def _wrong_member_name(path):
     z.writestr(first[:-4], buffer.getvalue())
 
 
-BAD_INPUTS = {"truncated": _truncate, "declared_huge": _declare_huge, "empty": _empty,
-              "device": _device, "pipe": _pipe, "directory": _directory,
+BAD_INPUTS = {"symlink": _symlink, "hard_link": _hard_link,
+              "dangling_symlink": _replace(lambda p: os.symlink(p + ".gone", p)),
+              "fifo": _replace(os.mkfifo), "char_device": _replace(_char_device),
+              "socket": _replace(_socket), "directory": _replace(os.mkdir),
+              "dev_zero": _replace(lambda p: os.symlink("/dev/zero", p)),
+              "file_of_1e10_bytes": _huge_file, "declared_huge": _declare_huge,
+              "truncated": _truncate, "empty": _empty,
               "wrong_member_name": _wrong_member_name}
+# Faults after which the file still reads: a user's input may be a link to their file;
+# a second name of a file changes nothing that is read; an empty flagfile sets nothing.
+READS_FINE = {("symlink", r) for r in READERS if r not in RECORDS} | {
+    ("hard_link", r) for r in READERS} | {("wrong_member_name", r) for r in READERS} | {
+    ("empty", "flagfile")}
+# Bytes a read may allocate, at most: a whole record (64 MiB) and its decoded copy.
+PEAK_BYTES = 2 * workdir_lib.MAX_RECORD_BYTES + (16 << 20)
+
+
+@contextlib.contextmanager
+def _within(seconds):
+  """TimeoutError if the block runs past `seconds` (a hang on a FIFO, an endless read)."""
+  def expire(*_):
+    raise TimeoutError(f"still reading after {seconds} s")
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.alarm(seconds)
+  try:
+    yield
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("bad", BAD_INPUTS)
@@ -364,27 +487,38 @@ BAD_INPUTS = {"truncated": _truncate, "declared_huge": _declare_huge, "empty": _
 def test_every_reader_refuses_every_bad_input_in_one_line_and_bounded_memory(
     reader, bad, tmp_path, model):
   name, write_good, read, error = READERS[reader]
-  path = str(tmp_path / name)
-  (write_good or (lambda p: _good_params(p, model)))(path)
-  read(path, model)                       # the good file reads
   if bad == "wrong_member_name" and not name.endswith(".npz"):
     pytest.skip("npz only")
-  if bad == "directory" and reader.startswith("predict_png"):
+  if bad in ("declared_huge", "truncated") and reader not in BINARY:
+    pytest.skip("a text file declares no size; a truncated one is a torn line (tested "
+                "in test_reliability)")
+  if bad == "directory" and reader == "predict_png":
     pytest.skip("a directory of PNGs is a valid input (tested below)")
-  BAD_INPUTS[bad](path)
+  (tmp_path / "d").mkdir()
+  path = str(tmp_path / "d" / name)
+  (write_good or (lambda p: _good_params(p, model)))(path)
+  read(path, model)                       # the good file reads
+  good = pathlib.Path(path).read_bytes()
+  target = BAD_INPUTS[bad](path)
   tracemalloc.start()
   try:
-    if bad == "wrong_member_name":
-      read(path, model)                   # the checked member is the one read: fine
-    else:
-      with pytest.raises(error) as raised:
+    with _within(30):
+      if (bad, reader) in READS_FINE:
         read(path, model)
-      assert "\n" not in str(raised.value)
-      assert path in str(raised.value) or os.path.basename(path) in str(raised.value)
+      else:
+        with pytest.raises(error) as raised:
+          read(path, model)
+        message = str(raised.value)
+        assert "\n" not in message and message
+        assert os.path.basename(path) in message, message
+        if bad == "symlink":
+          assert "symbolic link" in message
     peak = tracemalloc.get_traced_memory()[1]
   finally:
     tracemalloc.stop()
-  assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+  assert peak < PEAK_BYTES, f"{peak / 2**20:.0f} MiB allocated"
+  if target:
+    assert pathlib.Path(target).read_bytes() == good, "the user's file was changed"
 
 
 def test_a_directory_of_upper_case_pngs_is_read(tmp_path, model):

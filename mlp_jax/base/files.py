@@ -205,16 +205,6 @@ def open_directory(path: str) -> int:
                  | os.O_CLOEXEC)
 
 
-def check_regular_file(path: str) -> int:
-  """The size of the regular file at `path` (a symlink to one is fine); OSError if it is
-  missing, UnsafePath if it is a device, a pipe, a socket or a directory."""
-  mode = os.stat(path)
-  if not stat.S_ISREG(mode.st_mode):
-    kind = "a directory" if stat.S_ISDIR(mode.st_mode) else "not a regular file (a device or a pipe?)"
-    raise UnsafePath(errno.EINVAL, f"{path} is {kind}; give a file", path)
-  return mode.st_size
-
-
 class NpyHeader(NamedTuple):
   """What an .npy member's header declares."""
 
@@ -261,17 +251,22 @@ class NpzArchive:
 
   def __enter__(self) -> "NpzArchive":
     try:
-      check_regular_file(self.path)
-      self._zip = zipfile.ZipFile(self.path)
+      self._file = open_regular(self.path)
     except UnsafePath as e:
       raise self.error(f"{e.strerror}.") from None
+    except OSError as e:
+      raise self.error(f"{self.path} is not a readable .npz ({_reason(e)}).") from None
+    try:
+      self._zip = zipfile.ZipFile(self._file)
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+      self._file.close()
       raise self.error(f"{self.path} is not a readable .npz ({_reason(e)}).") from None
     return self
 
   def __exit__(self, *exc: Any) -> None:
     if self._zip is not None:
       self._zip.close()
+      self._file.close()
 
   @property
   def names(self) -> list[str]:

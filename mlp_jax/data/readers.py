@@ -99,18 +99,17 @@ def open_idx(path: str) -> Iterator[tuple[IO[bytes], IdxHeader]]:
   """(the stream at its first data byte, the checked header) of an IDX file (.gz or
   not); a device, a pipe or a directory is refused. DataError, one line, for any problem."""
   try:
-    file_size = files.check_regular_file(path)
+    raw = files.open_regular(path)
   except files.UnsafePath as e:
     raise DataError(f"{e.strerror}.") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read it ({e.strerror or e}).") from None
   gzipped = path.endswith(".gz")
   try:
-    with files.open_regular(path) as raw, (
-        gzip.GzipFile(fileobj=raw, mode="rb") if gzipped else contextlib.nullcontext(raw)
-    ) as f:
+    with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gzipped
+               else contextlib.nullcontext(raw)) as f:
       stream = typing.cast(IO[bytes], f)
-      yield stream, _idx_header(stream, path, file_size, gzipped)
+      yield stream, _idx_header(stream, path, os.fstat(raw.fileno()).st_size, gzipped)
   except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
     raise DataError(f"{path}: cannot read it ({e}).") from None
 
@@ -299,10 +298,9 @@ def read_png(path: str, image_shape: tuple[int, ...], pixel_max: float, dataset:
                      "give an .npz of raw inputs.")
   h, w = image_shape
   try:
-    files.check_regular_file(path)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), files.open_regular(path) as f:
       warnings.simplefilter("error", Image.DecompressionBombWarning)
-      with Image.open(path) as image:  # reads the header only
+      with Image.open(f) as image:  # reads the header only
         mode, size = image.mode, image.size
         if mode != "L" or size != (w, h):  # checked before any pixel is decoded
           raise ValueError(f"{path}: an image of {size[0]}×{size[1]} pixels, mode {mode}; this "

@@ -139,19 +139,8 @@ def _check_old_run(workdir: str, config: Config, log: Log,
   checkpoint's own record of the settings is checked instead); RunError if its
   RESUME_FIELDS differ or it was written by a version whose checkpoints hold one model,
   not a stack."""
-  old_config = os.path.join(workdir, "config.json")
-  if not os.path.exists(old_config):
-    return {}
-  try:
-    if files.check_regular_file(old_config) > MAX_RECORD_BYTES:
-      raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
-    with files.open_regular(old_config, follow=False) as f:
-      old_run = json.loads(f.read())
-    _check_record(old_run)
-  except ValueError as e:  # empty, truncated, not JSON, not the layout this writes
-    aside = _set_aside(old_config, "unreadable") if jax.process_index() == 0 else ""
-    log(f"config.json is unreadable ({str(e).splitlines()[0][:80]}); kept as {aside}, "
-        "and the checkpoint's record of the settings is checked instead")
+  old_run = read_old_config(workdir, log)
+  if not old_run:
     return {}
   if isinstance(old_run.get("format"), int) and old_run["format"] > FORMAT:
     raise RunError(f"--workdir {workdir} holds a run of a newer mlp_jax (config.json "
@@ -172,6 +161,24 @@ def _check_old_run(workdir: str, config: Config, log: Log,
                      f"{getattr(config, field)!r}; use a fresh --workdir to start anew.")
   if fingerprint is not None and "data" in old_run:
     check_data(old_run["data"], fingerprint, "this workdir's run")
+  return old_run
+
+
+def read_old_config(workdir: str, log: Log) -> dict[str, Any]:
+  """The workdir's config.json ({} if none); one that is empty, truncated, not JSON or
+  not the layout this writes is set aside (logged), and {} returned; UnsafePath if it is
+  a link, a device, a pipe or a directory."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.lexists(path):
+    return {}
+  try:
+    old_run = read_record(path)
+    _check_record(old_run)
+  except ValueError as e:
+    aside = _set_aside(path, "unreadable") if jax.process_index() == 0 else ""
+    log(f"config.json is unreadable ({str(e).splitlines()[0][:80]}); kept as {aside}, "
+        "and the checkpoint's record of the settings is checked instead")
+    return {}
   return old_run
 
 
@@ -342,8 +349,21 @@ def write_config(workdir: str, record: dict[str, Any]) -> None:
   write_json(os.path.join(workdir, "config.json"), record)
 
 
-# A record (config.json, a metrics.jsonl line) longer than this is not one mlp_jax wrote.
+# A record (config.json, a metrics.jsonl line) longer than this is not one mlp_jax wrote,
+# nor a metrics.jsonl longer than MAX_HISTORY_BYTES.
 MAX_RECORD_BYTES = 64 << 20
+MAX_HISTORY_BYTES = 1 << 30
+
+
+def read_record(path: str) -> Any:
+  """The JSON value of a workdir's record (config.json): its own regular file (not a
+  link, a device or a pipe: files.UnsafePath), at most MAX_RECORD_BYTES read; ValueError
+  if longer or not JSON."""
+  with files.open_regular(path, follow=False) as f:
+    text = f.read(MAX_RECORD_BYTES + 1)
+  if len(text) > MAX_RECORD_BYTES:
+    raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
+  return json.loads(text)
 
 
 def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
@@ -352,7 +372,7 @@ def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
   back to an older checkpoint, or restarts from scratch) are not lost: the old file is
   kept as metrics.replaced-N.jsonl."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return []
   rows, torn = _read_rows(path)
   kept = [row for row in rows if row["epoch"] <= epochs_done]
@@ -374,8 +394,9 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
   whole JSON record with an epoch: a line cut by a crash or a full disk)."""
   rows: list[Row] = []
   torn: list[int] = []
-  files.check_regular_file(path)
   with io.TextIOWrapper(files.open_regular(path, follow=False), errors="replace") as f:
+    if os.fstat(f.fileno()).st_size > MAX_HISTORY_BYTES:
+      return rows, [1]                      # not a file this runner wrote: set aside whole
     for number, line in enumerate(iter(lambda: f.readline(MAX_RECORD_BYTES), ""), 1):
       if len(line) == MAX_RECORD_BYTES and not line.endswith("\n"):
         while (chunk := f.readline(1 << 20)) and not chunk.endswith("\n"):
