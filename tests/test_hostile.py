@@ -451,6 +451,46 @@ def _wrong_member_name(path):
     z.writestr(first[:-4], buffer.getvalue())
 
 
+def _npz_only(fault):
+  def only(path):
+    if not path.endswith(".npz"):
+      pytest.skip("npz only")
+    fault(path)
+  return only
+
+
+def _extra_huge_members(path):
+  """Three members the reader does not need, each declaring 4e9 bytes (the trial's
+  params.npz with three such members): never opened, so never read."""
+  with zipfile.ZipFile(path, "a") as z:
+    for i in range(3):
+      buffer = io.BytesIO()
+      np.lib.format.write_array_header_1_0(buffer, {"descr": "<f8", "fortran_order": False,
+                                                    "shape": (5 * 10**8,)})
+      z.writestr(f"extra{i}.npy", buffer.getvalue())
+
+
+def _encrypted(path):
+  """Every member marked encrypted (the general-purpose flag's bit 0, in the local and
+  the central headers): zipfile wants a password."""
+  content = bytearray(pathlib.Path(path).read_bytes())
+  for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+    start = content.find(signature)
+    while start >= 0:
+      content[start + offset] |= 1
+      start = content.find(signature, start + 4)
+  pathlib.Path(path).write_bytes(bytes(content))
+
+
+def _line_of_1e9_bytes(path):
+  """The good text, then one line of 10^9 bytes (sparse zeros), then the good text."""
+  good = pathlib.Path(path).read_bytes()
+  with open(path, "ab") as f:
+    f.truncate(len(good) + 10**9)
+    f.seek(0, os.SEEK_END)
+    f.write(b"\n" + good)
+
+
 BAD_INPUTS = {"symlink": _symlink, "hard_link": _hard_link,
               "dangling_symlink": _replace(lambda p: os.symlink(p + ".gone", p)),
               "fifo": _replace(os.mkfifo), "char_device": _replace(_char_device),
@@ -458,12 +498,15 @@ BAD_INPUTS = {"symlink": _symlink, "hard_link": _hard_link,
               "dev_zero": _replace(lambda p: os.symlink("/dev/zero", p)),
               "file_of_1e10_bytes": _huge_file, "declared_huge": _declare_huge,
               "truncated": _truncate, "empty": _empty,
-              "wrong_member_name": _wrong_member_name}
+              "wrong_member_name": _wrong_member_name,
+              "extra_huge_members": _npz_only(_extra_huge_members),
+              "encrypted_member": _npz_only(_encrypted),
+              "line_of_1e9_bytes": _line_of_1e9_bytes}
 # Faults after which the file still reads: a user's input may be a link to their file;
 # a second name of a file changes nothing that is read; an empty flagfile sets nothing.
 READS_FINE = {("symlink", r) for r in READERS if r not in RECORDS} | {
     ("hard_link", r) for r in READERS} | {("wrong_member_name", r) for r in READERS} | {
-    ("empty", "flagfile")}
+    ("extra_huge_members", r) for r in READERS} | {("empty", "flagfile")}
 # Bytes a read may allocate, at most: a whole record (64 MiB) and its decoded copy.
 PEAK_BYTES = 2 * workdir_lib.MAX_RECORD_BYTES + (16 << 20)
 
@@ -489,6 +532,8 @@ def test_every_reader_refuses_every_bad_input_in_one_line_and_bounded_memory(
   name, write_good, read, error = READERS[reader]
   if bad == "wrong_member_name" and not name.endswith(".npz"):
     pytest.skip("npz only")
+  if bad == "line_of_1e9_bytes" and reader in BINARY:
+    pytest.skip("text files only")
   if bad in ("declared_huge", "truncated") and reader not in BINARY:
     pytest.skip("a text file declares no size; a truncated one is a torn line (tested "
                 "in test_reliability)")

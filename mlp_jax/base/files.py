@@ -280,10 +280,13 @@ class NpzArchive:
       raise self.error(f"{self.path} holds no array {name}; it holds "
                        f"{', '.join(self.names) or 'no arrays'}.")
     info = self._zip.getinfo(name + ".npy")
-    f = self._zip.open(info)
+    try:   # zipfile raises RuntimeError on an encrypted member, numpy several kinds
+      f = self._zip.open(info)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self.error(f"{self.path}: {name} cannot be read ({_reason(e)}).") from None
     try:
       header = read_npy_header(f)
-    except Exception as e:  # pylint: disable=broad-except  (numpy raises several kinds)
+    except Exception as e:  # pylint: disable=broad-except
       f.close()
       raise self.error(f"{self.path}: {name} is not a readable .npy ({_reason(e)}).") from None
     problem = None
