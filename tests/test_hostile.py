@@ -619,6 +619,9 @@ def test_every_bad_setting_is_one_line_with_its_status(fault, tmp_path):
 @pytest.mark.parametrize("variable, value, message", [
     ("JAX_ENABLE_X64", "maybe", "is not a truth value"),
     ("XLA_FLAGS", "--xla_force_host_platform_device_count=two", "must be a whole number"),
+    ("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_no_such_flag=1",
+     "has --xla_no_such_flag=1, a flag this XLA does not know"),
+    ("XLA_FLAGS", "--xla_dump", "has --xla_dump, a flag this XLA does not know"),
 ])
 def test_a_bad_environment_is_one_line_before_jax_starts(variable, value, message,
                                                          monkeypatch):

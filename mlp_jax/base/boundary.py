@@ -234,16 +234,47 @@ MIN_ADDRESS_SPACE = 2 << 30
 _TRUTH_VALUES = ("", "0", "1", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off")
 
 
+def _xla_libraries() -> list[str]:
+  """The shared libraries that define XLA's flags: jaxlib's, then any PJRT plugin's
+  (jax_plugins, libtpu); found without importing them."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  found = []
+  for package in ("jaxlib", "jax_plugins", "libtpu"):
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+      found += sorted(glob.glob(os.path.join(folder, "**", "*.so*"), recursive=True),
+                      key=lambda p: "jax_common" not in p)   # where XLA's flags are
+  return found
+
+
+def _xla_knows(name: str) -> bool:
+  """Whether XLA defines the flag `name` (xla_...): its name, a C string, in one of its
+  libraries (about 20 ms for a known flag). True where the libraries found do not hold
+  a flag every XLA has (xla_dump_to): then they are not where this XLA keeps its flags."""
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
+  libraries = _xla_libraries()
+
+  def defined(flag: str) -> bool:
+    needle = b"\0" + os.fsencode(flag) + b"\0"
+    return any(files.holds_bytes(p, needle) for p in libraries)
+  return defined(name) or not defined("xla_dump_to")
+
+
 def check_environment() -> None:
   """UserError for the environment settings that JAX would abort on in C++ (a crash, not
-  an exception) or refuse with a traceback at import: XLA_FLAGS' host device count,
-  JAX_ENABLE_X64. Called before JAX is imported."""
+  an exception) or refuse with a traceback at import: a flag in XLA_FLAGS that XLA does
+  not know, XLA_FLAGS' host device count, an address-space limit, JAX_ENABLE_X64. Called
+  before JAX is imported."""
   for flag in os.environ.get("XLA_FLAGS", "").split():
     name, _, value = flag.partition("=")
     if name == "--xla_force_host_platform_device_count" and not (
         value.isdigit() and int(value) >= 1):
       raise UserError(f"XLA_FLAGS has {flag}: the device count must be a whole number "
                       ">= 1; fix or unset XLA_FLAGS.")
+    if not _xla_knows(name.lstrip("-")):
+      raise UserError(f"XLA_FLAGS has {escaped(flag)}, a flag this XLA does not know (it "
+                      "would abort in C++): fix its name or remove it from XLA_FLAGS.")
   limit = resource.getrlimit(resource.RLIMIT_AS)[0]
   if limit != resource.RLIM_INFINITY and limit < MIN_ADDRESS_SPACE:
     raise UserError(f"the address-space limit (ulimit -v) is {limit / 2**30:.2f} GiB, "
