@@ -21,14 +21,17 @@ def _xla_cpu_flags() -> str:
   """Tests compile thousands of tiny programs and run each a few times, so compiling
   costs more than running: XLA's backend optimisations off, and on the CPU the
   elemental emitters for fusions instead of the newer fusion emitters (half the compile
-  time of a small program, measured on jax 0.10). A flag XLA does not know aborts the
-  process, so the second is tried once in a subprocess first; the answer is passed on
-  to pytest-xdist's workers in the environment."""
+  time of a small program, measured on jax 0.10), compiled in one piece, not split for
+  parallel compilation (a quarter of a small program's compile time: each worker has one
+  core). A flag XLA does not know aborts the process, so these are tried once in a
+  subprocess first; the answer is passed on to pytest-xdist's workers in the
+  environment."""
   known = os.environ.get("MLP_JAX_TEST_XLA_FLAGS")
   if known is not None:
     return known
   flags = "--xla_backend_optimization_level=0"
-  faster = flags + " --xla_cpu_use_fusion_emitters=false"
+  faster = (flags + " --xla_cpu_use_fusion_emitters=false"
+            " --xla_cpu_parallel_codegen_split_count=1")
   try:
     accepted = subprocess.run([sys.executable, "-c", "import jax; jax.devices('cpu')"],
                               env={**os.environ, "XLA_FLAGS": faster, "JAX_PLATFORMS": "cpu"},

@@ -122,6 +122,6 @@ def test_loss_manual_vjp_is_reverse_mode_only_and_says_so():
     jax.jvp(lambda p: mj.loss_manual_vjp(p, X, Y), (PARAMS,), (PARAMS,))
   with pytest.raises(TypeError, match="forward-mode autodiff"):
     jax.jacfwd(mj.loss_manual_vjp)(PARAMS, X, Y)
-  hessians = [jax.hessian(f)(PARAMS, X, Y) for f in (mj.loss_manual_vjp, mj.loss)]
+  hessians = [jax.jit(jax.hessian(f))(PARAMS, X, Y) for f in (mj.loss_manual_vjp, mj.loss)]
   for got, want in zip(*map(jax.tree.leaves, hessians)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -23,6 +23,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 import zipfile
 
@@ -332,6 +333,7 @@ READER_OF_CALLER = {
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/feature_major.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/files.py", "host_available"): "/proc/self/statm: not a user's path",
+    ("mlp_jax/base/files.py", "holds_bytes"): "jaxlib's libraries: not a user's path",
 }
 READ_PRIMITIVES = {"files.open_regular", "open_regular", "files.NpzArchive",
                    "files.open_directory"}
@@ -941,6 +943,23 @@ def test_a_refusal_with_stdout_or_stderr_closed_is_still_its_status(closed):
   if closed == 1:
     assert result.stderr.splitlines() == ["error: --epochs=0: must be >= 1."]
   assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_full_or_failing_standard_output_is_named_in_one_line(code, tmp_path, monkeypatch):
+  """`train.py > /dev/full`: the run's output cannot be written; its line names the
+  standard output (not a file of the run) with the errno's cause, status 1."""
+  class Failing(io.StringIO):
+    def write(self, text):
+      raise OSError(code, os.strerror(code))
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))    # the traceback's file
+  stderr = io.StringIO()
+  with contextlib.redirect_stdout(Failing()), contextlib.redirect_stderr(stderr):
+    status = boundary.run(lambda: print("epoch 1"))
+  lines = stderr.getvalue().splitlines()
+  assert status == 1 and len(lines) == 1, lines
+  assert lines[0].startswith(f"error: cannot use the standard output ({os.strerror(code)})")
+  assert "redirect the standard output" in lines[0]
 
 
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory", "huge", "nested_fifo",

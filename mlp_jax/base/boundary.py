@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import typing
 from types import FrameType
 from typing import Any, Callable, NoReturn, Optional
 
@@ -112,6 +113,39 @@ def _flush_stdout() -> None:
     sys.stdout.flush()
   except (OSError, ValueError, AttributeError):
     pass
+
+
+STDOUT = "the standard output"
+
+
+class _NamedStdout:
+  """sys.stdout, whose write errors name it (OSError.filename "the standard output"):
+  a full or failing stdout is then told apart from a file the run writes."""
+
+  def __init__(self, stream: Any):
+    self._stream = stream
+
+  def _named(self, e: OSError) -> OSError:
+    return OSError(e.errno, e.strerror, STDOUT)
+
+  def write(self, text: str) -> int:
+    try:
+      return self._stream.write(text)
+    except BrokenPipeError:   # the reader left: the boundary's silent 141
+      raise
+    except OSError as e:
+      raise self._named(e) from None
+
+  def flush(self) -> None:
+    try:
+      self._stream.flush()
+    except BrokenPipeError:
+      raise
+    except OSError as e:
+      raise self._named(e) from None
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._stream, name)
 
 
 def _print_line(line: str) -> None:
@@ -206,6 +240,9 @@ def describe(e: BaseException) -> tuple[str, int]:
     where = f" {escaped(os.fsdecode(e.filename))}" if e.filename else ""
     fix = _OS_FIXES.get(e.errno or 0, "check the path and its permissions, and that the "
                         "disk has room")
+    if e.filename == STDOUT:
+      fix = ("redirect the standard output somewhere that takes it (a file on a disk "
+             "with room, or /dev/null)")
     return f"error: cannot use{where} ({e.strerror or first_line(e)}); {fix}.", 1
   environment = _environment_problem(e)
   if environment:
@@ -361,11 +398,18 @@ def run(body: Callable[[], Optional[int]]) -> int:
   previous = threading.excepthook, sys.unraisablehook, logging.root.manager.disable
   threading.excepthook, sys.unraisablehook = _background_exception, _unraisable
   _state.update(log_dir=None, deferred=[])
+  stdout = sys.stdout
+  if stdout is not None:
+    sys.stdout = typing.cast(Any, _NamedStdout(stdout))
   try:
     phase("start")
-    return int(body() or 0)
-  except SystemExit as e:
-    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    try:
+      status = int(body() or 0)
+    except SystemExit as e:   # absl's app.run ends with one
+      status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if status == 0 and stdout is not None:
+      sys.stdout.flush()      # a full stdout fails the run here, not at the exit
+    return status
   except BrokenPipeError:  # `| head`: the reader left; say nothing, as Unix tools do
     try:
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -387,6 +431,7 @@ def run(body: Callable[[], Optional[int]]) -> int:
     _print_line(line)
     return status
   finally:
+    sys.stdout = stdout
     threading.excepthook, sys.unraisablehook = previous[:2]
     logging.disable(previous[2])
 
