@@ -3,7 +3,7 @@ mlp_jax.run.experiment.run.
 
     python experiments/train.py                                   # digits
     python experiments/train.py --flagfile=experiments/configs/fashion_mnist.flags
-    python experiments/train.py --num_devices=4                   # every device
+    python experiments/train.py --num_devices=4                   # 4 devices (default: all)
     python experiments/train.py --dp_target_epsilon=3             # DP-SGD, (3, 1e-5)-DP
     python experiments/train.py --num_seeds=5 --sweep=learning_rate=1e-3,2e-3
                                            # 10 models in one program, chosen on validation

@@ -2,10 +2,13 @@
 `>>>` lines is a doctest (each output it shows is checked), any other block runs as a
 script. Each block starts from an empty namespace."""
 
+import contextlib
 import doctest
 import glob
+import io
 import os
 import re
+import shlex
 
 import pytest
 
@@ -75,3 +78,62 @@ def test_the_readme_shows_what_the_default_command_prints(tmp_path):
     if "epoch/s" in line:   # the progress bar: its shape
       pattern = r"100%\|.*\| \d+/\d+ \[.*epoch/s, acc=.*, loss=.*, test_acc=.*\]"
     assert any(re.fullmatch(pattern, p.rstrip()) for p in printed), (line, printed)
+
+
+# A placeholder of the docs' commands -> a value of its kind (nothing is read or run).
+PLACEHOLDERS = {"PATH": "/data/x.npz", "TABLE.npz": "/data/t.npz", "S": "1", "DIR": "/data",
+                "HOST:PORT": "host0:1234", "B": "/tmp/b"}
+RUNNER_COMMAND = re.compile(r"python3? experiments/train\.py([^`|#]*)")
+
+
+def runner_commands():
+  """[(path:line, its arguments)] of every `python experiments/train.py ...` the README,
+  the docs, the runner's docstring and the presets' headers show (continued lines
+  joined; a trailing comment, `...`, `&` and `(timed)` dropped)."""
+  paths = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)),
+           "experiments/train.py", *sorted(glob.glob("experiments/configs/*.flags",
+                                                     root_dir=ROOT))]
+  found = []
+  for path in paths:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      text = re.sub(r"\\\\?\n\s*", " ", f.read())   # a continued line, also as \\ in a docstring
+    for number, line in enumerate(text.splitlines(), 1):
+      for match in RUNNER_COMMAND.finditer(line):
+        args = [a for a in shlex.split(match.group(1).strip().rstrip('"'))
+                if a not in ("...", "&", "(timed)")]
+        found.append((f"{path}:{number}", [_placeholder(a) for a in args]))
+  return found
+
+
+def _placeholder(arg):
+  return re.sub(r"(?<=[=:])(PATH|TABLE\.npz|S|DIR|HOST:PORT|B)$",
+                lambda m: PLACEHOLDERS[m.group(1)], arg)
+
+
+def test_the_docs_show_runner_commands():
+  places = [place for place, _ in runner_commands()]
+  assert len(places) > 40 and any(p.startswith("experiments/configs/") for p in places)
+
+
+@pytest.mark.parametrize("place, args", runner_commands(),
+                         ids=[place for place, _ in runner_commands()])
+def test_every_runner_command_in_the_docs_is_accepted(place, args):
+  """Each command line the docs show parses (every flag exists, every value is of its
+  kind) and passes config.resolve, the run's own checks: a renamed or removed setting,
+  or a value out of its bounds, fails here."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from conftest import _runner_module  # pylint: disable=g-import-not-at-top
+  from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  runner = _runner_module()
+  runner.flags.FLAGS.unparse_flags()
+  if "--help" in args:
+    return
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), contextlib.chdir(ROOT):
+    try:
+      runner.parse_flags(["train.py", *args])
+    except SystemExit as e:
+      pytest.fail(f"{place}: exit {e.code}: {stderr.getvalue().strip()}")
+    values = {s.name: flags.FLAGS[s.name].value for s in config_lib.SETTINGS}
+  values["sweep"] = tuple(values["sweep"] or ())
+  config_lib.resolve(config_lib.RunConfig(**values))
