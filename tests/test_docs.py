@@ -137,3 +137,25 @@ def test_every_runner_command_in_the_docs_is_accepted(place, args):
     values = {s.name: flags.FLAGS[s.name].value for s in config_lib.SETTINGS}
   values["sweep"] = tuple(values["sweep"] or ())
   config_lib.resolve(config_lib.RunConfig(**values))
+
+
+DOC_PATH = re.compile(r"(?<![\w/.])((?:mlp_jax|experiments|tests|docs|\.ci)/[\w/.\-]*\w)(?![\w{])")
+NAME_IN_FILE = re.compile(r"`([\w.]+)(?:\([^`]*\))?` (?:in|of|from) "
+                          r"`((?:mlp_jax|experiments|tests)/[\w/]+\.py)`")
+
+
+def test_every_file_the_docs_name_exists_and_holds_what_they_say():
+  """A path of the project in README.md or docs/*.md exists; "`name` in `path.py`"
+  names a function, class or variable that path.py defines."""
+  wrong = []
+  for path in ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT))]:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      text = f.read()
+    wrong += [(path, p) for p in DOC_PATH.findall(text)
+              if not glob.glob(os.path.join(ROOT, p))]
+    for name, source in NAME_IN_FILE.findall(text):
+      defined = rf"\b(def|class)\s+{name.split('.')[-1]}\b|^\s*{name.split('.')[-1]}\s*[:=]"
+      with open(os.path.join(ROOT, source), encoding="utf-8") as f:
+        if not re.search(defined, f.read(), re.MULTILINE):
+          wrong.append((path, f"{name} in {source}"))
+  assert not wrong, wrong
