@@ -18,6 +18,7 @@ import gzip
 import io
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import stat
@@ -832,6 +833,28 @@ def test_a_symlink_at_any_file_the_runner_writes_is_one_line_and_followed_never(
     lines = stderr.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "symbolic link" in lines[0], (name, stderr)
     assert victim.read_text() == VICTIM_TEXT, name
+
+
+@pytest.mark.parametrize("entry", ["newest", "oldest", "new_name"])
+def test_a_symlink_among_the_checkpoints_is_one_line_and_never_followed(entry, tiny_npz,
+                                                                         tmp_path):
+  """A checkpoint step (the newest, which a resume reads; the oldest, which orbax
+  deletes as the run saves more), or a new name in checkpoints/, made a link to a
+  user's directory: one line, nothing read, written or deleted through it."""
+  work = tmp_path / "w"
+  assert run_cli(*_tiny(tiny_npz, work, "--epochs=3", "--checkpoint_seconds=0"))[0] == 0
+  victim = tmp_path / "victim"
+  victim.mkdir()
+  (victim / "file").write_text(VICTIM_TEXT)
+  steps = sorted(int(n) for n in os.listdir(work / "checkpoints") if n.isdigit())
+  name = {"newest": str(steps[-1]), "oldest": str(steps[0]), "new_name": "9"}[entry]
+  if (work / "checkpoints" / name).exists():
+    shutil.rmtree(work / "checkpoints" / name)
+  os.symlink(victim, work / "checkpoints" / name)
+  code, stderr = run_cli(*_tiny(tiny_npz, work, "--epochs=5", "--checkpoint_seconds=0"))
+  lines = stderr.strip().splitlines()
+  assert code == 1 and len(lines) == 1 and "is a symbolic link" in lines[0], stderr
+  assert os.listdir(victim) == ["file"] and (victim / "file").read_text() == VICTIM_TEXT
 
 
 @pytest.mark.slow

@@ -55,6 +55,11 @@ def manager(workdir: str, max_to_keep: int = 3) -> Manager:
                                    os.access(path, os.R_OK | os.W_OK | os.X_OK)):
     raise CheckpointError(f"{path} is not a readable and writable directory; fix its "
                           "permissions, or use a fresh --workdir.")
+  links = sorted(e.name for e in os.scandir(path) if e.is_symlink()) if os.path.isdir(
+      path) else []
+  if links:   # orbax would read a checkpoint through it, and delete through it when old
+    raise CheckpointError(f"{os.path.join(path, links[0])} is a symbolic link, which "
+                          "mlp_jax never reads or deletes through: remove it, then rerun.")
   ocp = _orbax()
   try:
     return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
