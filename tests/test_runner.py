@@ -177,7 +177,7 @@ def test_help_keeps_the_docstrings_lines():
                           text=True, timeout=120)
   lines = result.stdout.splitlines()
   assert result.returncode == 0 and "flags:" in result.stdout, result.stderr
-  assert ("    python experiments/train.py --num_devices=4                   # every device"
+  assert ("    python experiments/train.py --num_devices=4                   # 4 devices (default: all)"
           in lines)
   assert ("        --process_id=0 --workdir=/shared/run                      # one line "
           "per process" in lines)
