@@ -20,6 +20,7 @@ import pytest
 from mlp_jax.training import parallel
 from mlp_jax.training import train
 from conftest import read_metrics as metrics
+from conftest import ROOT
 from conftest import RUNNER
 from conftest import wait_for_epochs
 RTOL = 1e-5  # float32 reduction-order noise: the sum over the batch is split in parts
@@ -166,6 +167,7 @@ def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
     outputs = finish_all(processes)
     assert "accuracy" in outputs[0] and "accuracy" not in outputs[1]  # process 0 reports
     assert "workdir" not in outputs[1]
+    assert not any("[Gloo]" in output for output in outputs), outputs  # XLA's C++ lines
   assert "resuming from the checkpoint after epoch 2" in outputs[0]
   finish(runner(tiny_npz, tmp_path / "single"))
   assert_same_run(tmp_path / "single", shared)
@@ -314,3 +316,26 @@ def _check_1_2_4_devices():
 
 if __name__ == "__main__":
   _check_1_2_4_devices()
+
+
+@pytest.mark.slow
+def test_native_stdout_is_hidden_in_its_window_and_python_output_is_not():
+  """processes.NativeStdoutHidden: what C code writes to descriptor 1 in the window is
+  dropped (XLA's Gloo lines); Python's prints in it come out at once, in order."""
+  code = """
+import os, sys
+from mlp_jax.run import processes
+print("before", flush=True)
+hidden = processes.NativeStdoutHidden()
+hidden.start()
+os.write(1, b"[Gloo] Rank 0 is connected to 1 peer ranks\\n")
+print("python, in the window")
+hidden.end()
+os.write(1, b"native, after\\n")
+print("after")
+"""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == ["before", "python, in the window", "native, after",
+                                        "after"]

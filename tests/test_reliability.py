@@ -552,6 +552,10 @@ def test_resuming_with_more_epochs_starts_a_new_cycle_and_records_it(tiny_npz, t
   # Resumed again with the same --epochs, the recorded cycles are kept.
   experiment.run(config._replace(epochs=5), log=lines.append)
   assert json.loads((tmp_path / "config.json").read_text())["schedule_epochs"] == [3, 5]
+  # One epoch more is said as one epoch.
+  experiment.run(config._replace(epochs=6), log=lines.append)
+  assert ("--epochs 6 extends a run planned for 5: epoch 6 follows a new warmup_cosine "
+          "cycle at peak learning rate 0.001 (schedule_epochs in config.json)") in lines
 
 
 def test_a_workdir_of_an_older_version_is_refused_in_one_line(tiny_npz, tmp_path):

@@ -239,6 +239,18 @@ def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> di
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
   config = ctx.config
   _describe(ctx)
+  native_output = processes.NativeStdoutHidden()
+  if jax.process_count() > 1:   # until epoch 1 ends: Gloo's lines as the processes connect
+    native_output.start()
+  try:
+    return _train_hidden(ctx, ds, old_run, native_output)
+  finally:
+    native_output.end()
+
+
+def _train_hidden(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any],
+                  native_output: processes.NativeStdoutHidden) -> dict[str, Any]:
+  config = ctx.config
   start = _restore(ctx, (*ds.x_train.shape, ds.num_classes))
   if start.epochs_done > config.num_epochs:
     raise RunError(f"--workdir {ctx.workdir} holds a run trained for {start.epochs_done} "
@@ -271,7 +283,7 @@ def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> di
   del ds
   try:
     state, interrupted = _train_epochs(ctx, _training(ctx, cycle_ends), start, placed,
-                                       history)
+                                       history, native_output)
   finally:
     with processes.peers(ctx.config, "the last checkpoint", start.epochs_done):
       checkpoint.finish(start.mngr)
@@ -282,11 +294,12 @@ def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> di
 
 
 def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, placed: Placed,
-                  history: list[Row]) -> tuple[train.TrainState, Optional[Interrupted]]:
+                  history: list[Row], native_output: processes.NativeStdoutHidden
+                  ) -> tuple[train.TrainState, Optional[Interrupted]]:
   """fit.fit from the Restored `start`, with the runner's hooks.RunHooks (each epoch's row
   appended to `history` and the metrics file, checkpoints by time). Returns (state,
   Interrupted if Ctrl-C or SIGTERM stopped it, else None)."""
-  hooks = hooks_lib.RunHooks(ctx, start, placed, history)
+  hooks = hooks_lib.RunHooks(ctx, start, placed, history, native_output)
   boundary.phase("train")
   ctx.stop.deferring = True
   try:

@@ -82,11 +82,12 @@ class RunHooks(fit.Hooks):
   epoch a signal came in (which then stops the fit: `interrupted`)."""
 
   def __init__(self, ctx: RunContext, start: Restored, placed: Placed,
-               history: list[Row]):
+               history: list[Row], native_output: processes.NativeStdoutHidden):
     self.ctx, self.mngr, self.placed, self.history = ctx, start.mngr, placed, history
     self.schedule = start.schedule
     self.done, self.saved_at = start.epochs_done, time.monotonic()
     self.interrupted: Optional[processes.Interrupted] = None
+    self.native_output = native_output
     self.profile = Profile(ctx, start.epochs_done)
     self.bar = progress_bar(ctx, start.epochs_done)
     self.live = live_lib.LiveLog(ctx.workdir, lambda rows: reports.write_running_curves(
@@ -98,6 +99,7 @@ class RunHooks(fit.Hooks):
 
   def after_epoch(self, epoch: int, state: train.TrainState, row: Row) -> bool:
     ctx = self.ctx
+    self.native_output.end()
     self.profile.after(epoch)
     last = epoch + 1 == ctx.config.epochs
     with processes.peers(ctx.config, f"the end of epoch {epoch + 1}", self.done):
@@ -131,6 +133,7 @@ class RunHooks(fit.Hooks):
   def close(self) -> None:
     """Ends the profile's trace (a run stopped early still closes it), the live logs and
     the bar."""
+    self.native_output.end()
     self.profile.stop()
     self.live.close()
     if self.bar is not None:

@@ -131,3 +131,48 @@ def stop_or_save(stop: StopSignals, due: bool) -> tuple[Optional[int], bool]:
     return stop.signum, due
   signums, dues = parallel.process_values(np.array([stop.signum or 0, due], np.int32)).T
   return int(np.max(signums)) or None, bool(np.max(dues))
+
+
+class NativeStdoutHidden:
+  """A window in which what native code writes to the standard output is dropped: the
+  "[Gloo] Rank 0 is connected to 1 peer ranks ..." lines that XLA's CPU collectives
+  print (C++, on file descriptor 1) as collectives first connect the processes. What
+  Python prints goes on to the standard output at once, through a copy of its
+  descriptor. Nothing happens where the standard output is closed."""
+
+  def __init__(self) -> None:
+    self._saved: Optional[tuple[int, Any]] = None
+
+  def start(self) -> None:
+    if sys.stdout is None or self._saved is not None:
+      return
+    try:
+      sys.stdout.flush()
+      saved = os.dup(1)
+    except (OSError, ValueError):
+      return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    self._saved = saved, sys.stdout
+    if _fileno(sys.stdout) == 1:    # Python's prints go on through the copy
+      sys.stdout = open(saved, "w", encoding=sys.stdout.encoding,  # pylint: disable=consider-using-with
+                        errors=sys.stdout.errors, buffering=1, closefd=False)
+
+  def end(self) -> None:
+    if self._saved is None:
+      return
+    saved, python_stdout = self._saved
+    self._saved = None
+    if sys.stdout is not python_stdout:
+      sys.stdout.close()
+      sys.stdout = python_stdout
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
+def _fileno(stream: Any) -> Optional[int]:
+  try:
+    return int(stream.fileno())
+  except (OSError, ValueError, AttributeError):
+    return None

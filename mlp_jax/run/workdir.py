@@ -279,9 +279,10 @@ def schedule_epochs(config: Config, old_run: dict[str, Any], start: Any, log: Lo
     swept = any(spec.partition("=")[0].strip() == "learning_rate" for spec in config.sweep)
     peak = ("each model's own peak learning rate" if swept
             else f"peak learning rate {config.learning_rate:g}")
-    log(f"--epochs {epochs} extends a run planned for {ends[-1]}: epochs "
-        f"{ends[-1] + 1}-{epochs} follow a new {config.schedule} cycle at {peak} "
-        "(schedule_epochs in config.json)")
+    added = (f"epoch {epochs} follows" if epochs == ends[-1] + 1
+             else f"epochs {ends[-1] + 1}-{epochs} follow")
+    log(f"--epochs {epochs} extends a run planned for {ends[-1]}: {added} a new "
+        f"{config.schedule} cycle at {peak} (schedule_epochs in config.json)")
     ends.append(epochs)
   elif epochs < ends[-1]:
     log(f"--epochs {epochs} stops early on a schedule planned for {ends[-1]} "
