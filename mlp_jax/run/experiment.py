@@ -237,7 +237,6 @@ def _describe(ctx: RunContext) -> None:
 
 def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> dict[str, Any]:
   """run() from a locked workdir on: restore, train epoch by epoch, write the results."""
-  config = ctx.config
   _describe(ctx)
   native_output = processes.NativeStdoutHidden()
   if jax.process_count() > 1:   # until epoch 1 ends: Gloo's lines as the processes connect
@@ -250,6 +249,7 @@ def _train(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any]) -> di
 
 def _train_hidden(ctx: RunContext, ds: datasets.Dataset, old_run: dict[str, Any],
                   native_output: processes.NativeStdoutHidden) -> dict[str, Any]:
+  """_train's body, native output hidden until `native_output` ends."""
   config = ctx.config
   start = _restore(ctx, (*ds.x_train.shape, ds.num_classes))
   if start.epochs_done > config.num_epochs:
