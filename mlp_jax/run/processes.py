@@ -156,8 +156,8 @@ class NativeStdoutHidden:
     os.close(devnull)
     self._saved = saved, sys.stdout
     if _fileno(sys.stdout) == 1:    # Python's prints go on through the copy
-      sys.stdout = open(saved, "w", encoding=sys.stdout.encoding,  # pylint: disable=consider-using-with
-                        errors=sys.stdout.errors, buffering=1, closefd=False)
+      sys.stdout = os.fdopen(saved, "w", encoding=sys.stdout.encoding,
+                             errors=sys.stdout.errors, buffering=1, closefd=False)
 
   def end(self) -> None:
     if self._saved is None:
