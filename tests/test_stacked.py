@@ -265,7 +265,7 @@ def test_a_resumed_sweep_names_each_models_peak_rate(tiny_npz, tmp_path):
   run(config)
   lines = []
   experiment.run(config._replace(epochs=2), log=lines.append)
-  assert any("follow a new warmup_cosine cycle at each model's own peak learning rate"
+  assert any("epoch 2 follows a new warmup_cosine cycle at each model's own peak learning rate"
              in line for line in lines)
 
 
