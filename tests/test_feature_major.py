@@ -30,6 +30,7 @@ def _both(shape, dtype):
           jax.jit(feature_major.backprop)(params, X, Y, w), max(B, D, H, K))
 
 
+@pytest.mark.slow   # over a hundred compilations: a program per drawn shape
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(shape=SHAPES)

@@ -102,7 +102,7 @@ def test_relu_derivative_at_exact_zero_is_one_in_both_paths():
   y = jnp.array([1])
   z1 = x @ params.w1.T + params.b1[None, :]
   np.testing.assert_array_equal(z1, [[0.0, 0.0, 1.5, -1.0]])
-  manual, autodiff = mj.grads(params, x, y), mj.autodiff_grads(params, x, y)
+  manual, autodiff = jax.jit(mj.grads)(params, x, y), jax.jit(mj.autodiff_grads)(params, x, y)
   for m, a in zip(manual, autodiff):
     np.testing.assert_array_equal(m, a)
   # ReLU'(0) = 1: the tied units pass gradient, the negative one does not.
@@ -111,7 +111,7 @@ def test_relu_derivative_at_exact_zero_is_one_in_both_paths():
   def loss_with_jax_relu(p):
     z2 = jax.nn.relu(x @ p.w1.T + p.b1[None]) @ p.w2.T + p.b2[None]
     return jnp.mean(jax.nn.logsumexp(z2, axis=1) - z2[0, 1])
-  assert jax.grad(loss_with_jax_relu)(params).b1[0] == 0
+  assert jax.jit(jax.grad(loss_with_jax_relu))(params).b1[0] == 0
 
 
 @pytest.mark.parametrize("method", ["manual", "autodiff", "manual_vjp"])
@@ -227,9 +227,9 @@ def test_layer_grad_sq_norms_are_each_examples():
 
 def test_per_example_grad_norms_equal_norms_of_per_example_grads():
   params, X, y = problem(batch=9, in_dim=5, hidden=8, classes=4, dtype=jnp.float32)
-  per_example = mj.per_example_grads(params, X, y)
+  per_example = jax.jit(mj.per_example_grads)(params, X, y)
   norms = jnp.sqrt(sum(jnp.sum(leaf.reshape(9, -1) ** 2, axis=1) for leaf in per_example))
-  got = mj.per_example_grad_norms(params, X, y)
+  got = jax.jit(mj.per_example_grad_norms)(params, X, y)
   assert got.shape == (9,) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, norms, rtol=1e-5)
 

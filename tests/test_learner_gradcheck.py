@@ -115,7 +115,9 @@ def _jax_grad_of_own_loss(params, X, y):
   return jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("style", ["vectorised", "loop", "jax_grad", "float32"])
+@pytest.mark.parametrize("style", [
+    "vectorised", "loop", "float32",
+    pytest.param("jax_grad", marks=pytest.mark.slow)])   # eager: over a hundred compilations
 def test_right_gradients_in_every_style_are_right(style):
   fn = {"vectorised": learner(), "loop": _loop, "jax_grad": _jax_grad_of_own_loss,
         "float32": lambda p, X, y: {k: v.astype(np.float32)
