@@ -26,6 +26,7 @@ at once with one line naming the phase.
 """
 
 import errno
+import functools
 import logging
 import os
 import resource
@@ -285,6 +286,7 @@ def _xla_libraries() -> list[str]:
   return found
 
 
+@functools.lru_cache(maxsize=64)   # a process that parses flags again asks again
 def _xla_knows(name: str) -> bool:
   """Whether XLA defines the flag `name` (xla_...): its name, a C string, in one of its
   libraries (about 20 ms for a known flag). True where the libraries found do not hold
