@@ -83,22 +83,20 @@ def test_the_readme_shows_what_the_default_command_prints(tmp_path):
 # A placeholder of the docs' commands -> a value of its kind (nothing is read or run).
 PLACEHOLDERS = {"PATH": "/data/x.npz", "TABLE.npz": "/data/t.npz", "S": "1", "DIR": "/data",
                 "HOST:PORT": "host0:1234", "B": "/tmp/b"}
-RUNNER_COMMAND = re.compile(r"python3? experiments/train\.py([^`|#]*)")
-
-
-def runner_commands():
-  """[(path:line, its arguments)] of every `python experiments/train.py ...` the README,
-  the docs, the runner's docstring and the presets' headers show (continued lines
+def runner_commands(script="train"):
+  """[(path:line, its arguments)] of every `python experiments/SCRIPT.py ...` the README,
+  the docs, the script's docstring and the presets' headers show (continued lines
   joined; a trailing comment, `...`, `&` and `(timed)` dropped)."""
+  command = re.compile(rf"python3? experiments/{script}\.py([^`|#]*)")
   paths = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)),
-           "experiments/train.py", *sorted(glob.glob("experiments/configs/*.flags",
-                                                     root_dir=ROOT))]
+           f"experiments/{script}.py", *sorted(glob.glob("experiments/configs/*.flags",
+                                                         root_dir=ROOT))]
   found = []
   for path in paths:
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
       text = re.sub(r"\\\\?\n\s*", " ", f.read())   # a continued line, also as \\ in a docstring
     for number, line in enumerate(text.splitlines(), 1):
-      for match in RUNNER_COMMAND.finditer(line):
+      for match in command.finditer(line):
         args = [a for a in shlex.split(match.group(1).strip().rstrip('"'))
                 if a not in ("...", "&", "(timed)")]
         found.append((f"{path}:{number}", [_placeholder(a) for a in args]))
@@ -159,3 +157,22 @@ def test_every_file_the_docs_name_exists_and_holds_what_they_say():
         if not re.search(defined, f.read(), re.MULTILINE):
           wrong.append((path, f"{name} in {source}"))
   assert not wrong, wrong
+
+
+@pytest.mark.slow   # a process per script
+@pytest.mark.parametrize("script", ["predict", "benchmark"])
+def test_every_flag_the_docs_give_predict_and_the_benchmark_exists(script):
+  """The flags of each `python experiments/predict.py ...` and `.../benchmark.py ...`
+  command the docs show are flags of that script (its --helpfull)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"),
+                           "--helpfull"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  defined = set(re.findall(r"^\s+--(?:\[no\])?(\w+):", result.stdout, re.MULTILINE))
+  commands = runner_commands(script)
+  used = {(place, arg.split("=")[0][2:]) for place, args in commands
+          for arg in args if arg.startswith("--")}
+  assert len(commands) >= 3 and used
+  assert not [(place, name) for place, name in used
+              if name not in defined and name.removeprefix("no") not in defined]
