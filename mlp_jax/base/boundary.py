@@ -126,24 +126,19 @@ class _NamedStdout:
   def __init__(self, stream: Any):
     self._stream = stream
 
-  def _named(self, e: OSError) -> OSError:
-    return OSError(e.errno, e.strerror, STDOUT)
-
-  def write(self, text: str) -> int:
+  def _call(self, method: str, *args: Any) -> Any:
     try:
-      return self._stream.write(text)
+      return getattr(self._stream, method)(*args)
     except BrokenPipeError:   # the reader left: the boundary's silent 141
       raise
     except OSError as e:
-      raise self._named(e) from None
+      raise OSError(e.errno, e.strerror, STDOUT) from None
+
+  def write(self, text: str) -> int:
+    return int(self._call("write", text))
 
   def flush(self) -> None:
-    try:
-      self._stream.flush()
-    except BrokenPipeError:
-      raise
-    except OSError as e:
-      raise self._named(e) from None
+    self._call("flush")
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self._stream, name)
