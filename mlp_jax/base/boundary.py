@@ -36,9 +36,8 @@ import sys
 import tempfile
 import threading
 import traceback
-import typing
 from types import FrameType
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional, cast
 
 
 class UserError(Exception):
@@ -397,7 +396,7 @@ def run(body: Callable[[], Optional[int]]) -> int:
   _state.update(log_dir=None, deferred=[])
   stdout = sys.stdout
   if stdout is not None:
-    sys.stdout = typing.cast(Any, _NamedStdout(stdout))
+    sys.stdout = cast(Any, _NamedStdout(stdout))
   try:
     phase("start")
     try:

@@ -257,6 +257,7 @@ class NpzArchive:
     self.path, self.error = path, error
     self.max_bytes = memory_budget() if max_bytes is None else max_bytes
     self.used = 0     # bytes `read` has allocated so far
+    self._file: Optional[IO[bytes]] = None
     self._zip: Optional[zipfile.ZipFile] = None
 
   def __enter__(self) -> "NpzArchive":
@@ -276,6 +277,7 @@ class NpzArchive:
   def __exit__(self, *exc: Any) -> None:
     if self._zip is not None:
       self._zip.close()
+    if self._file is not None:
       self._file.close()
 
   @property
