@@ -89,7 +89,7 @@ def write_outputs(workdir: str, finished: Finished, inputs: datasets.Dataset, co
   """params.npz, the plots, and for several models params_all.npz and sweep.json, each
   written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
   datasets.Dataset without its arrays (the preprocessing)."""
-  from mlp_jax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib, when used)
+  from mlp_jax.run import plots  # pylint: disable=g-import-not-at-top  (Pillow, when used)
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
