@@ -54,6 +54,37 @@ def test_doc_block_runs_as_written(source):
     exec(compile(source, "block", "exec"), {"__name__": "__doc_block__"})  # pylint: disable=exec-used
 
 
+HEREDOC = re.compile(r"^python - <<'PY'\n(.*?)^PY$", re.MULTILINE | re.DOTALL)
+
+
+def heredoc_scripts():
+  """[(path:line, source)] of every `python - <<'PY'` script inside the docs' blocks."""
+  scripts = []
+  for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs",
+                                                                              "*.md")))]:
+    with open(path, encoding="utf-8") as f:
+      text = f.read()
+    for match in HEREDOC.finditer(text):
+      line = text.count("\n", 0, match.start()) + 2
+      scripts.append((f"{os.path.relpath(path, ROOT)}:{line}", match.group(1)))
+  return scripts
+
+
+@pytest.mark.parametrize("where, source", heredoc_scripts(),
+                         ids=[where for where, _ in heredoc_scripts()])
+def test_each_measuring_script_of_the_docs_runs_on_a_run_of_its_kind(where, source,
+                                                                    reference_run, tiny_npz):
+  """The script, with the workdir it reads (a /tmp/NAME) replaced by a finished small run,
+  runs to its end and prints its measurement."""
+  workdirs = set(re.findall(r"/tmp/[a-z0-9_]+", source))
+  assert len(workdirs) == 1, (where, workdirs)
+  script = source.replace(workdirs.pop(), str(reference_run(tiny_npz)))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    exec(compile(script, where, "exec"), {"__name__": "__main__"})  # pylint: disable=exec-used
+  assert printed.getvalue().strip(), where
+
+
 @pytest.mark.slow   # the README's first command, a process of its own
 def test_the_readme_shows_what_the_default_command_prints(tmp_path):
   """"What they print": each line the README shows for `python experiments/train.py`
