@@ -63,12 +63,14 @@ def backprop(params: Params, X: Array, Y: Array, w: Array,
   return (loss, Z2), param_grads(delta1, delta2, X, A1, compute_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("compute_dtype", "layout"))
 def manual_pass(params: Params, X: Array, Y: Array, w: Array,
                 compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
                 ) -> tuple[tuple[Array, Array], Params]:
   """`backprop`, or its feature-major kernel where that is the faster program: the one
   place the manual value and gradients pick between them (feature_major.choose_layout;
-  layout "batch_major" or "feature_major" fixes one)."""
+  layout "batch_major" or "feature_major" fixes one). Compiled: called outside jit, as
+  value_and_grads is, it runs as one program, not op by op."""
   layout = layout or feature_major.choose_layout(params.w1.dtype, compute_dtype)
   feature_major.check_layout(layout)
   if layout == feature_major.FEATURE_MAJOR:
@@ -80,10 +82,14 @@ def _prepare(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[Array
              ) -> tuple[Array, Array, Array]:
   """Checks the inputs; returns X in the params' dtype, targets Y (B, K), ŵ (B,)."""
   _, _, _, k = checks.check_all(params, X, y, weights)
-  dtype = params.w1.dtype
-  Y = losses.targets(jnp.asarray(y), k, dtype)
-  X = jnp.asarray(X, dtype)
-  return X, Y, losses.mean_weights(weights, X.shape[0], dtype)
+  return _targets_and_weights(params.w1.dtype, k, *losses.as_arrays(X, y, weights))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _targets_and_weights(dtype: DTypeLike, k: int, X: Array, y: Array,
+                         weights: Optional[Array]) -> tuple[Array, Array, Array]:
+  Y = losses.targets(y, k, dtype)
+  return X.astype(dtype), Y, losses.mean_weights(weights, X.shape[0], dtype)
 
 
 def value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,

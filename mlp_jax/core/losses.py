@@ -6,6 +6,7 @@ computed in that stable form (never log(softmax)); for one-hot y it is
 logsumexp(z2) - z2[label].
 """
 
+import functools
 from typing import Optional
 
 import jax
@@ -70,10 +71,23 @@ def loss_and_logits(params: model.Params, X: ArrayLike, y: ArrayLike,
                     compute_dtype: Optional[DTypeLike] = None) -> tuple[Array, Array]:
   """(`loss`, logits Z2 (B, K)): the loss and the forward pass it came from."""
   checks.check_all(params, X, y, weights)
+  return _loss_and_logits(params, *as_arrays(X, y, weights), compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _loss_and_logits(params: model.Params, X: Array, y: Array, weights: Optional[Array],
+                     compute_dtype: Optional[DTypeLike]) -> tuple[Array, Array]:
+  """loss_and_logits of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
-  z2 = model.logits(params, jnp.asarray(X, dtype), compute_dtype=compute_dtype)
-  Y = targets(jnp.asarray(y), z2.shape[-1], dtype)
+  z2 = model.logits(params, X.astype(dtype), compute_dtype=compute_dtype)
+  Y = targets(y, z2.shape[-1], dtype)
   return jnp.sum(mean_weights(weights, z2.shape[0], dtype) * cross_entropy(z2, Y)), z2
+
+
+def as_arrays(X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike]
+              ) -> tuple[Array, Array, Optional[Array]]:
+  """X, y and the weights (or None) as JAX arrays, for a compiled function."""
+  return jnp.asarray(X), jnp.asarray(y), None if weights is None else jnp.asarray(weights)
 
 
 def accuracy(params: model.Params, X: ArrayLike, y: ArrayLike,
