@@ -2,15 +2,18 @@
 helpers the test files share.
 
 float64 only where a test needs it: the `x64` fixture. Every compiled program is kept in
-a persistent compilation cache for the session, so the runner's programs compile once
-for all the tests (and subprocesses) that train the same network.
+a persistent compilation cache, one per user kept between runs (`_cache_dir`), so the
+runner's programs compile once for all the tests (and subprocesses) that train the
+same network, and a rerun of the suite reads back what the last one compiled.
 """
 
+import atexit
 import contextlib
 import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,13 +56,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(ROOT, "experiments", "train.py")
 TIME_FIELDS = ("seconds", "examples_per_second")
 
-# One cache for the session, shared by pytest-xdist's workers (same run id).
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
-_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(),
-                                                    f"mlp_jax_test_cache_{_RUN}"),
+
+def _cache_dir() -> str:
+  """The suite's compilation cache: $MLP_JAX_TEST_CACHE, else $XDG_CACHE_HOME/mlp_jax/tests
+  (~/.cache/mlp_jax/tests), kept between runs so that a rerun reads back the programs
+  it compiled before (entries are keyed by the program, the versions and XLA_FLAGS), and
+  emptied when a run finds more than CACHE_BYTES in it. Where that is not the user's own
+  directory (compilation.unsafe), a temporary one, removed when the process ends."""
+  from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  path = os.environ.get("MLP_JAX_TEST_CACHE") or os.path.join(base, "mlp_jax", "tests")
+  try:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    if compilation.unsafe(path) is None:
+      with os.scandir(path) as entries:
+        entries = list(entries)
+      if sum(e.stat(follow_symlinks=False).st_size for e in entries) > CACHE_BYTES:
+        for entry in entries:
+          os.unlink(entry.path)
+      return path
+  except OSError:
+    pass
+  path = tempfile.mkdtemp(prefix="mlp_jax_test_cache_")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+CACHE_BYTES = 1 << 30
+# Set once by the first process (pytest-xdist's workers and the tests' subprocesses
+# inherit it: one cache).
+_CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
+          or _cache_dir(),
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-os.environ.update(_CACHE)  # for the subprocesses
+os.environ.update(_CACHE)
 jax.config.update("jax_compilation_cache_dir", _CACHE["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
