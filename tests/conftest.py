@@ -261,15 +261,21 @@ def assert_same_params_as(workdir, params):
 
 
 def wait_for_epochs(workdir, process, count, timeout=120):
+  """Returns once the run of `process` has written `count` epochs to metrics.jsonl; fails
+  naming why it did not: the process ended first (its status and stderr), or the time."""
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + timeout
-  while time.time() < deadline and process.poll() is None:
+  while time.time() < deadline:
     if os.path.exists(path):
       with open(path) as f:
         if sum(1 for _ in f) >= count:
           return
+    if process.poll() is not None:
+      stderr = process.stderr.read() if process.stderr else ""
+      raise AssertionError(f"the run ended with status {process.returncode} before epoch "
+                           f"{count}: {stderr[-3000:]}")
     time.sleep(0.02)
-  raise AssertionError(f"the run did not reach epoch {count}")
+  raise AssertionError(f"the run did not reach epoch {count} in {timeout} s")
 
 
 def pld_epsilon(sigmas, q, steps, delta):
