@@ -272,6 +272,25 @@ def test_loss_manual_vjp_under_vmap_and_jit():
     assert_close([a[i] for a in got], jax.jit(mj.grads)(params, Xs[i], ys[i]), 1e-12)
 
 
+@pytest.mark.parametrize("name, batch", [("value_and_grads", 23), ("grads", 29),
+                                         ("loss", 31), ("autodiff_value_and_grads", 37)])
+def test_an_eager_call_compiles_a_program_or_two_not_one_per_primitive(name, batch):
+  """Outside jit the checks run on the host and the math as one compiled program per
+  shape (a batch size no other test uses, so nothing is cached): not op by op."""
+  params, X, y = problem(batch=batch, seed=5)
+  lowered = []
+
+  def count(event, duration, **_):
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(duration)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    getattr(mj, name)(params, X, y)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  assert 1 <= len(lowered) <= 4, (name, len(lowered))
+
+
 def test_everything_works_under_jit_and_vmap():
   params, X, y = problem(batch=4)
   grads = jax.jit(mj.grads)
