@@ -5,6 +5,7 @@ script. Each block starts from an empty namespace."""
 import contextlib
 import doctest
 import glob
+import importlib
 import io
 import os
 import re
@@ -187,6 +188,41 @@ def test_every_file_the_docs_name_exists_and_holds_what_they_say():
       with open(os.path.join(ROOT, source), encoding="utf-8") as f:
         if not re.search(defined, f.read(), re.MULTILINE):
           wrong.append((path, f"{name} in {source}"))
+  assert not wrong, wrong
+
+
+DOTTED = re.compile(r"\bmlp_jax(?:\.[A-Za-z_]\w*)+")
+
+
+def resolves(dotted):
+  """True when `dotted` (mlp_jax.a.b.c) is a module, or an attribute of the longest
+  module it starts with."""
+  parts = dotted.split(".")
+  for i in range(len(parts), 0, -1):
+    try:
+      thing = importlib.import_module(".".join(parts[:i]))
+    except ImportError:
+      continue
+    for name in parts[i:]:
+      if not hasattr(thing, name):
+        return False
+      thing = getattr(thing, name)
+    return True
+  return False
+
+
+def test_every_dotted_name_of_the_package_the_docs_and_code_give_exists():
+  """`mlp_jax.core.losses.cross_entropy` and the like, in README.md, docs/*.md, the
+  scripts' help and docstrings and the package's own comments, name what is there."""
+  paths = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)),
+           *sorted(glob.glob("experiments/*.py", root_dir=ROOT)),
+           *sorted(glob.glob("mlp_jax/**/*.py", root_dir=ROOT, recursive=True))]
+  wrong = []
+  for path in paths:
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+      text = f.read()
+    wrong += [(path, name) for name in sorted(set(DOTTED.findall(text)))
+              if not resolves(name.rstrip("."))]
   assert not wrong, wrong
 
 
