@@ -28,6 +28,8 @@ import time
 
 from absl import app, flags
 
+from mlp_jax.base import boundary
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
 PREDICT = os.path.join(ROOT, "experiments", "predict.py")
@@ -227,4 +229,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))

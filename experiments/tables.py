@@ -36,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 os.environ["MLP_JAX_COMPILATION_CACHE"] = ""  # every compilation is counted
 import mlp_jax as mj  # pylint: disable=g-import-not-at-top,wrong-import-position
+from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.data import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -141,4 +142,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))
