@@ -64,8 +64,8 @@ def _cache_dir() -> str:
   emptied when a run finds more than CACHE_BYTES in it. Where that is not the user's own
   directory (compilation.unsafe), a temporary one, removed when the process ends."""
   from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  path = os.environ.get("MLP_JAX_TEST_CACHE") or os.path.join(base, "mlp_jax", "tests")
+  path = (os.environ.get("MLP_JAX_TEST_CACHE")
+          or os.path.join(compilation.user_cache_dir(), "tests"))
   try:
     os.makedirs(path, mode=0o700, exist_ok=True)
     if compilation.unsafe(path) is None:

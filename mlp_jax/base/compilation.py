@@ -34,8 +34,13 @@ def default_dir() -> str:
   else $XDG_CACHE_HOME/mlp_jax/jax, else ~/.cache/mlp_jax/jax."""
   if ENV in os.environ:
     return os.environ[ENV]
+  return os.path.join(user_cache_dir(), "jax")
+
+
+def user_cache_dir() -> str:
+  """$XDG_CACHE_HOME/mlp_jax, else ~/.cache/mlp_jax: where mlp_jax keeps its caches."""
   base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "mlp_jax", "jax")
+  return os.path.join(base, "mlp_jax")
 
 
 def unsafe(path: str) -> Optional[str]:
