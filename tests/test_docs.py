@@ -18,14 +18,15 @@ from conftest import ROOT
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
-def doc_blocks():
-  """[(path:line, source)] of every python block, in file order."""
+def doc_blocks(pattern=FENCE):
+  """[(path:line, source)] of every python block (every match of `pattern`) of README.md
+  and docs/*.md, in file order."""
   paths = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
   blocks = []
   for path in paths:
     with open(path, encoding="utf-8") as f:
       text = f.read()
-    for match in FENCE.finditer(text):
+    for match in pattern.finditer(text):
       line = text.count("\n", 0, match.start()) + 2
       blocks.append((f"{os.path.relpath(path, ROOT)}:{line}", match.group(1)))
   return blocks
@@ -55,24 +56,11 @@ def test_doc_block_runs_as_written(source):
     exec(compile(source, "block", "exec"), {"__name__": "__doc_block__"})  # pylint: disable=exec-used
 
 
-HEREDOC = re.compile(r"^python - <<'PY'\n(.*?)^PY$", re.MULTILINE | re.DOTALL)
+HEREDOC = re.compile(r"^python - <<'PY'\n(.*?)^PY$", re.MULTILINE | re.DOTALL)  # in a block
 
 
-def heredoc_scripts():
-  """[(path:line, source)] of every `python - <<'PY'` script inside the docs' blocks."""
-  scripts = []
-  for path in [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs",
-                                                                              "*.md")))]:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-    for match in HEREDOC.finditer(text):
-      line = text.count("\n", 0, match.start()) + 2
-      scripts.append((f"{os.path.relpath(path, ROOT)}:{line}", match.group(1)))
-  return scripts
-
-
-@pytest.mark.parametrize("where, source", heredoc_scripts(),
-                         ids=[where for where, _ in heredoc_scripts()])
+@pytest.mark.parametrize("where, source", doc_blocks(HEREDOC),
+                         ids=[where for where, _ in doc_blocks(HEREDOC)])
 def test_each_measuring_script_of_the_docs_runs_on_a_run_of_its_kind(where, source,
                                                                     reference_run, tiny_npz):
   """The script, with the workdir it reads (a /tmp/NAME) replaced by a finished small run,
