@@ -21,6 +21,11 @@ def history(epochs, keys=("train", "test"), std=False, **extra):
           for e in range(1, epochs + 1)]
 
 
+# A run that diverged: the loss NaN from epoch 3, the test loss inf at epoch 3, bands.
+DIVERGED = [{"epoch": e, "train_loss": np.nan if e > 2 else 1.0,
+             "test_loss": np.inf if e == 3 else 0.5 / e, "test_loss_std": 0.1,
+             "train_accuracy": 0.5, "test_accuracy": 0.4, "test_accuracy_std": 0.01}
+            for e in range(1, 8)]
 LONG_TITLE = ("npz:a_table_with_a_long_name.npz: a 784-1024-10 MLP, optimizer=adamw, "
               "learning_rate=0.001, weight_decay=0.0001, batch_size=128, "
               "label_smoothing=0.1, input_scaling=per_feature, warmup_epochs=5\n"
@@ -30,6 +35,11 @@ PICTURES = {
     "curves, 30 epochs, three splits, bands": lambda: plots.curves_figure(
         history(30, ("train", "validation", "test"), std=True), 0.1, LONG_TITLE),
     "curves, DP-SGD": lambda: plots.curves_figure(history(7, epsilon=0.5), 0, LONG_TITLE),
+    "curves, a title of one long word": lambda: plots.curves_figure(
+        history(3), title="npz:" + "a_table_with_a_very_long_name" * 8 + ".npz: a 6-16-3 MLP"),
+    "curves, diverged": lambda: plots.curves_figure(DIVERGED),
+    "curves, nothing finite": lambda: plots.curves_figure(
+        [{"epoch": e, "test_loss": np.nan, "test_accuracy": np.nan} for e in (1, 2)]),
     "curves, constant": lambda: plots.curves_figure(
         [{"epoch": e, "test_loss": 0.5, "test_accuracy": 1.0} for e in range(1, 4)]),
     **{f"confusion, K={k}{', named' if named else ''}": (
@@ -132,6 +142,17 @@ def test_the_legend_sits_where_it_covers_no_point_of_the_curves():
     for row, split in itertools.product(rows, ("train", "test")):
       x, y = panel.pixel(row["epoch"], row[f"{split}_{metric}"])
       assert not (left - 40 <= x <= right and top <= y <= bottom), (metric, row["epoch"])
+
+
+def test_a_diverged_run_is_drawn_where_its_values_are_finite():
+  picture = plots.curves_figure(DIVERGED)
+  loss = picture.panels[0]
+  assert loss.y_limits[0] < 0.5 / 7 - 0.1 and 1.0 < loss.y_limits[1] < 1.2
+  for row in DIVERGED:
+    for split, colour in (("train", (0x1f, 0x77, 0xb4)), ("test", (0x2c, 0xa0, 0x2c))):
+      if np.isfinite(row[f"{split}_loss"]):
+        x, y = (round(v) for v in loss.pixel(row["epoch"], row[f"{split}_loss"]))
+        assert picture.image.getpixel((x, y)) == colour, (split, row["epoch"])
 
 
 def test_curves_say_what_was_trained_with_integer_epochs_and_the_dp_caveat():

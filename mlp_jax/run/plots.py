@@ -127,15 +127,25 @@ class Picture:
 
 
 def wrap(text: str, size: int, width: int) -> list[str]:
-  """`text`'s lines, each broken at spaces into lines at most `width` pixels wide."""
+  """`text`'s lines, each broken at spaces (a word too long for a line, between its
+  letters) into lines at most `width` pixels wide."""
+  def fits(line: str) -> bool:
+    return font(size).getlength(line) <= width
+
   lines = []
   for paragraph in text.split("\n"):
     line = ""
     for word in paragraph.split(" "):
       longer = f"{line} {word}" if line else word
-      if line and font(size).getlength(longer) > width:
+      if line and not fits(longer):
         lines.append(line)
         longer = word
+      while not fits(longer) and len(longer) > 1:
+        cut = 1
+        while fits(longer[:cut + 1]):
+          cut += 1
+        lines.append(longer[:cut])
+        longer = longer[cut:]
       line = longer
     lines.append(line)
   return lines
@@ -164,9 +174,12 @@ def tick_label(value: float, values: Sequence[float]) -> str:
 
 
 def limits(values: np.ndarray, pad: float = 0.05) -> tuple[float, float]:
-  """[min, max] of `values` widened by `pad` of its span each side (±0.5 around one
-  value)."""
-  low, high = float(np.min(values)), float(np.max(values))
+  """[min, max] of the finite `values` widened by `pad` of its span each side (±0.5
+  around one value; [0, 1] when none is finite: a run that diverged)."""
+  finite = values[np.isfinite(values)]
+  if not finite.size:
+    return 0.0, 1.0
+  low, high = float(np.min(finite)), float(np.max(finite))
   if high - low < 1e-12 * max(1.0, abs(high)):
     return low - 0.5, high + 0.5
   return low - pad * (high - low), high + pad * (high - low)
@@ -258,24 +271,38 @@ def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
                   limits(epochs) if len(epochs) else (0.5, 1.5), limits(values))
     picture.panels.append(panel)
     _frame(picture, panel, "epoch", metric)
-    points = []
-    for colour, _, mean, std, band in series:
-      if band:  # several models: the mean with a ± std band
-        rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
-        outline = ([panel.pixel(e, v) for e, v in zip(epochs, mean + std)]
-                   + [panel.pixel(e, v) for e, v in zip(epochs[::-1], (mean - std)[::-1])])
-        picture.draw.polygon(outline, fill=rgb + (50,))
-      pixels = [panel.pixel(e, v) for e, v in zip(epochs, mean)]
-      if len(pixels) > 1:
-        picture.draw.line(pixels, fill=colour, width=2, joint="curve")
-      for x, y in pixels:
-        picture.draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
-      points += [(x0 + t * (x1 - x0), y0 + t * (y1 - y0))  # along each segment
-                 for (x0, y0), (x1, y1) in zip(pixels, pixels[1:] or pixels)
-                 for t in np.linspace(0, 1, 8)]
+    points = [pixel for colour, _, mean, std, band in series
+              for pixel in _draw_series(picture, panel, epochs, colour, mean,
+                                        std if band else None)]
     if series:
       _legend(picture, panel, [(c, label) for c, label, *_ in series], points)
   return picture
+
+
+def _draw_series(picture: Picture, panel: Panel, epochs: np.ndarray, colour: str,
+                 mean: np.ndarray, std: Optional[np.ndarray]) -> list[tuple[float, float]]:
+  """One split's curve: its points joined, with a ± std band when `std` is given (several
+  models), broken where a value is not finite (a run that diverged). Returns pixels
+  along it, where a legend would cover it."""
+  finite = np.isfinite(mean) & (np.isfinite(std) if std is not None else True)
+  pixels = []
+  for run in np.split(np.arange(len(epochs)), np.flatnonzero(~finite)):
+    run = run[finite[run]]
+    if std is not None and len(run) > 1:
+      rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+      picture.draw.polygon([panel.pixel(e, v) for e, v in zip(epochs[run], (mean + std)[run])]
+                           + [panel.pixel(e, v) for e, v in
+                              zip(epochs[run][::-1], (mean - std)[run][::-1])],
+                           fill=rgb + (50,))
+    line = [panel.pixel(e, v) for e, v in zip(epochs[run], mean[run])]
+    if len(line) > 1:
+      picture.draw.line(line, fill=colour, width=2, joint="curve")
+    for x, y in line:
+      picture.draw.ellipse((x - 2.5, y - 2.5, x + 2.5, y + 2.5), fill=colour)
+    pixels += [(x0 + t * (x1 - x0), y0 + t * (y1 - y0))  # along each segment
+               for (x0, y0), (x1, y1) in zip(line, line[1:] or line)
+               for t in np.linspace(0, 1, 8)]
+  return pixels
 
 
 def plot_curves(history: Sequence[Row], path: Target, label_smoothing: float = 0.0,
