@@ -199,6 +199,15 @@ def test_filters_are_drawn_for_square_images_only(tmp_path):
   assert not (tmp_path / "g.png").exists()
 
 
+def test_filters_of_a_diverged_run_are_drawn_without_a_warning():
+  w1 = np.random.default_rng(0).normal(size=(4, 64))
+  w1[0, 3], w1[1] = np.inf, np.nan      # warnings are errors in the suite
+  mosaic = plots.filters_mosaic(w1, (8, 8))
+  assert np.isnan(mosaic[:8, :8]).all() and np.isnan(mosaic[:8, 9:]).all()
+  assert np.isfinite(mosaic[9:, :8]).all()
+  plots.filters_figure(w1, (8, 8))
+
+
 def test_filters_have_a_colour_scale_red_positive():
   picture = plots.filters_figure(np.ones((4, 64)), (8, 8))
   assert picture.written("colour scale") == ["weight / the unit's largest |weight|"]

@@ -381,7 +381,8 @@ def filters_mosaic(w1: ArrayLike, input_shape: Sequence[int], max_units: int = 6
   cols = int(np.ceil(np.sqrt(units)))
   rows = int(np.ceil(units / cols))
   tiles = weights[:units].reshape(units, h, w)
-  tiles = tiles / np.maximum(np.abs(tiles).max(axis=(1, 2), keepdims=True), 1e-12)
+  with np.errstate(invalid="ignore"):  # a unit of a diverged run: NaN, drawn white
+    tiles = tiles / np.maximum(np.abs(tiles).max(axis=(1, 2), keepdims=True), 1e-12)
   mosaic = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)
   for i, tile in enumerate(tiles):
     r, c = divmod(i, cols)
