@@ -59,7 +59,6 @@ def test_every_text_is_inside_the_picture_and_none_overlaps_another(name):
   picture = PICTURES[name]()
   width, height = picture.image.size
   assert 300 <= width <= 1200 and 200 <= height <= 1200
-  boxes = [t.box for t in picture.texts]
   for text in picture.texts:
     left, top, right, bottom = text.box
     assert 0 <= left < right <= width and 0 <= top < bottom <= height, text
@@ -67,7 +66,6 @@ def test_every_text_is_inside_the_picture_and_none_overlaps_another(name):
     overlap = (min(a.box[2], b.box[2]) > max(a.box[0], b.box[0])
                and min(a.box[3], b.box[3]) > max(a.box[1], b.box[1]))
     assert not overlap, (a, b)
-  assert len(set(boxes)) == len(boxes)
   for title, panel in itertools.product(picture.texts, picture.panels):
     assert title.role != "title" or title.box[3] < panel.box[1], (title, panel)
 
