@@ -89,21 +89,22 @@ class Picture:
     self.draw = ImageDraw.Draw(self.image, "RGBA")  # RGBA: a fill's alpha blends
     self.texts: list[Text] = []
     self.panels: list[Panel] = []
+    self.sizes = {"title": 12, "x label": 12, "y label": 12}  # pixels; other roles 11
 
-  def write(self, xy: tuple[float, float], text: str, role: str, size: int = 11,
-            anchor: str = "la", fill: str = "black") -> Box:
-    """`text` placed at `xy` by Pillow's two-letter `anchor` ("mm": its middle).
-    Returns its box and records it."""
-    f = font(size)
+  def write(self, xy: tuple[float, float], text: str, role: str, anchor: str = "la",
+            fill: str = "black") -> Box:
+    """`text` placed at `xy` by Pillow's two-letter `anchor` ("mm": its middle), in its
+    role's size (`sizes`). Returns its box and records it."""
+    f = font(self.sizes.get(role, 11))
     self.draw.text(xy, text, fill=fill, font=f, anchor=anchor)
     box = tuple(round(v) for v in self.draw.textbbox(xy, text, font=f, anchor=anchor))
     return self._record(role, text, box)  # type: ignore[arg-type]
 
-  def write_vertical(self, xy: tuple[float, float], text: str, role: str, size: int = 11,
+  def write_vertical(self, xy: tuple[float, float], text: str, role: str,
                      anchor: str = "mm") -> Box:
     """`text` read bottom to top, placed at `xy` by `anchor`, whose letters name its
     box's sides (l/m/r, then t/m/b). Returns its box and records it."""
-    f = font(size)
+    f = font(self.sizes.get(role, 11))
     left, top, right, bottom = (round(v) for v in f.getbbox(text))
     mask = Image.new("L", (right - left, bottom - top))
     ImageDraw.Draw(mask).text((-left, -top), text, fill=255, font=f)
@@ -113,6 +114,11 @@ class Picture:
     y = round(xy[1] - {"t": 0, "m": h / 2, "b": h}[anchor[1]])
     self.image.paste("black", (x, y, x + w, y + h), mask)
     return self._record(role, text, (x, y, x + w, y + h))
+
+  def write_title(self, lines: list[str]) -> None:
+    """The title's lines (title_lines), centred at the top."""
+    for i, line in enumerate(lines):
+      self.write((self.image.width / 2, 10 + 18 * i), line, "title", anchor="mt")
 
   def _record(self, role: str, text: str, box: Box) -> Box:
     self.texts.append(Text(role, text, box))
@@ -149,6 +155,13 @@ def wrap(text: str, size: int, width: int) -> list[str]:
       line = longer
     lines.append(line)
   return lines
+
+
+def title_lines(text: str, width: int) -> tuple[list[str], int]:
+  """(`text` wrapped to `width` pixels in the title's size, the height it takes at the
+  top of a picture)."""
+  lines = wrap(text, 12, width) if text else []
+  return lines, 10 + 18 * len(lines) + 10
 
 
 def ticks(low: float, high: float, most: int = 6, integer: bool = False) -> list[float]:
@@ -204,9 +217,9 @@ def _frame(picture: Picture, panel: Panel, xlabel: str, ylabel: str) -> None:
     box = picture.write((left - 6, py), tick_label(y, ys), "y ticks", anchor="rm")
     widest = max(widest, box[2] - box[0])
   picture.draw.rectangle(panel.box, outline="black")
-  picture.write(((left + right) / 2, bottom + 24), xlabel, "x label", size=12, anchor="mt")
+  picture.write(((left + right) / 2, bottom + 24), xlabel, "x label", anchor="mt")
   picture.write_vertical((left - 12 - widest, (top + bottom) / 2), ylabel, "y label",
-                         size=12, anchor="rm")
+                         anchor="rm")
 
 
 def _legend(picture: Picture, panel: Panel, entries: list[tuple[str, str]],
@@ -249,11 +262,9 @@ def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
     lines.append(f"DP-SGD: ε = {history[-1]['epsilon']:.2f} after epoch {int(epochs[-1])}; "
                  "the train curves are computed from the private batches without noise "
                  "and are not covered by ε")
-  title_lines = wrap("\n".join(lines), 12, width - 20) if lines else []
-  top = 12 + 18 * len(title_lines) + 8
+  heading, top = title_lines("\n".join(lines), width - 20)
   picture = Picture(width, top + 390)
-  for i, line in enumerate(title_lines):
-    picture.write((width / 2, 12 + 18 * i), line, "title", size=12, anchor="mt")
+  picture.write_title(heading)
   for p, metric in enumerate(("loss", "accuracy")):
     series = []
     for split in SPLIT_COLOURS:
@@ -332,23 +343,22 @@ def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = 
                      if font(s).getlength(str(counts.max())) <= cell - 4), 6)
   longest = max(font(11).getlength(n) for n in names)
   upright = longest <= cell - 4
-  title = wrap(f"test confusion{', ' + model if model else ''}\n{counts.trace()} / "
-               f"{counts.sum()} right", 12, 380)
-  top = 10 + 18 * len(title) + 10
+  title, top = title_lines(f"test confusion{', ' + model if model else ''}\n{counts.trace()} / "
+                           f"{counts.sum()} right", 380)
   left = 10 + 16 + 8 + math.ceil(longest) + 8
   below = 8 + (14 if upright else math.ceil(longest)) + 8 + 16 + 10
   width = max(400, left + k * cell + 20)
   left += (width - (left + k * cell + 20)) // 2
   picture = Picture(width, top + k * cell + below)
-  for i, line in enumerate(title):
-    picture.write((width / 2, 10 + 18 * i), line, "title", size=12, anchor="mt")
+  picture.sizes["counts"] = count_size
+  picture.write_title(title)
   shade = colours(counts / max(counts.max(), 1), BLUES)
   cells = Image.fromarray(shade).resize((k * cell, k * cell), Image.Resampling.NEAREST)
   picture.image.paste(cells, (left, top))
   for i in range(k):
     for j in range(k):
       picture.write((left + j * cell + cell / 2, top + i * cell + cell / 2), str(counts[i, j]),
-                    "counts", size=count_size, anchor="mm",
+                    "counts", anchor="mm",
                     fill="white" if counts[i, j] > counts.max() / 2 else "black")
   bottom = top + k * cell
   for i, name in enumerate(names):
@@ -359,8 +369,8 @@ def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = 
       picture.write_vertical((centre, bottom + 8), name, "x ticks", anchor="mt")
     picture.write((left - 8, top + i * cell + cell / 2), name, "y ticks", anchor="rm")
   picture.write((left + k * cell / 2, picture.image.height - 10), "predicted", "x label",
-                size=12, anchor="mb")
-  picture.write_vertical((10, top + k * cell / 2), "true", "y label", size=12, anchor="lm")
+                anchor="mb")
+  picture.write_vertical((10, top + k * cell / 2), "true", "y label", anchor="lm")
   return picture
 
 
@@ -399,16 +409,14 @@ def filters_figure(w1: ArrayLike, input_shape: Sequence[int], max_units: int = 6
   scale = max(1, 520 // max(mosaic.shape))
   tiles = Image.fromarray(colours((mosaic + 1) / 2, RD_BU_R)).resize(
       (mosaic.shape[1] * scale, mosaic.shape[0] * scale), Image.Resampling.NEAREST)
-  title = wrap(f"W1: the first {units} of {np.shape(w1)[0]} hidden units", 12, 380)
-  top = 10 + 18 * len(title) + 10
+  title, top = title_lines(f"W1: the first {units} of {np.shape(w1)[0]} hidden units", 380)
   label = "weight / the unit's largest |weight|"
   bar_height = max(tiles.height, round(font(11).getlength(label)) + 10)
   beside = 20 + 18 + 100  # the gap, the colour bar, its tick labels and its label
   width = max(400, 20 + tiles.width + beside + 20)
   left = (width - tiles.width - beside) // 2
   picture = Picture(width, top + bar_height + 15)
-  for i, line in enumerate(title):
-    picture.write((width / 2, 10 + 18 * i), line, "title", size=12, anchor="mt")
+  picture.write_title(title)
   picture.image.paste(tiles, (left, top))
   bar_left = left + tiles.width + 20
   bar = colours(np.linspace(1, 0, bar_height)[:, None].repeat(18, axis=1), RD_BU_R)
