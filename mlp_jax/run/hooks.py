@@ -133,7 +133,6 @@ class RunHooks(fit.Hooks):
   def close(self) -> None:
     """Ends the profile's trace (a run stopped early still closes it), the live logs and
     the bar."""
-    self.native_output.end()
     self.profile.stop()
     self.live.close()
     if self.bar is not None:
