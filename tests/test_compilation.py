@@ -43,7 +43,7 @@ def _make(tmp_path, fault):
   return cache, {None: None, "world_writable": "other users can write it (mode 777)",
                  "group_writable": "other users can write it (mode 770)",
                  "other_owner": f"it belongs to another user (uid {OTHER_UID})",
-                 "entry_other_owner": f"its entry jit_step-cache belongs to another user",
+                 "entry_other_owner": "its entry jit_step-cache belongs to another user",
                  "entry_writable": "other users can write its entry jit_step-cache"}[fault]
 
 

@@ -1,7 +1,6 @@
 """The manual gradients of mlp_jax/core/gradients.py equal jax.grad and finite differences."""
 
 import functools
-import re
 import subprocess
 import sys
 

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -224,15 +223,15 @@ def test_a_signal_to_one_process_stops_both_after_the_same_epoch(signum, status,
 @pytest.mark.slow
 def test_a_process_that_dies_mid_epoch_stops_the_other_with_one_line(tmp_path):
   port = free_port()
-  # Digits in batches of 2: ~8 s epochs, so 1 s after epoch 1 the kill lands mid-epoch.
-  # (Killed while a checkpoint is being written, orbax's barrier waits for JAX's
-  # 100 s heartbeat timeout instead, and JAX aborts the survivor with its own log.)
-  processes = [runner("digits", tmp_path, "--epochs=50", "--batch_size=2",
+  # Digits in batches of 8: ~2 s epochs, and no checkpoint before 30 s of training
+  # (--checkpoint_seconds), so a kill once epoch 1 is written lands in epoch 2. (Killed
+  # while a checkpoint is being written, orbax's barrier waits for JAX's 100 s heartbeat
+  # timeout instead, and JAX aborts the survivor with its own log.)
+  processes = [runner("digits", tmp_path, "--epochs=50", "--batch_size=8",
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}") for i in range(2)]
   try:
     wait_for_epochs(tmp_path, processes[0], 1)
-    time.sleep(1)
     processes[1].kill()
     _, stderr = processes[0].communicate(timeout=60)   # JAX alone would abort after ~100 s
   finally:   # a failed test leaves neither process running into the next one

@@ -34,9 +34,15 @@ def network_inputs(x: ArrayLike, mean: ArrayLike, std: ArrayLike,
   else:
     with np.errstate(over="ignore"):  # 1e300 -> inf: refused below
       x = np.asarray(x).astype(dtype)
-  scaled = (x - jnp.asarray(mean)[None, :]) / jnp.asarray(std)[None, :]
+  scaled = _standardized(x, jnp.asarray(mean), jnp.asarray(std))
   check_finite(scaled, names)
   return scaled
+
+
+@jax.jit
+def _standardized(x: ArrayLike, mean: Array, std: Array) -> Array:
+  """(x − μ) / σ (N, D), one compiled program (not one per operation when eager)."""
+  return (jnp.asarray(x) - mean[None, :]) / std[None, :]
 
 
 def check_finite(x: ArrayLike, names: Optional[Sequence[str]] = None) -> None:
@@ -60,6 +66,7 @@ def _others(bad: np.ndarray) -> str:
   return f", and {bad.size - 1} more row(s)" if bad.size > 1 else ""
 
 
+@jax.jit
 def probabilities(params: Params, x: ArrayLike) -> Array:
   """p = softmax(z2) (N, K) of the network's inputs x (N, D); NaN rows where the inputs
   or logits are not finite (only under jit: `network_inputs` refuses them otherwise)."""
@@ -68,6 +75,7 @@ def probabilities(params: Params, x: ArrayLike) -> Array:
   return jnp.where(finite, jax.nn.softmax(z2, axis=1), jnp.nan)
 
 
+@jax.jit
 def classes(p: ArrayLike) -> Array:
   """argmax_k p_k (N,) int32 of probabilities (N, K); -1 for a NaN row."""
   k = jnp.argmax(p, axis=1).astype(jnp.int32)
