@@ -3,15 +3,13 @@
 
 import os
 import subprocess
-import sys
 
-import numpy as np
 import pytest
 
 from mlp_jax.base import compilation
 from mlp_jax.training import config as config_lib
 
-from conftest import ROOT, RUNNER
+from conftest import ROOT, assert_same_params, runner_command
 
 OTHER_UID = 65534   # "nobody": another user, for the faults only root can make
 
@@ -77,10 +75,10 @@ def test_an_explicit_cache_that_is_not_ones_own_is_refused_in_one_line(tmp_path,
 @pytest.mark.slow   # three runs of the runner, each a process of its own
 @pytest.mark.parametrize("fault", ["world_writable", "other_owner"])
 def test_a_cache_of_others_is_never_read_and_the_run_is_as_without_one(tiny_npz, tmp_path,
-                                                                       fault):
+                                                                       reference_run, fault):
   """The default cache (here $MLP_JAX_COMPILATION_CACHE) holds another user's entries
   under this run's own keys: the run says so in one line, reads none of them, writes
-  none, and trains the same params as a run without any cache."""
+  none, and trains the same params as the suite's in-process run of its settings."""
   if fault == "other_owner" and os.geteuid() != 0:
     pytest.skip("only root can give a file to another user")
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # not the suite's
@@ -88,13 +86,10 @@ def test_a_cache_of_others_is_never_read_and_the_run_is_as_without_one(tiny_npz,
 
   def run(workdir, cache_dir):
     env["MLP_JAX_COMPILATION_CACHE"] = str(cache_dir)
-    result = subprocess.run([sys.executable, RUNNER, "--noprogress", "--hidden_dim=8",
-                             f"--dataset={tiny_npz}", f"--workdir={tmp_path / workdir}",
-                             "--epochs=2"], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=120)
+    result = subprocess.run(runner_command(tiny_npz, tmp_path / workdir, "--epochs=2"),
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
-    with np.load(tmp_path / workdir / "params.npz") as f:
-      return result.stderr, {k: f[k] for k in f.files}
+    return result.stderr
 
   run("fill", cache)                             # this run's keys, then planted entries
   for entry in cache.iterdir():
@@ -105,10 +100,7 @@ def test_a_cache_of_others_is_never_read_and_the_run_is_as_without_one(tiny_npz,
     for p in (cache, *cache.iterdir()):
       os.chown(p, OTHER_UID, OTHER_UID)
   before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in cache.iterdir()}
-  stderr, params = run("planted", cache)
+  stderr = run("planted", cache)
   assert f"mlp_jax: not using the compilation cache '{cache}'" in stderr
   assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in cache.iterdir()} == before
-  _, without = run("none", "")
-  assert params.keys() == without.keys()
-  for k in params:
-    np.testing.assert_array_equal(params[k], without[k])
+  assert_same_params(tmp_path / "planted", reference_run(tiny_npz, epochs=2))
