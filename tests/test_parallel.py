@@ -30,11 +30,15 @@ def host_devices(count):
                                      f"--xla_force_host_platform_device_count={count}"}
 
 
+# `runner`'s settings beyond conftest.tiny_config's (its in-process twin, reference_run).
+RUNNER_SETTINGS = {"epochs": 3, "schedule": "constant", "learning_rate": 0.01}
+
+
 def runner(dataset, workdir, *extra, env=None):
   return subprocess.Popen(
       [sys.executable, RUNNER, "--noprogress", f"--dataset={dataset}",
-       f"--workdir={workdir}", "--hidden_dim=16", "--batch_size=8", "--epochs=3",
-       "--schedule=constant", "--learning_rate=0.01", *extra],
+       f"--workdir={workdir}", "--hidden_dim=16", "--batch_size=8",
+       *(f"--{k}={v}" for k, v in RUNNER_SETTINGS.items()), *extra],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or os.environ)
 
 
@@ -152,11 +156,12 @@ def test_runner_stack_of_4_seeds_on_2_and_4_devices_matches_1(tiny_npz, tmp_path
 
 
 @pytest.mark.slow
-def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
-  """2 processes × 2 devices, 2 epochs, then resumed to 3: equals 1 device, 3 epochs.
-  The single-device run comes after, not beside them: the two must reach their first
-  collective within Gloo's 30 s of each other, which a third process on 2 cores can
-  break."""
+def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path,
+                                                           reference_run):
+  """2 processes × 2 devices, 2 epochs, then resumed to 3: equals 1 device, 3 epochs (the
+  suite's in-process run of the settings of `runner`). The single-device run comes
+  after, not beside them: the two must reach their first collective within Gloo's 30 s
+  of each other, which a third process on 2 cores can break."""
   shared = tmp_path / "shared"
   for epochs in (2, 3):
     port = free_port()
@@ -168,14 +173,14 @@ def test_two_processes_train_together_match_one_and_resume(tiny_npz, tmp_path):
     assert "workdir" not in outputs[1]
     assert not any("[Gloo]" in output for output in outputs), outputs  # XLA's C++ lines
   assert "resuming from the checkpoint after epoch 2" in outputs[0]
-  finish(runner(tiny_npz, tmp_path / "single"))
-  assert_same_run(tmp_path / "single", shared)
+  assert_same_run(reference_run(tiny_npz, **RUNNER_SETTINGS), shared)
   config = json.loads((shared / "config.json").read_text())["runs"][-1]
   assert config["num_devices"] == 4 and config["num_processes"] == 2
 
 
 @pytest.mark.slow
-def test_four_seeds_on_two_processes_are_one_model_per_device(tiny_npz, tmp_path):
+def test_four_seeds_on_two_processes_are_one_model_per_device(tiny_npz, tmp_path,
+                                                              reference_run):
   """--num_seeds=4 on 2 processes × 2 devices (the model axis spans the processes)
   equals the same stack on 1 device."""
   port = free_port()
@@ -183,10 +188,10 @@ def test_four_seeds_on_two_processes_are_one_model_per_device(tiny_npz, tmp_path
                       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                       f"--process_id={i}", env=host_devices(2)) for i in range(2)]
   finish_all(processes)
-  finish(runner(tiny_npz, tmp_path / "single", "--num_seeds=4", "--num_devices=1"))
+  single = reference_run(tiny_npz, num_seeds=4, num_devices=1, **RUNNER_SETTINGS)
   run = json.loads((tmp_path / "shared" / "config.json").read_text())["runs"][-1]
   assert run["mesh"] == {"model": 4, "data": 1} and run["num_processes"] == 2
-  with np.load(tmp_path / "single" / "params_all.npz") as a, \
+  with np.load(single / "params_all.npz") as a, \
        np.load(tmp_path / "shared" / "params_all.npz") as b:
     for k in ("w1", "b1", "w2", "b2"):
       assert np.max(np.abs(a[k] - b[k])) <= RTOL * np.max(np.abs(a[k])), k
