@@ -271,12 +271,31 @@ def test_loss_manual_vjp_under_vmap_and_jit():
     assert_close([a[i] for a in got], jax.jit(mj.grads)(params, Xs[i], ys[i]), 1e-12)
 
 
-@pytest.mark.parametrize("name, batch", [("value_and_grads", 23), ("grads", 29),
-                                         ("loss", 31), ("autodiff_value_and_grads", 37)])
-def test_an_eager_call_compiles_a_program_or_two_not_one_per_primitive(name, batch):
+# Every public function that computes, called as a user calls it outside jit.
+EAGER_CALLS = {
+    "init_params": lambda p, X, y: mj.init_params(jax.random.key(0), 9, 17, X.shape[0]),
+    "forward": lambda p, X, y: mj.forward(p, X[0]),
+    "logits": lambda p, X, y: mj.logits(p, X),
+    "loss": lambda p, X, y: mj.loss(p, X, y),
+    "accuracy": lambda p, X, y: mj.accuracy(p, X, y),
+    "value_and_grads": lambda p, X, y: mj.value_and_grads(p, X, y),
+    "grads": lambda p, X, y: mj.grads(p, X, y),
+    "autodiff_value_and_grads": lambda p, X, y: mj.autodiff_value_and_grads(p, X, y),
+    "autodiff_grads": lambda p, X, y: mj.autodiff_grads(p, X, y),
+    "per_example_grads": lambda p, X, y: mj.per_example_grads(p, X, y),
+    "per_example_grad_norms": lambda p, X, y: mj.per_example_grad_norms(p, X, y),
+    "loss_manual_vjp": lambda p, X, y: mj.loss_manual_vjp(p, X, y),
+    "grad of loss_manual_vjp": lambda p, X, y: jax.grad(mj.loss_manual_vjp)(p, X, y),
+    "clipped_grad_sum": lambda p, X, y: mj.clipped_grad_sum(p, X, y, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", EAGER_CALLS)
+def test_an_eager_call_compiles_a_program_or_two_not_one_per_primitive(name):
   """Outside jit the checks run on the host and the math as one compiled program per
-  shape (a batch size no other test uses, so nothing is cached): not op by op."""
-  params, X, y = problem(batch=batch, seed=5)
+  shape (a network and batch no other test uses, so nothing is cached): not op by op."""
+  params, X, y = problem(batch=20 + list(EAGER_CALLS).index(name), in_dim=9, hidden=17,
+                         seed=5)
   lowered = []
 
   def count(event, duration, **_):
@@ -284,7 +303,7 @@ def test_an_eager_call_compiles_a_program_or_two_not_one_per_primitive(name, bat
       lowered.append(duration)
   jax.monitoring.register_event_duration_secs_listener(count)
   try:
-    getattr(mj, name)(params, X, y)
+    EAGER_CALLS[name](params, X, y)
   finally:
     jax.monitoring.unregister_event_duration_listener(count)
   assert 1 <= len(lowered) <= 4, (name, len(lowered))

@@ -165,8 +165,13 @@ def per_example_grads(params: Params, X: ArrayLike, y: ArrayLike, method: str = 
     raise ValueError(f"per_example_grads: method must be 'manual' or 'autodiff', "
                      f"got {method!r}.")
   Xd, Y, _ = _prepare(params, X, y, None)
+  return _per_example_grads(params, Xd, Y, method)
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _per_example_grads(params: Params, X: Array, Y: Array, method: str) -> Params:
   one_example = example_grads if method == "manual" else jax.grad(_example_loss)
-  return jax.vmap(one_example, in_axes=(None, 0, 0))(params, Xd, Y)
+  return jax.vmap(one_example, in_axes=(None, 0, 0))(params, X, Y)
 
 
 def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array
@@ -186,11 +191,15 @@ def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array
 def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike) -> Array:
   """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:
   ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms)."""
-  Xd, Y, _ = _prepare(params, X, y, None)
-  Z1, A1, Z2 = model.activations(params, Xd)
+  return _per_example_grad_norms(params, *_prepare(params, X, y, None)[:2])
+
+
+@jax.jit
+def _per_example_grad_norms(params: Params, X: Array, Y: Array) -> Array:
+  Z1, A1, Z2 = model.activations(params, X)
   delta2 = output_delta(Z2, Y)
   delta1 = hidden_delta(params, delta2, Z1)
-  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, Xd, A1)
+  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)
   return jnp.sqrt(sq1 + sq2)
 
 
@@ -253,13 +262,22 @@ def _loss_and_logits_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
                                 compute_dtype: Optional[DTypeLike] = None
                                 ) -> tuple[Array, Array]:
   """(loss_manual_vjp, logits Z2 (B, K)), both through the custom_vjp."""
-  _, _, _, k = checks.check_all(params, X, y, weights)
-  labels = jnp.asarray(y)
-  Y = losses.targets(labels, k, params.w1.dtype)   # float targets in the params' dtype
-  if labels.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
+  checks.check_all(params, X, y, weights)
+  return _manual_vjp_loss_and_logits(params, *losses.as_arrays(X, y, weights),
+                                     compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _manual_vjp_loss_and_logits(params: Params, X: Array, y: Array,
+                                weights: Optional[Array],
+                                compute_dtype: Optional[DTypeLike]) -> tuple[Array, Array]:
+  """The custom_vjp of checked arrays, one program (outside jit too, not op by op)."""
+  dtype = params.w1.dtype
+  Y = losses.targets(y, params.w2.shape[0], dtype)   # float targets in the params' dtype
+  if y.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
     Y = jax.lax.stop_gradient(Y)
-  w = None if weights is None else jnp.asarray(weights, params.w1.dtype)
-  return _manual_vjp_loss(params, jnp.asarray(X, params.w1.dtype), Y, w, compute_dtype)
+  w = None if weights is None else weights.astype(dtype)
+  return _manual_vjp_loss(params, X.astype(dtype), Y, w, compute_dtype)
 
 
 # value_and_grads_with_logits' methods: the manual pass in the faster layout (None) or

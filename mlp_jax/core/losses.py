@@ -97,13 +97,18 @@ def accuracy(params: model.Params, X: ArrayLike, y: ArrayLike,
   NaN if a label is out of range or not a whole number (seen only under jit; outside
   it such labels raise), like `loss`.
   """
-  _, _, _, k = checks.check_all(params, X, y, weights)
+  checks.check_all(params, X, y, weights)
+  return _accuracy(params, *as_arrays(X, y, weights))
+
+
+@jax.jit
+def _accuracy(params: model.Params, X: Array, y: Array, weights: Optional[Array]) -> Array:
+  """accuracy of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
-  predicted = jnp.argmax(model.logits(params, jnp.asarray(X, dtype)), axis=-1)
-  labels = jnp.asarray(y)
-  if labels.ndim == 1:
-    correct = jnp.where(valid_labels(labels, k), (predicted == labels).astype(dtype),
-                        jnp.nan)
+  predicted = jnp.argmax(model.logits(params, X.astype(dtype)), axis=-1)
+  if y.ndim == 1:
+    correct = jnp.where(valid_labels(y, params.w2.shape[0]),
+                        (predicted == y).astype(dtype), jnp.nan)
   else:
-    correct = (predicted == jnp.argmax(labels, axis=-1)).astype(dtype)
+    correct = (predicted == jnp.argmax(y, axis=-1)).astype(dtype)
   return jnp.sum(mean_weights(weights, predicted.shape[0], dtype) * correct)

@@ -7,6 +7,7 @@ Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,). `forward` takes one exam
 written, for one example x (D,) or a batch X (B, D) whose rows are examples.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -40,6 +41,13 @@ def init_params(key: Array, in_dim: int, hidden_dim: int, num_classes: int, *,
       raise ValueError(f"init_params: {name} must be a positive int, got {value!r}.")
   if num_classes < 2:
     raise ValueError(f"init_params: num_classes must be >= 2, got {num_classes}.")
+  return _init_params(key, in_dim, hidden_dim, num_classes, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_params(key: Array, in_dim: int, hidden_dim: int, num_classes: int,
+                 dtype: DTypeLike) -> "Params":
+  """init_params of checked arguments, one program (outside jit too, not op by op)."""
   k1, k2 = jax.random.split(key)
   # The barrier keeps XLA from folding the scale into the sampler's own constants: the
   # same bits eager, jitted and vmapped.
@@ -126,7 +134,12 @@ def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike
   """One example x (D,) -> logits z2 = W2 ReLU(W1 x + b1) + b2, shape (K,)."""
   checks.check_params(params)
   checks.check_example(params, x)
-  return forward_pass(params, jnp.asarray(x), compute_dtype)[2]
+  return _forward(params, jnp.asarray(x), compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _forward(params: "Params", x: Array, compute_dtype: Optional[DTypeLike]) -> Array:
+  return forward_pass(params, x, compute_dtype)[2]
 
 
 def logits(params: "Params", X: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None
@@ -134,5 +147,9 @@ def logits(params: "Params", X: ArrayLike, *, compute_dtype: Optional[DTypeLike]
   """A batch X (B, D) -> logits Z2 (B, K): jax.vmap of `forward` over the rows of X."""
   checks.check_params(params)
   checks.check_batch(params, X)
-  return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, jnp.asarray(X),
-                                                          compute_dtype)[2]
+  return _logits(params, jnp.asarray(X), compute_dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _logits(params: "Params", X: Array, compute_dtype: Optional[DTypeLike]) -> Array:
+  return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)[2]

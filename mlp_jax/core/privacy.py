@@ -127,12 +127,21 @@ def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike, clip_norm: Clip
   contributes 0. Returns (Params, norms): norms are the UNclipped ‖g_i‖ (B,) (flat) or
   [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖] (B, 2) (per_layer).
   """
-  b, _, _, k = checks.check_all(params, X, y, mask, weights_name="mask", mean=False)
+  b, _, _, _ = checks.check_all(params, X, y, mask, weights_name="mask", mean=False)
+  c1, c2 = layer_clip_norms(clip_norm, clipping)   # checked here, where C is a number
+  bounds = c1 if clipping == "flat" else (c1, c2)
+  mask = jnp.ones((b,), params.w1.dtype) if mask is None else mask
+  return _clipped_grad_sum(params, *losses.as_arrays(X, y, mask), bounds, clipping)
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _clipped_grad_sum(params: Params, X: Array, y: Array, mask: Array, bounds: ClipNorm,
+                      clipping: str) -> tuple[Params, Array]:
+  """clipped_grad_sum of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
-  Y = losses.targets(jnp.asarray(y), k, dtype)
-  mask = jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask)
-  _, grad_sum, norms = clipped_sum_with_logits(params, jnp.asarray(X, dtype), Y, mask,
-                                                (clip_norm, clipping))
+  Y = losses.targets(y, params.w2.shape[0], dtype)
+  _, grad_sum, norms = clipped_sum_with_logits(params, X.astype(dtype), Y, mask,
+                                                (bounds, clipping))
   return grad_sum, norms
 
 
