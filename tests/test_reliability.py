@@ -27,7 +27,7 @@ import pytest
 from conftest import assert_same_params
 from conftest import assert_same_params_as
 from conftest import read_metrics
-from conftest import run_runner
+from conftest import run_cli_output
 from conftest import small_disk
 from conftest import runner_command
 from conftest import tiny_config
@@ -95,10 +95,10 @@ def test_sigkill_between_time_based_checkpoints_then_rerun_ends_bit_identical(ti
   saved, rows = checkpoints(killed), len(metrics(killed))
   assert saved and saved[-1] < rows < 600            # killed between two checkpoints
   assert all(b > a + 1 for a, b in zip(saved, saved[1:]))   # not one per epoch
-  result = run_runner(tiny_npz, killed, *flags)
-  assert result.returncode == 0, result.stderr
-  assert f"resuming from the checkpoint after epoch {saved[-1]}" in result.stdout
-  assert "epochs this run retrains" in result.stdout
+  code, stdout, stderr = run_cli_output(*runner_command(tiny_npz, killed, *flags)[2:])
+  assert code == 0, stderr                            # the rerun, in this process
+  assert f"resuming from the checkpoint after epoch {saved[-1]}" in stdout
+  assert "epochs this run retrains" in stdout
   assert_same_params(straight, killed)
   assert [row["epoch"] for row in metrics(killed)] == list(range(1, 601))
   assert without_times(metrics(killed)) == without_times(metrics(straight))
