@@ -244,15 +244,25 @@ def test_one_class_is_refused():
 
 
 @pytest.mark.slow(reason="a DP calibration and a runner run beside the estimator's")
-def test_a_private_classifier_has_the_runners_epsilon(tmp_path):
+def test_a_private_classifier_has_the_runners_epsilon(tmp_path, monkeypatch):
+  """The same ε; the estimator asks the accountant once, after its last epoch (it shows
+  no epoch's ε), the runner after every epoch (each metrics line has it)."""
+  from mlp_jax.training import dp_plan  # pylint: disable=g-import-not-at-top
   X, y = blobs(n=200)
   path = tmp_path / "table.npz"
   np.savez(path, x_train=X, y_train=y, x_test=X[:10], y_test=y[:10])
   dp = {"dp_target_epsilon": 3.0, "dp_delta": 1e-4, "batch_size": 20, "epochs": 4,
         "hidden_dim": 8}
+  asked, account = [], dp_plan.account
+  monkeypatch.setattr(dp_plan, "account", lambda plan, per_model, steps, with_epsilon:
+                      asked.append(with_epsilon) or account(plan, per_model, steps,
+                                                            with_epsilon))
   clf = mj.MLPClassifier(**dp).fit(X, y)
+  assert asked == [False, False, False, True]
+  asked.clear()
   result = experiment.run(tiny_config(f"npz:{path}", tmp_path / "run", **dp),
                           log=lambda *_: None)
+  assert asked == [True] * 4
   assert clf.epsilon_ == pytest.approx(result["epsilon"], rel=1e-9)
   assert clf.input_scaling_ == "none"  # nothing fitted to the private rows
   with open(tmp_path / "run" / "config.json") as f:

@@ -81,6 +81,8 @@ class RunHooks(fit.Hooks):
   --checkpoint_seconds or more after the last save, after the last epoch, and after the
   epoch a signal came in (which then stops the fit: `interrupted`)."""
 
+  epsilon_every_epoch = True   # each metrics line carries ε so far
+
   def __init__(self, ctx: RunContext, start: Restored, placed: Placed,
                history: list[Row], native_output: processes.NativeStdoutHidden):
     self.ctx, self.mngr, self.placed, self.history = ctx, start.mngr, placed, history

@@ -101,10 +101,12 @@ def make_plan(config: Config, stack: Stack, num_examples: int, steps_per_epoch: 
   return plan, stack._replace(values=values)
 
 
-def account(plan: DPPlan, per_model: dict[str, Any], steps: int) -> Optional[float]:
+def account(plan: DPPlan, per_model: dict[str, Any], steps: int,
+            with_epsilon: bool = True) -> Optional[float]:
   """ε after `steps` steps, per model {"epsilon": (M,), "epsilon_rdp": (M,)}, and the
-  composition of all the models' runs (None for one model); RunError if a Poisson batch
-  overflowed its padding (an example would have been dropped)."""
+  composition of all the models' runs (None for one model, or without `with_epsilon`);
+  RunError if a Poisson batch overflowed its padding (an example would have been
+  dropped)."""
   overflows = int(np.sum(per_model.pop("overflows")))
   if overflows:
     raise RunError(f"{overflows} Poisson batch(es) exceeded the padded batch of "
@@ -112,6 +114,8 @@ def account(plan: DPPlan, per_model: dict[str, Any], steps: int) -> Optional[flo
                    f"{plan.record['overflow_probability']:.1e}); the epoch is not recorded: "
                    "a resume would draw the same batches again, so start anew with another "
                    "--seed (and a fresh --workdir).")
+  if not with_epsilon:
+    return None
   q = plan.dpsgd.sampling_rate
   for key, kind in (("epsilon", "pld"), ("epsilon_rdp", "rdp")):
     per_model[key] = np.array([privacy.epsilon(float(s), q, steps, plan.delta, kind)

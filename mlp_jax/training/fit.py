@@ -60,7 +60,14 @@ class Diverged(RunError):
 
 
 class Hooks:
-  """A caller's concerns around each epoch; these do nothing (an estimator's fit)."""
+  """A caller's concerns around each epoch; these do nothing (an estimator's fit).
+
+  epsilon_every_epoch: whether a private fit's rows carry ε after every epoch (the
+  runner's metrics lines) or after the last one only (an estimator, which shows none:
+  each epoch's is seconds of dp-accounting). The padding overflow is checked every epoch.
+  """
+
+  epsilon_every_epoch = False
 
   def before_epoch(self, epoch: int) -> None:
     """Called before epoch `epoch` (0-based) is trained."""
@@ -136,10 +143,10 @@ def check_divergence(training: Training, row: Row) -> None:
 
 
 def _epoch_row(training: Training, train_epoch: Callable[..., Any],
-               state: train.TrainState, data: Data, epoch: int
+               state: train.TrainState, data: Data, epoch: int, with_epsilon: bool
                ) -> tuple[train.TrainState, Row]:
   """(state, metrics row) of one epoch: train (train_epoch(state, epoch)), evaluate,
-  ONE transfer to the host, the DP accountant."""
+  ONE transfer to the host, the DP accountant (ε in the row if `with_epsilon`)."""
   start = time.time()
   state, device_metrics = train_epoch(state, epoch)
   params = train_state.averaged_params(state)          # the EMA with --ema_decay
@@ -153,7 +160,7 @@ def _epoch_row(training: Training, train_epoch: Callable[..., Any],
   steps = (epoch + 1) * training.steps_per_epoch
   epsilon_all = None
   if training.dp is not None:   # RunError if a Poisson batch overflowed its padding
-    epsilon_all = dp_plan.account(training.dp, per_model, steps)
+    epsilon_all = dp_plan.account(training.dp, per_model, steps, with_epsilon)
   row = stack_lib.metrics_row(epoch + 1, per_model, training.stack.num_models)
   if training.dp is not None:
     row["steps"] = steps
@@ -185,7 +192,9 @@ def fit(training: Training, state: train.TrainState, data: Data,
   rows = []
   for epoch in range(first_epoch, training.config.num_epochs):
     hooks.before_epoch(epoch)
-    state, row = _epoch_row(training, train_epoch, state, data, epoch)
+    last = epoch + 1 == training.config.num_epochs
+    state, row = _epoch_row(training, train_epoch, state, data, epoch,
+                            hooks.epsilon_every_epoch or last)
     check_divergence(training, row)
     _add_learning_rate(training, row, float(rates[epoch]))
     rows.append(row)
