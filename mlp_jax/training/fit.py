@@ -12,6 +12,7 @@ Whatever else a caller does with an epoch (metrics lines, checkpoints, signals, 
 profile, TensorBoard) it does in its Hooks, called around each epoch.
 """
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -116,7 +117,14 @@ def _epoch_end_rates(training: Training) -> np.ndarray:
   """The configured peak's learning rate at each epoch's last step (epochs,), in one
   program (swept peaks scale them)."""
   last = np.arange(1, training.config.num_epochs + 1) * training.steps_per_epoch - 1
-  return np.asarray(jax.jit(jax.vmap(train_state.make_schedule(training.hp)))(last))
+  return np.asarray(_schedule_program(training.hp)(last))
+
+
+@functools.lru_cache(maxsize=16)
+def _schedule_program(hp: options.Hyperparams) -> Callable[[np.ndarray], Array]:
+  """jit(vmap(the schedule of hp)): one per Hyperparams (compiled once per shape), not
+  traced again by every fit of the same settings."""
+  return jax.jit(jax.vmap(train_state.make_schedule(hp)))
 
 
 def _add_learning_rate(training: Training, row: Row, rate: float) -> None:
