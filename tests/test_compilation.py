@@ -72,7 +72,7 @@ def test_an_explicit_cache_that_is_not_ones_own_is_refused_in_one_line(tmp_path,
     assert "--compilation_cache= to compile without a cache" in line
 
 
-@pytest.mark.slow   # three runs of the runner, each a process of its own
+@pytest.mark.slow   # two runs of the runner, each a process of its own
 @pytest.mark.parametrize("fault", ["world_writable", "other_owner"])
 def test_a_cache_of_others_is_never_read_and_the_run_is_as_without_one(tiny_npz, tmp_path,
                                                                        reference_run, fault):
