@@ -254,9 +254,11 @@ def test_a_private_classifier_has_the_runners_epsilon(tmp_path, monkeypatch):
   dp = {"dp_target_epsilon": 3.0, "dp_delta": 1e-4, "batch_size": 20, "epochs": 4,
         "hidden_dim": 8}
   asked, account = [], dp_plan.account
-  monkeypatch.setattr(dp_plan, "account", lambda plan, per_model, steps, with_epsilon:
-                      asked.append(with_epsilon) or account(plan, per_model, steps,
-                                                            with_epsilon))
+
+  def recorded(plan, per_model, steps, with_epsilon):
+    asked.append(with_epsilon)
+    return account(plan, per_model, steps, with_epsilon)
+  monkeypatch.setattr(dp_plan, "account", recorded)
   clf = mj.MLPClassifier(**dp).fit(X, y)
   assert asked == [False, False, False, True]
   asked.clear()
