@@ -30,6 +30,7 @@ BLUES = ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#217
 RD_BU_R = ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7",
            "#f4a582", "#d6604d", "#b2182b", "#67001f")
 SPLIT_COLOURS = {"train": "#1f77b4", "validation": "#ff7f0e", "test": "#2ca02c"}
+TITLE_SIZE, TITLE_LINE = 12, 18   # the title's font and line height, in pixels
 
 
 def _font_files() -> list[str]:
@@ -50,15 +51,20 @@ def font(size: int) -> Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]:
   return ImageFont.load_default(size)
 
 
+def rgb(colour: str) -> tuple[int, int, int]:
+  """"#rrggbb" -> (r, g, b)."""
+  return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
 def colours(values: np.ndarray, scale: Sequence[str]) -> np.ndarray:
   """values in [0, 1] (..., ) -> RGB (..., 3) uint8, linear between the colours of
   `scale`; NaN is white."""
-  anchors = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in scale], float)
+  anchors = np.array([rgb(c) for c in scale], float)
   at = np.linspace(0, 1, len(scale))
   v = np.clip(np.nan_to_num(values, nan=0.0), 0, 1)
-  rgb = np.stack([np.interp(v, at, anchors[:, i]) for i in range(3)], axis=-1)
-  rgb[np.isnan(values)] = 255
-  return np.round(rgb).astype(np.uint8)
+  shades = np.stack([np.interp(v, at, anchors[:, i]) for i in range(3)], axis=-1)
+  shades[np.isnan(values)] = 255
+  return np.round(shades).astype(np.uint8)
 
 
 class Text(NamedTuple):
@@ -89,7 +95,7 @@ class Picture:
     self.draw = ImageDraw.Draw(self.image, "RGBA")  # RGBA: a fill's alpha blends
     self.texts: list[Text] = []
     self.panels: list[Panel] = []
-    self.sizes = {"title": 12, "x label": 12, "y label": 12}  # pixels; other roles 11
+    self.sizes = {"title": TITLE_SIZE, "x label": 12, "y label": 12}  # others 11
 
   def write(self, xy: tuple[float, float], text: str, role: str, anchor: str = "la",
             fill: str = "black") -> Box:
@@ -118,7 +124,7 @@ class Picture:
   def write_title(self, lines: list[str]) -> None:
     """The title's lines (title_lines), centred at the top."""
     for i, line in enumerate(lines):
-      self.write((self.image.width / 2, 10 + 18 * i), line, "title", anchor="mt")
+      self.write((self.image.width / 2, 10 + TITLE_LINE * i), line, "title", anchor="mt")
 
   def _record(self, role: str, text: str, box: Box) -> Box:
     self.texts.append(Text(role, text, box))
@@ -160,8 +166,8 @@ def wrap(text: str, size: int, width: int) -> list[str]:
 def title_lines(text: str, width: int) -> tuple[list[str], int]:
   """(`text` wrapped to `width` pixels in the title's size, the height it takes at the
   top of a picture)."""
-  lines = wrap(text, 12, width) if text else []
-  return lines, 10 + 18 * len(lines) + 10
+  lines = wrap(text, TITLE_SIZE, width) if text else []
+  return lines, 10 + TITLE_LINE * len(lines) + 10
 
 
 def ticks(low: float, high: float, most: int = 6, integer: bool = False) -> list[float]:
@@ -300,11 +306,10 @@ def _draw_series(picture: Picture, panel: Panel, epochs: np.ndarray, colour: str
   for run in np.split(np.arange(len(epochs)), np.flatnonzero(~finite)):
     run = run[finite[run]]
     if std is not None and len(run) > 1:
-      rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
       picture.draw.polygon([panel.pixel(e, v) for e, v in zip(epochs[run], (mean + std)[run])]
                            + [panel.pixel(e, v) for e, v in
                               zip(epochs[run][::-1], (mean - std)[run][::-1])],
-                           fill=rgb + (50,))
+                           fill=rgb(colour) + (50,))
     line = [panel.pixel(e, v) for e, v in zip(epochs[run], mean[run])]
     if len(line) > 1:
       picture.draw.line(line, fill=colour, width=2, joint="curve")
