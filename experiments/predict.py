@@ -62,7 +62,6 @@ def predict():
   check_paths(FLAGS.workdir, FLAGS.input)
   if FLAGS.output:
     check_output(FLAGS.output)
-  import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
   from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top
@@ -71,13 +70,12 @@ def predict():
   try:
     model = trained.load(FLAGS.workdir)
     batches = trained.iter_inputs(FLAGS.input, model, FLAGS.labels)
-    probabilities_of = jax.jit(prediction.probabilities)
     count = hits = 0
     has_labels = False
     with (trained.prediction_csv(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
           ) as write:
       for names, x, labels in batches:
-        probabilities = np.asarray(probabilities_of(model.params, model.inputs(x, names)))
+        probabilities = np.asarray(prediction.probabilities(model.params, model.inputs(x, names)))
         predicted = np.asarray(prediction.classes(probabilities))
         if write is not None:
           write(names, probabilities)

@@ -170,6 +170,7 @@ def per_example_grads(params: Params, X: ArrayLike, y: ArrayLike, method: str = 
 
 @functools.partial(jax.jit, static_argnums=(3,))
 def _per_example_grads(params: Params, X: Array, Y: Array, method: str) -> Params:
+  """per_example_grads of X (B, D) and targets Y (B, K): Params with a leading B axis."""
   one_example = example_grads if method == "manual" else jax.grad(_example_loss)
   return jax.vmap(one_example, in_axes=(None, 0, 0))(params, X, Y)
 
@@ -191,11 +192,13 @@ def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array
 def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike) -> Array:
   """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:
   ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms)."""
-  return _per_example_grad_norms(params, *_prepare(params, X, y, None)[:2])
+  Xd, Y, _ = _prepare(params, X, y, None)
+  return _per_example_grad_norms(params, Xd, Y)
 
 
 @jax.jit
 def _per_example_grad_norms(params: Params, X: Array, Y: Array) -> Array:
+  """per_example_grad_norms of X (B, D) and targets Y (B, K): ‖g_i‖ (B,)."""
   Z1, A1, Z2 = model.activations(params, X)
   delta2 = output_delta(Z2, Y)
   delta1 = hidden_delta(params, delta2, Z1)

@@ -139,6 +139,7 @@ def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _forward(params: "Params", x: Array, compute_dtype: Optional[DTypeLike]) -> Array:
+  """forward of a checked example x (D,) -> z2 (K,), one compiled program."""
   return forward_pass(params, x, compute_dtype)[2]
 
 
@@ -152,4 +153,5 @@ def logits(params: "Params", X: ArrayLike, *, compute_dtype: Optional[DTypeLike]
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _logits(params: "Params", X: Array, compute_dtype: Optional[DTypeLike]) -> Array:
+  """logits of a checked batch X (B, D) -> Z2 (B, K), one compiled program."""
   return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)[2]
