@@ -15,7 +15,7 @@ from typing import IO, NamedTuple, Optional, Sequence, Union
 
 from jax.typing import ArrayLike
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from mlp_jax.training.stack import Row
 
@@ -51,15 +51,10 @@ def font(size: int) -> Union[ImageFont.FreeTypeFont, ImageFont.ImageFont]:
   return ImageFont.load_default(size)
 
 
-def rgb(colour: str) -> tuple[int, int, int]:
-  """"#rrggbb" -> (r, g, b)."""
-  return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
-
-
 def colours(values: np.ndarray, scale: Sequence[str]) -> np.ndarray:
   """values in [0, 1] (..., ) -> RGB (..., 3) uint8, linear between the colours of
   `scale`; NaN is white."""
-  anchors = np.array([rgb(c) for c in scale], float)
+  anchors = np.array([ImageColor.getrgb(c) for c in scale], float)
   at = np.linspace(0, 1, len(scale))
   v = np.clip(np.nan_to_num(values, nan=0.0), 0, 1)
   shades = np.stack([np.interp(v, at, anchors[:, i]) for i in range(3)], axis=-1)
@@ -309,7 +304,7 @@ def _draw_series(picture: Picture, panel: Panel, epochs: np.ndarray, colour: str
       picture.draw.polygon([panel.pixel(e, v) for e, v in zip(epochs[run], (mean + std)[run])]
                            + [panel.pixel(e, v) for e, v in
                               zip(epochs[run][::-1], (mean - std)[run][::-1])],
-                           fill=rgb(colour) + (50,))
+                           fill=ImageColor.getrgb(colour) + (50,))
     line = [panel.pixel(e, v) for e, v in zip(epochs[run], mean[run])]
     if len(line) > 1:
       picture.draw.line(line, fill=colour, width=2, joint="curve")
