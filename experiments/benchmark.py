@@ -4,7 +4,7 @@
     python experiments/benchmark.py --batch_sizes=256 --modes=scan --peers=torch
 
 Rows: gradient (manual | autodiff | manual_vjp; manual_bmajor | manual_fmajor: the
-manual step in a fixed layout, where "manual" is mlp_jax.core.feature_major.choose_layout's) × mode (step: a Python loop of the
+manual step in a fixed layout, where "manual" is mlp_jax.core.network.choose_layout's) × mode (step: a Python loop of the
 jitted step; scan: `steps` steps in one jitted lax.scan, the runner's epoch) × compute
 dtype (float32 | bfloat16 matmuls with float32 params, softmax and loss) × batch size ×
 hidden size × device count (--num_devices: data parallel over a mesh of that many

@@ -12,13 +12,14 @@ import optax
 
 import mlp_jax as mj
 from mlp_jax.core import privacy
+from mlp_jax.core.network import Network
 from mlp_jax.training import parallel, train
 
 from benchmark_harness import temp_memory_mb
 
 
 # The manual step in one named layout (mlp_jax/core/feature_major.py); "manual" is the one
-# feature_major.choose_layout picks for each dtype on this machine.
+# network.choose_layout picks for each dtype on this machine.
 LAYOUT_ROWS = {"manual_bmajor": "batch_major", "manual_fmajor": "feature_major"}
 
 
@@ -170,8 +171,8 @@ def dp_run(kind, compute_dtype, b, h, cfg):
       if kind == "dp_vmap_grad":
         grad_sum = vmap_grad_clipped_sum(state.params, x, Y, 1.0)
       else:
-        _, grad_sum, _ = privacy.clipped_sum_with_logits(state.params, x, Y, w, (1.0, "flat"),
-                                                         dtype)
+        _, grad_sum, _ = privacy.clipped_sum_with_logits(
+            Network(compute_dtype=dtype), state.params, x, Y, w, privacy.Clip(1.0))
       if kind == "dp_clipped_sum":
         g = jax.tree.map(lambda leaf: leaf / b, grad_sum)
       else:

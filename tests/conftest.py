@@ -287,3 +287,15 @@ def pld_epsilon(sigmas, q, steps, delta):
     accountant.compose(dpa.SelfComposedDpEvent(
         dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps))
   return accountant.get_epsilon(delta)
+
+
+def manual_grads(layout, activation="relu"):
+  """mj.grads with the manual pass in `layout` ("batch_major": gradients.backprop, or
+  "feature_major": its kernel), whichever network.choose_layout would pick."""
+  from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top  (JAX)
+  from mlp_jax.core.network import Network  # pylint: disable=g-import-not-at-top
+
+  def grads(params, X, y, weights=None, compute_dtype=None):
+    net = Network(activation, compute_dtype, layout)
+    return gradients.value_and_grads_with_logits(params, X, y, weights, net=net)[1]
+  return grads

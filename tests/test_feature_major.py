@@ -15,6 +15,8 @@ import pytest
 from mlp_jax.core import feature_major
 from mlp_jax.core import gradients
 from mlp_jax.core import losses
+from mlp_jax.core import network
+from mlp_jax.core.network import Network
 from mlp_jax.gradcheck import random_problem
 
 SHAPES = st.tuples(st.integers(1, 40), st.integers(1, 40), st.integers(1, 40),
@@ -26,8 +28,10 @@ def _both(shape, dtype):
   params, X, y = random_problem(seed, B, D, H, K, dtype)
   Y = losses.targets(y, K, dtype) * 0.9 + 0.1 / K          # soft targets
   w = jax.random.uniform(jax.random.key(seed), (B,), dtype)  # any mean weights
-  return (jax.jit(gradients.backprop)(params, X, Y, w),
-          jax.jit(feature_major.backprop)(params, X, Y, w), max(B, D, H, K))
+  net = Network()
+  return (jax.jit(gradients.backprop, static_argnums=0)(net, params, X, Y, w),
+          jax.jit(feature_major.backprop, static_argnums=0)(net, params, X, Y, w),
+          max(B, D, H, K))
 
 
 @pytest.mark.slow   # over a hundred compilations: a program per drawn shape
@@ -59,29 +63,29 @@ def test_the_layout_is_chosen_by_dtype_and_machine(monkeypatch):
   """On a CPU: feature-major for bfloat16 with AMX or on an AMD EPYC with AVX512_BF16,
   and for float32 on an AMD EPYC (where each was measured faster), else batch-major;
   batch-major on other backends."""
-  fm, bm = feature_major.FEATURE_MAJOR, feature_major.BATCH_MAJOR
+  fm, bm = network.FEATURE_MAJOR, network.BATCH_MAJOR
   cpus = {"Intel(R) Xeon(R) Processor": (bm, fm, {"avx512_bf16", "amx_bf16"}),
           "Intel(R) Xeon(R) CPU": (bm, bm, {"avx512_bf16"}),
           "AMD EPYC 9B14": (fm, fm, {"avx2", "avx512_bf16"}),
           "AMD EPYC 7B13": (fm, bm, {"avx2"}), "": (bm, bm, {"avx512_bf16"})}
   on_cpu = jax.default_backend() == "cpu"
   for model, (float32, bfloat16, flags) in cpus.items():
-    monkeypatch.setattr(feature_major, "cpu_info", lambda m=model, f=flags: (m, frozenset(f)))
-    choose = feature_major.choose_layout
+    monkeypatch.setattr(network, "cpu_info", lambda m=model, f=flags: (m, frozenset(f)))
+    choose = network.choose_layout
     assert choose(jnp.float32, None) == (float32 if on_cpu else bm)
     assert choose(jnp.float32, jnp.float32) == (float32 if on_cpu else bm)
     assert choose(jnp.float32, jnp.bfloat16) == (bfloat16 if on_cpu else bm)
-  feature_major.check_layout(fm)
-  feature_major.check_layout(bm)
+  for asked, runs in ((fm, fm), (bm, bm), ("auto", None), (None, None)):
+    assert Network(layout=asked).layout == runs
   with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major, "
                                        "got 'row_major'"):
-    feature_major.check_layout("row_major")
+    Network(layout="row_major")
 
 
 def test_cpu_info_reads_the_model_and_flags():
   """The model name and flags of /proc/cpuinfo's first processor, or nothing."""
-  feature_major.cpu_info.cache_clear()
-  model, flags = feature_major.cpu_info()
+  network.cpu_info.cache_clear()
+  model, flags = network.cpu_info()
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       text = f.read()

@@ -18,6 +18,8 @@ import conftest
 import mlp_jax as mj
 from mlp_jax.core import feature_major
 from mlp_jax.core import losses as mj_losses
+from mlp_jax.core import network
+from mlp_jax.core.network import Network
 from mlp_jax.core.gradients import _loss_and_logits_manual_vjp
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.gradcheck import FD_STEP
@@ -30,8 +32,8 @@ pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 
 # The manual value and gradients run the reference (gradients.backprop, "batch_major") or
 # its kernel ("feature_major"); each test of them runs both, whichever
-# feature_major.choose_layout picks on this machine.
-LAYOUTS = pytest.mark.parametrize("layout", feature_major.LAYOUTS)
+# network.choose_layout picks on this machine.
+LAYOUTS = pytest.mark.parametrize("layout", network.LAYOUTS)
 
 SHAPES = st.tuples(st.integers(1, 6), st.integers(1, 5), st.integers(1, 6),
                    st.integers(2, 4), st.integers(0, 2**16))
@@ -59,8 +61,8 @@ def test_manual_equals_autodiff_and_finite_differences_float64(shape):
   fd = finite_difference_grads(lambda p: mj.loss(p, X, y), params)
   loss = float(jax.jit(mj.loss)(params, X, y))
   rounding = 100 * np.finfo(np.float64).eps * max(1.0, abs(loss))
-  for layout in feature_major.LAYOUTS:
-    manual = jax.jit(functools.partial(mj.grads, layout=layout))(params, X, y)
+  for layout in network.LAYOUTS:
+    manual = jax.jit(conftest.manual_grads(layout))(params, X, y)
     assert_close(manual, autodiff, 1e-12)
     for name, m, f in zip(mj.Params._fields, manual, fd):
       error = np.max(np.abs(m - f))
@@ -76,8 +78,8 @@ def test_manual_equals_autodiff_float32(shape):
   B, D, H, K, seed = shape
   params, X, y = random_problem(seed, B, D, H, K, jnp.float32)
   autodiff = jax.jit(mj.autodiff_grads)(params, X, y)
-  for layout in feature_major.LAYOUTS:
-    manual = jax.jit(functools.partial(mj.grads, layout=layout))(params, X, y)
+  for layout in network.LAYOUTS:
+    manual = jax.jit(conftest.manual_grads(layout))(params, X, y)
     assert manual.w1.dtype == jnp.float32
     assert_close(manual, autodiff, 1e-5)
 
@@ -158,7 +160,7 @@ def test_soft_targets_and_weights(layout):
   params, X, y = problem(batch=6)
   Y = 0.8 * jax.nn.one_hot(y, 3, dtype=jnp.float64) + 0.2 / 3   # label smoothing
   w = jnp.array([1.0, 0.5, 2.0, 0.0, 3.0, 1.0])
-  grads = functools.partial(mj.grads, layout=layout)
+  grads = conftest.manual_grads(layout)
   assert_close(grads(params, X, Y, w), mj.autodiff_grads(params, X, Y, w), 1e-12)
   fd = finite_difference_grads(lambda p: mj.loss(p, X, Y, w), params)
   assert_close(grads(params, X, Y, w), fd, 1e-6)
@@ -211,16 +213,17 @@ def test_per_example_grads_manual_equals_autodiff_and_mean_is_grads():
 def test_layer_grad_sq_norms_are_each_examples():
   """‖δ1_i‖²(‖x_i‖² + 1) and ‖δ2_i‖²(‖a1_i‖² + 1) per example (row), for a batch and for a
   batch of one."""
-  from mlp_jax.core.gradients import layer_grad_sq_norms  # pylint: disable=g-import-not-at-top
+  from mlp_jax.core.gradients import Deltas, layer_grad_sq_norms  # pylint: disable=g-import-not-at-top
   shapes = {"d1": (3, 5), "d2": (3, 2), "X": (3, 4), "A1": (3, 5)}
   a = {k: jax.random.normal(jax.random.key(i), s) for i, (k, s) in enumerate(shapes.items())}
   sq = {k: jnp.sum(v ** 2, axis=1) for k, v in a.items()}
   want = (sq["d1"] * (sq["X"] + 1), sq["d2"] * (sq["A1"] + 1))
-  np.testing.assert_allclose(layer_grad_sq_norms(a["d1"], a["d2"], a["X"], a["A1"]), want,
+  d = Deltas(Z1=None, A1=a["A1"], Z2=None, delta2=a["d2"], delta1=a["d1"])
+  np.testing.assert_allclose(layer_grad_sq_norms(d, a["X"]), want,
                              rtol=1e-6)
   for i in range(3):
-    one = layer_grad_sq_norms(a["d1"][i:i + 1], a["d2"][i:i + 1], a["X"][i:i + 1],
-                              a["A1"][i:i + 1])
+    row = jax.tree.map(lambda v, i=i: None if v is None else v[i:i + 1], d)
+    one = layer_grad_sq_norms(row, a["X"][i:i + 1])
     np.testing.assert_allclose(one, (want[0][i:i + 1], want[1][i:i + 1]), rtol=1e-6)
 
 
@@ -245,8 +248,8 @@ def test_loss_manual_vjp_gradients_equal_grads():
   loss_manual_vjp = mj.loss_manual_vjp
   value, g = jax.jit(jax.value_and_grad(loss_manual_vjp))(params, X, y)
   np.testing.assert_allclose(value, jax.jit(mj.loss)(params, X, y), rtol=1e-14)
-  for layout in feature_major.LAYOUTS:
-    grads = jax.jit(functools.partial(mj.grads, layout=layout))
+  for layout in network.LAYOUTS:
+    grads = jax.jit(conftest.manual_grads(layout))
     assert_close(g, grads(params, X, y), 1e-14)
   # Its cotangents for X, soft targets and weights are closed forms too.
   Y = jax.nn.softmax(jax.random.normal(jax.random.key(1), (6, 3), jnp.float64))
@@ -403,7 +406,8 @@ def test_manual_vjp_logits_output_carries_its_own_gradient():
       return loss + jnp.sum(c * z2)
     return f
 
-  manual = jax.grad(objective(_loss_and_logits_manual_vjp))(params)
+  manual = jax.grad(objective(functools.partial(_loss_and_logits_manual_vjp, Network())))(
+      params)
   autodiff = jax.grad(objective(mj_losses.loss_and_logits))(params)
   assert_close(manual, autodiff, 1e-12)
 
@@ -457,7 +461,7 @@ def test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands(method,
   def bf16(p):
     manual = method if layout is None else f"{method}_{layout}"
     return value_and_grads_with_logits(p, X, y, w, method=manual,
-                                       compute_dtype=jnp.bfloat16)[1]
+                                       net=Network(compute_dtype=jnp.bfloat16))[1]
 
   def reference(p):
     return bfloat16_reference_grads(p, X, y, w)
@@ -479,7 +483,7 @@ def test_bfloat16_gradient_is_float32_arithmetic_on_the_rounded_operands(method,
 def test_bfloat16_compute_keeps_float32_params_and_loss(method):
   params, X, y = problem(batch=16, in_dim=12, hidden=32, classes=4, dtype=jnp.float32)
   (loss, z2), g = value_and_grads_with_logits(params, X, y, method=method,
-                                              compute_dtype=jnp.bfloat16)
+                                              net=Network(compute_dtype=jnp.bfloat16))
   assert loss.dtype == z2.dtype == jnp.float32
   assert all(leaf.dtype == jnp.float32 for leaf in g)
   # bfloat16 keeps 8 bits of mantissa; a ReLU whose sign rounding flips moves whole
@@ -489,7 +493,7 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(method):
   np.testing.assert_allclose(loss, mj.loss(params, X, y), rtol=1e-2)
   # The matmuls really read bfloat16 (with float32 accumulation).
   jaxpr = str(jax.make_jaxpr(lambda p: value_and_grads_with_logits(
-      p, X, y, method=method, compute_dtype=jnp.bfloat16))(params))
+      p, X, y, method=method, net=Network(compute_dtype=jnp.bfloat16)))(params))
   assert "bf16" in jaxpr and "preferred_element_type=float32" in jaxpr
 
 
@@ -568,8 +572,9 @@ def test_every_public_function_passes_compute_dtype_on(name, dtype):
                                   "train_step"])
 def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
   """Both layouts give equal values, so only the call tells which ran: the manual value
-  and gradients run the pass the layout asks for, and with no layout the one
-  choose_layout picks, asked with the params' dtype and the compute dtype."""
+  and gradients run the pass the layout asks for (the train step's and
+  value_and_grads_with_logits' method), and with none the one choose_layout picks, asked
+  with the params' dtype and the compute dtype (mj.grads and mj.value_and_grads always)."""
   from mlp_jax.core import gradients  # pylint: disable=g-import-not-at-top
   from mlp_jax.training import train  # pylint: disable=g-import-not-at-top
   params, X, y = problem(batch=3, dtype=jnp.float32)
@@ -581,31 +586,31 @@ def test_the_layout_asked_for_is_the_one_that_runs(name, monkeypatch):
     state = train.init_model_state(0, 4, 6, 3, optimizer)
     return train.make_train_step(hp, optimizer)(state, (X, y, jnp.ones(3)))
 
-  fn = {"value_and_grads": lambda L: mj.value_and_grads(params, X, y, layout=L,
-                                                         compute_dtype=bf16),
-        "grads": lambda L: mj.grads(params, X, y, layout=L, compute_dtype=bf16),
+  fn = {"value_and_grads": lambda L: mj.value_and_grads(params, X, y, compute_dtype=bf16),
+        "grads": lambda L: mj.grads(params, X, y, compute_dtype=bf16),
         "value_and_grads_with_logits": lambda L: value_and_grads_with_logits(
-            params, X, y, method=f"manual_{L}" if L else "manual", compute_dtype=bf16),
+            params, X, y, method=f"manual_{L}" if L else "manual",
+            net=Network(compute_dtype=bf16)),
         "train_step": train_step}[name]
   ran, chosen = [], []
   for module, which in ((gradients, "batch_major"), (feature_major, "feature_major")):
     real = module.backprop
     monkeypatch.setattr(module, "backprop",
                         lambda *a, real=real, which=which: ran.append(which) or real(*a))
-  monkeypatch.setattr(feature_major, "choose_layout",
+  monkeypatch.setattr(network, "choose_layout",
                       lambda *dtypes: chosen.append(dtypes) or "feature_major")
+  fixed = name in ("value_and_grads_with_logits", "train_step")
   for asked, runs in (("batch_major", "batch_major"), ("feature_major", "feature_major"),
                       (None, "feature_major")):
     ran.clear()
     jax.clear_caches()  # manual_pass is jitted: trace it again, through the patched kernels
     jax.make_jaxpr(lambda L=asked: fn(L))()
-    assert ran == [runs], (name, asked, ran)
-  assert chosen == [(jnp.float32, bf16)], chosen
-  with pytest.raises(ValueError, match="layout must be auto, batch_major or feature_major, "
-                                       "got 'row_major'|method must be one of manual, "
-                                       "manual_batch_major, manual_feature_major, .* got "
-                                       "'manual_row_major'"):
-    fn("row_major")
+    assert ran == [runs if fixed else "feature_major"], (name, asked, ran)
+  assert chosen == [(jnp.float32, "bfloat16")] * (1 if fixed else 3), chosen
+  if fixed:
+    with pytest.raises(ValueError, match="method must be one of manual, manual_batch_major, "
+                                         "manual_feature_major, .* got 'manual_row_major'"):
+      fn("row_major")
 
 
 @pytest.mark.parametrize("name", ["loss_manual_vjp", "per_example_grads",
@@ -632,10 +637,9 @@ def test_the_other_manual_passes_are_the_reference(name, monkeypatch):
         "clipped_grad_sum": lambda: mj.clipped_grad_sum(params, X, y, 1.0),
         "dp_train_step": dp_train_step}[name]
   ran = []
-  for module in (gradients, privacy):
-    monkeypatch.setattr(module, "hidden_delta",
-                        lambda *a, real=gradients.hidden_delta: ran.append(1) or real(*a))
-  monkeypatch.setattr(feature_major, "choose_layout", lambda *dtypes: "feature_major")
+  monkeypatch.setattr(gradients, "hidden_delta",
+                      lambda *a, real=gradients.hidden_delta: ran.append(1) or real(*a))
+  monkeypatch.setattr(network, "choose_layout", lambda *dtypes: "feature_major")
   monkeypatch.setattr(feature_major, "backprop", lambda *a: pytest.fail("the kernel ran"))
   jax.make_jaxpr(fn)()
   assert ran, name

@@ -337,7 +337,7 @@ READER_OF_CALLER = {
     ("mlp_jax/run/workdir.py", "_read_rows"): ("metrics_jsonl",),
     ("mlp_jax/base/files.py", "__enter__"): ("dataset_npz", "params_npz", "predict_npz"),
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
-    ("mlp_jax/core/feature_major.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
+    ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/files.py", "host_available"): "/proc/self/statm: not a user's path",
     ("mlp_jax/base/files.py", "holds_bytes"): "jaxlib's libraries: not a user's path",
 }

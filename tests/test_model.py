@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mlp_jax as mj
-from mlp_jax.core.model import relu
+from mlp_jax.core.network import relu
 
 pytestmark = pytest.mark.usefixtures("x64_module")  # float64: the 1e-12 checks
 

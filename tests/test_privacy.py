@@ -18,6 +18,7 @@ from conftest import read_metrics
 from conftest import tiny_config
 import mlp_jax as mj
 from mlp_jax.core import privacy
+from mlp_jax.core.network import Network
 from mlp_jax.data import datasets
 from mlp_jax.gradcheck import random_problem
 from mlp_jax.gradcheck import relative_error
@@ -66,8 +67,8 @@ def hostile_problem(dtype):
 def test_clipped_sum_equals_vmap_grad_then_clip_then_sum(clipping, dtype, tol, x64):
   params, X, Y, mask = hostile_problem(dtype)
   for clip_norm in (0.05, 1.0, 1e6):   # most rows clipped, some, none
-    got, norms = jax.jit(privacy.clipped_grad_sum, static_argnames="clipping")(
-        params, X, Y, clip_norm, mask, clipping=clipping)
+    got, norms = jax.jit(privacy.clipped_grad_sum)(
+        params, X, Y, privacy.Clip(clip_norm, clipping), mask)
     want = reference_clipped_sum(params, X, Y, mask, clip_norm, clipping=clipping)
     for name, a, b in zip(mj.Params._fields, got, want):
       assert bool(jnp.all(jnp.isfinite(a))), name
@@ -119,8 +120,9 @@ def test_bfloat16_clipped_sum_is_float32_arithmetic_on_the_rounded_operands():
   X = jax.random.normal(jax.random.key(1), (48, 64), jnp.float32)
   Y = jax.nn.one_hot(jax.random.randint(jax.random.key(2), (48,), 0, 10), 10)
   mask = jnp.ones(48).at[:5].set(0).at[5].set(0.5)    # 5 padding rows; Σ m_i c_i g_i
+  net = Network(compute_dtype="bfloat16")
   clipped = jax.jit(lambda p, C: privacy.clipped_sum_with_logits(
-      p, X, Y, mask, (C, "flat"), jnp.bfloat16)[1:])
+      net, p, X, Y, mask, privacy.Clip(C))[1:])
   for clip_norm in (8.0, 1e6):                        # some rows clipped, none
     got, norms = clipped(params, clip_norm)
     assert float(jnp.min(norms[5:])) < 8.0 < float(jnp.max(norms[5:]))
@@ -134,7 +136,7 @@ def test_norms_are_the_per_example_gradient_norms(x64):
   params, X, y = random_problem(0, 6, 5, 7, 3, jnp.float64)
   _, flat = privacy.clipped_grad_sum(params, X, y, 1.0)
   np.testing.assert_allclose(flat, mj.per_example_grad_norms(params, X, y), rtol=1e-12)
-  _, layers = privacy.clipped_grad_sum(params, X, y, 1.0, clipping="per_layer")
+  _, layers = privacy.clipped_grad_sum(params, X, y, privacy.Clip(1.0, "per_layer"))
   np.testing.assert_allclose(jnp.sqrt(jnp.sum(layers ** 2, axis=1)), flat, rtol=1e-12)
 
 
@@ -143,7 +145,7 @@ def test_clipped_sum_forms_nothing_of_size_bhd():
   params, X, y = random_problem(0, B, D, H, K, jnp.float32)
   for clipping in privacy.CLIPPINGS:
     jaxpr = jax.make_jaxpr(lambda p, x, t: privacy.clipped_grad_sum(  # pylint: disable=cell-var-from-loop
-        p, x, t, 1.0, clipping=clipping))(params, X, y)
+        p, x, t, privacy.Clip(1.0, clipping)))(params, X, y)
     assert conftest.largest_value(jaxpr) < min(B * H * D, B * K * H) / 2
 
 
@@ -160,7 +162,8 @@ def test_sensitivity_and_bad_clip_norms():
   with pytest.raises(ValueError, match="clipping must be one of flat, per_layer"):
     privacy.sensitivity(1.0, "global")
   with pytest.raises(ValueError, match=r"^a pair of clip norms \(3\.0, 4\.0\) is one per "
-                     r"layer: pass clipping='per_layer', or one clip norm C\.$"):
+                     r"layer: pass Clip\(\(3\.0, 4\.0\), 'per_layer'\) \(clipping "
+                     r"per_layer\), or one clip norm C\.$"):
     privacy.sensitivity((3.0, 4.0), "flat")
   assert type(privacy.sensitivity(2.0, "per_layer")) is float   # config.json records it
   # A swept C (one per model, traced under jit): one sensitivity per model.
@@ -172,7 +175,8 @@ def test_the_loss_sum_is_over_the_sampled_rows_whatever_the_padding_holds():
   params, X, y = random_problem(0, 4, 5, 6, 3, jnp.float32)
   X = X.at[3].set(jnp.nan)                               # a padding row
   (loss_sum, _), _, _ = privacy.clipped_sum_with_logits(
-      params, X, jax.nn.one_hot(y, 3), jnp.array([1.0, 1.0, 1.0, 0.0]), (1.0, "flat"))
+      Network(), params, X, jax.nn.one_hot(y, 3), jnp.array([1.0, 1.0, 1.0, 0.0]),
+      privacy.Clip(1.0))
   np.testing.assert_allclose(loss_sum, 3 * mj.loss(params, X[:3], y[:3]), rtol=1e-6)
 
 

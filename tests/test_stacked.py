@@ -70,7 +70,8 @@ def test_map_and_vmap_stacking_train_the_same_models():
     for e in range(3):
       states, metrics = epoch(states, X, y, e, values)
     results[stacking] = (states.params, metrics["train_loss"],
-                         train.evaluate(states.params, X, y, stacking=stacking))
+                         train.evaluate(states.params, X, y,
+                                                train.EVALUATION._replace(stacking=stacking)))
   (p_v, l_v, ev_v), (p_m, l_m, ev_m) = results["vmap"], results["map"]
   np.testing.assert_allclose(l_v, l_m, rtol=RTOL)
   for a, b in zip(p_v, p_m):

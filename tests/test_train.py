@@ -13,7 +13,8 @@ import pytest
 import conftest
 import mlp_jax as mj
 from mlp_jax.base import options
-from mlp_jax.core import feature_major
+from mlp_jax.core import network
+from mlp_jax.core.network import Network
 from mlp_jax.core import privacy
 from mlp_jax.training import train
 from mlp_jax.training import train_state
@@ -117,7 +118,7 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
                   donate_argnums=(0,))
   # A fresh jit of evaluate: its trace count is this test's alone.
   evaluate = jax.jit(chex.assert_max_traces(train.evaluate.__wrapped__, n=1),
-                     static_argnames=("batching", "stacking"))
+                     static_argnames=("batching", "net"))
   state = first(train.init_state([0], 5, 7, 3, hp))
   for e in range(4):
     state, _ = epoch(state, X, y, e)
@@ -369,7 +370,7 @@ def test_bfloat16_gradients_under_jit_match_float32():
   rounded = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), t)
   grads = jax.jit(mj.grads, static_argnames="compute_dtype")
   clipped = jax.jit(lambda p, X, dt: privacy.clipped_sum_with_logits(
-      p, X, Y, mask, (1.0, "flat"), dt)[1], static_argnums=2)
+      Network(compute_dtype=dt), p, X, Y, mask, privacy.Clip(1.0))[1], static_argnums=2)
   stack = jax.tree.map(lambda a: jnp.stack([a, -0.5 * a]), params)  # two models
   stacked = jax.jit(jax.vmap(lambda p, dt: mj.grads(p, X, y, compute_dtype=dt),
                              in_axes=(0, None)), static_argnums=1)
@@ -405,12 +406,12 @@ def test_bfloat16_hidden_products_compile_to_bfloat16_gemms():
   params = mj.init_params(jax.random.key(0), d, h, k)
   X = jax.random.normal(jax.random.key(1), (b, d))
   y = jax.random.randint(jax.random.key(2), (b,), 0, k)
-  bf16, fm = jnp.bfloat16, feature_major.FEATURE_MAJOR
+  bf16, fm = jnp.bfloat16, network.FEATURE_MAJOR
   stack = jax.tree.map(lambda a: jnp.stack([a, a]), params)
   runs = {
-      "grads": lambda p, X: mj.grads(p, X, y, compute_dtype=bf16, layout=fm),
-      "stack": lambda p, X: jax.vmap(lambda q: mj.grads(q, X, y, compute_dtype=bf16,
-                                                        layout=fm))(p)}
+      "grads": lambda p, X: conftest.manual_grads(fm)(p, X, y, compute_dtype=bf16),
+      "stack": lambda p, X: jax.vmap(lambda q: conftest.manual_grads(fm)(
+          q, X, y, compute_dtype=bf16))(p)}
   def dtypes_of_products_with_x(fn, p):  # W1 Xᵀ and Δ1ᵀ X: X (B, D) is an operand
     return [(lhs[0], rhs[0]) for lhs, rhs in _dots_of(fn, p, X)
             if (b, d) in (lhs[1][-2:], rhs[1][-2:])]
@@ -419,7 +420,7 @@ def test_bfloat16_hidden_products_compile_to_bfloat16_gemms():
     dtypes = dtypes_of_products_with_x(fn, stack if name == "stack" else params)
     assert dtypes == [("bf16", "bf16")] * 2, (name, dtypes)
   for other in (mj.autodiff_grads,
-                functools.partial(mj.grads, layout=feature_major.BATCH_MAJOR)):
+                conftest.manual_grads(network.BATCH_MAJOR)):
     dtypes = dtypes_of_products_with_x(lambda p, X: other(p, X, y, compute_dtype=bf16),  # pylint: disable=cell-var-from-loop
                                        params)
     assert ("f32", "f32") in dtypes, dtypes
@@ -585,8 +586,8 @@ def test_a_bfloat16_dp_step_runs_the_clipped_sum_in_bfloat16():
     sample_key, noise_key = privacy.step_keys(state.key, 0)
     i, mask, _ = privacy.poisson_batch(sample_key, 12, 0.4, 9)
     _, grad_sum, _ = privacy.clipped_sum_with_logits(
-        state.params, X[i], jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, (0.3, "flat"),
-        jnp.bfloat16)
+        Network(compute_dtype="bfloat16"), state.params, X[i],
+        jax.nn.one_hot(y[i], 3, dtype=jnp.float32), mask, privacy.Clip(0.3))
     g = privacy.add_noise(grad_sum, noise_key, 0.7, 0.3, "flat", 0.4 * 12)
     return jax.tree.map(lambda p, gi: p - 0.5 * gi, state.params, g)
 

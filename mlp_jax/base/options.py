@@ -8,6 +8,9 @@ from typing import NamedTuple
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "warmup_cosine")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# The hidden layer's activations: the names of mlp_jax.core.network.ACTIVATIONS' rows
+# (scikit-learn's four and gelu), here for the flags, which are built before JAX loads.
+ACTIVATIONS = ("relu", "tanh", "logistic", "identity", "gelu")
 GRADIENTS = ("manual", "autodiff", "manual_vjp")
 CLIPPINGS = ("flat", "per_layer")   # DP-SGD: one norm C, or (C1, C2) per layer
 # The settings that may differ between the models of one stack (train.py).
@@ -36,6 +39,7 @@ class Hyperparams(NamedTuple):
   label_smoothing: float = 0.1
   grads: str = "manual"           # GRADIENTS, or gradients.METHODS (a fixed layout)
   compute_dtype: str = "float32"  # float32 | bfloat16 (hidden-layer matmuls)
+  activation: str = "relu"        # ACTIVATIONS
   ema_decay: float = 0.0          # β of the params' moving average; 0: none
 
 

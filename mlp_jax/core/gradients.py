@@ -5,23 +5,27 @@ equal to jax.grad and to finite differences):
 
     δ2 = ∂L/∂z2 = p Σy − y               (= p − y for one-hot y)           (K,)
     ∂L/∂W2 = δ2 a1ᵀ      ∂L/∂b2 = δ2                                  (K, H), (K,)
-    δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0]                                      (H,)
+    δ1 = ∂L/∂z1 = (W2ᵀ δ2) ⊙ f′(z1)        (f′(z1) = 1[z1 ≥ 0] for ReLU)    (H,)
     ∂L/∂W1 = δ1 xᵀ       ∂L/∂b1 = δ1                                  (H, D), (H,)
 
 A batch X (B, D), one example per row, with mean weights ŵ (B,) (ŵ_i = 1/B unweighted):
 row i of each matrix below is that example's vector above, so the same lines read
 
     Δ2 = ŵ ⊙ (P Σy − Y) (B, K)    dW2 = Δ2ᵀ A1    db2 = Σ_rows Δ2
-    Δ1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H)    dW1 = Δ1ᵀ X    db1 = Σ_rows Δ1
+    Δ1 = (Δ2 W2) ⊙ f′(Z1) (B, H)    dW1 = Δ1ᵀ X    db1 = Σ_rows Δ1
 
-`backprop` is that pass, written once: value_and_grads, loss_manual_vjp's backward
-pass, the per-example gradients and norms and the DP clipped sum (privacy.py) all call
-its parts. A faster form of the same pass for bfloat16 on some CPUs lives apart, in
-mlp_jax/core/feature_major.py; `manual_pass` is the one place that picks it.
+f is the network's activation (a `network.Network`; f′ its hand-written derivative).
+`deltas` is the forward pass and these deltas, written once; `param_grads` the four
+sums. value_and_grads (`backprop`), the per-example gradients and norms and the DP
+clipped sum (privacy.py) call `deltas`; loss_manual_vjp's backward pass, whose Δ2 comes
+from its cotangents, calls `hidden_delta` and `param_grads`. A faster form of the same
+pass for some CPUs lives apart, in mlp_jax/core/feature_major.py; `manual_pass` is the
+one place that runs it, in the layout the Network gives.
 """
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 from jax import Array
@@ -29,7 +33,8 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from mlp_jax.core import checks, feature_major, losses, model
-from mlp_jax.core.model import Params, matmul, relu_derivative
+from mlp_jax.core.model import Params, matmul
+from mlp_jax.core.network import BATCH_MAJOR, FEATURE_MAJOR, Network
 
 
 def output_delta(Z2: Array, Y: Array) -> Array:
@@ -37,45 +42,62 @@ def output_delta(Z2: Array, Y: Array) -> Array:
   return jax.nn.softmax(Z2, axis=-1) * jnp.sum(Y, axis=-1, keepdims=True) - Y
 
 
-def hidden_delta(params: Params, delta2: Array, Z1: Array) -> Array:
-  """Δ1 = ∂L/∂Z1 = (Δ2 W2) ⊙ 1[Z1 ≥ 0] (B, H), row by row δ1 = (W2ᵀ δ2) ⊙ 1[z1 ≥ 0]."""
-  return (delta2 @ params.w2) * relu_derivative(Z1, delta2.dtype)
+def hidden_delta(net: Network, params: Params, delta2: Array, Z1: Array) -> Array:
+  """Δ1 = ∂L/∂Z1 = (Δ2 W2) ⊙ f′(Z1) (B, H), row by row δ1 = (W2ᵀ δ2) ⊙ f′(z1)."""
+  return (delta2 @ params.w2) * net.f_prime(Z1)
 
 
-def param_grads(delta1: Array, delta2: Array, X: Array, A1: Array,
-                compute_dtype: Optional[DTypeLike] = None) -> Params:
+def param_grads(net: Network, delta1: Array, delta2: Array, X: Array, A1: Array
+                ) -> Params:
   """Params(Δ1ᵀ X, Σ_rows Δ1, Δ2ᵀ A1, Σ_rows Δ2): each example's δ1 xᵀ, δ1, δ2 a1ᵀ, δ2
-  summed over the rows. compute_dtype is what Δ1ᵀ X reads (model.matmul)."""
-  return Params(w1=matmul(delta1.T, X, compute_dtype),
+  summed over the rows. net.compute_dtype is what Δ1ᵀ X reads (model.matmul)."""
+  return Params(w1=matmul(delta1.T, X, net.compute_dtype),
                 b1=jnp.sum(delta1, axis=0),
                 w2=delta2.T @ A1,
                 b2=jnp.sum(delta2, axis=0))
 
 
-def backprop(params: Params, X: Array, Y: Array, w: Array,
-             compute_dtype: Optional[DTypeLike] = None) -> tuple[tuple[Array, Array], Params]:
+class Deltas(NamedTuple):
+  """A batch's forward pass and deltas, an example per row: Z1, A1 (B, H), Z2 (B, K),
+  Δ2 (B, K), Δ1 (B, H)."""
+
+  Z1: Array
+  A1: Array
+  Z2: Array
+  delta2: Array
+  delta1: Array
+
+
+def deltas(net: Network, params: Params, X: Array, Y: Array, w: Optional[Array] = None
+           ) -> Deltas:
+  """The forward pass of X (B, D) and the deltas of targets Y (B, K): Δ2 = ŵ ⊙ (P Σy − Y)
+  and Δ1 = (Δ2 W2) ⊙ f′(Z1); without ŵ (B,), each row is that example's own δ2, δ1."""
+  Z1, A1, Z2 = model.activations(net, params, X)
+  delta2 = output_delta(Z2, Y)
+  if w is not None:
+    delta2 = w[:, None] * delta2
+  return Deltas(Z1, A1, Z2, delta2, hidden_delta(net, params, delta2, Z1))
+
+
+def backprop(net: Network, params: Params, X: Array, Y: Array, w: Array
+             ) -> tuple[tuple[Array, Array], Params]:
   """((loss, logits Z2 (B, K)), Params of gradients) of L = Σ_i ŵ_i L_i: the reference
   manual pass, for X (B, D) and targets Y (B, K) in the params' dtype and ŵ (B,)."""
-  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
-  loss = jnp.sum(w * losses.cross_entropy(Z2, Y))
-  delta2 = w[:, None] * output_delta(Z2, Y)
-  delta1 = hidden_delta(params, delta2, Z1)
-  return (loss, Z2), param_grads(delta1, delta2, X, A1, compute_dtype)
+  d = deltas(net, params, X, Y, w)
+  loss = jnp.sum(w * losses.cross_entropy(d.Z2, Y))
+  return (loss, d.Z2), param_grads(net, d.delta1, d.delta2, X, d.A1)
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype", "layout"))
-def manual_pass(params: Params, X: Array, Y: Array, w: Array,
-                compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
+@functools.partial(jax.jit, static_argnums=(0,))
+def manual_pass(net: Network, params: Params, X: Array, Y: Array, w: Array
                 ) -> tuple[tuple[Array, Array], Params]:
-  """`backprop`, or its feature-major kernel where that is the faster program: the one
-  place the manual value and gradients pick between them (feature_major.choose_layout;
-  layout "batch_major" or "feature_major" fixes one). Compiled: called outside jit, as
+  """`backprop`, or its feature-major kernel in the layout the Network gives
+  (net.layout_for: the one asked for, else network.choose_layout's): the one place
+  the manual value and gradients pick between them. Compiled: called outside jit, as
   value_and_grads is, it runs as one program, not op by op."""
-  layout = layout or feature_major.choose_layout(params.w1.dtype, compute_dtype)
-  feature_major.check_layout(layout)
-  if layout == feature_major.FEATURE_MAJOR:
-    return feature_major.backprop(params, X, Y, w, compute_dtype)
-  return backprop(params, X, Y, w, compute_dtype)
+  if net.layout_for(params.w1.dtype) == FEATURE_MAJOR:
+    return feature_major.backprop(net, params, X, Y, w)
+  return backprop(net, params, X, Y, w)
 
 
 def _prepare(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike]
@@ -93,68 +115,68 @@ def _targets_and_weights(dtype: DTypeLike, k: int, X: Array, y: Array,
 
 
 def value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,
-                    weights: Optional[ArrayLike] = None, *,
-                    compute_dtype: Optional[DTypeLike] = None,
-                    layout: Optional[str] = None) -> tuple[Array, Params]:
+                    weights: Optional[ArrayLike] = None, *, activation: str = "relu",
+                    compute_dtype: Optional[DTypeLike] = None) -> tuple[Array, Params]:
   """MANUAL (loss, Params of gradients) of mj.loss, by the batched closed form above.
 
-  X (B, D); y int labels (B,) or targets (B, K); weights (B,) optional; compute_dtype
-  (bfloat16) is what the two H × D matmuls read (X W1ᵀ and Δ1ᵀ X, nearly all the FLOPs);
-  the other three and everything else stay in the params' dtype. layout: "batch_major"
-  (`backprop`) or "feature_major" (its kernel); by default the faster one on this
-  machine (feature_major.choose_layout).
+  X (B, D); y int labels (B,) or targets (B, K); weights (B,) optional; activation f of
+  the hidden layer (network.ACTIVATIONS); compute_dtype (bfloat16) is what the two H × D
+  matmuls read (X W1ᵀ and Δ1ᵀ X, nearly all the FLOPs); the other three and everything
+  else stay in the params' dtype. It runs `backprop` or its feature-major kernel,
+  whichever is faster on this machine (network.choose_layout; value_and_grads_with_logits
+  fixes one).
   """
-  (loss, _), g = _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype,
-                                                     layout)
+  net = Network(activation, compute_dtype)
+  (loss, _), g = _manual_value_and_grads_with_logits(net, params, X, y, weights)
   return loss, g
 
 
-def _manual_value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
-                                        weights: Optional[ArrayLike],
-                                        compute_dtype: Optional[DTypeLike],
-                                        layout: Optional[str]
+def _manual_value_and_grads_with_logits(net: Network, params: Params, X: ArrayLike,
+                                        y: ArrayLike, weights: Optional[ArrayLike]
                                         ) -> tuple[tuple[Array, Array], Params]:
   Xd, Y, w = _prepare(params, X, y, weights)
-  return manual_pass(params, Xd, Y, w, compute_dtype, layout)
+  return manual_pass(net, params, Xd, Y, w)
 
 
 def grads(params: Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike] = None,
-          *, compute_dtype: Optional[DTypeLike] = None, layout: Optional[str] = None
-          ) -> Params:
+          *, activation: str = "relu", compute_dtype: Optional[DTypeLike] = None) -> Params:
   """MANUAL gradients of mj.loss (Params, same shapes as params); see value_and_grads."""
-  return value_and_grads(params, X, y, weights, compute_dtype=compute_dtype,
-                         layout=layout)[1]
+  return value_and_grads(params, X, y, weights, activation=activation,
+                         compute_dtype=compute_dtype)[1]
 
 
 def autodiff_value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,
                              weights: Optional[ArrayLike] = None, *,
+                             activation: str = "relu",
                              compute_dtype: Optional[DTypeLike] = None
                              ) -> tuple[Array, Params]:
   """jax.value_and_grad(mj.loss): the reference the manual gradients are tested against."""
-  return jax.value_and_grad(losses.loss)(params, X, y, weights, compute_dtype=compute_dtype)
+  return jax.value_and_grad(losses.loss)(params, X, y, weights, activation=activation,
+                                         compute_dtype=compute_dtype)
 
 
 def autodiff_grads(params: Params, X: ArrayLike, y: ArrayLike,
-                   weights: Optional[ArrayLike] = None, *,
+                   weights: Optional[ArrayLike] = None, *, activation: str = "relu",
                    compute_dtype: Optional[DTypeLike] = None) -> Params:
   """jax.grad(mj.loss) -> Params."""
-  return jax.grad(losses.loss)(params, X, y, weights, compute_dtype=compute_dtype)
+  return jax.grad(losses.loss)(params, X, y, weights, activation=activation,
+                               compute_dtype=compute_dtype)
 
 
-def example_grads(params: Params, x: Array, y: Array) -> Params:
+def example_grads(net: Network, params: Params, x: Array, y: Array) -> Params:
   """MANUAL gradient of ONE example's loss L(x (D,), y (K,) targets) -> Params: `backprop`
   on a batch of that one example, whose sums over rows are δ1 xᵀ, δ1, δ2 a1ᵀ, δ2."""
   one = jnp.ones((1,), x.dtype)
-  return backprop(params, x[None], y[None], one)[1]
+  return backprop(net, params, x[None], y[None], one)[1]
 
 
-def _example_loss(params: Params, x: Array, y: Array) -> Array:
+def _example_loss(net: Network, params: Params, x: Array, y: Array) -> Array:
   """ONE example's cross-entropy, x (D,), y (K,) targets -> scalar."""
-  return losses.cross_entropy(model.forward_pass(params, x)[2], y)
+  return losses.cross_entropy(model.forward_pass(net, params, x)[2], y)
 
 
-def per_example_grads(params: Params, X: ArrayLike, y: ArrayLike, method: str = "manual"
-                      ) -> Params:
+def per_example_grads(params: Params, X: ArrayLike, y: ArrayLike, method: str = "manual",
+                      *, activation: str = "relu") -> Params:
   """Gradient of each example's own loss L_i, Params with a leading B axis.
 
   method "manual": jax.vmap of `example_grads`; "autodiff": jax.vmap of jax.grad of
@@ -164,21 +186,22 @@ def per_example_grads(params: Params, X: ArrayLike, y: ArrayLike, method: str = 
   if method not in ("manual", "autodiff"):
     raise ValueError(f"per_example_grads: method must be 'manual' or 'autodiff', "
                      f"got {method!r}.")
+  net = Network(activation)
   Xd, Y, _ = _prepare(params, X, y, None)
-  return _per_example_grads(params, Xd, Y, method)
+  return _per_example_grads(net, params, Xd, Y, method)
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _per_example_grads(params: Params, X: Array, Y: Array, method: str) -> Params:
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _per_example_grads(net: Network, params: Params, X: Array, Y: Array, method: str
+                       ) -> Params:
   """per_example_grads of X (B, D) and targets Y (B, K): Params with a leading B axis."""
-  one_example = example_grads if method == "manual" else jax.grad(_example_loss)
-  return jax.vmap(one_example, in_axes=(None, 0, 0))(params, X, Y)
+  one_example = example_grads if method == "manual" else jax.grad(_example_loss, argnums=1)
+  return jax.vmap(one_example, in_axes=(None, None, 0, 0))(net, params, X, Y)
 
 
-def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array
-                        ) -> tuple[Array, Array]:
+def layer_grad_sq_norms(d: Deltas, X: Array) -> tuple[Array, Array]:
   """(‖∇_{W1,b1} L_i‖², ‖∇_{W2,b2} L_i‖²), each (B,), from each example's own δ1, δ2
-  (rows of the deltas of an unweighted sum), X and A1, without forming ∇L_i.
+  (the rows of unweighted `deltas`), X and A1, without forming ∇L_i.
 
   ∇W1 = δ1 xᵀ and ∇W2 = δ2 a1ᵀ are outer products, and ‖u vᵀ‖² = ‖u‖²‖v‖², so
       ‖∇_{W1,b1} L_i‖² = ‖δ1_i‖² (‖x_i‖² + 1),  ‖∇_{W2,b2} L_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1).
@@ -186,52 +209,50 @@ def layer_grad_sq_norms(delta1: Array, delta2: Array, X: Array, A1: Array
   def sq(a: Array) -> Array:
     return jnp.sum(a * a, axis=-1)
 
-  return sq(delta1) * (sq(X) + 1), sq(delta2) * (sq(A1) + 1)
+  return sq(d.delta1) * (sq(X) + 1), sq(d.delta2) * (sq(d.A1) + 1)
 
 
-def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike) -> Array:
+def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike, *,
+                           activation: str = "relu") -> Array:
   """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:
   ‖g_i‖² = ‖δ2_i‖² (‖a1_i‖² + 1) + ‖δ1_i‖² (‖x_i‖² + 1) (layer_grad_sq_norms)."""
+  net = Network(activation)
   Xd, Y, _ = _prepare(params, X, y, None)
-  return _per_example_grad_norms(params, Xd, Y)
+  return _per_example_grad_norms(net, params, Xd, Y)
 
 
-@jax.jit
-def _per_example_grad_norms(params: Params, X: Array, Y: Array) -> Array:
+@functools.partial(jax.jit, static_argnums=(0,))
+def _per_example_grad_norms(net: Network, params: Params, X: Array, Y: Array) -> Array:
   """per_example_grad_norms of X (B, D) and targets Y (B, K): ‖g_i‖ (B,)."""
-  Z1, A1, Z2 = model.activations(params, X)
-  delta2 = output_delta(Z2, Y)
-  delta1 = hidden_delta(params, delta2, Z1)
-  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)
+  sq1, sq2 = layer_grad_sq_norms(deltas(net, params, X, Y), X)
   return jnp.sqrt(sq1 + sq2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _manual_vjp_loss(params: Params, X: Array, Y: Array, weights: Optional[Array],
-                     compute_dtype: Optional[DTypeLike]) -> tuple[Array, Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _manual_vjp_loss(net: Network, params: Params, X: Array, Y: Array,
+                     weights: Optional[Array]) -> tuple[Array, Array]:
   """(loss, logits Z2): the logits are an output too, so a train step can count hits."""
-  return _manual_vjp_forward(params, X, Y, weights, compute_dtype)[0]
+  return _manual_vjp_forward(net, params, X, Y, weights)[0]
 
 
-def _manual_vjp_forward(params: Params, X: Array, Y: Array, weights: Optional[Array],
-                        compute_dtype: Optional[DTypeLike]
-                        ) -> tuple[tuple[Array, Array], tuple]:
+def _manual_vjp_forward(net: Network, params: Params, X: Array, Y: Array,
+                        weights: Optional[Array]) -> tuple[tuple[Array, Array], tuple]:
   w = losses.mean_weights(weights, X.shape[0], params.w1.dtype)
-  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
+  Z1, A1, Z2 = model.activations(net, params, X)
   per_example = losses.cross_entropy(Z2, Y)
   loss = jnp.sum(w * per_example)
   return (loss, Z2), (params, X, Y, weights, w, Z1, A1, Z2, per_example, loss)
 
 
-def _manual_vjp_backward(compute_dtype: Optional[DTypeLike], residuals: tuple,
-                         cotangents: tuple[Array, Array]) -> tuple:
+def _manual_vjp_backward(net: Network, residuals: tuple, cotangents: tuple[Array, Array]
+                         ) -> tuple:
   """Cotangents of (params, X, Y, weights), every one by its closed form."""
   params, X, Y, weights, w, Z1, A1, Z2, per_example, loss = residuals
   g, g_z2 = cotangents   # g_z2 = 0 unless the caller differentiates through the logits
   delta2 = (g * w)[:, None] * output_delta(Z2, Y) + g_z2
-  delta1 = hidden_delta(params, delta2, Z1)
-  d_params = param_grads(delta1, delta2, X, A1, compute_dtype)
-  d_X = matmul(delta1, params.w1, compute_dtype)                   # ∂L/∂x = W1ᵀ δ1
+  delta1 = hidden_delta(net, params, delta2, Z1)
+  d_params = param_grads(net, delta1, delta2, X, A1)
+  d_X = matmul(delta1, params.w1, net.compute_dtype)               # ∂L/∂x = W1ᵀ δ1
   # ∂L_i/∂y_k = logsumexp(z2_i) − z2_ik = −log p_ik.
   d_Y = (g * w)[:, None] * (jax.nn.logsumexp(Z2, axis=-1, keepdims=True) - Z2)
   d_weights = None
@@ -246,7 +267,7 @@ _manual_vjp_loss.defvjp(_manual_vjp_forward, _manual_vjp_backward)
 
 
 def loss_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
-                    weights: Optional[ArrayLike] = None, *,
+                    weights: Optional[ArrayLike] = None, *, activation: str = "relu",
                     compute_dtype: Optional[DTypeLike] = None) -> Array:
   """mj.loss as a jax.custom_vjp whose backward pass IS the manual formula.
 
@@ -255,61 +276,60 @@ def loss_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
   construction: a custom_vjp defines no forward-mode rule, so jax.jvp and jax.jacfwd of
   it raise JAX's "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
   (jax.hessian, forward mode over the manual backward pass, works); use mj.loss for
-  those. compute_dtype as in value_and_grads.
+  those. activation and compute_dtype as in value_and_grads.
   """
-  return _loss_and_logits_manual_vjp(params, X, y, weights, compute_dtype=compute_dtype)[0]
+  net = Network(activation, compute_dtype)
+  return _loss_and_logits_manual_vjp(net, params, X, y, weights)[0]
 
 
-def _loss_and_logits_manual_vjp(params: Params, X: ArrayLike, y: ArrayLike,
-                                weights: Optional[ArrayLike] = None, *,
-                                compute_dtype: Optional[DTypeLike] = None
+def _loss_and_logits_manual_vjp(net: Network, params: Params, X: ArrayLike, y: ArrayLike,
+                                weights: Optional[ArrayLike] = None
                                 ) -> tuple[Array, Array]:
   """(loss_manual_vjp, logits Z2 (B, K)), both through the custom_vjp."""
   checks.check_all(params, X, y, weights)
-  return _manual_vjp_loss_and_logits(params, *losses.as_arrays(X, y, weights),
-                                     compute_dtype)
+  return _manual_vjp_loss_and_logits(net, params, *losses.as_arrays(X, y, weights))
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _manual_vjp_loss_and_logits(params: Params, X: Array, y: Array,
-                                weights: Optional[Array],
-                                compute_dtype: Optional[DTypeLike]) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnums=(0,))
+def _manual_vjp_loss_and_logits(net: Network, params: Params, X: Array, y: Array,
+                                weights: Optional[Array]) -> tuple[Array, Array]:
   """The custom_vjp of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
   Y = losses.targets(y, params.w2.shape[0], dtype)   # float targets in the params' dtype
   if y.ndim == 1:  # int labels carry no gradient: close over them as one-hot targets
     Y = jax.lax.stop_gradient(Y)
   w = None if weights is None else weights.astype(dtype)
-  return _manual_vjp_loss(params, X.astype(dtype), Y, w, compute_dtype)
+  return _manual_vjp_loss(net, params, X.astype(dtype), Y, w)
 
 
 # value_and_grads_with_logits' methods: the manual pass in the faster layout (None) or
 # in a fixed one (the benchmark's rows), jax.grad of loss_manual_vjp, jax.grad of mj.loss.
-MANUAL_LAYOUTS = {"manual": None, "manual_batch_major": feature_major.BATCH_MAJOR,
-                  "manual_feature_major": feature_major.FEATURE_MAJOR}
+MANUAL_LAYOUTS = {"manual": None, "manual_batch_major": BATCH_MAJOR,
+                  "manual_feature_major": FEATURE_MAJOR}
 METHODS = (*MANUAL_LAYOUTS, "manual_vjp", "autodiff")
 
 
 def value_and_grads_with_logits(params: Params, X: ArrayLike, y: ArrayLike,
                                 weights: Optional[ArrayLike] = None, *,
-                                method: str = "manual",
-                                compute_dtype: Optional[DTypeLike] = None
+                                method: str = "manual", net: Network = Network()
                                 ) -> tuple[tuple[Array, Array], Params]:
-  """((loss, logits Z2 (B, K)), Params of gradients), by `method` (METHODS):
+  """((loss, logits Z2 (B, K)), Params of gradients) of the network `net`, by `method`
+  (METHODS):
 
-  "manual" (the closed form, `manual_pass`'s layout), "manual_batch_major" and
+  "manual" (the closed form, `manual_pass`, in net's layout), "manual_batch_major" and
   "manual_feature_major" (the closed form in that layout), "manual_vjp"
   (jax.value_and_grad of loss_manual_vjp) or "autodiff" (jax.value_and_grad of
   mj.loss). A train step takes its accuracy from these logits instead of running the
   forward pass twice.
   """
   if method in MANUAL_LAYOUTS:
-    return _manual_value_and_grads_with_logits(params, X, y, weights, compute_dtype,
-                                               MANUAL_LAYOUTS[method])
+    layout = MANUAL_LAYOUTS[method] or net.layout
+    return _manual_value_and_grads_with_logits(dataclasses.replace(net, layout=layout),
+                                               params, X, y, weights)
   if method == "manual_vjp":
-    return jax.value_and_grad(_loss_and_logits_manual_vjp, has_aux=True)(
-        params, X, y, weights, compute_dtype=compute_dtype)
+    return jax.value_and_grad(_loss_and_logits_manual_vjp, argnums=1, has_aux=True)(
+        net, params, X, y, weights)
   if method != "autodiff":
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}.")
   return jax.value_and_grad(losses.loss_and_logits, has_aux=True)(
-      params, X, y, weights, compute_dtype=compute_dtype)
+      params, X, y, weights, activation=net.activation, compute_dtype=net.compute_dtype)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from mlp_jax.core import checks, model
+from mlp_jax.core.network import Network
 
 
 def valid_labels(y: Array, num_classes: int) -> Array:
@@ -56,30 +57,33 @@ def cross_entropy(z2: Array, Y: Array) -> Array:
 
 
 def loss(params: model.Params, X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike] = None,
-         *, compute_dtype: Optional[DTypeLike] = None) -> Array:
+         *, activation: str = "relu", compute_dtype: Optional[DTypeLike] = None) -> Array:
   """Mean cross-entropy of the batch: sum_i w_i L_i / sum_i w_i (w_i = 1 by default).
 
   X (B, D); y int labels (B,) in [0, K) or targets (B, K) such as one-hot or smoothed
-  labels; weights (B,) optional, e.g. 0 for padding rows; compute_dtype (bfloat16) for
-  the matmuls, softmax and loss stay in the params' dtype. Returns a scalar.
+  labels; weights (B,) optional, e.g. 0 for padding rows; activation f of the hidden
+  layer (network.ACTIVATIONS); compute_dtype (bfloat16) for the matmuls, softmax and
+  loss stay in the params' dtype. Returns a scalar.
   """
-  return loss_and_logits(params, X, y, weights, compute_dtype=compute_dtype)[0]
+  return loss_and_logits(params, X, y, weights, activation=activation,
+                         compute_dtype=compute_dtype)[0]
 
 
 def loss_and_logits(params: model.Params, X: ArrayLike, y: ArrayLike,
-                    weights: Optional[ArrayLike] = None, *,
+                    weights: Optional[ArrayLike] = None, *, activation: str = "relu",
                     compute_dtype: Optional[DTypeLike] = None) -> tuple[Array, Array]:
   """(`loss`, logits Z2 (B, K)): the loss and the forward pass it came from."""
+  net = Network(activation, compute_dtype)
   checks.check_all(params, X, y, weights)
-  return _loss_and_logits(params, *as_arrays(X, y, weights), compute_dtype)
+  return _loss_and_logits(net, params, *as_arrays(X, y, weights))
 
 
-@functools.partial(jax.jit, static_argnums=(4,))
-def _loss_and_logits(params: model.Params, X: Array, y: Array, weights: Optional[Array],
-                     compute_dtype: Optional[DTypeLike]) -> tuple[Array, Array]:
+@functools.partial(jax.jit, static_argnums=(0,))
+def _loss_and_logits(net: Network, params: model.Params, X: Array, y: Array,
+                     weights: Optional[Array]) -> tuple[Array, Array]:
   """loss_and_logits of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
-  z2 = model.logits(params, X.astype(dtype), compute_dtype=compute_dtype)
+  z2 = model.batch_logits(net, params, X.astype(dtype))
   Y = targets(y, z2.shape[-1], dtype)
   return jnp.sum(mean_weights(weights, z2.shape[0], dtype) * cross_entropy(z2, Y)), z2
 
@@ -91,21 +95,23 @@ def as_arrays(X: ArrayLike, y: ArrayLike, weights: Optional[ArrayLike]
 
 
 def accuracy(params: model.Params, X: ArrayLike, y: ArrayLike,
-             weights: Optional[ArrayLike] = None) -> Array:
+             weights: Optional[ArrayLike] = None, *, activation: str = "relu") -> Array:
   """Weighted fraction of rows whose argmax logit is the label (argmax of targets).
 
   NaN if a label is out of range or not a whole number (seen only under jit; outside
   it such labels raise), like `loss`.
   """
+  net = Network(activation)
   checks.check_all(params, X, y, weights)
-  return _accuracy(params, *as_arrays(X, y, weights))
+  return _accuracy(net, params, *as_arrays(X, y, weights))
 
 
-@jax.jit
-def _accuracy(params: model.Params, X: Array, y: Array, weights: Optional[Array]) -> Array:
+@functools.partial(jax.jit, static_argnums=(0,))
+def _accuracy(net: Network, params: model.Params, X: Array, y: Array,
+              weights: Optional[Array]) -> Array:
   """accuracy of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
-  predicted = jnp.argmax(model.logits(params, X.astype(dtype)), axis=-1)
+  predicted = jnp.argmax(model.batch_logits(net, params, X.astype(dtype)), axis=-1)
   if y.ndim == 1:
     correct = jnp.where(valid_labels(y, params.w2.shape[0]),
                         (predicted == y).astype(dtype), jnp.nan)

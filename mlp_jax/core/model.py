@@ -1,10 +1,11 @@
 """The network, in the source derivation's notation:
 
-    z1 = W1 x + b1      a1 = ReLU(z1)      z2 = W2 a1 + b2      p = softmax(z2)
+    z1 = W1 x + b1      a1 = f(z1)      z2 = W2 a1 + b2      p = softmax(z2)
 
-Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,). `forward` takes one example and
-`logits` a batch, by jax.vmap of it; `activations` is the one place the layers are
-written, for one example x (D,) or a batch X (B, D) whose rows are examples.
+Shapes: x (D,), W1 (H, D), b1 (H,), W2 (K, H), b2 (K,); f the network's activation
+(network.ACTIVATIONS; ReLU by default). `forward` takes one example and `logits` a batch,
+by jax.vmap of it; `forward_pass` (one example) and `activations` (a batch, an example
+per row) are the one place the layers are written, for a `network.Network`.
 """
 
 import functools
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from mlp_jax.core import checks
+from mlp_jax.core.network import Network
 
 
 class Params(NamedTuple):
@@ -60,23 +62,6 @@ def _init_params(key: Array, in_dim: int, hidden_dim: int, num_classes: int,
                 w2=w2, b2=jnp.zeros((num_classes,), dtype))
 
 
-def relu(z: Array) -> Array:
-  """ReLU(z) = 0 if z < 0 else z, written so that autodiff takes ReLU'(0) = 1.
-
-  The source derivation's convention (errata 7 in docs/derivation.md): jax.nn.relu would give
-  ReLU'(0) = 0 and jnp.maximum(z, 0) gives 1/2, so the manual and autodiff
-  gradients would differ at exact ties. Testing z < 0 (not z >= 0) lets a NaN
-  through: NaN < 0 is false, so a NaN input gives NaN logits, never a finite guess.
-  """
-  return jnp.where(z < 0, jnp.zeros_like(z), z)
-
-
-def relu_derivative(z: Array, dtype: DTypeLike) -> Array:
-  """ReLU'(z) = 1[z ≥ 0], written as 1 − 1[z < 0] to match `relu`: a NaN z passes (as
-  autodiff of `relu` passes it), so NaN stays NaN in δ1 too."""
-  return (~(z < 0)).astype(dtype)
-
-
 def matmul(a: Array, b: Array, compute_dtype: Optional[DTypeLike] = None) -> Array:
   """a @ b. With a compute_dtype (bfloat16) other than a's, both operands are rounded to
   it and the products accumulate in float32 (or a's dtype, if wider), the result's dtype."""
@@ -97,61 +82,61 @@ def linear(X: Array, W: Array, compute_dtype: Optional[DTypeLike] = None) -> Arr
                    preferred_element_type=jnp.promote_types(X.dtype, jnp.float32))
 
 
-def activations(params: "Params", X: Array, compute_dtype: Optional[DTypeLike] = None
-                ) -> tuple[Array, Array, Array]:
+def activations(net: Network, params: "Params", X: Array) -> tuple[Array, Array, Array]:
   """(Z1, A1, Z2): every activation backprop needs, of a batch X (B, D), one example
   per row:
 
-      Z1 = X W1ᵀ + b1  (B, H)      A1 = ReLU(Z1)  (B, H)      Z2 = A1 W2ᵀ + b2  (B, K)
+      Z1 = X W1ᵀ + b1  (B, H)      A1 = f(Z1)  (B, H)      Z2 = A1 W2ᵀ + b2  (B, K)
 
-  row by row the seed's z1 = W1 x + b1, a1 = ReLU(z1), z2 = W2 a1 + b2 (`linear`).
-  compute_dtype (e.g. bfloat16) is the dtype X W1ᵀ reads, the H × D product that holds
-  nearly all the FLOPs; the output layer (K × H, K ≪ H), the biases, Z1, A1 and Z2 stay
-  in the params' dtype (mixed precision that keeps the logits exact to float32).
+  row by row the seed's z1 = W1 x + b1, a1 = f(z1), z2 = W2 a1 + b2 (`linear`).
+  net.compute_dtype (e.g. bfloat16) is the dtype X W1ᵀ reads, the H × D product that
+  holds nearly all the FLOPs; the output layer (K × H, K ≪ H), the biases, Z1, A1 and Z2
+  stay in the params' dtype (mixed precision that keeps the logits exact to float32).
   """
-  Z1 = linear(X, params.w1, compute_dtype) + params.b1[None, :]
-  A1 = relu(Z1)
+  Z1 = linear(X, params.w1, net.compute_dtype) + params.b1[None, :]
+  A1 = net.f(Z1)
   Z2 = linear(A1, params.w2) + params.b2[None, :]
   return Z1, A1, Z2
 
 
-def forward_pass(params: "Params", x: Array, compute_dtype: Optional[DTypeLike] = None
-                 ) -> tuple[Array, Array, Array]:
+def forward_pass(net: Network, params: "Params", x: Array) -> tuple[Array, Array, Array]:
   """One example x (D,) -> (z1 (H,), a1 (H,), z2 (K,)), the seed's lines as written:
 
-      z1 = W1 x + b1      a1 = ReLU(z1)      z2 = W2 a1 + b2
+      z1 = W1 x + b1      a1 = f(z1)      z2 = W2 a1 + b2
 
   `forward` and (by jax.vmap) `logits` and `loss`, what jax.grad differentiates, run
   these; `activations` is the same with an example per row, for the manual pass."""
-  z1 = matmul(params.w1, x, compute_dtype) + params.b1
-  a1 = relu(z1)
+  z1 = matmul(params.w1, x, net.compute_dtype) + params.b1
+  a1 = net.f(z1)
   z2 = params.w2 @ a1 + params.b2
   return z1, a1, z2
 
 
-def forward(params: "Params", x: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None
-            ) -> Array:
-  """One example x (D,) -> logits z2 = W2 ReLU(W1 x + b1) + b2, shape (K,)."""
+def forward(params: "Params", x: ArrayLike, *, activation: str = "relu",
+            compute_dtype: Optional[DTypeLike] = None) -> Array:
+  """One example x (D,) -> logits z2 = W2 f(W1 x + b1) + b2, shape (K,)."""
+  net = Network(activation, compute_dtype)
   checks.check_params(params)
   checks.check_example(params, x)
-  return _forward(params, jnp.asarray(x), compute_dtype)
+  return _forward(net, params, jnp.asarray(x))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _forward(params: "Params", x: Array, compute_dtype: Optional[DTypeLike]) -> Array:
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(net: Network, params: "Params", x: Array) -> Array:
   """forward of a checked example x (D,) -> z2 (K,), one compiled program."""
-  return forward_pass(params, x, compute_dtype)[2]
+  return forward_pass(net, params, x)[2]
 
 
-def logits(params: "Params", X: ArrayLike, *, compute_dtype: Optional[DTypeLike] = None
-           ) -> Array:
+def logits(params: "Params", X: ArrayLike, *, activation: str = "relu",
+           compute_dtype: Optional[DTypeLike] = None) -> Array:
   """A batch X (B, D) -> logits Z2 (B, K): jax.vmap of `forward` over the rows of X."""
+  net = Network(activation, compute_dtype)
   checks.check_params(params)
   checks.check_batch(params, X)
-  return _logits(params, jnp.asarray(X), compute_dtype)
+  return batch_logits(net, params, jnp.asarray(X))
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _logits(params: "Params", X: Array, compute_dtype: Optional[DTypeLike]) -> Array:
+@functools.partial(jax.jit, static_argnums=(0,))
+def batch_logits(net: Network, params: "Params", X: Array) -> Array:
   """logits of a checked batch X (B, D) -> Z2 (B, K), one compiled program."""
-  return jax.vmap(forward_pass, in_axes=(None, 0, None))(params, X, compute_dtype)[2]
+  return jax.vmap(forward_pass, in_axes=(None, None, 0))(net, params, X)[2]

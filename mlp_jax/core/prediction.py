@@ -1,7 +1,7 @@
 """One predict: raw inputs -> the network's inputs -> logits -> probabilities -> classes.
 
     x = (x_raw − μ) / σ   in the params' dtype (N, D)
-    p = softmax(W2 ReLU(W1 x + b1) + b2)   (N, K)        class = argmax_k p_k
+    p = softmax(W2 f(W1 x + b1) + b2)   (N, K)        class = argmax_k p_k
 
 mj.load(workdir).predict / predict_proba, experiments/predict.py and
 MLPClassifier.predict / predict_proba all run these functions, so they share one rule
@@ -11,6 +11,7 @@ one ValueError naming it wherever the values can be read; under jax.jit, where t
 cannot, its probabilities are NaN and its class is -1, never a plausible class.
 """
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -21,6 +22,7 @@ import numpy as np
 
 from mlp_jax.core import model
 from mlp_jax.core.model import Params
+from mlp_jax.core.network import Network
 
 
 def network_inputs(x: ArrayLike, mean: ArrayLike, std: ArrayLike,
@@ -66,11 +68,12 @@ def _others(bad: np.ndarray) -> str:
   return f", and {bad.size - 1} more row(s)" if bad.size > 1 else ""
 
 
-@jax.jit
-def probabilities(params: Params, x: ArrayLike) -> Array:
-  """p = softmax(z2) (N, K) of the network's inputs x (N, D); NaN rows where the inputs
-  or logits are not finite (only under jit: `network_inputs` refuses them otherwise)."""
-  z2 = model.logits(params, x)
+@functools.partial(jax.jit, static_argnames=("activation",))
+def probabilities(params: Params, x: ArrayLike, activation: str = "relu") -> Array:
+  """p = softmax(z2) (N, K) of the network's inputs x (N, D), f = `activation`; NaN rows
+  where the inputs or logits are not finite (only under jit: `network_inputs` refuses
+  them otherwise)."""
+  z2 = model.batch_logits(Network(activation), params, jnp.asarray(x))
   finite = jnp.all(jnp.isfinite(z2), axis=1, keepdims=True)
   return jnp.where(finite, jax.nn.softmax(z2, axis=1), jnp.nan)
 

@@ -17,6 +17,7 @@ divide by the EXPECTED batch size q·N, and account for the Poisson-subsampled G
 with Google's dp-accounting (PLD, RDP beside it), add-or-remove-one neighbours.
 """
 
+import dataclasses
 import functools
 import math
 from typing import Any, Iterable, NamedTuple, Optional, Union
@@ -24,21 +25,32 @@ from typing import Any, Iterable, NamedTuple, Optional, Union
 import jax
 from jax import Array
 import jax.numpy as jnp
-from jax.typing import ArrayLike, DTypeLike
+from jax.typing import ArrayLike
 import numpy as np
 
 from mlp_jax.base.options import CLIPPINGS, DP_EXTRA
 from mlp_jax.base.options import dp_available  # pylint: disable=unused-import  (public)
 from mlp_jax.core import checks, losses, model
-from mlp_jax.core.gradients import (hidden_delta, layer_grad_sq_norms, output_delta,
-                                    param_grads)
+from mlp_jax.core.gradients import deltas, layer_grad_sq_norms, param_grads
 from mlp_jax.core.model import Params
+from mlp_jax.core.network import Network
 
 # The PLD accountant's grid; its estimate is an upper bound (pessimistic) at any grid.
 PLD_DISCRETIZATION = 1e-3
 
 # A clip norm: C, a per-model C traced inside a stack's program, or (C1, C2) per layer.
 ClipNorm = Union[float, Array, tuple[float, float]]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["norm"],
+                   meta_fields=["clipping"])
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  """How each example's gradient is bounded: `norm` (a ClipNorm: an array under jit,
+  one per model in a stack) and `clipping` ("flat" or "per_layer", static)."""
+
+  norm: ClipNorm
+  clipping: str = "flat"
 
 
 def layer_clip_norms(clip_norm: ClipNorm, clipping: str) -> tuple[Any, Any]:
@@ -55,7 +67,8 @@ def layer_clip_norms(clip_norm: ClipNorm, clipping: str) -> tuple[Any, Any]:
   if isinstance(clip_norm, (tuple, list)):
     if clipping != "per_layer":
       raise ValueError(f"a pair of clip norms {clip_norm!r} is one per layer: pass "
-                       "clipping='per_layer', or one clip norm C.")
+                       f"Clip({clip_norm!r}, 'per_layer') (clipping per_layer), or one clip "
+                       "norm C.")
     c1, c2 = clip_norm
   elif clipping == "per_layer":
     c1 = c2 = clip_norm / math.sqrt(2.0)
@@ -84,20 +97,16 @@ def clip_factor(norm: Array, bound: ArrayLike) -> Array:
   return jnp.where(jnp.isfinite(norm), factor, 0).astype(norm.dtype)
 
 
-def clipped_sum_with_logits(params: Params, X: Array, Y: Array, mask: Array,
-                            clip: tuple[ClipNorm, str],
-                            compute_dtype: Optional[DTypeLike] = None
-                            ) -> tuple[tuple[Array, Array], Params, Array]:
+def clipped_sum_with_logits(net: Network, params: Params, X: Array, Y: Array, mask: Array,
+                            clip: Clip) -> tuple[tuple[Array, Array], Params, Array]:
   """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
   Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum.
-  clip: (clip_norm, clipping); compute_dtype as in mj.value_and_grads. gradients.py's
-  pass, with each row of Δ1 and Δ2 scaled by its clip factor before the sums over rows."""
-  clip_norm, clipping = clip
-  c1_bound, c2_bound = layer_clip_norms(clip_norm, clipping)
-  Z1, A1, Z2 = model.activations(params, X, compute_dtype)
-  delta2 = output_delta(Z2, Y)                                      # δ2_i
-  delta1 = hidden_delta(params, delta2, Z1)                         # δ1_i
-  sq1, sq2 = layer_grad_sq_norms(delta1, delta2, X, A1)             # per layer, (B,)
+  gradients.py's pass (`deltas`, each example's own), with
+  each row of Δ1 and Δ2 scaled by its clip factor before the sums over rows."""
+  clipping = clip.clipping
+  c1_bound, c2_bound = layer_clip_norms(clip.norm, clipping)
+  d = deltas(net, params, X, Y)                                     # δ2_i, δ1_i
+  sq1, sq2 = layer_grad_sq_norms(d, X)                              # per layer, (B,)
   if clipping == "flat":
     norms = jnp.sqrt(sq1 + sq2)
     c1 = c2 = clip_factor(norms, c1_bound)
@@ -108,40 +117,43 @@ def clipped_sum_with_logits(params: Params, X: Array, Y: Array, mask: Array,
   # not a product, so that a NaN or inf in it cannot leak through 0 · NaN.
   keep = ((mask > 0) & jnp.isfinite(sq1 + sq2))[:, None]
   m = mask.astype(X.dtype)
-  grad_sum = param_grads(jnp.where(keep, (m * c1)[:, None] * delta1, 0),
-                         jnp.where(keep, (m * c2)[:, None] * delta2, 0),
-                         jnp.where(keep, X, 0), jnp.where(keep, A1, 0), compute_dtype)
-  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(Z2, Y), 0))
-  return (loss_sum, Z2), grad_sum, norms
+  grad_sum = param_grads(net, jnp.where(keep, (m * c1)[:, None] * d.delta1, 0),
+                         jnp.where(keep, (m * c2)[:, None] * d.delta2, 0),
+                         jnp.where(keep, X, 0), jnp.where(keep, d.A1, 0))
+  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(d.Z2, Y), 0))
+  return (loss_sum, d.Z2), grad_sum, norms
 
 
-def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike, clip_norm: ClipNorm,
-                     mask: Optional[ArrayLike] = None, *, clipping: str = "flat"
-                     ) -> tuple[Params, Array]:
+def clipped_grad_sum(params: Params, X: ArrayLike, y: ArrayLike,
+                     clip_norm: Union[ClipNorm, Clip], mask: Optional[ArrayLike] = None, *,
+                     activation: str = "relu") -> tuple[Params, Array]:
   """Σ_i m_i c_i ∇L_i, the sum of per-example gradients clipped to norm C, and the norms.
 
   One forward and one backward pass (the closed form in this module's docstring); no
   per-example gradient is formed. X (B, D); y labels (B,) or targets (B, K); mask (B,)
-  of 0/1 (padding rows 0; default all 1); clip_norm C (flat), or for per_layer C (each
-  layer clipped to C/√2) or a pair (C1, C2). A row whose gradient is not finite
-  contributes 0. Returns (Params, norms): norms are the UNclipped ‖g_i‖ (B,) (flat) or
-  [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖] (B, 2) (per_layer).
+  of 0/1 (padding rows 0; default all 1); clip_norm C (flat clipping), or a Clip:
+  Clip(C, "per_layer") clips each layer to C/√2, Clip((C1, C2), "per_layer") each to
+  its own. A row whose gradient is not finite contributes 0. Returns (Params, norms):
+  norms are the UNclipped ‖g_i‖ (B,) (flat) or [‖∇_{W1,b1} L_i‖, ‖∇_{W2,b2} L_i‖]
+  (B, 2) (per_layer).
   """
+  net = Network(activation)
+  clip = clip_norm if isinstance(clip_norm, Clip) else Clip(clip_norm)
   b, _, _, _ = checks.check_all(params, X, y, mask, weights_name="mask", mean=False)
-  c1, c2 = layer_clip_norms(clip_norm, clipping)   # checked here, where C is a number
-  bounds = c1 if clipping == "flat" else (c1, c2)
+  c1, c2 = layer_clip_norms(clip.norm, clip.clipping)   # checked here, where C is a number
+  bounds = c1 if clip.clipping == "flat" else (c1, c2)
   mask = jnp.ones((b,), params.w1.dtype) if mask is None else mask
-  return _clipped_grad_sum(params, *losses.as_arrays(X, y, mask), bounds, clipping)
+  return _clipped_grad_sum(net, params, *losses.as_arrays(X, y, mask),
+                           Clip(bounds, clip.clipping))
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
-def _clipped_grad_sum(params: Params, X: Array, y: Array, mask: Array, bounds: ClipNorm,
-                      clipping: str) -> tuple[Params, Array]:
+@functools.partial(jax.jit, static_argnums=(0,))
+def _clipped_grad_sum(net: Network, params: Params, X: Array, y: Array, mask: Array,
+                      clip: Clip) -> tuple[Params, Array]:
   """clipped_grad_sum of checked arrays, one program (outside jit too, not op by op)."""
   dtype = params.w1.dtype
   Y = losses.targets(y, params.w2.shape[0], dtype)
-  _, grad_sum, norms = clipped_sum_with_logits(params, X.astype(dtype), Y, mask,
-                                                (bounds, clipping))
+  _, grad_sum, norms = clipped_sum_with_logits(net, params, X.astype(dtype), Y, mask, clip)
   return grad_sum, norms
 
 

@@ -187,6 +187,7 @@ def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], e
   """CheckpointError naming the first setting a resume changes (RunError naming what
   changed for the training data)."""
   from mlp_jax.run import workdir  # pylint: disable=g-import-not-at-top  (it imports the runner's config)
+  saved = {**workdir.UNRECORDED, **saved}
   for name, value in (settings or {}).items():
     if name == "data" and name in saved:
       workdir.check_data(saved[name], value, f"the checkpoint after epoch {epoch}")

@@ -336,9 +336,10 @@ def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed
   params = train_state.averaged_params(state)          # the EMA with --ema_decay
   test = None
   if not ctx.config.cv_folds:
-    batching = train.EVALUATION._replace(num_examples=n_test, mesh=ctx.mesh)
+    batching = train.EVALUATION._replace(num_examples=n_test, mesh=ctx.mesh,
+                                         stacking=ctx.stack.stacking)  # as each epoch's
     test = parallel.to_host(train.evaluate(params, X_test, y_test, batching,
-                                           ctx.stack.stacking, None))  # as each epoch's
+                                           net=train.network(ctx.config)))
   finished = reports.Finished(history, ctx.stack, ranking, test, parallel.to_host(params))
   if ctx.writer:
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)

@@ -43,11 +43,13 @@ FORMAT = 2
 # The models (num_seeds, sweep) come first: they set validation_fraction's default, so
 # a resume without the --sweep is told so, not blamed on validation_fraction.
 RESUME_FIELDS = ("num_seeds", "sweep", "cv_folds", "cv_fold", "dataset", "data_dir", "input_scaling",
-                 "hidden_dim", "validation_fraction", "optimizer", "weight_decay",
+                 "hidden_dim", "activation", "validation_fraction", "optimizer", "weight_decay",
                  "clip_norm", "seed", "batch_size", "learning_rate", "schedule",
                  "warmup_epochs", "ema_decay", "dp_noise_multiplier", "dp_target_epsilon",
                  "dp_clip_norm", "dp_clipping", "dp_delta")
 
+# Resume settings that older runs did not record, and the value every such run had.
+UNRECORDED = {"activation": "relu"}
 
 # Every name a run writes in its workdir (files, and the directories it writes into).
 WRITES = (".lock", "config.json", "metrics.jsonl", "params.npz", "params_all.npz",
@@ -150,7 +152,7 @@ def _check_old_run(workdir: str, config: Config, log: Log,
     raise RunError(f"--workdir {workdir} holds a run of mlp_jax 0.2 or older, whose "
                    "checkpoints this version cannot resume; finish it with that version "
                    "(its params.npz loads here), or use a fresh --workdir.")
-  old = old_run.get("config", {})
+  old = {**UNRECORDED, **old_run.get("config", {})}
   if "input_scaling" not in old:  # mlp_jax 0.3 scaled per feature, private runs globally
     private = any(old.get(f) is not None for f in ("dp_noise_multiplier", "dp_target_epsilon"))
     old = {**old, "input_scaling": "global" if private else "per_feature"}

@@ -57,6 +57,9 @@ class RunConfig:
       f"the features' ranges differ more than {datasets.SHARED_RANGE_RATIO:g}-fold (a table), "
       "else global (pixels).", _TRAINING, choices=datasets.SCALINGS)
   hidden_dim: int = _setting(256, "H, hidden units.", _TRAINING, lower=1)
+  activation: str = _setting(_HP.activation, "f of the hidden layer, a1 = f(z1): relu (the "
+                             "seed's, f′(0) = 1), tanh, logistic, identity, or gelu (erf "
+                             "form).", _TRAINING, choices=options.ACTIVATIONS)
   batch_size: int = _setting(16, "Examples per step (DP-SGD: the expected batch).",
                              _TRAINING, lower=1)
   epochs: Optional[int] = _setting(

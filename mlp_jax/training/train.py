@@ -13,7 +13,7 @@ batches over its data axis.
 """
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 import jax
 from jax import Array
@@ -28,6 +28,7 @@ from mlp_jax.base.options import (COMPUTE_DTYPES, GRADIENTS, Hyperparams, STACKI
 from mlp_jax.core import losses, model, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.core.model import Params
+from mlp_jax.core.network import Network
 from mlp_jax.training import parallel
 from mlp_jax.training.train_state import (TrainState, in_use, init_model_state,
                                           make_optimizer)
@@ -43,21 +44,39 @@ def smooth_targets(y: Array, num_classes: int, label_smoothing: ArrayLike) -> Ar
   return optax.smooth_labels(losses.targets(y, num_classes, jnp.float32), label_smoothing)
 
 
+class NetworkSettings(Protocol):
+  """What names a network among a run's settings (Hyperparams, RunConfig)."""
+
+  @property
+  def activation(self) -> str: ...
+
+  @property
+  def compute_dtype(self) -> str: ...
+
+
+def compute_dtype(settings: NetworkSettings) -> Optional[str]:
+  """The dtype the hidden layer's products read: None for float32, the params' own."""
+  return None if settings.compute_dtype == "float32" else settings.compute_dtype
+
+
+def network(settings: NetworkSettings) -> Network:
+  """The network a run's settings describe: its activation and compute dtype."""
+  return Network(settings.activation, compute_dtype(settings))
+
+
 TrainStep = Callable[[TrainState, Any], tuple[TrainState, tuple[Array, ...]]]
 
 
 def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) -> TrainStep:
   """train_step(state, (x (B, D), y (B,), w (B,))) -> (state, (Σ w·L, Σ w·correct))."""
-  compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
-
   def train_step(state: TrainState, batch: tuple[Array, Array, Array]
                  ) -> tuple[TrainState, tuple[Array, ...]]:
     x, y, w = batch
     w = jnp.asarray(w, state.params.w1.dtype)   # so the metrics are in the params' dtype
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
-    (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w, method=hp.grads,
-                                                compute_dtype=compute_dtype)
+    (loss, z2), g = value_and_grads_with_logits(state.params, x, targets, w,
+                                                method=hp.grads, net=network(hp))
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hits = jnp.argmax(z2, axis=-1) == y
@@ -77,7 +96,7 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
   Gaussian noise over the expected batch size q·N. Batch and noise keys come from
   (state.key, state.step), so a resumed run repeats them exactly.
   """
-  compute_dtype = None if hp.compute_dtype == "float32" else jnp.dtype(hp.compute_dtype)
+  net = network(hp)
   expected_batch_size = dp.sampling_rate * dp.num_examples
 
   def train_step(state: TrainState, data: tuple[Array, Array]
@@ -92,7 +111,7 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
                        dtype)
     (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
-        state.params, x, Y, mask, (dp.clip_norm, dp.clipping), compute_dtype)
+        net, state.params, x, Y, mask, privacy.Clip(dp.clip_norm, dp.clipping))
     g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
                           dp.clipping, expected_batch_size)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
@@ -144,11 +163,13 @@ class Batching(NamedTuple):
   """How an epoch or an evaluation walks the resident data (static under jit):
   batch_size rows a step; the first num_examples rows are the examples (None: all; the
   rest pad a dataset sharded over a mesh: parallel.shard_rows); the mesh whose data
-  axis splits each batch (None: one device)."""
+  axis splits each batch (None: one device); how an evaluation maps a stack's models
+  (STACKINGS; make_train_epoch takes its own)."""
 
   batch_size: int
   num_examples: Optional[int] = None
   mesh: Optional[Mesh] = None
+  stacking: str = "vmap"
 
 
 def train_epoch(train_step: TrainStep, state: TrainState, data: tuple[Array, Array],
@@ -161,9 +182,10 @@ def train_epoch(train_step: TrainStep, state: TrainState, data: tuple[Array, Arr
   model trains on and 0 for one it holds out (a k-fold model): each batch weighs its
   rows by it, and a batch of held-out rows alone is no step at all (the state is kept).
   """
-  (X, y), (batch_size, num_examples, mesh) = data, batching
-  n = X.shape[0] if num_examples is None else num_examples
-  idx, w = batch_indices(epoch_order(state.key, epoch, n), batch_size)
+  X, y = data
+  mesh = batching.mesh
+  n = X.shape[0] if batching.num_examples is None else batching.num_examples
+  idx, w = batch_indices(epoch_order(state.key, epoch, n), batching.batch_size)
 
   def body(state: TrainState, batch: tuple[Array, Array]
            ) -> tuple[TrainState, tuple[Array, ...]]:
@@ -338,15 +360,15 @@ def default_stacking(platform: str, batch_size: int, in_dim: int, hidden_dim: in
   return "map" if platform == "cpu" and big else "vmap"
 
 
-def evaluate_model(params: Params, X: Array, y: Array, batching: Batching,
+def evaluate_model(net: Network, params: Params, X: Array, y: Array, batching: Batching,
                    rows: Optional[tuple[Array, Array]] = None) -> Metrics:
   """ONE model's loss, accuracy and predictions (N,) over the first N rows of X
   (Batching), every example counted once; with a mesh each batch is split over its data
   axis. rows = (indices (R,), weights (R,)): the rows it is evaluated on instead (a
   k-fold model's held-out rows, padded with weight 0), predictions (R,). Not jitted:
   see evaluate."""
-  batch_size, num_examples, mesh = batching
-  n = X.shape[0] if num_examples is None else num_examples
+  batch_size, mesh = batching.batch_size, batching.mesh
+  n = X.shape[0] if batching.num_examples is None else batching.num_examples
   if rows is not None:
     n = rows[0].shape[0]
   batch_size = min(batch_size, n)
@@ -359,7 +381,7 @@ def evaluate_model(params: Params, X: Array, y: Array, batching: Batching,
 
   def body(_: None, batch: tuple[Array, Array]) -> tuple[None, tuple[Array, Array, Array]]:
     i, wb = batch
-    z2 = model.logits(params, gather_batch(X, i, mesh))
+    z2 = model.batch_logits(net, params, gather_batch(X, i, mesh))
     Y = losses.targets(gather_batch(y, i, mesh), z2.shape[-1], z2.dtype)
     hits = jnp.argmax(z2, axis=-1) == gather_batch(y, i, mesh)
     return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.sum(wb * hits),
@@ -374,16 +396,18 @@ def evaluate_model(params: Params, X: Array, y: Array, batching: Batching,
 EVALUATION = Batching(1024)   # an evaluation's batches: 1024 rows
 
 
-@functools.partial(jax.jit, static_argnames=("batching", "stacking"))
+@functools.partial(jax.jit, static_argnames=("batching", "net"))
 def evaluate(params: Params, X: Array, y: Array, batching: Batching = EVALUATION,
-             stacking: str = "vmap", rows: Optional[tuple[Array, Array]] = None) -> Metrics:
-  """evaluate_model of each model of stacked Params (leading axis M): loss (M,),
-  accuracy (M,), predictions (M, N); the models mapped as in make_train_epoch. rows =
-  (indices (M, R), weights (M, R)): each model's own rows (see evaluate_model)."""
+             rows: Optional[tuple[Array, Array]] = None, *, net: Network = Network()
+             ) -> Metrics:
+  """evaluate_model of each model of stacked Params (leading axis M), the network `net`:
+  loss (M,), accuracy (M,), predictions (M, N); the models mapped as batching.stacking
+  says. rows = (indices (M, R), weights (M, R)): each model's own rows (see
+  evaluate_model)."""
   mesh = batching.mesh
   groups = 1 if mesh is None else parallel.model_groups(mesh)
-  results = map_models(lambda pr: evaluate_model(pr[0], X, y, batching, pr[1]),
-                       (params, rows), stacking, groups)
+  results = map_models(lambda pr: evaluate_model(net, pr[0], X, y, batching, pr[1]),
+                       (params, rows), batching.stacking, groups)
   if mesh is None:
     return results
   return jax.lax.with_sharding_constraint(results, parallel.model_sharded(mesh))
