@@ -151,6 +151,7 @@ def autodiff_value_and_grads(params: Params, X: ArrayLike, y: ArrayLike,
                              compute_dtype: Optional[DTypeLike] = None
                              ) -> tuple[Array, Params]:
   """jax.value_and_grad(mj.loss): the reference the manual gradients are tested against."""
+  Network(activation, compute_dtype)   # a bad setting refused here, not inside jax.grad
   return jax.value_and_grad(losses.loss)(params, X, y, weights, activation=activation,
                                          compute_dtype=compute_dtype)
 
@@ -159,6 +160,7 @@ def autodiff_grads(params: Params, X: ArrayLike, y: ArrayLike,
                    weights: Optional[ArrayLike] = None, *, activation: str = "relu",
                    compute_dtype: Optional[DTypeLike] = None) -> Params:
   """jax.grad(mj.loss) -> Params."""
+  Network(activation, compute_dtype)   # a bad setting refused here, not inside jax.grad
   return jax.grad(losses.loss)(params, X, y, weights, activation=activation,
                                compute_dtype=compute_dtype)
 

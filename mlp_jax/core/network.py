@@ -74,7 +74,9 @@ def gelu_derivative(z: Array) -> Array:
 
 
 def _normal_cdf(z: Array) -> Array:
-  return (1 + jax.lax.erf(z / math.sqrt(2))) / 2
+  """Φ(z) = (1 + erf(z/√2)) / 2, computed as erfc(−z/√2) / 2: the same number without
+  the cancellation of 1 + erf in the left tail (Φ(−30) ≈ 5e-198, not 0)."""
+  return jax.lax.erfc(-z / math.sqrt(2)) / 2
 
 
 ACTIVATIONS = {a.name: a for a in (
