@@ -120,8 +120,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
   fixed in advance); its ε at dp_delta is `epsilon_`.
 
   Attributes after fit: classes_, n_features_in_, params_ (W1 (H, D), b1, W2 (K, H),
-  b2), input_mean_, input_std_ (D,), input_scaling_ (the scaling used), n_iter_
-  (epochs), loss_curve_ (train loss per epoch), epsilon_ and noise_multiplier_ (private).
+  b2), activation_ (f of its hidden layer), input_mean_, input_std_ (D,), input_scaling_
+  (the scaling used), n_iter_ (epochs), loss_curve_ (train loss per epoch), epsilon_ and
+  noise_multiplier_ (private).
   """
 
   # For a type checker: the parameters read here (every one is set by __init__).
@@ -229,6 +230,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     from mlp_jax.core.model import Params  # pylint: disable=g-import-not-at-top
     self.params_ = Params._make(np.asarray(p[0]) for p in fitted.params)  # numpy
     self.n_iter_ = config.epochs
+    self.activation_ = config.activation
     self.loss_curve_ = [float(v) for v in fitted.train_loss[:, 0]]
     if dp is not None:
       self.noise_multiplier_ = float(dp.noise_multipliers[0])
@@ -244,7 +246,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
     from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top  (JAX)
     x = prediction.network_inputs(X, self.input_mean_, self.input_std_)
-    p = np.asarray(prediction.probabilities(self.params_, x), np.float64)
+    p = np.asarray(prediction.probabilities(self.params_, x, self.activation_), np.float64)
     return p / p.sum(axis=1, keepdims=True)   # rows sum to 1 in float64
 
   def predict(self, X: Any) -> np.ndarray:
@@ -309,7 +311,8 @@ class MLPClassifierCV(MLPClassifier):
     fitted = _fit(_training(config, stack, len(labels)), X32, labels, len(self.classes_),
                   stack.train_masks())
     from mlp_jax.training import train  # pylint: disable=g-import-not-at-top  (JAX)
-    evaluated = train.evaluate(fitted.params, X32, labels, rows=stack.validation_rows())
+    evaluated = train.evaluate(fitted.params, X32, labels, rows=stack.validation_rows(),
+                               net=train.network(config))
     row = stack_lib.metrics_row(config.num_epochs, {
         "validation_accuracy": evaluated["accuracy"], "validation_loss": evaluated["loss"]},
         stack.num_models)
@@ -319,8 +322,8 @@ class MLPClassifierCV(MLPClassifier):
     self.best_score_ = float(self.cv_results_["mean_test_score"][self.best_index_])
     base = {k: v for k, v in self.get_params().items() if k not in ("param_grid", "cv")}
     self.best_estimator_ = MLPClassifier(**{**base, **self.best_params_}).fit(X, y)
-    for name in ("params_", "input_mean_", "input_std_", "input_scaling_", "n_iter_",
-                 "loss_curve_"):
+    for name in ("params_", "activation_", "input_mean_", "input_std_", "input_scaling_",
+                 "n_iter_", "loss_curve_"):
       setattr(self, name, getattr(self.best_estimator_, name))
     return self
 

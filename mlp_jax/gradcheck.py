@@ -13,6 +13,7 @@ and which known mistakes give it; exit status 0 when all four are right, 1 other
 """
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -31,6 +32,7 @@ from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
 from mlp_jax.base import boundary
+from mlp_jax.base.options import ACTIVATIONS
 from mlp_jax.core import losses, mistakes
 from mlp_jax.core.gradients import autodiff_grads, grads
 from mlp_jax.core.mistakes import CATALOGUE, LEAVES, Problem
@@ -93,22 +95,23 @@ def finite_difference_grads(loss_fn: Callable[[Params], Array], params: Params,
 
 
 def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
-          manual_grads: Callable[..., Params] = grads
+          manual_grads: Callable[..., Params] = grads, activation: str = "relu"
           ) -> list[tuple[str, float, float, float]]:
   """Rows (name, manual~autodiff, manual~fd, autodiff~fd) of relative errors.
 
   params, X are float64; the manual and autodiff gradients are taken in `dtype`,
-  the finite differences always in float64. `manual_grads` is the function checked.
-  Needs float64: jax.config.update("jax_enable_x64", True) first (the script does).
+  the finite differences always in float64, all of the network with `activation`.
+  `manual_grads` is the function checked (called with activation=). Needs float64:
+  jax.config.update("jax_enable_x64", True) first (the script does).
   """
   if not jax.config.read("jax_enable_x64"):
     raise ValueError("gradcheck.check needs float64 for its finite differences: call "
                      'jax.config.update("jax_enable_x64", True) first.')
   cast = lambda a: a.astype(dtype)
   p, x = jax.tree.map(cast, params), cast(X)
-  manual = jax.jit(manual_grads)(p, x, y)
-  autodiff = jax.jit(autodiff_grads)(p, x, y)
-  fd = finite_difference_grads(lambda q: losses.loss(q, X, y), params)
+  manual = jax.jit(functools.partial(manual_grads, activation=activation))(p, x, y)
+  autodiff = jax.jit(functools.partial(autodiff_grads, activation=activation))(p, x, y)
+  fd = finite_difference_grads(lambda q: losses.loss(q, X, y, activation=activation), params)
   return [(name, relative_error(m, a), relative_error(m, f), relative_error(a, f))
           for name, m, a, f in zip(Params._fields, manual, autodiff, fd)]
 
@@ -307,6 +310,9 @@ def define_flags() -> None:
   flags.DEFINE_string("grads", None, "FILE.py:FUNCTION or MODULE:FUNCTION: check that "
                       "function(params, X, y) instead of ours, and name its mistakes.")
   flags.DEFINE_bool("json", False, "With --grads: print the report as JSON.")
+  flags.DEFINE_enum("activation", "relu", list(ACTIVATIONS),
+                    "f of the hidden layer, a1 = f(z1), of the network checked (--grads: "
+                    "relu, the network whose mistakes the catalogue names).")
 
 
 def main(argv: list[str]) -> None:
@@ -315,6 +321,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS
+  if FLAGS.grads is not None and FLAGS.activation != "relu":
+    print(f"error: --activation={FLAGS.activation} with --grads: a learner's gradient is "
+          "checked for the seed's ReLU network, whose mistakes the catalogue names; drop "
+          "--activation, or check our gradient of that network without --grads.",
+          file=sys.stderr)
+    sys.exit(2)
   if FLAGS.grads is not None:
     with contextlib.redirect_stdout(sys.stderr):   # what the learner's code prints: not
       report = check_grads(load_function(FLAGS.grads), FLAGS.seed)   # in the report
@@ -330,13 +342,15 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   tol, fd_tol = TOLERANCE[FLAGS.dtype], FD_TOLERANCE[FLAGS.dtype]
   print(f"gradcheck D={FLAGS.in_dim} H={FLAGS.hidden_dim} K={FLAGS.num_classes} "
-        f"B={FLAGS.batch_size} seed={FLAGS.seed} dtype={FLAGS.dtype}")
+        f"B={FLAGS.batch_size} seed={FLAGS.seed} dtype={FLAGS.dtype}"
+        + (f" activation={FLAGS.activation}" if FLAGS.activation != "relu" else ""))
   print(f"max relative error; tolerance manual~autodiff {tol:g}, vs float64 finite "
         f"differences (h={FD_STEP:g}) {fd_tol:g}")
   print(f"{'param':6} {'manual~autodiff':>16} {'manual~fd':>12} {'autodiff~fd':>12}",
         flush=True)  # the finite differences take a while for large D·H
   failed = []
-  for name, m_a, m_f, a_f in check(params, X, y, jnp.dtype(FLAGS.dtype)):
+  for name, m_a, m_f, a_f in check(params, X, y, jnp.dtype(FLAGS.dtype),
+                                   activation=FLAGS.activation):
     print(f"{name:6} {m_a:16.3e} {m_f:12.3e} {a_f:12.3e}")
     if m_a > tol or m_f > fd_tol or a_f > fd_tol:
       failed.append(name)

@@ -177,3 +177,30 @@ def test_a_bad_activation_is_refused_in_one_line():
 def assert_close(tree_a, tree_b, tol=1e-12):
   for name, a, b in zip(mj.Params._fields, tree_a, tree_b):
     assert relative_error(a, b) <= tol, f"{name}: {relative_error(a, b):.3e} > {tol:g}"
+
+
+@NAMES
+def test_gradcheck_checks_the_network_with_each_activation(activation):
+  """gradcheck.check: manual ~ autodiff ~ float64 finite differences, with `activation`."""
+  from mlp_jax.gradcheck import check  # pylint: disable=g-import-not-at-top
+  params, X, y = random_problem(2, 8, 6, 10, 4)
+  for name, m_a, m_f, a_f in check(params, X, y, jnp.float64, activation=activation):
+    assert m_a <= 1e-12 and m_f <= 1e-6 and a_f <= 1e-6, (activation, name)
+
+
+@pytest.mark.slow  # python -m mlp_jax.gradcheck, a process each
+def test_the_gradcheck_command_takes_an_activation():
+  """--activation=NAME checks that network; a learner's check (--grads) is of the ReLU
+  network its catalogue describes, so another activation there is one line, status 2."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  run = lambda *args: subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", *args],
+                                     capture_output=True, text=True, timeout=120)
+  ok = run("--activation=gelu")
+  assert ok.returncode == 0 and "activation=gelu" in ok.stdout, ok.stdout + ok.stderr
+  assert "OK: manual == autodiff == finite differences" in ok.stdout
+  refused = run("--activation=tanh", "--grads=mine.py:grads")
+  assert refused.returncode == 2, refused.stderr
+  lines = [l for l in refused.stderr.splitlines() if "xla_bridge" not in l]
+  assert lines == [lines[0]] and lines[0].startswith("error: --activation=tanh with "
+                                                     "--grads:"), refused.stderr

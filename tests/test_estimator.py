@@ -211,6 +211,8 @@ def test_a_network_too_large_for_memory_is_one_value_error():
     ({"hidden_dim": 0}, "hidden_dim=0: must be >= 1"),
     ({"optimizer": "lbfgs"}, "optimizer='lbfgs': must be one of sgd, momentum, adam"),
     ({"input_scaling": "minmax"}, "input_scaling='minmax': must be one of auto"),
+    ({"activation": "softplus"}, "activation='softplus': must be one of relu, tanh, "
+                                 "logistic, identity, gelu"),
     ({"epochs": 2, "warmup_epochs": 3}, "warmup_epochs 3 is longer than epochs 2"),
     ({"dp_noise_multiplier": 1.0, "input_scaling": "per_feature"},
      "^MLPClassifier: input_scaling=per_feature: a private run cannot scale by statistics"),
@@ -222,6 +224,19 @@ def test_a_bad_parameter_is_one_line_naming_it(params, message):
   X, y = blobs()
   with pytest.raises((ValueError, TypeError), match=message):
     mj.MLPClassifier(**{**SMALL, **params}).fit(X, y)
+
+
+def test_an_activation_trains_and_predicts_with_it():
+  """scikit-learn's activation names (and gelu): the fitted network's own f predicts."""
+  X, y = blobs()
+  from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top
+  for activation in options.ACTIVATIONS:
+    clf = mj.MLPClassifier(**{**SMALL, "activation": activation}).fit(X, y)
+    assert clf.activation_ == activation
+    x = prediction.network_inputs(X, clf.input_mean_, clf.input_std_)
+    z = np.asarray(mj.logits(clf.params_, np.asarray(x), activation=activation), np.float64)
+    p = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(clf.predict_proba(X), p / p.sum(1, keepdims=True), rtol=1e-5)
 
 
 def test_divergence_is_the_runners_rule_in_one_value_error():

@@ -374,7 +374,8 @@ def test_gradcheck_in_float32_and_next_to_the_runner():
 
 def test_gradcheck_catches_the_seeds_first_layer_formula():
   """Errata 2: the source derivation's ∂L/∂W1 has no ReLU mask; the check must flag it."""
-  def seed_grads(params, X, y):
+  def seed_grads(params, X, y, activation):
+    assert activation == "relu"
     g = mj.grads(params, X, y)
     Z2 = mj.logits(params, X)
     delta2 = (jax.nn.softmax(Z2) - jax.nn.one_hot(y, Z2.shape[1], dtype=X.dtype)) / len(y)

@@ -327,3 +327,45 @@ def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
   log.append(rows[2], rows[:3])
   log.close()
   assert drawn == [2, 3] and (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_with_an_activation_records_it_and_predicts_with_it(tiny_npz, tmp_path):
+  """--activation=tanh trains a tanh network: config.json and params.npz record it,
+  mj.load predicts with it (softmax of its own logits), and a resume with another
+  activation is refused in one line; a workdir that records none is ReLU's."""
+  config = tiny_config(tiny_npz, tmp_path, epochs=2, activation="tanh")
+  experiment.run(config, log=lambda *_: None)
+  record = json.loads((tmp_path / "config.json").read_text())
+  assert record["config"]["activation"] == "tanh"
+  model = mj.load(str(tmp_path))
+  assert model.activation == "tanh" and "tanh MLP" in repr(model)
+  x = np.load(tiny_npz.removeprefix("npz:"))["x_test"]
+  inputs = model.inputs(x)
+  want = mj.logits(model.params, np.asarray(inputs), activation="tanh")
+  np.testing.assert_allclose(model.predict_proba(x), np.exp(want) / np.exp(want).sum(1)[:, None],
+                             rtol=1e-5)
+  assert not np.allclose(mj.logits(model.params, np.asarray(inputs)), want)
+  with pytest.raises(experiment.RunError, match=r"^--workdir \S+ holds a run with "
+                     r"activation='tanh', not 'relu'; use a fresh --workdir to start anew\.$"):
+    experiment.run(config._replace(epochs=3, activation="relu"), log=lambda *_: None)
+  # A run written before --activation recorded none: ReLU's, so tanh is refused there.
+  del record["config"]["activation"]
+  record["config"]["epochs"] = 2
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  with pytest.raises(experiment.RunError, match="holds a run with activation='relu'"):
+    experiment.run(config._replace(epochs=3), log=lambda *_: None)
+
+
+def test_a_checkpoint_without_an_activation_is_relus():
+  """A checkpoint's record of its settings from before --activation: resumed as ReLU."""
+  from mlp_jax.run import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint._check_settings({"hidden_dim": 16}, {"hidden_dim": 16, "activation": "relu"}, 3)
+  with pytest.raises(checkpoint.CheckpointError, match="^the checkpoint after epoch 3 was "
+                     "trained with activation='relu', not 'gelu'; resume with the same "
+                     "setting, or use a fresh --workdir.$"):
+    checkpoint._check_settings({"hidden_dim": 16}, {"activation": "gelu"}, 3)
+
+
+def test_the_activation_flag_is_one_of_the_tables():
+  code, err = run_cli("--activation=softplus")
+  assert code == 2 and "--activation" in err and "softplus" in err, err

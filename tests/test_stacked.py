@@ -18,6 +18,7 @@ from conftest import run_cli
 from conftest import tiny_config
 from conftest import without_times
 import mlp_jax as mj
+from mlp_jax.core.network import Network
 from mlp_jax.run import experiment
 from mlp_jax.run import processes
 from mlp_jax.training import stack as stack_lib
@@ -71,7 +72,7 @@ def test_map_and_vmap_stacking_train_the_same_models():
       states, metrics = epoch(states, X, y, e, values)
     results[stacking] = (states.params, metrics["train_loss"],
                          train.evaluate(states.params, X, y,
-                                                train.EVALUATION._replace(stacking=stacking)))
+                                                train.EVALUATION._replace(stacking=stacking), net=Network()))
   (p_v, l_v, ev_v), (p_m, l_m, ev_m) = results["vmap"], results["map"]
   np.testing.assert_allclose(l_v, l_m, rtol=RTOL)
   for a, b in zip(p_v, p_m):

@@ -103,7 +103,7 @@ def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
   np.testing.assert_allclose(metrics["train_loss"][0], loss_sum / 2, rtol=1e-5)  # 2 kept
   # Evaluated on its own rows: the held-out rows, weight 0 on the padding.
   rows = (np.array([[2, 7, 0]], np.int32), np.array([[1, 1, 0]], np.float32))
-  ev = first(train.evaluate(state.params, X, y, rows=rows))
+  ev = first(train.evaluate(state.params, X, y, rows=rows, net=Network()))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[np.array([2, 7])], y[np.array([2, 7])]), rtol=1e-5)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[np.array([2, 7])], y[np.array([2, 7])]))
 
@@ -122,7 +122,8 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
   state = first(train.init_state([0], 5, 7, 3, hp))
   for e in range(4):
     state, _ = epoch(state, X, y, e)
-    evaluate(jax.tree.map(lambda a: a[None], state.params), X, y, train.Batching(4))
+    evaluate(jax.tree.map(lambda a: a[None], state.params), X, y, train.Batching(4),
+             net=Network())
   # The runner's jitted epoch: its body is traced once for three epochs.
   monkeypatch.setattr(train, "train_epoch", chex.assert_max_traces(train.train_epoch, n=1))
   runner_epoch = train.make_train_epoch(hp, batch_size=4)
@@ -197,7 +198,8 @@ def test_manual_autodiff_and_manual_vjp_train_the_same():
 def test_evaluate_counts_every_example_once():
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
-  ev = first(train.evaluate(jax.tree.map(lambda a: a[None], params), X, y, train.Batching(4)))
+  ev = first(train.evaluate(jax.tree.map(lambda a: a[None], params), X, y, train.Batching(4),
+                            net=Network()))
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X, y), rtol=1e-6)
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X, y), rtol=1e-5)
   np.testing.assert_array_equal(ev["predictions"], jnp.argmax(mj.logits(params, X), -1))
@@ -210,12 +212,13 @@ def test_evaluate_counts_the_first_rows_or_the_given_rows_and_their_weights(x64)
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
   stack = jax.tree.map(lambda a: a[None], params)
-  ev = first(train.evaluate(stack, X, y, train.Batching(4, 7)))
+  ev = first(train.evaluate(stack, X, y, train.Batching(4, 7), net=Network()))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[:7], y[:7]), rtol=1e-6)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[:7], y[:7]), rtol=1e-6)
   assert ev["loss"].dtype == jnp.float32 and ev["predictions"].shape == (7,)
   kept, weights = np.array([2, 7, 0]), np.array([1.0, 0.5, 0.0], np.float32)
-  ev = first(train.evaluate(stack, X, y, train.Batching(2), rows=(kept[None], weights[None])))
+  ev = first(train.evaluate(stack, X, y, train.Batching(2), rows=(kept[None], weights[None]),
+                            net=Network()))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[kept], y[kept], weights), rtol=1e-6)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[kept], y[kept], weights),
                              rtol=1e-6)

@@ -42,7 +42,7 @@ def test_loaded_model_predicts_raw_inputs_as_the_run_evaluated_them(digits_run):
   assert p.shape == (360, 10) and np.allclose(p.sum(axis=1), 1, atol=1e-5)
   np.testing.assert_array_equal(p.argmax(axis=1), predicted)
   assert mj.load(str(workdir / "params.npz")).input_shape == (8, 8)
-  assert repr(model) == ("TrainedModel(64-16-10 MLP, dataset='digits', input_shape=(8, 8), "
+  assert repr(model) == ("TrainedModel(64-16-10 relu MLP, dataset='digits', input_shape=(8, 8), "
                          "classes: 0, 1, 2, 3, ...)")  # one line, not its arrays
 
 

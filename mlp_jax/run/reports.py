@@ -101,7 +101,7 @@ def write_outputs(workdir: str, finished: Finished, inputs: datasets.Dataset, co
                       config.label_smoothing, title)
   if finished.test is not None:
     with atomic_file(path("params.npz")) as f:
-      trained.save(f, params, inputs, config.dataset)
+      trained.save(f, params, inputs, config.dataset, config.activation)
     with atomic_file(path("confusion.png")) as f:
       plots.plot_confusion(plots.confusion_matrix(
           inputs.y_test, finished.test["predictions"][best], inputs.num_classes), f,

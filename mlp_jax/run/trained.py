@@ -5,11 +5,12 @@ raw example to the network's input, saved together in WORKDIR/params.npz.
     model.predict_proba(x_raw)       # raw inputs (N, *input_shape) or (N, D) -> p (N, K)
     model.predict(x_raw)             # -> classes (N,), int32
 
-    x = (x_raw.reshape(N, D) − mean) / std,  p = softmax(W2 ReLU(W1 x + b1) + b2)
+    x = (x_raw.reshape(N, D) − mean) / std,  p = softmax(W2 f(W1 x + b1) + b2)
 
 params.npz loads with numpy alone: w1, b1, w2, b2 and input_mean, input_std (D,),
 input_shape, class_names, dataset, pixel_max (the raw value of a white pixel; 0 when
-the inputs are not images).
+the inputs are not images), activation (f's name; a file without it is ReLU's, as every
+run before --activation).
 """
 
 import contextlib
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import numpy as np
 
-from mlp_jax.base import files
+from mlp_jax.base import files, options
 from mlp_jax.core import prediction
 from mlp_jax.core.model import Params
 from mlp_jax.data import datasets, readers
@@ -42,12 +43,13 @@ class TrainedModel(NamedTuple):
   class_names: tuple[str, ...]   # K names
   dataset: str
   pixel_max: float       # raw value of a white pixel; 0: not an image dataset
+  activation: str = "relu"   # f of the hidden layer (options.ACTIVATIONS)
 
   def __repr__(self) -> str:
     """One line: the network's shape and what it was trained on, not its arrays."""
     (h, d), k = self.params.w1.shape, self.params.w2.shape[0]
     names = ", ".join(self.class_names[:4]) + (", ..." if k > 4 else "")
-    return (f"TrainedModel({d}-{h}-{k} MLP, dataset={self.dataset!r}, "
+    return (f"TrainedModel({d}-{h}-{k} {self.activation} MLP, dataset={self.dataset!r}, "
             f"input_shape={tuple(self.input_shape)}, classes: {names})")
 
   def inputs(self, x_raw: ArrayLike, names: Optional[Sequence[str]] = None) -> ArrayLike:
@@ -65,7 +67,7 @@ class TrainedModel(NamedTuple):
   def predict_proba(self, x_raw: ArrayLike) -> Array:
     """p = softmax(z2) (N, K) of raw examples (N, *input_shape) or (N, D); jit-able
     (mlp_jax.core.prediction: its rule for inputs that are not finite)."""
-    return prediction.probabilities(self.params, self.inputs(x_raw))
+    return prediction.probabilities(self.params, self.inputs(x_raw), self.activation)
 
   def predict(self, x_raw: ArrayLike) -> Array:
     """The most probable class (N,) int32 of raw examples; jit-able (prediction.classes:
@@ -73,18 +75,20 @@ class TrainedModel(NamedTuple):
     return prediction.classes(self.predict_proba(x_raw))
 
 
-def save(path: Union[str, IO[bytes]], params: Params, inputs: datasets.Dataset, dataset: str
-         ) -> None:
-  """Writes params.npz (`path`: a path or a binary file): the params (W1 (H, D), ...)
-  and the preprocessing of TrainedModel, from `inputs`, the run's datasets.Dataset (its
-  mean, std (D,), input_shape and class_names; its arrays are not needed)."""
+def save(path: Union[str, IO[bytes]], params: Params, inputs: datasets.Dataset, dataset: str,
+         activation: str) -> None:
+  """Writes params.npz (`path`: a path or a binary file): the params (W1 (H, D), ...),
+  their activation and the preprocessing of TrainedModel, from `inputs`, the run's
+  datasets.Dataset (its mean, std (D,), input_shape and class_names; its arrays are not
+  needed)."""
   arrays: dict[str, Any] = {k: np.asarray(v) for k, v in params._asdict().items()}
   np.savez(path, **arrays, input_mean=np.asarray(inputs.mean, np.float32),
            input_std=np.asarray(inputs.std, np.float32),
            input_shape=np.asarray(inputs.input_shape, np.int64),
            class_names=np.asarray(inputs.class_names, str), dataset=np.asarray(dataset, str),
            input_scaling=np.asarray(inputs.scaling, str),
-           pixel_max=np.float64(datasets.PIXEL_MAX.get(dataset, 0.0)))
+           pixel_max=np.float64(datasets.PIXEL_MAX.get(dataset, 0.0)),
+           activation=np.asarray(activation, str))
 
 
 def load(path: str) -> TrainedModel:
@@ -99,7 +103,8 @@ def load(path: str) -> TrainedModel:
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:
     with files.NpzArchive(file) as npz:  # every header checked against its real size
-      arrays = {name: npz.read(name) for name in (*Params._fields, *PREPROCESSING)
+      arrays = {name: npz.read(name) for name in (*Params._fields, *PREPROCESSING,
+                                                  "activation")
                 if name in npz.names}          # what a model needs, no other member
   except ValueError as e:
     reason = str(e).removeprefix(f"{file}: ").removeprefix(f"{file} is ")
@@ -117,7 +122,7 @@ def load(path: str) -> TrainedModel:
   return TrainedModel(params, arrays["input_mean"], arrays["input_std"],
                       tuple(int(s) for s in arrays["input_shape"]),
                       tuple(str(c) for c in arrays["class_names"]), str(arrays["dataset"]),
-                      float(arrays["pixel_max"]))
+                      float(arrays["pixel_max"]), str(arrays.get("activation", "relu")))
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
@@ -142,6 +147,10 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
       return f"{name} holds values that are not finite numbers (NaN, inf, or {values.dtype})"
   if not np.all(std > 0):
     return "input_std holds values that are not > 0"
+  activation = arrays.get("activation", np.asarray("relu"))
+  if activation.shape != () or str(activation) not in options.ACTIVATIONS:
+    return (f"activation {str(activation)[:40]!r} is not one of "
+            f"{', '.join(options.ACTIVATIONS)}")
   return None
 
 

@@ -398,8 +398,7 @@ EVALUATION = Batching(1024)   # an evaluation's batches: 1024 rows
 
 @functools.partial(jax.jit, static_argnames=("batching", "net"))
 def evaluate(params: Params, X: Array, y: Array, batching: Batching = EVALUATION,
-             rows: Optional[tuple[Array, Array]] = None, *, net: Network = Network()
-             ) -> Metrics:
+             rows: Optional[tuple[Array, Array]] = None, *, net: Network) -> Metrics:
   """evaluate_model of each model of stacked Params (leading axis M), the network `net`:
   loss (M,), accuracy (M,), predictions (M, N); the models mapped as batching.stacking
   says. rows = (indices (M, R), weights (M, R)): each model's own rows (see
