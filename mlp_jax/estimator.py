@@ -267,7 +267,7 @@ class MLPClassifierCV(MLPClassifier):
   `--sweep ... --cv_folds=K`: the same stratified folds, of random_state), ranked by
   mean validation accuracy at the last epoch (ties: lower validation loss), then refit
   on all rows. param_grid: {name: [values]} of the settings that can differ between
-  the models of one program (options.SWEEPABLE). The other parameters are
+  the models of one program (config.SWEEPABLE). The other parameters are
   MLPClassifier's. Not private (as --cv_folds).
 
   Attributes: best_params_, best_score_, best_index_, cv_results_ (params,
@@ -290,9 +290,9 @@ class MLPClassifierCV(MLPClassifier):
     grid = self.param_grid or {}
     sweep = []
     for name, values in grid.items():
-      if name not in options.SWEEPABLE:
+      if name not in config_lib.SWEEPABLE:
         raise ValueError(f"param_grid {name!r} cannot be trained in one program with the "
-                         f"others (sweepable: {', '.join(options.SWEEPABLE)}); use "
+                         f"others (sweepable: {', '.join(config_lib.SWEEPABLE)}); use "
                          "GridSearchCV(MLPClassifier(), ...) for it.")
       sweep.append(f"{name}={','.join(repr(float(v)) for v in np.ravel(values))}")
     if self._private():

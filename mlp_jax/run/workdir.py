@@ -37,16 +37,11 @@ from mlp_jax.training.stack import Row
 # config.json's layout: 2 since a checkpoint holds a stack of models (leading axis M).
 FORMAT = 2
 
-# What must match for a workdir's checkpoint to be resumed by this config: the data,
-# the network's shape, the optimizer state's structure, and the RNG and batch order.
-# The learning-rate schedule is fixed by the first run too (see `schedule_epochs`).
-# The models (num_seeds, sweep) come first: they set validation_fraction's default, so
-# a resume without the --sweep is told so, not blamed on validation_fraction.
-RESUME_FIELDS = ("num_seeds", "sweep", "cv_folds", "cv_fold", "dataset", "data_dir", "input_scaling",
-                 "hidden_dim", "activation", "validation_fraction", "optimizer", "weight_decay",
-                 "clip_norm", "seed", "batch_size", "learning_rate", "schedule",
-                 "warmup_epochs", "ema_decay", "dp_noise_multiplier", "dp_target_epsilon",
-                 "dp_clip_norm", "dp_clipping", "dp_delta")
+# What must match for a workdir's checkpoint to be resumed by this config: the settings
+# the spec marks resume (the data, the network's shape, the optimizer state's structure,
+# and the RNG and batch order). The learning-rate schedule is fixed by the first run too
+# (see `schedule_epochs`).
+RESUME_FIELDS = config_lib.RESUME_FIELDS
 
 # Resume settings that older runs did not record, and the value every such run had.
 UNRECORDED = {"activation": "relu"}

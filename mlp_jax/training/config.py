@@ -16,8 +16,8 @@ import numpy as np
 
 from mlp_jax.base import boundary, compilation, options
 from mlp_jax.data import datasets
-from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, SETTINGS, Setting, SWEEPABLE,
-                                   TRAINING)
+from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, Hyperparams, RESUME_FIELDS,
+                                   SETTINGS, Setting, SWEEPABLE, TRAINING)
 from mlp_jax.training.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
 
 
@@ -304,12 +304,12 @@ def resolve(config: Config) -> Config:
 
 
 def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int]
-                ) -> options.Hyperparams:
+                ) -> Hyperparams:
 
-  """The options.Hyperparams of `config`: its fields of the same names, and a
+  """The Hyperparams of `config`: its fields of the same names, and a
   learning-rate cycle ending at each epoch of `cycle_ends` (workdir.schedule_epochs)."""
-  shared = {f: getattr(config, f) for f in options.Hyperparams._fields if f in BY_NAME}
-  return options.Hyperparams(
+  shared = {f: getattr(config, f) for f in Hyperparams._fields if f in BY_NAME}
+  return Hyperparams(
       warmup_steps=int(config.warmup_epochs * steps_per_epoch),
       total_steps=cycle_ends[-1] * steps_per_epoch,
       restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]), **shared)

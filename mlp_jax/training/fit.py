@@ -21,8 +21,7 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.base import options
-from mlp_jax.training import (dp_plan, memory, parallel, stack as stack_lib, train,
+from mlp_jax.training import (dp_plan, memory, parallel, spec, stack as stack_lib, train,
                               train_state)
 from mlp_jax.training.config import RunConfig, RunError
 from mlp_jax.training.stack import Row, Stack
@@ -40,7 +39,7 @@ class Training(NamedTuple):
 
   config: RunConfig
   stack: Stack
-  hp: options.Hyperparams
+  hp: spec.Hyperparams
   steps_per_epoch: int
   dp: Optional[dp_plan.DPPlan] = None
   mesh: Optional[Mesh] = None
@@ -121,7 +120,7 @@ def _epoch_end_rates(training: Training) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _schedule_program(hp: options.Hyperparams) -> Callable[[np.ndarray], Array]:
+def _schedule_program(hp: spec.Hyperparams) -> Callable[[np.ndarray], Array]:
   """jit(vmap(the schedule of hp)): one per Hyperparams (compiled once per shape), not
   traced again by every fit of the same settings."""
   return jax.jit(jax.vmap(train_state.make_schedule(hp)))

@@ -15,7 +15,9 @@ class Setting(NamedTuple):
   """One setting, as the flags, the estimators and the checks read it: its flag is
   --name. Bounds: lower <= v, above < v, v <= upper, v < below; choices: the allowed
   values; None is allowed where the default is None. part: "training" (what trains a
-  model: the estimators' parameters) or "run" (data, files, devices, the stack)."""
+  model: the estimators' parameters) or "run" (data, files, devices, the stack);
+  sweepable: a --sweep may give it one value per model; resume: a resumed run must keep
+  it."""
 
   name: str
   kind: type       # int, float, str, bool, or tuple (a repeatable flag)
@@ -27,6 +29,8 @@ class Setting(NamedTuple):
   below: Optional[float] = None
   choices: tuple = ()
   part: str = "run"
+  sweepable: bool = False   # may differ between the models of one run (--sweep)
+  resume: bool = False      # a resume must keep it (workdir.py, the checkpoint's record)
 
 
 def _setting(default: Any, help_text: str, part: str = "run", **bounds: Any) -> Any:
@@ -36,7 +40,6 @@ def _setting(default: Any, help_text: str, part: str = "run", **bounds: Any) -> 
                            metadata={"help": help_text, "part": part, **bounds})
 
 
-_HP = options.Hyperparams()  # the defaults shared with the library
 DATASETS = "digits | fashion_mnist | mnist | npz:PATH"
 _TRAINING = "training"
 
@@ -47,60 +50,67 @@ class RunConfig:
   experiment.run(RunConfig(...)) trains it, experiments/train.py makes a flag of each,
   and the estimators take the training part as their parameters (SETTINGS)."""
 
-  dataset: str = _setting("digits", DATASETS + ".")
+  dataset: str = _setting("digits", DATASETS + ".", resume=True)
   data_dir: Optional[str] = _setting(None, "Directory of the IDX files (mnist; "
-                                     f"fashion_mnist defaults to {datasets.FASHION_MNIST_DIR}).")
+                                     f"fashion_mnist defaults to {datasets.FASHION_MNIST_DIR}).", resume=True)
   input_scaling: str = _setting(
       "auto", "x' = (x - mean) / std with one mean and std over all features (global), "
       "each feature its own (per_feature), or the data as given (none); from the train "
       "split, for a private run from constants fixed in advance. auto: per_feature where "
       f"the features' ranges differ more than {datasets.SHARED_RANGE_RATIO:g}-fold (a table), "
-      "else global (pixels).", _TRAINING, choices=datasets.SCALINGS)
-  hidden_dim: int = _setting(256, "H, hidden units.", _TRAINING, lower=1)
-  activation: str = _setting(_HP.activation, "f of the hidden layer, a1 = f(z1): relu (the "
+      "else global (pixels).", _TRAINING, choices=datasets.SCALINGS, resume=True)
+  hidden_dim: int = _setting(256, "H, hidden units.", _TRAINING, lower=1, resume=True)
+  activation: str = _setting("relu", "f of the hidden layer, a1 = f(z1): relu (the "
                              "seed's, f′(0) = 1), tanh, logistic, identity, or gelu (erf "
-                             "form).", _TRAINING, choices=options.ACTIVATIONS)
+                             "form).", _TRAINING, choices=options.ACTIVATIONS, resume=True)
   batch_size: int = _setting(16, "Examples per step (DP-SGD: the expected batch).",
-                             _TRAINING, lower=1)
+                             _TRAINING, lower=1, resume=True)
   epochs: Optional[int] = _setting(
       None, f"Passes over the training set. Default: {options.DEFAULT_EPOCHS}, or more on "
       f"a small training set, so that training takes at least {options.MIN_STEPS} steps.",
       _TRAINING, lower=1)
-  optimizer: str = _setting(_HP.optimizer, "optax optimizer.", _TRAINING,
-                            choices=options.OPTIMIZERS)
-  learning_rate: float = _setting(_HP.learning_rate, "Peak learning rate.", _TRAINING,
-                                  above=0)
-  schedule: str = _setting(_HP.schedule, "Learning-rate schedule.", _TRAINING,
-                           choices=options.SCHEDULES)
-  warmup_epochs: float = _setting(1.0, "Linear warmup (warmup_cosine).", _TRAINING, lower=0)
-  weight_decay: float = _setting(_HP.weight_decay, "Weight decay of W1, W2.", _TRAINING,
-                                 lower=0)
-  clip_norm: float = _setting(_HP.clip_norm, "Clip gradients to this global norm; 0: off.",
-                              _TRAINING, lower=0)
-  label_smoothing: float = _setting(_HP.label_smoothing, "ε of (1−ε) one-hot + ε/K.",
-                                    _TRAINING, lower=0, upper=1)
+  optimizer: str = _setting("adamw", "optax optimizer.", _TRAINING,
+                            choices=options.OPTIMIZERS, resume=True)
+  learning_rate: float = _setting(1e-3, "Peak learning rate.", _TRAINING,
+                                  above=0, sweepable=True, resume=True)
+  schedule: str = _setting("warmup_cosine", "Learning-rate schedule.", _TRAINING,
+                           choices=options.SCHEDULES, resume=True)
+  warmup_epochs: float = _setting(1.0, "Linear warmup (warmup_cosine).", _TRAINING, lower=0, resume=True)
+  weight_decay: float = _setting(0.03, "Weight decay of W1, W2.", _TRAINING,
+                                 lower=0, sweepable=True, resume=True)
+  clip_norm: float = _setting(0.0, "Clip gradients to this global norm; 0: off.",
+                              _TRAINING, lower=0, sweepable=True, resume=True)
+  label_smoothing: float = _setting(0.1, "ε of (1−ε) one-hot + ε/K.",
+                                    _TRAINING, lower=0, upper=1, sweepable=True)
   ema_decay: float = _setting(
-      _HP.ema_decay, "β of an exponential moving average of the params, the model "
-      "evaluated, chosen and saved (bias-corrected); 0: off.", _TRAINING, lower=0, below=1)
-  grads: str = _setting(_HP.grads, "Gradient: the manual formula, jax.grad, or the manual "
+      0.0, "β of an exponential moving average of the params, the model "
+      "evaluated, chosen and saved (bias-corrected); 0: off.", _TRAINING, lower=0, below=1, sweepable=True, resume=True)
+  grads: str = _setting("manual", "Gradient: the manual formula, jax.grad, or the manual "
                         "custom_vjp.", _TRAINING, choices=options.GRADIENTS)
   compute_dtype: str = _setting(
-      _HP.compute_dtype, "Dtype of the hidden layer's matmuls; bfloat16 keeps float32 "
+      "float32", "Dtype of the hidden layer's matmuls; bfloat16 keeps float32 "
       "params, output layer, softmax and loss.", _TRAINING, choices=options.COMPUTE_DTYPES)
   seed: int = _setting(0, "Seed of init and shuffling (and DP noise).", _TRAINING, lower=0,
-                       upper=2**31 - 1)
+                       upper=2**31 - 1, resume=True)
   workdir: Optional[str] = _setting(None, "Output directory; rerun with it to resume. "
                                     "Default: a fresh temporary directory.")
-  validation_fraction: Optional[float] = _setting(
-      None, "Fraction of train held out for validation. Default 0, or 0.1 with --sweep.",
-      lower=0, below=1)
+  # The models of the run first: they set validation_fraction's default, so a resume
+  # without the --sweep is told so, not blamed on validation_fraction.
+  num_seeds: int = _setting(1, "Train this many models together (seeds seed, seed + 1, "
+                            "...) in one program; report mean ± std.", lower=1, resume=True)
+  sweep: tuple[str, ...] = _setting(
+      (), "NAME=v1,v2,...: train every combination (times the seeds) together and choose "
+      "on validation; NAME one of {sweepable}.", resume=True)
   cv_folds: int = _setting(
       0, "K > 1: choose among the --sweep configurations by k-fold cross-validation, every "
       "configuration trained on K stratified folds of train in the same program, then "
-      "refit on all of train in WORKDIR/refit and tested once; 0: off.", lower=0)
+      "refit on all of train in WORKDIR/refit and tested once; 0: off.", lower=0, resume=True)
   cv_fold: Optional[int] = _setting(
       None, "With --cv_folds: train fold F alone (0 to K - 1), one job of a selection "
-      "spread over jobs; no refit and no test.", lower=0)
+      "spread over jobs; no refit and no test.", lower=0, resume=True)
+  validation_fraction: Optional[float] = _setting(
+      None, "Fraction of train held out for validation. Default 0, or 0.1 with --sweep.",
+      lower=0, below=1, resume=True)
   progress: bool = _setting(True, "Show a progress bar.")
   checkpoint_seconds: float = _setting(
       30.0, "At most one checkpoint per this many seconds of training (a kill -9 loses at "
@@ -131,22 +141,16 @@ class RunConfig:
       "reach a checkpoint or a barrier) before it stops with one line.", above=0)
   dp_noise_multiplier: Optional[float] = _setting(
       None, "DP-SGD with noise multiplier σ (Gaussian noise of std σ·C per coordinate); "
-      "below 0.1 the privacy is nil and its accounting intractable.", _TRAINING, lower=0.1)
+      "below 0.1 the privacy is nil and its accounting intractable.", _TRAINING, lower=0.1, sweepable=True, resume=True)
   dp_target_epsilon: Optional[float] = _setting(
       None, "DP-SGD with σ calibrated so that the planned steps spend this ε (PLD "
-      "accountant) at --dp_delta.", _TRAINING, above=0)
+      "accountant) at --dp_delta.", _TRAINING, above=0, sweepable=True, resume=True)
   dp_clip_norm: float = _setting(1.0, "DP-SGD: C, the bound on each example's gradient "
-                                 "norm.", _TRAINING, above=0)
+                                 "norm.", _TRAINING, above=0, sweepable=True, resume=True)
   dp_clipping: str = _setting("flat", "DP-SGD: one norm over all parameters, or each layer "
-                              "to C/√2.", _TRAINING, choices=options.CLIPPINGS)
+                              "to C/√2.", _TRAINING, choices=options.CLIPPINGS, resume=True)
   dp_delta: float = _setting(1e-5, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.", _TRAINING,
-                             lower=1e-12, below=1)
-  num_seeds: int = _setting(1, "Train this many models together (seeds seed, seed + 1, "
-                            "...) in one program; report mean ± std.", lower=1)
-  sweep: tuple[str, ...] = _setting(
-      (), "NAME=v1,v2,...: train every combination (times the seeds) together and choose "
-      "on validation; NAME one of {}.".format(", ".join(options.SWEEPABLE
-                                                         + ("dp_target_epsilon",))))
+                             lower=1e-12, below=1, resume=True)
   stacking: Optional[str] = _setting(
       None, "How several models share one program: vmap (batched) or map (one after "
       "another); default vmap, map on a CPU for large steps.", choices=options.STACKINGS)
@@ -176,15 +180,39 @@ def _kind(annotation: Any) -> type:
   return args[0] if args else annotation
 
 
+_FIELDS = dataclasses.fields(RunConfig)
+# The settings that may differ between the models of one stack (traced per model; the
+# DP target becomes one σ per model before the program starts), and those a resume
+# must match, in declaration order.
+SWEEPABLE = tuple(f.name for f in _FIELDS if f.metadata.get("sweepable"))
+RESUME_FIELDS = tuple(f.name for f in _FIELDS if f.metadata.get("resume"))
 SETTINGS = tuple(
-    Setting(f.name, _kind(hint), f.default, f.metadata["help"],
+    Setting(f.name, _kind(hint), f.default,
+            f.metadata["help"].replace("{sweepable}", ", ".join(SWEEPABLE)),
             **{k: v for k, v in f.metadata.items() if k != "help"})
-    for f, hint in zip(dataclasses.fields(RunConfig),
-                       typing.get_type_hints(RunConfig).values()))
+    for f, hint in zip(_FIELDS, typing.get_type_hints(RunConfig).values()))
 BY_NAME = {s.name: s for s in SETTINGS}
 TRAINING = tuple(s.name for s in SETTINGS if s.part == _TRAINING)  # the estimators'
 Config = RunConfig   # the name the library's annotations use
 
-# The sweepable settings: options.SWEEPABLE (traced per model) and the DP target, which
-# becomes one σ per model before the program starts.
-SWEEPABLE = options.SWEEPABLE + ("dp_target_epsilon",)
+_DEFAULT = RunConfig()
+
+
+class Hyperparams(NamedTuple):
+  """What the optimizer, the loss and the network of one model need to know: the
+  training settings of RunConfig of the same names, with their defaults
+  (config.hyperparams fills them from a RunConfig), and the schedule in steps."""
+
+  optimizer: str = _DEFAULT.optimizer
+  learning_rate: float = _DEFAULT.learning_rate     # peak
+  schedule: str = _DEFAULT.schedule
+  warmup_steps: int = 0
+  total_steps: int = 1
+  restart_steps: tuple = ()       # steps where a new warmup/cosine cycle starts (resume)
+  weight_decay: float = _DEFAULT.weight_decay       # of W1 and W2, never of the biases
+  clip_norm: float = _DEFAULT.clip_norm             # 0: no clipping
+  label_smoothing: float = _DEFAULT.label_smoothing
+  grads: str = _DEFAULT.grads     # options.GRADIENTS, or gradients.METHODS (a fixed layout)
+  compute_dtype: str = _DEFAULT.compute_dtype
+  ema_decay: float = _DEFAULT.ema_decay             # 0: no moving average
+  activation: str = _DEFAULT.activation

@@ -23,13 +23,13 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax.base.options import (COMPUTE_DTYPES, GRADIENTS, Hyperparams, STACKINGS,
-                                  SWEEPABLE)
+from mlp_jax.base.options import COMPUTE_DTYPES, GRADIENTS, STACKINGS
 from mlp_jax.core import losses, model, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.core.model import Params
 from mlp_jax.core.network import Network
 from mlp_jax.training import parallel
+from mlp_jax.training.spec import Hyperparams
 from mlp_jax.training.train_state import (TrainState, in_use, init_model_state,
                                           make_optimizer)
 
@@ -213,7 +213,7 @@ def keep_if_empty(any_rows: Array, step_result: tuple[TrainState, Any], state: T
 
 # A run is a stack of M >= 1 models: every leaf of its TrainState has a leading model
 # axis, and one program trains them all over one shared dataset. Each model has its own
-# seed (init, batch order, DP noise) and its own values of the SWEEPABLE settings, given
+# seed (init, batch order, DP noise) and its own values of the sweepable settings, given
 # as arrays {name: (M,)}. A single model is the stack of one.
 
 # The DPSGD field each dp_ setting of a stack sets, per model.
@@ -264,7 +264,7 @@ def init_state(seeds: Sequence[int], in_dim: int, hidden_dim: int, num_classes: 
                ) -> TrainState:
   """The stacked TrainState of M = len(seeds) models, on the default device: model m is
   init_model_state(seeds[m], ...) with the optimizer of hp and its `values` {name: (M,)}
-  (SWEEPABLE names; None or {} when only the seeds differ). One program for the M
+  (spec.SWEEPABLE names; None or {} when only the seeds differ). One program for the M
   models (jax.vmap), compiled once per shape; bit for bit the models built one by one
   (tested)."""
   arrays = {k: np.asarray(v) for k, v in (values or {}).items()}

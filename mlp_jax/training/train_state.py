@@ -11,7 +11,8 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax.base.options import Hyperparams, OPTIMIZERS, SCHEDULES
+from mlp_jax.base.options import OPTIMIZERS, SCHEDULES
+from mlp_jax.training.spec import Hyperparams
 from mlp_jax.core import model
 from mlp_jax.core.model import Params
 
