@@ -75,7 +75,8 @@ def predict():
     with (trained.prediction_csv(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
           ) as write:
       for names, x, labels in batches:
-        probabilities = np.asarray(prediction.probabilities(model.params, model.inputs(x, names)))
+        probabilities = np.asarray(prediction.probabilities(
+            model.params, model.inputs(x, names), model.activation))
         predicted = np.asarray(prediction.classes(probabilities))
         if write is not None:
           write(names, probabilities)

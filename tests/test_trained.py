@@ -268,3 +268,25 @@ def test_predict_help_shows_its_examples_as_written():
   lines = result.stdout.splitlines()
   continued = [i for i, line in enumerate(lines) if line.endswith(" \\")]
   assert continued and lines[continued[0] + 1].strip().startswith("--labels="), lines[:8]
+
+
+@pytest.mark.slow
+def test_predict_script_uses_the_runs_activation(tiny_npz, tmp_path):
+  """A gelu run's predict.py probabilities are its own network's (mj.load's), not a
+  ReLU network's of the same params."""
+  workdir = tmp_path / "run"
+  experiment.run(tiny_config(tiny_npz, workdir, epochs=2, activation="gelu"),
+                 log=lambda *_: None)
+  x = np.load(tiny_npz.removeprefix("npz:"))["x_test"][:5]
+  np.savez(tmp_path / "new.npz", x=x)
+  out = tmp_path / "p.csv"
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "predict.py"),
+                           f"--workdir={workdir}", f"--input={tmp_path / 'new.npz'}",
+                           f"--output={out}"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+  written = np.array([[float(v) for v in row[3:]] for row in rows])
+  model = mj.load(str(workdir))
+  np.testing.assert_allclose(written, model.predict_proba(x), rtol=1e-5)
+  relu = trained.TrainedModel(*model[:-1], activation="relu")
+  assert not np.allclose(written, relu.predict_proba(x), rtol=1e-3)
