@@ -7,8 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from mlp_jax.base import files
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
+from mlp_jax.data import tables
 from mlp_jax.training import stack as stack_lib
 
 
@@ -58,13 +60,13 @@ def test_mnist_from_a_directory_and_missing_files(tmp_path):
   write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
   write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 255, (10, 4, 4)))
   with pytest.raises(datasets.DataError, match="missing t10k-labels-idx1-ubyte"):
-    datasets.load("mnist", str(tmp_path))
+    datasets.load(datasets.Source("mnist", str(tmp_path)))
   write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10))
-  ds = datasets.load("mnist", str(tmp_path))
+  ds = datasets.load(datasets.Source("mnist", str(tmp_path)))
   assert ds.x_train.shape == (20, 16) and ds.x_test.shape == (10, 16)
   assert ds.num_classes == 10 and ds.y_train.dtype == np.int32
   with pytest.raises(datasets.DataError, match="does not exist"):
-    datasets.load("mnist", str(tmp_path / "nowhere"))
+    datasets.load(datasets.Source("mnist", str(tmp_path / "nowhere")))
   with pytest.raises(datasets.DataError, match="needs --data_dir"):
     datasets.load("mnist")
 
@@ -241,3 +243,102 @@ def test_labels_of_another_length_name_both_lengths(tmp_path, kind):
   with pytest.raises(ValueError, match="there are 60,000 labels for 10 inputs: give one "
                                        "label per input"):
     next(rows)
+
+
+# CSV tables (csv:TRAIN.csv[,TEST.csv]): mlp_jax/data/readers.py's csv_rows and
+# datasets.load_csv.
+
+def write_csv(path, header, rows):
+  path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n"
+                                                      for r in rows))
+  return str(path)
+
+
+def test_a_table_is_its_features_and_its_label_column(tmp_path):
+  """Features by column, labels by value (numeric order: 2 before 10), the classes'
+  names kept; the label column named anywhere; a quoted header name with a comma."""
+  rows = [(1.5, 10, "x"), (2, 2, "y"), (-3e-1, 10, "z"), (4, 2, "w")] * 3
+  train = write_csv(tmp_path / "train.csv", ['"a, b"', "label", "note"],
+                    [(a, y, 0.5 * i) for i, (a, y, _) in enumerate(rows)])
+  test = write_csv(tmp_path / "test.csv", ['"a, b"', "label", "note"], [(7, 2, 1), (8, 10, 2)])
+  ds = datasets.load(datasets.Source(f"csv:{train},{test}", label_column="label"),
+                     scaling="none")
+  assert ds.feature_names == ("a, b", "note") and ds.label_column == "label"
+  assert ds.class_names == ("2", "10") and ds.num_classes == 2
+  np.testing.assert_array_equal(ds.y_train, [1, 0, 1, 0] * 3)
+  np.testing.assert_array_equal(ds.x_test, [[7, 1], [8, 2]])
+  np.testing.assert_array_equal(ds.y_test, [0, 1])
+  assert ds.input_shape == (2,) and not ds.test_split
+  words = write_csv(tmp_path / "w.csv", ["f", "kind"], [(i, ("cat", "ant", "bee")[i % 3])
+                                                         for i in range(12)])
+  assert datasets.load(f"csv:{words}").class_names == ("ant", "bee", "cat")  # text order
+
+
+def test_without_a_test_file_a_stratified_fifth_is_the_test_split(tmp_path):
+  y = np.arange(50) % 3
+  path = write_csv(tmp_path / "t.csv", ["f1", "f2", "y"], [(i, -i, k) for i, k in enumerate(y)])
+  ds = datasets.load(f"csv:{path}", scaling="none")
+  train, test = datasets.stratified_split(y, 0.2, seed=0)
+  np.testing.assert_array_equal(ds.x_test[:, 0], test)
+  np.testing.assert_array_equal(ds.x_train[:, 0], train)
+  assert ds.test_split.startswith(f"a stratified 20% of {path} (seed 0, 10 rows")
+  assert set(ds.y_test) == set(ds.y_train) == {0, 1, 2}
+
+
+# fault -> (the table's lines after a good header "a,b,y", the message, its line and column)
+CSV_FAULTS = {
+    "empty_cell": (["1,2,0", "3,,1"], r"line 3, column 'b': the cell is empty"),
+    "text_cell": (["1,2,0", "red,4,1"], r"line 3, column 'a': the cell is 'red', not a number"),
+    "nan_cell": (["1,2,0", "3,nan,1"], r"line 3, column 'b': the cell is nan, not a finite"),
+    "inf_cell": (["1,2,0", "-inf,4,1"], r"line 3, column 'a': the cell is -inf, not a finite"),
+    "too_few_cells": (["1,2,0", "3,1"], r"line 3: 2 cells where the header names 3 columns"),
+    "too_many_cells": (["1,2,0", "3,4,1,9"], r"line 3: 4 cells where the header names 3"),
+    "no_rows": ([], r"holds a header but no rows"),
+    "one_class": (["1,2,0", "3,4,0"], r"the labels name a single class"),
+}
+
+
+@pytest.mark.parametrize("fault", CSV_FAULTS)
+def test_every_bad_table_is_one_line_naming_where(fault, tmp_path):
+  lines, message = CSV_FAULTS[fault]
+  path = tmp_path / "t.csv"
+  path.write_text("a,b,y\n" + "".join(line + "\n" for line in lines))
+  with pytest.raises(datasets.DataError, match=message) as raised:
+    datasets.load(f"csv:{path}")
+  assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"a\n1\n", "the first line must name the columns, at least two"),
+    (b"a,a,y\n1,2,0\n", "each once"),
+    (b"a,,y\n1,2,0\n", "none empty"),
+    (b"a,b,y\n1,2,\xff\n", "not UTF-8 text"),
+])
+def test_a_table_without_a_good_header_or_text_is_one_line(header, message, tmp_path):
+  path = tmp_path / "t.csv"
+  path.write_bytes(header)
+  with pytest.raises(datasets.DataError, match=message):
+    datasets.load(f"csv:{path}")
+
+
+def test_a_table_names_its_label_column_and_test_header(tmp_path):
+  train = write_csv(tmp_path / "a.csv", ["x", "y"], [(i, i % 2) for i in range(10)])
+  other = write_csv(tmp_path / "b.csv", ["x", "z"], [(1, 0), (2, 1)])
+  with pytest.raises(datasets.DataError, match=r"has no column 'label'; its columns are x, "
+                     r"y: give --label_column one of them"):
+    datasets.load(datasets.Source(f"csv:{train}", label_column="label"))
+  with pytest.raises(datasets.DataError, match="has other columns than"):
+    datasets.load(f"csv:{train},{other}")
+  with pytest.raises(datasets.DataError, match="give csv:TRAIN.csv or csv:TRAIN.csv,TEST.csv"):
+    datasets.load(f"csv:{train},{other},{train}")
+
+
+def test_a_table_is_read_in_batches_within_the_memory_budget(tmp_path, monkeypatch):
+  path = write_csv(tmp_path / "t.csv", ["a", "b", "y"], [(i, -i, i % 2) for i in range(100)])
+  batches = list(tables.csv_rows(path, None, 32))
+  assert [len(x) for x, _ in batches] == [32, 32, 32, 4]
+  np.testing.assert_array_equal(np.concatenate([x for x, _ in batches])[:, 0], range(100))
+  monkeypatch.setattr(files, "memory_budget", lambda: 1000)
+  with pytest.raises(datasets.DataError, match=r"its first 64 rows already take 1,280 bytes, "
+                     "more than the 1,000 this reader may use"):
+    list(tables.csv_rows(path, None, 32))

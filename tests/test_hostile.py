@@ -261,6 +261,19 @@ def _good_inputs(path):
   np.savez(path, x=np.zeros((5, 8, 8), np.float32), y=np.arange(5) % 2)
 
 
+def _good_csv(path):
+  rng = np.random.default_rng(0)
+  rows = [",".join([*(f"{v:.4f}" for v in rng.normal(size=4)), ("yes", "no")[i % 2]])
+          for i in range(20)]
+  pathlib.Path(path).write_text("a,b,c,d,label\n" + "\n".join(rows) + "\n")
+
+
+def _good_csv_inputs(path):
+  """Five rows of the model's 64 features (it was not trained on a table: every column)."""
+  header = ",".join(f"p{i}" for i in range(64))
+  pathlib.Path(path).write_text(header + "\n" + ("0," * 63 + "0\n") * 5)
+
+
 def _good_png(path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.new("L", (8, 8)).save(path)
@@ -315,6 +328,10 @@ READERS = {
     "predict_idx": ("x-idx3-ubyte", _good_idx, lambda p, m: trained.read_inputs(p, m),
                     ValueError),
     "predict_png": ("x.png", _good_png, lambda p, m: trained.read_inputs(p, m), ValueError),
+    "dataset_csv": ("d.csv", _good_csv, lambda p, m: datasets.load(f"csv:{p}"),
+                    datasets.DataError),
+    "predict_csv": ("x.csv", _good_csv_inputs, lambda p, m: trained.read_inputs(p, m),
+                    ValueError),
     "flagfile": ("run.flags", _good_flagfile, _read_flagfile, ValueError),
     "config_json": ("config.json", _good_config_json, _read_config_json, (ValueError, OSError)),
     "metrics_jsonl": ("metrics.jsonl", _good_metrics, _read_metrics, (ValueError, OSError)),
@@ -328,6 +345,7 @@ BINARY = ("dataset_npz", "idx", "idx_gz", "params_npz", "predict_npz", "predict_
 # its row fails test_every_reader_of_the_code_is_in_the_matrix.
 READER_OF_CALLER = {
     ("mlp_jax/data/readers.py", "open_idx"): ("idx", "idx_gz", "predict_idx"),
+    ("mlp_jax/data/tables.py", "_csv_lines"): ("dataset_csv", "predict_csv"),
     ("mlp_jax/data/readers.py", "load_npz"): ("dataset_npz",),
     ("mlp_jax/data/readers.py", "npz_rows"): ("predict_npz",),
     ("mlp_jax/data/readers.py", "read_png"): ("predict_png",),

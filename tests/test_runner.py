@@ -369,3 +369,46 @@ def test_a_checkpoint_without_an_activation_is_relus():
 def test_the_activation_flag_is_one_of_the_tables():
   code, err = run_cli("--activation=softplus")
   assert code == 2 and "--activation" in err and "softplus" in err, err
+
+
+def test_a_csv_table_trains_and_predicts_by_its_column_names(tmp_path):
+  """--dataset=csv:TRAIN.csv with --label_column: the run says its test split, records
+  the columns and the classes' names; predict reads a table of the features in another
+  order, with or without the label column, and one without a feature is refused."""
+  rng = np.random.default_rng(0)
+  species = np.array(["setosa", "versicolor", "virginica"])[np.arange(90) % 3]
+  x = rng.normal(size=(90, 3)) + 3 * (np.arange(90) % 3)[:, None]
+  table = tmp_path / "flowers.csv"
+  table.write_text("species,length,width,height\n" + "".join(
+      f"{s},{a:.4f},{b:.4f},{c:.4f}\n" for s, (a, b, c) in zip(species, x)) + "\n")
+  said = []
+  experiment.run(tiny_config(f"csv:{table}", tmp_path / "run", label_column="species",
+                             epochs=30), log=said.append)
+  assert any(line.startswith(f"test split: a stratified 20% of {table} (seed 0, 18 rows")
+             for line in said), said
+  model = mj.load(str(tmp_path / "run"))
+  assert model.feature_names == ("length", "width", "height")
+  assert model.label_column == "species"
+  assert model.class_names == ("setosa", "versicolor", "virginica")
+  new = tmp_path / "new.csv"
+  new.write_text("height,width,length,species\n" + "".join(
+      f"{c},{b},{a},{s}\n" for s, (a, b, c) in zip(species[:6], x[:6])))
+  names, got, labels = reports_inputs(new, model)
+  np.testing.assert_allclose(got, x[:6], atol=1e-4)
+  np.testing.assert_array_equal(labels, np.arange(6) % 3)
+  assert names == [str(i) for i in range(6)]
+  new.write_text("width,length,height\n1,2,3\n")            # no label column: no labels
+  assert reports_inputs(new, model)[2] is None
+  new.write_text("width,length\n1,2\n")
+  with pytest.raises(ValueError, match=r"new.csv lacks the feature column\(s\) height the "
+                     "model was trained on"):
+    reports_inputs(new, model)
+  new.write_text("length,width,height,species\n1,2,3,daisy\n")
+  with pytest.raises(ValueError, match="the label 'daisy' in column 'species' is not one of "
+                     "the model's classes"):
+    reports_inputs(new, model)
+
+
+def reports_inputs(path, model):
+  from mlp_jax.run import trained  # pylint: disable=g-import-not-at-top
+  return trained.read_inputs(str(path), model)

@@ -288,5 +288,5 @@ def test_predict_script_uses_the_runs_activation(tiny_npz, tmp_path):
   written = np.array([[float(v) for v in row[3:]] for row in rows])
   model = mj.load(str(workdir))
   np.testing.assert_allclose(written, model.predict_proba(x), rtol=1e-5)
-  relu = trained.TrainedModel(*model[:-1], activation="relu")
+  relu = model._replace(activation="relu")
   assert not np.allclose(written, relu.predict_proba(x), rtol=1e-3)

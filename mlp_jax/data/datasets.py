@@ -4,23 +4,26 @@
     fashion_mnist   IDX files of Debian's dataset-fashion-mnist, or --data_dir
     mnist           IDX files in --data_dir (.gz or not)
     npz:PATH        x_train, y_train, x_test, y_test (allow_pickle=False)
+    csv:TRAIN.csv[,TEST.csv]   a table with a header row; the label column is
+                    --label_column (default: the last); without TEST.csv a stratified
+                    20% of TRAIN.csv (seed 0) is the test split
 
-Every problem raises DataError with one line naming it and the fix.
+The named datasets are rows of PRESETS, the files of FORMATS. Every problem raises
+DataError with one line naming it and the fix.
 """
 
 import importlib.util
 import math
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
-from mlp_jax.data import readers
+from mlp_jax.data import readers, tables
 from mlp_jax.data.readers import Arrays, DataError
 from mlp_jax.data.readers import MAX_CLASSES  # pylint: disable=unused-import  (data.MAX_CLASSES)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DATASETS = ("digits", "fashion_mnist", "mnist", "npz:PATH")
 # How the inputs are scaled, x' = (x − μ) / σ with μ, σ from the training rows:
 #   auto         per_feature where the features' scales differ, else global (choose_scaling)
 #   global       one μ and one σ over every feature (torchvision's convention)
@@ -31,8 +34,6 @@ SCALINGS = ("auto", "global", "per_feature", "none")
 # is at most this many times the narrowest non-constant one (the ratios of digits,
 # Fashion-MNIST and scikit-learn's tables: docs/tables.md).
 SHARED_RANGE_RATIO = 100.0
-# The largest raw pixel value of the image datasets (an 8-bit image maps 255 to it).
-PIXEL_MAX = {"digits": 16.0, "fashion_mnist": 255.0, "mnist": 255.0}
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -57,15 +58,11 @@ class Dataset(NamedTuple):
   class_names: tuple[str, ...]
   scaling: str = "global"     # the scaling used: global, per_feature or none
   scaling_reason: str = ""    # why, when it was chosen (scaling auto)
+  feature_names: tuple[str, ...] = ()   # a table's feature columns (csv:), else ()
+  label_column: str = ""      # a table's label column (csv:), else ""
+  test_split: str = ""        # how the test rows were chosen, where the data do not say
 
 
-
-
-def class_names(name: Optional[str], num_classes: int) -> tuple[str, ...]:
-  """The classes' names: Fashion-MNIST's (T-shirt/top, ...), else "0", "1", ..."""
-  if name == "fashion_mnist" and num_classes == len(FASHION_MNIST_CLASSES):
-    return FASHION_MNIST_CLASSES
-  return tuple(str(k) for k in range(num_classes))
 
 
 def load_digits() -> Arrays:
@@ -191,7 +188,7 @@ def prepare(arrays: Arrays, *, validation_fraction: float = 0.0, seed: int = 0,
   x_train, x_test = standardize(x_train, mean, std), standardize(x_test, mean, std)
   x_val = None if x_val is None else standardize(x_val, mean, std)
   return Dataset(x_train, y_train, x_test, y_test, x_val, y_val, num_classes, mean, std,
-                 input_shape, class_names(None, num_classes), scaling, reason)
+                 input_shape, tuple(str(k) for k in range(num_classes)), scaling, reason)
 
 
 def scaling_of(x_train: np.ndarray, scaling: str,
@@ -281,49 +278,151 @@ def train_statistics(x_train: np.ndarray, scaling: str) -> tuple[Any, Any]:
   return mean, np.where(std > 1e-6 * magnitude, std, 1.0)
 
 
+class Source(NamedTuple):
+  """Where a dataset comes from: its name (DATASETS), the directory of its IDX files
+  (mnist, fashion_mnist), and a table's label column (csv:; None: the last)."""
+
+  name: str
+  data_dir: Optional[str] = None
+  label_column: Optional[str] = None
+
+
+class Raw(NamedTuple):
+  """A dataset as read: its arrays, and what the data say of themselves."""
+
+  arrays: Arrays
+  input_shape: Optional[tuple[int, ...]] = None     # None: x_train's own
+  class_names: Optional[tuple[str, ...]] = None     # None: "0", "1", ...
+  feature_names: tuple[str, ...] = ()
+  label_column: str = ""
+  test_split: str = ""
+
+
+class Preset(NamedTuple):
+  """A named dataset: how it is read (from its Source), a white pixel's raw value (an
+  8-bit image maps 255 to it), and the published (μ, σ) of its pixels scaled to [0, 1],
+  a private run's scaling."""
+
+  read: Callable[[Source], Raw]
+  pixel_max: float
+  mu_sigma: tuple[float, float]
+
+
+def _mnist(source: Source) -> Raw:
+  if not source.data_dir:
+    raise DataError("dataset mnist needs --data_dir=DIR holding the four MNIST IDX "
+                    "files (train-images-idx3-ubyte[.gz] ...).")
+  return Raw(readers.load_idx_dir(source.data_dir))
+
+
+PRESETS = {
+    "digits": Preset(lambda _: Raw(load_digits(), (8, 8)), 16.0, (0.5, 0.5)),
+    "fashion_mnist": Preset(
+        lambda source: Raw(readers.load_idx_dir(source.data_dir or FASHION_MNIST_DIR),
+                           class_names=FASHION_MNIST_CLASSES), 255.0, (0.2860, 0.3530)),
+    "mnist": Preset(_mnist, 255.0, (0.1307, 0.3081)),
+}
+PIXEL_MAX = {name: preset.pixel_max for name, preset in PRESETS.items()}
+# The stratified share of a table's rows that is its test split, without a test file.
+CSV_TEST_FRACTION = 0.2
+
+
+def load_csv(source: Source) -> Raw:
+  """csv:TRAIN.csv[,TEST.csv]: the tables' features and labels; the classes are the
+  label column's values, in numeric order where they are all numbers, else in text
+  order. Without TEST.csv, a stratified CSV_TEST_FRACTION of TRAIN.csv's rows (seed 0)."""
+  paths = source.name[4:].split(",")
+  if len(paths) > 2 or not all(paths):
+    raise DataError(f"--dataset={source.name}: give csv:TRAIN.csv or csv:TRAIN.csv,TEST.csv.")
+  parts = []
+  for path in paths:
+    batches = list(tables.csv_rows(path, source.label_column, tables.CSV_ROWS))
+    if not batches:
+      raise DataError(f"{path} holds a header but no rows.")
+    parts.append((np.concatenate([x for x, _ in batches]),
+                   np.concatenate([y for _, y in batches])))
+  label = source.label_column or tables.csv_header(paths[0])[-1]
+  features = tuple(n for n in tables.csv_header(paths[0]) if n != label)
+  if len(parts) == 2 and tables.csv_header(paths[1]) != tables.csv_header(paths[0]):
+    raise DataError(f"{paths[1]} has other columns than {paths[0]}; give both tables the "
+                    "same header.")
+  names, classes = np.unique(np.concatenate([y for _, y in parts]), return_inverse=True)
+  try:
+    order = np.argsort(names.astype(np.float64), kind="stable")
+  except ValueError:
+    order = np.arange(len(names))            # not all numbers: in text order
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  names, classes = names[order], rank[classes]
+  if len(names) > readers.MAX_CLASSES:
+    raise DataError(f"{paths[0]}: the label column {label!r} holds {len(names):,} "
+                    f"different values, more than {readers.MAX_CLASSES} classes; is it "
+                    "the label column? (--label_column)")
+  (x, _), split = parts[0], ""
+  y = classes[:len(x)]
+  if len(parts) == 2:
+    x_test, y_test = parts[1][0], classes[len(x):]
+  else:
+    train, test = stratified_split(y, CSV_TEST_FRACTION, seed=0)
+    x, y, x_test, y_test = x[train], y[train], x[test], y[test]
+    split = (f"a stratified {CSV_TEST_FRACTION:.0%} of {paths[0]} (seed 0, "
+             f"{len(test)} rows; give csv:TRAIN.csv,TEST.csv for a test file)")
+  return Raw((x, y, x_test, y_test), class_names=tuple(str(n) for n in names),
+             feature_names=features, label_column=label, test_split=split)
+
+
+# The datasets read from files, by the prefix of their name.
+FORMATS = {"npz": lambda source: Raw(readers.load_npz(source.name[4:])), "csv": load_csv}
+DATASETS = (*PRESETS, "npz:PATH", "csv:TRAIN.csv[,TEST.csv]")
+
+
+def known(name: str) -> bool:
+  """Whether `name` names a dataset: a preset, or FORMAT:PATH of a format."""
+  prefix, _, path = name.partition(":")
+  return name in PRESETS or (prefix in FORMATS and bool(path))
+
+
+def read(source: Source) -> Raw:
+  """The Raw dataset of `source`: a preset's rows, or a file's by its format."""
+  if not known(source.name):
+    raise DataError(f"unknown dataset {source.name!r}; choose one of {', '.join(DATASETS)}.")
+  if source.name in PRESETS:
+    return PRESETS[source.name].read(source)
+  return FORMATS[source.name.partition(":")[0]](source)
+
+
 def fixed_scaling(name: str) -> tuple[float, float, float]:
-  """(s, μ, σ) of x' = (x / s − μ) / σ, fixed in advance for a private run: pixel range
-  s, and the published normalisation constants of Fashion-MNIST and MNIST; digits'
-  pixels 0..16 map to [−1, 1]; an npz is used as it is (scale it yourself, with
-  constants that do not come from the private data)."""
-  mu_sigma = {"digits": (0.5, 0.5), "fashion_mnist": (0.2860, 0.3530),
-              "mnist": (0.1307, 0.3081)}
-  return (PIXEL_MAX[name], *mu_sigma[name]) if name in PIXEL_MAX else (1.0, 0.0, 1.0)
+  """(s, μ, σ) of x' = (x / s − μ) / σ, fixed in advance for a private run: a preset's
+  pixel range s and published normalisation constants (digits' pixels 0..16 map to
+  [−1, 1]); a file is used as it is (scale it yourself, with constants that do not come
+  from the private data)."""
+  preset = PRESETS.get(name)
+  return (preset.pixel_max, *preset.mu_sigma) if preset else (1.0, 0.0, 1.0)
 
 
-def load(name: str, data_dir: Optional[str] = None, *, validation_fraction: float = 0.0,
-         seed: int = 0, scaling: str = "auto", private: bool = False) -> Dataset:
-
-  """Loads dataset `name` (one of DATASETS) and prepares it; see `prepare`. private:
-  never a statistic of the training data: global (and auto) scaling uses
-  `fixed_scaling(name)`, none the data as given, and per_feature is refused."""
+def load(source: "Source | str", *, validation_fraction: float = 0.0, seed: int = 0,
+         scaling: str = "auto", private: bool = False) -> Dataset:
+  """Loads the dataset of `source` (a Source, or its name: one of DATASETS) and prepares
+  it; see `prepare`. private: never a statistic of the training data: global (and auto)
+  scaling uses `fixed_scaling(name)`, none the data as given, and per_feature is refused."""
+  source = Source(source) if isinstance(source, str) else source
   if private and scaling == "per_feature":
     raise DataError("a private run cannot scale each feature by its train statistics "
                     "(they would leak the data); use scaling global (the dataset's "
                     "published constants) or none.")
-  if name == "digits":
-    arrays = load_digits()
-  elif name == "fashion_mnist":
-    arrays = readers.load_idx_dir(data_dir or FASHION_MNIST_DIR)
-  elif name == "mnist":
-    if not data_dir:
-      raise DataError("dataset mnist needs --data_dir=DIR holding the four MNIST IDX "
-                      "files (train-images-idx3-ubyte[.gz] ...).")
-    arrays = readers.load_idx_dir(data_dir)
-  elif name.startswith("npz:") and len(name) > 4:
-    arrays = readers.load_npz(name[4:])
-  else:
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
+  raw = read(source)
   fixed, reason = None, ""          # a private run: constants, never train statistics
   if private:
     if scaling == "auto":
-      scaling = "global" if name in PIXEL_MAX else "none"
+      scaling = "global" if source.name in PRESETS else "none"
       reason = "a private run scales by fixed constants, never by its data"
-    fixed = fixed_scaling(name) if scaling == "global" else (1.0, 0.0, 1.0)
-  ds = prepare(arrays, validation_fraction=validation_fraction, seed=seed, scaling=scaling,
-               fixed_scaling=fixed)
-  if reason:
-    ds = ds._replace(scaling_reason=reason)
-  if name == "digits":  # scikit-learn gives them flat: 64 = 8×8 pixels
-    ds = ds._replace(input_shape=(8, 8))
-  return ds._replace(class_names=class_names(name, ds.num_classes))
+    fixed = fixed_scaling(source.name) if scaling == "global" else (1.0, 0.0, 1.0)
+  ds = prepare(raw.arrays, validation_fraction=validation_fraction, seed=seed,
+               scaling=scaling, fixed_scaling=fixed)
+  names = raw.class_names or ds.class_names
+  if len(names) != ds.num_classes:
+    names = ds.class_names
+  return ds._replace(scaling_reason=reason or ds.scaling_reason,
+                     input_shape=raw.input_shape or ds.input_shape, class_names=names,
+                     feature_names=raw.feature_names, label_column=raw.label_column,
+                     test_split=raw.test_split)

@@ -1,4 +1,5 @@
-"""One reader for everything read from disk: IDX (.gz or not), .npz and PNG, each
+"""One reader for everything read from disk: IDX (.gz or not), .npz and PNG (CSV tables:
+tables.py), each
 checked on what is opened (a device, a pipe or a directory is refused), bounded by the
 memory budget, and streamed in slices where predict reads new data; the class labels
 are checked once (`labels`), for training data and predict's inputs alike. Every

@@ -55,9 +55,10 @@ def _make_mesh(config: Config, num_models: int) -> Mesh:
 
 def _load_data(config: Config, mesh: Mesh, num_models: int) -> datasets.Dataset:
   """The checked dataset; bad data is refused before a workdir exists."""
-  ds = datasets.load(config.dataset, config.data_dir,
-                 validation_fraction=config.validation_fraction or 0.0, seed=config.seed,
-                 scaling=config.input_scaling, private=config_lib.is_private(config))
+  source = datasets.Source(config.dataset, config.data_dir, config.label_column)
+  ds = datasets.load(source, validation_fraction=config.validation_fraction or 0.0,
+                     seed=config.seed, scaling=config.input_scaling,
+                     private=config_lib.is_private(config))
   n, in_dim = ds.x_train.shape
   if config.batch_size > n:
     raise RunError(f"--batch_size {config.batch_size} exceeds the {n} training examples; "

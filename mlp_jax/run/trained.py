@@ -27,10 +27,12 @@ import numpy as np
 from mlp_jax.base import files, options
 from mlp_jax.core import prediction
 from mlp_jax.core.model import Params
-from mlp_jax.data import datasets, readers
+from mlp_jax.data import datasets, readers, tables
 
 PREPROCESSING = ("input_mean", "input_std", "input_shape", "class_names", "dataset",
                  "pixel_max")
+# What later versions added, and what a file without it holds.
+LATER = {"activation": "relu", "feature_names": (), "label_column": ""}
 
 
 class TrainedModel(NamedTuple):
@@ -44,6 +46,8 @@ class TrainedModel(NamedTuple):
   dataset: str
   pixel_max: float       # raw value of a white pixel; 0: not an image dataset
   activation: str = "relu"   # f of the hidden layer (options.ACTIVATIONS)
+  feature_names: tuple[str, ...] = ()   # a table's feature columns, found by name
+  label_column: str = ""                # a table's label column ("": none)
 
   def __repr__(self) -> str:
     """One line: the network's shape and what it was trained on, not its arrays."""
@@ -88,7 +92,9 @@ def save(path: Union[str, IO[bytes]], params: Params, inputs: datasets.Dataset, 
            class_names=np.asarray(inputs.class_names, str), dataset=np.asarray(dataset, str),
            input_scaling=np.asarray(inputs.scaling, str),
            pixel_max=np.float64(datasets.PIXEL_MAX.get(dataset, 0.0)),
-           activation=np.asarray(activation, str))
+           activation=np.asarray(activation, str),
+           feature_names=np.asarray(inputs.feature_names, str),
+           label_column=np.asarray(inputs.label_column, str))
 
 
 def load(path: str) -> TrainedModel:
@@ -103,8 +109,7 @@ def load(path: str) -> TrainedModel:
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:
     with files.NpzArchive(file) as npz:  # every header checked against its real size
-      arrays = {name: npz.read(name) for name in (*Params._fields, *PREPROCESSING,
-                                                  "activation")
+      arrays = {name: npz.read(name) for name in (*Params._fields, *PREPROCESSING, *LATER)
                 if name in npz.names}          # what a model needs, no other member
   except ValueError as e:
     reason = str(e).removeprefix(f"{file}: ").removeprefix(f"{file} is ")
@@ -114,6 +119,7 @@ def load(path: str) -> TrainedModel:
   if missing:
     raise ValueError(f"{file} lacks {', '.join(missing)}: it was written by an older "
                      "mlp_jax without the preprocessing; train the run again to use it.")
+  arrays = {**{k: np.asarray(v, str) for k, v in LATER.items()}, **arrays}
   problem = _check_arrays(arrays)
   if problem:
     raise ValueError(f"{file} is not a valid params.npz: {problem}; rerun the training to "
@@ -122,7 +128,9 @@ def load(path: str) -> TrainedModel:
   return TrainedModel(params, arrays["input_mean"], arrays["input_std"],
                       tuple(int(s) for s in arrays["input_shape"]),
                       tuple(str(c) for c in arrays["class_names"]), str(arrays["dataset"]),
-                      float(arrays["pixel_max"]), str(arrays.get("activation", "relu")))
+                      float(arrays["pixel_max"]), str(arrays["activation"]),
+                      tuple(str(n) for n in arrays["feature_names"]),
+                      str(arrays["label_column"]))
 
 
 def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
@@ -147,7 +155,10 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
       return f"{name} holds values that are not finite numbers (NaN, inf, or {values.dtype})"
   if not np.all(std > 0):
     return "input_std holds values that are not > 0"
-  activation = arrays.get("activation", np.asarray("relu"))
+  names = arrays["feature_names"]
+  if names.shape not in ((0,), (d,)):
+    return f"feature_names is {names.shape} where w1 {w1.shape} needs ({d},) or none"
+  activation = arrays["activation"]
   if activation.shape != () or str(activation) not in options.ACTIVATIONS:
     return (f"activation {str(activation)[:40]!r} is not one of "
             f"{', '.join(options.ACTIVATIONS)}")
@@ -197,6 +208,9 @@ def iter_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = Non
   of at most `rows` examples (memory does not grow with the input):
 
       FILE.npz            x (or x_test) and optional y (or y_test)
+      FILE.csv            a table with a header: the model's feature columns by name
+                          (every column, for a model not trained on a table), and its
+                          label column if there (labels, its class names)
       an IDX file         images or vectors (…-idx3-ubyte[.gz]); labels from labels_path
       PNG files           one path, a comma-separated list, or a directory of *.png
 
@@ -214,13 +228,39 @@ def iter_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = Non
     return
   if len(paths) > 1:
     raise ValueError(f"{path}: give one .npz or IDX file, or PNG files.")
+  if labels_path and not _is_idx(paths[0]):
+    raise ValueError("--labels goes with an IDX --input; an .npz or a CSV holds its own.")
   batches = (readers.npz_rows(paths[0], rows) if paths[0].endswith(".npz")
+             else _csv_rows(paths[0], model, rows) if paths[0].lower().endswith(".csv")
              else readers.idx_rows(paths[0], labels_path, rows))
   done = 0
   for x, labels in batches:
     x, labels = _checked(x, labels, path, model)
     yield [str(i) for i in range(done, done + len(x))], x, labels
     done += len(x)
+
+
+def _is_idx(path: str) -> bool:
+  return not path.lower().endswith((".npz", ".csv", ".png"))
+
+
+def _csv_rows(path: str, model: TrainedModel, rows: int
+              ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+  """(features, class indices or None) of a CSV table, in batches (tables.csv_rows)."""
+  classes = {name: k for k, name in enumerate(model.class_names)}
+  try:
+    for x, labels in tables.csv_rows(path, model.label_column, rows,
+                                      model.feature_names or None):
+      if labels is not None:
+        unknown = [name for name in labels if name not in classes]
+        if unknown:
+          raise ValueError(f"{path}: the label {unknown[0][:40]!r} in column "
+                           f"{model.label_column!r} is not one of the model's classes "
+                           f"({', '.join(model.class_names)[:200]}).")
+        labels = np.array([classes[name] for name in labels])
+      yield x, labels
+  except readers.DataError as e:
+    raise ValueError(str(e)) from None
 
 
 def read_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = None

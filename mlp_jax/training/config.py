@@ -125,8 +125,7 @@ def fold_indices(config: Config) -> list[Optional[int]]:
 
 
 def _check_cluster(config: Config) -> None:
-  if config.dataset not in ("digits", "fashion_mnist", "mnist") and not (
-      config.dataset.startswith("npz:") and len(config.dataset) > 4):
+  if not datasets.known(config.dataset):
     raise SettingError(f"--dataset={config.dataset!r}: must be one of {DATASETS}.")
   address = config.coordinator_address
   if address is not None and not (":" in address and address.rsplit(":", 1)[1].isdigit()):
@@ -218,7 +217,7 @@ def with_data(config: Config, ds: datasets.Dataset) -> tuple[Config, list[str]]:
   """(config, notes): a resolved config with the choices made from its loaded datasets.Dataset
   `ds` made explicit (the scaling of --input_scaling=auto, the number of --epochs by
   default: options.auto_epochs), and one line for each such choice."""
-  notes = []
+  notes = [f"test split: {ds.test_split}"] if ds.test_split else []
   if ds.scaling_reason:
     notes.append(f"input scaling: {ds.scaling}, by auto: {ds.scaling_reason} (--input_scaling)")
   epochs = config.epochs

@@ -40,7 +40,7 @@ def _setting(default: Any, help_text: str, part: str = "run", **bounds: Any) -> 
                            metadata={"help": help_text, "part": part, **bounds})
 
 
-DATASETS = "digits | fashion_mnist | mnist | npz:PATH"
+DATASETS = " | ".join(datasets.DATASETS)
 _TRAINING = "training"
 
 
@@ -51,8 +51,12 @@ class RunConfig:
   and the estimators take the training part as their parameters (SETTINGS)."""
 
   dataset: str = _setting("digits", DATASETS + ".", resume=True)
-  data_dir: Optional[str] = _setting(None, "Directory of the IDX files (mnist; "
-                                     f"fashion_mnist defaults to {datasets.FASHION_MNIST_DIR}).", resume=True)
+  data_dir: Optional[str] = _setting(
+      None, "Directory of the IDX files (mnist; fashion_mnist defaults to "
+      f"{datasets.FASHION_MNIST_DIR}).", resume=True)
+  label_column: Optional[str] = _setting(
+      None, "csv: the name of the label column (default: the last); every other column is "
+      "a feature.", resume=True)
   input_scaling: str = _setting(
       "auto", "x' = (x - mean) / std with one mean and std over all features (global), "
       "each feature its own (per_feature), or the data as given (none); from the train "
