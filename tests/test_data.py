@@ -96,6 +96,11 @@ def test_npz_loader_and_its_errors(tmp_path):
     datasets.load(f"npz:{tmp_path / 'neg.npz'}")
   with pytest.raises(datasets.DataError, match="unknown dataset 'cifar'"):
     datasets.load("cifar")
+  np.savez(tmp_path / "empty.npz", **{**arrays, "x_train": np.zeros((12, 0)),
+                                      "x_test": np.zeros((6, 0))})   # no feature at all
+  with pytest.raises(datasets.DataError, match=r"x_train must be \(N, ...\) with N >= 1 "
+                     r"examples of at least one feature, got shape \(12, 0\)"):
+    datasets.load(f"npz:{tmp_path / 'empty.npz'}")
 
 
 def test_standardised_with_train_statistics_only():

@@ -508,6 +508,13 @@ def _encrypted(path):
   pathlib.Path(path).write_bytes(bytes(content))
 
 
+def _nested_deep(path):
+  """A JSON record nested 10^5 deep (Python's parser recurses out of its stack)."""
+  if not path.endswith((".json", ".jsonl")):
+    pytest.skip("JSON records only")
+  pathlib.Path(path).write_text('{"epoch": 1, "format": ' + "[" * 10**5 + "]" * 10**5 + "}\n")
+
+
 def _line_of_1e9_bytes(path):
   """The good text, then one line of 10^9 bytes (sparse zeros), then the good text."""
   good = pathlib.Path(path).read_bytes()
@@ -527,7 +534,7 @@ BAD_INPUTS = {"symlink": _symlink, "hard_link": _hard_link,
               "wrong_member_name": _wrong_member_name,
               "extra_huge_members": _npz_only(_extra_huge_members),
               "encrypted_member": _npz_only(_encrypted),
-              "line_of_1e9_bytes": _line_of_1e9_bytes}
+              "line_of_1e9_bytes": _line_of_1e9_bytes, "nested_deep": _nested_deep}
 # Faults after which the file still reads: a user's input may be a link to their file;
 # a second name of a file changes nothing that is read; an empty flagfile sets nothing.
 READS_FINE = {("symlink", r) for r in READERS if r not in RECORDS} | {

@@ -123,8 +123,9 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int
 
 def _flat_inputs(x: Any, name: str) -> np.ndarray:
   x = np.asarray(x)
-  if x.ndim < 2 or x.shape[0] == 0:
-    raise DataError(f"{name} must be (N, ...) with N >= 1 examples, got shape {x.shape}.")
+  if x.ndim < 2 or x.shape[0] == 0 or 0 in x.shape[1:]:
+    raise DataError(f"{name} must be (N, ...) with N >= 1 examples of at least one "
+                    f"feature, got shape {x.shape}.")
   if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
     raise DataError(f"{name} must be a real numeric array, got dtype {x.dtype}.")
   with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf: refused below

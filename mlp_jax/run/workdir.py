@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import tempfile
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 from jax.sharding import Mesh
@@ -361,7 +361,16 @@ def read_record(path: str) -> Any:
     text = f.read(MAX_RECORD_BYTES + 1)
   if len(text) > MAX_RECORD_BYTES:
     raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
-  return json.loads(text)
+  return parse_json(text)
+
+
+def parse_json(text: Union[str, bytes]) -> Any:
+  """json.loads of a record, ValueError for what no run writes: not JSON, or nested so
+  deep that Python's parser recurses out (a fault of the file, never a bug here)."""
+  try:
+    return json.loads(text)
+  except RecursionError:
+    raise ValueError("JSON nested deeper than any record a run writes") from None
 
 
 def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
@@ -404,7 +413,7 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        row = parse_json(line)
       except ValueError:
         row = None
       epoch = row.get("epoch") if isinstance(row, dict) else None
