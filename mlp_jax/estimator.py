@@ -53,7 +53,7 @@ def _training(config: config_lib.Config, stack: stack_lib.Stack, num_rows: int,
               dp: Optional["dp_plan.DPPlan"] = None) -> "fit.Training":
   """The fit.Training of `config` and `stack` on `num_rows` training rows."""
   from mlp_jax.training import fit  # pylint: disable=g-import-not-at-top  (JAX only once a fit starts)
-  steps_per_epoch = -(-num_rows // config.batch_size)
+  steps_per_epoch = options.steps_per_epoch(num_rows, config.batch_size)
   hp = config_lib.hyperparams(config, steps_per_epoch, [config.num_epochs])
   return fit.Training(config, stack, hp, steps_per_epoch, dp)
 
@@ -215,7 +215,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     dp = None
     if config_lib.is_private(config):
       from mlp_jax.training import dp_plan  # pylint: disable=g-import-not-at-top
-      steps_per_epoch = -(-len(y) // config.batch_size)
+      steps_per_epoch = options.steps_per_epoch(len(y), config.batch_size)
       try:
         dp, stack = dp_plan.make_plan(config, stack, len(y), steps_per_epoch, 1,
                                       lambda line: None)

@@ -20,11 +20,16 @@ MIN_STEPS = 1500
 DP_EXTRA = "pip install dp-accounting (a dependency of mlp_jax, missing here)"
 
 
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """The steps of an epoch, ceil(N / B): every example once, the last batch padded (a
+  plain epoch), or as many Poisson-sampled steps of expected size B (DP-SGD)."""
+  return -(-num_examples // batch_size)
+
+
 def auto_epochs(num_examples: int, batch_size: int) -> int:
   """The default number of epochs: DEFAULT_EPOCHS, or ceil(MIN_STEPS / steps per epoch)
-  where that is more (steps per epoch: ceil(num_examples / batch_size))."""
-  steps_per_epoch = -(-num_examples // batch_size)
-  return max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
+  where that is more."""
+  return max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch(num_examples, batch_size)))
 
 
 def dp_available() -> bool:

@@ -27,7 +27,7 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.base import boundary, compilation, files
+from mlp_jax.base import boundary, compilation, files, options
 from mlp_jax.data import datasets
 from mlp_jax.run import (checkpoint, hooks as hooks_lib, processes, reports,
                          workdir as workdir_lib)
@@ -133,7 +133,7 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   config, notes = config_lib.with_data(config, ds)
   stack = stack_lib.with_folds(stack, config, ds.y_train)
   n, in_dim = ds.x_train.shape
-  steps_per_epoch = -(-n // config.batch_size)
+  steps_per_epoch = options.steps_per_epoch(n, config.batch_size)
   dp = None
   if config_lib.is_private(config):
     boundary.phase("calibrate")

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -73,19 +73,23 @@ def check_setting(s: Setting, value: Any) -> None:
     raise SettingError(f"{flag}: must be {bounds_text(s)}.")
 
 
+def swept_names(specs: Iterable[str]) -> list[str]:
+  """The names a --sweep's "name=v1,v2" specs sweep, as given (unchecked: parse_sweep)."""
+  return [spec.partition("=")[0].strip() for spec in specs]
+
+
 def is_private(config: Config) -> bool:
   """True for a differentially private (DP-SGD) run."""
-  swept = {spec.partition("=")[0].strip() for spec in config.sweep}
   return (config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
-          or bool(swept & {"dp_noise_multiplier", "dp_target_epsilon"}))
+          or bool(set(swept_names(config.sweep)) & {"dp_noise_multiplier",
+                                                     "dp_target_epsilon"}))
 
 
-def parse_sweep(specs: Iterable[str]) -> dict[str, tuple[float, ...]]:
+def parse_sweep(specs: Sequence[str]) -> dict[str, tuple[float, ...]]:
   """("name=v1,v2", ...) -> {name: (v1, v2)}; RunError naming what is wrong."""
   grid: dict[str, tuple[float, ...]] = {}
-  for spec in specs:
-    name, _, text = spec.partition("=")
-    name = name.strip()
+  for spec, name in zip(specs, swept_names(specs)):
+    text = spec.partition("=")[2]
     if name in BY_NAME and name not in SWEEPABLE:
       raise SettingError(f"--sweep {name} cannot be vmapped: it changes the shapes or the "
                      "program; loop over it instead, one run per value (e.g. for v in A B; "

@@ -23,7 +23,7 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax.base.options import COMPUTE_DTYPES, GRADIENTS, STACKINGS
+from mlp_jax.base.options import COMPUTE_DTYPES, GRADIENTS, STACKINGS, steps_per_epoch
 from mlp_jax.core import losses, model, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.core.model import Params
@@ -139,7 +139,7 @@ def dp_train_epoch(train_step: TrainStep, state: TrainState, X: Array, y: Array,
 def batch_indices(order: Array, batch_size: int) -> tuple[Array, Array]:
   """order (N,) -> indices (S, B) padded with 0 to S = ceil(N / B) batches, weights (S, B)."""
   n = order.shape[0]
-  steps = -(-n // batch_size)
+  steps = steps_per_epoch(n, batch_size)
   pad = steps * batch_size - n
   idx = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)]).reshape(steps, batch_size)
   w = (jnp.arange(steps * batch_size) < n).astype(jnp.float32).reshape(steps, batch_size)
@@ -299,9 +299,8 @@ def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batch_size: int,
     if model_dp is None:
       return train_epoch(make_train_step(model_hp, optimizer), state, (X, y), epoch,
                          Batching(batch_size, num_examples, mesh), values.get(TRAIN_MASK))
-    steps = -(-model_dp.num_examples // batch_size)
     return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, mesh), state,
-                          X, y, epoch, steps)
+                          X, y, epoch, steps_per_epoch(model_dp.num_examples, batch_size))
   return one
 
 
