@@ -74,7 +74,7 @@ def _fit(training: "fit.Training", X: np.ndarray, y: np.ndarray, num_classes: in
     data = fit.Data((jax.device_put(X), jax.device_put(y), len(y)), {}, train_mask)
     state, rows = fit.fit(training, state, data)
   except config_lib.RunError as e:
-    raise ValueError(_as_parameter(str(e))) from None
+    raise ValueError(e.worded("")) from None
   losses = np.array([stack_lib.model_values(row, "train_loss") for row in rows])
   return _Fitted(jax.tree.map(np.asarray, train_state.averaged_params(state)), losses)
 
@@ -162,7 +162,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         config = config._replace(epochs=options.auto_epochs(num_rows, config.batch_size))
       config_lib.check_warmup(config)
     except config_lib.RunError as e:
-      raise ValueError(f"{type(self).__name__}: {_as_parameter(str(e))}") from None
+      raise ValueError(f"{type(self).__name__}: {e.worded('')}") from None
     return config
 
   def _inputs(self, X: Any, y: Any, sample_weight: Any = None
@@ -220,7 +220,7 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         dp, stack = dp_plan.make_plan(config, stack, len(y), steps_per_epoch, 1,
                                       lambda line: None)
       except config_lib.RunError as e:
-        raise ValueError(f"{type(self).__name__}: {_as_parameter(str(e))}") from None
+        raise ValueError(f"{type(self).__name__}: {e.worded('')}") from None
     fitted = _fit(_training(config, stack, len(y), dp), X, y, len(self.classes_),
                   None if weights is None else weights[None])
     self._set_fitted(fitted, config, dp)
@@ -254,11 +254,6 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     p = self.predict_proba(X)
     from mlp_jax.core import prediction  # pylint: disable=g-import-not-at-top  (JAX)
     return self.classes_[np.asarray(prediction.classes(p))]
-
-
-def _as_parameter(message: str) -> str:
-  """A runner message about --name=value, worded for the estimator's name=value."""
-  return message.replace("--", "")
 
 
 class MLPClassifierCV(MLPClassifier):
@@ -305,7 +300,7 @@ class MLPClassifierCV(MLPClassifier):
     try:
       stack = stack_lib.with_folds(stack_lib.make_stack(config), config, labels)
     except config_lib.RunError as e:
-      raise ValueError(f"MLPClassifierCV: {_as_parameter(str(e))}") from None
+      raise ValueError(f"MLPClassifierCV: {e.worded('')}") from None
     mean, std, _, _ = datasets.scaling_of(X32, config.input_scaling)
     X32 = datasets.standardize(X32, mean, std)
     fitted = _fit(_training(config, stack, len(labels)), X32, labels, len(self.classes_),

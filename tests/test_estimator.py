@@ -222,8 +222,25 @@ def test_a_network_too_large_for_memory_is_one_value_error():
 ])
 def test_a_bad_parameter_is_one_line_naming_it(params, message):
   X, y = blobs()
-  with pytest.raises((ValueError, TypeError), match=message):
+  with pytest.raises((ValueError, TypeError), match=message) as raised:
     mj.MLPClassifier(**{**SMALL, **params}).fit(X, y)
+  assert "--" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_refusal_names_each_setting_in_the_words_of_its_front_end():
+  """A RunError names settings, not flags: the runner writes --name, the estimators
+  name, and text that is not a setting (a command to run) is never edited."""
+  from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(config_lib.SettingError) as raised:
+    config_lib.parse_sweep(("hidden_dim=8,16",))
+  command = "python experiments/train.py --hidden_dim=$v --workdir=runs/$v; done)."
+  assert str(raised.value).startswith("--sweep hidden_dim cannot be vmapped")
+  assert raised.value.worded("").startswith("sweep hidden_dim cannot be vmapped")
+  assert str(raised.value).endswith(command) and raised.value.worded("").endswith(command)
+  with pytest.raises(config_lib.SettingError) as raised:
+    config_lib.parse_sweep(("learning_rate=0",))
+  assert str(raised.value) == "--sweep learning_rate: --learning_rate=0.0: must be > 0."
+  assert raised.value.worded("") == "sweep learning_rate: learning_rate=0.0: must be > 0."
 
 
 def test_an_activation_trains_and_predicts_with_it():

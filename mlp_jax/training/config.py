@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -21,14 +21,31 @@ from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, Hyperparams, RESUM
 from mlp_jax.training.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
 
 
+class Named(NamedTuple):
+  """A setting named in a refusal, worded by the front end that shows it: --name on the
+  runner's command line, name for the estimators and the library (RunError.worded)."""
+
+  name: str
+
+
 class RunError(boundary.UserError):
-  """A run that cannot go on; the message is one line for the user."""
+  """A run that cannot go on: one line for the user, made of text and the settings it
+  names (Named), worded only at the boundary; str() is the runner's words (--name)."""
+
+  def __init__(self, *parts: Union[str, Named]):
+    self.parts = parts
+    super().__init__(self.worded("--"))
+
+  def worded(self, prefix: str) -> str:
+    """The line with each named setting written prefix + name ("--" or "")."""
+    return "".join(f"{prefix}{p.name}" if isinstance(p, Named) else p for p in self.parts)
 
 
 class SettingError(RunError, boundary.UsageError):
   """A bad setting or settings that cannot go together (exit status 2)."""
 
 
+SWEEP = Named("sweep")
 Log = Callable[[str], None]   # where a run's messages go (print, or rank 0's absl log)
 
 
@@ -52,25 +69,27 @@ def _is_kind(value: Any, kind: type) -> bool:
 def check_setting(s: Setting, value: Any) -> None:
   """RunError in one line unless `value` suits Setting `s`: type, finite, bounds,
   choices (None only for a setting whose default is None)."""
-  flag = f"--{s.name}={value!r}" if isinstance(value, str) else f"--{s.name}={value}"
+  flag = Named(s.name), f"={value!r}" if isinstance(value, str) else f"={value}"
   if value is None and s.default is None:
     return
   if s.kind is tuple:
     if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-      raise SettingError(f"--{s.name} must be a list of strings NAME=v1,v2, got {value!r}.")
+      raise SettingError(Named(s.name), f" must be a list of strings NAME=v1,v2, got "
+                         f"{value!r}.")
     return
   if not _is_kind(value, s.kind):
-    raise SettingError(f"{flag}: must be {'an' if s.kind is int else 'a'} {s.kind.__name__}.")
+    raise SettingError(*flag, f": must be {'an' if s.kind is int else 'a'} "
+                       f"{s.kind.__name__}.")
   if s.kind is float and not math.isfinite(value):
-    raise SettingError(f"{flag}: must be a finite number"
-                   + (f" {bounds_text(s)}." if bounds_text(s) else "."))
+    raise SettingError(*flag, ": must be a finite number"
+                       + (f" {bounds_text(s)}." if bounds_text(s) else "."))
   if s.choices and value not in s.choices:
-    raise SettingError(f"{flag}: must be one of {', '.join(s.choices)}.")
+    raise SettingError(*flag, f": must be one of {', '.join(s.choices)}.")
   if s.kind in (int, float) and not ((s.lower is None or value >= s.lower) and
                                      (s.above is None or value > s.above) and
                                      (s.upper is None or value <= s.upper) and
                                      (s.below is None or value < s.below)):
-    raise SettingError(f"{flag}: must be {bounds_text(s)}.")
+    raise SettingError(*flag, f": must be {bounds_text(s)}.")
 
 
 def swept_names(specs: Iterable[str]) -> list[str]:
@@ -91,26 +110,27 @@ def parse_sweep(specs: Sequence[str]) -> dict[str, tuple[float, ...]]:
   for spec, name in zip(specs, swept_names(specs)):
     text = spec.partition("=")[2]
     if name in BY_NAME and name not in SWEEPABLE:
-      raise SettingError(f"--sweep {name} cannot be vmapped: it changes the shapes or the "
-                     "program; loop over it instead, one run per value (e.g. for v in A B; "
-                     f"do python experiments/train.py --{name}=$v --workdir=runs/$v; done).")
+      raise SettingError(SWEEP, f" {name} cannot be vmapped: it changes the shapes or the "
+                         "program; loop over it instead, one run per value (e.g. for v in A "
+                         f"B; do python experiments/train.py --{name}=$v --workdir=runs/$v; "
+                         "done).")
     if name not in SWEEPABLE:
-      raise SettingError(f"--sweep {spec!r}: unknown name {name!r}; sweepable are "
-                     f"{', '.join(SWEEPABLE)}.")
+      raise SettingError(SWEEP, f" {spec!r}: unknown name {name!r}; sweepable are "
+                         f"{', '.join(SWEEPABLE)}.")
     if name in grid:
-      raise SettingError(f"--sweep {name} is given twice; list all its values in one flag.")
+      raise SettingError(SWEEP, f" {name} is given twice; list all its values in one flag.")
     try:
       values = tuple(float(v) for v in text.split(","))
     except ValueError:
       values = ()
     if not text.strip() or not values or not all(math.isfinite(v) and v >= 0 for v in values):
-      raise SettingError(f"--sweep {spec!r} needs numbers >= 0 after '=', e.g. "
-                     f"--sweep={name}=1e-3,2e-3.")
+      raise SettingError(SWEEP, f" {spec!r} needs numbers >= 0 after '=', e.g. ", SWEEP,
+                         f"={name}=1e-3,2e-3.")
     for v in values:  # each value must be a valid setting itself
       try:
         check_setting(BY_NAME[name], v)
       except RunError as e:
-        raise SettingError(f"--sweep {name}: {e}") from None
+        raise SettingError(SWEEP, f" {name}: ", *e.parts) from None
     grid[name] = values
   return grid
 
@@ -130,35 +150,39 @@ def fold_indices(config: Config) -> list[Optional[int]]:
 
 def _check_cluster(config: Config) -> None:
   if not datasets.known(config.dataset):
-    raise SettingError(f"--dataset={config.dataset!r}: must be one of {DATASETS}.")
+    raise SettingError(Named("dataset"), f"={config.dataset!r}: must be one of {DATASETS}.")
   address = config.coordinator_address
   if address is not None and not (":" in address and address.rsplit(":", 1)[1].isdigit()):
-    raise SettingError(f"--coordinator_address={address!r}: must be host:port, e.g. "
-                   "10.0.0.1:1234.")
+    raise SettingError(Named("coordinator_address"), f"={address!r}: must be host:port, "
+                       "e.g. 10.0.0.1:1234.")
   if (config.process_id is not None and config.num_processes is not None
       and config.process_id >= config.num_processes):
-    raise SettingError(f"--process_id={config.process_id}: must be below --num_processes="
-                   f"{config.num_processes} (processes count from 0).")
+    raise SettingError(Named("process_id"), f"={config.process_id}: must be below ",
+                       Named("num_processes"), f"={config.num_processes} (processes count "
+                       "from 0).")
 
 
 def _check_folds(config: Config) -> None:
   """--cv_folds and --cv_fold with the settings they cannot go with."""
   if config.cv_fold is not None and config.cv_folds < 2:
-    raise SettingError(f"--cv_fold={config.cv_fold} is one fold of a k-fold selection: give "
-                   "--cv_folds=K as well (K >= 2).")
+    raise SettingError(Named("cv_fold"), f"={config.cv_fold} is one fold of a k-fold "
+                       "selection: give ", Named("cv_folds"), "=K as well (K >= 2).")
   if not config.cv_folds:
     return
   if config.cv_folds == 1:
-    raise SettingError("--cv_folds=1: k-fold cross-validation needs K >= 2 folds (0: off).")
+    raise SettingError(Named("cv_folds"), "=1: k-fold cross-validation needs K >= 2 folds "
+                       "(0: off).")
   if config.cv_fold is not None and config.cv_fold >= config.cv_folds:
-    raise SettingError(f"--cv_fold={config.cv_fold}: must be below --cv_folds="
-                   f"{config.cv_folds} (folds count from 0).")
+    raise SettingError(Named("cv_fold"), f"={config.cv_fold}: must be below ",
+                       Named("cv_folds"), f"={config.cv_folds} (folds count from 0).")
   if config.validation_fraction:
-    raise SettingError("--cv_folds validates on the held-out folds: drop --validation_fraction "
-                   "(or drop --cv_folds to hold out a fraction).")
+    raise SettingError(Named("cv_folds"), " validates on the held-out folds: drop ",
+                       Named("validation_fraction"), " (or drop ", Named("cv_folds"),
+                       " to hold out a fraction).")
   if is_private(config):
-    raise SettingError("--cv_folds is not available with DP-SGD (each row would train K - 1 "
-                   "private models); choose on a --validation_fraction split instead.")
+    raise SettingError(Named("cv_folds"), " is not available with DP-SGD (each row would "
+                       "train K - 1 private models); choose on a ",
+                       Named("validation_fraction"), " split instead.")
 
 
 def _check_dp(config: Config) -> None:
@@ -166,8 +190,9 @@ def _check_dp(config: Config) -> None:
   if not is_private(config):
     swept = [name for name in parse_sweep(config.sweep) if name.startswith("dp_")]
     if swept:
-      raise SettingError(f"--sweep {swept[0]} is a DP-SGD setting: add --dp_noise_multiplier "
-                     "or --dp_target_epsilon (or sweep one of them).")
+      raise SettingError(SWEEP, f" {swept[0]} is a DP-SGD setting: add ",
+                         Named("dp_noise_multiplier"), " or ", Named("dp_target_epsilon"),
+                         " (or sweep one of them).")
     return
   if not options.dp_available():
     raise SettingError("differential privacy (dp_noise_multiplier, dp_target_epsilon) "
@@ -176,11 +201,11 @@ def _check_dp(config: Config) -> None:
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
            if getattr(config, n) is not None or n in grid]
   if len(noise) > 1:
-    raise SettingError("give --dp_noise_multiplier or --dp_target_epsilon (set or swept), "
-                   "not both.")
+    raise SettingError("give ", Named("dp_noise_multiplier"), " or ",
+                       Named("dp_target_epsilon"), " (set or swept), not both.")
   if config.grads != "manual":
-    raise SettingError("a DP run always uses the closed-form clipped gradient; drop "
-                   f"--grads={config.grads}.")
+    raise SettingError("a DP run always uses the closed-form clipped gradient; drop ",
+                       Named("grads"), f"={config.grads}.")
 
 
 def _check_writable_dir(flag: str, path: str) -> None:
@@ -212,9 +237,10 @@ def _is_text(path: str) -> bool:
 def check_warmup(config: Config) -> None:
   """RunError unless the warmup fits in the run's epochs."""
   if config.warmup_epochs > config.num_epochs:
-    raise SettingError(f"--warmup_epochs {config.warmup_epochs:g} is longer than --epochs "
-                   f"{config.epochs}: the learning rate would never reach its peak; use "
-                   f"--warmup_epochs of at most {config.epochs} (e.g. 1).")
+    raise SettingError(Named("warmup_epochs"), f" {config.warmup_epochs:g} is longer than ",
+                       Named("epochs"), f" {config.epochs}: the learning rate would never "
+                       "reach its peak; use ", Named("warmup_epochs"), " of at most "
+                       f"{config.epochs} (e.g. 1).")
 
 
 def with_data(config: Config, ds: datasets.Dataset) -> tuple[Config, list[str]]:
@@ -260,9 +286,9 @@ def _check_training_together(config: Config) -> None:
   _check_dp(config)
   _check_folds(config)
   if is_private(config) and config.input_scaling == "per_feature":
-    raise SettingError("--input_scaling=per_feature: a private run cannot scale by statistics "
-                   "of its training data (they would leak it); use global (the dataset's "
-                   "published constants) or none.")
+    raise SettingError(Named("input_scaling"), "=per_feature: a private run cannot scale by "
+                       "statistics of its training data (they would leak it); use global "
+                       "(the dataset's published constants) or none.")
 
 
 def check_training(config: Config) -> Config:
@@ -285,17 +311,17 @@ def resolve(config: Config) -> Config:
   if config.sweep:
     parse_sweep(config.sweep)
     if fraction is not None and fraction <= 0 and not config.cv_folds:
-      raise SettingError("a --sweep chooses its configuration on validation data: give "
-                     "--validation_fraction > 0 (default 0.1) or --cv_folds=K, never the "
-                     "test set.")
+      raise SettingError("a ", SWEEP, " chooses its configuration on validation data: give ",
+                         Named("validation_fraction"), " > 0 (default 0.1) or ",
+                         Named("cv_folds"), "=K, never the test set.")
   _check_training_together(config)
   for flag in ("profile_dir", "compilation_cache"):
     if getattr(config, flag):
       _check_writable_dir(f"--{flag}", getattr(config, flag))
   if config.workdir is not None and not _is_text(config.workdir):
-    raise SettingError(f"--workdir {config.workdir!a} is not text in this locale's "
-                       f"encoding ({sys.getfilesystemencoding()}), and orbax cannot store "
-                       "checkpoints under it: run in a UTF-8 locale (LANG=C.UTF-8, or "
+    raise SettingError(Named("workdir"), f" {config.workdir!a} is not text in this "
+                       f"locale's encoding ({sys.getfilesystemencoding()}), and orbax cannot "
+                       "store checkpoints under it: run in a UTF-8 locale (LANG=C.UTF-8, or "
                        "PYTHONUTF8=1), or use an ASCII path.")
   cache = config.compilation_cache
   why = cache and os.path.lexists(cache) and compilation.unsafe(cache)

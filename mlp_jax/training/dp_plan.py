@@ -14,7 +14,7 @@ import numpy as np
 
 from mlp_jax.core import privacy
 from mlp_jax.data import datasets
-from mlp_jax.training.config import Config, Log, RunError
+from mlp_jax.training.config import Config, Log, Named, RunError
 from mlp_jax.training.stack import Stack
 
 
@@ -47,7 +47,7 @@ def _noise_multipliers(config: Config, stack: Stack, q: float, steps: int, log: 
     try:
       sigmas[target] = privacy.calibrate_noise_multiplier(target, q, steps, config.dp_delta)
     except ValueError as e:
-      raise RunError(f"--dp_target_epsilon: {e}") from None
+      raise RunError(Named("dp_target_epsilon"), f": {e}") from None
     log(f"DP: σ = {sigmas[target]:.4f} reaches ε = {target:g} (PLD) at δ = "
         f"{config.dp_delta:g} in {steps} steps of q = {q:.4g}")
   return np.array([sigmas[t] for t in targets.tolist()])
@@ -68,7 +68,7 @@ def make_plan(config: Config, stack: Stack, num_examples: int, steps_per_epoch: 
   batch overflows with probability ≤ 1e-9 over the run.
   """
   if config.dp_delta >= 1 / num_examples:
-    raise RunError(f"--dp_delta {config.dp_delta:g} is not below 1/N = "
+    raise RunError(Named("dp_delta"), f" {config.dp_delta:g} is not below 1/N = "
                    f"{1 / num_examples:.3g} for N = {num_examples} training examples; a δ "
                    "that large allows leaking a whole example. Use e.g. 1e-5 or less.")
   q = config.batch_size / num_examples
@@ -112,8 +112,8 @@ def account(plan: DPPlan, per_model: dict[str, Any], steps: int,
     raise RunError(f"{overflows} Poisson batch(es) exceeded the padded batch of "
                    f"{plan.dpsgd.padded_batch_size} (probability "
                    f"{plan.record['overflow_probability']:.1e}); the epoch is not recorded: "
-                   "a resume would draw the same batches again, so start anew with another "
-                   "--seed (and a fresh --workdir).")
+                   "a resume would draw the same batches again, so start anew with another ",
+                   Named("seed"), " (and a fresh ", Named("workdir"), ").")
   if not with_epsilon:
     return None
   q = plan.dpsgd.sampling_rate

@@ -23,7 +23,7 @@ import numpy as np
 
 from mlp_jax.training import (dp_plan, memory, parallel, spec, stack as stack_lib, train,
                               train_state)
-from mlp_jax.training.config import RunConfig, RunError
+from mlp_jax.training.config import Named, RunConfig, RunError
 from mlp_jax.training.stack import Row, Stack
 
 # (X, y, N) of a split on the devices; evaluated splits add their rows (indices (M, R),
@@ -145,8 +145,8 @@ def check_divergence(training: Training, row: Row) -> None:
   losses = ", ".join(f"{k.removesuffix('_mean')} {v}" for k, v in row.items()
                      if k.endswith("_loss") or k.endswith("_loss_mean"))
   raise Diverged(f"training diverged in epoch {row['epoch']}: {losses}; the learning rate "
-                 f"{training.config.learning_rate:g} is likely too high (try 10x lower, or "
-                 "--clip_norm=1).")
+                 f"{training.config.learning_rate:g} is likely too high (try 10x lower, or ",
+                 Named("clip_norm"), "=1).")
 
 
 def _epoch_row(training: Training, train_epoch: Callable[..., Any],

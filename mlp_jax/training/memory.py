@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import jax
 
 from mlp_jax.base import files
-from mlp_jax.training.config import Config, RunError
+from mlp_jax.training.config import Config, Named, RunError
 
 # Optimizer slots per parameter (momentum, Adam's μ and ν).
 _OPTIMIZER_SLOTS = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2}
@@ -53,11 +53,12 @@ def check_memory(config: Config, data_shape: tuple[int, int, int],
     need *= len(devices)
   if free is not None and need > free:
     many = f" for {num_models} models" if num_models > 1 else ""
-    raise RunError(f"--hidden_dim {config.hidden_dim} needs about {_gib(need)}{many} (W1 "
-                   f"alone is {_gib(4 * config.hidden_dim * in_dim)}, plus its "
+    fewer = ((" or fewer models (", Named("num_seeds"), ", ", Named("sweep"), ").") if many
+             else (".",))
+    raise RunError(Named("hidden_dim"), f" {config.hidden_dim} needs about {_gib(need)}{many} "
+                   f"(W1 alone is {_gib(4 * config.hidden_dim * in_dim)}, plus its "
                    f"{config.optimizer} state, gradients and the data) but the {where} has "
-                   f"{_gib(free)} free; use a smaller --hidden_dim"
-                   + (" or fewer models (--num_seeds, --sweep)." if many else "."))
+                   f"{_gib(free)} free; use a smaller ", Named("hidden_dim"), *fewer)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 
 from mlp_jax.data import datasets
 from mlp_jax.training import config as config_lib
-from mlp_jax.training.config import RunError
+from mlp_jax.training.config import Named, RunError
 
 
 class Stack(NamedTuple):
@@ -108,7 +108,7 @@ def with_folds(stack: Stack, config: config_lib.Config, y_train: np.ndarray) -> 
   try:
     row_folds = datasets.stratified_folds(y_train, config.cv_folds, config.seed)
   except datasets.DataError as e:
-    raise RunError(f"--cv_folds: {e}") from None
+    raise RunError(Named("cv_folds"), f": {e}") from None
   return stack._replace(row_folds=row_folds)
 
 
