@@ -344,8 +344,8 @@ BINARY = ("dataset_npz", "idx", "idx_gz", "params_npz", "predict_npz", "predict_
 # read through it (or why it has none): read from the code, so a reader added without
 # its row fails test_every_reader_of_the_code_is_in_the_matrix.
 READER_OF_CALLER = {
-    ("mlp_jax/data/readers.py", "open_idx"): ("idx", "idx_gz", "predict_idx"),
-    ("mlp_jax/data/tables.py", "_csv_lines"): ("dataset_csv", "predict_csv"),
+    ("mlp_jax/data/readers.py", "open_data"): ("idx", "idx_gz", "predict_idx", "dataset_csv",
+                                               "predict_csv"),
     ("mlp_jax/data/readers.py", "load_npz"): ("dataset_npz",),
     ("mlp_jax/data/readers.py", "npz_rows"): ("predict_npz",),
     ("mlp_jax/data/readers.py", "read_png"): ("predict_png",),

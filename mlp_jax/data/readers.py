@@ -95,16 +95,22 @@ def _idx_header(f: IO[bytes], path: str, file_size: int, gzipped: bool) -> IdxHe
   return IdxHeader(dims, dtype)
 
 
-@contextlib.contextmanager
-def open_idx(path: str) -> Iterator[tuple[IO[bytes], IdxHeader]]:
-  """(the stream at its first data byte, the checked header) of an IDX file (.gz or
-  not); a device, a pipe or a directory is refused. DataError, one line, for any problem."""
+def open_data(path: str) -> IO[bytes]:
+  """The regular file at `path` for reading (files.open_regular: a device, a pipe or a
+  directory is refused); DataError, one line, for any problem."""
   try:
-    raw = files.open_regular(path)
+    return files.open_regular(path)
   except files.UnsafePath as e:
     raise DataError(f"{e.strerror}.") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read it ({e.strerror or e}).") from None
+
+
+@contextlib.contextmanager
+def open_idx(path: str) -> Iterator[tuple[IO[bytes], IdxHeader]]:
+  """(the stream at its first data byte, the checked header) of an IDX file (.gz or
+  not); a device, a pipe or a directory is refused. DataError, one line, for any problem."""
+  raw = open_data(path)
   gzipped = path.endswith(".gz")
   try:
     with raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gzipped

@@ -15,6 +15,7 @@ from typing import IO, Iterator, Optional
 import numpy as np
 
 from mlp_jax.base import files
+from mlp_jax.data import readers
 from mlp_jax.data.readers import DataError
 
 # Rows of a CSV table parsed at once (a training read joins its batches), and the
@@ -26,12 +27,7 @@ MAX_CSV_LINE = 1 << 24
 @contextlib.contextmanager
 def _csv_lines(path: str) -> Iterator[tuple[tuple[str, ...], Iterator[str]]]:
   """(the header's column names, the data lines) of a CSV file; DataError, one line."""
-  try:
-    raw = files.open_regular(path)
-  except files.UnsafePath as e:
-    raise DataError(f"{e.strerror}.") from None
-  except OSError as e:
-    raise DataError(f"{path}: cannot read it ({e.strerror or e}).") from None
+  raw = readers.open_data(path)
   with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
     try:
       lines = _bounded_lines(text, path)
