@@ -28,81 +28,44 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from mlp_jax.base import options
+from mlp_jax.training import config as config_lib, spec
 
 from benchmark_harness import (Timing, bandwidth_run, gemm_run, profile_once,
                                time_round_robin)
 from benchmark_report import format_ratios, format_table, make_row
-from benchmark_variants import (LAYOUT_ROWS, dp_run, jax_run, opacus_run, plain_jax_run,
-                                stacked_run, torch_run)
+from benchmark_variants import (dp_run, jax_run, opacus_run, plain_jax_run, stacked_run,
+                                torch_run)
 
 
-flags.DEFINE_list("grads", ["manual", "autodiff", "manual_vjp"], "Gradients to time: "
-                  f"{', '.join(options.GRADIENTS)}, or the manual step in a fixed layout, "
-                  f"{' (batch-major) and '.join(LAYOUT_ROWS)} (feature-major).")
-flags.DEFINE_list("modes", ["step", "scan"], "step: Python loop; scan: one lax.scan.")
-flags.DEFINE_list("compute_dtypes", ["float32", "bfloat16"], "Matmul dtypes.")
-flags.DEFINE_list("batch_sizes", ["64", "256", "1024"], "Batch sizes B.")
-flags.DEFINE_list("hidden_dims", ["1024"], "Hidden sizes H.")
-flags.DEFINE_list("num_devices", ["1"], "Device counts: data parallel over a mesh of each "
-                  "(scan mode only above 1 device; see docs/benchmarks.md).")
-flags.DEFINE_integer("in_dim", 784, "D.", lower_bound=1)
-flags.DEFINE_integer("num_classes", 10, "K.", lower_bound=2)
-flags.DEFINE_integer("steps", 100, "Steps per timed repeat.", lower_bound=1)
-flags.DEFINE_integer("repeats", 7, "Timed repeats; the median and min are reported.",
-                     lower_bound=1)
-flags.DEFINE_integer("ceiling_size", 2048, "N of the N×N×N GEMM that sets the ceiling.",
-                     lower_bound=8)
-flags.DEFINE_string("json_out", None, "Write one JSON object per row (JSON Lines) here.")
-flags.DEFINE_string("profile_dir", None, "After the timed repeats, run one more repeat of "
-                    "every variant under jax.profiler, each variant a named span, and "
-                    "write the trace to DIR/B<b>_H<h> (not counted: the profiler slows "
-                    "what it traces); view with tensorboard --logdir or Perfetto.")
-flags.DEFINE_list("peers", [], "Peers timed in the same run: torch (PyTorch eager float32 "
-                  "and bfloat16 autocast, on CUDA where there is a GPU); jax (plain "
-                  "jax.grad + optax in a lax.scan, each --compute_dtypes); opacus (with "
-                  "--dp: Opacus' per-sample hooks and ghost clipping).")
-flags.DEFINE_bool("dp", False, "Add DP-SGD rows: the plain step (plain), the closed-form "
-                  "clipped sum without (dp_clipped_sum) and with noise (dp_closed_form), and "
-                  "vmap(grad) -> clip -> sum with noise (dp_vmap_grad, what jax_privacy "
-                  "and optax do), each with its memory.")
-flags.DEFINE_list("num_models", [], "Model counts N: add rows of N models trained together "
-                  "(train.make_train_epoch of a stack, seeds 0..N-1, manual float32, scan), "
-                  "examples/s summed over the models, next to one model's scan.")
-flags.DEFINE_list("stackings", ["vmap", "map"], "How the --num_models models share the "
-                  "program: vmap (batched) and/or map (one after another).")
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"],
-                  "The update in the step: optax Adam, or plain SGD to see the optimizer's share.")
+spec.define_flags(spec.BENCHMARK)
 
 
-def check_flags(cfg):
-  """(batch sizes, hidden sizes, device counts, model counts) of the flags; a bad value
-  is one line on stderr and exit status 2."""
-  unknown = ([g for g in cfg.grads if g not in (*options.GRADIENTS, *LAYOUT_ROWS)]
-             + [m for m in cfg.modes if m not in ("step", "scan")]
-             + [c for c in cfg.compute_dtypes if c not in options.COMPUTE_DTYPES]
-             + [p for p in cfg.peers if p not in ("torch", "opacus", "jax")]
-             + [s for s in cfg.stackings if s not in options.STACKINGS])
-  try:
-    sizes = ([int(v) for v in cfg.batch_sizes], [int(v) for v in cfg.hidden_dims],
-             [int(v) for v in cfg.num_devices], [int(v) for v in cfg.num_models])
-  except ValueError:
-    unknown.append("--batch_sizes/--hidden_dims/--num_devices/--num_models must be comma "
-                   "lists of integers")
-    sizes = ([], [], [], [])
-  if unknown or min(sum(sizes, []), default=1) < 1:
-    _exit(f"unknown or invalid values: {', '.join(unknown) or 'sizes must be >= 1'}")
-  batch_sizes, _, device_counts, _ = sizes
+def read_config(flag_values):
+  """The flags as a spec.BenchmarkConfig, each value checked by its declaration (type,
+  choices, bounds; a list item by item), then the device counts against this machine:
+  a bad value is one line on stderr and exit status 2."""
+  values = {}
+  for s in spec.BENCHMARK:
+    value = flag_values[s.name].value
+    if s.kind is tuple:
+      value = tuple(int(v) if s.item is int and v.strip().lstrip("-").isdigit() else v
+                    for v in value)
+    try:
+      config_lib.check_setting(s, value)
+    except config_lib.SettingError as e:
+      _exit(str(e))
+    values[s.name] = value
+  cfg = spec.BenchmarkConfig(**values)
   local = jax.local_device_count()
-  if max(device_counts) > local:
-    _exit(f"--num_devices asks for {max(device_counts)} devices but there are {local}; on "
-          f"a CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
-          f"{max(device_counts)}.")
-  uneven = [(b, n) for b in batch_sizes for n in device_counts if b % n]
+  if max(cfg.num_devices) > local:
+    _exit(f"--num_devices asks for {max(cfg.num_devices)} devices but there are {local}; "
+          "on a CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
+          f"{max(cfg.num_devices)}.")
+  uneven = [(b, n) for b in cfg.batch_sizes for n in cfg.num_devices if b % n]
   if uneven:
     _exit(f"batch size {uneven[0][0]} does not divide over {uneven[0][1]} devices; use "
           "batch sizes that are multiples of every --num_devices.")
-  return sizes
+  return cfg
 
 
 def _exit(message):
@@ -124,7 +87,7 @@ def available_peers(cfg):
   return {"torch": torch_ok, "opacus": opacus_ok}
 
 
-def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
+def prepare_runs(b, h, peers, cfg):
   """({key: run()}, {key: partial Timing fields}, {dtype: GEMM FLOPs per run}) for
   every variant of one (B, H): key = (grads, mode, dtype, devices), or ("gemm", dtype)."""
   runs, info, gemm_flops = {}, {}, {}
@@ -134,7 +97,7 @@ def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
       for grads in cfg.grads:
         # XLA's CPU runtime deadlocks with ~20-40 multi-device steps in flight,
         # as `step` mode queues them; the runner's scan is one call per epoch.
-        for n in [n for n in device_counts if mode == "scan" or n == 1]:
+        for n in [n for n in cfg.num_devices if mode == "scan" or n == 1]:
           runs[(grads, mode, dt, n)], compile_s = jax_run((grads, mode, dt, n), b, h, cfg)
           info[(grads, mode, dt, n)] = {"compile_seconds": compile_s}
   dp_kinds = ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad") if cfg.dp else ()
@@ -143,7 +106,7 @@ def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
       runs[(kind, "step", dt, 1)], compile_s, temp = dp_run(kind, dt, b, h, cfg)
       info[(kind, "step", dt, 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
   for dt, n_models, stacking in itertools.product(
-      cfg.compute_dtypes if model_counts else (), model_counts, cfg.stackings):
+      cfg.compute_dtypes if cfg.num_models else (), cfg.num_models, cfg.stackings):
     key = (f"{stacking}_{n_models}", "scan", dt, 1)
     runs[key], compile_s = stacked_run(n_models, stacking, dt, b, h, cfg)
     info[key] = {"compile_seconds": compile_s, "num_models": n_models}
@@ -169,10 +132,10 @@ def prepare_runs(b, h, device_counts, model_counts, peers, cfg):
   return runs, info, gemm_flops
 
 
-def time_one_size(b, h, device_counts, model_counts, peers, cfg):
+def time_one_size(b, h, peers, cfg):
   """The rows of every variant of one (B, H), timed in turn (round robin) with the GEMM
   ceilings."""
-  runs, info, gemm_flops = prepare_runs(b, h, device_counts, model_counts, peers, cfg)
+  runs, info, gemm_flops = prepare_runs(b, h, peers, cfg)
   # vmap(grad) holds B per-example gradients (GBs at B = 1024): freeing them slowed the
   # variant timed next by up to 5x, so it is timed on its own, after the others.
   alone = {key: runs.pop(key) for key in list(runs) if key[0] == "dp_vmap_grad"}
@@ -215,18 +178,17 @@ def describe_load(before, after):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cfg = flags.FLAGS
+  cfg = read_config(flags.FLAGS)
   from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
   cache = compilation.enable()  # compile seconds: a read of the cache when it is warm
-  batch_sizes, hidden_dims, device_counts, model_counts = check_flags(cfg)
   print(f"device: {jax.devices()[0]} ({jax.default_backend()}, "
         f"{jax.local_device_count()} local), jax {jax.__version__}, "
         f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
         f"optimizer={cfg.optimizer}, compilation cache {cache or 'off'}")
   peers = available_peers(cfg)
   before = machine_load()
-  rows = [row for h in hidden_dims for b in batch_sizes
-          for row in time_one_size(b, h, device_counts, model_counts, peers, cfg)]
+  rows = [row for h in cfg.hidden_dims for b in cfg.batch_sizes
+          for row in time_one_size(b, h, peers, cfg)]
   print(f"machine: {describe_load(before, machine_load())}")
   print(format_table(rows))
   print(format_ratios(rows))

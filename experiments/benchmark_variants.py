@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import optax
 
 import mlp_jax as mj
+from mlp_jax.base import options
 from mlp_jax.core import privacy
 from mlp_jax.core.network import Network
 from mlp_jax.training import parallel, train
 
 from benchmark_harness import temp_memory_mb
 
-
-# The manual step in one named layout (mlp_jax/core/feature_major.py); "manual" is the one
+# The manual step in one named layout (options.LAYOUT_ROWS); "manual" is the one
 # network.choose_layout picks for each dtype on this machine.
-LAYOUT_ROWS = {"manual_bmajor": "batch_major", "manual_fmajor": "feature_major"}
+LAYOUT_ROWS = options.LAYOUT_ROWS
 
 
 @functools.lru_cache(maxsize=2)

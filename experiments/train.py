@@ -26,15 +26,8 @@ def define_flags():
   Called when the flags are first parsed: JAX is imported inside the error boundary."""
   if "dataset" in flags.FLAGS:  # defined already (tests parse many times in-process)
     return
-  from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
-  define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-            str: flags.DEFINE_string, tuple: flags.DEFINE_multi_string}
-  for s in config_lib.SETTINGS:
-    bounds = config_lib.bounds_text(s)
-    text = (s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
-            + (f" Must be {bounds}." if bounds else ""))
-    default = list(s.default) if s.kind is tuple else s.default
-    define[s.kind](s.name, default, text)
+  from mlp_jax.training import spec  # pylint: disable=g-import-not-at-top
+  spec.define_flags(spec.SETTINGS)
 
 
 def parse_flags(argv):

@@ -11,6 +11,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # (scikit-learn's four and gelu), here for the flags, which are built before JAX loads.
 ACTIVATIONS = ("relu", "tanh", "logistic", "identity", "gelu")
 GRADIENTS = ("manual", "autodiff", "manual_vjp")
+# The benchmark's rows of the manual step in a fixed layout, and that layout.
+LAYOUT_ROWS = {"manual_bmajor": "batch_major", "manual_fmajor": "feature_major"}
 CLIPPINGS = ("flat", "per_layer")   # DP-SGD: one norm C, or (C1, C2) per layer
 STACKINGS = ("vmap", "map")
 # --epochs by default: this many, or more on a small training set, so that training

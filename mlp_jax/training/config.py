@@ -17,7 +17,7 @@ import numpy as np
 from mlp_jax.base import boundary, compilation, options
 from mlp_jax.data import datasets
 from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, Hyperparams, RESUME_FIELDS,
-                                   SETTINGS, Setting, SWEEPABLE, TRAINING)
+                                   SETTINGS, Setting, SWEEPABLE, TRAINING, bounds_text)
 from mlp_jax.training.spec import RunConfig  # pylint: disable=unused-import  (config.RunConfig)
 
 
@@ -49,17 +49,6 @@ SWEEP = Named("sweep")
 Log = Callable[[str], None]   # where a run's messages go (print, or rank 0's absl log)
 
 
-def bounds_text(s: Setting) -> str:
-  """Setting `s`'s bounds in words, e.g. "> 0 and < 1" ("" if it has none)."""
-  def number(v: float) -> str:
-    return str(v) if isinstance(v, int) else f"{v:g}"
-  parts = [f">= {number(s.lower)}" if s.lower is not None else None,
-           f"> {number(s.above)}" if s.above is not None else None,
-           f"<= {number(s.upper)}" if s.upper is not None else None,
-           f"< {number(s.below)}" if s.below is not None else None]
-  return " and ".join(p for p in parts if p)
-
-
 def _is_kind(value: Any, kind: type) -> bool:
   """isinstance for a setting's kind: an int is also a float, a bool neither."""
   kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[kind]
@@ -72,10 +61,11 @@ def check_setting(s: Setting, value: Any) -> None:
   flag = Named(s.name), f"={value!r}" if isinstance(value, str) else f"={value}"
   if value is None and s.default is None:
     return
-  if s.kind is tuple:
-    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
-      raise SettingError(Named(s.name), f" must be a list of strings NAME=v1,v2, got "
-                         f"{value!r}.")
+  if s.kind is tuple:   # a list: each item checked as a setting of the item's kind
+    if not isinstance(value, (tuple, list)):
+      raise SettingError(Named(s.name), f" must be a list, got {value!r}.")
+    for item in value:
+      check_setting(s._replace(kind=s.item or str, default=()), item)
     return
   if not _is_kind(value, s.kind):
     raise SettingError(*flag, f": must be {'an' if s.kind is int else 'a'} "

@@ -5,7 +5,7 @@ parameters (TRAINING) and the checks (config.py)."""
 
 import dataclasses
 import typing
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from mlp_jax.base import options
 from mlp_jax.data import datasets
@@ -20,7 +20,7 @@ class Setting(NamedTuple):
   it."""
 
   name: str
-  kind: type       # int, float, str, bool, or tuple (a repeatable flag)
+  kind: type       # int, float, str, bool, or tuple (of `item`s: a list flag)
   default: Any
   help: str
   lower: Optional[float] = None
@@ -31,6 +31,9 @@ class Setting(NamedTuple):
   part: str = "run"
   sweepable: bool = False   # may differ between the models of one run (--sweep)
   resume: bool = False      # a resume must keep it (workdir.py, the checkpoint's record)
+  item: Optional[type] = None   # a tuple's items: int or str
+  repeated: bool = False    # a tuple given as a repeated flag (--sweep=a --sweep=b), not
+                            # a comma list (--batch_sizes=64,256)
 
 
 def _setting(default: Any, help_text: str, part: str = "run", **bounds: Any) -> Any:
@@ -104,7 +107,7 @@ class RunConfig:
                             "...) in one program; report mean ± std.", lower=1, resume=True)
   sweep: tuple[str, ...] = _setting(
       (), "NAME=v1,v2,...: train every combination (times the seeds) together and choose "
-      "on validation; NAME one of {sweepable}.", resume=True)
+      "on validation; NAME one of {sweepable}.", resume=True, repeated=True)
   cv_folds: int = _setting(
       0, "K > 1: choose among the --sweep configurations by k-fold cross-validation, every "
       "configuration trained on K stratified folds of train in the same program, then "
@@ -184,17 +187,108 @@ def _kind(annotation: Any) -> type:
   return args[0] if args else annotation
 
 
-_FIELDS = dataclasses.fields(RunConfig)
+def settings_of(cls: type) -> tuple[Setting, ...]:
+  """The Settings of a dataclass of `_setting` fields, in declaration order; a help's
+  "{sweepable}" names the fields that may be swept."""
+  fields = dataclasses.fields(cls)
+  hints = typing.get_type_hints(cls)
+  sweepable = ", ".join(f.name for f in fields if f.metadata.get("sweepable"))
+  return tuple(
+      Setting(f.name, _kind(hints[f.name]), f.default,
+              f.metadata["help"].replace("{sweepable}", sweepable),
+              item=(typing.get_args(hints[f.name]) or (None,))[0]
+              if _kind(hints[f.name]) is tuple else None,
+              **{k: v for k, v in f.metadata.items() if k != "help"})
+      for f in fields)
+
+
+def bounds_text(s: Setting) -> str:
+  """Setting `s`'s bounds in words, e.g. "> 0 and < 1" ("" if it has none)."""
+  def number(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+  parts = [f">= {number(s.lower)}" if s.lower is not None else None,
+           f"> {number(s.above)}" if s.above is not None else None,
+           f"<= {number(s.upper)}" if s.upper is not None else None,
+           f"< {number(s.below)}" if s.below is not None else None]
+  return " and ".join(p for p in parts if p)
+
+
+def define_flags(settings: tuple[Setting, ...]) -> None:
+  """One absl flag per setting, with its default and help, the choices and bounds said
+  in the help (a script's flags: experiments/train.py's and benchmark.py's)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.disclaim_key_flags()   # the flags are the calling script's (its --helpshort)
+  define: dict[type, Callable[..., Any]] = {
+      bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+      str: flags.DEFINE_string}
+  for s in settings:
+    bounds = bounds_text(s)
+    text = (s.help + (f" One of: {', '.join(s.choices)}." if s.choices else "")
+            + (f" Must be {bounds}." if bounds else ""))
+    if s.kind is tuple:
+      items = [str(v) for v in s.default]
+      (flags.DEFINE_multi_string if s.repeated else flags.DEFINE_list)(s.name, items, text)
+    else:
+      define[s.kind](s.name, s.default, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig:
+  """The settings of experiments/benchmark.py, each declared once (its flags are made
+  from these: settings_of, define_flags): which variants it times and how."""
+
+  grads: tuple[str, ...] = _setting(
+      ("manual", "autodiff", "manual_vjp"), "Gradients to time: manual, autodiff, "
+      "manual_vjp, or the manual step in a fixed layout, manual_bmajor (batch-major) and "
+      "manual_fmajor (feature-major).", choices=(*options.GRADIENTS, *options.LAYOUT_ROWS))
+  modes: tuple[str, ...] = _setting(("step", "scan"), "step: Python loop; scan: one "
+                                    "lax.scan.", choices=("step", "scan"))
+  compute_dtypes: tuple[str, ...] = _setting(("float32", "bfloat16"), "Matmul dtypes.",
+                                             choices=options.COMPUTE_DTYPES)
+  batch_sizes: tuple[int, ...] = _setting((64, 256, 1024), "Batch sizes B.", lower=1)
+  hidden_dims: tuple[int, ...] = _setting((1024,), "Hidden sizes H.", lower=1)
+  num_devices: tuple[int, ...] = _setting(
+      (1,), "Device counts: data parallel over a mesh of each (scan mode only above 1 "
+      "device; see docs/benchmarks.md).", lower=1)
+  in_dim: int = _setting(784, "D.", lower=1)
+  num_classes: int = _setting(10, "K.", lower=2)
+  steps: int = _setting(100, "Steps per timed repeat.", lower=1)
+  repeats: int = _setting(7, "Timed repeats; the median and min are reported.", lower=1)
+  ceiling_size: int = _setting(2048, "N of the N×N×N GEMM that sets the ceiling.", lower=8)
+  json_out: Optional[str] = _setting(None, "Write one JSON object per row (JSON Lines) "
+                                     "here.")
+  profile_dir: Optional[str] = _setting(
+      None, "After the timed repeats, run one more repeat of every variant under "
+      "jax.profiler, each variant a named span, and write the trace to DIR/B<b>_H<h> (not "
+      "counted: the profiler slows what it traces); view with tensorboard --logdir or "
+      "Perfetto.")
+  peers: tuple[str, ...] = _setting(
+      (), "Peers timed in the same run: torch (PyTorch eager float32 and bfloat16 "
+      "autocast, on CUDA where there is a GPU); jax (plain jax.grad + optax in a "
+      "lax.scan, each --compute_dtypes); opacus (with --dp: Opacus' per-sample hooks and "
+      "ghost clipping).", choices=("torch", "jax", "opacus"))
+  dp: bool = _setting(False, "Add DP-SGD rows: the plain step (plain), the closed-form "
+                      "clipped sum without (dp_clipped_sum) and with noise "
+                      "(dp_closed_form), and vmap(grad) -> clip -> sum with noise "
+                      "(dp_vmap_grad, what jax_privacy and optax do), each with its memory.")
+  num_models: tuple[int, ...] = _setting(
+      (), "Model counts N: add rows of N models trained together (train.make_train_epoch "
+      "of a stack, seeds 0..N-1, manual float32, scan), examples/s summed over the "
+      "models, next to one model's scan.", lower=1)
+  stackings: tuple[str, ...] = _setting(("vmap", "map"), "How the --num_models models "
+                                        "share the program: vmap (batched) and/or map "
+                                        "(one after another).", choices=options.STACKINGS)
+  optimizer: str = _setting("adam", "The update in the step: optax Adam, or plain SGD to "
+                            "see the optimizer's share.", choices=("adam", "sgd"))
+
+
+BENCHMARK = settings_of(BenchmarkConfig)
+SETTINGS = settings_of(RunConfig)
 # The settings that may differ between the models of one stack (traced per model; the
 # DP target becomes one σ per model before the program starts), and those a resume
 # must match, in declaration order.
-SWEEPABLE = tuple(f.name for f in _FIELDS if f.metadata.get("sweepable"))
-RESUME_FIELDS = tuple(f.name for f in _FIELDS if f.metadata.get("resume"))
-SETTINGS = tuple(
-    Setting(f.name, _kind(hint), f.default,
-            f.metadata["help"].replace("{sweepable}", ", ".join(SWEEPABLE)),
-            **{k: v for k, v in f.metadata.items() if k != "help"})
-    for f, hint in zip(_FIELDS, typing.get_type_hints(RunConfig).values()))
+SWEEPABLE = tuple(s.name for s in SETTINGS if s.sweepable)
+RESUME_FIELDS = tuple(s.name for s in SETTINGS if s.resume)
 BY_NAME = {s.name: s for s in SETTINGS}
 TRAINING = tuple(s.name for s in SETTINGS if s.part == _TRAINING)  # the estimators'
 Config = RunConfig   # the name the library's annotations use
