@@ -1,7 +1,10 @@
-"""The typed spec: every setting of a run declared once, in RunConfig (a frozen
-dataclass a type checker sees), with its type, default, help, bounds and part.
-SETTINGS reads them back for the flags (experiments/train.py), the estimators'
-parameters (TRAINING) and the checks (config.py)."""
+"""The typed spec: every setting declared once, with its type, default, help, bounds,
+part, whether it may be swept and whether a resume must keep it: a run's in RunConfig,
+the benchmark's in BenchmarkConfig (frozen dataclasses a type checker sees). SETTINGS
+and BENCHMARK read them back for the flags (define_flags: experiments/train.py and
+benchmark.py), the estimators' parameters (TRAINING), the resume check (RESUME_FIELDS),
+the sweep (SWEEPABLE) and the checks (config.py); Hyperparams takes its defaults from
+RunConfig's."""
 
 import dataclasses
 import typing
@@ -37,8 +40,8 @@ class Setting(NamedTuple):
 
 
 def _setting(default: Any, help_text: str, part: str = "run", **bounds: Any) -> Any:
-  """A RunConfig field: its default, and its help, part and bounds (Setting) as the
-  field's metadata."""
+  """A settings dataclass's field: its default, and its help, part, bounds and the
+  rest of its Setting as the field's metadata."""
   return dataclasses.field(default=default,
                            metadata={"help": help_text, "part": part, **bounds})
 
