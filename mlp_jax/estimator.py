@@ -70,6 +70,7 @@ def _fit(training: "fit.Training", X: np.ndarray, y: np.ndarray, num_classes: in
   from mlp_jax.training import train_state  # pylint: disable=g-import-not-at-top
   compilation.enable(None)
   try:
+    fit.check_memory(training, (len(y), X.shape[1], num_classes))
     state = fit.init_state(training, (len(y), X.shape[1], num_classes))
     data = fit.Data((jax.device_put(X), jax.device_put(y), len(y)), {}, train_mask)
     state, rows = fit.fit(training, state, data)

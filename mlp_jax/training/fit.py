@@ -2,7 +2,8 @@
 
 experiment.py (the runner) and the estimators (estimator.py) both train through it:
 
-    state = fit.init_state(training, (N, D, K))    # after the memory check
+    fit.check_memory(training, (N, D, K))          # once, before anything is allocated
+    state = fit.init_state(training, (N, D, K))
     state, rows = fit.fit(training, state, data, hooks)
 
 Each epoch is the scanned epoch program (train.make_train_epoch), the evaluation of the
@@ -92,9 +93,9 @@ def check_memory(training: Training, data_shape: tuple[int, int, int]) -> None:
 
 
 def init_state(training: Training, data_shape: tuple[int, int, int]) -> train.TrainState:
-  """The stack's fresh TrainState (leading model axis M) on the mesh, refused first by
-  check_memory where the memory cannot hold it (XLA would abort the process)."""
-  check_memory(training, data_shape)
+  """The stack's fresh TrainState (leading model axis M) on the mesh. Call check_memory
+  first (the runner does before its workdir exists): where the memory cannot hold the
+  models, XLA would abort the process."""
   stack = training.stack
   _, in_dim, num_classes = data_shape
   state = train.init_state(stack.model_seeds, in_dim, training.config.hidden_dim,
