@@ -30,7 +30,7 @@ import numpy as np
 
 from mlp_jax.base.options import CLIPPINGS, DP_EXTRA
 from mlp_jax.base.options import dp_available  # pylint: disable=unused-import  (public)
-from mlp_jax.core import checks, losses, model
+from mlp_jax.core import checks, losses
 from mlp_jax.core.gradients import deltas, layer_grad_sq_norms, param_grads
 from mlp_jax.core.model import Params
 from mlp_jax.core.network import Network

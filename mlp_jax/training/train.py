@@ -23,7 +23,7 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax.base.options import COMPUTE_DTYPES, GRADIENTS, STACKINGS, steps_per_epoch
+from mlp_jax.base.options import GRADIENTS, STACKINGS, steps_per_epoch
 from mlp_jax.core import losses, model, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.core.model import Params
