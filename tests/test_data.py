@@ -127,7 +127,8 @@ def test_global_and_no_scaling():
   assert ds.mean.shape == ds.std.shape == (2,)
   with pytest.raises(datasets.DataError, match="scaling must be one of auto, global, per_feature, none"):
     datasets.prepare((x_train, y, x_test, y[:1]), scaling="minmax")
-  with pytest.raises(datasets.DataError, match="a private run cannot scale each feature"):
+  with pytest.raises(datasets.DataError, match="^scaling per_feature: a private run cannot "
+                     "scale by statistics of its training data"):
     datasets.load("digits", scaling="per_feature", private=True)
 
 

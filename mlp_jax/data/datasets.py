@@ -401,16 +401,24 @@ def fixed_scaling(name: str) -> tuple[float, float, float]:
   return (preset.pixel_max, *preset.mu_sigma) if preset else (1.0, 0.0, 1.0)
 
 
+def private_scaling_refusal(scaling: str, private: bool) -> Optional[str]:
+  """Why a private run cannot use `scaling`, or None: the one statement of the rule that
+  its inputs are never scaled by statistics of its own training data."""
+  if private and scaling == "per_feature":
+    return ("a private run cannot scale by statistics of its training data (they would "
+            "leak it); use global (the dataset's published constants) or none.")
+  return None
+
+
 def load(source: "Source | str", *, validation_fraction: float = 0.0, seed: int = 0,
          scaling: str = "auto", private: bool = False) -> Dataset:
   """Loads the dataset of `source` (a Source, or its name: one of DATASETS) and prepares
   it; see `prepare`. private: never a statistic of the training data: global (and auto)
   scaling uses `fixed_scaling(name)`, none the data as given, and per_feature is refused."""
   source = Source(source) if isinstance(source, str) else source
-  if private and scaling == "per_feature":
-    raise DataError("a private run cannot scale each feature by its train statistics "
-                    "(they would leak the data); use scaling global (the dataset's "
-                    "published constants) or none.")
+  refusal = private_scaling_refusal(scaling, private)
+  if refusal:
+    raise DataError(f"scaling {scaling}: {refusal}")
   raw = read(source)
   fixed, reason = None, ""          # a private run: constants, never train statistics
   if private:

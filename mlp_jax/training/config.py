@@ -275,10 +275,9 @@ def _check_training_together(config: Config) -> None:
   parse_sweep(config.sweep)
   _check_dp(config)
   _check_folds(config)
-  if is_private(config) and config.input_scaling == "per_feature":
-    raise SettingError(Named("input_scaling"), "=per_feature: a private run cannot scale by "
-                       "statistics of its training data (they would leak it); use global "
-                       "(the dataset's published constants) or none.")
+  refusal = datasets.private_scaling_refusal(config.input_scaling, is_private(config))
+  if refusal:
+    raise SettingError(Named("input_scaling"), f"={config.input_scaling}: {refusal}")
 
 
 def check_training(config: Config) -> Config:
