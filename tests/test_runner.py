@@ -412,3 +412,10 @@ def test_a_csv_table_trains_and_predicts_by_its_column_names(tmp_path):
 def reports_inputs(path, model):
   from mlp_jax.run import trained  # pylint: disable=g-import-not-at-top
   return trained.read_inputs(str(path), model)
+
+
+def test_a_label_column_goes_with_a_csv_table():
+  code, err = run_cli("--label_column=y")
+  assert code == 2 and err.strip().splitlines()[-1] == (
+      "error: --label_column='y' names a column of a CSV table: give "
+      "--dataset=csv:TRAIN.csv, or drop it."), err

@@ -141,6 +141,9 @@ def fold_indices(config: Config) -> list[Optional[int]]:
 def _check_cluster(config: Config) -> None:
   if not datasets.known(config.dataset):
     raise SettingError(Named("dataset"), f"={config.dataset!r}: must be one of {DATASETS}.")
+  if config.label_column is not None and not config.dataset.startswith("csv:"):
+    raise SettingError(Named("label_column"), f"={config.label_column!r} names a column of a "
+                       "CSV table: give ", Named("dataset"), "=csv:TRAIN.csv, or drop it.")
   address = config.coordinator_address
   if address is not None and not (":" in address and address.rsplit(":", 1)[1].isdigit()):
     raise SettingError(Named("coordinator_address"), f"={address!r}: must be host:port, "
