@@ -1087,3 +1087,35 @@ def test_an_os_error_names_its_cause_and_stays_one_line(code, fix):
   line, status = boundary.describe(OSError(code, os.strerror(code), "/tmp/wé\nx\udcc3"))
   assert status == 1 and fix in line and "\n" not in line, line
   assert "/tmp/wé\\nx\\udcc3" in line
+
+
+class _Signalled(Exception):
+  signum = signal.SIGTERM
+
+
+def test_every_ending_is_classified_by_where_its_fault_lies():
+  """boundary.classify: a signal stops, a bad setting is the user's (status 2), bad data
+  or files the user's input, memory, disk and the system the environment's, and
+  anything else a bug, each one line formatted only by Verdict.line."""
+  internal = boundary.UserError("internal error (ValueError: x): a bug in mlp_jax")
+  internal.internal = True
+  cases = [(_Signalled("SIGTERM after epoch 3"), "stopped", 143,
+            "stopped: SIGTERM after epoch 3"),
+           (KeyboardInterrupt(), "stopped", 130, "stopped: Ctrl-C"),
+           (boundary.UsageError("--epochs=0: must be >= 1."), "setting", 2,
+            "error: --epochs=0: must be >= 1."),
+           (datasets.DataError("d.npz: x_train must be (N, ...)."), "input", 1,
+            "error: d.npz: x_train must be (N, ...)."),
+           (internal, "bug", 1, "error: internal error (ValueError: x): a bug in mlp_jax"),
+           (MemoryError(), "environment", 1, "error: out of memory; use smaller settings"),
+           (OSError(errno.ENOSPC, "No space left on device", "/tmp/w"), "environment", 1,
+            "error: cannot use /tmp/w (No space left on device); the disk is full"),
+           (RuntimeError("Unable to initialize backend 'tpu'"), "environment", 1,
+            "error: JAX cannot start the backend"),
+           (ZeroDivisionError("division by zero"), "bug", 1,
+            "error: internal error (ZeroDivisionError: division by zero): a bug")]
+  for error, source, status, line in cases:
+    verdict = boundary.classify(error)
+    assert (verdict.source, verdict.status) == (source, status), (error, verdict)
+    assert verdict.line.startswith(line) and "\n" not in verdict.line, verdict.line
+    assert boundary.describe(error) == (verdict.line, verdict.status)

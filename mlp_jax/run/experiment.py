@@ -102,9 +102,9 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   except (boundary.UserError, OSError, MemoryError):
     raise
   except Exception as e:  # pylint: disable=broad-except  (the library's error boundary)
-    line = boundary.describe(e)[0]
-    failed = RunError(line.removeprefix("error: "))
-    failed.internal = line.startswith("error: internal error")
+    verdict = boundary.classify(e)
+    failed = RunError(verdict.message)
+    failed.internal = verdict.source == "bug"
     raise failed from e
   finally:
     stop.uninstall()
