@@ -278,6 +278,10 @@ def test_a_table_is_its_features_and_its_label_column(tmp_path):
   words = write_csv(tmp_path / "w.csv", ["f", "kind"], [(i, ("cat", "ant", "bee")[i % 3])
                                                          for i in range(12)])
   assert datasets.load(f"csv:{words}").class_names == ("ant", "bee", "cat")  # text order
+  same = write_csv(tmp_path / "s.csv", ["f", "y"], [(i, ("1", "1.0", "2", "2e0")[i % 4])
+                                                     for i in range(12)])
+  ds = datasets.load(f"csv:{same}")          # numbers are classes by their value
+  assert ds.class_names == ("1", "2") and ds.num_classes == 2
 
 
 def test_without_a_test_file_a_stratified_fifth_is_the_test_split(tmp_path):
@@ -301,6 +305,9 @@ CSV_FAULTS = {
     "too_many_cells": (["1,2,0", "3,4,1,9"], r"line 3: 4 cells where the header names 3"),
     "no_rows": ([], r"holds a header but no rows"),
     "one_class": (["1,2,0", "3,4,0"], r"the labels name a single class"),
+    "empty_label": (["1,2,0", "3,4, "], r"line 3, column 'y': the label is empty; give "
+                    "every row its label"),
+    "nan_label": (["1,2,0", "3,4,NaN"], r"line 3, column 'y': the label is NaN"),
 }
 
 

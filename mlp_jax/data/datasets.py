@@ -347,11 +347,12 @@ def load_csv(source: Source) -> Raw:
   if len(parts) == 2 and tables.csv_header(paths[1]) != tables.csv_header(paths[0]):
     raise DataError(f"{paths[1]} has other columns than {paths[0]}; give both tables the "
                     "same header.")
-  names, classes = np.unique(np.concatenate([y for _, y in parts]), return_inverse=True)
-  try:
+  labels = tables.class_names(np.concatenate([y for _, y in parts]))
+  names, classes = np.unique(labels, return_inverse=True)
+  try:             # numbers in numeric order (2 before 10), text in text order
     order = np.argsort(names.astype(np.float64), kind="stable")
   except ValueError:
-    order = np.arange(len(names))            # not all numbers: in text order
+    order = np.arange(len(names))
   rank = np.empty_like(order)
   rank[order] = np.arange(len(order))
   names, classes = names[order], rank[classes]

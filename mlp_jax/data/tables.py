@@ -135,9 +135,27 @@ def csv_rows(path: str, label_column: Optional[str], rows: int,
         i, j = np.argwhere(~np.isfinite(x))[0]
         raise DataError(f"{path}, line {numbers[i]}, column {names[j]!r}: the cell is "
                         f"{x[i, j]}, not a finite number; clean the data first.")
+      if y is not None:
+        y = np.char.strip(y)
+        unlabelled = np.flatnonzero((y == "") | (np.char.lower(y) == "nan"))
+        if unlabelled.size:
+          i = unlabelled[0]
+          raise DataError(f"{path}, line {numbers[i]}, column {label_column!r}: the label "
+                          f"is {y[i] or 'empty'}; give every row its label, or drop the row.")
       held += x.nbytes + (0 if y is None else y.nbytes)
       if held > budget:
         raise DataError(f"{path}: its first {numbers[-1] - 1:,} rows already take "
                         f"{held:,} bytes, more than the {budget:,} this reader may use; "
                         "use fewer rows or columns.")
-      yield x, None if y is None else np.char.strip(y)
+      yield x, y
+
+
+def class_names(labels: np.ndarray) -> np.ndarray:
+  """A label column's values as class names: numbers by their value, written in the
+  shortest form that reads back as it (1, 1.0 and 1e0 are one class "1"; 123456789 stays
+  whole), where every label is a number; else as written."""
+  try:
+    values = labels.astype(np.float64)
+  except ValueError:
+    return labels
+  return np.array([np.format_float_positional(v, trim="-") for v in values], dtype=str)

@@ -252,6 +252,7 @@ def _csv_rows(path: str, model: TrainedModel, rows: int
     for x, labels in tables.csv_rows(path, model.label_column, rows,
                                       model.feature_names or None):
       if labels is not None:
+        labels = tables.class_names(labels)
         unknown = [name for name in labels if name not in classes]
         if unknown:
           raise ValueError(f"{path}: the label {unknown[0][:40]!r} in column "
