@@ -171,6 +171,11 @@ def test_a_bad_activation_is_refused_in_one_line():
   for call in calls:
     with pytest.raises(ValueError, match=message):
       call()
+  for bad in ("bf16", jnp.int32, 3):                 # compute_dtype: a floating dtype
+    with pytest.raises(ValueError, match="^compute_dtype must be a floating dtype such as "
+                       f"jnp.bfloat16 or 'bfloat16', got {bad!r}.$"):
+      mj.grads(params, X, y, compute_dtype=bad)
+  assert Network(compute_dtype=jnp.bfloat16) == Network(compute_dtype="bfloat16")
   assert privacy.Clip(1.0).clipping == "flat"
 
 

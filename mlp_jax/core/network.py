@@ -31,7 +31,6 @@ class Activation(NamedTuple):
   name: str
   fn: Callable[[Array], Array]
   derivative: Callable[[Array], Array]
-  formula: str     # f and f′ in words (docs/derivation.md, --help)
 
 
 def relu(z: Array) -> Array:
@@ -79,15 +78,13 @@ def _normal_cdf(z: Array) -> Array:
   return jax.lax.erfc(-z / math.sqrt(2)) / 2
 
 
+# Each row's f and f′ in words: docs/derivation.md, "Other activations".
 ACTIVATIONS = {a.name: a for a in (
-    Activation("relu", relu, relu_derivative,
-               "max(z, 0); f′ = 1[z ≥ 0] (f′(0) = 1, the seed's convention)"),
-    Activation("tanh", jnp.tanh, tanh_derivative, "tanh z; f′ = 1 − tanh² z"),
-    Activation("logistic", jax.nn.sigmoid, logistic_derivative,
-               "σ(z) = 1/(1 + e^−z); f′ = σ(z)(1 − σ(z))"),
-    Activation("identity", lambda z: z, jnp.ones_like, "z; f′ = 1"),
-    Activation("gelu", gelu, gelu_derivative,
-               "z Φ(z) (erf form); f′ = Φ(z) + z φ(z)"),
+    Activation("relu", relu, relu_derivative),
+    Activation("tanh", jnp.tanh, tanh_derivative),
+    Activation("logistic", jax.nn.sigmoid, logistic_derivative),
+    Activation("identity", lambda z: z, jnp.ones_like),
+    Activation("gelu", gelu, gelu_derivative),
 )}
 ACTIVATION_NAMES = tuple(ACTIVATIONS)
 
@@ -112,7 +109,7 @@ class Network:
       raise ValueError(f"activation must be one of {', '.join(ACTIVATION_NAMES)}, got "
                        f"{self.activation!r}.")
     if self.compute_dtype is not None:
-      object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype).name)
+      object.__setattr__(self, "compute_dtype", _float_dtype_name(self.compute_dtype))
     if self.layout == "auto":
       object.__setattr__(self, "layout", None)
     if self.layout is not None and self.layout not in LAYOUTS:
@@ -131,6 +128,18 @@ class Network:
   def layout_for(self, params_dtype: DTypeLike) -> str:
     """The layout the manual pass runs in: the one asked for, else `choose_layout`'s."""
     return self.layout or choose_layout(params_dtype, self.compute_dtype)
+
+
+def _float_dtype_name(dtype: DTypeLike) -> str:
+  """The name of a floating dtype ("bfloat16" for jnp.bfloat16); ValueError otherwise."""
+  try:
+    name = jnp.dtype(dtype).name
+  except TypeError:
+    name = ""
+  if not name or not jnp.issubdtype(name, jnp.floating):
+    raise ValueError(f"compute_dtype must be a floating dtype such as jnp.bfloat16 or "
+                     f"'bfloat16', got {dtype!r}.")
+  return name
 
 
 def choose_layout(params_dtype: DTypeLike, compute_dtype: Optional[DTypeLike]) -> str:
