@@ -151,9 +151,9 @@ def csv_rows(path: str, label_column: Optional[str], rows: int,
 
 
 def class_names(labels: np.ndarray) -> np.ndarray:
-  """A label column's values as class names: numbers by their value, written in the
-  shortest form that reads back as it (1, 1.0 and 1e0 are one class "1"; 123456789 stays
-  whole), where every label is a number; else as written."""
+  """A label column's values (n,) as class names (n,): numbers by their value, written
+  in the shortest form that reads back as it (1, 1.0 and 1e0 are one class "1";
+  123456789 stays whole), where every label is a number; else as written."""
   try:
     values = labels.astype(np.float64)
   except ValueError:
