@@ -88,9 +88,8 @@ print(json.dumps({{"at_import": at_import,
   assert result.returncode == 0, result.stderr
   loaded = json.loads(result.stdout.splitlines()[-1])
   assert loaded["at_import"] == []
-  # The run wrote its plots (Pillow, no matplotlib), checkpoint (orbax) and events: never
-  # torch.
-  assert "orbax" in loaded["after_run"] and "matplotlib" not in loaded["after_run"]
+  # The run wrote its plots (matplotlib), checkpoint (orbax) and events: never torch.
+  assert "orbax" in loaded["after_run"] and "matplotlib" in loaded["after_run"]
   assert "torch" not in loaded["after_run"] and "tensorboardX" not in loaded["after_run"]
   assert imported() == {"jax"}                         # the decoy torch was never asked for
   assert list((tmp_path / "w" / "tensorboard" / "model_1_seed=1").glob("events.out.tfevents.*"))

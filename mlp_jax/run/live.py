@@ -12,8 +12,7 @@
     tensorboard --logdir=WORKDIR
 
 Written by mlp_jax.run.events (no TensorFlow, torch or protobuf), through to the file every
-epoch. curves.png is redrawn
-during the run at most every REDRAW_SECONDS (a redraw takes about a third of a second:
+epoch. curves.png is redrawn during the run at most every REDRAW_SECONDS (its cost:
 docs/benchmarks.md, "Live logging"), and at the end by reports.write_outputs as always.
 """
 

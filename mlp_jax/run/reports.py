@@ -21,7 +21,7 @@ import numpy as np
 
 from mlp_jax.core.model import Params
 from mlp_jax.data import datasets
-from mlp_jax.run import trained
+from mlp_jax.run import plots, trained
 from mlp_jax.run.workdir import atomic_file, write_json
 from mlp_jax.training import stack as stack_lib
 from mlp_jax.training.config import Config
@@ -89,7 +89,6 @@ def write_outputs(workdir: str, finished: Finished, inputs: datasets.Dataset, co
   """params.npz, the plots, and for several models params_all.npz and sweep.json, each
   written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
   datasets.Dataset without its arrays (the preprocessing)."""
-  from mlp_jax.run import plots  # pylint: disable=g-import-not-at-top  (Pillow, when used)
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
@@ -129,7 +128,6 @@ def write_running_curves(workdir: str, history: list[Row], config: Config,
                          inputs: datasets.Dataset, num_models: int) -> None:
   """curves.png during a run: every model's mean (± std) so far; the end of the run
   draws the chosen configuration's (write_outputs)."""
-  from mlp_jax.run import plots  # pylint: disable=g-import-not-at-top
   band = f"all {num_models} models, while training" if num_models > 1 else None
   with atomic_file(os.path.join(workdir, "curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(history, list(range(num_models))), f,
