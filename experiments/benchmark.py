@@ -103,8 +103,8 @@ def prepare_runs(b, h, peers, cfg):
   dp_kinds = ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad") if cfg.dp else ()
   for dt, kind in itertools.product(cfg.compute_dtypes, dp_kinds):
     if kind != "dp_vmap_grad" or dt == "float32":  # the float32 reference is enough
-      runs[(kind, "step", dt, 1)], compile_s, temp = dp_run(kind, dt, b, h, cfg)
-      info[(kind, "step", dt, 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
+      runs[(kind, "scan", dt, 1)], compile_s, temp = dp_run(kind, dt, b, h, cfg)
+      info[(kind, "scan", dt, 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
   for dt, n_models, stacking in itertools.product(
       cfg.compute_dtypes if cfg.num_models else (), cfg.num_models, cfg.stackings):
     key = (f"{stacking}_{n_models}", "scan", dt, 1)

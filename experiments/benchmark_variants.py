@@ -13,7 +13,6 @@ import optax
 import mlp_jax as mj
 from mlp_jax.base import options
 from mlp_jax.core import privacy
-from mlp_jax.core.network import Network
 from mlp_jax.training import parallel, train
 
 from benchmark_harness import temp_memory_mb
@@ -32,8 +31,9 @@ def synthetic_data(n, d, k):
 
 
 def epochs_run(fn, state, x, y):
-  """(run, compile seconds) of a jitted epoch program `fn` (train.make_train_epoch) from
-  `state` on (x, y): each run() trains the next epoch and waits for it."""
+  """(run, compile seconds, temporary MiB) of a jitted epoch program `fn`
+  (train.make_train_epoch) from `state` on (x, y): each run() trains the next epoch and
+  waits for it."""
   start = time.perf_counter()
   compiled = fn.lower(state, x, y, 0, {}).compile()
   compile_seconds = time.perf_counter() - start
@@ -43,7 +43,15 @@ def epochs_run(fn, state, x, y):
     state, _ = compiled(state, x, y, epoch, {})
     epoch += 1
     jax.block_until_ready(state)
-  return run, compile_seconds
+  run()  # warm up
+  return run, compile_seconds, temp_memory_mb(compiled)
+
+
+def hyperparams(cfg, compute_dtype, grads="manual"):
+  """The runner's Hyperparams of every timed step: cfg.optimizer at a constant 1e-3."""
+  return train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
+                           weight_decay=0.0, label_smoothing=0.0, grads=grads,
+                           compute_dtype=compute_dtype)
 
 
 def jax_run(key, b, h, cfg):
@@ -54,10 +62,8 @@ def jax_run(key, b, h, cfg):
   """
   grads, mode, compute_dtype, devices = key
   d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
-  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0,
-                         grads=f"manual_{LAYOUT_ROWS[grads]}" if grads in LAYOUT_ROWS else grads,
-                         compute_dtype=compute_dtype)
+  hp = hyperparams(cfg, compute_dtype,
+                   f"manual_{LAYOUT_ROWS[grads]}" if grads in LAYOUT_ROWS else grads)
   optimizer = train.make_optimizer(hp)
   mesh = parallel.run_mesh(devices)
   if mode == "step":
@@ -77,7 +83,8 @@ def jax_run(key, b, h, cfg):
   else:
     state = parallel.shard_models(train.init_state([0], d, h, k, hp), mesh)
     x, y = (parallel.shard_rows(a, mesh) for a in synthetic_data(b * steps, d, k))
-    run, compile_seconds = epochs_run(train.make_train_epoch(hp, b, mesh=mesh), state, x, y)
+    run, compile_seconds, _ = epochs_run(train.make_train_epoch(hp, b, mesh=mesh), state, x, y)
+    return run, compile_seconds
   run()  # warm up
   return run, compile_seconds
 
@@ -122,14 +129,11 @@ def plain_jax_run(compute_dtype, b, h, cfg):
 def stacked_run(num_models, stacking, compute_dtype, b, h, cfg):
   """(run, compile seconds): `cfg.steps` steps of N models at once, one lax.scan (the
   runner's --num_seeds epoch): every model its own init and batch order, shared data."""
-  d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
-  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0, compute_dtype=compute_dtype)
-  states = train.init_state(range(num_models), d, h, k, hp)
-  x, y = synthetic_data(b * steps, d, k)
-  run, compile_seconds = epochs_run(train.make_train_epoch(hp, b, stacking=stacking), states,
-                                    x, y)
-  run()  # warm up
+  hp = hyperparams(cfg, compute_dtype)
+  states = train.init_state(range(num_models), cfg.in_dim, h, cfg.num_classes, hp)
+  x, y = synthetic_data(b * cfg.steps, cfg.in_dim, cfg.num_classes)
+  run, compile_seconds, _ = epochs_run(train.make_train_epoch(hp, b, stacking=stacking),
+                                       states, x, y)
   return run, compile_seconds
 
 
@@ -145,52 +149,50 @@ def vmap_grad_clipped_sum(params, x, Y, clip_norm):
   return jax.tree.map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g)
 
 
-def dp_run(kind, compute_dtype, b, h, cfg):
-  """(run, compile seconds, temporary MiB): `cfg.steps` Adam steps of `kind` whose
-  matmuls read `compute_dtype`:
+def vmap_grad_dp_step(hp, dp, optimizer):
+  """jax_privacy's and optax's DP-SGD step, beside the runner's: the same Poisson batch,
+  noise and update (train.make_dp_train_step), the clipped sum by vmap_grad_clipped_sum."""
+  def step(state, data):
+    X, y = data
+    sample_key, noise_key = privacy.step_keys(state.key, state.step)
+    i, mask, _ = privacy.poisson_batch(sample_key, dp.num_examples, dp.sampling_rate,
+                                       dp.padded_batch_size)
+    Y = jax.nn.one_hot(y[i], state.params.b2.shape[0], dtype=jnp.float32)
+    grad_sum = vmap_grad_clipped_sum(state.params, X[i], Y * mask[:, None], dp.clip_norm)
+    g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
+                          dp.clipping, dp.sampling_rate * dp.num_examples)
+    updates, opt_state = optimizer.update(g, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    zero = jnp.zeros(())
+    return train.TrainState(params, opt_state, state.step + 1, state.key), (zero,) * 4
+  return step
 
-  plain: the runner's step (manual gradient); dp_clipped_sum: privacy's closed-form
-  clipped sum over B, no noise (the gradient's own cost); dp_closed_form: the same plus
-  noise σ = 1, C = 1; dp_vmap_grad: vmap(grad) -> clip -> sum, the same noise. All on one
-  fixed batch of B (Poisson sampling, the same for every DP kind, is left out).
+
+def dp_run(kind, compute_dtype, b, h, cfg):
+  """(run, compile seconds, temporary MiB): an epoch of `cfg.steps` Adam steps of `kind`,
+  on N = B·steps rows, whose matmuls read `compute_dtype`:
+
+  plain: the runner's epoch (train.make_train_epoch, the manual gradient), B rows a
+  step; dp_clipped_sum, dp_closed_form: the runner's DP-SGD epoch (the same program
+  given a privacy.DPSGD): Poisson batches of expected size B (q = B/N, padded to the
+  runner's M), the closed-form clipped sum, C = 1, noise σ = 0 (the clipped gradient's
+  own cost) or σ = 1; dp_vmap_grad: that step with vmap(grad) -> clip -> sum, σ = 1.
   """
-  d, k = cfg.in_dim, cfg.num_classes
-  hp = train.Hyperparams(optimizer=cfg.optimizer, learning_rate=1e-3, schedule="constant",
-                         weight_decay=0.0, label_smoothing=0.0, compute_dtype=compute_dtype)
-  dtype = None if compute_dtype == "float32" else jnp.dtype(compute_dtype)
-  optimizer = train.make_optimizer(hp)
-  state = train.init_model_state(0, d, h, k, optimizer)
-  x, y = synthetic_data(b, d, k)
-  batch = (x, y, jnp.ones((b,), jnp.float32))
-  if kind == "plain":
-    step = train.make_train_step(hp, optimizer)
-  else:
-    def step(state, batch):
-      x, y, w = batch
-      Y = jax.nn.one_hot(y, k, dtype=jnp.float32)
-      if kind == "dp_vmap_grad":
-        grad_sum = vmap_grad_clipped_sum(state.params, x, Y, 1.0)
-      else:
-        _, grad_sum, _ = privacy.clipped_sum_with_logits(
-            Network(compute_dtype=dtype), state.params, x, Y, w, privacy.Clip(1.0))
-      if kind == "dp_clipped_sum":
-        g = jax.tree.map(lambda leaf: leaf / b, grad_sum)
-      else:
-        g = privacy.add_noise(grad_sum, jax.random.fold_in(state.key, state.step), 1.0, 1.0,
-                              "flat", b)
-      updates, opt_state = optimizer.update(g, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      return train.TrainState(params, opt_state, state.step + 1, state.key), None
-  start = time.perf_counter()
-  compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
-  def run():
-    nonlocal state
-    for _ in range(cfg.steps):
-      state, _ = compiled(state, batch)
-    jax.block_until_ready(state)
-  run()
-  return run, compile_seconds, temp_memory_mb(compiled)
+  d, k, steps = cfg.in_dim, cfg.num_classes, cfg.steps
+  hp = hyperparams(cfg, compute_dtype)
+  n = b * steps
+  padded, _ = privacy.padded_batch_size(n, b / n, steps)
+  dp = privacy.DPSGD(0.0 if kind == "dp_clipped_sum" else 1.0, 1.0, "flat", b / n, n, padded)
+  state = train.init_state([0], d, h, k, hp)
+  x, y = synthetic_data(n, d, k)
+  if kind != "dp_vmap_grad":
+    return epochs_run(train.make_train_epoch(hp, b, dp=None if kind == "plain" else dp),
+                      state, x, y)
+  one = train.init_model_state(0, d, h, k, train.make_optimizer(hp))
+  step = vmap_grad_dp_step(hp, dp, train.make_optimizer(hp))
+  epoch = jax.jit(lambda s, x, y, e, v: train.dp_train_epoch(step, s, x, y, e, steps),
+                  donate_argnums=(0,))
+  return epochs_run(epoch, one, x, y)
 
 
 def opacus_run(kind, b, h, cfg):
