@@ -290,7 +290,7 @@ class MLPClassifierCV(MLPClassifier):
         raise ValueError(f"param_grid {name!r} cannot be trained in one program with the "
                          f"others (sweepable: {', '.join(config_lib.SWEEPABLE)}); use "
                          "GridSearchCV(MLPClassifier(), ...) for it.")
-      sweep.append(f"{name}={','.join(repr(float(v)) for v in np.ravel(values))}")
+      sweep.append((name, values))
     if self._private():
       raise ValueError("MLPClassifierCV is not private (each row would train K − 1 "
                        "models); choose a private MLPClassifier's settings yourself.")

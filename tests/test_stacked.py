@@ -21,6 +21,7 @@ import mlp_jax as mj
 from mlp_jax.core.network import Network
 from mlp_jax.run import experiment
 from mlp_jax.run import processes
+from mlp_jax.training import config as config_lib
 from mlp_jax.training import stack as stack_lib
 from mlp_jax.training import train
 
@@ -260,6 +261,27 @@ def test_a_sweeps_workdir_rerun_without_the_sweep_names_the_sweep(tiny_npz, tmp_
   run(tiny_config(tiny_npz, tmp_path, epochs=1, sweep=("learning_rate=1e-3,2e-3",)))
   with pytest.raises(experiment.RunError, match="holds a run with sweep=.*learning_rate"):
     run(tiny_config(tiny_npz, tmp_path, epochs=2))
+
+
+def test_a_sweep_is_parsed_once_into_a_typed_value_that_config_json_keeps(tiny_npz,
+                                                                            tmp_path):
+  given = ("learning_rate=1e-3,2e-3", "weight_decay=0")
+  resolved = config_lib.resolve(tiny_config(tiny_npz, tmp_path, sweep=given))
+  assert isinstance(resolved.sweep, config_lib.Sweep)
+  assert resolved.sweep.grid() == {"learning_rate": (1e-3, 2e-3), "weight_decay": (0.0,)}
+  assert config_lib.parse_sweep(resolved.sweep) is resolved.sweep     # never parsed again
+  as_json = json.loads(json.dumps(resolved.sweep))         # config.json's form, and pairs
+  assert config_lib.parse_sweep(as_json) == resolved.sweep == config_lib.parse_sweep(
+      [("learning_rate", np.array([1e-3, 2e-3])), ("weight_decay", [0])])
+  run(tiny_config(tiny_npz, tmp_path, epochs=1, sweep=given))
+  record = json.loads((tmp_path / "config.json").read_text())
+  assert record["config"]["sweep"] == as_json
+  record["config"]["sweep"] = ["learning_rate=0.001,0.002", "weight_decay=0.0"]  # before
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  run(tiny_config(tiny_npz, tmp_path, epochs=2, sweep=given))             # resumes
+  with pytest.raises(experiment.RunError, match="holds a run with sweep="):
+    run(tiny_config(tiny_npz, tmp_path, epochs=3, sweep=("learning_rate=1e-3,3e-3",
+                                                          "weight_decay=0")))
 
 
 def test_a_resumed_sweep_names_each_models_peak_rate(tiny_npz, tmp_path):

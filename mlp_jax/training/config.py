@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -82,39 +82,72 @@ def check_setting(s: Setting, value: Any) -> None:
     raise SettingError(*flag, f": must be {bounds_text(s)}.")
 
 
-def swept_names(specs: Iterable[str]) -> list[str]:
-  """The names a --sweep's "name=v1,v2" specs sweep, as given (unchecked: parse_sweep)."""
-  return [spec.partition("=")[0].strip() for spec in specs]
+class Sweep(tuple):
+  """A --sweep parsed once (parse_sweep): ((name, (v1, v2, ...)), ...) in the order
+  given, each name sweepable and given once, each value a valid setting of its own. A
+  tuple, so that a config holding it stays hashable; config.json holds it as
+  [[name, [v1, v2, ...]], ...]."""
+
+  def grid(self) -> dict[str, tuple[float, ...]]:
+    """{name: values} in the order given."""
+    return dict(self)
+
+  def names(self) -> list[str]:
+    """The swept names in the order given."""
+    return [name for name, _ in self]
 
 
 def is_private(config: Config) -> bool:
-  """True for a differentially private (DP-SGD) run."""
+  """True for a differentially private (DP-SGD) run (of a checked config)."""
   return (config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
-          or bool(set(swept_names(config.sweep)) & {"dp_noise_multiplier",
-                                                     "dp_target_epsilon"}))
+          or bool(set(config.sweep.names()) & {"dp_noise_multiplier", "dp_target_epsilon"}))
 
 
-def parse_sweep(specs: Sequence[str]) -> dict[str, tuple[float, ...]]:
-  """("name=v1,v2", ...) -> {name: (v1, v2)}; RunError naming what is wrong."""
+def _sweep_item(spec: Any) -> tuple[str, str, Any]:
+  """(name, the item as the user gave it, its values unparsed) of one --sweep item: the
+  flag's "name=v1,v2" text, or a (name, values) pair (config.json's, the estimator's)."""
+  if isinstance(spec, str):
+    name, _, text = spec.partition("=")
+    return name.strip(), repr(spec), text
+  if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str):
+    return spec[0], repr(f"{spec[0]}={','.join(map(str, np.ravel(spec[1])))}"), spec[1]
+  raise SettingError(SWEEP, f" {spec!r}: each item is NAME=v1,v2,... .")
+
+
+def _sweep_values(values: Any) -> tuple[float, ...]:
+  """The numbers of a --sweep item: its text split at commas, or its list; () if any is
+  not a number."""
+  try:
+    if isinstance(values, str):
+      return tuple(float(v) for v in values.split(",")) if values.strip() else ()
+    return tuple(float(plain(v)) for v in np.ravel(values))
+  except (TypeError, ValueError):
+    return ()
+
+
+def parse_sweep(specs: Any) -> Sweep:
+  """The Sweep of --sweep's items ("name=v1,v2" texts or (name, values) pairs; a Sweep
+  as it is); RunError naming what is wrong."""
+  if isinstance(specs, Sweep):
+    return specs
+  if not isinstance(specs, (tuple, list)):
+    raise SettingError(SWEEP, f" must be a list, got {specs!r}.")
   grid: dict[str, tuple[float, ...]] = {}
-  for spec, name in zip(specs, swept_names(specs)):
-    text = spec.partition("=")[2]
+  for spec in specs:
+    name, given, raw = _sweep_item(spec)
     if name in BY_NAME and name not in SWEEPABLE:
       raise SettingError(SWEEP, f" {name} cannot be vmapped: it changes the shapes or the "
                          "program; loop over it instead, one run per value (e.g. for v in A "
                          f"B; do python experiments/train.py --{name}=$v --workdir=runs/$v; "
                          "done).")
     if name not in SWEEPABLE:
-      raise SettingError(SWEEP, f" {spec!r}: unknown name {name!r}; sweepable are "
+      raise SettingError(SWEEP, f" {given}: unknown name {name!r}; sweepable are "
                          f"{', '.join(SWEEPABLE)}.")
     if name in grid:
       raise SettingError(SWEEP, f" {name} is given twice; list all its values in one flag.")
-    try:
-      values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-      values = ()
-    if not text.strip() or not values or not all(math.isfinite(v) and v >= 0 for v in values):
-      raise SettingError(SWEEP, f" {spec!r} needs numbers >= 0 after '=', e.g. ", SWEEP,
+    values = _sweep_values(raw)
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+      raise SettingError(SWEEP, f" {given} needs numbers >= 0 after '=', e.g. ", SWEEP,
                          f"={name}=1e-3,2e-3.")
     for v in values:  # each value must be a valid setting itself
       try:
@@ -122,12 +155,13 @@ def parse_sweep(specs: Sequence[str]) -> dict[str, tuple[float, ...]]:
       except RunError as e:
         raise SettingError(SWEEP, f" {name}: ", *e.parts) from None
     grid[name] = values
-  return grid
+  return Sweep(grid.items())
 
 
 def sweep_grid(config: Config) -> list[dict[str, float]]:
-  """The configurations of --sweep in grid order, [{name: value}] ([{}] with none)."""
-  grid = parse_sweep(config.sweep)
+  """The configurations of a checked config's sweep in grid order, [{name: value}]
+  ([{}] with none)."""
+  grid = config.sweep.grid()
   return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
@@ -181,7 +215,7 @@ def _check_folds(config: Config) -> None:
 def _check_dp(config: Config) -> None:
   """DP settings that cannot work together, before any data is read."""
   if not is_private(config):
-    swept = [name for name in parse_sweep(config.sweep) if name.startswith("dp_")]
+    swept = [name for name in config.sweep.names() if name.startswith("dp_")]
     if swept:
       raise SettingError(SWEEP, f" {swept[0]} is a DP-SGD setting: add ",
                          Named("dp_noise_multiplier"), " or ", Named("dp_target_epsilon"),
@@ -190,9 +224,8 @@ def _check_dp(config: Config) -> None:
   if not options.dp_available():
     raise SettingError("differential privacy (dp_noise_multiplier, dp_target_epsilon) "
                        f"needs dp-accounting: {options.DP_EXTRA}.")
-  grid = parse_sweep(config.sweep)
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
-           if getattr(config, n) is not None or n in grid]
+           if getattr(config, n) is not None or n in config.sweep.names()]
   if len(noise) > 1:
     raise SettingError("give ", Named("dp_noise_multiplier"), " or ",
                        Named("dp_target_epsilon"), " (set or swept), not both.")
@@ -263,10 +296,12 @@ def plain(value: Any) -> Any:
 
 def _checked_values(config: Config, names: Iterable[str]) -> Config:
   """`config` with NumPy scalars made Python values, each setting of `names` checked by
-  check_setting."""
+  check_setting, the sweep parsed (parse_sweep: it is checked there)."""
   config = config._replace(**{s.name: plain(getattr(config, s.name)) for s in SETTINGS})
+  config = config._replace(sweep=parse_sweep(config.sweep))
   for name in names:
-    check_setting(BY_NAME[name], getattr(config, name))
+    if name != SWEEP.name:
+      check_setting(BY_NAME[name], getattr(config, name))
   return config
 
 
@@ -275,7 +310,6 @@ def _check_training_together(config: Config) -> None:
   sweep grid, DP-SGD with what it cannot take, the folds."""
   if config.epochs is not None:
     check_warmup(config)
-  parse_sweep(config.sweep)
   _check_dp(config)
   _check_folds(config)
   refusal = datasets.private_scaling_refusal(config.input_scaling, is_private(config))
@@ -290,7 +324,7 @@ def check_training(config: Config) -> Config:
   devices) are not looked at."""
   config = _checked_values(config, TRAINING)
   _check_training_together(config)
-  return config._replace(sweep=tuple(config.sweep))
+  return config
 
 
 def resolve(config: Config) -> Config:
@@ -301,7 +335,6 @@ def resolve(config: Config) -> Config:
   _check_cluster(config)
   fraction = config.validation_fraction
   if config.sweep:
-    parse_sweep(config.sweep)
     if fraction is not None and fraction <= 0 and not config.cv_folds:
       raise SettingError("a ", SWEEP, " chooses its configuration on validation data: give ",
                          Named("validation_fraction"), " > 0 (default 0.1) or ",
@@ -321,7 +354,7 @@ def resolve(config: Config) -> Config:
     raise SettingError(compilation.refusal(cache, why))
   if fraction is None:
     fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
-  return config._replace(validation_fraction=fraction, sweep=tuple(config.sweep))
+  return config._replace(validation_fraction=fraction)
 
 
 def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int]
