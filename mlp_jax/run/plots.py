@@ -9,12 +9,15 @@ compiles and trains (experiment.import_in_background), so a run does not wait fo
 
 import os
 import textwrap
-from typing import IO, Optional, Sequence, Union
+from typing import IO, TYPE_CHECKING, Optional, Sequence, Union
 
 from jax.typing import ArrayLike
 import numpy as np
 
 from mlp_jax.training.stack import Row
+
+if TYPE_CHECKING:  # imported when drawing: the runner imports it in the background
+  from matplotlib.figure import Figure
 
 # Where a picture is saved: a path, or a binary file (workdir.atomic_file's).
 Target = Union[str, "os.PathLike[str]", IO[bytes]]
@@ -23,13 +26,13 @@ DPI = 100
 TITLE_CHARACTERS = 105  # a title line of the curves' 10 inches, at 11 points
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> "Figure":
   """A Figure of width × height inches, laid out when drawn (constrained layout)."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def save(figure, path: Target) -> None:
+def save(figure: "Figure", path: Target) -> None:
   """`figure` as a PNG at `path` (a path or a binary file)."""
   figure.savefig(path, format="png", dpi=DPI)
 
@@ -42,7 +45,7 @@ def wrapped(text: str, width: int = TITLE_CHARACTERS) -> list[str]:
 
 
 def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
-                  title: Optional[str] = None):
+                  title: Optional[str] = None) -> "Figure":
   """Loss and accuracy per epoch (integer ticks), train vs test (and validation when
   present); rows with `_std` keys (several models) are drawn as the mean with a ± std
   band; a value that is not finite (a run that diverged) breaks its curve. `title`:
@@ -104,7 +107,7 @@ def confusion_matrix(labels: ArrayLike, predictions: ArrayLike, num_classes: int
 
 
 def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = None,
-                     model: Optional[str] = None):
+                     model: Optional[str] = None) -> "Figure":
   """The confusion matrix as a heat map (Blues) with its counts written in, true classes
   down, predicted across, at least 4 inches wide so its title fits. Ticks carry the
   class names when given (Fashion-MNIST's T-shirt/top, ...), upright when they fit under
@@ -158,7 +161,8 @@ def filters_mosaic(w1: ArrayLike, input_shape: Sequence[int], max_units: int = 6
   return mosaic
 
 
-def filters_figure(w1: ArrayLike, input_shape: Sequence[int], max_units: int = 64):
+def filters_figure(w1: ArrayLike, input_shape: Sequence[int], max_units: int = 64
+                   ) -> "Figure":
   """filters_mosaic drawn: what each hidden unit responds to. Red is positive, blue
   negative (RdBu_r), each unit scaled to its own largest |weight|, NaN white, with the
   colour scale."""

@@ -273,7 +273,7 @@ def schedule_epochs(config: Config, old_run: dict[str, Any], start: Any, log: Lo
   epochs = config.num_epochs
   ends = list(start.schedule or _schedule_of_config_json(old_run, config, start.epochs_done))
   if epochs > ends[-1]:
-    swept = "learning_rate" in config.sweep.names()
+    swept = "learning_rate" in config_lib.parse_sweep(config.sweep).names()
     peak = ("each model's own peak learning rate" if swept
             else f"peak learning rate {config.learning_rate:g}")
     added = (f"epoch {epochs} follows" if epochs == ends[-1] + 1

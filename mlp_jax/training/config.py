@@ -98,9 +98,10 @@ class Sweep(tuple):
 
 
 def is_private(config: Config) -> bool:
-  """True for a differentially private (DP-SGD) run (of a checked config)."""
+  """True for a differentially private (DP-SGD) run."""
   return (config.dp_noise_multiplier is not None or config.dp_target_epsilon is not None
-          or bool(set(config.sweep.names()) & {"dp_noise_multiplier", "dp_target_epsilon"}))
+          or bool(set(parse_sweep(config.sweep).names())
+                  & {"dp_noise_multiplier", "dp_target_epsilon"}))
 
 
 def _sweep_item(spec: Any) -> tuple[str, str, Any]:
@@ -126,8 +127,9 @@ def _sweep_values(values: Any) -> tuple[float, ...]:
 
 
 def parse_sweep(specs: Any) -> Sweep:
-  """The Sweep of --sweep's items ("name=v1,v2" texts or (name, values) pairs; a Sweep
-  as it is); RunError naming what is wrong."""
+  """The Sweep of --sweep's items ("name=v1,v2" texts or (name, values) pairs); a Sweep
+  (a checked config's: resolve and check_training parse it) as it is; RunError naming
+  what is wrong."""
   if isinstance(specs, Sweep):
     return specs
   if not isinstance(specs, (tuple, list)):
@@ -159,9 +161,9 @@ def parse_sweep(specs: Any) -> Sweep:
 
 
 def sweep_grid(config: Config) -> list[dict[str, float]]:
-  """The configurations of a checked config's sweep in grid order, [{name: value}]
-  ([{}] with none)."""
-  grid = config.sweep.grid()
+  """The configurations of a config's sweep in grid order, [{name: value}] ([{}] with
+  none)."""
+  grid = parse_sweep(config.sweep).grid()
   return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
@@ -215,7 +217,7 @@ def _check_folds(config: Config) -> None:
 def _check_dp(config: Config) -> None:
   """DP settings that cannot work together, before any data is read."""
   if not is_private(config):
-    swept = [name for name in config.sweep.names() if name.startswith("dp_")]
+    swept = [name for name in parse_sweep(config.sweep).names() if name.startswith("dp_")]
     if swept:
       raise SettingError(SWEEP, f" {swept[0]} is a DP-SGD setting: add ",
                          Named("dp_noise_multiplier"), " or ", Named("dp_target_epsilon"),
@@ -225,7 +227,7 @@ def _check_dp(config: Config) -> None:
     raise SettingError("differential privacy (dp_noise_multiplier, dp_target_epsilon) "
                        f"needs dp-accounting: {options.DP_EXTRA}.")
   noise = [n for n in ("dp_noise_multiplier", "dp_target_epsilon")
-           if getattr(config, n) is not None or n in config.sweep.names()]
+           if getattr(config, n) is not None or n in parse_sweep(config.sweep).names()]
   if len(noise) > 1:
     raise SettingError("give ", Named("dp_noise_multiplier"), " or ",
                        Named("dp_target_epsilon"), " (set or swept), not both.")

@@ -108,7 +108,7 @@ class RunConfig:
   # without the --sweep is told so, not blamed on validation_fraction.
   num_seeds: int = _setting(1, "Train this many models together (seeds seed, seed + 1, "
                             "...) in one program; report mean ± std.", lower=1, resume=True)
-  sweep: tuple[str, ...] = _setting(
+  sweep: tuple[Any, ...] = _setting(   # "name=v1,v2" texts; resolved: a config.Sweep
       (), "NAME=v1,v2,...: train every combination (times the seeds) together and choose "
       "on validation; NAME one of {sweepable}.", resume=True, repeated=True)
   cv_folds: int = _setting(
