@@ -83,7 +83,8 @@ def jax_run(key, b, h, cfg):
   else:
     state = parallel.shard_models(train.init_state([0], d, h, k, hp), mesh)
     x, y = (parallel.shard_rows(a, mesh) for a in synthetic_data(b * steps, d, k))
-    run, compile_seconds, _ = epochs_run(train.make_train_epoch(hp, b, mesh=mesh), state, x, y)
+    run, compile_seconds, _ = epochs_run(train.make_train_epoch(hp, train.Batching(b, mesh=mesh)), state,
+                                         x, y)
     return run, compile_seconds
   run()  # warm up
   return run, compile_seconds
@@ -132,8 +133,8 @@ def stacked_run(num_models, stacking, compute_dtype, b, h, cfg):
   hp = hyperparams(cfg, compute_dtype)
   states = train.init_state(range(num_models), cfg.in_dim, h, cfg.num_classes, hp)
   x, y = synthetic_data(b * cfg.steps, cfg.in_dim, cfg.num_classes)
-  run, compile_seconds, _ = epochs_run(train.make_train_epoch(hp, b, stacking=stacking),
-                                       states, x, y)
+  run, compile_seconds, _ = epochs_run(
+      train.make_train_epoch(hp, train.Batching(b, stacking=stacking)), states, x, y)
   return run, compile_seconds
 
 
@@ -186,8 +187,9 @@ def dp_run(kind, compute_dtype, b, h, cfg):
   state = train.init_state([0], d, h, k, hp)
   x, y = synthetic_data(n, d, k)
   if kind != "dp_vmap_grad":
-    return epochs_run(train.make_train_epoch(hp, b, dp=None if kind == "plain" else dp),
-                      state, x, y)
+    return epochs_run(
+        train.make_train_epoch(hp, train.Batching(b), None if kind == "plain" else dp),
+        state, x, y)
   one = train.init_model_state(0, d, h, k, train.make_optimizer(hp))
   step = vmap_grad_dp_step(hp, dp, train.make_optimizer(hp))
   epoch = jax.jit(lambda s, x, y, e, v: train.dp_train_epoch(step, s, x, y, e, steps),

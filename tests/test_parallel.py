@@ -100,10 +100,10 @@ def test_one_device_mesh_changes_nothing():
   hp = train.Hyperparams(optimizer="adam", schedule="constant")
   state = train.init_state([0], 5, 7, 3, hp)
   mesh = parallel.run_mesh(1)
-  sharded, m_sharded = train.make_train_epoch(hp, 4, num_examples=10, mesh=mesh)(
+  sharded, m_sharded = train.make_train_epoch(hp, train.Batching(4, 10, mesh))(
       parallel.shard_models(state, mesh), parallel.shard_rows(x, mesh),
       parallel.shard_rows(y, mesh), 0, {})
-  plain, m_plain = train.make_train_epoch(hp, 4)(state, x, y, 0, {})
+  plain, m_plain = train.make_train_epoch(hp, train.Batching(4))(state, x, y, 0, {})
   for a, b in zip(jax.tree.leaves((plain, m_plain)), jax.tree.leaves((sharded, m_sharded))):
     np.testing.assert_array_equal(a, b)
   ev_sharded = train.evaluate(sharded.params, parallel.shard_rows(x, mesh),
@@ -277,7 +277,7 @@ def _run_stack(seeds, devices, x, y, b, hp, values):
   idx, _ = train.batch_indices(train.epoch_order(state.key[0], 0, n), b)
   batches = jax.jit(lambda X, Y, idx, m=mesh: jax.lax.map(
       lambda i: (train.gather_batch(X, i, m), train.gather_batch(Y, i, m)), idx))(X, Y, idx)
-  epoch = train.make_train_epoch(hp, b, num_examples=n, mesh=mesh)
+  epoch = train.make_train_epoch(hp, train.Batching(b, n, mesh))
   curve = []
   for e in range(3):
     state, m = epoch(state, X, Y, e, values)

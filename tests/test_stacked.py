@@ -68,7 +68,7 @@ def test_map_and_vmap_stacking_train_the_same_models():
   results = {}
   for stacking in train.STACKINGS:
     states = train.init_state([0, 1, 2], 5, 8, 3, hp, values)
-    epoch = train.make_train_epoch(hp, 8, stacking=stacking)
+    epoch = train.make_train_epoch(hp, train.Batching(8, stacking=stacking))
     for e in range(3):
       states, metrics = epoch(states, X, y, e, values)
     results[stacking] = (states.params, metrics["train_loss"],

@@ -62,7 +62,7 @@ def test_epoch_equals_a_python_loop_of_sgd_steps_on_the_real_batches():
   for batch in (order[0:4], order[4:8], order[8:10]):   # the ragged last batch has 2
     expected, batch_loss, batch_hits = sgd_step_by_hand(expected, X[batch], y[batch], 0.1)
     loss_sum, hits = loss_sum + float(batch_loss), hits + float(batch_hits)
-  epoch = train.make_train_epoch(hp, batch_size=4)
+  epoch = train.make_train_epoch(hp, train.Batching(4))
   state, metrics = epoch(state, X, y, 0, {})
   for got, want in zip(first(state.params), expected):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -95,7 +95,7 @@ def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
     if kept.size:
       params, opt_state, batch_loss = adam_step(params, opt_state, X[kept], y[kept])
       steps, loss_sum = steps + 1, loss_sum + float(batch_loss)
-  epoch = train.make_train_epoch(hp, batch_size=4)
+  epoch = train.make_train_epoch(hp, train.Batching(4))
   state, metrics = epoch(state, X, y, 0, {train.TRAIN_MASK: mask[None]})
   for got, want in zip(first(state.params), params):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -113,8 +113,8 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
   hp = train.Hyperparams(optimizer="adam", schedule="cosine", total_steps=12)
   optimizer = train.make_optimizer(hp)
   step = chex.assert_max_traces(train.make_train_step(hp, optimizer), n=1)
-  epoch = jax.jit(lambda state, X, y, e: train.train_epoch(step, state, (X, y), e,
-                                                          train.Batching(4)),
+  epoch = jax.jit(lambda state, X, y, e: train.train_epoch(
+      step, state, (X, y), train.epoch_order(state.key, e, 10), train.Batching(4)),
                   donate_argnums=(0,))
   # A fresh jit of evaluate: its trace count is this test's alone.
   evaluate = jax.jit(chex.assert_max_traces(train.evaluate.__wrapped__, n=1),
@@ -126,7 +126,7 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
              net=Network())
   # The runner's jitted epoch: its body is traced once for three epochs.
   monkeypatch.setattr(train, "train_epoch", chex.assert_max_traces(train.train_epoch, n=1))
-  runner_epoch = train.make_train_epoch(hp, batch_size=4)
+  runner_epoch = train.make_train_epoch(hp, train.Batching(4))
   states = train.init_state([0], 5, 7, 3, hp)
   for e in range(3):
     states, _ = runner_epoch(states, X, y, e, {})
@@ -161,10 +161,10 @@ def test_an_epoch_visits_the_first_num_examples_rows_only():
   hp = train.Hyperparams(optimizer="sgd", schedule="constant")
   state = train.init_state([0], 5, 7, 3, hp)
   padded = (jnp.concatenate([X, jnp.full((2, 5), 1e3)]), jnp.concatenate([y, jnp.array([0, 1])]))
-  alone = train.make_train_epoch(hp, 4)(state, X, y, 0, {})
+  alone = train.make_train_epoch(hp, train.Batching(4))(state, X, y, 0, {})
   state = train.init_state([0], 5, 7, 3, hp)    # the epoch donated the first
   chex.assert_trees_all_close(
-      train.make_train_epoch(hp, 4, num_examples=10)(state, *padded, 0, {}), alone, rtol=1e-6)
+      train.make_train_epoch(hp, train.Batching(4, 10))(state, *padded, 0, {}), alone, rtol=1e-6)
 
 
 def test_epochs_shuffle_differently_and_reproducibly():
@@ -185,7 +185,7 @@ def test_manual_autodiff_and_manual_vjp_train_the_same():
                            warmup_steps=2, total_steps=12, weight_decay=0.1,
                            label_smoothing=0.1, clip_norm=1.0, grads=grads)
     state = train.init_state([0], 6, 8, 4, hp)
-    epoch = train.make_train_epoch(hp, batch_size=8)
+    epoch = train.make_train_epoch(hp, train.Batching(8))
     for e in range(3):
       state, metrics = epoch(state, X, y, e, {})
     finals.append((state.params, float(metrics["train_loss"][0])))
@@ -232,7 +232,7 @@ def test_every_optimizer_lowers_the_loss(name):
                          weight_decay=1e-3)
   state = train.init_state([0], 5, 16, 3, hp)
   before = float(mj.loss(first(state.params), X, y))
-  epoch = train.make_train_epoch(hp, batch_size=8)
+  epoch = train.make_train_epoch(hp, train.Batching(8))
   for e in range(5):
     state, _ = epoch(state, X, y, e, {})
   assert float(mj.loss(first(state.params), X, y)) < before
@@ -460,7 +460,7 @@ def test_ema_is_the_hand_computed_average_of_the_iterates():
   # A stack sweeping β = 0 and β: model 0's average is its params, model 1's its EMA.
   hp = hp._replace(ema_decay=jnp.array([0.0, beta]))
   stack = train.init_state([0, 0], 5, 4, 3, hp, {"ema_decay": [0.0, beta]})
-  epoch = train.make_train_epoch(hp, 6, 6)
+  epoch = train.make_train_epoch(hp, train.Batching(6, 6))
   for e in range(4):
     stack, _ = epoch(stack, X, batch[1], e, {"ema_decay": jnp.array([0.0, beta])})
   averaged = train_state.averaged_params(stack)
@@ -640,7 +640,7 @@ def test_a_private_stack_is_each_models_dp_epoch_with_its_own_noise():
   dp = privacy.DPSGD(noise_multiplier=1.0, clip_norm=0.3, clipping="flat",
                      sampling_rate=0.4, num_examples=12, padded_batch_size=9)
   sigmas = jnp.array([0.7, 2.0])
-  states, metrics = train.make_train_epoch(hp, 5, dp=dp)(
+  states, metrics = train.make_train_epoch(hp, train.Batching(5), dp)(
       train.init_state([0, 1], 5, 7, 3, hp), X, y, 0, {"dp_noise_multiplier": sigmas})
   optimizer = train.make_optimizer(hp)
 

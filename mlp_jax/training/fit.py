@@ -189,9 +189,10 @@ def fit(training: Training, state: train.TrainState, data: Data,
   happens (before its hooks)."""
   hooks = hooks or Hooks()
   X, y, n = data.train
-  program = train.make_train_epoch(
-      training.hp, training.config.batch_size, num_examples=n, mesh=training.mesh,
-      dp=training.dp and training.dp.dpsgd, stacking=training.stack.stacking)
+  stack = training.stack
+  batching = train.Batching(training.config.batch_size, n, training.mesh, stack.stacking,
+                            shared_order=len(stack.seeds) == 1)
+  program = train.make_train_epoch(training.hp, batching, training.dp and training.dp.dpsgd)
   values = _model_values(training, data)
 
   def train_epoch(state: train.TrainState, epoch: int) -> tuple[train.TrainState, Any]:

@@ -3,7 +3,7 @@
     mesh = parallel.run_mesh(num_devices, num_models=M)   # Mesh (G, D/G), G = gcd(M, D)
     X = parallel.shard_rows(x, mesh)             # rows (N, D) split over the data axis
     states = parallel.shard_models(states, mesh) # the M models split over the model axis
-    train_epoch = train.make_train_epoch(hp, B, num_examples=n, mesh=mesh)
+    train_epoch = train.make_train_epoch(hp, train.Batching(B, n, mesh))
 
 The math is the one-model train step and scanned epoch; `mesh` only adds sharding
 annotations and jit compiles the collectives: the stack's model axis is split over the

@@ -163,29 +163,37 @@ class Batching(NamedTuple):
   """How an epoch or an evaluation walks the resident data (static under jit):
   batch_size rows a step; the first num_examples rows are the examples (None: all; the
   rest pad a dataset sharded over a mesh: parallel.shard_rows); the mesh whose data
-  axis splits each batch (None: one device); how an evaluation maps a stack's models
-  (STACKINGS; make_train_epoch takes its own)."""
+  axis splits each batch (None: one device); how a stack's models are mapped
+  (STACKINGS); shared_order: every model of the stack has one seed, so one batch order
+  (epoch_order of the first model's key) serves them all and each batch's rows are
+  gathered once: the models' first layers are then one matmul (make_train_epoch)."""
 
   batch_size: int
   num_examples: Optional[int] = None
   mesh: Optional[Mesh] = None
   stacking: str = "vmap"
+  shared_order: bool = False
+
+  def examples(self, X: Array) -> int:
+    """N: the number of examples of the resident rows X."""
+    return X.shape[0] if self.num_examples is None else self.num_examples
 
 
 def train_epoch(train_step: TrainStep, state: TrainState, data: tuple[Array, Array],
-                epoch: ArrayLike, batching: Batching, train_mask: Optional[Array] = None
+                order: Array, batching: Batching, train_mask: Optional[Array] = None
                 ) -> tuple[TrainState, Metrics]:
   """One epoch, one lax.scan -> (state, {"train_loss", "train_accuracy"}) on the device.
 
   The epoch visits the first N = batching.num_examples rows of data = (X, y) (default
-  all) in the order epoch_order(state.key, epoch, N). train_mask (N,), 1 for a row the
-  model trains on and 0 for one it holds out (a k-fold model): each batch weighs its
-  rows by it, and a batch of held-out rows alone is no step at all (the state is kept).
+  all) in `order` (N,), epoch_order(state.key, epoch, N). train_mask (N,), 1 for a row
+  the model trains on and 0 for one it holds out (a k-fold model): each batch weighs
+  its rows by it, and a batch of held-out rows alone is no step at all (the state is
+  kept).
   """
   X, y = data
   mesh = batching.mesh
-  n = X.shape[0] if batching.num_examples is None else batching.num_examples
-  idx, w = batch_indices(epoch_order(state.key, epoch, n), batching.batch_size)
+  n = batching.examples(X)
+  idx, w = batch_indices(order, batching.batch_size)
 
   def body(state: TrainState, batch: tuple[Array, Array]
            ) -> tuple[TrainState, tuple[Array, ...]]:
@@ -288,19 +296,23 @@ def _init_stack(seeds: Array, values: dict[str, Array], hp: Hyperparams, in_dim:
 ModelEpoch = Callable[..., tuple[TrainState, Metrics]]
 
 
-def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batch_size: int,
-                 num_examples: Optional[int], mesh: Optional[Mesh]) -> ModelEpoch:
-  """ONE model's epoch (state, X, y, epoch, values) -> (state, metrics): train_epoch of
-  its train step, or with a privacy.DPSGD `dp`, ceil(N / batch_size) DP-SGD steps."""
+def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batching: Batching
+                 ) -> ModelEpoch:
+  """ONE model's epoch (state, X, y, epoch, values, order) -> (state, metrics):
+  train_epoch of its train step in `order` (None: its own, from its key), or with a
+  privacy.DPSGD `dp`, ceil(N / batch_size) DP-SGD steps."""
   def one(state: TrainState, X: Array, y: Array, epoch: ArrayLike,
-          values: Mapping[str, Array]) -> tuple[TrainState, Metrics]:
+          values: Mapping[str, Array], order: Optional[Array]) -> tuple[TrainState, Metrics]:
     model_hp, model_dp = with_values(hp, dp, values)
     optimizer = make_optimizer(model_hp)
     if model_dp is None:
-      return train_epoch(make_train_step(model_hp, optimizer), state, (X, y), epoch,
-                         Batching(batch_size, num_examples, mesh), values.get(TRAIN_MASK))
-    return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, mesh), state,
-                          X, y, epoch, steps_per_epoch(model_dp.num_examples, batch_size))
+      if order is None:
+        order = epoch_order(state.key, epoch, batching.examples(X))
+      return train_epoch(make_train_step(model_hp, optimizer), state, (X, y), order,
+                         batching, values.get(TRAIN_MASK))
+    return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, batching.mesh),
+                          state, X, y, epoch,
+                          steps_per_epoch(model_dp.num_examples, batching.batch_size))
   return one
 
 
@@ -321,32 +333,35 @@ def _memoized(make: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_memoized
-def make_train_epoch(hp: Hyperparams, batch_size: int, num_examples: Optional[int] = None,
-                     mesh: Optional[Mesh] = None, dp: Optional[privacy.DPSGD] = None,
-                     stacking: str = "vmap") -> ModelEpoch:
+def make_train_epoch(hp: Hyperparams, batching: Batching, dp: Optional[privacy.DPSGD] = None
+                     ) -> ModelEpoch:
   """jit(epoch)(states, X (N, D), y (N,), epoch, values {name: (M,)}) -> (states,
   {"train_loss": (M,), "train_accuracy": (M,)[, "overflows": (M,)]}), the states donated
-  (call it positionally).
+  (call it positionally), each step `batching.batch_size` rows (Batching).
 
   Model m trains exactly as it would alone: its own batch order from its own key, its
   own hyperparameters `values[m]`, one shared dataset (of which a k-fold model trains
   on the rows of values[TRAIN_MASK][m], (N,); not with DP). With a mesh
   (parallel.run_mesh), X and y are row-sharded over its data axis (parallel.shard_rows),
   the states and values split over its model axis (parallel.shard_models), and each
-  model's batches are split over the data axis. With a privacy.DPSGD `dp`, an epoch is
-  ceil(N / batch_size) DP-SGD steps (dp_train_epoch).
+  model's batches are split over the data axis. With batching.shared_order (models of
+  one seed, whose keys are one key), the order is drawn once for all. With a
+  privacy.DPSGD `dp`, an epoch is ceil(N / batch_size) DP-SGD steps (dp_train_epoch).
   """
-  one = _model_epoch(hp, dp, batch_size, num_examples, mesh)
+  one = _model_epoch(hp, dp, batching)
+  mesh = batching.mesh
   groups = 1 if mesh is None else parallel.model_groups(mesh)
+  shared = batching.shared_order and groups == 1 and dp is None
 
   def epoch_fn(states: TrainState, X: Array, y: Array, epoch: ArrayLike,
                values: Mapping[str, Array]) -> tuple[TrainState, Metrics]:
-    return map_models(lambda sv: one(sv[0], X, y, epoch, sv[1]), (states, values),
-                      stacking, groups)
+    order = epoch_order(states.key[0], epoch, batching.examples(X)) if shared else None
+    return map_models(lambda sv: one(sv[0], X, y, epoch, sv[1], order), (states, values),
+                      batching.stacking, groups)
 
   if mesh is None:
     return jax.jit(epoch_fn, donate_argnums=(0,))
-  parallel.check_batch_size(batch_size, mesh)
+  parallel.check_batch_size(batching.batch_size, mesh)
   return jax.jit(epoch_fn, donate_argnums=(0,), out_shardings=parallel.model_sharded(mesh))
 
 
