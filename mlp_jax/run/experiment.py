@@ -113,10 +113,10 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
 
 
 def import_in_background(*modules: str) -> threading.Thread:
-  """Starts importing `modules` in a daemon thread, so that the imports (about 0.3 s for
-  orbax, 0.4 s for matplotlib) overlap the data's loading and JAX's compiling and
-  training. Python's import lock makes a later `import` wait for the thread's, never
-  import twice; a module that fails to import fails again, with its error, where used."""
+  """Starts importing `modules` in a daemon thread, so that the imports (about 0.4 s for
+  matplotlib) overlap the epochs, while the host waits for the device. Python's import
+  lock makes a later `import` wait for the thread's, never import twice; a module that
+  fails to import fails again, with its error, where used."""
   def load() -> None:
     for name in modules:
       try:
@@ -145,8 +145,6 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   """(workdir, result) of run() for one stack of models, from a resolved config."""
   stack = stack_lib.make_stack(config)
   writer = jax.process_index() == 0
-  if writer:  # orbax for the checkpoints, matplotlib for the plots
-    import_in_background("orbax.checkpoint", "matplotlib.figure")
   mesh = _make_mesh(config, stack.num_models)
   boundary.phase("data")
   ds = _load_data(config, mesh, stack.num_models)
@@ -322,6 +320,8 @@ def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, plac
   Interrupted if Ctrl-C or SIGTERM stopped it, else None)."""
   hooks = hooks_lib.RunHooks(ctx, start, placed, history, native_output)
   boundary.phase("train")
+  if ctx.writer:  # the plots' matplotlib, while the host waits for the device's epochs
+    import_in_background("matplotlib.figure")
   ctx.stop.deferring = True
   try:
     masks = ctx.stack.train_masks() if ctx.stack.row_folds is not None else None

@@ -3,8 +3,8 @@ first layer's weights drawn as images.
 
 Drawn with matplotlib's object API (a `Figure` saved by its Agg canvas: no pyplot, no
 global state, no GUI backend), laid out by its constrained layout so that no text is cut
-off or written over another. The runner imports matplotlib in the background while JAX
-compiles and trains (experiment.import_in_background), so a run does not wait for it.
+off or written over another. The runner imports matplotlib in the background while its
+epochs run (experiment.import_in_background), so that it seldom waits for the import.
 """
 
 import os
@@ -34,7 +34,7 @@ def _figure(width: float, height: float) -> "Figure":
 
 def save(figure: "Figure", path: Target) -> None:
   """`figure` as a PNG at `path` (a path or a binary file)."""
-  figure.savefig(path, format="png", dpi=DPI)
+  figure.savefig(path, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
 
 
 def wrapped(text: str, width: int = TITLE_CHARACTERS) -> list[str]:
@@ -126,7 +126,8 @@ def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = 
   axes.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
   for (i, j), count in np.ndenumerate(counts):
     axes.text(j, i, str(count), ha="center", va="center", fontsize=count_size,
-              color="white" if count > counts.max() / 2 else "black")
+              color="white" if count > counts.max() / 2 else "black",
+              in_layout=False)  # inside its cell: the layout need not measure it
   axes.set_xticks(range(k), names, rotation=0 if upright else 90, fontsize=10)
   axes.set_yticks(range(k), names, fontsize=10)
   axes.set(xlabel="predicted", ylabel="true")
