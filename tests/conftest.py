@@ -215,12 +215,13 @@ def small_disk(path, size="600k"):
 
 def tiny_config(dataset, workdir, **overrides):
   """experiment.RunConfig of a small run (the in-process twin of runner_command), with a
-  checkpoint after every epoch: the recovery tests fall back through several."""
+  checkpoint after every epoch: the recovery tests fall back through several. No
+  pictures (plots=True where a test looks at them: drawing is half a second a run)."""
   from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
   return experiment.RunConfig(**{"dataset": dataset, "workdir": str(workdir),
                                  "hidden_dim": 16, "batch_size": 8, "epochs": 20,
                                  "progress": False, "checkpoint_seconds": 0.0,
-                                 **overrides})
+                                 "plots": False, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -310,6 +310,16 @@ def test_crc32c_is_castagnoli():
   assert events.crc32c(b"") == 0
 
 
+def test_noplots_writes_every_output_but_the_pictures(tiny_npz, tmp_path):
+  experiment.run(tiny_config(tiny_npz, tmp_path, epochs=2), log=lambda *_: None)
+  assert not list(tmp_path.glob("*.png")) and (tmp_path / "params.npz").exists()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  rows = [{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5}]
+  reports.write_running_curves(str(tmp_path), rows, tiny_config(tiny_npz, tmp_path),
+                               datasets.load(tiny_npz), 1)
+  assert not list(tmp_path.glob("*.png"))
+
+
 def test_curves_png_is_redrawn_during_a_run_when_due(tmp_path, monkeypatch):
   drawn = []
 

@@ -320,7 +320,7 @@ def _train_epochs(ctx: RunContext, training: fit.Training, start: Restored, plac
   Interrupted if Ctrl-C or SIGTERM stopped it, else None)."""
   hooks = hooks_lib.RunHooks(ctx, start, placed, history, native_output)
   boundary.phase("train")
-  if ctx.writer:  # the plots' matplotlib, while the host waits for the device's epochs
+  if ctx.writer and ctx.config.plots:  # matplotlib, while the host waits for the epochs
     import_in_background("matplotlib.figure")
   ctx.stop.deferring = True
   try:

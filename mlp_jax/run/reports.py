@@ -86,21 +86,23 @@ def chosen_test(finished: Finished) -> dict[str, float]:
 
 def write_outputs(workdir: str, finished: Finished, inputs: datasets.Dataset, config: Config
                   ) -> None:
-  """params.npz, the plots, and for several models params_all.npz and sweep.json, each
-  written to a temporary name and renamed (workdir.atomic_file). `inputs` is the run's
-  datasets.Dataset without its arrays (the preprocessing)."""
+  """params.npz, the plots (unless --noplots), and for several models params_all.npz and
+  sweep.json, each written to a temporary name and renamed (workdir.atomic_file).
+  `inputs` is the run's datasets.Dataset without its arrays (the preprocessing)."""
   best = finished.models[0]
   params = jax.tree.map(lambda a: a[best], finished.params)
   path = functools.partial(os.path.join, workdir)
   stack = finished.stack
   title = run_title(config, inputs, finished.ranking[0]["configuration"],
                     _models_text(stack, finished.models))
-  with atomic_file(path("curves.png")) as f:
-    plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models), f,
-                      config.label_smoothing, title)
+  if config.plots:
+    with atomic_file(path("curves.png")) as f:
+      plots.plot_curves(stack_lib.chosen_history(finished.history, finished.models), f,
+                        config.label_smoothing, title)
   if finished.test is not None:
     with atomic_file(path("params.npz")) as f:
       trained.save(f, params, inputs, config.dataset, config.activation)
+  if finished.test is not None and config.plots:
     with atomic_file(path("confusion.png")) as f:
       plots.plot_confusion(plots.confusion_matrix(
           inputs.y_test, finished.test["predictions"][best], inputs.num_classes), f,
@@ -126,8 +128,10 @@ def write_outputs(workdir: str, finished: Finished, inputs: datasets.Dataset, co
 
 def write_running_curves(workdir: str, history: list[Row], config: Config,
                          inputs: datasets.Dataset, num_models: int) -> None:
-  """curves.png during a run: every model's mean (± std) so far; the end of the run
-  draws the chosen configuration's (write_outputs)."""
+  """curves.png during a run (unless --noplots): every model's mean (± std) so far; the
+  end of the run draws the chosen configuration's (write_outputs)."""
+  if not config.plots:
+    return
   band = f"all {num_models} models, while training" if num_models > 1 else None
   with atomic_file(os.path.join(workdir, "curves.png")) as f:
     plots.plot_curves(stack_lib.chosen_history(history, list(range(num_models))), f,

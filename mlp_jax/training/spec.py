@@ -122,6 +122,9 @@ class RunConfig:
       None, "Fraction of train held out for validation. Default 0, or 0.1 with --sweep.",
       lower=0, below=1, resume=True)
   progress: bool = _setting(True, "Show a progress bar.")
+  plots: bool = _setting(True, "Draw curves.png, confusion.png and filters.png "
+                         "(matplotlib, about half a second a run); --noplots writes the "
+                         "metrics, params and TensorBoard events alone.")
   checkpoint_seconds: float = _setting(
       30.0, "At most one checkpoint per this many seconds of training (a kill -9 loses at "
       "most that much), and always one after the last epoch and on Ctrl-C or SIGTERM; 0: "
