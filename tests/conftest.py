@@ -153,7 +153,8 @@ def tiny_npz(tmp_path_factory):
 # command line in this process, and experiment.run.
 
 # 20 epochs: what the runner's default gives most data (a tiny set would get 1500 steps).
-TINY_FLAGS = ("--noprogress", "--hidden_dim=16", "--batch_size=8", "--epochs=20")
+TINY_FLAGS = ("--noprogress", "--noplots", "--hidden_dim=16", "--batch_size=8",
+              "--epochs=20")  # "--plots" after them where a test looks at the pictures
 
 
 def runner_command(dataset, workdir, *extra):

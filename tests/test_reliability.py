@@ -109,7 +109,7 @@ def test_sigkill_between_time_based_checkpoints_then_rerun_ends_bit_identical(ti
                                                    (signal.SIGTERM, 143, "SIGTERM")])
 def test_a_signal_saves_and_exits_cleanly_then_resumes(signum, status, name, tiny_npz,
                                                        tmp_path):
-  process = subprocess.Popen(runner_command(tiny_npz, tmp_path, "--epochs=2000"),
+  process = subprocess.Popen(runner_command(tiny_npz, tmp_path, "--epochs=2000", "--plots"),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_epochs(tmp_path, process, 3)
   process.send_signal(signum)

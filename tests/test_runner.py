@@ -31,7 +31,7 @@ from mlp_jax.training import config as config_lib
 @pytest.mark.slow
 def test_workdir_contents_are_valid_and_loadable(tiny_npz, tmp_path):
   result = run_runner(tiny_npz, tmp_path, "--epochs=3", "--validation_fraction=0.2",
-                      "--hidden_dim=8")
+                      "--hidden_dim=8", "--plots")
   assert result.returncode == 0, result.stderr
   assert "accuracy" in result.stdout and f"workdir: {tmp_path}" in result.stdout
   config = json.loads((tmp_path / "config.json").read_text())
