@@ -722,7 +722,8 @@ def test_the_boundary_turns_anything_into_one_line_and_a_log(tmp_path, capsys):
 # ------------------------------------------------------------------ runs, in-process
 
 def _tiny(tiny_npz, workdir, *extra):
-  return (f"--dataset={tiny_npz}", f"--workdir={workdir}", "--noprogress",
+  """A tiny run's flags: no pictures unless `extra` says --plots."""
+  return (f"--dataset={tiny_npz}", f"--workdir={workdir}", "--noprogress", "--noplots",
           "--hidden_dim=16", "--batch_size=8", *extra)
 
 
@@ -850,7 +851,8 @@ def test_a_symlink_at_any_file_the_runner_writes_is_one_line_and_followed_never(
   written = set()
   for seeds in (1, 2):
     straight = tmp_path / f"straight-{seeds}"
-    assert run_cli(*_tiny(tiny_npz, straight, "--epochs=1", f"--num_seeds={seeds}"))[0] == 0
+    assert run_cli(*_tiny(tiny_npz, straight, "--epochs=1", f"--num_seeds={seeds}",
+                          "--plots"))[0] == 0
     written |= set(os.listdir(straight))
   assert written == set(RUN_FILES), written ^ set(RUN_FILES)
   victim = tmp_path / "victim"
@@ -859,7 +861,7 @@ def test_a_symlink_at_any_file_the_runner_writes_is_one_line_and_followed_never(
     work = tmp_path / f"w-{name.strip('.')}"
     work.mkdir()
     os.symlink(victim, work / name)
-    code, stderr = run_cli(*_tiny(tiny_npz, work, "--epochs=1", "--num_seeds=2"))
+    code, stderr = run_cli(*_tiny(tiny_npz, work, "--epochs=1", "--num_seeds=2", "--plots"))
     lines = stderr.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "symbolic link" in lines[0], (name, stderr)
     assert victim.read_text() == VICTIM_TEXT, name
