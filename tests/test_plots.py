@@ -217,6 +217,17 @@ def test_curves_say_what_was_trained_and_the_dp_caveat():
   assert plots.curves_figure(plain).get_suptitle() == ""
 
 
+def test_dollar_signs_in_a_title_or_a_class_name_are_text_not_mathtext():
+  title = "npz:/tmp/a$b_{$.npz: a 4-16-2 MLP"        # mathtext would refuse it
+  drawn = Drawn(plots.curves_figure(history(3), title=title))
+  assert drawn.figure.get_suptitle() == title
+  names = ["$5$", "x_{$"]
+  drawn = Drawn(plots.confusion_figure(np.eye(2, dtype=int), names, "model $1$"))
+  axes = drawn.figure.axes[0]
+  assert [t.get_text() for t in axes.get_xticklabels()] == names
+  assert not [t for t, _ in drawn.texts() if t.get_text() in names and t.get_parse_math()]
+
+
 def test_a_long_title_is_broken_into_lines_that_fit():
   lines = plots.curves_figure(history(3), title=LONG_TITLE).get_suptitle().split("\n")
   assert len(lines) >= 3 and " ".join(lines) == LONG_TITLE.replace("\n", " ")

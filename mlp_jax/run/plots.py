@@ -66,7 +66,7 @@ def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
   heading = wrapped("\n".join(lines)) if lines else []
   figure = _figure(10, 3.9 + 0.22 * len(heading))
   if heading:
-    figure.suptitle("\n".join(heading), fontsize=11)
+    figure.suptitle("\n".join(heading), fontsize=11, parse_math=False)  # "$": as written
   for axes, metric in zip(figure.subplots(1, 2), ("loss", "accuracy")):
     for split, colour in SPLIT_COLOURS.items():
       key = f"{split}_{metric}"
@@ -128,11 +128,12 @@ def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = 
     axes.text(j, i, str(count), ha="center", va="center", fontsize=count_size,
               color="white" if count > counts.max() / 2 else "black",
               in_layout=False)  # inside its cell: the layout need not measure it
-  axes.set_xticks(range(k), names, rotation=0 if upright else 90, fontsize=10)
-  axes.set_yticks(range(k), names, fontsize=10)
+  axes.set_xticks(range(k), names, rotation=0 if upright else 90, fontsize=10,
+                  parse_math=False)
+  axes.set_yticks(range(k), names, fontsize=10, parse_math=False)
   axes.set(xlabel="predicted", ylabel="true")
   figure.suptitle(f"test confusion{', ' + model if model else ''}\n{counts.trace()} / "
-                  f"{counts.sum()} right", fontsize=11)
+                  f"{counts.sum()} right", fontsize=11, parse_math=False)
   return figure
 
 
