@@ -66,26 +66,26 @@ def jax_run(key, b, h, cfg):
                    f"manual_{LAYOUT_ROWS[grads]}" if grads in LAYOUT_ROWS else grads)
   optimizer = train.make_optimizer(hp)
   mesh = parallel.run_mesh(devices)
-  if mode == "step":
-    state = parallel.replicate(train.init_model_state(0, d, h, k, optimizer), mesh)
-    batch = tuple(parallel.shard_rows(a, mesh)
-                  for a in (*synthetic_data(b, d, k), jnp.ones((b,), jnp.float32)))
-    fn = jax.jit(train.make_train_step(hp, optimizer), donate_argnums=(0,),
-                 out_shardings=parallel.replicated(mesh))
-    start = time.perf_counter()
-    compiled = fn.lower(state, batch).compile()
-    compile_seconds = time.perf_counter() - start
-    def run():
-      nonlocal state
-      for _ in range(steps):
-        state, _ = compiled(state, batch)
-      jax.block_until_ready(state)
-  else:
+  if mode == "scan":
     state = parallel.shard_models(train.init_state([0], d, h, k, hp), mesh)
     x, y = (parallel.shard_rows(a, mesh) for a in synthetic_data(b * steps, d, k))
-    run, compile_seconds, _ = epochs_run(train.make_train_epoch(hp, train.Batching(b, mesh=mesh)), state,
-                                         x, y)
+    run, compile_seconds, _ = epochs_run(
+        train.make_train_epoch(hp, train.Batching(b, mesh=mesh)), state, x, y)
     return run, compile_seconds
+  state = parallel.replicate(train.init_model_state(0, d, h, k, optimizer), mesh)
+  batch = tuple(parallel.shard_rows(a, mesh)
+                for a in (*synthetic_data(b, d, k), jnp.ones((b,), jnp.float32)))
+  fn = jax.jit(train.make_train_step(hp, optimizer), donate_argnums=(0,),
+               out_shardings=parallel.replicated(mesh))
+  start = time.perf_counter()
+  compiled = fn.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+
+  def run():
+    nonlocal state
+    for _ in range(steps):
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
   run()  # warm up
   return run, compile_seconds
 
@@ -150,7 +150,7 @@ def vmap_grad_clipped_sum(params, x, Y, clip_norm):
   return jax.tree.map(lambda leaf: jnp.tensordot(c, leaf, axes=1), g)
 
 
-def vmap_grad_dp_step(hp, dp, optimizer):
+def vmap_grad_dp_step(dp, optimizer):
   """jax_privacy's and optax's DP-SGD step, beside the runner's: the same Poisson batch,
   noise and update (train.make_dp_train_step), the clipped sum by vmap_grad_clipped_sum."""
   def step(state, data):
@@ -190,8 +190,9 @@ def dp_run(kind, compute_dtype, b, h, cfg):
     return epochs_run(
         train.make_train_epoch(hp, train.Batching(b), None if kind == "plain" else dp),
         state, x, y)
-  one = train.init_model_state(0, d, h, k, train.make_optimizer(hp))
-  step = vmap_grad_dp_step(hp, dp, train.make_optimizer(hp))
+  optimizer = train.make_optimizer(hp)
+  one = train.init_model_state(0, d, h, k, optimizer)
+  step = vmap_grad_dp_step(dp, optimizer)
   epoch = jax.jit(lambda s, x, y, e, v: train.dp_train_epoch(step, s, x, y, e, steps),
                   donate_argnums=(0,))
   return epochs_run(epoch, one, x, y)
