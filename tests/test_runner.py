@@ -73,8 +73,8 @@ def test_rerun_with_the_same_workdir_resumes(tiny_npz, tmp_path):
     (["--learning_rate=-1"], "--learning_rate"),
     (["--dataset=cifar"], "--dataset='cifar': must be one of"),
     (["--optimizer=rmsprop"], "--optimizer"),
-    (["--dataset=mnist", "--data_dir=/nonexistent"], "does not exist"),
-    (["--dataset=npz:/nonexistent.npz"], "not a readable .npz"),
+    (["--dataset=mnist", "--data_dir={absent}"], "does not exist"),
+    (["--dataset=npz:{absent}.npz"], "not a readable .npz"),
     (["--batch_size=5000"], "exceeds the 1437 training examples"),
     (["--workdir=/dev/null"], "is a file, not a directory"),
     (["--num_devices=2"], "--num_devices: asked for 2 devices per process but this process "
@@ -86,7 +86,10 @@ def test_rerun_with_the_same_workdir_resumes(tiny_npz, tmp_path):
     (["--hidden_dim=100000000"], "--hidden_dim 100000000 needs about"),
 ])
 def test_bad_flags_exit_non_zero_with_one_line(flags, message, tmp_path, monkeypatch):
+  """{absent} is a path in this test's own folder, so no other program can have made it
+  (under HOME=/nonexistent, matplotlib creates /nonexistent/.config)."""
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  flags = [flag.format(absent=tmp_path / "absent") for flag in flags]
   code, stderr = run_cli("--epochs=1", "--noprogress", *flags)
   assert code != 0
   lines = [line for line in stderr.splitlines() if line.strip()]
