@@ -258,15 +258,17 @@ def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
     except OSError:
       continue   # absl names a missing one itself
     if not stat.S_ISREG(info.st_mode):
-      return (f"--flagfile={path} is not a regular file (a directory, a FIFO or a "
+      return (f"--flagfile={escaped(path)} is not a regular file (a directory, a FIFO or a "
               "device); give a text file of --name=value lines.")
     if info.st_size > MAX_FLAGFILE_BYTES:
-      return (f"--flagfile={path} is {info.st_size} bytes, over the "
+      return (f"--flagfile={escaped(path)} is {info.st_size} bytes, over the "
               f"{MAX_FLAGFILE_BYTES} a flagfile may have: is it the right file?")
     from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
     try:
       with files.open_regular(path) as f:
         lines = f.read(MAX_FLAGFILE_BYTES + 1).decode("utf-8", "replace").split()
+    except files.UnsafePath as e:   # one that another user could change or swap
+      return f"--flagfile={e.strerror}."
     except OSError:
       continue
     why = depth < 8 and _flagfile_problem(lines, depth + 1)

@@ -15,7 +15,9 @@ versions, the devices and XLA_FLAGS, so a stale one is never used.
 
 JAX runs the programs it finds in the cache, so mlp_jax points it only at a directory
 that is the user's own (`unsafe`): a real directory (not a link), owned by this user and
-writable by no one else, and every entry in it the same. A directory of ours (created
+writable by no one else, every entry in it the same, and a trusted path
+(base/trusted.py: no directory above it that another user could rename or swap, so
+JAX's later uses of the name reach the same directory). A directory of ours (created
 0700) passes; another user's, or a 0777 one, does not: the default and
 $MLP_JAX_COMPILATION_CACHE are then skipped with one line on stderr (the run compiles
 afresh), and an explicit --compilation_cache is refused.
@@ -25,6 +27,8 @@ import os
 import stat
 import sys
 from typing import Optional
+
+from mlp_jax.base import trusted
 
 ENV = "MLP_JAX_COMPILATION_CACHE"
 
@@ -45,7 +49,8 @@ def user_cache_dir() -> str:
 
 def unsafe(path: str) -> Optional[str]:
   """Why the directory at `path` is not this user's own cache, or None if it is: it
-  and every entry in it owned by this user and writable by no one else."""
+  and every entry in it owned by this user and writable by no one else, and no
+  directory on its path changeable by another user (trusted.why_untrusted)."""
   from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
   try:
     fd = files.open_directory(path)
@@ -56,7 +61,7 @@ def unsafe(path: str) -> Optional[str]:
     with os.scandir(fd) as entries:
       for entry in entries:
         why = why or _not_own(entry.stat(follow_symlinks=False), f"its entry {entry.name}")
-    return why
+    return why or trusted.why_untrusted(path)
   finally:
     os.close(fd)
 
@@ -91,11 +96,13 @@ def enable(path: Optional[str] = None) -> Optional[str]:
   if not path:
     return None
   from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
-  try:
-    files.make_dirs(path, 0o700)
-  except OSError:
-    return None   # a read-only home: compile as before
-  why = unsafe(path)
+  why = trusted.why_untrusted(path)   # nothing is made where another user could reach
+  if not why:
+    try:
+      files.make_dirs(path, 0o700)
+    except OSError:
+      return None   # a read-only home: compile as before
+    why = unsafe(path)
   if why and explicit:
     from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
     raise boundary.UsageError(refusal(path, why))

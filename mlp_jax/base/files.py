@@ -14,6 +14,11 @@ Reading (datasets, params.npz, predict.py's inputs):
                               checked against the member's real size and the memory
                               budget before anything is allocated
 
+Both:
+    trusted                   every path is checked before it is opened, written or
+                              made: UnsafePath where another user could change a
+                              component of it (check_trusted, base/trusted.py)
+
 Permissions are the user's: new files get 0o666 and new directories 0o777, less the
 umask, as `open` and `mkdir` would give them.
 """
@@ -32,12 +37,25 @@ from typing import IO, Any, Iterator, NamedTuple, Optional, cast
 
 import numpy as np
 
+from mlp_jax.base import trusted
+from mlp_jax.base.errors import escaped
+
 TEMPORARY_MARK = ".tmp-"   # in the names of atomic_file's temporary twins
 
 
 class UnsafePath(OSError):
   """A path that is not the plain file or directory it should be (a symlink, a device, a
   pipe); the message is one line naming it and the fix."""
+
+
+def check_trusted(path: str) -> None:
+  """UnsafePath, naming the component and who can write it, unless no other user can
+  change what `path` names (base/trusted.py): every file this module reads or writes is
+  checked so, each time."""
+  why = trusted.why_untrusted(path)
+  if why:
+    raise UnsafePath(errno.EACCES, f"{escaped(path)}: {escaped(why)}, so another user "
+                     f"could swap what mlp_jax reads or writes there; {trusted.FIX}", path)
 
 
 def _umask() -> int:
@@ -73,6 +91,7 @@ def open_for_update(path: str, flags: int, mode: int = 0o666) -> int:
   descriptor; a FIFO there never blocks the open) for a write in place; a symlink at
   `path` is UnsafePath, anything but a regular file there too, and so is a file with
   other hard links (the write would change it under its other names)."""
+  check_trusted(path)
   try:
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
   except OSError as e:
@@ -106,6 +125,7 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
   removed). Only a regular file is replaced: a symlink at `path` is refused (UnsafePath;
   the rename would replace the link, not what it points to, but a link there is not
   this project's file), and so is a device, a FIFO, a socket or a directory."""
+  check_trusted(path)
   refuse_non_file(path)
   directory, name = os.path.split(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMPORARY_MARK}", dir=directory or ".")
@@ -124,11 +144,14 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
 
 def make_dirs(path: str, mode: int = 0o777) -> None:
   """os.makedirs(path, mode) where missing; UnsafePath unless `path` is then a
-  directory."""
+  directory; both where another user could change it (check_trusted: before, and again
+  once made, as another user may make a missing one first in a shared directory)."""
+  check_trusted(path)
   os.makedirs(path, mode, exist_ok=True)
   if not os.path.isdir(path):
     raise UnsafePath(errno.ENOTDIR, f"{path} is not a directory; remove it, or use "
                      "another path", path)
+  check_trusted(path)
 
 
 def move(source: str, target: str) -> None:
@@ -182,8 +205,10 @@ def memory_budget() -> int:
 def open_regular(path: str, follow: bool = True) -> IO[bytes]:
   """The regular file at `path` for reading (binary), opened without blocking (a FIFO
   never hangs the open) and, with follow=False, without following a link there; what
-  was opened is checked on its descriptor: UnsafePath unless a regular file."""
+  was opened is checked on its descriptor: UnsafePath unless a regular file, and where
+  another user could change what `path` names (check_trusted)."""
   flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+  check_trusted(path)
   try:
     fd = os.open(path, flags)
   except OSError as e:

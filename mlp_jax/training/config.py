@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import numpy as np
 
-from mlp_jax.base import boundary, compilation, options
+from mlp_jax.base import boundary, compilation, options, trusted
+from mlp_jax.base.errors import escaped
 from mlp_jax.data import datasets
 from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, Hyperparams, RESUME_FIELDS,
                                    SETTINGS, Setting, SWEEPABLE, TRAINING, bounds_text)
@@ -236,10 +237,15 @@ def _check_dp(config: Config) -> None:
                        Named("grads"), f"={config.grads}.")
 
 
-def _check_writable_dir(flag: str, path: str) -> None:
+def _check_writable_dir(name: str, path: str) -> None:
   """RunError unless `path` is a directory this process can write, or can be created in
   its nearest existing ancestor (tried with a probe directory, removed at once: `access`
-  says yes to root even on /proc)."""
+  says yes to root even on /proc), on a path no other user can change (base/trusted.py:
+  JAX writes there by name, later)."""
+  why = trusted.why_untrusted(path)
+  if why:
+    raise SettingError(Named(name), f"={escaped(path)}: {escaped(why)}, so another user "
+                       f"could swap where JAX writes; {trusted.FIX}.")
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
@@ -248,8 +254,9 @@ def _check_writable_dir(flag: str, path: str) -> None:
       raise NotADirectoryError(f"{existing} is not a directory")
     os.rmdir(tempfile.mkdtemp(prefix=".mlp_jax-probe-", dir=existing))
   except OSError as e:
-    raise SettingError(f"{flag}={path} cannot be written ({e.strerror or e} in {existing}); "
-                   "choose another path.") from None
+    raise SettingError(Named(name), f"={escaped(path)} cannot be written "
+                       f"({e.strerror or e} in {escaped(existing)}); choose another "
+                       "path.") from None
 
 
 def _is_text(path: str) -> bool:
@@ -342,18 +349,18 @@ def resolve(config: Config) -> Config:
                          Named("validation_fraction"), " > 0 (default 0.1) or ",
                          Named("cv_folds"), "=K, never the test set.")
   _check_training_together(config)
+  cache = config.compilation_cache
+  why = cache and os.path.lexists(cache) and compilation.unsafe(cache)
+  if cache and why:
+    raise SettingError(compilation.refusal(cache, why))
   for flag in ("profile_dir", "compilation_cache"):
     if getattr(config, flag):
-      _check_writable_dir(f"--{flag}", getattr(config, flag))
+      _check_writable_dir(flag, getattr(config, flag))
   if config.workdir is not None and not _is_text(config.workdir):
     raise SettingError(Named("workdir"), f" {config.workdir!a} is not text in this "
                        f"locale's encoding ({sys.getfilesystemencoding()}), and orbax cannot "
                        "store checkpoints under it: run in a UTF-8 locale (LANG=C.UTF-8, or "
                        "PYTHONUTF8=1), or use an ASCII path.")
-  cache = config.compilation_cache
-  why = cache and os.path.lexists(cache) and compilation.unsafe(cache)
-  if cache and why:
-    raise SettingError(compilation.refusal(cache, why))
   if fraction is None:
     fraction = 0.1 if config.sweep and not config.cv_folds else 0.0
   return config._replace(validation_fraction=fraction)
