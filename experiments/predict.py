@@ -72,8 +72,9 @@ def predict():
     batches = trained.iter_inputs(FLAGS.input, model, FLAGS.labels)
     count = hits = 0
     has_labels = False
-    with (trained.prediction_csv(FLAGS.output, model) if FLAGS.output else contextlib.nullcontext()
-          ) as write:
+    reads = [FLAGS.workdir, *FLAGS.input.split(","), *([FLAGS.labels] if FLAGS.labels else [])]
+    with (trained.prediction_csv(FLAGS.output, model, reads) if FLAGS.output
+          else contextlib.nullcontext()) as write:
       for names, x, labels in batches:
         probabilities = np.asarray(prediction.probabilities(
             model.params, model.inputs(x, names), model.activation))

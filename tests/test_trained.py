@@ -1,6 +1,7 @@
 """A finished run used on new data: mj.load, predict on raw inputs, experiments/predict.py."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -290,3 +291,26 @@ def test_predict_script_uses_the_runs_activation(tiny_npz, tmp_path):
   np.testing.assert_allclose(written, model.predict_proba(x), rtol=1e-5)
   relu = model._replace(activation="relu")
   assert not np.allclose(written, relu.predict_proba(x), rtol=1e-3)
+
+
+def test_the_output_is_never_a_file_predict_reads(digits_run, tmp_path):
+  """Every file of the workdir, the input, the labels, and another name of one (a hard
+  link): refused before anything is written, the file as it was."""
+  workdir, x_test, y_test = digits_run
+  model = mj.load(str(workdir))
+  images = write_idx(tmp_path / "images-idx3-ubyte", x_test.reshape(-1, 8, 8))
+  labels = write_idx(tmp_path / "labels-idx1-ubyte", y_test)
+  os.link(images, tmp_path / "another_name")
+  reads = [str(workdir), str(images), str(labels)]
+  targets = [os.path.join(root, name) for root, _, names in os.walk(workdir)
+             for name in names] + [images, labels, tmp_path / "another_name"]
+  assert len(targets) > 8 and any("checkpoints" in str(t) for t in targets)
+  for target in targets:
+    before = pathlib.Path(target).read_bytes()
+    with pytest.raises(ValueError, match=r"a file predict reads .* give a new file name"):
+      with trained.prediction_csv(str(target), model, reads):
+        pass
+    assert pathlib.Path(target).read_bytes() == before, target
+  with trained.prediction_csv(str(tmp_path / "new.csv"), model, reads) as write:
+    write(["a"], np.full((1, 10), 0.1))
+  assert (tmp_path / "new.csv").read_text().startswith("name,class")

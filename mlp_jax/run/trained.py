@@ -25,6 +25,7 @@ from jax.typing import ArrayLike
 import numpy as np
 
 from mlp_jax.base import files, options
+from mlp_jax.base.errors import escaped
 from mlp_jax.core import prediction
 from mlp_jax.core.model import Params
 from mlp_jax.data import datasets, readers, tables
@@ -165,12 +166,34 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> Optional[str]:
   return None
 
 
+def _file_ids(paths: Sequence[str]) -> dict[tuple[int, int], str]:
+  """{(device, inode): path} of every file at `paths`, and under those that are
+  directories (a workdir, a directory of PNGs)."""
+  ids = {}
+  for top in paths:
+    for root, _, names in os.walk(top) if os.path.isdir(top) else [("", [], [top])]:
+      for name in names:
+        with contextlib.suppress(OSError):
+          info = os.stat(os.path.join(root, name))
+          ids[(info.st_dev, info.st_ino)] = os.path.join(root, name)
+  return ids
+
+
 @contextlib.contextmanager
-def prediction_csv(path: str, model: TrainedModel
+def prediction_csv(path: str, model: TrainedModel, reads: Sequence[str] = ()
                    ) -> Iterator[Callable[[list[str], np.ndarray], None]]:
   """write(names, probabilities (n, K)): appends a batch's rows to the CSV at `path`
   (name, class, class_name, p_0 ...), written atomically when the block ends
-  (files.atomic_file: never through a link, an earlier file kept if it fails)."""
+  (files.atomic_file: never through a link, an earlier file kept if it fails). ValueError
+  where `path` is a file of `reads` (the model's workdir and every file in it, the
+  inputs), compared by device and inode: another name of one is the same file."""
+  with contextlib.suppress(OSError):
+    info = os.stat(path)
+    read = _file_ids(reads).get((info.st_dev, info.st_ino))
+    if read:
+      raise ValueError(f"the output {escaped(path)} is {escaped(read)}, a file predict "
+                       "reads (the model, its workdir or an input); it never writes over "
+                       "what it reads: give a new file name for the predictions.")
   with files.atomic_file(path, "w") as f:
     out = csv.writer(f)
     out.writerow(["name", "class", "class_name", *(f"p_{c}" for c in model.class_names)])
