@@ -77,7 +77,7 @@ def predict():
           else contextlib.nullcontext()) as write:
       for names, x, labels in batches:
         probabilities = np.asarray(prediction.probabilities(
-            model.params, model.inputs(x, names), model.activation))
+            model.params, model.inputs(x, names), model.activation, names))
         predicted = np.asarray(prediction.classes(probabilities))
         if write is not None:
           write(names, probabilities)

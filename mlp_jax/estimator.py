@@ -183,8 +183,8 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
         raise ValueError("a private MLPClassifier takes no sample_weight: ε bounds the "
                          "influence of one row, and a weight would change it.")
       if np.all(weights == np.round(weights)):
+        _check_repeats(int(weights.sum()), X)   # in float64: a sum of int64 could wrap
         counts = weights.astype(np.int64)
-        _check_repeats(int(counts.sum()), X)
         X, y, weights = np.repeat(X, counts, axis=0), np.repeat(y, counts), None
       else:
         keep = weights > 0

@@ -159,6 +159,17 @@ def test_sample_weights_that_repeat_rows_past_the_memory_are_refused_before_a_co
   assert "\n" not in str(refused.value) and peak < 64 << 20, peak
 
 
+@pytest.mark.parametrize("weight", [2.0**62, 2.0**63, 2.0**64, 1e300])
+def test_sample_weights_whose_sum_passes_int64_are_refused_not_wrapped(weight):
+  """2**62 on each of 150 rows wraps an int64 sum to a small number (np.repeat would then
+  crash); the sum is taken in float64, and the weights are whole numbers: refused in one
+  line, as any repeat past the memory."""
+  X, y = blobs(n=150)
+  with pytest.raises(ValueError, match=r"^sample_weight repeats the rows [\d,]+ times in "
+                                       r"all.*GiB"):
+    mj.MLPClassifier(**SMALL).fit(X, y, sample_weight=np.full(150, weight))
+
+
 def test_random_state_is_the_seed():
   X, y = blobs()
   p0 = mj.MLPClassifier(**SMALL).fit(X, y).predict_proba(X)

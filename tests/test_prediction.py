@@ -54,16 +54,36 @@ def test_every_path_refuses_a_row_not_finite_after_the_cast(fitted, value):
 def test_the_refusal_names_the_row_and_counts_the_others():
   x = np.ones((5, 3), np.float64)
   x[3, 0] = x[4, 2] = 1e300
-  with pytest.raises(ValueError, match=r"^input row a is not a finite float32 number once "
-                                       r"scaled \(NaN, inf, or beyond ±3.4e\+38, such as "
-                                       r"1e300\), and 1 more row\(s\); give finite inputs "
-                                       r"within float32's range\.$"):
+  with pytest.raises(ValueError, match=r"^input row a \(and 1 more row\(s\)\) is not a "
+                                       r"finite float32 number once scaled \(NaN, inf, or "
+                                       r"beyond ±3.4e\+38, such as 1e300\); give finite "
+                                       r"inputs within float32's range\.$"):
     prediction.network_inputs(x, np.zeros(3), np.ones(3), names=list("xyzab"))
   # The check is after the cast AND the scaling: finite raw values a tiny σ overflows.
   with pytest.raises(ValueError, match="input row 0 is not a finite"):
     prediction.network_inputs(np.full((1, 3), 1e30), np.zeros(3), np.full(3, 1e-30))
   ok = prediction.network_inputs(np.full((2, 3), 1e30), np.zeros(3), np.ones(3))
   assert ok.dtype == np.float32 and bool(np.all(np.isfinite(ok)))
+
+
+def test_every_path_refuses_finite_inputs_whose_logits_overflow(fitted):
+  """Finite inputs, a network whose W2 overflows z2 to inf: no path returns a class
+  (a -1 would index the last class), each names the row; predict.py's call by name."""
+  model, clf, X = fitted
+  big = lambda params: params._replace(w2=params.w2 * 1e30)
+  model = model._replace(params=big(model.params))
+  clf.params_, kept = big(clf.params_), clf.params_
+  try:
+    x = X[:4] * np.array([[1.0], [1.0], [1e10], [1.0]])   # z2 ~ 1e30 a1: only row 2 overflows
+    for name, predict in _paths(model, clf).items():
+      with pytest.raises(ValueError, match=r"^input row 2: the network's logits z2 are not "
+                                           r"finite .* it has no class"):
+        predict(x)
+    with pytest.raises(ValueError, match=r"^input row c: the network's logits"):
+      prediction.probabilities(model.params, model.inputs(x), model.activation,
+                               names=list("abcd"))
+  finally:
+    clf.params_ = kept
 
 
 @pytest.mark.parametrize("value", BAD_VALUES)

@@ -7,8 +7,10 @@ mj.load(workdir).predict / predict_proba, experiments/predict.py and
 MLPClassifier.predict / predict_proba all run these functions, so they share one rule
 for an input that is not a finite number in the params' dtype (NaN, ±inf, or beyond
 its range, as 1e300 is for float32): checked AFTER the cast, such a row is refused with
-one ValueError naming it wherever the values can be read; under jax.jit, where they
-cannot, its probabilities are NaN and its class is -1, never a plausible class.
+one ValueError naming it wherever the values can be read, and so is a row of finite
+inputs whose logits overflow; under jax.jit, where they cannot, its probabilities are
+NaN and its class is -1, never a plausible class (and never used as an index here:
+every path that names a class reads concrete values, so refuses first).
 """
 
 import functools
@@ -47,32 +49,51 @@ def _standardized(x: ArrayLike, mean: Array, std: Array) -> Array:
   return (jnp.asarray(x) - mean[None, :]) / std[None, :]
 
 
+def _first_bad_row(values: ArrayLike, names: Optional[Sequence[str]]
+                   ) -> Optional[str]:
+  """The name (or index) of the first row of `values` (N, ...) holding a value that is
+  not finite, with how many more there are; None where all are, or under jit."""
+  if isinstance(values, jax.core.Tracer):
+    return None
+  bad = np.flatnonzero(~np.all(np.isfinite(np.asarray(values)), axis=1))
+  if not bad.size:
+    return None
+  row = names[bad[0]] if names is not None else str(bad[0])
+  return f"{row}" + (f" (and {bad.size - 1} more row(s))" if bad.size > 1 else "")
+
+
 def check_finite(x: ArrayLike, names: Optional[Sequence[str]] = None) -> None:
   """ValueError, one line naming the first row of x (N, D) that holds a value that is
   not a finite number of x's dtype; nothing to check under jit (`probabilities` then
   flags the row)."""
-  if isinstance(x, jax.core.Tracer):
-    return
-  values = np.asarray(x)
-  bad = np.flatnonzero(~np.all(np.isfinite(values), axis=1))
-  if bad.size:
-    row = names[bad[0]] if names is not None else str(bad[0])
-    dtype = values.dtype
+  row = _first_bad_row(x, names)
+  if row is not None:
+    dtype = np.asarray(x).dtype
     limit = float(jnp.finfo(dtype).max)
     raise ValueError(f"input row {row} is not a finite {dtype} number once scaled ("
-                     f"NaN, inf, or beyond ±{limit:.3g}, such as 1e300){_others(bad)}; "
-                     f"give finite inputs within {dtype}'s range.")
+                     f"NaN, inf, or beyond ±{limit:.3g}, such as 1e300); give finite "
+                     f"inputs within {dtype}'s range.")
 
 
-def _others(bad: np.ndarray) -> str:
-  return f", and {bad.size - 1} more row(s)" if bad.size > 1 else ""
+def probabilities(params: Params, x: ArrayLike, activation: str = "relu",
+                  names: Optional[Sequence[str]] = None) -> Array:
+  """p = softmax(z2) (N, K) of the network's inputs x (N, D), f = `activation`. A row
+  whose logits z2 are not finite (finite inputs can overflow W2 f(W1 x + b1) + b2) is
+  refused with one ValueError naming it (names: the rows' names); under jit, where the
+  values cannot be read, its probabilities are NaN (and its class -1)."""
+  p = _probabilities(params, x, activation)
+  row = _first_bad_row(p, names)
+  if row is not None:
+    raise ValueError(f"input row {row}: the network's logits z2 are not finite (the "
+                     "inputs are, but W2 f(W1 x + b1) + b2 overflows "
+                     f"{np.asarray(p).dtype}), so it has no class; give inputs in the "
+                     "range the model was trained on.")
+  return p
 
 
 @functools.partial(jax.jit, static_argnames=("activation",))
-def probabilities(params: Params, x: ArrayLike, activation: str = "relu") -> Array:
-  """p = softmax(z2) (N, K) of the network's inputs x (N, D), f = `activation`; NaN rows
-  where the inputs or logits are not finite (only under jit: `network_inputs` refuses
-  them otherwise)."""
+def _probabilities(params: Params, x: ArrayLike, activation: str) -> Array:
+  """probabilities' program: NaN rows where the logits are not finite."""
   z2 = model.batch_logits(Network(activation), params, jnp.asarray(x))
   finite = jnp.all(jnp.isfinite(z2), axis=1, keepdims=True)
   return jnp.where(finite, jax.nn.softmax(z2, axis=1), jnp.nan)
