@@ -113,6 +113,8 @@ def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = 
   class names when given (Fashion-MNIST's T-shirt/top, ...), upright when they fit under
   their column; `model` names the model it shows (e.g. "model 3, seed 0")."""
   k = counts.shape[0]
+  if k > SUMMARY_CLASSES:
+    return _confusion_summary(counts, class_names, model)
   names = [str(c) for c in (class_names or range(k))]
   cell = max(0.3, min(0.6, 4.8 / k))                    # inches
   points = cell * 72
@@ -134,6 +136,37 @@ def confusion_figure(counts: np.ndarray, class_names: Optional[Sequence[str]] = 
   axes.set(xlabel="predicted", ylabel="true")
   figure.suptitle(f"test confusion{', ' + model if model else ''}\n{counts.trace()} / "
                   f"{counts.sum()} right", fontsize=11, parse_math=False)
+  return figure
+
+
+# Past this many classes a cell per count cannot be read (and 1,000 classes took 900 s
+# and 5 GB to draw so): the confusion is a summary (`_confusion_summary`).
+SUMMARY_CLASSES = 40
+
+
+def _confusion_summary(counts: np.ndarray, class_names: Optional[Sequence[str]],
+                       model: Optional[str]) -> "Figure":
+  """A confusion of many classes at a fixed size: the heat map of the fraction of each
+  true class predicted as each class (rows sum to 1, so rare classes show), class
+  numbers as ticks, and the five most frequent confusions named beneath."""
+  k = counts.shape[0]
+  names = [str(c) for c in (class_names or range(k))]
+  rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+  figure = _figure(7.0, 8.0)
+  axes = figure.subplots()
+  image = axes.imshow(rows, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+  figure.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class")
+  axes.set(xlabel="predicted (class number)", ylabel="true (class number)")
+  off = counts.copy()
+  np.fill_diagonal(off, 0)
+  top = np.argsort(off, axis=None)[::-1][:5]
+  pairs = [f"{names[i]} → {names[j]}: {off[i, j]}" for i, j in
+           zip(*np.unravel_index(top, off.shape)) if off[i, j]]
+  axes.set_title("\n".join(wrapped("most confused: " + ("; ".join(pairs) or "none"), 80)),
+                 fontsize=8, parse_math=False, loc="left")
+  figure.suptitle(f"test confusion{', ' + model if model else ''}, {k} classes\n"
+                  f"{counts.trace()} / {counts.sum()} right", fontsize=11,
+                  parse_math=False)
   return figure
 
 
