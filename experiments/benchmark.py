@@ -24,6 +24,12 @@ import os
 import statistics
 import sys
 
+from mlp_jax.base import boundary
+
+if __name__ == "__main__":   # before any third-party import: a signal is one line
+  boundary.install_stop_at_once()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
 import jax
 import jax.numpy as jnp
@@ -199,5 +205,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
   boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))

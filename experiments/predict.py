@@ -17,9 +17,12 @@ import contextlib
 import os
 import sys
 
-from absl import app, flags, logging
-
 from mlp_jax.base import boundary
+
+if __name__ == "__main__":   # before any third-party import: a signal is one line
+  boundary.install_stop_at_once()
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished run (or its params.npz).",
                     required=True)
@@ -101,8 +104,7 @@ def predict():
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv   # none: boundary.parse_flags refuses a stray argument
   logging.set_verbosity(logging.WARNING)
   sys.exit(boundary.run(predict))
 

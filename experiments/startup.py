@@ -26,9 +26,12 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
-
 from mlp_jax.base import boundary
+
+if __name__ == "__main__":   # before any third-party import: a signal is one line
+  boundary.install_stop_at_once()
+
+from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "experiments", "train.py")
@@ -199,8 +202,7 @@ def time_short_epochs(scratch, short_npz, env, repeats):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv   # none: boundary.parse_flags refuses a stray argument
   cfg = flags.FLAGS
   scratch = tempfile.mkdtemp(prefix="mlp_jax_startup_")
   try:

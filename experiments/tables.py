@@ -25,6 +25,12 @@ import tempfile
 import time
 import warnings
 
+from mlp_jax.base import boundary
+
+if __name__ == "__main__":   # before any third-party import: a signal is one line
+  boundary.install_stop_at_once()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags, logging
 import numpy as np
 from sklearn import datasets as sklearn_datasets
@@ -36,7 +42,6 @@ from sklearn.preprocessing import StandardScaler
 
 os.environ["MLP_JAX_COMPILATION_CACHE"] = ""  # every compilation is counted
 import mlp_jax as mj  # pylint: disable=g-import-not-at-top,wrong-import-position
-from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.data import readers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top,wrong-import-position

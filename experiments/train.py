@@ -17,9 +17,12 @@ too (mlp_jax.base.boundary), with the traceback in a log file that line names.
 
 import sys
 
-from absl import app, flags, logging
-
 from mlp_jax.base import boundary
+
+if __name__ == "__main__":   # before any third-party import: a signal is one line
+  boundary.install_stop_at_once()
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def define_flags():
   """One flag per setting, with its default and help; the choices listed in the help.
@@ -37,12 +40,9 @@ def parse_flags(argv):
 
 
 def train(argv):
-  """The run of the parsed flags; raises what experiment.run raises."""
-  if len(argv) > 1:  # e.g. a --flagfile line without its leading --
-    print(f"error: unexpected arguments {' '.join(argv[1:])!r}: settings are "
-          "--name=value, on the command line and on each line of a --flagfile.",
-          file=sys.stderr)
-    return 2
+  """The run of the parsed flags (argv: none left, boundary.parse_flags); raises what
+  experiment.run raises."""
+  del argv
   from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -23,6 +23,12 @@ import sys
 import traceback
 from typing import Any, Callable, NamedTuple, Optional, Union
 
+from mlp_jax.base import boundary
+
+if __name__ == "__main__":   # before any third-party import: a signal is one line
+  boundary.install_stop_at_once()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app, flags
 import jax
 from jax import Array
@@ -31,7 +37,6 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
-from mlp_jax.base import boundary
 from mlp_jax.base.options import ACTIVATIONS
 from mlp_jax.core import losses, mistakes
 from mlp_jax.core.gradients import autodiff_grads, grads
@@ -317,9 +322,7 @@ def define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   """The command: one random problem, its table of errors; exit 1 past a tolerance."""
-
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv   # none: boundary.parse_flags refuses a stray argument
   FLAGS = flags.FLAGS
   if FLAGS.grads is not None and FLAGS.activation != "relu":
     print(f"error: --activation={FLAGS.activation} with --grads: a learner's gradient is "
@@ -362,4 +365,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  boundary.script(lambda: app.run(main))
+  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))

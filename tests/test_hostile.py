@@ -218,13 +218,44 @@ def test_every_writer_refuses_every_fault_in_one_line(writer, fault, tmp_path):
   next(cases, None)  # the fault's own checks: victim untouched, earlier file kept
 
 
-def test_a_killed_writes_temporaries_are_removed_at_the_next_start(tmp_path):
-  stale = tmp_path / f".confusion.png{files.TEMPORARY_MARK}abc123"
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_a_write_removes_the_twin_being_written(tmp_path, signum):
+  """predict.py's --output, a picture, config.json: every file is an atomic_file, so a
+  script stopped at once by a signal mid-write leaves no partial twin behind (113 MB
+  from an interrupted predict before)."""
+  code = ("import os, sys\n"
+          "from mlp_jax.base import boundary, files\n"
+          "boundary.install_stop_at_once()\n"
+          "with files.atomic_file(sys.argv[1]) as f:\n"
+          "  f.write(b'x' * 100000)\n"
+          f"  os.kill(os.getpid(), {int(signum)})\n")
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out.csv")],
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 128 + signum, result.stderr
+  assert result.stderr.startswith("stopped: ") and os.listdir(tmp_path) == []
+
+
+def test_a_killed_writes_temporaries_are_removed_at_the_next_start_and_nothing_else(
+    tmp_path):
+  """Only twins of the names the run writes, with this project's mark and mkstemp's
+  suffix, regular files of this user: a user's look-alikes stay."""
+  stale = tmp_path / f".confusion.png{files.TEMPORARY_MARK}abc123_z"
   stale.write_bytes(b"half a picture")
-  keep = tmp_path / "confusion.png.tmp-user-file"   # not ours: no leading dot
-  keep.write_bytes(b"a user's file")
-  assert files.remove_stale_temporaries(str(tmp_path)) == [stale.name]
-  assert not stale.exists() and keep.exists()
+  keep = ["confusion.png.tmp-user-file", ".notes.tmp-draft", ".confusion.png.tmp-abc123",
+          f".notes.txt{files.TEMPORARY_MARK}abc123_z",       # not a name the run writes
+          f".confusion.png{files.TEMPORARY_MARK}abc",        # not mkstemp's suffix
+          f".confusion.png{files.TEMPORARY_MARK}abc123_z.bak"]
+  for name in keep:
+    (tmp_path / name).write_bytes(b"a user's file")
+  (tmp_path / f".params.npz{files.TEMPORARY_MARK}dir12345").mkdir()   # not a file
+  keep.append(f".params.npz{files.TEMPORARY_MARK}dir12345")
+  if os.geteuid() == 0:
+    other = tmp_path / f".params.npz{files.TEMPORARY_MARK}others12"
+    other.write_bytes(b"another user's")
+    os.chown(other, 65534, 65534)
+    keep.append(other.name)
+  assert files.remove_stale_temporaries(str(tmp_path), workdir_lib.WRITES) == [stale.name]
+  assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
 # ------------------------------------------------------------------------------ readers
@@ -515,6 +546,21 @@ def _nested_deep(path):
   pathlib.Path(path).write_text('{"epoch": 1, "format": ' + "[" * 10**5 + "]" * 10**5 + "}\n")
 
 
+def _many_numbers(path):
+  """Records under the byte cap that parse to far more (the trial's five metrics lines
+  of 60 MB of numbers took 3.6 GB): 40 MB of "0.5," in five lines (metrics.jsonl) or
+  one record (config.json), 320 MB of Python floats."""
+  if not path.endswith((".json", ".jsonl")):
+    pytest.skip("JSON records only")
+  numbers = "[" + "0.5," * (2 * 10**6) + "0.5]"
+  if path.endswith(".json"):
+    pathlib.Path(path).write_text('{"format": 2, "x": [' + ",".join([numbers] * 5) + "]}")
+    return
+  with open(path, "a", encoding="ascii") as f:
+    for epoch in range(5):
+      f.write(f'{{"epoch": {epoch + 2}, "x": {numbers}}}\n')
+
+
 def _line_of_1e9_bytes(path):
   """The good text, then one line of 10^9 bytes (sparse zeros), then the good text."""
   good = pathlib.Path(path).read_bytes()
@@ -534,7 +580,8 @@ BAD_INPUTS = {"symlink": _symlink, "hard_link": _hard_link,
               "wrong_member_name": _wrong_member_name,
               "extra_huge_members": _npz_only(_extra_huge_members),
               "encrypted_member": _npz_only(_encrypted),
-              "line_of_1e9_bytes": _line_of_1e9_bytes, "nested_deep": _nested_deep}
+              "line_of_1e9_bytes": _line_of_1e9_bytes, "nested_deep": _nested_deep,
+              "many_numbers": _many_numbers}
 # Faults after which the file still reads: a user's input may be a link to their file;
 # a second name of a file changes nothing that is read; an empty flagfile sets nothing.
 READS_FINE = {("symlink", r) for r in READERS if r not in RECORDS} | {
@@ -661,6 +708,58 @@ def test_a_bad_environment_is_one_line_before_jax_starts(variable, value, messag
   monkeypatch.setenv(variable, value)
   with pytest.raises(boundary.UserError, match=message):
     boundary.check_environment()
+
+
+# Every script: its command line (python FILE, or -m for the package's own).
+SCRIPTS = {name: [sys.executable, os.path.join(ROOT, "experiments", name)] for name in
+           ("train.py", "predict.py", "benchmark.py", "startup.py", "tables.py")}
+SCRIPTS["gradcheck"] = [sys.executable, "-m", "mlp_jax.gradcheck"]
+STDLIB = set(sys.stdlib_module_names) | {"mlp_jax", "__future__"}
+
+
+def _script_source(name):
+  path = (os.path.join(ROOT, "mlp_jax", "gradcheck.py") if name == "gradcheck"
+          else SCRIPTS[name][1])
+  return pathlib.Path(path).read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_installs_its_signal_handlers_before_any_third_party_import(script):
+  """Read from the source: the first third-party import comes after
+  boundary.install_stop_at_once(), so a signal while absl or JAX loads is one line."""
+  tree = ast.parse(_script_source(script))
+  installed = False
+  for node in tree.body:
+    if isinstance(node, ast.If) and "install_stop_at_once" in ast.unparse(node):
+      installed = True
+    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+    third_party = [n for n in names if n.split(".")[0] not in STDLIB]
+    assert installed or not third_party, f"{script} imports {third_party} first"
+  assert installed
+
+
+@pytest.mark.parametrize("signum", sorted(boundary.SIGNAL_NAMES))
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_stops_on_every_handled_signal_at_its_start_in_one_line(script,
+                                                                            signum):
+  env = {**os.environ, boundary.SIGNAL_AT_ENV: f"start:{int(signum)}"}
+  result = subprocess.run(SCRIPTS[script], capture_output=True, text=True, timeout=60,
+                          env=env, cwd=ROOT)
+  assert result.returncode == 128 + signum, result.stderr
+  assert result.stderr.splitlines() == [
+      f"stopped: {boundary.SIGNAL_NAMES[signum]} while starting; nothing was written: "
+      "rerun the command."]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_refuses_a_stray_argument_in_one_line_with_status_2(script):
+  required = ["--workdir=/w", "--input=i"] if script == "predict.py" else []
+  result = subprocess.run([*SCRIPTS[script], *required, "epochs=3"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert result.returncode == 2, result.stderr
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1 and "unexpected arguments" in lines[0], result.stderr
 
 
 @pytest.mark.slow
@@ -799,20 +898,24 @@ def _lines(stderr):
   return [line for line in stderr.splitlines() if line.strip() and "libtpu" not in line]
 
 
-# A phase, the run that reaches it, the signal; every key of boundary.PHASES.
+# A phase, the run that reaches it, the signal; every key of boundary.PHASES, and every
+# handled signal in some phase (Ctrl-C and SIGTERM in training: test_reliability's).
 PHASE_RUNS = {
     "start": ([], "SIGINT"),
-    "data": ([], "SIGTERM"),
-    "calibrate": (["--dp_target_epsilon=8", "--epochs=2"], "SIGINT"),
+    "data": ([], "SIGHUP"),
+    "calibrate": (["--dp_target_epsilon=8", "--epochs=2"], "SIGUSR1"),
     "restore": ([], "SIGTERM"),
-    "train": ([], "SIGINT"),
-    "refit": (["--cv_folds=2", "--sweep=learning_rate=1e-3,2e-3"], "SIGTERM"),
+    "train": ([], "SIGQUIT"),
+    "refit": (["--cv_folds=2", "--sweep=learning_rate=1e-3,2e-3"], "SIGALRM"),
     "outputs": ([], "SIGINT"),
 }
 
 
-def test_the_phase_table_covers_every_phase():
+def test_the_phase_table_covers_every_phase_and_every_signal():
+  import signal  # pylint: disable=g-import-not-at-top
   assert set(PHASE_RUNS) == set(boundary.PHASES)
+  assert ({getattr(signal, name) for _, name in PHASE_RUNS.values()}
+          == set(boundary.SIGNAL_NAMES))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from conftest import runner_command
 from conftest import tiny_config
 from conftest import wait_for_epochs
 from conftest import without_times
+from mlp_jax.base import files
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
 from mlp_jax.run import checkpoint
@@ -612,7 +614,7 @@ def test_outputs_are_written_whole_or_not_at_all(tiny_npz, tmp_path, monkeypatch
   with pytest.raises(experiment.RunError, match="No space left on device"):
     quiet(tiny_config(tiny_npz, tmp_path, epochs=2))
   assert (tmp_path / "params.npz").read_bytes() == before   # the old file, untouched
-  assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+  assert not [f for f in os.listdir(tmp_path) if files.TEMPORARY_MARK in f]
 
 
 # Torn or missing records: the checkpoint holds what a resume must match.
@@ -770,3 +772,61 @@ def test_a_huge_metrics_line_is_set_aside_without_being_held(tiny_npz, tmp_path,
   assert any("metrics.jsonl held a torn line (line 3" in line for line in lines), lines
   assert [r["epoch"] for r in metrics(work)] == [1, 2, 3]
   assert (work / "metrics.replaced-1.jsonl").read_text().endswith("x" * 5000 + "\n")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_npz, tmp_path_factory):
+  """A finished 2-epoch run (checkpoints 1 and 2, tensorboard): copy it, never write it."""
+  workdir = tmp_path_factory.mktemp("two_epochs")
+  quiet(constant(tiny_npz, workdir, 2))
+  return workdir
+
+
+# Places at every depth of the workdir that the run reads, writes or deletes.
+DEEP_PLACES = ["checkpoints/2/state/_METADATA", "checkpoints/2/checksum/metadata",
+               "checkpoints/1/state/d", "checkpoints/2/state/ocdbt.process_0/manifest.ocdbt",
+               "tensorboard/EVENTS"]
+
+
+@pytest.mark.parametrize("fault", ["symlink", "fifo"])
+@pytest.mark.parametrize("place", DEEP_PLACES)
+def test_a_link_or_special_file_at_any_depth_of_the_workdir_is_one_line(
+    two_epochs, tiny_npz, tmp_path, place, fault):
+  """Checked before the run uses its workdir: nothing read, written or deleted through
+  it, the victim as it was, the workdir as it was."""
+  work = tmp_path / "w"
+  shutil.copytree(two_epochs, work, symlinks=True)
+  if place == "tensorboard/EVENTS":
+    place = f"tensorboard/{os.listdir(work / 'tensorboard')[0]}"
+  victim = tmp_path / "victim"
+  victim.mkdir()
+  (victim / "keep").write_text("a user's file")
+  target = work / place
+  shutil.rmtree(target) if target.is_dir() else target.unlink()
+  if fault == "symlink":
+    os.symlink(victim if place.endswith("/d") else victim / "keep", target)
+  else:
+    os.mkfifo(target)
+  before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+  with pytest.raises(experiment.RunError) as refused:
+    quiet(constant(tiny_npz, work, 3))
+  line = str(refused.value)
+  assert "\n" not in line and str(target) in line, line
+  assert sorted(os.listdir(victim)) == ["keep"] and (victim / "keep").read_text() == \
+      "a user's file"
+  assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == before
+
+
+def test_orbax_metadata_over_its_cap_is_a_corrupt_checkpoint_never_parsed(
+    two_epochs, tiny_npz, tmp_path):
+  """The checksum record grown to 2 MiB (1 GB took 2.3 GB to parse): the checkpoint is
+  moved aside before orbax reads it, and the run falls back to the one before."""
+  work = tmp_path / "w"
+  shutil.copytree(two_epochs, work, symlinks=True)
+  with open(work / "checkpoints" / "2" / "checksum" / "metadata", "ab") as f:
+    f.write(b" " * (2 << 20))
+  lines = quiet(constant(tiny_npz, work, 2))
+  assert any(line.startswith("checkpoint after epoch 2 is corrupt (its checksum/metadata "
+                             "is 2,") for line in lines), lines
+  assert "resuming from the checkpoint after epoch 1" in lines
+  assert os.listdir(work / "checkpoints" / "corrupt") == ["2"]

@@ -42,7 +42,11 @@ from mlp_jax.base.errors import (  # pylint: disable=unused-import  (boundary.X 
     STDOUT, UsageError, UserError, Verdict, classify, describe, escaped, first_line)
 
 
-SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# The signals a script handles: each stops a run after its checkpoint (or at once
+# outside the epochs) with one line. Others keep the system's default.
+SIGNAL_NAMES: dict[int, str] = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM",
+                                signal.SIGHUP: "SIGHUP", signal.SIGQUIT: "SIGQUIT",
+                                signal.SIGUSR1: "SIGUSR1", signal.SIGALRM: "SIGALRM"}
 
 # What a signal in each phase leaves, and what to do: said when it stops the run there.
 PHASES = {
@@ -84,16 +88,21 @@ def _stop_at_once(signum: int, frame: Optional[FrameType]) -> None:
   exception raised in a handler can land anywhere: a GC callback, a C++ call)."""
   del frame
   what = PHASES.get(_state["phase"], _state["phase"])
+  files = sys.modules.get("mlp_jax.base.files")   # loaded where a file may be half-written
+  if files is not None:
+    files.remove_own_partials()   # no `finally` runs after os._exit
   _print_line(f"stopped: {SIGNAL_NAMES.get(signum, signum)} {what}.")
   os._exit(128 + signum)
 
 
 def install_stop_at_once() -> None:
-  """Ctrl-C and SIGTERM stop the process at once with one line (scripts only: a
-  library caller keeps Python's KeyboardInterrupt)."""
+  """Each signal of SIGNAL_NAMES stops the process at once with one line (scripts only,
+  before any third-party import: a library caller keeps Python's KeyboardInterrupt).
+  The process is then in the phase "start"."""
   if threading.current_thread() is threading.main_thread():
     for signum in SIGNAL_NAMES:
       signal.signal(signum, _stop_at_once)
+    phase("start")
 
 
 def _flush_stdout() -> None:
@@ -279,9 +288,9 @@ def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser for a script (app.run(main, flags_parser=boundary.parse_flags)):
-  a flag it cannot parse, a required flag not given or an unreadable --flagfile is one
-  line on stderr and exit status 2, as a bad setting is (UsageError); the help exits 0
-  (absl's exits 1)."""
+  a flag it cannot parse, a required flag not given, an unreadable --flagfile or an
+  argument that is not a flag is one line on stderr and exit status 2, as a bad setting
+  is (UsageError); the help exits 0 (absl's exits 1)."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   check_environment()      # before JAX is imported: what it would abort on
@@ -291,7 +300,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f"error: {why}", file=sys.stderr)
     sys.exit(2)
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except SystemExit as e:  # absl's help flags print the help, then exit 1
     if e.code == 1 and any(a.split("=")[0] in HELP_FLAGS for a in argv[1:]):
       sys.exit(0)
@@ -303,6 +312,12 @@ def parse_flags(argv: list[str]) -> list[str]:
               if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
     print(f"error: {reason}", file=sys.stderr)
     sys.exit(2)
+  if len(rest) > 1:   # e.g. a --flagfile line without its leading --
+    print(f"error: unexpected arguments {escaped(' '.join(rest[1:]))!r}: settings are "
+          "--name=value, on the command line and on each line of a --flagfile.",
+          file=sys.stderr)
+    sys.exit(2)
+  return rest
 
 
 def run(body: Callable[[], Optional[int]]) -> int:

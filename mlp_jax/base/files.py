@@ -5,9 +5,12 @@ Writing (the workdir, predict.py's --output):
                               O_EXCL: a symlink (or any other non-file) where a file is
                               expected is refused in one line, never written through
     atomic                    a finished file is written to a fresh temporary twin
-                              (.NAME.tmp-XXXX, created exclusively) and renamed into
-                              place; the twins a killed run leaves are removed at the
-                              next start (`remove_stale_temporaries`)
+                              (.NAME.mlp_jax-partial-XXXXXXXX, created exclusively)
+                              and renamed into place; a signal that stops the process
+                              removes the twins being written (`remove_own_partials`),
+                              and those a kill -9 leaves are removed at the next start
+                              (`remove_stale_temporaries`: only twins of the names the
+                              run writes, of this user; nothing else, whatever its name)
 Reading (datasets, params.npz, predict.py's inputs):
     bounded                   only regular files are read (no /dev/zero, no pipe); an
                               .npz member is read by its exact name, its header's shape
@@ -28,19 +31,25 @@ import errno
 import io
 import mmap
 import os
+import re
 import resource
 import stat
 import tempfile
 import zipfile
 import zlib
-from typing import IO, Any, Iterator, NamedTuple, Optional, cast
+from typing import IO, Any, Iterable, Iterator, NamedTuple, Optional, cast
 
 import numpy as np
 
 from mlp_jax.base import trusted
 from mlp_jax.base.errors import escaped
 
-TEMPORARY_MARK = ".tmp-"   # in the names of atomic_file's temporary twins
+# A temporary twin of NAME is .NAME.mlp_jax-partial-XXXXXXXX: this project's own mark.
+TEMPORARY_MARK = ".mlp_jax-partial-"
+
+# The temporary twins this process is writing now: removed by `remove_own_partials` when
+# a signal ends the process at once (no `finally` runs then).
+_PARTIALS: set[str] = set()
 
 
 class UnsafePath(OSError):
@@ -86,6 +95,18 @@ def refuse_non_file(path: str) -> None:
                      "a regular file; give another path", path)
 
 
+def refuse_links_below(directory: str) -> None:
+  """UnsafePath naming the first symlink, or anything but a directory or a regular file
+  (a FIFO, a device, a socket), at any depth under `directory` (absent: nothing to
+  check); links are listed, never followed."""
+  for root, dirs, names in os.walk(directory):
+    for name in sorted(dirs + names):
+      path = os.path.join(root, name)
+      refuse_link(path)
+      if not stat.S_ISDIR(os.lstat(path).st_mode):
+        refuse_non_file(path)
+
+
 def open_for_update(path: str, flags: int, mode: int = 0o666) -> int:
   """os.open of `path` with O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC added (a file
   descriptor; a FIFO there never blocks the open) for a write in place; a symlink at
@@ -129,6 +150,7 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
   refuse_non_file(path)
   directory, name = os.path.split(path)
   fd, tmp = tempfile.mkstemp(prefix=f".{name}{TEMPORARY_MARK}", dir=directory or ".")
+  _PARTIALS.add(tmp)
   try:
     os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, mode) as f:
@@ -140,6 +162,16 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[IO[Any]]:
   finally:
     if os.path.lexists(tmp):
       os.remove(tmp)
+    _PARTIALS.discard(tmp)
+
+
+def remove_own_partials() -> None:
+  """Removes the temporary twins this process is writing (a signal's stop at once)."""
+  for tmp in list(_PARTIALS):
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
 
 
 def make_dirs(path: str, mode: int = 0o777) -> None:
@@ -163,12 +195,21 @@ def move(source: str, target: str) -> None:
   os.rename(source, target)
 
 
-def remove_stale_temporaries(directory: str) -> list[str]:
-  """Removes the temporary twins (.NAME.tmp-XXXX) a killed write left in `directory`;
-  only while this process holds the directory (the workdir's lock). Returns their names."""
-  stale = [n for n in os.listdir(directory) if n.startswith(".") and TEMPORARY_MARK in n]
-  for name in stale:
-    os.remove(os.path.join(directory, name))
+def remove_stale_temporaries(directory: str, names: Iterable[str]) -> list[str]:
+  """Removes the temporary twins a killed write left in `directory` of the files
+  `names` (.NAME.mlp_jax-partial-XXXXXXXX, regular files of this user); only while this
+  process holds the directory (the workdir's lock). Nothing else is touched, whatever
+  its name. Returns their names."""
+  twin = re.compile(rf"\.({'|'.join(map(re.escape, names))}){re.escape(TEMPORARY_MARK)}"
+                    r"[a-z0-9_]{8}")   # mkstemp's 8 random characters
+  stale = []
+  for name in os.listdir(directory):
+    path = os.path.join(directory, name)
+    if twin.fullmatch(name):
+      info = os.lstat(path)
+      if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+        os.remove(path)
+        stale.append(name)
   return stale
 
 

@@ -198,10 +198,35 @@ def _check_settings(saved: dict[str, Any], settings: Optional[dict[str, Any]], e
           f"not {value!r}; resume with the same setting, or use a fresh --workdir.")
 
 
+# orbax's JSON files of a step (its metadata, our checksum record) are a few KB; one
+# larger is not orbax's, and json.loads would make ~80 bytes of each of its bytes.
+MAX_METADATA_BYTES = 1 << 20
+
+
+def _check_step(mngr: Manager, epoch: int) -> None:
+  """Before orbax reads step `epoch`: CheckpointError for a link or a special file at
+  any depth in it (orbax would read through it); _Corrupt for a metadata file (any but
+  the arrays' data, d/*, and the ocdbt manifest) over MAX_METADATA_BYTES."""
+  step = os.path.join(str(mngr.directory), str(epoch))
+  try:
+    files.refuse_links_below(step)
+  except files.UnsafePath as e:
+    raise CheckpointError(f"{e.strerror}.") from None
+  for root, _, names in os.walk(step):
+    for name in names:
+      size = os.lstat(os.path.join(root, name)).st_size
+      if (os.path.basename(root) != "d" and name != "manifest.ocdbt"
+          and size > MAX_METADATA_BYTES):
+        raise _Corrupt(f"its {os.path.relpath(os.path.join(root, name), step)} is "
+                       f"{size:,} bytes, more than any orbax metadata "
+                       f"({MAX_METADATA_BYTES:,})")
+
+
 def _restore(mngr: Manager, epoch: int, template: State,
              settings: Optional[dict[str, Any]] = None) -> State:
   """The state of checkpoint `epoch`: raises _Corrupt or CheckpointError."""
   ocp = _orbax()
+  _check_step(mngr, epoch)
   try:
     record = mngr.restore(epoch, args=ocp.args.Composite(
         checksum=ocp.args.JsonRestore()))["checksum"]

@@ -27,7 +27,7 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.base import files
+from mlp_jax.base import files, records
 from mlp_jax.data import datasets
 from mlp_jax.training import config as config_lib
 from mlp_jax.training.config import Config, Log, RunError
@@ -50,6 +50,8 @@ UNRECORDED = {"activation": "relu"}
 WRITES = (".lock", "config.json", "metrics.jsonl", "params.npz", "params_all.npz",
           "sweep.json", "curves.png", "confusion.png", "filters.png", "error.log",
           "checkpoints", "tensorboard", "refit")
+
+WRITE_PROBE = "write-test"   # a file made and removed at the start: the workdir is writable
 
 
 class WorkdirLock:
@@ -100,10 +102,11 @@ def prepare(config: Config, log: Log = print, fingerprint: Optional[dict[str, An
     if jax.process_index() == 0:
       lock.acquire()
     # A probe of a new random name, created exclusively: writable, and nothing followed.
-    with tempfile.NamedTemporaryFile(dir=workdir, prefix=f".write-test{files.TEMPORARY_MARK}"):
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=f".{WRITE_PROBE}{files.TEMPORARY_MARK}"):
       pass
     for name in WRITES:  # refused before anything is trained, not at the end
       files.refuse_link(os.path.join(workdir, name))
+      files.refuse_links_below(os.path.join(workdir, name))   # checkpoints/N/*, ...
   except files.UnsafePath as e:
     lock.release()
     raise RunError(f"{e.strerror}.") from None
@@ -113,7 +116,7 @@ def prepare(config: Config, log: Log = print, fingerprint: Optional[dict[str, An
                    "path.") from None
   try:
     if jax.process_index() == 0:
-      files.remove_stale_temporaries(workdir)
+      files.remove_stale_temporaries(workdir, (*WRITES, WRITE_PROBE))
     return (workdir, _check_old_run(workdir, config, log, fingerprint), lock)
   except RunError:
     lock.release()
@@ -361,16 +364,7 @@ def read_record(path: str) -> Any:
     text = f.read(MAX_RECORD_BYTES + 1)
   if len(text) > MAX_RECORD_BYTES:
     raise ValueError(f"over {MAX_RECORD_BYTES} bytes")
-  return parse_json(text)
-
-
-def parse_json(text: Union[str, bytes]) -> Any:
-  """json.loads of a record, ValueError for what no run writes: not JSON, or nested so
-  deep that Python's parser recurses out (a fault of the file, never a bug here)."""
-  try:
-    return json.loads(text)
-  except RecursionError:
-    raise ValueError("JSON nested deeper than any record a run writes") from None
+  return records.parse_json(text)
 
 
 def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
@@ -401,6 +395,7 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
   whole JSON record with an epoch: a line cut by a crash or a full disk)."""
   rows: list[Row] = []
   torn: list[int] = []
+  budget = records.Budget()   # for the whole file: lines under the byte cap add up
   with io.TextIOWrapper(files.open_regular(path, follow=False), errors="replace") as f:
     if os.fstat(f.fileno()).st_size > MAX_HISTORY_BYTES:
       return rows, [1]                      # not a file this runner wrote: set aside whole
@@ -413,7 +408,7 @@ def _read_rows(path: str) -> tuple[list[Row], list[int]]:
       if not line.strip():
         continue
       try:
-        row = parse_json(line)
+        row = records.parse_json(line, budget)
       except ValueError:
         row = None
       epoch = row.get("epoch") if isinstance(row, dict) else None
