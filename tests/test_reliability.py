@@ -830,3 +830,75 @@ def test_orbax_metadata_over_its_cap_is_a_corrupt_checkpoint_never_parsed(
                              "is 2,") for line in lines), lines
   assert "resuming from the checkpoint after epoch 1" in lines
   assert os.listdir(work / "checkpoints" / "corrupt") == ["2"]
+
+
+def _victim(tmp_path):
+  """Another run's checkpoints (steps 1 and 2, a file each), and their listing."""
+  victim = tmp_path / "victim"
+  for step in ("1", "2"):
+    (victim / step).mkdir(parents=True)
+    (victim / step / "data").write_text(f"the victim's step {step}")
+  return victim, sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+
+
+SWAPS = {
+    "checkpoints_to_a_link": lambda work, victim: (
+        os.rename(work / "checkpoints", work.parent / "moved"),
+        os.symlink(victim, work / "checkpoints")),
+    "checkpoints_to_another_directory": lambda work, victim: (
+        os.rename(work / "checkpoints", work.parent / "moved"),
+        os.rename(victim, work / "checkpoints")),
+    "workdir_to_a_link": lambda work, victim: (
+        os.rename(work, work.parent / "moved"),
+        os.makedirs(work.parent / "elsewhere"),
+        os.rename(victim, work.parent / "elsewhere" / "checkpoints"),
+        os.symlink(work.parent / "elsewhere", work)),
+}
+
+
+@pytest.mark.parametrize("swap", SWAPS)
+def test_a_workdir_swapped_mid_run_stops_before_anything_is_saved_or_deleted_through_it(
+    tiny_npz, tmp_path, monkeypatch, swap):
+  """The swap comes just before the 4th epoch's save (orbax would write the step and
+  delete the oldest, 1, through it): one line, the victim's steps as they were."""
+  work = tmp_path / "run" / "w"
+  work.parent.mkdir()
+  victim, listing = _victim(tmp_path)
+  real, calls = checkpoint.save, []
+
+  def swap_then_save(mngr, epoch, *args, **kwargs):
+    calls.append(epoch)
+    if len(calls) == 4:
+      mngr.wait_until_finished()   # the 3rd save's background writes are done
+      SWAPS[swap](work, victim)
+    return real(mngr, epoch, *args, **kwargs)
+  monkeypatch.setattr(checkpoint, "save", swap_then_save)
+  with pytest.raises(experiment.RunError, match="is no longer the directory this run "
+                                                "opened") as stopped:
+    quiet(tiny_config(tiny_npz, work, epochs=6))
+  assert "\n" not in str(stopped.value) and calls == [1, 2, 3, 4]
+  where = victim if victim.exists() else next(
+      p for p in (work.parent / "moved" / "checkpoints", work.parent / "elsewhere" /
+                  "checkpoints", work / "checkpoints") if (p / "1" / "data").exists())
+  assert sorted(str(p.relative_to(where)) for p in where.rglob("*")) == listing
+
+
+def test_only_steps_of_this_workdir_are_ever_deleted(tiny_npz, tmp_path, monkeypatch):
+  """A numbered directory that appears in checkpoints/ mid-run (orbax would take it for
+  a step and delete it once old) is left alone; the run's own old steps go."""
+  real, calls = checkpoint.save, []
+  planted = tmp_path / "checkpoints" / "0"
+
+  def plant_then_save(mngr, epoch, *args, **kwargs):
+    calls.append(epoch)
+    if len(calls) == 2:
+      mngr.wait_until_finished()
+      planted.mkdir()
+      (planted / "notes").write_text("a user's")
+      mngr.reload()
+    return real(mngr, epoch, *args, **kwargs)
+  monkeypatch.setattr(checkpoint, "save", plant_then_save)
+  quiet(tiny_config(tiny_npz, tmp_path, epochs=6))
+  assert (planted / "notes").read_text() == "a user's"
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == [0, 4, 5, 6]

@@ -17,7 +17,8 @@ import hashlib
 import logging
 import os
 import re
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
+import weakref
 
 import jax
 from jax.experimental import multihost_utils
@@ -48,8 +49,57 @@ def _orbax() -> Any:
   return ocp
 
 
+class _Place(NamedTuple):
+  """Where a manager's checkpoints are: the workdir and its checkpoints/ by path and by
+  identity ((device, inode) of each, when opened), how many steps to keep, and the steps
+  it may delete (those there when opened, checked, and those this run saved)."""
+
+  workdir: str
+  checkpoints: str
+  identity: tuple[tuple[int, int], tuple[int, int]]
+  keep: int
+  steps: set[int]
+
+
+_PLACES: "weakref.WeakKeyDictionary[Manager, _Place]" = weakref.WeakKeyDictionary()
+
+
+def _identity(workdir: str, checkpoints: str) -> tuple[tuple[int, int], tuple[int, int]]:
+  a, b = os.lstat(workdir), os.lstat(checkpoints)
+  return (a.st_dev, a.st_ino), (b.st_dev, b.st_ino)
+
+
+def check_place(mngr: Manager) -> None:
+  """CheckpointError unless the workdir and its checkpoints/ are still the directories
+  the manager opened (by device and inode): one moved, replaced or swapped for a link
+  since then stops the run before anything is saved, read or deleted through it."""
+  place = _PLACES[mngr]
+  try:
+    same = _identity(place.workdir, place.checkpoints) == place.identity
+  except OSError:
+    same = False
+  if not same:
+    raise CheckpointError(
+        f"{place.checkpoints} is no longer the directory this run opened (it, or its "
+        "workdir, was moved, replaced or linked elsewhere while the run used it); nothing "
+        "was saved, read or deleted through it: put the workdir back, or rerun with a "
+        "--workdir nothing else changes.")
+
+
+def _prune(mngr: Manager) -> None:
+  """Deletes the steps past the newest `keep`, only those this manager may delete
+  (_Place.steps), each after check_place."""
+  place = _PLACES[mngr]
+  for old in sorted(mngr.all_steps())[:-place.keep]:
+    if old in place.steps:
+      check_place(mngr)
+      mngr.delete(old)
+      place.steps.discard(old)
+
+
 def manager(workdir: str, max_to_keep: int = 3) -> Manager:
-  """A CheckpointManager on WORKDIR/checkpoints; its step numbers are finished epochs."""
+  """A CheckpointManager on WORKDIR/checkpoints; its step numbers are finished epochs.
+  orbax deletes nothing itself: `save` keeps the newest `max_to_keep` (_prune)."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.exists(path) and not (os.path.isdir(path) and
                                    os.access(path, os.R_OK | os.W_OK | os.X_OK)):
@@ -62,10 +112,13 @@ def manager(workdir: str, max_to_keep: int = 3) -> Manager:
                           "mlp_jax never reads or deletes through: remove it, then rerun.")
   ocp = _orbax()
   try:
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True))
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=True, cleanup_tmp_directories=True))
   except OSError as e:
     raise CheckpointError(f"cannot open the checkpoints in {path} ({e}).") from None
+  _PLACES[mngr] = _Place(os.path.abspath(workdir), path, _identity(workdir, path),
+                         max_to_keep, set(mngr.all_steps()))
+  return mngr
 
 
 def state_digest(state: State) -> str:
@@ -147,6 +200,7 @@ def save(mngr: Manager, epoch: int, state: State,
   Raises CheckpointError when orbax declines to save (it skips a step that is not newer
   than its latest), rather than leaving the epoch silently without a checkpoint.
   """
+  check_place(mngr)
   check_space(mngr, state)
   ocp = _orbax()
   with _writes(mngr):
@@ -160,6 +214,9 @@ def save(mngr: Manager, epoch: int, state: State,
     raise CheckpointError(f"orbax did not save the checkpoint after epoch {epoch} (the "
                           f"newest in {mngr.directory} is epoch {mngr.latest_step()}); "
                           "use a fresh --workdir.")
+  _PLACES[mngr].steps.add(epoch)
+  with _writes(mngr):
+    _prune(mngr)
 
 
 def finish(mngr: Manager) -> None:
@@ -226,6 +283,7 @@ def _restore(mngr: Manager, epoch: int, template: State,
              settings: Optional[dict[str, Any]] = None) -> State:
   """The state of checkpoint `epoch`: raises _Corrupt or CheckpointError."""
   ocp = _orbax()
+  check_place(mngr)
   _check_step(mngr, epoch)
   try:
     record = mngr.restore(epoch, args=ocp.args.Composite(
@@ -264,6 +322,7 @@ def move_aside(mngr: Manager, epoch: int) -> str:
   corrupt = os.path.join(str(mngr.directory), CORRUPT_DIR)
   target = os.path.join(corrupt, str(epoch))
   _sync(f"mlp_jax: every process has read checkpoint {epoch}")
+  check_place(mngr)
   if jax.process_index() == 0:
     if not os.path.lexists(corrupt):
       files.make_dirs(corrupt)

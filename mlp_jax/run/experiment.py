@@ -172,7 +172,9 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   except (BrokenPipeError, Interrupted):  # stdout's reader left (`| head`); a signal
     raise
   except Exception as e:  # pylint: disable=broad-except  (sorted out just below)
-    if not os.path.exists(lock.path):  # rm -rf: orbax may recreate checkpoints/, not this
+    removed = not os.path.lexists(workdir) or not (
+        isinstance(e, checkpoint.CheckpointError) or os.path.exists(lock.path))
+    if removed:   # rm -rf (a workdir swapped for another is check_place's CheckpointError)
       raise RunError(f"--workdir {workdir} was removed while the run wrote to it; rerun "
                      "the same command to start it anew.") from None
     failed = _run_error(e, workdir)

@@ -111,6 +111,7 @@ class RunHooks(fit.Hooks):
       checkpoint.check_space(self.mngr, state)  # before the epoch's line is written
     self.history.append(row)
     if ctx.writer:
+      checkpoint.check_place(self.mngr)   # the workdir is still the one opened
       workdir_lib.append_row(ctx.workdir, row)
       self.live.append(row, self.history)       # TensorBoard; curves.png now and then
     if self.bar is not None:
