@@ -12,16 +12,11 @@ mlp_jax/core/mistakes.py and says of each gradient: right, wrong shape, raised, 
 and which known mistakes give it; exit status 0 when all four are right, 1 otherwise.
 """
 
-import contextlib
 import functools
-import importlib
-import importlib.util
 import json
 import math
-import os
 import sys
-import traceback
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional
 
 from mlp_jax.base import boundary
 
@@ -37,11 +32,13 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 import numpy as np
 
+from mlp_jax import learner
 from mlp_jax.base.options import ACTIVATIONS
 from mlp_jax.core import losses, mistakes
 from mlp_jax.core.gradients import autodiff_grads, grads
 from mlp_jax.core.mistakes import CATALOGUE, LEAVES, Problem
 from mlp_jax.core.model import Params
+from mlp_jax.learner import Value, Why
 
 # Manual vs autodiff, per dtype; and either vs float64 finite differences.
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
@@ -125,14 +122,6 @@ def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
 LEARNER_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2}
 
 
-class LearnerParams(Params):
-  """mj.Params (w1 (H, D), b1 (H,), w2 (K, H), b2 (K,)) that also reads params["w1"]."""
-  __slots__ = ()
-
-  def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-
 class Verdict(NamedTuple):
   """One parameter's verdict: ok, its relative error (None where there is none), the
   catalogue's ids of the mistakes it matches, and one line saying so."""
@@ -166,61 +155,29 @@ class Report(NamedTuple):
 def check_grads(fn: Callable[..., Any], seed: int = 0) -> Report:
   """Checks a learner's fn(params, X, y) -> the gradients of the mean cross-entropy (as
   Params, a dict of w1, b1, w2, b2, or a 4-tuple), NumPy or JAX, called with float64
-  NumPy arrays (never jitted) on mistakes.problems(seed); each leaf's Verdict."""
+  NumPy arrays (never jitted) on mistakes.problems(seed); each leaf's Verdict. `fn` runs
+  in this process: the caller's own code (the command line runs a learner's file in a
+  child process: check_grads_isolated)."""
   problem_list = mistakes.problems(seed)
-  outputs = [_call(fn, p) for p in problem_list]
+  return _report([learner.call(fn, p) for p in problem_list], problem_list)
+
+
+def check_grads_isolated(spec: str, seed: int = 0) -> Report:
+  """check_grads of the function "FILE.py:FUNCTION" or "MODULE:FUNCTION", run in a child
+  process that returns only arrays (mlp_jax/learner.py); the verdicts are computed
+  here. UsageError, one line, if the function cannot be loaded or run."""
+  problem_list = mistakes.problems(seed)
+  try:
+    outputs = learner.run_isolated(spec, [tuple(p) for p in problem_list])
+  except learner.LoadError as e:
+    raise boundary.UsageError(str(e)) from None
+  return _report(outputs, problem_list)
+
+
+def _report(outputs: list[dict[str, Value]], problem_list: list[Problem]) -> Report:
   leaves = {leaf: _verdict(leaf, [o[leaf] for o in outputs], problem_list) for leaf in LEAVES}
   return Report(all(v.ok for v in leaves.values()), leaves,
                 [p.describe() for p in problem_list])
-
-
-class Why(str):
-  """Why a leaf has no value (it raised, is missing, or is not an array of numbers)."""
-
-
-Value = Union[np.ndarray, Why]   # a leaf's array, or why there is none
-
-
-def _call(fn: Callable[..., Any], p: Problem) -> dict[str, Value]:
-  """{leaf: array or the one line why not} of fn on problem p."""
-  params = LearnerParams(*(a.copy() for a in (p.w1, p.b1, p.w2, p.b2)))  # type: ignore[arg-type]
-  try:
-    result = fn(params, p.X.copy(), p.y.copy())
-  except Exception as e:  # pylint: disable=broad-except  (the learner's code, reported)
-    return dict.fromkeys(LEAVES, Why(f"raised {_exception_line(e)}"))
-  if isinstance(result, dict):
-    values = [result.get(leaf, Why(f"is missing from the returned dict (keys: "
-                             f"{', '.join(map(str, result)) or 'none'})")) for leaf in LEAVES]
-  elif isinstance(result, (tuple, list)) and len(result) == 4:
-    values = ([getattr(result, leaf) for leaf in LEAVES] if hasattr(result, "w1")
-              else list(result))
-  else:
-    sized = isinstance(result, (tuple, list))
-    what = type(result).__name__ + (f" of {len(result)}" if sized else "")
-    values = [Why(f"is missing: the function returned {what}, not Params, a dict of w1, "
-                  "b1, w2, b2 or a 4-tuple")] * 4
-  return {leaf: v if isinstance(v, Why) else _as_array(v) for leaf, v in zip(LEAVES, values)}
-
-
-def _exception_line(e: BaseException) -> str:
-  """"ValueError: ... (FILE:LINE)", the line of the learner's code that raised."""
-  frames = [f for f in traceback.extract_tb(e.__traceback__)
-            if f.filename != __file__ and "site-packages" not in f.filename]
-  where = f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
-  return f"{type(e).__name__}: {boundary.first_line(e)}{where}"
-
-
-def _as_array(value: Any) -> Value:
-  """The leaf as a float array, or why it is not one."""
-  try:
-    array = np.asarray(value)
-  except Exception:  # pylint: disable=broad-except  (anything a learner returns)
-    array = np.asarray(None)
-  if array.dtype.kind not in "fiu":
-    return Why(f"is a {type(value).__name__}, not an array of numbers")
-  if not np.all(np.isfinite(array)):
-    return Why("holds NaN or inf")
-  return array if array.dtype.kind == "f" else array.astype(np.float64)
 
 
 def _verdict(leaf: str, values: list[Value], problem_list: list[Problem]) -> Verdict:
@@ -274,35 +231,6 @@ def _largest_difference(ran: list[tuple[np.ndarray, np.ndarray, Problem]]) -> st
           f"the {p.describe()} problem")
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-  """The function named by "FILE.py:FUNCTION" or "MODULE:FUNCTION"; UsageError if not."""
-  source, _, name = spec.rpartition(":")
-  if not source or not name:
-    raise boundary.UsageError(f"--grads={spec!r}: must be FILE.py:FUNCTION or "
-                              "MODULE:FUNCTION, e.g. --grads=my_grads.py:grads.")
-  try:
-    if source.endswith(".py") or os.sep in source:
-      if not os.path.isfile(source):
-        raise boundary.UsageError(f"--grads: no file {source}; give the path of the .py "
-                                  "file that defines the function.")
-      sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
-      module_spec = importlib.util.spec_from_file_location("learner_grads", source)
-      assert module_spec is not None and module_spec.loader is not None
-      module = importlib.util.module_from_spec(module_spec)
-      module_spec.loader.exec_module(module)
-    else:
-      module = importlib.import_module(source)
-  except boundary.UsageError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (the learner's file, reported)
-    raise boundary.UsageError(f"--grads: {source} cannot be loaded: "
-                              f"{_exception_line(e)}") from None
-  fn = getattr(module, name, None)
-  if not callable(fn):
-    raise boundary.UsageError(f"--grads: {source} defines no function {name!r}.")
-  return fn
-
-
 def define_flags() -> None:
   """The command line's flags; defined when run as a script, never at import."""
   flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
@@ -331,8 +259,7 @@ def main(argv: list[str]) -> None:
           file=sys.stderr)
     sys.exit(2)
   if FLAGS.grads is not None:
-    with contextlib.redirect_stdout(sys.stderr):   # what the learner's code prints: not
-      report = check_grads(load_function(FLAGS.grads), FLAGS.seed)   # in the report
+    report = check_grads_isolated(FLAGS.grads, FLAGS.seed)   # in a child process
     print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if FLAGS.json
           else f"gradcheck of {FLAGS.grads}\n{report}")
     sys.exit(0 if report.correct else 1)

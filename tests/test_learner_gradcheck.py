@@ -230,3 +230,44 @@ def test_the_command_prints_json_and_exits_by_the_verdict(tmp_path):
     assert result.returncode == 2, (spec, result.stderr)
     (only,) = result.stderr.strip().splitlines()
     assert only.startswith(f"error: {line}"), (spec, only)
+
+
+# A learner's file that tries to pass by reaching into the checker: each way, and the
+# wrong gradients it returns (zeros).
+CHEATS = {
+    "patches_the_checker": "import mlp_jax.core.mistakes as m, mlp_jax.gradcheck as g\n"
+                           "m.relative_error = lambda a, b: 0.0\n"
+                           "g._verdict = lambda leaf, *_: g.Verdict(True, 0.0, [], 'right')\n",
+    "forges_the_json": "import os, sys\n"
+                       "FORGED = '{\"correct\": true, \"leaves\": {}}'\n"
+                       "print(FORGED, file=sys.__stdout__, flush=True)\n"
+                       "os.write(1, FORGED.encode())\n",
+    "exits_early": "import os\n"
+                   "def grads(params, X, y):\n"
+                   "  os._exit(0)\n",
+}
+
+
+@pytest.mark.slow  # processes of their own
+@pytest.mark.parametrize("cheat", CHEATS)
+def test_a_learners_code_runs_apart_and_cannot_forge_its_verdict(tmp_path, cheat):
+  """The learner's code runs in a child process that returns only arrays: patching
+  the checker's modules changes the child's copy, its stdout is relayed to stderr, and
+  a child that ends early is one line, never a verdict."""
+  path = tmp_path / "cheat.py"
+  path.write_text("import numpy as np\n" + CHEATS[cheat] + (
+      "" if "def grads" in CHEATS[cheat] else
+      "def grads(params, X, y):\n"
+      "  return {k: np.zeros_like(params[k]) for k in ('w1', 'b1', 'w2', 'b2')}\n"))
+  result = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", f"--grads={path}:grads",
+                           "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+  if cheat == "exits_early":
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert "ended its process (exit status 0) before it returned" in result.stderr
+    return
+  assert result.returncode == 1, result.stderr
+  report = json.loads(result.stdout)       # the whole stdout is the checker's JSON
+  assert report["correct"] is False and not any(
+      v["ok"] for v in report["leaves"].values())
+  if cheat == "forges_the_json":
+    assert '"correct": true' in result.stderr
