@@ -129,10 +129,11 @@ def as_array(value: Any) -> Value:
 def _child(spec: str, inputs: str, outputs: str) -> None:
   """Loads the function, calls it on each problem of `inputs`, writes `outputs`: per
   problem i and leaf, "i.leaf" (an array) or "i.leaf.why" (a line); or "load_error"."""
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
   answers: dict[str, Any] = {}
-  with np.load(inputs) as data:
-    problems = [[data[f"{i}.{name}"] for name in (*LEAVES, "X", "y")]
-                for i in range(int(data["count"]))]
+  with files.NpzArchive(inputs, LoadError) as data:
+    problems = [[data.read(f"{i}.{name}") for name in (*LEAVES, "X", "y")]
+                for i in range(int(data.read("count")))]
   try:
     fn = load_function(spec)
   except LoadError as e:
