@@ -23,6 +23,7 @@ import gzip
 import io
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -388,7 +389,6 @@ READER_OF_CALLER = {
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/files.py", "host_available"): "/proc/self/statm: not a user's path",
-    ("mlp_jax/base/files.py", "holds_bytes"): "jaxlib's libraries: not a user's path",
 }
 READ_PRIMITIVES = {"files.open_regular", "open_regular", "files.NpzArchive",
                    "files.open_directory"}
@@ -696,18 +696,54 @@ def test_every_bad_setting_is_one_line_with_its_status(fault, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("JAX_ENABLE_X64", "maybe", "is not a truth value"),
-    ("XLA_FLAGS", "--xla_force_host_platform_device_count=two", "must be a whole number"),
-    ("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_no_such_flag=1",
-     "has --xla_no_such_flag=1, a flag this XLA does not know"),
-    ("XLA_FLAGS", "--xla_dump", "has --xla_dump, a flag this XLA does not know"),
+@pytest.mark.parametrize("flags, message", [
+    ("--xla_force_host_platform_device_count=two", "must be a whole number from 1 to 1024"),
+    ("--xla_force_host_platform_device_count=999999", "must be a whole number from 1 to"),
+    ("--xla_force_host_platform_device_count=0", "must be a whole number from 1 to 1024"),
+    ("--xla_dump_to=/tmp/d --xla_no_such_flag=1",
+     "is refused by XLA (Unknown flag in XLA_FLAGS: --xla_no_such_flag=1; it would abort"),
+    ("--xla_cpu_enable_fast_math=maybe", "is refused by XLA (Couldn't interpret value maybe "
+                                         "for flag xla_cpu_enable_fast_math"),
 ])
-def test_a_bad_environment_is_one_line_before_jax_starts(variable, value, message,
-                                                         monkeypatch):
-  monkeypatch.setenv(variable, value)
-  with pytest.raises(boundary.UserError, match=message):
+def test_xla_flags_are_judged_by_xlas_own_parser_before_jax_starts(flags, message,
+                                                                   monkeypatch, tmp_path):
+  """XLA would abort in C++ (95 lines for a bad value): its own parser's line, in one."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("XLA_FLAGS", flags)
+  with pytest.raises(boundary.UserError, match=re.escape(message)) as refused:
     boundary.check_environment()
+  assert "\n" not in str(refused.value)
+  assert not (tmp_path / "mlp_jax" / boundary.XLA_ACCEPTED_DIR).exists()   # never kept
+
+
+def test_accepted_xla_flags_are_remembered_so_only_the_first_run_pays(monkeypatch,
+                                                                     tmp_path):
+  import subprocess as subprocess_module  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  boundary.check_environment()
+  assert len(os.listdir(tmp_path / "mlp_jax" / boundary.XLA_ACCEPTED_DIR)) == 1
+
+  def no_child(*args, **kwargs):
+    raise AssertionError("asked XLA again")
+  monkeypatch.setattr(subprocess_module, "run", no_child)
+  boundary.check_environment()
+
+
+@pytest.mark.slow   # a process each
+@pytest.mark.parametrize("variable, value", [
+    ("JAX_ENABLE_X64", "maybe"), ("JAX_NUM_CPU_DEVICES", "abc"),
+    ("JAX_DEFAULT_PRNG_IMPL", "nope"), ("JAX_DEFAULT_MATMUL_PRECISION", "weird")])
+def test_a_jax_variable_jax_refuses_is_one_line_and_the_environments_fault(variable, value,
+                                                                           tmp_path):
+  env = {**os.environ, variable: value}
+  result = subprocess.run([*SCRIPTS["train.py"], f"--workdir={tmp_path / 'w'}"], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+  lines = _lines(result.stderr)
+  assert result.returncode == 1 and len(lines) == 1, result.stderr
+  assert lines[0].startswith(f"error: the environment variable {variable}='{value}' is "
+                             "not a"), lines
+  assert "internal error" not in lines[0]
 
 
 # Every script: its command line (python FILE, or -m for the package's own).

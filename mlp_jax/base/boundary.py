@@ -25,7 +25,6 @@ epochs (which checkpoint, see processes.StopSignals) a first Ctrl-C or SIGTERM s
 at once with one line naming the phase.
 """
 
-import functools
 import logging
 import os
 import resource
@@ -194,60 +193,70 @@ def _unraisable(args: Any) -> None:
 # a 2-core Intel Xeon, jax 0.10.2; below it the process segfaults or aborts).
 MIN_ADDRESS_SPACE = 2 << 30
 
-_TRUTH_VALUES = ("", "0", "1", "true", "false", "t", "f", "yes", "no", "y", "n", "on", "off")
+# More host devices than this is a mistake (each costs memory and a thread: 999,999 took
+# 18 GB); XLA_FLAGS' --xla_force_host_platform_device_count is held to it.
+MAX_HOST_DEVICES = 1024
+XLA_ACCEPTED_DIR = "xla_flags_accepted"   # under compilation.user_cache_dir()
 
 
-def _xla_libraries() -> list[str]:
-  """The shared libraries that define XLA's flags: jaxlib's, then any PJRT plugin's
-  (jax_plugins, libtpu); found without importing them."""
-  import glob  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  found = []
-  for package in ("jaxlib", "jax_plugins", "libtpu"):
-    spec = importlib.util.find_spec(package)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-      found += sorted(glob.glob(os.path.join(folder, "**", "*.so*"), recursive=True),
-                      key=lambda p: "jax_common" not in p)   # where XLA's flags are
-  return found
-
-
-@functools.lru_cache(maxsize=64)   # a process that parses flags again asks again
-def _xla_knows(name: str) -> bool:
-  """Whether XLA defines the flag `name` (xla_...): its name, a C string, in one of its
-  libraries (about 20 ms for a known flag). True where the libraries found do not hold
-  a flag every XLA has (xla_dump_to): then they are not where this XLA keeps its flags."""
-  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
-  libraries = _xla_libraries()
-
-  def defined(flag: str) -> bool:
-    needle = b"\0" + os.fsencode(flag) + b"\0"
-    return any(files.holds_bytes(p, needle) for p in libraries)
-  return defined(name) or not defined("xla_dump_to")
+def _xla_flags_problem(flags: str) -> Optional[str]:
+  """XLA's own line refusing XLA_FLAGS=`flags`, or None: a child process starts XLA's
+  CPU backend with them (XLA parses them there, and would abort this process in C++).
+  Flags it accepted are remembered in the user's cache, keyed by the flags and jaxlib's
+  version, so only the first run with new flags pays the child (about 2 s)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import compilation, files  # pylint: disable=g-import-not-at-top
+  try:
+    version = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    version = "?"
+  key = hashlib.sha256(f"{version}\0{flags}".encode()).hexdigest()[:32]
+  accepted = os.path.join(compilation.user_cache_dir(), XLA_ACCEPTED_DIR)
+  if os.path.isfile(os.path.join(accepted, key)):
+    return None
+  try:
+    child = subprocess.run([sys.executable, "-I", "-c", "import jax; jax.devices('cpu')"],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                           stdin=subprocess.DEVNULL, timeout=300, check=False)
+  except subprocess.TimeoutExpired:
+    return None   # no verdict: the run goes on, and meets the flags itself
+  if child.returncode == 0:
+    try:
+      files.make_dirs(accepted, 0o700)
+      with files.atomic_file(os.path.join(accepted, key), "w") as f:
+        f.write(flags)
+    except OSError:
+      pass   # a read-only home: asked again next time
+    return None
+  said = [line.split("] ", 1)[1] for line in child.stderr.decode(errors="replace").splitlines()
+          if "] " in line and ("flags" in line.split("] ", 1)[0])]
+  return said[0] if said else None   # failed for another reason: the run will say why
 
 
 def check_environment() -> None:
   """UserError for the environment settings that JAX would abort on in C++ (a crash, not
-  an exception) or refuse with a traceback at import: a flag in XLA_FLAGS that XLA does
-  not know, XLA_FLAGS' host device count, an address-space limit, JAX_ENABLE_X64. Called
-  before JAX is imported."""
-  for flag in os.environ.get("XLA_FLAGS", "").split():
+  an exception): XLA_FLAGS that XLA's own parser refuses (_xla_flags_problem), a host
+  device count past MAX_HOST_DEVICES, an address-space limit. Called before JAX is
+  imported. (JAX_* variables are parsed by JAX at its import: errors.classify names a
+  refused one as the environment's fault.)"""
+  flags = os.environ.get("XLA_FLAGS", "").strip()
+  for flag in flags.split():
     name, _, value = flag.partition("=")
     if name == "--xla_force_host_platform_device_count" and not (
-        value.isdigit() and int(value) >= 1):
-      raise UserError(f"XLA_FLAGS has {flag}: the device count must be a whole number "
-                      ">= 1; fix or unset XLA_FLAGS.")
-    if not _xla_knows(name.lstrip("-")):
-      raise UserError(f"XLA_FLAGS has {escaped(flag)}, a flag this XLA does not know (it "
-                      "would abort in C++): fix its name or remove it from XLA_FLAGS.")
+        value.isdigit() and 1 <= int(value) <= MAX_HOST_DEVICES):
+      raise UserError(f"XLA_FLAGS has {escaped(flag)}: the device count must be a whole "
+                      f"number from 1 to {MAX_HOST_DEVICES}; fix or unset XLA_FLAGS.")
+  why = flags and _xla_flags_problem(flags)
+  if why:
+    raise UserError(f"XLA_FLAGS={escaped(flags)!r} is refused by XLA ({escaped(why)}; it "
+                    "would abort in C++): fix the flag or remove it from XLA_FLAGS.")
   limit = resource.getrlimit(resource.RLIMIT_AS)[0]
   if limit != resource.RLIM_INFINITY and limit < MIN_ADDRESS_SPACE:
     raise UserError(f"the address-space limit (ulimit -v) is {limit / 2**30:.2f} GiB, "
                     f"less than the {MIN_ADDRESS_SPACE / 2**30:g} GiB JAX needs to start "
                     "(it would abort in C++): raise it, e.g. ulimit -v unlimited.")
-  x64 = os.environ.get("JAX_ENABLE_X64")
-  if x64 is not None and x64.strip().lower() not in _TRUTH_VALUES:
-    raise UserError(f"JAX_ENABLE_X64={x64!r} is not a truth value; set it to 0 or 1, or "
-                    "unset it.")
 
 
 HELP_FLAGS = ("--help", "-?", "--helpshort", "--helpfull", "--helpxml")  # absl's

@@ -6,6 +6,7 @@ boundary (boundary.run: "error: ..." or "stopped: ..."). Nothing heavy is import
 
 import errno
 import os
+import re
 import signal
 from typing import NamedTuple, Optional
 
@@ -114,7 +115,13 @@ def _environment_problem(e: BaseException) -> Optional[str]:
     return (f"JAX cannot start the backend it was asked for ({first_line(e)}); unset "
             "JAX_PLATFORMS (or set it to a platform this machine has, e.g. cpu), or "
             "install the jax build for that accelerator.")
-  if "jax_enable_x64" in text or "JAX_ENABLE_X64" in text:
-    return (f"the JAX_ENABLE_X64 environment variable is not a truth value "
-            f"({first_line(e)}); set it to 0 or 1, or unset it.")
+  flag = re.search(r'Invalid value "(.*?)" for JAX flag (jax_\w+)', text)   # JAX's parse
+  if flag:
+    name = flag.group(2).upper()
+    return (f"the environment variable {name}={escaped(flag.group(1))!r} is not a value "
+            f"JAX takes for it ({escaped(first_line(e))}); fix or unset {name}.")
+  truth = re.search(r"invalid truth value '(.*?)' for environment '(\w+)'", text)
+  if truth:
+    return (f"the environment variable {truth.group(2)}={escaped(truth.group(1))!r} is not "
+            f"a truth value; set it to 0 or 1, or unset it.")
   return None

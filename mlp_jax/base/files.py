@@ -29,7 +29,6 @@ umask, as `open` and `mkdir` would give them.
 import contextlib
 import errno
 import io
-import mmap
 import os
 import re
 import resource
@@ -270,15 +269,6 @@ def open_directory(path: str) -> int:
   without blocking; OSError if it is not a directory."""
   return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
                  | os.O_CLOEXEC)
-
-
-def holds_bytes(path: str, needle: bytes) -> bool:
-  """Whether the regular file at `path` contains `needle` (searched mapped, not read)."""
-  with open_regular(path) as f:
-    if not os.fstat(f.fileno()).st_size:
-      return False
-    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-      return mapped.find(needle) >= 0
 
 
 class NpyHeader(NamedTuple):
