@@ -389,6 +389,9 @@ READER_OF_CALLER = {
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/files.py", "host_available"): "/proc/self/statm: not a user's path",
+    ("mlp_jax/learner.py", "_child"): "gradcheck's own problems, in its private directory",
+    ("mlp_jax/learner.py", "run_isolated"): "a learner's answers, read bounded (NpzArchive):"
+                                            " tests/test_learner_gradcheck.py",
 }
 READ_PRIMITIVES = {"files.open_regular", "open_regular", "files.NpzArchive",
                    "files.open_directory"}
