@@ -830,6 +830,33 @@ def test_the_memory_budget_counts_an_address_space_limit(monkeypatch):
   assert files.memory_budget() <= 1 << 29
 
 
+def test_the_memory_budget_has_an_absolute_default_an_environment_and_a_flag(
+    monkeypatch, tmp_path, tiny_npz):
+  """4 GiB or half of what is available, whichever is smaller (a 1.75 MB params.npz
+  declaring 1.7 GB was read under half of 10 GB free); $MLP_JAX_MEMORY_BUDGET and the
+  runner's --memory_budget change it, and a read past it is one line."""
+  monkeypatch.delenv(files.BUDGET_ENV, raising=False)
+  monkeypatch.setattr(files, "host_available", lambda: 100 << 30)
+  assert files.memory_budget() == 4 << 30
+  monkeypatch.setattr(files, "host_available", lambda: 2 << 30)
+  assert files.memory_budget() == 1 << 30
+  monkeypatch.setenv(files.BUDGET_ENV, "0.5")
+  assert files.memory_budget() == 1 << 29
+  for bad in ("lots", "0", "-1", "inf", "nan"):
+    monkeypatch.setenv(files.BUDGET_ENV, bad)
+    with pytest.raises(boundary.UserError, match=f"{files.BUDGET_ENV}='{bad}' is not a "
+                                                 "number of GiB above 0"):
+      files.memory_budget()
+  monkeypatch.delenv(files.BUDGET_ENV)
+  try:
+    code, stderr = run_cli(*_tiny(tiny_npz, tmp_path / "w"), "--memory_budget=1e-6")
+  finally:
+    files.set_memory_budget(None)
+  lines = stderr.strip().splitlines()
+  assert code == 1 and len(lines) == 1 and "tiny.npz" in lines[0], stderr
+  assert "1 KiB" in lines[0] or "budget" in lines[0] or "memory" in lines[0], lines[0]
+
+
 def test_the_boundary_turns_anything_into_one_line_and_a_log(tmp_path, capsys):
   def bug():
     raise KeyError("deep inside")

@@ -41,7 +41,7 @@ from typing import IO, Any, Iterable, Iterator, NamedTuple, Optional, cast
 import numpy as np
 
 from mlp_jax.base import trusted
-from mlp_jax.base.errors import escaped
+from mlp_jax.base.errors import UserError, escaped
 
 # A temporary twin of NAME is .NAME.mlp_jax-partial-XXXXXXXX: this project's own mark.
 TEMPORARY_MARK = ".mlp_jax-partial-"
@@ -235,11 +235,36 @@ def host_available() -> Optional[int]:
   return available
 
 
+BUDGET_ENV = "MLP_JAX_MEMORY_BUDGET"   # GiB, as the runner's --memory_budget
+DEFAULT_BUDGET = 4 << 30
+_budget: dict[str, Optional[float]] = {"gib": None}   # set_memory_budget's
+BUDGET_FIX = f"the memory budget; raise it with --memory_budget=GiB or ${BUDGET_ENV}"
+
+
+def set_memory_budget(gib: Optional[float]) -> None:
+  """The budget of every read from now on, in GiB (the runner's --memory_budget); None:
+  $MLP_JAX_MEMORY_BUDGET, else the default."""
+  _budget["gib"] = gib
+
+
 def memory_budget() -> int:
-  """Bytes a reader may allocate: half of what the process may still allocate
-  (host_available; 4 GiB where that cannot be read)."""
+  """Bytes a reader may allocate: set_memory_budget's, else $MLP_JAX_MEMORY_BUDGET (GiB),
+  else 4 GiB or half of what the process may still allocate (host_available), whichever
+  is smaller. UserError for an environment value that is not a number of GiB above 0."""
+  gib = _budget["gib"]
+  if gib is None and os.environ.get(BUDGET_ENV, "").strip():
+    text = os.environ[BUDGET_ENV]
+    try:
+      gib = float(text)
+    except ValueError:
+      gib = -1.0
+    if not 0 < gib < float("inf"):
+      raise UserError(f"{BUDGET_ENV}={escaped(text)!r} is not a number of GiB above 0; "
+                      "set it to e.g. 8, or unset it.")
+  if gib is not None:
+    return int(gib * (1 << 30))
   available = host_available()
-  return 1 << 32 if available is None else available // 2
+  return DEFAULT_BUDGET if available is None else min(DEFAULT_BUDGET, available // 2)
 
 
 def open_regular(path: str, follow: bool = True) -> IO[bytes]:
@@ -367,7 +392,7 @@ class NpzArchive:
     elif header.nbytes > self.max_bytes - self.used:
       problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes), more than the "
                  f"{self.max_bytes - self.used:,} bytes of memory this reader may still "
-                 f"use ({self.max_bytes:,} in all)")
+                 f"use ({self.max_bytes:,} in all: {BUDGET_FIX})")
     if problem:
       f.close()
       raise self.error(f"{self.path}: {name} {problem}.")

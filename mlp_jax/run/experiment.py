@@ -86,6 +86,7 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   stop = processes.StopSignals()
   try:
     config = config_lib.resolve(config)
+    files.set_memory_budget(config.memory_budget)   # every read of this run
     compilation.enable(config.compilation_cache)  # before the first compilation
     processes.join_processes(config, log)
     stop.install()  # after jax.distributed, which installs a SIGTERM handler of its own

@@ -134,6 +134,11 @@ class RunConfig:
       "machine; '' turns it off. Default: $MLP_JAX_COMPILATION_CACHE, else "
       "~/.cache/mlp_jax/jax. Used only if it is yours and no one else can write it "
       "(JAX runs what it finds there: mlp_jax/base/compilation.py).")
+  memory_budget: Optional[float] = _setting(
+      None, "GiB any one read of the data, a model or a record may allocate; a file that "
+      "would need more is refused in one line before it is read. Default: "
+      "$MLP_JAX_MEMORY_BUDGET, else 4 GiB or half the free memory, whichever is smaller.",
+      above=0)
   profile_dir: Optional[str] = _setting(
       None, "Write a jax.profiler trace of this invocation's 2nd and 3rd epochs (the 1st "
       "compiles) here; view it with tensorboard --logdir=DIR (Profile tab, "
