@@ -1290,3 +1290,34 @@ def test_every_ending_is_classified_by_where_its_fault_lies():
     assert (verdict.source, verdict.status) == (source, status), (error, verdict)
     assert verdict.line.startswith(line) and "\n" not in verdict.line, verdict.line
     assert boundary.describe(error) == (verdict.line, verdict.status)
+
+
+def _escape_cases(tmp_path):
+  """(flags, what the line must name) whose paths or lock hold a newline and an escape
+  code: each in the one line, escaped."""
+  odd = "odd\nname\x1b[31m"
+  (tmp_path / f"{odd}file").write_text("not a directory")
+  (tmp_path / f"{odd}dir.flags").mkdir()
+  held = tmp_path / "held"
+  held.mkdir()
+  return {
+      "workdir_a_file": [f"--workdir={tmp_path / (odd + 'file')}"],
+      "missing_npz": [f"--dataset=npz:{tmp_path / (odd + '.npz')}"],
+      "flagfile_a_directory": [f"--flagfile={tmp_path / (odd + 'dir.flags')}"],
+      "lock_contents": [f"--workdir={held}"],
+  }, held, odd
+
+
+@pytest.mark.parametrize("case", ["workdir_a_file", "missing_npz", "flagfile_a_directory",
+                                  "lock_contents"])
+def test_every_path_and_string_in_the_line_is_escaped(case, tmp_path, tiny_npz):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  cases, held, odd = _escape_cases(tmp_path)
+  with open(held / ".lock", "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    lock.write(f"12{odd}")
+    lock.flush()
+    code, stderr = run_cli(f"--dataset={tiny_npz}", "--epochs=1", "--noprogress",
+                           *cases[case])
+  assert code != 0 and stderr.count("\n") == 1 and "\x1b" not in stderr, repr(stderr)
+  assert "\\n" in stderr and "\\x1b" in stderr, stderr

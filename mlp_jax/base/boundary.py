@@ -138,8 +138,11 @@ class _NamedStdout:
 
 
 def _print_line(line: str) -> None:
-  """`line` on stderr, with what stdout holds flushed first; straight to file
-  descriptor 2 where Python has no sys.stderr (started with it closed)."""
+  """`line` on stderr, escaped (a newline or an escape code from a path, a lock's
+  contents or a message underneath never breaks the one line), with what stdout holds
+  flushed first; straight to file descriptor 2 where Python has no sys.stderr (started
+  with it closed)."""
+  line = escaped(line)
   _flush_stdout()
   try:
     if sys.stderr is None:
@@ -306,7 +309,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   app.define_help_flags()  # what app.run defines: --help, --helpshort, ... (idempotent)
   why = _flagfile_problem(argv[1:])
   if why:
-    print(f"error: {why}", file=sys.stderr)
+    _print_line(f"error: {why}")
     sys.exit(2)
   try:
     rest = flags.FLAGS(argv)
@@ -319,12 +322,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, UnicodeDecodeError, OSError) as e:
     reason = (f"--flagfile is not a text file of --name=value lines ({e.reason})"
               if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
-    print(f"error: {reason}", file=sys.stderr)
+    _print_line(f"error: {reason}")
     sys.exit(2)
   if len(rest) > 1:   # e.g. a --flagfile line without its leading --
-    print(f"error: unexpected arguments {escaped(' '.join(rest[1:]))!r}: settings are "
-          "--name=value, on the command line and on each line of a --flagfile.",
-          file=sys.stderr)
+    _print_line(f"error: unexpected arguments {' '.join(rest[1:])!r}: settings are "
+                "--name=value, on the command line and on each line of a --flagfile.")
     sys.exit(2)
   return rest
 
