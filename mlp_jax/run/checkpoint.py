@@ -59,6 +59,7 @@ class _Place(NamedTuple):
   identity: tuple[tuple[int, int], tuple[int, int]]
   keep: int
   steps: set[int]
+  fd: int   # checkpoints/, held open: orbax is given /proc/self/fd/FD (`manager`)
 
 
 _PLACES: "weakref.WeakKeyDictionary[Manager, _Place]" = weakref.WeakKeyDictionary()
@@ -99,7 +100,10 @@ def _prune(mngr: Manager) -> None:
 
 def manager(workdir: str, max_to_keep: int = 3) -> Manager:
   """A CheckpointManager on WORKDIR/checkpoints; its step numbers are finished epochs.
-  orbax deletes nothing itself: `save` keeps the newest `max_to_keep` (_prune)."""
+  orbax is given the directory as opened (/proc/self/fd/FD, where the system has it):
+  its saves, reads and deletes reach that directory whatever is renamed, replaced or
+  linked on its path meanwhile. orbax deletes nothing itself: `save` keeps the newest
+  `max_to_keep` (_prune)."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
   if os.path.exists(path) and not (os.path.isdir(path) and
                                    os.access(path, os.R_OK | os.W_OK | os.X_OK)):
@@ -112,13 +116,23 @@ def manager(workdir: str, max_to_keep: int = 3) -> Manager:
                           "mlp_jax never reads or deletes through: remove it, then rerun.")
   ocp = _orbax()
   try:
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=True, cleanup_tmp_directories=True))
+    files.make_dirs(path)
+    fd = files.open_directory(path)
+    pinned = f"/proc/self/fd/{fd}"   # the directory opened, whatever its name becomes
+    mngr = ocp.CheckpointManager(pinned if os.path.isdir(pinned) else path,
+                                 options=ocp.CheckpointManagerOptions(
+                                     max_to_keep=None, create=True,
+                                     cleanup_tmp_directories=True))
   except OSError as e:
     raise CheckpointError(f"cannot open the checkpoints in {path} ({e}).") from None
   _PLACES[mngr] = _Place(os.path.abspath(workdir), path, _identity(workdir, path),
-                         max_to_keep, set(mngr.all_steps()))
+                         max_to_keep, set(mngr.all_steps()), fd)
   return mngr
+
+
+def _where(mngr: Manager) -> str:
+  """The checkpoints/ directory's path, as the user gave it (for messages)."""
+  return _PLACES[mngr].checkpoints
 
 
 def state_digest(state: State) -> str:
@@ -158,7 +172,7 @@ def _writes(mngr: Manager) -> Iterator[None]:
       raise
     _settle(mngr)
     raise CheckpointError(
-        f"cannot write a checkpoint in {mngr.directory} ({reason}); the newest complete "
+        f"cannot write a checkpoint in {_where(mngr)} ({reason}); the newest complete "
         "checkpoint is kept: free space or fix the permissions, then rerun the same "
         "command to resume.") from None
 
@@ -182,7 +196,7 @@ def check_space(mngr: Manager, state: State) -> None:
   free = stats.f_bavail * stats.f_frsize
   if free < need:
     raise CheckpointError(
-        f"cannot write a checkpoint in {mngr.directory} (No space left on device: "
+        f"cannot write a checkpoint in {_where(mngr)} (No space left on device: "
         f"{free / 2**20:.2f} MiB free, a checkpoint needs about {need / 2**20:.2f} MiB); "
         "the newest complete checkpoint is kept: free space, then rerun the same command "
         "to resume.")
@@ -212,7 +226,7 @@ def save(mngr: Manager, epoch: int, state: State,
                                     "schedule_epochs": schedule})))
   if not saved:
     raise CheckpointError(f"orbax did not save the checkpoint after epoch {epoch} (the "
-                          f"newest in {mngr.directory} is epoch {mngr.latest_step()}); "
+                          f"newest in {_where(mngr)} is epoch {mngr.latest_step()}); "
                           "use a fresh --workdir.")
   _PLACES[mngr].steps.add(epoch)
   with _writes(mngr):
@@ -220,10 +234,12 @@ def save(mngr: Manager, epoch: int, state: State,
 
 
 def finish(mngr: Manager) -> None:
-  """Waits for the last save and closes the manager (a failed write: CheckpointError)."""
+  """Waits for the last save and closes the manager and its directory (a failed write:
+  CheckpointError)."""
   with _writes(mngr):
     mngr.wait_until_finished()
     mngr.close()
+  os.close(_PLACES[mngr].fd)
 
 
 class _QuietOrbaxErrors(logging.Filter):
@@ -264,7 +280,7 @@ def _check_step(mngr: Manager, epoch: int) -> None:
   """Before orbax reads step `epoch`: CheckpointError for a link or a special file at
   any depth in it (orbax would read through it); _Corrupt for a metadata file (any but
   the arrays' data, d/*, and the ocdbt manifest) over MAX_METADATA_BYTES."""
-  step = os.path.join(str(mngr.directory), str(epoch))
+  step = os.path.join(_where(mngr), str(epoch))
   try:
     files.refuse_links_below(step)
   except files.UnsafePath as e:
@@ -294,7 +310,7 @@ def _restore(mngr: Manager, epoch: int, template: State,
     raise _Corrupt(boundary.first_line(e)) from None
   if record.get("signature", state_signature(template)) != state_signature(template):
     raise CheckpointError(
-        f"the checkpoint after epoch {epoch} in {mngr.directory} holds a state of another "
+        f"the checkpoint after epoch {epoch} in {_where(mngr)} holds a state of another "
         "structure (written by another version of mlp_jax?); use a fresh --workdir.")
   _check_settings(record.get("settings", {}), settings, epoch)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
@@ -319,7 +335,7 @@ def _sync(name: str) -> None:
 def move_aside(mngr: Manager, epoch: int) -> str:
   """Moves checkpoint `epoch` to checkpoints/corrupt/EPOCH (kept for inspection, out of
   orbax's way so the epochs after it are saved again); returns the new path."""
-  corrupt = os.path.join(str(mngr.directory), CORRUPT_DIR)
+  corrupt = os.path.join(_where(mngr), CORRUPT_DIR)
   target = os.path.join(corrupt, str(epoch))
   _sync(f"mlp_jax: every process has read checkpoint {epoch}")
   check_place(mngr)
@@ -334,7 +350,7 @@ def move_aside(mngr: Manager, epoch: int) -> str:
     while os.path.lexists(target if not suffix else f"{target}.{suffix}"):
       suffix += 1
     target = target if not suffix else f"{target}.{suffix}"
-    files.move(os.path.join(str(mngr.directory), str(epoch)), target)   # never a copy
+    files.move(os.path.join(_where(mngr), str(epoch)), target)   # never a copy
   _sync(f"mlp_jax: checkpoint {epoch} moved aside")
   mngr.reload()
   return target
