@@ -94,11 +94,11 @@ def _canonical_order(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def _check_repeats(total: int, X: np.ndarray) -> None:
   """ValueError, before anything is copied, if `total` repeated rows of X would not fit
-  the memory budget of a read (files.memory_budget): the fit holds about three copies
+  the memory budget of a read (budget.memory_budget): the fit holds about three copies
   of them in X's dtype (repeated, ordered, scaled) and three in float32."""
-  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import budget  # pylint: disable=g-import-not-at-top
   need = total * (X.shape[1] * (3 * X.itemsize + 12) + 24)
-  budget = files.memory_budget()
+  budget = budget.memory_budget()
   if need > budget:
     raise ValueError(f"sample_weight repeats the rows {total:,} times in all (whole-number "
                      f"weights train as repeated rows): about {need / 2**30:,.1f} GiB, more "

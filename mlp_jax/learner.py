@@ -129,9 +129,9 @@ def as_array(value: Any) -> Value:
 def _child(spec: str, inputs: str, outputs: str) -> None:
   """Loads the function, calls it on each problem of `inputs`, writes `outputs`: per
   problem i and leaf, "i.leaf" (an array) or "i.leaf.why" (a line); or "load_error"."""
-  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import budget, files  # pylint: disable=g-import-not-at-top
   answers: dict[str, Any] = {}
-  with files.NpzArchive(inputs, LoadError) as data:
+  with files.NpzArchive(inputs, budget.memory_budget(), LoadError) as data:
     problems = [[data.read(f"{i}.{name}") for name in (*LEAVES, "X", "y")]
                 for i in range(int(data.read("count")))]
   try:
@@ -152,7 +152,7 @@ def run_isolated(spec: str, problems: list[Problem]) -> list[dict[str, Value]]:
   process's stderr, never its stdout). LoadError for a function that cannot be loaded,
   or a child that crashes or runs past TIMEOUT_SECONDS; the answers are read bounded
   (files.NpzArchive), each leaf checked again here (as_array)."""
-  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import budget, files  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix="mlp_jax_gradcheck_") as private:
     inputs, outputs = os.path.join(private, "in.npz"), os.path.join(private, "out.npz")
     arrays: dict[str, Any] = {f"{i}.{name}": a for i, p in enumerate(problems)
@@ -173,7 +173,7 @@ def run_isolated(spec: str, problems: list[Problem]) -> list[dict[str, Value]]:
     if child.returncode != 0 or not os.path.exists(outputs):
       raise LoadError(f"--grads: running {spec} ended its process (exit status "
                       f"{child.returncode}) before it returned; see its output above.")
-    with files.NpzArchive(outputs, LoadError) as answers:
+    with files.NpzArchive(outputs, budget.memory_budget(), LoadError) as answers:
       names = set(answers.names)
       if "load_error" in names:
         raise LoadError(str(answers.read("load_error")))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from mlp_jax.base import files
+from mlp_jax.base import budget
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
 from mlp_jax.data import tables
@@ -351,7 +351,7 @@ def test_a_table_is_read_in_batches_within_the_memory_budget(tmp_path, monkeypat
   batches = list(tables.csv_rows(path, None, 32))
   assert [len(x) for x, _ in batches] == [32, 32, 32, 4]
   np.testing.assert_array_equal(np.concatenate([x for x, _ in batches])[:, 0], range(100))
-  monkeypatch.setattr(files, "memory_budget", lambda: 1000)
+  monkeypatch.setattr(budget, "memory_budget", lambda: 1000)
   with pytest.raises(datasets.DataError, match=r"its first 64 rows already take 1,280 bytes, "
                      "more than the 1,000 this reader may use"):
     list(tables.csv_rows(path, None, 32))

@@ -147,8 +147,8 @@ def test_sample_weights_that_repeat_rows_past_the_memory_are_refused_before_a_co
   (the budget of a machine this size). One ValueError naming sample_weight, before the
   rows are copied (peak memory stays small)."""
   import tracemalloc  # pylint: disable=g-import-not-at-top
-  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(files, "memory_budget", lambda: 1 << 30)
+  from mlp_jax.base import budget  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(budget, "memory_budget", lambda: 1 << 30)
   X, y = blobs(n=150)
   tracemalloc.start()
   with pytest.raises(ValueError, match="sample_weight repeats the rows 150,000,000 "

@@ -39,6 +39,7 @@ import pytest
 
 import mlp_jax as mj
 from mlp_jax.base import boundary
+from mlp_jax.base import budget
 from mlp_jax.base import files
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
@@ -97,6 +98,7 @@ WRITERS = {
 # its entry fails test_every_writer_of_the_code_is_in_the_matrix.
 WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
+    ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/base/files.py", "append"): "append",
     ("mlp_jax/run/events.py", "__init__"): "append",   # O_WRONLY | O_APPEND | O_CREAT too
     ("mlp_jax/run/reports.py", "write_outputs"): "atomic_file",
@@ -388,8 +390,10 @@ READER_OF_CALLER = {
     ("mlp_jax/base/files.py", "__enter__"): ("dataset_npz", "params_npz", "predict_npz"),
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
-    ("mlp_jax/base/files.py", "host_available"): "/proc/self/statm: not a user's path",
+    ("mlp_jax/base/budget.py", "host_available"): "/proc/self/statm: not a user's path",
     ("mlp_jax/learner.py", "_child"): "gradcheck's own problems, in its private directory",
+    ("mlp_jax/run/checkpoint.py", "manager"): "checkpoints/ opened as a directory, for orbax"
+                                              " (the workdir walk: test_reliability.py)",
     ("mlp_jax/learner.py", "run_isolated"): "a learner's answers, read bounded (NpzArchive):"
                                             " tests/test_learner_gradcheck.py",
 }
@@ -826,8 +830,8 @@ def test_the_memory_budget_counts_an_address_space_limit(monkeypatch):
   monkeypatch.setattr(resource, "getrlimit", lambda which: (
       (mapped + (1 << 30), resource.RLIM_INFINITY) if which == resource.RLIMIT_AS
       else real(which)))
-  assert files.host_available() <= 1 << 30
-  assert files.memory_budget() <= 1 << 29
+  assert budget.host_available() <= 1 << 30
+  assert budget.memory_budget() <= 1 << 29
 
 
 def test_the_memory_budget_has_an_absolute_default_an_environment_and_a_flag(
@@ -835,23 +839,23 @@ def test_the_memory_budget_has_an_absolute_default_an_environment_and_a_flag(
   """4 GiB or half of what is available, whichever is smaller (a 1.75 MB params.npz
   declaring 1.7 GB was read under half of 10 GB free); $MLP_JAX_MEMORY_BUDGET and the
   runner's --memory_budget change it, and a read past it is one line."""
-  monkeypatch.delenv(files.BUDGET_ENV, raising=False)
-  monkeypatch.setattr(files, "host_available", lambda: 100 << 30)
-  assert files.memory_budget() == 4 << 30
-  monkeypatch.setattr(files, "host_available", lambda: 2 << 30)
-  assert files.memory_budget() == 1 << 30
-  monkeypatch.setenv(files.BUDGET_ENV, "0.5")
-  assert files.memory_budget() == 1 << 29
+  monkeypatch.delenv(budget.BUDGET_ENV, raising=False)
+  monkeypatch.setattr(budget, "host_available", lambda: 100 << 30)
+  assert budget.memory_budget() == 4 << 30
+  monkeypatch.setattr(budget, "host_available", lambda: 2 << 30)
+  assert budget.memory_budget() == 1 << 30
+  monkeypatch.setenv(budget.BUDGET_ENV, "0.5")
+  assert budget.memory_budget() == 1 << 29
   for bad in ("lots", "0", "-1", "inf", "nan"):
-    monkeypatch.setenv(files.BUDGET_ENV, bad)
-    with pytest.raises(boundary.UserError, match=f"{files.BUDGET_ENV}='{bad}' is not a "
+    monkeypatch.setenv(budget.BUDGET_ENV, bad)
+    with pytest.raises(boundary.UserError, match=f"{budget.BUDGET_ENV}='{bad}' is not a "
                                                  "number of GiB above 0"):
-      files.memory_budget()
-  monkeypatch.delenv(files.BUDGET_ENV)
+      budget.memory_budget()
+  monkeypatch.delenv(budget.BUDGET_ENV)
   try:
     code, stderr = run_cli(*_tiny(tiny_npz, tmp_path / "w"), "--memory_budget=1e-6")
   finally:
-    files.set_memory_budget(None)
+    budget.set_memory_budget(None)
   lines = stderr.strip().splitlines()
   assert code == 1 and len(lines) == 1 and "tiny.npz" in lines[0], stderr
   assert "1 KiB" in lines[0] or "budget" in lines[0] or "memory" in lines[0], lines[0]

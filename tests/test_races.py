@@ -109,9 +109,11 @@ ATTACKER_PYTHON = "/usr/bin/python3"
 
 
 def _as_attacker(code, *args):
-  """Runs Python `code` as ATTACKER (setuid in the child); returns its stdout."""
-  return subprocess.run([ATTACKER_PYTHON, "-I", "-c", code, *map(str, args)],
-                        preexec_fn=lambda: (os.setgid(ATTACKER), os.setuid(ATTACKER)),
+  """Runs Python `code` as ATTACKER (util-linux's setpriv: no fork of this process,
+  which runs JAX's threads); returns its stdout."""
+  return subprocess.run(["setpriv", f"--reuid={ATTACKER}", f"--regid={ATTACKER}",
+                         "--clear-groups", ATTACKER_PYTHON, "-I", "-c", code,
+                         *map(str, args)],
                         capture_output=True, text=True, timeout=120, check=True).stdout
 
 
@@ -149,8 +151,9 @@ def shared_tmp():
   shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(ATTACKER_PYTHON),
-                    reason="running as another uid needs root and a Python it may run")
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(ATTACKER_PYTHON)
+                    or not shutil.which("setpriv"),
+                    reason="running as another uid needs root, setpriv and a Python it may run")
 def test_a_second_user_moving_along_a_trusted_path_reaches_nothing(tiny_npz, shared_tmp):
   """The run's workdir under a trusted path (this user's, readable by all): the
   attacker's plants, swaps and chmods on every directory of it, for the whole run, all

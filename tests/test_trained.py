@@ -229,7 +229,7 @@ def test_a_params_npz_with_huge_extra_members_reads_only_what_the_model_needs(
   all, one archive read is refused in one line."""
   import tracemalloc  # pylint: disable=g-import-not-at-top
   import zipfile  # pylint: disable=g-import-not-at-top
-  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  from mlp_jax.base import budget, files  # pylint: disable=g-import-not-at-top
   workdir, _, _ = digits_run
   path = tmp_path / "bomb.npz"
   with np.load(workdir / "params.npz") as f:
@@ -241,7 +241,7 @@ def test_a_params_npz_with_huge_extra_members_reads_only_what_the_model_needs(
       with z.open(f"bomb{k}.npy", "w", force_zip64=True) as member:
         np.lib.format.write_array(member, zeros)
   del zeros
-  monkeypatch.setattr(files, "memory_budget", lambda: 40 << 20)
+  monkeypatch.setattr(budget, "memory_budget", lambda: 40 << 20)
   tracemalloc.start()
   model = mj.load(str(path))
   peak = tracemalloc.get_traced_memory()[1]

@@ -104,8 +104,8 @@ def enable(path: Optional[str] = None) -> Optional[str]:
       return None   # a read-only home: compile as before
     why = unsafe(path)
   if why and explicit:
-    from mlp_jax.base import boundary  # pylint: disable=g-import-not-at-top
-    raise boundary.UsageError(refusal(path, why))
+    from mlp_jax.base import errors  # pylint: disable=g-import-not-at-top
+    raise errors.UsageError(refusal(path, why))
   if why:
     try:
       print(f"mlp_jax: not using the compilation cache {path!r}: {why} (JAX runs the "

@@ -31,7 +31,6 @@ import errno
 import io
 import os
 import re
-import resource
 import stat
 import tempfile
 import zipfile
@@ -41,7 +40,7 @@ from typing import IO, Any, Iterable, Iterator, NamedTuple, Optional, cast
 import numpy as np
 
 from mlp_jax.base import trusted
-from mlp_jax.base.errors import UserError, escaped
+from mlp_jax.base.errors import escaped
 
 # A temporary twin of NAME is .NAME.mlp_jax-partial-XXXXXXXX: this project's own mark.
 TEMPORARY_MARK = ".mlp_jax-partial-"
@@ -215,58 +214,6 @@ def remove_stale_temporaries(directory: str, names: Iterable[str]) -> list[str]:
 # ----------------------------------------------------------------------------- reading
 
 
-def host_available() -> Optional[int]:
-  """Bytes this process may still allocate: the host's available memory, or less where
-  an address-space limit (RLIMIT_AS, `ulimit -v`) leaves less room above what the
-  process maps already; None where neither can be read."""
-  try:
-    available: Optional[int] = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (ValueError, OSError):
-    available = None
-  limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-  if limit != resource.RLIM_INFINITY:
-    try:
-      with open_regular("/proc/self/statm") as f:
-        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-      mapped = 0
-    room = max(limit - mapped, 0)
-    available = room if available is None else min(available, room)
-  return available
-
-
-BUDGET_ENV = "MLP_JAX_MEMORY_BUDGET"   # GiB, as the runner's --memory_budget
-DEFAULT_BUDGET = 4 << 30
-_budget: dict[str, Optional[float]] = {"gib": None}   # set_memory_budget's
-BUDGET_FIX = f"the memory budget; raise it with --memory_budget=GiB or ${BUDGET_ENV}"
-
-
-def set_memory_budget(gib: Optional[float]) -> None:
-  """The budget of every read from now on, in GiB (the runner's --memory_budget); None:
-  $MLP_JAX_MEMORY_BUDGET, else the default."""
-  _budget["gib"] = gib
-
-
-def memory_budget() -> int:
-  """Bytes a reader may allocate: set_memory_budget's, else $MLP_JAX_MEMORY_BUDGET (GiB),
-  else 4 GiB or half of what the process may still allocate (host_available), whichever
-  is smaller. UserError for an environment value that is not a number of GiB above 0."""
-  gib = _budget["gib"]
-  if gib is None and os.environ.get(BUDGET_ENV, "").strip():
-    text = os.environ[BUDGET_ENV]
-    try:
-      gib = float(text)
-    except ValueError:
-      gib = -1.0
-    if not 0 < gib < float("inf"):
-      raise UserError(f"{BUDGET_ENV}={escaped(text)!r} is not a number of GiB above 0; "
-                      "set it to e.g. 8, or unset it.")
-  if gib is not None:
-    return int(gib * (1 << 30))
-  available = host_available()
-  return DEFAULT_BUDGET if available is None else min(DEFAULT_BUDGET, available // 2)
-
-
 def open_regular(path: str, follow: bool = True) -> IO[bytes]:
   """The regular file at `path` for reading (binary), opened without blocking (a FIFO
   never hangs the open) and, with follow=False, without following a link there; what
@@ -321,7 +268,7 @@ def read_npy_header(f: IO[bytes]) -> NpyHeader:
 class NpzArchive:
   """An .npz opened for bounded reading: members by their exact name NAME.npy.
 
-      with NpzArchive(path, error=ValueError) as npz:
+      with NpzArchive(path, budget.memory_budget(), error=ValueError) as npz:
         npz.names                 # the arrays it holds ("x_train", ...)
         header = npz.header("x")  # shape, dtype: checked, nothing read yet
         x = npz.read("x")         # the whole array, after the checks
@@ -330,13 +277,13 @@ class NpzArchive:
   Every member's header is checked when it is opened: no object arrays (nothing is
   unpickled), a declared size that its member's real size can hold, and, with what
   `read` has already read from the archive, at most `max_bytes` (one budget for the
-  whole read). Only the members asked for are read, each once, straight into its
+  whole read: base/budget.py's, or less). Only the members asked for are read, each once, straight into its
   array. Problems raise `error` with one line.
   """
 
-  def __init__(self, path: str, error: type = ValueError, max_bytes: Optional[int] = None):
+  def __init__(self, path: str, max_bytes: int, error: type = ValueError):
     self.path, self.error = path, error
-    self.max_bytes = memory_budget() if max_bytes is None else max_bytes
+    self.max_bytes = max_bytes
     self.used = 0     # bytes `read` has allocated so far
     self._file: Optional[IO[bytes]] = None
     self._zip: Optional[zipfile.ZipFile] = None
@@ -392,7 +339,8 @@ class NpzArchive:
     elif header.nbytes > self.max_bytes - self.used:
       problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes), more than the "
                  f"{self.max_bytes - self.used:,} bytes of memory this reader may still "
-                 f"use ({self.max_bytes:,} in all: {BUDGET_FIX})")
+                 f"use ({self.max_bytes:,} in all: the memory budget; raise it with "
+                 "--memory_budget=GiB or $MLP_JAX_MEMORY_BUDGET)")
     if problem:
       f.close()
       raise self.error(f"{self.path}: {name} {problem}.")

@@ -16,7 +16,7 @@ from typing import IO, Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from mlp_jax.base import boundary, files
+from mlp_jax.base import boundary, budget, files
 
 IDX_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
              "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
@@ -133,7 +133,7 @@ def read_idx(path: str) -> np.ndarray:
   """
   with open_idx(path) as (_, header):
     size = header.dims[0] * header.row_bytes
-  if size > files.memory_budget():
+  if size > budget.memory_budget():
     raise DataError(f"{path}: the IDX header claims dims {header.dims} ({size:,} bytes), "
                     "more than the memory this reader may use; read fewer examples.")
   slices = list(read_idx_rows(path, max(header.dims[0], 1)))
@@ -198,7 +198,7 @@ def load_npz(path: str) -> Arrays:
   """x_train, y_train, x_test, y_test from an .npz file (files.NpzArchive: members by
   exact name, every header and the shapes checked before any array is read; pickled
   objects are refused)."""
-  with files.NpzArchive(path, DataError, min(files.memory_budget(), MAX_NPZ_ARRAY_BYTES)) as npz:
+  with files.NpzArchive(path, min(budget.memory_budget(), MAX_NPZ_ARRAY_BYTES), DataError) as npz:
     missing = [k for k in IDX_FILES if k not in npz.names]
     if missing:
       raise DataError(f"{path}: missing arrays {', '.join(missing)}; the .npz must hold "
@@ -246,7 +246,7 @@ def input_paths(path: str) -> list[str]:
 
 def npz_rows(path: str, rows: int) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
   """(x, y or None) slices of an .npz of x (or x_test) and y (or y_test)."""
-  with files.NpzArchive(path) as npz:
+  with files.NpzArchive(path, budget.memory_budget()) as npz:
     key = next((k for k in ("x", "x_test") if k in npz.names), None)
     if key is None:
       raise ValueError(f"{path} holds {', '.join(npz.names) or 'no arrays'}; name the "

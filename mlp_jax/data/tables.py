@@ -14,7 +14,7 @@ from typing import IO, Iterator, Optional
 
 import numpy as np
 
-from mlp_jax.base import files
+from mlp_jax.base import budget
 from mlp_jax.data import readers
 from mlp_jax.data.readers import DataError
 
@@ -115,7 +115,7 @@ def csv_rows(path: str, label_column: Optional[str], rows: int,
       raise DataError(f"{path} lacks the feature column(s) {', '.join(missing)[:200]} "
                       "the model was trained on; give a table with every one of them.")
     columns = [header.index(n) for n in names]
-    budget, held, line = files.memory_budget(), 0, 2
+    limit, held, line = budget.memory_budget(), 0, 2
     while batch := list(itertools.islice(lines, rows)):
       first, line = line, line + len(batch)
       if not all(_cells(text) in (0, len(header)) for text in batch):   # usecols would
@@ -143,9 +143,9 @@ def csv_rows(path: str, label_column: Optional[str], rows: int,
           raise DataError(f"{path}, line {numbers[i]}, column {label_column!r}: the label "
                           f"is {y[i] or 'empty'}; give every row its label, or drop the row.")
       held += x.nbytes + (0 if y is None else y.nbytes)
-      if held > budget:
+      if held > limit:
         raise DataError(f"{path}: its first {numbers[-1] - 1:,} rows already take "
-                        f"{held:,} bytes, more than the {budget:,} this reader may use; "
+                        f"{held:,} bytes, more than the {limit:,} this reader may use; "
                         "use fewer rows or columns.")
       yield x, y
 

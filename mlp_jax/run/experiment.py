@@ -29,7 +29,7 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.base import boundary, compilation, files, options
+from mlp_jax.base import boundary, budget, compilation, files, options
 from mlp_jax.data import datasets
 from mlp_jax.run import (checkpoint, hooks as hooks_lib, processes, reports,
                          workdir as workdir_lib)
@@ -86,7 +86,7 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   stop = processes.StopSignals()
   try:
     config = config_lib.resolve(config)
-    files.set_memory_budget(config.memory_budget)   # every read of this run
+    budget.set_memory_budget(config.memory_budget)   # every read of this run
     compilation.enable(config.compilation_cache)  # before the first compilation
     processes.join_processes(config, log)
     stop.install()  # after jax.distributed, which installs a SIGTERM handler of its own

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 import numpy as np
 
-from mlp_jax.base import files, options
+from mlp_jax.base import budget, files, options
 from mlp_jax.base.errors import escaped
 from mlp_jax.core import prediction
 from mlp_jax.core.model import Params
@@ -109,7 +109,7 @@ def load(path: str) -> TrainedModel:
   if not os.path.isfile(file):
     raise ValueError(f"no params.npz at {file}: give the --workdir of a finished run.")
   try:
-    with files.NpzArchive(file) as npz:  # every header checked against its real size
+    with files.NpzArchive(file, budget.memory_budget()) as npz:  # every header checked against its real size
       arrays = {name: npz.read(name) for name in (*Params._fields, *PREPROCESSING, *LATER)
                 if name in npz.names}          # what a model needs, no other member
   except ValueError as e:

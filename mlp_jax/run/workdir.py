@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import tempfile
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import jax
 from jax.sharding import Mesh
@@ -116,7 +116,8 @@ def prepare(config: Config, log: Log = print, fingerprint: Optional[dict[str, An
                    "path.") from None
   try:
     if jax.process_index() == 0:
-      files.remove_stale_temporaries(workdir, (*WRITES, WRITE_PROBE))
+      files.remove_stale_temporaries(workdir, WRITES)   # not the probes: each process
+      # of a multi-process run makes its own now (a killed one leaves an empty file)
     return (workdir, _check_old_run(workdir, config, log, fingerprint), lock)
   except RunError:
     lock.release()

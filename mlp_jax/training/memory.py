@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 
 import jax
 
-from mlp_jax.base import files
+from mlp_jax.base import budget
 from mlp_jax.training.config import Config, Named, RunError
 
 # Optimizer slots per parameter (momentum, Adam's μ and ν).
@@ -28,12 +28,12 @@ def memory_needed(config: Config, in_dim: int, num_classes: int, num_rows: int,
 def memory_available(device: jax.Device) -> tuple[Optional[int], str]:
   """(bytes free on `device`, what it is): the accelerator's free memory, or what the
   process may still allocate on the host for a CPU device (its available RAM, less
-  under an address-space limit: files.host_available); (None, ...) where neither can
+  under an address-space limit: budget.host_available); (None, ...) where neither can
   be read."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and "bytes_limit" in stats:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0), f"{device.platform} device"
-  return files.host_available(), "host"
+  return budget.host_available(), "host"
 
 
 def _gib(num_bytes: float) -> str:
