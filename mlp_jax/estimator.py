@@ -98,11 +98,11 @@ def _check_repeats(total: int, X: np.ndarray) -> None:
   of them in X's dtype (repeated, ordered, scaled) and three in float32."""
   from mlp_jax.base import budget  # pylint: disable=g-import-not-at-top
   need = total * (X.shape[1] * (3 * X.itemsize + 12) + 24)
-  budget = budget.memory_budget()
-  if need > budget:
+  limit = budget.memory_budget()
+  if need > limit:
     raise ValueError(f"sample_weight repeats the rows {total:,} times in all (whole-number "
                      f"weights train as repeated rows): about {need / 2**30:,.1f} GiB, more "
-                     f"than the {budget / 2**30:,.1f} GiB this fit may use; divide the "
+                     f"than the {limit / 2**30:,.1f} GiB this fit may use; divide the "
                      "weights by a common factor, or give weights that are not whole "
                      "numbers (each row's loss scaled, no copies).")
 
