@@ -221,6 +221,7 @@ def test_every_writer_refuses_every_fault_in_one_line(writer, fault, tmp_path):
   next(cases, None)  # the fault's own checks: victim untouched, earlier file kept
 
 
+@pytest.mark.slow   # processes of their own
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_a_write_removes_the_twin_being_written(tmp_path, signum):
   """predict.py's --output, a picture, config.json: every file is an atomic_file, so a
@@ -555,11 +556,11 @@ def _nested_deep(path):
 
 def _many_numbers(path):
   """Records under the byte cap that parse to far more (the trial's five metrics lines
-  of 60 MB of numbers took 3.6 GB): 40 MB of "0.5," in five lines (metrics.jsonl) or
-  one record (config.json), 320 MB of Python floats."""
+  of 60 MB of numbers took 3.6 GB): 20 MB of "0.5," in five lines (metrics.jsonl) or
+  one record (config.json), 160 MB of Python floats (PEAK_BYTES is 144 MiB)."""
   if not path.endswith((".json", ".jsonl")):
     pytest.skip("JSON records only")
-  numbers = "[" + "0.5," * (2 * 10**6) + "0.5]"
+  numbers = "[" + "0.5," * 10**6 + "0.5]"
   if path.endswith(".json"):
     pathlib.Path(path).write_text('{"format": 2, "x": [' + ",".join([numbers] * 5) + "]}")
     return
@@ -703,6 +704,7 @@ def test_every_bad_setting_is_one_line_with_its_status(fault, tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow   # processes of their own
 @pytest.mark.parametrize("flags, message", [
     ("--xla_force_host_platform_device_count=two", "must be a whole number from 1 to 1024"),
     ("--xla_force_host_platform_device_count=999999", "must be a whole number from 1 to"),
@@ -723,6 +725,7 @@ def test_xla_flags_are_judged_by_xlas_own_parser_before_jax_starts(flags, messag
   assert not (tmp_path / "mlp_jax" / boundary.XLA_ACCEPTED_DIR).exists()   # never kept
 
 
+@pytest.mark.slow   # processes of their own
 def test_accepted_xla_flags_are_remembered_so_only_the_first_run_pays(monkeypatch,
                                                                      tmp_path):
   import subprocess as subprocess_module  # pylint: disable=g-import-not-at-top
@@ -782,6 +785,7 @@ def test_every_script_installs_its_signal_handlers_before_any_third_party_import
   assert installed
 
 
+@pytest.mark.slow   # processes of their own
 @pytest.mark.parametrize("signum", sorted(boundary.SIGNAL_NAMES))
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_stops_on_every_handled_signal_at_its_start_in_one_line(script,
@@ -795,6 +799,7 @@ def test_every_script_stops_on_every_handled_signal_at_its_start_in_one_line(scr
       "rerun the command."]
 
 
+@pytest.mark.slow   # processes of their own
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_script_refuses_a_stray_argument_in_one_line_with_status_2(script):
   required = ["--workdir=/w", "--input=i"] if script == "predict.py" else []
