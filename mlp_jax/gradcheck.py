@@ -12,7 +12,9 @@ mlp_jax/core/mistakes.py and says of each gradient: right, wrong shape, raised, 
 and which known mistakes give it; exit status 0 when all four are right, 1 otherwise.
 """
 
+import contextlib
 import functools
+import io
 import json
 import math
 import sys
@@ -124,32 +126,63 @@ LEARNER_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2}
 
 class Verdict(NamedTuple):
   """One parameter's verdict: ok, its relative error (None where there is none), the
-  catalogue's ids of the mistakes it matches, and one line saying so."""
+  catalogue's ids of the mistakes it matches, one line saying so, and whether it earns
+  its credit (ok, or right on every problem where the function returned)."""
   ok: bool
   rel_error: Optional[float]
   mistakes: list[str]
   message: str
+  credit: bool = False
+
+
+# The command's exit statuses (and a report's `status`).
+RIGHT, WRONG, USAGE, NOT_CHECKED, INTERNAL = 0, 1, 2, 3, 4
+STATUS_WORDS = {RIGHT: "right", WRONG: "wrong", USAGE: "usage error",
+                NOT_CHECKED: "not checked", INTERNAL: "error in gradcheck"}
 
 
 class Report(NamedTuple):
-  """check_grads' answer: correct when every leaf is; str() is the printed report."""
+  """check_grads' answer: correct when every leaf is; str() is the printed report.
+  status: RIGHT, WRONG or NOT_CHECKED (`message` says what stopped the submission: it
+  exited, crashed, timed out or returned nothing); `shapes`: the problems' B, D, H, K."""
   correct: bool
   leaves: dict[str, Verdict]
   problems: list[str]
+  status: int = RIGHT
+  message: str = ""
+  seed: int = 0
+  shapes: tuple[dict[str, int], ...] = ()
+
+  @property
+  def score(self) -> int:
+    """One point per leaf that earns its credit (Verdict.credit), of len(LEAVES)."""
+    return sum(v.credit for v in self.leaves.values())
 
   def as_dict(self) -> dict[str, Any]:
-    """{"correct": bool, "leaves": {"w1": {"ok", "rel_error", "mistakes", "message"}}}."""
-    return {"correct": self.correct, "leaves": {n: v._asdict() for n, v in self.leaves.items()}}
+    """The report as JSON: {"version", "status", "status_words", "correct", "score",
+    "max_score", "message", "seed", "problems": [{B, D, H, K, ties}], "leaves": {"w1":
+    {"ok", "rel_error", "mistakes", "message", "credit"}}, "mistakes": {id: what it
+    is}}."""
+    from mlp_jax import __version__  # pylint: disable=g-import-not-at-top
+    named = [m for m in CATALOGUE if any(m in v.mistakes for v in self.leaves.values())]
+    return {"version": __version__, "status": self.status,
+            "status_words": STATUS_WORDS[self.status], "correct": self.correct,
+            "score": self.score, "max_score": len(LEAVES), "message": self.message,
+            "seed": self.seed, "problems": list(self.shapes),
+            "leaves": {n: v._asdict() for n, v in self.leaves.items()},
+            "mistakes": {m: CATALOGUE[m][0] for m in named}}
 
   def __str__(self) -> str:
     wrong = [n for n, v in self.leaves.items() if not v.ok]
     named = [m for m in CATALOGUE if any(m in v.mistakes for v in self.leaves.values())]
+    verdict = (f"NOT CHECKED: {self.message}" if self.status == NOT_CHECKED else
+               f"WRONG: {', '.join(wrong)}" if wrong else "OK: every gradient is right")
     return "\n".join(
         [f"problems: {'; '.join(self.problems)}"]
         + [f"{n:3} {v.message}" for n, v in self.leaves.items()]
         + [f"  {m}: {CATALOGUE[m][0]} (docs/derivation.md"
            + (f", {CATALOGUE[m][1]})" if CATALOGUE[m][1] else ")") for m in named]
-        + [f"WRONG: {', '.join(wrong)}" if wrong else "OK: every gradient is right"])
+        + [verdict])
 
 
 def check_grads(fn: Callable[..., Any], seed: int = 0) -> Report:
@@ -159,25 +192,46 @@ def check_grads(fn: Callable[..., Any], seed: int = 0) -> Report:
   in this process: the caller's own code (the command line runs a learner's file in a
   child process: check_grads_isolated)."""
   problem_list = mistakes.problems(seed)
-  return _report([learner.call(fn, p) for p in problem_list], problem_list)
+  try:
+    answers = learner.Answers([learner.call(fn, p) for p in problem_list])
+  except learner.Exited as e:
+    answers = learner.Answers([], str(e))
+  return _report(answers, problem_list, seed)
 
 
-def check_grads_isolated(spec: str, seed: int = 0) -> Report:
+def check_grads_isolated(spec: str, seed: int = 0,
+                         timeout: float = learner.TIMEOUT_SECONDS,
+                         memory: int = learner.MEMORY_BYTES) -> Report:
   """check_grads of the function "FILE.py:FUNCTION" or "MODULE:FUNCTION", run in a child
-  process that returns only arrays (mlp_jax/learner.py); the verdicts are computed
-  here. UsageError, one line, if the function cannot be loaded or run."""
+  process that returns only arrays, within `timeout` seconds and `memory` bytes
+  (mlp_jax/learner.py); the verdicts are computed here. UsageError, one line, where
+  the command is at fault (no such file, a malformed spec); a submission that cannot
+  be checked is a Report of status NOT_CHECKED."""
   problem_list = mistakes.problems(seed)
   try:
-    outputs = learner.run_isolated(spec, [tuple(p) for p in problem_list])
+    answers = learner.run_isolated(spec, [tuple(p) for p in problem_list], timeout, memory)
   except learner.LoadError as e:
     raise boundary.UsageError(str(e)) from None
-  return _report(outputs, problem_list)
+  return _report(answers, problem_list, seed)
 
 
-def _report(outputs: list[dict[str, Value]], problem_list: list[Problem]) -> Report:
-  leaves = {leaf: _verdict(leaf, [o[leaf] for o in outputs], problem_list) for leaf in LEAVES}
-  return Report(all(v.ok for v in leaves.values()), leaves,
-                [p.describe() for p in problem_list])
+def _report(answers: learner.Answers, problem_list: list[Problem], seed: int) -> Report:
+  """The Report of a submission's answers: NOT_CHECKED where it stopped before
+  answering, or answered nothing on any problem."""
+  shapes = tuple({"B": len(p.X), "D": p.X.shape[1], "H": len(p.b1), "K": len(p.b2),
+                  "ties": int(np.sum(p.X @ p.w1.T + p.b1 == 0))} for p in problem_list)
+  described = [p.describe() for p in problem_list]
+  if answers.failure:
+    return Report(False, {}, described, NOT_CHECKED, answers.failure, seed, shapes)
+  leaves = {leaf: _verdict(leaf, [o[leaf] for o in answers.values], problem_list)
+            for leaf in LEAVES}
+  if not any(isinstance(v, np.ndarray) for values in answers.values
+             for v in values.values()):
+    why = next(str(v) for values in answers.values for v in values.values())
+    return Report(False, leaves, described, NOT_CHECKED,
+                  f"it returned no gradient on any problem: {why}", seed, shapes)
+  correct = all(v.ok for v in leaves.values())
+  return Report(correct, leaves, described, RIGHT if correct else WRONG, "", seed, shapes)
 
 
 def _verdict(leaf: str, values: list[Value], problem_list: list[Problem]) -> Verdict:
@@ -195,7 +249,7 @@ def _verdict(leaf: str, values: list[Value], problem_list: list[Problem]) -> Ver
               if a.shape != r.shape), "")
   rel = None if bad else max(mistakes.relative_error(a, r) for a, r, _ in ran)
   if rel is not None and rel <= tol and not failed:
-    return Verdict(True, rel, [], f"right (rel_error {rel:.1e} <= {tol:g})")
+    return Verdict(True, rel, [], f"right (rel_error {rel:.1e} <= {tol:g})", True)
   found = mistakes.matching(arrays, problem_list, leaf, mistakes.Close(tol))
   ids = sorted({m for s in found for m in s}, key=list(CATALOGUE).index)
   if found == [frozenset(["relu_tie_convention"])] and not failed:
@@ -207,7 +261,8 @@ def _verdict(leaf: str, values: list[Value], problem_list: list[Problem]) -> Ver
         " + ".join(sorted(s, key=list(CATALOGUE).index)) for s in found)
   elif not failed and not bad:
     status += ": not a mistake gradcheck knows; " + _largest_difference(ran)
-  return Verdict(False, rel, ids, status + (f"; {failed}" if failed else ""))
+  credit = rel is not None and rel <= tol   # right wherever it returned
+  return Verdict(False, rel, ids, status + (f"; {failed}" if failed else ""), credit)
 
 
 def _tie_verdict(leaf: str, ran: list[tuple[np.ndarray, np.ndarray, Problem]], tol: float
@@ -216,7 +271,7 @@ def _tie_verdict(leaf: str, ran: list[tuple[np.ndarray, np.ndarray, Problem]], t
   convention = frozenset(["relu_tie_convention"])
   rel = max(min(mistakes.relative_error(a, c) for c in mistakes.gradients_with(
       p, convention)[leaf]) for a, _, p in ran)
-  return Verdict(True, rel, ["relu_tie_convention"],
+  return Verdict(True, rel, ["relu_tie_convention"], credit=True, message=
                  f"right (rel_error {rel:.1e} <= {tol:g}) with ReLU′(0) taken as 0 (or ½) "
                  "at the ties z1 = 0, where the seed and mlp_jax take 1: a convention, not "
                  "an error (relu_tie_convention)")
@@ -242,10 +297,65 @@ def define_flags() -> None:
                     "dtype of params and X for the manual and autodiff gradients.")
   flags.DEFINE_string("grads", None, "FILE.py:FUNCTION or MODULE:FUNCTION: check that "
                       "function(params, X, y) instead of ours, and name its mistakes.")
-  flags.DEFINE_bool("json", False, "With --grads: print the report as JSON.")
+  flags.DEFINE_bool("json", False, "With --grads: print the report as one JSON object, "
+                    "whatever happens (a usage error, a timeout, a crash included).")
+  flags.DEFINE_float("timeout", learner.TIMEOUT_SECONDS, "With --grads: seconds the whole "
+                     "submission may run; past them it is stopped, not checked.",
+                     lower_bound=0.1)
+  flags.DEFINE_float("memory_limit", learner.MEMORY_BYTES / 2**30, "With --grads: GiB of "
+                     "address space the submission's process may use (JAX needs 2 to "
+                     "start).", lower_bound=0.5)
   flags.DEFINE_enum("activation", "relu", list(ACTIVATIONS),
                     "f of the hidden layer, a1 = f(z1), of the network checked (--grads: "
                     "relu, the network whose mistakes the catalogue names).")
+
+
+def grade_command(spec: str, seed: int, timeout: float, memory_gib: float,
+                  as_json: bool) -> int:
+  """The command with --grads: the report printed (as JSON: one object whatever
+  happens), and its exit status (RIGHT, WRONG, USAGE, NOT_CHECKED, INTERNAL)."""
+  try:
+    report = check_grads_isolated(spec, seed, timeout, int(memory_gib * 2**30))
+  except boundary.UsageError as e:
+    return _refused(USAGE, str(e), as_json)
+  except Exception as e:  # pylint: disable=broad-except  (status 4, with JSON too)
+    return _refused(INTERNAL, f"internal error ({type(e).__name__}: "
+                    f"{boundary.first_line(e)}): a bug in mlp_jax's gradcheck; please "
+                    "report it", as_json)
+  with contextlib.suppress(AttributeError, ValueError):   # an ASCII or Latin-1 stdout
+    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+  print(json.dumps(report.as_dict(), indent=2) if as_json   # JSON: ASCII escapes
+        else f"gradcheck of {spec}\n{report}")
+  return report.status
+
+
+def _refused(status: int, message: str, as_json: bool, said: bool = False) -> int:
+  """A usage error or gradcheck's own: its line on stderr (unless `said`), and with
+  --json the object."""
+  if not said:
+    print(f"error: {boundary.escaped(message)}", file=sys.stderr)
+  if as_json:
+    from mlp_jax import __version__  # pylint: disable=g-import-not-at-top
+    print(json.dumps({"version": __version__, "status": status,
+                      "status_words": STATUS_WORDS[status], "correct": False, "score": 0,
+                      "max_score": len(LEAVES), "message": message}, indent=2))
+  return status
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """boundary.parse_flags; with --json, a flag it refuses is also the JSON object of a
+  usage error on stdout (an autograder reads stdout)."""
+  if not any(a in ("--json", "--json=true", "--json=1") for a in argv[1:]):
+    return boundary.parse_flags(argv)
+  said = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(said):
+      return boundary.parse_flags(argv)
+  except SystemExit as e:
+    sys.stderr.write(said.getvalue())
+    if e.code == USAGE:
+      _refused(USAGE, said.getvalue().strip().removeprefix("error: "), True, said=True)
+    raise
 
 
 def main(argv: list[str]) -> None:
@@ -259,10 +369,8 @@ def main(argv: list[str]) -> None:
           file=sys.stderr)
     sys.exit(2)
   if FLAGS.grads is not None:
-    report = check_grads_isolated(FLAGS.grads, FLAGS.seed)   # in a child process
-    print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) if FLAGS.json
-          else f"gradcheck of {FLAGS.grads}\n{report}")
-    sys.exit(0 if report.correct else 1)
+    sys.exit(grade_command(FLAGS.grads, FLAGS.seed, FLAGS.timeout, FLAGS.memory_limit,
+                           FLAGS.json))
   jax.config.update("jax_enable_x64", True)
   try:
     params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,
@@ -292,4 +400,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags))
+  boundary.script(lambda: app.run(main, flags_parser=parse_flags))

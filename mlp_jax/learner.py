@@ -16,23 +16,45 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import traceback
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 
-from mlp_jax.core.model import Params
+from mlp_jax.core.params import Params
 
 LEAVES = ("w1", "b1", "w2", "b2")
-TIMEOUT_SECONDS = 300      # a learner's function that loops forever is stopped
+TIMEOUT_SECONDS = 30.0     # for a whole submission (--timeout): a loop is stopped
+MEMORY_BYTES = 4 << 30     # its address space (--memory_limit; JAX needs 2 GiB to start)
+OUTPUT_BYTES = 64 << 20    # it may print; past them the system stops it (SIGXFSZ)
 OUTPUT_CHARACTERS = 20000  # of what the learner's code prints, relayed to stderr
 
 
 class LoadError(Exception):
-  """The learner's function cannot be loaded; the message is one line."""
+  """The learner's function cannot be loaded; the message is one line. `usage`: the
+  fault is the command's (no such file, a malformed FILE:FUNCTION), not the
+  submission's."""
+
+  def __init__(self, message: str, usage: bool = False):
+    super().__init__(message)
+    self.usage = usage
+
+
+class Exited(BaseException):
+  """The learner's code called sys.exit, raised SystemExit or KeyboardInterrupt: the
+  submission ends there, unchecked."""
+
+
+class Answers(NamedTuple):
+  """What a submission gave: per problem, {leaf: array or why not}; `failure`: what
+  stopped it before it answered them all ("" where it did)."""
+
+  values: list[dict[str, "Value"]]
+  failure: str = ""
 
 
 class LearnerParams(Params):
@@ -56,12 +78,12 @@ def load_function(spec: str) -> Callable[..., Any]:
   source, _, name = spec.rpartition(":")
   if not source or not name:
     raise LoadError(f"--grads={spec!r}: must be FILE.py:FUNCTION or MODULE:FUNCTION, "
-                    "e.g. --grads=my_grads.py:grads.")
+                    "e.g. --grads=my_grads.py:grads.", usage=True)
   try:
     if source.endswith(".py") or os.sep in source:
       if not os.path.isfile(source):
         raise LoadError(f"--grads: no file {source}; give the path of the .py file that "
-                        "defines the function.")
+                        "defines the function.", usage=True)
       sys.path.insert(0, os.path.dirname(os.path.abspath(source)))
       module_spec = importlib.util.spec_from_file_location("learner_grads", source)
       assert module_spec is not None and module_spec.loader is not None
@@ -71,6 +93,8 @@ def load_function(spec: str) -> Callable[..., Any]:
       module = importlib.import_module(source)
   except LoadError:
     raise
+  except (SystemExit, KeyboardInterrupt) as e:
+    raise LoadError(f"--grads: {source} {_exit_words(e)} while it was loaded") from None
   except Exception as e:  # pylint: disable=broad-except  (the learner's file, reported)
     raise LoadError(f"--grads: {source} cannot be loaded: {exception_line(e)}") from None
   fn = getattr(module, name, None)
@@ -84,6 +108,8 @@ def call(fn: Callable[..., Any], problem: Problem) -> dict[str, Value]:
   w1, b1, w2, b2, X, y = (np.array(a) for a in problem)
   try:
     result = fn(LearnerParams(w1, b1, w2, b2), X, y)  # type: ignore[arg-type]
+  except (SystemExit, KeyboardInterrupt) as e:
+    raise Exited(f"the function {_exit_words(e)}") from None
   except Exception as e:  # pylint: disable=broad-except  (the learner's code, reported)
     return dict.fromkeys(LEAVES, Why(f"raised {exception_line(e)}"))
   if isinstance(result, dict):
@@ -98,6 +124,13 @@ def call(fn: Callable[..., Any], problem: Problem) -> dict[str, Value]:
     values = [Why(f"is missing: the function returned {what}, not Params, a dict of w1, "
                   "b1, w2, b2 or a 4-tuple")] * 4
   return {leaf: v if isinstance(v, Why) else as_array(v) for leaf, v in zip(LEAVES, values)}
+
+
+def _exit_words(e: BaseException) -> str:
+  """"called sys.exit(0)" or "raised KeyboardInterrupt"."""
+  if isinstance(e, SystemExit):
+    return f"called sys.exit({e.code!r})"
+  return f"raised {type(e).__name__}"
 
 
 def exception_line(e: BaseException) -> str:
@@ -128,7 +161,8 @@ def as_array(value: Any) -> Value:
 
 def _child(spec: str, inputs: str, outputs: str) -> None:
   """Loads the function, calls it on each problem of `inputs`, writes `outputs`: per
-  problem i and leaf, "i.leaf" (an array) or "i.leaf.why" (a line); or "load_error"."""
+  problem i and leaf, "i.leaf" (an array) or "i.leaf.why" (a line); or "load_error"
+  (and "usage" where the command is at fault), or "failure" where it exited."""
   from mlp_jax.base import budget, files  # pylint: disable=g-import-not-at-top
   answers: dict[str, Any] = {}
   with files.NpzArchive(inputs, budget.memory_budget(), LoadError) as data:
@@ -136,48 +170,90 @@ def _child(spec: str, inputs: str, outputs: str) -> None:
                 for i in range(int(data.read("count")))]
   try:
     fn = load_function(spec)
-  except LoadError as e:
-    answers["load_error"] = np.array(str(e))
-  else:
     for i, problem in enumerate(problems):
       for leaf, value in call(fn, problem).items():
         key = f"{i}.{leaf}" + (".why" if isinstance(value, Why) else "")
         answers[key] = np.array(str(value)) if isinstance(value, Why) else value
+  except LoadError as e:
+    answers = {"load_error": np.array(str(e)), "usage": np.array(e.usage)}
+  except Exited as e:
+    answers["failure"] = np.array(str(e))
   np.savez(outputs, **answers)
 
 
-def run_isolated(spec: str, problems: list[Problem]) -> list[dict[str, Value]]:
+_CHILD = """
+import os, resource, sys
+memory, output = int(sys.argv[4]), int(sys.argv[5])
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+resource.setrlimit(resource.RLIMIT_FSIZE, (output, output))
+sys.path.insert(0, os.getcwd())
+from mlp_jax import learner
+learner._child(*sys.argv[1:4])
+"""
+
+
+def run_isolated(spec: str, problems: list[Problem], timeout: float = TIMEOUT_SECONDS,
+                 memory: int = MEMORY_BYTES) -> Answers:
   """call(load_function(spec), p) for each of `problems`, in a child process (`python
-  -I`: no PYTHON* variables, no user site; its stdout and stderr relayed to this
-  process's stderr, never its stdout). LoadError for a function that cannot be loaded,
-  or a child that crashes or runs past TIMEOUT_SECONDS; the answers are read bounded
-  (files.NpzArchive), each leaf checked again here (as_array)."""
+  -I`: no PYTHON* variables, no user site, no module shared with this process or
+  another submission; the submission's folder first on sys.path), within `timeout`
+  seconds in all, `memory` bytes of address space and OUTPUT_BYTES printed; its stdout
+  and stderr relayed to this process's stderr (the last OUTPUT_CHARACTERS of each),
+  never its stdout. LoadError(usage=True) for the command's fault; whatever else stops
+  the submission is Answers.failure: it exited, crashed, was killed by a signal, ran
+  out of time, or could not be loaded. The answers are read bounded (NpzArchive), each
+  leaf checked again here (as_array)."""
   from mlp_jax.base import budget, files  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix="mlp_jax_gradcheck_") as private:
     inputs, outputs = os.path.join(private, "in.npz"), os.path.join(private, "out.npz")
     arrays: dict[str, Any] = {f"{i}.{name}": a for i, p in enumerate(problems)
                               for name, a in zip((*LEAVES, "X", "y"), p)}
     np.savez(inputs, count=len(problems), **arrays)
-    command = [sys.executable, "-I", "-c", "import sys, os; sys.path.insert(0, os.getcwd())"
-               "; from mlp_jax import learner; learner._child(*sys.argv[1:])", spec, inputs,
-               outputs]
-    try:
-      child = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
-                             timeout=TIMEOUT_SECONDS, check=False)
-    except subprocess.TimeoutExpired:
-      raise LoadError(f"--grads: {spec} did not return within {TIMEOUT_SECONDS} s on "
-                      "gradcheck's small problems (a loop that never ends?).") from None
-    for stream in (child.stdout, child.stderr):   # what the learner printed
-      with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(stream.decode(errors="replace")[-OUTPUT_CHARACTERS:])
-    if child.returncode != 0 or not os.path.exists(outputs):
-      raise LoadError(f"--grads: running {spec} ended its process (exit status "
-                      f"{child.returncode}) before it returned; see its output above.")
+    printed = [os.path.join(private, name) for name in ("stdout", "stderr")]
+    failure = _run_child([sys.executable, "-I", "-c", _CHILD, spec, inputs, outputs,
+                          str(int(memory)), str(OUTPUT_BYTES)], printed, timeout)
+    for path in printed:   # what the learner printed
+      with contextlib.suppress(OSError, ValueError), files.open_regular(path) as f:
+        f.seek(max(os.fstat(f.fileno()).st_size - OUTPUT_CHARACTERS, 0))
+        sys.stderr.write(f.read().decode(errors="replace"))
+    if failure or not os.path.exists(outputs):
+      return Answers([], failure or "it ended its process before it returned (os._exit, "
+                     "or a crash)")
     with files.NpzArchive(outputs, budget.memory_budget(), LoadError) as answers:
       names = set(answers.names)
       if "load_error" in names:
-        raise LoadError(str(answers.read("load_error")))
-      return [{leaf: Why(str(answers.read(f"{i}.{leaf}.why"))) if f"{i}.{leaf}.why" in names
-               else as_array(answers.read(f"{i}.{leaf}")) if f"{i}.{leaf}" in names
-               else Why("is missing from the child's answers")
-               for leaf in LEAVES} for i in range(len(problems))]
+        error = LoadError(str(answers.read("load_error")), bool(answers.read("usage")))
+        if error.usage:
+          raise error
+        return Answers([], str(error))
+      values = [{leaf: Why(str(answers.read(f"{i}.{leaf}.why"))) if f"{i}.{leaf}.why" in names
+                 else as_array(answers.read(f"{i}.{leaf}")) if f"{i}.{leaf}" in names
+                 else Why("was not answered") for leaf in LEAVES}
+                for i in range(len(problems))]
+      return Answers(values, str(answers.read("failure")) if "failure" in names else "")
+
+
+def _run_child(command: list[str], printed: list[str], timeout: float) -> str:
+  """Runs the child, its stdout and stderr into the files `printed`; what stopped it
+  ("" where it ended by itself with status 0)."""
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top
+  out, err = (files.open_for_update(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL) for p in printed)
+  try:
+    child = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                           timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return (f"it did not finish within {timeout:g} s (--timeout): a loop that never "
+            "ends, or far too slow")
+  finally:
+    os.close(out)
+    os.close(err)
+  if child.returncode < 0:
+    signum = -child.returncode
+    name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
+    why = (f": it printed more than {OUTPUT_BYTES >> 20} MiB" if signum == signal.SIGXFSZ
+           else "")
+    return f"its process was ended by the signal {name}{why}"
+  if child.returncode != 0:
+    return (f"its process ended with exit status {child.returncode} before it returned "
+            "(a crash, or out of memory under --memory_limit)")
+  return ""

@@ -99,6 +99,7 @@ WRITERS = {
 WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
     ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
+    ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
     ("mlp_jax/base/files.py", "append"): "append",
     ("mlp_jax/run/events.py", "__init__"): "append",   # O_WRONLY | O_APPEND | O_CREAT too
     ("mlp_jax/run/reports.py", "write_outputs"): "atomic_file",

@@ -220,16 +220,23 @@ def test_the_command_prints_json_and_exits_by_the_verdict(tmp_path):
   report = json.loads(result.stdout)
   assert report["correct"] is False
   assert set(report["leaves"]) == {"w1", "b1", "w2", "b2"}
-  assert set(report["leaves"]["w1"]) == {"ok", "rel_error", "mistakes", "message"}
-  (tmp_path / "broken.py").write_text("def grads(:\n")
-  for spec, line in [(f"{path}:nope", f"--grads: {path} defines no function 'nope'."),
-                     ("missing.py:grads", "--grads: no file missing.py; give the path"),
+  assert set(report["leaves"]["w1"]) == {"ok", "rel_error", "mistakes", "message", "credit"}
+  assert report["version"] == mj.__version__ and report["status"] == 1
+  assert report["score"] == 0 and report["max_score"] == 4
+  for encoding in ("ascii", "latin-1"):   # ReLU′, δ, Σ in the text: never an error
+    ascii_run = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck",
+                                f"--grads={path}:grads"], capture_output=True, cwd=tmp_path,
+                               env={**os.environ, "PYTHONIOENCODING": encoding})
+    assert ascii_run.returncode == 1 and b"WRONG" in ascii_run.stdout, ascii_run.stderr
+  assert [set(p) for p in report["problems"]] == [{"B", "D", "H", "K", "ties"}] * 3
+  for spec, line in [("missing.py:grads", "--grads: no file missing.py; give the path"),
                      ("grads", "--grads='grads': must be FILE.py:FUNCTION or"),
-                     ("broken.py:grads", "--grads: broken.py cannot be loaded: SyntaxError")]:
-    result = run(f"--grads={spec}")
+                     ("grads --timeout=soon", "flag --timeout=soon: could not convert")]:
+    result = run(*f"--grads={spec}".split(), "--json")
     assert result.returncode == 2, (spec, result.stderr)
     (only,) = result.stderr.strip().splitlines()
     assert only.startswith(f"error: {line}"), (spec, only)
+    assert json.loads(result.stdout)["status"] == 2     # JSON whatever happens
 
 
 # A learner's file that tries to pass by reaching into the checker: each way, and the
@@ -262,8 +269,8 @@ def test_a_learners_code_runs_apart_and_cannot_forge_its_verdict(tmp_path, cheat
   result = subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", f"--grads={path}:grads",
                            "--json"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
   if cheat == "exits_early":
-    assert result.returncode == 2 and result.stdout == "", result.stderr
-    assert "ended its process (exit status 0) before it returned" in result.stderr
+    assert result.returncode == 3, result.stderr
+    assert "ended its process before it returned" in json.loads(result.stdout)["message"]
     return
   assert result.returncode == 1, result.stderr
   report = json.loads(result.stdout)       # the whole stdout is the checker's JSON
@@ -271,3 +278,53 @@ def test_a_learners_code_runs_apart_and_cannot_forge_its_verdict(tmp_path, cheat
       v["ok"] for v in report["leaves"].values())
   if cheat == "forges_the_json":
     assert '"correct": true' in result.stderr
+
+
+ZEROS = "  return {k: np.zeros_like(params[k]) for k in ('w1', 'b1', 'w2', 'b2')}\n"
+# Whatever a submission does, the report says what happened: (its file, the status, the
+# words of its message).
+SUBMISSIONS = {
+    "right": ("from mlp_jax.core import mistakes\n"
+              "def grads(params, X, y):\n"
+              "  return mistakes.right_gradients(mistakes.Problem(*params, X, y))\n", 0, ""),
+    "wrong": ("def grads(params, X, y):\n" + ZEROS, 1, ""),
+    "sys_exit": ("import sys\ndef grads(params, X, y):\n  sys.exit(0)\n", 3,
+                 "the function called sys.exit(0)"),
+    "keyboard_interrupt": ("def grads(params, X, y):\n  raise KeyboardInterrupt\n", 3,
+                           "the function raised KeyboardInterrupt"),
+    "exit_at_import": ("import sys\nsys.exit(1)\n", 3, "called sys.exit(1) while it was "
+                                                        "loaded"),
+    "os_exit": ("import os\ndef grads(params, X, y):\n  os._exit(0)\n", 3,
+                "ended its process before it returned"),
+    "a_signal": ("import os, signal\ndef grads(params, X, y):\n"
+                 "  os.kill(os.getpid(), signal.SIGSEGV)\n", 3, "the signal SIGSEGV"),
+    "never_ends": ("def grads(params, X, y):\n  while True:\n    pass\n", 3,
+                   "did not finish within 3 s (--timeout)"),
+    "prints_megabytes": ("import sys\ndef grads(params, X, y):\n"
+                         "  sys.stdout.write('x' * (80 << 20))\n" + ZEROS, 3,
+                         "File too large"),   # past 64 MiB printed (RLIMIT_FSIZE)
+    "prints_bytes_not_text": ("import sys\ndef grads(params, X, y):\n"
+                              "  sys.stdout.buffer.write(bytes(range(256)))\n" + ZEROS, 1, ""),
+    "returns_nothing": ("def grads(params, X, y):\n  return None\n", 3,
+                        "it returned no gradient on any problem"),
+    "raises_everywhere": ("def grads(params, X, y):\n  raise ValueError('no')\n", 3,
+                          "returned no gradient on any problem: raised ValueError: no"),
+    "no_function": ("x = 1\n", 3, "defines no function 'grads'"),
+    "syntax_error": ("def grads(:\n", 3, "cannot be loaded: SyntaxError"),
+}
+
+
+@pytest.mark.slow   # a child process each
+@pytest.mark.parametrize("name", SUBMISSIONS)
+def test_whatever_a_submission_does_the_report_says_what_happened(name, tmp_path, capsys):
+  """Each submission in its own process, the whole of it under --timeout: the report (as
+  JSON here) is produced, with the status of the command's table."""
+  source, status, words = SUBMISSIONS[name]
+  path = tmp_path / f"{name}.py"
+  path.write_text("import numpy as np\n" + source)
+  from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
+  code = gradcheck.grade_command(f"{path}:grads", 0, 3.0, 4.0, as_json=True)
+  report = json.loads(capsys.readouterr().out)
+  assert code == status == report["status"], report
+  assert words in report["message"], report["message"]
+  assert (report["score"] == 4) == (status == 0)

@@ -9,7 +9,7 @@ per row) are the one place the layers are written, for a `network.Network`.
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 from jax import Array
@@ -18,15 +18,7 @@ from jax.typing import ArrayLike, DTypeLike
 
 from mlp_jax.core import checks
 from mlp_jax.core.network import Network
-
-
-class Params(NamedTuple):
-  """The four parameter arrays, a pytree: w1 (H, D), b1 (H,), w2 (K, H), b2 (K,)."""
-
-  w1: jax.Array
-  b1: jax.Array
-  w2: jax.Array
-  b2: jax.Array
+from mlp_jax.core.params import Params  # pylint: disable=unused-import  (model.Params)
 
 
 def init_params(key: Array, in_dim: int, hidden_dim: int, num_classes: int, *,
