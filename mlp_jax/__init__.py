@@ -27,7 +27,7 @@ _EXPORTS = {name: module for module, names in {
     "core.privacy": ("clipped_grad_sum",),
     "run.trained": ("load", "TrainedModel"),
     "estimator": ("MLPClassifier", "MLPClassifierCV"),
-    "gradcheck": ("check_grads",),
+    "verdicts": ("check_grads",),
 }.items() for name in names}
 
 __all__ = [
@@ -55,7 +55,7 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:  # what mypy and editors see: the same names, imported eagerly
   from mlp_jax.core import privacy
   from mlp_jax.estimator import MLPClassifier, MLPClassifierCV
-  from mlp_jax.gradcheck import check_grads
+  from mlp_jax.verdicts import check_grads
   from mlp_jax.core.gradients import (autodiff_grads, autodiff_value_and_grads, grads,
                                       loss_manual_vjp, per_example_grad_norms,
                                       per_example_grads, value_and_grads)

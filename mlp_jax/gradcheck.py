@@ -3,22 +3,24 @@ learner's own gradient function, leaf by leaf, with the mistake named.
 
     python -m mlp_jax.gradcheck [--in_dim=6 --hidden_dim=10 --num_classes=4
                                  --batch_size=8 --seed=0 --dtype=float64]
-    python -m mlp_jax.gradcheck --grads=FILE.py:FUNCTION [--json]   (or MODULE:FUNCTION)
+    python -m mlp_jax.gradcheck --grads=FILE.py:FUNCTION [--json] [--gradescope=FILE]
+    python -m mlp_jax.gradcheck --grads=DIR:FUNCTION [--json] [--csv=FILE]   (a class)
 
 The first prints, per parameter, the max relative error of each pair and exits 1 when
-any exceeds its tolerance; its helpers are what tests/test_gradients.py uses. The second
-(mj.check_grads from Python) calls FUNCTION(params, X, y) on the problems of
-mlp_jax/core/mistakes.py and says of each gradient: right, wrong shape, raised, or wrong
-and which known mistakes give it; exit status 0 when all four are right, 1 otherwise.
+any exceeds its tolerance; its helpers are what tests/test_gradients.py uses. The others
+run a learner's FUNCTION(params, X, y) in a process of its own (mlp_jax/learner.py) on
+the problems of mlp_jax/core/mistakes.py, and say of each gradient: right, wrong shape,
+raised, or wrong and which known mistakes give it (mlp_jax/verdicts.py; mj.check_grads
+from Python); a class, every submission of DIR (mlp_jax/grading.py). Exit statuses: 0
+right, 1 wrong, 2 a usage error, 3 not checked, 4 an error in gradcheck.
 """
 
 import contextlib
 import functools
 import io
-import json
 import math
 import sys
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable
 
 from mlp_jax.base import boundary
 
@@ -36,11 +38,12 @@ import numpy as np
 
 from mlp_jax import learner
 from mlp_jax.base.options import ACTIVATIONS
-from mlp_jax.core import losses, mistakes
+from mlp_jax.core import losses
 from mlp_jax.core.gradients import autodiff_grads, grads
-from mlp_jax.core.mistakes import CATALOGUE, LEAVES, Problem
 from mlp_jax.core.model import Params
-from mlp_jax.learner import Value, Why
+from mlp_jax.grading import Grading, grade_command, refused
+from mlp_jax.verdicts import (  # pylint: disable=unused-import  (gradcheck.X names)
+    USAGE, Report, Verdict, check_grads, check_grads_isolated)
 
 # Manual vs autodiff, per dtype; and either vs float64 finite differences.
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
@@ -120,172 +123,6 @@ def check(params: Params, X: Array, y: Array, dtype: DTypeLike,
           for name, m, a, f in zip(Params._fields, manual, autodiff, fd)]
 
 
-# A learner's gradient is right within this relative error of the leaf, by its dtype.
-LEARNER_TOLERANCE = {"float64": 1e-8, "float32": 1e-4, "float16": 1e-2}
-
-
-class Verdict(NamedTuple):
-  """One parameter's verdict: ok, its relative error (None where there is none), the
-  catalogue's ids of the mistakes it matches, one line saying so, and whether it earns
-  its credit (ok, or right on every problem where the function returned)."""
-  ok: bool
-  rel_error: Optional[float]
-  mistakes: list[str]
-  message: str
-  credit: bool = False
-
-
-# The command's exit statuses (and a report's `status`).
-RIGHT, WRONG, USAGE, NOT_CHECKED, INTERNAL = 0, 1, 2, 3, 4
-STATUS_WORDS = {RIGHT: "right", WRONG: "wrong", USAGE: "usage error",
-                NOT_CHECKED: "not checked", INTERNAL: "error in gradcheck"}
-
-
-class Report(NamedTuple):
-  """check_grads' answer: correct when every leaf is; str() is the printed report.
-  status: RIGHT, WRONG or NOT_CHECKED (`message` says what stopped the submission: it
-  exited, crashed, timed out or returned nothing); `shapes`: the problems' B, D, H, K."""
-  correct: bool
-  leaves: dict[str, Verdict]
-  problems: list[str]
-  status: int = RIGHT
-  message: str = ""
-  seed: int = 0
-  shapes: tuple[dict[str, int], ...] = ()
-
-  @property
-  def score(self) -> int:
-    """One point per leaf that earns its credit (Verdict.credit), of len(LEAVES)."""
-    return sum(v.credit for v in self.leaves.values())
-
-  def as_dict(self) -> dict[str, Any]:
-    """The report as JSON: {"version", "status", "status_words", "correct", "score",
-    "max_score", "message", "seed", "problems": [{B, D, H, K, ties}], "leaves": {"w1":
-    {"ok", "rel_error", "mistakes", "message", "credit"}}, "mistakes": {id: what it
-    is}}."""
-    from mlp_jax import __version__  # pylint: disable=g-import-not-at-top
-    named = [m for m in CATALOGUE if any(m in v.mistakes for v in self.leaves.values())]
-    return {"version": __version__, "status": self.status,
-            "status_words": STATUS_WORDS[self.status], "correct": self.correct,
-            "score": self.score, "max_score": len(LEAVES), "message": self.message,
-            "seed": self.seed, "problems": list(self.shapes),
-            "leaves": {n: v._asdict() for n, v in self.leaves.items()},
-            "mistakes": {m: CATALOGUE[m][0] for m in named}}
-
-  def __str__(self) -> str:
-    wrong = [n for n, v in self.leaves.items() if not v.ok]
-    named = [m for m in CATALOGUE if any(m in v.mistakes for v in self.leaves.values())]
-    verdict = (f"NOT CHECKED: {self.message}" if self.status == NOT_CHECKED else
-               f"WRONG: {', '.join(wrong)}" if wrong else "OK: every gradient is right")
-    return "\n".join(
-        [f"problems: {'; '.join(self.problems)}"]
-        + [f"{n:3} {v.message}" for n, v in self.leaves.items()]
-        + [f"  {m}: {CATALOGUE[m][0]} (docs/derivation.md"
-           + (f", {CATALOGUE[m][1]})" if CATALOGUE[m][1] else ")") for m in named]
-        + [verdict])
-
-
-def check_grads(fn: Callable[..., Any], seed: int = 0) -> Report:
-  """Checks a learner's fn(params, X, y) -> the gradients of the mean cross-entropy (as
-  Params, a dict of w1, b1, w2, b2, or a 4-tuple), NumPy or JAX, called with float64
-  NumPy arrays (never jitted) on mistakes.problems(seed); each leaf's Verdict. `fn` runs
-  in this process: the caller's own code (the command line runs a learner's file in a
-  child process: check_grads_isolated)."""
-  problem_list = mistakes.problems(seed)
-  try:
-    answers = learner.Answers([learner.call(fn, p) for p in problem_list])
-  except learner.Exited as e:
-    answers = learner.Answers([], str(e))
-  return _report(answers, problem_list, seed)
-
-
-def check_grads_isolated(spec: str, seed: int = 0,
-                         timeout: float = learner.TIMEOUT_SECONDS,
-                         memory: int = learner.MEMORY_BYTES) -> Report:
-  """check_grads of the function "FILE.py:FUNCTION" or "MODULE:FUNCTION", run in a child
-  process that returns only arrays, within `timeout` seconds and `memory` bytes
-  (mlp_jax/learner.py); the verdicts are computed here. UsageError, one line, where
-  the command is at fault (no such file, a malformed spec); a submission that cannot
-  be checked is a Report of status NOT_CHECKED."""
-  problem_list = mistakes.problems(seed)
-  try:
-    answers = learner.run_isolated(spec, [tuple(p) for p in problem_list], timeout, memory)
-  except learner.LoadError as e:
-    raise boundary.UsageError(str(e)) from None
-  return _report(answers, problem_list, seed)
-
-
-def _report(answers: learner.Answers, problem_list: list[Problem], seed: int) -> Report:
-  """The Report of a submission's answers: NOT_CHECKED where it stopped before
-  answering, or answered nothing on any problem."""
-  shapes = tuple({"B": len(p.X), "D": p.X.shape[1], "H": len(p.b1), "K": len(p.b2),
-                  "ties": int(np.sum(p.X @ p.w1.T + p.b1 == 0))} for p in problem_list)
-  described = [p.describe() for p in problem_list]
-  if answers.failure:
-    return Report(False, {}, described, NOT_CHECKED, answers.failure, seed, shapes)
-  leaves = {leaf: _verdict(leaf, [o[leaf] for o in answers.values], problem_list)
-            for leaf in LEAVES}
-  if not any(isinstance(v, np.ndarray) for values in answers.values
-             for v in values.values()):
-    why = next(str(v) for values in answers.values for v in values.values())
-    return Report(False, leaves, described, NOT_CHECKED,
-                  f"it returned no gradient on any problem: {why}", seed, shapes)
-  correct = all(v.ok for v in leaves.values())
-  return Report(correct, leaves, described, RIGHT if correct else WRONG, "", seed, shapes)
-
-
-def _verdict(leaf: str, values: list[Value], problem_list: list[Problem]) -> Verdict:
-  """The Verdict of one leaf from its value on each problem."""
-  rights = [mistakes.right_gradients(p)[leaf] for p in problem_list]
-  arrays = [v if isinstance(v, np.ndarray) else None for v in values]
-  failed = next((f"{v} on the {p.describe()} problem" for v, p in zip(values, problem_list)
-                 if isinstance(v, Why)), "")
-  if all(a is None for a in arrays):
-    return Verdict(False, None, [], failed.rpartition(" on the ")[0])
-  dtype = next(a.dtype.name for a in arrays if a is not None)
-  tol = LEARNER_TOLERANCE.get(dtype, LEARNER_TOLERANCE["float64"])
-  ran = [(a, r, p) for a, r, p in zip(arrays, rights, problem_list) if a is not None]
-  bad = next((f"wrong shape {a.shape}, should be {r.shape}" for a, r, _ in ran
-              if a.shape != r.shape), "")
-  rel = None if bad else max(mistakes.relative_error(a, r) for a, r, _ in ran)
-  if rel is not None and rel <= tol and not failed:
-    return Verdict(True, rel, [], f"right (rel_error {rel:.1e} <= {tol:g})", True)
-  found = mistakes.matching(arrays, problem_list, leaf, mistakes.Close(tol))
-  ids = sorted({m for s in found for m in s}, key=list(CATALOGUE).index)
-  if found == [frozenset(["relu_tie_convention"])] and not failed:
-    return _tie_verdict(leaf, ran, tol)
-  status = bad or (f"wrong (rel_error {rel:.1e} > {tol:g})" if rel and rel > tol else
-                   f"right where it ran (rel_error {rel:.1e} <= {tol:g})")
-  if found:
-    status += ": the gradient with " + ", or with ".join(
-        " + ".join(sorted(s, key=list(CATALOGUE).index)) for s in found)
-  elif not failed and not bad:
-    status += ": not a mistake gradcheck knows; " + _largest_difference(ran)
-  credit = rel is not None and rel <= tol   # right wherever it returned
-  return Verdict(False, rel, ids, status + (f"; {failed}" if failed else ""), credit)
-
-
-def _tie_verdict(leaf: str, ran: list[tuple[np.ndarray, np.ndarray, Problem]], tol: float
-                 ) -> Verdict:
-  """Right but for ReLU′(0) at the ties: a convention, named, not an error."""
-  convention = frozenset(["relu_tie_convention"])
-  rel = max(min(mistakes.relative_error(a, c) for c in mistakes.gradients_with(
-      p, convention)[leaf]) for a, _, p in ran)
-  return Verdict(True, rel, ["relu_tie_convention"], credit=True, message=
-                 f"right (rel_error {rel:.1e} <= {tol:g}) with ReLU′(0) taken as 0 (or ½) "
-                 "at the ties z1 = 0, where the seed and mlp_jax take 1: a convention, not "
-                 "an error (relu_tie_convention)")
-
-
-def _largest_difference(ran: list[tuple[np.ndarray, np.ndarray, Problem]]) -> str:
-  """Where the leaf is farthest from right: its index, on which problem."""
-  a, r, p = max(ran, key=lambda arp: float(np.max(np.abs(arp[0] - arp[1]))))
-  index = np.unravel_index(np.argmax(np.abs(a - r)), a.shape)
-  where = f"row {index[0]}, column {index[1]}" if len(index) == 2 else f"entry {index[0]}"
-  return (f"the largest difference is at {where} ({a[index]:.4g} for {r[index]:.4g}) on "
-          f"the {p.describe()} problem")
-
-
 def define_flags() -> None:
   """The command line's flags; defined when run as a script, never at import."""
   flags.DEFINE_integer("in_dim", 6, "D, the input size.", lower_bound=1)
@@ -299,6 +136,11 @@ def define_flags() -> None:
                       "function(params, X, y) instead of ours, and name its mistakes.")
   flags.DEFINE_bool("json", False, "With --grads: print the report as one JSON object, "
                     "whatever happens (a usage error, a timeout, a crash included).")
+  flags.DEFINE_string("csv", None, "With --grads=DIR:FUNCTION: write one row per "
+                      "submission here (name, status, score, each leaf's verdict and "
+                      "mistakes).")
+  flags.DEFINE_string("gradescope", None, "With --grads=FILE.py:FUNCTION: write "
+                      "Gradescope's results.json here (a test per parameter).")
   flags.DEFINE_float("timeout", learner.TIMEOUT_SECONDS, "With --grads: seconds the whole "
                      "submission may run; past them it is stopped, not checked.",
                      lower_bound=0.1)
@@ -308,38 +150,6 @@ def define_flags() -> None:
   flags.DEFINE_enum("activation", "relu", list(ACTIVATIONS),
                     "f of the hidden layer, a1 = f(z1), of the network checked (--grads: "
                     "relu, the network whose mistakes the catalogue names).")
-
-
-def grade_command(spec: str, seed: int, timeout: float, memory_gib: float,
-                  as_json: bool) -> int:
-  """The command with --grads: the report printed (as JSON: one object whatever
-  happens), and its exit status (RIGHT, WRONG, USAGE, NOT_CHECKED, INTERNAL)."""
-  try:
-    report = check_grads_isolated(spec, seed, timeout, int(memory_gib * 2**30))
-  except boundary.UsageError as e:
-    return _refused(USAGE, str(e), as_json)
-  except Exception as e:  # pylint: disable=broad-except  (status 4, with JSON too)
-    return _refused(INTERNAL, f"internal error ({type(e).__name__}: "
-                    f"{boundary.first_line(e)}): a bug in mlp_jax's gradcheck; please "
-                    "report it", as_json)
-  with contextlib.suppress(AttributeError, ValueError):   # an ASCII or Latin-1 stdout
-    sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
-  print(json.dumps(report.as_dict(), indent=2) if as_json   # JSON: ASCII escapes
-        else f"gradcheck of {spec}\n{report}")
-  return report.status
-
-
-def _refused(status: int, message: str, as_json: bool, said: bool = False) -> int:
-  """A usage error or gradcheck's own: its line on stderr (unless `said`), and with
-  --json the object."""
-  if not said:
-    print(f"error: {boundary.escaped(message)}", file=sys.stderr)
-  if as_json:
-    from mlp_jax import __version__  # pylint: disable=g-import-not-at-top
-    print(json.dumps({"version": __version__, "status": status,
-                      "status_words": STATUS_WORDS[status], "correct": False, "score": 0,
-                      "max_score": len(LEAVES), "message": message}, indent=2))
-  return status
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -354,7 +164,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except SystemExit as e:
     sys.stderr.write(said.getvalue())
     if e.code == USAGE:
-      _refused(USAGE, said.getvalue().strip().removeprefix("error: "), True, said=True)
+      refused(USAGE, said.getvalue().strip().removeprefix("error: "), True, said=True)
     raise
 
 
@@ -369,8 +179,9 @@ def main(argv: list[str]) -> None:
           file=sys.stderr)
     sys.exit(2)
   if FLAGS.grads is not None:
-    sys.exit(grade_command(FLAGS.grads, FLAGS.seed, FLAGS.timeout, FLAGS.memory_limit,
-                           FLAGS.json))
+    sys.exit(grade_command(FLAGS.grads, Grading(FLAGS.seed, FLAGS.timeout,
+                                                FLAGS.memory_limit, FLAGS.json,
+                                                FLAGS.csv or "", FLAGS.gradescope or "")))
   jax.config.update("jax_enable_x64", True)
   try:
     params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,

@@ -100,6 +100,8 @@ WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
     ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
+    ("mlp_jax/grading.py", "write_csv"): "atomic_file",
+    ("mlp_jax/grading.py", "_write_json"): "write_json",   # results.json
     ("mlp_jax/base/files.py", "append"): "append",
     ("mlp_jax/run/events.py", "__init__"): "append",   # O_WRONLY | O_APPEND | O_CREAT too
     ("mlp_jax/run/reports.py", "write_outputs"): "atomic_file",
@@ -394,6 +396,8 @@ READER_OF_CALLER = {
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/budget.py", "host_available"): "/proc/self/statm: not a user's path",
     ("mlp_jax/learner.py", "_child"): "gradcheck's own problems, in its private directory",
+    ("mlp_jax/grading.py", "_defines"): "a submission's .py, parsed never run, 1 MiB at "
+                                        "most: tests/test_learner_gradcheck.py",
     ("mlp_jax/run/checkpoint.py", "manager"): "checkpoints/ opened as a directory, for orbax"
                                               " (the workdir walk: test_reliability.py)",
     ("mlp_jax/learner.py", "run_isolated"): "a learner's answers, read bounded (NpzArchive):"

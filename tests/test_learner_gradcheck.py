@@ -1,6 +1,7 @@
 """mj.check_grads and `python -m mlp_jax.gradcheck --grads=...`: a learner's own gradient
 function, leaf by leaf, with the mistake named (mlp_jax/core/mistakes.py)."""
 
+import csv
 import json
 import os
 import subprocess
@@ -323,8 +324,69 @@ def test_whatever_a_submission_does_the_report_says_what_happened(name, tmp_path
   path = tmp_path / f"{name}.py"
   path.write_text("import numpy as np\n" + source)
   from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
-  code = gradcheck.grade_command(f"{path}:grads", 0, 3.0, 4.0, as_json=True)
+  code = gradcheck.grade_command(f"{path}:grads", gradcheck.Grading(timeout=3.0,
+                                                                   as_json=True))
   report = json.loads(capsys.readouterr().out)
   assert code == status == report["status"], report
   assert words in report["message"], report["message"]
   assert (report["score"] == 4) == (status == 0)
+
+
+RIGHT_HELPER = ("from mlp_jax.core import mistakes\n"
+                "def gradients(params, X, y):\n"
+                "  return mistakes.right_gradients(mistakes.Problem(*params, X, y))\n")
+WRONG_HELPER = ("import numpy as np\n"
+                "def gradients(params, X, y):\n"
+                "  return {k: np.zeros_like(params[k]) for k in ('w1', 'b1', 'w2', 'b2')}\n")
+USES_HELPER = "from helper import gradients\ndef grads(params, X, y):\n  return gradients(params, X, y)\n"
+
+
+def _class(folder):
+  """A class: two subfolders whose grads.py import a helper.py of the same name (one
+  right, one wrong), a flat wrong file, a subfolder without the function, and a file
+  that exits."""
+  for name, helper in (("alice", RIGHT_HELPER), ("bob", WRONG_HELPER)):
+    (folder / name).mkdir(parents=True)
+    (folder / name / "helper.py").write_text(helper)
+    (folder / name / "grads.py").write_text(USES_HELPER)
+  (folder / "carol.py").write_text(WRONG_HELPER + "grads = gradients\n")
+  (folder / "dave").mkdir()
+  (folder / "dave" / "a.py").write_text("x = 1\n")
+  (folder / "dave" / "b.py").write_text("y = 2\n")
+  (folder / "eve.py").write_text("import sys\ndef grads(params, X, y):\n  sys.exit(0)\n")
+  return {"alice": 0, "bob": 1, "carol": 1, "dave": 3, "eve": 3}
+
+
+@pytest.mark.slow   # a process per submission
+def test_a_class_is_graded_each_submission_apart_with_its_csv(tmp_path, capsys):
+  from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
+  expected = _class(tmp_path / "class")
+  grades = tmp_path / "grades.csv"
+  code = gradcheck.grade_command(f"{tmp_path / 'class'}:grads", gradcheck.Grading(
+      timeout=20.0, as_json=True, csv=str(grades)))
+  reports = json.loads(capsys.readouterr().out)["submissions"]
+  assert {name: r["status"] for name, r in reports.items()} == expected
+  assert code == 3                      # some could not be checked
+  assert reports["alice"]["score"] == 4 and reports["bob"]["score"] == 0
+  assert "none of its 2 .py files defines grads" in reports["dave"]["message"]
+  with grades.open(encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["name"] for r in rows] == list(expected)
+  assert rows[0]["w1_verdict"] == "right" and rows[1]["w1_verdict"] == "wrong"
+  assert rows[4]["status_words"] == "not checked" and "sys.exit(0)" in rows[4]["message"]
+
+
+@pytest.mark.slow   # a process each
+def test_one_submission_writes_gradescopes_results_json(tmp_path, capsys):
+  from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
+  _class(tmp_path / "class")
+  for name, score in (("alice/grads.py", 4), ("carol.py", 0), ("eve.py", 0)):
+    results = tmp_path / "results.json"
+    gradcheck.grade_command(f"{tmp_path / 'class' / name}:grads", gradcheck.Grading(
+        timeout=20.0, gradescope=str(results)))
+    capsys.readouterr()
+    written = json.loads(results.read_text())
+    assert written["score"] == score == sum(t["score"] for t in written["tests"])
+    assert [t["max_score"] for t in written["tests"]] == [1, 1, 1, 1]
+    assert {t["status"] for t in written["tests"]} == ({"passed"} if score else {"failed"})
+  assert "sys.exit(0)" in written["tests"][0]["output"]     # eve: why, in each test
