@@ -135,7 +135,8 @@ def summary_line(name: str, report: dict[str, Any]) -> str:
 
 class Grading(NamedTuple):
   """How the command checks: the problems' seed, --timeout, --memory_limit (GiB),
-  --json, and where to write --csv and --gradescope ("" for none)."""
+  --json, where to write --csv and --gradescope ("" for none), and --tolerance (None:
+  by the dtype each gradient was computed in)."""
 
   seed: int = 0
   timeout: float = learner.TIMEOUT_SECONDS
@@ -143,6 +144,7 @@ class Grading(NamedTuple):
   as_json: bool = False
   csv: str = ""
   gradescope: str = ""
+  tolerance: Optional[float] = None
 
 
 def grade_command(spec: str, how: Grading) -> int:
@@ -159,7 +161,8 @@ def grade_command(spec: str, how: Grading) -> int:
       raise boundary.UsageError("--csv needs --grads=DIR:FUNCTION, a folder of "
                                 "submissions; for one submission use --json or "
                                 "--gradescope.")
-    report = check_grads_isolated(spec, how.seed, how.timeout, int(how.memory_gib * 2**30))
+    report = check_grads_isolated(spec, how.seed, how.timeout, int(how.memory_gib * 2**30),
+                                  how.tolerance)
     if how.gradescope:
       _write_json(how.gradescope, gradescope(report.as_dict()))
   except boundary.UsageError as e:
@@ -183,7 +186,8 @@ def _grade_class(folder: str, function: str, how: Grading) -> int:
     raise boundary.UsageError(f"--grads: {folder} holds no submission (a subfolder or a "
                               ".py file).")
   memory = int(how.memory_gib * 2**30)
-  check = lambda one: check_grads_isolated(one, how.seed, how.timeout, memory).as_dict()
+  check = lambda one: check_grads_isolated(one, how.seed, how.timeout, memory,
+                                           how.tolerance).as_dict()
   unchecked = lambda why: Report(False, {}, [], NOT_CHECKED, why, how.seed).as_dict()
   reports = grade_all(found, check, unchecked, os.cpu_count() or 1)
   if how.csv:

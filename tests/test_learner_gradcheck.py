@@ -140,9 +140,27 @@ def test_float32_values_are_held_to_float32s_tolerance_only():
       return {k: (v * (1 + 3e-6)).astype(dtype) for k, v in learner()(p, X, y).items()}
     return fn
   assert check_grads(off(np.float32)).correct
-  report = check_grads(off(np.float64))
+  report = check_grads(off(np.float64))     # float32's error in float64: a verdict of its own
+  assert report.correct and all("right to float32 precision" in v.message
+                                for v in report.leaves.values())
+  report = check_grads(off(np.float64), tolerance=1e-8)
   assert not report.correct
   assert all("not a mistake gradcheck knows" in v.message for v in report.leaves.values())
+
+
+def test_a_gradient_computed_in_float32_and_returned_in_float64_is_right_to_float32():
+  """Every value a float32 number: computed in float32, judged at float32's tolerance, a
+  verdict of its own; --tolerance overrides either way."""
+  def in_float32(p, X, y):
+    p32 = type(p)(*(a.astype(np.float32) for a in p))
+    return {k: v.astype(np.float64) for k, v in learner()(p32, X.astype(np.float32), y).items()}
+  report = check_grads(in_float32)
+  assert report.correct and all(v.message.startswith("right to float32 precision")
+                                for v in report.leaves.values()), str(report)
+  assert report.score == 4
+  assert not check_grads(in_float32, tolerance=1e-9).correct
+  assert check_grads(learner(), tolerance=1e-12).correct
+  assert "to float32" not in str(check_grads(learner()))
 
 
 def test_an_unknown_mistake_is_wrong_and_located_never_forced_onto_an_id():
