@@ -144,6 +144,9 @@ def define_flags() -> None:
   flags.DEFINE_float("tolerance", None, "With --grads: the relative error a right "
                      "gradient may have. Default: by the dtype it was computed in (1e-8 "
                      "float64, 1e-4 float32, 1e-2 float16).", lower_bound=0)
+  flags.DEFINE_enum("layout", "rows", list(learner.LAYOUTS), "With --grads: how the "
+                    "function takes its arrays: rows (X (B, D), biases (H,)) or columns "
+                    "(the handout's: X (D, B), biases (H, 1)).")
   flags.DEFINE_float("timeout", learner.TIMEOUT_SECONDS, "With --grads: seconds the whole "
                      "submission may run; past them it is stopped, not checked.",
                      lower_bound=0.1)
@@ -185,7 +188,7 @@ def main(argv: list[str]) -> None:
     sys.exit(grade_command(FLAGS.grads, Grading(FLAGS.seed, FLAGS.timeout,
                                                 FLAGS.memory_limit, FLAGS.json,
                                                 FLAGS.csv or "", FLAGS.gradescope or "",
-                                                FLAGS.tolerance)))
+                                                FLAGS.tolerance, FLAGS.layout)))
   jax.config.update("jax_enable_x64", True)
   try:
     params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,

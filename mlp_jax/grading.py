@@ -135,8 +135,8 @@ def summary_line(name: str, report: dict[str, Any]) -> str:
 
 class Grading(NamedTuple):
   """How the command checks: the problems' seed, --timeout, --memory_limit (GiB),
-  --json, where to write --csv and --gradescope ("" for none), and --tolerance (None:
-  by the dtype each gradient was computed in)."""
+  --json, where to write --csv and --gradescope ("" for none), --tolerance (None: by
+  the dtype each gradient was computed in) and --layout (learner.LAYOUTS)."""
 
   seed: int = 0
   timeout: float = learner.TIMEOUT_SECONDS
@@ -145,6 +145,7 @@ class Grading(NamedTuple):
   csv: str = ""
   gradescope: str = ""
   tolerance: Optional[float] = None
+  layout: str = "rows"
 
 
 def grade_command(spec: str, how: Grading) -> int:
@@ -162,7 +163,7 @@ def grade_command(spec: str, how: Grading) -> int:
                                 "submissions; for one submission use --json or "
                                 "--gradescope.")
     report = check_grads_isolated(spec, how.seed, how.timeout, int(how.memory_gib * 2**30),
-                                  how.tolerance)
+                                  how.tolerance, how.layout)
     if how.gradescope:
       _write_json(how.gradescope, gradescope(report.as_dict()))
   except boundary.UsageError as e:
@@ -187,7 +188,7 @@ def _grade_class(folder: str, function: str, how: Grading) -> int:
                               ".py file).")
   memory = int(how.memory_gib * 2**30)
   check = lambda one: check_grads_isolated(one, how.seed, how.timeout, memory,
-                                           how.tolerance).as_dict()
+                                           how.tolerance, how.layout).as_dict()
   unchecked = lambda why: Report(False, {}, [], NOT_CHECKED, why, how.seed).as_dict()
   reports = grade_all(found, check, unchecked, os.cpu_count() or 1)
   if how.csv:

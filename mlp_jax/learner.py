@@ -15,6 +15,7 @@ report, or its JSON).
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import signal
 import subprocess
@@ -55,14 +56,53 @@ class Answers(NamedTuple):
 
   values: list[dict[str, "Value"]]
   failure: str = ""
+  called: str = ""   # describe_call's: how the function was called, with the shapes
 
 
 class LearnerParams(Params):
-  """mj.Params (w1 (H, D), b1 (H,), w2 (K, H), b2 (K,)) that also reads params["w1"]."""
+  """mj.Params (w1 (H, D), b1 (H,), w2 (K, H), b2 (K,)) that also reads params["w1"],
+  and its names in any case (params["W1"], params.W1)."""
   __slots__ = ()
 
   def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+    if isinstance(key, str):
+      return getattr(self, key.lower())
+    return tuple.__getitem__(self, key)
+
+  def __getattr__(self, name: str) -> Any:   # only for a name not found: W1, B2
+    if name.lower() in LEAVES:
+      return getattr(self, name.lower())
+    raise AttributeError(name)
+
+
+# How a learner's function takes its arrays: "rows" (X (B, D), biases (H,), the mlp_jax
+# convention) or "columns" (the handout's: X (D, B), biases (H, 1) columns).
+LAYOUTS = ("rows", "columns")
+
+
+def describe_call(fn: Callable[..., Any], shapes: dict[str, int], layout: str) -> str:
+  """How `fn` is called, with the shapes passed: "grads(params: w1 (6, 4), b1 (6,), w2
+  (3, 6), b2 (3,); X (5, 4); y (5,))"."""
+  B, D, H, K = (shapes[k] for k in "BDHK")
+  bias = "(H, 1)" if layout == "columns" else "(H,)"
+  arrays = [f"w1 ({H}, {D})", f"b1 {bias.replace('H', str(H))}", f"w2 ({K}, {H})",
+            f"b2 {bias.replace('H', str(K))}",
+            f"X ({D}, {B})" if layout == "columns" else f"X ({B}, {D})", f"y ({B},)"]
+  name = getattr(fn, "__name__", "function")
+  if _takes_six(fn):
+    return f"{name}({', '.join(arrays)})"
+  return f"{name}(params: {', '.join(arrays[:4])}; {arrays[4]}; {arrays[5]})"
+
+
+def _takes_six(fn: Callable[..., Any]) -> bool:
+  """Whether fn takes the arrays one by one: fn(W1, b1, W2, b2, X, y)."""
+  try:
+    parameters = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+  return len(positional) == 6
 
 
 class Why(str):
@@ -103,27 +143,48 @@ def load_function(spec: str) -> Callable[..., Any]:
   return fn
 
 
-def call(fn: Callable[..., Any], problem: Problem) -> dict[str, Value]:
-  """{leaf: array or the one line why not} of fn(params, X, y) on a copy of `problem`."""
+def call(fn: Callable[..., Any], problem: Problem, layout: str = "rows"
+         ) -> dict[str, Value]:
+  """{leaf: array or the one line why not} of fn on a copy of `problem`: fn(params, X,
+  y), or fn(W1, b1, W2, b2, X, y) where its signature takes six arrays; in `layout`
+  (LAYOUTS; "columns": X (D, B), biases (H, 1), and a bias returned as (H, 1) read as
+  (H,))."""
   w1, b1, w2, b2, X, y = (np.array(a) for a in problem)
+  if layout == "columns":
+    X, b1, b2 = X.T.copy(), b1[:, None], b2[:, None]
   try:
-    result = fn(LearnerParams(w1, b1, w2, b2), X, y)  # type: ignore[arg-type]
+    if _takes_six(fn):
+      result = fn(w1, b1, w2, b2, X, y)
+    else:
+      result = fn(LearnerParams(w1, b1, w2, b2), X, y)  # type: ignore[arg-type]
   except (SystemExit, KeyboardInterrupt) as e:
     raise Exited(f"the function {_exit_words(e)}") from None
   except Exception as e:  # pylint: disable=broad-except  (the learner's code, reported)
     return dict.fromkeys(LEAVES, Why(f"raised {exception_line(e)}"))
-  if isinstance(result, dict):
-    values = [result.get(leaf, Why(f"is missing from the returned dict (keys: "
-                             f"{', '.join(map(str, result)) or 'none'})")) for leaf in LEAVES]
-  elif isinstance(result, (tuple, list)) and len(result) == 4:
-    values = ([getattr(result, leaf) for leaf in LEAVES] if hasattr(result, "w1")
-              else list(result))
-  else:
-    sized = isinstance(result, (tuple, list))
-    what = type(result).__name__ + (f" of {len(result)}" if sized else "")
-    values = [Why(f"is missing: the function returned {what}, not Params, a dict of w1, "
-                  "b1, w2, b2 or a 4-tuple")] * 4
+  values = _leaves_of(result)
+  if layout == "columns":   # a bias as the column it was given: (H, 1) -> (H,)
+    values = [v[:, 0] if leaf[0] == "b" and np.ndim(v) == 2 and np.shape(v)[1] == 1
+              and not isinstance(v, Why) else v for leaf, v in zip(LEAVES, values)]
   return {leaf: v if isinstance(v, Why) else as_array(v) for leaf, v in zip(LEAVES, values)}
+
+
+def _leaves_of(result: Any) -> list[Any]:
+  """The four leaves a function returned (Params, a dict or an object of w1 .. b2 in
+  any case, or a 4-tuple), or why each is missing."""
+  if isinstance(result, dict):
+    by_name = {str(k).lower(): v for k, v in result.items()}
+    return [by_name.get(leaf, Why(f"is missing from the returned dict (keys: "
+                                  f"{', '.join(map(str, result)) or 'none'})"))
+            for leaf in LEAVES]
+  named = [getattr(result, leaf, getattr(result, leaf.upper(), None)) for leaf in LEAVES]
+  if all(v is not None for v in named):   # Params, a namedtuple, any object of them
+    return named
+  if isinstance(result, (tuple, list)) and len(result) == 4:
+    return list(result)
+  sized = isinstance(result, (tuple, list))
+  what = type(result).__name__ + (f" of {len(result)}" if sized else "")
+  return [Why(f"is missing: the function returned {what}, not Params, a dict of w1, b1, "
+              "w2, b2 or a 4-tuple")] * 4
 
 
 def _exit_words(e: BaseException) -> str:
@@ -159,7 +220,12 @@ def as_array(value: Any) -> Value:
 # ----------------------------------------------------------------------- the child
 
 
-def _child(spec: str, inputs: str, outputs: str) -> None:
+def _shapes(problem: Problem) -> dict[str, int]:
+  w1, _, w2, _, X, _ = problem
+  return {"B": X.shape[0], "D": X.shape[1], "H": w1.shape[0], "K": w2.shape[0]}
+
+
+def _child(spec: str, inputs: str, outputs: str, layout: str) -> None:
   """Loads the function, calls it on each problem of `inputs`, writes `outputs`: per
   problem i and leaf, "i.leaf" (an array) or "i.leaf.why" (a line); or "load_error"
   (and "usage" where the command is at fault), or "failure" where it exited."""
@@ -170,8 +236,9 @@ def _child(spec: str, inputs: str, outputs: str) -> None:
                 for i in range(int(data.read("count")))]
   try:
     fn = load_function(spec)
+    answers["called"] = np.array(describe_call(fn, _shapes(problems[0]), layout))
     for i, problem in enumerate(problems):
-      for leaf, value in call(fn, problem).items():
+      for leaf, value in call(fn, problem, layout).items():
         key = f"{i}.{leaf}" + (".why" if isinstance(value, Why) else "")
         answers[key] = np.array(str(value)) if isinstance(value, Why) else value
   except LoadError as e:
@@ -188,12 +255,12 @@ resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_FSIZE, (output, output))
 sys.path.insert(0, os.getcwd())
 from mlp_jax import learner
-learner._child(*sys.argv[1:4])
+learner._child(*sys.argv[1:4], sys.argv[6])
 """
 
 
 def run_isolated(spec: str, problems: list[Problem], timeout: float = TIMEOUT_SECONDS,
-                 memory: int = MEMORY_BYTES) -> Answers:
+                 memory: int = MEMORY_BYTES, layout: str = "rows") -> Answers:
   """call(load_function(spec), p) for each of `problems`, in a child process (`python
   -I`: no PYTHON* variables, no user site, no module shared with this process or
   another submission; the submission's folder first on sys.path), within `timeout`
@@ -211,7 +278,7 @@ def run_isolated(spec: str, problems: list[Problem], timeout: float = TIMEOUT_SE
     np.savez(inputs, count=len(problems), **arrays)
     printed = [os.path.join(private, name) for name in ("stdout", "stderr")]
     failure = _run_child([sys.executable, "-I", "-c", _CHILD, spec, inputs, outputs,
-                          str(int(memory)), str(OUTPUT_BYTES)], printed, timeout)
+                          str(int(memory)), str(OUTPUT_BYTES), layout], printed, timeout)
     for path in printed:   # what the learner printed
       with contextlib.suppress(OSError, ValueError), files.open_regular(path) as f:
         f.seek(max(os.fstat(f.fileno()).st_size - OUTPUT_CHARACTERS, 0))
@@ -230,7 +297,8 @@ def run_isolated(spec: str, problems: list[Problem], timeout: float = TIMEOUT_SE
                  else as_array(answers.read(f"{i}.{leaf}")) if f"{i}.{leaf}" in names
                  else Why("was not answered") for leaf in LEAVES}
                 for i in range(len(problems))]
-      return Answers(values, str(answers.read("failure")) if "failure" in names else "")
+      return Answers(values, str(answers.read("failure")) if "failure" in names else "",
+                     str(answers.read("called")) if "called" in names else "")
 
 
 def _run_child(command: list[str], printed: list[str], timeout: float) -> str:

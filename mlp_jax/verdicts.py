@@ -39,7 +39,8 @@ STATUS_WORDS = {RIGHT: "right", WRONG: "wrong", USAGE: "usage error",
 class Report(NamedTuple):
   """check_grads' answer: correct when every leaf is; str() is the printed report.
   status: RIGHT, WRONG or NOT_CHECKED (`message` says what stopped the submission: it
-  exited, crashed, timed out or returned nothing); `shapes`: the problems' B, D, H, K."""
+  exited, crashed, timed out or returned nothing); `shapes`: the problems' B, D, H, K;
+  `called`: how the function was called (its arguments' shapes on the first)."""
   correct: bool
   leaves: dict[str, Verdict]
   problems: list[str]
@@ -47,6 +48,7 @@ class Report(NamedTuple):
   message: str = ""
   seed: int = 0
   shapes: tuple[dict[str, int], ...] = ()
+  called: str = ""   # how the function was called, with the shapes of the first problem
 
   @property
   def score(self) -> int:
@@ -63,7 +65,7 @@ class Report(NamedTuple):
     return {"version": __version__, "status": self.status,
             "status_words": STATUS_WORDS[self.status], "correct": self.correct,
             "score": self.score, "max_score": len(LEAVES), "message": self.message,
-            "seed": self.seed, "problems": list(self.shapes),
+            "seed": self.seed, "problems": list(self.shapes), "called": self.called,
             "leaves": {n: v._asdict() for n, v in self.leaves.items()},
             "mistakes": {m: CATALOGUE[m][0] for m in named}}
 
@@ -73,15 +75,16 @@ class Report(NamedTuple):
     verdict = (f"NOT CHECKED: {self.message}" if self.status == NOT_CHECKED else
                f"WRONG: {', '.join(wrong)}" if wrong else "OK: every gradient is right")
     return "\n".join(
-        [f"problems: {'; '.join(self.problems)}"]
+        ([f"called as {self.called}"] if self.called else [])
+        + [f"problems: {'; '.join(self.problems)}"]
         + [f"{n:3} {v.message}" for n, v in self.leaves.items()]
         + [f"  {m}: {CATALOGUE[m][0]} (docs/derivation.md"
            + (f", {CATALOGUE[m][1]})" if CATALOGUE[m][1] else ")") for m in named]
         + [verdict])
 
 
-def check_grads(fn: Callable[..., Any], seed: int = 0,
-                tolerance: Optional[float] = None) -> Report:
+def check_grads(fn: Callable[..., Any], seed: int = 0, tolerance: Optional[float] = None,
+                layout: str = "rows") -> Report:
   """Checks a learner's fn(params, X, y) -> the gradients of the mean cross-entropy (as
   Params, a dict of w1, b1, w2, b2, or a 4-tuple), NumPy or JAX, called with float64
   NumPy arrays (never jitted) on mistakes.problems(seed); each leaf's Verdict, within
@@ -89,17 +92,19 @@ def check_grads(fn: Callable[..., Any], seed: int = 0,
   in this process: the caller's own code (the command line runs a learner's file in a
   child process: check_grads_isolated)."""
   problem_list = mistakes.problems(seed)
+  called = learner.describe_call(fn, learner._shapes(problem_list[0]), layout)
   try:
-    answers = learner.Answers([learner.call(fn, p) for p in problem_list])
+    answers = learner.Answers([learner.call(fn, p, layout) for p in problem_list], "",
+                              called)
   except learner.Exited as e:
-    answers = learner.Answers([], str(e))
+    answers = learner.Answers([], str(e), called)
   return _report(answers, problem_list, seed, tolerance)
 
 
 def check_grads_isolated(spec: str, seed: int = 0,
                          timeout: float = learner.TIMEOUT_SECONDS,
                          memory: int = learner.MEMORY_BYTES,
-                         tolerance: Optional[float] = None) -> Report:
+                         tolerance: Optional[float] = None, layout: str = "rows") -> Report:
   """check_grads of the function "FILE.py:FUNCTION" or "MODULE:FUNCTION", run in a child
   process that returns only arrays, within `timeout` seconds and `memory` bytes
   (mlp_jax/learner.py); the verdicts are computed here. UsageError, one line, where
@@ -107,7 +112,8 @@ def check_grads_isolated(spec: str, seed: int = 0,
   be checked is a Report of status NOT_CHECKED."""
   problem_list = mistakes.problems(seed)
   try:
-    answers = learner.run_isolated(spec, [tuple(p) for p in problem_list], timeout, memory)
+    answers = learner.run_isolated(spec, [tuple(p) for p in problem_list], timeout, memory,
+                                   layout)
   except learner.LoadError as e:
     raise boundary.UsageError(str(e)) from None
   return _report(answers, problem_list, seed, tolerance)
@@ -121,16 +127,19 @@ def _report(answers: learner.Answers, problem_list: list[Problem], seed: int,
                   "ties": int(np.sum(p.X @ p.w1.T + p.b1 == 0))} for p in problem_list)
   described = [p.describe() for p in problem_list]
   if answers.failure:
-    return Report(False, {}, described, NOT_CHECKED, answers.failure, seed, shapes)
+    return Report(False, {}, described, NOT_CHECKED, answers.failure, seed, shapes,
+                  answers.called)
   leaves = {leaf: _verdict(leaf, [o[leaf] for o in answers.values], problem_list,
                            tolerance) for leaf in LEAVES}
   if not any(isinstance(v, np.ndarray) for values in answers.values
              for v in values.values()):
     why = next(str(v) for values in answers.values for v in values.values())
     return Report(False, leaves, described, NOT_CHECKED,
-                  f"it returned no gradient on any problem: {why}", seed, shapes)
+                  f"it returned no gradient on any problem: {why}", seed, shapes,
+                  answers.called)
   correct = all(v.ok for v in leaves.values())
-  return Report(correct, leaves, described, RIGHT if correct else WRONG, "", seed, shapes)
+  return Report(correct, leaves, described, RIGHT if correct else WRONG, "", seed, shapes,
+                answers.called)
 
 
 def _verdict(leaf: str, values: list[Value], problem_list: list[Problem],

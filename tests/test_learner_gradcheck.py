@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -408,3 +409,60 @@ def test_one_submission_writes_gradescopes_results_json(tmp_path, capsys):
     assert [t["max_score"] for t in written["tests"]] == [1, 1, 1, 1]
     assert {t["status"] for t in written["tests"]} == ({"passed"} if score else {"failed"})
   assert "sys.exit(0)" in written["tests"][0]["output"]     # eve: why, in each test
+
+
+def _right(w1, b1, w2, b2, X, y):
+  """The right gradients in rows: X (B, D), biases (H,)."""
+  return mistakes.right_gradients(mistakes.Problem(w1, b1, w2, b2, X, y))
+
+
+def _columns(W1, b1, W2, b2, X, y):
+  """The handout's layout: X (D, B), biases (H, 1) columns, returned the same way."""
+  g = _right(W1, b1[:, 0], W2, b2[:, 0], X.T, y)
+  return {"W1": g["w1"], "b1": g["b1"][:, None], "W2": g["w2"], "b2": g["b2"][:, None]}
+
+
+# The layouts students write, each right: (the function, the layout, how it is called).
+STYLES = {
+    "upper_case_names": (lambda params, X, y: {k.upper(): v for k, v in _right(
+        params["W1"], params.B1, params.W2, params["b2"], X, y).items()}, "rows",
+        "(params: w1 (6, 4), b1 (6,), w2 (3, 6), b2 (3,); X (5, 4); y (5,))"),
+    "an_object_of_attributes": (lambda params, X, y: types.SimpleNamespace(
+        **{k.upper(): v for k, v in _right(*params, X, y).items()}), "rows", "params:"),
+    "six_arguments": (lambda W1, b1, W2, b2, X, y: _right(W1, b1, W2, b2, X, y), "rows",
+                      "(w1 (6, 4), b1 (6,), w2 (3, 6), b2 (3,), X (5, 4), y (5,))"),
+    "columns": (_columns, "columns",
+                "(w1 (6, 4), b1 (6, 1), w2 (3, 6), b2 (3, 1), X (4, 5), y (5,))"),
+}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_layouts_students_write_are_understood(style):
+  fn, layout, called = STYLES[style]
+  report = check_grads(fn, layout=layout)
+  assert report.correct, str(report)
+  assert called in report.called and str(report).startswith("called as "), report.called
+
+
+def test_the_columns_layout_still_names_a_mistake():
+  def transposed_columns(W1, b1, W2, b2, X, y):
+    g = _columns(W1, b1, W2, b2, X, y)
+    return {**g, "W1": g["W1"].T}
+  report = check_grads(transposed_columns, layout="columns")
+  assert report.leaves["w1"].mistakes == ["transposed"] and report.leaves["b1"].ok
+
+
+@pytest.mark.slow   # a child process
+def test_the_command_passes_the_layout_to_the_submissions_process(tmp_path, capsys):
+  from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "handout.py"
+  path.write_text("from mlp_jax.core import mistakes\n"
+                  "def grads(W1, b1, W2, b2, X, y):\n"
+                  "  g = mistakes.right_gradients(mistakes.Problem(W1, b1[:, 0], W2, "
+                  "b2[:, 0], X.T, y))\n"
+                  "  return g['w1'], g['b1'][:, None], g['w2'], g['b2'][:, None]\n")
+  code = gradcheck.grade_command(f"{path}:grads", gradcheck.Grading(
+      timeout=20.0, layout="columns"))
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "called as grads(w1 (6, 4), b1 (6, 1), w2 (3, 6), b2 (3, 1), X (4, 5)" in out
