@@ -160,7 +160,10 @@ def _verdict(leaf: str, values: list[Value], problem_list: list[Problem],
               if a.shape != r.shape), "")
   rel = None if bad else max(mistakes.relative_error(a, r) for a, r, _ in ran)
   if rel is not None and rel <= tol and not failed:
-    return Verdict(True, rel, [], f"right (rel_error {rel:.1e} <= {tol:g})", True)
+    tiny = _tiny_term(arrays, problem_list, leaf, rel) if rel > TINY_TERM else {}
+    return Verdict(True, rel, list(tiny), f"right (rel_error {rel:.1e} <= {tol:g})" + "".join(
+        f", but it holds a term too small for the tolerance: {m} ({_parameter(m, v)})"
+        for m, v in tiny.items()), True)
   found = mistakes.matching(arrays, problem_list, leaf, mistakes.Close(tol))
   single = LEARNER_TOLERANCE["float32"]
   if (tolerance is None and dtype == "float64" and rel is not None and rel <= single
@@ -174,12 +177,31 @@ def _verdict(leaf: str, values: list[Value], problem_list: list[Problem],
   status = bad or (f"wrong (rel_error {rel:.1e} > {tol:g})" if rel and rel > tol else
                    f"right where it ran (rel_error {rel:.1e} <= {tol:g})")
   if found:
+    fitted = mistakes.fit_parameters(arrays, problem_list, leaf, mistakes.Close(tol))
     status += ": the gradient with " + ", or with ".join(
-        " + ".join(sorted(s, key=list(CATALOGUE).index)) for s in found)
+        " + ".join(f"{m} ({_parameter(m, fitted[m])})" if m in fitted else m
+                   for m in sorted(s, key=list(CATALOGUE).index)) for s in found)
   elif not failed and not bad:
     status += ": not a mistake gradcheck knows; " + _largest_difference(ran)
   credit = rel is not None and rel <= tol   # right wherever it returned
   return Verdict(False, rel, ids, status + (f"; {failed}" if failed else ""), credit)
+
+
+# A right leaf whose relative error passes this (far above float64's round-off in a
+# right computation) is looked at for a fitted mistake that explains it exactly.
+TINY_TERM = 1e-12
+
+
+def _tiny_term(arrays: list[Optional[np.ndarray]], problem_list: list[Problem], leaf: str,
+               rel: float) -> dict[str, float]:
+  """{id: parameter} of a FITTED mistake that gives the values to within a thousandth of
+  their (small) difference from right: a weight decay of λ = 1e-9, say."""
+  return mistakes.fit_parameters(arrays, problem_list, leaf, mistakes.Close(rel * 1e-3))
+
+
+def _parameter(mistake: str, value: float) -> str:
+  """"λ = 0.01" or "c = 0.5": a fitted mistake's parameter."""
+  return f"{'λ' if mistake == 'l2_term' else 'c'} = {value:.4g}"
 
 
 def _tie_verdict(leaf: str, ran: list[tuple[np.ndarray, np.ndarray, Problem]], tol: float

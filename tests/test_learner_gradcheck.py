@@ -31,15 +31,25 @@ def learner(mistake=None):
   def grads(params, X, y):
     B = X.shape[0]
     z1, a1, p = _forward(params, X)
-    Y = np.eye(p.shape[1])[y]
+    Y = np.eye(p.shape[1])[(y + (mistake == "labels_shifted")) % p.shape[1]]
     d2 = (Y - p if mistake == "sign_flipped" else p - Y)
+    if mistake == "softmax_jacobian_diagonal":
+      d2 = (p - 1) * Y
     if mistake == "softmax_as_sigmoid":
       d2 = d2 * p * (1 - p)
     d2 = {"sum_not_mean": d2, "mean_twice": d2 / B / B}.get(mistake, d2 / B)
     back = d2 @ (params["w1"].T if mistake == "w1_for_w2" else params["w2"])
-    mask = {"relu_mask_missing": 1.0, "relu_tie_convention": z1 > 0}.get(mistake, z1 >= 0)
+    sigmoid = 1 / (1 + np.exp(-z1))
+    mask = {"relu_mask_missing": 1.0, "relu_tie_convention": z1 > 0,
+            "wrong_activation_derivative": sigmoid * (1 - sigmoid)}.get(mistake, z1 >= 0)
     d1 = back * mask
     g = {"w1": d1.T @ X, "b1": d1.sum(axis=0), "w2": d2.T @ a1, "b2": d2.sum(axis=0)}
+    if mistake == "pre_activation_for_activation":
+      g["w2"] = d2.T @ z1
+    if mistake == "l2_term":
+      g["w1"], g["w2"] = g["w1"] + 0.01 * params["w1"], g["w2"] + 0.01 * params["w2"]
+    if mistake == "scale_factor":
+      g = {k: 0.5 * v for k, v in g.items()}
     if mistake == "elementwise_for_outer":
       g["w2"] = (d2 * a1).sum(axis=0)
     if mistake == "transposed":
@@ -57,7 +67,12 @@ WRONG = {"relu_mask_missing": {"w1", "b1"}, "relu_tie_convention": {"w1", "b1"},
          "w1_for_w2": {"w1", "b1"}, "elementwise_for_outer": {"w2"},
          "sign_flipped": set(mistakes.LEAVES), "softmax_as_sigmoid": set(mistakes.LEAVES),
          "sum_not_mean": set(mistakes.LEAVES), "mean_twice": set(mistakes.LEAVES),
-         "transposed": {"w1"}, "bias_not_summed": {"b1"}, "leaves_swapped": {"b1", "b2"}}
+         "transposed": {"w1"}, "bias_not_summed": {"b1"}, "leaves_swapped": {"b1", "b2"},
+         "labels_shifted": set(mistakes.LEAVES),
+         "softmax_jacobian_diagonal": set(mistakes.LEAVES),
+         "wrong_activation_derivative": {"w1", "b1"},
+         "pre_activation_for_activation": {"w2"}, "l2_term": {"w1", "w2"},
+         "scale_factor": set(mistakes.LEAVES)}
 
 
 def test_every_mistake_is_tested():
@@ -86,6 +101,21 @@ def test_each_mistake_is_named_and_no_other(mistake):
   assert report.correct is tie
   assert all(v.ok is (tie or (leaf not in WRONG[mistake] and mistake not in SQUARE_ONLY))
              for leaf, v in report.leaves.items())
+
+
+def test_a_fitted_mistake_reports_its_parameter_and_a_tiny_one_is_still_named():
+  report = check_grads(learner("l2_term"))
+  assert "l2_term (λ = 0.01)" in report.leaves["w1"].message
+  assert "scale_factor (c = 0.5)" in check_grads(learner("scale_factor")).leaves["b2"].message
+
+  def tiny_decay(p, X, y):
+    g = learner()(p, X, y)
+    return {**g, "w2": g["w2"] + 1e-9 * p["w2"]}
+  report = check_grads(tiny_decay)
+  verdict = report.leaves["w2"]
+  assert report.correct and verdict.ok and verdict.mistakes == ["l2_term"], verdict
+  assert "a term too small for the tolerance: l2_term (λ = 1e-09)" in verdict.message
+  assert not report.leaves["w1"].mistakes    # a right leaf is not given a name
 
 
 def _loop(params, X, y):

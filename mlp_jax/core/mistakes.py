@@ -36,7 +36,23 @@ CATALOGUE = {
                         ""),
     "leaves_swapped": ("the right value of another parameter returned under this name",
                        ""),
+    "labels_shifted": ("the one-hot targets of y − 1 or y + 1 (wrapped to K classes): "
+                       "labels counted from 1, or off by one", ""),
+    "softmax_jacobian_diagonal": ("only the diagonal of the softmax Jacobian, "
+                                  "δ2 = (p − 1) ⊙ y: ∂p_k/∂z_j taken as 0 for j ≠ k",
+                                  "erratum 5"),
+    "wrong_activation_derivative": ("another activation's derivative in δ1: sigmoid′ or "
+                                    "tanh′ (of z1, or of a1) in ReLU′'s place", "erratum 2"),
+    "pre_activation_for_activation": ("z1 used where a1 belongs: in dW2 = δ2 z1ᵀ, or also "
+                                      "in z2 = W2 z1 + b2", ""),
+    "l2_term": ("an added λW: the gradient of a weight-decay term λ/2 ‖W‖² the loss does "
+                "not have (λ reported)", ""),
+    "scale_factor": ("the right gradient times a constant c (reported) that is not a "
+                     "batch-size factor", ""),
 }
+# The mistakes with a parameter fitted to the learner's values (fit_parameter), not
+# computed by gradients_with.
+FITTED = ("l2_term", "scale_factor")
 
 
 class Problem(NamedTuple):
@@ -87,21 +103,22 @@ def gradients_with(problem: Problem, mistakes: frozenset[str]) -> dict[str, list
   B, K = len(X), len(b2)
   Z1 = X @ w1.T + b1
   A1 = np.where(Z1 < 0, 0.0, Z1)
-  Z2 = A1 @ w2.T + b2
-  P = np.exp(Z2 - Z2.max(axis=1, keepdims=True))
-  P /= P.sum(axis=1, keepdims=True)
-  delta2 = _output_delta(P, np.eye(K)[y], mistakes) * _scale(B, mistakes)
-  delta1s = [back * mask for back in _backs(problem, delta2, mistakes)
-             for mask in _masks(Z1, mistakes) if back.shape == Z1.shape]
-  outer = "elementwise_for_outer" not in mistakes
-  values = {
-      "w1": [d1.T @ X if outer else np.sum(d1 * X, axis=0)
-             for d1 in delta1s if outer or d1.shape == X.shape],
-      "b1": _bias(delta1s, B, mistakes),
-      "w2": [delta2.T @ A1] if outer else
-            ([np.sum(delta2 * A1, axis=0)] if delta2.shape == A1.shape else []),
-      "b2": _bias([delta2], B, mistakes),
-  }
+  values: dict[str, list[np.ndarray]] = {leaf: [] for leaf in LEAVES}
+  for hidden in _hidden_uses(Z1, A1, mistakes):   # (in z2, in dW2)
+    Z2 = hidden[0] @ w2.T + b2
+    P = np.exp(Z2 - Z2.max(axis=1, keepdims=True))
+    P /= P.sum(axis=1, keepdims=True)
+    for Y in _targets(y, K, mistakes):
+      delta2 = _output_delta(P, Y, mistakes) * _scale(B, mistakes)
+      delta1s = [back * mask for back in _backs(problem, delta2, mistakes)
+                 for mask in _masks(Z1, A1, mistakes) if back.shape == Z1.shape]
+      outer = "elementwise_for_outer" not in mistakes
+      values["w1"] += [d1.T @ X if outer else np.sum(d1 * X, axis=0)
+                       for d1 in delta1s if outer or d1.shape == X.shape]
+      values["b1"] += _bias(delta1s, B, mistakes)
+      values["w2"] += [delta2.T @ hidden[1]] if outer else (
+          [np.sum(delta2 * hidden[1], axis=0)] if delta2.shape == hidden[1].shape else [])
+      values["b2"] += _bias([delta2], B, mistakes)
   if "transposed" in mistakes:
     values = {leaf: [v.T for v in vs if v.ndim == 2] if leaf[0] == "w" else []
               for leaf, vs in values.items()}
@@ -111,9 +128,29 @@ def gradients_with(problem: Problem, mistakes: frozenset[str]) -> dict[str, list
   return values
 
 
+def _hidden_uses(Z1: np.ndarray, A1: np.ndarray, mistakes: frozenset[str]
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """What stands for a1 in z2 = W2 a1 + b2 and in dW2 = δ2 a1ᵀ: a1 in both, or z1 in
+  dW2 alone, or z1 in both."""
+  if "pre_activation_for_activation" in mistakes:
+    return [(A1, Z1), (Z1, Z1)]
+  return [(A1, A1)]
+
+
+def _targets(y: np.ndarray, K: int, mistakes: frozenset[str]) -> list[np.ndarray]:
+  """The one-hot targets Y (B, K) of y, or of y − 1 and y + 1, wrapped."""
+  if "labels_shifted" in mistakes:
+    return [np.eye(K)[(y + shift) % K] for shift in (-1, 1)]
+  return [np.eye(K)[y]]
+
+
 def _output_delta(P: np.ndarray, Y: np.ndarray, mistakes: frozenset[str]) -> np.ndarray:
   """Each example's δ2 (B, K), before the 1/B of the mean."""
-  delta2 = Y - P if "sign_flipped" in mistakes else P - Y
+  if "softmax_jacobian_diagonal" in mistakes:   # Σ_j ∂L/∂p_j ∂p_j/∂z_k with j = k only
+    delta2 = (P - 1) * Y
+  else:
+    delta2 = P - Y
+  delta2 = -delta2 if "sign_flipped" in mistakes else delta2
   return delta2 * P * (1 - P) if "softmax_as_sigmoid" in mistakes else delta2
 
 
@@ -133,12 +170,18 @@ def _backs(problem: Problem, delta2: np.ndarray, mistakes: frozenset[str]
   return [delta2 @ m for m in (w1.T, w1) if m.shape[0] == delta2.shape[1]]
 
 
-def _masks(Z1: np.ndarray, mistakes: frozenset[str]) -> list[np.ndarray]:
-  """ReLU′(Z1): 1[Z1 ≥ 0]; none; or 0 (or ½) at the ties Z1 = 0."""
+def _masks(Z1: np.ndarray, A1: np.ndarray, mistakes: frozenset[str]) -> list[np.ndarray]:
+  """ReLU′(Z1): 1[Z1 ≥ 0]; none; 0 (or ½) at the ties Z1 = 0; or another activation's
+  derivative: σ′ and tanh′ of z1 or of a1, and as written from the output, a(1 − a)
+  and 1 − a²."""
   if "relu_mask_missing" in mistakes:
     return [np.ones_like(Z1)]
   if "relu_tie_convention" in mistakes:
     return [(Z1 > 0).astype(np.float64), np.where(Z1 == 0, 0.5, Z1 > 0)]
+  if "wrong_activation_derivative" in mistakes:
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))
+    return [m for v in (Z1, A1) for m in (sigmoid(v) * (1 - sigmoid(v)), 1 - np.tanh(v)**2)
+            ] + [A1 * (1 - A1), 1 - A1**2]
   return [(Z1 >= 0).astype(np.float64)]
 
 
@@ -151,8 +194,9 @@ def _bias(deltas: list[np.ndarray], B: int, mistakes: frozenset[str]) -> list[np
 
 
 def mistake_sets() -> list[frozenset[str]]:
-  """Every mistake alone, then every two together, in the catalogue's order."""
-  ids = list(CATALOGUE)
+  """Every mistake computed here alone, then every two together, in the catalogue's
+  order (the FITTED ones: fit_parameter)."""
+  ids = [m for m in CATALOGUE if m not in FITTED]
   return ([frozenset([m]) for m in ids]
           + [frozenset(pair) for pair in itertools.combinations(ids, 2)])
 
@@ -160,17 +204,52 @@ def mistake_sets() -> list[frozenset[str]]:
 def matching(values: list[Optional[np.ndarray]], problem_list: list[Problem], leaf: str,
              close: "Close") -> list[frozenset[str]]:
   """The fewest mistakes that give `values` (one leaf's value per problem, None where the
-  function raised) on every problem where there is one, where it is not right on all."""
+  function raised) on every problem where there is one, where it is not right on all: a
+  computed mistake alone, else a FITTED one (fit_parameters), else two computed ones."""
   ran = [(v, p) for v, p in zip(values, problem_list) if v is not None]
   if all(close(v, right_gradients(p)[leaf]) for v, p in ran):
     return []                               # right wherever it ran: no mistake to name
   found: list[frozenset[str]] = []
+  pairs = False
   for mistakes in mistake_sets():
     if found and len(mistakes) > len(found[0]):
       break
+    if len(mistakes) == 2 and not pairs:    # before the pairs, the fitted ones alone
+      pairs = True
+      found = [frozenset([m]) for m in fit_parameters(values, problem_list, leaf, close)]
+      if found:
+        break
     if all(any(close(v, c) for c in gradients_with(p, mistakes)[leaf]) for v, p in ran):
       found.append(mistakes)
   return found
+
+
+def fit_parameters(values: list[Optional[np.ndarray]], problem_list: list[Problem],
+                   leaf: str, close: "Close") -> dict[str, float]:
+  """{id: its parameter} of the FITTED mistakes that give `values` on every problem
+  where there is one: l2_term, v = r + λW (W the leaf's own parameter), and
+  scale_factor, v = c·r, each parameter fitted by least squares over the problems
+  together; c within 1e-4 of ±1 (right to float32's precision, or sign_flipped) is no
+  scale factor."""
+  ran = [(v, right_gradients(p)[leaf], getattr(p, leaf)) for v, p in zip(values, problem_list)
+         if v is not None]
+  if not ran or any(v.size != r.size for v, r, _ in ran):
+    return {}
+  ran = [(v.reshape(r.shape), r, w) for v, r, w in ran]
+  found = {}
+  lam = _fit([v - r for v, r, _ in ran], [w for _, _, w in ran])
+  if lam and all(close(v, r + lam * w) for v, r, w in ran):
+    found["l2_term"] = lam
+  c = _fit([v for v, _, _ in ran], [r for _, r, _ in ran])
+  if c and min(abs(c - 1), abs(c + 1)) > 1e-4 and all(close(v, c * r) for v, r, _ in ran):
+    found["scale_factor"] = c
+  return found
+
+
+def _fit(targets: list[np.ndarray], bases: list[np.ndarray]) -> Optional[float]:
+  """The t ≈ a·b least-squares a over every pair, or None where the b are all 0."""
+  norm = sum(float(np.sum(b * b)) for b in bases)
+  return sum(float(np.sum(t * b)) for t, b in zip(targets, bases)) / norm if norm else None
 
 
 class Close:
