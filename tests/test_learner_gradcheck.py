@@ -4,6 +4,7 @@ function, leaf by leaf, with the mistake named (mlp_jax/core/mistakes.py)."""
 import csv
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -496,3 +497,23 @@ def test_the_command_passes_the_layout_to_the_submissions_process(tmp_path, caps
   out = capsys.readouterr().out
   assert code == 0, out
   assert "called as grads(w1 (6, 4), b1 (6, 1), w2 (3, 6), b2 (3, 1), X (4, 5)" in out
+
+
+@pytest.mark.slow   # a process per submission
+def test_the_grading_page_shows_what_the_command_prints_for_its_example(capsys, tmp_path,
+                                                                      monkeypatch):
+  """docs/grading.md's worked example, run: its table, its CSV and carol's report are
+  the page's, line for line."""
+  from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
+  page = (pathlib.Path(ROOT) / "docs" / "grading.md").read_text()
+  monkeypatch.chdir(pathlib.Path(ROOT) / "docs")
+  grades = tmp_path / "grades.csv"
+  code = gradcheck.grade_command("grading_example:grads", gradcheck.Grading(
+      csv=str(grades)))
+  printed = capsys.readouterr().out.splitlines()
+  assert code == 3 and len(printed) == 4
+  for line in printed + grades.read_text().splitlines():
+    assert f"\n{line}\n" in page, line
+  gradcheck.grade_command("grading_example/carol.py:grads", gradcheck.Grading())
+  for line in capsys.readouterr().out.splitlines():
+    assert f"\n{line}\n" in page, line

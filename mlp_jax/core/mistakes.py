@@ -46,9 +46,9 @@ CATALOGUE = {
     "pre_activation_for_activation": ("z1 used where a1 belongs: in dW2 = δ2 z1ᵀ, or also "
                                       "in z2 = W2 z1 + b2", ""),
     "l2_term": ("an added λW: the gradient of a weight-decay term λ/2 ‖W‖² the loss does "
-                "not have (λ reported)", ""),
-    "scale_factor": ("the right gradient times a constant c (reported) that is not a "
-                     "batch-size factor", ""),
+                "not have", ""),
+    "scale_factor": ("the right gradient times a constant c that is not a batch-size "
+                     "factor", ""),
 }
 # The mistakes with a parameter fitted to the learner's values (fit_parameter), not
 # computed by gradients_with.

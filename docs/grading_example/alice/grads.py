@@ -1,0 +1,10 @@
+import numpy as np
+from helper import softmax
+
+def grads(params, X, y):
+  z1 = X @ params["w1"].T + params["b1"]
+  a1 = np.maximum(z1, 0)
+  p = softmax(a1 @ params["w2"].T + params["b2"])
+  d2 = (p - np.eye(p.shape[1])[y]) / len(X)
+  d1 = (d2 @ params["w2"]) * (z1 >= 0)
+  return {"w1": d1.T @ X, "b1": d1.sum(0), "w2": d2.T @ a1, "b2": d2.sum(0)}
