@@ -43,7 +43,7 @@ from mlp_jax.core.gradients import autodiff_grads, grads
 from mlp_jax.core.model import Params
 from mlp_jax.grading import Grading, grade_command, refused
 from mlp_jax.verdicts import (  # pylint: disable=unused-import  (gradcheck.X names)
-    USAGE, Report, Verdict, check_grads, check_grads_isolated)
+    USAGE, Check, Report, Verdict, check_grads, check_grads_isolated)
 
 # Manual vs autodiff, per dtype; and either vs float64 finite differences.
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5}
@@ -154,8 +154,8 @@ def define_flags() -> None:
                      "address space the submission's process may use (JAX needs 2 to "
                      "start).", lower_bound=0.5)
   flags.DEFINE_enum("activation", "relu", list(ACTIVATIONS),
-                    "f of the hidden layer, a1 = f(z1), of the network checked (--grads: "
-                    "relu, the network whose mistakes the catalogue names).")
+                    "f of the hidden layer, a1 = f(z1), of the network checked (with "
+                    "--grads: the learner's network, its mistakes named for that f).")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -178,17 +178,11 @@ def main(argv: list[str]) -> None:
   """The command: one random problem, its table of errors; exit 1 past a tolerance."""
   del argv   # none: boundary.parse_flags refuses a stray argument
   FLAGS = flags.FLAGS
-  if FLAGS.grads is not None and FLAGS.activation != "relu":
-    print(f"error: --activation={FLAGS.activation} with --grads: a learner's gradient is "
-          "checked for the seed's ReLU network, whose mistakes the catalogue names; drop "
-          "--activation, or check our gradient of that network without --grads.",
-          file=sys.stderr)
-    sys.exit(2)
   if FLAGS.grads is not None:
-    sys.exit(grade_command(FLAGS.grads, Grading(FLAGS.seed, FLAGS.timeout,
-                                                FLAGS.memory_limit, FLAGS.json,
-                                                FLAGS.csv or "", FLAGS.gradescope or "",
-                                                FLAGS.tolerance, FLAGS.layout)))
+    how = Check(FLAGS.seed, FLAGS.tolerance, FLAGS.layout, FLAGS.activation,
+                FLAGS.timeout, int(FLAGS.memory_limit * 2**30))
+    sys.exit(grade_command(FLAGS.grads, Grading(how, FLAGS.json, FLAGS.csv or "",
+                                                FLAGS.gradescope or "")))
   jax.config.update("jax_enable_x64", True)
   try:
     params, X, y = random_problem(FLAGS.seed, FLAGS.batch_size,

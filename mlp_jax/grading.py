@@ -22,8 +22,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from mlp_jax import learner
 from mlp_jax.base import boundary
-from mlp_jax.verdicts import (INTERNAL, NOT_CHECKED, RIGHT, STATUS_WORDS, USAGE, Report,
-                              check_grads_isolated)
+from mlp_jax.verdicts import (INTERNAL, NOT_CHECKED, RIGHT, STATUS_WORDS, USAGE, Check,
+                              Report, check_grads_isolated)
 
 LEAVES = ("w1", "b1", "w2", "b2")
 MAX_SOURCE_BYTES = 1 << 20   # a .py file read to find the function (not run)
@@ -134,18 +134,14 @@ def summary_line(name: str, report: dict[str, Any]) -> str:
 
 
 class Grading(NamedTuple):
-  """How the command checks: the problems' seed, --timeout, --memory_limit (GiB),
-  --json, where to write --csv and --gradescope ("" for none), --tolerance (None: by
-  the dtype each gradient was computed in) and --layout (learner.LAYOUTS)."""
+  """What the command does: how it checks each submission (verdicts.Check: seed,
+  --tolerance, --layout, --activation, --timeout, --memory_limit), --json, and where to
+  write --csv and --gradescope ("" for none)."""
 
-  seed: int = 0
-  timeout: float = learner.TIMEOUT_SECONDS
-  memory_gib: float = learner.MEMORY_BYTES / 2**30
+  check: Check = Check()
   as_json: bool = False
   csv: str = ""
   gradescope: str = ""
-  tolerance: Optional[float] = None
-  layout: str = "rows"
 
 
 def grade_command(spec: str, how: Grading) -> int:
@@ -162,8 +158,7 @@ def grade_command(spec: str, how: Grading) -> int:
       raise boundary.UsageError("--csv needs --grads=DIR:FUNCTION, a folder of "
                                 "submissions; for one submission use --json or "
                                 "--gradescope.")
-    report = check_grads_isolated(spec, how.seed, how.timeout, int(how.memory_gib * 2**30),
-                                  how.tolerance, how.layout)
+    report = check_grads_isolated(spec, how.check)
     if how.gradescope:
       _write_json(how.gradescope, gradescope(report.as_dict()))
   except boundary.UsageError as e:
@@ -186,10 +181,8 @@ def _grade_class(folder: str, function: str, how: Grading) -> int:
   if not found:
     raise boundary.UsageError(f"--grads: {folder} holds no submission (a subfolder or a "
                               ".py file).")
-  memory = int(how.memory_gib * 2**30)
-  check = lambda one: check_grads_isolated(one, how.seed, how.timeout, memory,
-                                           how.tolerance, how.layout).as_dict()
-  unchecked = lambda why: Report(False, {}, [], NOT_CHECKED, why, how.seed).as_dict()
+  check = lambda one: check_grads_isolated(one, how.check).as_dict()
+  unchecked = lambda why: Report(False, {}, [], NOT_CHECKED, why, how.check.seed).as_dict()
   reports = grade_all(found, check, unchecked, os.cpu_count() or 1)
   if how.csv:
     write_csv(how.csv, reports)

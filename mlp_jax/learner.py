@@ -220,7 +220,8 @@ def as_array(value: Any) -> Value:
 # ----------------------------------------------------------------------- the child
 
 
-def _shapes(problem: Problem) -> dict[str, int]:
+def shapes(problem: Problem) -> dict[str, int]:
+  """B, D, H, K of a problem's arrays (w1, b1, w2, b2, X, y)."""
   w1, _, w2, _, X, _ = problem
   return {"B": X.shape[0], "D": X.shape[1], "H": w1.shape[0], "K": w2.shape[0]}
 
@@ -236,7 +237,7 @@ def _child(spec: str, inputs: str, outputs: str, layout: str) -> None:
                 for i in range(int(data.read("count")))]
   try:
     fn = load_function(spec)
-    answers["called"] = np.array(describe_call(fn, _shapes(problems[0]), layout))
+    answers["called"] = np.array(describe_call(fn, shapes(problems[0]), layout))
     for i, problem in enumerate(problems):
       for leaf, value in call(fn, problem, layout).items():
         key = f"{i}.{leaf}" + (".why" if isinstance(value, Why) else "")

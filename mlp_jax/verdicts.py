@@ -84,39 +84,50 @@ class Report(NamedTuple):
 
 
 def check_grads(fn: Callable[..., Any], seed: int = 0, tolerance: Optional[float] = None,
-                layout: str = "rows") -> Report:
+                layout: str = "rows", activation: str = "relu") -> Report:
   """Checks a learner's fn(params, X, y) -> the gradients of the mean cross-entropy (as
   Params, a dict of w1, b1, w2, b2, or a 4-tuple), NumPy or JAX, called with float64
-  NumPy arrays (never jitted) on mistakes.problems(seed); each leaf's Verdict, within
+  NumPy arrays (never jitted) on mistakes.problems(seed) of the network whose hidden
+  layer is f = `activation` (a key of mistakes.ACTIVATIONS); each leaf's Verdict, within
   `tolerance` (default: by the dtype it computed in, LEARNER_TOLERANCE). `fn` runs
   in this process: the caller's own code (the command line runs a learner's file in a
   child process: check_grads_isolated)."""
-  problem_list = mistakes.problems(seed)
-  called = learner.describe_call(fn, learner._shapes(problem_list[0]), layout)
+  problem_list = mistakes.problems(seed, activation)
+  called = learner.describe_call(fn, learner.shapes(problem_list[0].arrays), layout)
   try:
-    answers = learner.Answers([learner.call(fn, p, layout) for p in problem_list], "",
+    answers = learner.Answers([learner.call(fn, p.arrays, layout) for p in problem_list], "",
                               called)
   except learner.Exited as e:
     answers = learner.Answers([], str(e), called)
   return _report(answers, problem_list, seed, tolerance)
 
 
-def check_grads_isolated(spec: str, seed: int = 0,
-                         timeout: float = learner.TIMEOUT_SECONDS,
-                         memory: int = learner.MEMORY_BYTES,
-                         tolerance: Optional[float] = None, layout: str = "rows") -> Report:
+class Check(NamedTuple):
+  """How a submission is checked: the problems' seed, the tolerance (None: by the dtype
+  each gradient was computed in), the layout it takes (learner.LAYOUTS), the hidden
+  layer's activation, and its process's limits: seconds and bytes of address space."""
+
+  seed: int = 0
+  tolerance: Optional[float] = None
+  layout: str = "rows"
+  activation: str = "relu"
+  timeout: float = learner.TIMEOUT_SECONDS
+  memory: int = learner.MEMORY_BYTES
+
+
+def check_grads_isolated(spec: str, how: Check = Check()) -> Report:
   """check_grads of the function "FILE.py:FUNCTION" or "MODULE:FUNCTION", run in a child
-  process that returns only arrays, within `timeout` seconds and `memory` bytes
+  process that returns only arrays, within how.timeout seconds and how.memory bytes
   (mlp_jax/learner.py); the verdicts are computed here. UsageError, one line, where
   the command is at fault (no such file, a malformed spec); a submission that cannot
   be checked is a Report of status NOT_CHECKED."""
-  problem_list = mistakes.problems(seed)
+  problem_list = mistakes.problems(how.seed, how.activation)
   try:
-    answers = learner.run_isolated(spec, [tuple(p) for p in problem_list], timeout, memory,
-                                   layout)
+    answers = learner.run_isolated(spec, [p.arrays for p in problem_list], how.timeout,
+                                   how.memory, how.layout)
   except learner.LoadError as e:
     raise boundary.UsageError(str(e)) from None
-  return _report(answers, problem_list, seed, tolerance)
+  return _report(answers, problem_list, how.seed, how.tolerance)
 
 
 def _report(answers: learner.Answers, problem_list: list[Problem], seed: int,

@@ -16,7 +16,7 @@ import mlp_jax as mj
 from mlp_jax.core import mistakes
 from mlp_jax.gradcheck import check_grads
 
-from conftest import ROOT
+from conftest import ROOT, float64
 
 
 def _forward(params, X):
@@ -374,8 +374,8 @@ def test_whatever_a_submission_does_the_report_says_what_happened(name, tmp_path
   path = tmp_path / f"{name}.py"
   path.write_text("import numpy as np\n" + source)
   from mlp_jax import gradcheck  # pylint: disable=g-import-not-at-top
-  code = gradcheck.grade_command(f"{path}:grads", gradcheck.Grading(timeout=3.0,
-                                                                   as_json=True))
+  code = gradcheck.grade_command(f"{path}:grads", gradcheck.Grading(
+      gradcheck.Check(timeout=3.0), as_json=True))
   report = json.loads(capsys.readouterr().out)
   assert code == status == report["status"], report
   assert words in report["message"], report["message"]
@@ -413,7 +413,7 @@ def test_a_class_is_graded_each_submission_apart_with_its_csv(tmp_path, capsys):
   expected = _class(tmp_path / "class")
   grades = tmp_path / "grades.csv"
   code = gradcheck.grade_command(f"{tmp_path / 'class'}:grads", gradcheck.Grading(
-      timeout=20.0, as_json=True, csv=str(grades)))
+      gradcheck.Check(timeout=20.0), as_json=True, csv=str(grades)))
   reports = json.loads(capsys.readouterr().out)["submissions"]
   assert {name: r["status"] for name, r in reports.items()} == expected
   assert code == 3                      # some could not be checked
@@ -433,7 +433,7 @@ def test_one_submission_writes_gradescopes_results_json(tmp_path, capsys):
   for name, score in (("alice/grads.py", 4), ("carol.py", 0), ("eve.py", 0)):
     results = tmp_path / "results.json"
     gradcheck.grade_command(f"{tmp_path / 'class' / name}:grads", gradcheck.Grading(
-        timeout=20.0, gradescope=str(results)))
+        gradcheck.Check(timeout=20.0), gradescope=str(results)))
     capsys.readouterr()
     written = json.loads(results.read_text())
     assert written["score"] == score == sum(t["score"] for t in written["tests"])
@@ -493,7 +493,7 @@ def test_the_command_passes_the_layout_to_the_submissions_process(tmp_path, caps
                   "b2[:, 0], X.T, y))\n"
                   "  return g['w1'], g['b1'][:, None], g['w2'], g['b2'][:, None]\n")
   code = gradcheck.grade_command(f"{path}:grads", gradcheck.Grading(
-      timeout=20.0, layout="columns"))
+      gradcheck.Check(layout="columns", timeout=20.0)))
   out = capsys.readouterr().out
   assert code == 0, out
   assert "called as grads(w1 (6, 4), b1 (6, 1), w2 (3, 6), b2 (3, 1), X (4, 5)" in out
@@ -517,3 +517,43 @@ def test_the_grading_page_shows_what_the_command_prints_for_its_example(capsys, 
   gradcheck.grade_command("grading_example/carol.py:grads", gradcheck.Grading())
   for line in capsys.readouterr().out.splitlines():
     assert f"\n{line}\n" in page, line
+
+
+def _autodiff(activation, mistake=None):
+  """A learner's gradient of the network with `activation`: jax.grad of mj.loss in
+  float64, or with δ1 made without f′ (relu_mask_missing) or with sigmoid′(z1) in its
+  place (wrong_activation_derivative), by hand from jax.grad's δ2."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def grads(params, X, y):
+    with float64():
+      p = mj.Params(*(jax.numpy.asarray(a) for a in params))
+      g = {k: np.asarray(v) for k, v in mj.autodiff_grads(p, X, y, activation=activation)
+           ._asdict().items()}
+    if mistake is None:
+      return g
+    z1 = X @ params.w1.T + params.b1
+    a1 = np.asarray(mistakes.ACTIVATIONS[activation][0](z1))
+    z2 = a1 @ params.w2.T + params.b2
+    p = np.exp(z2 - z2.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d2 = (p - np.eye(p.shape[1])[y]) / len(X)
+    sigmoid = 1 / (1 + np.exp(-z1))
+    d1 = (d2 @ params.w2) * (1.0 if mistake == "relu_mask_missing" else sigmoid * (1 - sigmoid))
+    return {**g, "w1": d1.T @ X, "b1": d1.sum(0)}
+  return grads
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "identity", "logistic"])
+def test_any_activation_of_the_table_is_checked_and_its_mistakes_follow_it(activation):
+  """Right for that network (jax.grad's), and the derivative mistakes are named against
+  its f′: none at all (relu_mask_missing, where f′ is not 1), sigmoid′ in tanh's place."""
+  assert check_grads(_autodiff(activation), activation=activation).correct
+  assert not check_grads(_autodiff(activation)).correct       # checked against ReLU: wrong
+  if activation != "identity":     # f′ = 1: leaving it out is no mistake
+    report = check_grads(_autodiff(activation, "relu_mask_missing"), activation=activation)
+    assert report.leaves["w1"].mistakes == ["relu_mask_missing"], str(report)
+  if activation != "logistic":     # sigmoid′ is logistic's own
+    report = check_grads(_autodiff(activation, "wrong"), activation=activation)
+    assert report.leaves["b1"].mistakes == ["wrong_activation_derivative"], str(report)
+    assert report.leaves["w2"].ok

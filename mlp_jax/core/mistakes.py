@@ -10,7 +10,8 @@ none where its shapes do not fit the problem).
 """
 
 import itertools
-from typing import NamedTuple, Optional
+import math
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -18,7 +19,7 @@ LEAVES = ("w1", "b1", "w2", "b2")
 
 # id -> (the mistake, the erratum of docs/derivation.md it comes from, if one)
 CATALOGUE = {
-    "relu_mask_missing": ("δ1 = W2ᵀδ2, without ⊙ 1[z1 ≥ 0]", "erratum 2"),
+    "relu_mask_missing": ("δ1 = W2ᵀδ2, without ⊙ f′(z1) (ReLU: 1[z1 ≥ 0])", "erratum 2"),
     "relu_tie_convention": ("right except where z1 = 0, where it takes ReLU′(0) as 0 (or "
                             "½) instead of 1: a convention, not an error", "erratum 7"),
     "w1_for_w2": ("W1 used where W2ᵀ belongs, in δ1 (the seed's (A2 − y)·w1)",
@@ -63,19 +64,47 @@ class Problem(NamedTuple):
   b2: np.ndarray
   X: np.ndarray
   y: np.ndarray
+  activation: str = "relu"   # f of a1 = f(z1): a key of ACTIVATIONS
 
   def describe(self) -> str:
     (B, D), (H, K) = self.X.shape, (len(self.b1), len(self.b2))
     ties = int(np.sum(self.X @ self.w1.T + self.b1 == 0))
-    return f"B={B} D={D} H={H} K={K}" + (f", {ties} ties z1 = 0" if ties else "")
+    return (f"B={B} D={D} H={H} K={K}" + (f", {ties} ties z1 = 0" if ties else "")
+            + (f", f = {self.activation}" if self.activation != "relu" else ""))
+
+  @property
+  def arrays(self) -> tuple[np.ndarray, ...]:
+    """w1, b1, w2, b2, X, y: what a learner's function is given."""
+    return tuple(self[:6])
 
 
-def problems(seed: int = 0) -> list[Problem]:
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+  return 1 / (1 + np.exp(-z))
+
+
+def _normal_cdf(z: np.ndarray) -> np.ndarray:
+  return 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
+
+
+# f and f′ of each activation of mlp_jax (mlp_jax/core/network.py), in NumPy float64:
+# what a learner's gradient is checked against. ReLU′(0) = 1, as the seed takes it.
+Fn = Callable[[np.ndarray], np.ndarray]
+ACTIVATIONS: dict[str, tuple[Fn, Fn]] = {
+    "relu": (lambda z: np.where(z < 0, 0.0, z), lambda z: (z >= 0).astype(np.float64)),
+    "tanh": (np.tanh, lambda z: 1 - np.tanh(z)**2),
+    "logistic": (_sigmoid, lambda z: _sigmoid(z) * (1 - _sigmoid(z))),
+    "identity": (lambda z: z, np.ones_like),
+    "gelu": (lambda z: z * _normal_cdf(z),
+             lambda z: _normal_cdf(z) + z * np.exp(-z**2 / 2) / math.sqrt(2 * math.pi)),
+}
+
+
+def problems(seed: int = 0, activation: str = "relu") -> list[Problem]:
   """The problems every check runs, drawn from `seed` so a verdict is reproducible: one
   of unequal sizes (a transposed or swapped gradient has the wrong shape), one square,
   D = H = K (the seed's shape-invalid formulas run), and one square with integer inputs
   and first layer, so that z1 = 0 exactly at some units, whatever the order of the sums
-  (where ReLU′(0) shows)."""
+  (where ReLU′(0) shows); the hidden layer's f = `activation`."""
   rng = np.random.default_rng(seed)
 
   def draw(B: int, D: int, H: int, K: int, integer: bool) -> Problem:
@@ -87,22 +116,23 @@ def problems(seed: int = 0) -> list[Problem]:
       X = rng.standard_normal((B, D))
     w2, b2 = rng.standard_normal((K, H)) / np.sqrt(H), rng.standard_normal(K)
     y = np.arange(B) % K                       # every class, in a drawn order
-    return Problem(first[0], first[1], w2, b2, X, rng.permutation(y))
+    return Problem(first[0], first[1], w2, b2, X, rng.permutation(y), activation)
 
   return [draw(5, 4, 6, 3, False), draw(4, 5, 5, 5, False), draw(6, 4, 4, 4, True)]
 
 
 def right_gradients(problem: Problem) -> dict[str, np.ndarray]:
-  """The gradients of the mean cross-entropy, ReLU′(0) = 1 as the seed takes it."""
+  """The gradients of the mean cross-entropy, ReLU′(0) = 1 as the seed takes it (f′ of
+  the problem's activation)."""
   return {leaf: values[0] for leaf, values in gradients_with(problem, frozenset()).items()}
 
 
 def gradients_with(problem: Problem, mistakes: frozenset[str]) -> dict[str, list[np.ndarray]]:
   """{leaf: [every value it takes with `mistakes` made]} ([] where they do not fit)."""
-  w1, b1, w2, b2, X, y = problem
+  w1, b1, w2, b2, X, y = problem.arrays
   B, K = len(X), len(b2)
   Z1 = X @ w1.T + b1
-  A1 = np.where(Z1 < 0, 0.0, Z1)
+  A1 = ACTIVATIONS[problem.activation][0](Z1)
   values: dict[str, list[np.ndarray]] = {leaf: [] for leaf in LEAVES}
   for hidden in _hidden_uses(Z1, A1, mistakes):   # (in z2, in dW2)
     Z2 = hidden[0] @ w2.T + b2
@@ -111,7 +141,8 @@ def gradients_with(problem: Problem, mistakes: frozenset[str]) -> dict[str, list
     for Y in _targets(y, K, mistakes):
       delta2 = _output_delta(P, Y, mistakes) * _scale(B, mistakes)
       delta1s = [back * mask for back in _backs(problem, delta2, mistakes)
-                 for mask in _masks(Z1, A1, mistakes) if back.shape == Z1.shape]
+                 for mask in _masks(Z1, A1, mistakes, problem.activation)
+                 if back.shape == Z1.shape]
       outer = "elementwise_for_outer" not in mistakes
       values["w1"] += [d1.T @ X if outer else np.sum(d1 * X, axis=0)
                        for d1 in delta1s if outer or d1.shape == X.shape]
@@ -170,19 +201,22 @@ def _backs(problem: Problem, delta2: np.ndarray, mistakes: frozenset[str]
   return [delta2 @ m for m in (w1.T, w1) if m.shape[0] == delta2.shape[1]]
 
 
-def _masks(Z1: np.ndarray, A1: np.ndarray, mistakes: frozenset[str]) -> list[np.ndarray]:
-  """ReLU′(Z1): 1[Z1 ≥ 0]; none; 0 (or ½) at the ties Z1 = 0; or another activation's
-  derivative: σ′ and tanh′ of z1 or of a1, and as written from the output, a(1 − a)
-  and 1 − a²."""
+def _masks(Z1: np.ndarray, A1: np.ndarray, mistakes: frozenset[str], activation: str
+           ) -> list[np.ndarray]:
+  """f′(Z1) (ReLU′: 1[Z1 ≥ 0]); none; for ReLU, 0 (or ½) at the ties Z1 = 0; or another
+  activation's derivative: σ′ and tanh′ of z1 or of a1, and as written from the output,
+  a(1 − a) and 1 − a² (each that is not f′ itself)."""
+  right = ACTIVATIONS[activation][1](Z1)
   if "relu_mask_missing" in mistakes:
     return [np.ones_like(Z1)]
   if "relu_tie_convention" in mistakes:
-    return [(Z1 > 0).astype(np.float64), np.where(Z1 == 0, 0.5, Z1 > 0)]
+    return ([(Z1 > 0).astype(np.float64), np.where(Z1 == 0, 0.5, Z1 > 0)]
+            if activation == "relu" else [])
   if "wrong_activation_derivative" in mistakes:
-    sigmoid = lambda v: 1 / (1 + np.exp(-v))
-    return [m for v in (Z1, A1) for m in (sigmoid(v) * (1 - sigmoid(v)), 1 - np.tanh(v)**2)
-            ] + [A1 * (1 - A1), 1 - A1**2]
-  return [(Z1 >= 0).astype(np.float64)]
+    others = [m for v in (Z1, A1) for m in (_sigmoid(v) * (1 - _sigmoid(v)),
+                                            1 - np.tanh(v)**2)] + [A1 * (1 - A1), 1 - A1**2]
+    return [m for m in others if not np.allclose(m, right, rtol=1e-12, atol=1e-15)]
+  return [right]
 
 
 def _bias(deltas: list[np.ndarray], B: int, mistakes: frozenset[str]) -> list[np.ndarray]:
