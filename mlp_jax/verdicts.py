@@ -188,7 +188,11 @@ def _verdict(leaf: str, values: list[Value], problem_list: list[Problem],
   status = bad or (f"wrong (rel_error {rel:.1e} > {tol:g})" if rel and rel > tol else
                    f"right where it ran (rel_error {rel:.1e} <= {tol:g})")
   if found:
-    fitted = mistakes.fit_parameters(arrays, problem_list, leaf, mistakes.Close(tol))
+    fitted: dict[str, float] = mistakes.fit_parameters(arrays, problem_list, leaf,
+                                                       mistakes.Close(tol))
+    shift = mistakes.label_shift(arrays, problem_list, leaf, mistakes.Close(tol))
+    if shift is not None:
+      fitted["labels_shifted"] = shift
     status += ": the gradient with " + ", or with ".join(
         " + ".join(f"{m} ({_parameter(m, fitted[m])})" if m in fitted else m
                    for m in sorted(s, key=list(CATALOGUE).index)) for s in found)
@@ -211,7 +215,9 @@ def _tiny_term(arrays: list[Optional[np.ndarray]], problem_list: list[Problem], 
 
 
 def _parameter(mistake: str, value: float) -> str:
-  """"λ = 0.01" or "c = 0.5": a fitted mistake's parameter."""
+  """"λ = 0.01", "c = 0.5" or "y + 1": a mistake's parameter."""
+  if mistake == "labels_shifted":
+    return f"y {'+' if value > 0 else '−'} 1"
   return f"{'λ' if mistake == 'l2_term' else 'c'} = {value:.4g}"
 
 

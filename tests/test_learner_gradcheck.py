@@ -108,6 +108,7 @@ def test_a_fitted_mistake_reports_its_parameter_and_a_tiny_one_is_still_named():
   report = check_grads(learner("l2_term"))
   assert "l2_term (λ = 0.01)" in report.leaves["w1"].message
   assert "scale_factor (c = 0.5)" in check_grads(learner("scale_factor")).leaves["b2"].message
+  assert "labels_shifted (y + 1)" in check_grads(learner("labels_shifted")).leaves["w1"].message
 
   def tiny_decay(p, X, y):
     g = learner()(p, X, y)

@@ -280,6 +280,18 @@ def fit_parameters(values: list[Optional[np.ndarray]], problem_list: list[Proble
   return found
 
 
+def label_shift(values: list[Optional[np.ndarray]], problem_list: list[Problem], leaf: str,
+                close: "Close") -> Optional[int]:
+  """The shift s (−1 or +1) whose targets y + s (wrapped) give `values` alone, or None:
+  labels_shifted's parameter."""
+  for shift in (-1, 1):
+    if all(v is None or (v.size == r.size and close(v.reshape(r.shape), r))
+           for v, r in ((v, right_gradients(p._replace(y=(p.y + shift) % len(p.b2)))[leaf])
+                        for v, p in zip(values, problem_list))):
+      return shift
+  return None
+
+
 def _fit(targets: list[np.ndarray], bases: list[np.ndarray]) -> Optional[float]:
   """The t ≈ a·b least-squares a over every pair, or None where the b are all 0."""
   norm = sum(float(np.sum(b * b)) for b in bases)
