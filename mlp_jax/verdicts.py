@@ -49,6 +49,7 @@ class Report(NamedTuple):
   seed: int = 0
   shapes: tuple[dict[str, int], ...] = ()
   called: str = ""   # how the function was called, with the shapes of the first problem
+  warnings: tuple[str, ...] = ()   # what is right but fragile: a softmax that overflows
 
   @property
   def score(self) -> int:
@@ -66,6 +67,7 @@ class Report(NamedTuple):
             "status_words": STATUS_WORDS[self.status], "correct": self.correct,
             "score": self.score, "max_score": len(LEAVES), "message": self.message,
             "seed": self.seed, "problems": list(self.shapes), "called": self.called,
+            "warnings": list(self.warnings),
             "leaves": {n: v._asdict() for n, v in self.leaves.items()},
             "mistakes": {m: CATALOGUE[m][0] for m in named}}
 
@@ -80,7 +82,7 @@ class Report(NamedTuple):
         + [f"{n:3} {v.message}" for n, v in self.leaves.items()]
         + [f"  {m}: {CATALOGUE[m][0]} (docs/derivation.md"
            + (f", {CATALOGUE[m][1]})" if CATALOGUE[m][1] else ")") for m in named]
-        + [verdict])
+        + [f"warning: {w}" for w in self.warnings] + [verdict])
 
 
 def check_grads(fn: Callable[..., Any], seed: int = 0, tolerance: Optional[float] = None,
@@ -95,11 +97,23 @@ def check_grads(fn: Callable[..., Any], seed: int = 0, tolerance: Optional[float
   problem_list = mistakes.problems(seed, activation)
   called = learner.describe_call(fn, learner.shapes(problem_list[0].arrays), layout)
   try:
-    answers = learner.Answers([learner.call(fn, p.arrays, layout) for p in problem_list], "",
-                              called)
+    answers = learner.Answers([learner.call(fn, p.arrays, layout)
+                               for p in [*problem_list, _large_logits(problem_list[0])]],
+                              "", called)
   except learner.Exited as e:
     answers = learner.Answers([], str(e), called)
   return _report(answers, problem_list, seed, tolerance)
+
+
+# The logits of the overflow probe: every one of the first problem's plus this (the
+# softmax, and so the gradient, unchanged; exp(1000) overflows float64).
+LARGE_LOGIT = 1000.0
+
+
+def _large_logits(problem: Problem) -> Problem:
+  """The first problem with every logit LARGE_LOGIT larger (b2 + LARGE_LOGIT): the same
+  gradient, where a softmax that does not subtract its row's max overflows."""
+  return problem._replace(b2=problem.b2 + LARGE_LOGIT)
 
 
 class Check(NamedTuple):
@@ -123,7 +137,8 @@ def check_grads_isolated(spec: str, how: Check = Check()) -> Report:
   be checked is a Report of status NOT_CHECKED."""
   problem_list = mistakes.problems(how.seed, how.activation)
   try:
-    answers = learner.run_isolated(spec, [p.arrays for p in problem_list], how.timeout,
+    probes = [*problem_list, _large_logits(problem_list[0])]
+    answers = learner.run_isolated(spec, [p.arrays for p in probes], how.timeout,
                                    how.memory, how.layout)
   except learner.LoadError as e:
     raise boundary.UsageError(str(e)) from None
@@ -137,6 +152,8 @@ def _report(answers: learner.Answers, problem_list: list[Problem], seed: int,
   shapes = tuple({"B": len(p.X), "D": p.X.shape[1], "H": len(p.b1), "K": len(p.b2),
                   "ties": int(np.sum(p.X @ p.w1.T + p.b1 == 0))} for p in problem_list)
   described = [p.describe() for p in problem_list]
+  probe = answers.values[len(problem_list):]   # the large-logit one, where it ran
+  answers = answers._replace(values=answers.values[:len(problem_list)])
   if answers.failure:
     return Report(False, {}, described, NOT_CHECKED, answers.failure, seed, shapes,
                   answers.called)
@@ -149,8 +166,22 @@ def _report(answers: learner.Answers, problem_list: list[Problem], seed: int,
                   f"it returned no gradient on any problem: {why}", seed, shapes,
                   answers.called)
   correct = all(v.ok for v in leaves.values())
+  warnings = _overflow_warnings(probe, answers.values[0]) if correct else ()
   return Report(correct, leaves, described, RIGHT if correct else WRONG, "", seed, shapes,
-                answers.called)
+                answers.called, warnings)
+
+
+def _overflow_warnings(probe: list[dict[str, Value]], first: dict[str, Value]
+                       ) -> tuple[str, ...]:
+  """A warning where the gradient on the large-logit probe is not the first problem's
+  (the same problem, its logits all LARGE_LOGIT larger): a softmax that overflows."""
+  same = lambda a, b: (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                       and a.size == b.size
+                       and mistakes.relative_error(a.reshape(-1), b.reshape(-1)) <= 1e-6)
+  if not probe or all(same(v, first[leaf]) for leaf, v in probe[0].items()):
+    return ()
+  return (f"its gradient is wrong once every logit is {LARGE_LOGIT:g} larger (the softmax "
+          "overflows: subtract each row's max before exp, the log-sum-exp trick)",)
 
 
 def _verdict(leaf: str, values: list[Value], problem_list: list[Problem],

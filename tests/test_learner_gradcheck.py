@@ -558,3 +558,20 @@ def test_any_activation_of_the_table_is_checked_and_its_mistakes_follow_it(activ
     report = check_grads(_autodiff(activation, "wrong"), activation=activation)
     assert report.leaves["b1"].mistakes == ["wrong_activation_derivative"], str(report)
     assert report.leaves["w2"].ok
+
+
+def test_a_right_gradient_whose_softmax_overflows_is_right_with_a_warning():
+  def naive(p, X, y):
+    z1 = X @ p.w1.T + p.b1
+    a1 = np.maximum(z1, 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+      e = np.exp(a1 @ p.w2.T + p.b2)                 # no max subtracted
+      prob = e / e.sum(1, keepdims=True)
+    d2 = (prob - np.eye(prob.shape[1])[y]) / len(X)
+    d1 = (d2 @ p.w2) * (z1 >= 0)
+    return {"w1": d1.T @ X, "b1": d1.sum(0), "w2": d2.T @ a1, "b2": d2.sum(0)}
+  report = check_grads(naive)
+  assert report.correct and report.status == 0 and report.score == 4
+  assert len(report.warnings) == 1 and "log-sum-exp" in report.warnings[0]
+  assert "warning: its gradient is wrong once every logit is 1000 larger" in str(report)
+  assert check_grads(learner()).warnings == ()
