@@ -250,7 +250,13 @@ def _child(spec: str, inputs: str, outputs: str, layout: str) -> None:
 
 
 _CHILD = """
-import os, resource, sys
+import ctypes, os, resource, signal, sys
+try:   # Linux: the system kills this process when gradcheck ends, however it ends
+  ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))   # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+  pass
+if os.getppid() != int(sys.argv[7]):
+  sys.exit(1)   # gradcheck ended before the line above: nothing to answer
 memory, output = int(sys.argv[4]), int(sys.argv[5])
 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 resource.setrlimit(resource.RLIMIT_FSIZE, (output, output))
@@ -279,7 +285,8 @@ def run_isolated(spec: str, problems: list[Problem], timeout: float = TIMEOUT_SE
     np.savez(inputs, count=len(problems), **arrays)
     printed = [os.path.join(private, name) for name in ("stdout", "stderr")]
     failure = _run_child([sys.executable, "-I", "-c", _CHILD, spec, inputs, outputs,
-                          str(int(memory)), str(OUTPUT_BYTES), layout], printed, timeout)
+                          str(int(memory)), str(OUTPUT_BYTES), layout, str(os.getpid())],
+                         printed, timeout)
     for path in printed:   # what the learner printed
       with contextlib.suppress(OSError, ValueError), files.open_regular(path) as f:
         f.seek(max(os.fstat(f.fileno()).st_size - OUTPUT_CHARACTERS, 0))

@@ -6,7 +6,9 @@ import json
 import os
 import pathlib
 import subprocess
+import signal
 import sys
+import time
 import types
 
 import numpy as np
@@ -575,3 +577,33 @@ def test_a_right_gradient_whose_softmax_overflows_is_right_with_a_warning():
   assert len(report.warnings) == 1 and "log-sum-exp" in report.warnings[0]
   assert "warning: its gradient is wrong once every logit is 1000 larger" in str(report)
   assert check_grads(learner()).warnings == ()
+
+
+@pytest.mark.slow   # processes of their own
+def test_a_killed_check_leaves_no_submission_running(tmp_path):
+  """gradcheck stopped by SIGTERM (or killed) while a submission loops: the system ends
+  the submission's process too (PR_SET_PDEATHSIG), no orphan keeps the CPU."""
+  path = tmp_path / "loops.py"
+  path.write_text("import time\ndef grads(params, X, y):\n  while True:\n    time.sleep(0.01)\n")
+  parent = subprocess.Popen([sys.executable, "-m", "mlp_jax.gradcheck", f"--grads={path}:grads",
+                             "--timeout=120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+  def children():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+      try:
+        if str(path).encode() in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+          found.append(int(pid))
+      except OSError:
+        pass
+    return found
+  deadline = time.monotonic() + 60
+  while not [c for c in children() if c != parent.pid] and time.monotonic() < deadline:
+    time.sleep(0.05)      # polling for the child to exist: no event to wait on
+  assert [c for c in children() if c != parent.pid], "the submission never started"
+  parent.send_signal(signal.SIGTERM)
+  parent.communicate(timeout=60)
+  deadline = time.monotonic() + 30
+  while children() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not children()
