@@ -195,8 +195,8 @@ def test_gradcheck_checks_the_network_with_each_activation(activation):
 
 @pytest.mark.slow  # python -m mlp_jax.gradcheck, a process each
 def test_the_gradcheck_command_takes_an_activation():
-  """--activation=NAME checks that network; a learner's check (--grads) is of the ReLU
-  network its catalogue describes, so another activation there is one line, status 2."""
+  """--activation=NAME checks that network, ours or (with --grads) a learner's: the
+  activation is taken there too (tests/test_learner_gradcheck.py checks its verdicts)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   run = lambda *args: subprocess.run([sys.executable, "-m", "mlp_jax.gradcheck", *args],
@@ -204,8 +204,8 @@ def test_the_gradcheck_command_takes_an_activation():
   ok = run("--activation=gelu")
   assert ok.returncode == 0 and "activation=gelu" in ok.stdout, ok.stdout + ok.stderr
   assert "OK: manual == autodiff == finite differences" in ok.stdout
-  refused = run("--activation=tanh", "--grads=mine.py:grads")
-  assert refused.returncode == 2, refused.stderr
-  lines = [l for l in refused.stderr.splitlines() if "xla_bridge" not in l]
-  assert lines == [lines[0]] and lines[0].startswith("error: --activation=tanh with "
-                                                     "--grads:"), refused.stderr
+  missing = run("--activation=tanh", "--grads=mine.py:grads")   # past the activation
+  assert missing.returncode == 2, missing.stderr
+  lines = [l for l in missing.stderr.splitlines() if "xla_bridge" not in l]
+  assert lines == ["error: --grads: no file mine.py; give the path of the .py file that "
+                   "defines the function."], missing.stderr
