@@ -107,6 +107,20 @@ def _check_repeats(total: int, X: np.ndarray) -> None:
                      "numbers (each row's loss scaled, no copies).")
 
 
+# scikit-learn's MLPClassifier names, and what mlp_jax calls the same thing: a
+# TypeError for one says so.
+SKLEARN_NAMES = {
+    "hidden_layer_sizes": "hidden_dim, the size of its one hidden layer "
+                          "(hidden_layer_sizes=(64,) is hidden_dim=64)",
+    "max_iter": "epochs (passes over the training set)",
+    "learning_rate_init": "learning_rate",
+    "alpha": "weight_decay (of W1 and W2, never the biases)",
+    "solver": "optimizer",
+    "n_iter_no_change": "nothing: mlp_jax trains for its epochs (no early stopping)",
+    "early_stopping": "nothing: mlp_jax trains for its epochs (no early stopping)",
+}
+
+
 class MLPClassifier(ClassifierMixin, BaseEstimator):
   """The two-layer MLP as a scikit-learn classifier, trained by the runner's code.
 
@@ -137,8 +151,9 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
     checks them. The signature scikit-learn and help() read is generated below."""
     unknown = sorted(set(params) - set(PARAMETERS))
     if unknown:
+      ours = SKLEARN_NAMES.get(unknown[0])
       raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
-                      f"{unknown[0]!r}")
+                      f"{unknown[0]!r}" + (f": mlp_jax calls it {ours}" if ours else ""))
     for name, setting in PARAMETERS.items():
       setattr(self, name, params.get(name, setting.default))
 

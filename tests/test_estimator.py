@@ -347,3 +347,15 @@ def test_cv_refuses_a_grid_it_cannot_train_in_one_program():
     mj.MLPClassifierCV(param_grid={"hidden_dim": [8, 16]}, **SMALL).fit(X, y)
   assert "param_grid" in mj.MLPClassifierCV().get_params()
   assert mj.MLPClassifierCV().get_params()["hidden_dim"] == mj.MLPClassifier().hidden_dim
+
+
+@pytest.mark.parametrize("name, value, ours", [
+    ("hidden_layer_sizes", (64,), "hidden_dim"), ("max_iter", 200, "epochs"),
+    ("learning_rate_init", 1e-3, "learning_rate"), ("alpha", 1e-4, "weight_decay"),
+    ("solver", "adam", "optimizer")])
+def test_scikit_learns_words_are_answered_with_ours(name, value, ours):
+  with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}': mlp_jax "
+                                      f"calls it {ours}"):
+    mj.MLPClassifier(**{name: value})
+  with pytest.raises(TypeError, match=f"'{name}': mlp_jax calls it {ours}"):
+    mj.MLPClassifierCV(**{name: value})
