@@ -694,6 +694,9 @@ SETTING_FAULTS = {
     "dp_delta_tiny": (["--dp_delta=1e-300", "--dp_noise_multiplier=1"], 2,
                       "must be >= 1e-12"),
     "binary_flagfile": (_binary_flagfile, 2, "--flagfile is not a text file"),
+    "missing_flagfile": (lambda tmp: [f"--flagfile={tmp / 'nope.flags'}"], 2,
+                         "nope.flags cannot be read (No such file or directory); give "
+                         "the path of a text file of --name=value lines."),
     "unknown_flag": (["--no_such_flag=1"], 2, "no_such_flag"),
     "not_a_flag": (["epochs=3"], 2, "unexpected arguments"),
 }

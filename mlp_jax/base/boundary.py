@@ -276,8 +276,9 @@ def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
   for path in paths:
     try:
       info = os.stat(path)
-    except OSError:
-      continue   # absl names a missing one itself
+    except OSError as e:
+      return (f"--flagfile={escaped(path)} cannot be read ({e.strerror}); give the path of "
+              "a text file of --name=value lines.")
     if not stat.S_ISREG(info.st_mode):
       return (f"--flagfile={escaped(path)} is not a regular file (a directory, a FIFO or a "
               "device); give a text file of --name=value lines.")
