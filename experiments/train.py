@@ -43,6 +43,7 @@ def train(argv):
   """The run of the parsed flags (argv: none left, boundary.parse_flags); raises what
   experiment.run raises."""
   del argv
+  boundary.make_host_devices(flags.FLAGS["num_devices"].value)   # before JAX starts
   from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

@@ -22,6 +22,7 @@ from mlp_jax.training import train
 from conftest import read_metrics as metrics
 from conftest import ROOT
 from conftest import RUNNER
+from conftest import runner_command
 from conftest import wait_for_epochs
 RTOL = 1e-5  # float32 reduction-order noise: the sum over the batch is split in parts
 
@@ -127,6 +128,20 @@ def test_library_on_1_2_4_devices():
                           env=host_devices(4), timeout=240)
   assert result.returncode == 0, result.stderr
   assert "OK 4 devices" in result.stdout
+
+
+@pytest.mark.slow
+def test_num_devices_on_a_cpu_host_makes_the_devices_itself(tiny_npz, tmp_path):
+  """The README's `--num_devices=N` on a CPU-only machine, no XLA_FLAGS count given: the
+  runner splits the CPU before JAX starts and says so, and the run equals 1 device's."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(runner_command(tiny_npz, tmp_path / "three", "--num_devices=3",
+                                         "--num_seeds=3"),
+                          capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert ("--num_devices=3: made 3 CPU devices for it "
+          "(XLA_FLAGS=--xla_force_host_platform_device_count=3)") in result.stdout
+  assert "devices: 3" in result.stdout
 
 
 @pytest.mark.slow

@@ -238,6 +238,24 @@ def _xla_flags_problem(flags: str) -> Optional[str]:
   return said[0] if said else None   # failed for another reason: the run will say why
 
 
+def make_host_devices(count: Optional[int]) -> None:
+  """Before JAX starts (a script's --num_devices=N): XLA_FLAGS gets
+  --xla_force_host_platform_device_count=N, so that a CPU host has N devices (a GPU or
+  TPU is used as it is); nothing where JAX has started, XLA_FLAGS gives a count already,
+  or N is 1 or past MAX_HOST_DEVICES (refused later, with the devices there are)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if (not count or not 1 < count <= MAX_HOST_DEVICES or "jax" in sys.modules
+      or "xla_force_host_platform_device_count" in flags):
+    return
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+  _state["host_devices"] = count
+
+
+def made_host_devices() -> Optional[int]:
+  """The count make_host_devices gave XLA, or None."""
+  return _state.get("host_devices")
+
+
 def check_environment() -> None:
   """UserError for the environment settings that JAX would abort on in C++ (a crash, not
   an exception): XLA_FLAGS that XLA's own parser refuses (_xla_flags_problem), a host

@@ -147,6 +147,10 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   stack = stack_lib.make_stack(config)
   writer = jax.process_index() == 0
   mesh = _make_mesh(config, stack.num_models)
+  made = boundary.made_host_devices()
+  if made and jax.default_backend() == "cpu":
+    log(f"--num_devices={config.num_devices}: made {made} CPU devices for it "
+        f"(XLA_FLAGS=--xla_force_host_platform_device_count={made})")
   boundary.phase("data")
   ds = _load_data(config, mesh, stack.num_models)
   config, notes = config_lib.with_data(config, ds)
