@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 import weakref
 
@@ -60,6 +61,7 @@ class _Place(NamedTuple):
   keep: int
   steps: set[int]
   fd: int   # checkpoints/, held open: orbax is given /proc/self/fd/FD (`manager`)
+  attempted: set[int]   # the steps this run asked orbax to save
 
 
 _PLACES: "weakref.WeakKeyDictionary[Manager, _Place]" = weakref.WeakKeyDictionary()
@@ -126,7 +128,7 @@ def manager(workdir: str, max_to_keep: int = 3) -> Manager:
   except OSError as e:
     raise CheckpointError(f"cannot open the checkpoints in {path} ({e}).") from None
   _PLACES[mngr] = _Place(os.path.abspath(workdir), path, _identity(workdir, path),
-                         max_to_keep, set(mngr.all_steps()), fd)
+                         max_to_keep, set(mngr.all_steps()), fd, set())
   return mngr
 
 
@@ -179,12 +181,21 @@ def _writes(mngr: Manager) -> Iterator[None]:
 
 def _settle(mngr: Manager) -> None:
   """After a failed write: lets orbax's background save threads end (their errors are
-  the one just reported), so none of them prints after the caller's one line."""
+  the one just reported), so none of them prints after the caller's one line, and
+  removes the temporary directories of the steps this run attempted
+  (STEP.orbax-checkpoint-tmp...: only complete checkpoints are left)."""
   for step in (mngr.wait_until_finished, mngr.close):
     try:
       step()
     except Exception:  # pylint: disable=broad-except
       pass
+  place = _PLACES[mngr]
+  with contextlib.suppress(OSError, CheckpointError):
+    check_place(mngr)
+    for name in os.listdir(place.checkpoints):
+      step_of = re.fullmatch(r"(\d+)\.orbax-checkpoint-tmp.*", name)
+      if step_of and int(step_of.group(1)) in place.attempted:
+        shutil.rmtree(os.path.join(place.checkpoints, name), ignore_errors=True)
 
 
 def check_space(mngr: Manager, state: State) -> None:
@@ -195,6 +206,7 @@ def check_space(mngr: Manager, state: State) -> None:
   stats = os.statvfs(str(mngr.directory))
   free = stats.f_bavail * stats.f_frsize
   if free < need:
+    _settle(mngr)   # a save still writing ends first: its temporary is removed
     raise CheckpointError(
         f"cannot write a checkpoint in {_where(mngr)} (No space left on device: "
         f"{free / 2**20:.2f} MiB free, a checkpoint needs about {need / 2**20:.2f} MiB); "
@@ -216,6 +228,7 @@ def save(mngr: Manager, epoch: int, state: State,
   """
   check_place(mngr)
   check_space(mngr, state)
+  _PLACES[mngr].attempted.add(epoch)
   ocp = _orbax()
   with _writes(mngr):
     saved = mngr.save(epoch, args=ocp.args.Composite(
