@@ -1,6 +1,6 @@
 """Grading a class with gradcheck: the submissions of a folder, checked in parallel, and
-the results in the formats a course's staff use. Works on the reports as gradcheck's
-JSON gives them (gradcheck.Report.as_dict), so it imports nothing of the checker.
+the results in the formats a course's staff use (the CSV and Gradescope's results.json
+are made from a report's JSON, verdicts.Report.as_dict), and the command's --grads.
 
     python -m mlp_jax.gradcheck --grads=SUBMISSIONS/:grads --csv=grades.csv
     python -m mlp_jax.gradcheck --grads=student.py:grads --gradescope=results.json
@@ -20,12 +20,11 @@ import os
 import sys
 from typing import Any, Callable, NamedTuple, Optional
 
-from mlp_jax import learner
 from mlp_jax.base import boundary
-from mlp_jax.verdicts import (INTERNAL, NOT_CHECKED, RIGHT, STATUS_WORDS, USAGE, Check,
-                              Report, check_grads_isolated)
+from mlp_jax.core.mistakes import LEAVES
+from mlp_jax.verdicts import (INTERNAL, NOT_CHECKED, RIGHT, USAGE, Check, Report,
+                              check_grads_isolated)
 
-LEAVES = ("w1", "b1", "w2", "b2")
 MAX_SOURCE_BYTES = 1 << 20   # a .py file read to find the function (not run)
 
 
@@ -211,9 +210,6 @@ def refused(status: int, message: str, as_json: bool, said: bool = False) -> int
   --json the object."""
   if not said:
     print(f"error: {boundary.escaped(message)}", file=sys.stderr)
-  if as_json:
-    from mlp_jax import __version__  # pylint: disable=g-import-not-at-top
-    print(json.dumps({"version": __version__, "status": status,
-                      "status_words": STATUS_WORDS[status], "correct": False, "score": 0,
-                      "max_score": len(LEAVES), "message": message}, indent=2))
+  if as_json:   # the one shape of a report, with nothing checked
+    print(json.dumps(Report(False, {}, [], status, message).as_dict(), indent=2))
   return status

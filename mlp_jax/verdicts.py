@@ -149,8 +149,7 @@ def _report(answers: learner.Answers, problem_list: list[Problem], seed: int,
             tolerance: Optional[float] = None) -> Report:
   """The Report of a submission's answers: NOT_CHECKED where it stopped before
   answering, or answered nothing on any problem."""
-  shapes = tuple({"B": len(p.X), "D": p.X.shape[1], "H": len(p.b1), "K": len(p.b2),
-                  "ties": int(np.sum(p.X @ p.w1.T + p.b1 == 0))} for p in problem_list)
+  shapes = tuple({**learner.shapes(p.arrays), "ties": p.ties} for p in problem_list)
   described = [p.describe() for p in problem_list]
   probe = answers.values[len(problem_list):]   # the large-logit one, where it ran
   answers = answers._replace(values=answers.values[:len(problem_list)])

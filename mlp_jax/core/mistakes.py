@@ -66,9 +66,14 @@ class Problem(NamedTuple):
   y: np.ndarray
   activation: str = "relu"   # f of a1 = f(z1): a key of ACTIVATIONS
 
+  @property
+  def ties(self) -> int:
+    """How many entries of z1 = X W1ᵀ + b1 are exactly 0 (where ReLU′(0) shows)."""
+    return int(np.sum(self.X @ self.w1.T + self.b1 == 0))
+
   def describe(self) -> str:
     (B, D), (H, K) = self.X.shape, (len(self.b1), len(self.b2))
-    ties = int(np.sum(self.X @ self.w1.T + self.b1 == 0))
+    ties = self.ties
     return (f"B={B} D={D} H={H} K={K}" + (f", {ties} ties z1 = 0" if ties else "")
             + (f", f = {self.activation}" if self.activation != "relu" else ""))
 
