@@ -3,7 +3,8 @@
     python experiments/predict.py --workdir=W --input=new.npz          # x [, y]
     python experiments/predict.py --workdir=W --input=t10k-images-idx3-ubyte.gz \\
         --labels=t10k-labels-idx1-ubyte.gz
-    python experiments/predict.py --workdir=W --input=a.png,b.png --output=pred.csv
+    python experiments/predict.py --workdir=W --input=a.png,b.png --output=pred.csv \\
+        --labels=labels.csv
 
 Prints a header line and one line per example (name, class, its name, probability;
 tab-separated), or writes them all with every class probability to --output (CSV,
@@ -28,7 +29,9 @@ flags.DEFINE_string("workdir", None, "Workdir of a finished run (or its params.n
                     required=True)
 flags.DEFINE_string("input", None, "An .npz (x, optional y), an IDX file, PNG files "
                     "(comma-separated) or a directory of PNGs.", required=True)
-flags.DEFINE_string("labels", None, "IDX file of the labels of an IDX --input.")
+flags.DEFINE_string("labels", None, "The labels of --input, one per example in its order: "
+                    ".npy, .npz (y), IDX, or CSV (a column 'label', or the only one). "
+                    "Prints the accuracy.")
 flags.DEFINE_string("output", None, "CSV to write: name, class, class name, then p of "
                     "each class. Default: print one line per example.")
 
@@ -49,12 +52,13 @@ def check_output(path):
                              "another file name.")
 
 
-def check_paths(workdir, inputs):
-  """UserError for a --workdir or an --input that is not there (before JAX starts)."""
+def check_paths(workdir, inputs, labels):
+  """UserError for a --workdir, an --input or --labels that is not there (before JAX
+  starts)."""
   if not os.path.exists(workdir):
     raise boundary.UserError(f"no params.npz at {workdir}: give the --workdir of a "
                              "finished run.")
-  missing = [repr(p) for p in inputs.split(",") if p and not os.path.exists(p)]
+  missing = [repr(p) for p in [*inputs.split(","), *labels] if p and not os.path.exists(p)]
   if missing:
     raise boundary.UserError(f"no such file: {', '.join(missing)}.")
 
@@ -62,7 +66,7 @@ def check_paths(workdir, inputs):
 def predict():
   """Streams the inputs through the model; returns the exit status."""
   FLAGS = flags.FLAGS
-  check_paths(FLAGS.workdir, FLAGS.input)
+  check_paths(FLAGS.workdir, FLAGS.input, [FLAGS.labels] if FLAGS.labels else [])
   if FLAGS.output:
     check_output(FLAGS.output)
   import numpy as np  # pylint: disable=g-import-not-at-top

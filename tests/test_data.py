@@ -236,19 +236,13 @@ def test_stratified_split_is_scikit_learns():
     assert got.dtype == want.dtype
 
 
-@pytest.mark.parametrize("kind", ["npz", "idx"])
-def test_labels_of_another_length_name_both_lengths(tmp_path, kind):
-  """predict's inputs with their labels: 60,000 labels for 10 inputs (the train labels
-  beside the test images) say so in numbers, not in dtypes."""
-  x, y = np.zeros((10, 4), np.uint8), np.zeros(60000, np.uint8)
-  if kind == "npz":
-    np.savez(tmp_path / "x.npz", x=x, y=y)
-    rows = readers.npz_rows(str(tmp_path / "x.npz"), 4)
-  else:
-    rows = readers.idx_rows(write_idx(tmp_path / "x-idx", x), write_idx(tmp_path / "y-idx", y), 4)
+def test_labels_of_another_length_name_both_lengths(tmp_path):
+  """An .npz's own labels: 60,000 labels for 10 inputs (the train labels beside the test
+  images) say so in numbers, not in dtypes (a --labels file: test_trained.py)."""
+  np.savez(tmp_path / "x.npz", x=np.zeros((10, 4), np.uint8), y=np.zeros(60000, np.uint8))
   with pytest.raises(ValueError, match="there are 60,000 labels for 10 inputs: give one "
                                        "label per input"):
-    next(rows)
+    next(readers.npz_rows(str(tmp_path / "x.npz"), 4))
 
 
 # CSV tables (csv:TRAIN.csv[,TEST.csv]): mlp_jax/data/readers.py's csv_rows and
@@ -322,7 +316,7 @@ def test_every_bad_table_is_one_line_naming_where(fault, tmp_path):
 
 
 @pytest.mark.parametrize("header, message", [
-    (b"a\n1\n", "the first line must name the columns, at least two"),
+    (b"a\n1\n", "the first line must name the columns, at least 2"),
     (b"a,a,y\n1,2,0\n", "each once"),
     (b"a,,y\n1,2,0\n", "none empty"),
     (b"a,b,y\n1,2,\xff\n", "not UTF-8 text"),

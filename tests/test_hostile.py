@@ -321,6 +321,25 @@ def _good_flagfile(path):
   pathlib.Path(path).write_text("--noprogress\n")
 
 
+def _good_labels(path):
+  """Five labels of the model's classes, in the format of the file's name."""
+  y = np.arange(5) % 2
+  if path.endswith(".npy"):
+    np.save(path, y)
+  elif path.endswith(".npz"):
+    np.savez(path, y=y)
+  elif path.endswith(".csv"):
+    pathlib.Path(path).write_text("label\n" + "".join(f"{v}\n" for v in y))
+  else:
+    with open(path, "wb") as f:
+      f.write(bytes([0, 0, 0x08, 1]) + (5).to_bytes(4, "big") + bytes(y.tolist()))
+
+
+def _read_labels(path, model):
+  """predict's --labels as it reads them, for the five inputs of _good_inputs' x."""
+  trained.given_labels(path, model)
+
+
 def _read_flagfile(path, model):
   """train.py's flags, read from the flagfile at `path`: the setting after them
   (--epochs=0) is refused if the flagfile was read; any other line is the flagfile's."""
@@ -370,28 +389,34 @@ READERS = {
                     datasets.DataError),
     "predict_csv": ("x.csv", _good_csv_inputs, lambda p, m: trained.read_inputs(p, m),
                     ValueError),
+    "labels_npy": ("y.npy", _good_labels, _read_labels, ValueError),
+    "labels_npz": ("y.npz", _good_labels, _read_labels, ValueError),
+    "labels_idx": ("y-idx1-ubyte", _good_labels, _read_labels, ValueError),
+    "labels_csv": ("y.csv", _good_labels, _read_labels, ValueError),
     "flagfile": ("run.flags", _good_flagfile, _read_flagfile, ValueError),
     "config_json": ("config.json", _good_config_json, _read_config_json, (ValueError, OSError)),
     "metrics_jsonl": ("metrics.jsonl", _good_metrics, _read_metrics, (ValueError, OSError)),
 }
 RECORDS = ("config_json", "metrics_jsonl")
 BINARY = ("dataset_npz", "idx", "idx_gz", "params_npz", "predict_npz", "predict_idx",
-          "predict_png")
+          "predict_png", "labels_npy", "labels_npz", "labels_idx")
 
 # Every function of the package that calls a read primitive, and the READERS rows that
 # read through it (or why it has none): read from the code, so a reader added without
 # its row fails test_every_reader_of_the_code_is_in_the_matrix.
 READER_OF_CALLER = {
     ("mlp_jax/data/readers.py", "open_data"): ("idx", "idx_gz", "predict_idx", "dataset_csv",
-                                               "predict_csv"),
+                                               "predict_csv", "labels_idx", "labels_csv"),
     ("mlp_jax/data/readers.py", "load_npz"): ("dataset_npz",),
     ("mlp_jax/data/readers.py", "npz_rows"): ("predict_npz",),
     ("mlp_jax/data/readers.py", "read_png"): ("predict_png",),
     ("mlp_jax/run/trained.py", "load"): ("params_npz",),
+    ("mlp_jax/run/trained.py", "given_labels"): ("labels_npz",),
     ("mlp_jax/base/boundary.py", "_flagfile_problem"): ("flagfile",),
     ("mlp_jax/run/workdir.py", "read_record"): ("config_json",),
     ("mlp_jax/run/workdir.py", "_read_rows"): ("metrics_jsonl",),
-    ("mlp_jax/base/files.py", "__enter__"): ("dataset_npz", "params_npz", "predict_npz"),
+    ("mlp_jax/base/files.py", "_open_to_read"): ("dataset_npz", "params_npz", "predict_npz",
+                                                 "labels_npy", "labels_npz"),
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/budget.py", "host_available"): "/proc/self/statm: not a user's path",
@@ -445,6 +470,11 @@ def _declare_huge(path):
     with zipfile.ZipFile(path, "w") as z:
       for n, content in members.items():
         z.writestr(n, content)
+  elif name.endswith(".npy"):
+    header = {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    pathlib.Path(path).write_bytes(buffer.getvalue() + bytes(64))
   elif name.endswith(".png"):
     content = bytearray(pathlib.Path(path).read_bytes())
     content[16:24] = (30000).to_bytes(4, "big") * 2

@@ -417,7 +417,7 @@ def test_a_csv_table_trains_and_predicts_by_its_column_names(tmp_path):
                      "model was trained on"):
     reports_inputs(new, model)
   new.write_text("length,width,height,species\n1,2,3,daisy\n")
-  with pytest.raises(ValueError, match="the label 'daisy' in column 'species' is not one of "
+  with pytest.raises(ValueError, match="the label 'daisy' is not one of "
                      "the model's classes"):
     reports_inputs(new, model)
 

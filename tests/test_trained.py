@@ -105,6 +105,91 @@ def test_inputs_from_npz_idx_and_png(digits_run, tmp_path):
     trained.read_inputs(str(tmp_path / "big.png"), model)
 
 
+# predict's --labels: every kind of input x every kind of labels file. An input that
+# holds its own labels refuses a second set.
+def _png_inputs(path, x):
+  path.mkdir(exist_ok=True)
+  for i, image in enumerate(np.array(x.reshape(-1, 8, 8) * 255 / 16, np.uint8)):
+    Image.fromarray(image, mode="L").save(path / f"d{i}.png")
+  return str(path)
+
+
+INPUT_KINDS = {
+    "npz": lambda path, x, y: np.savez(path / "x.npz", x=x) or str(path / "x.npz"),
+    "npz_with_y": lambda path, x, y: np.savez(path / "x.npz", x=x, y=y) or str(path / "x.npz"),
+    "idx": lambda path, x, y: write_idx(path / "x-idx3-ubyte", x.reshape(-1, 8, 8)),
+    "idx_gz": lambda path, x, y: write_idx(path / "x-idx3-ubyte.gz", x.reshape(-1, 8, 8)),
+    "png_directory": lambda path, x, y: _png_inputs(path / "pngs", x),
+    "png_files": lambda path, x, y: ",".join(
+        os.path.join(_png_inputs(path / "pngs", x), f"d{i}.png") for i in range(len(x))),
+    "csv": lambda path, x, y: _csv(path / "x.csv", [f"p{i}" for i in range(64)], x),
+}
+
+
+def _csv(path, header, rows):
+  path.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n"
+                                                    for r in rows))
+  return str(path)
+
+
+LABEL_KINDS = {
+    "npy": lambda path, y: np.save(path / "y.npy", y) or str(path / "y.npy"),
+    "npz_y": lambda path, y: np.savez(path / "y.npz", y=y) or str(path / "y.npz"),
+    "npz_its_one_array": lambda path, y: np.savez(path / "y.npz", t=y) or str(path / "y.npz"),
+    "idx": lambda path, y: write_idx(path / "y-idx1-ubyte", np.asarray(y, np.float64), 0x0E),
+    "idx_gz": lambda path, y: write_idx(path / "y-idx1-ubyte.gz", np.asarray(y, np.float64),
+                                        0x0E),
+    "csv_one_column": lambda path, y: _csv(path / "y.csv", ["class"], [[v] for v in y]),
+    "csv_label_column": lambda path, y: _csv(path / "y.csv", ["id", "label"],
+                                             [[i, v] for i, v in enumerate(y)]),
+}
+
+
+@pytest.mark.parametrize("labels_kind", LABEL_KINDS)
+@pytest.mark.parametrize("input_kind", INPUT_KINDS)
+def test_labels_go_with_every_kind_of_input(digits_run, tmp_path, input_kind, labels_kind):
+  workdir, x_test, y_test = digits_run
+  model = mj.load(str(workdir))
+  x, y = x_test[:6], y_test[:6]
+  inputs = INPUT_KINDS[input_kind](tmp_path, x, y)
+  labels_file = LABEL_KINDS[labels_kind](tmp_path, y)
+  if input_kind == "npz_with_y":
+    with pytest.raises(ValueError, match=r"x.npz holds its own labels; drop --labels"):
+      trained.read_inputs(inputs, model, labels_file)
+    return
+  names, got_x, labels = trained.read_inputs(inputs, model, labels_file)
+  assert len(names) == len(got_x) == 6
+  np.testing.assert_array_equal(labels, y)
+
+
+# A labels file that cannot be the inputs' labels: fault -> (the labels written, the line).
+LABEL_FAULTS = {
+    "one_too_many": (lambda y: np.append(y, 1), "there are 7 labels for 6 inputs"),
+    "one_too_few": (lambda y: y[:-1], "there are 5 labels for more than 5 inputs"),
+    "past_the_classes": (lambda y: np.append(y[:-1], 10),
+                         r"run from \d to 10, but this model has classes 0 to 9"),
+    "a_fraction": (lambda y: np.append(y[:-1], 0.5), "must hold integer class labels"),
+    "missing": (None, "no such file|cannot read it|not a readable"),
+}
+
+
+@pytest.mark.parametrize("fault", LABEL_FAULTS)
+@pytest.mark.parametrize("labels_kind", LABEL_KINDS)
+def test_a_wrong_labels_file_is_one_line(digits_run, tmp_path, labels_kind, fault):
+  workdir, x_test, y_test = digits_run
+  model = mj.load(str(workdir))
+  inputs = INPUT_KINDS["npz"](tmp_path, x_test[:6], None)
+  change, line = LABEL_FAULTS[fault]
+  if change is None:
+    labels_file = LABEL_KINDS[labels_kind](tmp_path, y_test[:6])
+    os.remove(labels_file)
+  else:
+    labels_file = LABEL_KINDS[labels_kind](tmp_path, change(np.asarray(y_test[:6], float)))
+  with pytest.raises(ValueError, match=line) as e:
+    trained.read_inputs(inputs, model, labels_file)
+  assert "\n" not in str(e.value)
+
+
 def test_png_for_a_model_of_non_image_data_is_refused(tiny_npz, tmp_path):
   experiment.run(tiny_config(tiny_npz, tmp_path, epochs=1), log=lambda *_: None)
   Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "a.png")
@@ -157,6 +242,13 @@ def test_predict_script_end_to_end(digits_run, tmp_path):
   printed = result.stdout.splitlines()
   assert printed[0] == "name\tclass\tclass_name\tprobability" and len(printed) == 4
   assert all(len(line.split("\t")) == 4 for line in printed[1:]), printed
+  np.savez(tmp_path / "x.npz", x=x_test)         # an .npz's labels in a CSV beside it
+  (tmp_path / "y.csv").write_text("label\n" + "".join(f"{v}\n" for v in y_test))
+  result = subprocess.run([sys.executable, script, f"--workdir={workdir}",
+                           f"--input={tmp_path / 'x.npz'}", f"--labels={tmp_path / 'y.csv'}"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines()[-1] == f"accuracy {accuracy:.2f}% on 360 examples"
 
 
 def _write_params(workdir, path, **changes):

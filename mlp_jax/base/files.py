@@ -265,6 +265,51 @@ def read_npy_header(f: IO[bytes]) -> NpyHeader:
   return NpyHeader(tuple(int(s) for s in shape), dtype, bool(fortran))
 
 
+def npy_problem(header: NpyHeader, stored: int, available: int, max_bytes: int
+                ) -> Optional[str]:
+  """What is wrong with an array whose .npy header is `header`, `stored` bytes of data
+  behind it and `available` of the memory budget `max_bytes` left (None: nothing)."""
+  if header.dtype.hasobject:
+    return ("holds Python objects; only plain numeric arrays are loaded (pickles are "
+            "never unpickled)")
+  if header.nbytes > stored:
+    return (f"declares shape {header.shape} ({header.nbytes:,} bytes) but holds "
+            f"{stored:,} bytes: the file is truncated or corrupt")
+  if header.nbytes > available:
+    return (f"declares shape {header.shape} ({header.nbytes:,} bytes), more than the "
+            f"{available:,} bytes of memory this reader may still use ({max_bytes:,} in "
+            "all: the memory budget; raise it with --memory_budget=GiB or "
+            "$MLP_JAX_MEMORY_BUDGET)")
+  return None
+
+
+def _open_to_read(path: str, kind: str, error: type) -> IO[bytes]:
+  """open_regular(path), its problems one line of `error` naming the file's `kind`."""
+  try:
+    return open_regular(path)
+  except UnsafePath as e:
+    raise error(f"{e.strerror}.") from None
+  except OSError as e:
+    raise error(f"{path} is not a readable {kind} ({_reason(e)}).") from None
+
+
+def read_npy(path: str, max_bytes: int, error: type = ValueError) -> np.ndarray:
+  """The array of the .npy file at `path`, checked as an .npz member is (NpzArchive):
+  no objects, a shape its file holds, within `max_bytes`. `error`, one line."""
+  with _open_to_read(path, ".npy", error) as f:
+    try:
+      header = read_npy_header(f)
+    except Exception as e:  # pylint: disable=broad-except
+      raise error(f"{path} is not a readable .npy ({_reason(e)}).") from None
+    stored = os.fstat(f.fileno()).st_size - f.tell()
+    problem = npy_problem(header, stored, max_bytes, max_bytes)
+    if problem:
+      raise error(f"{path} {problem}.")
+    data = f.read(header.nbytes)
+  return np.frombuffer(data, header.dtype).reshape(header.shape,
+                                                   order="F" if header.fortran else "C")
+
+
 class NpzArchive:
   """An .npz opened for bounded reading: members by their exact name NAME.npy.
 
@@ -289,12 +334,7 @@ class NpzArchive:
     self._zip: Optional[zipfile.ZipFile] = None
 
   def __enter__(self) -> "NpzArchive":
-    try:
-      self._file = open_regular(self.path)
-    except UnsafePath as e:
-      raise self.error(f"{e.strerror}.") from None
-    except OSError as e:
-      raise self.error(f"{self.path} is not a readable .npz ({_reason(e)}).") from None
+    self._file = _open_to_read(self.path, ".npz", self.error)
     try:
       self._zip = zipfile.ZipFile(self._file)
     except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
@@ -329,18 +369,8 @@ class NpzArchive:
     except Exception as e:  # pylint: disable=broad-except
       f.close()
       raise self.error(f"{self.path}: {name} is not a readable .npy ({_reason(e)}).") from None
-    problem = None
-    if header.dtype.hasobject:
-      problem = ("holds Python objects; only plain numeric arrays are loaded (pickles "
-                 "are never unpickled)")
-    elif header.nbytes > info.file_size:
-      problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes) but its member "
-                 f"holds {info.file_size:,} bytes: the file is truncated or corrupt")
-    elif header.nbytes > self.max_bytes - self.used:
-      problem = (f"declares shape {header.shape} ({header.nbytes:,} bytes), more than the "
-                 f"{self.max_bytes - self.used:,} bytes of memory this reader may still "
-                 f"use ({self.max_bytes:,} in all: the memory budget; raise it with "
-                 "--memory_budget=GiB or $MLP_JAX_MEMORY_BUDGET)")
+    problem = npy_problem(header, info.file_size, self.max_bytes - self.used,
+                          self.max_bytes)
     if problem:
       f.close()
       raise self.error(f"{self.path}: {name} {problem}.")

@@ -262,11 +262,11 @@ def npz_rows(path: str, rows: int) -> Iterator[tuple[np.ndarray, Optional[np.nda
       return
     y_header = npz.header(label_key)
     if y_header.shape != x_header.shape[:1]:
-      raise ValueError(_labels_do_not_fit(x_header.shape[0], y_header.shape))
+      raise ValueError(labels_do_not_fit(x_header.shape[0], y_header.shape))
     yield from zip(npz.read_rows(key, rows), npz.read_rows(label_key, rows))
 
 
-def _labels_do_not_fit(count: int, shape: tuple[int, ...]) -> str:
+def labels_do_not_fit(count: int, shape: tuple[int, ...]) -> str:
   """The one line for labels whose shape is not one label per input."""
   if len(shape) == 1:
     return (f"there are {shape[0]:,} labels for {count:,} inputs: give one label per "
@@ -275,23 +275,13 @@ def _labels_do_not_fit(count: int, shape: tuple[int, ...]) -> str:
           f"{tuple(shape)}.")
 
 
-def idx_rows(path: str, labels_path: Optional[str], rows: int
-                 ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
-  """(x, labels or None) slices of an IDX file and its IDX labels."""
+def idx_rows(path: str, rows: int) -> Iterator[tuple[np.ndarray, None]]:
+  """(x, None) slices of an IDX file of inputs."""
   try:
-    with open_idx(path) as (_, header):
-      count = header.dims[0]
-    inputs = read_idx_rows(path, rows)
-    if not labels_path:
-      for x in inputs:
-        yield x, None
-      return
-    with open_idx(labels_path) as (_, label_header):
-      if label_header.dims[0] != count or len(label_header.dims) != 1:
-        raise ValueError(_labels_do_not_fit(count, label_header.dims))
-    yield from zip(inputs, read_idx_rows(labels_path, rows))
+    for x in read_idx_rows(path, rows):
+      yield x, None
   except DataError as e:
-    raise ValueError(f"{e} Inputs are read from .npz, IDX or .png files.") from None
+    raise ValueError(f"{e} Inputs are read from .npz, IDX, CSV or .png files.") from None
 
 
 def read_png(path: str, image_shape: tuple[int, ...], pixel_max: float, dataset: str

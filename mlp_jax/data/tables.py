@@ -25,16 +25,18 @@ MAX_CSV_LINE = 1 << 24
 
 
 @contextlib.contextmanager
-def _csv_lines(path: str) -> Iterator[tuple[tuple[str, ...], Iterator[str]]]:
+def _csv_lines(path: str, min_columns: int = 2
+               ) -> Iterator[tuple[tuple[str, ...], Iterator[str]]]:
   """(the header's column names, the data lines) of a CSV file; DataError, one line."""
   raw = readers.open_data(path)
   with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as text:
     try:
       lines = _bounded_lines(text, path)
       header = tuple(name.strip() for name in next(csv.reader([next(lines, "")]), []))
-      if len(header) < 2 or not all(header) or len(set(header)) < len(header):
-        raise DataError(f"{path}: the first line must name the columns, at least two, "
-                        f"each once and none empty; got {','.join(header)[:200]!r}.")
+      if len(header) < min_columns or not all(header) or len(set(header)) < len(header):
+        raise DataError(f"{path}: the first line must name the columns, at least "
+                        f"{min_columns}, each once and none empty; got "
+                        f"{','.join(header)[:200]!r}.")
       yield header, lines
     except UnicodeDecodeError as e:
       raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the "
@@ -148,6 +150,32 @@ def csv_rows(path: str, label_column: Optional[str], rows: int,
                         f"{held:,} bytes, more than the {limit:,} this reader may use; "
                         "use fewer rows or columns.")
       yield x, y
+
+
+def csv_column(path: str, column: str) -> np.ndarray:
+  """The cells (n,) str of the column `column` of a CSV file (of its only column, if it
+  has one and not `column`), stripped; within the memory budget; DataError, one line."""
+  with _csv_lines(path, min_columns=1) as (header, lines):
+    if column not in header and len(header) > 1:
+      raise DataError(f"{path} has no column {column!r}; its columns are "
+                      f"{', '.join(header)[:300]}: give a file of one column, or name it "
+                      f"{column!r}.")
+    index = header.index(column) if column in header else 0
+    limit, held, cells = budget.memory_budget(), 0, []
+    while batch := list(itertools.islice(lines, CSV_ROWS)):
+      data = [text for text in batch if text.strip()]
+      if not data:
+        continue
+      try:
+        cells.append(np.char.strip(np.loadtxt(data, delimiter=",", quotechar='"',
+                                              usecols=[index], dtype=str, ndmin=1)))
+      except ValueError as e:
+        raise DataError(f"{path}: a line lacks column {header[index]!r} ({e}).") from None
+      held += cells[-1].nbytes
+      if held > limit:
+        raise DataError(f"{path}: its column {header[index]!r} takes more than the "
+                        f"{limit:,} bytes this reader may use.")
+  return np.concatenate(cells) if cells else np.array([], str)
 
 
 def class_names(labels: np.ndarray) -> np.ndarray:

@@ -234,55 +234,109 @@ def iter_inputs(path: str, model: TrainedModel, labels_path: Optional[str] = Non
       FILE.csv            a table with a header: the model's feature columns by name
                           (every column, for a model not trained on a table), and its
                           label column if there (labels, its class names)
-      an IDX file         images or vectors (…-idx3-ubyte[.gz]); labels from labels_path
+      an IDX file         images or vectors (…-idx3-ubyte[.gz])
       PNG files           one path, a comma-separated list, or a directory of *.png
 
-  Raises ValueError (one line) for anything it cannot use, before or while it yields.
+  and the labels of `labels_path` (given_labels), one per input in the same order, for
+  inputs that do not hold their own. Raises ValueError (one line) for anything it cannot
+  use, before or while it yields (labels more than the inputs: after the last batch).
   """
   paths = readers.input_paths(path)
-  if all(p.lower().endswith(".png") for p in paths):
-    if labels_path:
-      raise ValueError("--labels goes with an IDX --input; PNG files have no labels.")
-    for start in range(0, len(paths), rows):
-      chunk = paths[start:start + rows]
-      x = np.stack([readers.read_png(p, model.input_shape, model.pixel_max, model.dataset)
-                    for p in chunk])
-      yield [os.path.basename(p) for p in chunk], *_checked(x, None, path, model)
-    return
-  if len(paths) > 1:
-    raise ValueError(f"{path}: give one .npz or IDX file, or PNG files.")
-  if labels_path and not _is_idx(paths[0]):
-    raise ValueError("--labels goes with an IDX --input; an .npz or a CSV holds its own.")
-  batches = (readers.npz_rows(paths[0], rows) if paths[0].endswith(".npz")
+  png = all(p.lower().endswith(".png") for p in paths)
+  if len(paths) > 1 and not png:
+    raise ValueError(f"{path}: give one .npz, CSV or IDX file, or PNG files.")
+  given = given_labels(labels_path, model) if labels_path else None
+  batches = (_png_rows(paths, model, rows) if png
+             else readers.npz_rows(paths[0], rows) if paths[0].endswith(".npz")
              else _csv_rows(paths[0], model, rows) if paths[0].lower().endswith(".csv")
-             else readers.idx_rows(paths[0], labels_path, rows))
+             else readers.idx_rows(paths[0], rows))
   done = 0
   for x, labels in batches:
+    if given is not None:
+      labels = _given_slice(given, labels, done, len(x), f"--input={path}")
     x, labels = _checked(x, labels, path, model)
-    yield [str(i) for i in range(done, done + len(x))], x, labels
+    names = ([os.path.basename(p) for p in paths[done:done + len(x)]] if png
+             else [str(i) for i in range(done, done + len(x))])
+    yield names, x, labels
     done += len(x)
+  if given is not None and done != len(given):
+    raise ValueError(readers.labels_do_not_fit(done, given.shape))
 
 
-def _is_idx(path: str) -> bool:
-  return not path.lower().endswith((".npz", ".csv", ".png"))
+def _png_rows(paths: list[str], model: TrainedModel, rows: int
+              ) -> Iterator[tuple[np.ndarray, None]]:
+  """(images (n, *input_shape), None) of PNG files, `rows` at a time."""
+  for start in range(0, len(paths), rows):
+    yield np.stack([readers.read_png(p, model.input_shape, model.pixel_max, model.dataset)
+                    for p in paths[start:start + rows]]), None
+
+
+def _given_slice(given: np.ndarray, own: Optional[np.ndarray], done: int, count: int,
+                 inputs: str) -> np.ndarray:
+  """The --labels of inputs done .. done + count; ValueError where the inputs hold
+  their own labels or there are fewer labels than inputs."""
+  if own is not None:
+    raise ValueError(f"{inputs} holds its own labels; drop --labels (or give the inputs "
+                     "without them).")
+  if len(given) < done + count:
+    raise ValueError(f"there are {len(given):,} labels for more than {len(given):,} "
+                     "inputs: give one label per input (the labels file of the same split).")
+  return given[done:done + count]
+
+
+def given_labels(path: str, model: TrainedModel) -> np.ndarray:
+  """The classes (N,) int64 of a labels file, checked against the model's K classes:
+
+      FILE.npy            the labels
+      FILE.npz            y (or y_test, or its only array)
+      FILE.csv            the model's label column, or the file's only column
+      an IDX file         labels (…-idx1-ubyte[.gz])
+
+  Numbers are class indices; a CSV's cells are class names where every one is (_classes).
+  ValueError, one line.
+  """
+  lower = path.lower()
+  if lower.endswith(".npy"):
+    values = files.read_npy(path, budget.memory_budget())
+  elif lower.endswith(".npz"):
+    with files.NpzArchive(path, budget.memory_budget()) as npz:
+      key = next((k for k in ("y", "y_test") if k in npz.names),
+                 npz.names[0] if len(npz.names) == 1 else None)
+      if key is None:
+        raise ValueError(f"{path} holds {', '.join(npz.names) or 'no arrays'}; name the "
+                         "labels y.")
+      values = npz.read(key)
+  elif lower.endswith(".csv"):
+    values = _classes(tables.csv_column(path, model.label_column or "label"), model, path)
+  else:
+    values = readers.read_idx(path)
+  return readers.labels(values, len(values) if values.ndim else 1, f"the labels of {path}",
+                        len(model.class_names))
+
+
+def _classes(cells: np.ndarray, model: TrainedModel, path: str) -> np.ndarray:
+  """A CSV's label cells (n,) str as class indices (n,): by the model's class names
+  (tables.class_names' spelling) where every cell is one of them or the model was
+  trained on a table; else as numbers (the indices of readers.labels)."""
+  classes = {name: k for k, name in enumerate(model.class_names)}
+  names = tables.class_names(cells)
+  unknown = [name for name in names if name not in classes]
+  if not unknown:
+    return np.array([classes[name] for name in names], np.int64)
+  if not model.label_column:
+    with contextlib.suppress(ValueError):
+      return cells.astype(np.float64)
+  raise ValueError(f"{path}: the label {unknown[0][:40]!r} is not one of the model's "
+                   f"classes ({', '.join(model.class_names)[:200]}).")
 
 
 def _csv_rows(path: str, model: TrainedModel, rows: int
               ) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
   """(features, class indices or None) of a CSV table, in batches (tables.csv_rows)."""
-  classes = {name: k for k, name in enumerate(model.class_names)}
   try:
     for x, labels in tables.csv_rows(path, model.label_column, rows,
                                       model.feature_names or None):
-      if labels is not None:
-        labels = tables.class_names(labels)
-        unknown = [name for name in labels if name not in classes]
-        if unknown:
-          raise ValueError(f"{path}: the label {unknown[0][:40]!r} in column "
-                           f"{model.label_column!r} is not one of the model's classes "
-                           f"({', '.join(model.class_names)[:200]}).")
-        labels = np.array([classes[name] for name in labels])
-      yield x, labels
+      yield x, None if labels is None else _classes(labels, model, path)
   except readers.DataError as e:
     raise ValueError(str(e)) from None
 
