@@ -128,6 +128,38 @@ def test_nan_and_inf_are_refused_for_every_float_setting(name, value, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+# Each setting that acts only with another: (a value other than its default, the
+# settings it acts with).
+ACTING = {
+    "warmup_epochs": (2.0, {"schedule": "warmup_cosine"}),
+    "dp_clip_norm": (2.0, {"dp_noise_multiplier": 1.0}),
+    "dp_clipping": ("per_layer", {"dp_target_epsilon": 3.0}),
+    "dp_delta": (1e-6, {"dp_noise_multiplier": 1.0}),
+    "data_dir": ("/some/dir", {"dataset": "mnist"}),
+    "peer_timeout": (30.0, {"distributed": True}),
+    "stacking": ("map", {"num_seeds": 2}),
+}
+
+
+def test_every_setting_that_acts_only_with_another_is_in_the_table():
+  assert set(ACTING) == set(config_lib.ACTS_ONLY_WITH)
+
+
+@pytest.mark.parametrize("name", ACTING)
+def test_a_setting_that_cannot_act_is_refused_never_ignored(name, tmp_path):
+  """Alone, the setting is one line naming it and what it needs (flag and estimator
+  alike); with what it needs, it is accepted."""
+  value, needs = ACTING[name]
+  others = {"schedule": "constant"} if name == "warmup_epochs" else {}
+  with pytest.raises(experiment.RunError, match=f"^--{name}={value} acts only with .*: "
+                                                 f"give that, or drop --{name}.$"):
+    config_lib.resolve(experiment.RunConfig(**{name: value}, **others))
+  config_lib.resolve(experiment.RunConfig(**{name: value}, **needs))
+  if config_lib.BY_NAME[name].part == "training":
+    with pytest.raises(ValueError, match=f"^MLPClassifier: {name}={value} acts only with"):
+      mj.MLPClassifier(**{name: value}, **others).fit(np.zeros((4, 2)), np.arange(4) % 2)
+
+
 def _valid_value(s):
   """A value Setting `s` accepts: its default, or its lower bound, or 1."""
   if s.default is not None:

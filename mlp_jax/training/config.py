@@ -175,6 +175,45 @@ def fold_indices(config: Config) -> list[Optional[int]]:
   return [config.cv_fold] if config.cv_fold is not None else list(range(config.cv_folds))
 
 
+def _multi_process(config: Config) -> bool:
+  return config.distributed or any(getattr(config, name) is not None for name in
+                                   ("coordinator_address", "num_processes", "process_id"))
+
+
+def _several_models(config: Config) -> bool:
+  return config.num_seeds > 1 or bool(config.sweep) or config.cv_folds > 1
+
+
+_PRIVATE = (Named("dp_noise_multiplier"), " or ", Named("dp_target_epsilon"))
+# Settings that act only with another: name -> (whether it acts in a config, what it
+# needs). Set to anything but its default where it cannot act, it is refused, never
+# ignored (_check_acting).
+ACTS_ONLY_WITH: dict[str, tuple[Callable[[Config], bool], tuple[Union[str, Named], ...]]] = {
+    "warmup_epochs": (lambda c: c.schedule == "warmup_cosine",
+                      (Named("schedule"), "=warmup_cosine")),
+    "dp_clip_norm": (is_private, _PRIVATE),
+    "dp_clipping": (is_private, _PRIVATE),
+    "dp_delta": (is_private, _PRIVATE),
+    "data_dir": (lambda c: c.dataset in ("mnist", "fashion_mnist"),
+                 (Named("dataset"), "=mnist or fashion_mnist")),
+    "peer_timeout": (_multi_process, ("a multi-process run (", Named("distributed"), ")")),
+    "stacking": (_several_models, ("several models (", Named("num_seeds"), ", ", SWEEP,
+                                   " or ", Named("cv_folds"), ")")),
+}
+
+
+def _check_acting(config: Config, names: Iterable[str]) -> None:
+  """SettingError for a setting of `names` set where it cannot act (ACTS_ONLY_WITH)."""
+  for name in names:
+    acts, needs = ACTS_ONLY_WITH.get(name, (None, ()))
+    value, default = getattr(config, name), BY_NAME[name].default
+    is_default = value == default or (isinstance(default, float)   # to float32's
+                                      and math.isclose(value, default, rel_tol=1e-6))
+    if acts and not is_default and not acts(config):
+      raise SettingError(Named(name), f"={value} acts only with ", *needs, ": give that, "
+                         "or drop ", Named(name), ".")
+
+
 def _check_cluster(config: Config) -> None:
   if not datasets.known(config.dataset):
     raise SettingError(Named("dataset"), f"={config.dataset!r}: must be one of {DATASETS}.")
@@ -332,6 +371,7 @@ def check_training(config: Config) -> Config:
   for a bad value or values that cannot go together. The run's settings (data, files,
   devices) are not looked at."""
   config = _checked_values(config, TRAINING)
+  _check_acting(config, TRAINING)
   _check_training_together(config)
   return config
 
@@ -341,6 +381,7 @@ def resolve(config: Config) -> Config:
   values; RunError (one line) for a bad value or settings that cannot work together. A
   sweep holds out 10% of train for validation unless told otherwise."""
   config = _checked_values(config, BY_NAME)
+  _check_acting(config, BY_NAME)
   _check_cluster(config)
   fraction = config.validation_fraction
   if config.sweep:
