@@ -31,7 +31,7 @@ if __name__ == "__main__":   # before any third-party import: a signal is one li
   boundary.install_stop_at_once()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 from sklearn import datasets as sklearn_datasets
 from sklearn.exceptions import ConvergenceWarning
@@ -138,7 +138,6 @@ def cv_timing() -> None:
 
 def main(argv: list[str]) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   warnings.simplefilter("ignore", ConvergenceWarning)  # scikit-learn's max_iter=200
   scaling_rule()
   with tempfile.TemporaryDirectory() as tmp:

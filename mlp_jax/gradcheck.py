@@ -210,6 +210,12 @@ def main(argv: list[str]) -> None:
   print("OK: manual == autodiff == finite differences")
 
 
+def script() -> None:
+  """The command (`mlp-jax gradcheck`, `python -m mlp_jax.gradcheck`): flags from
+  sys.argv, then main, in the error boundary (exits)."""
+  boundary.script(lambda: app.run(main, flags_parser=parse_flags), __name__,
+                  define_flags)
+
+
 if __name__ == "__main__":
-  define_flags()
-  boundary.script(lambda: app.run(main, flags_parser=parse_flags))
+  script()

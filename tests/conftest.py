@@ -170,12 +170,9 @@ def run_runner(dataset, workdir, *extra, timeout=300):
 
 
 def _runner_module():
-  if "mlp_jax_runner" not in sys.modules:
-    spec = importlib.util.spec_from_file_location("mlp_jax_runner", RUNNER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mlp_jax_runner"] = module
-    spec.loader.exec_module(module)  # defines the runner's flags, once per process
-  return sys.modules["mlp_jax_runner"]
+  """mlp_jax.commands.train, the runner's main (its flags defined once per process)."""
+  from mlp_jax.commands import train  # pylint: disable=g-import-not-at-top
+  return train
 
 
 def run_cli(*argv):

@@ -100,6 +100,7 @@ WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
     ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
+    ("mlp_jax/commands/benchmark.py", "main"): "atomic_file",   # --json_out
     ("mlp_jax/grading.py", "write_csv"): "atomic_file",
     ("mlp_jax/grading.py", "_write_json"): "write_json",   # results.json
     ("mlp_jax/base/files.py", "append"): "append",
@@ -420,6 +421,7 @@ READER_OF_CALLER = {
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/budget.py", "host_available"): "/proc/self/statm: not a user's path",
+    ("mlp_jax/commands/benchmark.py", "machine_load"): "/proc/stat: not a user's path",
     ("mlp_jax/learner.py", "_child"): "gradcheck's own problems, in its private directory",
     ("mlp_jax/grading.py", "_defines"): "a submission's .py, parsed never run, 1 MiB at "
                                         "most: tests/test_learner_gradcheck.py",
@@ -798,13 +800,23 @@ def test_a_jax_variable_jax_refuses_is_one_line_and_the_environments_fault(varia
 SCRIPTS = {name: [sys.executable, os.path.join(ROOT, "experiments", name)] for name in
            ("train.py", "predict.py", "benchmark.py", "startup.py", "tables.py")}
 SCRIPTS["gradcheck"] = [sys.executable, "-m", "mlp_jax.gradcheck"]
+SCRIPTS["mlp-jax train"] = [sys.executable, "-m", "mlp_jax", "train"]   # the installed
 STDLIB = set(sys.stdlib_module_names) | {"mlp_jax", "__future__"}
 
 
 def _script_source(name):
   path = (os.path.join(ROOT, "mlp_jax", "gradcheck.py") if name == "gradcheck"
+          else os.path.join(ROOT, "mlp_jax", "commands", "cli.py") if name == "mlp-jax train"
           else SCRIPTS[name][1])
   return pathlib.Path(path).read_text()
+
+
+def _installs_first(node):
+  """Whether `node` installs the handlers: in `if __name__ == "__main__":`, or as the first
+  statement of the console script's main()."""
+  if isinstance(node, ast.FunctionDef) and node.name == "main":
+    return "install_stop_at_once" in ast.unparse(node.body[1])   # after the docstring
+  return isinstance(node, ast.If) and "install_stop_at_once" in ast.unparse(node)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -814,7 +826,7 @@ def test_every_script_installs_its_signal_handlers_before_any_third_party_import
   tree = ast.parse(_script_source(script))
   installed = False
   for node in tree.body:
-    if isinstance(node, ast.If) and "install_stop_at_once" in ast.unparse(node):
+    if _installs_first(node):
       installed = True
     names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
              [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

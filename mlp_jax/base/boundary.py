@@ -306,7 +306,9 @@ def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
     from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
     try:
       with files.open_regular(path) as f:
-        lines = f.read(MAX_FLAGFILE_BYTES + 1).decode("utf-8", "replace").split()
+        text = f.read(MAX_FLAGFILE_BYTES + 1).decode("utf-8", "replace")
+      lines = [line.strip() for line in text.splitlines()   # absl's: one flag a line,
+               if not line.strip().startswith(("#", "//"))]   # comments skipped
     except files.UnsafePath as e:   # one that another user could change or swap
       return f"--flagfile={e.strerror}."
     except OSError:
@@ -315,6 +317,12 @@ def _flagfile_problem(args: list[str], depth: int = 0) -> Optional[str]:
     if why:
       return why
   return None
+
+
+def refuse_usage(line: str) -> NoReturn:
+  """A usage error before the flags are parsed: `error: LINE` on stderr, status 2."""
+  _print_line(f"error: {line}")
+  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -328,8 +336,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   app.define_help_flags()  # what app.run defines: --help, --helpshort, ... (idempotent)
   why = _flagfile_problem(argv[1:])
   if why:
-    _print_line(f"error: {why}")
-    sys.exit(2)
+    refuse_usage(why)
   try:
     rest = flags.FLAGS(argv)
   except SystemExit as e:  # absl's help flags print the help, then exit 1
@@ -339,14 +346,14 @@ def parse_flags(argv: list[str]) -> list[str]:
   except BrokenPipeError:  # `--help | head`: the boundary's silent 141
     raise
   except (flags.Error, UnicodeDecodeError, OSError) as e:
-    reason = (f"--flagfile is not a text file of --name=value lines ({e.reason})"
-              if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
-    _print_line(f"error: {reason}")
-    sys.exit(2)
+    refuse_usage(f"--flagfile is not a text file of --name=value lines ({e.reason})"
+                 if isinstance(e, UnicodeDecodeError) else str(e).splitlines()[0])
+  if not flags.FLAGS["verbosity"].present:   # absl's INFO lines (JAX's "Unable to
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)   # initialize backend", orbax's saves)
   if len(rest) > 1:   # e.g. a --flagfile line without its leading --
-    _print_line(f"error: unexpected arguments {' '.join(rest[1:])!r}: settings are "
-                "--name=value, on the command line and on each line of a --flagfile.")
-    sys.exit(2)
+    refuse_usage(f"unexpected arguments {' '.join(rest[1:])!r}: settings are --name=value, "
+                 "on the command line and on each line of a --flagfile.")
   return rest
 
 
@@ -394,12 +401,24 @@ def run(body: Callable[[], Optional[int]]) -> int:
     logging.disable(previous[2])
 
 
-def script(main: Callable[[], Any]) -> NoReturn:
-  """A script's `__main__`: `main` (absl's app.run(...), which raises SystemExit) in the
-  boundary, then the exit: a failure exits with os._exit once its line is out, so no
-  background thread or atexit hook prints after it."""
+def script(main: Callable[[], Any], command: Optional[str] = None,
+           define_flags: Callable[[], None] = lambda: None) -> NoReturn:
+  """A script's `__main__`: its flags defined, then `main` (absl's app.run(...), which
+  raises SystemExit) in the boundary, then the exit: a failure exits with os._exit once
+  its line is out, so no background thread or atexit hook prints after it. `command`:
+  the module whose docstring and flags --help shows (absl shows those of __main__)."""
   install_stop_at_once()
-  status = run(main)
+
+  def body() -> Any:
+    define_flags()
+    if command:
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      sys.modules["__main__"].__doc__ = sys.modules[command].__doc__
+      for flag in flags.FLAGS.get_key_flags_for_module(command):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    return main()
+
+  status = run(body)
   if status == 0:
     sys.exit(0)
   logging.disable(logging.CRITICAL)

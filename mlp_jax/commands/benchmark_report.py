@@ -7,8 +7,8 @@ import jax
 
 from mlp_jax.training import train
 
-from benchmark_harness import peak_memory_mb, roofline, step_bytes, step_flops
-from benchmark_variants import LAYOUT_ROWS
+from mlp_jax.commands.benchmark_harness import peak_memory_mb, roofline, step_bytes, step_flops
+from mlp_jax.commands.benchmark_variants import LAYOUT_ROWS
 
 
 # A row whose rounds' interquartile range is more than this fraction of their median,

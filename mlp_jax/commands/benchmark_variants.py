@@ -15,7 +15,7 @@ from mlp_jax.base import options
 from mlp_jax.core import privacy
 from mlp_jax.training import parallel, train
 
-from benchmark_harness import temp_memory_mb
+from mlp_jax.commands.benchmark_harness import temp_memory_mb
 
 # The manual step in one named layout (options.LAYOUT_ROWS); "manual" is the one
 # network.choose_layout picks for each dtype on this machine.
