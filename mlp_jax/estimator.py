@@ -16,7 +16,7 @@ refits on all rows.
 """
 
 import inspect
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -107,18 +107,56 @@ def _check_repeats(total: int, X: np.ndarray) -> None:
                      "numbers (each row's loss scaled, no copies).")
 
 
-# scikit-learn's MLPClassifier names, and what mlp_jax calls the same thing: a
-# TypeError for one says so.
+def _one_hidden_layer(sizes: Any) -> int:
+  """hidden_layer_sizes (scikit-learn's) as hidden_dim: one layer's size, an int."""
+  layers = (sizes,) if isinstance(sizes, (int, np.integer)) else tuple(sizes)
+  if len(layers) != 1:
+    raise TypeError(f"hidden_layer_sizes={sizes!r} has {len(layers)} hidden layers; mlp_jax "
+                    "has one: give hidden_dim=H (or hidden_layer_sizes=(H,)).")
+  return layers[0]
+
+
+# scikit-learn's MLPClassifier names that mean what an mlp_jax parameter means: accepted,
+# and stored under mlp_jax's name (so get_params and clone see that one).
+SKLEARN_ALIASES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "hidden_layer_sizes": ("hidden_dim", _one_hidden_layer),
+    "max_iter": ("epochs", lambda v: v),
+    "learning_rate_init": ("learning_rate", lambda v: v),
+}
+# Its names for something mlp_jax does otherwise or not at all: a TypeError says so.
 SKLEARN_NAMES = {
-    "hidden_layer_sizes": "hidden_dim, the size of its one hidden layer "
-                          "(hidden_layer_sizes=(64,) is hidden_dim=64)",
-    "max_iter": "epochs (passes over the training set)",
-    "learning_rate_init": "learning_rate",
-    "alpha": "weight_decay (of W1 and W2, never the biases)",
-    "solver": "optimizer",
+    "alpha": "weight_decay, AdamW's decay of W1 and W2 (decoupled, scaled by the learning "
+             "rate), not scikit-learn's L2 penalty alpha·‖W‖²/(2n) in the loss",
+    "solver": "optimizer (sgd, momentum, adam, adamw; no lbfgs)",
     "n_iter_no_change": "nothing: mlp_jax trains for its epochs (no early stopping)",
     "early_stopping": "nothing: mlp_jax trains for its epochs (no early stopping)",
 }
+
+
+def _as_ours(name: str, value: Any) -> tuple[str, Any]:
+  """(mlp_jax's name, its value) of a parameter given by scikit-learn's alias, else
+  (name, value) as given."""
+  if name in SKLEARN_ALIASES:
+    ours, convert = SKLEARN_ALIASES[name]
+    return ours, convert(value)
+  return name, value
+
+
+def _ours(params: dict[str, Any], estimator: str) -> dict[str, Any]:
+  """`params` with scikit-learn's aliases as mlp_jax's names; TypeError for a name that
+  is neither (naming what mlp_jax calls it, where it has one) or one given twice."""
+  ours = {}
+  for given, value in params.items():
+    name, value = _as_ours(given, value)
+    if name != given and name in params:
+      raise TypeError(f"{estimator}() got {given} and {name}, the same parameter twice: "
+                      f"give {name} alone.")
+    if name not in PARAMETERS:
+      hint = SKLEARN_NAMES.get(name)
+      raise TypeError(f"{estimator}() got an unexpected keyword argument {name!r}"
+                      + (f": mlp_jax calls it {hint}" if hint else ""))
+    ours[name] = value
+  return ours
 
 
 class MLPClassifier(ClassifierMixin, BaseEstimator):
@@ -149,13 +187,14 @@ class MLPClassifier(ClassifierMixin, BaseEstimator):
   def __init__(self, **params: Any):
     """Stores each parameter (PARAMETERS) as given, unchecked, or its default; fit
     checks them. The signature scikit-learn and help() read is generated below."""
-    unknown = sorted(set(params) - set(PARAMETERS))
-    if unknown:
-      ours = SKLEARN_NAMES.get(unknown[0])
-      raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
-                      f"{unknown[0]!r}" + (f": mlp_jax calls it {ours}" if ours else ""))
+    params = _ours(params, type(self).__name__)
     for name, setting in PARAMETERS.items():
       setattr(self, name, params.get(name, setting.default))
+
+  def set_params(self, **params: Any) -> "MLPClassifier":
+    """scikit-learn's set_params, taking its aliases too (max_iter, ...: SKLEARN_ALIASES),
+    so that GridSearchCV(MLPClassifier(), {"max_iter": ...}) works."""
+    return super().set_params(**dict(_as_ours(k, v) for k, v in params.items()))
 
   # -- fitting -------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+import sklearn.base
 from sklearn.model_selection import GridSearchCV
 from sklearn.model_selection import cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -350,12 +351,30 @@ def test_cv_refuses_a_grid_it_cannot_train_in_one_program():
 
 
 @pytest.mark.parametrize("name, value, ours", [
-    ("hidden_layer_sizes", (64,), "hidden_dim"), ("max_iter", 200, "epochs"),
-    ("learning_rate_init", 1e-3, "learning_rate"), ("alpha", 1e-4, "weight_decay"),
-    ("solver", "adam", "optimizer")])
+    ("alpha", 1e-4, "weight_decay, AdamW's decay"), ("solver", "adam", "optimizer"),
+    ("early_stopping", True, "nothing: mlp_jax trains for its epochs")])
 def test_scikit_learns_words_are_answered_with_ours(name, value, ours):
   with pytest.raises(TypeError, match=f"unexpected keyword argument '{name}': mlp_jax "
                                       f"calls it {ours}"):
     mj.MLPClassifier(**{name: value})
   with pytest.raises(TypeError, match=f"'{name}': mlp_jax calls it {ours}"):
     mj.MLPClassifierCV(**{name: value})
+
+
+@pytest.mark.parametrize("name, value, ours, stored", [
+    ("hidden_layer_sizes", (64,), "hidden_dim", 64), ("hidden_layer_sizes", 32, "hidden_dim", 32),
+    ("max_iter", 200, "epochs", 200), ("learning_rate_init", 3e-3, "learning_rate", 3e-3)])
+def test_scikit_learns_names_of_the_same_thing_are_aliases(name, value, ours, stored):
+  """Stored under mlp_jax's name (get_params, clone and set_params see one parameter)."""
+  for estimator in (mj.MLPClassifier, mj.MLPClassifierCV):
+    model = estimator(**{name: value})
+    assert model.get_params()[ours] == stored and name not in model.get_params()
+    assert sklearn.base.clone(model).get_params()[ours] == stored
+    assert estimator().set_params(**{name: value}).get_params()[ours] == stored
+    with pytest.raises(TypeError, match=f"got {name} and {ours}, the same parameter twice"):
+      estimator(**{name: value, ours: stored})
+  with pytest.raises(TypeError, match=r"hidden_layer_sizes=\(64, 32\) has 2 hidden layers; "
+                                      "mlp_jax has one: give hidden_dim=H"):
+    mj.MLPClassifier(hidden_layer_sizes=(64, 32))
+
+
