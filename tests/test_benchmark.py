@@ -15,6 +15,12 @@ from conftest import ROOT
 import mlp_jax as mj
 
 BENCHMARK = os.path.join(ROOT, "experiments", "benchmark.py")
+LEGEND_START = "us/step: median µs per step over the repeats (min, max and each round: the JSON);"
+
+
+def legend_lines(lines):
+  start = lines.index(LEGEND_START)
+  return lines[start:start + 9]
 
 
 def run(*flags, host_devices=1):
@@ -68,7 +74,17 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
     assert ("roofline>1" in r["marks"]) == (r["roofline_fraction"] > 1)
     assert ("ceiling>1" in r["marks"]) == (r["ceiling_fraction"] > 1)
   assert re.search(r"load average [\d.]+ [\d.]+ [\d.]+", result.stdout), result.stdout
-  assert "roofline: the step's bound" in result.stdout
+  assert "roof: the step's bound" in result.stdout
+  # The header first: the device, the machine and its load, the variants and a time.
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("device: cpu") and lines[1].startswith("machine: ")
+  assert re.fullmatch(r"variants: 10 at each of 1 sizes \(B, H\), 10 rows; about [\d.]+ min",
+                      lines[2]), lines[2]
+  table = lines[3:lines.index(LEGEND_START)]
+  assert table[0].split() == ["grads", "mode", "dtype", "dev", "B", "H", "us/step", "ex/s",
+                              "GFLOP/s", "ceil", "roof", "comp", "s", "!"]
+  assert len([line for line in table if " 32    64 " in line]) == 10   # a line a row
+  assert max(len(line) for line in table + legend_lines(lines)) <= 100
   assert "manual scan / plain jax.grad+optax scan ex/s  float32" in result.stdout
   flops = xla_flops_of_manual_grads(32, 256, 64, 3)
   for r in rows:
@@ -80,7 +96,7 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
     assert r["gflops"] * 1e9 * seconds == pytest.approx(flops, rel=0.05)
     assert r["ceiling_fraction"] * r["gemm_ceiling_gflops"] == pytest.approx(r["gflops"])
     assert r["compile_seconds"] > 0 and r["hidden_dim"] == 64
-  assert "manual / autodiff time" in result.stdout and "examples/s" in result.stdout
+  assert "manual / autodiff time" in result.stdout and "ex/s" in result.stdout
   by_key = {(r["grads"], r["mode"], r["compute_dtype"]): r for r in rows}
   manual, auto = by_key[("manual", "scan", "float32")], by_key[("autodiff", "scan", "float32")]
   paired = np.array(manual["us_per_step_rounds"]) / np.array(auto["us_per_step_rounds"])
@@ -95,6 +111,22 @@ def test_benchmark_writes_a_row_per_variant(tmp_path):
            if line.startswith(("manual / autodiff", "bfloat16 / float32"))]
   runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
   assert sorted(runs) == ["bfloat16", "manual"] and len(kinds) == 2 * 2 + 2 * 2 + 1  # + plain
+
+
+@pytest.mark.slow
+def test_a_signal_says_how_many_rows_were_measured(tmp_path):
+  """SIGTERM once the first of two sizes' rows are out (the phase the rows enter):
+  those rows were printed, and the one line says where it stopped."""
+  env_signal = {"MLP_JAX_SIGNAL_AT": "after 2 of 4 rows:15"}
+  result = subprocess.run([sys.executable, BENCHMARK, "--grads=manual", "--modes=scan",
+                           "--batch_sizes=16,32", "--hidden_dims=32", "--in_dim=32",
+                           "--steps=2", "--repeats=2", "--ceiling_size=64"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, **env_signal})
+  assert result.returncode == 128 + 15, result.stderr
+  assert result.stderr.strip().splitlines()[-1] == "stopped: SIGTERM after 2 of 4 rows."
+  assert len([line for line in result.stdout.splitlines()
+              if line.startswith("manual         scan")]) == 2, result.stdout
 
 
 @pytest.mark.slow

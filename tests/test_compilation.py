@@ -3,6 +3,7 @@
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -104,3 +105,49 @@ def test_a_cache_of_others_is_never_read_and_the_run_is_as_without_one(tiny_npz,
   assert f"mlp_jax: not using the compilation cache '{cache}'" in stderr
   assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in cache.iterdir()} == before
   assert_same_params(tmp_path / "planted", reference_run(tiny_npz, epochs=2))
+
+
+_FILL_CACHE = """
+import sys
+import jax, jax.numpy as jnp
+from mlp_jax.base import compilation
+path = compilation.enable()
+for n in range(8, 8 + int(sys.argv[1])):             # distinct programs, cached
+  jax.jit(lambda x: jnp.tanh(x) @ x.T + n).lower(jax.ShapeDtypeStruct((n, n), "f4")).compile()
+with compilation.not_cached():                       # a peer's: never written
+  jax.jit(lambda x: jnp.sin(x) * 3).lower(jax.ShapeDtypeStruct((5, 7), "f4")).compile()
+print(path, jax.config.jax_compilation_cache_max_size)
+"""
+
+
+def _fill_cache(tmp_path, programs, gib=None):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env["MLP_JAX_COMPILATION_CACHE"] = str(tmp_path / "cache")
+  env.pop(compilation.SIZE_ENV, None)
+  if gib is not None:
+    env[compilation.SIZE_ENV] = gib
+  return subprocess.run([sys.executable, "-c", _FILL_CACHE, str(programs)],
+                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def _entries(cache):
+  return {p.name: p.stat().st_size for p in cache.iterdir() if p.name.endswith("-cache")}
+
+
+@pytest.mark.slow   # fresh processes: JAX sets its cache up once per process
+def test_the_cache_is_bounded_and_a_peers_programs_are_not_in_it(tmp_path):
+  result = _fill_cache(tmp_path, 3)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == [str(tmp_path / "cache"), str(1 << 30)]   # 1 GiB default
+  entries = _entries(tmp_path / "cache")
+  assert len(entries) == 3, entries                    # the peer's program is not there
+  bound = 2.5 * max(entries.values()) / (1 << 30)      # room for two of those programs
+  result = _fill_cache(tmp_path / "small", 6, gib=f"{bound:.12f}")
+  assert result.returncode == 0, result.stderr
+  assert int(result.stdout.split()[1]) == int(bound * (1 << 30))
+  entries = _entries(tmp_path / "small" / "cache")
+  assert 1 <= len(entries) <= 3 and sum(entries.values()) <= bound * (1 << 30), entries
+  result = _fill_cache(tmp_path, 1, gib="lots")
+  assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].endswith(
+      "MLP_JAX_COMPILATION_CACHE_GIB='lots' is not a number of GiB above 0; set it to e.g. "
+      "2, or unset it."), result.stderr

@@ -101,6 +101,7 @@ WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
     ("mlp_jax/commands/benchmark.py", "main"): "atomic_file",   # --json_out
+    ("mlp_jax/base/compilation.py", "_give_entries_an_access_time"): "atomic_file",
     ("mlp_jax/grading.py", "write_csv"): "atomic_file",
     ("mlp_jax/grading.py", "_write_json"): "write_json",   # results.json
     ("mlp_jax/base/files.py", "append"): "append",

@@ -138,7 +138,11 @@ ACTING = {
     "data_dir": ("/some/dir", {"dataset": "mnist"}),
     "peer_timeout": (30.0, {"distributed": True}),
     "stacking": ("map", {"num_seeds": 2}),
+    "compilation_cache_gib": (2.0, {}),
 }
+# What keeps a setting from acting, where its default alone does not.
+NOT_ACTING = {"warmup_epochs": {"schedule": "constant"}, "compilation_cache_gib":
+              {"compilation_cache": ""}}
 
 
 def test_every_setting_that_acts_only_with_another_is_in_the_table():
@@ -150,7 +154,7 @@ def test_a_setting_that_cannot_act_is_refused_never_ignored(name, tmp_path):
   """Alone, the setting is one line naming it and what it needs (flag and estimator
   alike); with what it needs, it is accepted."""
   value, needs = ACTING[name]
-  others = {"schedule": "constant"} if name == "warmup_epochs" else {}
+  others = NOT_ACTING.get(name, {})
   with pytest.raises(experiment.RunError, match=f"^--{name}={value} acts only with .*: "
                                                  f"give that, or drop --{name}.$"):
     config_lib.resolve(experiment.RunConfig(**{name: value}, **others))

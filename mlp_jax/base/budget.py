@@ -31,6 +31,22 @@ def host_available() -> Optional[int]:
   return available
 
 
+def gib_of_environment(name: str, example: str) -> Optional[float]:
+  """The GiB the environment variable `name` gives, None where it is unset or empty;
+  UserError for a value that is not a number of GiB above 0."""
+  text = os.environ.get(name, "")
+  if not text.strip():
+    return None
+  try:
+    gib = float(text)
+  except ValueError:
+    gib = -1.0
+  if not 0 < gib < float("inf"):
+    raise UserError(f"{name}={escaped(text)!r} is not a number of GiB above 0; set it to "
+                    f"e.g. {example}, or unset it.")
+  return gib
+
+
 BUDGET_ENV = "MLP_JAX_MEMORY_BUDGET"   # GiB, as the runner's --memory_budget
 DEFAULT_BUDGET = 4 << 30
 _budget: dict[str, Optional[float]] = {"gib": None}   # set_memory_budget's
@@ -47,15 +63,8 @@ def memory_budget() -> int:
   else 4 GiB or half of what the process may still allocate (host_available), whichever
   is smaller. UserError for an environment value that is not a number of GiB above 0."""
   gib = _budget["gib"]
-  if gib is None and os.environ.get(BUDGET_ENV, "").strip():
-    text = os.environ[BUDGET_ENV]
-    try:
-      gib = float(text)
-    except ValueError:
-      gib = -1.0
-    if not 0 < gib < float("inf"):
-      raise UserError(f"{BUDGET_ENV}={escaped(text)!r} is not a number of GiB above 0; "
-                      "set it to e.g. 8, or unset it.")
+  if gib is None:
+    gib = gib_of_environment(BUDGET_ENV, "8")
   if gib is not None:
     return int(gib * (1 << 30))
   available = host_available()

@@ -23,10 +23,11 @@ $MLP_JAX_COMPILATION_CACHE are then skipped with one line on stderr (the run com
 afresh), and an explicit --compilation_cache is refused.
 """
 
+import contextlib
 import os
 import stat
 import sys
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from mlp_jax.base import trusted
 
@@ -82,8 +83,46 @@ def refusal(path: str, why: str) -> str:
           "--compilation_cache= to compile without a cache.")
 
 
-def enable(path: Optional[str] = None) -> Optional[str]:
-  """Points JAX's persistent cache at `path` (None: default_dir()) and caches every
+SIZE_ENV = "MLP_JAX_COMPILATION_CACHE_GIB"   # GiB, as the runner's --compilation_cache_gib
+DEFAULT_GIB = 1.0
+
+
+def max_bytes(gib: Optional[float] = None) -> int:
+  """The cache's bound in bytes: `gib`, else $MLP_JAX_COMPILATION_CACHE_GIB, else 1 GiB."""
+  if gib is None:
+    from mlp_jax.base import budget  # pylint: disable=g-import-not-at-top  (numpy)
+    gib = budget.gib_of_environment(SIZE_ENV, "2")
+  return int((DEFAULT_GIB if gib is None else gib) * (1 << 30))
+
+
+@contextlib.contextmanager
+def not_cached() -> Iterator[None]:
+  """Programs compiled in the block are not written to the cache (the benchmark's
+  peers: what a user would write, not mlp_jax's programs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
+  try:
+    yield
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
+def _give_entries_an_access_time(path: str, files: Any) -> None:
+  """An access-time file (NAME-atime: its mtime in ns, 8 bytes little-endian) for each
+  entry NAME-cache without one: JAX's bounded cache reads every entry's to evict, and
+  fails every write where one was cached before it was bounded (an earlier mlp_jax)."""
+  for name in os.listdir(path):
+    atime = os.path.join(path, name.removesuffix("-cache") + "-atime")
+    if name.endswith("-cache") and not os.path.lexists(atime):
+      mtime = os.stat(os.path.join(path, name), follow_symlinks=False).st_mtime_ns
+      with contextlib.suppress(OSError), files.atomic_file(atime) as f:
+        f.write(mtime.to_bytes(8, "little"))
+
+
+def enable(path: Optional[str] = None, gib: Optional[float] = None) -> Optional[str]:
+  """Points JAX's persistent cache at `path` (None: default_dir()), bounded to max_bytes
+  (`gib`; JAX evicts the least recently used programs beyond it), and caches every
   program however fast it compiled (JAX's default skips those under 1 s: all of this
   project's). Returns the directory in use, or None when off: asked for (''), the
   default directory cannot be created, or is not the user's own (one line on stderr).
@@ -113,6 +152,8 @@ def enable(path: Optional[str] = None) -> Optional[str]:
     except (OSError, ValueError, AttributeError):
       pass   # no stderr: the run goes on without the cache all the same
     return None
+  _give_entries_an_access_time(path, files)
+  jax.config.update("jax_compilation_cache_max_size", max_bytes(gib))
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return path

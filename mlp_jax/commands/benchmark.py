@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import time
 
 from mlp_jax.base import boundary
 
@@ -31,13 +32,16 @@ from mlp_jax.base import boundary
 from absl import app, flags
 import jax
 import jax.numpy as jnp
+import tqdm
 
-from mlp_jax.base import files
+from mlp_jax.base import compilation, files, options
+from mlp_jax.core import network
 from mlp_jax.training import config as config_lib, spec
 
-from mlp_jax.commands.benchmark_harness import (Timing, bandwidth_run, gemm_run, profile_once,
+from mlp_jax.commands.benchmark_harness import (Timing, bandwidth_run, gemm_run, profile_once, step_flops,
                                time_round_robin)
-from mlp_jax.commands.benchmark_report import format_ratios, format_table, make_row
+from mlp_jax.commands.benchmark_report import (LEGEND, format_ratios, format_row, make_row,
+                                               table_header)
 from mlp_jax.commands.benchmark_variants import (dp_run, jax_run, opacus_run, plain_jax_run, stacked_run,
                                 torch_run)
 
@@ -89,55 +93,70 @@ def available_peers(cfg):
   return {"torch": torch_ok, "opacus": opacus_ok}
 
 
-def prepare_runs(b, h, peers, cfg):
-  """({key: run()}, {key: partial Timing fields}, {dtype: GEMM FLOPs per run}) for
-  every variant of one (B, H): key = (grads, mode, dtype, devices), or ("gemm", dtype)."""
-  runs, info, gemm_flops = {}, {}, {}
-  for dt in cfg.compute_dtypes:
-    runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
-    for mode in cfg.modes:
-      for grads in cfg.grads:
-        # XLA's CPU runtime deadlocks with ~20-40 multi-device steps in flight,
-        # as `step` mode queues them; the runner's scan is one call per epoch.
-        for n in [n for n in cfg.num_devices if mode == "scan" or n == 1]:
-          runs[(grads, mode, dt, n)], compile_s = jax_run((grads, mode, dt, n), b, h, cfg)
-          info[(grads, mode, dt, n)] = {"compile_seconds": compile_s}
-  dp_kinds = ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad") if cfg.dp else ()
-  for dt, kind in itertools.product(cfg.compute_dtypes, dp_kinds):
-    if kind != "dp_vmap_grad" or dt == "float32":  # the float32 reference is enough
-      runs[(kind, "scan", dt, 1)], compile_s, temp = dp_run(kind, dt, b, h, cfg)
-      info[(kind, "scan", dt, 1)] = {"compile_seconds": compile_s, "temp_mb": temp}
+DP_KINDS = ("plain", "dp_clipped_sum", "dp_closed_form", "dp_vmap_grad")
+
+
+def variant_keys(peers, cfg):
+  """The rows of one (B, H), each key = (grads, mode, dtype, devices), in the order they
+  are compiled."""
+  keys = [(grads, mode, dt, n) for dt in cfg.compute_dtypes for mode in cfg.modes
+          for grads in cfg.grads
+          # XLA's CPU runtime deadlocks with ~20-40 multi-device steps in flight, as
+          # `step` mode queues them; the runner's scan is one call per epoch.
+          for n in cfg.num_devices if mode == "scan" or n == 1]
+  keys += [(kind, "scan", dt, 1) for dt in cfg.compute_dtypes for kind in
+           (DP_KINDS if cfg.dp else ())   # vmap(grad): the float32 reference is enough
+           if kind != "dp_vmap_grad" or dt == "float32"]
   for dt, n_models, stacking in itertools.product(
       cfg.compute_dtypes if cfg.num_models else (), cfg.num_models, cfg.stackings):
-    key = (f"{stacking}_{n_models}", "scan", dt, 1)
-    runs[key], compile_s = stacked_run(n_models, stacking, dt, b, h, cfg)
-    info[key] = {"compile_seconds": compile_s, "num_models": n_models}
-    if ("manual", "scan", dt, 1) not in runs:  # the one-model run it is compared with
-      runs[("manual", "scan", dt, 1)], compile_s = jax_run(("manual", "scan", dt, 1), b, h, cfg)
-      info[("manual", "scan", dt, 1)] = {"compile_seconds": compile_s}
-  peer_kinds = ((("opacus_hooks", "opacus_ghost") if peers["opacus"] else ())
-                + (("torch",) if peers["torch"] or peers["opacus"] else ()))
-  for kind in peer_kinds:
-    runs[(kind, "eager", "float32", 1)] = (torch_run(b, h, cfg) if kind == "torch"
-                                           else opacus_run(kind, b, h, cfg))
-    info[(kind, "eager", "float32", 1)] = {"compile_seconds": 0.0}
+    keys.append((f"{stacking}_{n_models}", "scan", dt, 1))
+    if ("manual", "scan", dt, 1) not in keys:  # the one-model run it is compared with
+      keys.append(("manual", "scan", dt, 1))
+  keys += [(kind, "eager", "float32", 1) for kind in
+           (("opacus_hooks", "opacus_ghost") if peers["opacus"] else ())
+           + (("torch",) if peers["torch"] or peers["opacus"] else ())]
   if peers["torch"]:  # and the bfloat16 a PyTorch user picks: autocast
-    runs[("torch_autocast", "eager", "bfloat16", 1)] = torch_run(b, h, cfg, autocast=True)
-    info[("torch_autocast", "eager", "bfloat16", 1)] = {"compile_seconds": 0.0}
-  for dt in (cfg.compute_dtypes if "jax" in cfg.peers else ()):
-    runs[("jax_plain", "scan", dt, 1)], compile_s = plain_jax_run(dt, b, h, cfg)
-    info[("jax_plain", "scan", dt, 1)] = {"compile_seconds": compile_s}
-  for dt in ("float32", "bfloat16"):  # every row's roofline needs its dtype's ceiling
-    if ("gemm", dt) not in runs and any(key[2] == dt for key in info):
-      runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
+    keys.append(("torch_autocast", "eager", "bfloat16", 1))
+  keys += [("jax_plain", "scan", dt, 1) for dt in cfg.compute_dtypes if "jax" in cfg.peers]
+  return keys
+
+
+def make_run(key, b, h, cfg):
+  """(run(), its partial Timing fields) of the variant `key` at (B, H), compiled."""
+  grads, mode, dt, _ = key
+  if grads in DP_KINDS:
+    run, compile_s, temp = dp_run(grads, dt, b, h, cfg)
+    return run, {"compile_seconds": compile_s, "temp_mb": temp}
+  if grads.startswith(options.STACKINGS):
+    stacking, n_models = grads.split("_")
+    run, compile_s = stacked_run(int(n_models), stacking, dt, b, h, cfg)
+    return run, {"compile_seconds": compile_s, "num_models": int(n_models)}
+  if grads.startswith(("torch", "opacus")):
+    run = (torch_run(b, h, cfg, autocast=grads == "torch_autocast")
+           if grads.startswith("torch") else opacus_run(grads, b, h, cfg))
+    return run, {"compile_seconds": 0.0}
+  run, compile_s = plain_jax_run(dt, b, h, cfg) if grads == "jax_plain" else jax_run(
+      key, b, h, cfg)
+  return run, {"compile_seconds": compile_s}
+
+
+def prepare_runs(b, h, keys, cfg):
+  """({key: run()}, {key: partial Timing fields}, {dtype: GEMM FLOPs per run}) of the
+  variants `keys` at (B, H), with the GEMM ceiling of every dtype they use, ("gemm",
+  dtype), and the memory bandwidth, ("bandwidth",)."""
+  runs, info, gemm_flops = {}, {}, {}
+  for key in keys:
+    runs[key], info[key] = make_run(key, b, h, cfg)
+  for dt in sorted({key[2] for key in keys}):  # every row's roofline needs its ceiling
+    runs[("gemm", dt)], gemm_flops[dt] = gemm_run(jnp.dtype(dt), cfg.ceiling_size)
   runs[("bandwidth",)], gemm_flops["bandwidth"] = bandwidth_run()
   return runs, info, gemm_flops
 
 
-def time_one_size(b, h, peers, cfg):
-  """The rows of every variant of one (B, H), timed in turn (round robin) with the GEMM
-  ceilings."""
-  runs, info, gemm_flops = prepare_runs(b, h, peers, cfg)
+def time_one_size(b, h, keys, cfg):
+  """The rows of the variants `keys` at one (B, H), timed in turn (round robin) with the
+  GEMM ceilings."""
+  runs, info, gemm_flops = prepare_runs(b, h, keys, cfg)
   # vmap(grad) holds B per-example gradients (GBs at B = 1024): freeing them slowed the
   # variant timed next by up to 5x, so it is timed on its own, after the others.
   alone = {key: runs.pop(key) for key in list(runs) if key[0] == "dp_vmap_grad"}
@@ -147,10 +166,9 @@ def time_one_size(b, h, peers, cfg):
   bandwidth = gemm_flops.pop("bandwidth") / statistics.median(seconds[("bandwidth",)]) / 1e9
   ceilings = {dt: flops / statistics.median(seconds[("gemm", dt)]) / 1e9
               for dt, flops in gemm_flops.items()}
-  print(f"B={b} H={h}: GEMM ceiling " + ", ".join(
-      f"{dt} {gf:.1f} GFLOP/s" for dt, gf in ceilings.items()) +
-        f" (median of a {cfg.ceiling_size}^3 jitted matmul); memory bandwidth "
-        f"{bandwidth:.1f} GB/s (an elementwise pass over 256 MiB)")
+  tqdm.tqdm.write(f"B={b} H={h}: ceiling " + ", ".join(
+      f"{dt} {gf:.1f}" for dt, gf in ceilings.items()) + f" GFLOP/s ({cfg.ceiling_size}³ "
+      f"matmul), bandwidth {bandwidth:.1f} GB/s", file=sys.stdout)
   return [make_row(key, (b, h), Timing([t / cfg.steps for t in s], **info[key]),
                    (ceilings[key[2]], bandwidth), cfg)
           for key, s in seconds.items() if key[0] not in ("gemm", "bandwidth")]
@@ -177,22 +195,67 @@ def describe_load(before, after):
           "machine's rows are marked noisy")
 
 
+def estimate_seconds(sizes, keys, cfg):
+  """A rough time for the run: each variant compiled (2 s) and timed (its steps, the
+  warm-up included, at half a float32 matmul's speed measured now; bfloat16 on a CPU at
+  half that), with the GEMM ceilings' calls."""
+  run, flops = gemm_run(jnp.float32, 512)
+  run()
+  start = time.perf_counter()
+  run()
+  speed = flops / (time.perf_counter() - start) / 2
+  step = lambda b, h, key: (step_flops(b, cfg.in_dim, h, cfg.num_classes) / speed
+                            * (2 if key[2] == "bfloat16" and jax.default_backend() == "cpu"
+                               else 1) * _models(key))
+  timed = sum(2 + cfg.steps * (cfg.repeats + 1) * step(b, h, key)
+              for b, h in sizes for key in keys)
+  ceilings = len(sizes) * len({key[2] for key in keys}) * cfg.repeats * 5e10 / speed
+  return timed + ceilings
+
+
+def _models(key):
+  return int(key[0].split("_")[1]) if key[0].startswith(options.STACKINGS) else 1
+
+
+def describe_machine():
+  """The host: CPU model and cores, and its load average now."""
+  model = network.cpu_info()[0] or "unknown CPU"
+  return (f"machine: {model}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())} at the start")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = read_config(flags.FLAGS)
-  from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
   cache = compilation.enable()  # compile seconds: a read of the cache when it is warm
   print(f"device: {jax.devices()[0]} ({jax.default_backend()}, "
         f"{jax.local_device_count()} local), jax {jax.__version__}, "
         f"D={cfg.in_dim} K={cfg.num_classes} steps={cfg.steps} repeats={cfg.repeats} "
         f"optimizer={cfg.optimizer}, compilation cache {cache or 'off'}")
+  print(describe_machine())
   peers = available_peers(cfg)
-  before = machine_load()
-  rows = [row for h in cfg.hidden_dims for b in cfg.batch_sizes
-          for row in time_one_size(b, h, peers, cfg)]
-  print(f"machine: {describe_load(before, machine_load())}")
-  print(format_table(rows))
+  sizes = [(b, h) for h in cfg.hidden_dims for b in cfg.batch_sizes]
+  keys = variant_keys(peers, cfg)
+  total, started = len(sizes) * len(keys), time.perf_counter()
+  print(f"variants: {len(keys)} at each of {len(sizes)} sizes (B, H), {total} rows; about "
+        f"{estimate_seconds(sizes, keys, cfg) / 60:.1f} min", flush=True)
+  before, rows = machine_load(), []
+  boundary.phase(f"after 0 of {total} rows")
+  print(table_header(), flush=True)
+  with tqdm.tqdm(total=total, unit="row", file=sys.stderr, disable=None) as bar:
+    for b, h in sizes:
+      bar.set_postfix_str(f"B={b} H={h}")
+      measured = time_one_size(b, h, keys, cfg)
+      for row in measured:
+        tqdm.tqdm.write(format_row(row), file=sys.stdout)
+      sys.stdout.flush()
+      rows += measured
+      bar.update(len(measured))
+      boundary.phase(f"after {len(rows)} of {total} rows")
+  print("\n".join(LEGEND))
+  print(f"machine: {describe_load(before, machine_load())}; "
+        f"{time.perf_counter() - started:.0f} s in all")
   print(format_ratios(rows))
   if cfg.json_out:
     with files.atomic_file(cfg.json_out, "w") as f:

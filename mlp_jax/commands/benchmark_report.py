@@ -1,5 +1,6 @@
-"""The benchmark's report: one row per variant (the --json_out object), the table and
-the ratios printed. experiments/benchmark.py makes them."""
+"""The benchmark's report: one row per variant (the --json_out object), the table's
+lines (printed as each size's rows are measured) and the ratios. benchmark.py makes
+them."""
 
 import statistics
 
@@ -61,37 +62,54 @@ def make_row(key, size, timing, machine, cfg):
   return row
 
 
-def format_table(rows):
-  """The rows as the fixed-width table printed on stdout."""
-  header = (f"{'grads':14} {'mode':5} {'dtype':8} {'dev':>3} {'B':>5} {'H':>5} {'us/step':>9} "
-            f"{'min':>9} {'max':>9} {'examples/s':>11} {'GFLOP/s':>8} {'ceiling':>7} "
-            f"{'roofline':>8} {'compile s':>9} {'temp MiB':>9}  marks")
-  lines = [header, "-" * len(header)]
-  for r in rows:
-    temp = "" if r["temp_memory_mb"] is None else f"{r['temp_memory_mb']:9.1f}"
-    lines.append(f"{r['grads']:14} {r['mode']:5} {r['compute_dtype']:8} "
-                 f"{r['num_devices']:3d} {r['batch_size']:5d} "
-                 f"{r['hidden_dim']:5d} {r['us_per_step']:9.1f} {r['us_per_step_min']:9.1f} "
-                 f"{r['us_per_step_max']:9.1f} {r['examples_per_second']:11,.0f} "
-                 f"{r['gflops']:8.1f} {r['ceiling_fraction']:7.2f} "
-                 f"{r['roofline_fraction']:8.2f} {r['compile_seconds']:9.2f} "
-                 f"{temp:>9}  {' '.join(r['marks'])}")
-  return "\n".join(lines + LEGEND)
+# The table's columns: (title, width, the row's text); 97 columns in all, wider details
+# (min, max and each round's µs, temporary memory, the roofline's bound) in the JSON.
+_MARKS = {"noisy": "n", "ceiling>1": "c", "roofline>1": "r"}
+COLUMNS = (
+    ("grads", -14, lambda r: r["grads"]), ("mode", -5, lambda r: r["mode"]),
+    ("dtype", -8, lambda r: r["compute_dtype"]), ("dev", 3, lambda r: r["num_devices"]),
+    ("B", 5, lambda r: r["batch_size"]), ("H", 5, lambda r: r["hidden_dim"]),
+    ("us/step", 9, lambda r: f"{r['us_per_step']:.1f}"),
+    ("ex/s", 10, lambda r: f"{r['examples_per_second']:,.0f}"),
+    ("GFLOP/s", 7, lambda r: f"{r['gflops']:.1f}"),
+    ("ceil", 4, lambda r: f"{r['ceiling_fraction']:.2f}"),
+    ("roof", 4, lambda r: f"{r['roofline_fraction']:.2f}"),
+    ("comp s", 6, lambda r: f"{r['compile_seconds']:.2f}"),
+    ("!", -3, lambda r: "".join(_MARKS[m] for m in r["marks"])),
+)
+
+
+def _cells(texts):
+  return " ".join(f"{t:<{-w}}" if w < 0 else f"{t:>{w}}"
+                  for t, (_, w, _) in zip(texts, COLUMNS)).rstrip()
+
+
+def table_header():
+  """The table's two header lines (its rows follow as they are measured: format_row)."""
+  title = _cells([c[0] for c in COLUMNS])
+  return f"{title}\n{'-' * len(title)}"
+
+
+def format_row(row):
+  """One row of the table (100 columns at most)."""
+  return _cells([str(c[2](row)) for c in COLUMNS])
 
 
 LEGEND = [
-    "us/step: median µs per step over the repeats (min, max: the fastest and slowest "
-    "round); examples/s and GFLOP/s from the median, summed over the models of a stack",
-    "ceiling: GFLOP/s as a fraction of a jitted N×N×N matmul's in the same dtype, timed "
-    "in the same rounds",
-    "roofline: the step's bound, max(FLOPs at that ceiling, its bytes at the measured "
-    "bandwidth; optimizer state included), as a fraction of the measured time (1 = the "
-    "hardware's limit)",
-    "compile s: jit lowering and compilation alone (0 for PyTorch, which does not "
-    "compile); temp MiB: blank where not measured (only the --dp rows)",
-    f"marks: noisy = the interquartile range of its rounds is over {NOISY:.0%} of their "
-    "median (trust no digit past that); ceiling>1, roofline>1 = faster than the hardware's limit as measured: "
-    "a measurement error (the ceiling or bandwidth run was slowed), not a speed"]
+    "us/step: median µs per step over the repeats (min, max and each round: the JSON);",
+    "  ex/s and GFLOP/s from the median, summed over the models of a stack.",
+    "ceil: GFLOP/s as a fraction of a jitted N×N×N matmul's in the same dtype, timed in "
+    "the same",
+    "  rounds. roof: the step's bound, max(FLOPs at that ceiling, its bytes at the "
+    "measured",
+    "  bandwidth; optimizer state included), as a fraction of the measured time (1 = the "
+    "limit).",
+    "comp s: jit lowering and compilation alone (0 for PyTorch); temporary memory: the "
+    "JSON (--dp).",
+    f"!: n = noisy, the interquartile range of its rounds over {NOISY:.0%} of their median "
+    "(trust",
+    "  no digit past that); c, r = faster than the ceiling or the roofline as measured: a",
+    "  measurement error (the ceiling or bandwidth run was slowed), not a speed."]
 
 
 def ratio(r, other, what="time"):

@@ -87,7 +87,8 @@ def run(config: Config, log: Log = print) -> dict[str, Any]:
   try:
     config = config_lib.resolve(config)
     budget.set_memory_budget(config.memory_budget)   # every read of this run
-    compilation.enable(config.compilation_cache)  # before the first compilation
+    compilation.enable(config.compilation_cache,   # before the first compilation
+                       config.compilation_cache_gib)
     processes.join_processes(config, log)
     stop.install()  # after jax.distributed, which installs a SIGTERM handler of its own
     if jax.process_index() != 0:  # process 0 alone writes files and logs

@@ -199,6 +199,9 @@ ACTS_ONLY_WITH: dict[str, tuple[Callable[[Config], bool], tuple[Union[str, Named
     "peer_timeout": (_multi_process, ("a multi-process run (", Named("distributed"), ")")),
     "stacking": (_several_models, ("several models (", Named("num_seeds"), ", ", SWEEP,
                                    " or ", Named("cv_folds"), ")")),
+    "compilation_cache_gib": (lambda c: c.compilation_cache != "",
+                              ("a compilation cache (", Named("compilation_cache"),
+                               " not '')")),
 }
 
 

@@ -134,6 +134,9 @@ class RunConfig:
       "machine; '' turns it off. Default: $MLP_JAX_COMPILATION_CACHE, else "
       "~/.cache/mlp_jax/jax. Used only if it is yours and no one else can write it "
       "(JAX runs what it finds there: mlp_jax/base/compilation.py).")
+  compilation_cache_gib: Optional[float] = _setting(
+      None, "GiB the compilation cache may hold; beyond it JAX evicts the programs used "
+      "longest ago. Default: $MLP_JAX_COMPILATION_CACHE_GIB, else 1.", above=0)
   memory_budget: Optional[float] = _setting(
       None, "GiB any one read of the data, a model or a record may allocate; a file that "
       "would need more is refused in one line before it is read. Default: "
@@ -256,15 +259,15 @@ class BenchmarkConfig:
                                     "lax.scan.", choices=("step", "scan"))
   compute_dtypes: tuple[str, ...] = _setting(("float32", "bfloat16"), "Matmul dtypes.",
                                              choices=options.COMPUTE_DTYPES)
-  batch_sizes: tuple[int, ...] = _setting((64, 256, 1024), "Batch sizes B.", lower=1)
+  batch_sizes: tuple[int, ...] = _setting((64, 256), "Batch sizes B.", lower=1)
   hidden_dims: tuple[int, ...] = _setting((1024,), "Hidden sizes H.", lower=1)
   num_devices: tuple[int, ...] = _setting(
       (1,), "Device counts: data parallel over a mesh of each (scan mode only above 1 "
       "device; see docs/benchmarks.md).", lower=1)
   in_dim: int = _setting(784, "D.", lower=1)
   num_classes: int = _setting(10, "K.", lower=2)
-  steps: int = _setting(100, "Steps per timed repeat.", lower=1)
-  repeats: int = _setting(7, "Timed repeats; the median and min are reported.", lower=1)
+  steps: int = _setting(50, "Steps per timed repeat.", lower=1)
+  repeats: int = _setting(5, "Timed repeats; the median and min are reported.", lower=1)
   ceiling_size: int = _setting(2048, "N of the N×N×N GEMM that sets the ceiling.", lower=8)
   json_out: Optional[str] = _setting(None, "Write one JSON object per row (JSON Lines) "
                                      "here.")
