@@ -100,7 +100,7 @@ def not_cached() -> Iterator[None]:
   """Programs compiled in the block are not written to the cache (the benchmark's
   peers: what a user would write, not mlp_jax's programs)."""
   import jax  # pylint: disable=g-import-not-at-top
-  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  before = getattr(jax.config, "jax_persistent_cache_min_compile_time_secs")
   jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   try:
     yield
