@@ -11,6 +11,8 @@ Rows (the median wall seconds of --repeats, the commands taken in turn):
   --help          python experiments/train.py --help
   predict PNG     experiments/predict.py on one PNG (warm cache)
   predict npz     experiments/predict.py on the digits test split as an .npz
+  first fit       python -c "mj.MLPClassifier().fit(iris)", on an empty and a warm
+                  cache, beside scikit-learn's MLPClassifier().fit(iris) (200 iterations)
   table           the runner on a 178-row table (scikit-learn's wine, as an npz)
 each without torch (a decoy package that fails to import, first on PYTHONPATH) and, where
 torch can be imported (installed, or at --torch_path), with it. Then --short_epochs: the
@@ -87,6 +89,15 @@ jax.block_until_ready(state)
 """
 
 
+# The first fit of a new process on iris, the whole command: mlp_jax's estimator and
+# scikit-learn's, side by side (imports included: what a user waits for).
+FIRST_FIT = ("from sklearn.datasets import load_iris; import mlp_jax as mj; "
+             "mj.MLPClassifier().fit(*load_iris(return_X_y=True))")
+SKLEARN_FIT = ("import warnings; from sklearn.datasets import load_iris; "
+               "from sklearn.neural_network import MLPClassifier; "
+               "warnings.simplefilter('ignore'); MLPClassifier().fit(*load_iris(return_X_y=True))")
+
+
 def decoy_torch(directory):
   """A `torch` package in `directory` that fails to import, as if torch were absent."""
   os.makedirs(os.path.join(directory, "torch"), exist_ok=True)
@@ -160,6 +171,12 @@ def commands(scratch, paths):
                                        f"--input={png}"], False),
       "predict.py, an npz": (lambda: [sys.executable, PREDICT, f"--workdir={run}",
                                       f"--input={test_npz}"], False),
+      "first MLPClassifier fit, iris, new cache": (
+          lambda: [sys.executable, "-c", FIRST_FIT], True),
+      "first MLPClassifier fit, iris, warm cache": (
+          lambda: [sys.executable, "-c", FIRST_FIT], False),
+      "scikit-learn's MLPClassifier fit, iris": (
+          lambda: [sys.executable, "-c", SKLEARN_FIT], False),
       "178-row table (wine npz)": (lambda: [sys.executable, TRAIN, "--noprogress",
                                             f"--dataset=npz:{wine_npz}",
                                             "--input_scaling=per_feature",
@@ -210,10 +227,10 @@ def main(argv):
     paths = prepare(scratch)
     seconds = time_commands(scratch, paths, envs, cfg.repeats)
     print(f"median wall seconds of {cfg.repeats} runs (each a fresh process)")
-    print(f"{'command':<28}" + "".join(f"{name:>12}" for name in envs))
+    print(f"{'command':<42}" + "".join(f"{name:>12}" for name in envs))
     rows = dict.fromkeys(row for row, _ in seconds)
     for row in rows:
-      print(f"{row:<28}" + "".join(f"{statistics.median(seconds[(row, name)]):>12.2f}"
+      print(f"{row:<42}" + "".join(f"{statistics.median(seconds[(row, name)]):>12.2f}"
                                    for name in envs))
     if "torch" not in envs:
       print("(torch cannot be imported here: give --torch_path for its column)")
