@@ -104,13 +104,15 @@ def test_the_readme_shows_what_the_default_command_prints(tmp_path):
 PLACEHOLDERS = {"PATH": "/data/x.npz", "TABLE.npz": "/data/t.npz", "S": "1", "DIR": "/data",
                 "HOST:PORT": "host0:1234", "B": "/tmp/b"}
 def runner_commands(script="train"):
-  """[(path:line, its arguments)] of every `python experiments/SCRIPT.py ...` the README,
-  the docs, the script's docstring and the presets' headers show (continued lines
-  joined; a trailing comment, `...`, `&` and `(timed)` dropped)."""
-  command = re.compile(rf"python3? experiments/{script}\.py([^`|#]*)")
-  paths = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)),
-           f"experiments/{script}.py", *sorted(glob.glob("experiments/configs/*.flags",
-                                                         root_dir=ROOT))]
+  """[(path:line, its arguments)] of every `python experiments/SCRIPT.py ...` and
+  `mlp-jax SCRIPT ...` the README, the docs, the command's docstring and the presets'
+  headers show (continued lines joined; a trailing comment, `...`, `&` and `(timed)`
+  dropped)."""
+  command = re.compile(rf"(?:python3? experiments/{script}\.py|mlp-jax {script})([^`|#]*)")
+  module = (f"mlp_jax/commands/{script}.py" if os.path.exists(
+      os.path.join(ROOT, "mlp_jax", "commands", f"{script}.py")) else f"experiments/{script}.py")
+  paths = ["README.md", *sorted(glob.glob("docs/*.md", root_dir=ROOT)), module,
+           *sorted(glob.glob("experiments/configs/*.flags", root_dir=ROOT))]
   found = []
   for path in paths:
     with open(os.path.join(ROOT, path), encoding="utf-8") as f:
