@@ -100,7 +100,7 @@ WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
     ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
-    ("mlp_jax/commands/benchmark.py", "main"): "atomic_file",   # --json_out
+    ("mlp_jax/commands/benchmark_run.py", "main"): "atomic_file",   # --json_out
     ("mlp_jax/base/compilation.py", "_give_entries_an_access_time"): "atomic_file",
     ("mlp_jax/grading.py", "write_csv"): "atomic_file",
     ("mlp_jax/grading.py", "_write_json"): "write_json",   # results.json
@@ -422,7 +422,7 @@ READER_OF_CALLER = {
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",
     ("mlp_jax/core/network.py", "cpu_info"): "/proc/cpuinfo: not a user's path",
     ("mlp_jax/base/budget.py", "host_available"): "/proc/self/statm: not a user's path",
-    ("mlp_jax/commands/benchmark.py", "machine_load"): "/proc/stat: not a user's path",
+    ("mlp_jax/commands/benchmark_run.py", "machine_load"): "/proc/stat: not a user's path",
     ("mlp_jax/learner.py", "_child"): "gradcheck's own problems, in its private directory",
     ("mlp_jax/grading.py", "_defines"): "a submission's .py, parsed never run, 1 MiB at "
                                         "most: tests/test_learner_gradcheck.py",
