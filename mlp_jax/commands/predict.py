@@ -18,10 +18,10 @@ import contextlib
 import os
 import sys
 
+from absl import app, flags
+
 from mlp_jax.base import boundary
 
-
-from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 def define_flags():
   """predict's flags (when it runs: importing this module defines none)."""

@@ -13,20 +13,22 @@ mlp_jax.run.experiment.run. `mlp-jax train` and experiments/train.py run it.
 
 Every value is checked by mlp_jax.training.config.resolve, the same check experiment.run makes
 from Python: a bad one is one line and exit status 2. Whatever else fails is one line
-too (mlp_jax.base.boundary), with the traceback in a log file that line names.
+too (mlp_jax.base.boundary); an unexpected fault, or any once the run has its workdir,
+also writes its traceback to a log file that line names.
 """
 
 import os
 import sys
 
+from absl import app, flags
+
 from mlp_jax.base import boundary
 
 
-from absl import app, flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 def define_flags():
-  """One flag per setting, with its default and help; the choices listed in the help.
-  Called when the flags are first parsed: JAX is imported inside the error boundary."""
+  """One flag per setting, with its default and help (the choices listed), and --preset.
+  Called inside the error boundary (boundary.script), and by parse_flags for a parse in
+  this process (the tests'); once."""
   if "dataset" in flags.FLAGS:  # defined already (tests parse many times in-process)
     return
   flags.DEFINE_string("preset", None, f"A preset's flags, as a --flagfile: one of "
