@@ -301,12 +301,14 @@ class Raw(NamedTuple):
 
 class Preset(NamedTuple):
   """A named dataset: how it is read (from its Source), a white pixel's raw value (an
-  8-bit image maps 255 to it), and the published (μ, σ) of its pixels scaled to [0, 1],
-  a private run's scaling."""
+  8-bit image maps 255 to it), the published (μ, σ) of its pixels scaled to [0, 1], a
+  private run's scaling, and whether an image means the same flipped left-right (a
+  shoe is a shoe; a mirrored 2 is no digit): --augment flips those."""
 
   read: Callable[[Source], Raw]
   pixel_max: float
   mu_sigma: tuple[float, float]
+  flips: bool = False
 
 
 def _mnist(source: Source) -> Raw:
@@ -320,7 +322,8 @@ PRESETS = {
     "digits": Preset(lambda _: Raw(load_digits(), (8, 8)), 16.0, (0.5, 0.5)),
     "fashion_mnist": Preset(
         lambda source: Raw(readers.load_idx_dir(source.data_dir or FASHION_MNIST_DIR),
-                           class_names=FASHION_MNIST_CLASSES), 255.0, (0.2860, 0.3530)),
+                           class_names=FASHION_MNIST_CLASSES), 255.0, (0.2860, 0.3530),
+        flips=True),
     "mnist": Preset(_mnist, 255.0, (0.1307, 0.3081)),
 }
 PIXEL_MAX = {name: preset.pixel_max for name, preset in PRESETS.items()}

@@ -155,6 +155,7 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   boundary.phase("data")
   ds = _load_data(config, mesh, stack.num_models)
   config, notes = config_lib.with_data(config, ds)
+  augment = config_lib.augmentation(config, ds)
   stack = stack_lib.with_folds(stack, config, ds.y_train)
   n, in_dim = ds.x_train.shape
   steps_per_epoch = options.steps_per_epoch(n, config.batch_size)
@@ -172,7 +173,7 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   boundary.set_log_dir(workdir)
   boundary.phase("restore")
   ctx = RunContext(config, stack, mesh, workdir, dp, steps_per_epoch, writer, log, start,
-                   stop, fingerprint)
+                   stop, fingerprint, augment)
   try:
     return workdir, _train(ctx, ds, old_run)
   except (BrokenPipeError, Interrupted):  # stdout's reader left (`| head`); a signal
@@ -229,7 +230,7 @@ def _place(ds: datasets.Dataset, ctx: RunContext) -> Placed:
 
 def _training(ctx: RunContext, cycle_ends: list[int]) -> fit.Training:
   """The fit.Training of this run, its learning rate in cycles ending at `cycle_ends`."""
-  hp = config_lib.hyperparams(ctx.config, ctx.steps_per_epoch, cycle_ends)
+  hp = config_lib.hyperparams(ctx.config, ctx.steps_per_epoch, cycle_ends, ctx.augment)
   return fit.Training(ctx.config, ctx.stack, hp, ctx.steps_per_epoch, ctx.dp, ctx.mesh)
 
 

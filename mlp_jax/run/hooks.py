@@ -9,6 +9,7 @@ import jax
 from jax import Array
 from jax.sharding import Mesh
 
+from mlp_jax.core.augment import Augment
 from mlp_jax.data import datasets
 from mlp_jax.run import (checkpoint, live as live_lib, processes, reports,
                          workdir as workdir_lib)
@@ -31,6 +32,7 @@ class RunContext(NamedTuple):
   start: float                     # time.time() at the start
   stop: processes.StopSignals      # Ctrl-C and SIGTERM
   data: dict[str, Any]             # the training data's workdir.data_fingerprint
+  augment: Optional[Augment] = None   # of the training images (config.augmentation)
 
 
 class Placed(NamedTuple):

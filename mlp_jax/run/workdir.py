@@ -44,7 +44,7 @@ FORMAT = 2
 RESUME_FIELDS = config_lib.RESUME_FIELDS
 
 # Resume settings that older runs did not record, and the value every such run had.
-UNRECORDED = {"activation": "relu"}
+UNRECORDED = {"activation": "relu", "augment": 0}
 
 # Every name a run writes in its workdir (files, and the directories it writes into).
 WRITES = (".lock", "config.json", "metrics.jsonl", "params.npz", "params_all.npz",

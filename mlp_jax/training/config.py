@@ -16,6 +16,7 @@ import numpy as np
 
 from mlp_jax.base import boundary, compilation, options, trusted
 from mlp_jax.base.errors import escaped
+from mlp_jax.core.augment import Augment
 from mlp_jax.data import datasets
 from mlp_jax.training.spec import (BY_NAME, DATASETS, Config, Hyperparams, RESUME_FIELDS,
                                    SETTINGS, Setting, SWEEPABLE, TRAINING, bounds_text)
@@ -410,13 +411,25 @@ def resolve(config: Config) -> Config:
   return config._replace(validation_fraction=fraction)
 
 
-def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int]
-                ) -> Hyperparams:
+def augmentation(config: Config, ds: datasets.Dataset) -> Optional[Augment]:
+  """The Augment of --augment=N on the loaded `ds` (None: off); SettingError where its
+  rows are not images (a table, a CSV)."""
+  if not config.augment:
+    return None
+  if len(ds.input_shape) != 2:
+    raise SettingError(Named("augment"), f"={config.augment} translates images, but "
+                       f"{config.dataset} holds rows of {ds.input_shape[0]} features: "
+                       "drop it.")
+  preset = datasets.PRESETS.get(config.dataset)
+  return Augment(tuple(ds.input_shape), config.augment, bool(preset and preset.flips))
 
-  """The Hyperparams of `config`: its fields of the same names, and a
-  learning-rate cycle ending at each epoch of `cycle_ends` (workdir.schedule_epochs)."""
+
+def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int],
+                augment: Optional[Augment] = None) -> Hyperparams:
+  """The Hyperparams of `config`: its fields of the same names, a learning-rate cycle
+  ending at each epoch of `cycle_ends` (workdir.schedule_epochs), and `augment`."""
   shared = {f: getattr(config, f) for f in Hyperparams._fields if f in BY_NAME}
-  return Hyperparams(
+  return Hyperparams(augmentation=augment,
       warmup_steps=int(config.warmup_epochs * steps_per_epoch),
       total_steps=cycle_ends[-1] * steps_per_epoch,
       restart_steps=tuple(e * steps_per_epoch for e in cycle_ends[:-1]), **shared)

@@ -11,6 +11,7 @@ import typing
 from typing import Any, Callable, NamedTuple, Optional
 
 from mlp_jax.base import options
+from mlp_jax.core.augment import Augment
 from mlp_jax.data import datasets
 
 
@@ -95,6 +96,10 @@ class RunConfig:
   ema_decay: float = _setting(
       0.0, "β of an exponential moving average of the params, the model "
       "evaluated, chosen and saved (bias-corrected); 0: off.", _TRAINING, lower=0, below=1, sweepable=True, resume=True)
+  augment: int = _setting(
+      0, "Translate each training image by a random offset of up to N pixels each way, "
+      "every step (and flip it left-right where the dataset allows it: fashion_mnist); "
+      "0: off. Images only.", lower=0, upper=8, resume=True)
   grads: str = _setting("manual", "Gradient: the manual formula, jax.grad, or the manual "
                         "custom_vjp.", _TRAINING, choices=options.GRADIENTS)
   compute_dtype: str = _setting(
@@ -327,4 +332,5 @@ class Hyperparams(NamedTuple):
   grads: str = _DEFAULT.grads     # options.GRADIENTS, or gradients.METHODS (a fixed layout)
   compute_dtype: str = _DEFAULT.compute_dtype
   ema_decay: float = _DEFAULT.ema_decay             # 0: no moving average
+  augmentation: Optional[Augment] = None           # of the images (config.augmentation)
   activation: str = _DEFAULT.activation

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from mlp_jax.base.options import GRADIENTS, STACKINGS, steps_per_epoch
-from mlp_jax.core import losses, model, privacy
+from mlp_jax.core import augment, losses, model, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
 from mlp_jax.core.model import Params
 from mlp_jax.core.network import Network
@@ -67,11 +67,21 @@ def network(settings: NetworkSettings) -> Network:
 TrainStep = Callable[[TrainState, Any], tuple[TrainState, tuple[Array, ...]]]
 
 
+def augmented(hp: Hyperparams, x: Array, state: TrainState) -> Array:
+  """The batch x (B, D) augmented as hp.augmentation says (as given where it is None),
+  its draws the step's own (augment.augment_key)."""
+  if hp.augmentation is None:
+    return x
+  return augment.augment_batch(x, augment.augment_key(state.key, state.step),
+                               hp.augmentation)
+
+
 def make_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation) -> TrainStep:
   """train_step(state, (x (B, D), y (B,), w (B,))) -> (state, (Σ w·L, Σ w·correct))."""
   def train_step(state: TrainState, batch: tuple[Array, Array, Array]
                  ) -> tuple[TrainState, tuple[Array, ...]]:
     x, y, w = batch
+    x = augmented(hp, x, state)
     w = jnp.asarray(w, state.params.w1.dtype)   # so the metrics are in the params' dtype
     num_classes = state.params.b2.shape[0]
     targets = smooth_targets(y, num_classes, hp.label_smoothing)
@@ -107,6 +117,7 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
                                                 dp.sampling_rate, dp.padded_batch_size)
     dtype = state.params.w1.dtype      # all the work in it, whatever X's dtype (x64)
     x, labels = gather_batch(X.astype(dtype), i, mesh), gather_batch(y, i, mesh)
+    x = augmented(hp, x, state)
     num_classes = state.params.b2.shape[0]
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
                        dtype)
