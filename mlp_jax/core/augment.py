@@ -8,12 +8,11 @@ model's key and the step count (augment_key), so a resumed run repeats them exac
     x'[r, c] = x[r + dy, c + dx] where that is inside the image, else min(x)
 """
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax
-from jax import Array
-from jax.typing import ArrayLike
-import jax.numpy as jnp
+if TYPE_CHECKING:   # JAX itself is imported where the functions run: Augment, a setting's
+  from jax import Array   # value, is read before JAX may start (--num_devices)
+  from jax.typing import ArrayLike
 
 # The fold_in tag of the augmentation's key stream (beside the batch order's and DP's).
 AUGMENT_STREAM = 0x61756731
@@ -27,13 +26,16 @@ class Augment(NamedTuple):
   flip: bool                     # and left-right flips (not for digits)
 
 
-def augment_key(key: Array, step: ArrayLike) -> Array:
+def augment_key(key: "Array", step: "ArrayLike") -> "Array":
   """The key of step `step`'s augmentation, from the model's key alone."""
+  import jax  # pylint: disable=g-import-not-at-top
   return jax.random.fold_in(jax.random.fold_in(key, AUGMENT_STREAM), step)
 
 
-def augment_batch(x: Array, key: Array, augment: Augment) -> Array:
+def augment_batch(x: "Array", key: "Array", augment: Augment) -> "Array":
   """x (B, H·W) -> (B, H·W): each image translated (and flipped) as the module says."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   (h, w), n, b = augment.image_shape, augment.shift, x.shape[0]
   images = x.reshape(b, h, w)
   fill = jnp.min(images, axis=(1, 2), keepdims=True)

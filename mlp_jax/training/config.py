@@ -421,7 +421,8 @@ def augmentation(config: Config, ds: datasets.Dataset) -> Optional[Augment]:
                        f"{config.dataset} holds rows of {ds.input_shape[0]} features: "
                        "drop it.")
   preset = datasets.PRESETS.get(config.dataset)
-  return Augment(tuple(ds.input_shape), config.augment, bool(preset and preset.flips))
+  height, width = ds.input_shape
+  return Augment((height, width), config.augment, bool(preset and preset.flips))
 
 
 def hyperparams(config: Config, steps_per_epoch: int, cycle_ends: list[int],
