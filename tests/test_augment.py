@@ -110,3 +110,33 @@ def test_augment_is_refused_for_rows_and_flips_only_where_the_dataset_allows(tin
     config = experiment.RunConfig(dataset=name, augment=2)
     assert config_lib.augmentation(config, images) == Augment((28, 28), 2, flip)
   assert config_lib.augmentation(experiment.RunConfig(), images) is None
+
+
+@pytest.mark.slow   # runs of the runner: seconds
+def test_augmentation_multiplicity_costs_the_privacy_of_one_example(tiny_images, tmp_path):
+  """--dp_augmult=3: the same σ, q and steps spend the same ε as one copy (the
+  accountant sees one example's clipped gradient), the training differs, and a resume
+  is bit-identical."""
+  private = dict(epochs=4, schedule="constant", augment=1, dp_noise_multiplier=1.0,
+                 dp_delta=1e-3)
+  one = tiny_config(tiny_images, tmp_path / "one", **private)
+  experiment.run(one, log=lambda *_: None)
+  three = tiny_config(tiny_images, tmp_path / "three", dp_augmult=3, **private)
+  experiment.run(three, log=lambda *_: None)
+  resumed = three._replace(workdir=str(tmp_path / "resumed"))
+  experiment.run(resumed._replace(epochs=2), log=lambda *_: None)
+  experiment.run(resumed, log=lambda *_: None)
+  rows = {name: read_metrics(tmp_path / name) for name in ("one", "three", "resumed")}
+  assert [r["epsilon"] for r in rows["three"]] == [r["epsilon"] for r in rows["one"]]
+  assert without_times(rows["three"]) == without_times(rows["resumed"])
+  with np.load(tmp_path / "one" / "params.npz") as a, \
+       np.load(tmp_path / "three" / "params.npz") as b:
+    assert not np.array_equal(a["w1"], b["w1"])
+
+
+def test_augmentation_multiplicity_needs_augment_and_dp_sgd(tiny_images, tmp_path):
+  for extra in ({}, {"augment": 1}, {"dp_noise_multiplier": 1.0}):
+    with pytest.raises(experiment.RunError, match=r"^--dp_augmult=2 acts only with "
+                       "--augment in a DP-SGD run"):
+      experiment.run(tiny_config(tiny_images, tmp_path / "w", dp_augmult=2, **extra),
+                     log=lambda *_: None)

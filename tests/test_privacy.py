@@ -421,3 +421,44 @@ def test_dp_settings_without_dp_accounting_name_the_install(tiny_npz, tmp_path,
                                                 r"dp_target_epsilon\) needs dp-accounting: pip "
                                                 "install dp-accounting"):
     experiment.run(dp_config(tiny_npz, tmp_path), log=lambda *_: None)
+
+
+# Augmentation multiplicity (De et al. 2022): an example's gradient is the mean over its
+# K augmented copies, clipped as one, from the same closed form.
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_the_clipped_sum_over_copies_is_the_sum_of_each_examples_clipped_mean(x64, clipping):
+  """Against jax.grad: each example's K rows' mean gradient, clipped to C, summed over
+  the unmasked examples; the norms are the means' (Gram matrices over the copies)."""
+  b, k, d, h, c = 5, 3, 4, 6, 3
+  rng = np.random.default_rng(0)
+  params = mj.init_params(jax.random.key(1), d, h, c, dtype=jnp.float64)
+  X = jnp.asarray(rng.normal(size=(b * k, d)))
+  y = jnp.asarray(rng.integers(0, c, b * k))
+  Y = jax.nn.one_hot(y, c, dtype=jnp.float64)
+  mask = jnp.repeat(jnp.array([1.0, 1.0, 0.0, 1.0, 1.0]), k)
+  clip = privacy.Clip((0.5, 0.3) if clipping == "per_layer" else 0.4, clipping, copies=k)
+  (loss_sum, _), got, norms = privacy.clipped_sum_with_logits(
+      Network("relu"), params, X, Y, mask, clip)
+  def mean_grad(i):
+    rows = slice(i * k, i * k + k)
+    return jax.grad(mj.loss)(params, X[rows], y[rows])   # the mean over its copies
+  want = jax.tree.map(jnp.zeros_like, params)
+  for i in range(b):
+    g = mean_grad(i)
+    layers = ((g.w1, g.b1), (g.w2, g.b2))
+    sq = [sum(jnp.sum(a * a) for a in layer) for layer in layers]
+    if clipping == "flat":
+      scale = [min(1.0, 0.4 / float(jnp.sqrt(sum(sq))))] * 2
+      np.testing.assert_allclose(norms[i], jnp.sqrt(sum(sq)), rtol=1e-10)
+    else:
+      scale = [min(1.0, bound / float(jnp.sqrt(s))) for bound, s in zip((0.5, 0.3), sq)]
+      np.testing.assert_allclose(norms[i], jnp.sqrt(jnp.array(sq)), rtol=1e-10)
+    if mask[i * k]:
+      want = want._replace(w1=want.w1 + scale[0] * g.w1, b1=want.b1 + scale[0] * g.b1,
+                           w2=want.w2 + scale[1] * g.w2, b2=want.b2 + scale[1] * g.b2)
+  for name in ("w1", "b1", "w2", "b2"):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-10,
+                               atol=1e-14)
+  losses_each = jax.vmap(example_loss, (None, 0, 0))(params, X, y).reshape(b, k).mean(1)
+  np.testing.assert_allclose(loss_sum, jnp.sum(losses_each * mask[::k]), rtol=1e-12)

@@ -139,6 +139,7 @@ ACTING = {
     "peer_timeout": (30.0, {"distributed": True}),
     "stacking": ("map", {"num_seeds": 2}),
     "compilation_cache_gib": (2.0, {}),
+    "dp_augmult": (2, {"augment": 1, "dp_noise_multiplier": 1.0}),
 }
 # What keeps a setting from acting, where its default alone does not.
 NOT_ACTING = {"warmup_epochs": {"schedule": "constant"}, "compilation_cache_gib":

@@ -214,6 +214,25 @@ def layer_grad_sq_norms(d: Deltas, X: Array) -> tuple[Array, Array]:
   return sq(d.delta1) * (sq(X) + 1), sq(d.delta2) * (sq(d.A1) + 1)
 
 
+def mean_grad_sq_norms(d: Deltas, X: Array, copies: int) -> tuple[Array, Array]:
+  """layer_grad_sq_norms of each example's MEAN gradient over its `copies` rows (rows
+  i·K .. i·K + K − 1 of `deltas` and X: K augmented copies of example i), (B,) each,
+  without forming a gradient: with Gram matrices over the copies k, l,
+
+      ‖(1/K) Σ_k δ1_k x_kᵀ‖² + ‖(1/K) Σ_k δ1_k‖² = (1/K²) Σ_kl (δ1_k·δ1_l)(x_k·x_l + 1),
+
+  and the same of δ2 and a1 for W2, b2. One copy: layer_grad_sq_norms."""
+  if copies == 1:
+    return layer_grad_sq_norms(d, X)
+
+  def gram(a: Array) -> Array:      # (B·K, n) -> (B, K, K)
+    grouped = a.reshape(-1, copies, a.shape[-1])
+    return jnp.einsum("bkn,bln->bkl", grouped, grouped)
+
+  return (jnp.sum(gram(d.delta1) * (gram(X) + 1), axis=(1, 2)) / copies**2,
+          jnp.sum(gram(d.delta2) * (gram(d.A1) + 1), axis=(1, 2)) / copies**2)
+
+
 def per_example_grad_norms(params: Params, X: ArrayLike, y: ArrayLike, *,
                            activation: str = "relu") -> Array:
   """‖∇L_i‖ over all parameters for each example, (B,), without forming ∇L_i:

@@ -31,7 +31,7 @@ import numpy as np
 from mlp_jax.base.options import CLIPPINGS, DP_EXTRA
 from mlp_jax.base.options import dp_available  # pylint: disable=unused-import  (public)
 from mlp_jax.core import checks, losses
-from mlp_jax.core.gradients import deltas, layer_grad_sq_norms, param_grads
+from mlp_jax.core.gradients import deltas, mean_grad_sq_norms, param_grads
 from mlp_jax.core.model import Params
 from mlp_jax.core.network import Network
 
@@ -43,14 +43,17 @@ ClipNorm = Union[float, Array, tuple[float, float]]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["norm"],
-                   meta_fields=["clipping"])
+                   meta_fields=["clipping", "copies"])
 @dataclasses.dataclass(frozen=True)
 class Clip:
   """How each example's gradient is bounded: `norm` (a ClipNorm: an array under jit,
-  one per model in a stack) and `clipping` ("flat" or "per_layer", static)."""
+  one per model in a stack), `clipping` ("flat" or "per_layer", static), and `copies`
+  (static): an example is that many consecutive rows (augmented copies, De et al.
+  2022's augmentation multiplicity), its gradient their mean, clipped as one."""
 
   norm: ClipNorm
   clipping: str = "flat"
+  copies: int = 1
 
 
 def layer_clip_norms(clip_norm: ClipNorm, clipping: str) -> tuple[Any, Any]:
@@ -99,28 +102,32 @@ def clip_factor(norm: Array, bound: ArrayLike) -> Array:
 
 def clipped_sum_with_logits(net: Network, params: Params, X: Array, Y: Array, mask: Array,
                             clip: Clip) -> tuple[tuple[Array, Array], Params, Array]:
-  """((Σ_i m_i CE_i, logits Z2 (B, K)), Σ_i m_i c_i g_i as Params, norms) for targets
-  Y (B, K) and a mask (B,), unchecked: the train step's core; see clipped_grad_sum.
-  gradients.py's pass (`deltas`, each example's own), with
-  each row of Δ1 and Δ2 scaled by its clip factor before the sums over rows."""
-  clipping = clip.clipping
+  """((Σ_i m_i CE_i, logits Z2 (R, K)), Σ_i m_i c_i g_i as Params, norms) for R rows of
+  targets Y (R, K) and a mask (R,), unchecked: the train step's core; see
+  clipped_grad_sum. gradients.py's pass (`deltas`, each row's own), with each row of
+  Δ1 and Δ2 scaled by its example's clip factor before the sums over rows. With
+  clip.copies = K, example i is rows i·K .. i·K + K − 1 (its mask alike on each): g_i
+  is their mean gradient, CE_i their mean loss, and the norms (R / K,) are the means'."""
+  clipping, k = clip.clipping, clip.copies
   c1_bound, c2_bound = layer_clip_norms(clip.norm, clipping)
-  d = deltas(net, params, X, Y)                                     # δ2_i, δ1_i
-  sq1, sq2 = layer_grad_sq_norms(d, X)                              # per layer, (B,)
+  d = deltas(net, params, X, Y)                                     # δ2_r, δ1_r
+  sq1, sq2 = mean_grad_sq_norms(d, X, k)                            # per layer, (R / K,)
   if clipping == "flat":
     norms = jnp.sqrt(sq1 + sq2)
     c1 = c2 = clip_factor(norms, c1_bound)
   else:
     norms = jnp.stack([jnp.sqrt(sq1), jnp.sqrt(sq2)], axis=-1)
     c1, c2 = clip_factor(norms[:, 0], c1_bound), clip_factor(norms[:, 1], c2_bound)
+  finite = jnp.repeat(jnp.isfinite(sq1 + sq2), k)          # each example's, on its rows
+  c1, c2 = jnp.repeat(c1, k) / k, jnp.repeat(c2, k) / k     # 1/K: the mean over copies
   # A padding row, or one whose gradient is not finite, contributes exactly 0: `where`,
   # not a product, so that a NaN or inf in it cannot leak through 0 · NaN.
-  keep = ((mask > 0) & jnp.isfinite(sq1 + sq2))[:, None]
+  keep = ((mask > 0) & finite)[:, None]
   m = mask.astype(X.dtype)
   grad_sum = param_grads(net, jnp.where(keep, (m * c1)[:, None] * d.delta1, 0),
                          jnp.where(keep, (m * c2)[:, None] * d.delta2, 0),
                          jnp.where(keep, X, 0), jnp.where(keep, d.A1, 0))
-  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(d.Z2, Y), 0))
+  loss_sum = jnp.sum(jnp.where(mask > 0, m * losses.cross_entropy(d.Z2, Y), 0)) / k
   return (loss_sum, d.Z2), grad_sum, norms
 
 
@@ -203,7 +210,8 @@ def poisson_batch(key: Array, num_examples: int, sampling_rate: ArrayLike, padde
 
 
 class DPSGD(NamedTuple):
-  """What a DP-SGD step needs: σ, C, clipping, q, N, the padded batch M."""
+  """What a DP-SGD step needs: σ, C, clipping, q, N, the padded batch M, and the
+  augmented copies of each example whose mean gradient is clipped (Clip.copies)."""
 
   noise_multiplier: float
   clip_norm: float
@@ -211,6 +219,7 @@ class DPSGD(NamedTuple):
   sampling_rate: float
   num_examples: int
   padded_batch_size: int
+  augmult: int = 1
 
 
 def step_keys(key: Array, step: ArrayLike) -> tuple[Array, Array]:

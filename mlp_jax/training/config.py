@@ -200,6 +200,8 @@ ACTS_ONLY_WITH: dict[str, tuple[Callable[[Config], bool], tuple[Union[str, Named
     "peer_timeout": (_multi_process, ("a multi-process run (", Named("distributed"), ")")),
     "stacking": (_several_models, ("several models (", Named("num_seeds"), ", ", SWEEP,
                                    " or ", Named("cv_folds"), ")")),
+    "dp_augmult": (lambda c: is_private(c) and c.augment > 0,
+                   (Named("augment"), " in a DP-SGD run (", *_PRIVATE, ")")),
     "compilation_cache_gib": (lambda c: c.compilation_cache != "",
                               ("a compilation cache (", Named("compilation_cache"),
                                " not '')")),

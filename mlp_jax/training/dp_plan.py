@@ -78,7 +78,8 @@ def make_plan(config: Config, stack: Stack, num_examples: int, steps_per_epoch: 
   padded, p_overflow = privacy.padded_batch_size(num_examples, q, steps, multiple=multiple)
   dpsgd = privacy.DPSGD(noise_multiplier=float(sigmas[0]), clip_norm=float(clips[0]),
                         clipping=config.dp_clipping, sampling_rate=q,
-                        num_examples=num_examples, padded_batch_size=padded)
+                        num_examples=num_examples, padded_batch_size=padded,
+                        augmult=config.dp_augmult)
   values = dict(stack.values)
   if len(set(sigmas.tolist())) > 1:
     values["dp_noise_multiplier"] = sigmas.astype(np.float32)

@@ -21,7 +21,7 @@ def memory_needed(config: Config, in_dim: int, num_classes: int, num_rows: int,
   h = config.hidden_dim
   num_params = h * (in_dim + 1) + num_classes * (h + 1)
   state = 4 * num_params * (1 + _OPTIMIZER_SLOTS.get(config.optimizer, 2) + 2)
-  activations = 4 * 3 * h * max(config.batch_size, 1024)
+  activations = 4 * 3 * h * max(config.batch_size * config.dp_augmult, 1024)
   return num_models * (state + activations) + 4 * num_rows * in_dim
 
 

@@ -177,6 +177,10 @@ class RunConfig:
                               "to C/√2.", _TRAINING, choices=options.CLIPPINGS, resume=True)
   dp_delta: float = _setting(1e-5, "DP-SGD: δ of (ε, δ)-DP; must be below 1/N.", _TRAINING,
                              lower=1e-12, below=1, resume=True)
+  dp_augmult: int = _setting(
+      1, "DP-SGD with --augment: each example's gradient is the mean over K augmented "
+      "copies of it, clipped as one (augmentation multiplicity, De et al. 2022); the "
+      "privacy cost stays one example's.", lower=1, upper=64, resume=True)
   stacking: Optional[str] = _setting(
       None, "How several models share one program: vmap (batched) or map (one after "
       "another); default vmap, map on a CPU for large steps.", choices=options.STACKINGS)

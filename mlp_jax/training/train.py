@@ -117,18 +117,20 @@ def make_dp_train_step(hp: Hyperparams, optimizer: optax.GradientTransformation,
                                                 dp.sampling_rate, dp.padded_batch_size)
     dtype = state.params.w1.dtype      # all the work in it, whatever X's dtype (x64)
     x, labels = gather_batch(X.astype(dtype), i, mesh), gather_batch(y, i, mesh)
+    # K augmented copies of each example, consecutive rows (dp.augmult; 1: itself).
+    x, labels, mask = (jnp.repeat(a, dp.augmult, axis=0) for a in (x, labels, mask))
     x = augmented(hp, x, state)
     num_classes = state.params.b2.shape[0]
     Y = losses.targets(smooth_targets(labels, num_classes, hp.label_smoothing), num_classes,
                        dtype)
     (loss_sum, z2), grad_sum, _ = privacy.clipped_sum_with_logits(
-        net, state.params, x, Y, mask, privacy.Clip(dp.clip_norm, dp.clipping))
+        net, state.params, x, Y, mask, privacy.Clip(dp.clip_norm, dp.clipping, dp.augmult))
     g = privacy.add_noise(grad_sum, noise_key, dp.noise_multiplier, dp.clip_norm,
                           dp.clipping, expected_batch_size)
     updates, opt_state = optimizer.update(g, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    hits = jnp.sum(mask * (jnp.argmax(z2, axis=-1) == labels))
-    metrics = (loss_sum, hits, jnp.sum(mask), overflowed)
+    hits = jnp.sum(mask * (jnp.argmax(z2, axis=-1) == labels)) / dp.augmult
+    metrics = (loss_sum, hits, jnp.sum(mask) / dp.augmult, overflowed)
     return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
   return train_step
