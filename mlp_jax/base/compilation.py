@@ -27,7 +27,7 @@ import contextlib
 import os
 import stat
 import sys
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from mlp_jax.base import trusted
 
@@ -108,10 +108,11 @@ def not_cached() -> Iterator[None]:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
 
 
-def _give_entries_an_access_time(path: str, files: Any) -> None:
+def _give_entries_an_access_time(path: str) -> None:
   """An access-time file (NAME-atime: its mtime in ns, 8 bytes little-endian) for each
   entry NAME-cache without one: JAX's bounded cache reads every entry's to evict, and
   fails every write where one was cached before it was bounded (an earlier mlp_jax)."""
+  from mlp_jax.base import files  # pylint: disable=g-import-not-at-top  (numpy)
   for name in os.listdir(path):
     atime = os.path.join(path, name.removesuffix("-cache") + "-atime")
     if name.endswith("-cache") and not os.path.lexists(atime):
@@ -152,7 +153,7 @@ def enable(path: Optional[str] = None, gib: Optional[float] = None) -> Optional[
     except (OSError, ValueError, AttributeError):
       pass   # no stderr: the run goes on without the cache all the same
     return None
-  _give_entries_an_access_time(path, files)
+  _give_entries_an_access_time(path)
   jax.config.update("jax_compilation_cache_max_size", max_bytes(gib))
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
