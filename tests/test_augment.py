@@ -98,7 +98,7 @@ def test_an_augmented_run_resumes_bit_identical(tiny_images, tmp_path, private):
     assert not np.array_equal(a["w1"], b["w1"])
 
 
-def test_augment_is_refused_for_rows_and_flips_only_where_the_dataset_allows(tiny_npz,
+def test_augment_is_refused_for_rows_and_per_pixel_scaling_and_flips_where_allowed(tiny_npz,
                                                                            tmp_path):
   with pytest.raises(experiment.RunError, match=r"^--augment=1 translates images, but "
                      r"npz:.* holds rows of \d+ features: drop it.$"):
@@ -110,6 +110,10 @@ def test_augment_is_refused_for_rows_and_flips_only_where_the_dataset_allows(tin
     config = experiment.RunConfig(dataset=name, augment=2)
     assert config_lib.augmentation(config, images) == Augment((28, 28), 2, flip)
   assert config_lib.augmentation(experiment.RunConfig(), images) is None
+  per_pixel = images._replace(scaling="per_feature")   # a moved pixel keeps another's μ, σ
+  with pytest.raises(config_lib.SettingError, match=r"^--augment=2 moves pixels, but "
+                     r"per_feature scaling .* use --input_scaling=global\.$"):
+    config_lib.augmentation(experiment.RunConfig(augment=2), per_pixel)
 
 
 @pytest.mark.slow   # runs of the runner: seconds

@@ -415,13 +415,18 @@ def resolve(config: Config) -> Config:
 
 def augmentation(config: Config, ds: datasets.Dataset) -> Optional[Augment]:
   """The Augment of --augment=N on the loaded `ds` (None: off); SettingError where its
-  rows are not images (a table, a CSV)."""
+  rows are not images (a table, a CSV) or are scaled per pixel (a moved pixel would keep
+  its old place's μ and σ)."""
   if not config.augment:
     return None
   if len(ds.input_shape) != 2:
     raise SettingError(Named("augment"), f"={config.augment} translates images, but "
                        f"{config.dataset} holds rows of {ds.input_shape[0]} features: "
                        "drop it.")
+  if ds.scaling == "per_feature":
+    raise SettingError(Named("augment"), f"={config.augment} moves pixels, but "
+                       "per_feature scaling gives each pixel its own μ and σ: a moved "
+                       "pixel would keep another's; use --input_scaling=global.")
   preset = datasets.PRESETS.get(config.dataset)
   height, width = ds.input_shape
   return Augment((height, width), config.augment, bool(preset and preset.flips))
