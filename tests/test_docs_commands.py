@@ -3,12 +3,13 @@ CPU alone is enough), each in a fresh process in a folder holding the files it n
 
 A training runs until its first epoch is in metrics.jsonl, then Ctrl-C stops it (what
 a user sees of a run that works); a benchmark until its first row is printed, then
-SIGTERM; predict.py, startup.py and tables.py to their end. Together they take tens of
+SIGTERM; predict.py, startup.py, tables.py and compare to their end. Together they take tens of
 minutes on a 2-core CPU, so `pytest` runs them only with MLP_JAX_DOCS_COMMANDS=1
 (.ci/run does); test_docs.py parses every one of them in every run.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("MLP_JAX_DOCS_COMMANDS") != "1",
 # Commands for a cluster (another host, a shared folder, a scheduler's environment, a
 # pair of processes started together): tests/test_parallel.py runs their kind.
 CLUSTER = ("HOST0", "/shared/", "--distributed", "--coordinator_address")
-SCRIPTS = ("train", "predict", "benchmark", "startup", "tables")
+SCRIPTS = ("train", "predict", "benchmark", "startup", "tables", "compare")
 
 
 def _docs_commands():
@@ -42,7 +43,7 @@ def _docs_commands():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
   """A folder holding every file the commands name: datasets, tables, a finished run W
-  and new inputs for it, and experiments/ (the presets) as in a checkout."""
+  and new inputs for it, two runs' metrics to compare, and experiments/ (the presets) as in a checkout."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sklearn import datasets as sklearn_datasets  # pylint: disable=g-import-not-at-top
   here = tmp_path_factory.mktemp("docs_commands")
@@ -66,6 +67,9 @@ def folder(tmp_path_factory):
   subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
                   "--epochs=2", "--noplots", "--noprogress", f"--workdir={here / 'W'}"],
                  check=True, capture_output=True, cwd=here)
+  for run in ("runs/plain", "runs/augment"):   # what compare's examples draw
+    os.makedirs(here / run)
+    shutil.copy(here / "W" / "metrics.jsonl", here / run)
   np.savez(here / "new.npz", x=x_test[:20])
   np.save(here / "labels.npy", y_test[:20])
   np.savetxt(here / "new.csv", x_test[:20], delimiter=",", comments="", fmt="%g",
@@ -148,6 +152,8 @@ def test_every_docs_command_runs_as_written(script, place, args, folder):
   if script == "benchmark":
     _benchmark(args, folder)
     return
-  result = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"),
-                           *args], cwd=folder, capture_output=True, text=True, timeout=1800)
+  command = ([sys.executable, "-m", "mlp_jax", script] if script == "compare" else
+             [sys.executable, os.path.join(ROOT, "experiments", f"{script}.py")])
+  result = subprocess.run([*command, *args], cwd=folder, capture_output=True, text=True,
+                          timeout=1800)
   assert result.returncode == 0, f"{place}: {result.stderr[-2000:]}"

@@ -101,6 +101,7 @@ WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
     ("mlp_jax/commands/benchmark_run.py", "main"): "atomic_file",   # --json_out
+    ("mlp_jax/commands/compare.py", "compare"): "atomic_file",   # --output
     ("mlp_jax/base/compilation.py", "_give_entries_an_access_time"): "atomic_file",
     ("mlp_jax/grading.py", "write_csv"): "atomic_file",
     ("mlp_jax/grading.py", "_write_json"): "write_json",   # results.json
@@ -416,7 +417,7 @@ READER_OF_CALLER = {
     ("mlp_jax/run/trained.py", "given_labels"): ("labels_npz",),
     ("mlp_jax/base/boundary.py", "_flagfile_problem"): ("flagfile",),
     ("mlp_jax/run/workdir.py", "read_record"): ("config_json",),
-    ("mlp_jax/run/workdir.py", "_read_rows"): ("metrics_jsonl",),
+    ("mlp_jax/run/workdir.py", "read_rows"): ("metrics_jsonl",),
     ("mlp_jax/base/files.py", "_open_to_read"): ("dataset_npz", "params_npz", "predict_npz",
                                                  "labels_npy", "labels_npz"),
     ("mlp_jax/base/compilation.py", "unsafe"): "the cache: tests/test_compilation.py",

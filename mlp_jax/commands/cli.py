@@ -5,6 +5,7 @@ with that script's flags, help and exit statuses.
     mlp-jax predict --workdir=W --input=new.npz    # experiments/predict.py
     mlp-jax benchmark                              # experiments/benchmark.py
     mlp-jax gradcheck --grads=my_grads.py:grads    # python -m mlp_jax.gradcheck
+    mlp-jax compare --workdirs=A,B --output=c.png  # one metric of runs, on one axes
     mlp-jax train --help                           # a command's flags
 """
 
@@ -14,7 +15,8 @@ import sys
 from mlp_jax.base import boundary
 
 COMMANDS = {"train": "mlp_jax.commands.train", "predict": "mlp_jax.commands.predict",
-            "benchmark": "mlp_jax.commands.benchmark", "gradcheck": "mlp_jax.gradcheck"}
+            "benchmark": "mlp_jax.commands.benchmark", "gradcheck": "mlp_jax.gradcheck",
+            "compare": "mlp_jax.commands.compare"}
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ epochs run (experiment.import_in_background), so that it seldom waits for the im
 
 import os
 import textwrap
-from typing import IO, TYPE_CHECKING, Optional, Sequence, Union
+from typing import IO, TYPE_CHECKING, Any, Mapping, Optional, Sequence, Union
 
 from jax.typing import ArrayLike
 import numpy as np
@@ -56,7 +56,6 @@ def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
   label says so. With DP-SGD (an `epsilon` in the rows) the title gives the last ε and
   says that the train curves are not private.
   """
-  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
   epochs = np.array([row["epoch"] for row in history], float)
   lines = [title] if title else []
   if history and "epsilon" in history[-1]:
@@ -75,20 +74,48 @@ def curves_figure(history: Sequence[Row], label_smoothing: float = 0.0,
       label = split
       if split == "train" and metric == "loss" and label_smoothing:
         label = f"train (label smoothing {label_smoothing:g})"
-      mean = np.array([row[key] for row in history], float)
-      mean[~np.isfinite(mean)] = np.nan        # inf, too, breaks the curve
-      axes.plot(epochs, mean, marker="o", markersize=4, color=colour, label=label)
-      if f"{key}_std" in history[0]:
-        std = np.array([row[f"{key}_std"] for row in history], float)
-        axes.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2,
-                          linewidth=0)
-    axes.set(xlabel="epoch", ylabel=metric)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if len(epochs) and np.ptp(epochs) < 2:    # else the locator falls back to fractions
-      axes.set_xlim(epochs.min() - 1, epochs.max() + 1)
-    axes.grid(alpha=0.3)
-    if axes.lines:
-      axes.legend(loc="best")
+      _plot_metric(axes, history, key, colour, label)
+    _label_epochs(axes, metric, epochs)
+  return figure
+
+
+def _plot_metric(axes: Any, history: Sequence[Row], key: str, colour: str, label: str
+                 ) -> None:
+  """history's `key` against its epochs on `axes`: the mean, and a ± std band where the
+  rows have `key`_std (several models); a value that is not finite breaks the curve."""
+  epochs = np.array([row["epoch"] for row in history], float)
+  mean = np.array([row[key] for row in history], float)
+  mean[~np.isfinite(mean)] = np.nan        # inf, too, breaks the curve
+  axes.plot(epochs, mean, marker="o", markersize=4, color=colour, label=label)
+  if f"{key}_std" in history[0]:
+    std = np.array([row[f"{key}_std"] for row in history], float)
+    axes.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+
+
+def _label_epochs(axes: Any, metric: str, epochs: np.ndarray) -> None:
+  """Integer epoch ticks, axis labels, a grid and the legend."""
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=g-import-not-at-top
+  axes.set(xlabel="epoch", ylabel=metric)
+  axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+  if len(epochs) and np.ptp(epochs) < 2:    # else the locator falls back to fractions
+    axes.set_xlim(epochs.min() - 1, epochs.max() + 1)
+  axes.grid(alpha=0.3)
+  if axes.lines:
+    axes.legend(loc="best")
+
+
+def comparison_figure(runs: Mapping[str, Sequence[Row]], key: str = "test_accuracy",
+                      title: Optional[str] = None) -> "Figure":
+  """`key` (e.g. test_accuracy) per epoch of each named run's history on one axes, each
+  the mean ± std of its models where it has several (mlp-jax compare)."""
+  figure = _figure(8, 4.5)
+  if title:
+    figure.suptitle("\n".join(wrapped(title, 85)), fontsize=11, parse_math=False)
+  axes = figure.subplots()
+  for number, (name, history) in enumerate(runs.items()):
+    _plot_metric(axes, history, key, f"C{number % 10}", name)
+  epochs = np.array([row["epoch"] for history in runs.values() for row in history], float)
+  _label_epochs(axes, key.replace("_", " "), epochs)
   return figure
 
 

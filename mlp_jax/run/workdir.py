@@ -376,7 +376,7 @@ def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.lexists(path):
     return []
-  rows, torn = _read_rows(path)
+  rows, torn = read_rows(path)
   kept = [row for row in rows if row["epoch"] <= epochs_done]
   if (len(kept) < len(rows) or torn) and writer:
     aside = _set_aside(path, "replaced")
@@ -391,7 +391,7 @@ def read_history(workdir: str, epochs_done: int, writer: bool, log: Log
   return kept
 
 
-def _read_rows(path: str) -> tuple[list[Row], list[int]]:
+def read_rows(path: str) -> tuple[list[Row], list[int]]:
   """(the metrics rows of a metrics.jsonl, the numbers of its lines that are not a
   whole JSON record with an epoch: a line cut by a crash or a full disk)."""
   rows: list[Row] = []
