@@ -67,9 +67,10 @@ def folder(tmp_path_factory):
   subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"),
                   "--epochs=2", "--noplots", "--noprogress", f"--workdir={here / 'W'}"],
                  check=True, capture_output=True, cwd=here)
-  for run in ("runs/plain", "runs/augment"):   # what compare's examples draw
-    os.makedirs(here / run)
-    shutil.copy(here / "W" / "metrics.jsonl", here / run)
+  for run in ("plain", "augment", "dp", "dp_augment", "dp_augmult"):   # compare's examples
+    os.makedirs(here / "runs" / run)
+    shutil.copy(here / "W" / "metrics.jsonl", here / "runs" / run)
+  os.makedirs(here / "docs" / "images")
   np.savez(here / "new.npz", x=x_test[:20])
   np.save(here / "labels.npy", y_test[:20])
   np.savetxt(here / "new.csv", x_test[:20], delimiter=",", comments="", fmt="%g",
