@@ -401,6 +401,20 @@ def run(body: Callable[[], Optional[int]]) -> int:
     logging.disable(previous[2])
 
 
+def command(body: Callable[[], int], module: str, define_flags: Callable[[], None]
+            ) -> NoReturn:
+  """A command of flags alone (a stray argument is refused): its flags parsed from
+  sys.argv, then `body` (its exit status) in the boundary, as `script` runs it; `module`
+  names the command for --help."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  def main(argv: list[str]) -> NoReturn:
+    del argv   # none: parse_flags refuses a stray argument
+    sys.exit(run(body))
+
+  script(lambda: app.run(main, flags_parser=parse_flags), module, define_flags)
+
+
 def script(main: Callable[[], Any], command: Optional[str] = None,
            define_flags: Callable[[], None] = lambda: None) -> NoReturn:
   """A script's `__main__`: its flags defined, then `main` (absl's app.run(...), which

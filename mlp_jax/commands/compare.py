@@ -9,9 +9,8 @@ one line (mlp_jax.base.boundary).
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from mlp_jax.base import boundary
 
@@ -74,13 +73,7 @@ def compare():
   return 0
 
 
-def main(argv):
-  del argv   # none: boundary.parse_flags refuses a stray argument
-  sys.exit(boundary.run(compare))
-
-
 def script():
-  """The command: its flags parsed from sys.argv, then main, in the error boundary
+  """The command: its flags parsed from sys.argv, then compare, in the error boundary
   (exits). Its caller installs the signal handlers before importing this module."""
-  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags), __name__,
-                  define_flags)
+  boundary.command(compare, __name__, define_flags)

@@ -16,9 +16,8 @@ Any failure is one line (mlp_jax.base.boundary).
 
 import contextlib
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from mlp_jax.base import boundary
 
@@ -107,13 +106,7 @@ def predict():
   return 0
 
 
-def main(argv):
-  del argv   # none: boundary.parse_flags refuses a stray argument
-  sys.exit(boundary.run(predict))
-
-
 def script():
-  """The command: its flags parsed from sys.argv, then main, in the error boundary
+  """The command: its flags parsed from sys.argv, then predict, in the error boundary
   (exits). Its caller installs the signal handlers before importing this module."""
-  boundary.script(lambda: app.run(main, flags_parser=boundary.parse_flags), __name__,
-                  define_flags)
+  boundary.command(predict, __name__, define_flags)
