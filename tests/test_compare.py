@@ -15,17 +15,23 @@ from mlp_jax.run import plots
 from mlp_jax.run import workdir as workdir_lib
 
 
-def rows(accuracies, std=None):
-  """metrics.jsonl rows of epochs 1.. with these test accuracies (and their std)."""
-  return [{"epoch": e, "test_accuracy": a, "train_loss": 1.0,
-           **({"test_accuracy_std": std} if std is not None else {})}
+def rows(accuracies):
+  """metrics.jsonl rows of one model's epochs 1.. with these test accuracies."""
+  return [{"epoch": e, "test_accuracy": a, "train_loss": 1.0}
+          for e, a in enumerate(accuracies, 1)]
+
+
+def stack_rows(accuracies):
+  """The rows a run of two models writes: each model's values, and their mean."""
+  return [{"epoch": e, "test_accuracy_mean": a, "train_loss_mean": 1.0,
+           "per_model": {"test_accuracy": [a - 0.05, a + 0.05], "train_loss": [1.0, 1.0]}}
           for e, a in enumerate(accuracies, 1)]
 
 
 @pytest.fixture
 def two_runs(tmp_path):
   """Two workdirs: one model's 3 epochs, and a stack's 2 (mean and std)."""
-  for name, history in (("plain", rows([0.5, 0.6, 0.7])), ("augment", rows([0.4, 0.8], 0.05))):
+  for name, history in (("plain", rows([0.5, 0.6, 0.7])), ("augment", stack_rows([0.4, 0.8]))):
     os.makedirs(tmp_path / name)
     workdir_lib.write_history(str(tmp_path / name), history)
   return [str(tmp_path / "plain"), str(tmp_path / "augment")]
@@ -35,9 +41,11 @@ def test_each_run_is_one_curve_of_its_metric_with_a_band_for_several_models(two_
   figure = plots.comparison_figure(compare.histories(two_runs, ["a", "b"], "test_accuracy"))
   (axes,) = figure.axes
   assert [line.get_label() for line in axes.lines] == ["a", "b"]
-  assert [list(line.get_ydata()) for line in axes.lines] == [[0.5, 0.6, 0.7], [0.4, 0.8]]
+  np.testing.assert_allclose(axes.lines[0].get_ydata(), [0.5, 0.6, 0.7])
+  np.testing.assert_allclose(axes.lines[1].get_ydata(), [0.4, 0.8])   # the models' mean
   assert [list(line.get_xdata()) for line in axes.lines] == [[1, 2, 3], [1, 2]]
-  assert len(axes.collections) == 1           # the std band of the stack alone
+  (band,) = axes.collections                  # the std band of the stack alone
+  np.testing.assert_allclose(band.get_paths()[0].vertices[:, 1].min(), 0.35)
   assert axes.get_ylabel() == "test accuracy"
 
 
@@ -45,10 +53,14 @@ def test_every_bad_input_is_one_line(two_runs, tmp_path):
   faults = {
       "no metrics": lambda: compare.histories([str(tmp_path)], ["x"], "test_accuracy"),
       "no such metric": lambda: compare.histories(two_runs, ["a", "b"], "validation_loss"),
+      "rows no run writes": lambda: compare.histories([str(odd)], ["x"], "test_accuracy"),
       "too few labels": lambda: compare.legend_names(two_runs, ["a"]),
       "labels not distinct": lambda: compare.legend_names(two_runs, ["a", "a"]),
       "workdirs of one name": lambda: compare.legend_names(["x/run", "y/run"], None),
   }
+  odd = tmp_path / "odd"
+  os.makedirs(odd)
+  (odd / "metrics.jsonl").write_text('{"epoch": 1, "per_model": {"test_accuracy": "x"}}\n')
   said = {}
   for fault, call in faults.items():
     with pytest.raises(boundary.UserError) as e:
@@ -57,6 +69,8 @@ def test_every_bad_input_is_one_line(two_runs, tmp_path):
   assert said["no metrics"].startswith(f"no metrics.jsonl in {tmp_path}")
   assert said["no such metric"].endswith("recorded no validation_loss (its metrics.jsonl "
                                          "has others); pick another --metric.")
+  assert said["rows no run writes"].startswith(f"{odd / 'metrics.jsonl'} holds rows that "
+                                               "mlp-jax train does not write (")
   assert all("give --labels, one distinct name per workdir." in said[f]
              for f in ("too few labels", "labels not distinct", "workdirs of one name"))
   assert compare.legend_names(two_runs, None) == ["plain", "augment"]

@@ -40,22 +40,34 @@ def legend_names(workdirs, labels):
 
 
 def histories(workdirs, labels, metric):
-  """{label: the rows of that workdir's metrics.jsonl}; UserError for a workdir without
-  metrics or without `metric` (a run without validation, say)."""
+  """{label: that workdir's `metric` per epoch}; UserError for a workdir without metrics,
+  without `metric` (a run without validation, say) or with rows no run writes."""
+  return {label: _history(workdir, metric) for label, workdir in zip(labels, workdirs)}
+
+
+def _history(workdir, metric):
+  """The rows of WORKDIR/metrics.jsonl that hold `metric`, a run of several models' as
+  the mean and std over all of them (stack.chosen_history)."""
   from mlp_jax.run import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  runs = {}
-  for label, workdir in zip(labels, workdirs):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-      raise boundary.UserError(f"no metrics.jsonl in {workdir}: give the --workdirs of "
-                               "runs of mlp-jax train.")
-    rows = [row for row in workdir_lib.read_rows(path)[0] if metric in row]
-    if not rows:
-      raise boundary.UserError(f"{workdir} recorded no {metric} (its metrics.jsonl has "
-                               f"{'no epoch' if not os.path.getsize(path) else 'others'}); "
-                               "pick another --metric.")
-    runs[label] = rows
-  return runs
+  from mlp_jax.training import stack  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise boundary.UserError(f"no metrics.jsonl in {workdir}: give the --workdirs of "
+                             "runs of mlp-jax train.")
+  try:
+    rows = [row for row in workdir_lib.read_rows(path)[0]
+            if metric in row.get("per_model", row)]
+    models = list(range(len(stack.model_values(rows[0], metric)))) if rows else []
+    history = stack.chosen_history(rows, models)
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise boundary.UserError(f"{path} holds rows that mlp-jax train does not write "
+                             f"({type(e).__name__}: {e}); give the workdir of a run."
+                             ) from None
+  if not history:
+    raise boundary.UserError(f"{workdir} recorded no {metric} (its metrics.jsonl has "
+                             f"{'no epoch' if not os.path.getsize(path) else 'others'}); "
+                             "pick another --metric.")
+  return history
 
 
 def compare():
