@@ -14,7 +14,8 @@ from mlp_jax.core.augment import Augment
 from mlp_jax.data import datasets
 from mlp_jax.run import experiment
 from mlp_jax.training import config as config_lib
-from test_parallel import RTOL, assert_same_run, finish_all, host_devices, runner
+from test_parallel import (RTOL, RUNNER_SETTINGS, assert_same_run, finish_all, host_devices,
+                           runner)
 
 
 def moved(image, dy, dx, flip):
@@ -99,21 +100,25 @@ def test_an_augmented_run_resumes_bit_identical(tiny_images, tmp_path, private):
     assert not np.array_equal(a["w1"], b["w1"])
 
 
-@pytest.mark.slow   # four runs in fresh processes: JAX fixes its device count at its start
+@pytest.mark.slow   # two runs in fresh processes: JAX fixes its device count at its start
 def test_augmented_runs_on_2_devices_match_1(tiny_images, tmp_path):
   """The draws are the model's and the step's wherever its rows are: plain, one model's
-  batches split over 2 devices; DP-SGD with --dp_augmult, 2 models one per device."""
-  cases = {"split": ("--augment=1",),
-           "stack": ("--augment=1", "--dp_noise_multiplier=1", "--dp_augmult=2",
-                     "--num_seeds=2")}
-  runs = {(name, d): runner(tiny_images, tmp_path / f"{name}{d}", *extra,
-                            f"--num_devices={d}", env=host_devices(2))
-          for name, extra in cases.items() for d in (1, 2)}
+  batches split over 2 devices; DP-SGD with --dp_augmult, 2 models one per device. The
+  runs on 1 device are their in-process twins (conftest.tiny_config)."""
+  cases = {"split": {"augment": 1},
+           "stack": {"augment": 1, "dp_noise_multiplier": 1, "dp_augmult": 2, "num_seeds": 2}}
+  runs = {name: runner(tiny_images, tmp_path / f"{name}2", "--num_devices=2", "--noplots",
+                       *(f"--{k}={v}" for k, v in extra.items()), env=host_devices(2))
+          for name, extra in cases.items()}
+  for name, extra in cases.items():
+    experiment.run(tiny_config(tiny_images, tmp_path / f"{name}1", **RUNNER_SETTINGS,
+                               **extra), log=lambda *_: None)
   outputs = dict(zip(runs, finish_all(list(runs.values()))))
-  assert "devices: 2 (1 model slice(s) × 2 splitting each batch)" in outputs["split", 2]
-  assert "devices: 2 (2 model slice(s) × 1 splitting each batch)" in outputs["stack", 2]
+  assert "devices: 2 (1 model slice(s) × 2 splitting each batch)" in outputs["split"]
+  assert "devices: 2 (2 model slice(s) × 1 splitting each batch)" in outputs["stack"]
   assert_same_run(tmp_path / "split1", tmp_path / "split2")
-  for one, two in zip(read_metrics(tmp_path / "stack1"), read_metrics(tmp_path / "stack2")):
+  for one, two in zip(read_metrics(tmp_path / "stack1"), read_metrics(tmp_path / "stack2"),
+                      strict=True):
     for key in ("train_loss", "test_accuracy", "epsilon"):
       np.testing.assert_allclose(one["per_model"][key], two["per_model"][key], rtol=RTOL)
   with np.load(tmp_path / "stack1" / "params_all.npz") as a, \
