@@ -99,7 +99,7 @@ class RunConfig:
   augment: int = _setting(
       0, "Translate each training image by a random offset of up to N pixels each way, "
       "every step (and flip it left-right where the dataset allows it: fashion_mnist); "
-      "0: off. Images only.", lower=0, upper=8, resume=True)
+      "0: off. Images only, scaled globally (or not).", lower=0, upper=8, resume=True)
   grads: str = _setting("manual", "Gradient: the manual formula, jax.grad, or the manual "
                         "custom_vjp.", _TRAINING, choices=options.GRADIENTS)
   compute_dtype: str = _setting(
