@@ -360,9 +360,9 @@ class MLPClassifierCV(MLPClassifier):
     X32 = datasets.standardize(X32, mean, std)
     fitted = _fit(_training(config, stack, len(labels)), X32, labels, len(self.classes_),
                   stack.train_masks())
-    from mlp_jax.training import train  # pylint: disable=g-import-not-at-top  (JAX)
-    evaluated = train.evaluate(fitted.params, X32, labels, rows=stack.validation_rows(),
-                               net=train.network(config))
+    from mlp_jax.training import evaluation, train  # pylint: disable=g-import-not-at-top  (JAX)
+    evaluated = evaluation.evaluate(fitted.params, X32, labels,
+                                    rows=stack.validation_rows(), net=train.network(config))
     row = stack_lib.metrics_row(config.num_epochs, {
         "validation_accuracy": evaluated["accuracy"], "validation_loss": evaluated["loss"]},
         stack.num_models)

@@ -18,6 +18,7 @@ import pytest
 
 from mlp_jax.core.network import Network
 from mlp_jax.training import parallel
+from mlp_jax.training import evaluation
 from mlp_jax.training import train
 from conftest import read_metrics as metrics
 from conftest import ROOT
@@ -107,10 +108,10 @@ def test_one_device_mesh_changes_nothing():
   plain, m_plain = train.make_train_epoch(hp, train.Batching(4))(state, x, y, 0, {})
   for a, b in zip(jax.tree.leaves((plain, m_plain)), jax.tree.leaves((sharded, m_sharded))):
     np.testing.assert_array_equal(a, b)
-  ev_sharded = train.evaluate(sharded.params, parallel.shard_rows(x, mesh),
+  ev_sharded = evaluation.evaluate(sharded.params, parallel.shard_rows(x, mesh),
                               parallel.shard_rows(y, mesh), train.Batching(3, 10, mesh),
                               net=Network())
-  ev_plain = train.evaluate(plain.params, x, y, train.Batching(3), net=Network())
+  ev_plain = evaluation.evaluate(plain.params, x, y, train.Batching(3), net=Network())
   for a, b in zip(jax.tree.leaves(ev_plain), jax.tree.leaves(ev_sharded)):
     np.testing.assert_array_equal(a, b)
 
@@ -301,7 +302,7 @@ def _run_stack(seeds, devices, x, y, b, hp, values):
   assert len({s.device for s in state.params.w1.addressable_shards}) == devices
   assert state.params.w1.addressable_shards[0].data.shape[0] == len(seeds) // (
       devices // shards)
-  ev = train.evaluate(state.params, X, Y, train.Batching(8, n, mesh), net=Network())
+  ev = evaluation.evaluate(state.params, X, Y, train.Batching(8, n, mesh), net=Network())
   return (jax.device_get(batches), np.array(curve), jax.device_get(state.params),
           np.asarray(ev["loss"]), np.asarray(ev["predictions"]))
 

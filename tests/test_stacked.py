@@ -23,6 +23,7 @@ from mlp_jax.run import experiment
 from mlp_jax.run import processes
 from mlp_jax.training import config as config_lib
 from mlp_jax.training import stack as stack_lib
+from mlp_jax.training import evaluation
 from mlp_jax.training import train
 
 RTOL = 1e-5  # vmap batches the matmuls: float32 summation order may differ
@@ -72,8 +73,8 @@ def test_map_and_vmap_stacking_train_the_same_models():
     for e in range(3):
       states, metrics = epoch(states, X, y, e, values)
     results[stacking] = (states.params, metrics["train_loss"],
-                         train.evaluate(states.params, X, y,
-                                                train.EVALUATION._replace(stacking=stacking), net=Network()))
+                         evaluation.evaluate(states.params, X, y,
+                                                evaluation.EVALUATION._replace(stacking=stacking), net=Network()))
   (p_v, l_v, ev_v), (p_m, l_m, ev_m) = results["vmap"], results["map"]
   np.testing.assert_allclose(l_v, l_m, rtol=RTOL)
   for a, b in zip(p_v, p_m):
@@ -336,13 +337,13 @@ def test_a_k_fold_selection_never_reads_test(tmp_path, monkeypatch):
   np.savez(tmp_path / "d.npz", x_train=centers[y] + rng.normal(size=(120, 6)), y_train=y,
            x_test=centers[y_test] + rng.normal(size=(30, 6)), y_test=(y_test + 1) % 3)
   events = []
-  evaluate = train.evaluate
+  evaluate = evaluation.evaluate
 
   def spy(params, X, y, *args, **kwargs):
     events.append(("evaluate", int(X.shape[0])))
     return evaluate(params, X, y, *args, **kwargs)
 
-  monkeypatch.setattr(train, "evaluate", spy)
+  monkeypatch.setattr(evaluation, "evaluate", spy)
   run_config = tiny_config(f"npz:{tmp_path / 'd.npz'}", tmp_path / "run", epochs=3,
                            schedule="constant", cv_folds=3,
                            sweep=("learning_rate=1e-7,0.05",))

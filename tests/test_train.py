@@ -16,6 +16,7 @@ from mlp_jax.base import options
 from mlp_jax.core import network
 from mlp_jax.core.network import Network
 from mlp_jax.core import privacy
+from mlp_jax.training import evaluation
 from mlp_jax.training import train
 from mlp_jax.training import train_state
 
@@ -103,9 +104,41 @@ def test_a_masked_epoch_steps_on_the_kept_rows_and_skips_batches_without_any():
   np.testing.assert_allclose(metrics["train_loss"][0], loss_sum / 2, rtol=1e-5)  # 2 kept
   # Evaluated on its own rows: the held-out rows, weight 0 on the padding.
   rows = (np.array([[2, 7, 0]], np.int32), np.array([[1, 1, 0]], np.float32))
-  ev = first(train.evaluate(state.params, X, y, rows=rows, net=Network()))
+  ev = first(evaluation.evaluate(state.params, X, y, rows=rows, net=Network()))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[np.array([2, 7])], y[np.array([2, 7])]), rtol=1e-5)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[np.array([2, 7])], y[np.array([2, 7])]))
+
+
+@pytest.mark.parametrize("shared_order", [False, True])
+def test_a_masked_stack_takes_a_step_exactly_where_a_batch_has_rows(shared_order):
+  """The epoch tests once, for all models, whether every batch of every model holds a row
+  its mask weighs (every_batch_has_rows); only then do its steps go without
+  keep_if_empty's select. Either way each model equals its own epoch with the select on
+  every step: a stack whose batches all hold rows, and one where a model's batch holds
+  held-out rows alone (that model keeps its state there, the other steps)."""
+  X, y = tiny_data(n=10)
+  hp = train.Hyperparams(optimizer="adam")
+  states = train.init_state([0, 0], 5, 7, 3, hp)
+  orders = jax.vmap(train.epoch_order, (0, None, None))(states.key, 0, 10)
+  full = np.ones((2, 10), np.float32)
+  full[0, np.asarray(orders[0, :3])] = 0       # model 0's first batch keeps one row
+  emptied = full.copy()
+  emptied[1, np.asarray(orders[1, 4:8])] = 0   # model 1's second batch keeps none
+  assert bool(train.every_batch_has_rows(orders, full, 4))
+  assert not bool(train.every_batch_has_rows(orders, emptied, 4))
+  assert not bool(train.every_batch_has_rows(orders[0], emptied, 4))   # a shared order
+  batching = train.Batching(4, shared_order=shared_order)
+  epoch = train.make_train_epoch(hp, batching)
+  step = train.make_train_step(hp, train.make_optimizer(hp))
+  for masks, steps in ((full, [3, 3]), (emptied, [3, 2])):
+    stack, _ = epoch(train.init_state([0, 0], 5, 7, 3, hp), X, y, 0,
+                     {train.TRAIN_MASK: masks})
+    assert stack.step.tolist() == steps
+    for m in range(2):
+      alone, _ = train.train_epoch(step, first(states), (X, y), orders[m], batching,
+                                   jnp.asarray(masks[m]))
+      chex.assert_trees_all_close(jax.tree.map(lambda a: a[m], stack.params),
+                                  alone.params, rtol=1e-6, atol=1e-7)
 
 
 def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
@@ -117,7 +150,7 @@ def test_nothing_recompiles_after_the_first_epoch(monkeypatch):
       step, state, (X, y), train.epoch_order(state.key, e, 10), train.Batching(4)),
                   donate_argnums=(0,))
   # A fresh jit of evaluate: its trace count is this test's alone.
-  evaluate = jax.jit(chex.assert_max_traces(train.evaluate.__wrapped__, n=1),
+  evaluate = jax.jit(chex.assert_max_traces(evaluation.evaluate.__wrapped__, n=1),
                      static_argnames=("batching", "net"))
   state = first(train.init_state([0], 5, 7, 3, hp))
   for e in range(4):
@@ -198,7 +231,7 @@ def test_manual_autodiff_and_manual_vjp_train_the_same():
 def test_evaluate_counts_every_example_once():
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
-  ev = first(train.evaluate(jax.tree.map(lambda a: a[None], params), X, y, train.Batching(4),
+  ev = first(evaluation.evaluate(jax.tree.map(lambda a: a[None], params), X, y, train.Batching(4),
                             net=Network()))
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X, y), rtol=1e-6)
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X, y), rtol=1e-5)
@@ -212,12 +245,12 @@ def test_evaluate_counts_the_first_rows_or_the_given_rows_and_their_weights(x64)
   X, y = tiny_data(n=11)
   params = mj.init_params(jax.random.key(1), 5, 7, 3)
   stack = jax.tree.map(lambda a: a[None], params)
-  ev = first(train.evaluate(stack, X, y, train.Batching(4, 7), net=Network()))
+  ev = first(evaluation.evaluate(stack, X, y, train.Batching(4, 7), net=Network()))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[:7], y[:7]), rtol=1e-6)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[:7], y[:7]), rtol=1e-6)
   assert ev["loss"].dtype == jnp.float32 and ev["predictions"].shape == (7,)
   kept, weights = np.array([2, 7, 0]), np.array([1.0, 0.5, 0.0], np.float32)
-  ev = first(train.evaluate(stack, X, y, train.Batching(2), rows=(kept[None], weights[None]),
+  ev = first(evaluation.evaluate(stack, X, y, train.Batching(2), rows=(kept[None], weights[None]),
                             net=Network()))
   np.testing.assert_allclose(ev["loss"], mj.loss(params, X[kept], y[kept], weights), rtol=1e-6)
   np.testing.assert_allclose(ev["accuracy"], mj.accuracy(params, X[kept], y[kept], weights),

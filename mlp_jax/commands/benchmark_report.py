@@ -6,7 +6,7 @@ import statistics
 
 import jax
 
-from mlp_jax.training import train
+from mlp_jax.base.options import GRADIENTS, STACKINGS
 
 from mlp_jax.commands.benchmark_harness import peak_memory_mb, roofline, step_bytes, step_flops
 from mlp_jax.commands.benchmark_variants import LAYOUT_ROWS
@@ -149,7 +149,7 @@ def format_ratios(rows):
       kinds["devices"].append(
           f"{n} devices / 1 ex/s      {g:10} {mode:5} {dt:8} B={b:<5} H={h}: "
           f"{ratio(r, one, 'ex/s')}")
-    if g.startswith(train.STACKINGS) and ("manual", "scan", dt, 1, b, h) in by_key:
+    if g.startswith(STACKINGS) and ("manual", "scan", dt, 1, b, h) in by_key:
       one = by_key[("manual", "scan", dt, 1, b, h)]
       n_models, stacking = r["num_models"], g.split("_")[0]
       kinds["models"].append(
@@ -177,7 +177,7 @@ def _peer_lines(r, rows, by_key):
            f"{ratio(r, plain, 'ex/s')}")
   if g in _TORCH_PEERS:
     dtype, label = _TORCH_PEERS[g]
-    best = max((q for q in rows if q["grads"] in (*train.GRADIENTS, "plain")
+    best = max((q for q in rows if q["grads"] in (*GRADIENTS, "plain")
                 and (q["batch_size"], q["hidden_dim"], q["compute_dtype"],
                      q["num_devices"]) == (b, h, dtype, 1)),
                key=lambda q: q["examples_per_second"], default=None)

@@ -36,8 +36,8 @@ from mlp_jax.run import (checkpoint, hooks as hooks_lib, processes, reports,
 from mlp_jax.run.hooks import Placed, Restored, RunContext
 from mlp_jax.run.processes import Interrupted
 from mlp_jax.run.workdir import WorkdirLock  # pylint: disable=unused-import
-from mlp_jax.training import (config as config_lib, dp_plan, fit, memory, parallel,
-                              stack as stack_lib, train, train_state)
+from mlp_jax.training import (config as config_lib, dp_plan, evaluation, fit, memory,
+                              parallel, stack as stack_lib, train, train_state)
 from mlp_jax.training.config import Config, Log, RunError
 from mlp_jax.training.config import RunConfig  # pylint: disable=unused-import  (the public name)
 from mlp_jax.training.stack import Row
@@ -366,10 +366,10 @@ def _finish(ctx: RunContext, state: train.TrainState, history: list[Row], placed
   params = train_state.averaged_params(state)          # the EMA with --ema_decay
   test = None
   if not ctx.config.cv_folds:
-    batching = train.EVALUATION._replace(num_examples=n_test, mesh=ctx.mesh,
-                                         stacking=ctx.stack.stacking)  # as each epoch's
-    test = parallel.to_host(train.evaluate(params, X_test, y_test, batching,
-                                           net=train.network(ctx.config)))
+    batching = evaluation.EVALUATION._replace(num_examples=n_test, mesh=ctx.mesh,
+                                              stacking=ctx.stack.stacking)  # as each epoch's
+    test = parallel.to_host(evaluation.evaluate(params, X_test, y_test, batching,
+                                                net=train.network(ctx.config)))
   finished = reports.Finished(history, ctx.stack, ranking, test, parallel.to_host(params))
   if ctx.writer:
     reports.write_outputs(ctx.workdir, finished, placed.inputs, ctx.config)

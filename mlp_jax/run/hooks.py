@@ -37,7 +37,7 @@ class RunContext(NamedTuple):
 
 class Placed(NamedTuple):
   """The data on the devices: (X, y, N) of train and test; each evaluated split's
-  (X, y, N, rows) with rows the train.evaluate rows of its models, or None (all N)."""
+  (X, y, N, rows) with rows the evaluation.evaluate rows of its models, or None (all N)."""
 
   train: tuple[Array, Array, int]
   # {"validation": ..., "test": ...}: what each epoch evaluates.

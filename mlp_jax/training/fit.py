@@ -22,8 +22,8 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.training import (dp_plan, memory, parallel, spec, stack as stack_lib, train,
-                              train_state)
+from mlp_jax.training import (dp_plan, evaluation, memory, parallel, spec, stack as stack_lib,
+                              train, train_state)
 from mlp_jax.training.config import Named, RunConfig, RunError
 from mlp_jax.training.stack import Row, Stack
 
@@ -159,10 +159,10 @@ def _epoch_row(training: Training, train_epoch: Callable[..., Any],
   state, device_metrics = train_epoch(state, epoch)
   params = train_state.averaged_params(state)          # the EMA with --ema_decay
   for name, (X_eval, y_eval, n_eval, rows) in data.splits.items():
-    batching = train.EVALUATION._replace(num_examples=n_eval, mesh=training.mesh,
-                                         stacking=training.stack.stacking)
-    ev = train.evaluate(params, X_eval, y_eval, batching, rows,
-                        net=train.network(training.hp))
+    batching = evaluation.EVALUATION._replace(num_examples=n_eval, mesh=training.mesh,
+                                              stacking=training.stack.stacking)
+    ev = evaluation.evaluate(params, X_eval, y_eval, batching, rows,
+                             net=train.network(training.hp))
     device_metrics[f"{name}_loss"], device_metrics[f"{name}_accuracy"] = (
         ev["loss"], ev["accuracy"])
   per_model = parallel.to_host(device_metrics)

@@ -80,7 +80,7 @@ class Stack(NamedTuple):
 
   def validation_rows(self) -> tuple[np.ndarray, np.ndarray]:
     """(indices (M, R), weights (M, R)) of each model's held-out fold, padded with
-    weight 0 to the largest fold's R rows (train.evaluate's rows)."""
+    weight 0 to the largest fold's R rows (evaluation.evaluate's rows)."""
     held_out = [np.flatnonzero(self.row_folds == f) for f in self.model_folds]
     size = max(len(rows) for rows in held_out)
     indices = np.zeros((len(held_out), size), np.int32)

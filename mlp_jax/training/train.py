@@ -1,4 +1,4 @@
-"""Training: TrainState, the optax optimizer, the train step, a scanned epoch, evaluation.
+"""Training: TrainState, the optax optimizer, the train step, a scanned epoch.
 
 The dataset lives on the device. An epoch is ONE jitted lax.scan over index batches of a
 permutation drawn from fold_in(key, epoch): every example is used once, the ragged last
@@ -7,7 +7,7 @@ shape and nothing recompiles after the first epoch.
 
 A run is a stack of M >= 1 models (seeds, swept hyperparameters): one TrainState whose
 leaves carry a leading model axis, trained by one program (init_state,
-make_train_epoch, evaluate; a single model is the stack of one). Given a mesh
+make_train_epoch, evaluation.evaluate; a single model is the stack of one). Given a mesh
 (mlp_jax/training/parallel.py), the models are split over its model axis and each model's
 batches over its data axis.
 """
@@ -23,10 +23,9 @@ from jax.typing import ArrayLike
 import numpy as np
 import optax
 
-from mlp_jax.base.options import GRADIENTS, STACKINGS, steps_per_epoch
-from mlp_jax.core import augment, losses, model, privacy
+from mlp_jax.base.options import STACKINGS, steps_per_epoch
+from mlp_jax.core import augment, losses, privacy
 from mlp_jax.core.gradients import value_and_grads_with_logits
-from mlp_jax.core.model import Params
 from mlp_jax.core.network import Network
 from mlp_jax.training import parallel
 from mlp_jax.training.spec import Hyperparams
@@ -159,6 +158,16 @@ def batch_indices(order: Array, batch_size: int) -> tuple[Array, Array]:
   return idx, w
 
 
+def every_batch_has_rows(orders: Array, train_masks: Array, batch_size: int) -> Array:
+  """Whether every batch (batch_indices) of every model's epoch holds a row its train
+  mask weighs above 0: orders (M, N), or (N,) shared by the models; train_masks (M, N)."""
+  def has_rows(order: Array, train_mask: Array) -> Array:
+    idx, w = batch_indices(order, batch_size)
+    return jnp.all(jnp.sum(w * train_mask[idx], axis=1) > 0)
+  orders_axis = 0 if orders.ndim == 2 else None
+  return jnp.all(jax.vmap(has_rows, (orders_axis, 0))(orders, train_masks))
+
+
 def epoch_order(key: Array, epoch: ArrayLike, n: int) -> Array:
   """The permutation of the N training examples for `epoch`: fold_in(key, epoch)."""
   return jax.random.permutation(jax.random.fold_in(key, epoch), n)
@@ -179,13 +188,17 @@ class Batching(NamedTuple):
   axis splits each batch (None: one device); how a stack's models are mapped
   (STACKINGS); shared_order: every model of the stack has one seed, so one batch order
   (epoch_order of the first model's key) serves them all and each batch's rows are
-  gathered once: the models' first layers are then one matmul (make_train_epoch)."""
+  gathered once: the models' first layers are then one matmul (make_train_epoch);
+  empty_batches: whether a batch may hold no row a train mask weighs (it then takes no
+  step: keep_if_empty); False where every batch is known to hold one (make_train_epoch
+  checks it each epoch), so that no step selects between a new and an old state."""
 
   batch_size: int
   num_examples: Optional[int] = None
   mesh: Optional[Mesh] = None
   stacking: str = "vmap"
   shared_order: bool = False
+  empty_batches: bool = True
 
   def examples(self, X: Array) -> int:
     """N: the number of examples of the resident rows X."""
@@ -215,6 +228,8 @@ def train_epoch(train_step: TrainStep, state: TrainState, data: tuple[Array, Arr
     if train_mask is None:
       return train_step(state, (x, labels, wb))
     wb = wb * gather_batch(train_mask, i, mesh)
+    if not batching.empty_batches:
+      return train_step(state, (x, labels, wb))
     return keep_if_empty(jnp.sum(wb) > 0, train_step(state, (x, labels, wb)), state)
 
   state, (loss_sums, hits) = jax.lax.scan(body, state, (idx, w))
@@ -312,15 +327,15 @@ ModelEpoch = Callable[..., tuple[TrainState, Metrics]]
 def _model_epoch(hp: Hyperparams, dp: Optional[privacy.DPSGD], batching: Batching
                  ) -> ModelEpoch:
   """ONE model's epoch (state, X, y, epoch, values, order) -> (state, metrics):
-  train_epoch of its train step in `order` (None: its own, from its key), or with a
-  privacy.DPSGD `dp`, ceil(N / batch_size) DP-SGD steps."""
+  train_epoch of its train step in `order` (epoch_order of its key, or of the stack's
+  shared one), or with a privacy.DPSGD `dp`, ceil(N / batch_size) DP-SGD steps (which
+  take no order)."""
   def one(state: TrainState, X: Array, y: Array, epoch: ArrayLike,
           values: Mapping[str, Array], order: Optional[Array]) -> tuple[TrainState, Metrics]:
     model_hp, model_dp = with_values(hp, dp, values)
     optimizer = make_optimizer(model_hp)
     if model_dp is None:
-      if order is None:
-        order = epoch_order(state.key, epoch, batching.examples(X))
+      assert order is not None, "make_train_epoch draws every plain epoch's order"
       return train_epoch(make_train_step(model_hp, optimizer), state, (X, y), order,
                          batching, values.get(TRAIN_MASK))
     return dp_train_epoch(make_dp_train_step(model_hp, optimizer, model_dp, batching.mesh),
@@ -362,15 +377,31 @@ def make_train_epoch(hp: Hyperparams, batching: Batching, dp: Optional[privacy.D
   privacy.DPSGD `dp`, an epoch is ceil(N / batch_size) DP-SGD steps (dp_train_epoch).
   """
   one = _model_epoch(hp, dp, batching)
+  one_without_empty = _model_epoch(hp, dp, batching._replace(empty_batches=False))
   mesh = batching.mesh
   groups = 1 if mesh is None else parallel.model_groups(mesh)
   shared = batching.shared_order and groups == 1 and dp is None
 
   def epoch_fn(states: TrainState, X: Array, y: Array, epoch: ArrayLike,
                values: Mapping[str, Array]) -> tuple[TrainState, Metrics]:
-    order = epoch_order(states.key[0], epoch, batching.examples(X)) if shared else None
-    return map_models(lambda sv: one(sv[0], X, y, epoch, sv[1], order), (states, values),
-                      batching.stacking, groups)
+    orders = None        # DP-SGD draws its batches itself
+    if dp is None:
+      orders = (epoch_order(states.key[0], epoch, batching.examples(X)) if shared else
+                jax.vmap(epoch_order, (0, None, None))(states.key, epoch, batching.examples(X)))
+
+    def train_models(model_epoch: ModelEpoch) -> tuple[TrainState, Metrics]:
+      return map_models(lambda svo: model_epoch(svo[0], X, y, epoch, svo[1],
+                                                orders if shared else svo[2]),
+                        (states, values, None if shared else orders), batching.stacking,
+                        groups)
+
+    if orders is None or TRAIN_MASK not in values:
+      return train_models(one)
+    # One test per epoch, for all models: where every batch holds a training row (a
+    # k-fold model's with B = 16: all but always), no step needs keep_if_empty's select.
+    return jax.lax.cond(
+        every_batch_has_rows(orders, values[TRAIN_MASK], batching.batch_size),
+        lambda: train_models(one_without_empty), lambda: train_models(one))
 
   if mesh is None:
     return jax.jit(epoch_fn, donate_argnums=(0,))
@@ -385,55 +416,3 @@ def default_stacking(platform: str, batch_size: int, in_dim: int, hidden_dim: in
   model's activations at a time instead of all of them."""
   big = batch_size * in_dim * hidden_dim >= 2 ** 22
   return "map" if platform == "cpu" and big else "vmap"
-
-
-def evaluate_model(net: Network, params: Params, X: Array, y: Array, batching: Batching,
-                   rows: Optional[tuple[Array, Array]] = None) -> Metrics:
-  """ONE model's loss, accuracy and predictions (N,) over the first N rows of X
-  (Batching), every example counted once; with a mesh each batch is split over its data
-  axis. rows = (indices (R,), weights (R,)): the rows it is evaluated on instead (a
-  k-fold model's held-out rows, padded with weight 0), predictions (R,). Not jitted:
-  see evaluate."""
-  batch_size, mesh = batching.batch_size, batching.mesh
-  n = X.shape[0] if batching.num_examples is None else batching.num_examples
-  if rows is not None:
-    n = rows[0].shape[0]
-  batch_size = min(batch_size, n)
-  if mesh is not None:
-    shards = parallel.data_shards(mesh)
-    batch_size = -(-batch_size // shards) * shards
-  idx, w = batch_indices(jnp.arange(n), batch_size)
-  if rows is not None:
-    idx, w = rows[0][idx], w * rows[1][idx]
-
-  def body(_: None, batch: tuple[Array, Array]) -> tuple[None, tuple[Array, Array, Array]]:
-    i, wb = batch
-    z2 = model.batch_logits(net, params, gather_batch(X, i, mesh))
-    Y = losses.targets(gather_batch(y, i, mesh), z2.shape[-1], z2.dtype)
-    hits = jnp.argmax(z2, axis=-1) == gather_batch(y, i, mesh)
-    return None, (jnp.sum(wb * losses.cross_entropy(z2, Y)), jnp.sum(wb * hits),
-                  jnp.argmax(z2, axis=-1))
-
-  _, (loss_sums, hits, predicted) = jax.lax.scan(body, None, (idx, w))
-  count = n if rows is None else jnp.sum(rows[1])
-  return {"loss": jnp.sum(loss_sums) / count, "accuracy": jnp.sum(hits) / count,
-          "predictions": predicted.reshape(-1)[:n]}
-
-
-EVALUATION = Batching(1024)   # an evaluation's batches: 1024 rows
-
-
-@functools.partial(jax.jit, static_argnames=("batching", "net"))
-def evaluate(params: Params, X: Array, y: Array, batching: Batching = EVALUATION,
-             rows: Optional[tuple[Array, Array]] = None, *, net: Network) -> Metrics:
-  """evaluate_model of each model of stacked Params (leading axis M), the network `net`:
-  loss (M,), accuracy (M,), predictions (M, N); the models mapped as batching.stacking
-  says. rows = (indices (M, R), weights (M, R)): each model's own rows (see
-  evaluate_model)."""
-  mesh = batching.mesh
-  groups = 1 if mesh is None else parallel.model_groups(mesh)
-  results = map_models(lambda pr: evaluate_model(net, pr[0], X, y, batching, pr[1]),
-                       (params, rows), batching.stacking, groups)
-  if mesh is None:
-    return results
-  return jax.lax.with_sharding_constraint(results, parallel.model_sharded(mesh))
