@@ -70,10 +70,11 @@ def _cache_dir() -> str:
     os.makedirs(path, mode=0o700, exist_ok=True)
     if compilation.unsafe(path) is None:
       with os.scandir(path) as entries:
-        entries = list(entries)
-      if sum(e.stat(follow_symlinks=False).st_size for e in entries) > CACHE_BYTES:
-        for entry in entries:
+        files = [e for e in entries if e.is_file(follow_symlinks=False)]
+      if sum(e.stat(follow_symlinks=False).st_size for e in files) > CACHE_BYTES:
+        for entry in files:
           os.unlink(entry.path)
+        shutil.rmtree(os.path.join(path, BYTECODE), ignore_errors=True)
       return path
   except OSError:
     pass
@@ -83,6 +84,7 @@ def _cache_dir() -> str:
 
 
 CACHE_BYTES = 1 << 30
+BYTECODE = "pycache"   # the compiled modules' directory in it (_keep_bytecode)
 # Set once by the first process (pytest-xdist's workers and the tests' subprocesses
 # inherit it: one cache).
 _CACHE = {"JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -94,6 +96,26 @@ jax.config.update("jax_compilation_cache_dir", _CACHE["JAX_COMPILATION_CACHE_DIR
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _keep_bytecode(cache: str) -> None:
+  """Python's compiled modules kept in the suite's cache (cache/pycache, Python's
+  PYTHONPYCACHEPREFIX) where PYTHONDONTWRITEBYTECODE would have every fresh process of
+  the suite (a few hundred) compile mlp_jax again, and pytest rewrite every test file:
+  about 0.1 s a process. Only in a cache that is this user's own (compilation.unsafe):
+  a module read from it runs. The checkout gets no __pycache__."""
+  from mlp_jax.base import compilation  # pylint: disable=g-import-not-at-top
+  if not os.environ.get("PYTHONDONTWRITEBYTECODE") or compilation.unsafe(cache):
+    return
+  prefix = os.path.join(cache, BYTECODE)
+  os.makedirs(prefix, mode=0o700, exist_ok=True)
+  del os.environ["PYTHONDONTWRITEBYTECODE"]
+  os.environ["PYTHONPYCACHEPREFIX"] = prefix
+  sys.dont_write_bytecode = False
+  sys.pycache_prefix = prefix
+
+
+_keep_bytecode(_CACHE["JAX_COMPILATION_CACHE_DIR"])
 
 
 def equations(closed_jaxpr):
