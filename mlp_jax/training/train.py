@@ -384,10 +384,11 @@ def make_train_epoch(hp: Hyperparams, batching: Batching, dp: Optional[privacy.D
 
   def epoch_fn(states: TrainState, X: Array, y: Array, epoch: ArrayLike,
                values: Mapping[str, Array]) -> tuple[TrainState, Metrics]:
+    n = batching.examples(X)
     orders = None        # DP-SGD draws its batches itself
-    if dp is None:
-      orders = (epoch_order(states.key[0], epoch, batching.examples(X)) if shared else
-                jax.vmap(epoch_order, (0, None, None))(states.key, epoch, batching.examples(X)))
+    if dp is None:       # the stack's one order (N,), or each model's (M, N)
+      orders = (epoch_order(states.key[0], epoch, n) if shared else
+                jax.vmap(epoch_order, (0, None, None))(states.key, epoch, n))
 
     def train_models(model_epoch: ModelEpoch) -> tuple[TrainState, Metrics]:
       return map_models(lambda svo: model_epoch(svo[0], X, y, epoch, svo[1],
