@@ -40,6 +40,7 @@ import pytest
 import mlp_jax as mj
 from mlp_jax.base import boundary
 from mlp_jax.base import budget
+from mlp_jax.base import environment
 from mlp_jax.base import files
 from mlp_jax.data import datasets
 from mlp_jax.data import readers
@@ -98,7 +99,7 @@ WRITERS = {
 # its entry fails test_every_writer_of_the_code_is_in_the_matrix.
 WRITER_OF_CALLER = {
     ("mlp_jax/base/boundary.py", "_write_log"): "atomic_file",
-    ("mlp_jax/base/boundary.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
+    ("mlp_jax/base/environment.py", "_xla_flags_problem"): "atomic_file",   # the accepted mark
     ("mlp_jax/learner.py", "_run_child"): "lock",   # new files for the child's output
     ("mlp_jax/commands/benchmark_run.py", "main"): "atomic_file",   # --json_out
     ("mlp_jax/commands/compare.py", "compare"): "atomic_file",   # --output
@@ -762,9 +763,9 @@ def test_xla_flags_are_judged_by_xlas_own_parser_before_jax_starts(flags, messag
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   monkeypatch.setenv("XLA_FLAGS", flags)
   with pytest.raises(boundary.UserError, match=re.escape(message)) as refused:
-    boundary.check_environment()
+    environment.check_environment()
   assert "\n" not in str(refused.value)
-  assert not (tmp_path / "mlp_jax" / boundary.XLA_ACCEPTED_DIR).exists()   # never kept
+  assert not (tmp_path / "mlp_jax" / environment.XLA_ACCEPTED_DIR).exists()   # never kept
 
 
 @pytest.mark.slow   # processes of their own
@@ -773,13 +774,13 @@ def test_accepted_xla_flags_are_remembered_so_only_the_first_run_pays(monkeypatc
   import subprocess as subprocess_module  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-  boundary.check_environment()
-  assert len(os.listdir(tmp_path / "mlp_jax" / boundary.XLA_ACCEPTED_DIR)) == 1
+  environment.check_environment()
+  assert len(os.listdir(tmp_path / "mlp_jax" / environment.XLA_ACCEPTED_DIR)) == 1
 
   def no_child(*args, **kwargs):
     raise AssertionError("asked XLA again")
   monkeypatch.setattr(subprocess_module, "run", no_child)
-  boundary.check_environment()
+  environment.check_environment()
 
 
 @pytest.mark.slow   # a process each
@@ -1134,10 +1135,10 @@ def test_predict_memory_does_not_grow_with_the_input(tmp_path):
     header = bytes([0, 0, 0x08, 2]) + n.to_bytes(4, "big") + (64).to_bytes(4, "big")
     with open(path, "wb") as f:
       f.write(header + rng.integers(0, 17, size=n * 64, dtype=np.uint8).tobytes())
-    code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-            "exec('try:\\n runpy.run_path(sys.argv[0], run_name=\"__main__\")\\n"
-            "except SystemExit: pass'); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
+    code = ("import atexit, resource, runpy, sys; sys.argv = sys.argv[1:]; "   # its peak,
+            "atexit.register(lambda: print(resource.getrusage(resource.RUSAGE_SELF)"  # at
+            ".ru_maxrss, file=sys.stderr)); runpy.run_path(sys.argv[0], run_name='__main__')")
+            # the exit (boundary.script ends a success with os._exit after the atexit hooks)
     result = subprocess.run(
         [sys.executable, "-c", code, os.path.join(ROOT, "experiments", "predict.py"),
          f"--workdir={work}", f"--input={path}", f"--output={tmp_path / 'p.csv'}"],

@@ -19,7 +19,7 @@ reports it. Whole commands, fixed costs included: experiments/startup.py.
 
 from absl import app, flags
 
-from mlp_jax.base import boundary
+from mlp_jax.base import boundary, environment
 
 
 def define_flags():
@@ -33,7 +33,7 @@ def main(argv):
   starts), then the run (benchmark_run.main)."""
   counts = [int(v) for v in flags.FLAGS["num_devices"].value or ()
             if str(v).strip().isdigit()]   # the others: refused by the run's checks
-  boundary.make_host_devices(max(counts, default=None))
+  environment.make_host_devices(max(counts, default=None))
   from mlp_jax.commands import benchmark_run  # pylint: disable=g-import-not-at-top  (JAX)
   benchmark_run.main(argv)
 

@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from mlp_jax.base import boundary
+from mlp_jax.base import boundary, environment
 
 
 def define_flags():
@@ -73,7 +73,7 @@ def train(argv):
   """The run of the parsed flags (argv: none left, boundary.parse_flags); raises what
   experiment.run raises."""
   del argv
-  boundary.make_host_devices(flags.FLAGS["num_devices"].value)   # before JAX starts
+  environment.make_host_devices(flags.FLAGS["num_devices"].value)   # before JAX starts
   from mlp_jax.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from mlp_jax.run import experiment  # pylint: disable=g-import-not-at-top
   values = {s.name: flags.FLAGS[s.name].value for s in config_lib.SETTINGS}

@@ -29,7 +29,7 @@ from jax import Array
 from jax.sharding import Mesh
 import numpy as np
 
-from mlp_jax.base import boundary, budget, compilation, files, options
+from mlp_jax.base import boundary, budget, compilation, environment, files, options
 from mlp_jax.data import datasets
 from mlp_jax.run import (checkpoint, hooks as hooks_lib, processes, reports,
                          workdir as workdir_lib)
@@ -148,7 +148,7 @@ def _run_stack(config: Config, log: Log, start: float, stop: processes.StopSigna
   stack = stack_lib.make_stack(config)
   writer = jax.process_index() == 0
   mesh = _make_mesh(config, stack.num_models)
-  made = boundary.made_host_devices()
+  made = environment.made_host_devices()
   if made and jax.default_backend() == "cpu":
     log(f"--num_devices={config.num_devices}: made {made} CPU devices for it "
         f"(XLA_FLAGS=--xla_force_host_platform_device_count={made})")
