@@ -109,8 +109,11 @@ def decoy_torch(directory):
 def environments(scratch, torch_path):
   """{"no torch": env, "torch": env (when torch imports)}."""
   base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
-  envs = {"no torch": {**base, "PYTHONPATH": decoy_torch(os.path.join(scratch, "decoy"))}}
-  with_torch = {**base, "PYTHONPATH": torch_path or ""}
+  # This checkout's mlp_jax, whichever one is installed: ROOT is on every PYTHONPATH.
+  decoy = decoy_torch(os.path.join(scratch, "decoy"))
+  envs = {"no torch": {**base, "PYTHONPATH": os.pathsep.join([decoy, ROOT])}}
+  with_torch = {**base, "PYTHONPATH": os.pathsep.join([torch_path, ROOT]) if torch_path
+                else ROOT}
   found = subprocess.run([sys.executable, "-c", "import torch"], env=with_torch,
                          capture_output=True).returncode == 0
   if found:

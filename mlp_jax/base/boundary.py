@@ -357,8 +357,8 @@ def script(main: Callable[[], Any], command: Optional[str] = None,
 def _exit_without_teardown() -> NoReturn:
   """A successful end: what the interpreter's exit does (the threads that are not
   daemons joined, the atexit hooks run: JAX's, orbax's, logging's; stdout and stderr
-  flushed), then os._exit(0) without its teardown of every module and object, which
-  takes 0.25-0.4 s of a run's process (docs/benchmarks.md, "Fixed costs of a command")."""
+  flushed), then os._exit(0) without its teardown of every module and object (XLA's,
+  matplotlib's): docs/benchmarks.md, "Fixed costs of a command", measures it."""
   for thread in threading.enumerate():
     if thread is not threading.main_thread() and not thread.daemon:
       thread.join()
