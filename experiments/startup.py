@@ -14,10 +14,12 @@ Rows (the median wall seconds of --repeats, the commands taken in turn):
   first fit       python -c "mj.MLPClassifier().fit(iris)", on an empty and a warm
                   cache, beside scikit-learn's MLPClassifier().fit(iris) (200 iterations)
   table           the runner on a 178-row table (scikit-learn's wine, as an npz)
-each without torch (a decoy package that fails to import, first on PYTHONPATH) and, where
-torch can be imported (installed, or at --torch_path), with it. Then --short_epochs: the
-runner on many short epochs (4,000 × 40 table, H = 1024, B = 100, 200 epochs, 3 seeds
-stacked) against a plain jax.grad + optax lax.scan loop of the same steps, side by side.
+each with this checkout's mlp_jax, its modules compiled once (PYTHONPYCACHEPREFIX in a
+scratch directory), without torch (a decoy package that fails to import, first on
+PYTHONPATH) and, where torch can be imported (installed, or at --torch_path), with it.
+Then --short_epochs: the runner on many short epochs (4,000 × 40 table, H = 1024,
+B = 100, 200 epochs, 3 seeds stacked) against a plain jax.grad + optax lax.scan loop of
+the same steps, side by side.
 """
 
 import os
@@ -108,7 +110,12 @@ def decoy_torch(directory):
 
 def environments(scratch, torch_path):
   """{"no torch": env, "torch": env (when torch imports)}."""
-  base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
+  base = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")
+          and k != "PYTHONDONTWRITEBYTECODE"}
+  # Compiled modules kept (in the scratch directory), as an installed package has them:
+  # with PYTHONDONTWRITEBYTECODE each command would compile mlp_jax again (not JAX: pip
+  # compiled it when it installed it), which no user's second run pays.
+  base["PYTHONPYCACHEPREFIX"] = os.path.join(scratch, "pycache")
   # This checkout's mlp_jax, whichever one is installed: ROOT is on every PYTHONPATH.
   decoy = decoy_torch(os.path.join(scratch, "decoy"))
   envs = {"no torch": {**base, "PYTHONPATH": os.pathsep.join([decoy, ROOT])}}
