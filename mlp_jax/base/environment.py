@@ -9,7 +9,7 @@ from typing import Optional
 
 from mlp_jax.base.errors import UserError, escaped
 
-_state: dict[str, int] = {}
+_state: dict[str, int] = {}   # "host_devices": the count make_host_devices gave XLA
 
 
 # Address space JAX's CPU backend needs to start and compile (about 1.5 GiB measured on
