@@ -105,10 +105,11 @@ def install_stop_at_once() -> None:
     phase("start")
 
 
-def _flush_stdout() -> None:
-  """Flushes stdout, whatever state it is in (closed: None, full, or gone)."""
+def _flush(stream: Any) -> None:
+  """Flushes sys.stdout or sys.stderr, whatever state it is in (closed: None, full, or
+  gone)."""
   try:
-    sys.stdout.flush()
+    stream.flush()
   except (OSError, ValueError, AttributeError):
     pass
 
@@ -144,7 +145,7 @@ def _print_line(line: str) -> None:
   flushed first; straight to file descriptor 2 where Python has no sys.stderr (started
   with it closed)."""
   line = escaped(line)
-  _flush_stdout()
+  _flush(sys.stdout)
   try:
     if sys.stderr is None:
       os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
@@ -350,7 +351,7 @@ def script(main: Callable[[], Any], command: Optional[str] = None,
   if status == 0:
     _exit_without_teardown()
   logging.disable(logging.CRITICAL)
-  _flush_stdout()
+  _flush(sys.stdout)
   os._exit(status)
 
 
@@ -363,9 +364,6 @@ def _exit_without_teardown() -> NoReturn:
     if thread is not threading.main_thread() and not thread.daemon:
       thread.join()
   atexit._run_exitfuncs()  # pylint: disable=protected-access  (the interpreter's own step)
-  _flush_stdout()
-  try:
-    sys.stderr.flush()
-  except (OSError, ValueError, AttributeError):
-    pass
+  _flush(sys.stdout)
+  _flush(sys.stderr)
   os._exit(0)
